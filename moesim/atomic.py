@@ -1,0 +1,34 @@
+"""Write-then-rename, so a crash or an error never leaves a half-written file under the final name."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+from moesim.errors import DataError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success rename it over ``path``, on error delete it."""
+    p = Path(path)
+    if not p.parent.is_dir():
+        raise DataError(p, f"output directory {str(p.parent)!r} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".partial", dir=p.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[IO]:
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as fh:
+        yield fh

@@ -1,0 +1,74 @@
+"""The ``moesim`` command. Each subcommand lives in its own module under ``moesim.commands`` and is
+discovered at start-up, so adding one never touches this file.
+
+Errors become one line on stderr and an exit status (CONTRACTS.md): 2 for usage, 1 for bad data.
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from moesim import __version__
+from moesim.errors import MoesimError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is ONE line (and exit 2), as CONTRACTS.md asks."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import moesim.commands as pkg
+
+    parser = _Parser(prog="moesim", description="MoE expert-offloading lab: traces, cache policies, simulation.")
+    parser.add_argument("--version", action="version", version=f"moesim {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"moesim.commands.{info.name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except MoesimError as exc:
+        if debug:
+            raise
+        print(f"moesim {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"moesim {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, KeyError) as exc:
+        # Anything that slipped past validation still gets one line, never a traceback.
+        if debug:
+            raise
+        where = getattr(exc, "filename", None)
+        msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"moesim {args.command}: error: {where + ': ' if where else ''}{msg}", file=sys.stderr)
+        return 2 if isinstance(exc, UsageError) else 1
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

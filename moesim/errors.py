@@ -1,0 +1,26 @@
+"""Errors the command line turns into one line on stderr and an exit status (see CONTRACTS.md)."""
+
+from __future__ import annotations
+
+
+class MoesimError(Exception):
+    """Base class; ``exit_code`` is what ``moesim`` exits with."""
+
+    exit_code = 1
+
+
+class DataError(MoesimError):
+    """Bad data: missing, corrupt or truncated file, wrong schema, out-of-range ids (exit 1)."""
+
+    exit_code = 1
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = str(path) if path is not None else None
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class UsageError(MoesimError):
+    """Bad invocation: unknown policy, cache smaller than top-k, bad flag value (exit 2)."""
+
+    exit_code = 2

@@ -1,0 +1,1 @@
+"""Hit-rate replay, all-sizes curves and the discrete-event timing simulator."""

@@ -1,0 +1,481 @@
+"""Trace format v1: one Parquet row per (sequence, token, MoE layer).
+
+Columns (see docs/trace-format.md for the full description):
+
+    seq       int32                       sequence (prompt) id
+    token     int32                       token index within the sequence (prefill tokens first)
+    phase     int8                        0 = prefill, 1 = decode
+    layer     int16                       MoE layer, 0 .. num_layers-1
+    experts   fixed_size_list<int16>[k]   top-k expert ids in router order (highest weight first)
+    weights   fixed_size_list<float32>[k] their routing weights, as the model applies them
+    logits    fixed_size_list<float16>[E] optional: the full router logits
+    pred{d}_experts  fixed_size_list<int16>[k]   optional: this layer's top-k as predicted d layers
+                                                 earlier (null where layer < d)
+    pred{d}_logits   fixed_size_list<float16>[E] optional: the logits of that prediction
+
+File-level metadata sits under the Parquet key ``moesim`` as JSON (:class:`TraceMeta`).
+A trace may also be a directory of Parquet part files with the same schema (what a crashed
+recording leaves behind); the reader concatenates them in name order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from moesim.errors import DataError
+
+SCHEMA_VERSION = 1
+META_KEY = b"moesim"
+PREFILL, DECODE = 0, 1
+PHASE_NAMES = {PREFILL: "prefill", DECODE: "decode"}
+REQUIRED_COLUMNS = ("seq", "token", "phase", "layer", "experts", "weights")
+_PRED_RE = re.compile(r"^pred(\d+)_(experts|logits)$")
+
+
+@dataclass
+class TraceMeta:
+    """File-level facts about a trace. Everything a replay or cost model needs besides the rows."""
+
+    model: str
+    family: str
+    num_layers: int
+    num_experts: int
+    top_k: int
+    expert_bytes: int = 0
+    quantization: str = "bf16"
+    hidden_size: int = 0
+    provenance: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    schema_version: int = SCHEMA_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, path: object = None) -> TraceMeta:
+        try:
+            raw = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DataError(path, f"trace metadata is not valid JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise DataError(path, "trace metadata is not a JSON object")
+        version = raw.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise DataError(path, f"schema version {version!r} is not supported (this moesim reads {SCHEMA_VERSION})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [n for n in ("model", "family", "num_layers", "num_experts", "top_k") if n not in raw]
+        if missing:
+            raise DataError(path, f"trace metadata lacks key(s) {', '.join(missing)}")
+        meta = cls(**{k: v for k, v in raw.items() if k in names})
+        for key in ("num_layers", "num_experts", "top_k"):
+            value = getattr(meta, key)
+            if not isinstance(value, int) or value <= 0:
+                raise DataError(path, f"trace metadata {key}={value!r} must be a positive integer")
+        if meta.top_k > meta.num_experts:
+            raise DataError(path, f"trace metadata top_k={meta.top_k} exceeds num_experts={meta.num_experts}")
+        return meta
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).replace(microsecond=0).isoformat()
+
+
+def arrow_schema(meta: TraceMeta, pred_distances: Sequence[int] = (), logits: bool = False,
+                 pred_logits: bool = False) -> pa.Schema:
+    k, e = meta.top_k, meta.num_experts
+    fields = [
+        pa.field("seq", pa.int32(), nullable=False),
+        pa.field("token", pa.int32(), nullable=False),
+        pa.field("phase", pa.int8(), nullable=False),
+        pa.field("layer", pa.int16(), nullable=False),
+        pa.field("experts", pa.list_(pa.int16(), k), nullable=False),
+        pa.field("weights", pa.list_(pa.float32(), k), nullable=False),
+    ]
+    if logits:
+        fields.append(pa.field("logits", pa.list_(pa.float16(), e)))
+    for d in sorted(pred_distances):
+        if d < 1:
+            raise ValueError(f"prediction distance must be >= 1, got {d}")
+        fields.append(pa.field(f"pred{d}_experts", pa.list_(pa.int16(), k)))
+        if pred_logits:
+            fields.append(pa.field(f"pred{d}_logits", pa.list_(pa.float16(), e)))
+    return pa.schema(fields, metadata={META_KEY: meta.to_json().encode()})
+
+
+def _fixed_list(values: np.ndarray, width: int, dtype: pa.DataType, null_rows: np.ndarray | None = None) -> pa.Array:
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1), type=dtype)
+    mask = None if null_rows is None or not null_rows.any() else pa.array(null_rows)
+    return pa.FixedSizeListArray.from_arrays(flat, width, mask=mask)
+
+
+class TraceWriter:
+    """Streams rows into row groups; the file appears under its final name only on :meth:`close`.
+
+    Rows are buffered as numpy chunks and flushed every ``row_group_size`` rows, so memory stays
+    bounded however long the trace. Use as a context manager: an exception discards the temp file.
+    """
+
+    def __init__(self, path: str | os.PathLike, meta: TraceMeta, *, pred_distances: Sequence[int] = (),
+                 logits: bool = False, pred_logits: bool = False, row_group_size: int = 1 << 20,
+                 compression: str = "zstd") -> None:
+        self.path = Path(path)
+        if not self.path.parent.is_dir():
+            raise DataError(self.path, f"output directory {str(self.path.parent)!r} does not exist")
+        if not meta.created:
+            meta.created = now_iso()
+        self.meta = meta
+        self.pred_distances = tuple(sorted(pred_distances))
+        self.logits = logits
+        self.pred_logits = pred_logits
+        self.schema = arrow_schema(meta, self.pred_distances, logits, pred_logits)
+        self.row_group_size = row_group_size
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
+        os.close(fd)
+        self._tmp = Path(tmp)
+        self._writer = pq.ParquetWriter(self._tmp, self.schema, compression=compression,
+                                        use_dictionary=["seq", "phase", "layer"], write_statistics=True)
+        self._chunks: list[dict[str, np.ndarray]] = []
+        self._buffered = 0
+        self.rows_written = 0
+        self._closed = False
+
+    def write(self, seq: np.ndarray | int, token: np.ndarray, phase: np.ndarray | int, layer: np.ndarray,
+              experts: np.ndarray, weights: np.ndarray, *, logits: np.ndarray | None = None,
+              preds: Mapping[int, np.ndarray] | None = None, pred_logits: Mapping[int, np.ndarray] | None = None) -> None:
+        """Append rows. ``preds[d]`` is (n, k) int with -1 rows meaning 'no prediction'."""
+        token = np.asarray(token, dtype=np.int32).reshape(-1)
+        n = token.shape[0]
+        k, e = self.meta.top_k, self.meta.num_experts
+        chunk: dict[str, np.ndarray] = {
+            "seq": np.broadcast_to(np.asarray(seq, dtype=np.int32), (n,)).copy(),
+            "token": token,
+            "phase": np.broadcast_to(np.asarray(phase, dtype=np.int8), (n,)).copy(),
+            "layer": np.broadcast_to(np.asarray(layer, dtype=np.int16), (n,)).copy(),
+            "experts": np.asarray(experts, dtype=np.int16).reshape(n, k),
+            "weights": np.asarray(weights, dtype=np.float32).reshape(n, k),
+        }
+        if self.logits:
+            if logits is None:
+                raise ValueError("this writer stores logits; pass logits=")
+            chunk["logits"] = np.asarray(logits, dtype=np.float16).reshape(n, e)
+        for d in self.pred_distances:
+            p = None if preds is None else preds.get(d)
+            chunk[f"pred{d}_experts"] = (np.full((n, k), -1, np.int16) if p is None
+                                         else np.asarray(p, dtype=np.int16).reshape(n, k))
+            if self.pred_logits:
+                pl = None if pred_logits is None else pred_logits.get(d)
+                chunk[f"pred{d}_logits"] = (np.zeros((n, e), np.float16) if pl is None
+                                            else np.asarray(pl, dtype=np.float16).reshape(n, e))
+        self._chunks.append(chunk)
+        self._buffered += n
+        if self._buffered >= self.row_group_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write buffered rows as one row group."""
+        if not self._buffered:
+            return
+        cols = {name: np.concatenate([c[name] for c in self._chunks]) for name in self._chunks[0]}
+        self._chunks, self._buffered = [], 0
+        self._writer.write_table(self._to_table(cols), row_group_size=max(len(cols["token"]), 1))
+        self.rows_written += len(cols["token"])
+
+    def _to_table(self, cols: dict[str, np.ndarray]) -> pa.Table:
+        k, e = self.meta.top_k, self.meta.num_experts
+        arrays = []
+        for f in self.schema:
+            v = cols[f.name]
+            if f.name in ("seq", "token", "phase", "layer"):
+                arrays.append(pa.array(v, type=f.type))
+            elif f.name.endswith("logits"):
+                null_rows = None
+                if f.name.startswith("pred"):
+                    null_rows = cols[f.name.replace("_logits", "_experts")][:, 0] < 0
+                arrays.append(_fixed_list(v, e, pa.float16(), null_rows))
+            elif f.name == "weights":
+                arrays.append(_fixed_list(v, k, pa.float32()))
+            else:  # experts, pred{d}_experts
+                null_rows = v[:, 0] < 0 if f.name.startswith("pred") else None
+                arrays.append(_fixed_list(v, k, pa.int16(), null_rows))
+        return pa.Table.from_arrays(arrays, schema=self.schema)
+
+    def close(self) -> Path:
+        """Flush, finalise the footer and move the file under its final name (atomic rename)."""
+        if self._closed:
+            return self.path
+        self.flush()
+        self._writer.close()
+        os.replace(self._tmp, self.path)
+        self._closed = True
+        return self.path
+
+    def abort(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._writer.close()
+        finally:
+            self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+@dataclass
+class Trace:
+    """A validated trace in memory. ``table`` keeps the Arrow columns; numpy views are derived."""
+
+    meta: TraceMeta
+    table: pa.Table
+    path: str | None = None
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def _col(self, name: str) -> np.ndarray:
+        return self.table.column(name).to_numpy()
+
+    @property
+    def seq(self) -> np.ndarray:
+        return self._col("seq")
+
+    @property
+    def token(self) -> np.ndarray:
+        return self._col("token")
+
+    @property
+    def phase(self) -> np.ndarray:
+        return self._col("phase")
+
+    @property
+    def layer(self) -> np.ndarray:
+        return self._col("layer")
+
+    def _matrix(self, name: str, width: int) -> np.ndarray:
+        col = self.table.column(name).combine_chunks()
+        if col.null_count:
+            raise ValueError(f"column {name} has nulls; use pred_experts()")
+        return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+
+    @property
+    def experts(self) -> np.ndarray:
+        """(rows, top_k) int16 expert ids in router order."""
+        return self._matrix("experts", self.meta.top_k)
+
+    @property
+    def weights(self) -> np.ndarray:
+        return self._matrix("weights", self.meta.top_k)
+
+    @property
+    def pred_distances(self) -> tuple[int, ...]:
+        out = []
+        for name in self.table.column_names:
+            m = _PRED_RE.match(name)
+            if m and m.group(2) == "experts":
+                out.append(int(m.group(1)))
+        return tuple(sorted(out))
+
+    def has_logits(self) -> bool:
+        return "logits" in self.table.column_names
+
+    def pred_experts(self, d: int) -> np.ndarray:
+        """(rows, top_k) int16 predicted ids for distance d; rows without a prediction are -1."""
+        name = f"pred{d}_experts"
+        if name not in self.table.column_names:
+            raise KeyError(f"trace has no predictions at distance {d} (has {self.pred_distances or 'none'})")
+        return _filled_matrix(self.table.column(name), self.meta.top_k, -1, np.int16)
+
+    def logits_matrix(self, name: str = "logits") -> np.ndarray:
+        """(rows, num_experts) float32 logits; missing rows are NaN."""
+        return _filled_matrix(self.table.column(name), self.meta.num_experts, np.nan, np.float32)
+
+    def is_execution_ordered(self) -> bool:
+        key = _order_key(self.seq, self.token, self.layer)
+        return bool(np.all(key[1:] > key[:-1])) if len(key) > 1 else True
+
+    def execution_order(self) -> Trace:
+        """The rows sorted by (seq, token, layer): the order CONTRACTS.md replays them in."""
+        if self.is_execution_ordered():
+            return self
+        idx = np.lexsort((self.layer, self.token, self.seq))
+        return Trace(self.meta, self.table.take(pa.array(idx)), self.path)
+
+    def filter_phase(self, phase: int) -> Trace:
+        mask = self.phase == phase
+        return Trace(self.meta, self.table.filter(pa.array(mask)), self.path)
+
+    def to_polars(self):
+        import polars as pl
+
+        return pl.from_arrow(self.table)
+
+
+def _filled_matrix(col: pa.ChunkedArray, width: int, fill, dtype) -> np.ndarray:
+    col = col.combine_chunks()
+    n = len(col)
+    out = np.full((n, width), fill, dtype=dtype)
+    if n == 0:
+        return out
+    valid = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    values = col.values.to_numpy(zero_copy_only=False).reshape(-1, width)[col.offset:col.offset + n]
+    out[valid] = values[valid]
+    return out
+
+
+def _order_key(seq: np.ndarray, token: np.ndarray, layer: np.ndarray) -> np.ndarray:
+    return (seq.astype(np.int64) << 40) | (token.astype(np.int64) << 16) | layer.astype(np.int64)
+
+
+def _part_files(path: Path) -> list[Path]:
+    parts = sorted(p for p in path.iterdir() if p.suffix == ".parquet" and not p.name.startswith("."))
+    if not parts:
+        raise DataError(path, "directory holds no .parquet part files")
+    return parts
+
+
+def _open_parquet(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
+        if path.stat().st_size < 12 or open(path, "rb").read(4) != b"PAR1":
+            raise DataError(path, "not a Parquet file") from None
+        raise DataError(path, f"truncated or corrupt Parquet file ({_short(exc)})") from None
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+
+
+def read_meta(path: str | os.PathLike) -> TraceMeta:
+    """Only the metadata (cheap: reads the footer)."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(p, "no such file")
+    first = _part_files(p)[0] if p.is_dir() else p
+    return _meta_of(_open_parquet(first).schema_arrow, first)
+
+
+def _meta_of(schema: pa.Schema, path: Path) -> TraceMeta:
+    raw = (schema.metadata or {}).get(META_KEY)
+    if raw is None:
+        raise DataError(path, "not a moesim trace (no 'moesim' metadata in the Parquet footer)")
+    return TraceMeta.from_json(raw, path)
+
+
+def read_trace(path: str | os.PathLike, *, columns: Sequence[str] | None = None, validate: bool = True) -> Trace:
+    """Read and validate a trace file (or a directory of part files).
+
+    Raises :class:`DataError` naming the file for every problem CONTRACTS.md lists.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DataError(p, "no such file")
+    files = _part_files(p) if p.is_dir() else [p]
+    tables = []
+    meta = None
+    for f in files:
+        pf = _open_parquet(f)
+        m = _meta_of(pf.schema_arrow, f)
+        if meta is None:
+            meta = m
+        names = pf.schema_arrow.names
+        missing = [c for c in REQUIRED_COLUMNS if c not in names]
+        if missing:
+            raise DataError(f, f"missing required column {missing[0]!r}")
+        want = None if columns is None else list(dict.fromkeys([*REQUIRED_COLUMNS, *columns]))
+        try:
+            tables.append(pf.read(columns=want))
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f, f"truncated or corrupt Parquet file ({_short(exc)})") from None
+    assert meta is not None
+    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="none")
+    trace = Trace(meta, table, str(p))
+    if validate:
+        validate_trace(trace, p)
+    return trace
+
+
+def validate_trace(trace: Trace, path: object = None) -> None:
+    meta, table = trace.meta, trace.table
+    k, e, n_layers = meta.top_k, meta.num_experts, meta.num_layers
+    for name in ("experts", "weights"):
+        t = table.schema.field(name).type
+        if not pa.types.is_fixed_size_list(t):
+            raise DataError(path, f"column {name!r} must be a fixed-size list, found {t}")
+        if t.list_size != k:
+            raise DataError(path, f"column {name!r} holds {t.list_size} values per row but top_k is {k}")
+    if table.num_rows == 0:
+        return
+    for name in ("seq", "token", "phase", "layer", "experts", "weights"):
+        if table.column(name).null_count:
+            raise DataError(path, f"column {name!r} has null values")
+    layer = trace.layer
+    bad = np.flatnonzero((layer < 0) | (layer >= n_layers))
+    if bad.size:
+        raise DataError(path, f"layer {int(layer[bad[0]])} out of range [0, {n_layers}) at row {int(bad[0])}")
+    phase = trace.phase
+    bad = np.flatnonzero((phase != PREFILL) & (phase != DECODE))
+    if bad.size:
+        raise DataError(path, f"phase {int(phase[bad[0]])} is neither 0 (prefill) nor 1 (decode) at row {int(bad[0])}")
+    if (trace.seq < 0).any() or (trace.token < 0).any():
+        raise DataError(path, "negative sequence id or token index")
+    for name in ("experts", *(f"pred{d}_experts" for d in trace.pred_distances)):
+        ex = trace.experts if name == "experts" else trace.pred_experts(int(name[4:-8]))
+        lo = 0 if name == "experts" else -1  # -1 marks rows without a prediction
+        bad_rows = np.flatnonzero(((ex < lo) | (ex >= e)).any(axis=1))
+        if bad_rows.size:
+            r = int(bad_rows[0])
+            v = int(ex[r][(ex[r] < lo) | (ex[r] >= e)][0])
+            raise DataError(path, f"expert id {v} out of range [0, {e}) in column {name!r} at row {r}")
+        if name == "experts" and k > 1:
+            s = np.sort(ex, axis=1)
+            dup = np.flatnonzero((s[:, 1:] == s[:, :-1]).any(axis=1))
+            if dup.size:
+                raise DataError(path, f"row {int(dup[0])} lists expert {int(s[dup[0]][np.argmax(s[dup[0]][1:] == s[dup[0]][:-1])])} twice")
+    key = _order_key(trace.seq, trace.token, layer)
+    if len(np.unique(key)) != len(key):
+        raise DataError(path, "duplicate (seq, token, layer) rows")
+
+
+def write_table_atomic(table: pa.Table, path: str | os.PathLike, **kwargs: Any) -> Path:
+    """Write any Arrow table to Parquet through a temp file + rename."""
+    p = Path(path)
+    if not p.parent.is_dir():
+        raise DataError(p, f"output directory {str(p.parent)!r} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".partial", dir=p.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, **kwargs)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+def iter_batches(path: str | os.PathLike, batch_size: int = 1 << 20) -> Iterator[pa.RecordBatch]:
+    """Stream a (large) trace file's record batches without loading it all."""
+    p = Path(path)
+    for f in (_part_files(p) if p.is_dir() else [p]):
+        yield from _open_parquet(f).iter_batches(batch_size=batch_size)
