@@ -1,28 +1,48 @@
-"""Reference hit-rate replay: drives :class:`ExpertCache` + any policy object over a trace.
+"""Hit-rate replay of a trace against an eviction policy (CONTRACTS.md semantics).
 
-This is the generic (pure Python) path: it runs any policy class, built-in or user-written, and is
-the oracle that the compiled fast paths are tested against.
+Two paths, one semantics:
+- the **fast path**: compiled kernels (``moesim.simulator.kernels``) for lru, fifo, lfu and opt;
+- the **generic path**: the one cache mechanism :class:`~moesim.policies.base.ExpertCache` driven
+  with any policy object, built-in or user-written. It is also the oracle the fast path is tested
+  against.
+
+Scopes: ``layer`` (one cache of K slots per MoE layer, the default), ``global`` (one cache of K slots
+shared by all layers, keys ``layer * E + expert``), or per-layer budgets (``cache_size`` a list, one
+entry per layer; 0 disables caching at that layer). Semantics: ``atomic`` (a (token, layer) set is
+requested at once) or ``sequential`` (one expert at a time, as a generic cache simulator would).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from moesim.policies.base import NEVER, EvictionPolicy, ExpertCache
+from moesim.errors import UsageError
+from moesim.policies.base import NEVER, EvictionPolicy, ExpertCache, make_policy, policy_class
+from moesim.simulator import kernels
 from moesim.traces.format import Trace
+
+SCOPES = ("layer", "global")
+SEMANTICS = ("atomic", "sequential")
+PolicySpec = str | Callable[[], EvictionPolicy]
 
 
 @dataclass
 class ReplayResult:
     policy: str
-    cache_size: int
+    cache_size: int | list[int]
     requests: int
     hits: int
     layer_requests: np.ndarray = field(repr=False)
     layer_hits: np.ndarray = field(repr=False)
+    method: str = "python"
+    scope: str = "layer"
+    semantics: str = "atomic"
 
     @property
     def misses(self) -> int:
@@ -32,10 +52,226 @@ class ReplayResult:
     def hit_rate(self) -> float:
         return self.hits / self.requests if self.requests else 0.0
 
+    def to_dict(self, per_layer: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "policy": self.policy, "cache_size": self.cache_size, "requests": self.requests,
+            "hits": self.hits, "misses": self.misses, "hit_rate": round(self.hit_rate, 6),
+            "scope": self.scope, "semantics": self.semantics, "method": self.method,
+        }
+        if per_layer:
+            out["per_layer"] = [
+                {"layer": i, "requests": int(q), "hits": int(h), "hit_rate": round(h / q, 6) if q else 0.0}
+                for i, (q, h) in enumerate(zip(self.layer_requests, self.layer_hits, strict=True))
+            ]
+        return out
+
+
+@dataclass
+class RequestStream:
+    """A trace flattened into what a cache sees: per row a cache id, keys in router order, a layer."""
+
+    cache: np.ndarray    # (n,) int64
+    keys: np.ndarray     # (n, w) int64
+    group: np.ndarray    # (n,) int64: the MoE layer, for per-layer statistics
+    weights: np.ndarray  # (n, w) float32
+    sizes: np.ndarray    # (n_caches,) int64
+    n_keys: int
+    n_groups: int
+
+    @property
+    def n_caches(self) -> int:
+        return int(self.sizes.shape[0])
+
+    def next_use(self) -> np.ndarray:
+        return kernels.next_use_kernel(self.cache, self.keys, self.n_keys, self.n_caches)
+
+
+def resolve_sizes(trace: Trace, cache_size: int | Sequence[int], scope: str) -> np.ndarray:
+    meta = trace.meta
+    if scope not in SCOPES:
+        raise UsageError(f"unknown scope {scope!r} (known: {', '.join(SCOPES)})")
+    if isinstance(cache_size, int | np.integer):
+        sizes = [int(cache_size)] * (meta.num_layers if scope == "layer" else 1)
+        if cache_size < meta.top_k:
+            raise UsageError(f"cache size {cache_size} is smaller than top-k ({meta.top_k})")
+    else:
+        if scope != "layer":
+            raise UsageError("per-layer budgets need --scope layer")
+        sizes = [int(s) for s in cache_size]
+        if len(sizes) != meta.num_layers:
+            raise UsageError(f"{len(sizes)} layer budgets given but the trace has {meta.num_layers} layers")
+        bad = [s for s in sizes if s != 0 and s < meta.top_k]
+        if bad:
+            raise UsageError(f"layer budget {bad[0]} is smaller than top-k ({meta.top_k}); use 0 to disable a layer")
+    return np.asarray(sizes, dtype=np.int64)
+
+
+def build_stream(trace: Trace, cache_size: int | Sequence[int], scope: str = "layer",
+                 semantics: str = "atomic") -> RequestStream:
+    if semantics not in SEMANTICS:
+        raise UsageError(f"unknown semantics {semantics!r} (known: {', '.join(SEMANTICS)})")
+    sizes = resolve_sizes(trace, cache_size, scope)
+    trace = trace.execution_order()
+    meta = trace.meta
+    layer = trace.layer.astype(np.int64)
+    experts = trace.experts.astype(np.int64)
+    weights = trace.weights
+    if scope == "layer":
+        cache, keys, n_keys = layer, experts, meta.num_experts
+    else:
+        cache = np.zeros_like(layer)
+        keys = layer[:, None] * meta.num_experts + experts
+        n_keys = meta.num_layers * meta.num_experts
+    group = layer
+    if semantics == "sequential":
+        w = keys.shape[1]
+        cache, group = np.repeat(cache, w), np.repeat(group, w)
+        keys, weights = keys.reshape(-1, 1), weights.reshape(-1, 1)
+    return RequestStream(np.ascontiguousarray(cache), np.ascontiguousarray(keys), np.ascontiguousarray(group),
+                         np.ascontiguousarray(weights), sizes, n_keys, meta.num_layers)
+
+
+def _policy_name(policy: PolicySpec) -> str:
+    if isinstance(policy, str):
+        return policy
+    return getattr(policy, "name", None) or getattr(policy, "__name__", "custom")
+
+
+def _factory(policy: PolicySpec, params: dict[str, Any] | None) -> Callable[[], EvictionPolicy]:
+    if not isinstance(policy, str):
+        return policy if not params else (lambda: policy(**params))  # type: ignore[call-arg]
+    try:
+        cls = policy_class(policy)
+    except KeyError as exc:
+        raise UsageError(str(exc.args[0])) from None
+    try:
+        cls(**(params or {}))
+    except TypeError as exc:
+        raise UsageError(f"bad parameters for policy {policy!r}: {exc}") from None
+    return lambda: make_policy(policy, **(params or {}))
+
+
+def _fast_code(policy: PolicySpec, params: dict[str, Any] | None) -> int | None:
+    if isinstance(policy, str) and not params:
+        return kernels.POLICY_CODES.get(policy)
+    return None
+
+
+def run_generic(stream: RequestStream, make: Callable[[], EvictionPolicy]) -> tuple[np.ndarray, np.ndarray]:
+    """The generic path: ExpertCache + policy objects. Returns (requests, hits) per layer."""
+    caches = [ExpertCache(int(s), make()) if s > 0 else None for s in stream.sizes]
+    needs_future = any(c is not None and c.policy.needs_future for c in caches)
+    nxt = stream.next_use().tolist() if needs_future else None
+    keys = stream.keys.tolist()
+    weights = stream.weights.tolist()
+    req = np.zeros(stream.n_groups, np.int64)
+    hit = np.zeros(stream.n_groups, np.int64)
+    width = stream.keys.shape[1]
+    np.add.at(req, stream.group, width)
+    hits_by_row = [0] * len(keys)
+    for r, (c, row) in enumerate(zip(stream.cache.tolist(), keys, strict=True)):
+        cache = caches[c]
+        if cache is None:
+            continue
+        missing = cache.request(row, r, weights[r], None if nxt is None else nxt[r])
+        hits_by_row[r] = width - len(missing)
+    np.add.at(hit, stream.group, np.asarray(hits_by_row, dtype=np.int64))
+    return req, hit
+
+
+def simulate(trace: Trace, policy: PolicySpec, cache_size: int | Sequence[int], *, scope: str = "layer",
+             semantics: str = "atomic", params: dict[str, Any] | None = None,
+             force_generic: bool = False) -> ReplayResult:
+    """Replay ``trace`` against ``policy`` (a registered name or a zero-argument factory)."""
+    make = _factory(policy, params)
+    stream = build_stream(trace, cache_size, scope, semantics)
+    code = None if force_generic else _fast_code(policy, params)
+    if code is not None:
+        nxt = stream.next_use() if code == kernels.OPT else np.zeros((1, 1), np.int64)
+        req, hit = kernels.replay_kernel(code, stream.cache, stream.keys, stream.group, stream.sizes,
+                                         stream.n_keys, stream.n_groups, nxt)
+        method = "numba"
+    else:
+        req, hit = run_generic(stream, make)
+        method = "python"
+    size_out = int(cache_size) if isinstance(cache_size, int | np.integer) else [int(s) for s in cache_size]
+    return ReplayResult(_policy_name(policy), size_out, int(req.sum()), int(hit.sum()), req, hit, method,
+                        scope, semantics)
+
+
+# ---- all cache sizes ----------------------------------------------------------------------------
+
+@dataclass
+class MRCResult:
+    policy: str
+    method: str
+    curve: list[dict[str, Any]]
+    scope: str = "layer"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy, "method": self.method, "scope": self.scope, "curve": self.curve}
+
+
+def _one_size(args: tuple) -> tuple[int, int]:
+    trace, policy, k, scope, semantics, params = args
+    r = simulate(trace, policy, k, scope=scope, semantics=semantics, params=params)
+    return r.requests, r.hits
+
+
+def mrc(trace: Trace, policy: PolicySpec, sizes: Sequence[int] | None = None, *, scope: str = "layer",
+        semantics: str = "atomic", params: dict[str, Any] | None = None,
+        workers: int | None = None) -> MRCResult:
+    """Hit rate for every cache size (default: top-k .. experts per layer, or .. all keys if global).
+
+    LRU uses one pass over the trace (stack depths; inclusion holds under the atomic semantics).
+    The other compiled policies run every size inside one compiled call; the rest run one process
+    per size.
+    """
+    meta = trace.meta
+    n_keys = meta.num_experts if scope == "layer" else meta.num_experts * meta.num_layers
+    if sizes is None:
+        lo = meta.top_k if semantics == "atomic" else 1
+        sizes = list(range(lo, n_keys + 1))
+    sizes = [int(s) for s in sizes]
+    for s in sizes:
+        resolve_sizes(trace, s, scope)
+    _factory(policy, params)  # validates name and parameters
+    stream = build_stream(trace, sizes[0], scope, semantics)
+    requests = int(stream.keys.size)
+    code = _fast_code(policy, params)
+    if code == kernels.LRU:
+        hist = kernels.lru_stack_depths(stream.cache, stream.keys, stream.n_keys, stream.n_caches)
+        cum = np.cumsum(hist)
+        hits = [int(cum[s - 1]) if s >= 1 else 0 for s in sizes]
+        method = "one-pass stack distance"
+    elif code is not None:
+        nxt = stream.next_use() if code == kernels.OPT else np.zeros((1, 1), np.int64)
+        hits = kernels.replay_sizes_kernel(code, stream.cache, stream.keys, stream.group,
+                                           np.asarray(sizes, np.int64), stream.n_caches, stream.n_keys,
+                                           stream.n_groups, nxt).tolist()
+        method = "per-size runs (compiled)"
+    else:
+        jobs = [(trace, policy, s, scope, semantics, params) for s in sizes]
+        n_workers = workers or min(len(sizes), os.cpu_count() or 1)
+        if n_workers > 1 and isinstance(policy, str):
+            with ProcessPoolExecutor(n_workers) as pool:
+                results = list(pool.map(_one_size, jobs))
+            method = f"per-size runs ({n_workers} processes)"
+        else:
+            results = [_one_size(j) for j in jobs]
+            method = "per-size runs"
+        hits = [h for _, h in results]
+    curve = [{"cache_size": s, "requests": requests, "hits": h, "hit_rate": round(h / requests, 6) if requests else 0.0}
+             for s, h in zip(sizes, hits, strict=True)]
+    return MRCResult(_policy_name(policy), method, curve, scope)
+
+
+# ---- reference replay (kept for tests and as documentation of the semantics) ----------------------
 
 def next_use_times(layer: np.ndarray, experts: np.ndarray, num_experts: int) -> np.ndarray:
     """For each (row, slot) request, the row index of the next row at the same layer that requests
-    the same expert, or :data:`NEVER`. Rows must be in execution order."""
+    the same expert, or :data:`NEVER`. Rows must be in execution order. (Plain numpy; the kernels'
+    ``next_use_kernel`` computes the same in one pass.)"""
     n, k = experts.shape
     keys = (layer.astype(np.int64)[:, None] * num_experts + experts.astype(np.int64)).reshape(-1)
     rows = np.repeat(np.arange(n, dtype=np.int64), k)
@@ -47,24 +283,8 @@ def next_use_times(layer: np.ndarray, experts: np.ndarray, num_experts: int) -> 
 
 
 def replay_reference(trace: Trace, make: Callable[[], EvictionPolicy], cache_size: int | list[int]) -> ReplayResult:
-    """Replay ``trace`` with one cache per MoE layer (CONTRACTS.md semantics), any policy class."""
-    trace = trace.execution_order()
-    meta = trace.meta
-    sizes = [cache_size] * meta.num_layers if isinstance(cache_size, int) else list(cache_size)
-    caches = [ExpertCache(s, make()) if s > 0 else None for s in sizes]
-    layer = trace.layer
-    experts = trace.experts.tolist()
-    weights = trace.weights.tolist()
-    policy0 = make()
-    future = policy0.needs_future
-    nxt = next_use_times(layer, trace.experts, meta.num_experts).tolist() if future else None
-    lreq = np.zeros(meta.num_layers, np.int64)
-    lhit = np.zeros(meta.num_layers, np.int64)
-    for r, (lay, keys) in enumerate(zip(layer.tolist(), experts, strict=True)):
-        cache = caches[lay]
-        lreq[lay] += len(keys)
-        if cache is None:
-            continue
-        missing = cache.request(keys, r, weights[r], nxt[r] if nxt is not None else None)
-        lhit[lay] += len(keys) - len(missing)
-    return ReplayResult(policy0.name, sizes[0], int(lreq.sum()), int(lhit.sum()), lreq, lhit)
+    """Replay with one cache per MoE layer through the generic mechanism (any policy class)."""
+    stream = build_stream(trace, cache_size, "layer", "atomic")
+    req, hit = run_generic(stream, make)
+    size_out = cache_size if isinstance(cache_size, int) else list(cache_size)
+    return ReplayResult(make().name, size_out, int(req.sum()), int(hit.sum()), req, hit, "python")

@@ -1,0 +1,42 @@
+"""Arguments shared by ``simulate`` and ``mrc``: the trace, the policy and its parameters, the scope."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from moesim.commands._common import int_list, parse_params
+
+
+def add_policy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("trace", help="trace file (.parquet) or directory of part files")
+    p.add_argument("--policy", required=True, help="eviction policy (see `moesim policies`)")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="policy parameter, repeatable (e.g. --param half_life=200, --param lam=0.5)")
+    p.add_argument("--seed", type=int, help="seed for randomised policies (same as --param seed=N)")
+    p.add_argument("--scope", choices=("layer", "global"), default="layer",
+                   help="one cache per MoE layer (default) or one cache shared by all layers")
+    p.add_argument("--semantics", choices=("atomic", "sequential"), default="atomic",
+                   help="request a (token, layer) set at once (default) or one expert at a time")
+    p.add_argument("--phase", choices=("all", "prefill", "decode"), default="all",
+                   help="replay only the rows of one phase")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def policy_params(args: argparse.Namespace) -> dict[str, Any]:
+    params = parse_params(args.param)
+    if args.seed is not None:
+        params["seed"] = args.seed
+    return params
+
+
+def load(args: argparse.Namespace):
+    from moesim.traces.format import DECODE, PREFILL, read_trace
+
+    trace = read_trace(args.trace)
+    if args.phase != "all":
+        trace = trace.filter_phase(PREFILL if args.phase == "prefill" else DECODE)
+    return trace
+
+
+__all__ = ["add_policy_args", "policy_params", "load", "int_list"]
