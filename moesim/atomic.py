@@ -12,14 +12,27 @@ from typing import IO
 from moesim.errors import DataError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_temp(final: Path) -> str:
+    """An empty temp file beside ``final`` with the permissions a plain open() would give."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success rename it over ``path``, on error delete it."""
     p = Path(path)
     if not p.parent.is_dir():
         raise DataError(p, f"output directory {str(p.parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".partial", dir=p.parent)
-    os.close(fd)
+    tmp = make_temp(p)
     try:
         yield Path(tmp)
         os.replace(tmp, p)

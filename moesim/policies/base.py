@@ -28,6 +28,9 @@ class EvictionPolicy:
     name: ClassVar[str] = "base"
     needs_future: ClassVar[bool] = False
 
+    def attach(self, capacity: int) -> None:
+        """Called once by the cache with its number of slots (for policies that size queues by it)."""
+
     def on_access(self, key: int, now: int, weight: float = 1.0, next_use: int = NEVER) -> None:
         """``key`` was requested at ``now`` (hit or miss; called before any insertion of the set)."""
 
@@ -60,6 +63,7 @@ class ExpertCache:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
         self.policy = policy
+        policy.attach(capacity)
         self.resident: set[int] = set()
         self.evictions = 0
 

@@ -6,6 +6,7 @@ kernels for the built-ins and is tested to give the same hits as these classes, 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from moesim.policies.base import NEVER, EvictionPolicy, register
@@ -82,3 +83,313 @@ class OPT(EvictionPolicy):
 
     def victim(self, candidates: Sequence[int]) -> int:
         return max(candidates, key=self.next_use.__getitem__)
+
+
+@register
+class LFUInCache(LFU):
+    """In-cache LFU (libCacheSim's ``LFU``): a key's count restarts when it is evicted; ties to the LRU."""
+
+    name = "lfu-cache"
+
+    def on_evict(self, key: int) -> None:
+        self.count[key] = 0
+
+
+@register
+class Random(EvictionPolicy):
+    """Evict a uniformly random candidate (seeded: same seed, same victims)."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0) -> None:
+        import random
+
+        self.rng = random.Random(seed)
+
+    def victim(self, candidates: Sequence[int]) -> int:
+        return self.rng.choice(sorted(candidates))
+
+
+@register
+class LFUDecay(EvictionPolicy):
+    """Frequency with exponential aging: every request adds 1 to a score that halves every
+    ``half_life`` request sets (clock ticks); lowest score is evicted, ties to the LRU."""
+
+    name = "lfu-decay"
+
+    def __init__(self, half_life: float = 64.0) -> None:
+        if half_life <= 0:
+            raise ValueError("half_life must be > 0")
+        self.rate = math.log(2.0) / half_life
+        self.score: dict[int, float] = {}
+        self.stamp: dict[int, int] = {}
+        self.last: dict[int, int] = {}
+        self.tick = 0
+        self.now = 0
+
+    def _decayed(self, key: int) -> float:
+        return self.score.get(key, 0.0) * math.exp(-self.rate * (self.now - self.stamp.get(key, self.now)))
+
+    def on_access(self, key: int, now: int, weight: float = 1.0, next_use: int = NEVER) -> None:
+        self.now = now
+        self.score[key] = self._decayed(key) + self._increment(weight)
+        self.stamp[key] = now
+        self.tick += 1
+        self.last[key] = self.tick
+
+    def _increment(self, weight: float) -> float:
+        return 1.0
+
+    def victim(self, candidates: Sequence[int]) -> int:
+        return min(candidates, key=lambda k: (self._decayed(k), self.last[k]))
+
+
+@register
+class GateWeighted(LFUDecay):
+    """Frequency weighted by routing weight: each request adds the router's weight for that expert
+    (an expert picked with weight 0.9 counts more than one picked with 0.1). ``half_life`` = inf
+    keeps every request forever (perfect, weighted LFU)."""
+
+    name = "gate-weighted"
+
+    def __init__(self, half_life: float = math.inf) -> None:
+        super().__init__(half_life=1.0)
+        self.rate = 0.0 if math.isinf(half_life) else math.log(2.0) / half_life
+
+    def _increment(self, weight: float) -> float:
+        return float(weight)
+
+
+@register
+class LRFU(EvictionPolicy):
+    """LRFU (Lee et al., 2001): combined recency-frequency value CRF = sum over past requests of
+    (1/2)^(lam * age). ``lam`` = 0 is LFU (every request counts forever), ``lam`` = 1 is LRU (the
+    last request dominates). Age is measured in request sets (clock ticks)."""
+
+    name = "lrfu"
+
+    def __init__(self, lam: float = 0.1) -> None:
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError("lam must be in [0, 1]")
+        self.lam = lam
+        self.crf: dict[int, float] = {}
+        self.stamp: dict[int, int] = {}
+        self.last: dict[int, int] = {}
+        self.tick = 0
+        self.now = 0
+
+    def _value(self, key: int) -> float:
+        return self.crf.get(key, 0.0) * 0.5 ** (self.lam * (self.now - self.stamp.get(key, self.now)))
+
+    def on_access(self, key: int, now: int, weight: float = 1.0, next_use: int = NEVER) -> None:
+        self.now = now
+        self.crf[key] = 1.0 + self._value(key)
+        self.stamp[key] = now
+        self.tick += 1
+        self.last[key] = self.tick
+
+    def victim(self, candidates: Sequence[int]) -> int:
+        return min(candidates, key=lambda k: (self._value(k), self.last[k]))
+
+
+@register
+class Sieve(EvictionPolicy):
+    """SIEVE (Zhang et al., NSDI'24): a FIFO queue with a visited bit and a hand that moves from the
+    oldest towards the newest, clearing visited bits, and evicts the first unvisited key."""
+
+    name = "sieve"
+
+    def __init__(self) -> None:
+        self.queue: list[int] = []  # oldest first
+        self.visited: dict[int, bool] = {}
+        self.hand: int | None = None  # key the hand points at (None = start from the oldest)
+
+    def on_access(self, key: int, now: int, weight: float = 1.0, next_use: int = NEVER) -> None:
+        if key in self.visited:
+            self.visited[key] = True
+
+    def on_insert(self, key: int, now: int) -> None:
+        self.queue.append(key)
+        self.visited[key] = False
+
+    def on_evict(self, key: int) -> None:
+        i = self.queue.index(key)
+        self.hand = self.queue[i + 1] if i + 1 < len(self.queue) else None
+        del self.queue[i]
+        del self.visited[key]
+
+    def victim(self, candidates: Sequence[int]) -> int:
+        allowed = set(candidates)
+        q = self.queue
+        i = q.index(self.hand) if self.hand is not None else 0
+        while True:
+            key = q[i]
+            if key in allowed:
+                if not self.visited[key]:
+                    return key
+                self.visited[key] = False
+            i = i + 1 if i + 1 < len(q) else 0
+
+
+@register
+class ARC(EvictionPolicy):
+    """ARC (Megiddo & Modha, FAST'03), following libCacheSim's ARC.c step for step: T1/T2 data
+    lists, B1/B2 ghost lists, target ``p`` adapted on ghost hits."""
+
+    name = "arc"
+
+    def __init__(self) -> None:
+        self.t1: list[int] = []  # LRU first (index 0 = tail)
+        self.t2: list[int] = []
+        self.b1: list[int] = []
+        self.b2: list[int] = []
+        self.p = 0.0  # target size of T1 (fractional, as in libCacheSim)
+        self.c = 0
+        self.ghost_hit = 0  # 1 or 2: the missing key was found in B1 / B2
+
+    def attach(self, capacity: int) -> None:
+        self.c = capacity
+
+    def on_access(self, key: int, now: int, weight: float = 1.0, next_use: int = NEVER) -> None:
+        if key in self.t1:
+            self.t1.remove(key)
+            self.t2.append(key)
+        elif key in self.t2:
+            self.t2.remove(key)
+            self.t2.append(key)
+        elif key in self.b1:
+            self.p = min(self.p + max(len(self.b2) / len(self.b1), 1.0), self.c)
+            self.ghost_hit = 1
+        elif key in self.b2:
+            self.p = max(self.p - max(len(self.b1) / len(self.b2), 1.0), 0.0)
+            self.ghost_hit = 2
+
+    def _replace(self, allowed: set[int]) -> int:
+        t1 = [k for k in self.t1 if k in allowed]
+        t2_empty = not any(k in allowed for k in self.t2)
+        if t1 and (len(self.t1) > self.p or (len(self.t1) == self.p and self.ghost_hit == 2) or t2_empty):
+            victim, ghost = t1[0], self.b1
+        else:
+            t2 = [k for k in self.t2 if k in allowed]
+            victim, ghost = (t2[0], self.b2) if t2 else (t1[0], self.b1)
+        ghost.append(victim)
+        return victim
+
+    def victim(self, candidates: Sequence[int]) -> int:
+        allowed = set(candidates)
+        if self.ghost_hit:
+            return self._replace(allowed)
+        if len(self.t1) + len(self.b1) + 1 > self.c:
+            if len(self.t1) < self.c and self.b1:
+                self.b1.pop(0)
+                return self._replace(allowed)
+            oldest = next((k for k in self.t1 if k in allowed), None)
+            return self._replace(allowed) if oldest is None else oldest
+        if len(self.t1) + len(self.b1) + len(self.t2) + len(self.b2) >= 2 * self.c and self.b2:
+            self.b2.pop(0)
+        return self._replace(allowed)
+
+    def on_evict(self, key: int) -> None:
+        for lst in (self.t1, self.t2):
+            if key in lst:
+                lst.remove(key)
+
+    def on_insert(self, key: int, now: int) -> None:
+        if self.ghost_hit:
+            (self.b1 if self.ghost_hit == 1 else self.b2).remove(key)
+            self.t2.append(key)
+        else:
+            self.t1.append(key)
+        self.ghost_hit = 0
+
+
+@register
+class S3FIFO(EvictionPolicy):
+    """S3-FIFO (Yang et al., SOSP'23), following libCacheSim's S3FIFO.c: a small FIFO (10% of the
+    slots, at least 1), a main FIFO with a 2-bit clock counter and a ghost FIFO (90% of the slots)
+    of keys recently evicted from the small queue."""
+
+    name = "s3fifo"
+
+    def __init__(self, small_ratio: float = 0.1, ghost_ratio: float = 0.9, move_to_main: int = 2) -> None:
+        self.small_ratio, self.ghost_ratio, self.threshold = small_ratio, ghost_ratio, move_to_main
+        self.small: list[int] = []  # oldest first
+        self.main: list[int] = []
+        self.ghost: list[int] = []
+        self.freq: dict[int, int] = {}
+        self.hit_on_ghost = False
+        self.has_evicted = False
+
+    def attach(self, capacity: int) -> None:
+        self.small_size = max(1, int(capacity * self.small_ratio))
+        self.main_size = capacity - self.small_size
+        self.ghost_size = int(capacity * self.ghost_ratio)
+
+    def on_access(self, key: int, now: int, weight: float = 1.0, next_use: int = NEVER) -> None:
+        if key in self.freq:
+            self.freq[key] += 1
+        elif key in self.ghost:
+            self.ghost.remove(key)
+            self.hit_on_ghost = True
+
+    def on_insert(self, key: int, now: int) -> None:
+        to_main = self.hit_on_ghost or (not self.has_evicted and len(self.small) >= self.small_size)
+        (self.main if to_main else self.small).append(key)
+        self.freq[key] = 0
+        self.hit_on_ghost = False
+
+    def on_evict(self, key: int) -> None:
+        del self.freq[key]
+        (self.small if key in self.small else self.main).remove(key)
+
+    def victim(self, candidates: Sequence[int]) -> int:
+        self.has_evicted = True
+        allowed = set(candidates)
+        while True:
+            small = [k for k in self.small if k in allowed]
+            if len(self.main) > self.main_size or not small:
+                for key in [k for k in self.main if k in allowed]:
+                    if self.freq[key] == 0:
+                        return key
+                    self.main.remove(key)  # reinsert at the tail, one clock tick less
+                    self.main.append(key)
+                    self.freq[key] = min(self.freq[key], 3) - 1
+                continue
+            for key in small:
+                if self.freq[key] >= self.threshold:
+                    self.small.remove(key)
+                    self.main.append(key)
+                    self.freq[key] = 0
+                    continue
+                if self.ghost_size > 0:
+                    if len(self.ghost) >= self.ghost_size:
+                        self.ghost.pop(0)
+                    self.ghost.append(key)
+                return key
+
+
+@register
+class MultiDimensional(EvictionPolicy):
+    """HOBBIT-style multidimensional priority (Tang et al., 2024, "HOBBIT: A Mixed Precision Expert
+    Offloading System for Fast MoE Inference", arXiv 2411.01433): each candidate is ranked by
+    recency (LRU) and by frequency (LFU) among the candidates; the victim has the lowest weighted sum
+    ``w_recency * rank_recency + (1 - w_recency) * rank_frequency``. (HOBBIT's third dimension,
+    least-high-precision-used, does not apply to single-precision caches and is omitted.)"""
+
+    name = "hobbit"
+
+    def __init__(self, w_recency: float = 0.5) -> None:
+        self.w = w_recency
+        self.tick = 0
+        self.last: dict[int, int] = {}
+        self.count: dict[int, int] = {}
+
+    def on_access(self, key: int, now: int, weight: float = 1.0, next_use: int = NEVER) -> None:
+        self.tick += 1
+        self.last[key] = self.tick
+        self.count[key] = self.count.get(key, 0) + 1
+
+    def victim(self, candidates: Sequence[int]) -> int:
+        by_recency = {k: i for i, k in enumerate(sorted(candidates, key=self.last.__getitem__))}
+        by_count = {k: i for i, k in enumerate(sorted(candidates, key=lambda k: (self.count[k], self.last[k])))}
+        return min(candidates, key=lambda k: (self.w * by_recency[k] + (1 - self.w) * by_count[k], self.last[k]))

@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from moesim.atomic import make_temp
 from moesim.errors import DataError
 
 SCHEMA_VERSION = 1
@@ -143,9 +143,7 @@ class TraceWriter:
         self.pred_logits = pred_logits
         self.schema = arrow_schema(meta, self.pred_distances, logits, pred_logits)
         self.row_group_size = row_group_size
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
-        os.close(fd)
-        self._tmp = Path(tmp)
+        self._tmp = Path(make_temp(self.path))
         self._writer = pq.ParquetWriter(self._tmp, self.schema, compression=compression,
                                         use_dictionary=["seq", "phase", "layer"], write_statistics=True)
         self._chunks: list[dict[str, np.ndarray]] = []
@@ -463,8 +461,7 @@ def write_table_atomic(table: pa.Table, path: str | os.PathLike, **kwargs: Any) 
     p = Path(path)
     if not p.parent.is_dir():
         raise DataError(p, f"output directory {str(p.parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".partial", dir=p.parent)
-    os.close(fd)
+    tmp = make_temp(p)
     try:
         pq.write_table(table, tmp, **kwargs)
         os.replace(tmp, p)

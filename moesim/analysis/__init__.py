@@ -1,0 +1,1 @@
+"""Analysis of routing traces: statistics, residency logs, plots and reports."""

@@ -1,0 +1,293 @@
+"""Matplotlib figures of traces and replays. Every function returns the Figure (so tests can inspect
+titles, labels and data) and never shows it; :func:`save` writes PNG or SVG atomically.
+
+Colours: the Okabe-Ito palette (distinguishable with the common colour-vision deficiencies) for
+categories, viridis for magnitudes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from moesim.analysis import stats  # noqa: E402
+from moesim.analysis.residency import HIT, IDLE, MISS, RESIDENT, residency_log  # noqa: E402
+from moesim.atomic import atomic_path  # noqa: E402
+from moesim.errors import DataError, UsageError  # noqa: E402
+from moesim.traces.format import Trace  # noqa: E402
+
+OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000"]
+POLICY_COLORS = {"lru": "#0072B2", "lfu": "#D55E00", "fifo": "#009E73", "opt": "#000000",
+                 "random": "#CC79A7", "arc": "#E69F00", "s3fifo": "#56B4E9", "sieve": "#F0E442"}
+RASTER_COLORS = {IDLE: "#FFFFFF", RESIDENT: "#D9D9D9", HIT: "#0072B2", MISS: "#D55E00"}
+
+
+def policy_color(name: str, index: int) -> str:
+    return POLICY_COLORS.get(name, OKABE_ITO[index % len(OKABE_ITO)])
+
+
+def _title(trace: Trace) -> str:
+    return trace.meta.model.split("/")[-1]
+
+
+def save(fig: Figure, path: str | os.PathLike, *, svg: bool = False) -> Path:
+    """Write ``fig`` (PNG, or SVG when ``svg``) through a temp file + rename; closes the figure."""
+    p = Path(path)
+    fmt = "svg" if svg else "png"
+    try:
+        with atomic_path(p) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=130, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return p
+
+
+# ---- trace views --------------------------------------------------------------------------------
+
+def heatmap(trace: Trace) -> Figure:
+    """Layer x expert activation share (each layer's row sums to 1)."""
+    share = stats.activation_share(trace)
+    layers, experts = share.shape
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * experts + 2.5), max(4.0, 0.22 * layers + 1.5)))
+    im = ax.imshow(share, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0)
+    ax.set_xlabel("expert id")
+    ax.set_ylabel("MoE layer")
+    ax.set_title(f"Expert activation share per layer - {_title(trace)}\n"
+                 f"(uniform = {1 / experts:.3f}; {len(trace)} token-layer rows, top-{trace.meta.top_k})")
+    if experts <= 32:
+        ax.set_xticks(range(experts))
+    if experts <= 16 and layers <= 64:  # small grids: print the shares so imbalance can be read off
+        top = share.max() or 1.0
+        for (r, c), v in np.ndenumerate(share):
+            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6.5,
+                    color="black" if v > 0.6 * top else "white")
+    cb = fig.colorbar(im, ax=ax)
+    cb.set_label("share of the layer's activations")
+    fig.tight_layout()
+    return fig
+
+
+def raster(trace: Trace, layer: int, policy: str = "lru", cache_size: int | None = None, *,
+           max_tokens: int = 200, start: int = 0, **params: Any) -> Figure:
+    """Tokens x experts of one layer coloured hit / miss / resident-unused under ``policy``."""
+    k = cache_size or min(2 * trace.meta.top_k, trace.meta.num_experts)
+    log = residency_log(trace, layer, policy, k, **params)
+    window = log.states[start:start + max_tokens]
+    fig, ax = plt.subplots(figsize=(min(16.0, 3.0 + 0.06 * len(window)), max(3.0, 0.3 * trace.meta.num_experts + 1.6)))
+    cmap = ListedColormap([RASTER_COLORS[s] for s in (IDLE, RESIDENT, HIT, MISS)])
+    ax.imshow(window.T, aspect="auto", interpolation="nearest", cmap=cmap,
+              norm=BoundaryNorm([-0.5, 0.5, 1.5, 2.5, 3.5], cmap.N), origin="lower",
+              extent=(start - 0.5, start + len(window) - 0.5, -0.5, trace.meta.num_experts - 0.5))
+    seq = log.seq[start:start + max_tokens]
+    for b in np.flatnonzero(seq[1:] != seq[:-1]) + 1:  # where a new sequence (prompt) starts
+        ax.axvline(start + b - 0.5, color="black", linestyle=":", linewidth=1.2)
+    ax.set_xlabel(f"token step at layer {layer} (execution order; dotted line = next sequence)")
+    ax.set_ylabel("expert id")
+    shown_hits = int((window == HIT).sum())
+    shown = shown_hits + int((window == MISS).sum())
+    ax.set_title(f"Layer {layer} under {policy}, {k} slots: hit rate {log.hit_rate:.1%} overall, "
+                 f"{shown_hits / shown if shown else 0:.1%} in the {len(window)} steps shown")
+    ax.legend(handles=[Patch(facecolor=RASTER_COLORS[s], edgecolor="#777777", label=n) for s, n in
+                       ((HIT, "hit"), (MISS, "miss"), (RESIDENT, "resident, unused"), (IDLE, "not resident"))],
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.moesim_log = log  # type: ignore[attr-defined]  # the data shown, for tests and callers
+    return fig
+
+
+def mrc(trace: Trace, policies: Sequence[str] = ("lru", "lfu", "fifo", "opt")) -> Figure:
+    """Hit rate vs cache slots per layer for several policies; OPT (Belady) dashed as the bound."""
+    from moesim.simulator.replay import mrc as mrc_curve
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    curves = {}
+    for i, name in enumerate(policies):
+        curve = mrc_curve(trace, name).curve
+        curves[name] = curve
+        x = [c["cache_size"] for c in curve]
+        y = [100 * c["hit_rate"] for c in curve]
+        style = dict(linestyle="--", linewidth=2.2) if name == "opt" else dict(linestyle="-", linewidth=1.6)
+        ax.plot(x, y, marker="o", markersize=4, color=policy_color(name, i),
+                label="opt (Belady bound)" if name == "opt" else name, **style)
+    ax.set_xlabel("cache slots per layer (experts)")
+    ax.set_ylabel("hit rate (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"Hit rate vs cache size - {_title(trace)} (top-{trace.meta.top_k} of {trace.meta.num_experts})")
+    ax.grid(alpha=0.3)
+    ax.legend(title="policy")
+    fig.tight_layout()
+    fig.moesim_curves = curves  # type: ignore[attr-defined]
+    return fig
+
+
+# ---- timing-simulator views (need moesim.simulator.timing) ---------------------------------------
+
+def timing_runner() -> Callable[..., dict[str, Any]]:
+    """``run(trace, policy, k, hardware, prefetch=None, **kw) -> dict`` over the timing simulator, or a
+    UsageError naming what is missing."""
+    try:
+        from moesim.simulator.cost_model import CostModel
+        from moesim.simulator.timing import simulate_timing
+    except ImportError as exc:
+        raise UsageError(f"the timing simulator is not available in this build ({exc})") from None
+
+    def run(trace: Trace, policy: str, k: int, hardware: str, prefetch: str | None = None, **kw: Any) -> dict:
+        cost = CostModel.preset(hardware)
+        return simulate_timing(trace, policy, k, cost, prefetch=prefetch, **kw).to_dict()
+
+    return run
+
+
+def speed(trace: Trace, policies: Sequence[str] = ("lru", "lfu", "opt"), sizes: Sequence[int] | None = None,
+          hardware: str = "a6000", runner: Callable[..., dict[str, Any]] | None = None) -> Figure:
+    """Decode throughput (tokens/s) vs cache slots per layer, one line per policy."""
+    run = runner or timing_runner()
+    meta = trace.meta
+    sizes = list(sizes or range(meta.top_k, meta.num_experts + 1))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    data: dict[str, list[float]] = {}
+    for i, name in enumerate(policies):
+        tps = [float(run(trace, name, k, hardware)["tokens_per_s"]) for k in sizes]
+        data[name] = tps
+        ax.plot(sizes, tps, marker="o", markersize=4, color=policy_color(name, i),
+                linestyle="--" if name == "opt" else "-", label=name)
+    ax.set_xlabel("cache slots per layer (experts)")
+    ax.set_ylabel("decode throughput (tokens/s)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"Simulated tokens/s on {hardware} - {_title(trace)}")
+    ax.grid(alpha=0.3)
+    ax.legend(title="policy")
+    fig.tight_layout()
+    fig.moesim_data = {"sizes": sizes, "tokens_per_s": data}  # type: ignore[attr-defined]
+    return fig
+
+
+def prefetch(trace: Trace, prefetchers: Sequence[str], budgets: Sequence[int], *, policy: str = "lru",
+             cache_size: int | None = None, hardware: str = "a6000",
+             runner: Callable[..., dict[str, Any]] | None = None) -> Figure:
+    """Prefetch precision and recall vs prefetch budget (experts fetched ahead per layer)."""
+    run = runner or timing_runner()
+    k = cache_size or min(2 * trace.meta.top_k, trace.meta.num_experts)
+    fig, (ax_p, ax_r) = plt.subplots(1, 2, figsize=(10, 4.2), sharex=True)
+    data: dict[str, dict[str, list[float]]] = {}
+    for i, name in enumerate(prefetchers):
+        res = [run(trace, policy, k, hardware, prefetch=name, prefetch_budget=b) for b in budgets]
+        prec = [100 * float(r["prefetch_precision"]) for r in res]
+        rec = [100 * float(r["prefetch_recall"]) for r in res]
+        data[name] = {"precision": prec, "recall": rec}
+        ax_p.plot(budgets, prec, marker="o", color=OKABE_ITO[i % 8], label=name)
+        ax_r.plot(budgets, rec, marker="s", color=OKABE_ITO[i % 8], label=name)
+    for ax, what in ((ax_p, "precision"), (ax_r, "recall")):
+        ax.set_xlabel("prefetch budget (experts per layer)")
+        ax.set_ylabel(f"prefetch {what} (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"Prefetch {what}")
+    ax_p.legend(title="prefetcher")
+    fig.suptitle(f"Prefetching under {policy}, {k} slots, {hardware} - {_title(trace)}")
+    fig.tight_layout()
+    fig.moesim_data = data  # type: ignore[attr-defined]
+    return fig
+
+
+# ---- timeline (Chrome / Perfetto trace-event JSON) -----------------------------------------------
+
+def load_timeline(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Complete ('X') events of a Chrome/Perfetto trace-event file (object with ``traceEvents`` or a
+    bare list)."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(p, "no such file")
+    try:
+        raw = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(p, f"not a JSON timeline ({str(exc).splitlines()[0]})") from None
+    events = raw.get("traceEvents") if isinstance(raw, dict) else raw
+    if not isinstance(events, list):
+        raise DataError(p, "timeline has no 'traceEvents' list")
+    out = [e for e in events if isinstance(e, dict) and e.get("ph") == "X"
+           and isinstance(e.get("ts"), int | float) and isinstance(e.get("dur"), int | float)]
+    if not out:
+        raise DataError(p, "timeline holds no complete ('X') events with ts and dur")
+    return out
+
+
+def timeline(events: list[dict[str, Any]], *, max_ms: float | None = None, title: str = "Simulated timeline") -> Figure:
+    """One horizontal lane per track (pid/tid, or ``args.track``), bars coloured by event name."""
+    names = {}
+    for e in events:
+        names.setdefault(str(e.get("cat") or e.get("name")), None)
+    palette = {n: OKABE_ITO[i % 8] for i, n in enumerate(names)}
+    lanes: dict[str, int] = {}
+    t0 = min(float(e["ts"]) for e in events)
+    fig, ax = plt.subplots(figsize=(12, 1.2 + 0.45 * len({(e.get('pid'), e.get('tid')) for e in events})))
+    for e in events:
+        start = (float(e["ts"]) - t0) / 1000.0  # trace-event times are microseconds
+        if max_ms is not None and start > max_ms:
+            continue
+        lane = str(e.get("tid", e.get("pid", "0")))
+        row = lanes.setdefault(lane, len(lanes))
+        ax.barh(row, float(e["dur"]) / 1000.0, left=start, height=0.7,
+                color=palette[str(e.get("cat") or e.get("name"))], edgecolor="none")
+    ax.set_yticks(range(len(lanes)), list(lanes))
+    ax.invert_yaxis()
+    ax.set_xlabel("time (ms)")
+    ax.set_ylabel("track")
+    ax.set_title(title)
+    ax.legend(handles=[Patch(color=c, label=n) for n, c in palette.items()], loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), frameon=False, title="event")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+# ---- analysis views used by the report -------------------------------------------------------------
+
+def reuse(trace: Trace) -> Figure:
+    """Distribution of LRU stack (reuse) distances; its running sum is LRU's hit-rate curve."""
+    hist = stats.reuse_histogram(trace, "distinct")
+    known = hist.filter(hist["distance"].is_not_null())
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.bar(known["distance"].to_numpy(), 100 * known["fraction"].to_numpy(), color=OKABE_ITO[4])
+    cold = hist.filter(hist["distance"].is_null())["fraction"].sum()
+    ax.set_xlabel("reuse distance (distinct experts of the layer since last use)")
+    ax.set_ylabel("share of requests (%)")
+    ax.set_title(f"Reuse-distance distribution - {_title(trace)} (first uses: {cold:.1%})")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def segment_bound(trace: Trace, segment_lens: Sequence[int] = (4, 16, 64)) -> Figure:
+    """SCH (arXiv 2505.16056) vs cache size for a few segment lengths, next to OPT."""
+    from moesim.simulator.replay import mrc as mrc_curve
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, m in enumerate(segment_lens):
+        df = stats.segment_cache_bound(trace, m)
+        ax.plot(df["cache_size"], 100 * df["hit_rate"], marker="o", markersize=4, color=OKABE_ITO[i % 8],
+                label=f"segment cache, {m} tokens")
+    opt = mrc_curve(trace, "opt").curve
+    ax.plot([c["cache_size"] for c in opt], [100 * c["hit_rate"] for c in opt], "k--", linewidth=2,
+            label="opt (Belady, pays its loads)")
+    ax.set_xlabel("cache slots per layer (experts)")
+    ax.set_ylabel("hit rate (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"Segment-cache best hit rate (SCH) - {_title(trace)}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig

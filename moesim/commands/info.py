@@ -1,0 +1,38 @@
+"""``moesim info TRACE``: metadata and row counts of a trace."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="show a trace's metadata and statistics")
+    p.add_argument("trace")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+    import os
+
+    import numpy as np
+
+    from moesim.traces.format import DECODE, read_trace
+
+    t = read_trace(args.trace)
+    info = dataclasses.asdict(t.meta)
+    size = os.path.getsize(args.trace) if os.path.isfile(args.trace) else None
+    info["stats"] = {
+        "rows": len(t), "sequences": int(len(np.unique(t.seq))) if len(t) else 0,
+        "decode_rows": int((t.phase == DECODE).sum()), "prefill_rows": int((t.phase != DECODE).sum()),
+        "prediction_distances": list(t.pred_distances), "has_logits": t.has_logits(),
+        "file_bytes": size, "bytes_per_row": round(size / len(t), 2) if size and len(t) else None,
+    }
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for key, value in info.items():
+            print(f"{key:>15}: {value}")
+    return 0
