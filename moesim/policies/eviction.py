@@ -234,7 +234,7 @@ class Sieve(EvictionPolicy):
 @register
 class ARC(EvictionPolicy):
     """ARC (Megiddo & Modha, FAST'03), following libCacheSim's ARC.c step for step: T1/T2 data
-    lists, B1/B2 ghost lists, target ``p`` adapted on ghost hits."""
+    lists, B1/B2 ghost lists, a fractional target ``p`` for T1 adapted on ghost hits."""
 
     name = "arc"
 
@@ -243,9 +243,9 @@ class ARC(EvictionPolicy):
         self.t2: list[int] = []
         self.b1: list[int] = []
         self.b2: list[int] = []
-        self.p = 0.0  # target size of T1 (fractional, as in libCacheSim)
+        self.p = 0.0
         self.c = 0
-        self.ghost_hit = 0  # 1 or 2: the missing key was found in B1 / B2
+        self.pending: list[tuple[int, int]] = []  # missing keys of this request, router order, ghost list 0/1/2
 
     def attach(self, capacity: int) -> None:
         self.c = capacity
@@ -259,35 +259,38 @@ class ARC(EvictionPolicy):
             self.t2.append(key)
         elif key in self.b1:
             self.p = min(self.p + max(len(self.b2) / len(self.b1), 1.0), self.c)
-            self.ghost_hit = 1
+            self.b1.remove(key)
+            self.pending.append((key, 1))
         elif key in self.b2:
             self.p = max(self.p - max(len(self.b1) / len(self.b2), 1.0), 0.0)
-            self.ghost_hit = 2
-
-    def _replace(self, allowed: set[int]) -> int:
-        t1 = [k for k in self.t1 if k in allowed]
-        t2_empty = not any(k in allowed for k in self.t2)
-        if t1 and (len(self.t1) > self.p or (len(self.t1) == self.p and self.ghost_hit == 2) or t2_empty):
-            victim, ghost = t1[0], self.b1
+            self.b2.remove(key)
+            self.pending.append((key, 2))
         else:
-            t2 = [k for k in self.t2 if k in allowed]
-            victim, ghost = (t2[0], self.b2) if t2 else (t1[0], self.b1)
-        ghost.append(victim)
-        return victim
+            self.pending.append((key, 0))
+
+    def _replace(self, allowed: set[int], ghost_hit: int) -> int:
+        t1 = [k for k in self.t1 if k in allowed]
+        t2 = [k for k in self.t2 if k in allowed]
+        if t1 and (len(self.t1) > self.p or (len(self.t1) == self.p and ghost_hit == 2) or not t2):
+            self.b1.append(t1[0])
+            return t1[0]
+        self.b2.append(t2[0])
+        return t2[0]
 
     def victim(self, candidates: Sequence[int]) -> int:
         allowed = set(candidates)
-        if self.ghost_hit:
-            return self._replace(allowed)
+        ghost_hit = self.pending[0][1] if self.pending else 0
+        if ghost_hit:
+            return self._replace(allowed, ghost_hit)
         if len(self.t1) + len(self.b1) + 1 > self.c:
-            if len(self.t1) < self.c and self.b1:
+            if self.b1:
                 self.b1.pop(0)
-                return self._replace(allowed)
+                return self._replace(allowed, 0)
             oldest = next((k for k in self.t1 if k in allowed), None)
-            return self._replace(allowed) if oldest is None else oldest
+            return self._replace(allowed, 0) if oldest is None else oldest
         if len(self.t1) + len(self.b1) + len(self.t2) + len(self.b2) >= 2 * self.c and self.b2:
             self.b2.pop(0)
-        return self._replace(allowed)
+        return self._replace(allowed, 0)
 
     def on_evict(self, key: int) -> None:
         for lst in (self.t1, self.t2):
@@ -295,12 +298,13 @@ class ARC(EvictionPolicy):
                 lst.remove(key)
 
     def on_insert(self, key: int, now: int) -> None:
-        if self.ghost_hit:
-            (self.b1 if self.ghost_hit == 1 else self.b2).remove(key)
-            self.t2.append(key)
-        else:
-            self.t1.append(key)
-        self.ghost_hit = 0
+        ghost_hit = 0
+        for i, (k, g) in enumerate(self.pending):
+            if k == key:
+                ghost_hit = g
+                del self.pending[i]
+                break
+        (self.t2 if ghost_hit else self.t1).append(key)
 
 
 @register

@@ -1,0 +1,155 @@
+"""One self-contained HTML report of a trace: metadata, statistics, plots (PNG embedded as base64)
+and a policy x slots table of hit rates (and tokens/s when the timing simulator is present)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from moesim.analysis import plots, stats
+from moesim.atomic import atomic_open
+from moesim.errors import DataError, UsageError
+from moesim.traces.format import Trace
+
+DEFAULT_POLICIES = ("lru", "lfu", "fifo", "opt")
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}th{background:#f2f2f2}
+td.l,th.l{text-align:left}img{max-width:100%;border:1px solid #eee;margin:.4em 0}
+.note{color:#555;font-size:.9em}
+"""
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plots.plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return html.escape(str(v))
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _df_table(df: pl.DataFrame) -> str:
+    return _table(df.columns, df.rows())
+
+
+def hit_rate_table(trace: Trace, policies: Sequence[str], sizes: Sequence[int]) -> dict[str, dict[int, float]]:
+    """policy -> {slots: hit rate}, from one all-sizes pass per policy."""
+    from moesim.simulator.replay import mrc
+
+    out: dict[str, dict[int, float]] = {}
+    for name in policies:
+        curve = mrc(trace, name, list(sizes)).curve
+        out[name] = {c["cache_size"]: c["hit_rate"] for c in curve}
+    return out
+
+
+def build_report(trace: Trace, *, policies: Sequence[str] = DEFAULT_POLICIES, sizes: Sequence[int] | None = None,
+                 hardware: str = "a6000", raster_layer: int = 0, raster_policy: str = "lru",
+                 timing: Callable[..., dict[str, Any]] | None | bool = None,
+                 progress: Callable[[str], None] | None = None) -> str:
+    """The report as one HTML string. ``timing``: a runner like :func:`plots.timing_runner` returns,
+    ``None`` to use the timing simulator if installed, ``False`` to skip tokens/s."""
+    step = progress or (lambda _msg: None)
+    meta = trace.meta
+    sizes = list(sizes or range(meta.top_k, meta.num_experts + 1))
+    if timing is None:
+        try:
+            timing = plots.timing_runner()
+        except UsageError:
+            timing = False
+    parts = [f"<h1>moesim trace report: {html.escape(meta.model)}</h1>"]
+
+    step("statistics")
+    summ = stats.summary(trace)
+    meta_rows = [("model", meta.model), ("family", meta.family), ("layers", meta.num_layers),
+                 ("experts per layer", meta.num_experts), ("top-k", meta.top_k),
+                 ("bytes per expert", meta.expert_bytes), ("quantization", meta.quantization),
+                 ("hidden size", meta.hidden_size), ("provenance", meta.provenance), ("created", meta.created),
+                 ("source file", trace.path or "")]
+    parts.append("<h2>Metadata</h2>" + _table(["key", "value"], meta_rows))
+    parts.append("<h2>Statistics</h2>" + _table(["statistic", "value"], list(summ.items())))
+    parts.append("<p class=note>normalized entropy: 1 = every expert of a layer equally used. overlap: mean "
+                 "fraction of a layer's top-k set kept from one token to the next.</p>")
+
+    step("heatmap")
+    parts.append("<h2>Expert activation share</h2>" + f"<img alt='heatmap' src='data:image/png;base64,{_png(plots.heatmap(trace))}'>")
+    ent = stats.layer_entropy(trace)
+    parts.append("<details><summary>per-layer entropy and imbalance</summary>" + _df_table(ent) + "</details>")
+
+    step("hit rates")
+    table = hit_rate_table(trace, policies, sizes)
+    parts.append("<h2>Hit rate by policy and cache size</h2>"
+                 "<p class=note>One cache per MoE layer, cold start, atomic per (token, layer) requests "
+                 "(CONTRACTS.md). OPT is Belady's bound for demand caching.</p>")
+    parts.append(_table(["policy \\ slots", *map(str, sizes)],
+                        [[p, *(table[p][k] for k in sizes)] for p in policies]))
+    parts.append(f"<img alt='mrc' src='data:image/png;base64,{_png(plots.mrc(trace, policies))}'>")
+
+    if timing:
+        step("tokens/s")
+        tps = {p: {k: float(timing(trace, p, k, hardware)["tokens_per_s"]) for k in sizes} for p in policies}
+        parts.append(f"<h2>Simulated decode throughput on {html.escape(hardware)} (tokens/s)</h2>")
+        parts.append(_table(["policy \\ slots", *map(str, sizes)], [[p, *(tps[p][k] for k in sizes)] for p in policies]))
+        parts.append(f"<img alt='speed' src='data:image/png;base64,"
+                     f"{_png(plots.speed(trace, policies, sizes, hardware, runner=timing))}'>")
+    else:
+        parts.append("<p class=note>tokens/s: the timing simulator is not available in this build.</p>")
+
+    step("raster")
+    k_r = min(2 * meta.top_k, meta.num_experts)
+    parts.append(f"<h2>Residency raster (layer {raster_layer}, {raster_policy}, {k_r} slots)</h2>"
+                 f"<img alt='raster' src='data:image/png;base64,"
+                 f"{_png(plots.raster(trace, raster_layer, raster_policy, k_r))}'>")
+
+    step("locality")
+    parts.append("<h2>Locality</h2>" + f"<img alt='reuse' src='data:image/png;base64,{_png(plots.reuse(trace))}'>")
+    parts.append("<details><summary>token-to-token persistence per layer</summary>"
+                 + _df_table(stats.persistence(trace)) + "</details>")
+    if meta.num_layers > 1:
+        parts.append("<details><summary>cross-layer affinity (adjacent layers)</summary>"
+                     + _df_table(stats.cross_layer_affinity(trace)) + "</details>")
+    parts.append("<h2>Segment-cache bound (arXiv 2505.16056)</h2><p class=note>Best hit rate of a cache "
+                 "that knows each window of m tokens in advance and holds its C most used experts "
+                 "(loads free). See docs/analysis.md.</p>")
+    parts.append(f"<img alt='sch' src='data:image/png;base64,{_png(plots.segment_bound(trace))}'>")
+
+    phases = stats.phase_comparison(trace)
+    if phases.height:
+        parts.append("<h2>Prefill vs decode</h2>" + _df_table(phases))
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>moesim report: "
+            f"{html.escape(meta.model)}</title><style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
+
+
+def write_report(trace: Trace, out_dir: str | os.PathLike, **kwargs: Any) -> Path:
+    """Write ``out_dir/report.html`` (the directory is created if its parent exists)."""
+    d = Path(out_dir)
+    if not d.is_dir():
+        if not d.parent.is_dir():
+            raise DataError(d, f"parent directory {str(d.parent)!r} does not exist")
+        d.mkdir()
+    text = build_report(trace, **kwargs)
+    path = d / "report.html"
+    with atomic_open(path) as fh:
+        fh.write(text)
+    return path
