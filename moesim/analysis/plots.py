@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 
-matplotlib.use("Agg")  # files only; never needs a display
+if "IPython" not in sys.modules:
+    matplotlib.use("Agg")  # files only, no display needed; notebooks keep their inline backend
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
@@ -40,7 +42,8 @@ def policy_color(name: str, index: int) -> str:
 
 
 def _title(trace: Trace) -> str:
-    return trace.meta.model.split("/")[-1]
+    name = trace.meta.model.split("/")[-1]
+    return f"{name} (synthetic)" if trace.meta.provenance.get("kind") == "synthetic" else name
 
 
 def save(fig: Figure, path: str | os.PathLike, *, svg: bool = False) -> Path:

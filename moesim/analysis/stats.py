@@ -352,3 +352,64 @@ def summary(trace: Trace) -> dict[str, object]:
         "mean_overlap": float(per["overlap"].mean()) if per.height else float("nan"),
         "mean_top1_same": float(per["top1_same"].mean()) if per.height else float("nan"),
     }
+
+
+# ---- speculative prefetch quality (trace-only predictors) ------------------------------------------
+
+PREDICTORS = ("prev-token", "cross-layer")
+
+
+def prefetch_quality(trace: Trace, budgets: list[int], predictor: str = "cross-layer") -> pl.DataFrame:
+    """Precision and recall of a simple, causal expert predictor that names ``budget`` experts for
+    each (token, layer) before it runs:
+
+    - ``prev-token``: the same layer's set at the previous token of the sequence, then the layer's
+      most frequent experts so far;
+    - ``cross-layer``: rank this layer's experts by how often they followed the previous layer's set
+      of the same token (counts learnt online from the rows already seen), then by frequency so far.
+
+    precision = correct / budget, recall = correct / top-k, pooled over every row that has a
+    prediction (layer 0 has none for ``cross-layer``; a sequence's first token none for ``prev-token``).
+    """
+    if predictor not in PREDICTORS:
+        raise ValueError(f"unknown predictor {predictor!r} (known: {', '.join(PREDICTORS)})")
+    trace = _ordered(trace)
+    meta = trace.meta
+    e, k, n_layers = meta.num_experts, meta.top_k, meta.num_layers
+    bad = [b for b in budgets if not 1 <= b <= e]
+    if bad:
+        raise ValueError(f"budget {bad[0]} outside [1, {e}]")
+    freq = np.zeros((n_layers, e), np.float64)
+    trans = np.zeros((n_layers, e, e), np.float64)  # trans[l, i, j]: i at layer l-1 then j at layer l
+    prev_same_layer: dict[int, tuple[int, int, np.ndarray]] = {}  # layer -> (seq, token, set)
+    correct = np.zeros(len(budgets), np.int64)
+    predicted_rows = 0
+    seq, tok, lay, ex = trace.seq, trace.token, trace.layer.astype(np.int64), trace.experts.astype(np.int64)
+    last_row: tuple[int, int, int, np.ndarray] | None = None  # (seq, token, layer, set) of the row before
+    tiebreak = np.arange(e)[::-1] * 1e-9  # deterministic: lower id wins ties
+    for r in range(len(lay)):
+        layer, actual = int(lay[r]), ex[r]
+        score = None
+        if predictor == "prev-token":
+            p = prev_same_layer.get(layer)
+            if p is not None and p[0] == seq[r] and p[1] == tok[r] - 1:
+                score = freq[layer] / (freq[layer].sum() + 1.0)  # < 1: only breaks ties after the set
+                score[p[2]] += 2.0 + np.arange(k)[::-1]  # previous set first, in router order
+        elif last_row is not None and last_row[0] == seq[r] and last_row[1] == tok[r] and last_row[2] == layer - 1:
+            score = trans[layer][last_row[3]].sum(axis=0) + freq[layer] / (freq[layer].sum() + 1.0)
+        if score is not None:
+            order = np.argsort(-(score + tiebreak), kind="stable")
+            hit = np.isin(order, actual)
+            correct += np.cumsum(hit)[np.asarray(budgets) - 1]
+            predicted_rows += 1
+        if last_row is not None and last_row[0] == seq[r] and last_row[1] == tok[r] and last_row[2] == layer - 1:
+            trans[layer][np.ix_(last_row[3], actual)] += 1
+        freq[layer, actual] += 1
+        prev_same_layer[layer] = (int(seq[r]), int(tok[r]), actual)
+        last_row = (int(seq[r]), int(tok[r]), layer, actual)
+    b = np.asarray(budgets, np.float64)
+    return pl.DataFrame({
+        "predictor": [predictor] * len(budgets), "budget": list(budgets), "rows": [predicted_rows] * len(budgets),
+        "precision": (correct / (b * predicted_rows)) if predicted_rows else np.full(len(b), np.nan),
+        "recall": (correct / (k * predicted_rows)) if predicted_rows else np.full(len(b), np.nan),
+    })

@@ -46,7 +46,8 @@ def emit_json(obj: Any) -> None:
     sys.stdout.write("\n")
 
 
-def print_table(headers: list[str], rows: list[list[Any]], out=sys.stdout) -> None:
+def print_table(headers: list[str], rows: list[list[Any]], out=None) -> None:
+    out = out or sys.stdout
     cells = [[_fmt(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
     out.write("  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)) + "\n")

@@ -7,7 +7,8 @@ Columns (see docs/trace-format.md for the full description):
     phase     int8                        0 = prefill, 1 = decode
     layer     int16                       MoE layer, 0 .. num_layers-1
     experts   fixed_size_list<int16>[k]   top-k expert ids in router order (highest weight first)
-    weights   fixed_size_list<float32>[k] their routing weights, as the model applies them
+    weights   fixed_size_list<float16>[k] their routing weights, as the model applies them (half
+                                          precision keeps a row at a few bytes)
     logits    fixed_size_list<float16>[E] optional: the full router logits
     pred{d}_experts  fixed_size_list<int16>[k]   optional: this layer's top-k as predicted d layers
                                                  earlier (null where layer < d)
@@ -103,7 +104,7 @@ def arrow_schema(meta: TraceMeta, pred_distances: Sequence[int] = (), logits: bo
         pa.field("phase", pa.int8(), nullable=False),
         pa.field("layer", pa.int16(), nullable=False),
         pa.field("experts", pa.list_(pa.int16(), k), nullable=False),
-        pa.field("weights", pa.list_(pa.float32(), k), nullable=False),
+        pa.field("weights", pa.list_(pa.float16(), k), nullable=False),
     ]
     if logits:
         fields.append(pa.field("logits", pa.list_(pa.float16(), e)))
@@ -164,7 +165,7 @@ class TraceWriter:
             "phase": np.broadcast_to(np.asarray(phase, dtype=np.int8), (n,)).copy(),
             "layer": np.broadcast_to(np.asarray(layer, dtype=np.int16), (n,)).copy(),
             "experts": np.asarray(experts, dtype=np.int16).reshape(n, k),
-            "weights": np.asarray(weights, dtype=np.float32).reshape(n, k),
+            "weights": np.asarray(weights, dtype=np.float16).reshape(n, k),
         }
         if self.logits:
             if logits is None:
@@ -205,7 +206,7 @@ class TraceWriter:
                     null_rows = cols[f.name.replace("_logits", "_experts")][:, 0] < 0
                 arrays.append(_fixed_list(v, e, pa.float16(), null_rows))
             elif f.name == "weights":
-                arrays.append(_fixed_list(v, k, pa.float32()))
+                arrays.append(_fixed_list(v, k, pa.float16()))
             else:  # experts, pred{d}_experts
                 null_rows = v[:, 0] < 0 if f.name.startswith("pred") else None
                 arrays.append(_fixed_list(v, k, pa.int16(), null_rows))
@@ -283,7 +284,8 @@ class Trace:
 
     @property
     def weights(self) -> np.ndarray:
-        return self._matrix("weights", self.meta.top_k)
+        """(rows, top_k) float32 routing weights (stored as float16: ~3 significant digits)."""
+        return self._matrix("weights", self.meta.top_k).astype(np.float32)
 
     @property
     def pred_distances(self) -> tuple[int, ...]:

@@ -1,0 +1,119 @@
+"""``moesim plot KIND ...``: heatmap, raster, mrc, speed, prefetch, timeline -> PNG (or SVG)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from moesim.commands._common import int_list, positive_int
+from moesim.errors import UsageError
+
+KINDS = ("heatmap", "raster", "mrc", "speed", "prefetch", "timeline", "reuse", "segment")
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="draw a figure of a trace or a simulation (PNG, or SVG with --svg)",
+                       description="Draw a figure of a trace or a simulation and write it as PNG (SVG with --svg).")
+    kinds = p.add_subparsers(dest="kind", metavar="KIND", parser_class=type(p))
+
+    def add(kind: str, help_text: str, trace: bool = True) -> argparse.ArgumentParser:
+        k = kinds.add_parser(kind, help=help_text, description=help_text)
+        if trace:
+            k.add_argument("trace", help="trace file (.parquet)")
+        k.add_argument("-o", "--output", help=f"output file (default: {kind}.png or {kind}.svg)")
+        k.add_argument("--svg", action="store_true", help="write SVG instead of PNG")
+        k.set_defaults(func=run)
+        return k
+
+    add("heatmap", "layer x expert activation share (each layer's row sums to 1)")
+    r = add("raster", "one layer's token x expert activations coloured hit / miss / resident under a policy")
+    r.add_argument("--layer", type=int, default=0, help="MoE layer (default 0)")
+    r.add_argument("--policy", default="lru", help="eviction policy (default lru)")
+    r.add_argument("--cache-size", type=positive_int, help="slots (default 2 x top-k)")
+    r.add_argument("--start", type=int, default=0, help="first token step shown")
+    r.add_argument("--tokens", type=positive_int, default=200, help="token steps shown (default 200)")
+    m = add("mrc", "hit rate vs cache slots for several policies, OPT as the bound")
+    m.add_argument("--policies", type=_names, default=["lru", "lfu", "fifo", "opt"], help="comma-separated")
+    s = add("speed", "simulated tokens/s vs cache slots per policy for a hardware preset")
+    s.add_argument("--policies", type=_names, default=["lru", "lfu", "opt"], help="comma-separated")
+    s.add_argument("--hardware", default="a6000", help="hardware preset (default a6000)")
+    s.add_argument("--sizes", type=int_list, help="cache sizes (default top-k .. experts)")
+    f = add("prefetch", "prefetch precision / recall vs prefetch budget")
+    f.add_argument("--prefetchers", type=_names, required=True, help="comma-separated prefetcher names")
+    f.add_argument("--budgets", type=int_list, default=[1, 2, 3, 4], help="prefetch budgets (default 1,2,3,4)")
+    f.add_argument("--policy", default="lru", help="eviction policy (default lru)")
+    f.add_argument("--cache-size", type=positive_int, help="slots (default 2 x top-k)")
+    f.add_argument("--hardware", default="a6000", help="hardware preset (default a6000)")
+    t = add("timeline", "simulator timeline (Chrome/Perfetto trace-event JSON from `simulate --timeline`)", trace=False)
+    t.add_argument("timeline", help="timeline .json file")
+    t.add_argument("--max-ms", type=float, help="only events starting in the first MAX_MS milliseconds")
+    add("reuse", "distribution of reuse (LRU stack) distances")
+    g = add("segment", "segment-cache best hit rate (arXiv 2505.16056) vs cache size, next to OPT")
+    g.add_argument("--segments", type=int_list, default=[4, 16, 64], help="segment lengths in tokens (default 4,16,64)")
+    p.set_defaults(func=_need_kind)
+
+
+def _need_kind(args: argparse.Namespace) -> int:
+    raise UsageError(f"plot needs a KIND: {', '.join(KINDS)}")
+
+
+def _load(path: str):
+    from moesim.traces.format import read_trace
+
+    return read_trace(path)
+
+
+def _check_policy(name: str) -> None:
+    from moesim.policies import policy_class
+
+    try:
+        policy_class(name)
+    except KeyError as exc:
+        raise UsageError(str(exc.args[0])) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from moesim.analysis import plots
+
+    out = Path(args.output or f"{args.kind}.{'svg' if args.svg else 'png'}")
+    if args.kind == "timeline":
+        fig = plots.timeline(plots.load_timeline(args.timeline), max_ms=args.max_ms,
+                             title=f"Simulated timeline - {Path(args.timeline).name}")
+    else:
+        trace = _load(args.trace)
+        meta = trace.meta
+        if args.kind == "heatmap":
+            fig = plots.heatmap(trace)
+        elif args.kind == "raster":
+            _check_policy(args.policy)
+            if not 0 <= args.layer < meta.num_layers:
+                raise UsageError(f"--layer {args.layer} out of range [0, {meta.num_layers})")
+            if args.cache_size is not None and not meta.top_k <= args.cache_size <= meta.num_experts:
+                raise UsageError(f"--cache-size {args.cache_size} outside [top-k={meta.top_k}, {meta.num_experts}]")
+            fig = plots.raster(trace, args.layer, args.policy, args.cache_size, max_tokens=args.tokens,
+                               start=args.start)
+        elif args.kind == "mrc":
+            for name in args.policies:
+                _check_policy(name)
+            fig = plots.mrc(trace, args.policies)
+        elif args.kind == "reuse":
+            fig = plots.reuse(trace)
+        elif args.kind == "segment":
+            if not args.segments or min(args.segments) < 1:
+                raise UsageError("--segments needs positive segment lengths")
+            fig = plots.segment_bound(trace, args.segments)
+        elif args.kind == "speed":
+            for name in args.policies:
+                _check_policy(name)
+            fig = plots.speed(trace, args.policies, args.sizes, args.hardware)
+        else:
+            _check_policy(args.policy)
+            fig = plots.prefetch(trace, args.prefetchers, args.budgets, policy=args.policy,
+                                 cache_size=args.cache_size, hardware=args.hardware)
+    plots.save(fig, out, svg=args.svg)
+    print(f"wrote {out}")
+    return 0

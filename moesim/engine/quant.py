@@ -1,0 +1,124 @@
+"""Packed expert formats: hqq-style 2-bit / 4-bit group quantisation with quantised scale and zero, and bf16.
+
+Layout of one quantised matrix of ``n`` weights (hqq's layout as mixtral-offloading configures it:
+``nbits=2, group_size=16, quant_scale=True, quant_zero=True``, scale/zero re-quantised to 8 bits in
+groups of 128 with fp16 meta):
+
+    packed   uint8  n * bits / 8      weight codes, 8 / bits codes per byte
+    scale_q  uint8  n / group         per-group scale, 8-bit
+    zero_q   uint8  n / group         per-group zero point, 8-bit
+    meta     fp16   (n / group / 128, 4)   per 128 groups: scale and zero of the scale, of the zero
+
+All of an expert's three matrices (w1, w3: ffn x hidden; w2: hidden x ffn) lie in ONE flat uint8 blob,
+so a miss is one host-to-device copy. Weight values are random: copy and compute times do not depend
+on them (meta is set so that dequantised weights stay finite).
+
+We implement the format ourselves (pure PyTorch dequant) rather than import hqq: hqq is not installed
+on the GPU image; the byte count is the one hqq stores for the same configuration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+META_GROUP = 128  # scale/zero are themselves quantised in groups of this many groups
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    name: str
+    bits: int          # 16 means plain bf16
+    group_size: int = 16
+
+    @property
+    def is_bf16(self) -> bool:
+        return self.bits == 16
+
+    def matrix_parts(self, n: int) -> list[tuple[str, int]]:
+        """(part, byte length) of one matrix of ``n`` weights, in blob order."""
+        if self.is_bf16:
+            return [("bf16", 2 * n)]
+        groups = n // self.group_size
+        if n % (self.group_size * META_GROUP) or (n * self.bits) % 8:
+            raise ValueError(f"{n} weights do not split into groups of {self.group_size} x {META_GROUP}")
+        return [("packed", n * self.bits // 8), ("scale_q", groups), ("zero_q", groups),
+                ("meta", (groups // META_GROUP) * 4 * 2)]
+
+    def matrix_bytes(self, n: int) -> int:
+        return sum(b for _, b in self.matrix_parts(n))
+
+    def expert_bytes(self, hidden: int, ffn: int) -> int:
+        return 3 * self.matrix_bytes(hidden * ffn)
+
+
+QUANTS: dict[str, QuantSpec] = {
+    "hqq2": QuantSpec("hqq2", 2, 16),   # mixtral-offloading's expert format
+    "hqq4": QuantSpec("hqq4", 4, 64),   # hqq's usual 4-bit setting
+    "bf16": QuantSpec("bf16", 16),
+}
+
+
+def quant_spec(name: str) -> QuantSpec:
+    try:
+        return QUANTS[name]
+    except KeyError:
+        raise KeyError(f"unknown quantization {name!r} (known: {', '.join(QUANTS)})") from None
+
+
+def fill_random_blob(blob, spec: QuantSpec, n: int, generator=None) -> None:
+    """Fill an expert blob (uint8 torch tensor, any device) with random codes and finite meta."""
+    import torch
+
+    off = 0
+    for _ in range(3):
+        for part, nbytes in spec.matrix_parts(n):
+            view = blob[off:off + nbytes]
+            if part == "meta":
+                meta = view.view(torch.float16).view(-1, 4)
+                meta[:, 0] = 1e-4   # scale of the scale
+                meta[:, 1] = 0.0    # zero of the scale
+                meta[:, 2] = 1.0    # scale of the zero
+                meta[:, 3] = 0.0    # zero of the zero
+            elif part == "bf16":
+                view.view(torch.bfloat16).normal_(0.0, 0.02, generator=generator)
+            else:
+                view.random_(0, 256, generator=generator)
+            off += nbytes
+
+
+def split_blob(blob, spec: QuantSpec, n: int) -> list[dict]:
+    """Views of the three matrices' parts inside an expert blob (no copy)."""
+    import torch
+
+    out, off = [], 0
+    for _ in range(3):
+        parts = {}
+        for part, nbytes in spec.matrix_parts(n):
+            view = blob[off:off + nbytes]
+            if part == "meta":
+                view = view.view(torch.float16).view(-1, 4)
+            elif part == "bf16":
+                view = view.view(torch.bfloat16)
+            parts[part] = view
+            off += nbytes
+        out.append(parts)
+    return out
+
+
+def dequantize(parts: dict, spec: QuantSpec, n: int):
+    """bf16 weights (flat, ``n``) from one matrix's parts: w = (code - zero) * scale."""
+    import torch
+
+    if spec.is_bf16:
+        return parts["bf16"]
+    per_byte = 8 // spec.bits
+    mask = (1 << spec.bits) - 1
+    packed = parts["packed"]
+    shifts = torch.arange(8 - spec.bits, -1, -spec.bits, device=packed.device, dtype=torch.uint8)
+    codes = (packed.unsqueeze(-1) >> shifts) & mask                       # (n / per_byte, per_byte)
+    meta = parts["meta"].float()
+    groups = n // spec.group_size
+    scale = (parts["scale_q"].float().view(-1, META_GROUP) - meta[:, 1:2]) * meta[:, 0:1]
+    zero = (parts["zero_q"].float().view(-1, META_GROUP) - meta[:, 3:4]) * meta[:, 2:3]
+    w = (codes.view(groups, spec.group_size // per_byte * per_byte).float() - zero.view(-1, 1)) * scale.view(-1, 1)
+    return w.to(torch.bfloat16).view(-1)

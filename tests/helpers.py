@@ -1,0 +1,32 @@
+"""Small builders for tests: tiny traces written with the real writer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from moesim.traces.format import DECODE, TraceMeta, TraceWriter, read_trace
+
+
+def write_trace(path: Path, sets: list[list[int]] | np.ndarray, *, num_layers: int = 1, num_experts: int = 8,
+                layers: list[int] | None = None, seq: list[int] | None = None, weights=None, **meta_kw):
+    """Rows in execution order: row i = token i // num_layers, layer i % num_layers (unless given)."""
+    sets = np.asarray(sets, dtype=np.int64)
+    n, k = sets.shape
+    layer = np.asarray(layers if layers is not None else np.arange(n) % num_layers)
+    token = np.arange(n) // num_layers if layers is None else np.arange(n)
+    meta = TraceMeta(model="test", family="test", num_layers=num_layers, num_experts=num_experts, top_k=k, **meta_kw)
+    w = np.full((n, k), 1.0 / k) if weights is None else np.asarray(weights)
+    with TraceWriter(path, meta) as wr:
+        wr.write(np.asarray(seq) if seq is not None else 0, token, DECODE, layer, sets, w)
+    return read_trace(path)
+
+
+def random_trace(path: Path, rng: np.random.Generator, *, tokens: int, num_layers: int, num_experts: int, top_k: int,
+                 skew: float = 1.0):
+    """Random top-k sets with Zipf-like popularity (distinct experts per row)."""
+    p = 1.0 / np.arange(1, num_experts + 1) ** skew
+    p /= p.sum()
+    rows = np.array([rng.choice(num_experts, size=top_k, replace=False, p=p) for _ in range(tokens * num_layers)])
+    return write_trace(path, rows, num_layers=num_layers, num_experts=num_experts)
