@@ -53,7 +53,7 @@ def test_synth_shape_and_metadata(tmp_path):
     assert t.is_execution_ordered()
     w = t.weights
     assert (np.diff(w, axis=1) <= 1e-3).all() and np.allclose(w.sum(1), 1.0, atol=3e-3)
-    assert ((t.experts[:, 0] != t.experts[:, 1])).all()
+    assert (t.experts[:, 0] != t.experts[:, 1]).all()
 
 
 def test_fit_synth_round_trip(real_trace_path, tmp_path):
