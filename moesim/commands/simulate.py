@@ -42,7 +42,10 @@ def run(args: argparse.Namespace) -> int:
     if params:
         out["params"] = params
     if add_timing_args is not None and timing_requested(args):
-        out.update(timing_result(args, trace))
+        timing = timing_result(args, trace)
+        if timing["prefetch"] != "none":  # prefetched experts change what is resident: keep both views
+            out["replay_hits"], out["replay_hit_rate"] = out["hits"], out["hit_rate"]
+        out.update(timing)
     if args.json:
         emit_json(out)
         return 0

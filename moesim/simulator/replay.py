@@ -72,6 +72,7 @@ class RequestStream:
 
     cache: np.ndarray    # (n,) int64
     keys: np.ndarray     # (n, w) int64
+    clock: np.ndarray    # (n,) int64: the token ordinal (policies' ``now``: ages are in tokens)
     group: np.ndarray    # (n,) int64: the MoE layer, for per-layer statistics
     weights: np.ndarray  # (n, w) float32
     sizes: np.ndarray    # (n_caches,) int64
@@ -123,11 +124,13 @@ def build_stream(trace: Trace, cache_size: int | Sequence[int], scope: str = "la
         keys = layer[:, None] * meta.num_experts + experts
         n_keys = meta.num_layers * meta.num_experts
     group = layer
+    pair = np.stack([trace.seq, trace.token], 1)
+    clock = np.cumsum(np.r_[False, (pair[1:] != pair[:-1]).any(1)]).astype(np.int64)
     if semantics == "sequential":
         w = keys.shape[1]
-        cache, group = np.repeat(cache, w), np.repeat(group, w)
+        cache, group, clock = np.repeat(cache, w), np.repeat(group, w), np.repeat(clock, w)
         keys, weights = keys.reshape(-1, 1), weights.reshape(-1, 1)
-    return RequestStream(np.ascontiguousarray(cache), np.ascontiguousarray(keys), np.ascontiguousarray(group),
+    return RequestStream(np.ascontiguousarray(cache), np.ascontiguousarray(keys), clock, np.ascontiguousarray(group),
                          np.ascontiguousarray(weights), sizes, n_keys, meta.num_layers)
 
 
@@ -169,11 +172,12 @@ def run_generic(stream: RequestStream, make: Callable[[], EvictionPolicy]) -> tu
     width = stream.keys.shape[1]
     np.add.at(req, stream.group, width)
     hits_by_row = [0] * len(keys)
+    clock = stream.clock.tolist()
     for r, (c, row) in enumerate(zip(stream.cache.tolist(), keys, strict=True)):
         cache = caches[c]
         if cache is None:
             continue
-        missing = cache.request(row, r, weights[r], None if nxt is None else nxt[r])
+        missing = cache.request(row, clock[r], weights[r], None if nxt is None else nxt[r])
         hits_by_row[r] = width - len(missing)
     np.add.at(hit, stream.group, np.asarray(hits_by_row, dtype=np.int64))
     return req, hit

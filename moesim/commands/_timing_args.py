@@ -1,0 +1,73 @@
+"""Timing options shared by ``simulate`` (and sweeps): the cost model, what-if overrides, prefetch."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from moesim.commands._common import parse_params, positive_int
+
+OVERRIDES = ("pcie_gbps", "pcie_latency_us", "expert_bytes", "expert_ms", "layer_ms", "token_ms")
+
+
+def add_timing_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("timing (discrete-event simulation; any of these turns it on)")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--hardware", metavar="NAME", help="hardware preset (see `moesim hardware`)")
+    src.add_argument("--calibration", metavar="FILE", help="calibration JSON (from `moesim calibrate`)")
+    g.add_argument("--quantization", choices=("bf16", "hqq4", "hqq2"), help="expert format (default: the preset's)")
+    g.add_argument("--prefetch", default=None, metavar="NAME",
+                   help="prefetcher: none, previous-token, transition, speculative, oracle")
+    g.add_argument("--prefetch-budget", type=int, metavar="N", help="prefetches per layer (default top-k)")
+    g.add_argument("--prefetch-distance", type=positive_int, default=1, metavar="D", help="layers ahead (default 1)")
+    g.add_argument("--prefetch-param", action="append", metavar="KEY=VALUE", help="prefetcher parameter, e.g. threshold=0.2")
+    g.add_argument("--batch-size", type=positive_int, default=1, help="decode batch (sequences per step)")
+    g.add_argument("--prefill-chunk", type=positive_int, default=512, help="prefill tokens per step")
+    g.add_argument("--timeline", metavar="FILE", help="write a Chrome/Perfetto trace JSON of the streams")
+    g.add_argument("--pcie-gbps", type=float, help="what-if: host-to-device bandwidth (GB/s)")
+    g.add_argument("--pcie-latency-us", type=float, help="what-if: per-copy latency (us)")
+    g.add_argument("--expert-bytes", type=int, help="what-if: bytes per expert")
+    g.add_argument("--expert-ms", type=float, help="what-if: constant expert compute time (ms)")
+    g.add_argument("--layer-ms", type=float, help="what-if: constant attention/other time per layer (ms)")
+    g.add_argument("--token-ms", type=float, help="what-if: constant per-token overhead (ms)")
+
+
+def timing_requested(args: argparse.Namespace) -> bool:
+    return bool(args.hardware or args.calibration or args.prefetch or args.timeline
+                or any(getattr(args, o) is not None for o in OVERRIDES))
+
+
+def cost_model(args: argparse.Namespace):
+    from moesim.simulator.cost_model import CostModel
+
+    if args.calibration:
+        cost = CostModel.from_json(args.calibration)
+    else:
+        cost = CostModel.preset(args.hardware or "h200")
+    return cost.with_overrides(quantization=args.quantization, **{o: getattr(args, o) for o in OVERRIDES})
+
+
+def timing_result(args: argparse.Namespace, trace) -> dict[str, Any]:
+    from moesim.commands._replay_args import policy_params
+    from moesim.simulator.timing import simulate_timing
+
+    if args.scope != "layer" or args.semantics != "atomic":
+        from moesim.errors import UsageError
+
+        raise UsageError("the timing simulator models one cache per layer with atomic sets (--scope layer)")
+    pparams: dict[str, Any] = parse_params(args.prefetch_param)
+    pparams["distance"] = args.prefetch_distance
+    if args.prefetch_budget is not None:
+        pparams["budget"] = args.prefetch_budget
+    size = args.cache_size if args.cache_size is not None else args.layer_budgets
+    result = simulate_timing(trace, args.policy, size, cost_model(args), prefetch=args.prefetch or "none",
+                             prefetch_params=pparams, policy_params=policy_params(args),
+                             batch_size=args.batch_size, prefill_chunk=args.prefill_chunk, timeline=args.timeline)
+    out = result.to_dict()
+    if out["requests"] and (args.prefetch or "none") == "none":
+        out.pop("prefetch_precision")
+        out.pop("prefetch_recall")
+    for key in ("policy", "cache_size"):
+        out.pop(key)
+    # with a prefetcher the cache holds prefetched experts too: its hits replace the replay's
+    return out

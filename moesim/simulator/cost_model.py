@@ -1,0 +1,214 @@
+"""Per-operator cost model (Vidur-style: profiling -> fitted cost model -> simulator).
+
+A calibration file is JSON (schema documented in docs/timing.md)::
+
+    {
+      "name": "h200", "description": "...", "sources": {"pcie": "...", ...},
+      "pcie": {"latency_us": 19.0, "bandwidth_gbps": 55.0, "copy_engines": 1,
+               "curve": [[bytes, seconds], ...]},          # optional measured H2D curve (pinned)
+      "expert_bytes": {"bf16": 352321536, "hqq4": ..., "hqq2": ...},
+      "quantization": "hqq2",                             # default expert format
+      "expert_compute": {"bf16": [[tokens, seconds], ...], "hqq2": [[...]], ...},
+      "layer": {"base_s": ..., "per_token_s": ..., "per_context_s": ...},
+      "token": {"base_s": ..., "per_token_s": ...}
+    }
+
+``copy_seconds`` interpolates the measured curve in log-log space (small copies are latency bound,
+large ones bandwidth bound) and falls back to ``latency + bytes / bandwidth`` outside it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moesim.atomic import atomic_open
+from moesim.errors import DataError, UsageError
+
+# Mixtral-8x7B expert: w1, w3 (14336 x 4096) and w2 (4096 x 14336).
+MIXTRAL_EXPERT_PARAMS = 3 * 4096 * 14336
+DEFAULT_EXPERT_BYTES = {
+    "bf16": MIXTRAL_EXPERT_PARAMS * 2,
+    # hqq 4-bit, group 64, fp16 scale + zero per group: 4 + 32/64 bits per weight
+    "hqq4": MIXTRAL_EXPERT_PARAMS * 9 // 16,
+    # hqq 2-bit, group 16, 8-bit quantised scale + zero per group (+ fp16 meta-scales per 128 groups):
+    # 2 + 16/16 bits per weight, as mixtral-offloading packs its experts
+    "hqq2": MIXTRAL_EXPERT_PARAMS * 3 // 8 + MIXTRAL_EXPERT_PARAMS // 16 // 128 * 8,
+}
+
+
+@dataclass
+class CostModel:
+    name: str
+    latency_s: float
+    bandwidth_Bps: float
+    copy_engines: int = 1
+    curve: list[tuple[float, float]] = field(default_factory=list)
+    expert_bytes_by_quant: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_EXPERT_BYTES))
+    quantization: str = "hqq2"
+    expert_compute: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    layer: dict[str, float] = field(default_factory=dict)
+    token: dict[str, float] = field(default_factory=dict)
+    description: str = ""
+    sources: dict[str, str] = field(default_factory=dict)
+    # what-if overrides (None = use the calibrated value)
+    expert_bytes_override: int | None = None
+    expert_s_override: float | None = None
+    layer_s_override: float | None = None
+    token_s_override: float | None = None
+
+    # ---- loading -------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], path: object = None) -> CostModel:
+        try:
+            pcie = raw["pcie"]
+            model = cls(
+                name=str(raw.get("name", Path(str(path)).stem if path else "custom")),
+                latency_s=float(pcie["latency_us"]) * 1e-6,
+                bandwidth_Bps=float(pcie["bandwidth_gbps"]) * 1e9,
+                copy_engines=int(pcie.get("copy_engines", 1)),
+                curve=sorted((float(b), float(s)) for b, s in pcie.get("curve", [])),
+                expert_bytes_by_quant={**DEFAULT_EXPERT_BYTES, **{k: int(v) for k, v in raw.get("expert_bytes", {}).items()}},
+                quantization=str(raw.get("quantization", "hqq2")),
+                expert_compute={q: sorted((float(t), float(s)) for t, s in pts)
+                                for q, pts in raw["expert_compute"].items()},
+                layer={k: float(v) for k, v in raw["layer"].items()},
+                token={k: float(v) for k, v in raw["token"].items()},
+                description=str(raw.get("description", "")),
+                sources={str(k): str(v) for k, v in raw.get("sources", {}).items()},
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(path, f"not a valid calibration file ({type(exc).__name__}: {exc})") from None
+        if model.bandwidth_Bps <= 0 or model.latency_s < 0 or model.copy_engines < 1:
+            raise DataError(path, "calibration needs bandwidth_gbps > 0, latency_us >= 0, copy_engines >= 1")
+        if model.quantization not in model.expert_compute:
+            raise DataError(path, f"no expert_compute table for the default quantization {model.quantization!r}")
+        return model
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> CostModel:
+        p = Path(path)
+        if not p.exists():
+            raise DataError(p, "no such file")
+        try:
+            raw = json.loads(p.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DataError(p, f"not valid JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise DataError(p, "calibration must be a JSON object")
+        return cls.from_dict(raw, p)
+
+    @staticmethod
+    def presets() -> list[str]:
+        folder = resources.files("moesim") / "data" / "hardware"
+        return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
+
+    @classmethod
+    def preset(cls, name: str) -> CostModel:
+        if name not in cls.presets():
+            raise UsageError(f"unknown hardware preset {name!r} (known: {', '.join(cls.presets())})")
+        res = resources.files("moesim") / "data" / "hardware" / f"{name}.json"
+        return cls.from_dict(json.loads(res.read_text()), name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "description": self.description, "sources": self.sources,
+            "pcie": {"latency_us": self.latency_s * 1e6, "bandwidth_gbps": self.bandwidth_Bps / 1e9,
+                     "copy_engines": self.copy_engines, "curve": [list(p) for p in self.curve]},
+            "expert_bytes": self.expert_bytes_by_quant, "quantization": self.quantization,
+            "expert_compute": {q: [list(p) for p in pts] for q, pts in self.expert_compute.items()},
+            "layer": self.layer, "token": self.token,
+        }
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        with atomic_open(path) as fh:
+            json.dump(self.to_dict(), fh, indent=1)
+            fh.write("\n")
+
+    def with_overrides(self, *, pcie_gbps: float | None = None, pcie_latency_us: float | None = None,
+                       expert_bytes: int | None = None, expert_ms: float | None = None,
+                       layer_ms: float | None = None, token_ms: float | None = None,
+                       quantization: str | None = None, copy_engines: int | None = None) -> CostModel:
+        """A copy with what-if values; an overridden bandwidth or latency drops the measured curve."""
+        m = copy.deepcopy(self)
+        if pcie_gbps is not None or pcie_latency_us is not None:
+            m.curve = []
+        if pcie_gbps is not None:
+            if pcie_gbps <= 0:
+                raise UsageError("--pcie-gbps must be > 0")
+            m.bandwidth_Bps = pcie_gbps * 1e9
+        if pcie_latency_us is not None:
+            if pcie_latency_us < 0:
+                raise UsageError("--pcie-latency-us must be >= 0")
+            m.latency_s = pcie_latency_us * 1e-6
+        if quantization is not None:
+            if quantization not in m.expert_compute:
+                raise UsageError(f"no expert compute table for quantization {quantization!r} in {m.name} "
+                                 f"(has: {', '.join(m.expert_compute)})")
+            m.quantization = quantization
+        if copy_engines is not None:
+            m.copy_engines = copy_engines
+        for attr, value in (("expert_bytes_override", expert_bytes), ("expert_s_override", expert_ms),
+                            ("layer_s_override", layer_ms), ("token_s_override", token_ms)):
+            if value is not None:
+                if value < 0:
+                    raise UsageError(f"{attr.split('_override')[0]} must be >= 0")
+                setattr(m, attr, value if attr == "expert_bytes_override" else value * 1e-3)
+        return m
+
+    # ---- the operators -------------------------------------------------------------------------
+    def expert_bytes(self, trace_expert_bytes: int = 0) -> int:
+        """Override > the trace's metadata > the table for the chosen quantization."""
+        if self.expert_bytes_override is not None:
+            return int(self.expert_bytes_override)
+        if trace_expert_bytes:
+            return int(trace_expert_bytes)
+        return int(self.expert_bytes_by_quant[self.quantization])
+
+    def copy_seconds(self, nbytes: float) -> float:
+        if nbytes <= 0:
+            return 0.0
+        pts = self.curve
+        if len(pts) >= 2 and pts[0][0] <= nbytes <= pts[-1][0]:
+            xs = np.log([p[0] for p in pts])
+            ys = np.log([p[1] for p in pts])
+            return float(math.exp(np.interp(math.log(nbytes), xs, ys)))
+        return self.latency_s + nbytes / self.bandwidth_Bps
+
+    def expert_seconds(self, tokens: int = 1, quantization: str | None = None) -> float:
+        if self.expert_s_override is not None:
+            return self.expert_s_override
+        pts = self.expert_compute[quantization or self.quantization]
+        return float(np.interp(tokens, [p[0] for p in pts], [p[1] for p in pts]))
+
+    def layer_seconds(self, context_len: int = 0, batch: int = 1) -> float:
+        """Attention, gate, norms and residuals of one decoder layer for a step of ``batch`` tokens
+        whose sequences hold ``context_len`` cached tokens on average."""
+        if self.layer_s_override is not None:
+            return self.layer_s_override
+        lay = self.layer
+        return (lay.get("base_s", 0.0) + lay.get("per_token_s", 0.0) * max(batch - 1, 0)
+                + lay.get("per_context_s", 0.0) * context_len * batch)
+
+    def token_seconds(self, batch: int = 1) -> float:
+        """Per-step work outside the layers: embedding, final norm, LM head, sampling."""
+        if self.token_s_override is not None:
+            return self.token_s_override
+        return self.token.get("base_s", 0.0) + self.token.get("per_token_s", 0.0) * max(batch - 1, 0)
+
+    def summary(self) -> dict[str, Any]:
+        b = self.expert_bytes()
+        return {"name": self.name, "pcie_gbps": round(self.bandwidth_Bps / 1e9, 2),
+                "latency_us": round(self.latency_s * 1e6, 2), "copy_engines": self.copy_engines,
+                "quantization": self.quantization, "expert_mb": round(b / 1e6, 2),
+                "expert_copy_ms": round(self.copy_seconds(b) * 1e3, 3),
+                "expert_ms": round(self.expert_seconds(1) * 1e3, 3),
+                "layer_ms": round(self.layer_seconds(0, 1) * 1e3, 3), "token_ms": round(self.token_seconds(1) * 1e3, 3)}

@@ -1,0 +1,361 @@
+"""Discrete-event timing simulator of offloaded MoE decoding (and prefill chunks).
+
+Model (what a CUDA runtime with one compute stream and N copy streams does):
+
+- Every operation runs on a *stream* (``compute``, ``copy0`` ... ``copyN-1``); a stream runs its
+  operations one after another in issue order, and an operation may also wait for an event (a
+  copy landing). So each operation starts at ``max(stream free, dependency ready)``.
+- Per step (one decode token, or a batch step / prefill chunk): token overhead; then per layer:
+  attention + gate on ``compute``; the gate's set S goes through the one cache mechanism
+  (:class:`~moesim.policies.base.ExpertCache`, same policy classes as the hit-rate replay); misses
+  are copied on a copy stream; the prefetcher's picks for layer ``l + d`` are admitted (evicting by
+  the policy, never an expert in flight or wanted now) and copied after the demand copies; then the
+  experts of S compute in order of readiness -- resident ones overlap in-flight copies, a missing
+  one stalls compute until its copy lands.
+
+All state lives in one :class:`SimEnv`; operations are logged in a heap keyed by
+``(time, priority, sequence)`` so equal times order deterministically (the Perfetto timeline).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from moesim.atomic import atomic_open
+from moesim.errors import UsageError
+from moesim.policies.base import NEVER, EvictionPolicy, ExpertCache, make_policy, policy_class
+from moesim.policies.prefetch import PrefetchContext, make_prefetcher
+from moesim.simulator.cost_model import CostModel
+from moesim.traces.format import PREFILL, Trace
+
+PRIORITY = {"copy": 0, "compute": 1}
+
+
+class SimEnv:
+    """Streams and the event log of one simulation run (no globals)."""
+
+    def __init__(self, copy_engines: int, record: bool) -> None:
+        self.free = {"compute": 0.0, **{f"copy{i}": 0.0 for i in range(copy_engines)}}
+        self.copy_streams = [f"copy{i}" for i in range(copy_engines)]
+        self.record = record
+        self.log: list[tuple[float, int, int, str, float, str, dict]] = []
+        self._seq = 0
+
+    def run(self, stream: str, ready: float, duration: float, name: str, args: dict | None = None) -> tuple[float, float]:
+        start = max(self.free[stream], ready)
+        end = start + duration
+        if end < start:
+            raise AssertionError("time went backwards")
+        self.free[stream] = end
+        if self.record:
+            kind = "copy" if stream.startswith("copy") else "compute"
+            heapq.heappush(self.log, (start, PRIORITY[kind], self._seq, stream, duration, name, args or {}))
+            self._seq += 1
+        return start, end
+
+    def copy(self, ready: float, duration: float, name: str, args: dict | None = None) -> tuple[float, float]:
+        stream = min(self.copy_streams, key=lambda s: (self.free[s], s))
+        return self.run(stream, ready, duration, name, args)
+
+    def timeline(self) -> dict[str, Any]:
+        events = []
+        log = list(self.log)
+        while log:
+            start, _, _, stream, dur, name, args = heapq.heappop(log)
+            events.append({"name": name, "ph": "X", "ts": round(start * 1e6, 3), "dur": round(dur * 1e6, 3),
+                           "pid": 0, "tid": stream, "args": args})
+        return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+
+@dataclass
+class Step:
+    tokens: int
+    context: int
+    phase: int
+    layers: dict[int, list[int]]               # layer -> union of experts, first-seen router order
+    counts: dict[int, dict[int, int]]          # layer -> expert -> tokens routed
+    weights: dict[int, dict[int, float]]       # layer -> expert -> summed routing weight
+    rows: dict[int, int]                       # layer -> one trace row (for recorded predictions)
+
+
+def build_steps(trace: Trace, batch_size: int = 1, prefill_chunk: int = 512) -> list[Step]:
+    """Group trace rows into steps: decode tokens of ``batch_size`` sequences at a time (sequence
+    groups in id order, token j of each), prefill tokens in chunks of ``prefill_chunk``."""
+    if batch_size < 1 or prefill_chunk < 1:
+        raise UsageError("batch size and prefill chunk must be >= 1")
+    trace = trace.execution_order()
+    seq, tok, lay, phase = trace.seq, trace.token, trace.layer, trace.phase
+    experts = trace.experts.tolist()
+    weights = trace.weights.tolist()
+    # group rows by (seq, token)
+    keys = np.stack([seq, tok], 1)
+    bounds = np.flatnonzero(np.r_[True, (keys[1:] != keys[:-1]).any(1), True])
+    tokens_of_seq: dict[int, list[tuple[int, int, int]]] = {}  # seq -> [(token, row_lo, row_hi)]
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        tokens_of_seq.setdefault(int(seq[lo]), []).append((int(tok[lo]), int(lo), int(hi)))
+    seq_ids = sorted(tokens_of_seq)
+    steps: list[Step] = []
+
+    def make(parts: list[tuple[int, int, int]], ph: int) -> Step:
+        layers: dict[int, list[int]] = {}
+        counts: dict[int, dict[int, int]] = {}
+        wsum: dict[int, dict[int, float]] = {}
+        rows: dict[int, int] = {}
+        for _, lo, hi in parts:
+            for r in range(lo, hi):
+                layer = int(lay[r])
+                lst = layers.setdefault(layer, [])
+                cnt = counts.setdefault(layer, {})
+                ws = wsum.setdefault(layer, {})
+                rows.setdefault(layer, r)
+                for e, w in zip(experts[r], weights[r], strict=True):
+                    if e not in cnt:
+                        lst.append(e)
+                        cnt[e] = 0
+                        ws[e] = 0.0
+                    cnt[e] += 1
+                    ws[e] += w
+        context = int(np.mean([t for t, _, _ in parts])) if parts else 0
+        return Step(len(parts), context, ph, dict(sorted(layers.items())), counts, wsum, rows)
+
+    for g in range(0, len(seq_ids), batch_size):
+        group = seq_ids[g:g + batch_size]
+        prefill = {s: [p for p in tokens_of_seq[s] if phase[p[1]] == PREFILL] for s in group}
+        decode = {s: [p for p in tokens_of_seq[s] if phase[p[1]] != PREFILL] for s in group}
+        for s in group:
+            for c in range(0, len(prefill[s]), prefill_chunk):
+                steps.append(make(prefill[s][c:c + prefill_chunk], PREFILL))
+        longest = max((len(v) for v in decode.values()), default=0)
+        for j in range(longest):
+            parts = [decode[s][j] for s in group if j < len(decode[s])]
+            steps.append(make(parts, 1))
+    return steps
+
+
+@dataclass
+class TimingResult:
+    policy: str
+    cache_size: int | list[int]
+    prefetch: str
+    hardware: str
+    tokens: int
+    requests: int
+    hits: int
+    total_s: float
+    stall_s: float
+    copies: int
+    prefetches: int
+    prefetch_used: int
+    prefetch_recall_hits: int
+    prefetch_recall_needed: int
+    landed_hits: int
+    sets: int
+    slots: int
+    expert_bytes: int
+    per_token_ms: np.ndarray = field(repr=False)
+    compute_s: float = 0.0
+    copy_busy_s: float = 0.0
+
+    @property
+    def misses(self) -> int:
+        return self.requests - self.hits
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.requests if self.requests else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.total_s if self.total_s > 0 else float("inf")
+
+    @property
+    def ms_per_token(self) -> float:
+        return 1e3 * self.total_s / self.tokens if self.tokens else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        def r(x: float, n: int = 6) -> float:
+            return round(float(x), n)
+
+        out = {
+            "policy": self.policy, "cache_size": self.cache_size, "prefetch": self.prefetch, "hardware": self.hardware,
+            "tokens": self.tokens, "requests": self.requests, "hits": self.hits, "misses": self.misses,
+            "hit_rate": r(self.hit_rate), "tokens_per_s": r(self.tokens_per_s, 4), "ms_per_token": r(self.ms_per_token, 4),
+            "stall_ms": r(self.stall_s * 1e3, 3), "compute_ms": r(self.compute_s * 1e3, 3),
+            "copy_busy_ms": r(self.copy_busy_s * 1e3, 3),
+            "bytes_h2d": (self.misses + self.prefetches) * self.expert_bytes, "expert_bytes": self.expert_bytes,
+            "prefetches": self.prefetches, "wasted_prefetch_bytes": (self.prefetches - self.prefetch_used) * self.expert_bytes,
+            "prefetch_precision": r(self.prefetch_used / self.prefetches) if self.prefetches else 0.0,
+            "prefetch_recall": r(self.prefetch_recall_hits / self.prefetch_recall_needed) if self.prefetch_recall_needed else 0.0,
+            "expert_recall": r(self.landed_hits / self.requests) if self.requests else 0.0,
+            "cache_recall": r(self.hit_rate),
+            "cache_precision": r(self.hits / self.slots) if self.slots else 0.0,
+            "p50_token_ms": r(float(np.median(self.per_token_ms)), 4) if len(self.per_token_ms) else 0.0,
+            "p99_token_ms": r(float(np.percentile(self.per_token_ms, 99)), 4) if len(self.per_token_ms) else 0.0,
+        }
+        return out
+
+
+def _next_uses(steps: list[Step], num_layers: int) -> dict[tuple[int, int], dict[int, int]]:
+    """(step, layer) -> expert -> clock of its next request at that layer (clock = step * L + layer)."""
+    out: dict[tuple[int, int], dict[int, int]] = {}
+    upcoming: dict[tuple[int, int], int] = {}
+    for i in range(len(steps) - 1, -1, -1):
+        for layer, s in steps[i].layers.items():
+            out[(i, layer)] = {e: upcoming.get((layer, e), NEVER) for e in s}
+            for e in s:
+                upcoming[(layer, e)] = i * num_layers + layer
+    return out
+
+
+def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], cache_size: int | Sequence[int],
+                    cost: CostModel, *, prefetch: str = "none", prefetch_params: dict[str, Any] | None = None,
+                    policy_params: dict[str, Any] | None = None, batch_size: int = 1, prefill_chunk: int = 512,
+                    timeline: str | os.PathLike | None = None) -> TimingResult:
+    meta = trace.meta
+    L, E, k = meta.num_layers, meta.num_experts, meta.top_k
+    sizes = [int(cache_size)] * L if isinstance(cache_size, int | np.integer) else [int(s) for s in cache_size]
+    if len(sizes) != L:
+        raise UsageError(f"{len(sizes)} layer budgets given but the trace has {L} layers")
+    if any(0 < s < k for s in sizes) or (isinstance(cache_size, int | np.integer) and cache_size < k):
+        raise UsageError(f"cache size is smaller than top-k ({k})")
+    if isinstance(policy, str):
+        try:
+            policy_class(policy)(**(policy_params or {}))
+        except KeyError as exc:
+            raise UsageError(str(exc.args[0])) from None
+        except TypeError as exc:
+            raise UsageError(f"bad parameters for policy {policy!r}: {exc}") from None
+
+        def make() -> EvictionPolicy:
+            return make_policy(policy, **(policy_params or {}))
+        policy_name = policy
+    else:
+        make, policy_name = policy, getattr(policy, "name", "custom")
+    pparams = dict(prefetch_params or {})
+    try:
+        prefetcher = make_prefetcher(prefetch, num_layers=L, num_experts=E, top_k=k, **pparams)
+    except KeyError as exc:
+        raise UsageError(str(exc.args[0])) from None
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"bad parameters for prefetcher {prefetch!r}: {exc}") from None
+    d = prefetcher.distance
+    pred_cols = trace.pred_distances
+    if prefetcher.needs_predictions and d not in pred_cols:
+        raise UsageError(f"prefetcher {prefetch!r} needs recorded predictions at distance {d} "
+                         f"(trace {trace.path} has {list(pred_cols) or 'none'}; record with --predict-distance)")
+    trace = trace.execution_order()
+    steps = build_steps(trace, batch_size, prefill_chunk)
+    caches = [ExpertCache(s, make()) if s > 0 else None for s in sizes]
+    future = any(c is not None and c.policy.needs_future for c in caches)
+    nxt = _next_uses(steps, L) if future else {}
+    preds = trace.pred_experts(d).tolist() if prefetcher.needs_predictions else None
+    probs = None
+    if prefetcher.needs_predictions and f"pred{d}_logits" in trace.table.column_names:
+        lg = trace.logits_matrix(f"pred{d}_logits")
+        probs = np.exp(lg - np.nanmax(lg, axis=1, keepdims=True))
+        probs /= np.nansum(probs, axis=1, keepdims=True)
+
+    xb = cost.expert_bytes(meta.expert_bytes)
+    copy_s = cost.copy_seconds(xb)
+    env = SimEnv(cost.copy_engines, timeline is not None)
+    inflight: dict[tuple[int, int], float] = {}      # (layer, expert) -> copy end
+    pending: dict[tuple[int, int], bool] = {}        # prefetched for that layer, not used yet
+    hits = requests = landed = prefetches = used = rec_hits = rec_needed = copies = sets = slots = 0
+    stall = compute = 0.0
+    per_token = np.zeros(len(steps))
+    for i, step in enumerate(steps):
+        t0 = env.free["compute"]
+        _, _ = env.run("compute", 0.0, cost.token_seconds(step.tokens), "token", {"step": i})
+        compute += cost.token_seconds(step.tokens)
+
+        for layer, S in step.layers.items():
+            now = i  # policies' clock: the step (token) ordinal
+            dur = cost.layer_seconds(step.context, step.tokens)
+            _, gate = env.run("compute", 0.0, dur, f"attn L{layer}", {"step": i})
+            compute += dur
+            cache = caches[layer]
+            sets += 1
+            requests += len(S)
+            ready: dict[int, float] = {}
+            if cache is None:
+                for e in S:
+                    _, ready[e] = env.copy(gate, copy_s, f"load L{layer} E{e}", {"step": i, "demand": True})
+                    copies += 1
+            else:
+                slots += cache.capacity
+                resident_before = {e for e in S if e in cache}
+                nu = nxt.get((i, layer))
+                w = step.weights[layer]
+                missing = cache.request(S, now, [w[e] for e in S], [nu[e] for e in S] if nu else None)
+                hits += len(S) - len(missing)
+                for e in resident_before:
+                    end = inflight.get((layer, e), 0.0)
+                    ready[e] = end
+                    if end <= gate:
+                        landed += 1
+                    if pending.pop((layer, e), False):
+                        used += 1
+                        if layer >= d:
+                            rec_hits += 1
+                if layer >= d:
+                    rec_needed += len(S)
+                for e in missing:
+                    pending.pop((layer, e), None)
+                    _, ready[e] = env.copy(gate, copy_s, f"load L{layer} E{e}", {"step": i, "demand": True})
+                    inflight[(layer, e)] = ready[e]
+                    copies += 1
+            # prefetch for layer + d, issued after this layer's gate, behind the demand copies
+            target = layer + d
+            if prefetch != "none" and target < L and caches[target] is not None:
+                tcache = caches[target]
+                row_t = step.rows.get(target)
+                ctx = PrefetchContext(
+                    current=S,
+                    predicted=(lambda t, r=row_t: preds[r] if (preds is not None and r is not None) else []),
+                    predicted_probs=(lambda t, r=row_t: probs[r] if (probs is not None and r is not None) else None),
+                    actual=(lambda t: step.layers.get(t, [])) if prefetcher.needs_future else None,
+                )
+                picks = [e for e in prefetcher.predict(layer, target, ctx) if 0 <= e < E][: prefetcher.budget]
+                protect = {e for (lt, e), end in inflight.items() if lt == target and end > gate}
+                protect |= {e for (lt, e) in pending if lt == target}
+                for e in picks:
+                    if e in tcache:
+                        continue
+                    evicted = tcache.admit(e, now, protect=protect | set(picks))
+                    if evicted is False:
+                        break
+                    if evicted is not None:
+                        if pending.pop((target, evicted), False):
+                            pass  # an unused prefetch evicted: wasted
+                        inflight.pop((target, evicted), None)
+                    _, end = env.copy(gate, copy_s, f"prefetch L{target} E{e}", {"step": i, "demand": False})
+                    inflight[(target, e)] = end
+                    pending[(target, e)] = True
+                    prefetches += 1
+                    copies += 1
+            # expert compute: in order of readiness (router order breaks ties)
+            counts = step.counts[layer]
+            for e in sorted(S, key=lambda x: (ready.get(x, 0.0), S.index(x))):
+                before = env.free["compute"]
+                es = cost.expert_seconds(counts[e])
+                env.run("compute", ready.get(e, 0.0), es, f"expert L{layer} E{e}", {"step": i, "tokens": counts[e]})
+                stall += max(0.0, ready.get(e, 0.0) - before)
+                compute += es
+            prefetcher.observe(layer, S)
+        per_token[i] = (env.free["compute"] - t0) * 1e3 / max(step.tokens, 1)
+    total = env.free["compute"]
+    if timeline is not None:
+        with atomic_open(timeline) as fh:
+            json.dump(env.timeline(), fh)
+    tokens = sum(s.tokens for s in steps)
+    size_out: int | list[int] = int(cache_size) if isinstance(cache_size, int | np.integer) else sizes
+    return TimingResult(policy_name, size_out, prefetch, cost.name, tokens, requests, hits, total, stall, copies,
+                        prefetches, used, rec_hits, rec_needed, landed, sets, slots, xb, per_token, compute,
+                        copies * copy_s)

@@ -1,0 +1,180 @@
+"""Timing simulator invariants, cost model, prefetchers and the CLI glue."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from moesim.cli import main
+from moesim.errors import DataError, UsageError
+from moesim.simulator.cost_model import CostModel
+from moesim.simulator.replay import simulate
+from moesim.simulator.timing import build_steps, simulate_timing
+from tests.helpers import random_trace, write_trace
+
+FAST = ["lru", "lfu", "fifo", "opt"]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    rng = np.random.default_rng(5)
+    return random_trace(tmp_path_factory.mktemp("t") / "t.parquet", rng, tokens=60, num_layers=4, num_experts=8,
+                        top_k=2, skew=1.1)
+
+
+def zero_cost(**kw):
+    base = CostModel.preset("a6000").with_overrides(expert_ms=0, layer_ms=0, token_ms=0, pcie_latency_us=0,
+                                                    pcie_gbps=10.0, expert_bytes=10**7)
+    return base.with_overrides(**kw) if kw else base
+
+
+@pytest.mark.parametrize("policy", FAST + ["arc", "lfu-decay"])
+def test_hits_equal_the_hit_rate_replay_without_prefetch(real_trace, policy):
+    r = simulate_timing(real_trace, policy, 4, CostModel.preset("h200"))
+    assert r.hits == simulate(real_trace, policy, 4, force_generic=True).hits
+    assert r.requests == simulate(real_trace, policy, 4).requests
+
+
+def test_pure_transfer_time_is_exact(small):
+    cost = zero_cost()
+    r = simulate_timing(small, "lru", 3, cost)
+    expected_ms = r.misses * 1e7 / 10e9 * 1e3 / r.tokens
+    assert r.ms_per_token == pytest.approx(expected_ms, rel=1e-12)
+    assert r.to_dict()["bytes_h2d"] == r.misses * 10**7
+
+
+def test_all_resident_runs_at_the_compute_bound(small):
+    cost = CostModel.preset("a6000")
+    r = simulate_timing(small, "lru", 8, cost)  # K = E: only compulsory misses
+    steps = build_steps(small)
+    bound = sum(cost.token_seconds(1) + sum(cost.layer_seconds(s.context, 1) + cost.expert_seconds(1) * len(S)
+                                            for S in s.layers.values()) for s in steps)
+    compulsory = r.misses * cost.copy_seconds(cost.expert_bytes())
+    assert bound <= r.total_s <= bound + compulsory + 1e-12
+    warm = simulate_timing(small, "lru", 8, cost.with_overrides(pcie_gbps=1e9, pcie_latency_us=0))
+    assert warm.total_s == pytest.approx(bound, rel=1e-6)
+
+
+def test_perfect_prefetch_with_slack_hides_every_transfer(small):
+    # copies take 1 ms, each layer's attention 5 ms: an oracle one layer ahead hides all but layer 0.
+    cost = zero_cost(layer_ms=5.0, pcie_gbps=10.0)
+    r = simulate_timing(small, "lru", 4, cost, prefetch="oracle", prefetch_params={"budget": 2})
+    none = simulate_timing(small, "lru", 4, cost)
+    d = r.to_dict()
+    assert d["prefetch_precision"] == 1.0  # the oracle never fetches an expert that is not used
+    # every expert needed at layers >= 1 was resident or prefetched: only layer 0 can still miss
+    layer0 = simulate(small.filter_phase(1), "lru", 4)
+    assert r.misses <= layer0.layer_requests[0]
+    assert d["expert_recall"] >= 1 - layer0.layer_requests[0] / r.requests
+    assert r.stall_s < none.stall_s and r.stall_s <= r.misses * 1e-3 + 1e-9
+    # bytes = (misses + prefetches) x bytes per expert
+    assert d["bytes_h2d"] == (r.misses + r.prefetches) * cost.expert_bytes()
+
+
+def test_time_never_goes_backwards_and_timeline(small, tmp_path):
+    tl = tmp_path / "tl.json"
+    simulate_timing(small, "lfu", 3, CostModel.preset("h200"), prefetch="transition", timeline=tl)
+    ev = json.loads(tl.read_text())["traceEvents"]
+    assert {e["tid"] for e in ev} >= {"compute", "copy0"}
+    for tid in ("compute", "copy0"):
+        spans = [(e["ts"], e["ts"] + e["dur"]) for e in ev if e["tid"] == tid]
+        assert all(a[1] <= b[0] + 1e-6 for a, b in zip(spans, spans[1:], strict=False))  # a stream never overlaps itself
+        assert all(e["dur"] >= 0 for e in ev)
+    assert [e["ts"] for e in ev] == sorted(e["ts"] for e in ev)
+
+
+def test_deterministic(small):
+    a = simulate_timing(small, "random", 3, CostModel.preset("h200"), prefetch="transition").to_dict()
+    b = simulate_timing(small, "random", 3, CostModel.preset("h200"), prefetch="transition").to_dict()
+    assert a == b
+
+
+def test_hand_computed_timeline(tmp_path):
+    # one layer, K=2, top-1: tokens [0] [1] [0]; copy 2 ms, layer 1 ms, expert 0.5 ms, token 0
+    t = write_trace(tmp_path / "t.parquet", [[0], [1], [0]], num_experts=4)
+    cost = CostModel.preset("a6000").with_overrides(expert_ms=0.5, layer_ms=1.0, token_ms=0, pcie_latency_us=0,
+                                                    pcie_gbps=1.0, expert_bytes=2_000_000)
+    r = simulate_timing(t, "lru", 2, cost)
+    # t0: attn 0-1, copy 1-3, expert 3-3.5 | t1: attn 3.5-4.5, copy 4.5-6.5, expert 6.5-7 | t2: attn 7-8, hit, 8-8.5
+    assert r.total_s == pytest.approx(8.5e-3)
+    assert list(np.round(r.per_token_ms, 6)) == [3.5, 3.5, 1.5]
+    assert r.stall_s == pytest.approx(4e-3)
+
+
+def test_batched_steps_request_the_union(tmp_path):
+    t = write_trace(tmp_path / "t.parquet", [[0, 1], [1, 2], [3, 1], [0, 2]], seq=[0, 0, 1, 1], layers=[0] * 4,
+                    num_experts=4)
+    steps = build_steps(t, batch_size=2)
+    assert len(steps) == 2 and steps[0].layers[0] == [0, 1, 3] and steps[0].counts[0] == {0: 1, 1: 2, 3: 1}
+    r = simulate_timing(t, "lru", 3, CostModel.preset("h200"), batch_size=2)
+    assert r.tokens == 4 and r.requests == 3 + 3
+
+
+def test_prefetchers_and_speculative_needs_predictions(real_trace):
+    cost = CostModel.preset("h200")
+    for name in ("previous-token", "transition", "oracle"):
+        d = simulate_timing(real_trace, "lru", 4, cost, prefetch=name).to_dict()
+        assert 0 <= d["prefetch_precision"] <= 1 and 0 <= d["prefetch_recall"] <= 1
+        assert d["bytes_h2d"] == (d["misses"] + d["prefetches"]) * d["expert_bytes"]
+    with pytest.raises(UsageError, match="recorded predictions"):
+        simulate_timing(real_trace, "lru", 4, cost, prefetch="speculative")
+
+
+def test_speculative_uses_recorded_predictions(tmp_path):
+    from moesim.traces.format import DECODE, TraceMeta, TraceWriter, read_trace
+
+    rng = np.random.default_rng(1)
+    n_tok, L = 40, 3
+    ex = np.array([rng.choice(8, 2, replace=False) for _ in range(n_tok * L)])
+    pred = ex.copy()
+    pred[np.arange(len(pred)) % L == 0] = -1
+    meta = TraceMeta(model="m", family="t", num_layers=L, num_experts=8, top_k=2)
+    with TraceWriter(tmp_path / "p.parquet", meta, pred_distances=[1]) as w:
+        w.write(0, np.arange(n_tok * L) // L, DECODE, np.arange(n_tok * L) % L, ex, np.full((n_tok * L, 2), 0.5),
+                preds={1: pred})
+    t = read_trace(tmp_path / "p.parquet")
+    spec = simulate_timing(t, "lru", 2, CostModel.preset("h200"), prefetch="speculative").to_dict()
+    orac = simulate_timing(t, "lru", 2, CostModel.preset("h200"), prefetch="oracle").to_dict()
+    assert spec["prefetch_precision"] == orac["prefetch_precision"] == 1.0  # perfect recorded predictions
+    assert spec["tokens_per_s"] == pytest.approx(orac["tokens_per_s"])
+
+
+def test_cost_model_curve_and_overrides(tmp_path):
+    c = CostModel.preset("h200")
+    c.curve = [(65536, 25e-6), (33554432, 0.62e-3), (536870912, 9.8e-3)]
+    assert c.copy_seconds(65536) == pytest.approx(25e-6)
+    mid = c.copy_seconds(4 << 20)
+    assert 25e-6 < mid < 0.62e-3
+    assert c.copy_seconds(1 << 31) == pytest.approx(c.latency_s + (1 << 31) / c.bandwidth_Bps)
+    o = c.with_overrides(pcie_gbps=10, expert_ms=1.0, layer_ms=2, token_ms=3, expert_bytes=5)
+    assert o.curve == [] and o.copy_seconds(1e9) == pytest.approx(c.latency_s + 0.1)
+    assert (o.expert_seconds(7), o.layer_seconds(100, 4), o.token_seconds(2), o.expert_bytes(123)) == (1e-3, 2e-3, 3e-3, 5)
+    p = tmp_path / "c.json"
+    c.to_json(p)
+    assert CostModel.from_json(p).copy_seconds(4 << 20) == pytest.approx(mid)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"pcie": {}}')
+    with pytest.raises(DataError, match="not a valid calibration"):
+        CostModel.from_json(bad)
+    with pytest.raises(UsageError):
+        CostModel.preset("nosuch")
+
+
+def test_simulate_cli_timing_keys(real_trace_path, capsys, tmp_path):
+    assert main(["simulate", str(real_trace_path), "--policy", "lfu", "--cache-size", "4", "--hardware", "a6000",
+                 "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    for key in ("policy", "cache_size", "requests", "hits", "misses", "hit_rate", "tokens_per_s", "ms_per_token",
+                "bytes_h2d"):
+        assert key in d
+    assert main(["simulate", str(real_trace_path), "--policy", "lru", "--cache-size", "4", "--prefetch", "transition",
+                 "--json", "--timeline", str(tmp_path / "tl.json")]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert "prefetch_precision" in d and "prefetch_recall" in d and (tmp_path / "tl.json").exists()
+    slow = main(["simulate", str(real_trace_path), "--policy", "lru", "--cache-size", "4", "--pcie-gbps", "5", "--json"])
+    assert slow == 0 and json.loads(capsys.readouterr().out)["tokens_per_s"] < d["tokens_per_s"]
+    assert main(["simulate", str(real_trace_path), "--policy", "lru", "--cache-size", "4", "--hardware", "nosuch"]) == 2
+    assert main(["simulate", str(real_trace_path), "--policy", "lru", "--cache-size", "4",
+                 "--calibration", str(tmp_path / "missing.json")]) == 1
