@@ -80,7 +80,7 @@ def test_time_never_goes_backwards_and_timeline(small, tmp_path):
     assert {e["tid"] for e in ev} >= {"compute", "copy0"}
     for tid in ("compute", "copy0"):
         spans = [(e["ts"], e["ts"] + e["dur"]) for e in ev if e["tid"] == tid]
-        assert all(a[1] <= b[0] + 1e-6 for a, b in zip(spans, spans[1:], strict=False))  # a stream never overlaps itself
+        assert all(a[1] <= b[0] + 0.01 for a, b in zip(spans, spans[1:], strict=False))  # a stream never overlaps itself
         assert all(e["dur"] >= 0 for e in ev)
     assert [e["ts"] for e in ev] == sorted(e["ts"] for e in ev)
 

@@ -320,7 +320,7 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
                     current=S,
                     predicted=(lambda t, r=row_t: preds[r] if (preds is not None and r is not None) else []),
                     predicted_probs=(lambda t, r=row_t: probs[r] if (probs is not None and r is not None) else None),
-                    actual=(lambda t: step.layers.get(t, [])) if prefetcher.needs_future else None,
+                    actual=(lambda t, st=step: st.layers.get(t, [])) if prefetcher.needs_future else None,
                 )
                 picks = [e for e in prefetcher.predict(layer, target, ctx) if 0 <= e < E][: prefetcher.budget]
                 protect = {e for (lt, e), end in inflight.items() if lt == target and end > gate}
