@@ -183,21 +183,26 @@ def run_generic(stream: RequestStream, make: Callable[[], EvictionPolicy]) -> tu
     return req, hit
 
 
+def replay_stream(stream: RequestStream, policy: PolicySpec, params: dict[str, Any] | None = None, *,
+                  force_generic: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
+    """Replay a prebuilt request stream; returns (requests, hits) per layer and the method used."""
+    make = _factory(policy, params)
+    code = None if force_generic else _fast_code(policy, params)
+    if code is None:
+        req, hit = run_generic(stream, make)
+        return req, hit, "python"
+    nxt = stream.next_use() if code == kernels.OPT else np.zeros((1, 1), np.int64)
+    req, hit = kernels.replay_kernel(code, stream.cache, stream.keys, stream.group, stream.sizes,
+                                     stream.n_keys, stream.n_groups, nxt)
+    return req, hit, "numba"
+
+
 def simulate(trace: Trace, policy: PolicySpec, cache_size: int | Sequence[int], *, scope: str = "layer",
              semantics: str = "atomic", params: dict[str, Any] | None = None,
              force_generic: bool = False) -> ReplayResult:
     """Replay ``trace`` against ``policy`` (a registered name or a zero-argument factory)."""
-    make = _factory(policy, params)
     stream = build_stream(trace, cache_size, scope, semantics)
-    code = None if force_generic else _fast_code(policy, params)
-    if code is not None:
-        nxt = stream.next_use() if code == kernels.OPT else np.zeros((1, 1), np.int64)
-        req, hit = kernels.replay_kernel(code, stream.cache, stream.keys, stream.group, stream.sizes,
-                                         stream.n_keys, stream.n_groups, nxt)
-        method = "numba"
-    else:
-        req, hit = run_generic(stream, make)
-        method = "python"
+    req, hit, method = replay_stream(stream, policy, params, force_generic=force_generic)
     size_out = int(cache_size) if isinstance(cache_size, int | np.integer) else [int(s) for s in cache_size]
     return ReplayResult(_policy_name(policy), size_out, int(req.sum()), int(hit.sum()), req, hit, method,
                         scope, semantics)
