@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import re
 
+import pytest
+
 from moesim.analysis.report import build_report
 from moesim.cli import main
 from moesim.simulator.replay import simulate
@@ -28,7 +30,7 @@ def test_report_cli_writes_self_contained_html(real_trace_path, tmp_path, capsys
         assert heading in text
     assert "Mixtral-8x7B-Instruct-v0.1" in text and "10779" in text
     # the policy x slots table carries the exact replay numbers
-    row = re.search(r"<tr><td>lfu</td>(.*?)</tr>", text).group(1)
+    row = re.search(r"<tr><td class=l>lfu</td>(.*?)</tr>", text).group(1)
     cells = [float(c) for c in re.findall(r"<td>([0-9.]+)</td>", row)]
     expect = [simulate(read_trace(real_trace_path),
                        "lfu", k).hit_rate for k in (2, 4, 6)]
@@ -41,7 +43,7 @@ def test_report_includes_tokens_per_s_with_a_timing_runner(real_trace):
 
     text = build_report(real_trace, policies=["lru"], sizes=[2, 3], timing=runner)
     assert "Simulated decode throughput on a6000 (tokens/s)" in text
-    assert "<tr><td>lru</td><td>102.0000</td><td>103.0000</td></tr>" in text
+    assert "<tr><td class=l>lru</td><td>102.0000</td><td>103.0000</td></tr>" in text
 
 
 def test_report_errors(real_trace_path, tmp_path, capsys):
@@ -51,3 +53,14 @@ def test_report_errors(real_trace_path, tmp_path, capsys):
     assert main(["report", str(real_trace_path), "-o", str(tmp_path / "r"), "--sizes", "9"]) == 2
     assert main(["report", str(tmp_path / "none.parquet"), "-o", str(tmp_path / "r")]) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_report_uses_the_timing_simulator_when_present(real_trace):
+    pytest.importorskip("moesim.simulator.timing")
+    from moesim.analysis.plots import timing_runner
+
+    text = build_report(real_trace, policies=["lru"], sizes=[2, 4])
+    run = timing_runner()
+    expect = [run(real_trace, "lru", k, "a6000")["tokens_per_s"] for k in (2, 4)]
+    assert f"<tr><td class=l>lru</td><td>{expect[0]:.4f}</td><td>{expect[1]:.4f}</td></tr>" in text
+    assert "alt='speed'" in text

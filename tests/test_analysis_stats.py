@@ -265,3 +265,42 @@ def test_prefetch_quality_cross_layer_by_hand(tmp_path):
         stats.prefetch_quality(tr, [5])
     with pytest.raises(ValueError):
         stats.prefetch_quality(tr, [1], "psychic")
+
+
+@pytest.mark.parametrize("policy", ["opt", "lru"])
+def test_residency_log_prefix_is_exact(tmp_path, policy):
+    for seed in range(4):
+        tr = random_trace(tmp_path / f"t{seed}.parquet", seed)
+        full = residency_log(tr, 1, policy, 3)
+        for n in (1, 10, 25):
+            part = residency_log(tr, 1, policy, 3, max_rows=n)
+            assert part.states.shape[0] == n
+            np.testing.assert_array_equal(part.states, full.states[:n])
+
+
+def test_residency_log_prefix_sees_the_whole_future(tmp_path):
+    # a b c a, K=2, OPT: at c it must evict b (never used again), keeping a -- even if only 3 rows are logged
+    tr = sets_trace(tmp_path / "t.parquet", [[0], [1], [2], [0]], experts=3, top_k=1)
+    part = residency_log(tr, 0, "opt", 2, max_rows=3)
+    assert part.states[2].tolist() == [RESIDENT, 0, MISS]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.data())
+def test_matrix_invariants(tmp_path_factory, data):
+    experts, k, layers = 5, 2, 2
+    n = data.draw(st.integers(1, 12))
+    sets = data.draw(st.lists(st.lists(st.integers(0, experts - 1), min_size=k, max_size=k, unique=True),
+                              min_size=n * layers, max_size=n * layers))
+    rows = [(0, t, DECODE, layer, sets[t * layers + layer]) for t in range(n) for layer in range(layers)]
+    tr = build(tmp_path_factory.mktemp("inv") / "t.parquet", rows, layers=layers, experts=experts, top_k=k)
+    np.testing.assert_allclose(stats.activation_share(tr).sum(axis=1), 1.0)
+    co = stats.coactivation(tr)
+    assert (co == co.T).all() and (np.diag(co) == stats.activation_counts(tr).sum(axis=0)).all()
+    assert co.sum() == len(tr) * k * k  # each set adds k x k (i, j) pairs, diagonal included
+    trans = stats.transition_matrix(tr, 0, normalize=False)
+    assert trans.sum() == n * k * k
+    assert (trans.sum(axis=1) == k * stats.activation_counts(tr)[0]).all()
+    d = stats.reuse_distances(tr, "distinct")["distance"]
+    assert d.null_count() == len({(layer, e) for _, _, _, layer, s in rows for e in s})
+    assert d.drop_nulls().max() is None or d.drop_nulls().max() <= experts

@@ -47,6 +47,7 @@ def test_plot_timeline_cli(tmp_path):
     (["plot", "timeline", "{trace}"], 1, "not a JSON timeline"),
     (["plot", "segment", "{trace}", "--segments", "0"], 2, "positive segment lengths"),
     (["plot", "speed", "{trace}", "--policies", "bogus"], 2, "unknown policy 'bogus'"),
+    (["plot", "speed", "{trace}", "--hardware", "abacus"], 2, "abacus"),
 ])
 def test_plot_errors_are_one_line(real_trace_path, tmp_path, capsys, argv, code, message):
     subs = {"{trace}": str(real_trace_path), "{missing}": str(tmp_path / "missing.parquet"),

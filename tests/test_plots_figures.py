@@ -9,7 +9,7 @@ import pytest
 from matplotlib.colors import to_hex
 
 from moesim.analysis import plots, stats
-from moesim.analysis.residency import HIT, MISS
+from moesim.analysis.residency import HIT, MISS, residency_log
 from moesim.errors import DataError, UsageError
 from moesim.simulator.replay import mrc, simulate
 
@@ -42,13 +42,18 @@ def test_raster_shows_the_replay(real_trace):
     shown = np.asarray(ax.images[0].get_array())
     log = fig.moesim_log
     assert shown.shape == (8, 50)
-    np.testing.assert_array_equal(shown, log.states[:50].T)
-    assert log.hits == simulate(real_trace, "lru", 4).layer_hits[3]
+    full = residency_log(real_trace, 3, "lru", 4)
+    np.testing.assert_array_equal(shown, full.states[:50].T)
+    assert log.states.shape[0] == 50  # only the steps shown were replayed
+    res = simulate(real_trace, "lru", 4)
+    assert fig.moesim_layer_hit_rate == pytest.approx(res.layer_hits[3] / res.layer_requests[3])
+    assert full.hit_rate == pytest.approx(fig.moesim_layer_hit_rate)
     assert ((shown == HIT) | (shown == MISS)).sum(axis=0).tolist() == [2] * 50
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels == ["hit", "miss", "resident, unused", "not resident"]
     title, xl, yl = _labels(ax)
-    assert "Layer 3" in title and "lru" in title and f"{log.hit_rate:.1%}" in title
+    assert "Layer 3" in title and "lru" in title and f"{fig.moesim_layer_hit_rate:.1%} overall" in title
+    assert f"{log.hits / (log.hits + log.misses):.1%} in the 50 steps" in title
     assert "token" in xl and yl == "expert id"
 
 
@@ -104,11 +109,21 @@ def test_prefetch_plot_with_injected_runner(real_trace):
     calls: list = []
     fig = plots.prefetch(real_trace, ["next-layer"], [1, 3], runner=_fake_runner(calls))
     ax_p, ax_r = fig.axes
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["next-layer"]
     np.testing.assert_allclose(ax_p.lines[0].get_ydata(), [50.0, 25.0])
     np.testing.assert_allclose(ax_r.lines[0].get_ydata(), [50.0, 75.0])
     assert [c[3:] for c in calls] == [("next-layer", 1), ("next-layer", 3)]
     assert "precision" in ax_p.get_ylabel() and "recall" in ax_r.get_ylabel()
     assert "budget" in ax_p.get_xlabel()
+
+
+def test_prefetch_plot_leaves_a_gap_where_nothing_was_prefetched(real_trace):
+    def run(trace, policy, k, hardware, prefetch=None, prefetch_budget=None, **kw):
+        return {"prefetches": 0, "prefetch_precision": 0.0, "prefetch_recall": 0.0}
+
+    fig = plots.prefetch(real_trace, ["previous-token"], [1, 2], runner=run)
+    assert np.isnan(fig.axes[0].lines[0].get_ydata()).all()
+    assert "issued no prefetches" in fig.legends[0].get_texts()[0].get_text()
 
 
 def test_timing_runner_missing_is_a_usage_error(monkeypatch):
@@ -137,11 +152,24 @@ def test_timeline_from_trace_events(tmp_path):
     assert len(loaded) == 3
     fig = plots.timeline(loaded)
     ax = fig.axes[0]
-    bars = ax.patches
-    assert sorted((round(b.get_x(), 6), round(b.get_width(), 6)) for b in bars) == [(0.0, 0.3), (0.0, 0.9), (0.9, 0.3)]
+    spans = {k: [(round(a, 6), round(b, 6)) for a, b in v] for k, v in fig.moesim_spans.items()}
+    assert spans == {("gpu", "compute"): [(0.0, 0.3), (0.9, 0.3)], ("pcie", "h2d"): [(0.0, 0.9)]}
+    assert len(ax.collections) == 2  # one broken_barh per (lane, category)
     assert [t.get_text() for t in ax.get_yticklabels()] == ["gpu", "pcie"]
     assert ax.get_xlabel() == "time (ms)"
     assert {t.get_text() for t in ax.get_legend().get_texts()} == {"compute", "h2d"}
+
+
+def test_timeline_categories_from_names_and_window():
+    events = [{"name": f"load L{i} E{i % 8}", "ph": "X", "ts": 1000.0 * i, "dur": 500.0, "tid": "copy0"}
+              for i in range(50)]
+    events += [{"name": f"expert L{i} E1", "ph": "X", "ts": 1000.0 * i + 100, "dur": 300.0, "tid": "compute"}
+               for i in range(50)]
+    fig = plots.timeline(events, max_ms=9.5)
+    ax = fig.axes[0]
+    assert {t.get_text() for t in ax.get_legend().get_texts()} == {"load", "expert"}
+    assert len(fig.moesim_spans[("copy0", "load")]) == 10  # starts 0..9 ms
+    assert "first 9.5 ms" in ax.get_title()
 
 
 @pytest.mark.parametrize("content, problem", [("not json", "not a JSON timeline"), ('{"x": 1}', "traceEvents"),
@@ -167,3 +195,14 @@ def test_reuse_and_segment_plots(real_trace):
 def test_save_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(DataError):
         plots.save(plots.plt.figure(), tmp_path / "missing" / "x.png")
+
+
+def test_speed_plot_with_the_timing_simulator(real_trace):
+    pytest.importorskip("moesim.simulator.timing")
+    run = plots.timing_runner()
+    fig = plots.speed(real_trace, ["lru", "opt"], [2, 4], "a6000", runner=run)
+    data = fig.moesim_data["tokens_per_s"]
+    assert all(v > 0 for vals in data.values() for v in vals)
+    # more slots never make the same policy slower; OPT (fewest misses) is at least as fast as LRU
+    assert data["lru"][1] >= data["lru"][0] * 0.999
+    assert data["opt"][1] >= data["lru"][1] * 0.999

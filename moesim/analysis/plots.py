@@ -34,6 +34,8 @@ from moesim.traces.format import Trace  # noqa: E402
 OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000"]
 POLICY_COLORS = {"lru": "#0072B2", "lfu": "#D55E00", "fifo": "#009E73", "opt": "#000000",
                  "random": "#CC79A7", "arc": "#E69F00", "s3fifo": "#56B4E9", "sieve": "#F0E442"}
+# Okabe-Ito reordered for thin bars on white: the pale yellow comes last
+LANE_COLORS = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442"]
 RASTER_COLORS = {IDLE: "#FFFFFF", RESIDENT: "#D9D9D9", HIT: "#0072B2", MISS: "#D55E00"}
 
 
@@ -64,7 +66,8 @@ def heatmap(trace: Trace) -> Figure:
     """Layer x expert activation share (each layer's row sums to 1)."""
     share = stats.activation_share(trace)
     layers, experts = share.shape
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * experts + 2.5), max(4.0, 0.22 * layers + 1.5)))
+    # grow with the grid for readable cells, but cap so 64+ experts still give a normal page width
+    fig, ax = plt.subplots(figsize=(min(13.0, max(5.0, 0.45 * experts + 2.5)), min(10.0, max(4.0, 0.22 * layers + 1.5))))
     im = ax.imshow(share, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0)
     ax.set_xlabel("expert id")
     ax.set_ylabel("MoE layer")
@@ -86,10 +89,17 @@ def heatmap(trace: Trace) -> Figure:
 def raster(trace: Trace, layer: int, policy: str = "lru", cache_size: int | None = None, *,
            max_tokens: int = 200, start: int = 0, **params: Any) -> Figure:
     """Tokens x experts of one layer coloured hit / miss / resident-unused under ``policy``."""
+    from moesim.simulator.replay import simulate
+
     k = cache_size or min(2 * trace.meta.top_k, trace.meta.num_experts)
-    log = residency_log(trace, layer, policy, k, **params)
+    # replay only up to the last step shown (a prefix replay is exact); the layer's overall hit rate
+    # comes from the (compiled, for built-ins) full replay
+    log = residency_log(trace, layer, policy, k, max_rows=start + max_tokens, **params)
+    full = simulate(trace, policy, k, params=params or None)
+    overall = full.layer_hits[layer] / full.layer_requests[layer] if full.layer_requests[layer] else 0.0
     window = log.states[start:start + max_tokens]
-    fig, ax = plt.subplots(figsize=(min(16.0, 3.0 + 0.06 * len(window)), max(3.0, 0.3 * trace.meta.num_experts + 1.6)))
+    fig, ax = plt.subplots(figsize=(min(16.0, 3.0 + 0.06 * len(window)),
+                                    min(9.0, max(3.0, 0.3 * trace.meta.num_experts + 1.6))))
     cmap = ListedColormap([RASTER_COLORS[s] for s in (IDLE, RESIDENT, HIT, MISS)])
     ax.imshow(window.T, aspect="auto", interpolation="nearest", cmap=cmap,
               norm=BoundaryNorm([-0.5, 0.5, 1.5, 2.5, 3.5], cmap.N), origin="lower",
@@ -101,13 +111,14 @@ def raster(trace: Trace, layer: int, policy: str = "lru", cache_size: int | None
     ax.set_ylabel("expert id")
     shown_hits = int((window == HIT).sum())
     shown = shown_hits + int((window == MISS).sum())
-    ax.set_title(f"Layer {layer} under {policy}, {k} slots: hit rate {log.hit_rate:.1%} overall, "
+    ax.set_title(f"Layer {layer} under {policy}, {k} slots: hit rate {overall:.1%} overall, "
                  f"{shown_hits / shown if shown else 0:.1%} in the {len(window)} steps shown")
     ax.legend(handles=[Patch(facecolor=RASTER_COLORS[s], edgecolor="#777777", label=n) for s, n in
                        ((HIT, "hit"), (MISS, "miss"), (RESIDENT, "resident, unused"), (IDLE, "not resident"))],
               loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.moesim_log = log  # type: ignore[attr-defined]  # the data shown, for tests and callers
+    fig.moesim_layer_hit_rate = overall  # type: ignore[attr-defined]
     return fig
 
 
@@ -147,9 +158,17 @@ def timing_runner() -> Callable[..., dict[str, Any]]:
     except ImportError as exc:
         raise UsageError(f"the timing simulator is not available in this build ({exc})") from None
 
-    def run(trace: Trace, policy: str, k: int, hardware: str, prefetch: str | None = None, **kw: Any) -> dict:
-        cost = CostModel.preset(hardware)
-        return simulate_timing(trace, policy, k, cost, prefetch=prefetch, **kw).to_dict()
+    costs: dict[str, Any] = {}
+
+    def run(trace: Trace, policy: str, k: int, hardware: str, prefetch: str | None = None,
+            prefetch_budget: int | None = None, **kw: Any) -> dict:
+        if hardware not in costs:
+            costs[hardware] = CostModel.preset(hardware)
+        pparams = dict(kw.pop("prefetch_params", None) or {})
+        if prefetch_budget is not None:
+            pparams["budget"] = prefetch_budget
+        return simulate_timing(trace, policy, k, costs[hardware], prefetch=prefetch or "none",
+                               prefetch_params=pparams or None, **kw).to_dict()
 
     return run
 
@@ -166,7 +185,7 @@ def speed(trace: Trace, policies: Sequence[str] = ("lru", "lfu", "opt"), sizes: 
         tps = [float(run(trace, name, k, hardware)["tokens_per_s"]) for k in sizes]
         data[name] = tps
         ax.plot(sizes, tps, marker="o", markersize=4, color=policy_color(name, i),
-                linestyle="--" if name == "opt" else "-", label=name)
+                linestyle="--" if name == "opt" else "-", label="opt (Belady)" if name == "opt" else name)
     ax.set_xlabel("cache slots per layer (experts)")
     ax.set_ylabel("decode throughput (tokens/s)")
     ax.set_ylim(bottom=0)
@@ -188,20 +207,25 @@ def prefetch(trace: Trace, prefetchers: Sequence[str], budgets: Sequence[int], *
     data: dict[str, dict[str, list[float]]] = {}
     for i, name in enumerate(prefetchers):
         res = [run(trace, policy, k, hardware, prefetch=name, prefetch_budget=b) for b in budgets]
-        prec = [100 * float(r["prefetch_precision"]) for r in res]
-        rec = [100 * float(r["prefetch_recall"]) for r in res]
+        # no prefetch issued (every pick already resident): precision is undefined, not 0 -- leave a gap
+        issued = [r.get("prefetches", 1) > 0 for r in res]
+        prec = [100 * float(r["prefetch_precision"]) if ok else float("nan") for r, ok in zip(res, issued, strict=True)]
+        rec = [100 * float(r["prefetch_recall"]) if ok else float("nan") for r, ok in zip(res, issued, strict=True)]
         data[name] = {"precision": prec, "recall": rec}
-        ax_p.plot(budgets, prec, marker="o", color=OKABE_ITO[i % 8], label=name)
-        ax_r.plot(budgets, rec, marker="s", color=OKABE_ITO[i % 8], label=name)
+        label = name if any(issued) else f"{name} (issued no prefetches: picks already resident)"
+        ax_p.plot(budgets, prec, marker="o", color=OKABE_ITO[i % 8], label=label)
+        ax_r.plot(budgets, rec, marker="s", color=OKABE_ITO[i % 8], label=label)
     for ax, what in ((ax_p, "precision"), (ax_r, "recall")):
+        ax.set_xticks(list(budgets))
         ax.set_xlabel("prefetch budget (experts per layer)")
         ax.set_ylabel(f"prefetch {what} (%)")
-        ax.set_ylim(0, 100)
+        ax.set_ylim(-2, 102)  # a 100 % line stays visible above the frame
         ax.grid(alpha=0.3)
         ax.set_title(f"Prefetch {what}")
-    ax_p.legend(title="prefetcher")
+    fig.legend(*ax_p.get_legend_handles_labels(), title="prefetcher", loc="lower center",
+               ncol=min(len(prefetchers), 3), bbox_to_anchor=(0.5, -0.02), frameon=False)
     fig.suptitle(f"Prefetching under {policy}, {k} slots, {hardware} - {_title(trace)}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.moesim_data = data  # type: ignore[attr-defined]
     return fig
 
@@ -228,32 +252,44 @@ def load_timeline(path: str | os.PathLike) -> list[dict[str, Any]]:
     return out
 
 
+def event_category(event: dict[str, Any]) -> str:
+    """``cat`` when the event has one, else the first word of its name ("load L3 E5" -> "load")."""
+    cat = event.get("cat")
+    if cat:
+        return str(cat)
+    name = str(event.get("name", "")).strip()
+    return name.split()[0] if name else "event"
+
+
 def timeline(events: list[dict[str, Any]], *, max_ms: float | None = None, title: str = "Simulated timeline") -> Figure:
-    """One horizontal lane per track (pid/tid, or ``args.track``), bars coloured by event name."""
-    names = {}
-    for e in events:
-        names.setdefault(str(e.get("cat") or e.get("name")), None)
-    palette = {n: OKABE_ITO[i % 8] for i, n in enumerate(names)}
-    lanes: dict[str, int] = {}
+    """One horizontal lane per track (``tid``, else ``pid``), bars coloured by event category; one
+    ``broken_barh`` per (lane, category) so tens of thousands of events draw quickly."""
     t0 = min(float(e["ts"]) for e in events)
-    fig, ax = plt.subplots(figsize=(12, 1.2 + 0.45 * len({(e.get('pid'), e.get('tid')) for e in events})))
+    spans: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    lanes: dict[str, int] = {}
+    cats: dict[str, str] = {}
     for e in events:
         start = (float(e["ts"]) - t0) / 1000.0  # trace-event times are microseconds
         if max_ms is not None and start > max_ms:
             continue
         lane = str(e.get("tid", e.get("pid", "0")))
-        row = lanes.setdefault(lane, len(lanes))
-        ax.barh(row, float(e["dur"]) / 1000.0, left=start, height=0.7,
-                color=palette[str(e.get("cat") or e.get("name"))], edgecolor="none")
+        lanes.setdefault(lane, len(lanes))
+        cat = event_category(e)
+        cats.setdefault(cat, LANE_COLORS[len(cats) % 8])
+        spans.setdefault((lane, cat), []).append((start, float(e["dur"]) / 1000.0))
+    fig, ax = plt.subplots(figsize=(12, 1.4 + 0.5 * max(len(lanes), 1)))
+    for (lane, cat), bars in spans.items():
+        ax.broken_barh(bars, (lanes[lane] - 0.35, 0.7), facecolors=cats[cat], edgecolor="none")
     ax.set_yticks(range(len(lanes)), list(lanes))
-    ax.invert_yaxis()
+    ax.set_ylim(len(lanes) - 0.5, -0.5)  # first lane on top
     ax.set_xlabel("time (ms)")
     ax.set_ylabel("track")
-    ax.set_title(title)
-    ax.legend(handles=[Patch(color=c, label=n) for n, c in palette.items()], loc="upper left",
+    ax.set_title(title if max_ms is None else f"{title} (first {max_ms:g} ms)")
+    ax.legend(handles=[Patch(color=c, label=n) for n, c in cats.items()], loc="upper left",
               bbox_to_anchor=(1.01, 1.0), frameon=False, title="event")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
+    fig.moesim_spans = spans  # type: ignore[attr-defined]
     return fig
 
 

@@ -44,8 +44,10 @@ class ResidencyLog:
         return self.hits / total if total else 0.0
 
 
-def residency_log(trace: Trace, layer: int, policy: str, cache_size: int, **params) -> ResidencyLog:
-    """Replay ``layer`` of ``trace`` under ``policy`` with ``cache_size`` slots and log every state."""
+def residency_log(trace: Trace, layer: int, policy: str, cache_size: int, *, max_rows: int | None = None,
+                  **params) -> ResidencyLog:
+    """Replay ``layer`` of ``trace`` under ``policy`` with ``cache_size`` slots and log every state
+    (only the layer's first ``max_rows`` rows when given: a prefix replay is exact for that prefix)."""
     meta = trace.meta
     if not 0 <= layer < meta.num_layers:
         raise ValueError(f"layer {layer} out of range [0, {meta.num_layers})")
@@ -55,9 +57,11 @@ def residency_log(trace: Trace, layer: int, policy: str, cache_size: int, **para
     trace = trace.execution_order()
     rows = np.flatnonzero(trace.layer == layer)
     experts = trace.experts[rows].astype(np.int64)
-    weights = trace.weights[rows]
     cache = ExpertCache(cache_size, make_policy(policy, **params))
+    # the future a prefix replay sees must be the whole layer's, or OPT's choices would change
     next_use = _next_use(experts) if cache.policy.needs_future else None
+    rows, experts = rows[:max_rows], experts[:max_rows]
+    weights = trace.weights[rows]
     states = np.zeros((len(rows), meta.num_experts), dtype=np.int8)
     for t, keys in enumerate(experts.tolist()):
         missing = set(cache.request(keys, t, weights[t].tolist(), None if next_use is None else next_use[t]))

@@ -43,14 +43,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--hardware", default="a6000", help="hardware preset (default a6000)")
     s.add_argument("--sizes", type=int_list, help="cache sizes (default top-k .. experts)")
     f = add("prefetch", "prefetch precision / recall vs prefetch budget")
-    f.add_argument("--prefetchers", type=_names, required=True, help="comma-separated prefetcher names")
+    f.add_argument("--prefetchers", type=_names, default=["previous-token", "transition", "oracle"],
+                   help="comma-separated prefetcher names (default previous-token,transition,oracle)")
     f.add_argument("--budgets", type=int_list, default=[1, 2, 3, 4], help="prefetch budgets (default 1,2,3,4)")
     f.add_argument("--policy", default="lru", help="eviction policy (default lru)")
     f.add_argument("--cache-size", type=positive_int, help="slots (default 2 x top-k)")
     f.add_argument("--hardware", default="a6000", help="hardware preset (default a6000)")
     t = add("timeline", "simulator timeline (Chrome/Perfetto trace-event JSON from `simulate --timeline`)", trace=False)
     t.add_argument("timeline", help="timeline .json file")
-    t.add_argument("--max-ms", type=float, help="only events starting in the first MAX_MS milliseconds")
+    t.add_argument("--max-ms", type=float, default=250.0,
+                   help="only events starting in the first MAX_MS milliseconds (default 250; 0 = all)")
     add("reuse", "distribution of reuse (LRU stack) distances")
     g = add("segment", "segment-cache best hit rate (arXiv 2505.16056) vs cache size, next to OPT")
     g.add_argument("--segments", type=int_list, default=[4, 16, 64], help="segment lengths in tokens (default 4,16,64)")
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.output or f"{args.kind}.{'svg' if args.svg else 'png'}")
     if args.kind == "timeline":
-        fig = plots.timeline(plots.load_timeline(args.timeline), max_ms=args.max_ms,
+        fig = plots.timeline(plots.load_timeline(args.timeline), max_ms=args.max_ms or None,
                              title=f"Simulated timeline - {Path(args.timeline).name}")
     else:
         trace = _load(args.trace)
