@@ -1,5 +1,6 @@
 """Writes moesim/data/hardware/*.json: public-spec estimates (and the issue's H200 measurements)."""
 import json
+
 from moesim.simulator.cost_model import DEFAULT_EXPERT_BYTES, MIXTRAL_EXPERT_PARAMS
 
 FLOPS_PER_TOKEN = 2 * MIXTRAL_EXPERT_PARAMS
