@@ -23,7 +23,7 @@ def test_report_cli_writes_self_contained_html(real_trace_path, tmp_path, capsys
     assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
     assert "src='http" not in text and 'src="http' not in text  # nothing external
     images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", text)
-    assert len(images) >= 5
+    assert len(images) >= 6
     assert all(base64.b64decode(i).startswith(PNG_MAGIC) for i in images)
     for heading in ("Metadata", "Statistics", "Hit rate by policy and cache size", "Residency raster",
                     "Segment-cache bound", "Prefill vs decode"):

@@ -304,3 +304,18 @@ def test_matrix_invariants(tmp_path_factory, data):
     d = stats.reuse_distances(tr, "distinct")["distance"]
     assert d.null_count() == len({(layer, e) for _, _, _, layer, s in rows for e in s})
     assert d.drop_nulls().max() is None or d.drop_nulls().max() <= experts
+
+
+@pytest.mark.parametrize("predictor", stats.PREDICTORS)
+def test_prefetch_quality_kernel_matches_reference(tmp_path, predictor):
+    for seed in range(3):
+        tr = random_trace(tmp_path / f"t{seed}.parquet", seed, tokens=40, layers=4)
+        fast = stats.prefetch_quality(tr, [1, 2, 3, 6], predictor)
+        ref = stats.prefetch_quality_reference(tr, [1, 2, 3, 6], predictor)
+        assert fast.equals(ref)
+
+
+def test_prefetch_quality_kernel_matches_reference_on_real_trace(real_trace):
+    for predictor in stats.PREDICTORS:
+        assert stats.prefetch_quality(real_trace, [1, 2, 4], predictor).equals(
+            stats.prefetch_quality_reference(real_trace, [1, 2, 4], predictor))

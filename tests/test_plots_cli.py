@@ -13,7 +13,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.mark.parametrize("kind, extra", [("heatmap", []), ("raster", ["--layer", "2", "--policy", "lfu", "--tokens", "60"]),
                                          ("mrc", ["--policies", "lru,fifo,opt"]), ("reuse", []),
-                                         ("segment", ["--segments", "8,32"])])
+                                         ("segment", ["--segments", "8,32"]), ("affinity", ["--layer", "4"])])
 def test_plot_kinds_write_png(real_trace_path, tmp_path, capsys, kind, extra):
     out = tmp_path / f"{kind}.png"
     assert main(["plot", kind, str(real_trace_path), "-o", str(out), *extra]) == 0
@@ -40,6 +40,7 @@ def test_plot_timeline_cli(tmp_path):
 @pytest.mark.parametrize("argv, code, message", [
     (["plot"], 2, "plot needs a KIND"),
     (["plot", "raster", "{trace}", "--layer", "99"], 2, "--layer 99 out of range"),
+    (["plot", "affinity", "{trace}", "--layer", "-1"], 2, "--layer -1 out of range"),
     (["plot", "raster", "{trace}", "--cache-size", "1"], 2, "--cache-size 1 outside"),
     (["plot", "mrc", "{trace}", "--policies", "lru,nope"], 2, "unknown policy 'nope'"),
     (["plot", "heatmap", "{missing}"], 1, "no such file"),

@@ -192,6 +192,22 @@ def test_reuse_and_segment_plots(real_trace):
     np.testing.assert_allclose(ax.lines[1].get_ydata(), 100 * stats.segment_cache_bound(real_trace, 16)["hit_rate"].to_numpy())
 
 
+def test_affinity_plot_matrices(real_trace):
+    fig = plots.affinity(real_trace, 8)
+    co, trans = fig.moesim_matrices
+    expect = stats.coactivation(real_trace, 8, normalize="conditional")
+    off = ~np.eye(8, dtype=bool)
+    np.testing.assert_allclose(co[off], expect[off])
+    assert np.isnan(np.diag(co)).all()
+    np.testing.assert_allclose(trans, stats.transition_matrix(real_trace, 8, 9))
+    np.testing.assert_allclose(np.asarray(fig.axes[1].images[0].get_array()).sum(axis=1), 1.0)
+    assert "layer 8 -> 9" in fig.axes[1].get_title() and fig.axes[0].get_ylabel() == "expert i at layer 8"
+    last = plots.affinity(real_trace, 31)  # no next layer: one panel
+    assert len(last.moesim_matrices) == 1
+    with pytest.raises(ValueError):
+        plots.affinity(real_trace, 32)
+
+
 def test_save_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(DataError):
         plots.save(plots.plt.figure(), tmp_path / "missing" / "x.png")

@@ -310,6 +310,36 @@ def reuse(trace: Trace) -> Figure:
     return fig
 
 
+def affinity(trace: Trace, layer: int = 0) -> Figure:
+    """Two (E x E) matrices at ``layer``: co-activation within a token (P(j in set | i in set)) and
+    the transition to the next layer (distribution of layer+1's experts given expert i here)."""
+    meta = trace.meta
+    if not 0 <= layer < meta.num_layers:
+        raise ValueError(f"layer {layer} out of range [0, {meta.num_layers})")
+    nxt = layer + 1 if layer + 1 < meta.num_layers else None
+    co = stats.coactivation(trace, layer, normalize="conditional")
+    np.fill_diagonal(co, np.nan)  # P(i | i) = 1 says nothing; leave it blank
+    panels = [(co, f"co-activation at layer {layer}\nP(j also chosen | i chosen; diagonal blank)", "expert j (same token)")]
+    if nxt is not None:
+        panels.append((stats.transition_matrix(trace, layer, nxt),
+                       f"transition layer {layer} -> {nxt}\nshare of layer-{nxt} picks given i at layer {layer}",
+                       f"expert j at layer {nxt}"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
+    for ax, (mat, title, xlabel) in zip(axes[0], panels, strict=True):
+        im = ax.imshow(mat, cmap="viridis", vmin=0, interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"expert i at layer {layer}")
+        if meta.num_experts <= 32:
+            ax.set_xticks(range(meta.num_experts))
+            ax.set_yticks(range(meta.num_experts))
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).set_label("probability")
+    fig.suptitle(f"Expert affinity - {_title(trace)}")
+    fig.tight_layout()
+    fig.moesim_matrices = [m for m, _, _ in panels]  # type: ignore[attr-defined]
+    return fig
+
+
 def segment_bound(trace: Trace, segment_lens: Sequence[int] = (4, 16, 64)) -> Figure:
     """SCH (arXiv 2505.16056) vs cache size for a few segment lengths, next to OPT."""
     from moesim.simulator.replay import mrc as mrc_curve

@@ -141,6 +141,7 @@ def build_report(trace: Trace, *, policies: Sequence[str] = DEFAULT_POLICIES, si
     parts.append("<h2>Locality</h2>" + f"<img alt='reuse' src='data:image/png;base64,{_png(plots.reuse(trace))}'>")
     parts.append("<details><summary>token-to-token persistence per layer</summary>"
                  + _df_table(stats.persistence(trace)) + "</details>")
+    parts.append(f"<img alt='affinity' src='data:image/png;base64,{_png(plots.affinity(trace, raster_layer))}'>")
     if meta.num_layers > 1:
         parts.append("<details><summary>cross-layer affinity (adjacent layers)</summary>"
                      + _df_table(stats.cross_layer_affinity(trace)) + "</details>")

@@ -359,6 +359,62 @@ def summary(trace: Trace) -> dict[str, object]:
 PREDICTORS = ("prev-token", "cross-layer")
 
 
+@njit(cache=True)
+def _prefetch_kernel(seq: np.ndarray, tok: np.ndarray, lay: np.ndarray, ex: np.ndarray, num_experts: int,
+                     num_layers: int, budgets: np.ndarray, mode: int) -> tuple[np.ndarray, int]:
+    """Compiled :func:`prefetch_quality`; mode 0 = prev-token, 1 = cross-layer. Returns (correct
+    picks per budget, rows with a prediction)."""
+    n, k = ex.shape
+    e = num_experts
+    freq = np.zeros((num_layers, e))
+    trans = np.zeros((num_layers, e, e))
+    prev_seq = np.full(num_layers, -1, np.int64)
+    prev_tok = np.full(num_layers, -2, np.int64)
+    prev_set = np.zeros((num_layers, k), np.int64)
+    correct = np.zeros(budgets.shape[0], np.int64)
+    rows = 0
+    last_seq, last_tok, last_layer = -1, -2, -2
+    last_set = np.zeros(k, np.int64)
+    tiebreak = (e - 1 - np.arange(e)) * 1e-9  # deterministic: lower id wins ties
+    in_set = np.zeros(e, np.bool_)
+    for r in range(n):
+        layer = lay[r]
+        follows = last_seq == seq[r] and last_tok == tok[r] and last_layer == layer - 1
+        have = False
+        score = np.zeros(e)
+        if mode == 0:
+            if prev_seq[layer] == seq[r] and prev_tok[layer] == tok[r] - 1:
+                score = freq[layer] / (freq[layer].sum() + 1.0)  # < 1: only breaks ties after the set
+                for j in range(k):
+                    score[prev_set[layer, j]] += 2.0 + (k - 1 - j)  # previous set first, router order
+                have = True
+        elif follows:
+            for j in range(k):
+                score += trans[layer, last_set[j]]
+            score += freq[layer] / (freq[layer].sum() + 1.0)
+            have = True
+        if have:
+            order = np.argsort(-(score + tiebreak), kind="mergesort")
+            in_set[:] = False
+            for j in range(k):
+                in_set[ex[r, j]] = True
+            hits = np.cumsum(in_set[order].astype(np.int64))
+            for b in range(budgets.shape[0]):
+                correct[b] += hits[budgets[b] - 1]
+            rows += 1
+        if follows:
+            for a in range(k):
+                for j in range(k):
+                    trans[layer, last_set[a], ex[r, j]] += 1.0
+        for j in range(k):
+            freq[layer, ex[r, j]] += 1.0
+            prev_set[layer, j] = ex[r, j]
+            last_set[j] = ex[r, j]
+        prev_seq[layer], prev_tok[layer] = seq[r], tok[r]
+        last_seq, last_tok, last_layer = seq[r], tok[r], layer
+    return correct, rows
+
+
 def prefetch_quality(trace: Trace, budgets: list[int], predictor: str = "cross-layer") -> pl.DataFrame:
     """Precision and recall of a simple, causal expert predictor that names ``budget`` experts for
     each (token, layer) before it runs:
@@ -370,15 +426,40 @@ def prefetch_quality(trace: Trace, budgets: list[int], predictor: str = "cross-l
 
     precision = correct / budget, recall = correct / top-k, pooled over every row that has a
     prediction (layer 0 has none for ``cross-layer``; a sequence's first token none for ``prev-token``).
+    Compiled (numba); :func:`prefetch_quality_reference` is the plain-Python statement of the same.
     """
+    trace, budgets = _check_prefetch_args(trace, budgets, predictor)
+    correct, rows = _prefetch_kernel(trace.seq.astype(np.int64), trace.token.astype(np.int64),
+                                     trace.layer.astype(np.int64), np.ascontiguousarray(trace.experts.astype(np.int64)),
+                                     trace.meta.num_experts, trace.meta.num_layers, np.asarray(budgets, np.int64),
+                                     PREDICTORS.index(predictor))
+    return _prefetch_table(predictor, budgets, correct, int(rows), trace.meta.top_k)
+
+
+def _check_prefetch_args(trace: Trace, budgets: list[int], predictor: str) -> tuple[Trace, list[int]]:
     if predictor not in PREDICTORS:
         raise ValueError(f"unknown predictor {predictor!r} (known: {', '.join(PREDICTORS)})")
-    trace = _ordered(trace)
-    meta = trace.meta
-    e, k, n_layers = meta.num_experts, meta.top_k, meta.num_layers
+    e = trace.meta.num_experts
     bad = [b for b in budgets if not 1 <= b <= e]
     if bad:
         raise ValueError(f"budget {bad[0]} outside [1, {e}]")
+    return _ordered(trace), [int(b) for b in budgets]
+
+
+def _prefetch_table(predictor: str, budgets: list[int], correct: np.ndarray, rows: int, k: int) -> pl.DataFrame:
+    b = np.asarray(budgets, np.float64)
+    return pl.DataFrame({
+        "predictor": [predictor] * len(budgets), "budget": list(budgets), "rows": [rows] * len(budgets),
+        "precision": (correct / (b * rows)) if rows else np.full(len(b), np.nan),
+        "recall": (correct / (k * rows)) if rows else np.full(len(b), np.nan),
+    })
+
+
+def prefetch_quality_reference(trace: Trace, budgets: list[int], predictor: str = "cross-layer") -> pl.DataFrame:
+    """Plain-Python :func:`prefetch_quality` (the oracle its compiled kernel is tested against)."""
+    trace, budgets = _check_prefetch_args(trace, budgets, predictor)
+    meta = trace.meta
+    e, k, n_layers = meta.num_experts, meta.top_k, meta.num_layers
     freq = np.zeros((n_layers, e), np.float64)
     trans = np.zeros((n_layers, e, e), np.float64)  # trans[l, i, j]: i at layer l-1 then j at layer l
     prev_same_layer: dict[int, tuple[int, int, np.ndarray]] = {}  # layer -> (seq, token, set)
@@ -386,30 +467,31 @@ def prefetch_quality(trace: Trace, budgets: list[int], predictor: str = "cross-l
     predicted_rows = 0
     seq, tok, lay, ex = trace.seq, trace.token, trace.layer.astype(np.int64), trace.experts.astype(np.int64)
     last_row: tuple[int, int, int, np.ndarray] | None = None  # (seq, token, layer, set) of the row before
-    tiebreak = np.arange(e)[::-1] * 1e-9  # deterministic: lower id wins ties
+    tiebreak = (e - 1 - np.arange(e)) * 1e-9  # deterministic: lower id wins ties
     for r in range(len(lay)):
         layer, actual = int(lay[r]), ex[r]
+        follows = last_row is not None and last_row[0] == seq[r] and last_row[1] == tok[r] and last_row[2] == layer - 1
         score = None
         if predictor == "prev-token":
             p = prev_same_layer.get(layer)
             if p is not None and p[0] == seq[r] and p[1] == tok[r] - 1:
-                score = freq[layer] / (freq[layer].sum() + 1.0)  # < 1: only breaks ties after the set
-                score[p[2]] += 2.0 + np.arange(k)[::-1]  # previous set first, in router order
-        elif last_row is not None and last_row[0] == seq[r] and last_row[1] == tok[r] and last_row[2] == layer - 1:
-            score = trans[layer][last_row[3]].sum(axis=0) + freq[layer] / (freq[layer].sum() + 1.0)
+                score = freq[layer] / (freq[layer].sum() + 1.0)
+                score[p[2]] += 2.0 + np.arange(k)[::-1]
+        elif follows:
+            score = np.zeros(e)
+            for j in range(k):
+                score = score + trans[layer][last_row[3][j]]
+            score = score + freq[layer] / (freq[layer].sum() + 1.0)
         if score is not None:
             order = np.argsort(-(score + tiebreak), kind="stable")
             hit = np.isin(order, actual)
             correct += np.cumsum(hit)[np.asarray(budgets) - 1]
             predicted_rows += 1
-        if last_row is not None and last_row[0] == seq[r] and last_row[1] == tok[r] and last_row[2] == layer - 1:
-            trans[layer][np.ix_(last_row[3], actual)] += 1
+        if follows:
+            for a in last_row[3]:
+                for b in actual:
+                    trans[layer, a, b] += 1
         freq[layer, actual] += 1
         prev_same_layer[layer] = (int(seq[r]), int(tok[r]), actual)
         last_row = (int(seq[r]), int(tok[r]), layer, actual)
-    b = np.asarray(budgets, np.float64)
-    return pl.DataFrame({
-        "predictor": [predictor] * len(budgets), "budget": list(budgets), "rows": [predicted_rows] * len(budgets),
-        "precision": (correct / (b * predicted_rows)) if predicted_rows else np.full(len(b), np.nan),
-        "recall": (correct / (k * predicted_rows)) if predicted_rows else np.full(len(b), np.nan),
-    })
+    return _prefetch_table(predictor, budgets, correct, predicted_rows, k)

@@ -8,7 +8,7 @@ from pathlib import Path
 from moesim.commands._common import int_list, positive_int
 from moesim.errors import UsageError
 
-KINDS = ("heatmap", "raster", "mrc", "speed", "prefetch", "timeline", "reuse", "segment")
+KINDS = ("heatmap", "raster", "mrc", "speed", "prefetch", "timeline", "reuse", "segment", "affinity")
 
 
 def _names(text: str) -> list[str]:
@@ -56,6 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add("reuse", "distribution of reuse (LRU stack) distances")
     g = add("segment", "segment-cache best hit rate (arXiv 2505.16056) vs cache size, next to OPT")
     g.add_argument("--segments", type=int_list, default=[4, 16, 64], help="segment lengths in tokens (default 4,16,64)")
+    a = add("affinity", "co-activation within a token and transition to the next layer, at one layer")
+    a.add_argument("--layer", type=int, default=0, help="MoE layer (default 0)")
     p.set_defaults(func=_need_kind)
 
 
@@ -102,6 +104,10 @@ def run(args: argparse.Namespace) -> int:
             for name in args.policies:
                 _check_policy(name)
             fig = plots.mrc(trace, args.policies)
+        elif args.kind == "affinity":
+            if not 0 <= args.layer < meta.num_layers:
+                raise UsageError(f"--layer {args.layer} out of range [0, {meta.num_layers})")
+            fig = plots.affinity(trace, args.layer)
         elif args.kind == "reuse":
             fig = plots.reuse(trace)
         elif args.kind == "segment":

@@ -32,6 +32,7 @@ from moesim.atomic import atomic_open
 from moesim.errors import UsageError
 from moesim.policies.base import NEVER, EvictionPolicy, ExpertCache, make_policy, policy_class
 from moesim.policies.prefetch import PrefetchContext, make_prefetcher
+from moesim.simulator import kernels, timing_kernel
 from moesim.simulator.cost_model import CostModel
 from moesim.traces.format import PREFILL, Trace
 
@@ -217,7 +218,10 @@ def _next_uses(steps: list[Step], num_layers: int) -> dict[tuple[int, int], dict
 def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], cache_size: int | Sequence[int],
                     cost: CostModel, *, prefetch: str = "none", prefetch_params: dict[str, Any] | None = None,
                     policy_params: dict[str, Any] | None = None, batch_size: int = 1, prefill_chunk: int = 512,
-                    timeline: str | os.PathLike | None = None) -> TimingResult:
+                    timeline: str | os.PathLike | None = None, engine: str = "auto") -> TimingResult:
+    """Simulate decoding ``trace``; ``engine`` "auto" takes the compiled path when it applies
+    (batch-1 decode, lru/fifo/lfu/opt, built-in prefetcher, no timeline), "python" forces the
+    general event path, "numba" insists on the compiled one."""
     meta = trace.meta
     L, E, k = meta.num_layers, meta.num_experts, meta.top_k
     sizes = [int(cache_size)] * L if isinstance(cache_size, int | np.integer) else [int(s) for s in cache_size]
@@ -251,6 +255,15 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
         raise UsageError(f"prefetcher {prefetch!r} needs recorded predictions at distance {d} "
                          f"(trace {trace.path} has {list(pred_cols) or 'none'}; record with --predict-distance)")
     trace = trace.execution_order()
+    fast_ok = (batch_size == 1 and timeline is None and isinstance(policy, str) and not policy_params
+               and policy in kernels.POLICY_CODES and prefetch in timing_kernel.PREFETCH_CODES
+               and all(s > 0 for s in sizes) and not (trace.phase == PREFILL).any()
+               and pparams.get("threshold") is None)
+    if engine == "numba" and not fast_ok:
+        raise UsageError("the compiled timing path needs batch 1 decode, lru/fifo/lfu/opt, a built-in prefetcher "
+                         "and no timeline")
+    if fast_ok and engine != "python":
+        return _simulate_fast(trace, policy, sizes, cache_size, cost, prefetch, prefetcher)
     steps = build_steps(trace, batch_size, prefill_chunk)
     caches = [ExpertCache(s, make()) if s > 0 else None for s in sizes]
     future = any(c is not None and c.policy.needs_future for c in caches)
@@ -359,3 +372,34 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
     return TimingResult(policy_name, size_out, prefetch, cost.name, tokens, requests, hits, total, stall, copies,
                         prefetches, used, rec_hits, rec_needed, landed, sets, slots, xb, per_token, compute,
                         copies * copy_s)
+
+
+def _simulate_fast(trace: Trace, policy: str, sizes: list[int], cache_size, cost: CostModel, prefetch: str,
+                   prefetcher) -> TimingResult:
+    meta = trace.meta
+    L, E = meta.num_layers, meta.num_experts
+    layer = trace.layer.astype(np.int64)
+    keys = trace.experts.astype(np.int64)
+    pair = np.stack([trace.seq, trace.token], 1)
+    step = np.cumsum(np.r_[False, (pair[1:] != pair[:-1]).any(1)]).astype(np.int64)
+    n_steps = int(step[-1]) + 1 if len(step) else 0
+    row_at = np.full((n_steps, L), -1, np.int64)
+    row_at[step, layer] = np.arange(len(step))
+    nxt = kernels.next_use_kernel(layer, keys, E, L) if policy == "opt" else np.zeros((1, 1), np.int64)
+    pred = (trace.pred_experts(prefetcher.distance).astype(np.int64) if prefetch == "speculative"
+            else np.zeros((1, 1), np.int64))
+    context = trace.token.astype(np.int64)
+    uniq, inv = np.unique(context, return_inverse=True)
+    layer_s = np.array([cost.layer_seconds(int(c), 1) for c in uniq])[inv.reshape(-1)]
+    xb = cost.expert_bytes(meta.expert_bytes)
+    copy_s = cost.copy_seconds(xb)
+    total, stall, compute, stats, per_token = timing_kernel.des_kernel(
+        kernels.POLICY_CODES[policy], timing_kernel.PREFETCH_CODES[prefetch], prefetcher.distance,
+        prefetcher.budget, step, layer, keys, nxt, row_at, pred, np.asarray(sizes, np.int64), E,
+        cost.token_seconds(1), layer_s, copy_s, cost.expert_seconds(1), cost.copy_engines)
+    hits, landed, prefetches, used, rec_hits, rec_needed, copies = (int(x) for x in stats)
+    size_out = int(cache_size) if isinstance(cache_size, int | np.integer) else list(sizes)
+    slots = int(np.asarray(sizes)[layer].sum())
+    return TimingResult(policy, size_out, prefetch, cost.name, n_steps, int(keys.size), hits, float(total),
+                        float(stall), copies, prefetches, used, rec_hits, rec_needed, landed, len(layer), slots, xb,
+                        per_token, float(compute), copies * copy_s)

@@ -1,0 +1,246 @@
+"""Compiled fast path of the timing simulator for the common case: batch-1 decode, one cache per
+layer, a compiled policy (lru, fifo, lfu, opt) and a built-in prefetcher.
+
+It performs exactly the operations of :func:`moesim.simulator.timing.simulate_timing` in the same
+order (tests/test_timing_fast.py compares every metric), with array state instead of objects.
+Victim ties break by the smallest expert id, as the reference classes do.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from moesim.policies.base import NEVER
+from moesim.simulator.kernels import FIFO, LFU, LRU
+
+PF_NONE, PF_PREVIOUS, PF_TRANSITION, PF_ORACLE, PF_SPECULATIVE = 0, 1, 2, 3, 4
+PREFETCH_CODES = {"none": PF_NONE, "previous-token": PF_PREVIOUS, "transition": PF_TRANSITION,
+                  "oracle": PF_ORACLE, "speculative": PF_SPECULATIVE}
+
+
+@njit(cache=True, nogil=True)
+def _victim(policy, layer, size, slots, protect_mask, last, count, inserted, next_use):
+    best = -1
+    b0 = 0
+    b1 = 0
+    b2 = 0
+    for t in range(size):
+        v = slots[layer, t]
+        if protect_mask[v]:
+            continue
+        if policy == LRU:
+            p0, p1 = last[layer, v], v
+            p2 = 0
+        elif policy == FIFO:
+            p0, p1 = inserted[layer, v], v
+            p2 = 0
+        elif policy == LFU:
+            p0, p1, p2 = count[layer, v], last[layer, v], v
+        else:
+            p0, p1 = -next_use[layer, v], v
+            p2 = 0
+        if best < 0 or p0 < b0 or (p0 == b0 and (p1 < b1 or (p1 == b1 and p2 < b2))):
+            best, b0, b1, b2 = t, p0, p1, p2
+    return best
+
+
+@njit(cache=True, nogil=True)
+def des_kernel(policy, pf, distance, budget, step, layer, keys, nxt, row_at, pred, sizes, n_experts,
+               token_s, layer_s, copy_s, expert_s, n_engines):
+    n, k = keys.shape
+    L = sizes.shape[0]
+    E = n_experts
+    n_steps = row_at.shape[0]
+    kmax = max(1, sizes.max())
+    slots = np.full((L, kmax), -1, np.int64)
+    occ = np.zeros(L, np.int64)
+    resident = np.zeros((L, E), np.bool_)
+    last = np.zeros((L, E), np.int64)
+    count = np.zeros((L, E), np.int64)
+    inserted = np.zeros((L, E), np.int64)
+    next_use = np.full((L, E), NEVER, np.int64)
+    inflight = np.zeros((L, E))
+    pending = np.zeros((L, E), np.bool_)
+    trans = np.zeros((L, E, E))
+    se = np.full((L, k), -1, np.int64)      # transition: experts observed at each layer this step
+    se_valid = np.zeros(L, np.bool_)
+    prev = np.full((L, k), -1, np.int64)    # previous-token: last experts observed per layer
+    engines = np.zeros(n_engines)
+    per_token = np.zeros(n_steps)
+    protect = np.zeros(E, np.bool_)
+    ready = np.zeros(k)
+    order = np.zeros(k, np.int64)
+    score = np.zeros(E)
+    picks = np.zeros(E, np.int64)
+    compute_free = 0.0
+    tick = 0
+    hits = landed = prefetches = used = rec_hits = rec_needed = copies = 0
+    stall = 0.0
+    compute = 0.0
+    r = 0
+    for i in range(n_steps):
+        t0 = compute_free
+        compute_free += token_s
+        compute += token_s
+        while r < n and step[r] == i:
+            lay = layer[r]
+            compute_free += layer_s[r]
+            compute += layer_s[r]
+            gate = compute_free
+            size = sizes[lay]
+            # ---- demand request (atomic set) ----
+            for j in range(k):
+                e = keys[r, j]
+                if resident[lay, e]:
+                    hits += 1
+                    ready[j] = inflight[lay, e]
+                    if inflight[lay, e] <= gate:
+                        landed += 1
+                    if pending[lay, e]:
+                        pending[lay, e] = False
+                        used += 1
+                        if lay >= distance:
+                            rec_hits += 1
+                else:
+                    ready[j] = -1.0  # marks a miss
+            for j in range(k):
+                e = keys[r, j]
+                tick += 1
+                last[lay, e] = tick
+                count[lay, e] += 1
+                next_use[lay, e] = nxt[r, j]
+            for j in range(k):
+                if ready[j] >= 0.0:
+                    continue
+                e = keys[r, j]
+                if occ[lay] < size:
+                    s = occ[lay]
+                    occ[lay] += 1
+                else:
+                    protect[:] = False
+                    for jj in range(k):
+                        protect[keys[r, jj]] = True
+                    s = _victim(policy, lay, size, slots, protect, last, count, inserted, next_use)
+                    resident[lay, slots[lay, s]] = False
+                slots[lay, s] = e
+                resident[lay, e] = True
+                tick += 1
+                inserted[lay, e] = tick
+            if lay >= distance:
+                rec_needed += k
+            for j in range(k):
+                if ready[j] >= 0.0:
+                    continue
+                e = keys[r, j]
+                pending[lay, e] = False
+                c = 0
+                for q in range(1, n_engines):
+                    if engines[q] < engines[c]:
+                        c = q
+                start = max(engines[c], gate)
+                engines[c] = start + copy_s
+                ready[j] = engines[c]
+                inflight[lay, e] = ready[j]
+                copies += 1
+            # ---- prefetch for layer + distance ----
+            target = lay + distance
+            if pf != PF_NONE and target < L and sizes[target] > 0:
+                n_picks = 0
+                if pf == PF_PREVIOUS:
+                    for j in range(k):
+                        if prev[target, j] >= 0:
+                            picks[n_picks] = prev[target, j]
+                            n_picks += 1
+                elif pf == PF_TRANSITION:
+                    for e in range(E):
+                        acc = 0.0
+                        for j in range(k):
+                            acc += trans[lay, keys[r, j], e]
+                        score[e] = acc
+                        if acc > 0.0:  # stable insertion by descending score (ties: smaller id first)
+                            q = n_picks
+                            while q > 0 and score[picks[q - 1]] < acc:
+                                picks[q] = picks[q - 1]
+                                q -= 1
+                            picks[q] = e
+                            n_picks += 1
+                else:
+                    rt = row_at[i, target]
+                    if rt >= 0:
+                        for j in range(k):
+                            e = keys[rt, j] if pf == PF_ORACLE else pred[rt, j]
+                            if e >= 0:
+                                picks[n_picks] = e
+                                n_picks += 1
+                n_picks = min(n_picks, budget)
+                protect[:] = False
+                for e in range(E):
+                    if (inflight[target, e] > gate) or pending[target, e]:
+                        protect[e] = True
+                for q in range(n_picks):
+                    protect[picks[q]] = True
+                for q in range(n_picks):
+                    e = picks[q]
+                    if resident[target, e]:
+                        continue
+                    tsize = sizes[target]
+                    if occ[target] < tsize:
+                        s = occ[target]
+                        occ[target] += 1
+                    else:
+                        s = _victim(policy, target, tsize, slots, protect, last, count, inserted, next_use)
+                        if s < 0:
+                            break
+                        v = slots[target, s]
+                        resident[target, v] = False
+                        pending[target, v] = False
+                        inflight[target, v] = 0.0
+                    slots[target, s] = e
+                    resident[target, e] = True
+                    tick += 1
+                    inserted[target, e] = tick
+                    c = 0
+                    for qq in range(1, n_engines):
+                        if engines[qq] < engines[c]:
+                            c = qq
+                    start = max(engines[c], gate)
+                    engines[c] = start + copy_s
+                    inflight[target, e] = engines[c]
+                    pending[target, e] = True
+                    prefetches += 1
+                    copies += 1
+            # ---- expert compute in order of readiness (router order breaks ties) ----
+            for j in range(k):
+                order[j] = j
+            for a in range(1, k):  # insertion sort on (ready, j): k is tiny
+                b = a
+                while b > 0 and ready[order[b - 1]] > ready[order[b]]:
+                    order[b - 1], order[b] = order[b], order[b - 1]
+                    b -= 1
+            for a in range(k):
+                rd = ready[order[a]]
+                before = compute_free
+                compute_free = max(compute_free, rd) + expert_s
+                if rd > before:
+                    stall += rd - before
+                compute += expert_s
+            # ---- observe ----
+            if pf == PF_PREVIOUS:
+                for j in range(k):
+                    prev[lay, j] = keys[r, j]
+            elif pf == PF_TRANSITION:
+                src = lay - distance
+                if src >= 0 and se_valid[src]:
+                    for a in range(k):
+                        for b in range(k):
+                            trans[src, se[src, a], keys[r, b]] += 1.0
+                for j in range(k):
+                    se[lay, j] = keys[r, j]
+                se_valid[lay] = True
+                if lay == L - 1:
+                    se_valid[:] = False
+            r += 1
+        per_token[i] = (compute_free - t0) * 1e3
+    stats = np.array([hits, landed, prefetches, used, rec_hits, rec_needed, copies], np.int64)
+    return compute_free, stall, compute, stats, per_token
