@@ -27,7 +27,8 @@ class LRU(EvictionPolicy):
         self.last[key] = self.tick
 
     def victim(self, candidates: Sequence[int]) -> int:
-        return min(candidates, key=self.last.__getitem__)
+        # .get: a prefetched expert may be resident without ever having been requested
+        return min(candidates, key=lambda k: (self.last.get(k, 0), k))
 
 
 @register
@@ -45,7 +46,7 @@ class FIFO(EvictionPolicy):
         self.inserted[key] = self.tick
 
     def victim(self, candidates: Sequence[int]) -> int:
-        return min(candidates, key=self.inserted.__getitem__)
+        return min(candidates, key=self.inserted.__getitem__)  # unique stamps: no ties
 
 
 @register
@@ -65,7 +66,7 @@ class LFU(EvictionPolicy):
         self.last[key] = self.tick
 
     def victim(self, candidates: Sequence[int]) -> int:
-        return min(candidates, key=lambda k: (self.count[k], self.last[k]))
+        return min(candidates, key=lambda k: (self.count.get(k, 0), self.last.get(k, 0), k))
 
 
 @register
@@ -82,7 +83,8 @@ class OPT(EvictionPolicy):
         self.next_use[key] = next_use
 
     def victim(self, candidates: Sequence[int]) -> int:
-        return max(candidates, key=self.next_use.__getitem__)
+        # ties (e.g. several never requested again) go to the smallest key: deterministic everywhere
+        return max(candidates, key=lambda k: (self.next_use.get(k, NEVER), -k))
 
 
 @register
@@ -141,7 +143,7 @@ class LFUDecay(EvictionPolicy):
         return 1.0
 
     def victim(self, candidates: Sequence[int]) -> int:
-        return min(candidates, key=lambda k: (self._decayed(k), self.last[k]))
+        return min(candidates, key=lambda k: (self._decayed(k), self.last.get(k, 0), k))
 
 
 @register
@@ -189,7 +191,7 @@ class LRFU(EvictionPolicy):
         self.last[key] = self.tick
 
     def victim(self, candidates: Sequence[int]) -> int:
-        return min(candidates, key=lambda k: (self._value(k), self.last[k]))
+        return min(candidates, key=lambda k: (self._value(k), self.last.get(k, 0), k))
 
 
 @register
@@ -394,6 +396,7 @@ class MultiDimensional(EvictionPolicy):
         self.count[key] = self.count.get(key, 0) + 1
 
     def victim(self, candidates: Sequence[int]) -> int:
-        by_recency = {k: i for i, k in enumerate(sorted(candidates, key=self.last.__getitem__))}
-        by_count = {k: i for i, k in enumerate(sorted(candidates, key=lambda k: (self.count[k], self.last[k])))}
-        return min(candidates, key=lambda k: (self.w * by_recency[k] + (1 - self.w) * by_count[k], self.last[k]))
+        last, count = self.last, self.count
+        by_recency = {k: i for i, k in enumerate(sorted(candidates, key=lambda k: (last.get(k, 0), k)))}
+        by_count = {k: i for i, k in enumerate(sorted(candidates, key=lambda k: (count.get(k, 0), last.get(k, 0), k)))}
+        return min(candidates, key=lambda k: (self.w * by_recency[k] + (1 - self.w) * by_count[k], last.get(k, 0), k))
