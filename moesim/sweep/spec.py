@@ -1,0 +1,255 @@
+"""What a sweep is: a grid of cells, each a job keyed by a stable hash of everything that decides its
+result (the trace's CONTENT hash, never its path, so moving or renaming a trace keeps old results)."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import tomllib
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from moesim.errors import DataError, UsageError
+
+# Bump when the meaning of a cell's result changes, so results computed under the old meaning are not
+# reused by a resumed sweep.
+SWEEP_VERSION = 1
+NO_PREFETCH = "none"
+NO_HARDWARE = "none"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the grid. ``hardware == "none"``: a hit-rate replay (``simulate``); otherwise a
+    timing simulation (``simulate_timing``) with that hardware preset."""
+
+    trace: str
+    trace_sha256: str
+    policy: str
+    cache_size: int
+    params: str = "{}"  # canonical JSON of the policy's parameters
+    scope: str = "layer"
+    semantics: str = "atomic"
+    prefetch: str = NO_PREFETCH
+    prefetch_budget: int = 0
+    hardware: str = NO_HARDWARE
+    batch_size: int = 1
+
+    @property
+    def key(self) -> str:
+        """Stable id: hash of every input but the trace path (the content hash stands for it)."""
+        ident = {k: v for k, v in asdict(self).items() if k != "trace"}
+        ident["sweep_version"] = SWEEP_VERSION
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+
+    @property
+    def policy_params(self) -> dict[str, Any]:
+        return json.loads(self.params)
+
+    def to_row(self) -> dict[str, Any]:
+        return {"cell_id": self.key, **asdict(self)}
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Cell:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+
+INPUT_COLUMNS = ("cell_id", *(f.name for f in fields(Cell)))
+
+
+@dataclass
+class SweepSpec:
+    """The axes of a sweep. Every combination is a cell; ``params`` maps a policy name to its
+    parameter axes (``{"lfu-decay": {"half_life": [100, 1000]}}``), which apply to that policy only."""
+
+    traces: list[str]
+    policies: list[str]
+    cache_sizes: list[int]
+    params: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    scopes: list[str] = field(default_factory=lambda: ["layer"])
+    semantics: list[str] = field(default_factory=lambda: ["atomic"])
+    prefetch: list[str] = field(default_factory=lambda: [NO_PREFETCH])
+    prefetch_budgets: list[int] = field(default_factory=lambda: [1])
+    hardware: list[str] = field(default_factory=lambda: [NO_HARDWARE])
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+
+
+_LIST_KEYS = {f.name for f in fields(SweepSpec)} - {"params"}
+_INT_KEYS = {"cache_sizes", "prefetch_budgets", "batch_sizes"}
+
+
+def _as_list(value: Any, key: str, where: str) -> list[Any]:
+    if isinstance(value, str) and key in _INT_KEYS and ".." in value:
+        lo, _, hi = value.partition("..")
+        try:
+            return list(range(int(lo), int(hi) + 1))
+        except ValueError:
+            raise UsageError(f"{where}: {key} range {value!r} is not LO..HI") from None
+    items = value if isinstance(value, list) else [value]
+    if key in _INT_KEYS:
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+            raise UsageError(f"{where}: {key} must be integers, got {value!r}")
+    elif not all(isinstance(v, str) for v in items):
+        raise UsageError(f"{where}: {key} must be strings, got {value!r}")
+    if not items:
+        raise UsageError(f"{where}: {key} is empty")
+    return list(items)
+
+
+def load_config(path: str | os.PathLike) -> SweepSpec:
+    """Read a TOML sweep config. Trace paths are relative to the config file's folder."""
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise DataError(p, "no such file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(p, f"not a valid TOML file ({exc})") from None
+    unknown = set(raw) - _LIST_KEYS - {"params"}
+    if unknown:
+        raise DataError(p, f"unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(_LIST_KEYS | {'params'}))})")
+    values: dict[str, Any] = {}
+    for key in _LIST_KEYS & set(raw):
+        try:
+            values[key] = _as_list(raw[key], key, str(p))
+        except UsageError as exc:
+            raise DataError(p, str(exc).split(": ", 1)[1]) from None
+    for key in ("traces", "policies", "cache_sizes"):
+        if key not in values:
+            raise DataError(p, f"missing required key {key!r}")
+    values["traces"] = [str(t) if Path(t).is_absolute() else str(p.parent / t) for t in values["traces"]]
+    params = raw.get("params", {})
+    if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
+        raise DataError(p, "[params] must hold one table per policy, e.g. [params.lfu-decay] half_life = [100, 1000]")
+    values["params"] = {pol: {k: v if isinstance(v, list) else [v] for k, v in axes.items()} for pol, axes in params.items()}
+    return SweepSpec(**values)
+
+
+def trace_sha256(path: str | os.PathLike) -> str:
+    """Content hash of a trace file (or of a directory of part files: names and bytes, in name order)."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(p, "no such file")
+    files = sorted(f for f in p.iterdir() if f.suffix == ".parquet") if p.is_dir() else [p]
+    h = hashlib.sha256()
+    for f in files:
+        if p.is_dir():
+            h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _param_grid(axes: dict[str, list[Any]]) -> list[str]:
+    if not axes:
+        return ["{}"]
+    names = sorted(axes)
+    return [json.dumps(dict(zip(names, combo, strict=True)), sort_keys=True)
+            for combo in itertools.product(*(axes[n] for n in names))]
+
+
+def _validate(spec: SweepSpec, metas: dict[str, Any]) -> None:
+    from moesim.policies.base import policy_class
+    from moesim.simulator.replay import SCOPES, SEMANTICS
+
+    for name in spec.policies:
+        try:
+            cls = policy_class(name)
+        except KeyError as exc:
+            raise UsageError(str(exc.args[0])) from None
+        for params in _param_grid(spec.params.get(name, {})):
+            try:
+                cls(**json.loads(params))
+            except (TypeError, ValueError) as exc:
+                raise UsageError(f"bad parameters {params} for policy {name!r}: {exc}") from None
+    stray = set(spec.params) - set(spec.policies)
+    if stray:
+        raise UsageError(f"parameters given for policy {sorted(stray)[0]!r}, which is not in the sweep")
+    for s in spec.scopes:
+        if s not in SCOPES:
+            raise UsageError(f"unknown scope {s!r} (known: {', '.join(SCOPES)})")
+    for s in spec.semantics:
+        if s not in SEMANTICS:
+            raise UsageError(f"unknown semantics {s!r} (known: {', '.join(SEMANTICS)})")
+    for path, meta in metas.items():
+        small = [k for k in spec.cache_sizes if k < meta.top_k]
+        if small:
+            raise UsageError(f"cache size {small[0]} is smaller than top-k ({meta.top_k}) of {path}")
+    if any(b < 0 for b in spec.prefetch_budgets) or any(b < 1 for b in spec.batch_sizes):
+        raise UsageError("prefetch budgets must be >= 0 and batch sizes >= 1")
+    timed = [h for h in spec.hardware if h != NO_HARDWARE]
+    if any(p != NO_PREFETCH for p in spec.prefetch) and not timed:
+        raise UsageError("prefetchers need a timing model: add --hardware NAME (prefetch has no effect on hit-rate replay)")
+    if timed:
+        _validate_hardware(timed, spec.prefetch)
+
+
+def _validate_hardware(names: Iterable[str], prefetchers: Iterable[str]) -> None:
+    try:
+        from moesim.policies.prefetch import prefetcher_names
+        from moesim.simulator.cost_model import CostModel
+    except ImportError:
+        raise UsageError("--hardware needs the timing simulator (moesim.simulator.cost_model), which is not installed") from None
+    for name in names:
+        CostModel.preset(name)  # UsageError naming the known presets
+    known = prefetcher_names()
+    for name in prefetchers:
+        if name not in known:
+            raise UsageError(f"unknown prefetcher {name!r} (known: {', '.join(known)})")
+
+
+def expand(spec: SweepSpec, hashes: dict[str, str] | None = None) -> list[Cell]:
+    """Every cell of the grid, validated, in a stable order, without duplicates.
+
+    A hit-rate cell (no hardware) ignores prefetchers, budgets and batch size, so those axes collapse
+    for it; a cell without a prefetcher ignores the budget (stored as 0).
+    """
+    from moesim.traces.format import read_meta
+
+    metas = {t: read_meta(t) for t in spec.traces}
+    _validate(spec, metas)
+    hashes = dict(hashes or {})
+    for t in spec.traces:
+        if t not in hashes:
+            hashes[t] = trace_sha256(t)
+    cells: dict[str, Cell] = {}
+    for trace, hw, pf, budget, bs, scope, sem, policy in itertools.product(
+            spec.traces, spec.hardware, spec.prefetch, spec.prefetch_budgets, spec.batch_sizes,
+            spec.scopes, spec.semantics, spec.policies):
+        if hw == NO_HARDWARE:
+            pf, budget, bs = NO_PREFETCH, 0, 1
+        elif pf == NO_PREFETCH:
+            budget = 0
+        for params in _param_grid(spec.params.get(policy, {})):
+            for k in spec.cache_sizes:
+                cell = Cell(trace, hashes[trace], policy, int(k), params, scope, sem, pf, int(budget), hw, int(bs))
+                cells.setdefault(cell.key, cell)
+    return list(cells.values())
+
+
+def split_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def spec_from_lists(base: SweepSpec | None, lists: dict[str, Sequence[Any] | None],
+                    params: dict[str, dict[str, list[Any]]] | None) -> SweepSpec:
+    """Overlay command-line axes (``None`` = not given) on a config's spec (or on the defaults)."""
+    values = asdict(base) if base is not None else {}
+    for key, val in lists.items():
+        if val is not None:
+            values[key] = list(val)
+    if params:
+        merged = dict(values.get("params", {}))
+        for pol, axes in params.items():
+            merged[pol] = {**merged.get(pol, {}), **axes}
+        values["params"] = merged
+    missing = [k for k in ("traces", "policies", "cache_sizes") if not values.get(k)]
+    if missing:
+        flag = {"traces": "--trace", "policies": "--policy", "cache_sizes": "--cache-size"}[missing[0]]
+        raise UsageError(f"no {missing[0].replace('_', ' ')} given: use {flag} or a --config file")
+    return SweepSpec(**values)
