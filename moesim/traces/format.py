@@ -11,7 +11,7 @@ Columns (see docs/trace-format.md for the full description):
                                           precision keeps a row at a few bytes)
     logits    fixed_size_list<float16>[E] optional: the full router logits
     pred{d}_experts  fixed_size_list<int16>[k]   optional: this layer's top-k as predicted d layers
-                                                 earlier (null where layer < d)
+                                                 earlier (-1s where layer < d; older files: null)
     pred{d}_logits   fixed_size_list<float16>[E] optional: the logits of that prediction
 
 File-level metadata sits under the Parquet key ``moesim`` as JSON (:class:`TraceMeta`).
@@ -201,15 +201,16 @@ class TraceWriter:
             if f.name in ("seq", "token", "phase", "layer"):
                 arrays.append(pa.array(v, type=f.type))
             elif f.name.endswith("logits"):
-                null_rows = None
-                if f.name.startswith("pred"):
-                    null_rows = cols[f.name.replace("_logits", "_experts")][:, 0] < 0
-                arrays.append(_fixed_list(v, e, pa.float16(), null_rows))
+                if f.name.startswith("pred"):  # no prediction: NaN values, not a null row (see below)
+                    none = cols[f.name.replace("_logits", "_experts")][:, :1] < 0
+                    v = np.where(none, np.float16(np.nan), v)
+                arrays.append(_fixed_list(v, e, pa.float16()))
             elif f.name == "weights":
                 arrays.append(_fixed_list(v, k, pa.float16()))
             else:  # experts, pred{d}_experts
-                null_rows = v[:, 0] < 0 if f.name.startswith("pred") else None
-                arrays.append(_fixed_list(v, k, pa.int16(), null_rows))
+                # rows without a prediction stay -1 rather than null: pyarrow 25 cannot read back
+                # fixed-size lists with null rows from Parquet ("Expected all lists to be of size=k")
+                arrays.append(_fixed_list(v, k, pa.int16()))
         return pa.Table.from_arrays(arrays, schema=self.schema)
 
     def close(self) -> Path:

@@ -1,0 +1,93 @@
+"""``moesim record --model PATH|PRESET [-o OUT.parquet] ...``: record a routing trace from a real model run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moesim.commands._common import positive_int
+
+INTERRUPTED_EXIT = 130  # the shell convention for "stopped by SIGINT"; the trace is still complete
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return v
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return v
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from moesim.recorder.presets import PRESETS
+
+    p = sub.add_parser("record", help="record router decisions from a Hugging Face MoE model",
+                       description="Run a transformers MoE model on prompts and record, through forward hooks, "
+                                   "every token's routed experts and weights plus speculative next-layer "
+                                   "predictions. Streams crash-safe part files to OUT.parquet.parts/ and merges "
+                                   f"them into OUT.parquet on a clean finish. Presets: {', '.join(PRESETS)}.")
+    p.add_argument("--model", help="local checkpoint directory or a tiny random-weight preset")
+    p.add_argument("--prompts", help="prompt file: .json list of strings or text, one prompt per line "
+                                     "(default: the built-in set of 50)")
+    p.add_argument("--num-prompts", type=positive_int, help="use only the first N prompts")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (and preset weight seed)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--predict-distance", type=_non_negative_int, default=1,
+                   help="record speculative predictions for d = 1..D layers ahead (0 = none)")
+    p.add_argument("--logits", action="store_true", help="also store full router logits (float16)")
+    p.add_argument("--pred-logits", action="store_true", help="also store the logits of each prediction")
+    p.add_argument("--flush-tokens", type=positive_int, default=64,
+                   help="write a durable row group every N tokens")
+    p.add_argument("-o", "--output", help="output trace (.parquet)")
+    p.add_argument("--recover", metavar="OUT", help="merge the parts a killed recording left in OUT.parts/ into OUT")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moesim.errors import DataError, UsageError
+    from moesim.recorder.parts import merge_parts, parts_dir_for
+    from moesim.traces.format import read_trace
+
+    if args.recover:
+        parts = parts_dir_for(args.recover)
+        if not parts.is_dir():
+            raise DataError(parts, "no such directory (nothing to recover)")
+        read_trace(parts)  # validate before merging
+        merge_parts(parts, args.recover)
+        t = read_trace(args.recover)
+        print(f"recovered {args.recover}: {len(t)} rows")
+        return 0
+    if not args.model or not args.output:
+        raise UsageError("record needs --model and -o OUT.parquet (or --recover OUT)")
+    from moesim.recorder.session import load_prompts, record
+
+    prompts = load_prompts(args.prompts)
+    if args.num_prompts:
+        prompts = prompts[:args.num_prompts]
+    result = record(args.model, prompts, args.output, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, seed=args.seed, device=args.device, dtype=args.dtype,
+                    predict_distance=args.predict_distance, logits=args.logits, pred_logits=args.pred_logits,
+                    flush_tokens=args.flush_tokens)
+    t = read_trace(result.path)
+    rate = result.tokens / result.seconds if result.seconds > 0 else 0.0
+    print(f"wrote {result.path}: {len(t)} rows, {result.sequences} sequences, {result.tokens} tokens "
+          f"x {t.meta.num_layers} MoE layers ({t.meta.family}), {rate:.1f} tokens/s")
+    if result.interrupted:
+        print("recording was interrupted; the trace holds every token recorded before Ctrl-C", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    return 0

@@ -1,0 +1,165 @@
+"""``record(model_or_path, prompts, out, ...)``: load a model, generate for each prompt, record a trace.
+
+Ctrl-C (SIGINT) stops generation after the current token, closes the trace cleanly and returns
+with ``interrupted=True``; a second Ctrl-C aborts at once (the flushed parts stay on disk).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moesim.errors import DataError, UsageError
+from moesim.recorder.adapters import adapter_for
+from moesim.recorder.presets import PRESETS, ByteTokenizer, build_preset
+from moesim.recorder.record import Recorder
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+BUILTIN_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "prompts.json"
+
+
+@dataclass
+class RecordResult:
+    path: Path
+    sequences: int
+    tokens: int
+    generated: list[list[int]]
+    seconds: float
+    interrupted: bool = False
+
+
+def load_prompts(path: str | os.PathLike | None = None) -> list[str]:
+    """A JSON list of strings, or a text file with one prompt per line (blank lines skipped)."""
+    p = Path(path) if path is not None else BUILTIN_PROMPTS
+    if not p.is_file():
+        raise DataError(p, "no such file")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix == ".json":
+        try:
+            prompts = json.loads(text)
+        except ValueError as exc:
+            raise DataError(p, f"not valid JSON ({exc})") from None
+        if not isinstance(prompts, list) or not all(isinstance(x, str) for x in prompts):
+            raise DataError(p, "expected a JSON list of prompt strings")
+    else:
+        prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise DataError(p, "holds no prompts")
+    return prompts
+
+
+def load_model(model: str, *, device: str = "cpu", dtype: str = "float32", seed: int = 0):
+    """(model, tokenizer, name) for a preset name or a local Hugging Face checkpoint directory."""
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    torch_dtype = DTYPES[dtype]
+    if model in PRESETS:
+        return build_preset(model, seed=seed, dtype=torch_dtype).to(device), ByteTokenizer(), model
+    path = Path(model)
+    if not path.is_dir():
+        raise UsageError(f"--model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
+    if not (path / "config.json").is_file():
+        raise DataError(path, "not a Hugging Face checkpoint (no config.json)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        net = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise DataError(path, f"cannot load checkpoint ({str(exc).splitlines()[0][:200]})") from None
+    return net.to(device).eval(), tok, path.name
+
+
+def _encode(tok: Any, text: str) -> list[int]:
+    if isinstance(tok, ByteTokenizer):
+        return tok.encode(text)
+    return list(tok(text)["input_ids"])
+
+
+class _StopFlag:
+    """Stopping criterion: ends generation after the current token once set (Ctrl-C); ticks the bar."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self.bar: Any = None
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        if self.bar is not None:
+            self.bar.update(1)
+        return torch.full((input_ids.shape[0],), self.set, dtype=torch.bool, device=input_ids.device)
+
+
+def record(model_or_path: Any, prompts: list[str], out: str | os.PathLike, *, max_new_tokens: int = 32,
+           temperature: float = 0.0, seed: int = 0, device: str = "cpu", dtype: str = "float32",
+           predict_distance: int = 1, logits: bool = False, pred_logits: bool = False,
+           flush_tokens: int = 64, tokenizer: Any = None, progress: bool | None = None) -> RecordResult:
+    """Record one trace for ``prompts`` (each in turn, batch size 1) into ``out``."""
+    from tqdm import tqdm
+    from transformers import StoppingCriteriaList
+
+    out_path = Path(out)
+    if not out_path.parent.is_dir():  # fail before loading a large model
+        raise DataError(out_path, f"output directory {str(out_path.parent)!r} does not exist")
+    if isinstance(model_or_path, str | os.PathLike):
+        model, tokenizer, name = load_model(str(model_or_path), device=device, dtype=dtype, seed=seed)
+    else:
+        model, name = model_or_path, None
+        if tokenizer is None:
+            raise UsageError("record(model, ...) needs tokenizer= when given a model object")
+    adapter = adapter_for(model)
+    dev = next(model.parameters()).device
+    decoding = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
+                "strategy": "sampled" if temperature > 0 else "greedy"}
+    gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0)
+    if temperature > 0:
+        gen_kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    gen_kwargs["pad_token_id"] = pad if pad is not None else getattr(tokenizer, "eos_token_id", None)
+
+    stop = _StopFlag()
+    main = threading.current_thread() is threading.main_thread()
+
+    def on_sigint(signum, frame) -> None:
+        stop.set = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C aborts
+        print("\ninterrupted: finishing the current token and closing the trace", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_sigint) if main else None
+    generated: list[list[int]] = []
+    start = time.perf_counter()
+    try:
+        prov = {"device": str(dev), "dtype": dtype, "decoding": decoding, "prompts": len(prompts)}
+        with Recorder(model, adapter, out, predict_distance=predict_distance, logits=logits,
+                      pred_logits=pred_logits, flush_tokens=flush_tokens, model_name=name,
+                      provenance=prov) as rec:
+            bar = tqdm(total=len(prompts) * max_new_tokens, unit="tok", desc="record", file=sys.stderr,
+                       disable=(not sys.stderr.isatty()) if progress is None else not progress)
+            stop.bar = bar
+            for seq, prompt in enumerate(prompts):
+                if stop.set:
+                    break
+                ids = torch.tensor([_encode(tokenizer, prompt)], device=dev)
+                rec.begin_sequence(seq)
+                torch.manual_seed(seed * 1_000_003 + seq)  # per-prompt stream: same output alone or in a set
+                with torch.no_grad():
+                    outs = model.generate(ids, attention_mask=torch.ones_like(ids),
+                                          stopping_criteria=StoppingCriteriaList([stop]), **gen_kwargs)
+                new = outs[0, ids.shape[1]:].tolist()
+                generated.append(new)
+                bar.update(max_new_tokens - len(new))  # a prompt that hit EOS early
+            bar.close()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    return RecordResult(Path(out), len(generated), rec.tokens_recorded, generated,
+                        time.perf_counter() - start, stop.set)
