@@ -178,3 +178,13 @@ def test_simulate_cli_timing_keys(real_trace_path, capsys, tmp_path):
     assert main(["simulate", str(real_trace_path), "--policy", "lru", "--cache-size", "4", "--hardware", "nosuch"]) == 2
     assert main(["simulate", str(real_trace_path), "--policy", "lru", "--cache-size", "4",
                  "--calibration", str(tmp_path / "missing.json")]) == 1
+
+
+def test_steps_wanting_more_experts_than_slots_stream_through_in_chunks(tmp_path):
+    # batch of 4 sequences, top-2: a step may want up to 8 experts with only 3 slots
+    rng = np.random.default_rng(2)
+    sets = [rng.choice(8, 2, replace=False) for _ in range(40)]
+    t = write_trace(tmp_path / "t.parquet", sets, seq=[i % 4 for i in range(40)], layers=[0] * 40, num_experts=8)
+    r = simulate_timing(t, "lru", 3, CostModel.preset("h200"), batch_size=4)
+    assert r.tokens == 40 and r.hits + r.misses == r.requests
+    assert r.requests == sum(len(s.layers[0]) for s in build_steps(t, batch_size=4))

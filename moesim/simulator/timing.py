@@ -22,6 +22,7 @@ from __future__ import annotations
 import heapq
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -272,8 +273,10 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
     probs = None
     if prefetcher.needs_predictions and f"pred{d}_logits" in trace.table.column_names:
         lg = trace.logits_matrix(f"pred{d}_logits")
-        probs = np.exp(lg - np.nanmax(lg, axis=1, keepdims=True))
-        probs /= np.nansum(probs, axis=1, keepdims=True)
+        with warnings.catch_warnings(), np.errstate(invalid="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)  # rows without a prediction are all NaN
+            probs = np.exp(lg - np.nanmax(lg, axis=1, keepdims=True))
+            probs /= np.nansum(probs, axis=1, keepdims=True)
 
     xb = cost.expert_bytes(meta.expert_bytes)
     copy_s = cost.copy_seconds(xb)
@@ -303,10 +306,16 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
                     copies += 1
             else:
                 slots += cache.capacity
-                resident_before = {e for e in S if e in cache}
                 nu = nxt.get((i, layer))
                 w = step.weights[layer]
-                missing = cache.request(S, now, [w[e] for e in S], [nu[e] for e in S] if nu else None)
+                resident_before: list[int] = []
+                missing: list[int] = []
+                # a batch or prefill step may want more experts than there are slots: they stream
+                # through the cache in chunks of `capacity`, each requested atomically
+                for j in range(0, len(S), cache.capacity):
+                    chunk = S[j:j + cache.capacity]
+                    resident_before += [e for e in chunk if e in cache]
+                    missing += cache.request(chunk, now, [w[e] for e in chunk], [nu[e] for e in chunk] if nu else None)
                 hits += len(S) - len(missing)
                 for e in resident_before:
                     end = inflight.get((layer, e), 0.0)
