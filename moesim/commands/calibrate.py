@@ -1,0 +1,59 @@
+"""``moesim calibrate``: GPU micro-benchmarks -> the cost model's calibration JSON.
+
+On a CUDA machine it measures (CUDA events, device time): the pinned host-to-device copy curve
+(64 KB ... 512 MB), one expert's dequantise + FFN time vs tokens for hqq2 / hqq4 / bf16, attention +
+gate vs context, and the LM head; ``--from-raw FILE`` converts a raw measurement file brought back
+from the GPU (``benchmarks/gpu_validate.py``) instead, on any machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="measure a GPU (or convert raw measurements) into a calibration JSON")
+    p.add_argument("-o", "--out", required=True, help="calibration JSON to write (CostModel format)")
+    p.add_argument("--raw-out", help="also keep the raw measurements here")
+    p.add_argument("--from-raw", help="convert this raw measurement file instead of measuring")
+    p.add_argument("--name", default="h200", help="the calibration's name (default h200)")
+    p.add_argument("--quants", default="hqq2,hqq4,bf16")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from moesim.atomic import atomic_open
+    from moesim.engine.calibration import to_cost_model
+    from moesim.errors import DataError, UsageError
+
+    if args.from_raw:
+        path = Path(args.from_raw)
+        if not path.exists():
+            raise DataError(path, "no such file")
+        try:
+            raw = json.loads(path.read_text())
+        except ValueError as exc:
+            raise DataError(path, f"not valid JSON ({exc})") from None
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("calibrate measures a CUDA GPU and none is visible here; use --from-raw FILE")
+        from moesim.engine.gpu_bench import measure
+
+        raw = measure(args.quants.split(","))
+        path = None
+    cal = to_cost_model(raw, args.name, path=path)
+    if args.raw_out:
+        with atomic_open(args.raw_out) as fh:
+            json.dump(raw, fh, indent=1)
+    with atomic_open(args.out) as fh:
+        json.dump(cal, fh, indent=1)
+        fh.write("\n")
+    print(f"wrote {args.out}: {cal['pcie']['bandwidth_gbps']:.1f} GB/s, expert "
+          f"{cal['expert_compute'][cal['quantization']][0][1] * 1e3:.3f} ms ({cal['quantization']}), "
+          f"layer {cal['layer']['base_s'] * 1e3:.3f} ms")
+    return 0

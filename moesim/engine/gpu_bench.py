@@ -1,0 +1,127 @@
+"""GPU micro-benchmarks for ``moesim calibrate`` (CUDA only; imported lazily).
+
+Device times come from CUDA events after a GPU sleep, so the CPU has queued every repetition before
+the first one runs: launch overhead is not counted (the engine's own dispatch cost is reported apart).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from moesim.engine.quant import quant_spec
+from moesim.engine.runtime import MIXTRAL_8X7B, OffloadedEngine, Weights
+
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s] {msg}", flush=True)
+
+
+def cuda_ms(fn, reps: int = 10, warm: int = 2) -> float:
+    """GPU time per call: a GPU sleep first lets the CPU queue every rep, so launch cost is hidden."""
+    for _ in range(warm):
+        fn()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)
+    a.record()
+    for _ in range(reps):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / reps
+
+
+def h2d_curve() -> list[dict]:
+    sizes = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 66748416, 128 << 20, 256 << 20, 512 << 20]
+    src = torch.empty(512 << 20, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(512 << 20, dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.Stream()
+    out = []
+    for n in sizes:
+        reps = 20 if n <= (64 << 20) else 6
+
+        def copy(n=n):
+            with torch.cuda.stream(stream):
+                dst[:n].copy_(src[:n], non_blocking=True)
+        for _ in range(2):
+            copy()
+        stream.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(stream)
+        for _ in range(reps):
+            copy()
+        b.record(stream)
+        stream.synchronize()
+        ms = a.elapsed_time(b) / reps
+        out.append({"bytes": n, "ms": ms, "gb_per_s": n / ms / 1e6})
+        log(f"h2d {n:>10d} B  {ms:8.4f} ms  {n / ms / 1e6:7.2f} GB/s")
+    return out
+
+
+def calibrate(quants: list[str], compile_ok: bool) -> dict:
+    g = MIXTRAL_8X7B
+    out: dict = {"h2d": h2d_curve(), "expert": {}, "attention": [], "lm_head_ms": None}
+    tokens = [1, 2, 4, 8, 16, 32, 64]
+    for qn in quants:
+        spec = quant_spec(qn)
+        w1 = Weights(g.__class__(num_layers=1), spec, "cuda", pin=False)
+        for comp in ([False, True] if (compile_ok and not spec.is_bf16) else [False]):
+            eng = OffloadedEngine(w1, 1, "lru", "none", compile_dequant=comp)
+            blob = torch.empty(w1.expert_bytes, dtype=torch.uint8, device="cuda")
+            blob.copy_(w1.host[0][0])
+            rows = []
+            for n in tokens:
+                x = torch.randn(n, g.hidden, dtype=torch.bfloat16, device="cuda")
+                with torch.inference_mode():
+                    ms = cuda_ms(lambda x=x, eng=eng, blob=blob: eng.expert(blob, x))
+                rows.append({"tokens": n, "ms": ms})
+            key = f"{qn}{'+compile' if comp else ''}"
+            out["expert"][key] = {"expert_bytes": w1.expert_bytes, "curve": rows}
+            log(f"expert {key}: " + ", ".join(f"{r['tokens']}:{r['ms']:.3f}" for r in rows))
+            del eng, blob
+        if qn == quants[0]:
+            eng = OffloadedEngine(w1, 1, "lru", "none")
+            x = torch.randn(1, g.hidden, dtype=torch.bfloat16, device="cuda")
+            with torch.inference_mode():
+                for comp in ([False, True] if compile_ok else [False]):
+                    eng = OffloadedEngine(w1, 1, "lru", "none", compile_dequant=comp)
+                    for ctx in [128, 512, 1024, 2048, 4096]:
+                        ms = cuda_ms(lambda ctx=ctx, eng=eng, x=x: eng.attention(0, x, ctx - 1))
+                        out["attention"].append({"context": ctx, "compiled": comp, "ms": ms})
+                out["lm_head_ms"] = cuda_ms(lambda eng=eng, x=x: eng.lm_head(x))
+            log(f"attention+gate {out['attention']}  lm_head {out['lm_head_ms']:.4f} ms")
+        del w1
+        torch.cuda.empty_cache()
+    return out
+
+
+def compile_works() -> bool:
+    """Does torch.compile build the fused expert here, and agree with eager?"""
+    compile_ok = True
+    try:
+        from moesim.engine.runtime import compiled_forwards, expert_forward
+        spec = quant_spec("hqq2")
+        hidden, ffn = 128, 256
+        blob = torch.empty(spec.expert_bytes(hidden, ffn), dtype=torch.uint8, device="cuda")
+        from moesim.engine.quant import fill_random_blob
+        fill_random_blob(blob, spec, hidden * ffn)
+        x = torch.randn(1, hidden, dtype=torch.bfloat16, device="cuda")
+        ref = expert_forward(blob, x, spec, hidden, ffn).float()
+        got = compiled_forwards()[1](blob, x, spec, hidden, ffn).float()
+        compile_ok = bool(torch.allclose(ref, got, rtol=2e-2, atol=1e-3 * float(ref.abs().max())))
+        log(f"torch.compile expert ok={compile_ok} max|diff|={float((ref - got).abs().max()):.3g}")
+    except Exception as exc:   # noqa: BLE001 - recorded, eager fallback
+        compile_ok = False
+        log(f"torch.compile failed: {type(exc).__name__}: {str(exc)[:300]}")
+    return compile_ok
+
+
+def measure(quants: list[str]) -> dict:
+    ok = compile_works()
+    out = calibrate(quants, ok)
+    out["compile_ok"] = ok
+    return out

@@ -1,0 +1,202 @@
+"""Routing replay and the residency plan: which expert sits in which GPU slot, step by step.
+
+:class:`CachePlan` is pure Python and device-free: one :class:`ExpertCache` per layer with a policy
+object from ``moesim.policies`` (the simulator's mechanism and classes), plus a slot map. The runtime
+asks it, per (token, layer), for the copies to issue; tests run it alone and compare its hit counts
+with the simulator's reference replay.
+
+Time (``now``) is the row index of the (token, layer) in execution order, as in the simulator's replay,
+so policies that need the future get the same ``next_use`` values.
+
+Prefetch follows the timing simulator (``moesim.simulator.timing``) step for step, with the same
+prefetcher classes (``moesim.policies.prefetch``): right after the demand request of (token t, layer
+l), ``predict(l, l + d, ctx)`` names experts for layer l + d (truncated to the prefetcher's budget);
+each one not resident is admitted into that layer's cache (``ExpertCache.admit``), protecting the
+picks and the prefetched-but-not-yet-used experts of that layer; the first refused admission stops
+the loop. A prefetch is neither a hit nor a miss. ``observe(l, S)`` follows. The simulator also
+protects copies still in flight at the gate -- a timing-dependent set; for d = 1 it is contained in
+the pending set, so the plan needs no clock (the hit-rate equality in the report checks this).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from moesim.policies.base import NEVER, ExpertCache, make_policy
+from moesim.policies.prefetch import PrefetchContext
+
+
+@dataclass
+class Routing:
+    """A trace as (token, layer) grids: experts (T, L, k) with -1 where a row is missing."""
+
+    experts: np.ndarray    # (T, L, k) int64
+    weights: np.ndarray    # (T, L, k) float32
+    row: np.ndarray        # (T, L) int64 execution-order row index, -1 where missing
+    seq: np.ndarray        # (T,) sequence id
+    position: np.ndarray   # (T,) token index within its sequence
+    num_experts: int
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.experts.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.experts.shape[1])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.experts.shape[2])
+
+    @classmethod
+    def from_trace(cls, trace, max_tokens: int | None = None) -> Routing:
+        """Build from a :class:`~moesim.traces.format.Trace` (any row order; replayed in execution order)."""
+        trace = trace.execution_order()
+        meta = trace.meta
+        seq, tok, layer = (np.asarray(a, np.int64) for a in (trace.seq, trace.token, trace.layer))
+        pair = seq * (1 << 32) + tok
+        uniq, tidx = np.unique(pair, return_inverse=True)   # (seq, token) in execution order
+        T, L, k = len(uniq), meta.num_layers, meta.top_k
+        experts = np.full((T, L, k), -1, np.int64)
+        weights = np.zeros((T, L, k), np.float32)
+        row = np.full((T, L), -1, np.int64)
+        experts[tidx, layer] = trace.experts
+        weights[tidx, layer] = trace.weights
+        row[tidx, layer] = np.arange(len(trace), dtype=np.int64)
+        out = cls(experts, weights, row, uniq >> 32, uniq & 0xFFFFFFFF, meta.num_experts)
+        return out.head(max_tokens) if max_tokens is not None else out
+
+    def head(self, tokens: int) -> Routing:
+        """The first ``tokens`` tokens (rows renumbered so that ``row`` stays dense)."""
+        e, w, r = self.experts[:tokens], self.weights[:tokens], self.row[:tokens].copy()
+        present = r >= 0
+        r[present] = np.argsort(np.argsort(r[present]))
+        return Routing(e, w, r, self.seq[:tokens], self.position[:tokens], self.num_experts)
+
+    def next_use(self) -> np.ndarray:
+        """(T, L, k): row index of the next request of the same expert at the same layer, or NEVER."""
+        T, L, k = self.experts.shape
+        nxt = np.full((T, L, k), NEVER, np.int64)
+        for layer in range(L):
+            last: dict[int, tuple[int, int]] = {}
+            for t in range(T - 1, -1, -1):
+                if self.row[t, layer] < 0:
+                    continue
+                for j in range(k):
+                    e = int(self.experts[t, layer, j])
+                    if e in last:
+                        nxt[t, layer, j] = last[e]
+                for j in range(k):
+                    last[int(self.experts[t, layer, j])] = int(self.row[t, layer])
+        return nxt
+
+
+@dataclass
+class Step:
+    experts: list[int]
+    weights: list[float]
+    slots: list[int]                          # slot of each expert, router order
+    copies: list[tuple[int, int]]             # (slot, expert) demand misses at this layer
+    prefetches: list[tuple[int, int, int]]    # (layer, slot, expert) issued after the demand
+
+
+def make_prefetcher(name: str, routing: Routing):
+    """A prefetcher from ``moesim.policies.prefetch`` (the simulator's classes), or None for "none"."""
+    from moesim.policies.prefetch import make_prefetcher as _make
+
+    if name == "none":
+        return None
+    return _make(name, num_layers=routing.num_layers, num_experts=routing.num_experts, top_k=routing.top_k)
+
+
+class CachePlan:
+    """Per-layer ExpertCache + policy + slot map; ``step`` advances one (token, layer)."""
+
+    def __init__(self, routing: Routing, cache_size: int, policy: str, prefetch: str = "none",
+                 params: dict[str, Any] | None = None) -> None:
+        if cache_size < routing.top_k:
+            raise ValueError(f"cache size {cache_size} is smaller than top-k ({routing.top_k})")
+        self.routing, self.cache_size = routing, cache_size
+        L = routing.num_layers
+        self.caches = [ExpertCache(cache_size, make_policy(policy, **(params or {}))) for _ in range(L)]
+        self.slot_of: list[dict[int, int]] = [{} for _ in range(L)]
+        self.free_slots = [list(range(cache_size)) for _ in range(L)]
+        self.next_use = routing.next_use() if self.caches[0].policy.needs_future else None
+        self.prefetcher = make_prefetcher(prefetch, routing)
+        self.pending: set[tuple[int, int]] = set()   # (layer, expert) prefetched, not requested yet
+        self.requests = self.hits = self.prefetches = 0
+        self.layer_requests = np.zeros(L, np.int64)
+        self.layer_hits = np.zeros(L, np.int64)
+
+    def _admit(self, layer: int, key: int, now: int, protect) -> int | None:
+        cache = self.caches[layer]
+        victim = cache.admit(key, now, protect=protect)
+        if victim is False:
+            return None
+        slot = self.slot_of[layer].pop(victim) if victim is not None else self.free_slots[layer].pop(0)
+        self.slot_of[layer][key] = slot
+        return slot
+
+    def _request(self, layer: int, keys: list[int], now: int, weights: list[float], next_uses) -> list[tuple[int, int]]:
+        cache = self.caches[layer]
+        before = set(cache.resident)
+        missing = cache.request(keys, now, weights, next_uses)
+        evicted = sorted(before - cache.resident, key=self.slot_of[layer].__getitem__)
+        slots = [self.slot_of[layer].pop(v) for v in evicted]
+        copies = []
+        for key in missing:
+            slot = slots.pop(0) if slots else self.free_slots[layer].pop(0)
+            self.slot_of[layer][key] = slot
+            copies.append((slot, key))
+        return copies
+
+    def _actual(self, t: int):
+        r = self.routing
+
+        def actual(target: int) -> list[int]:
+            return [int(e) for e in r.experts[t, target]] if r.row[t, target] >= 0 else []
+        return actual
+
+    def step(self, t: int, layer: int) -> Step | None:
+        r = self.routing
+        now = int(r.row[t, layer])
+        if now < 0:
+            return None
+        keys = [int(e) for e in r.experts[t, layer]]
+        weights = [float(w) for w in r.weights[t, layer]]
+        nxt = None if self.next_use is None else [int(v) for v in self.next_use[t, layer]]
+        copies = self._request(layer, keys, now, weights, nxt)
+        hits = len(keys) - len(copies)
+        self.requests += len(keys)
+        self.hits += hits
+        self.layer_requests[layer] += len(keys)
+        self.layer_hits[layer] += hits
+        for key in keys:
+            self.pending.discard((layer, key))
+        prefetches: list[tuple[int, int, int]] = []
+        pf = self.prefetcher
+        target = layer + (pf.distance if pf is not None else 1)
+        if pf is not None and target < r.num_layers:
+            ctx = PrefetchContext(current=keys, actual=self._actual(t) if pf.needs_future else None)
+            picks = [e for e in pf.predict(layer, target, ctx) if 0 <= e < r.num_experts][: pf.budget]
+            protect = {e for (lt, e) in self.pending if lt == target} | set(picks)
+            for key in picks:
+                if key in self.caches[target]:
+                    continue
+                before = set(self.caches[target].resident)
+                slot = self._admit(target, key, now, protect)
+                if slot is None:
+                    break
+                for gone in before - self.caches[target].resident:
+                    self.pending.discard((target, gone))
+                self.pending.add((target, key))
+                prefetches.append((target, slot, key))
+            self.prefetches += len(prefetches)
+        if pf is not None:
+            pf.observe(layer, keys)
+        slots = [self.slot_of[layer][k] for k in keys]
+        return Step(keys, weights, slots, copies, prefetches)

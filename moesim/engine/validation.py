@@ -1,0 +1,167 @@
+"""Sim-vs-real: compare the engine's measured cells with the timing simulator's predictions.
+
+The engine's cells come from a GPU run (benchmarks/gpu_validate.py writes ``validate.json``); the
+simulator runs here, on CPU, over the very same tokens of the same trace, with a calibration made
+from the same GPU's micro-benchmarks. Nothing in the comparison is tuned per cell.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from moesim.atomic import atomic_open, atomic_path
+from moesim.traces.format import Trace
+
+MIXTRAL_OFFLOADING_A100_TOKENS_PER_S = 3.06   # published: Mixtral-8x7B, 2-bit experts, 4 slots, A100
+
+
+def head_tokens(trace: Trace, tokens: int, expert_bytes: int = 0, quantization: str | None = None) -> Trace:
+    """The first ``tokens`` (sequence, token) pairs of ``trace`` in execution order (what the engine ran)."""
+    trace = trace.execution_order()
+    pair = trace.seq.astype(np.int64) * (1 << 32) + trace.token.astype(np.int64)
+    keep = np.isin(pair, np.unique(pair)[:tokens])
+    meta = trace.meta
+    if expert_bytes:
+        meta = dataclasses.replace(meta, expert_bytes=int(expert_bytes), quantization=quantization or meta.quantization)
+    return Trace(meta, trace.table.filter(pa.array(keep)), trace.path)
+
+
+def git_state(repo: Path) -> dict[str, Any]:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True,
+                                    timeout=30).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "uncommitted_changes": None}
+    return {"commit": head or None, "uncommitted_changes": dirty}
+
+
+def compare(engine: dict[str, Any], trace: Trace, cost, *, include_repeats: bool = False) -> dict[str, Any]:
+    """One report cell per engine cell: measured vs simulated tokens/s and hit rates, efficiency."""
+    from moesim.simulator.timing import simulate_timing
+
+    sub = head_tokens(trace, int(engine["tokens"]), int(engine["expert_bytes"]), engine.get("quantization"))
+    copy_s = cost.copy_seconds(int(engine["expert_bytes"]))
+    cells, repeats = [], []
+    for c in engine["cells"]:
+        sim = simulate_timing(sub, c["policy"], int(c["cache_size"]), cost, prefetch=c["prefetch"])
+        real_tps = float(c["tokens_per_s"])
+        sim_tps = float(sim.tokens_per_s)
+        # the bound set by copies and compute: every demand miss at the measured bandwidth plus all compute
+        bound_s = c["misses"] * copy_s + sim.compute_s
+        cell = {
+            "policy": c["policy"], "cache_size": int(c["cache_size"]), "prefetch": c["prefetch"],
+            "real_tokens_per_s": round(real_tps, 4), "sim_tokens_per_s": round(sim_tps, 4),
+            "rel_error": round(sim_tps / real_tps - 1.0, 4),
+            "real_hit_rate": round(float(c["hit_rate"]), 6), "sim_hit_rate": round(float(sim.hit_rate), 6),
+            "real_hits": int(c["hits"]), "sim_hits": int(sim.hits), "requests": int(c["requests"]),
+            "real_prefetches": int(c["prefetches"]), "sim_prefetches": int(sim.prefetches),
+            "efficiency": round(bound_s / float(c["wall_s"]), 4),
+            "real_ms_per_token": round(1e3 / real_tps, 3), "sim_ms_per_token": round(1e3 / sim_tps, 3),
+            "sim_compute_ms_per_token": round(sim.compute_s * 1e3 / sim.tokens, 3),
+            "sim_stall_ms_per_token": round(sim.stall_s * 1e3 / sim.tokens, 3),
+        }
+        (repeats if c.get("repeat") else cells).append(cell)
+    errs = np.abs([c["rel_error"] for c in cells])
+    out: dict[str, Any] = {
+        "cells": cells,
+        "max_rel_error": round(float(errs.max()), 4) if len(errs) else None,
+        "median_rel_error": round(float(np.median(errs)), 4) if len(errs) else None,
+        "hit_rates_identical": all(c["real_hits"] == c["sim_hits"] for c in cells),
+        "cells_within_5pct": int((errs <= 0.05).sum()),
+    }
+    if repeats:
+        by_key = {(c["policy"], c["cache_size"], c["prefetch"]): c for c in cells}
+        out["repeatability"] = [
+            {"policy": r["policy"], "cache_size": r["cache_size"], "prefetch": r["prefetch"],
+             "first_tokens_per_s": by_key[(r["policy"], r["cache_size"], r["prefetch"])]["real_tokens_per_s"],
+             "repeat_tokens_per_s": r["real_tokens_per_s"]}
+            for r in repeats if (r["policy"], r["cache_size"], r["prefetch"]) in by_key]
+    return out
+
+
+def a100_comparison(trace: Trace, calibrated, a100) -> dict[str, Any]:
+    """mixtral-offloading's published 3.06 tok/s (A100, 2-bit experts, 4 slots/layer, LRU) vs simulation."""
+    from moesim.simulator.timing import simulate_timing
+
+    res = {}
+    for name, cost in (("a100_preset", a100), ("h200_calibrated_with_a100_pcie", calibrated.with_overrides(
+            pcie_gbps=a100.bandwidth_Bps / 1e9, pcie_latency_us=a100.latency_s * 1e6))):
+        for pf in ("none", "transition"):
+            sim = simulate_timing(trace, "lru", 4, cost, prefetch=pf)
+            res[f"{name}/{pf}"] = round(float(sim.tokens_per_s), 3)
+    return {"published_tokens_per_s": MIXTRAL_OFFLOADING_A100_TOKENS_PER_S, "policy": "lru", "cache_size": 4,
+            "quantization": "hqq2", "simulated_tokens_per_s": res}
+
+
+def write_report(report: dict[str, Any], prefix: str | Path) -> list[Path]:
+    """``prefix``.json, .md and .png (atomic writes)."""
+    prefix = Path(prefix)
+    paths = [prefix.with_suffix(".json"), prefix.with_suffix(".md"), prefix.with_suffix(".png")]
+    with atomic_open(paths[0]) as fh:
+        json.dump(report, fh, indent=1)
+        fh.write("\n")
+    with atomic_open(paths[1]) as fh:
+        fh.write(markdown(report))
+    plot(report, paths[2])
+    return paths
+
+
+def markdown(r: dict[str, Any]) -> str:
+    lines = [f"# Sim vs real: {r['device']}", "",
+             f"- date: {r['date']}; commit: {r['commit']} (uncommitted changes: {r['uncommitted_changes']})",
+             f"- layers: {r['layers']}; tokens per cell: {r['tokens']}; expert bytes: {r['expert_bytes']} "
+             f"({r.get('quantization', '')}); all-resident engine ms/token: {r.get('all_resident_ms_per_token')}",
+             f"- hit rates identical in every cell: {r['hit_rates_identical']}",
+             f"- tokens/s error: max {r['max_rel_error']:.1%}, median {r['median_rel_error']:.1%}; "
+             f"{r['cells_within_5pct']} of {len(r['cells'])} cells within 5%", "",
+             "| policy | K | prefetch | real tok/s | sim tok/s | error | real hit | sim hit | efficiency |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for c in r["cells"]:
+        lines.append(f"| {c['policy']} | {c['cache_size']} | {c['prefetch']} | {c['real_tokens_per_s']:.2f} | "
+                     f"{c['sim_tokens_per_s']:.2f} | {c['rel_error']:+.1%} | {c['real_hit_rate']:.4f} | "
+                     f"{c['sim_hit_rate']:.4f} | {c['efficiency']:.0%} |")
+    if r.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
+    if r.get("a100"):
+        a = r["a100"]
+        lines += ["", "## mixtral-offloading on an A100", "",
+                  f"Published: {a['published_tokens_per_s']} tok/s (2-bit experts, {a['cache_size']} slots). Simulated:", ""]
+        lines += [f"- {k}: {v} tok/s" for k, v in a["simulated_tokens_per_s"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    marks = {"none": "o", "oracle": "s", "transition": "^"}
+    for pf, m in marks.items():
+        cs = [c for c in r["cells"] if c["prefetch"] == pf]
+        if cs:
+            ax1.scatter([c["real_tokens_per_s"] for c in cs], [c["sim_tokens_per_s"] for c in cs], marker=m, label=pf)
+            ax2.scatter([c["real_hit_rate"] for c in cs], [c["rel_error"] for c in cs], marker=m, label=pf)
+    lim = max(max(c["real_tokens_per_s"] for c in r["cells"]), max(c["sim_tokens_per_s"] for c in r["cells"])) * 1.05
+    ax1.plot([0, lim], [0, lim], "k-", lw=0.8)
+    ax1.fill_between([0, lim], [0, lim * 0.95], [0, lim * 1.05], color="grey", alpha=0.2, label="±5%")
+    ax1.set(xlabel="real tokens/s (H200 engine)", ylabel="simulated tokens/s", xlim=(0, lim), ylim=(0, lim))
+    ax2.axhspan(-0.05, 0.05, color="grey", alpha=0.2)
+    ax2.set(xlabel="hit rate", ylabel="sim / real - 1")
+    for ax in (ax1, ax2):
+        ax.legend(title="prefetch")
+    fig.suptitle(f"sim vs real, {r['device']}, {r['layers']} layers, {r['tokens']} tokens per cell")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

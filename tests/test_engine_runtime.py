@@ -1,0 +1,169 @@
+"""The offloaded runtime on CPU with a tiny geometry: same code path as on the GPU (no streams)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from moesim.engine.plan import CachePlan, Routing
+from moesim.engine.quant import quant_spec
+from moesim.engine.runtime import Geometry, OffloadedEngine, Weights, expert_forward
+
+LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def routing(real_trace) -> Routing:
+    full = Routing.from_trace(real_trace)
+    r = full.head(6)
+    keep = r.row[:, :LAYERS]
+    rows = keep[keep >= 0]
+    renum = keep.copy()
+    renum[keep >= 0] = np.argsort(np.argsort(rows))
+    return Routing(r.experts[:, :LAYERS].copy(), r.weights[:, :LAYERS].copy(), renum, r.seq, r.position,
+                   r.num_experts)
+
+
+@pytest.fixture(scope="module")
+def weights() -> Weights:
+    return Weights(Geometry.tiny(LAYERS), quant_spec("hqq2"), "cpu", seed=3)
+
+
+def plan_only(routing: Routing, k: int, policy: str, prefetch: str) -> CachePlan:
+    plan = CachePlan(routing, k, policy, prefetch)
+    for t in range(routing.num_tokens):
+        for layer in range(routing.num_layers):
+            plan.step(t, layer)
+    return plan
+
+
+@pytest.mark.parametrize("policy,k,prefetch", [("lru", 2, "none"), ("opt", 3, "oracle"), ("fifo", 3, "transition")])
+def test_engine_counts_equal_the_plan(weights, routing, policy, k, prefetch):
+    res = OffloadedEngine(weights, k, policy, prefetch).run(routing, instrument=True)
+    plan = plan_only(routing, k, policy, prefetch)
+    assert (res.hits, res.requests, res.prefetches) == (plan.hits, plan.requests, plan.prefetches)
+    assert res.layer_hits == plan.layer_hits.tolist()
+    kinds: dict[str, int] = {}
+    for ev in res.events:
+        kinds[ev["kind"]] = kinds.get(ev["kind"], 0) + 1
+        assert ev["end_ms"] >= ev["start_ms"]
+    assert kinds["expert"] == kinds["stall"] == res.requests
+    assert kinds.get("miss", 0) == res.misses
+    assert kinds.get("prefetch", 0) == res.prefetches
+    assert kinds["attention+gate"] == routing.num_tokens * LAYERS
+    assert len(res.token_ms) == len(res.token_cpu_ms) == routing.num_tokens
+    assert res.bytes_h2d == (res.misses + res.prefetches) * weights.expert_bytes
+
+
+def test_slots_hold_the_planned_experts(weights, routing):
+    """After a run, every layer's slot buffer holds the bytes of the expert the plan put there."""
+    eng = OffloadedEngine(weights, 3, "lfu", "transition")
+    eng.run(routing)
+    plan = plan_only(routing, 3, "lfu", "transition")
+    for layer in range(LAYERS):
+        for expert, slot in plan.slot_of[layer].items():
+            assert np.array_equal(eng.slots[layer][slot].numpy(), weights.host[layer][expert].numpy())
+
+
+def test_expert_forward_matches_dense_reference():
+    import torch
+
+    from moesim.engine.quant import dequantize, fill_random_blob, split_blob
+
+    spec, hidden, ffn = quant_spec("hqq4"), 64, 256
+    n = hidden * ffn
+    blob = torch.zeros(spec.expert_bytes(hidden, ffn), dtype=torch.uint8)
+    fill_random_blob(blob, spec, n, torch.Generator().manual_seed(0))
+    x = torch.randn(3, hidden).to(torch.bfloat16)
+    w1, w3, w2 = (dequantize(p, spec, n).float().numpy() for p in split_blob(blob, spec, n))
+    xf = x.float().numpy()
+    a = xf @ w1.reshape(ffn, hidden).T
+    want = ((a / (1 + np.exp(-a))) * (xf @ w3.reshape(ffn, hidden).T)) @ w2.reshape(hidden, ffn).T
+    got = expert_forward(blob, x, spec, hidden, ffn).float().numpy()
+    np.testing.assert_allclose(got, want, rtol=0.05, atol=0.05 * np.abs(want).max())
+
+
+def test_bf16_experts_run(routing):
+    w = Weights(Geometry.tiny(LAYERS), quant_spec("bf16"), "cpu")
+    res = OffloadedEngine(w, 4, "lru", "none").run(routing.head(2))
+    assert res.expert_bytes == 3 * 64 * 256 * 2 and res.requests == 2 * LAYERS * 2
+
+
+def test_cache_smaller_than_top_k_is_refused(weights, routing):
+    with pytest.raises(ValueError, match="smaller than top-k"):
+        OffloadedEngine(weights, 1, "lru", "none").run(routing)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_engine_on_cuda_matches_plan(routing):
+    w = Weights(Geometry.tiny(LAYERS), quant_spec("hqq2"), "cuda")
+    res = OffloadedEngine(w, 3, "lru", "oracle").run(routing, instrument=True)
+    plan = plan_only(routing, 3, "lru", "oracle")
+    assert (res.hits, res.prefetches) == (plan.hits, plan.prefetches)
+
+
+# ---- commands ------------------------------------------------------------------------------------
+
+def moesim(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moesim", *args], capture_output=True, text=True, timeout=300)
+
+
+RAW = {"h2d": [{"bytes": 1 << 20, "ms": 0.05}, {"bytes": 4 << 20, "ms": 0.1}, {"bytes": 64 << 20, "ms": 1.2}],
+       "expert": {"hqq2": {"expert_bytes": 66748416, "curve": [{"tokens": 1, "ms": 2.6}]},
+                  "hqq2+compile": {"expert_bytes": 66748416, "curve": [{"tokens": 1, "ms": 0.26},
+                                                                        {"tokens": 8, "ms": 0.27}]}},
+       "attention": [{"context": 128, "compiled": True, "ms": 0.15}, {"context": 4096, "compiled": True, "ms": 0.15}],
+       "lm_head_ms": 0.065, "compile_ok": True}
+
+
+def test_calibrate_from_raw_gives_a_loadable_cost_model(tmp_path):
+    from moesim.simulator.cost_model import CostModel
+
+    raw = tmp_path / "raw.json"
+    raw.write_text(json.dumps(RAW))
+    out = tmp_path / "cal.json"
+    r = moesim("calibrate", "--from-raw", str(raw), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    cost = CostModel.from_json(out)
+    assert cost.expert_seconds(1) == pytest.approx(0.26e-3)          # the compiled kernels are what runs
+    assert cost.copy_seconds(4 << 20) == pytest.approx(0.1e-3)       # the measured curve
+    assert 1 / (cost.bandwidth_Bps) == pytest.approx((1.2e-3 - 0.1e-3) / ((64 << 20) - (4 << 20)))
+    assert cost.layer_seconds(1000) == pytest.approx(0.15e-3) and cost.token_seconds() == pytest.approx(0.065e-3)
+
+
+def test_calibrate_bad_raw_is_one_line_exit_1(tmp_path):
+    raw = tmp_path / "raw.json"
+    raw.write_text(json.dumps({"h2d": []}))
+    r = moesim("calibrate", "--from-raw", str(raw), "-o", str(tmp_path / "cal.json"))
+    assert r.returncode == 1 and "raw.json" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "cal.json").exists()
+
+
+def test_validate_missing_engine_file(real_trace_path, tmp_path):
+    r = moesim("validate", str(real_trace_path), "--engine", str(tmp_path / "nope.json"), "-o", str(tmp_path / "x"))
+    assert r.returncode == 1 and "nope.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_validate_report_on_engine_cells(weights, real_trace_path, tmp_path):
+    """End to end on CPU: engine cells (tiny model, real routing head) -> report with identical hit rates."""
+    from moesim.traces.format import read_trace
+
+    routing = Routing.from_trace(read_trace(real_trace_path), 4)
+    w = Weights(Geometry.tiny(32), quant_spec("hqq2"), "cpu")
+    cells = [OffloadedEngine(w, k, "lru", pf).run(routing).to_dict() for k, pf in [(2, "none"), (3, "oracle")]]
+    engine = {"device": "cpu", "date": "now", "layers": 32, "expert_bytes": 66748416, "quantization": "hqq2",
+              "tokens": 4, "cells": cells}
+    path = tmp_path / "engine.json"
+    path.write_text(json.dumps(engine))
+    r = moesim("validate", str(real_trace_path), "--engine", str(path), "-o", str(tmp_path / "rep"))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "rep.json").read_text())
+    assert rep["hit_rates_identical"] and len(rep["cells"]) == 2
+    assert {"policy", "cache_size", "prefetch", "real_tokens_per_s", "sim_tokens_per_s", "rel_error",
+            "real_hit_rate", "sim_hit_rate"} <= set(rep["cells"][0])
+    assert (tmp_path / "rep.md").exists() and (tmp_path / "rep.png").stat().st_size > 1000
