@@ -1,8 +1,10 @@
-"""Write-then-rename, so a crash or an error never leaves a half-written file under the final name."""
+"""File helpers: write-then-rename (a crash or an error never leaves a half-written file under the
+final name) and reading JSON with one-line errors."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -45,3 +47,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[IO]:
     with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as fh:
         yield fh
+
+
+def read_json(path: str | os.PathLike, what: str = "valid JSON") -> object:
+    """Parse a JSON file; a missing or unreadable file is one DataError line naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(p, "no such file")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(p, f"not {what} ({str(exc).splitlines()[0]})") from None

@@ -7,7 +7,6 @@ categories, viridis for magnitudes.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -27,7 +26,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from moesim.analysis import stats  # noqa: E402
 from moesim.analysis.residency import HIT, IDLE, MISS, RESIDENT, residency_log  # noqa: E402
-from moesim.atomic import atomic_path  # noqa: E402
+from moesim.atomic import atomic_path, read_json  # noqa: E402
 from moesim.errors import DataError, UsageError  # noqa: E402
 from moesim.traces.format import Trace  # noqa: E402
 
@@ -236,12 +235,7 @@ def load_timeline(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Complete ('X') events of a Chrome/Perfetto trace-event file (object with ``traceEvents`` or a
     bare list)."""
     p = Path(path)
-    if not p.exists():
-        raise DataError(p, "no such file")
-    try:
-        raw = json.loads(p.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DataError(p, f"not a JSON timeline ({str(exc).splitlines()[0]})") from None
+    raw = read_json(p, "a JSON timeline")
     events = raw.get("traceEvents") if isinstance(raw, dict) else raw
     if not isinstance(events, list):
         raise DataError(p, "timeline has no 'traceEvents' list")

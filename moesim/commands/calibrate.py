@@ -23,20 +23,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from moesim.atomic import atomic_open
     from moesim.engine.calibration import to_cost_model
-    from moesim.errors import DataError, UsageError
+    from moesim.errors import UsageError
 
     if args.from_raw:
-        path = Path(args.from_raw)
-        if not path.exists():
-            raise DataError(path, "no such file")
-        try:
-            raw = json.loads(path.read_text())
-        except ValueError as exc:
-            raise DataError(path, f"not valid JSON ({exc})") from None
+        from moesim.atomic import read_json
+
+        raw = read_json(args.from_raw)
     else:
         import torch
 

@@ -5,19 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moesim.commands._common import positive_int
+from moesim.commands._common import non_negative_int, positive_int
 
 INTERRUPTED_EXIT = 130  # the shell convention for "stopped by SIGINT"; the trace is still complete
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return v
 
 
 def _non_negative_float(text: str) -> float:
@@ -47,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (and preset weight seed)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-    p.add_argument("--predict-distance", type=_non_negative_int, default=1,
+    p.add_argument("--predict-distance", type=non_negative_int, default=1,
                    help="record speculative predictions for d = 1..D layers ahead (0 = none)")
     p.add_argument("--logits", action="store_true", help="also store full router logits (float16)")
     p.add_argument("--pred-logits", action="store_true", help="also store the logits of each prediction")

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from moesim.atomic import atomic_open
+from moesim.atomic import atomic_open, read_json
 from moesim.errors import DataError, UsageError
 
 # Mixtral-8x7B expert: w1, w3 (14336 x 4096) and w2 (4096 x 14336).
@@ -96,12 +96,7 @@ class CostModel:
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> CostModel:
         p = Path(path)
-        if not p.exists():
-            raise DataError(p, "no such file")
-        try:
-            raw = json.loads(p.read_text())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise DataError(p, f"not valid JSON ({exc})") from None
+        raw = read_json(p)
         if not isinstance(raw, dict):
             raise DataError(p, "calibration must be a JSON object")
         return cls.from_dict(raw, p)

@@ -46,6 +46,17 @@ def _victim(policy, layer, size, slots, protect_mask, last, count, inserted, nex
 
 
 @njit(cache=True, nogil=True)
+def _issue_copy(engines, ready, duration):
+    """Queue a copy on the earliest-free copy engine (ties: lowest index); returns when it lands."""
+    c = 0
+    for q in range(1, engines.shape[0]):
+        if engines[q] < engines[c]:
+            c = q
+    engines[c] = max(engines[c], ready) + duration
+    return engines[c]
+
+
+@njit(cache=True, nogil=True)
 def des_kernel(policy, pf, distance, budget, step, layer, keys, nxt, row_at, pred, sizes, n_experts,
                token_s, layer_s, copy_s, expert_s, n_engines):
     n, k = keys.shape
@@ -134,13 +145,7 @@ def des_kernel(policy, pf, distance, budget, step, layer, keys, nxt, row_at, pre
                     continue
                 e = keys[r, j]
                 pending[lay, e] = False
-                c = 0
-                for q in range(1, n_engines):
-                    if engines[q] < engines[c]:
-                        c = q
-                start = max(engines[c], gate)
-                engines[c] = start + copy_s
-                ready[j] = engines[c]
+                ready[j] = _issue_copy(engines, gate, copy_s)
                 inflight[lay, e] = ready[j]
                 copies += 1
             # ---- prefetch for layer + distance ----
@@ -200,13 +205,7 @@ def des_kernel(policy, pf, distance, budget, step, layer, keys, nxt, row_at, pre
                     resident[target, e] = True
                     tick += 1
                     inserted[target, e] = tick
-                    c = 0
-                    for qq in range(1, n_engines):
-                        if engines[qq] < engines[c]:
-                            c = qq
-                    start = max(engines[c], gate)
-                    engines[c] = start + copy_s
-                    inflight[target, e] = engines[c]
+                    inflight[target, e] = _issue_copy(engines, gate, copy_s)
                     pending[target, e] = True
                     prefetches += 1
                     copies += 1

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from moesim.atomic import read_json
 from moesim.errors import DataError, UsageError
 from moesim.traces.format import DECODE, Trace, TraceMeta, TraceWriter
 
@@ -97,12 +98,9 @@ def builtin_presets() -> list[str]:
 def load_preset(name_or_path: str | os.PathLike) -> SynthPreset:
     p = Path(name_or_path)
     if p.suffix == ".json" or p.exists():
-        if not p.exists():
-            raise DataError(p, "no such file")
-        try:
-            raw = json.loads(p.read_text())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise DataError(p, f"not valid JSON ({exc})") from None
+        raw = read_json(p)
+        if not isinstance(raw, dict):
+            raise DataError(p, "a synth preset must be a JSON object")
         return SynthPreset.from_json(raw, p)
     name = str(name_or_path)
     if name not in builtin_presets():
