@@ -21,13 +21,16 @@ def _non_negative_float(text: str) -> float:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from moesim.recorder.presets import PRESETS
+    try:
+        from moesim.recorder.presets import PRESETS
+    except ImportError:  # torch/transformers are an optional extra; the rest of the CLI works without
+        PRESETS = {}
 
     p = sub.add_parser("record", help="record router decisions from a Hugging Face MoE model",
                        description="Run a transformers MoE model on prompts and record, through forward hooks, "
                                    "every token's routed experts and weights plus speculative next-layer "
                                    "predictions. Streams crash-safe part files to OUT.parquet.parts/ and merges "
-                                   f"them into OUT.parquet on a clean finish. Presets: {', '.join(PRESETS)}.")
+                                   f"them into OUT.parquet on a clean finish. Presets: {', '.join(PRESETS) or '(install torch)'}.")
     p.add_argument("--model", help="local checkpoint directory or a tiny random-weight preset")
     p.add_argument("--prompts", help="prompt file: .json list of strings or text, one prompt per line "
                                      "(default: the built-in set of 50)")
@@ -50,6 +53,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moesim.errors import DataError, UsageError
+
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UsageError("moesim record needs torch and transformers: pip install 'moesim[torch]'") from None
     from moesim.recorder.parts import merge_parts, parts_dir_for
     from moesim.traces.format import read_trace
 
