@@ -56,10 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"moesim {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:
         # Anything that slipped past validation still gets one line, never a traceback.
         if debug:
             raise
+        if not isinstance(exc, OSError | ValueError | KeyError):
+            print(f"moesim {args.command}: internal error: {type(exc).__name__}: {exc} "
+                  "(run with --debug for the traceback)", file=sys.stderr)
+            return 1
         where = getattr(exc, "filename", None)
         msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"moesim {args.command}: error: {where + ': ' if where else ''}{msg}", file=sys.stderr)

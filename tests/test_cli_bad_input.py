@@ -158,3 +158,18 @@ class _nothing:
 
     def __exit__(self, *a):
         return False
+
+
+def test_unexpected_errors_are_one_line_without_debug(tmp_path, capsys, monkeypatch):
+    import moesim.simulator.replay as replay
+
+    def boom(*a, **k):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(replay, "simulate", boom)
+    good = _good(tmp_path / "g.parquet")
+    assert main(["simulate", str(good), "--policy", "lru", "--cache-size", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "internal error: RuntimeError: kaboom" in err[0]
+    with pytest.raises(RuntimeError):
+        main(["--debug", "simulate", str(good), "--policy", "lru", "--cache-size", "2"])

@@ -23,7 +23,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     from moesim.atomic import atomic_open
     from moesim.engine.calibration import to_cost_model
     from moesim.errors import UsageError
@@ -31,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
     if args.from_raw:
         from moesim.atomic import read_json
 
-        raw = read_json(args.from_raw)
+        path = args.from_raw
+        raw = read_json(path)
     else:
         import torch
 
