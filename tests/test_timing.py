@@ -169,10 +169,12 @@ def test_simulate_cli_timing_keys(real_trace_path, capsys, tmp_path):
     for key in ("policy", "cache_size", "requests", "hits", "misses", "hit_rate", "tokens_per_s", "ms_per_token",
                 "bytes_h2d"):
         assert key in d
+    assert (d["hits"], d["requests"]) == (d["timing_hits"], d["timing_requests"]) == (13827, 21558)
     assert main(["simulate", str(real_trace_path), "--policy", "lru", "--cache-size", "4", "--prefetch", "transition",
                  "--json", "--timeline", str(tmp_path / "tl.json")]) == 0
     d = json.loads(capsys.readouterr().out)
     assert "prefetch_precision" in d and "prefetch_recall" in d and (tmp_path / "tl.json").exists()
+    assert d["hits"] == 13457 and d["timing_hits"] != d["hits"]  # top level = the exact demand replay
     slow = main(["simulate", str(real_trace_path), "--policy", "lru", "--cache-size", "4", "--pcie-gbps", "5", "--json"])
     assert slow == 0 and json.loads(capsys.readouterr().out)["tokens_per_s"] < d["tokens_per_s"]
     assert main(["simulate", str(real_trace_path), "--policy", "lru", "--cache-size", "4", "--hardware", "nosuch"]) == 2
