@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from moesim.errors import UsageError
 from moesim.policies.base import NEVER, EvictionPolicy, ExpertCache, make_policy, policy_class
@@ -173,12 +174,19 @@ def run_generic(stream: RequestStream, make: Callable[[], EvictionPolicy]) -> tu
     np.add.at(req, stream.group, width)
     hits_by_row = [0] * len(keys)
     clock = stream.clock.tolist()
-    for r, (c, row) in enumerate(zip(stream.cache.tolist(), keys, strict=True)):
-        cache = caches[c]
-        if cache is None:
-            continue
-        missing = cache.request(row, clock[r], weights[r], None if nxt is None else nxt[r])
-        hits_by_row[r] = width - len(missing)
+    cache_of = stream.cache.tolist()
+    # a progress bar for long Python replays (tqdm hides itself when stderr is not a terminal)
+    chunk = 1 << 16
+    with tqdm(total=len(keys), unit="row", desc="replay", disable=len(keys) < 4 * chunk or None,
+              leave=False) as bar:
+        for lo in range(0, len(keys), chunk):
+            for r in range(lo, min(lo + chunk, len(keys))):
+                cache = caches[cache_of[r]]
+                if cache is None:
+                    continue
+                missing = cache.request(keys[r], clock[r], weights[r], None if nxt is None else nxt[r])
+                hits_by_row[r] = width - len(missing)
+            bar.update(min(chunk, len(keys) - lo))
     np.add.at(hit, stream.group, np.asarray(hits_by_row, dtype=np.int64))
     return req, hit
 
