@@ -28,6 +28,7 @@ import numpy as np
 
 from moesim.engine.plan import CachePlan, Routing
 from moesim.engine.quant import QuantSpec, dequantize, fill_random_blob, split_blob
+from moesim.simulator.replay import HitCounts
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class Weights:
 
 
 @dataclass
-class EngineResult:
+class EngineResult(HitCounts):
     policy: str
     cache_size: int
     prefetch: str
@@ -163,14 +164,6 @@ class EngineResult:
     layer_requests: list[int] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     token_cpu_ms: list[float] = field(default_factory=list)   # CPU issue time per token
-
-    @property
-    def misses(self) -> int:
-        return self.requests - self.hits
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.requests if self.requests else 0.0
 
     @property
     def tokens_per_s(self) -> float:

@@ -33,8 +33,23 @@ SEMANTICS = ("atomic", "sequential")
 PolicySpec = str | Callable[[], EvictionPolicy]
 
 
+class HitCounts:
+    """Mixin for results that count ``requests`` and ``hits`` (replay, timing run, GPU engine)."""
+
+    requests: int
+    hits: int
+
+    @property
+    def misses(self) -> int:
+        return self.requests - self.hits
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.requests if self.requests else 0.0
+
+
 @dataclass
-class ReplayResult:
+class ReplayResult(HitCounts):
     policy: str
     cache_size: int | list[int]
     requests: int
@@ -44,14 +59,6 @@ class ReplayResult:
     method: str = "python"
     scope: str = "layer"
     semantics: str = "atomic"
-
-    @property
-    def misses(self) -> int:
-        return self.requests - self.hits
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.requests if self.requests else 0.0
 
     def to_dict(self, per_layer: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {

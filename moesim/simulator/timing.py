@@ -35,6 +35,7 @@ from moesim.policies.base import NEVER, EvictionPolicy, ExpertCache, make_policy
 from moesim.policies.prefetch import PrefetchContext, make_prefetcher
 from moesim.simulator import kernels, timing_kernel
 from moesim.simulator.cost_model import CostModel
+from moesim.simulator.replay import HitCounts
 from moesim.traces.format import PREFILL, Trace
 
 PRIORITY = {"copy": 0, "compute": 1}
@@ -142,7 +143,7 @@ def build_steps(trace: Trace, batch_size: int = 1, prefill_chunk: int = 512) -> 
 
 
 @dataclass
-class TimingResult:
+class TimingResult(HitCounts):
     policy: str
     cache_size: int | list[int]
     prefetch: str
@@ -164,14 +165,6 @@ class TimingResult:
     per_token_ms: np.ndarray = field(repr=False)
     compute_s: float = 0.0
     copy_busy_s: float = 0.0
-
-    @property
-    def misses(self) -> int:
-        return self.requests - self.hits
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.requests if self.requests else 0.0
 
     @property
     def tokens_per_s(self) -> float:
