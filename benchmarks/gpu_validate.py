@@ -12,6 +12,7 @@ Everything is measured with CUDA events / synchronised wall time; nothing here i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -28,7 +29,7 @@ import torch  # noqa: E402
 from moesim.engine.gpu_bench import T0, calibrate, compile_works, log  # noqa: E402
 from moesim.engine.plan import Routing  # noqa: E402
 from moesim.engine.quant import quant_spec  # noqa: E402
-from moesim.engine.runtime import MIXTRAL_8X7B, OffloadedEngine, Weights, all_resident_token_ms  # noqa: E402
+from moesim.engine.runtime import MIXTRAL_8X7B, OffloadedEngine, Program, Weights  # noqa: E402
 from moesim.traces.format import read_trace  # noqa: E402
 
 
@@ -60,12 +61,14 @@ def main() -> int:
     ap.add_argument("--trace", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=32, help="fewer for a quick check (routing cut to match)")
     ap.add_argument("--budget", type=float, default=480.0, help="stop starting new cells after this many s")
-    ap.add_argument("--quants", default="hqq2,hqq4,bf16")
+    ap.add_argument("--quants", default="hqq2", help="expert formats to calibrate before the cells")
+    ap.add_argument("--late-quants", default="hqq4,bf16", help="formats calibrated after the cells, if time is left")
     ap.add_argument("--policies", default="lru,lfu,fifo,opt")
     ap.add_argument("--sizes", default="2,3,4,6")
     ap.add_argument("--prefetch", default="none,oracle,transition")
-    ap.add_argument("--skip-calibration", action="store_true")
+    ap.add_argument("--no-graphs", action="store_true", help="eager launches (the first engine's path)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,51 +77,83 @@ def main() -> int:
     log(f"env {env}")
     trace = read_trace(args.trace)
     routing = Routing.from_trace(trace, args.tokens)
+    geometry = MIXTRAL_8X7B
+    if args.layers != geometry.num_layers:
+        geometry = dataclasses.replace(geometry, num_layers=args.layers)
+        routing = routing.first_layers(args.layers)
     log(f"routing: {routing.num_tokens} tokens x {routing.num_layers} layers")
 
     compile_ok = compile_works()
     env["compile_ok"] = compile_ok
     write(out, "env.json", env)
 
-    if not args.skip_calibration:
-        cal = calibrate(args.quants.split(","), compile_ok)
-        cal["compile_ok"] = compile_ok
-        write(out, "calibration_raw.json", cal)
-
     spec = quant_spec("hqq2")
-    log("pinning all experts (32 layers x 8, hqq2) ...")
-    weights = Weights(MIXTRAL_8X7B, spec, "cuda", pin=True)
-    log(f"pinned {MIXTRAL_8X7B.num_layers * MIXTRAL_8X7B.num_experts} experts of {weights.expert_bytes} B")
-    floor_ms = all_resident_token_ms(weights, routing, 16, compile_dequant=compile_ok)
-    log(f"all-resident (compute-only) ms/token {floor_ms:.3f}")
+    log(f"pinning all experts ({geometry.num_layers} layers x 8, hqq2) ...")
+    weights = Weights(geometry, spec, "cuda", pin=True)
+    log(f"pinned {geometry.num_layers * geometry.num_experts} experts of {weights.expert_bytes} B; "
+        f"attention {weights.attn_quant.name} ({weights.attn_bytes} B per layer)")
+    program = Program(weights, geometry.num_experts, routing.num_tokens, compile_kernels=compile_ok,
+                      graphs=not args.no_graphs)
+    log(f"program ready (CUDA graphs: {program.graphs})")
+    program.load_routing(routing)
+    cal = calibrate(args.quants.split(","), compile_ok, program)
+    cal["compile_ok"] = compile_ok
+    cal["engine_quantization"] = "hqq2"
+
+    # all experts resident: the compute-only floor, and the overhead beyond the pieces
+    eng = OffloadedEngine(weights, geometry.num_experts, "lru", "none", program=program)
+    head = routing.head(min(32, routing.num_tokens))
+    eng.run(head, warm=True)
+    res = eng.run(head, warm=True)
+    floor_ms = float(np.median(res.token_ms))
+    free = eng.run(head, warm=True, sync_tokens=False)   # for the record: the CPU queueing tokens ahead
+    cal["all_resident"] = {"layers": geometry.num_layers, "tokens": res.tokens, "requests": res.requests,
+                           "gpu_ms_total": float(sum(res.token_ms)), "wall_ms": res.wall_s * 1e3,
+                           "cpu_issue_ms": float(sum(res.token_issue_ms)),
+                           "nosync_gpu_ms_total": float(sum(free.token_ms)), "nosync_wall_ms": free.wall_s * 1e3}
+    write(out, "calibration_raw.json", cal)
+    log(f"all-resident ms/token {floor_ms:.3f} (GPU {sum(res.token_ms):.1f} ms, wall {res.wall_s * 1e3:.1f} ms, "
+        f"CPU issue {sum(res.token_issue_ms):.1f} ms for {res.tokens} tokens; without the per-token wait: GPU "
+        f"{sum(free.token_ms):.1f} ms)")
     result = {"device": env["device"], "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "layers": MIXTRAL_8X7B.num_layers, "expert_bytes": weights.expert_bytes, "quantization": "hqq2",
+              "layers": geometry.num_layers, "expert_bytes": weights.expert_bytes, "quantization": "hqq2",
+              "attention_quantization": weights.attn_quant.name, "cuda_graphs": program.graphs,
               "tokens": routing.num_tokens, "compile_dequant": compile_ok, "all_resident_ms_per_token": floor_ms,
               "cells": []}
     # one instrumented replay (CUDA events for every piece)
-    eng = OffloadedEngine(weights, 4, "lru", "none", compile_dequant=compile_ok)
-    eng.run(routing.head(4))   # warm-up (compile, allocator)
+    eng = OffloadedEngine(weights, 4, "lru", "none", program=program)
+    eng.run(routing.head(4))
     inst = eng.run(routing.head(12), instrument=True)
     write(out, "events.json", inst.to_dict(events=True))
-    del eng
     cells = [(p, k, f) for f in args.prefetch.split(",") for k in map(int, args.sizes.split(","))
              for p in args.policies.split(",")]
     cells += [(p, k, f + "#repeat") for p, k, f in cells[:4]]   # repeatability of identical cells
+    # the same cells with the CPU free to queue tokens ahead (no wait for each token's logits)
+    cells += [(p, k, f + "#nosync") for p, k, f in cells[:: max(len(cells) // 6, 1)][:6]]
     for pol, k, pf in cells:
         if time.perf_counter() - T0 > args.budget:
             log(f"budget reached; {len(result['cells'])} of {len(cells)} cells done")
             break
-        eng = OffloadedEngine(weights, k, pol, pf.split("#")[0], compile_dequant=compile_ok)
-        res = eng.run(routing)
+        name, _, variant = pf.partition("#")
+        eng = OffloadedEngine(weights, k, pol, name, program=program)
+        res = eng.run(routing, sync_tokens=variant != "nosync")
         d = res.to_dict()
-        d["repeat"] = pf.endswith("#repeat")
+        d["variant"] = variant or None
+        d["repeat"] = variant == "repeat"
         d["token_ms_median"] = float(np.median(res.token_ms))
+        d["cpu_issue_ms"] = float(sum(res.token_issue_ms))
         result["cells"].append(d)
         write(out, "validate.json", result)
-        log(f"{pol:4s} K={k} {pf:10s} hit={res.hit_rate:.4f} tok/s={res.tokens_per_s:.3f} pf={res.prefetches}")
-        del eng
-        torch.cuda.empty_cache()
+        log(f"{pol:4s} K={k} {pf:10s} hit={res.hit_rate:.4f} tok/s={res.tokens_per_s:.3f} pf={res.prefetches} "
+            f"issue/wall={sum(res.token_issue_ms) / (res.wall_s * 1e3):.3f}")
     write(out, "validate.json", result)
+    late = [q for q in args.late_quants.split(",") if q]
+    if late and time.perf_counter() - T0 < args.budget + 30:
+        del program, eng, weights
+        torch.cuda.empty_cache()
+        extra = calibrate(late, compile_ok)
+        cal["expert"].update(extra["expert"])
+        write(out, "calibration_raw.json", cal)
     log("done")
     return 0
 

@@ -90,7 +90,7 @@ def test_expert_forward_matches_dense_reference():
 def test_bf16_experts_run(routing):
     w = Weights(Geometry.tiny(LAYERS), quant_spec("bf16"), "cpu")
     res = OffloadedEngine(w, 4, "lru", "none").run(routing.head(2))
-    assert res.expert_bytes == 3 * 64 * 256 * 2 and res.requests == 2 * LAYERS * 2
+    assert res.expert_bytes == 3 * 128 * 256 * 2 and res.requests == 2 * LAYERS * 2
 
 
 def test_cache_smaller_than_top_k_is_refused(weights, routing):
@@ -136,6 +136,22 @@ def test_calibrate_from_raw_gives_a_loadable_cost_model(tmp_path):
     assert cost.layer_seconds(1000) == pytest.approx(0.15e-3) and cost.token_seconds() == pytest.approx(0.065e-3)
 
 
+def test_calibration_prefers_the_engines_captured_pieces_and_prices_the_residual():
+    from moesim.engine.calibration import to_cost_model
+    from moesim.simulator.cost_model import CostModel
+
+    raw = json.loads(json.dumps(RAW))
+    raw["graph"] = {"first_ms": 0.16, "layer_ms": 0.15, "expert_ms": 0.25, "final_ms": 0.07}
+    # 10 tokens x 4 layers, 80 expert calls: pieces sum to 10 * (0.16 + 3 * 0.15 + 0.07) + 80 * 0.25 = 26.8 ms
+    raw["all_resident"] = {"layers": 4, "tokens": 10, "requests": 80, "gpu_ms_total": 28.8}
+    cost = CostModel.from_dict(to_cost_model(raw))
+    assert cost.expert_seconds(1) == pytest.approx(0.25e-3)     # batch 1: the captured piece
+    assert cost.expert_seconds(8) == pytest.approx(0.27e-3)     # larger batches: the compiled curve
+    assert cost.layer_seconds(0) == pytest.approx(0.15e-3) == cost.layer_seconds(4000)
+    # final + first's extra + (28.8 - 26.8) / 10 ms of measured per-token overhead
+    assert cost.token_seconds() == pytest.approx((0.07 + 0.01 + 0.2) * 1e-3)
+
+
 def test_calibrate_bad_raw_is_one_line_exit_1(tmp_path):
     raw = tmp_path / "raw.json"
     raw.write_text(json.dumps({"h2d": []}))
@@ -167,3 +183,98 @@ def test_validate_report_on_engine_cells(weights, real_trace_path, tmp_path):
     assert {"policy", "cache_size", "prefetch", "real_tokens_per_s", "sim_tokens_per_s", "rel_error",
             "real_hit_rate", "sim_hit_rate"} <= set(rep["cells"][0])
     assert (tmp_path / "rep.md").exists() and (tmp_path / "rep.png").stat().st_size > 1000
+
+
+# ---- the decode program: output independent of the cache configuration ------------------------------
+
+def reference_logits(w: Weights, routing: Routing):
+    """The last token's logits, computed directly from the host experts (no slots, no program)."""
+    import torch
+
+    from moesim.engine.runtime import attention_forward
+
+    g = w.geometry
+    k_cache, v_cache = torch.zeros_like(w.k_cache), torch.zeros_like(w.v_cache)
+    out = None
+    for t in range(routing.num_tokens):
+        pos = torch.tensor([int(routing.position[t]) % g.max_context])
+        x = w.x0
+        for layer in range(g.num_layers):
+            x, _ = attention_forward(x, w.wq[layer], w.wk[layer], w.wv[layer], w.wo[layer], w.wg[layer],
+                                     k_cache[layer], v_cache[layer], pos, w.positions, g, w.attn_quant)
+            acc = torch.zeros(1, g.hidden)
+            if routing.row[t, layer] >= 0:
+                for e, wt in zip(routing.experts[t, layer], routing.weights[t, layer], strict=True):
+                    y = expert_forward(w.host[layer][int(e)], x, w.quant, g.hidden, g.ffn)
+                    acc += float(wt) * y.float()
+            x = x + acc.to(x.dtype)
+            x = x * torch.rsqrt(x.float().pow(2).mean() + 1e-6).to(x.dtype)
+        out = (x @ w.lm_head.T).float()
+    return out
+
+
+@pytest.fixture(scope="module")
+def gappy_routing(routing) -> Routing:
+    """The routing with one (token, layer) row removed, as real traces have."""
+    r = Routing(routing.experts.copy(), routing.weights.copy(), routing.row.copy(), routing.seq, routing.position,
+                routing.num_experts)
+    r.row[2, 1] = -1
+    r.experts[2, 1] = -1
+    rows = r.row[r.row >= 0]
+    r.row[r.row >= 0] = np.argsort(np.argsort(rows))
+    return r
+
+
+@pytest.mark.parametrize("policy,k,prefetch", [("lru", 2, "none"), ("opt", 3, "oracle"), ("lfu", 4, "transition")])
+def test_program_output_equals_direct_computation_for_any_cache(weights, gappy_routing, policy, k, prefetch):
+    """Slots, router ranks, device-side routing weights and the token counter all plumbed right: the
+    logits do not depend on which policy/K/prefetcher placed the experts, and equal a direct computation."""
+    want = reference_logits(weights, gappy_routing)
+    eng = OffloadedEngine(weights, k, policy, prefetch)
+    eng.run(gappy_routing)
+    got = eng.program.logits.float()
+    assert int(eng.program.tok) == gappy_routing.num_tokens - 1
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=2e-3 * float(want.abs().max()))
+
+
+def test_one_program_serves_several_configurations(weights, routing):
+    from moesim.engine.runtime import Program
+
+    prog = Program(weights, 4, routing.num_tokens)
+    outs = []
+    for k, policy in [(4, "lru"), (2, "fifo"), (3, "opt")]:
+        res = OffloadedEngine(weights, k, policy, "none", program=prog).run(routing)
+        assert res.requests == routing.num_tokens * LAYERS * 2
+        outs.append(prog.logits.float().clone())
+    for o in outs[1:]:
+        assert np.array_equal(o.numpy(), outs[0].numpy())
+    with pytest.raises(ValueError, match="exceeds"):
+        OffloadedEngine(weights, 5, "lru", "none", program=prog)
+    with pytest.raises(ValueError, match="tokens"):
+        prog.load_routing(Routing(routing.experts.repeat(2, 0), routing.weights.repeat(2, 0),
+                                     np.arange(routing.row.size * 2).reshape(-1, LAYERS),
+                                     routing.seq.repeat(2), routing.position.repeat(2),
+                                     routing.num_experts))
+
+
+def test_attention_weights_are_packed_4bit(weights):
+    g = weights.geometry
+    kv = g.n_kv_heads * g.head_dim
+    assert weights.attn_quant.name == "hqq4"
+    assert weights.wq[0].numel() == quant_spec("hqq4").matrix_bytes(g.hidden * g.hidden)
+    assert weights.attn_bytes == 2 * quant_spec("hqq4").matrix_bytes(g.hidden * g.hidden) + \
+        2 * quant_spec("hqq4").matrix_bytes(kv * g.hidden)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_program_equals_eager(routing):
+    w = Weights(Geometry.tiny(LAYERS), quant_spec("hqq2"), "cuda")
+    outs = []
+    for graphs in (False, True):
+        eng = OffloadedEngine(w, 3, "lru", "transition", graphs=graphs)
+        res = eng.run(routing)
+        plan = plan_only(routing, 3, "lru", "transition")
+        assert (res.hits, res.prefetches) == (plan.hits, plan.prefetches)
+        outs.append(eng.program.logits.float().cpu())
+    np.testing.assert_allclose(outs[1].numpy(), outs[0].numpy(), rtol=1e-2, atol=1e-2)

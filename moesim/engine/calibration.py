@@ -3,7 +3,10 @@ calibration JSON (the format of ``moesim.simulator.cost_model.CostModel``; see d
 
 Raw file keys: ``h2d`` [{bytes, ms, gb_per_s}], ``expert`` {quant[+compile]: {expert_bytes, curve:
 [{tokens, ms}]}}, ``attention`` [{context, compiled, ms}] (attention + gate of one layer),
-``lm_head_ms``, ``compile_ok``; optionally ``engine`` {all_resident_ms_per_token, layers}.
+``lm_head_ms``, ``compile_ok``; optionally ``graph`` {first_ms, layer_ms, expert_ms, final_ms} (the
+engine's captured pieces, which then set the layer, batch-1 expert and token costs) and
+``all_resident`` {layers, tokens, requests, gpu_ms_total} (a run with every expert resident: what it
+took beyond its pieces becomes the per-token overhead).
 All GPU times are measured with CUDA events after a GPU sleep, so they are device times, not launch
 overhead.
 """
@@ -46,6 +49,31 @@ def to_cost_model(raw: dict[str, Any], name: str = "h200", description: str = ""
         ms = np.array([r["ms"] for r in att], float) * 1e-3
         per_ctx, base = np.polyfit(ctx, ms, 1) if len(att) > 1 else (0.0, float(ms[0]))
         token_s = float(raw["lm_head_ms"]) * 1e-3
+        sources_layer = "attention (q/k/v/o dequantised, GQA SDPA over the KV cache) + gate of one layer, GPU time"
+        sources_token = "LM head (vocab x hidden bf16), GPU time"
+        graph = raw.get("graph")
+        overhead_ms = None
+        if graph:   # the engine's own captured pieces: what it actually runs
+            engine_quant = raw.get("engine_quantization", "hqq2")
+            base, per_ctx = float(graph["layer_ms"]) * 1e-3, 0.0
+            if engine_quant in expert_compute:
+                expert_compute[engine_quant][0][1] = float(graph["expert_ms"]) * 1e-3
+            token_s = (float(graph["final_ms"]) + max(float(graph["first_ms"]) - float(graph["layer_ms"]), 0.0)) * 1e-3
+            sources_layer = ("the engine's captured layer piece (combine the previous layer's experts, RMS norm, "
+                             "4-bit q/k/v/o dequant, GQA SDPA over the whole static KV cache, gate), replayed "
+                             "back to back; constant in context because the engine attends over its full static "
+                             "cache (the eager per-context slope is in the raw file)")
+            sources_token = "the engine's final piece (combine, LM head) + the first layer's extra (token counter)"
+            resident = raw.get("all_resident")
+            if resident:   # per-token overhead the pieces do not show: measured, all experts resident
+                L = int(resident["layers"])
+                expected = (int(resident["tokens"]) * ((L - 1) * float(graph["layer_ms"]) + float(graph["first_ms"])
+                                                       + float(graph["final_ms"]))
+                            + int(resident["requests"]) * float(graph["expert_ms"]))
+                overhead_ms = max((float(resident["gpu_ms_total"]) - expected) / int(resident["tokens"]), 0.0)
+                token_s += overhead_ms * 1e-3
+                sources_token += (f"; plus {overhead_ms:.3f} ms per token of engine overhead (all-resident run "
+                                  f"minus the sum of its pieces: event waits and launch gaps)")
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise DataError(path, f"not a raw calibration file ({type(exc).__name__}: {exc})") from None
     return {
@@ -55,8 +83,8 @@ def to_cost_model(raw: dict[str, Any], name: str = "h200", description: str = ""
             "pcie": "pinned host-to-device copies on a dedicated stream, CUDA events; latency and bandwidth "
                     "fitted over copies >= 4 MB, curve = every measured size",
             "expert_compute": "dequantise (torch.compile'd hqq-style kernels) + SwiGLU FFN of one expert, GPU time",
-            "layer": "attention (bf16 q/k/v/o, GQA SDPA over the KV cache) + gate of one layer, GPU time",
-            "token": "LM head (vocab x hidden bf16), GPU time",
+            "layer": sources_layer,
+            "token": sources_token,
         },
         "pcie": {"latency_us": latency_s * 1e6, "bandwidth_gbps": bw / 1e9, "copy_engines": 1,
                  "curve": [[int(r["bytes"]), float(r["ms"]) * 1e-3] for r in h2d]},

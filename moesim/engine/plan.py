@@ -77,6 +77,14 @@ class Routing:
         r[present] = np.argsort(np.argsort(r[present]))
         return Routing(e, w, r, self.seq[:tokens], self.position[:tokens], self.num_experts)
 
+    def first_layers(self, layers: int) -> Routing:
+        """Only layers 0..``layers``-1 (rows renumbered), for runs of a model cut short."""
+        keep = self.row[:, :layers].copy()
+        present = keep >= 0
+        keep[present] = np.argsort(np.argsort(keep[present]))
+        return Routing(self.experts[:, :layers].copy(), self.weights[:, :layers].copy(), keep, self.seq,
+                       self.position, self.num_experts)
+
     def next_use(self) -> np.ndarray:
         """(T, L, k): row index of the next request of the same expert at the same layer, or NEVER."""
         T, L, k = self.experts.shape

@@ -65,44 +65,61 @@ def quant_spec(name: str) -> QuantSpec:
         raise KeyError(f"unknown quantization {name!r} (known: {', '.join(QUANTS)})") from None
 
 
-def fill_random_blob(blob, spec: QuantSpec, n: int, generator=None) -> None:
-    """Fill an expert blob (uint8 torch tensor, any device) with random codes and finite meta."""
+def fill_random_matrix(view, spec: QuantSpec, n: int, generator=None) -> None:
+    """Fill one packed matrix of ``n`` weights (uint8 torch tensor) with random codes and finite meta."""
     import torch
 
     off = 0
-    for _ in range(3):
-        for part, nbytes in spec.matrix_parts(n):
-            view = blob[off:off + nbytes]
-            if part == "meta":
-                meta = view.view(torch.float16).view(-1, 4)
-                meta[:, 0] = 1e-4   # scale of the scale
-                meta[:, 1] = 0.0    # zero of the scale
-                meta[:, 2] = 1.0    # scale of the zero
-                meta[:, 3] = 0.0    # zero of the zero
-            elif part == "bf16":
-                view.view(torch.bfloat16).normal_(0.0, 0.02, generator=generator)
-            else:
-                view.random_(0, 256, generator=generator)
-            off += nbytes
+    for part, nbytes in spec.matrix_parts(n):
+        chunk = view[off:off + nbytes]
+        if part == "meta":
+            meta = chunk.view(torch.float16).view(-1, 4)
+            # scale = scale_q * 1e-4 (<= 0.0255); zero = zero_q * (2^bits - 1) / 255, inside the code
+            # range, so weights are centred (|w| ~ 0.01, like a trained layer's) and outputs stay O(1)
+            meta[:, 0] = 1e-4
+            meta[:, 1] = 0.0
+            meta[:, 2] = ((1 << spec.bits) - 1) / 255
+            meta[:, 3] = 0.0
+        elif part == "bf16":
+            chunk.view(torch.bfloat16).normal_(0.0, 0.02, generator=generator)
+        else:
+            chunk.random_(0, 256, generator=generator)
+        off += nbytes
+
+
+def fill_random_blob(blob, spec: QuantSpec, n: int, generator=None) -> None:
+    """Fill an expert blob (three matrices of ``n`` weights) with random codes and finite meta."""
+    size = spec.matrix_bytes(n)
+    for i in range(3):
+        fill_random_matrix(blob[i * size:(i + 1) * size], spec, n, generator)
+
+
+def split_matrix(view, spec: QuantSpec, n: int) -> dict:
+    """Views of one packed matrix's parts (no copy)."""
+    import torch
+
+    parts, off = {}, 0
+    for part, nbytes in spec.matrix_parts(n):
+        chunk = view[off:off + nbytes]
+        if part == "meta":
+            chunk = chunk.view(torch.float16).view(-1, 4)
+        elif part == "bf16":
+            chunk = chunk.view(torch.bfloat16)
+        parts[part] = chunk
+        off += nbytes
+    return parts
 
 
 def split_blob(blob, spec: QuantSpec, n: int) -> list[dict]:
     """Views of the three matrices' parts inside an expert blob (no copy)."""
-    import torch
+    size = spec.matrix_bytes(n)
+    return [split_matrix(blob[i * size:(i + 1) * size], spec, n) for i in range(3)]
 
-    out, off = [], 0
-    for _ in range(3):
-        parts = {}
-        for part, nbytes in spec.matrix_parts(n):
-            view = blob[off:off + nbytes]
-            if part == "meta":
-                view = view.view(torch.float16).view(-1, 4)
-            elif part == "bf16":
-                view = view.view(torch.bfloat16)
-            parts[part] = view
-            off += nbytes
-        out.append(parts)
-    return out
+
+def matrix(view, spec: QuantSpec, rows: int, cols: int):
+    """A (rows, cols) bf16 weight from one packed matrix (dequantised; a view for bf16)."""
+    n = rows * cols
+    return dequantize(split_matrix(view, spec, n), spec, n).view(rows, cols)
 
 
 def dequantize(parts: dict, spec: QuantSpec, n: int):

@@ -49,7 +49,8 @@ class Geometry:
 
     @classmethod
     def tiny(cls, num_layers: int = 4) -> Geometry:
-        return cls(hidden=64, ffn=256, num_layers=num_layers, num_experts=8, top_k=2, n_heads=4,
+        # hidden 128 / 2 KV heads of 32: the smallest shapes whose matrices split into hqq4 groups
+        return cls(hidden=128, ffn=256, num_layers=num_layers, num_experts=8, top_k=2, n_heads=4,
                    n_kv_heads=2, max_context=1024, vocab=128)
 
 
@@ -70,6 +71,9 @@ class _CpuEvent:
     def elapsed_time(self, end: _CpuEvent) -> float:
         return (end.t - self.t) * 1e3
 
+    def synchronize(self) -> None:
+        """Work on CPU is done when it returns."""
+
 
 class Device:
     """Streams and events for CUDA, or no-op stand-ins on CPU."""
@@ -82,8 +86,9 @@ class Device:
         self.cuda = self.dev.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.dev) if self.cuda else None
 
-    def event(self):
-        return self.torch.cuda.Event(enable_timing=True) if self.cuda else _CpuEvent()
+    def event(self, timing: bool = True):
+        """A CUDA event (timing ones cost more to record), or a perf_counter stamp on CPU."""
+        return self.torch.cuda.Event(enable_timing=timing) if self.cuda else _CpuEvent()
 
     def copy_context(self):
         return self.torch.cuda.stream(self.copy_stream) if self.cuda else contextlib.nullcontext()
@@ -100,14 +105,19 @@ class Device:
 class Weights:
     """Everything but the GPU expert slots: pinned host experts, GPU attention/gate weights, KV cache.
 
-    Built once and shared by every engine configuration (cell) of a run.
+    Attention q/k/v/o are packed in ``attn_quant`` (hqq 4-bit by default, as mixtral-offloading runs
+    Mixtral) and dequantised inside the layer's kernels; the gate and LM head stay bf16. Built once
+    and shared by every engine configuration (cell) of a run.
     """
 
     def __init__(self, geometry: Geometry, quant: QuantSpec, device: str = "cpu", seed: int = 0,
-                 pin: bool = True, progress: bool = False) -> None:
+                 pin: bool = True, progress: bool = False, attn_quant: str = "hqq4") -> None:
         import torch
 
+        from moesim.engine.quant import fill_random_matrix, quant_spec
+
         self.geometry, self.quant, self.d = geometry, quant, Device(device)
+        self.attn_quant = quant_spec(attn_quant)
         g, dev = geometry, self.d.dev
         self.n_weights = g.hidden * g.ffn
         self.expert_bytes = quant.expert_bytes(g.hidden, g.ffn)
@@ -129,14 +139,21 @@ class Weights:
             self.host.append(row)
         del staging
         kv = g.n_kv_heads * g.head_dim
+        aq = self.attn_quant
 
         def rand(*shape):
             return torch.randn(*shape, dtype=torch.bfloat16, device=dev, generator=gen) * 0.02
 
-        self.wq = [rand(g.hidden, g.hidden) for _ in range(g.num_layers)]
-        self.wk = [rand(kv, g.hidden) for _ in range(g.num_layers)]
-        self.wv = [rand(kv, g.hidden) for _ in range(g.num_layers)]
-        self.wo = [rand(g.hidden, g.hidden) for _ in range(g.num_layers)]
+        def packed(rows: int, cols: int):
+            blob = torch.empty(aq.matrix_bytes(rows * cols), dtype=torch.uint8, device=dev)
+            fill_random_matrix(blob, aq, rows * cols, gen)
+            return blob
+
+        self.attn_bytes = 2 * aq.matrix_bytes(g.hidden * g.hidden) + 2 * aq.matrix_bytes(kv * g.hidden)
+        self.wq = [packed(g.hidden, g.hidden) for _ in range(g.num_layers)]
+        self.wk = [packed(kv, g.hidden) for _ in range(g.num_layers)]
+        self.wv = [packed(kv, g.hidden) for _ in range(g.num_layers)]
+        self.wo = [packed(g.hidden, g.hidden) for _ in range(g.num_layers)]
         self.wg = [rand(g.num_experts, g.hidden) for _ in range(g.num_layers)]
         self.k_cache = torch.zeros(g.num_layers, 1, g.n_kv_heads, g.max_context, g.head_dim,
                                    dtype=torch.bfloat16, device=dev)
@@ -163,7 +180,8 @@ class EngineResult(HitCounts):
     layer_hits: list[int] = field(default_factory=list)
     layer_requests: list[int] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
-    token_cpu_ms: list[float] = field(default_factory=list)   # CPU issue time per token
+    token_cpu_ms: list[float] = field(default_factory=list)   # CPU time between token starts
+    token_issue_ms: list[float] = field(default_factory=list)  # CPU time issuing each token's work
 
     @property
     def tokens_per_s(self) -> float:
@@ -182,29 +200,63 @@ class EngineResult(HitCounts):
             "hit_rate": self.hit_rate, "prefetches": self.prefetches, "bytes_h2d": self.bytes_h2d,
             "expert_bytes": self.expert_bytes, "token_ms": self.token_ms, "layer_hits": self.layer_hits,
             "layer_requests": self.layer_requests, "token_cpu_ms": self.token_cpu_ms,
+            "token_issue_ms": self.token_issue_ms,
         }
         if events:
             out["events"] = self.events
         return out
 
 
-def attention_forward(x, wq, wk, wv, wo, wg, k_cache, v_cache, pos, positions, g: Geometry):
-    """One decode token through a layer's attention (GQA, bf16 projections, SDPA over the whole KV
-    cache with a position mask, so shapes never change) and its gate. Returns (x, gate probs)."""
+def attention_forward(x, wq, wk, wv, wo, wg, k_cache, v_cache, pos, positions, g: Geometry, aq: QuantSpec):
+    """One decode token through a layer's attention (GQA; q/k/v/o dequantised from ``aq`` blobs; SDPA
+    over the whole KV cache with a position mask, so shapes never change) and its gate.
+    ``pos`` is a 1-element device tensor. Returns (x, gate probs)."""
     import torch
+
+    from moesim.engine.quant import matrix
 
     F = torch.nn.functional
     group = g.n_heads // g.n_kv_heads
-    q = (x @ wq.T).view(1, g.n_kv_heads, group, g.head_dim)   # a KV head's query group as "query length"
-    k = (x @ wk.T).view(1, g.n_kv_heads, 1, g.head_dim)
-    v = (x @ wv.T).view(1, g.n_kv_heads, 1, g.head_dim)
-    idx = pos.view(1)
-    k_cache.index_copy_(2, idx, k)
-    v_cache.index_copy_(2, idx, v)
+    kv = g.n_kv_heads * g.head_dim
+    q = (x @ matrix(wq, aq, g.hidden, g.hidden).T).view(1, g.n_kv_heads, group, g.head_dim)  # a KV head's
+    k = (x @ matrix(wk, aq, kv, g.hidden).T).view(1, g.n_kv_heads, 1, g.head_dim)   # query group as "length"
+    v = (x @ matrix(wv, aq, kv, g.hidden).T).view(1, g.n_kv_heads, 1, g.head_dim)
+    k_cache.index_copy_(2, pos, k)
+    v_cache.index_copy_(2, pos, v)
     mask = (positions <= pos).view(1, 1, 1, -1)
     a = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
-    x = x + a.reshape(1, g.hidden) @ wo.T
+    x = x + a.reshape(1, g.hidden) @ matrix(wo, aq, g.hidden, g.hidden).T
     return x, torch.softmax((x @ wg.T).float(), dim=-1)
+
+
+def combine(x, ybuf, wrank, tok):
+    """x + sum_j w[tok, j] * y_j, then an RMS normalisation (random weights: keeps values finite).
+
+    ``ybuf`` (k, 1, hidden) holds the layer's expert outputs by router rank; ``wrank`` (tokens, k) the
+    trace's routing weights (zero where the trace has no row, so a missing row adds nothing)."""
+    import torch
+
+    w = wrank.index_select(0, tok.view(1)).view(-1, 1, 1)
+    x = x + (ybuf.float() * w).sum(0).to(x.dtype)
+    return x * torch.rsqrt(x.float().pow(2).mean() + 1e-6).to(x.dtype)
+
+
+def first_layer_step(x0, pos_table, tok, wq, wk, wv, wo, wg, k_cache, v_cache, positions, g, aq):
+    """Layer 0: the token's embedding through attention + gate."""
+    pos = pos_table.index_select(0, tok.view(1))
+    return attention_forward(x0, wq, wk, wv, wo, wg, k_cache, v_cache, pos, positions, g, aq)
+
+
+def layer_step(x, ybuf_prev, wrank_prev, pos_table, tok, wq, wk, wv, wo, wg, k_cache, v_cache, positions, g, aq):
+    """Layer l > 0: combine layer l-1's experts into the residual stream, then attention + gate."""
+    x = combine(x, ybuf_prev, wrank_prev, tok)
+    pos = pos_table.index_select(0, tok.view(1))
+    return attention_forward(x, wq, wk, wv, wo, wg, k_cache, v_cache, pos, positions, g, aq)
+
+
+def final_step(x, ybuf_last, wrank_last, tok, lm_head):
+    """After the last layer: combine its experts, then the LM head."""
+    return combine(x, ybuf_last, wrank_last, tok) @ lm_head.T
 
 
 def expert_forward(blob, x, spec: QuantSpec, hidden: int, ffn: int):
@@ -219,56 +271,184 @@ def expert_forward(blob, x, spec: QuantSpec, hidden: int, ffn: int):
     return h @ dequantize(p2, spec, n).view(hidden, ffn).T
 
 
-_COMPILED: tuple | None = None
+_COMPILED: dict[str, Any] = {}
 
 
-def compiled_forwards() -> tuple:
-    """torch.compile'd attention and expert (one fused dequant kernel per matrix, few launches)."""
-    global _COMPILED
-    if _COMPILED is None:
+def compiled(fn):
+    """torch.compile'd ``fn`` (fused dequant kernels, few launches); one compiled object per function."""
+    if fn.__name__ not in _COMPILED:
         import torch
         import torch._dynamo.config as dcfg
 
         for knob in ("cache_size_limit", "recompile_limit"):   # one graph per (quantization, batch)
             if hasattr(dcfg, knob):
                 setattr(dcfg, knob, 64)
-        _COMPILED = (torch.compile(attention_forward, dynamic=False), torch.compile(expert_forward, dynamic=False))
-    return _COMPILED
+        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn.__name__]
 
 
-class OffloadedEngine:
-    """One configuration (policy, K slots per layer, prefetcher) over shared :class:`Weights`."""
+def compiled_forwards() -> tuple:
+    """(compiled attention, compiled expert): kept for the calibration micro-benchmarks."""
+    return compiled(attention_forward), compiled(expert_forward)
 
-    def __init__(self, weights: Weights, cache_size: int, policy: str = "lru", prefetch: str = "none",
-                 policy_params: dict[str, Any] | None = None, compile_dequant: bool = False) -> None:
+
+class Program:
+    """The decode step as a fixed set of launchable pieces over static buffers.
+
+    Pieces: ``first`` (token counter + layer 0's attention and gate), ``layer[l]`` (combine layer
+    l-1's experts, then layer l's attention and gate), ``expert[l][s][j]`` (the expert in GPU slot s of
+    layer l, router rank j: output into ``ybuf[l, j]``) and ``final`` (combine the last layer, LM
+    head). Every per-token input lives on the device (a token counter indexes the routing weights and
+    positions, as a real engine's gate output would), so on a GPU each piece is captured once as a
+    CUDA graph and replayed: one launch per piece instead of tens of kernel launches and
+    torch.compile guard checks, which made the first engine host-bound (34.9 ms/token of CPU issue
+    for 21.7 ms of GPU work). On CPU the same pieces run eagerly, in the same order.
+
+    The program owns the expert slots (``max_slots`` per layer), so engine configurations with
+    K <= max_slots share one program and one set of captured graphs.
+    """
+
+    def __init__(self, weights: Weights, max_slots: int, max_tokens: int, *, compile_kernels: bool = False,
+                 graphs: bool | None = None, progress: bool = False) -> None:
         import torch
 
         self.w, self.torch = weights, torch
         g, d = weights.geometry, weights.d
+        self.max_slots, self.max_tokens = max_slots, max_tokens
+        k = g.top_k
+        dev = d.dev
+        self.slots = [torch.empty(max_slots, weights.expert_bytes, dtype=torch.uint8, device=dev)
+                      for _ in range(g.num_layers)]
+        self.x = torch.zeros(1, g.hidden, dtype=torch.bfloat16, device=dev)
+        self.probs = torch.zeros(1, g.num_experts, dtype=torch.float32, device=dev)
+        self.ybuf = torch.zeros(g.num_layers, k, 1, g.hidden, dtype=torch.bfloat16, device=dev)
+        self.logits = torch.zeros(1, g.vocab, dtype=torch.bfloat16, device=dev)
+        # (L, tokens, k) so that one layer's table is contiguous; tokens rounded up for alignment
+        self.cap = -(-max_tokens // 4) * 4
+        self.wrank = torch.zeros(g.num_layers, self.cap, k, dtype=torch.float32, device=dev)
+        self.pos_table = torch.zeros(self.cap, dtype=torch.int64, device=dev)
+        self.tok = torch.zeros((), dtype=torch.int64, device=dev)
+        use = compile_kernels and d.cuda
+        self._first = compiled(first_layer_step) if use else first_layer_step
+        self._layer = compiled(layer_step) if use else layer_step
+        self._final = compiled(final_step) if use else final_step
+        self._expert = compiled(expert_forward) if use else expert_forward
+        self.graphs = d.cuda if graphs is None else (graphs and d.cuda)
+        self.first: Any = self._run_first
+        self.layer: list[Any] = [None] + [lambda layer=layer: self._run_layer(layer) for layer in range(1, g.num_layers)]
+        self.expert: list[list[list[Any]]] = [
+            [[lambda layer=layer, s=s, j=j: self._run_expert(layer, s, j) for j in range(k)] for s in range(max_slots)]
+            for layer in range(g.num_layers)]
+        self.final: Any = self._run_final
+        if self.graphs:
+            self._capture(progress)
+
+    # -- the pieces (eager or compiled; captured once on a GPU) ---------------------------------------
+    def _attn_args(self, layer: int) -> tuple:
+        w = self.w
+        return (w.wq[layer], w.wk[layer], w.wv[layer], w.wo[layer], w.wg[layer], w.k_cache[layer],
+                w.v_cache[layer], w.positions, w.geometry, w.attn_quant)
+
+    def _run_first(self) -> None:
+        self.tok.add_(1).remainder_(self.cap)   # wraps only in calibration loops that replay it alone
+        x, p = self._first(self.w.x0, self.pos_table, self.tok, *self._attn_args(0))
+        self.x.copy_(x)
+        self.probs.copy_(p)
+
+    def _run_layer(self, layer: int) -> None:
+        x, p = self._layer(self.x, self.ybuf[layer - 1], self.wrank[layer - 1], self.pos_table, self.tok,
+                           *self._attn_args(layer))
+        self.x.copy_(x)
+        self.probs.copy_(p)
+
+    def _run_expert(self, layer: int, slot: int, rank: int) -> None:
+        g = self.w.geometry
+        self.ybuf[layer, rank].copy_(self._expert(self.slots[layer][slot], self.x, self.w.quant, g.hidden, g.ffn))
+
+    def _run_final(self) -> None:
+        L = self.w.geometry.num_layers
+        self.logits.copy_(self._final(self.x, self.ybuf[L - 1], self.wrank[L - 1], self.tok, self.w.lm_head))
+
+    def _capture(self, progress: bool) -> None:
+        """Warm every piece up (compilation, autotuning, lazy module loads), then capture each as a
+        CUDA graph. All graphs share one memory pool: their temporaries are dead once a piece ends
+        (outputs go to the static buffers) and pieces run one after another on one stream."""
+        torch = self.torch
+        g = self.w.geometry
+        pieces: list[tuple[Any, Any]] = [(self.first, lambda gr: setattr(self, "first", gr))]
+        for layer in range(1, g.num_layers):
+            pieces.append((self.layer[layer], lambda gr, layer=layer: self.layer.__setitem__(layer, gr)))
+        for layer in range(g.num_layers):
+            for s in range(self.max_slots):
+                for j in range(g.top_k):
+                    pieces.append((self.expert[layer][s][j],
+                                   lambda gr, layer=layer, s=s, j=j: self.expert[layer][s].__setitem__(j, gr)))
+        pieces.append((self.final, lambda gr: setattr(self, "final", gr)))
+        side = torch.cuda.Stream(self.w.d.dev)
+        side.wait_stream(torch.cuda.current_stream(self.w.d.dev))
+        with torch.inference_mode(), torch.cuda.stream(side):
+            for fn, _ in pieces:   # every distinct piece once: compiles and loads kernels before capture
+                fn()
+        torch.cuda.synchronize(self.w.d.dev)
+        self.tok.fill_(-1)
+        pool = torch.cuda.graph_pool_handle()
+        it = pieces
+        if progress:
+            from tqdm import tqdm
+            it = tqdm(pieces, desc="capturing CUDA graphs", unit="graph", leave=False)
+        self._graph_objects = []
+        with torch.inference_mode(), torch.cuda.stream(side):
+            for fn, install in it:
+                graph = torch.cuda.CUDAGraph()
+                graph.capture_begin(pool=pool)
+                try:
+                    fn()
+                finally:
+                    graph.capture_end()
+                self._graph_objects.append(graph)
+                install(graph.replay)
+        torch.cuda.synchronize(self.w.d.dev)
+
+    def load_routing(self, routing: Routing) -> None:
+        """Routing weights (by router rank) and positions of every token onto the device (untimed)."""
+        torch = self.torch
+        T = routing.num_tokens
+        if T > self.max_tokens:
+            raise ValueError(f"routing has {T} tokens; this program was built for {self.max_tokens}")
+        g = self.w.geometry
+        w = np.where(routing.row[:, :, None] >= 0, routing.weights, 0.0).astype(np.float32)   # (T, L, k)
+        table = np.zeros((g.num_layers, self.cap, g.top_k), np.float32)
+        table[:, :T] = w.transpose(1, 0, 2)
+        self.wrank.copy_(torch.from_numpy(table))
+        pos = np.zeros(self.cap, np.int64)
+        pos[:T] = np.asarray(routing.position, np.int64) % g.max_context
+        self.pos_table.copy_(torch.from_numpy(pos))
+        self.tok.fill_(-1)
+
+
+class OffloadedEngine:
+    """One configuration (policy, K slots per layer, prefetcher) over shared :class:`Weights`.
+
+    ``program`` (shared across configurations) holds the slots and the captured pieces; without one,
+    the engine builds its own with ``max_slots = cache_size``."""
+
+    def __init__(self, weights: Weights, cache_size: int, policy: str = "lru", prefetch: str = "none",
+                 policy_params: dict[str, Any] | None = None, compile_dequant: bool = False,
+                 program: Program | None = None, max_tokens: int = 256, graphs: bool | None = None) -> None:
+        import torch
+
+        self.w, self.torch = weights, torch
+        g, d = weights.geometry, weights.d
+        if program is None:
+            program = Program(weights, cache_size, max_tokens, compile_kernels=compile_dequant, graphs=graphs)
+        if cache_size > program.max_slots:
+            raise ValueError(f"cache size {cache_size} exceeds the program's {program.max_slots} slots")
+        self.program = program
         self.cache_size, self.policy_name, self.prefetch_name = cache_size, policy, prefetch
         self.policy_params = policy_params
-        self.slots = [torch.empty(cache_size, weights.expert_bytes, dtype=torch.uint8, device=d.dev)
-                      for _ in range(g.num_layers)]
-        self.ready = [[d.event() for _ in range(cache_size)] for _ in range(g.num_layers)]
-        self.free = [[None] * cache_size for _ in range(g.num_layers)]
-        self._attn, self._expert = attention_forward, expert_forward
-        if compile_dequant and d.cuda:
-            self._attn, self._expert = compiled_forwards()
-
-    # -- compute pieces (also used by calibration) --------------------------------------------------
-
-    def attention(self, layer: int, x, pos: int):
-        """Attention + gate of one layer (static shapes: one compiled graph serves every position)."""
-        w = self.w
-        return self._attn(x, w.wq[layer], w.wk[layer], w.wv[layer], w.wo[layer], w.wg[layer],
-                          w.k_cache[layer], w.v_cache[layer], w.positions[pos], w.positions, w.geometry)
-
-    def expert(self, blob, x):
-        w = self.w
-        return self._expert(blob, x, w.quant, w.geometry.hidden, w.geometry.ffn)
-
-    def lm_head(self, x):
-        return x @ self.w.lm_head.T
+        self.slots = program.slots
+        self.ready = [[d.event(timing=False) for _ in range(cache_size)] for _ in range(g.num_layers)]
+        self.free: list[list[Any]] = [[None] * cache_size for _ in range(g.num_layers)]
 
     # -- the decode loop -----------------------------------------------------------------------------
 
@@ -291,16 +471,22 @@ class OffloadedEngine:
                 log.append((token, layer, kind, expert, start, end))
 
     def run(self, routing: Routing, instrument: bool = False, progress: bool = False,
-            warm: bool = False) -> EngineResult:
-        """Replay ``routing``; caches start cold unless ``warm`` (pre-load experts 0..K-1, untimed)."""
-        torch, w, d = self.torch, self.w, self.w.d
+            warm: bool = False, sync_tokens: bool = True) -> EngineResult:
+        """Replay ``routing``; caches start cold unless ``warm`` (pre-load experts 0..K-1, untimed).
+
+        ``sync_tokens``: the CPU waits for token t's logits before issuing token t+1, as a real
+        decoder must (the next input is sampled from them). Without it the CPU may queue many tokens
+        ahead, which no real decoder can, and fills the GPU's launch queue."""
+        torch, w, d, prog = self.torch, self.w, self.w.d, self.program
         g = w.geometry
         if routing.num_layers != g.num_layers:
             raise ValueError(f"routing has {routing.num_layers} layers, the model {g.num_layers}")
         plan = CachePlan(routing, self.cache_size, self.policy_name, self.prefetch_name, self.policy_params)
+        prog.load_routing(routing)
         log: list | None = [] if instrument else None
         token_events = []
-        cpu_marks: list[float] = []   # when the CPU began issuing each token (is the CPU the bottleneck?)
+        cpu_marks: list[float] = []   # when the CPU began issuing each token
+        issue_ms: list[float] = []     # CPU time spent issuing each token's work (is the CPU a bottleneck?)
         for s in range(g.num_layers):   # a fresh cell starts cold, with no pending slot users
             self.free[s] = [None] * self.cache_size
             if warm:
@@ -314,9 +500,10 @@ class OffloadedEngine:
         d.synchronize()
         t0 = time.perf_counter()
         with torch.inference_mode():
+            done = None
             for t in it:
-                x = w.x0   # the token's embedding (weights are random; values do not matter)
-                pos = int(routing.position[t]) % g.max_context
+                if sync_tokens and done is not None:
+                    done.synchronize()   # token t-1's logits are ready: the next input is known
                 ev = d.event()
                 ev.record()
                 token_events.append(ev)
@@ -325,25 +512,27 @@ class OffloadedEngine:
                     if log is not None:
                         a0 = d.event()
                         a0.record()
-                    x, _ = self.attention(layer, x, pos)   # gate logits: routing is forced from the trace
-                    gate_done = d.event()
+                    if layer == 0:
+                        prog.first()
+                    else:
+                        prog.layer[layer]()   # gate logits: routing is forced from the trace
+                    gate_done = d.event(timing=log is not None)
                     gate_done.record()
                     if log is not None:
                         log.append((t, layer, "attention+gate", -1, a0, gate_done))
                     step = plan.step(t, layer)
                     if step is None:
-                        continue
+                        continue   # no row in the trace: its routing weights are 0, nothing to add
                     # copies may start only once this layer's gate has run (a real engine learns the
                     # routing there), even though the trace lets the CPU know it earlier
                     for slot, expert in step.copies:
                         self._copy(layer, slot, expert, log, t, "miss", gate_done)
                     for tgt_layer, slot, expert in step.prefetches:
                         self._copy(tgt_layer, slot, expert, log, t, "prefetch", gate_done)
-                    out = None
                     missed = {e for _, e in step.copies}
                     order = sorted(range(len(step.experts)), key=lambda j: step.experts[j] in missed)
                     for j in order:   # resident experts first, then misses (as they land), router order
-                        expert, weight, slot = step.experts[j], step.weights[j], step.slots[j]
+                        expert, slot = step.experts[j], step.slots[j]
                         if log is not None:
                             s0 = d.event()
                             s0.record()
@@ -351,17 +540,17 @@ class OffloadedEngine:
                         if log is not None:
                             s1 = d.event()
                             s1.record()
-                        y = self.expert(self.slots[layer][slot], x) * weight
-                        fr = d.event()
+                        prog.expert[layer][slot][j]()
+                        fr = d.event(timing=log is not None)
                         fr.record()
                         self.free[layer][slot] = fr
                         if log is not None:
                             log.append((t, layer, "stall", expert, s0, s1))
                             log.append((t, layer, "expert", expert, s1, fr))
-                        out = y if out is None else out + y
-                    x = x + out
-                    x = x * torch.rsqrt(x.float().pow(2).mean() + 1e-6).to(x.dtype)   # keep values finite
-                self.lm_head(x)
+                prog.final()
+                done = d.event(timing=False)
+                done.record()
+                issue_ms.append((time.perf_counter() - cpu_marks[-1]) * 1e3)
             end = d.event()
             end.record()
             token_events.append(end)
@@ -378,14 +567,16 @@ class OffloadedEngine:
         return EngineResult(self.policy_name, self.cache_size, self.prefetch_name, w.quant.name, g.num_layers,
                             routing.num_tokens, wall, plan.requests, plan.hits, plan.prefetches, w.expert_bytes,
                             token_ms, plan.layer_hits.tolist(), plan.layer_requests.tolist(), events,
-                            [(b - a) * 1e3 for a, b in zip(cpu_marks[:-1], cpu_marks[1:], strict=True)])
+                            [(b - a) * 1e3 for a, b in zip(cpu_marks[:-1], cpu_marks[1:], strict=True)], issue_ms)
 
 
-def all_resident_token_ms(weights: Weights, routing: Routing, tokens: int = 16, compile_dequant: bool = False) -> float:
+def all_resident_token_ms(weights: Weights, routing: Routing, tokens: int = 16, compile_dequant: bool = False,
+                          program: Program | None = None, sync_tokens: bool = True) -> float:
     """ms per token with every expert resident (K = E, warm): the compute-only floor."""
     g = weights.geometry
-    eng = OffloadedEngine(weights, g.num_experts, "lru", "none", compile_dequant=compile_dequant)
+    eng = OffloadedEngine(weights, g.num_experts, "lru", "none", compile_dequant=compile_dequant, program=program,
+                          max_tokens=tokens)
     head = routing.head(min(tokens, routing.num_tokens))
-    eng.run(head, warm=True)   # first pass warms up kernels and the allocator
-    res = eng.run(head, warm=True)
+    eng.run(head, warm=True, sync_tokens=sync_tokens)   # first pass warms up kernels and the allocator
+    res = eng.run(head, warm=True, sync_tokens=sync_tokens)
     return float(np.median(res.token_ms))

@@ -50,7 +50,7 @@ def compare(engine: dict[str, Any], trace: Trace, cost, *, include_repeats: bool
 
     sub = head_tokens(trace, int(engine["tokens"]), int(engine["expert_bytes"]), engine.get("quantization"))
     copy_s = cost.copy_seconds(int(engine["expert_bytes"]))
-    cells, repeats = [], []
+    cells, repeats, run_ahead = [], [], []
     for c in engine["cells"]:
         sim = simulate_timing(sub, c["policy"], int(c["cache_size"]), cost, prefetch=c["prefetch"])
         real_tps = float(c["tokens_per_s"])
@@ -69,7 +69,13 @@ def compare(engine: dict[str, Any], trace: Trace, cost, *, include_repeats: bool
             "sim_compute_ms_per_token": round(sim.compute_s * 1e3 / sim.tokens, 3),
             "sim_stall_ms_per_token": round(sim.stall_s * 1e3 / sim.tokens, 3),
         }
-        (repeats if c.get("repeat") else cells).append(cell)
+        variant = c.get("variant") or ("repeat" if c.get("repeat") else None)
+        if variant == "nosync":
+            run_ahead.append(cell)
+        elif variant == "repeat":
+            repeats.append(cell)
+        else:
+            cells.append(cell)
     errs = np.abs([c["rel_error"] for c in cells])
     out: dict[str, Any] = {
         "cells": cells,
@@ -85,6 +91,13 @@ def compare(engine: dict[str, Any], trace: Trace, cost, *, include_repeats: bool
              "first_tokens_per_s": by_key[(r["policy"], r["cache_size"], r["prefetch"])]["real_tokens_per_s"],
              "repeat_tokens_per_s": r["real_tokens_per_s"]}
             for r in repeats if (r["policy"], r["cache_size"], r["prefetch"]) in by_key]
+    if run_ahead:   # the same cells with the CPU queueing tokens ahead (no wait for each token's logits)
+        by_key = {(c["policy"], c["cache_size"], c["prefetch"]): c for c in cells}
+        out["without_token_sync"] = [
+            {"policy": r["policy"], "cache_size": r["cache_size"], "prefetch": r["prefetch"],
+             "synced_tokens_per_s": by_key[(r["policy"], r["cache_size"], r["prefetch"])]["real_tokens_per_s"],
+             "unsynced_tokens_per_s": r["real_tokens_per_s"], "sim_tokens_per_s": r["sim_tokens_per_s"]}
+            for r in run_ahead if (r["policy"], r["cache_size"], r["prefetch"]) in by_key]
     return out
 
 
