@@ -3,8 +3,15 @@
 One small adapter class per family. In transformers 5.x every supported family's router module
 returns ``(router_logits, routing_weights, expert_ids)`` — the weights already normalised exactly as
 the experts apply them — so the recorder takes ids and weights from the router's own output. The
-adapter's :meth:`route` re-derives them from logits; it is used only when a router returns bare
-logits (older layouts) and is cross-checked against the router in the tests.
+adapter's :meth:`route` re-derives them from logits; it is used when a router returns bare logits
+(older layouts) and for the recorder's batched speculative predictions, and is cross-checked against
+the router in the tests.
+
+Batched predictions (:meth:`MoEAdapter.stacked_router`): for mixtral, qwen2_moe, qwen3_moe and olmoe
+the pre-gate norm is a plain RMSNorm (``weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)``, no +1 on the
+weight) and the router a bias-free linear of shape (E, hidden), so the recorder can apply many
+layers' norms and routers at once. deepseek_v3 (correction bias, groups), gpt_oss (router bias, norm
+casts after the weight), phimoe (LayerNorm) and unknown families are predicted layer by layer.
 
 Routing per family (transformers 5.x sources):
 
@@ -56,6 +63,7 @@ class MoEAdapter:
     family = "generic"
     routing = "router module output"
     gate_attrs = ("gate", "router")
+    batch_predict = False  # True: pre-gate norm = plain RMSNorm, router = bias-free linear (see stacked_router)
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -119,6 +127,35 @@ class MoEAdapter:
             weights, ids = self.route(logits, gate)
         return logits.reshape(-1, logits.shape[-1]), weights.reshape(ids.shape[0], -1), ids.reshape(-1, self.top_k)
 
+    def stacked_router(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(norm weights (L, hidden), router weights (L, E, hidden), eps) of every MoE layer, stacked
+        (copies), for families whose norm and router :meth:`predict` may apply to many layers at once.
+
+        None when the family is not one of those (``batch_predict``) or a layer does not have the
+        expected shape: an RMSNorm with ``weight`` (hidden,) and ``variance_epsilon`` (one value for all
+        layers), a router whose only parameter is ``weight`` (E, hidden), all on one device in one dtype.
+        """
+        if not self.batch_predict:
+            return None
+        norms, gates, eps = [], [], set()
+        for m in self.layers:
+            nw, gw = getattr(m.norm, "weight", None), getattr(m.gate, "weight", None)
+            if (not type(m.norm).__name__.endswith("RMSNorm") or not hasattr(m.norm, "variance_epsilon")
+                    or not isinstance(nw, torch.Tensor) or tuple(nw.shape) != (self.hidden_size,)
+                    or not isinstance(gw, torch.Tensor) or tuple(gw.shape) != (self.num_experts, self.hidden_size)
+                    or getattr(m.gate, "bias", None) is not None
+                    or [n for n, _ in m.gate.named_parameters()] != ["weight"]
+                    or any(True for _ in m.gate.named_buffers())):
+                return None
+            norms.append(nw)
+            gates.append(gw)
+            eps.add(float(m.norm.variance_epsilon))
+        if (len(eps) != 1 or len({(t.device, t.dtype) for t in norms}) != 1
+                or len({(t.device, t.dtype) for t in gates}) != 1 or norms[0].device != gates[0].device):
+            return None
+        with torch.no_grad():
+            return torch.stack([t.detach() for t in norms]), torch.stack([t.detach() for t in gates]), eps.pop()
+
     def predict(self, target: MoELayer, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply ``target``'s pre-gate norm and router to a hidden state: (logits, ids).
 
@@ -131,11 +168,13 @@ class MoEAdapter:
 
 class MixtralAdapter(MoEAdapter):
     family = "mixtral"
+    batch_predict = True
     routing = "softmax over experts, top-k, renormalised to sum 1"
 
 
 class Qwen3MoeAdapter(MoEAdapter):
     family = "qwen3_moe"
+    batch_predict = True
     routing = "softmax over experts, top-k, renormalised iff norm_topk_prob"
 
     def route(self, logits, gate):
