@@ -146,3 +146,23 @@ def test_stacked_router_shapes():
     assert torch.equal(router[1], a.layers[1].gate.weight) and torch.equal(norm[3], a.layers[3].norm.weight)
     for name in PER_LAYER:
         assert adapter_for(build_preset(name)).stacked_router() is None
+
+
+def test_packed_host_copy_matches_direct():
+    ids = torch.randint(0, 200, (5, 3, 2)).transpose(0, 1)  # non-contiguous, like the predicted ids
+    vals = torch.randn(3, 5, 7)
+    direct = Recorder._to_host([ids, vals], pack=False)
+    packed = Recorder._to_host([ids, vals], pack=True)
+    for x, y in zip(direct, packed, strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y)
+    assert packed[0].dtype == np.int64 and packed[1].dtype == np.float32
+
+
+def test_recording_through_the_packed_host_copy_is_unchanged(tmp_path, monkeypatch):
+    """The one-copy packing that GPU runs take gives the same trace as the plain CPU copies."""
+    model = build_preset("tiny-mixtral", seed=8)
+    _, direct = run(model, tmp_path / "d.parquet")
+    to_host = Recorder._to_host
+    monkeypatch.setattr(Recorder, "_to_host", staticmethod(lambda tensors: to_host(tensors, pack=True)))
+    _, packed = run(model, tmp_path / "p.parquet")
+    assert_same(direct, packed, rtol=0, atol=0)

@@ -275,9 +275,14 @@ class Recorder:
         return out
 
     @staticmethod
-    def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
-        """Each tensor as a numpy array (ids as int64, the rest float32): one device->host copy in all."""
-        if all(t.device.type == "cpu" for t in tensors):
+    def _to_host(tensors: list[torch.Tensor], pack: bool | None = None) -> list[np.ndarray]:
+        """Each tensor as a numpy array (ids as int64, the rest float32): one device->host copy in all.
+
+        ``pack`` (default: when any tensor is off the CPU) copies through one packed float32 buffer.
+        """
+        if pack is None:
+            pack = any(t.device.type != "cpu" for t in tensors)
+        if not pack:
             return [t.numpy() if t.is_floating_point() else t.numpy().astype(np.int64, copy=False) for t in tensors]
         # ids are < 2^24, exact in float32: pack everything into one buffer, copy once, unpack
         flat = torch.cat([t.reshape(-1).float() for t in tensors]).cpu().numpy()
