@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from moesim.engine.gpu_bench import T0, calibrate, compile_works, log  # noqa: E402
+from moesim.engine.gpu_bench import T0, all_resident, calibrate, compile_works, log  # noqa: E402
 from moesim.engine.plan import Routing  # noqa: E402
 from moesim.engine.quant import quant_spec  # noqa: E402
 from moesim.engine.runtime import MIXTRAL_8X7B, OffloadedEngine, Program, Weights  # noqa: E402
@@ -100,21 +100,9 @@ def main() -> int:
     cal["compile_ok"] = compile_ok
     cal["engine_quantization"] = "hqq2"
 
-    # all experts resident: the compute-only floor, and the overhead beyond the pieces
-    eng = OffloadedEngine(weights, geometry.num_experts, "lru", "none", program=program)
-    head = routing.head(min(32, routing.num_tokens))
-    eng.run(head, warm=True)
-    res = eng.run(head, warm=True)
-    floor_ms = float(np.median(res.token_ms))
-    free = eng.run(head, warm=True, sync_tokens=False)   # for the record: the CPU queueing tokens ahead
-    cal["all_resident"] = {"layers": geometry.num_layers, "tokens": res.tokens, "requests": res.requests,
-                           "gpu_ms_total": float(sum(res.token_ms)), "wall_ms": res.wall_s * 1e3,
-                           "cpu_issue_ms": float(sum(res.token_issue_ms)),
-                           "nosync_gpu_ms_total": float(sum(free.token_ms)), "nosync_wall_ms": free.wall_s * 1e3}
+    cal["all_resident"] = all_resident(weights, program, routing)   # the floor, and the overhead beyond the pieces
+    floor_ms = cal["all_resident"]["median_ms_per_token"]
     write(out, "calibration_raw.json", cal)
-    log(f"all-resident ms/token {floor_ms:.3f} (GPU {sum(res.token_ms):.1f} ms, wall {res.wall_s * 1e3:.1f} ms, "
-        f"CPU issue {sum(res.token_issue_ms):.1f} ms for {res.tokens} tokens; without the per-token wait: GPU "
-        f"{sum(free.token_ms):.1f} ms)")
     result = {"device": env["device"], "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "layers": geometry.num_layers, "expert_bytes": weights.expert_bytes, "quantization": "hqq2",
               "attention_quantization": weights.attn_quant.name, "cuda_graphs": program.graphs,

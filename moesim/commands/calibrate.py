@@ -2,7 +2,8 @@
 
 On a CUDA machine it measures (CUDA events, device time): the pinned host-to-device copy curve
 (64 KB ... 512 MB), one expert's dequantise + FFN time vs tokens for hqq2 / hqq4 / bf16, attention +
-gate vs context, and the LM head; ``--from-raw FILE`` converts a raw measurement file brought back
+gate vs context, the LM head, the engine's captured pieces (layer, expert, final) and an
+all-resident engine run (the per-token overhead beyond the pieces); ``--from-raw FILE`` converts a raw measurement file brought back
 from the GPU (``benchmarks/gpu_validate.py``) instead, on any machine.
 """
 
@@ -19,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--from-raw", help="convert this raw measurement file instead of measuring")
     p.add_argument("--name", default="h200", help="the calibration's name (default h200)")
     p.add_argument("--quants", default="hqq2,hqq4,bf16")
+    p.add_argument("--layers", type=int, default=32,
+                   help="layers of the engine measured for its pieces and per-token overhead (8 slots each, "
+                        "~0.53 GB of GPU memory per layer; default 32 = Mixtral-8x7B)")
     p.set_defaults(func=run)
 
 
@@ -39,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("calibrate measures a CUDA GPU and none is visible here; use --from-raw FILE")
         from moesim.engine.gpu_bench import measure
 
-        raw = measure(args.quants.split(","))
+        raw = measure(args.quants.split(","), layers=args.layers)
         path = None
     cal = to_cost_model(raw, args.name, path=path)
     if args.raw_out:

@@ -76,6 +76,9 @@ def to_cost_model(raw: dict[str, Any], name: str = "h200", description: str = ""
                                   f"minus the sum of its pieces: event waits and launch gaps)")
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise DataError(path, f"not a raw calibration file ({type(exc).__name__}: {exc})") from None
+    token: dict[str, float] = {"base_s": token_s, "per_token_s": 0.0}
+    if overhead_ms is not None:
+        token["engine_overhead_s"] = overhead_ms * 1e-3   # part of base_s; efficiency bounds leave it out
     return {
         "name": name,
         "description": description or "calibrated by moesim calibrate on the lent GPU",
@@ -92,5 +95,5 @@ def to_cost_model(raw: dict[str, Any], name: str = "h200", description: str = ""
         "quantization": "hqq2" if "hqq2" in expert_compute else next(iter(expert_compute)),
         "expert_compute": expert_compute,
         "layer": {"base_s": max(float(base), 0.0), "per_token_s": 0.0, "per_context_s": max(float(per_ctx), 0.0)},
-        "token": {"base_s": token_s, "per_token_s": 0.0},
+        "token": token,
     }

@@ -144,19 +144,48 @@ def compile_works() -> bool:
     return compile_ok
 
 
-def measure(quants: list[str], layers: int = 2) -> dict:
-    """Everything ``moesim calibrate`` needs, including the engine's captured pieces on a
-    ``layers``-layer Mixtral-geometry program (the pieces do not depend on the layer count)."""
+def all_resident(weights: Weights, program: Program, routing, tokens: int = 32) -> dict:
+    """Every expert resident (K = E, warm, untimed pre-load): the compute-only floor, whose excess over
+    the sum of its pieces is the engine's per-token overhead (``calibration.to_cost_model``)."""
+    from moesim.engine.runtime import OffloadedEngine
+
+    g = weights.geometry
+    eng = OffloadedEngine(weights, g.num_experts, "lru", "none", program=program)
+    head = routing.head(min(tokens, routing.num_tokens))
+    eng.run(head, warm=True)   # warm-up
+    res = eng.run(head, warm=True)
+    free = eng.run(head, warm=True, sync_tokens=False)   # for the record: the CPU queueing tokens ahead
+    out = {"layers": g.num_layers, "tokens": res.tokens, "requests": res.requests,
+           "gpu_ms_total": float(sum(res.token_ms)), "wall_ms": res.wall_s * 1e3,
+           "cpu_issue_ms": float(sum(res.token_issue_ms)), "median_ms_per_token": float(np.median(res.token_ms)),
+           "nosync_gpu_ms_total": float(sum(free.token_ms)), "nosync_wall_ms": free.wall_s * 1e3}
+    log(f"all-resident ms/token {out['median_ms_per_token']:.3f} (GPU {out['gpu_ms_total']:.1f} ms, CPU issue "
+        f"{out['cpu_issue_ms']:.1f} ms for {res.tokens} tokens; without the per-token wait: GPU "
+        f"{out['nosync_gpu_ms_total']:.1f} ms)")
+    return out
+
+
+def measure(quants: list[str], layers: int = 32, seed: int = 0) -> dict:
+    """Everything ``moesim calibrate`` needs: the micro-benchmarks, the engine's captured pieces and an
+    all-resident run on a ``layers``-layer Mixtral-geometry engine (8 slots per layer: ~0.53 GB of GPU
+    memory per layer for hqq2) under random top-2 routing."""
     from dataclasses import replace
 
     from moesim.engine.plan import Routing
 
     ok = compile_works()
-    w = Weights(replace(MIXTRAL_8X7B, num_layers=layers), quant_spec("hqq2"), "cuda", pin=False)
-    program = Program(w, 2, 64, compile_kernels=ok)
-    routing = Routing(np.zeros((4, layers, 2), np.int64) + np.arange(2), np.full((4, layers, 2), 0.5, np.float32),
-                      np.arange(4 * layers).reshape(4, layers), np.zeros(4, np.int64), np.arange(4), 8)
+    g = replace(MIXTRAL_8X7B, num_layers=layers)
+    w = Weights(g, quant_spec("hqq2"), "cuda", pin=False)
+    T = 32
+    rng = np.random.default_rng(seed)
+    experts = np.argsort(rng.random((T, layers, g.num_experts)), axis=-1)[..., : g.top_k]
+    weights = rng.dirichlet(np.ones(g.top_k), size=(T, layers)).astype(np.float32)
+    routing = Routing(experts, weights, np.arange(T * layers).reshape(T, layers), np.zeros(T, np.int64),
+                      np.arange(T), g.num_experts)
+    program = Program(w, g.num_experts, T, compile_kernels=ok)
     program.load_routing(routing)
     out = calibrate(quants, ok, program)
     out["compile_ok"] = ok
+    out["engine_quantization"] = "hqq2"
+    out["all_resident"] = all_resident(w, program, routing)
     return out

@@ -1,8 +1,9 @@
 """The offloaded MoE runtime: experts in pinned host memory, K GPU slots per layer, policy-driven.
 
-One decode step per token (batch 1), Mixtral geometry by default. Per layer: attention (bf16 q/k/v/o
-projections + SDPA over a KV cache), the gate (computed for its cost; the routing itself is *forced*
-from a trace), then the top-k experts (dequantise + SwiGLU FFN), summed with the trace's weights.
+One decode step per token (batch 1), Mixtral geometry by default. Per layer: attention (q/k/v/o packed
+hqq 4-bit, dequantised in the layer's kernels, GQA SDPA over a KV cache), the gate (computed for its
+cost; the routing itself is *forced* from a trace), then the top-k experts (dequantise + SwiGLU FFN),
+summed with the trace's weights. The step is a :class:`Program` of pieces captured once as CUDA graphs.
 
 Residency is decided by :class:`~moesim.engine.plan.CachePlan` -- :class:`ExpertCache` plus a policy
 object from ``moesim.policies``, the same mechanism and classes the simulator runs. The plan only says
@@ -11,10 +12,10 @@ object from ``moesim.policies``, the same mechanism and classes the simulator ru
 - misses and prefetches are copied host->device with ``non_blocking`` copies on a dedicated copy
   stream; the compute stream waits on the slot's "ready" event before using it, and the copy stream
   waits on the slot's "free" event (last compute that read the old contents) before overwriting it;
-- the CPU never waits for the GPU inside the loop (routing comes from the trace), so copies for later
-  layers overlap compute of earlier ones.
+- within a token the CPU never waits for the GPU (routing comes from the trace), so copies for later
+  layers overlap compute of earlier ones; between tokens it waits for the logits, as a decoder must.
 
-On CPU the same code runs with no streams; events fall back to ``time.perf_counter``.
+On CPU the same pieces run eagerly with no streams; events fall back to ``time.perf_counter``.
 """
 
 from __future__ import annotations
