@@ -115,9 +115,10 @@ def main() -> int:
     write(out, "events.json", inst.to_dict(events=True))
     cells = [(p, k, f) for f in args.prefetch.split(",") for k in map(int, args.sizes.split(","))
              for p in args.policies.split(",")]
-    cells += [(p, k, f + "#repeat") for p, k, f in cells[:4]]   # repeatability of identical cells
-    # the same cells with the CPU free to queue tokens ahead (no wait for each token's logits)
-    cells += [(p, k, f + "#nosync") for p, k, f in cells[:: max(len(cells) // 6, 1)][:6]]
+    base = list(cells)
+    cells += [(p, k, f + "#repeat") for p, k, f in base[:4]]   # repeatability of identical cells
+    # some cells again with the CPU free to queue tokens ahead (no wait for each token's logits)
+    cells += [(p, k, f + "#nosync") for p, k, f in base[:: max(len(base) // 6, 1)][:6]]
     for pol, k, pf in cells:
         if time.perf_counter() - T0 > args.budget:
             log(f"budget reached; {len(result['cells'])} of {len(cells)} cells done")
