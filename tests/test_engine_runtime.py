@@ -278,3 +278,21 @@ def test_cuda_graph_program_equals_eager(routing):
         assert (res.hits, res.prefetches) == (plan.hits, plan.prefetches)
         outs.append(eng.program.logits.float().cpu())
     np.testing.assert_allclose(outs[1].numpy(), outs[0].numpy(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("fmt", ["hqq2-v02", "hqq4-v02"])
+def test_hqq02_formats_run_and_dequantise_to_centred_weights(routing, fmt):
+    """hqq 0.2's layout (bf16 scale/zero per group) through the engine; random fill keeps weights
+    centred and small, as for the other formats."""
+    import torch
+
+    from moesim.engine.quant import dequantize, split_blob
+
+    w = Weights(Geometry.tiny(LAYERS), quant_spec(fmt), "cpu", seed=1)
+    res = OffloadedEngine(w, 3, "lru", "transition").run(routing)
+    plan = plan_only(routing, 3, "lru", "transition")
+    assert (res.hits, res.prefetches) == (plan.hits, plan.prefetches)
+    g, spec = w.geometry, quant_spec(fmt)
+    n = g.hidden * g.ffn
+    wts = torch.cat([dequantize(p, spec, n).float() for p in split_blob(w.host[0][0], spec, n)])
+    assert wts.abs().max() <= ((1 << spec.bits) - 1) * 0.0255 and abs(float(wts.mean())) < 0.01 and float(wts.std()) > 1e-3

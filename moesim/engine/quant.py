@@ -1,20 +1,27 @@
-"""Packed expert formats: hqq-style 2-bit / 4-bit group quantisation with quantised scale and zero, and bf16.
+"""Packed expert formats: hqq-style 2-bit / 4-bit group quantisation, and bf16.
 
-Layout of one quantised matrix of ``n`` weights (hqq's layout as mixtral-offloading configures it:
-``nbits=2, group_size=16, quant_scale=True, quant_zero=True``, scale/zero re-quantised to 8 bits in
-groups of 128 with fp16 meta):
+Layout of one quantised matrix of ``n`` weights as mixtral-offloading configured hqq (``nbits=2,
+group_size=16, quant_scale=True, quant_zero=True``: scale/zero re-quantised to 8 bits in groups of 128
+with fp16 meta; formats ``hqq2`` and ``hqq4``):
 
     packed   uint8  n * bits / 8      weight codes, 8 / bits codes per byte
     scale_q  uint8  n / group         per-group scale, 8-bit
     zero_q   uint8  n / group         per-group zero point, 8-bit
     meta     fp16   (n / group / 128, 4)   per 128 groups: scale and zero of the scale, of the zero
 
-All of an expert's three matrices (w1, w3: ffn x hidden; w2: hidden x ffn) lie in ONE flat uint8 blob,
-so a miss is one host-to-device copy. Weight values are random: copy and compute times do not depend
-on them (meta is set so that dequantised weights stay finite).
+hqq 0.2 (what ``pip install hqq`` gives today) ignores ``quant_scale`` / ``quant_zero`` (deprecated)
+and keeps scale and zero in bf16 per group: formats ``hqq2-v02`` / ``hqq4-v02`` (packed, scale, zero).
+For Mixtral that is 88,080,384 B per 2-bit expert against 66,748,416 B for mixtral-offloading's.
+``tests/test_engine_hqq.py`` checks both byte counts and the dequantisation against hqq itself when
+hqq is installed.
 
-We implement the format ourselves (pure PyTorch dequant) rather than import hqq: hqq is not installed
-on the GPU image; the byte count is the one hqq stores for the same configuration.
+All of an expert's three matrices (w1, w3: ffn x hidden; w2: hidden x ffn) lie in ONE flat uint8 blob,
+so a miss is one host-to-device copy. Codes sit consecutively, first code in the high bits (hqq packs
+the same codes strided over rows; the bytes and the work are the same). Weight values are random:
+copy and compute times do not depend on them (meta is set so that dequantised weights stay finite).
+
+We implement the format ourselves (pure PyTorch dequant, torch.compile'd on the GPU) rather than import
+hqq: hqq is not installed on the GPU image.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ class QuantSpec:
     name: str
     bits: int          # 16 means plain bf16
     group_size: int = 16
+    quant_meta: bool = True   # scale/zero re-quantised to 8 bits (hqq < 0.2); False: bf16 per group (hqq 0.2)
 
     @property
     def is_bf16(self) -> bool:
@@ -39,6 +47,10 @@ class QuantSpec:
         if self.is_bf16:
             return [("bf16", 2 * n)]
         groups = n // self.group_size
+        if not self.quant_meta:
+            if n % self.group_size or (n * self.bits) % 8:
+                raise ValueError(f"{n} weights do not split into groups of {self.group_size}")
+            return [("packed", n * self.bits // 8), ("scale", 2 * groups), ("zero", 2 * groups)]
         if n % (self.group_size * META_GROUP) or (n * self.bits) % 8:
             raise ValueError(f"{n} weights do not split into groups of {self.group_size} x {META_GROUP}")
         return [("packed", n * self.bits // 8), ("scale_q", groups), ("zero_q", groups),
@@ -54,6 +66,10 @@ class QuantSpec:
 QUANTS: dict[str, QuantSpec] = {
     "hqq2": QuantSpec("hqq2", 2, 16),   # mixtral-offloading's expert format
     "hqq4": QuantSpec("hqq4", 4, 64),   # hqq's usual 4-bit setting
+    # what hqq 0.2 stores for the same settings: it ignores quant_scale / quant_zero (deprecated), so
+    # scale and zero stay bf16 per group: 4 bits per weight for 2-bit g16 (88,080,384 B per expert)
+    "hqq2-v02": QuantSpec("hqq2-v02", 2, 16, quant_meta=False),
+    "hqq4-v02": QuantSpec("hqq4-v02", 4, 64, quant_meta=False),
     "bf16": QuantSpec("bf16", 16),
 }
 
@@ -82,6 +98,10 @@ def fill_random_matrix(view, spec: QuantSpec, n: int, generator=None) -> None:
             meta[:, 3] = 0.0
         elif part == "bf16":
             chunk.view(torch.bfloat16).normal_(0.0, 0.02, generator=generator)
+        elif part == "scale":   # bf16 per group, same ranges as the quantised meta above
+            chunk.view(torch.bfloat16).uniform_(0.0, 0.0255, generator=generator)
+        elif part == "zero":
+            chunk.view(torch.bfloat16).uniform_(0.0, float((1 << spec.bits) - 1), generator=generator)
         else:
             chunk.random_(0, 256, generator=generator)
         off += nbytes
@@ -103,7 +123,7 @@ def split_matrix(view, spec: QuantSpec, n: int) -> dict:
         chunk = view[off:off + nbytes]
         if part == "meta":
             chunk = chunk.view(torch.float16).view(-1, 4)
-        elif part == "bf16":
+        elif part in ("bf16", "scale", "zero"):
             chunk = chunk.view(torch.bfloat16)
         parts[part] = chunk
         off += nbytes
@@ -133,9 +153,12 @@ def dequantize(parts: dict, spec: QuantSpec, n: int):
     packed = parts["packed"]
     shifts = torch.arange(8 - spec.bits, -1, -spec.bits, device=packed.device, dtype=torch.uint8)
     codes = (packed.unsqueeze(-1) >> shifts) & mask                       # (n / per_byte, per_byte)
-    meta = parts["meta"].float()
     groups = n // spec.group_size
-    scale = (parts["scale_q"].float().view(-1, META_GROUP) - meta[:, 1:2]) * meta[:, 0:1]
-    zero = (parts["zero_q"].float().view(-1, META_GROUP) - meta[:, 3:4]) * meta[:, 2:3]
+    if spec.quant_meta:
+        meta = parts["meta"].float()
+        scale = (parts["scale_q"].float().view(-1, META_GROUP) - meta[:, 1:2]) * meta[:, 0:1]
+        zero = (parts["zero_q"].float().view(-1, META_GROUP) - meta[:, 3:4]) * meta[:, 2:3]
+    else:
+        scale, zero = parts["scale"].float(), parts["zero"].float()
     w = (codes.view(groups, spec.group_size // per_byte * per_byte).float() - zero.view(-1, 1)) * scale.view(-1, 1)
     return w.to(torch.bfloat16).view(-1)

@@ -1,0 +1,70 @@
+"""Our packed formats against hqq itself (skipped where hqq is not installed; the `gpu` extra has it):
+byte counts, and dequantised weights equal to hqq's own ``dequantize`` on the same codes, scales and zeros."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moesim.engine.quant import dequantize, quant_spec, split_matrix
+
+hqq_quantize = pytest.importorskip("hqq.core.quantize", reason="hqq not installed (pip install '.[gpu]')")
+torch = pytest.importorskip("torch")
+
+
+def hqq_linear(rows: int, cols: int, nbits: int, group: int, quant_meta: bool):
+    cfg = hqq_quantize.BaseQuantizeConfig(nbits=nbits, group_size=group, quant_zero=quant_meta,
+                                          quant_scale=quant_meta)
+    if quant_meta and cfg.get("scale_quant_params"):
+        cfg["scale_quant_params"]["group_size"] = 128   # mixtral-offloading's setting
+        cfg["zero_quant_params"]["group_size"] = 128
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(cols, rows, bias=False).to(torch.bfloat16)
+    return hqq_quantize.HQQLinear(lin, cfg, compute_dtype=torch.bfloat16, device="cpu", initialize=True)
+
+
+def stored_bytes(q) -> int:
+    total = q.W_q.numel() * q.W_q.element_size()
+    for v in q.meta.values():
+        if isinstance(v, torch.Tensor):
+            total += v.numel() * v.element_size()
+        elif isinstance(v, dict):
+            total += sum(t.numel() * t.element_size() for t in v.values() if isinstance(t, torch.Tensor))
+    return total
+
+
+@pytest.mark.parametrize("name,nbits,group", [("hqq2-v02", 2, 16), ("hqq4-v02", 4, 64)])
+def test_byte_count_equals_what_hqq_stores(name, nbits, group):
+    rows, cols = 256, 1024
+    for quant_meta in (False, True):   # hqq 0.2 ignores quant_scale / quant_zero: same bytes either way
+        q = hqq_linear(rows, cols, nbits, group, quant_meta)
+        assert stored_bytes(q) == quant_spec(name).matrix_bytes(rows * cols)
+    assert quant_spec("hqq2-v02").expert_bytes(4096, 14336) == 88_080_384
+    assert quant_spec("hqq2").expert_bytes(4096, 14336) == 66_748_416
+
+
+@pytest.mark.parametrize("name,nbits,group", [("hqq2-v02", 2, 16), ("hqq4-v02", 4, 64)])
+def test_dequantisation_equals_hqq(name, nbits, group):
+    """hqq's codes (unpacked with hqq's BitPack), scales and zeros, repacked into our blob layout,
+    dequantise to hqq's own weights."""
+    from hqq.core.bitpack import BitPack
+
+    rows, cols = 256, 1024
+    n = rows * cols
+    q = hqq_linear(rows, cols, nbits, group, False)
+    unpack = {2: BitPack.unpack_2bit_u8, 4: BitPack.unpack_4bit_u8}[nbits]
+    codes = unpack(q.W_q, dtype=torch.uint8).reshape(-1)          # group-major, as hqq groups them
+    per_byte = 8 // nbits
+    shifts = torch.arange(8 - nbits, -1, -nbits, dtype=torch.uint8)
+    packed = (codes.view(-1, per_byte) << shifts).sum(dim=1, dtype=torch.uint8)
+    spec = quant_spec(name)
+    blob = torch.empty(spec.matrix_bytes(n), dtype=torch.uint8)
+    parts = split_matrix(blob, spec, n)
+    parts["packed"].copy_(packed)
+    parts["scale"].copy_(q.meta["scale"].reshape(-1).to(torch.bfloat16))
+    parts["zero"].copy_(q.meta["zero"].reshape(-1).to(torch.bfloat16))
+    ours = dequantize(split_matrix(blob, spec, n), spec, n).view(rows, cols).float().numpy()
+    theirs = q.dequantize().float().numpy()
+    scale = np.abs(theirs).max()
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-2 * scale)   # bf16 vs fp32 arithmetic
+    assert np.mean(np.abs(ours - theirs)) < 1e-3 * scale
