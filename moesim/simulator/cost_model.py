@@ -42,6 +42,9 @@ DEFAULT_EXPERT_BYTES = {
     # hqq 2-bit, group 16, 8-bit quantised scale + zero per group (+ fp16 meta-scales per 128 groups):
     # 2 + 16/16 bits per weight, as mixtral-offloading packs its experts
     "hqq2": MIXTRAL_EXPERT_PARAMS * 3 // 8 + MIXTRAL_EXPERT_PARAMS // 16 // 128 * 8,
+    # hqq 0.2 ignores quant_scale/quant_zero: bf16 scale + zero per group of 16 -> 4 bits per weight
+    # (checked against hqq itself in tests/test_engine_hqq.py)
+    "hqq2-v02": MIXTRAL_EXPERT_PARAMS // 2,
 }
 
 
