@@ -78,12 +78,12 @@ def graph_pieces(program: Program) -> dict:
     return out
 
 
-def calibrate(quants: list[str], compile_ok: bool, program: Program | None = None) -> dict:
+def calibrate(quants: list[str], compile_ok: bool, program: Program | None = None, h2d: bool = True) -> dict:
     """Raw measurements: H2D curve, expert compute vs tokens per quantization (compiled kernels, GPU
     time), attention vs context (eager kernels: the slope), LM head, and, given the engine's
     ``program``, each captured piece of its decode step."""
     g = MIXTRAL_8X7B
-    out: dict = {"h2d": h2d_curve(), "expert": {}, "attention": [], "lm_head_ms": None}
+    out: dict = {"h2d": h2d_curve() if h2d else [], "expert": {}, "attention": [], "lm_head_ms": None}
     tokens = [1, 2, 4, 8, 16, 32, 64]
     for qn in quants:
         spec = quant_spec(qn)
@@ -127,7 +127,6 @@ def compile_works() -> bool:
     """Does torch.compile build the fused expert here, and agree with eager?"""
     compile_ok = True
     try:
-        from moesim.engine.runtime import compiled_forwards, expert_forward
         spec = quant_spec("hqq2")
         hidden, ffn = 128, 256
         blob = torch.empty(spec.expert_bytes(hidden, ffn), dtype=torch.uint8, device="cuda")
@@ -135,7 +134,7 @@ def compile_works() -> bool:
         fill_random_blob(blob, spec, hidden * ffn)
         x = torch.randn(1, hidden, dtype=torch.bfloat16, device="cuda")
         ref = expert_forward(blob, x, spec, hidden, ffn).float()
-        got = compiled_forwards()[1](blob, x, spec, hidden, ffn).float()
+        got = compiled(expert_forward)(blob, x, spec, hidden, ffn).float()
         compile_ok = bool((ref - got).abs().max() <= 2e-2 * float(ref.abs().max()))   # bf16 rounding order
         log(f"torch.compile expert ok={compile_ok} max|diff|={float((ref - got).abs().max()):.3g}")
     except Exception as exc:   # noqa: BLE001 - recorded, eager fallback

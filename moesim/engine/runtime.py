@@ -288,11 +288,6 @@ def compiled(fn):
     return _COMPILED[fn.__name__]
 
 
-def compiled_forwards() -> tuple:
-    """(compiled attention, compiled expert): kept for the calibration micro-benchmarks."""
-    return compiled(attention_forward), compiled(expert_forward)
-
-
 class Program:
     """The decode step as a fixed set of launchable pieces over static buffers.
 
@@ -569,15 +564,3 @@ class OffloadedEngine:
                             routing.num_tokens, wall, plan.requests, plan.hits, plan.prefetches, w.expert_bytes,
                             token_ms, plan.layer_hits.tolist(), plan.layer_requests.tolist(), events,
                             [(b - a) * 1e3 for a, b in zip(cpu_marks[:-1], cpu_marks[1:], strict=True)], issue_ms)
-
-
-def all_resident_token_ms(weights: Weights, routing: Routing, tokens: int = 16, compile_dequant: bool = False,
-                          program: Program | None = None, sync_tokens: bool = True) -> float:
-    """ms per token with every expert resident (K = E, warm): the compute-only floor."""
-    g = weights.geometry
-    eng = OffloadedEngine(weights, g.num_experts, "lru", "none", compile_dequant=compile_dequant, program=program,
-                          max_tokens=tokens)
-    head = routing.head(min(tokens, routing.num_tokens))
-    eng.run(head, warm=True, sync_tokens=sync_tokens)   # first pass warms up kernels and the allocator
-    res = eng.run(head, warm=True, sync_tokens=sync_tokens)
-    return float(np.median(res.token_ms))
