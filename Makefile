@@ -23,7 +23,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed
-	$(BIN)/moesim demo -o moesim-demo
+	$(BIN)/moesim demo -o moesim-demo --force   # re-running `make demo` refreshes its own folder
 
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check moesim tests benchmarks

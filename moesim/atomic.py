@@ -7,11 +7,11 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
-from moesim.errors import DataError
+from moesim.errors import DataError, UsageError
 
 
 def _umask() -> int:
@@ -26,6 +26,18 @@ def make_temp(final: Path) -> str:
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())
     return tmp
+
+
+def refuse_overwrite(paths: Iterable[str | os.PathLike | None], force: bool) -> None:
+    """Usage error (exit 2) naming the first of ``paths`` that already exists, unless ``force``.
+
+    Commands call this before doing any work, so an existing file -- a committed report, a trace --
+    is never replaced (nor an hour of computing wasted) unless the user passed ``--force``."""
+    if force:
+        return
+    for path in paths:
+        if path is not None and os.path.lexists(path):
+            raise UsageError(f"{path}: already exists (pass --force to overwrite it)")
 
 
 @contextlib.contextmanager

@@ -109,8 +109,8 @@ ROW = '{"problem_id": 0, "token_idx": %d, "layer": 0, "experts": [1, 2], "gating
 def test_bad_jsonl_import(tmp_path, capsys, lines, needle):
     src = _jsonl(tmp_path, lines)
     out = tmp_path / "out.parquet"
-    out.write_bytes(b"previous")
-    code = main(["import", "--from", "vllm-jsonl", str(src), str(out)])
+    out.write_bytes(b"previous")   # --force: only bad data may stop the overwrite, and it must leave this intact
+    code = main(["import", "--from", "vllm-jsonl", str(src), str(out), "--force"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and str(src) in err[0] and needle in err[0]
     assert out.read_bytes() == b"previous"

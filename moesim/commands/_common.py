@@ -10,6 +10,11 @@ from typing import Any
 from moesim.errors import UsageError
 
 
+def add_force_arg(p: argparse.ArgumentParser) -> None:
+    """``--force``: the only way a command replaces an existing output file (see ``refuse_overwrite``)."""
+    p.add_argument("--force", action="store_true", help="overwrite output files that already exist")
+
+
 def _int_at_least(text: str, minimum: int) -> int:
     try:
         v = int(text)

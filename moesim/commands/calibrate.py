@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from moesim.commands._common import add_force_arg
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="measure a GPU (or convert raw measurements) into a calibration JSON")
@@ -23,14 +25,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", type=int, default=32,
                    help="layers of the engine measured for its pieces and per-token overhead (8 slots each, "
                         "~0.53 GB of GPU memory per layer; default 32 = Mixtral-8x7B)")
+    add_force_arg(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from moesim.atomic import atomic_open
+    from moesim.atomic import atomic_open, refuse_overwrite
     from moesim.engine.calibration import to_cost_model
     from moesim.errors import UsageError
 
+    refuse_overwrite([args.out, args.raw_out], args.force)
     if args.from_raw:
         from moesim.atomic import read_json
 

@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from moesim.commands._common import positive_int, print_table
+from moesim.commands._common import add_force_arg, positive_int, print_table
 
 OKABE_ITO = ["#000000", "#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#999999"]
 
@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default="mixtral-8x7b")
     p.add_argument("--hardware", default="a6000", help="hardware preset for tokens/s (if the timing model is present)")
+    add_force_arg(p)
     p.set_defaults(func=run)
 
 
@@ -41,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
     from moesim.traces.synth import load_preset, synthesize
 
     out = Path(args.output)
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        from moesim.errors import UsageError
+
+        raise UsageError(f"{out}: output folder is not empty (pass --force to overwrite the demo's files in it)")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     preset = load_preset(args.preset)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from moesim.commands._common import add_force_arg
+
 FORMATS = ("vllm-jsonl",)
 
 
@@ -18,13 +20,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-experts", type=int, help="override the experts per layer")
     p.add_argument("--expert-bytes", type=int, default=0, help="bytes per expert to store in the metadata")
     p.add_argument("--quantization", default="bf16", help="quantization the expert bytes assume")
+    add_force_arg(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from moesim.atomic import refuse_overwrite
     from moesim.traces.format import read_trace
     from moesim.traces.vllm import import_vllm_jsonl
 
+    refuse_overwrite([args.output], args.force)
     meta = import_vllm_jsonl(args.input, args.output, model=args.model, num_layers=args.num_layers,
                              num_experts=args.num_experts, expert_bytes=args.expert_bytes,
                              quantization=args.quantization)

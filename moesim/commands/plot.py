@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moesim.commands._common import int_list, positive_int
+from moesim.commands._common import add_force_arg, int_list, positive_int
 from moesim.errors import UsageError
 
 KINDS = ("heatmap", "raster", "mrc", "speed", "prefetch", "timeline", "reuse", "segment", "affinity")
@@ -26,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             k.add_argument("trace", help="trace file (.parquet)")
         k.add_argument("-o", "--output", help=f"output file (default: {kind}.png or {kind}.svg)")
         k.add_argument("--svg", action="store_true", help="write SVG instead of PNG")
+        add_force_arg(k)
         k.set_defaults(func=run)
         return k
 
@@ -82,8 +83,10 @@ def _check_policy(name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moesim.analysis import plots
+    from moesim.atomic import refuse_overwrite
 
     out = Path(args.output or f"{args.kind}.{'svg' if args.svg else 'png'}")
+    refuse_overwrite([out], args.force)
     if args.kind == "timeline":
         fig = plots.timeline(plots.load_timeline(args.timeline), max_ms=args.max_ms or None,
                              title=f"Simulated timeline - {Path(args.timeline).name}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moesim.commands._common import non_negative_int, positive_int
+from moesim.commands._common import add_force_arg, non_negative_int, positive_int
 
 INTERRUPTED_EXIT = 130  # the shell convention for "stopped by SIGINT"; the trace is still complete
 
@@ -48,12 +48,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="write a durable row group every N tokens")
     p.add_argument("-o", "--output", help="output trace (.parquet)")
     p.add_argument("--recover", metavar="OUT", help="merge the parts a killed recording left in OUT.parts/ into OUT")
+    add_force_arg(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from moesim.atomic import refuse_overwrite
     from moesim.errors import DataError, UsageError
 
+    refuse_overwrite([args.recover or args.output], args.force)
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moesim.commands._common import int_list
+from moesim.commands._common import add_force_arg, int_list
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,17 +19,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hardware", default="a6000", help="hardware preset for tokens/s (default a6000)")
     p.add_argument("--layer", type=int, default=0, help="layer shown in the residency raster (default 0)")
     p.add_argument("--no-timing", action="store_true", help="skip the tokens/s table even if available")
+    add_force_arg(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from tqdm import tqdm
 
     from moesim.analysis.report import write_report
+    from moesim.atomic import refuse_overwrite
     from moesim.errors import UsageError
     from moesim.policies import policy_class
     from moesim.traces.format import read_trace
 
+    refuse_overwrite([Path(args.output) / "report.html"], args.force)
     policies = [x.strip() for x in args.policies.split(",") if x.strip()]
     for name in policies:
         try:

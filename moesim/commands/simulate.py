@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from moesim.commands._common import emit_json, int_list, print_table
+from moesim.commands._common import add_force_arg, emit_json, int_list, print_table
 from moesim.commands._replay_args import add_policy_args, load, policy_params
 from moesim.errors import UsageError
 
@@ -26,12 +26,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-layer", action="store_true", help="also report each layer's hit rate")
     if add_timing_args is not None:
         add_timing_args(p)
+        add_force_arg(p)  # the only file simulate writes is --timeline's
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from moesim.atomic import refuse_overwrite
     from moesim.simulator.replay import simulate
 
+    refuse_overwrite([getattr(args, "timeline", None)], getattr(args, "force", False))
     trace = load(args)
     size = args.cache_size if args.cache_size is not None else args.layer_budgets
     if args.cache_size is not None and args.cache_size < 1:

@@ -8,7 +8,7 @@ import argparse
 import json
 from typing import Any
 
-from moesim.commands._common import emit_json, positive_int, print_table
+from moesim.commands._common import add_force_arg, emit_json, positive_int, print_table
 from moesim.errors import UsageError
 
 
@@ -98,6 +98,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("results", metavar="RESULTS.parquet")
     g.add_argument("-o", "--output", required=True, metavar="FIG.png", help="figure file (.png, .pdf, .svg)")
     g.add_argument("--metric", help="column to plot (default: tokens_per_s if present, else hit_rate)")
+    add_force_arg(g)
     g.set_defaults(func=run_plot)
 
 
@@ -182,9 +183,11 @@ def _short(col: str, value: Any) -> Any:
 
 
 def run_plot(args: argparse.Namespace) -> int:
+    from moesim.atomic import refuse_overwrite
     from moesim.sweep.plots import plot_sweep
     from moesim.sweep.store import read_results
 
+    refuse_overwrite([args.output], args.force)
     panels = plot_sweep(read_results(args.results), args.output, args.metric)
     print(f"wrote {args.output} ({panels} panel{'s' if panels != 1 else ''})")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from moesim.commands._common import positive_int
+from moesim.commands._common import add_force_arg, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,6 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sequences", type=positive_int,
                    help="split into this many equal sequences (default: lengths drawn around the fitted mean)")
     p.add_argument("output", help="output .parquet file")
+    add_force_arg(p)
     p.set_defaults(func=run_synth)
 
     f = sub.add_parser("fit-synth", help="fit the synthetic routing model to a trace",
@@ -24,12 +25,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("trace", help="trace to fit")
     f.add_argument("-o", "--output", required=True, help="preset .json to write")
     f.add_argument("--name", help="preset name (default: the output file's stem)")
+    add_force_arg(f)
     f.set_defaults(func=run_fit)
 
 
 def run_synth(args: argparse.Namespace) -> int:
+    from moesim.atomic import refuse_overwrite
     from moesim.traces.synth import load_preset, synthesize
 
+    refuse_overwrite([args.output], args.force)
     preset = load_preset(args.preset)
     meta = synthesize(preset, args.tokens, args.seed, args.output, sequences=args.sequences)
     print(f"wrote {args.output}: {args.tokens} tokens x {meta.num_layers} layers "
@@ -40,10 +44,11 @@ def run_synth(args: argparse.Namespace) -> int:
 def run_fit(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from moesim.atomic import atomic_open
+    from moesim.atomic import atomic_open, refuse_overwrite
     from moesim.traces.format import read_trace
     from moesim.traces.synth import fit_preset
 
+    refuse_overwrite([args.output], args.force)
     trace = read_trace(args.trace)
     preset = fit_preset(trace, args.name or Path(args.output).stem)
     with atomic_open(args.output) as fh:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from moesim.commands._common import add_force_arg
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="compare the real GPU engine's tokens/s and hit rates with the simulator")
@@ -18,17 +20,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hardware", default="h200", help="hardware preset when no --calibration (default h200)")
     p.add_argument("-o", "--out", default="sim_vs_real", help="output prefix (writes .json, .md, .png)")
     p.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
+    add_force_arg(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from moesim.engine.validation import a100_comparison, compare, git_state, head_tokens, write_report
+    from moesim.atomic import refuse_overwrite
+    from moesim.engine import validation as v
     from moesim.errors import DataError
     from moesim.simulator.cost_model import CostModel
     from moesim.traces.format import read_trace
 
+    refuse_overwrite(v.report_paths(args.out), args.force)
     trace = read_trace(args.trace)
     path = Path(args.engine)
     if not path.exists():
@@ -39,16 +44,16 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(path, f"not an engine results file ({type(exc).__name__}: {exc})") from None
     cost = CostModel.from_json(args.calibration) if args.calibration else CostModel.preset(args.hardware)
-    result = compare(engine, trace, cost)
+    result = v.compare(engine, trace, cost)
     report = {"device": engine.get("device"), "date": engine.get("date"), "layers": engine.get("layers"),
               "expert_bytes": engine["expert_bytes"], "quantization": engine.get("quantization"),
               "tokens": engine["tokens"], "all_resident_ms_per_token": engine.get("all_resident_ms_per_token"),
-              "calibration": cost.name, **git_state(Path(__file__).resolve().parents[2]), **result,
+              "calibration": cost.name, **v.git_state(Path(__file__).resolve().parents[2]), **result,
               "notes": args.note}
     if "a100-pcie" in CostModel.presets():
-        sub = head_tokens(trace, int(engine["tokens"]), int(engine["expert_bytes"]), engine.get("quantization"))
-        report["a100"] = a100_comparison(sub, cost, CostModel.preset("a100-pcie"))
-    paths = write_report(report, args.out)
+        sub = v.head_tokens(trace, int(engine["tokens"]), int(engine["expert_bytes"]), engine.get("quantization"))
+        report["a100"] = v.a100_comparison(sub, cost, CostModel.preset("a100-pcie"))
+    paths = v.write_report(report, args.out)
     print(f"{len(result['cells'])} cells; hit rates identical: {result['hit_rates_identical']}; tokens/s error "
           f"max {result['max_rel_error']:.1%}, median {result['median_rel_error']:.1%}; wrote "
           + ", ".join(map(str, paths)))

@@ -126,10 +126,15 @@ def a100_comparison(trace: Trace, calibrated, a100) -> dict[str, Any]:
             "quantization": "hqq2", "simulated_tokens_per_s": res}
 
 
+def report_paths(prefix: str | Path) -> list[Path]:
+    """The files ``write_report`` writes for ``prefix``: .json, .md, .png."""
+    prefix = Path(prefix)
+    return [prefix.with_suffix(".json"), prefix.with_suffix(".md"), prefix.with_suffix(".png")]
+
+
 def write_report(report: dict[str, Any], prefix: str | Path) -> list[Path]:
     """``prefix``.json, .md and .png (atomic writes)."""
-    prefix = Path(prefix)
-    paths = [prefix.with_suffix(".json"), prefix.with_suffix(".md"), prefix.with_suffix(".png")]
+    paths = report_paths(prefix)
     with atomic_open(paths[0]) as fh:
         json.dump(report, fh, indent=1)
         fh.write("\n")
