@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Rebuild reports/sim_vs_real_h200.{json,md,png} from the committed engine cells and calibration (CPU only).
 # Usage: bash benchmarks/make_sim_vs_real_report.sh TRACE.parquet   (the real trace, imported)
+# It replaces the committed report on purpose (--force); `moesim validate` alone never does.
 set -euo pipefail
 trace=${1:?usage: $0 real.parquet}
 python -m moesim validate "$trace" --engine reports/engine_cells_h200.json \
-  --calibration moesim/data/hardware/h200.json -o reports/sim_vs_real_h200 \
+  --calibration moesim/data/hardware/h200.json -o reports/sim_vs_real_h200 --force \
   --note "Engine run: benchmarks/gpu_validate.py on the lent H200 (torch 2.11+cu130), 2026-11-29 07:41Z, commit 4b52b30 (the commit line above is the tree that wrote this report). 128 tokens of the real Mixtral trace per cell (sequence 0, then the start of sequence 1), all 32 layers, hqq2 experts (66,748,416 B each, 256 in pinned host memory), hqq4 attention (q/k/v/o dequantised inside the layer's kernels, 22,323,200 B per layer), torch.compile'd kernels, each piece of the decode step captured once as a CUDA graph (32 layer pieces, 8 slots x 2 router ranks x 32 layers expert pieces, 1 final piece). The CPU waits for each token's logits before issuing the next token, as a real decoder must." \
   --note "Calibration (moesim/data/hardware/h200.json, raw: reports/calibration_h200.json) from the same run, measured before the cells: H2D 55.3 GB/s (1.2095 ms per expert), the captured pieces replayed back to back: layer 0.2044 ms, expert 0.2590 ms, final (combine + LM head) 0.0705 ms, first layer 0.2108 ms; plus 1.218 ms per token of engine overhead = an all-resident run (24.41 ms/token) minus the sum of its pieces. Nothing is fitted to the cells." \
   --note "In-situ (12 instrumented tokens, CUDA events): copy 1.2089 ms, expert 0.2623 ms, attention+gate 0.2064 ms per call - within 1.5% of the calibration." \
