@@ -193,3 +193,49 @@ def test_run_sweep_with_process_pool_from_cli(trace, tmp_path, capsys):
     cols = ["cell_id", "requests", "hits", "hit_rate"]
     assert pl.from_arrow(read_results(out)).select(cols).sort("cell_id").equals(
         pl.from_arrow(read_results(ref)).select(cols).sort("cell_id"))
+
+
+def test_sweep_columns_are_simulate_json_keys(trace, tmp_path, capsys):
+    """A timed cell's row carries every key `simulate --json` prints, with the same values: `hit_rate` the
+    exact replay's, `timing_hit_rate` the timing run's (they differ once a prefetcher fills the cache)."""
+    out = tmp_path / "r.parquet"
+    assert main(["sweep", "--trace", str(trace), "--policy", "lru", "--cache-size", "3", "--hardware", "a6000",
+                 "--prefetch", "transition", "--prefetch-budget", "2", "-o", str(out), "--executor", "inprocess",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    (row,) = pl.from_arrow(read_results(out)).to_dicts()
+    assert main(["simulate", str(trace), "--policy", "lru", "--cache-size", "3", "--hardware", "a6000",
+                 "--prefetch", "transition", "--prefetch-budget", "2", "--json"]) == 0
+    want = json.loads(capsys.readouterr().out)
+    assert set(want) <= set(row)
+    for key, value in want.items():
+        assert row[key] == value, key
+    assert row["hit_rate"] != row["timing_hit_rate"]
+
+
+def test_timed_sweep_refuses_scopes_the_timing_model_ignores(trace, tmp_path, capsys):
+    rc = main(["sweep", "--trace", str(trace), "--policy", "lru", "--cache-size", "3", "--hardware", "a6000",
+               "--scope", "layer,global", "-o", str(tmp_path / "r.parquet"), "--executor", "inprocess"])
+    assert rc == 2 and "one cache per layer" in capsys.readouterr().err
+    assert not (tmp_path / "r.parquet").exists()
+
+
+@pytest.mark.parametrize("metric,label", [(None, "hit rate (exact demand replay)"),
+                                          ("timing_hit_rate", "hit rate in the timing run (prefetched experts count)")])
+def test_sweep_plot_says_which_hit_rate_it_plots(trace, tmp_path, capsys, monkeypatch, metric, label):
+    import matplotlib.figure
+
+    out = tmp_path / "r.parquet"
+    hardware = "none" if metric is None else "a6000"
+    assert main(["sweep", "--trace", str(trace), "--policy", "lru,opt", "--cache-size", "2,3", "--hardware", hardware,
+                 "-o", str(out), "--executor", "inprocess", "--no-progress"]) == 0
+    saved = []
+    real_savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: (saved.append(fig), real_savefig(fig, *a, **k))[1])
+    capsys.readouterr()
+    argv = ["sweep-plot", str(out), "-o", str(tmp_path / "f.png")] + (["--metric", metric] if metric else [])
+    assert main(argv) == 0
+    assert label in capsys.readouterr().out
+    (fig,) = saved
+    assert {ax.get_ylabel() for ax in fig.axes if ax.get_visible()} == {label}

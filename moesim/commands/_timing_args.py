@@ -63,11 +63,4 @@ def timing_result(args: argparse.Namespace, trace) -> dict[str, Any]:
     result = simulate_timing(trace, args.policy, size, cost_model(args), prefetch=args.prefetch or "none",
                              prefetch_params=pparams, policy_params=policy_params(args),
                              batch_size=args.batch_size, prefill_chunk=args.prefill_chunk, timeline=args.timeline)
-    out = result.to_dict()
-    if out["requests"] and (args.prefetch or "none") == "none":
-        out.pop("prefetch_precision")
-        out.pop("prefetch_recall")
-    for key in ("policy", "cache_size"):
-        out.pop(key)
-    # with a prefetcher the cache holds prefetched experts too: its hits replace the replay's
-    return out
+    return result.to_dict()

@@ -45,12 +45,9 @@ def run(args: argparse.Namespace) -> int:
     if params:
         out["params"] = params
     if add_timing_args is not None and timing_requested(args):
-        timing = timing_result(args, trace)
-        # The top-level requests/hits/misses/hit_rate stay the exact replay of CONTRACTS.md; the timing
-        # run's own cache counts (prefetched experts resident, batch/prefill steps as unions) get a prefix.
-        for key in ("requests", "hits", "misses", "hit_rate"):
-            timing[f"timing_{key}"] = timing.pop(key)
-        out.update(timing)
+        from moesim.simulator.combined import replay_with_timing
+
+        out = replay_with_timing(out, timing_result(args, trace))
     if args.json:
         emit_json(out)
         return 0

@@ -97,7 +97,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "trace x hardware x prefetcher x budget.")
     g.add_argument("results", metavar="RESULTS.parquet")
     g.add_argument("-o", "--output", required=True, metavar="FIG.png", help="figure file (.png, .pdf, .svg)")
-    g.add_argument("--metric", help="column to plot (default: tokens_per_s if present, else hit_rate)")
+    g.add_argument("--metric", help="column to plot (default: tokens_per_s if present, else hit_rate = the exact "
+                                    "replay's; timing_hit_rate = the timing run's, prefetched experts included)")
     add_force_arg(g)
     g.set_defaults(func=run_plot)
 
@@ -184,10 +185,10 @@ def _short(col: str, value: Any) -> Any:
 
 def run_plot(args: argparse.Namespace) -> int:
     from moesim.atomic import refuse_overwrite
-    from moesim.sweep.plots import plot_sweep
+    from moesim.sweep.plots import metric_label, plot_sweep
     from moesim.sweep.store import read_results
 
     refuse_overwrite([args.output], args.force)
-    panels = plot_sweep(read_results(args.results), args.output, args.metric)
-    print(f"wrote {args.output} ({panels} panel{'s' if panels != 1 else ''})")
+    panels, metric = plot_sweep(read_results(args.results), args.output, args.metric)
+    print(f"wrote {args.output}: {metric} = {metric_label(metric)} vs slots ({panels} panel{'s' if panels != 1 else ''})")
     return 0

@@ -37,21 +37,24 @@ def get_trace(sha: str, path: str | None = None):
 
 
 def compute(cell: Cell, trace) -> dict[str, Any]:
-    """The simulator's own result dict for this cell: ``simulate`` without hardware, else
-    ``simulate_timing`` with the hardware preset's cost model."""
-    params = cell.policy_params
-    if cell.hardware == NO_HARDWARE:
-        from moesim.simulator.replay import simulate
+    """This cell's result with the keys of ``simulate --json``: the exact replay's ``hit_rate`` etc.,
+    and with hardware the timing model's outputs beside it (its own cache counts as ``timing_*``)."""
+    from moesim.simulator.combined import replay_with_timing
+    from moesim.simulator.replay import simulate
 
-        return simulate(trace, cell.policy, cell.cache_size, scope=cell.scope, semantics=cell.semantics,
-                        params=params or None).to_dict()
+    params = cell.policy_params
+    replay = simulate(trace, cell.policy, cell.cache_size, scope=cell.scope, semantics=cell.semantics,
+                      params=params or None).to_dict()
+    if cell.hardware == NO_HARDWARE:
+        return replay
     from moesim.simulator.cost_model import CostModel
     from moesim.simulator.timing import simulate_timing
 
     prefetch_params = None if cell.prefetch == NO_PREFETCH else {"budget": cell.prefetch_budget}
-    return simulate_timing(trace, cell.policy, cell.cache_size, CostModel.preset(cell.hardware),
-                           prefetch=cell.prefetch, prefetch_params=prefetch_params, policy_params=params or None,
-                           batch_size=cell.batch_size).to_dict()
+    timing = simulate_timing(trace, cell.policy, cell.cache_size, CostModel.preset(cell.hardware),
+                             prefetch=cell.prefetch, prefetch_params=prefetch_params, policy_params=params or None,
+                             batch_size=cell.batch_size).to_dict()
+    return replay_with_timing(replay, timing)
 
 
 def _scalar(v: Any) -> Any:

@@ -16,8 +16,9 @@ from typing import Any
 from moesim.errors import DataError, UsageError
 
 # Bump when the meaning of a cell's result changes, so results computed under the old meaning are not
-# reused by a resumed sweep.
-SWEEP_VERSION = 1
+# reused by a resumed sweep. 2: ``hit_rate`` of a timed cell is the exact replay's (was the timing run's,
+# now ``timing_hit_rate``), as in ``simulate --json``.
+SWEEP_VERSION = 2
 NO_PREFETCH = "none"
 NO_HARDWARE = "none"
 
@@ -187,6 +188,9 @@ def _validate(spec: SweepSpec, metas: dict[str, Any]) -> None:
         raise UsageError("prefetchers need a timing model: add --hardware NAME (prefetch has no effect on hit-rate replay)")
     if timed:
         _validate_hardware(timed, spec.prefetch)
+        if set(spec.scopes) - {"layer"} or set(spec.semantics) - {"atomic"}:
+            raise UsageError("the timing model (--hardware) simulates one cache per layer with atomic sets: "
+                             "sweep other scopes / semantics with --hardware none")
 
 
 def _validate_hardware(names: Iterable[str], prefetchers: Iterable[str]) -> None:
