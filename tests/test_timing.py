@@ -190,3 +190,62 @@ def test_steps_wanting_more_experts_than_slots_stream_through_in_chunks(tmp_path
     r = simulate_timing(t, "lru", 3, CostModel.preset("h200"), batch_size=4)
     assert r.tokens == 40 and r.hits + r.misses == r.requests
     assert r.requests == sum(len(s.layers[0]) for s in build_steps(t, batch_size=4))
+
+
+def _prefill_then_decode(path, prompt=(10, 6), generated=(4, 3), layers=2):
+    """Two sequences: `prompt[s]` prefill tokens then `generated[s]` decode tokens, every layer."""
+    from moesim.traces.format import DECODE, PREFILL, TraceMeta, TraceWriter, read_trace
+
+    rng = np.random.default_rng(11)
+    seq, tok, phase, layer, sets = [], [], [], [], []
+    for s, (p, g) in enumerate(zip(prompt, generated, strict=True)):
+        for t in range(p + g):
+            for l_ in range(layers):
+                seq.append(s), tok.append(t), phase.append(PREFILL if t < p else DECODE), layer.append(l_)
+                sets.append(rng.choice(8, 2, replace=False))
+    meta = TraceMeta(model="test", family="test", num_layers=layers, num_experts=8, top_k=2)
+    with TraceWriter(path, meta) as wr:
+        wr.write(np.array(seq), np.array(tok), np.array(phase), np.array(layer), np.array(sets),
+                 np.full((len(sets), 2), 0.5))
+    return read_trace(path)
+
+
+@pytest.mark.parametrize("batch,chunk,prefill_steps,decode_steps", [(1, 512, 2, 7), (2, 512, 2, 4), (1, 4, 5, 7)])
+def test_decode_and_prefill_throughput_are_separate(tmp_path, batch, chunk, prefill_steps, decode_steps):
+    """Only a 2 ms per-step cost: every step, prefill chunk or decode, takes 2 ms, so the split is
+    countable by hand. tokens_per_s is the decode throughput; prompt tokens do not inflate it."""
+    t = _prefill_then_decode(tmp_path / "t.parquet")
+    cost = zero_cost(token_ms=2.0, pcie_gbps=1e9)
+    r = simulate_timing(t, "lru", 8, cost, batch_size=batch, prefill_chunk=chunk)
+    assert (r.prefill_tokens, r.decode_tokens, r.tokens) == (16, 7, 23)
+    assert r.prefill_s == pytest.approx(0.002 * prefill_steps, rel=1e-6)   # copies cost ~1e-11 s each
+    assert r.decode_s == pytest.approx(0.002 * decode_steps, rel=1e-6)
+    assert r.tokens_per_s == pytest.approx(7 / (0.002 * decode_steps), rel=1e-6)
+    assert r.ms_per_token == pytest.approx(2.0 * decode_steps / 7, rel=1e-6)
+    assert r.tpot_ms == pytest.approx(2.0, rel=1e-6)  # one step per generated token of a sequence
+    assert r.prefill_tokens_per_s == pytest.approx(16 / (0.002 * prefill_steps), rel=1e-6)
+    d = r.to_dict()
+    for key in ("tokens_per_s", "ms_per_token", "tpot_ms", "prefill_tokens_per_s"):
+        assert d[key] == pytest.approx(getattr(r, key), abs=1e-4)
+    assert (d["decode_ms"], d["prefill_ms"]) == (round(2.0 * decode_steps, 3), round(2.0 * prefill_steps, 3))
+    # decode steps of a batch of 2: three steps of 2 tokens (1 ms per token), one of 1 token (2 ms)
+    assert d["p50_token_ms"] == (2.0 if batch == 1 else 1.0)
+
+
+def test_decode_and_prefill_times_partition_the_run(tmp_path, capsys):
+    t = _prefill_then_decode(tmp_path / "t.parquet", prompt=(40, 25), generated=(12, 9), layers=3)
+    r = simulate_timing(t, "lru", 3, CostModel.preset("a6000"), prefetch="transition")
+    assert r.prefill_s > 0 and r.decode_s > 0
+    assert r.prefill_s + r.decode_s == pytest.approx(r.total_s, rel=1e-12)
+    assert r.tokens_per_s == pytest.approx(21 / r.decode_s) and r.tokens_per_s != pytest.approx(r.tokens / r.total_s)
+    # a decode-only trace has no prefill figures; a prefill-only one no decode figures (null, not 0)
+    assert main(["simulate", str(t.path), "--policy", "lru", "--cache-size", "3", "--hardware", "a6000",
+                 "--phase", "prefill", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["tokens_per_s"] is None and d["ms_per_token"] is None and d["prefill_tokens"] == 65
+    assert d["prefill_tokens_per_s"] > 0 and "bytes_h2d" in d
+    assert main(["simulate", str(t.path), "--policy", "lru", "--cache-size", "3", "--hardware", "a6000",
+                 "--phase", "decode"]) == 0
+    text = capsys.readouterr().out
+    for key in ("tokens_per_s", "tpot_ms", "decode_tokens", "prefill_tokens_per_s"):
+        assert key in text

@@ -162,26 +162,83 @@ class TimingResult(HitCounts):
     sets: int
     slots: int
     expert_bytes: int
-    per_token_ms: np.ndarray = field(repr=False)
+    per_token_ms: np.ndarray = field(repr=False)    # per step: its span on the compute stream / its tokens
     compute_s: float = 0.0
     copy_busy_s: float = 0.0
+    step_tokens: np.ndarray | None = field(default=None, repr=False)   # None: one token per step
+    step_prefill: np.ndarray | None = field(default=None, repr=False)  # None: every step decodes
+
+    # Steps run one after another on the compute stream, so their spans partition ``total_s`` exactly:
+    # the decode and prefill times below add up to it.
+    def _steps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n = len(self.per_token_ms)
+        tokens = np.ones(n, np.int64) if self.step_tokens is None else np.asarray(self.step_tokens)
+        prefill = np.zeros(n, bool) if self.step_prefill is None else np.asarray(self.step_prefill, bool)
+        return tokens, prefill, np.asarray(self.per_token_ms) * tokens / 1e3
+
+    @property
+    def decode_tokens(self) -> int:
+        tokens, prefill, _ = self._steps()
+        return int(tokens[~prefill].sum())
+
+    @property
+    def decode_steps(self) -> int:
+        return int((~self._steps()[1]).sum())
+
+    @property
+    def decode_s(self) -> float:
+        _, prefill, span = self._steps()
+        return float(span[~prefill].sum())
+
+    @property
+    def prefill_tokens(self) -> int:
+        tokens, prefill, _ = self._steps()
+        return int(tokens[prefill].sum())
+
+    @property
+    def prefill_s(self) -> float:
+        _, prefill, span = self._steps()
+        return float(span[prefill].sum())
 
     @property
     def tokens_per_s(self) -> float:
-        return self.tokens / self.total_s if self.total_s > 0 else float("inf")
+        """Decode throughput: generated tokens per second of decode steps (prefill time excluded);
+        NaN when the trace has no decode rows."""
+        n, s = self.decode_tokens, self.decode_s
+        return n / s if s > 0 else (float("inf") if n else float("nan"))
 
     @property
     def ms_per_token(self) -> float:
-        return 1e3 * self.total_s / self.tokens if self.tokens else 0.0
+        """Milliseconds of decode time per generated token (= 1000 / tokens_per_s); NaN without decode."""
+        n = self.decode_tokens
+        return 1e3 * self.decode_s / n if n else float("nan")
+
+    @property
+    def tpot_ms(self) -> float:
+        """Time per output token of one sequence: the mean decode step (a step of a batch of B
+        sequences yields one token for each of them); NaN without decode."""
+        n = self.decode_steps
+        return 1e3 * self.decode_s / n if n else float("nan")
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        """Prompt tokens per second of prefill steps; NaN when the trace has no prefill rows."""
+        n, s = self.prefill_tokens, self.prefill_s
+        return n / s if s > 0 else (float("inf") if n else float("nan"))
 
     def to_dict(self) -> dict[str, Any]:
-        def r(x: float, n: int = 6) -> float:
-            return round(float(x), n)
+        def r(x: float, n: int = 6) -> float | None:
+            return round(float(x), n) if np.isfinite(x) else None   # JSON has no NaN: null = not applicable
 
+        tokens, prefill, _ = self._steps()
+        decode_token_ms = np.asarray(self.per_token_ms)[~prefill]
         out = {
             "policy": self.policy, "cache_size": self.cache_size, "prefetch": self.prefetch, "hardware": self.hardware,
             "tokens": self.tokens, "requests": self.requests, "hits": self.hits, "misses": self.misses,
             "hit_rate": r(self.hit_rate), "tokens_per_s": r(self.tokens_per_s, 4), "ms_per_token": r(self.ms_per_token, 4),
+            "tpot_ms": r(self.tpot_ms, 4), "decode_tokens": self.decode_tokens, "decode_ms": r(self.decode_s * 1e3, 3),
+            "prefill_tokens": self.prefill_tokens, "prefill_ms": r(self.prefill_s * 1e3, 3),
+            "prefill_tokens_per_s": r(self.prefill_tokens_per_s, 4), "total_ms": r(self.total_s * 1e3, 3),
             "stall_ms": r(self.stall_s * 1e3, 3), "compute_ms": r(self.compute_s * 1e3, 3),
             "copy_busy_ms": r(self.copy_busy_s * 1e3, 3),
             "bytes_h2d": (self.misses + self.prefetches) * self.expert_bytes, "expert_bytes": self.expert_bytes,
@@ -191,8 +248,9 @@ class TimingResult(HitCounts):
             "expert_recall": r(self.landed_hits / self.requests) if self.requests else 0.0,
             "cache_recall": r(self.hit_rate),
             "cache_precision": r(self.hits / self.slots) if self.slots else 0.0,
-            "p50_token_ms": r(float(np.median(self.per_token_ms)), 4) if len(self.per_token_ms) else 0.0,
-            "p99_token_ms": r(float(np.percentile(self.per_token_ms, 99)), 4) if len(self.per_token_ms) else 0.0,
+            # per decode step, its time per token (prefill chunks would drag the percentiles down)
+            "p50_token_ms": r(float(np.median(decode_token_ms)), 4) if len(decode_token_ms) else None,
+            "p99_token_ms": r(float(np.percentile(decode_token_ms, 99)), 4) if len(decode_token_ms) else None,
         }
         return out
 
@@ -373,7 +431,8 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
     size_out: int | list[int] = int(cache_size) if isinstance(cache_size, int | np.integer) else sizes
     return TimingResult(policy_name, size_out, prefetch, cost.name, tokens, requests, hits, total, stall, copies,
                         prefetches, used, rec_hits, rec_needed, landed, sets, slots, xb, per_token, compute,
-                        copies * copy_s)
+                        copies * copy_s, np.array([s.tokens for s in steps], np.int64),
+                        np.array([s.phase == PREFILL for s in steps], bool))
 
 
 def _simulate_fast(trace: Trace, policy: str, sizes: list[int], cache_size, cost: CostModel, prefetch: str,
