@@ -3,7 +3,7 @@
     python benchmarks/bench_replay.py [--tokens 1000000]
 
 Generates a Mixtral-like synthetic trace (32 layers x top-2: tokens x 64 expert requests), replays it
-per layer (CONTRACTS semantics) with every policy, then exports the same request stream to
+per layer (docs/semantics.md) with every policy, then exports the same request stream to
 oracleGeneral and times libCacheSim's LRU on it in the same run (one global cache, sequential).
 Prints requests/s and ratios; also `mrc` over all sizes vs one single-size replay. One core: the
 compiled kernels run single-threaded.

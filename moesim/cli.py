@@ -1,7 +1,7 @@
 """The ``moesim`` command. Each subcommand lives in its own module under ``moesim.commands`` and is
 discovered at start-up, so adding one never touches this file.
 
-Errors become one line on stderr and an exit status (CONTRACTS.md): 2 for usage, 1 for bad data.
+Errors become one line on stderr and an exit status: 2 for usage, 1 for bad data.
 ``--debug`` shows the traceback instead.
 """
 
@@ -17,7 +17,7 @@ from moesim.errors import MoesimError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is ONE line (and exit 2), as CONTRACTS.md asks."""
+    """argparse, but a usage error is ONE line (and exit 2), as every moesim error is."""
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")

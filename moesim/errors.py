@@ -1,4 +1,4 @@
-"""Errors the command line turns into one line on stderr and an exit status (see CONTRACTS.md)."""
+"""Errors the command line turns into one line on stderr and an exit status (exit 1 bad data, 2 usage)."""
 
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ def test_counts_share_and_entropy_by_hand(tmp_path):
 # ---- reuse distances -----------------------------------------------------------------------------
 
 def test_reuse_distances_contract_example(tmp_path):
-    # CONTRACTS.md worked example: a=0 b=1 c=2 d=3, tokens [a,b] [c,a] [d,b] [a,c]; LRU K=3 -> 3 hits.
+    # docs/semantics.md worked example: a=0 b=1 c=2 d=3, tokens [a,b] [c,a] [d,b] [a,c]; LRU K=3 -> 3 hits.
     tr = sets_trace(tmp_path / "t.parquet", [[0, 1], [2, 0], [3, 1], [0, 2]], experts=4, top_k=2)
     d = stats.reuse_distances(tr, "distinct")["distance"].to_list()
     assert d == [None, None, None, 2, None, 3, 3, 4]

@@ -51,7 +51,7 @@ def check_slots(plan: CachePlan, layer: int, k: int) -> None:
 
 
 def test_contract_worked_example_lru():
-    # CONTRACTS.md: K = 3, top-2, LRU; [a,b] [c,a] [d,b] [a,c] -> 3 hits of 8
+    # docs/semantics.md: K = 3, top-2, LRU; [a,b] [c,a] [d,b] [a,c] -> 3 hits of 8
     a, b, c, d = 0, 1, 2, 3
     routing = grid_routing([[[a, b]], [[c, a]], [[d, b]], [[a, c]]])
     plan = CachePlan(routing, 3, "lru")

@@ -3,7 +3,7 @@
 moesim replays with ``--semantics sequential`` and one global cache (ids layer*E + expert), which is
 what a generic cache simulator does with the exported oracleGeneral stream. Notes on names:
 libCacheSim's ``LFU`` is in-cache LFU (counts restart on eviction) = moesim ``lfu-cache``; moesim's
-``lfu`` is *perfect* LFU (CONTRACTS.md) and has no libCacheSim twin. S3FIFO is only called with >= 10
+``lfu`` is *perfect* LFU (docs/semantics.md) and has no libCacheSim twin. S3FIFO is only called with >= 10
 slots (fewer kills libCacheSim's process).
 """
 

@@ -1,4 +1,4 @@
-"""Hand-traced cases for the atomic per-(token, layer) semantics of CONTRACTS.md."""
+"""Hand-traced cases for the atomic per-(token, layer) semantics of docs/semantics.md."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ FAST = ["lru", "fifo", "lfu", "opt"]
 
 @pytest.mark.parametrize("generic", [False, True])
 def test_contracts_worked_example_lru(tmp_path, generic):
-    # One layer, K = 3, top-2, LRU; tokens [a,b] [c,a] [d,b] [a,c]: hits 3 of 8 (CONTRACTS.md section 2).
+    # One layer, K = 3, top-2, LRU; tokens [a,b] [c,a] [d,b] [a,c]: hits 3 of 8 (docs/semantics.md).
     t = write_trace(tmp_path / "t.parquet", [[A, B], [C, A], [D, B], [A, C]])
     r = simulate(t, "lru", 3, force_generic=generic)
     assert (r.requests, r.hits, r.misses) == (8, 3, 5)

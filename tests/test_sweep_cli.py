@@ -1,5 +1,5 @@
 """``moesim sweep`` / ``sweep-summary`` / ``sweep-plot`` from the command line: numbers equal to
-``moesim simulate --json``, resume after SIGKILL, one-line errors with the CONTRACTS exit codes."""
+``moesim simulate --json``, resume after SIGKILL, one-line errors with exit 1 (bad data) / 2 (usage)."""
 
 from __future__ import annotations
 

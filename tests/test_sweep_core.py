@@ -346,7 +346,7 @@ def test_row_has_every_input_column(traces, tmp_path):
 
 
 def test_real_trace_sweep_equals_simulate_and_reference(real_trace_path, tmp_path):
-    """The real Mixtral trace, K = 2..8, the four CONTRACTS policies, through a 2-worker pool."""
+    """The real Mixtral trace, K = 2..8, lru, fifo, lfu and opt, through a 2-worker pool."""
     spec = SweepSpec(traces=[str(real_trace_path)], policies=["lru", "fifo", "lfu", "opt"], cache_sizes=list(range(2, 9)))
     out = tmp_path / "real.parquet"
     report = run_sweep(spec, out, ProcessPoolExecutorBackend(workers=2), progress=False)

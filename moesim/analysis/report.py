@@ -115,7 +115,7 @@ def build_report(trace: Trace, *, policies: Sequence[str] = DEFAULT_POLICIES, si
     table = hit_rate_table(trace, policies, sizes)
     parts.append("<h2>Hit rate by policy and cache size</h2>"
                  "<p class=note>One cache per MoE layer, cold start, atomic per (token, layer) requests "
-                 "(CONTRACTS.md). OPT is Belady's bound for demand caching.</p>")
+                 "(docs/semantics.md). OPT is Belady's bound for demand caching.</p>")
     parts.append(_table(["policy \\ slots", *map(str, sizes)],
                         [[p, *(table[p][k] for k in sizes)] for p in policies]))
     parts.append(f"<img alt='mrc' src='data:image/png;base64,{_png(plots.mrc(trace, policies))}'>")

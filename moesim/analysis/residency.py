@@ -1,6 +1,6 @@
 """Per-request hit/miss log of one layer: what the raster plot shows.
 
-Caches are per layer and independent (CONTRACTS.md), so replaying only the chosen layer's rows
+Caches are per layer and independent (docs/semantics.md), so replaying only the chosen layer's rows
 through the one cache mechanism (:class:`~moesim.policies.ExpertCache`) gives exactly the hits the
 full replay has at that layer.
 """

@@ -2,7 +2,7 @@
 co-activation structure, the segment-cache bound of arXiv 2505.16056, and prefill vs decode.
 
 All functions take a :class:`~moesim.traces.format.Trace` and work on its rows in execution order
-(sequence, token, layer) -- the order CONTRACTS.md replays them in. Results are numpy arrays for
+(sequence, token, layer) -- the order the replay visits them in (docs/semantics.md). Results are numpy arrays for
 matrices and polars DataFrames for tables.
 """
 

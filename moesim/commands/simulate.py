@@ -17,7 +17,7 @@ except ImportError:  # timing simulator not installed
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="replay a trace against an eviction policy",
-                       description="Replay a trace against an eviction policy (CONTRACTS.md semantics).")
+                       description="Replay a trace against an eviction policy (docs/semantics.md).")
     add_policy_args(p)
     size = p.add_mutually_exclusive_group(required=True)
     size.add_argument("--cache-size", type=int, metavar="K", help="expert slots per cache")

@@ -51,7 +51,7 @@ PolicyFactory = Callable[[], EvictionPolicy]
 class ExpertCache:
     """A fixed number of expert slots under an eviction policy: the single cache mechanism.
 
-    ``request`` implements the atomic per-(token, layer) semantics of CONTRACTS.md: hits are counted
+    ``request`` implements the atomic per-(token, layer) semantics of docs/semantics.md: hits are counted
     against the set as a whole, every key of the set is accessed in router order, then the missing
     keys are inserted in router order, evicting only keys outside the set.
     """

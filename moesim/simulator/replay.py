@@ -1,4 +1,4 @@
-"""Hit-rate replay of a trace against an eviction policy (CONTRACTS.md semantics).
+"""Hit-rate replay of a trace against an eviction policy (docs/semantics.md).
 
 Two paths, one semantics:
 - the **fast path**: compiled kernels (``moesim.simulator.kernels``) for lru, fifo, lfu and opt;

@@ -316,7 +316,7 @@ class Trace:
         return bool(np.all(key[1:] > key[:-1])) if len(key) > 1 else True
 
     def execution_order(self) -> Trace:
-        """The rows sorted by (seq, token, layer): the order CONTRACTS.md replays them in."""
+        """The rows sorted by (seq, token, layer): the order the replay visits them in (docs/semantics.md)."""
         if self.is_execution_ordered():
             return self
         idx = np.lexsort((self.layer, self.token, self.seq))
@@ -387,7 +387,8 @@ def _meta_of(schema: pa.Schema, path: Path) -> TraceMeta:
 def read_trace(path: str | os.PathLike, *, columns: Sequence[str] | None = None, validate: bool = True) -> Trace:
     """Read and validate a trace file (or a directory of part files).
 
-    Raises :class:`DataError` naming the file for every problem CONTRACTS.md lists.
+    Raises :class:`DataError` naming the file for every problem of a bad trace (missing, corrupt or
+    truncated file, wrong schema version, ids out of range).
     """
     p = Path(path)
     if not p.exists():
