@@ -17,7 +17,7 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scope", choices=("layer", "global"), default="layer",
                    help="one cache per MoE layer (default) or one cache shared by all layers")
     p.add_argument("--semantics", choices=("atomic", "sequential"), default="atomic",
-                   help="request a (token, layer) set at once (default) or one expert at a time")
+                   help="request a (token, layer) set at once (default) or one expert at a time (docs/semantics.md)")
     p.add_argument("--phase", choices=("all", "prefill", "decode"), default="all",
                    help="replay only the rows of one phase")
     p.add_argument("--json", action="store_true", help="print one JSON object")
