@@ -8,6 +8,10 @@ import sys
 from moesim.commands._common import add_force_arg, non_negative_int, positive_int
 
 INTERRUPTED_EXIT = 130  # the shell convention for "stopped by SIGINT"; the trace is still complete
+# The tiny presets of moesim.recorder.presets, named here so that building the parser -- which every
+# command does -- never imports torch (seconds per command); tests/test_cli_without_torch.py keeps them equal.
+PRESET_NAMES = ("tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe", "tiny-deepseek-v3", "tiny-gpt-oss",
+                "tiny-phimoe")
 
 
 def _non_negative_float(text: str) -> float:
@@ -21,16 +25,12 @@ def _non_negative_float(text: str) -> float:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    try:
-        from moesim.recorder.presets import PRESETS
-    except ImportError:  # torch/transformers are an optional extra; the rest of the CLI works without
-        PRESETS = {}
-
     p = sub.add_parser("record", help="record router decisions from a Hugging Face MoE model",
                        description="Run a transformers MoE model on prompts and record, through forward hooks, "
                                    "every token's routed experts and weights plus speculative next-layer "
                                    "predictions. Streams crash-safe part files to OUT.parquet.parts/ and merges "
-                                   f"them into OUT.parquet on a clean finish. Presets: {', '.join(PRESETS) or '(install torch)'}.")
+                                   f"them into OUT.parquet on a clean finish. Presets (need the torch extra): "
+                                   f"{', '.join(PRESET_NAMES)}.")
     p.add_argument("--model", help="local checkpoint directory or a tiny random-weight preset")
     p.add_argument("--prompts", help="prompt file: .json list of strings or text, one prompt per line "
                                      "(default: the built-in set of 50)")
