@@ -204,3 +204,21 @@ def test_every_readme_command_runs_in_order(tmp_path):
                                    f"--- stderr ---\n{r.stderr[-3000:]}\n--- stdout ---\n{r.stdout[-1000:]}")
         ran.append(cmd)
     assert len(ran) >= 20, f"only {len(ran)} README commands ran (skipped: {[(c.text, w) for c, w in skipped]})"
+
+
+def test_shipped_trace_hit_rate_table_is_what_mrc_measures():
+    """The table in traces/README.md is `moesim mrc` on the shipped trace, to the printed digits."""
+    from moesim.simulator.replay import mrc
+    from moesim.traces.format import read_trace
+
+    doc = (REPO / "traces" / "README.md").read_text(encoding="utf-8")
+    header = re.search(r"^\| K \|((?: \d+ \|)+)\s*$", doc, re.M)
+    assert header, "traces/README.md lost its hit-rate table"
+    sizes = [int(x) for x in header.group(1).split("|") if x.strip()]
+    rows = {p: c for p, c in re.findall(r"^\| (\w+) +\|((?: [\d.]+ \|)+)\s*$", doc, re.M) if p != "K"}
+    assert set(rows) >= {"lru", "lfu", "fifo", "opt"}
+    trace = read_trace(SHIPPED_TRACE)
+    for policy, cells in rows.items():
+        printed = [x.strip() for x in cells.split("|") if x.strip()]
+        measured = [f"{c['hit_rate']:.4f}" for c in mrc(trace, policy, sizes).curve]
+        assert printed == measured, policy
