@@ -18,7 +18,8 @@ ONE device command (see traces/README.md for the exact invocation that made the 
    processes share the GPU); their traces are merged (sequence ids offset) into one trace.
 
 Writes under ``--out``: ``train_metrics.json`` (config, loss curve, held-out ppl, expert load, timings),
-``learned_full.parquet`` (every recorded row, all columns), ``prompts.json``. Needs only torch,
+``learned_full/`` (every recorded row, all columns, as ``--out-parts`` part files: a directory of
+parts is a trace) and, under ``--work``, ``learned_full.parquet`` (the same rows in one file). Needs only torch,
 transformers, tokenizers, numpy, pyarrow, tqdm (no polars). ``--config tiny`` runs on a CPU in minutes.
 """
 
@@ -353,6 +354,32 @@ def record_parallel(ckpt: Path, prompts: list[str], work: Path, args, device: st
     return out
 
 
+def write_parts(trace: Path, folder: Path, n: int) -> list[Path]:
+    """The trace as ``n`` part files split by sequence (a directory of parts is itself a trace), so
+    that no file exceeds what one device call may bring back."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(trace)
+    seqs = np.unique(table.column("seq").to_numpy())
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, chunk in enumerate(np.array_split(seqs, n)):
+        if not len(chunk):
+            continue
+        part = table.filter(pc.is_in(table.column("seq"), value_set=pa_array(chunk)))
+        path = folder / f"part-{i:06d}.parquet"
+        pq.write_table(part, path, compression="zstd", use_dictionary=["seq", "phase", "layer"])
+        paths.append(path)
+    return paths
+
+
+def pa_array(values: np.ndarray):
+    import pyarrow as pa
+
+    return pa.array(values.astype(np.int32), pa.int32())
+
+
 # -- main --------------------------------------------------------------------------------------------
 
 def main() -> int:
@@ -373,6 +400,7 @@ def main() -> int:
     ap.add_argument("--record-seconds", type=float, default=150.0, help="stop the recorders after this long")
     ap.add_argument("--record-dtype", default="bfloat16")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--out-parts", type=int, default=5, help="part files of the recorded trace under --out")
     args = ap.parse_args()
     import torch
 
@@ -450,7 +478,7 @@ def main() -> int:
     if device == "cuda":
         torch.cuda.empty_cache()
     prompts = make_prompts(tok, held, args.prompts, c["prompt_tokens"], args.seed)
-    (out / "prompts.json").write_text(json.dumps(prompts, indent=0))
+    metrics["prompts"] = prompts
     log(f"{len(prompts)} held-out prompts of {c['prompt_tokens']} tokens; recording in {args.record_procs} processes")
     t_rec = time.perf_counter()
     trace = record_parallel(ckpt, prompts, work, args, device)
@@ -463,7 +491,8 @@ def main() -> int:
                          "prefill_tokens": len(t) // t.meta.num_layers - dec, "sequences": int(len(np.unique(t.seq))),
                          "procs": args.record_procs, "temperature": args.temperature, "new_tokens": args.new_tokens,
                          "dtype": args.record_dtype, "predict_distance": 3}
-    os.replace(trace, out / "learned_full.parquet")
+    parts = write_parts(trace, out / "learned_full", args.out_parts)
+    metrics["record"]["parts"] = {p.name: p.stat().st_size for p in parts}
     log(f"recorded {metrics['record']}")
     metrics["total_seconds"] = round(time.perf_counter() - T0, 1)
     save()
