@@ -33,6 +33,7 @@ def main() -> int:
     ap.add_argument("--offset", action="append", default=[], help="NAME=N: add N to that run's sequence ids")
     ap.add_argument("--logits-seqs", type=int, default=8)
     ap.add_argument("--note", default="", help="free text for provenance")
+    ap.add_argument("--model", help="model name for the metadata (default: the recording's)")
     ap.add_argument("-o", "--output", required=True, help="output prefix (PREFIX.parquet, PREFIX-logits.parquet)")
     args = ap.parse_args()
     offsets = {k: int(v) for k, v in (o.split("=", 1) for o in args.offset)}
@@ -55,6 +56,8 @@ def main() -> int:
                      "provenance": t.meta.provenance, "created": t.meta.created})
     assert meta is not None
     meta.provenance = {**meta.provenance, "prompts": None, "runs": runs, "note": args.note}
+    if args.model:
+        meta.model = args.model
     merged = pa.concat_tables(tables)
     key = (merged.column("seq").to_numpy().astype(np.int64) << 40) + (merged.column("token").to_numpy().astype(np.int64) << 16)
     merged = merged.take(pa.array(np.argsort(key + merged.column("layer").to_numpy(), kind="stable")))

@@ -129,8 +129,9 @@ def prediction_accuracy(trace: Trace, predictor: str = "speculative", distance: 
     present = rows >= 0
     if predictor == "speculative":
         if distance not in t.pred_distances:
-            raise UsageError(f"{t.path}: no recorded predictions at distance {distance} (has "
-                             f"{list(t.pred_distances) or 'none'}); record with `moesim record --predict-distance {distance}`")
+            from moesim.commands._predictions import missing_predictions
+
+            raise UsageError(missing_predictions(trace.path, t.pred_distances, distance))
         recorded = t.pred_experts(distance).astype(np.int64)
         pred = np.full((T, L, k), -1, np.int64)
         pred[present] = recorded[rows[present]]

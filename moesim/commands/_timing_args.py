@@ -55,6 +55,9 @@ def timing_result(args: argparse.Namespace, trace) -> dict[str, Any]:
         from moesim.errors import UsageError
 
         raise UsageError("the timing simulator models one cache per layer with atomic sets (--scope layer)")
+    from moesim.commands._predictions import require_predictions
+
+    require_predictions(trace.path, trace.pred_distances, [args.prefetch or "none"], args.prefetch_distance)
     pparams: dict[str, Any] = parse_params(args.prefetch_param)
     pparams["distance"] = args.prefetch_distance
     if args.prefetch_budget is not None:
