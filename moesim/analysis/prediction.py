@@ -198,7 +198,8 @@ def threshold_curve(trace: Trace, distance: int = 1, thresholds=(0.05, 0.1, 0.2,
     if phase is not None:
         t = t.filter_phase(phase)
     lg = t.logits_matrix(col).astype(np.float64)
-    keep = ~np.isnan(lg).any(1)
+    # rows without a prediction (layer < d) hold -1 ids (their logits may be NaN or zeros)
+    keep = ~np.isnan(lg).any(1) & (t.pred_experts(distance)[:, 0] >= 0)
     lg, actual = lg[keep], t.experts[keep].astype(np.int64)
     probs = np.exp(lg - lg.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
