@@ -380,52 +380,11 @@ def pa_array(values: np.ndarray):
     return pa.array(values.astype(np.int32), pa.int32())
 
 
-# -- main --------------------------------------------------------------------------------------------
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", choices=sorted(CONFIGS), default="h200")
-    ap.add_argument("--out", required=True, help="results folder (metrics, merged trace)")
-    ap.add_argument("--work", required=True, help="scratch folder (checkpoint, per-process traces)")
-    ap.add_argument("--roots", help="comma-separated corpus roots (default: stdlib, site-packages, /usr/share/doc)")
-    ap.add_argument("--corpus-mb", type=float, default=300.0, help="training text to read (MB)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--train-seconds", type=float, default=300.0)
-    ap.add_argument("--train-deadline", type=float, help="end training by this many s after the script started")
-    ap.add_argument("--steps", type=int, help="exact number of steps (default: fitted to --train-seconds)")
-    ap.add_argument("--prompts", type=int, default=80)
-    ap.add_argument("--new-tokens", type=int, default=160)
-    ap.add_argument("--temperature", type=float, default=0.8)
-    ap.add_argument("--record-procs", type=int, default=4)
-    ap.add_argument("--record-seconds", type=float, default=150.0, help="stop the recorders after this long")
-    ap.add_argument("--record-dtype", default="bfloat16")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--out-parts", type=int, default=5, help="part files of the recorded trace under --out")
-    args = ap.parse_args()
+def train_and_save(args, c: dict, roots: list[str], files: list[str], train_files: list[str], held: list[str],
+                   metrics: dict, save, device: str, ckpt: Path):
+    """Tokenizer, model, training, held-out evaluation; checkpoint + tokenizer saved to ``ckpt``."""
     import torch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    c = CONFIGS[args.config]
-    out, work = Path(args.out), Path(args.work)
-    out.mkdir(parents=True, exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
-    metrics: dict = {"config_name": args.config, "config": c, "seed": args.seed, "argv": sys.argv[1:],
-                     "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
-                     "torch": torch.__version__}
-
-    def save() -> None:
-        tmp = out / ".train_metrics.json.tmp"
-        tmp.write_text(json.dumps(metrics, indent=1))
-        os.replace(tmp, out / "train_metrics.json")
-
-    import tokenizers
-    import transformers
-    metrics["transformers"], metrics["tokenizers"] = transformers.__version__, tokenizers.__version__
-    roots = args.roots.split(",") if args.roots else default_roots()
-    files = corpus_files(roots)
-    held = [p for p in files if held_out(p)]
-    train_files = [p for p in files if not held_out(p)]
-    log(f"corpus: {len(files)} files under {roots}; {len(held)} held out")
     texts, used = read_texts(hash_order(train_files, args.seed), int(args.corpus_mb * 1e6))
     held_texts, _ = read_texts(hash_order(held, args.seed), int(max(2e6, args.corpus_mb * 1e6 / 40)))
     n_bytes = sum(len(t.encode()) for t in texts)
@@ -469,7 +428,6 @@ def main() -> int:
 
     from transformers import PreTrainedTokenizerFast
 
-    ckpt = work / "checkpoint"
     model.config.output_router_logits = False
     model.generation_config.eos_token_id = None
     model.save_pretrained(ckpt)
@@ -477,6 +435,65 @@ def main() -> int:
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
+    return tok
+
+
+# -- main --------------------------------------------------------------------------------------------
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="h200")
+    ap.add_argument("--out", required=True, help="results folder (metrics, merged trace)")
+    ap.add_argument("--work", required=True, help="scratch folder (checkpoint, per-process traces)")
+    ap.add_argument("--roots", help="comma-separated corpus roots (default: stdlib, site-packages, /usr/share/doc)")
+    ap.add_argument("--corpus-mb", type=float, default=300.0, help="training text to read (MB)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-seconds", type=float, default=300.0)
+    ap.add_argument("--train-deadline", type=float, help="end training by this many s after the script started")
+    ap.add_argument("--steps", type=int, help="exact number of steps (default: fitted to --train-seconds)")
+    ap.add_argument("--prompts", type=int, default=80)
+    ap.add_argument("--new-tokens", type=int, default=160)
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--record-procs", type=int, default=4)
+    ap.add_argument("--record-seconds", type=float, default=150.0, help="stop the recorders after this long")
+    ap.add_argument("--record-dtype", default="bfloat16")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--record-only", action="store_true",
+                    help="skip training: record again with the checkpoint an earlier run left in --work")
+    ap.add_argument("--out-parts", type=int, default=5, help="part files of the recorded trace under --out")
+    args = ap.parse_args()
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    c = CONFIGS[args.config]
+    out, work = Path(args.out), Path(args.work)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    metrics: dict = {"config_name": args.config, "config": c, "seed": args.seed, "argv": sys.argv[1:],
+                     "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+                     "torch": torch.__version__}
+
+    def save() -> None:
+        tmp = out / ".train_metrics.json.tmp"
+        tmp.write_text(json.dumps(metrics, indent=1))
+        os.replace(tmp, out / "train_metrics.json")
+
+    import tokenizers
+    import transformers
+    metrics["transformers"], metrics["tokenizers"] = transformers.__version__, tokenizers.__version__
+    roots = args.roots.split(",") if args.roots else default_roots()
+    files = corpus_files(roots)
+    held = [p for p in files if held_out(p)]
+    train_files = [p for p in files if not held_out(p)]
+    log(f"corpus: {len(files)} files under {roots}; {len(held)} held out")
+    ckpt = work / "checkpoint"
+    if args.record_only:   # the weights of an earlier run on this machine: record again, no training
+        from transformers import PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast.from_pretrained(ckpt).backend_tokenizer
+        metrics["record_only"] = str(ckpt)
+    else:
+        tok = train_and_save(args, c, roots, files, train_files, held, metrics, save, device, ckpt)
     prompts = make_prompts(tok, held, args.prompts, c["prompt_tokens"], args.seed)
     metrics["prompts"] = prompts
     log(f"{len(prompts)} held-out prompts of {c['prompt_tokens']} tokens; recording in {args.record_procs} processes")
