@@ -75,6 +75,8 @@ def markdown(r: dict) -> str:
              "model's routing, and for `speculative` the predictions recorded with it. The simulator replays "
              f"the same tokens with the committed `{r['hardware_preset']}` preset (calibrated on earlier "
              "micro-benchmarks, not fitted to these cells).", "",
+             "The engine read recording A's trace on the GPU box (traces/README.md); its first decode tokens "
+             "(sequence 0) are the shipped trace's first, which the identical hit and prefetch counts confirm.", "",
              f"- date: {r['date']}",
              f"- tokens/s error: max {r['max_rel_error']:.1%}, median {r['median_rel_error']:.1%}; "
              f"{r['cells_within_5pct']} of {len(r['cells'])} cells within 5%",
