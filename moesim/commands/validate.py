@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
               "calibration": cost.name, **git_state(Path(__file__).resolve().parents[2]), **result,
               "notes": args.note}
     if "a100-pcie" in CostModel.presets():
-        sub = head_tokens(trace, int(engine["tokens"]), int(engine["expert_bytes"]), engine.get("quantization"))
+        sub = head_tokens(trace, int(engine["tokens"]), int(engine["expert_bytes"]), engine.get("quantization"),
+                          int(engine.get("skip_tokens", 0)))
         report["a100"] = a100_comparison(sub, cost, CostModel.preset("a100-pcie"))
     paths = write_report(report, args.out)
     print(f"{len(result['cells'])} cells; hit rates identical: {result['hit_rates_identical']}; tokens/s error "

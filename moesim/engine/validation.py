@@ -22,11 +22,13 @@ from moesim.traces.format import Trace
 MIXTRAL_OFFLOADING_A100_TOKENS_PER_S = 3.06   # published: Mixtral-8x7B, 2-bit experts, 4 slots, A100
 
 
-def head_tokens(trace: Trace, tokens: int, expert_bytes: int = 0, quantization: str | None = None) -> Trace:
-    """The first ``tokens`` (sequence, token) pairs of ``trace`` in execution order (what the engine ran)."""
+def head_tokens(trace: Trace, tokens: int, expert_bytes: int = 0, quantization: str | None = None,
+                skip: int = 0) -> Trace:
+    """(sequence, token) pairs ``skip`` .. ``skip + tokens - 1`` of ``trace`` in execution order (what
+    the engine ran: ``benchmarks/gpu_validate.py --skip-tokens``)."""
     trace = trace.execution_order()
     pair = trace.seq.astype(np.int64) * (1 << 32) + trace.token.astype(np.int64)
-    keep = np.isin(pair, np.unique(pair)[:tokens])
+    keep = np.isin(pair, np.unique(pair)[skip:skip + tokens])
     meta = trace.meta
     if expert_bytes:
         meta = dataclasses.replace(meta, expert_bytes=int(expert_bytes), quantization=quantization or meta.quantization)
@@ -48,7 +50,8 @@ def compare(engine: dict[str, Any], trace: Trace, cost, *, include_repeats: bool
     """One report cell per engine cell: measured vs simulated tokens/s and hit rates, efficiency."""
     from moesim.simulator.timing import simulate_timing
 
-    sub = head_tokens(trace, int(engine["tokens"]), int(engine["expert_bytes"]), engine.get("quantization"))
+    sub = head_tokens(trace, int(engine["tokens"]), int(engine["expert_bytes"]), engine.get("quantization"),
+                      int(engine.get("skip_tokens", 0)))
     copy_s = cost.copy_seconds(int(engine["expert_bytes"]))
     # the ideal engine: the same copies and kernels at their measured times, nothing else (the
     # calibration's per-token engine overhead is left out)
