@@ -68,10 +68,21 @@ def timing_result(args: argparse.Namespace, trace) -> dict[str, Any]:
     if args.prefetch_budget is not None:
         pparams["budget"] = args.prefetch_budget
     size = args.cache_size if args.cache_size is not None else args.layer_budgets
-    result = simulate_timing(trace, args.policy, size, cost_model(args), prefetch=args.prefetch or "none",
-                             prefetch_params=pparams, policy_params=policy_params(args),
-                             batch_size=args.batch_size, prefill_chunk=args.prefill_chunk, timeline=args.timeline)
+    cost = cost_model(args)
+    kw: dict[str, Any] = dict(prefetch=args.prefetch or "none", prefetch_params=pparams,
+                              policy_params=policy_params(args), batch_size=args.batch_size,
+                              prefill_chunk=args.prefill_chunk)
+    result = simulate_timing(trace, args.policy, size, cost, timeline=args.timeline, **kw)
     out = result.to_dict()
+    fast, slow = cost.copy_interval_scales()
+    if (fast, slow) != (1.0, 1.0):
+        # the calibration's measured copy spread (p10..p90 over its sessions): the same run with every
+        # copy at the slow and at the fast end
+        lo = simulate_timing(trace, args.policy, size, cost.with_overrides(copy_scale=cost.copy_scale * slow), **kw)
+        hi = simulate_timing(trace, args.policy, size, cost.with_overrides(copy_scale=cost.copy_scale * fast), **kw)
+        out["sim_interval"] = out["tokens_per_s_interval"] = [round(lo.tokens_per_s, 4), round(hi.tokens_per_s, 4)]
+        out["ms_per_token_interval"] = [round(hi.ms_per_token, 4), round(lo.ms_per_token, 4)]
+        out["copy_interval_scales"] = [round(fast, 5), round(slow, 5)]
     if out["requests"] and (args.prefetch or "none") == "none":
         out.pop("prefetch_precision")
         out.pop("prefetch_recall")
