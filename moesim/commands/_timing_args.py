@@ -35,12 +35,17 @@ def add_timing_args(p: argparse.ArgumentParser) -> None:
                    help="replay (default): the routing is known ahead, as in the validation engine; gate: a "
                         "gate-driven decoder reads each layer's top-k back before its copies and experts "
                         "(charges the calibration's engine.routing_handoff_s per layer)")
+    g.add_argument("--engine-profile", choices=("moesim", "mixtral-offloading"), default=None,
+                   help="moesim (default): this project's engine (copies on a copy stream overlap compute); "
+                        "mixtral-offloading: its engine (routing read back per layer, each miss swapped on the "
+                        "compute stream: expert in, evicted expert back to the host, two syncs per expert)")
     g.add_argument("--miss-issue-us", type=float, help="what-if: engine cost per demand miss (us)")
     g.add_argument("--routing-handoff-us", type=float, help="what-if: per-layer routing hand-off (us; gate mode)")
 
 
 def timing_requested(args: argparse.Namespace) -> bool:
     return bool(args.hardware or args.calibration or args.prefetch or args.timeline or args.engine_mode
+                or args.engine_profile
                 or any(getattr(args, o) is not None for o in OVERRIDES))
 
 
@@ -52,6 +57,7 @@ def cost_model(args: argparse.Namespace):
     else:
         cost = CostModel.preset(args.hardware or "h200")
     return cost.with_overrides(quantization=args.quantization, engine_mode=args.engine_mode,
+                               engine_profile=args.engine_profile,
                                **{o: getattr(args, o) for o in OVERRIDES})
 
 
