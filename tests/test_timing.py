@@ -26,7 +26,8 @@ def small(tmp_path_factory):
 
 def zero_cost(**kw):
     base = CostModel.preset("a6000").with_overrides(expert_ms=0, layer_ms=0, token_ms=0, pcie_latency_us=0,
-                                                    pcie_gbps=10.0, expert_bytes=10**7)
+                                                    pcie_gbps=10.0, expert_bytes=10**7, miss_issue_us=0,
+                                                    routing_handoff_us=0)
     return base.with_overrides(**kw) if kw else base
 
 
@@ -95,7 +96,7 @@ def test_hand_computed_timeline(tmp_path):
     # one layer, K=2, top-1: tokens [0] [1] [0]; copy 2 ms, layer 1 ms, expert 0.5 ms, token 0
     t = write_trace(tmp_path / "t.parquet", [[0], [1], [0]], num_experts=4)
     cost = CostModel.preset("a6000").with_overrides(expert_ms=0.5, layer_ms=1.0, token_ms=0, pcie_latency_us=0,
-                                                    pcie_gbps=1.0, expert_bytes=2_000_000)
+                                                    pcie_gbps=1.0, expert_bytes=2_000_000, miss_issue_us=0)
     r = simulate_timing(t, "lru", 2, cost)
     # t0: attn 0-1, copy 1-3, expert 3-3.5 | t1: attn 3.5-4.5, copy 4.5-6.5, expert 6.5-7 | t2: attn 7-8, hit, 8-8.5
     assert r.total_s == pytest.approx(8.5e-3)
