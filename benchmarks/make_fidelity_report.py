@@ -71,7 +71,7 @@ def all_miss_excess(raw: dict, cost: CostModel, tmp: Path) -> dict | None:
             "excess_per_miss_us": round((real_s - sim.total_s) / int(am["misses"]) * 1e6, 2)}
 
 
-def trace_entry(engine: dict, trace, cost: CostModel, name: str) -> dict:
+def trace_entry(engine: dict, trace, cost: CostModel, name: str, all_miss_us: float | None = None) -> dict:
     sub = head_tokens(trace, int(engine["tokens"]), int(engine["expert_bytes"]), engine.get("quantization"),
                       int(engine.get("skip_tokens", 0)))
     bare = cost.with_overrides(miss_issue_us=0.0)
@@ -88,6 +88,10 @@ def trace_entry(engine: dict, trace, cost: CostModel, name: str) -> dict:
         sim = simulate_timing(sub, pol, k, cost, prefetch=pf)
         bare_tps = simulate_timing(sub, pol, k, bare, prefetch=pf).tokens_per_s
         bound_s = simulate_timing(sub, pol, k, bound, prefetch=pf).total_s
+        # what-if: the engine's all-miss excess charged as the per-miss term (a second micro-benchmark,
+        # at engine level; not the calibration's field)
+        am_tps = (simulate_timing(sub, pol, k, cost.with_overrides(miss_issue_us=max(all_miss_us, 0.0)),
+                                  prefetch=pf).tokens_per_s if all_miss_us is not None else None)
         hits = {int(r["hits"]) for r in runs}
         cells.append({
             "policy": pol, "cache_size": k, "prefetch": pf, "batch": 1, "phase": "decode",
@@ -99,6 +103,7 @@ def trace_entry(engine: dict, trace, cost: CostModel, name: str) -> dict:
             "real_in_sim_interval": None,
             "sim_tokens_per_s_without_engine_terms": round(bare_tps, 4),
             "rel_error_without_engine_terms": round(bare_tps / real - 1.0, 4),
+            "rel_error_with_all_miss_term": round(am_tps / real - 1.0, 4) if am_tps else None,
             "real_hit_rate": round(float(runs[0]["hit_rate"]), 6), "sim_hit_rate": round(sim.hit_rate, 6),
             "hits_identical": hits == {int(sim.hits)}, "misses": int(runs[0]["misses"]),
             "prefetches": int(runs[0]["prefetches"]),
@@ -123,7 +128,10 @@ def markdown(r: dict) -> str:
              f"Rebuilt by `{r['command']}` from `reports/fidelity_h200_cells/` (device run: `{r['device_command']}`, "
              f"{r['device_date']}).", "",
              "## What the simulator was given", "",
-             f"- calibration: `moesim/data/hardware/h200.json` = {r['calibration']}",
+             f"- calibration: `moesim/data/hardware/h200.json`: copies, kernels and per-token overhead measured on "
+             f"2026-11-29 (another device session; {r['calibration_copy_ms']:.4f} ms per expert copy), with this "
+             "run's engine terms and copy session added (`moesim calibrate --from-raw "
+             "reports/fidelity_h200_cells/calibration_raw.json --add-to moesim/data/hardware/h200.json`)",
              f"- engine terms measured by this run's micro-benchmarks (not fitted to any cell): "
              f"miss issue {t['miss_issue_us']:.1f} us per demand miss (issued as the CPU goes: "
              f"{t['miss_issue_unhidden_us']:.1f} us); routing hand-off {t['routing_handoff_us']:.1f} us per layer "
@@ -150,19 +158,21 @@ def markdown(r: dict) -> str:
                          f"{'inside' if ins['within_calibration_interval'] else '**outside**'} the calibration's "
                          f"interval {lo:.2f}-{hi:.2f} GB/s")
         lines += ["", "| policy | K | prefetch | real tok/s (median) | repeats spread | sim tok/s | sim interval | "
-                  "error | error w/o engine terms | hits equal | efficiency |",
+                  "error | error, all-miss term | hits equal | efficiency |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for c in tr["cells"]:
             iv = c["sim_interval"]
             ivs = f"{iv[0]:.2f}-{iv[1]:.2f}" if iv else "-"
             lines.append(f"| {c['policy']} | {c['cache_size']} | {c['prefetch']} | {c['real_tokens_per_s']:.2f} | "
                          f"{c['repeat_spread']:.1%} (n={c['repeats']}) | {c['sim_tokens_per_s']:.2f} | {ivs} | "
-                         f"{c['rel_error']:+.1%} | {c['rel_error_without_engine_terms']:+.1%} | {c['hits_identical']} | "
+                         f"{c['rel_error']:+.1%} | {c['rel_error_with_all_miss_term']:+.1%} | {c['hits_identical']} | "
                          f"{c['efficiency']:.0%} |")
         lines.append("")
     lines += ["## Definitions", "",
               "- `rel_error` = sim / real - 1 (real = median over the repeats); `repeat_spread` = (max - min) / median "
               "of the repeats of identical cells in this run.",
+              "- `error, all-miss term`: the same simulation with the engine-level all-miss excess (above) charged as "
+              "`miss_issue_s` instead of the stream-level micro-benchmark's value (a what-if, not the calibration).",
               f"- `efficiency` = {r['efficiency_definition']}.", "", "## Notes", ""]
     lines += [f"- {n}" for n in r["notes"]]
     return "\n".join(lines) + "\n"
@@ -174,28 +184,50 @@ def plot(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1, 1.4]})
     colors = {"real.parquet": "tab:blue", "synth.parquet": "tab:orange"}
     marks = {"none": "o", "transition": "^", "oracle": "s"}
-    lim = 0.0
+    lo_lim, hi_lim = float("inf"), 0.0
+    labels, x = [], 0
     for tr in r["traces"]:
+        col = colors.get(tr["trace"], "k")
         for c in tr["cells"]:
             real, sim = c["real_tokens_per_s"], c["sim_tokens_per_s"]
-            lo, hi = c["sim_interval"] or (sim, sim)
-            spread = c["repeat_spread"] * real / 2
-            ax.errorbar(real, sim, yerr=[[sim - lo], [hi - sim]], xerr=spread, fmt=marks.get(c["prefetch"], "o"),
-                        color=colors.get(tr["trace"], "k"), ms=6, capsize=2, lw=0.8)
-            lim = max(lim, real, hi)
-    lim *= 1.08
-    ax.plot([0, lim], [0, lim], "k-", lw=0.8)
-    ax.fill_between([0, lim], [0, lim * 0.95], [0, lim * 1.05], color="grey", alpha=0.2)
+            m = marks.get(c["prefetch"], "o")
+            ax1.plot(real, sim, m, color=col, ms=6)
+            lo_lim, hi_lim = min(lo_lim, real, sim), max(hi_lim, real, sim)
+            iv = c["sim_interval"] or [sim, sim]
+            err = [[c["rel_error"] - (iv[0] / real - 1)], [(iv[1] / real - 1) - c["rel_error"]]]
+            ax2.errorbar(x, c["rel_error"], yerr=err, fmt=m, color=col, capsize=3, ms=6)
+            if c.get("rel_error_with_all_miss_term") is not None:
+                ax2.plot(x, c["rel_error_with_all_miss_term"], m, mfc="none", color=col, ms=6)
+            ax2.plot([x - 0.3, x + 0.3], [c["repeat_spread"] / 2] * 2, color="grey", lw=1)
+            ax2.plot([x - 0.3, x + 0.3], [-c["repeat_spread"] / 2] * 2, color="grey", lw=1)
+            labels.append(f"{c['policy']} K{c['cache_size']} {c['prefetch'][:5]}")
+            x += 1
+    lo_lim, hi_lim = lo_lim * 0.9, hi_lim * 1.05
+    ax1.plot([lo_lim, hi_lim], [lo_lim, hi_lim], "k-", lw=0.8)
+    ax1.fill_between([lo_lim, hi_lim], [lo_lim * 0.95, hi_lim * 0.95], [lo_lim * 1.05, hi_lim * 1.05],
+                     color="grey", alpha=0.2)
     for name, col in colors.items():
-        ax.plot([], [], "o", color=col, label=name)
+        ax1.plot([], [], "o", color=col, label=name)
     for pf, m in marks.items():
-        ax.plot([], [], m, color="grey", label=f"prefetch {pf}")
-    ax.set(xlabel="real tokens/s (H200 engine; bar = repeat spread)", ylabel="simulated tokens/s (bar = copy interval)",
-           xlim=(0, lim), ylim=(0, lim), title="Out-of-sample fidelity, H200 (grey band: +/-5%)")
-    ax.legend(fontsize=8)
+        ax1.plot([], [], m, color="grey", label=f"prefetch {pf}")
+    ax1.set(xlabel="real tokens/s (H200 engine, median of repeats)", ylabel="simulated tokens/s",
+            xlim=(lo_lim, hi_lim), ylim=(lo_lim, hi_lim), title="tokens/s (grey band: +/-5%)")
+    ax1.legend(fontsize=8)
+    ax2.axhspan(-0.05, 0.05, color="grey", alpha=0.15)
+    ax2.axhspan(-0.02, 0.02, color="grey", alpha=0.2)
+    ax2.axhline(0, color="k", lw=0.8)
+    ax2.set_xticks(range(len(labels)), labels, rotation=70, fontsize=7)
+    from matplotlib.ticker import PercentFormatter
+
+    ax2.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax2.set(ylabel="sim / real - 1", title="error per cell (bar: copy interval; hollow: all-miss term; "
+            "grey: +/- half the repeat spread)")
+    ax2.title.set_fontsize(9)
+    fig.suptitle("Out-of-sample fidelity on the H200: two traces, committed calibration (2026-11-29) + "
+                 "micro-benchmarked engine terms", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -235,7 +267,8 @@ def main() -> int:
             engine = json.loads((cells / fname).read_text())
             report["device"] = engine.get("device")
             name = engine.get("trace", "real.parquet")
-            report["traces"].append(trace_entry(engine, read_trace(paths[name]), cost, name))
+            am = report["all_miss"]["excess_per_miss_us"] if report["all_miss"] else None
+            report["traces"].append(trace_entry(engine, read_trace(paths[name]), cost, name, am))
     all_errs = [abs(c["rel_error"]) for t in report["traces"] for c in t["cells"]]
     report["max_rel_error"] = round(max(all_errs), 4)
     report["median_rel_error"] = round(float(np.median(all_errs)), 4)
