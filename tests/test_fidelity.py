@@ -95,3 +95,20 @@ def test_compare_cells_carry_interval_and_bounded_efficiency(small):
     bound_s = simulate_timing(small, "lru", 3, independent_bound(cost)).total_s
     assert c["efficiency"] == pytest.approx(bound_s / cell["wall_s"], abs=1e-4) and c["efficiency"] < 0.9
     assert out["in_situ_copy"]["within_calibration_interval"]
+
+
+def test_presets_are_the_h200_measurements_scaled_by_bandwidth():
+    """benchmarks/make_hardware_presets.py: memory-bound pieces x (4800 / GB/s); host costs unscaled."""
+    h200 = CostModel.preset("h200")
+    for name, gbps in (("a100-pcie", 1555.0), ("a6000", 768.0), ("l40", 864.0), ("rtx3090", 936.0), ("t4", 320.0)):
+        p = CostModel.preset(name)
+        r = 4800.0 / gbps
+        assert p.expert_seconds(1) == pytest.approx(h200.expert_seconds(1) * r, rel=1e-6)
+        assert p.expert_seconds(1) > h200.expert_seconds(1)   # less bandwidth: never a faster expert
+        assert p.layer_seconds() == pytest.approx(h200.layer_seconds() * r, rel=1e-6)
+        overhead = h200.token["engine_overhead_s"]
+        assert p.token_seconds() == pytest.approx((h200.token_seconds() - overhead) * r + overhead, rel=1e-6)
+        assert p.miss_issue_s == h200.miss_issue_s and p.routing_handoff_s == h200.routing_handoff_s
+        # the compute floor takes over for large batches
+        assert p.expert_seconds(2048) >= 2 * 3 * 4096 * 14336 * 2048 / (0.6 * 989e12)
+    assert CostModel.preset("t4").bandwidth_Bps == 12e9
