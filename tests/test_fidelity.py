@@ -112,3 +112,28 @@ def test_presets_are_the_h200_measurements_scaled_by_bandwidth():
         # the compute floor takes over for large batches
         assert p.expert_seconds(2048) >= 2 * 3 * 4096 * 14336 * 2048 / (0.6 * 989e12)
     assert CostModel.preset("t4").bandwidth_Bps == 12e9
+
+
+def test_validate_cli_warns_when_the_run_copied_outside_the_interval(small, tmp_path, capsys):
+    cost = with_spread()
+    cal = tmp_path / "cal.json"
+    cost.to_json(cal)
+    sim = simulate_timing(small, "lru", 3, cost)
+    cell = {"policy": "lru", "cache_size": 3, "prefetch": "none", "tokens_per_s": sim.tokens_per_s,
+            "wall_s": sim.total_s, "hit_rate": sim.hit_rate, "hits": sim.hits, "requests": sim.requests,
+            "misses": sim.misses, "prefetches": 0}
+    engine = {"device": "x", "date": "d", "layers": 4, "tokens": sim.tokens, "expert_bytes": XB, "quantization": "hqq2",
+              "cells": [cell], "in_situ_copies": {"n": 10, "bytes": XB, "median_ms": 1.5}}
+    path = tmp_path / "engine.json"
+    path.write_text(json.dumps(engine))
+    args = ["validate", str(small.path), "--engine", str(path), "--calibration", str(cal), "-o", str(tmp_path / "r")]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "outside the calibration's interval" in err and "engine.json" in err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["in_situ_copy"]["within_calibration_interval"] is False
+    assert "OUTSIDE" in (tmp_path / "r.md").read_text()
+    engine["in_situ_copies"]["median_ms"] = 1.2
+    path.write_text(json.dumps(engine))
+    assert main(args) == 0
+    assert "outside" not in capsys.readouterr().err
