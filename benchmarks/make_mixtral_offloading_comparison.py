@@ -45,11 +45,9 @@ MEMORY_GBPS = {"a100-pcie": 1555.0, "rtx3080-mobile": 448.0, "rtx3060": 360.0, "
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--real", default=str(REAL))
-    ap.add_argument("--cells", default=str(ROOT / "reports/fidelity_h200_cells"))
     ap.add_argument("-o", "--out", default=str(ROOT / "reports/mixtral_offloading_comparison"))
     args = ap.parse_args()
-    raw = json.loads((Path(args.cells) / "calibration_raw.json").read_text())
-    sync_us = raw["engine_terms"]["routing_handoff"]["eager_handoff_s"] * 1e6
+    sync_us = CostModel.preset("h200").sync_seconds() * 1e6   # the H200's measured eager read-back
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "real.parquet"
         if moesim_main(["import", "--from", "vllm-jsonl", args.real, str(path)]) != 0:
@@ -58,7 +56,7 @@ def main() -> int:
         rows = []
         for preset, (gpu, published) in PUBLISHED.items():
             base = CostModel.preset(preset)
-            prof = base.with_overrides(engine_profile="mixtral-offloading", routing_handoff_us=sync_us)
+            prof = base.with_overrides(engine_profile="mixtral-offloading")
             row = {"preset": preset, "gpu": gpu, "published_tokens_per_s": published,
                    "pcie_gbps": base.bandwidth_Bps / 1e9, "expert_ms": round(base.expert_seconds(1) * 1e3, 4),
                    "layer_ms": round(base.layer_seconds() * 1e3, 4), "sync_us": round(sync_us, 2)}

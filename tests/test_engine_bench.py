@@ -86,6 +86,8 @@ def test_to_cost_model_names_the_engine_terms_and_the_copy_spread():
     assert spread["high_s"] == pytest.approx(1.268e-3) and len(spread["sessions"]) == 1
     cost = CostModel.from_dict(cal)
     assert cost.miss_issue_s == 21e-6 and cost.routing_handoff_s == 95e-6
+    assert cost.sync_seconds() == 150e-6   # the mixtral-offloading profile's syncs: the eager read-back
+    assert cost.with_overrides(routing_handoff_us=30).sync_seconds() == pytest.approx(30e-6)
     lo, hi = cost.copy_interval_scales()
     assert lo < 1.0 < hi
 

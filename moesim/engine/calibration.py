@@ -125,7 +125,12 @@ def _engine_block(raw: dict[str, Any], path: object) -> dict[str, Any]:
                               "gate's GPU time; charged only with --engine-mode gate"
                               if "routing_handoff" in terms else "not measured: 0"),
     }
-    return {"miss_issue_s": miss, "routing_handoff_s": handoff, "sources": sources}
+    out: dict[str, Any] = {"miss_issue_s": miss, "routing_handoff_s": handoff}
+    if "routing_handoff" in terms and "eager_handoff_s" in terms["routing_handoff"]:
+        out["routing_handoff_eager_s"] = float(terms["routing_handoff"]["eager_handoff_s"])
+        sources["routing_handoff_eager_s"] = ("the same read-back with the gate's kernels launched eagerly (no CUDA "
+                                              "graph): what each sync of the mixtral-offloading profile costs")
+    return {**out, "sources": sources}
 
 
 def _expert_copy(raw: dict[str, Any], path: object) -> dict[str, Any] | None:

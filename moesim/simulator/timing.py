@@ -284,7 +284,7 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
     demand_s = copy_s + cost.miss_issue_s    # a demand copy also pays the engine's per-miss issue cost
     handoff_s = cost.handoff_seconds()
     if swap:   # mixtral-offloading: reads every layer's routing back; swaps on compute (its own timing)
-        demand_s, handoff_s = copy_s, cost.routing_handoff_s
+        demand_s, handoff_s = copy_s, cost.sync_seconds()
     env = SimEnv(cost.copy_engines, timeline is not None)
     inflight: dict[tuple[int, int], float] = {}      # (layer, expert) -> copy end
     pending: dict[tuple[int, int], bool] = {}        # prefetched for that layer, not used yet
@@ -388,7 +388,7 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
                 compute += es
                 if swap:   # it reads each expert's token indices back (two .tolist() calls): two syncs
                     for _ in range(2):
-                        env.run("compute", 0.0, cost.routing_handoff_s, f"sync L{layer} E{e}", {"step": i})
+                        env.run("compute", 0.0, handoff_s, f"sync L{layer} E{e}", {"step": i})
             prefetcher.observe(layer, S)
         per_token[i] = (env.free["compute"] - t0) * 1e3 / max(step.tokens, 1)
     total = env.free["compute"]
