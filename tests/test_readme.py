@@ -27,7 +27,7 @@ SKIPS: list[tuple[str, str]] = [
     (r"--device\s+cuda", "needs a CUDA GPU"),
     (r"^moesim calibrate\b(?!.*--from-raw)", "measures a CUDA GPU"),
     (r"benchmarks/gpu_", "GPU script"),
-    (r"^python3? benchmarks/(bench_|seed_reproduction)", "benchmark: minutes of measurement, run on demand"),
+    (r"^python3? benchmarks/", "benchmark or report-rebuilding script: run on demand (long, rewrites reports/)"),
     # files from outside the repository (the README says "if you have a vLLM routing log")
     (r"_vllm\.jsonl\b", "needs the user's vLLM routing log"),
     (r"(^|\s)real\.parquet\b", "needs the trace imported from the user's vLLM routing log"),
