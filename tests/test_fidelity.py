@@ -135,5 +135,5 @@ def test_validate_cli_warns_when_the_run_copied_outside_the_interval(small, tmp_
     assert "OUTSIDE" in (tmp_path / "r.md").read_text()
     engine["in_situ_copies"]["median_ms"] = 1.2
     path.write_text(json.dumps(engine))
-    assert main(args) == 0
+    assert main([*args, "--force"]) == 0   # the same report again: replacing it must be asked for
     assert "outside" not in capsys.readouterr().err
