@@ -53,3 +53,18 @@ def test_auto_uses_the_fast_path_only_when_it_applies(gappy):
         simulate_timing(gappy, "arc", 3, cost, engine="numba")
     # a policy without a kernel falls back to the event path transparently
     assert simulate_timing(gappy, "arc", 3, cost).requests == simulate_timing(gappy, "lru", 3, cost).requests
+
+
+@pytest.mark.parametrize("policy", ["lru", "opt"])                    # opt: the only one given next uses
+@pytest.mark.parametrize("prefetch", ["none", "oracle", "speculative"])  # speculative: the only one given predictions
+def test_fast_path_reads_only_inside_its_arrays(gappy, policy, prefetch, monkeypatch):
+    """The kernel run as plain Python (numpy raises IndexError where the compiled code would read past
+    an array's end -- which crashed processes at random, when the read crossed into an unmapped page)."""
+    from moesim.simulator import timing_kernel
+
+    cost = CostModel.preset("h200")
+    kw = dict(prefetch=prefetch, prefetch_params={"budget": 2})
+    compiled = simulate_timing(gappy, policy, 3, cost, engine="numba", **kw)
+    monkeypatch.setattr(timing_kernel, "des_kernel", timing_kernel.des_kernel.py_func)
+    plain = simulate_timing(gappy, policy, 3, cost, engine="numba", **kw)
+    assert plain.to_dict() == compiled.to_dict()

@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit
 
 from moesim.policies.base import NEVER
-from moesim.simulator.kernels import FIFO, LFU, LRU
+from moesim.simulator.kernels import FIFO, LFU, LRU, OPT
 
 PF_NONE, PF_PREVIOUS, PF_TRANSITION, PF_ORACLE, PF_SPECULATIVE = 0, 1, 2, 3, 4
 PREFETCH_CODES = {"none": PF_NONE, "previous-token": PF_PREVIOUS, "transition": PF_TRANSITION,
@@ -126,7 +126,8 @@ def des_kernel(policy, pf, distance, budget, step, layer, keys, nxt, row_at, pre
                 tick += 1
                 last[lay, e] = tick
                 count[lay, e] += 1
-                next_use[lay, e] = nxt[r, j]
+                if policy == OPT:  # other policies get a 1x1 placeholder: reading it at [r, j] ran off its end
+                    next_use[lay, e] = nxt[r, j]
             for j in range(k):
                 if ready[j] >= 0.0:
                     continue
