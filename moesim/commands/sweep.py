@@ -20,8 +20,11 @@ def _int_axis(text: str) -> list[int]:
             continue
         try:
             if ".." in part:
-                lo, _, hi = part.partition("..")
-                out.extend(range(int(lo), int(hi) + 1))
+                lo_text, _, hi_text = part.partition("..")
+                lo, hi = int(lo_text), int(hi_text)
+                if lo > hi:
+                    raise argparse.ArgumentTypeError(f"range {part!r} is reversed (did you mean {hi}..{lo}?)")
+                out.extend(range(lo, hi + 1))
             else:
                 out.append(int(part))
         except ValueError:

@@ -20,6 +20,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from moesim.policies.params import DRIVER_ARGS, check_params
+
 
 @dataclass
 class PrefetchContext:
@@ -69,7 +71,9 @@ def make_prefetcher(name: str, **kwargs: Any) -> Prefetcher:
         cls = _PREFETCHERS[name]
     except KeyError:
         raise KeyError(f"unknown prefetcher {name!r} (known: {', '.join(prefetcher_names())})") from None
-    return cls(**kwargs)
+    driver = {k: v for k, v in kwargs.items() if k in DRIVER_ARGS}
+    user = {k: v for k, v in kwargs.items() if k not in DRIVER_ARGS}
+    return cls(**driver, **check_params(cls, user, f"prefetcher {name!r}"))
 
 
 @register_prefetcher

@@ -31,7 +31,8 @@ import numpy as np
 
 from moesim.atomic import atomic_open
 from moesim.errors import UsageError
-from moesim.policies.base import NEVER, EvictionPolicy, ExpertCache, make_policy, policy_class
+from moesim.policies.base import NEVER, EvictionPolicy, ExpertCache, policy_class
+from moesim.policies.params import ParamError, check_params
 from moesim.policies.prefetch import PrefetchContext, make_prefetcher
 from moesim.simulator import kernels, timing_kernel
 from moesim.simulator.cost_model import CostModel
@@ -225,14 +226,18 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
         raise UsageError(f"cache size is smaller than top-k ({k})")
     if isinstance(policy, str):
         try:
-            policy_class(policy)(**(policy_params or {}))
+            cls = policy_class(policy)
+            checked = check_params(cls, policy_params, f"policy {policy!r}")
+            cls(**checked)
         except KeyError as exc:
             raise UsageError(str(exc.args[0])) from None
-        except TypeError as exc:
-            raise UsageError(f"bad parameters for policy {policy!r}: {exc}") from None
+        except ParamError as exc:
+            raise UsageError(str(exc)) from None
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"policy {policy!r}: {exc}") from None
 
         def make() -> EvictionPolicy:
-            return make_policy(policy, **(policy_params or {}))
+            return cls(**checked)
         policy_name = policy
     else:
         make, policy_name = policy, getattr(policy, "name", "custom")
@@ -241,8 +246,10 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
         prefetcher = make_prefetcher(prefetch, num_layers=L, num_experts=E, top_k=k, **pparams)
     except KeyError as exc:
         raise UsageError(str(exc.args[0])) from None
+    except ParamError as exc:
+        raise UsageError(str(exc)) from None
     except (TypeError, ValueError) as exc:
-        raise UsageError(f"bad parameters for prefetcher {prefetch!r}: {exc}") from None
+        raise UsageError(f"prefetcher {prefetch!r}: {exc}") from None
     d = prefetcher.distance
     pred_cols = trace.pred_distances
     if prefetcher.needs_predictions and d not in pred_cols:
