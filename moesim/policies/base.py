@@ -28,6 +28,7 @@ class EvictionPolicy:
     """Ordering state for ONE cache. Subclasses override the hooks they need and :meth:`victim`."""
 
     name: ClassVar[str] = "base"
+    summary: ClassVar[str] = ""  # one sentence for `moesim policies` (else the docstring's first)
     needs_future: ClassVar[bool] = False
 
     def attach(self, capacity: int) -> None:
