@@ -16,6 +16,7 @@ import polars as pl
 from moesim.analysis import plots, stats
 from moesim.atomic import atomic_open
 from moesim.errors import DataError, UsageError
+from moesim.traces.describe import nested_lines
 from moesim.traces.format import Trace
 
 DEFAULT_POLICIES = ("lru", "lfu", "fifo", "opt")
@@ -99,9 +100,12 @@ def build_report(trace: Trace, *, policies: Sequence[str] = DEFAULT_POLICIES, si
     meta_rows = [("model", meta.model), ("family", meta.family), ("layers", meta.num_layers),
                  ("experts per layer", meta.num_experts), ("top-k", meta.top_k),
                  ("bytes per expert", meta.expert_bytes), ("quantization", meta.quantization),
-                 ("hidden size", meta.hidden_size), ("provenance", meta.provenance), ("created", meta.created),
-                 ("source file", trace.path or "")]
+                 ("hidden size", meta.hidden_size), ("created", meta.created), ("source file", trace.path or "")]
     parts.append("<h2>Metadata</h2>" + _table(["key", "value"], meta_rows))
+    # one row per provenance entry; nested entries indented under their heading
+    prov_rows = [("\u2003" * depth + label, text) for depth, label, text in nested_lines(meta.provenance)]
+    parts.append("<h3>Provenance</h3>" + (_table(["what", "value"], prov_rows) if prov_rows
+                                          else "<p class=note>none recorded</p>"))
     parts.append("<h2>Statistics</h2>" + _table(["statistic", "value"], list(summ.items())))
     parts.append("<p class=note>normalized entropy: 1 = every expert of a layer equally used. overlap: mean "
                  "fraction of a layer's top-k set kept from one token to the next.</p>")
