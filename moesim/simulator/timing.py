@@ -374,8 +374,14 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
         per_token[i] = (env.free["compute"] - t0) * 1e3 / max(step.tokens, 1)
     total = env.free["compute"]
     if timeline is not None:
+        doc = env.timeline()
+        # what was simulated, for the plot's title (Chrome/Perfetto keep "otherData" as run metadata)
+        doc["otherData"] = {"policy": policy_name, "cache_size": int(cache_size) if isinstance(cache_size, int | np.integer)
+                            else None, "prefetch": prefetch, "hardware": cost.name, "expert_bytes": int(xb),
+                            "batch_size": batch_size, "model": meta.model,
+                            "trace": os.path.basename(str(trace.path)) if trace.path else None}
         with atomic_open(timeline) as fh:
-            json.dump(env.timeline(), fh)
+            json.dump(doc, fh)
     tokens = sum(s.tokens for s in steps)
     size_out: int | list[int] = int(cache_size) if isinstance(cache_size, int | np.integer) else sizes
     return TimingResult(policy_name, size_out, prefetch, cost.name, tokens, requests, hits, total, stall, copies,
