@@ -96,6 +96,22 @@ def _tokens_per_s(trace, sizes, hardware) -> dict[str, list[float]]:
 
 
 def _plot_curves(curves, sizes, path, tokens, fmt) -> None:
+    _save(hit_rate_figure(curves, sizes, tokens), path, fmt, 110)
+
+
+def _save(fig, path, fmt: str, dpi: int) -> None:
+    import matplotlib.pyplot as plt
+
+    from moesim.atomic import atomic_path
+
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=dpi)
+    finally:
+        plt.close(fig)
+
+
+def hit_rate_figure(curves: dict[str, list[float]], sizes: list[int], tokens: int):
     """Left: hit rate (%) of every policy, the best online policy, LRU and the OPT bound drawn out and
     the rest as a grey field; right: every online policy's gain over LRU in its own colour, marker
     and family line style. One legend below both, best first."""
@@ -142,8 +158,7 @@ def _plot_curves(curves, sizes, path, tokens, fmt) -> None:
                title="policy (best mean hit rate first; solid = recency/FIFO family, dashed = frequency family)",
                title_fontsize=9)
     fig.tight_layout(rect=(0, (0.45 + 0.2 * ((len(handles) + 3) // 4)) / fig.get_figheight(), 1, 1))
-    fig.savefig(path, format=fmt, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def _plot_heatmap(trace, path, fmt) -> None:
@@ -162,8 +177,7 @@ def _plot_heatmap(trace, path, fmt) -> None:
     ax.set_title(f"Activation share per layer (synthetic Mixtral-8x7B)\nuniform = {100 / m.num_experts:.1f}%")
     fig.colorbar(im, ax=ax, label="share of the layer's expert requests (%)")
     fig.tight_layout()
-    fig.savefig(path, format=fmt, dpi=120)
-    plt.close(fig)
+    _save(fig, path, fmt, 120)
 
 
 def _plot_speed(speed, sizes, path, hardware, fmt) -> None:
@@ -182,5 +196,4 @@ def _plot_speed(speed, sizes, path, hardware, fmt) -> None:
     ax.grid(alpha=0.3)
     ax.legend(title="policy", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
-    fig.savefig(path, format=fmt, dpi=120)
-    plt.close(fig)
+    _save(fig, path, fmt, 120)

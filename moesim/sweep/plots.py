@@ -49,16 +49,31 @@ def panel_title(row: dict[str, Any]) -> str:
 
 def plot_sweep(results: pa.Table | pl.DataFrame, out: str | os.PathLike, metric: str | None = None) -> int:
     """Write a figure (format from the suffix: .png, .svg, .pdf) to ``out``; returns the number of panels."""
+    import matplotlib.pyplot as plt
+
+    from moesim.analysis.style import figure_format
+    from moesim.atomic import atomic_path
+
+    fmt = figure_format(out)  # a bad suffix fails before any drawing
+    fig, n = sweep_figure(results, metric)
+    try:
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=120)
+    finally:
+        plt.close(fig)
+    return n
+
+
+def sweep_figure(results: pa.Table | pl.DataFrame, metric: str | None = None):
+    """(Figure, number of panels): ``metric`` (default tokens/s, else hit rate) against slot count."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from moesim.analysis.style import figure_format, policy_label, policy_style
     from moesim.analysis.style import metric as metric_info
-    from moesim.atomic import atomic_path
+    from moesim.analysis.style import policy_label, policy_style
 
-    fmt = figure_format(out)
     df = as_frame(results)
     metric = metric or default_metric(df)
     df = df.filter(pl.col(metric).is_not_null())
@@ -106,7 +121,4 @@ def plot_sweep(results: pa.Table | pl.DataFrame, out: str | os.PathLike, metric:
         fig.legend(list(handles.values()), list(handles), title="policy", loc="lower center",
                    ncol=min(len(handles), 6), frameon=False, bbox_to_anchor=(0.5, 0.0))
         fig.tight_layout(rect=(0, min(0.4, (0.5 + 0.3 * legend_rows) / fig.get_figheight()), 1, 1))
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=120)
-    plt.close(fig)
-    return n
+    return fig, n
