@@ -106,7 +106,7 @@ def _save(fig, path, fmt: str, dpi: int) -> None:
 
     try:
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=fmt, dpi=dpi)
+            fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(fig)
 
@@ -162,22 +162,9 @@ def hit_rate_figure(curves: dict[str, list[float]], sizes: list[int], tokens: in
 
 
 def _plot_heatmap(trace, path, fmt) -> None:
-    import matplotlib.pyplot as plt
-    import numpy as np
+    from moesim.analysis.plots import heatmap  # the same figure as `moesim plot heatmap`
 
-    m = trace.meta
-    counts = np.zeros((m.num_layers, m.num_experts))
-    np.add.at(counts, (np.repeat(trace.layer, m.top_k), trace.experts.reshape(-1)), 1)
-    share = 100 * counts / counts.sum(1, keepdims=True)
-    fig, ax = plt.subplots(figsize=(6, 8))
-    im = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0)
-    ax.set_xlabel("expert id")
-    ax.set_ylabel("MoE layer")
-    ax.set_xticks(range(m.num_experts))
-    ax.set_title(f"Activation share per layer (synthetic Mixtral-8x7B)\nuniform = {100 / m.num_experts:.1f}%")
-    fig.colorbar(im, ax=ax, label="share of the layer's expert requests (%)")
-    fig.tight_layout()
-    _save(fig, path, fmt, 120)
+    _save(heatmap(trace), path, fmt, 120)
 
 
 def _plot_speed(speed, sizes, path, hardware, fmt) -> None:
