@@ -5,6 +5,7 @@ provenance shows as readable lines in ``moesim info`` and the HTML report."""
 from __future__ import annotations
 
 import json
+import re
 
 from moesim.cli import main
 from moesim.traces.format import read_trace
@@ -92,6 +93,8 @@ def test_provenance_reads_as_lines_in_info_and_report(tmp_path, capsys):
     assert lines[i + 1].split() == ["kind", "imported"] and "{" not in text and "'" not in text
     assert "quantization from  the file name" in text and "source             mixtral-8x7b-instruct-fp8_x.jsonl" in text
     assert len(block) == 8
+    assert "   expert_bytes: 0 (not recorded)" in lines
+    assert any(re.fullmatch(r"\s+file bytes\s+[0-9,]+ B \([0-9.]+ kB\)", ln) for ln in lines), lines
     from moesim.analysis.report import build_report
 
     html = build_report(read_trace(trace), policies=["lru"], sizes=[2, 3], timing=False)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from moesim.errors import UsageError
+from moesim.traces.describe import human_bytes  # noqa: F401  (re-exported: figures show bytes in MB/GB)
 
 OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000"]
 # categorical colours for anything without a fixed style (no pale yellow: thin lines on white)
@@ -125,15 +126,6 @@ def metric(name: str) -> Metric:
     if name.endswith("bytes") or "_bytes" in name:
         return Metric(name.replace("_", " ") + " (GB)", 1e-9)
     return Metric(name.replace("_", " "))
-
-
-def human_bytes(n: float) -> str:
-    """``66748416`` -> "66.7 MB"; decimal units (the GB/s of PCIe and the cost model)."""
-    n = float(n)
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.3g} {unit}" if n / size < 100 else f"{n / size:.0f} {unit}"
-    return f"{n:.0f} B"
 
 
 # ---- output format -----------------------------------------------------------------------------------

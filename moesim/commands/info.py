@@ -41,5 +41,5 @@ def run(args: argparse.Namespace) -> int:
                 for line in text_block(value, indent=17):
                     print(line)
             else:
-                print(f"{key:>15}: {value_text(value)}")
+                print(f"{key:>15}: {value_text(value, key)}")
     return 0

@@ -1,5 +1,5 @@
 """A trace's metadata as readable lines (``moesim info``, the HTML report): nested dictionaries
-become indented ``key: value`` lines, lists become comma-separated text."""
+become indented ``key: value`` lines, lists become comma-separated text, byte counts read in MB/GB."""
 
 from __future__ import annotations
 
@@ -9,7 +9,23 @@ FIRST = ("kind", "format", "source")  # provenance reads best starting with what
 MAX_LIST_ITEMS = 12  # longer lists (e.g. a recording's prompts) show their start and a count
 
 
-def value_text(value: Any) -> str:
+def human_bytes(n: float) -> str:
+    """``66748416`` -> "66.7 MB"; decimal units (the GB/s of PCIe and the cost model)."""
+    n = float(n)
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}" if n / size < 100 else f"{n / size:.0f} {unit}"
+    return f"{n:.0f} B"
+
+
+def bytes_text(n: int) -> str:
+    """"66,748,416 B (66.7 MB)"; 0 reads as not recorded."""
+    return f"{n:,} B ({human_bytes(n)})" if n else "0 (not recorded)"
+
+
+def value_text(value: Any, key: str = "") -> str:
+    if key.endswith("bytes") and isinstance(value, int) and not isinstance(value, bool):
+        return bytes_text(value)
     if isinstance(value, list | tuple):
         items = [value_text(v) for v in value[:MAX_LIST_ITEMS]]
         more = f", ... ({len(value)} in all)" if len(value) > MAX_LIST_ITEMS else ""
@@ -35,7 +51,7 @@ def nested_lines(d: dict[str, Any], indent: int = 0) -> list[tuple[int, str, str
             out.append((indent, label, ""))
             out.extend(nested_lines(value, indent + 1))
         else:
-            out.append((indent, label, value_text(value)))
+            out.append((indent, label, value_text(value, str(key))))
     return out
 
 
