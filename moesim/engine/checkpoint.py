@@ -60,7 +60,9 @@ class ModelSpec:
             if family == "mixtral":
                 experts, ffn = int(cfg["num_local_experts"]), int(cfg["intermediate_size"])
             else:
-                experts, ffn = int(cfg["num_experts"]), int(cfg["moe_intermediate_size"])
+                # transformers 5 writes num_local_experts; older Qwen configs num_experts
+                experts = int(cfg["num_local_experts"] if "num_local_experts" in cfg else cfg["num_experts"])
+                ffn = int(cfg["moe_intermediate_size"])
                 if cfg.get("mlp_only_layers") or int(cfg.get("decoder_sparse_step", 1)) != 1:
                     raise DataError(where, "dense (non-MoE) decoder layers are not supported by the offloaded "
                                            "decoder (mlp_only_layers / decoder_sparse_step)")
