@@ -146,10 +146,11 @@ class Decoder:
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0,
                  stop_at_eos: bool = True, keep_logits: bool = False, record_routing: bool = True,
                  forced: Routing | None = None, forced_tokens: list[list[int]] | None = None,
-                 progress: bool = False) -> GenerateResult:
+                 progress: bool = False, on_step=None) -> GenerateResult:
         """Decode ``prompts`` in turn (batch 1). ``forced``: replay mode -- the routing of each step comes
         from this trace (same step order) and the inputs from ``forced_tokens`` (the recorded run's
-        generated ids), so the gates compute the recorded routing."""
+        generated ids), so the gates compute the recorded routing. ``on_step(StepRecord)`` is called
+        after every step (the trace recorder streams rows from it)."""
         import torch
 
         prog, s, d = self.program, self.spec, self.program.d
@@ -257,6 +258,8 @@ class Decoder:
                         logits_kept.append(logits.copy())
                     steps.append(StepRecord(seq, pos, phase, rec_ids, rec_w, rec_logits, preds,
                                             start.elapsed_time(done), wall_ms))
+                    if on_step is not None:
+                        on_step(steps[-1])
                     step_index += 1
                     if bar is not None:
                         bar.update(1)
