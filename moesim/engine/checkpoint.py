@@ -97,7 +97,7 @@ class ModelSpec:
     def from_model(cls, model) -> ModelSpec:
         """From an in-memory transformers model's config."""
         cfg = model.config.to_dict()
-        cfg.setdefault("dtype", str(next(model.parameters()).dtype).removeprefix("torch."))
+        cfg["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")   # what it holds now
         return cls.from_config(cfg, where=f"<in-memory {type(model).__name__}>")
 
 

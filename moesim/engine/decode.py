@@ -145,12 +145,14 @@ class Decoder:
     # -- the loop ---------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0,
                  stop_at_eos: bool = True, keep_logits: bool = False, record_routing: bool = True,
+                 record_predictions: bool = True, warm: bool = False,
                  forced: Routing | None = None, forced_tokens: list[list[int]] | None = None,
                  progress: bool = False, on_step=None) -> GenerateResult:
         """Decode ``prompts`` in turn (batch 1). ``forced``: replay mode -- the routing of each step comes
         from this trace (same step order) and the inputs from ``forced_tokens`` (the recorded run's
         generated ids), so the gates compute the recorded routing. ``on_step(StepRecord)`` is called
-        after every step (the trace recorder streams rows from it)."""
+        after every step (the trace recorder streams rows from it). ``warm``: experts 0..K-1 of every
+        layer are loaded before the clock starts (not counted as requests)."""
         import torch
 
         prog, s, d = self.program, self.spec, self.program.d
@@ -161,6 +163,10 @@ class Decoder:
             plan = CachePlan(forced, self.cache_size, self.policy, self.prefetch, self.params)
         self.ready = [[d.event(timing=False) for _ in range(self.cache_size)] for _ in range(L)]
         self.free: list[list[Any]] = [[None] * self.cache_size for _ in range(L)]
+        if warm:
+            for layer in range(L):
+                for e in range(min(self.cache_size, s.num_experts)):
+                    self._copy(layer, plan._admit(layer, e, -1, ()), e)
         speculative = self.prefetch == "speculative"
         dist = plan.target_distance or 1
         gen = torch.Generator().manual_seed(seed)
@@ -231,7 +237,7 @@ class Decoder:
                         rec_ids[layer], rec_w[layer] = keys, weights
                         self._experts(layer, keys, slots, {e for _, e in copies})
                         prog.combine[layer]()
-                        if prog.distances and (speculative or record_routing):
+                        if prog.distances and (speculative or record_predictions):
                             prog.predict[layer]()
                         if speculative and forced is None:
                             ev = d.event(timing=False)
@@ -245,7 +251,7 @@ class Decoder:
                     done.synchronize()   # the logits: the next input depends on them
                     wall_ms = (time.perf_counter() - w0) * 1e3
                     preds = {}
-                    if prog.distances and record_routing:
+                    if prog.distances and record_predictions:
                         hp = prog.host_pred.numpy()
                         for i, dd in enumerate(prog.distances):
                             p = np.full((L, k), -1, np.int64)

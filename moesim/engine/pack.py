@@ -63,7 +63,7 @@ def formats(quant: str, checkpoint_dtype) -> tuple[QuantSpec, QuantSpec, Any]:
     raise UsageError(f"--quant must be one of {', '.join(QUANT_CHOICES)}, got {quant!r}")
 
 
-def pack_matrix(w, spec: QuantSpec, device=None):
+def pack_matrix(w, spec: QuantSpec, device=None, optimize: bool = True):
     """One weight matrix (out, in) as a flat uint8 blob of ``spec`` (on the device it was made on)."""
     import torch
 
@@ -76,7 +76,7 @@ def pack_matrix(w, spec: QuantSpec, device=None):
     nbits, group = HQQ_SETTINGS[spec.name]
     dev = device or w.device
     n = w.numel()
-    w_q, meta = Quantizer.quantize(w.detach().to(dev), nbits=nbits, group_size=group, optimize=True, axis=1,
+    w_q, meta = Quantizer.quantize(w.detach().to(dev), nbits=nbits, group_size=group, optimize=optimize, axis=1,
                                    compute_dtype=torch.bfloat16, device=str(dev))
     unpack = {2: BitPack.unpack_2bit_u8, 4: BitPack.unpack_4bit_u8}[nbits]
     codes = unpack(w_q, dtype=torch.uint8).reshape(-1)      # group-major: hqq's own grouping order
@@ -128,11 +128,11 @@ class PackedModel:
         return self.expert_format.expert_bytes(self.spec.hidden, self.spec.ffn)
 
 
-def _cache_dir(ckpt: Checkpoint, quant: str, root: Path | None) -> Path | None:
+def _cache_dir(ckpt: Checkpoint, quant: str, root: Path | None, optimize: bool = True) -> Path | None:
     fp = ckpt.source.fingerprint()
     if fp is None or root is None:
         return None
-    key = hashlib.sha256(json.dumps([fp, quant, CACHE_VERSION]).encode()).hexdigest()[:20]
+    key = hashlib.sha256(json.dumps([fp, quant, CACHE_VERSION, optimize]).encode()).hexdigest()[:20]
     return root / f"{ckpt.name or 'model'}-{quant}-{key}"
 
 
@@ -148,10 +148,11 @@ def _host(blob, pin: bool):
 
 
 def pack_checkpoint(ckpt: Checkpoint, quant: str, *, device: str = "cpu", cache_root: Path | None = None,
-                    progress: bool = False, pin: bool = False) -> PackedModel:
+                    progress: bool = False, pin: bool = False, optimize: bool = True) -> PackedModel:
     """Quantize (or convert) every weight; with ``cache_root``, reuse or write the on-disk cache.
     ``device``: where hqq's quantizer runs (the GPU for a full-size model); ``pin``: expert blobs in
-    pinned host memory (for asynchronous copies to a GPU)."""
+    pinned host memory (for asynchronous copies to a GPU); ``optimize``: hqq's proximal solver (its
+    default) or plain round-to-nearest min/max quantization (hqq's ``optimize=False``)."""
     import torch
 
     ckpt_dtype = getattr(torch, ckpt.spec.dtype.removeprefix("torch."), None)
@@ -163,7 +164,7 @@ def pack_checkpoint(ckpt: Checkpoint, quant: str, *, device: str = "cpu", cache_
             import hqq  # noqa: F401
         except ImportError:
             raise UsageError(f"--quant {quant} needs hqq: pip install 'moesim[gpu]' (or pip install hqq)") from None
-    cache = _cache_dir(ckpt, quant, cache_root)
+    cache = _cache_dir(ckpt, quant, cache_root, optimize)
     if cache is not None and (cache / "meta.json").is_file():
         return _load_cache(ckpt, quant, efmt, afmt, dtype, cache, progress, pin)
     s = ckpt.spec
@@ -176,11 +177,11 @@ def pack_checkpoint(ckpt: Checkpoint, quant: str, *, device: str = "cpu", cache_
     for layer in it:
         row = []
         for e in range(s.num_experts):
-            mats = [pack_matrix(w, efmt, device) for w in ckpt.expert(layer, e)]
+            mats = [pack_matrix(w, efmt, device, optimize) for w in ckpt.expert(layer, e)]
             row.append(_host(torch.cat([m.to(mats[0].device) for m in mats]), pin))
         experts.append(row)
         a = ckpt.attention(layer)
-        attn.append({k: (pack_matrix(v, afmt, device).cpu() if k in "qkvo" else v.detach().to(dtype).cpu())
+        attn.append({k: (pack_matrix(v, afmt, device, optimize).cpu() if k in "qkvo" else v.detach().to(dtype).cpu())
                      for k, v in a.items()})
         dense.append({k: v.detach().to(dtype).cpu() for k, v in ckpt.dense(layer).items()})
     glob = {k: v.detach().to(dtype).cpu() for k, v in ckpt.globals().items()}
