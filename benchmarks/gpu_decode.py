@@ -100,9 +100,18 @@ def cuda_ms(fn, dev, reps: int = 20) -> float:
 
 
 def h2d_curve(dev, expert_bytes: int) -> list[dict]:
-    if dev.type != "cuda":
-        return []
     sizes = sorted({1 << 20, 4 << 20, 16 << 20, 64 << 20, expert_bytes, 128 << 20, 256 << 20})
+    if dev.type != "cuda":   # CPU smoke test: host memcpy stands in for the copy engine
+        sizes = sorted({1 << 20, 4 << 20, 8 << 20, max(expert_bytes, 1 << 12)})
+        src, dst = torch.empty(max(sizes), dtype=torch.uint8), torch.empty(max(sizes), dtype=torch.uint8)
+        out = []
+        for n in sizes:
+            t = time.perf_counter()
+            for _ in range(4):
+                dst[:n].copy_(src[:n])
+            ms = (time.perf_counter() - t) * 1e3 / 4
+            out.append({"bytes": n, "ms": ms, "gb_per_s": n / ms / 1e6})
+        return out
     src = torch.empty(max(sizes), dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(max(sizes), dtype=torch.uint8, device=dev)
     stream = torch.cuda.Stream()
