@@ -344,7 +344,7 @@ def main() -> int:
 
 def _routing_from(res, s) -> Routing:
     steps = res.steps
-    T, L, k = len(steps), s.num_layers, s.top_k
+    T, L = len(steps), s.num_layers
     experts = np.stack([st.experts for st in steps]).astype(np.int64)
     weights = np.stack([st.weights for st in steps]).astype(np.float32)
     row = np.arange(T * L, dtype=np.int64).reshape(T, L)

@@ -22,7 +22,6 @@ decode steps (phase relabelled), and tokens/s counts every step on both sides.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import json
 import sys
@@ -32,13 +31,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from moesim.engine.calibration import _fit_latency  # noqa: E402
+from moesim.engine.recording import as_single_token_steps  # noqa: E402
 from moesim.simulator.cost_model import CostModel  # noqa: E402
 from moesim.simulator.timing import simulate_timing  # noqa: E402
-from moesim.traces.format import DECODE, META_KEY, Trace, TraceMeta  # noqa: E402
+from moesim.traces.format import META_KEY, Trace, TraceMeta  # noqa: E402
 
 
 def calibration(raw: dict, speculative: bool) -> dict:
@@ -77,19 +76,12 @@ def cost_for(cal: dict, mode: str) -> tuple[CostModel, str]:
     if cost is None:
         raise SystemExit("CostModel.from_dict is missing")
     if hasattr(cost, "routing_handoff_s") and hasattr(cost, "engine_mode"):
-        return cost.with_overrides(engine_mode=mode), "cost model engine terms (engine_mode=%s)" % mode
+        return cost.with_overrides(engine_mode=mode), f"cost model engine terms (engine_mode={mode})"
     if mode == "gate":   # same place in the schedule: after the gate, before the layer's copies
         c2 = dict(cal)
         c2["layer"] = dict(cal["layer"], base_s=cal["layer"]["base_s"] + cal["engine"]["routing_handoff_s"])
         return CostModel.from_dict(c2), "hand-off folded into the layer time (cost model without engine terms)"
     return cost, "replay"
-
-
-def as_decode(trace: Trace) -> Trace:
-    t = trace.table
-    i = t.schema.get_field_index("phase")
-    t = t.set_column(i, t.schema.field(i), pa.array(np.full(len(t), DECODE, np.int8)))
-    return Trace(trace.meta, t, trace.path)
 
 
 def read_traces(tar_path: Path) -> dict[str, Trace]:
@@ -115,7 +107,7 @@ def main() -> int:
     rows = []
     how = ""
     for c in raw["cells"]:
-        trace = as_decode(traces[c["name"]])
+        trace = as_single_token_steps(traces[c["name"]])
         spec = c["prefetch"] == "speculative"
         cal = calibration(raw, spec)
         row = {"policy": c["policy"], "cache_size": c["cache_size"], "prefetch": c["prefetch"],

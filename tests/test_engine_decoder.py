@@ -121,8 +121,8 @@ def test_recorded_routing_equals_transformers_router(tiny, tmp_path):
     hooks see on transformers' own run -- the router's top-k -- token by token; its hits equal the
     simulator's replay of that trace."""
     from moesim.engine.recording import DecodeRecorder, times_path
-    from moesim.recorder.record import Recorder
     from moesim.policies.base import make_policy
+    from moesim.recorder.record import Recorder
     from moesim.simulator.replay import replay_reference
     from moesim.traces.format import read_trace
 
@@ -220,3 +220,24 @@ def test_sampling_is_seeded_and_eos_stops(tiny):
     object.__setattr__(ckpt.spec, "eos_token_ids", (greedy[1],))   # the second greedy token ends the text
     stopped = Decoder(program, store, ckpt.spec.top_k, "lru").generate([PROMPT], NEW).token_ids
     assert stopped == [greedy[:2]]
+
+
+def test_timing_simulator_replays_the_live_speculative_run(tiny, tmp_path):
+    """The live speculative prefetcher (layer l+1's gate on layer l's output, computed on the device) and
+    the simulator's replay of the recorded pred1 column make the same residency decisions: equal hits
+    and prefetches (prefill rows simulated as the single-token steps the engine ran)."""
+    from moesim.engine.recording import DecodeRecorder, as_single_token_steps
+    from moesim.simulator.cost_model import CostModel
+    from moesim.simulator.timing import simulate_timing
+    from moesim.traces.format import read_trace
+
+    family, path, _ = tiny
+    ckpt, packed, program, store = _engine(path, distance=1)
+    s = ckpt.spec
+    out = tmp_path / "spec.parquet"
+    rec = DecodeRecorder(out, s, model_name=family, quant="none", expert_bytes=packed.expert_bytes, pred_distances=(1,))
+    live = Decoder(program, store, s.top_k + 1, "lru", "speculative").generate([PROMPT], NEW, on_step=rec.on_step)
+    rec.close()
+    assert live.prefetches > 0
+    sim = simulate_timing(as_single_token_steps(read_trace(out)), "lru", s.top_k + 1, CostModel.preset("h200"), prefetch="speculative")
+    assert (sim.requests, sim.hits, sim.prefetches) == (live.requests, live.hits, live.prefetches)

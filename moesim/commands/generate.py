@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Generate text with a local Hugging Face MoE checkpoint (mixtral, qwen2_moe, "
                                    "qwen3_moe) whose experts are offloaded: K device slots per layer, routing "
                                    "from the model's own gates, residency by a moesim policy and prefetcher.")
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json + *.safetensors)")
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json + *.safetensors), or a "
+                                                   "random-weight preset (tiny-mixtral, tiny-qwen2-moe, tiny-qwen3-moe)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
     src.add_argument("--prompts", help="prompt file: .json list of strings or one prompt per line")
@@ -87,13 +88,12 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(args.record, f"output directory {str(Path(args.record).parent)!r} does not exist")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: CUDA is not available here")
-    from moesim.engine.checkpoint import load_checkpoint
     from moesim.engine.decode import Decoder
     from moesim.engine.decoder_program import DecoderProgram
     from moesim.engine.pack import default_cache_root, pack_checkpoint
     from moesim.engine.store import ExpertStore
 
-    ckpt = load_checkpoint(args.model)
+    ckpt = _checkpoint(args)
     s = ckpt.spec
     if args.cache_size < s.top_k:
         raise UsageError(f"--cache-size {args.cache_size} is smaller than the model's top-k ({s.top_k})")
@@ -156,6 +156,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint(args):
+    """A checkpoint directory, or (when no such directory exists) a recorder preset built in memory."""
+    from moesim.engine.checkpoint import checkpoint_from_model, load_checkpoint
+
+    if not Path(args.model).exists():
+        from moesim.recorder.presets import PRESETS, ByteTokenizer, build_preset
+
+        if args.model in PRESETS:
+            model = build_preset(args.model, seed=args.seed)
+            return checkpoint_from_model(model, ByteTokenizer(), cache_key=f"preset-{args.model}-seed{args.seed}")
+    return load_checkpoint(args.model)
+
+
 def _prompts(args, ckpt) -> list[list[int]]:
     from moesim.errors import UsageError
 
@@ -169,10 +182,14 @@ def _prompts(args, ckpt) -> list[list[int]]:
         from moesim.recorder.session import load_prompts
 
         texts = load_prompts(args.prompts)
-    return [list(ckpt.tokenizer(t)["input_ids"]) for t in texts]
+    return [list(ckpt.tokenizer.encode(t)) for t in texts]
 
 
 def _decode(ckpt, ids: list[int]) -> str:
     if ckpt.tokenizer is None:
         return " ".join(str(i) for i in ids)
+    from moesim.recorder.presets import ByteTokenizer
+
+    if isinstance(ckpt.tokenizer, ByteTokenizer):
+        return ckpt.tokenizer.decode(ids)
     return ckpt.tokenizer.decode(ids, skip_special_tokens=True)

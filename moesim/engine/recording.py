@@ -24,7 +24,7 @@ import numpy as np
 from moesim.atomic import atomic_path
 from moesim.engine.decode import StepRecord
 from moesim.recorder.parts import PartsTraceWriter
-from moesim.traces.format import TraceMeta
+from moesim.traces.format import DECODE, Trace, TraceMeta
 
 
 def times_path(out: str | os.PathLike) -> Path:
@@ -70,3 +70,15 @@ class DecodeRecorder:
 
     def abort(self) -> None:
         self.writer.abort()
+
+
+def as_single_token_steps(trace: Trace) -> Trace:
+    """The trace with every prefill row relabelled decode: the decoder prefills token by token through
+    its decode program, so the simulator must replay those rows as single-token steps too (it would
+    otherwise batch a prompt into one chunk)."""
+    import pyarrow as pa
+
+    t = trace.table
+    i = t.schema.get_field_index("phase")
+    t = t.set_column(i, t.schema.field(i), pa.array(np.full(len(t), DECODE, np.int8)))
+    return Trace(trace.meta, t, trace.path)
