@@ -44,6 +44,9 @@ def calibration(raw: dict, speculative: bool) -> dict:
     p, s = raw["pieces"], raw["spec"]
     L, k = int(s["num_layers"]), int(s["top_k"])
     latency_s, bw = _fit_latency(raw["h2d"])
+    if bw <= 0 or latency_s < 0:   # a noisy curve (the CPU smoke run): the largest copy's rate, no latency
+        big = max(raw["h2d"], key=lambda r: r["bytes"])
+        latency_s, bw = 0.0, big["bytes"] / (big["ms"] * 1e-3)
     pieces_ms = L * (p["attn_ms"] + p["combine_ms"]) + L * k * p["expert_ms"] + p["embed_ms"] + p["final_ms"]
     resident = raw["all_resident"]["replay"]
     overhead_ms = max(float(np.median(resident["step_wall_ms"])) - pieces_ms, 0.0)
