@@ -7,7 +7,8 @@ from typing import Any
 
 from moesim.commands._common import parse_params, positive_int
 
-OVERRIDES = ("pcie_gbps", "pcie_latency_us", "expert_bytes", "expert_ms", "layer_ms", "token_ms")
+OVERRIDES = ("pcie_gbps", "pcie_latency_us", "expert_bytes", "expert_ms", "layer_ms", "token_ms", "miss_issue_us",
+             "routing_handoff_us")
 
 
 def add_timing_args(p: argparse.ArgumentParser) -> None:
@@ -30,10 +31,16 @@ def add_timing_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--expert-ms", type=float, help="what-if: constant expert compute time (ms)")
     g.add_argument("--layer-ms", type=float, help="what-if: constant attention/other time per layer (ms)")
     g.add_argument("--token-ms", type=float, help="what-if: constant per-token overhead (ms)")
+    g.add_argument("--engine-mode", choices=("replay", "gate"), default=None,
+                   help="replay (default): the routing is known ahead, as in the validation engine; gate: a "
+                        "gate-driven decoder reads each layer's top-k back before its copies and experts "
+                        "(charges the calibration's engine.routing_handoff_s per layer)")
+    g.add_argument("--miss-issue-us", type=float, help="what-if: engine cost per demand miss (us)")
+    g.add_argument("--routing-handoff-us", type=float, help="what-if: per-layer routing hand-off (us; gate mode)")
 
 
 def timing_requested(args: argparse.Namespace) -> bool:
-    return bool(args.hardware or args.calibration or args.prefetch or args.timeline
+    return bool(args.hardware or args.calibration or args.prefetch or args.timeline or args.engine_mode
                 or any(getattr(args, o) is not None for o in OVERRIDES))
 
 
@@ -44,7 +51,8 @@ def cost_model(args: argparse.Namespace):
         cost = CostModel.from_json(args.calibration)
     else:
         cost = CostModel.preset(args.hardware or "h200")
-    return cost.with_overrides(quantization=args.quantization, **{o: getattr(args, o) for o in OVERRIDES})
+    return cost.with_overrides(quantization=args.quantization, engine_mode=args.engine_mode,
+                               **{o: getattr(args, o) for o in OVERRIDES})
 
 
 def timing_result(args: argparse.Namespace, trace) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 On a CUDA machine it measures (CUDA events, device time): the pinned host-to-device copy curve
 (64 KB ... 512 MB), one expert's dequantise + FFN time vs tokens for hqq2 / hqq4 / bf16, attention +
-gate vs context, the LM head, the engine's captured pieces (layer, expert, final) and an
-all-resident engine run (the per-token overhead beyond the pieces); ``--from-raw FILE`` converts a raw measurement file brought back
+gate vs context, the LM head, the engine's captured pieces (layer, expert, final), an
+all-resident engine run (the per-token overhead beyond the pieces), the engine terms (per-miss issue
+cost, per-layer routing hand-off) and one expert copy repeated from several buffers (the copy spread); ``--from-raw FILE`` converts a raw measurement file brought back
 from the GPU (``benchmarks/gpu_validate.py``) instead, on any machine.
 """
 

@@ -165,6 +165,8 @@ class TimingResult(HitCounts):
     per_token_ms: np.ndarray = field(repr=False)
     compute_s: float = 0.0
     copy_busy_s: float = 0.0
+    engine_mode: str = "replay"
+    engine_profile: str = "moesim"
 
     @property
     def tokens_per_s(self) -> float:
@@ -193,6 +195,7 @@ class TimingResult(HitCounts):
             "cache_precision": r(self.hits / self.slots) if self.slots else 0.0,
             "p50_token_ms": r(float(np.median(self.per_token_ms)), 4) if len(self.per_token_ms) else 0.0,
             "p99_token_ms": r(float(np.percentile(self.per_token_ms, 99)), 4) if len(self.per_token_ms) else 0.0,
+            "engine_mode": self.engine_mode, "engine_profile": self.engine_profile,
         }
         return out
 
@@ -257,7 +260,9 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
         raise UsageError("the compiled timing path needs batch 1 decode, lru/fifo/lfu/opt, a built-in prefetcher "
                          "and no timeline")
     if fast_ok and engine != "python":
-        return _simulate_fast(trace, policy, sizes, cache_size, cost, prefetch, prefetcher)
+        res = _simulate_fast(trace, policy, sizes, cache_size, cost, prefetch, prefetcher)
+        res.engine_mode, res.engine_profile = cost.engine_mode, cost.engine_profile
+        return res
     steps = build_steps(trace, batch_size, prefill_chunk)
     caches = [ExpertCache(s, make()) if s > 0 else None for s in sizes]
     future = any(c is not None and c.policy.needs_future for c in caches)
@@ -273,6 +278,8 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
 
     xb = cost.expert_bytes(meta.expert_bytes)
     copy_s = cost.copy_seconds(xb)
+    demand_s = copy_s + cost.miss_issue_s    # a demand copy also pays the engine's per-miss issue cost
+    handoff_s = cost.handoff_seconds()
     env = SimEnv(cost.copy_engines, timeline is not None)
     inflight: dict[tuple[int, int], float] = {}      # (layer, expert) -> copy end
     pending: dict[tuple[int, int], bool] = {}        # prefetched for that layer, not used yet
@@ -289,13 +296,15 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
             dur = cost.layer_seconds(step.context, step.tokens)
             _, gate = env.run("compute", 0.0, dur, f"attn L{layer}", {"step": i})
             compute += dur
+            if handoff_s > 0:   # gate-driven engine: the CPU reads the routing back before issuing more
+                _, gate = env.run("compute", gate, handoff_s, f"routing handoff L{layer}", {"step": i})
             cache = caches[layer]
             sets += 1
             requests += len(S)
             ready: dict[int, float] = {}
             if cache is None:
                 for e in S:
-                    _, ready[e] = env.copy(gate, copy_s, f"load L{layer} E{e}", {"step": i, "demand": True})
+                    _, ready[e] = env.copy(gate, demand_s, f"load L{layer} E{e}", {"step": i, "demand": True})
                     copies += 1
             else:
                 slots += cache.capacity
@@ -323,7 +332,7 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
                     rec_needed += len(S)
                 for e in missing:
                     pending.pop((layer, e), None)
-                    _, ready[e] = env.copy(gate, copy_s, f"load L{layer} E{e}", {"step": i, "demand": True})
+                    _, ready[e] = env.copy(gate, demand_s, f"load L{layer} E{e}", {"step": i, "demand": True})
                     inflight[(layer, e)] = ready[e]
                     copies += 1
             # prefetch for layer + d, issued after this layer's gate, behind the demand copies
@@ -373,7 +382,7 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
     size_out: int | list[int] = int(cache_size) if isinstance(cache_size, int | np.integer) else sizes
     return TimingResult(policy_name, size_out, prefetch, cost.name, tokens, requests, hits, total, stall, copies,
                         prefetches, used, rec_hits, rec_needed, landed, sets, slots, xb, per_token, compute,
-                        copies * copy_s)
+                        copies * copy_s, cost.engine_mode, cost.engine_profile)
 
 
 def _simulate_fast(trace: Trace, policy: str, sizes: list[int], cache_size, cost: CostModel, prefetch: str,
@@ -398,7 +407,8 @@ def _simulate_fast(trace: Trace, policy: str, sizes: list[int], cache_size, cost
     total, stall, compute, stats, per_token = timing_kernel.des_kernel(
         kernels.POLICY_CODES[policy], timing_kernel.PREFETCH_CODES[prefetch], prefetcher.distance,
         prefetcher.budget, step, layer, keys, nxt, row_at, pred, np.asarray(sizes, np.int64), E,
-        cost.token_seconds(1), layer_s, copy_s, cost.expert_seconds(1), cost.copy_engines)
+        cost.token_seconds(1), layer_s, copy_s, cost.expert_seconds(1), cost.copy_engines,
+        copy_s + cost.miss_issue_s, cost.handoff_seconds())
     hits, landed, prefetches, used, rec_hits, rec_needed, copies = (int(x) for x in stats)
     size_out = int(cache_size) if isinstance(cache_size, int | np.integer) else list(sizes)
     slots = int(np.asarray(sizes)[layer].sum())
