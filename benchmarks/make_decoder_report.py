@@ -74,6 +74,14 @@ def calibration(raw: dict, speculative: bool) -> dict:
     }
 
 
+def all_resident_handoff_s(raw: dict) -> float:
+    """The hand-off as the whole decode loop pays it, from the all-resident calibration runs (K = E, every
+    expert loaded before the clock, no copies): (median gate step - median replay step) / layers."""
+    a = raw["all_resident"]
+    diff_ms = float(np.median(a["gate"]["step_wall_ms"])) - float(np.median(a["replay"]["step_wall_ms"]))
+    return max(diff_ms, 0.0) * 1e-3 / int(raw["spec"]["num_layers"])
+
+
 def cost_for(cal: dict, mode: str) -> tuple[CostModel, str]:
     cost = CostModel.from_dict(cal) if hasattr(CostModel, "from_dict") else None
     if cost is None:
@@ -122,6 +130,11 @@ def main() -> int:
         row["sim_gate_steps_per_s"] = round(sim.tokens_per_s, 3)
         row["sim_gate_rel_error"] = round(sim.tokens_per_s / c["gate"]["steps_per_s"] - 1, 4)
         row["sim_hits_equal"] = int(sim.hits) == int(c["gate"]["hits"])
+        row["sim_prefetches_equal"] = int(sim.prefetches) == int(c["gate"]["prefetches"])
+        alt = dict(cal, engine=dict(cal["engine"], routing_handoff_s=all_resident_handoff_s(raw)))
+        acost, _ = cost_for(alt, "gate")
+        asim = simulate_timing(trace, c["policy"], int(c["cache_size"]), acost, prefetch=c["prefetch"])
+        row["sim_gate_alt_rel_error"] = round(asim.tokens_per_s / c["gate"]["steps_per_s"] - 1, 4)
         if "replay" in c:
             row["replay_steps_per_s"] = round(c["replay"]["steps_per_s"], 3)
             row["gate_over_replay"] = round(c["gate"]["steps_per_s"] / c["replay"]["steps_per_s"], 4)
@@ -133,11 +146,22 @@ def main() -> int:
         rows.append(row)
     k4 = [r["gate_over_replay"] for r in rows if r["cache_size"] == 4 and "gate_over_replay" in r]
     errs = [abs(r["sim_gate_rel_error"]) for r in rows]
+    alt_errs = [abs(r["sim_gate_alt_rel_error"]) for r in rows]
+    nonspec = [abs(r["sim_gate_rel_error"]) for r in rows if r["prefetch"] != "speculative"]
     summary = {"cells": len(rows), "k4_gate_over_replay": k4,
                "k4_gate_over_replay_min": min(k4) if k4 else None,
                "all_gate_over_replay": [r["gate_over_replay"] for r in rows if "gate_over_replay" in r],
                "sim_gate_max_abs_rel_error": max(errs) if errs else None,
-               "sim_gate_within_5pct": sum(e <= 0.05 for e in errs), "simulator_handoff": how}
+               "sim_gate_within_5pct": sum(e <= 0.05 for e in errs), "simulator_handoff": how,
+               "sim_gate_nonspeculative_max_abs_rel_error": max(nonspec) if nonspec else None,
+               "sim_gate_nonspeculative_within_5pct": sum(e <= 0.05 for e in nonspec),
+               "sim_gate_nonspeculative_cells": len(nonspec),
+               "handoff_micro_us": raw["handoff"]["handoff_ms_per_layer"] * 1e3,
+               "handoff_all_resident_us": all_resident_handoff_s(raw) * 1e6,
+               "sim_gate_alt_within_5pct": sum(e <= 0.05 for e in alt_errs),
+               "sim_replay_max_abs_rel_error": max((abs(r["sim_replay_rel_error"]) for r in rows
+                                                     if "sim_replay_rel_error" in r), default=None),
+               "sim_hits_and_prefetches_equal": all(r["sim_hits_equal"] and r["sim_prefetches_equal"] for r in rows)}
     report = {"run": {k: raw[k] for k in ("date", "device", "torch", "transformers", "hqq", "timings", "quantizer",
                                           "expert_bytes", "pieces", "handoff", "miss_issue", "prompt") if k in raw},
               "all_resident": {m: {k: v for k, v in raw["all_resident"][m].items()
@@ -180,19 +204,43 @@ def markdown(r: dict) -> str:
         f"{run.get('miss_issue', {}).get('issue_ms', 0) * 1e3:.1f} µs of host time.", "",
         "## Cells (steps/s over prefill + decode steps; the same prompt and the same routing in both modes)", "",
         "| policy | K | prefetch | hit rate | prefetches | gate steps/s | replay steps/s | gate/replay | "
-        "sim gate | sim err | sim replay err |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        "sim gate | sim err | sim err (all-resident hand-off) | sim replay err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in r["cells"]:
         lines.append(f"| {c['policy']} | {c['cache_size']} | {c['prefetch']} | {c['hit_rate']:.3f} | {c['prefetches']} | "
                      f"{c['gate_steps_per_s']:.3f} | {c.get('replay_steps_per_s', '—')} | {c.get('gate_over_replay', '—')} | "
                      f"{c['sim_gate_steps_per_s']:.3f} | {c['sim_gate_rel_error']:+.1%} | "
+                     f"{c['sim_gate_alt_rel_error']:+.1%} | "
                      + (f"{c['sim_replay_rel_error']:+.1%}" if "sim_replay_rel_error" in c else "—") + " |")
     lines += ["", "## Summary", "",
-              f"- gate-driven / replay at K = 4: {s['k4_gate_over_replay']} (goal >= 0.90)",
-              f"- simulator vs gate-driven: max |error| {s['sim_gate_max_abs_rel_error']:.1%}, "
-              f"{s['sim_gate_within_5pct']} of {s['cells']} cells within 5% (goal: within 5%); hand-off: "
-              f"{s['simulator_handoff']}",
-              "- speculative cells have no replay column: replaying a speculative prefetcher needs the recorded "
-              "predictions fed to the replay plan (not done here).", ""]
+              f"- gate-driven / replay at K = 4: {s['k4_gate_over_replay']} (goal >= 0.90); all cells with a "
+              f"replay: {min(s['all_gate_over_replay']):.3f} .. {max(s['all_gate_over_replay']):.3f}",
+              f"- the simulator's hits and prefetches equal the live run's in every cell (speculative included): "
+              f"{s['sim_hits_and_prefetches_equal']}",
+              f"- simulator vs replay mode: max |error| {s['sim_replay_max_abs_rel_error']:.1%}",
+              f"- simulator vs gate-driven ({s['simulator_handoff']}, hand-off {s['handoff_micro_us']:.1f} µs per "
+              f"layer from the micro-benchmark): {s['sim_gate_within_5pct']} of {s['cells']} cells within 5%; "
+              f"without the speculative cells {s['sim_gate_nonspeculative_within_5pct']} of "
+              f"{s['sim_gate_nonspeculative_cells']} (max {s['sim_gate_nonspeculative_max_abs_rel_error']:.1%}). With the "
+              f"hand-off the whole decode loop pays in the all-resident calibration runs "
+              f"({s['handoff_all_resident_us']:.1f} µs per layer): {s['sim_gate_alt_within_5pct']} of {s['cells']}.",
+              "", "## What the residuals say", "",
+              "- **Speculative cells (+16..26%, simulator optimistic).** The simulator issues the prefetch for layer "
+              "l+1 right after layer l's gate, with the recorded prediction. That prediction (the recorder's "
+              "definition) is computed from h_l, layer l's *output*, which exists only after layer l's experts: "
+              "the live decoder can start the copy only then, with one attention piece (~0.15 ms) left to hide a "
+              "1.6 ms copy. The measurements agree: at K = 4 the speculative cells hit 94% yet run slower than "
+              "the cells without prefetch (51% hits). The simulator needs a prediction-ready time (after layer l's "
+              "experts) for d >= 1 speculative prefetch; the hit and prefetch counts already match exactly.",
+              "- **K = 6 gate-driven (+5..8%).** The gate-driven penalty per step grows with K here (gate minus "
+              "replay: ~2.6 ms per step at K = 2, ~3 ms at K = 4, ~4.8 ms at K = 6) while the misses fall, so it "
+              "is not a per-miss term; the calibrated terms (hand-off per layer, miss issue per copy) account for "
+              "~2 ms. Not diagnosed within this run.",
+              "- Replay-mode cells are within 2% (the engine terms of the cost model, calibrated here, not fitted).",
+              "- Random weights: routing is near-uniform (hit rate ~ K/E without prefetch) and the residual stream "
+              "is dominated by the embedding, which makes speculative predictions unusually accurate.",
+              "- Speculative cells have no replay column: replaying a speculative prefetcher in replay mode needs the "
+              "recorded predictions fed to the replay plan (not done here).", ""]
     return "\n".join(lines)
 
 
