@@ -8,7 +8,7 @@ import pytest
 
 from moesim.engine.quant import dequantize, quant_spec, split_matrix
 
-hqq_quantize = pytest.importorskip("hqq.core.quantize", reason="hqq not installed (pip install '.[gpu]')")
+hqq_quantize = pytest.importorskip("hqq.core.quantize", reason="hqq not installed (pip install '.[torch]')")
 torch = pytest.importorskip("torch")
 
 

@@ -163,7 +163,7 @@ def pack_checkpoint(ckpt: Checkpoint, quant: str, *, device: str = "cpu", cache_
         try:
             import hqq  # noqa: F401
         except ImportError:
-            raise UsageError(f"--quant {quant} needs hqq: pip install 'moesim[gpu]' (or pip install hqq)") from None
+            raise UsageError(f"--quant {quant} needs hqq: pip install 'moesim[torch]' (or pip install hqq)") from None
     cache = _cache_dir(ckpt, quant, cache_root, optimize)
     if cache is not None and (cache / "meta.json").is_file():
         return _load_cache(ckpt, quant, efmt, afmt, dtype, cache, progress, pin)
