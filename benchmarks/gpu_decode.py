@@ -212,6 +212,9 @@ def main() -> int:
     ap.add_argument("--quant-budget", type=float, default=60.0, help="seconds allowed for quantizing")
     ap.add_argument("--cache-root", default="/tmp/moesim-qcache")
     ap.add_argument("--budget", type=float, default=270.0, help="stop starting new cells after this many s")
+    ap.add_argument("--no-cache", action="store_true", help="skip writing and reloading the quantization cache")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="only the host-time breakdown of gate vs replay cells (decoder_diag.json)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -247,23 +250,29 @@ def main() -> int:
     raw["quantizer"] = {"hqq_optimize_s_per_expert": per_expert, "projected_optimize_s": projected,
                         "optimize": optimize}
     log(f"hqq (optimize) {per_expert:.3f}s per expert, projected {projected:.0f}s: optimize={optimize}")
-    cache_root = Path(args.cache_root)
-    shutil.rmtree(cache_root, ignore_errors=True)
+    cache_root = None if args.no_cache else Path(args.cache_root)
+    if cache_root is not None:
+        shutil.rmtree(cache_root, ignore_errors=True)
     packed = pack_checkpoint(ckpt, "hqq2", device=args.device, cache_root=cache_root, progress=True, pin=cuda,
                              optimize=optimize)
     raw["timings"].update(packed.timings)
     log(f"quantized in {packed.timings['quantize_s']:.1f}s, cache written in {packed.timings.get('cache_write_s', 0):.1f}s")
     ckpt.source.tensors.clear()   # drop the bf16 model: only the packed blobs go on
-    del model, packed
-    if cuda:
+    del model
+    if cache_root is not None:
+        del packed
+        if cuda:
+            torch.cuda.empty_cache()
+        # reload from the cache (what a second run does): the checkpoint object only names the cache
+        from moesim.engine.checkpoint import Checkpoint, StateDict
+        ck2 = Checkpoint(s, StateDict({}, "<cache>", f"random-mixtral-bf16-seed0-tiny{args.tiny}"), None,
+                         "MixtralForCausalLM")
+        packed = pack_checkpoint(ck2, "hqq2", device=args.device, cache_root=cache_root, progress=True, pin=cuda,
+                                 optimize=optimize)
+        raw["timings"]["cache_load_s"] = packed.timings["cache_load_s"]
+        log(f"reloaded from the cache in {packed.timings['cache_load_s']:.1f}s (pinned: {cuda})")
+    elif cuda:
         torch.cuda.empty_cache()
-    # reload from the cache (what a second run does): the checkpoint object only names the cache
-    from moesim.engine.checkpoint import Checkpoint, StateDict
-    ck2 = Checkpoint(s, StateDict({}, "<cache>", f"random-mixtral-bf16-seed0-tiny{args.tiny}"), None, "MixtralForCausalLM")
-    packed = pack_checkpoint(ck2, "hqq2", device=args.device, cache_root=cache_root, progress=True, pin=cuda,
-                             optimize=optimize)
-    raw["timings"]["cache_load_s"] = packed.timings["cache_load_s"]
-    log(f"reloaded from the cache in {packed.timings['cache_load_s']:.1f}s (pinned: {cuda})")
     store = ExpertStore.from_packed(packed, pin=cuda)
     raw["expert_bytes"] = store.expert_bytes
     raw["spec"] = {k: v for k, v in s.__dict__.items()}
@@ -274,6 +283,8 @@ def main() -> int:
     raw["timings"]["program_s"] = time.perf_counter() - t
     log(f"program ready in {raw['timings']['program_s']:.1f}s (graphs: {prog.graphs})")
     write(out, "decoder_raw.json", raw)
+    if args.diagnose:
+        return diagnose(prog, store, s, args, out, raw)
 
     # -- micro-benchmarks ---------------------------------------------------------------------------
     raw["h2d"] = h2d_curve(dev, store.expert_bytes)
@@ -338,6 +349,48 @@ def main() -> int:
     shutil.rmtree(traces)
     raw["timings"]["total_s"] = time.perf_counter() - T0
     write(out, "decoder_raw.json", raw)
+    log("done")
+    return 0
+
+
+def diagnose(prog, store, s, args, out: Path, raw: dict) -> int:
+    """Host time per layer by phase (wait for the gate, plan, copy issue, launches, GC), gate vs replay on
+    the same routing, and gate with the garbage collector off."""
+    import gc
+
+    rng = np.random.default_rng(0)
+    prompt = [int(t) for t in rng.integers(3, s.vocab, args.prompt_len)]
+    raw["diagnose"] = []
+    L = s.num_layers
+    for policy, k in [(p, int(x)) for x in args.sizes.split(",") for p in args.policies.split(",")]:
+        prof: dict = {}
+        live = Decoder(prog, store, k, policy).generate([prompt], args.tokens, stop_at_eos=False,
+                                                       record_predictions=False, profile=prof)
+        routing = _routing_from(live, s)
+        rprof: dict = {}
+        rep = Decoder(prog, store, k, policy).generate([prompt], args.tokens, forced=routing,
+                                                      forced_tokens=live.token_ids, record_predictions=False,
+                                                      profile=rprof)
+        gprof: dict = {}
+        gc.disable()
+        try:
+            nogc = Decoder(prog, store, k, policy).generate([prompt], args.tokens, stop_at_eos=False,
+                                                           record_predictions=False, profile=gprof)
+        finally:
+            gc.enable()
+        n = len(live.steps) * L
+
+        def per_layer(p: dict, n: int = n) -> dict:
+            return {key: round(v * 1e6 / n, 2) for key, v in p.items()}
+        row = {"policy": policy, "cache_size": k, "misses_per_layer": live.misses / n,
+               "gate_step_ms": float(np.median([st.wall_ms for st in live.steps])),
+               "replay_step_ms": float(np.median([st.wall_ms for st in rep.steps])),
+               "gate_nogc_step_ms": float(np.median([st.wall_ms for st in nogc.steps])),
+               "gate_us_per_layer": per_layer(prof), "replay_us_per_layer": per_layer(rprof),
+               "gate_nogc_us_per_layer": per_layer(gprof)}
+        raw["diagnose"].append(row)
+        log(f"{policy} K={k}: {json.dumps(row)}")
+        write(out, "decoder_raw.json", raw)
     log("done")
     return 0
 

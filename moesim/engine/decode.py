@@ -145,7 +145,7 @@ class Decoder:
     # -- the loop ---------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0,
                  stop_at_eos: bool = True, keep_logits: bool = False, record_routing: bool = True,
-                 record_predictions: bool = True, warm: bool = False,
+                 record_predictions: bool = True, warm: bool = False, profile: dict[str, float] | None = None,
                  forced: Routing | None = None, forced_tokens: list[list[int]] | None = None,
                  progress: bool = False, on_step=None) -> GenerateResult:
         """Decode ``prompts`` in turn (batch 1). ``forced``: replay mode -- the routing of each step comes
@@ -180,6 +180,20 @@ class Decoder:
             from tqdm import tqdm
             bar = tqdm(total=total, desc=f"{self.policy} K={self.cache_size} {self.prefetch}", unit="tok", leave=False)
         step_index = 0   # row of the forced routing / the live plan's clock base
+        clock = time.perf_counter
+        prof = profile if profile is not None else {}
+        for key in ("wait", "plan", "issue", "launch", "spec", "gc"):
+            prof.setdefault(key, 0.0)
+        gc_started = [0.0]
+
+        def on_gc(phase: str, info: dict) -> None:
+            if phase == "start":
+                gc_started[0] = clock()
+            else:
+                prof["gc"] += clock() - gc_started[0]
+        import gc
+        if profile is not None:
+            gc.callbacks.append(on_gc)
         d.synchronize()
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -205,40 +219,55 @@ class Decoder:
                         now = step_index * L + layer
                         prog.attn[layer]()
                         if pending is not None:
+                            c0 = clock()
                             handoff_wait += self._speculate(plan, *pending)
+                            prof["spec"] += clock() - c0
                             pending = None
                         if forced is None:
-                            h0 = time.perf_counter()
+                            h0 = clock()
                             gate = d.event(timing=False)
                             gate.record()
                             gate.synchronize()   # the routing hand-off
-                            handoff_wait += time.perf_counter() - h0
+                            c0 = clock()
+                            handoff_wait += c0 - h0
+                            prof["wait"] += c0 - h0
                             hand = prog.host_hand[layer].numpy()
                             keys = [int(e) for e in hand[:k]]
                             weights = [float(w) for w in hand[k:2 * k]]
                             copies = plan.demand(layer, keys, now, weights)
+                            c1 = clock()
                             for slot, e in copies:
                                 self._copy(layer, slot, e)
+                            c2 = clock()
                             slots = plan.slots(layer, keys)
+                            prefetched = []
                             if not speculative:
-                                for tl, slot, e in plan.prefetch_after(layer, keys, now, PrefetchContext(current=keys)):
-                                    self._copy(tl, slot, e)
+                                prefetched = plan.prefetch_after(layer, keys, now, PrefetchContext(current=keys))
+                            c3 = clock()
+                            for tl, slot, e in prefetched:
+                                self._copy(tl, slot, e)
                         else:
+                            c0 = clock()
                             gate = d.event(timing=False)
                             gate.record()
                             st = plan.step(step_index, layer)
                             if st is None:
                                 raise ValueError(f"the forced routing has no row for step {step_index}, layer {layer}")
                             keys, weights, slots, copies = st.experts, st.weights, st.slots, st.copies
+                            c1 = c2 = c3 = clock()
                             for slot, e in copies:
                                 self._copy(layer, slot, e, gate)
                             for tl, slot, e in st.prefetches:
                                 self._copy(tl, slot, e, gate)
+                        c4 = clock()
+                        prof["plan"] += (c1 - c0) + (c3 - c2)
+                        prof["issue"] += (c2 - c1) + (c4 - c3)
                         rec_ids[layer], rec_w[layer] = keys, weights
                         self._experts(layer, keys, slots, {e for _, e in copies})
                         prog.combine[layer]()
                         if prog.distances and (speculative or record_predictions):
                             prog.predict[layer]()
+                        prof["launch"] += clock() - c4
                         if speculative and forced is None:
                             ev = d.event(timing=False)
                             ev.record()
@@ -287,6 +316,8 @@ class Decoder:
                 out_ids.append(generated)
         if bar is not None:
             bar.close()
+        if profile is not None:
+            gc.callbacks.remove(on_gc)
         wall = time.perf_counter() - t0
         return GenerateResult(out_ids, steps, wall, plan.requests, plan.hits, plan.prefetches, self.store.expert_bytes,
                               "replay" if forced is not None else "gate", self.policy, self.cache_size, self.prefetch,
