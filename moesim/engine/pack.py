@@ -18,7 +18,7 @@ per group -- hqq 0.2's own layout (``hqq2-v02``: 88,080,384 B per Mixtral expert
 mixtral-offloading's 66,748,416 B with 8-bit re-quantised scale/zero, which hqq 0.2 no longer produces).
 The engine's dequantisation is bit-identical to hqq's ``Quantizer.dequantize`` (tests/test_engine_hqq.py).
 
-Cache: ``<cache root>/<key>/`` with one safetensors file per layer plus ``dense.safetensors`` and, last,
+Cache (hqq quants only; ``none`` / ``bf16`` are a cast): ``<cache root>/<key>/`` with one safetensors file per layer plus ``dense.safetensors`` and, last,
 ``meta.json`` (a cache without it is incomplete and rebuilt). The key hashes the checkpoint's files
 (path, sizes, mtimes), the quant name and ``CACHE_VERSION``.
 """
@@ -164,7 +164,8 @@ def pack_checkpoint(ckpt: Checkpoint, quant: str, *, device: str = "cpu", cache_
             import hqq  # noqa: F401
         except ImportError:
             raise UsageError(f"--quant {quant} needs hqq: pip install 'moesim[torch]' (or pip install hqq)") from None
-    cache = _cache_dir(ckpt, quant, cache_root, optimize)
+    # plain formats are a dtype cast: caching them would only copy the checkpoint
+    cache = None if (efmt.is_plain and afmt.is_plain) else _cache_dir(ckpt, quant, cache_root, optimize)
     if cache is not None and (cache / "meta.json").is_file():
         return _load_cache(ckpt, quant, efmt, afmt, dtype, cache, progress, pin)
     s = ckpt.spec
