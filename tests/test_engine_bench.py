@@ -86,6 +86,8 @@ def test_to_cost_model_names_the_engine_terms_and_the_copy_spread():
     assert spread["high_s"] == pytest.approx(1.268e-3) and len(spread["sessions"]) == 1
     cost = CostModel.from_dict(cal)
     assert cost.miss_issue_s == 21e-6 and cost.routing_handoff_s == 95e-6
+    assert cost.sync_seconds() == 150e-6   # the mixtral-offloading profile's syncs: the eager read-back
+    assert cost.with_overrides(routing_handoff_us=30).sync_seconds() == pytest.approx(30e-6)
     lo, hi = cost.copy_interval_scales()
     assert lo < 1.0 < hi
 
@@ -95,3 +97,21 @@ def test_to_cost_model_without_the_new_measurements_charges_nothing():
     cost = CostModel.from_dict(to_cost_model(raw))
     assert cost.miss_issue_s == 0.0 and cost.routing_handoff_s == 0.0
     assert cost.copy_interval_scales() == (1.0, 1.0)
+
+
+def test_add_session_keeps_the_measured_calibration_and_widens_the_interval():
+    from moesim.engine.calibration import add_session
+
+    base = CostModel.preset("h200").to_dict()
+    base["pcie"].pop("expert_copy", None)   # a calibration from before copy sessions existed
+    out = add_session(base, json.loads(json.dumps(RAW)))
+    assert out["pcie"]["curve"] == base["pcie"]["curve"] and out["expert_compute"] == base["expert_compute"]
+    assert out["engine"]["miss_issue_s"] == 21e-6
+    ec = out["pcie"]["expert_copy"]
+    old = CostModel.from_dict(base).copy_seconds(66748416)
+    assert len(ec["sessions"]) == 2 and ec["sessions"][0]["median_s"] == pytest.approx(old)
+    assert ec["low_s"] == pytest.approx(min(old, 1.194e-3)) and ec["high_s"] == pytest.approx(1.268e-3)
+    lo, hi = CostModel.from_dict(out).copy_interval_scales()
+    assert lo == pytest.approx(min(1.0, 1.194e-3 / old)) and hi == pytest.approx(1.268e-3 / old)
+    again = add_session(out, json.loads(json.dumps(RAW)))   # a third session appends
+    assert len(again["pcie"]["expert_copy"]["sessions"]) == 3

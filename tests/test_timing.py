@@ -26,7 +26,8 @@ def small(tmp_path_factory):
 
 def zero_cost(**kw):
     base = CostModel.preset("a6000").with_overrides(expert_ms=0, layer_ms=0, token_ms=0, pcie_latency_us=0,
-                                                    pcie_gbps=10.0, expert_bytes=10**7)
+                                                    pcie_gbps=10.0, expert_bytes=10**7, miss_issue_us=0,
+                                                    routing_handoff_us=0)
     return base.with_overrides(**kw) if kw else base
 
 
@@ -95,7 +96,7 @@ def test_hand_computed_timeline(tmp_path):
     # one layer, K=2, top-1: tokens [0] [1] [0]; copy 2 ms, layer 1 ms, expert 0.5 ms, token 0
     t = write_trace(tmp_path / "t.parquet", [[0], [1], [0]], num_experts=4)
     cost = CostModel.preset("a6000").with_overrides(expert_ms=0.5, layer_ms=1.0, token_ms=0, pcie_latency_us=0,
-                                                    pcie_gbps=1.0, expert_bytes=2_000_000)
+                                                    pcie_gbps=1.0, expert_bytes=2_000_000, miss_issue_us=0)
     r = simulate_timing(t, "lru", 2, cost)
     # t0: attn 0-1, copy 1-3, expert 3-3.5 | t1: attn 3.5-4.5, copy 4.5-6.5, expert 6.5-7 | t2: attn 7-8, hit, 8-8.5
     assert r.total_s == pytest.approx(8.5e-3)
@@ -260,3 +261,23 @@ def test_simulate_cli_engine_mode(small, capsys):
     with pytest.raises(SystemExit) as exc:   # argparse's usage error
         main(args[:-4] + ["--engine-mode", "nope"])
     assert exc.value.code == 2
+
+
+def test_mixtral_offloading_profile_hand_computed(tmp_path):
+    """Swap on compute, nothing overlapping: per layer gate, routing read-back, each miss = copy in +
+    (once the cache is full) copy out, each expert + two syncs. Copy 1 ms, expert 0.2, layer 0.1,
+    token 0.05, hand-off/sync 0.07 ms; 3 tokens x 2 layers, every request a miss at K = 2 (token 0
+    fills empty slots: no copy out)."""
+    trace = _all_miss_trace(tmp_path)
+    cost = zero_cost(pcie_gbps=10.0, expert_bytes=10**7, expert_ms=0.2, layer_ms=0.1, token_ms=0.05,
+                     routing_handoff_us=70.0, miss_issue_us=500.0, engine_profile="mixtral-offloading")
+    r = simulate_timing(trace, "lru", 2, cost)
+    experts = 2 * (0.2 + 2 * 0.07)
+    first = 2 * (0.1 + 0.07 + 2 * 1.0 + experts)          # token 0: copies in only
+    later = 2 * (0.1 + 0.07 + 2 * 2.0 + experts)          # tokens 1, 2: in and out
+    assert r.total_s * 1e3 == pytest.approx(3 * 0.05 + first + 2 * later, rel=1e-12)
+    assert r.engine_profile == "mixtral-offloading"
+    # this project's engine on the same costs overlaps the second copy with the first expert
+    assert simulate_timing(trace, "lru", 2, cost.with_overrides(engine_profile="moesim")).total_s < r.total_s
+    with pytest.raises(UsageError, match="no prefetcher"):
+        simulate_timing(trace, "lru", 2, cost, prefetch="transition")

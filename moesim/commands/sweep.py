@@ -111,6 +111,16 @@ def _spec(args: argparse.Namespace):
     return spec_from_lists(base, lists, _param_axes(args.param))
 
 
+def _require_predictions(spec) -> None:
+    """A speculative prefetcher on a trace without recorded predictions: one line, before any cell runs
+    (sweeps have no distance axis: the prefetchers' default distance 1)."""
+    from moesim.commands._predictions import needs_predictions, pred_distances_of, require_predictions
+
+    if any(needs_predictions(p) for p in spec.prefetch) and any(h != "none" for h in spec.hardware):
+        for t in dict.fromkeys(spec.traces):
+            require_predictions(t, pred_distances_of(t), spec.prefetch)
+
+
 def run(args: argparse.Namespace) -> int:
     import sys
 
@@ -120,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
     from moesim.sweep.sweep import run_sweep
 
     spec = _spec(args)
+    _require_predictions(spec)
     if args.address and args.executor != "ray":
         raise UsageError("--address is for --executor ray")
     if args.dry_run:

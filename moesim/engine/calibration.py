@@ -16,6 +16,7 @@ overhead.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -124,7 +125,12 @@ def _engine_block(raw: dict[str, Any], path: object) -> dict[str, Any]:
                               "gate's GPU time; charged only with --engine-mode gate"
                               if "routing_handoff" in terms else "not measured: 0"),
     }
-    return {"miss_issue_s": miss, "routing_handoff_s": handoff, "sources": sources}
+    out: dict[str, Any] = {"miss_issue_s": miss, "routing_handoff_s": handoff}
+    if "routing_handoff" in terms and "eager_handoff_s" in terms["routing_handoff"]:
+        out["routing_handoff_eager_s"] = float(terms["routing_handoff"]["eager_handoff_s"])
+        sources["routing_handoff_eager_s"] = ("the same read-back with the gate's kernels launched eagerly (no CUDA "
+                                              "graph): what each sync of the mixtral-offloading profile costs")
+    return {**out, "sources": sources}
 
 
 def _expert_copy(raw: dict[str, Any], path: object) -> dict[str, Any] | None:
@@ -148,3 +154,30 @@ def expert_copy_block(nbytes: int, sessions: list[dict[str, Any]]) -> dict[str, 
     return {"bytes": int(nbytes), "median_s": float(sessions[-1]["median_s"]),
             "low_s": min(float(s["p10_s"]) for s in sessions), "high_s": max(float(s["p90_s"]) for s in sessions),
             "sessions": sessions}
+
+
+def add_session(cal: dict[str, Any], raw: dict[str, Any], path: object = None) -> dict[str, Any]:
+    """``cal`` (a calibration) with the engine terms and the expert-copy session of ``raw`` (another
+    device session's micro-benchmarks): its copies and kernels stay as they were measured; the copy
+    interval then spans both days. A calibration without sessions counts its own curve's time at the
+    expert size as its first (a mean of back-to-back copies: no spread of its own)."""
+    from moesim.simulator.cost_model import CostModel
+
+    out = json.loads(json.dumps(cal))
+    engine = _engine_block(raw, path)
+    if not raw.get("engine_terms"):
+        raise DataError(path, "no engine_terms in this raw file")
+    out["engine"] = engine
+    new = _expert_copy(raw, path)
+    if new:
+        old = out["pcie"].get("expert_copy")
+        if old:
+            sessions = old["sessions"]
+        else:
+            point = CostModel.from_dict(cal).copy_seconds(new["bytes"])
+            sessions = [{"date": cal.get("date", "the calibration's own run"), "n": None, "buffers": 1,
+                         "median_s": point, "p10_s": point, "p90_s": point, "min_s": point, "max_s": point,
+                         "note": "the calibration's copy curve at this size (a mean of back-to-back copies)"}]
+        out["pcie"]["expert_copy"] = expert_copy_block(new["bytes"], sessions + new["sessions"])
+        out["pcie"]["expert_copy"]["median_s"] = float(sessions[0]["median_s"])   # the point the curve uses
+    return out

@@ -78,13 +78,14 @@ def graph_pieces(program: Program) -> dict:
     return out
 
 
-def calibrate(quants: list[str], compile_ok: bool, program: Program | None = None, h2d: bool = True) -> dict:
+def calibrate(quants: list[str], compile_ok: bool, program: Program | None = None, h2d: bool = True,
+              tokens: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
+              contexts: tuple[int, ...] = (512, 1024, 2048, 4096)) -> dict:
     """Raw measurements: H2D curve, expert compute vs tokens per quantization (compiled kernels, GPU
     time), attention vs context (eager kernels: the slope), LM head, and, given the engine's
     ``program``, each captured piece of its decode step."""
     g = MIXTRAL_8X7B
     out: dict = {"h2d": h2d_curve() if h2d else [], "expert": {}, "attention": [], "lm_head_ms": None}
-    tokens = [1, 2, 4, 8, 16, 32, 64]
     for qn in quants:
         spec = quant_spec(qn)
         w1 = Weights(g.__class__(num_layers=1), spec, "cuda", pin=False)
@@ -104,7 +105,7 @@ def calibrate(quants: list[str], compile_ok: bool, program: Program | None = Non
         del w1, blob
         torch.cuda.empty_cache()
     x = torch.randn(1, g.hidden, dtype=torch.bfloat16, device="cuda")
-    for ctx in [512, 1024, 2048, 4096]:   # eager kernels; only the slope per cached token is used
+    for ctx in contexts:   # eager kernels; only the slope per cached token is used
         w1 = Weights(g.__class__(num_layers=1, max_context=ctx), quant_spec("hqq2"), "cuda", pin=False)
         pos = torch.tensor([ctx - 1], device="cuda")
         with torch.inference_mode():
@@ -112,7 +113,7 @@ def calibrate(quants: list[str], compile_ok: bool, program: Program | None = Non
                 x, w1.wq[0], w1.wk[0], w1.wv[0], w1.wo[0], w1.wg[0], w1.k_cache[0], w1.v_cache[0], pos,
                 w1.positions, w1.geometry, w1.attn_quant))
         out["attention"].append({"context": ctx, "compiled": False, "ms": ms, "attn_quant": w1.attn_quant.name})
-        if ctx == 4096:
+        if ctx == max(contexts):
             with torch.inference_mode():
                 out["lm_head_ms"] = cuda_ms(lambda w1=w1: x @ w1.lm_head.T)
         del w1

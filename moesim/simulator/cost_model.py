@@ -76,6 +76,7 @@ class CostModel:
     # moesim/engine/gpu_bench.py, never fitted to validation cells
     miss_issue_s: float = 0.0          # per demand miss, on its copy stream before the transfer
     routing_handoff_s: float = 0.0     # per layer, on compute after the gate: only in engine_mode "gate"
+    routing_handoff_eager_s: float | None = None   # the same read-back from eager kernels (profile mixtral-offloading)
     engine_mode: str = "replay"        # "replay": routing known ahead; "gate": read back from the gate
     engine_profile: str = "moesim"     # "mixtral-offloading": its swap-on-compute engine (no overlap)
     engine_sources: dict[str, str] = field(default_factory=dict)
@@ -109,6 +110,8 @@ class CostModel:
             eng = raw.get("engine") or {}
             model.miss_issue_s = float(eng.get("miss_issue_s", 0.0))
             model.routing_handoff_s = float(eng.get("routing_handoff_s", 0.0))
+            if eng.get("routing_handoff_eager_s") is not None:
+                model.routing_handoff_eager_s = float(eng["routing_handoff_eager_s"])
             model.engine_sources = {str(k): str(v) for k, v in eng.get("sources", {}).items()}
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(path, f"not a valid calibration file ({type(exc).__name__}: {exc})") from None
@@ -150,6 +153,8 @@ class CostModel:
             "expert_compute": {q: [list(p) for p in pts] for q, pts in self.expert_compute.items()},
             "layer": self.layer, "token": self.token,
             "engine": {"miss_issue_s": self.miss_issue_s, "routing_handoff_s": self.routing_handoff_s,
+                       **({"routing_handoff_eager_s": self.routing_handoff_eager_s}
+                          if self.routing_handoff_eager_s is not None else {}),
                        "sources": self.engine_sources},
         }
 
@@ -201,6 +206,8 @@ class CostModel:
                 if us < 0:
                     raise UsageError(f"{attr[:-2].replace('_', '-')} must be >= 0")
                 setattr(m, attr, us * 1e-6)
+        if routing_handoff_us is not None:   # a what-if hand-off stands for both flavours
+            m.routing_handoff_eager_s = None
         for attr, value in (("expert_bytes_override", expert_bytes), ("expert_s_override", expert_ms),
                             ("layer_s_override", layer_ms), ("token_s_override", token_ms)):
             if value is not None:
@@ -258,6 +265,11 @@ class CostModel:
         if self.token_s_override is not None:
             return self.token_s_override
         return self.token.get("base_s", 0.0) + self.token.get("per_token_s", 0.0) * max(batch - 1, 0)
+
+    def sync_seconds(self) -> float:
+        """One read-back by an eager engine (the mixtral-offloading profile's routing and index syncs):
+        the eager measurement when the calibration has one, else the routing hand-off."""
+        return self.routing_handoff_s if self.routing_handoff_eager_s is None else self.routing_handoff_eager_s
 
     def handoff_seconds(self) -> float:
         """The per-layer routing hand-off charged on compute: only a gate-driven engine pays it."""

@@ -255,10 +255,13 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
     fast_ok = (batch_size == 1 and timeline is None and isinstance(policy, str) and not policy_params
                and policy in kernels.POLICY_CODES and prefetch in timing_kernel.PREFETCH_CODES
                and all(s > 0 for s in sizes) and not (trace.phase == PREFILL).any()
-               and pparams.get("threshold") is None)
+               and pparams.get("threshold") is None and cost.engine_profile == "moesim")
     if engine == "numba" and not fast_ok:
         raise UsageError("the compiled timing path needs batch 1 decode, lru/fifo/lfu/opt, a built-in prefetcher "
                          "and no timeline")
+    swap = cost.engine_profile == "mixtral-offloading"
+    if swap and prefetch != "none":
+        raise UsageError("the mixtral-offloading engine profile has no prefetcher (its public engine has none)")
     if fast_ok and engine != "python":
         res = _simulate_fast(trace, policy, sizes, cache_size, cost, prefetch, prefetcher)
         res.engine_mode, res.engine_profile = cost.engine_mode, cost.engine_profile
@@ -280,6 +283,8 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
     copy_s = cost.copy_seconds(xb)
     demand_s = copy_s + cost.miss_issue_s    # a demand copy also pays the engine's per-miss issue cost
     handoff_s = cost.handoff_seconds()
+    if swap:   # mixtral-offloading: reads every layer's routing back; swaps on compute (its own timing)
+        demand_s, handoff_s = copy_s, cost.sync_seconds()
     env = SimEnv(cost.copy_engines, timeline is not None)
     inflight: dict[tuple[int, int], float] = {}      # (layer, expert) -> copy end
     pending: dict[tuple[int, int], bool] = {}        # prefetched for that layer, not used yet
@@ -312,6 +317,7 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
                 w = step.weights[layer]
                 resident_before: list[int] = []
                 missing: list[int] = []
+                size_before = len(cache.resident)
                 # a batch or prefill step may want more experts than there are slots: they stream
                 # through the cache in chunks of `capacity`, each requested atomically
                 for j in range(0, len(S), cache.capacity):
@@ -330,9 +336,17 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
                             rec_hits += 1
                 if layer >= d:
                     rec_needed += len(S)
-                for e in missing:
+                # mixtral-offloading swaps on the compute stream: the expert in (host->device), then the
+                # evicted one back to the host (device->host), nothing overlapping
+                evictions = len(missing) - (len(cache.resident) - size_before)
+                for n_miss, e in enumerate(missing):
                     pending.pop((layer, e), None)
-                    _, ready[e] = env.copy(gate, demand_s, f"load L{layer} E{e}", {"step": i, "demand": True})
+                    if swap:
+                        dur = copy_s + (copy_s if n_miss >= len(missing) - evictions else 0.0)
+                        _, ready[e] = env.run("compute", gate, dur, f"swap L{layer} E{e}", {"step": i})
+                        stall += dur
+                    else:
+                        _, ready[e] = env.copy(gate, demand_s, f"load L{layer} E{e}", {"step": i, "demand": True})
                     inflight[(layer, e)] = ready[e]
                     copies += 1
             # prefetch for layer + d, issued after this layer's gate, behind the demand copies
@@ -372,6 +386,9 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
                 env.run("compute", ready.get(e, 0.0), es, f"expert L{layer} E{e}", {"step": i, "tokens": counts[e]})
                 stall += max(0.0, ready.get(e, 0.0) - before)
                 compute += es
+                if swap:   # it reads each expert's token indices back (two .tolist() calls): two syncs
+                    for _ in range(2):
+                        env.run("compute", 0.0, handoff_s, f"sync L{layer} E{e}", {"step": i})
             prefetcher.observe(layer, S)
         per_token[i] = (env.free["compute"] - t0) * 1e3 / max(step.tokens, 1)
     total = env.free["compute"]
