@@ -331,14 +331,14 @@ def main() -> int:
         rec.close(live.summary())
         cell = {"name": name, "policy": policy, "cache_size": k, "prefetch": pf, "gate": _cell_dict(live)}
         msg = f"{name:24s} gate {cell['gate']['steps_per_s']:.3f} steps/s hit={live.hit_rate:.3f} pf={live.prefetches}"
-        if pf != "speculative":   # replay needs recorded predictions to replay a speculative prefetcher
-            routing = Routing.from_trace(read_trace(path))
-            rep = Decoder(prog, store, k, policy, pf).generate([prompt], args.tokens, forced=routing,
-                                                              forced_tokens=live.token_ids, record_predictions=False)
-            cell["replay"] = _cell_dict(rep)
-            cell["same_routing"] = bool((rep.hits, rep.prefetches) == (live.hits, live.prefetches))
-            msg += (f" | replay {cell['replay']['steps_per_s']:.3f} steps/s hit={rep.hit_rate:.3f} "
-                    f"gate/replay={cell['gate']['steps_per_s'] / cell['replay']['steps_per_s']:.3f}")
+        # speculative cells replay from their recorded pred1 column
+        routing = Routing.from_trace(read_trace(path))
+        rep = Decoder(prog, store, k, policy, pf).generate([prompt], args.tokens, forced=routing,
+                                                          forced_tokens=live.token_ids, record_predictions=False)
+        cell["replay"] = _cell_dict(rep)
+        cell["same_routing"] = bool((rep.hits, rep.prefetches) == (live.hits, live.prefetches))
+        msg += (f" | replay {cell['replay']['steps_per_s']:.3f} steps/s hit={rep.hit_rate:.3f} "
+                f"gate/replay={cell['gate']['steps_per_s'] / cell['replay']['steps_per_s']:.3f}")
         raw["cells"].append(cell)
         log(msg)
         with tarfile.open(out / "traces.tar", "a") as tar:   # grows cell by cell: a killed run keeps what ran

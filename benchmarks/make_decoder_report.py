@@ -264,8 +264,8 @@ def markdown(r: dict) -> str:
               "- Replay-mode cells are within 2% (the engine terms of the cost model, calibrated here, not fitted).",
               "- Random weights: routing is near-uniform (hit rate ~ K/E without prefetch) and the residual stream "
               "is dominated by the embedding, which makes speculative predictions unusually accurate.",
-              "- Speculative cells have no replay column: replaying a speculative prefetcher in replay mode needs the "
-              "recorded predictions fed to the replay plan (not done here).", ""]
+              "- Speculative cells have no replay column: this run's replay plan could not yet read recorded "
+              "predictions (it can now; `gpu_decode.py` replays them in later runs).", ""]
     if r.get("diagnose"):
         lines += diagnose_md(r["diagnose"]) + [""]
     return "\n".join(lines)

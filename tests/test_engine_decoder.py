@@ -158,16 +158,18 @@ def test_recorded_routing_equals_transformers_router(tiny, tmp_path):
 
 def test_replay_mode_reproduces_the_gate_driven_run(tiny, tmp_path):
     """Record a gate-driven run, replay its trace with routing forced (the validation mode): same logits,
-    same hits and prefetches, for a demand-only and a prefetching configuration."""
+    same hits and prefetches -- demand only, the transition prefetcher, and the live speculative one
+    replayed from the recorded pred1 column (the plan sees the same call sequence in both modes)."""
     from moesim.engine.recording import DecodeRecorder
     from moesim.traces.format import read_trace
 
     family, path, _ = tiny
-    ckpt, packed, program, store = _engine(path, distance=0)
+    ckpt, packed, program, store = _engine(path, distance=1)
     s = ckpt.spec
-    for policy, prefetch in (("lru", "none"), ("lfu", "transition")):
-        out = tmp_path / f"{policy}.parquet"
-        rec = DecodeRecorder(out, s, model_name=family, quant="none", expert_bytes=packed.expert_bytes)
+    for policy, prefetch in (("lru", "none"), ("lfu", "transition"), ("lru", "speculative")):
+        out = tmp_path / f"{policy}-{prefetch}.parquet"
+        rec = DecodeRecorder(out, s, model_name=family, quant="none", expert_bytes=packed.expert_bytes,
+                             pred_distances=(1,) if prefetch == "speculative" else ())
         live = Decoder(program, store, s.top_k + 1, policy, prefetch).generate(
             [PROMPT, PROMPT[::-1]], NEW, keep_logits=True, on_step=rec.on_step)
         rec.close()
@@ -176,6 +178,7 @@ def test_replay_mode_reproduces_the_gate_driven_run(tiny, tmp_path):
             [PROMPT, PROMPT[::-1]], NEW, keep_logits=True, forced=routing, forced_tokens=live.token_ids)
         assert replay.token_ids == live.token_ids
         assert (replay.hits, replay.requests, replay.prefetches) == (live.hits, live.requests, live.prefetches)
+        assert prefetch == "none" or live.prefetches > 0
         np.testing.assert_allclose(np.stack(replay.logits), np.stack(live.logits), atol=1e-5, rtol=0)
 
 
