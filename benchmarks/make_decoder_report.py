@@ -179,6 +179,10 @@ def main() -> int:
     return 0
 
 
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
 def diagnose_md(d: dict) -> list[str]:
     lines = ["", f"## Host time per layer, gate vs replay (`gpu_decode.py --diagnose`, run {d['date']})", "",
              "Median step (ms) and the host's µs per layer by phase: wait = blocked on the gate's routing, "
@@ -242,11 +246,11 @@ def markdown(r: dict) -> str:
               f"replay: {min(s['all_gate_over_replay']):.3f} .. {max(s['all_gate_over_replay']):.3f}",
               f"- the simulator's hits and prefetches equal the live run's in every cell (speculative included): "
               f"{s['sim_hits_and_prefetches_equal']}",
-              f"- simulator vs replay mode: max |error| {s['sim_replay_max_abs_rel_error']:.1%}",
+              f"- simulator vs replay mode: max |error| {_pct(s['sim_replay_max_abs_rel_error'])}",
               f"- simulator vs gate-driven ({s['simulator_handoff']}, hand-off {s['handoff_micro_us']:.1f} µs per "
               f"layer from the micro-benchmark): {s['sim_gate_within_5pct']} of {s['cells']} cells within 5%; "
               f"without the speculative cells {s['sim_gate_nonspeculative_within_5pct']} of "
-              f"{s['sim_gate_nonspeculative_cells']} (max {s['sim_gate_nonspeculative_max_abs_rel_error']:.1%}). With the "
+              f"{s['sim_gate_nonspeculative_cells']} (max {_pct(s['sim_gate_nonspeculative_max_abs_rel_error'])}). With the "
               f"hand-off the whole decode loop pays in the all-resident calibration runs "
               f"({s['handoff_all_resident_us']:.1f} µs per layer): {s['sim_gate_alt_within_5pct']} of {s['cells']}.",
               "", "## What the residuals say", "",
