@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from moesim.commands._common import parse_params, positive_int
 
+DEFAULT_HARDWARE = "h200"
 OVERRIDES = ("pcie_gbps", "pcie_latency_us", "expert_bytes", "expert_ms", "layer_ms", "token_ms", "miss_issue_us",
              "routing_handoff_us")
 
@@ -55,7 +57,11 @@ def cost_model(args: argparse.Namespace):
     if args.calibration:
         cost = CostModel.from_json(args.calibration)
     else:
-        cost = CostModel.preset(args.hardware or "h200")
+        if not args.hardware:
+            # a timing option alone (--prefetch, --timeline, a what-if) still needs a machine: say which
+            print(f"moesim {args.command}: note: no --hardware or --calibration given; timing uses the "
+                  f"{DEFAULT_HARDWARE} preset (see `moesim hardware`)", file=sys.stderr)
+        cost = CostModel.preset(args.hardware or DEFAULT_HARDWARE)
     return cost.with_overrides(quantization=args.quantization, engine_mode=args.engine_mode,
                                engine_profile=args.engine_profile,
                                **{o: getattr(args, o) for o in OVERRIDES})

@@ -16,16 +16,17 @@ def _names(text: str) -> list[str]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plot", help="draw a figure of a trace or a simulation (PNG, or SVG with --svg)",
-                       description="Draw a figure of a trace or a simulation and write it as PNG (SVG with --svg).")
+    p = sub.add_parser("plot", help="draw a figure of a trace or a simulation (.png, .svg or .pdf)",
+                       description="Draw a figure of a trace or a simulation; the output's extension picks the "
+                                   "format (-o x.png, x.svg, x.pdf).")
     kinds = p.add_subparsers(dest="kind", metavar="KIND", parser_class=type(p))
 
     def add(kind: str, help_text: str, trace: bool = True) -> argparse.ArgumentParser:
         k = kinds.add_parser(kind, help=help_text, description=help_text)
         if trace:
             k.add_argument("trace", help="trace file (.parquet)")
-        k.add_argument("-o", "--output", help=f"output file (default: {kind}.png or {kind}.svg)")
-        k.add_argument("--svg", action="store_true", help="write SVG instead of PNG")
+        k.add_argument("-o", "--output", help=f"output file; .png, .svg or .pdf picks the format (default: {kind}.png)")
+        k.add_argument("--svg", action="store_true", help=f"SVG (the same as -o {kind}.svg)")
         add_force_arg(k)
         k.set_defaults(func=run)
         return k
@@ -88,13 +89,15 @@ def _check_policy(name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moesim.analysis import plots
+    from moesim.analysis.style import figure_format
     from moesim.atomic import refuse_overwrite
 
     out = Path(args.output or f"{args.kind}.{'svg' if args.svg else 'png'}")
+    figure_format(out, args.svg)  # a usage error (unknown suffix, --svg with .png) before any work
     refuse_overwrite([out], args.force)
     if args.kind == "timeline":
         fig = plots.timeline(plots.load_timeline(args.timeline), max_ms=args.max_ms or None,
-                             title=f"Simulated timeline - {Path(args.timeline).name}")
+                             title=plots.timeline_title(args.timeline))
     else:
         trace = _load(args.trace)
         meta = trace.meta

@@ -20,8 +20,11 @@ def _int_axis(text: str) -> list[int]:
             continue
         try:
             if ".." in part:
-                lo, _, hi = part.partition("..")
-                out.extend(range(int(lo), int(hi) + 1))
+                lo_text, _, hi_text = part.partition("..")
+                lo, hi = int(lo_text), int(hi_text)
+                if lo > hi:
+                    raise argparse.ArgumentTypeError(f"range {part!r} is reversed (did you mean {hi}..{lo}?)")
+                out.extend(range(lo, hi + 1))
             else:
                 out.append(int(part))
         except ValueError:
@@ -195,11 +198,16 @@ def _short(col: str, value: Any) -> Any:
 
 
 def run_plot(args: argparse.Namespace) -> int:
+    from moesim.analysis.style import metric as metric_info
     from moesim.atomic import refuse_overwrite
-    from moesim.sweep.plots import metric_label, plot_sweep
+    from moesim.sweep.analysis import as_frame, default_metric
+    from moesim.sweep.plots import plot_sweep
     from moesim.sweep.store import read_results
 
     refuse_overwrite([args.output], args.force)
-    panels, metric = plot_sweep(read_results(args.results), args.output, args.metric)
-    print(f"wrote {args.output}: {metric} = {metric_label(metric)} vs slots ({panels} panel{'s' if panels != 1 else ''})")
+    results = read_results(args.results)
+    metric = args.metric or default_metric(as_frame(results))
+    panels = plot_sweep(results, args.output, metric)
+    print(f"wrote {args.output}: {metric} = {metric_info(metric).label}, vs slots "
+          f"({panels} panel{'s' if panels != 1 else ''})")
     return 0

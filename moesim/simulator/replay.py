@@ -24,7 +24,8 @@ import numpy as np
 from tqdm import tqdm
 
 from moesim.errors import UsageError
-from moesim.policies.base import NEVER, EvictionPolicy, ExpertCache, make_policy, policy_class
+from moesim.policies.base import NEVER, EvictionPolicy, ExpertCache, policy_class
+from moesim.policies.params import ParamError, check_params
 from moesim.simulator import kernels
 from moesim.traces.format import Trace
 
@@ -156,10 +157,13 @@ def _factory(policy: PolicySpec, params: dict[str, Any] | None) -> Callable[[], 
     except KeyError as exc:
         raise UsageError(str(exc.args[0])) from None
     try:
-        cls(**(params or {}))
-    except TypeError as exc:
-        raise UsageError(f"bad parameters for policy {policy!r}: {exc}") from None
-    return lambda: make_policy(policy, **(params or {}))
+        checked = check_params(cls, params, f"policy {policy!r}")
+        cls(**checked)
+    except ParamError as exc:
+        raise UsageError(str(exc)) from None
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"policy {policy!r}: {exc}") from None
+    return lambda: cls(**checked)
 
 
 def _fast_code(policy: PolicySpec, params: dict[str, Any] | None) -> int | None:

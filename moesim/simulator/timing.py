@@ -31,7 +31,8 @@ import numpy as np
 
 from moesim.atomic import atomic_open
 from moesim.errors import UsageError
-from moesim.policies.base import NEVER, EvictionPolicy, ExpertCache, make_policy, policy_class
+from moesim.policies.base import NEVER, EvictionPolicy, ExpertCache, policy_class
+from moesim.policies.params import ParamError, check_params
 from moesim.policies.prefetch import PrefetchContext, make_prefetcher
 from moesim.simulator import kernels, timing_kernel
 from moesim.simulator.cost_model import CostModel
@@ -286,14 +287,18 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
         raise UsageError(f"cache size is smaller than top-k ({k})")
     if isinstance(policy, str):
         try:
-            policy_class(policy)(**(policy_params or {}))
+            cls = policy_class(policy)
+            checked = check_params(cls, policy_params, f"policy {policy!r}")
+            cls(**checked)
         except KeyError as exc:
             raise UsageError(str(exc.args[0])) from None
-        except TypeError as exc:
-            raise UsageError(f"bad parameters for policy {policy!r}: {exc}") from None
+        except ParamError as exc:
+            raise UsageError(str(exc)) from None
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"policy {policy!r}: {exc}") from None
 
         def make() -> EvictionPolicy:
-            return make_policy(policy, **(policy_params or {}))
+            return cls(**checked)
         policy_name = policy
     else:
         make, policy_name = policy, getattr(policy, "name", "custom")
@@ -302,8 +307,10 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
         prefetcher = make_prefetcher(prefetch, num_layers=L, num_experts=E, top_k=k, **pparams)
     except KeyError as exc:
         raise UsageError(str(exc.args[0])) from None
+    except ParamError as exc:
+        raise UsageError(str(exc)) from None
     except (TypeError, ValueError) as exc:
-        raise UsageError(f"bad parameters for prefetcher {prefetch!r}: {exc}") from None
+        raise UsageError(f"prefetcher {prefetch!r}: {exc}") from None
     d = prefetcher.distance
     pred_cols = trace.pred_distances
     if prefetcher.needs_predictions and d not in pred_cols:
@@ -451,8 +458,14 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
         per_token[i] = (env.free["compute"] - t0) * 1e3 / max(step.tokens, 1)
     total = env.free["compute"]
     if timeline is not None:
+        doc = env.timeline()
+        # what was simulated, for the plot's title (Chrome/Perfetto keep "otherData" as run metadata)
+        doc["otherData"] = {"policy": policy_name, "cache_size": int(cache_size) if isinstance(cache_size, int | np.integer)
+                            else None, "prefetch": prefetch, "hardware": cost.name, "expert_bytes": int(xb),
+                            "batch_size": batch_size, "model": meta.model,
+                            "trace": os.path.basename(str(trace.path)) if trace.path else None}
         with atomic_open(timeline) as fh:
-            json.dump(env.timeline(), fh)
+            json.dump(doc, fh)
     tokens = sum(s.tokens for s in steps)
     size_out: int | list[int] = int(cache_size) if isinstance(cache_size, int | np.integer) else sizes
     return TimingResult(policy_name, size_out, prefetch, cost.name, tokens, requests, hits, total, stall, copies,
