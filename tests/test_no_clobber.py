@@ -123,3 +123,18 @@ def test_refuse_overwrite_helper(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "gone")  # a dangling link is still something to replace
     with pytest.raises(UsageError, match="link"):
         refuse_overwrite([tmp_path / "link"], force=False)
+
+
+@pytest.mark.parametrize("existing", ["run.parquet", "run.parquet.times.json"])
+def test_generate_record_refuses_existing_files_before_loading_a_model(tmp_path, capsys, existing):
+    pytest.importorskip("torch")
+    out = tmp_path / "run.parquet"
+    (tmp_path / existing).write_bytes(SENTINEL)
+    argv = ["generate", "--model", str(tmp_path / "no-such-checkpoint"), "--prompt-ids", "1,2,3", "--max-new-tokens",
+            "2", "--cache-size", "2", "--policy", "lru", "--record", str(out)]
+    assert main(argv) == 2   # the checkpoint is never looked at: the existing file stops it first
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / existing) in err[0]
+    assert (tmp_path / existing).read_bytes() == SENTINEL
+    assert main([*argv, "--force"]) == 1   # with --force it goes on, to the missing checkpoint
+    assert "no-such-checkpoint" in capsys.readouterr().err

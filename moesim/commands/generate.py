@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from moesim.commands._common import emit_json, int_list, non_negative_int, positive_int
+from moesim.commands._common import add_force_arg, emit_json, int_list, non_negative_int, positive_int
 
 
 def _non_negative_float(text: str) -> float:
@@ -53,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--logits", action="store_true", help="also record the router logits")
     p.add_argument("--quant-cache", help="directory of the quantization cache (default ~/.cache/moesim/quantized)")
     p.add_argument("--no-quant-cache", action="store_true", help="quantize without reading or writing the cache")
+    add_force_arg(p)
     p.set_defaults(func=run)
 
 
@@ -84,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise UsageError("moesim generate needs torch: pip install 'moesim[torch]'") from None
     _check_choices(args)
+    if args.record:
+        from moesim.atomic import refuse_overwrite
+
+        refuse_overwrite([args.record, f"{args.record}.times.json"], args.force)
     if args.record and not Path(args.record).parent.is_dir():
         raise DataError(args.record, f"output directory {str(Path(args.record).parent)!r} does not exist")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
