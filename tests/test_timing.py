@@ -229,6 +229,18 @@ def test_engine_terms_hand_computed(tmp_path, engine):
     assert simulate_timing(trace, "lru", 2, gate, engine=engine).engine_mode == "gate"
 
 
+def _spec_trace(tmp_path):
+    """One token, 2 layers: layer 0 uses {0, 1}, layer 1 {2, 3}, predicted (d = 1) perfectly."""
+    from moesim.traces.format import DECODE, TraceMeta, TraceWriter, read_trace
+
+    meta = TraceMeta(model="m", family="t", num_layers=2, num_experts=8, top_k=2)
+    path = tmp_path / "spec.parquet"
+    with TraceWriter(path, meta, pred_distances=[1]) as w:
+        w.write(np.zeros(2, np.int32), np.zeros(2, np.int64), DECODE, np.arange(2), np.array([[0, 1], [2, 3]]),
+                np.full((2, 2), 0.5), preds={1: np.array([[-1, -1], [2, 3]])})
+    return read_trace(path)
+
+
 @pytest.mark.parametrize("engine", ["python", "numba"])
 def test_speculative_ready_hand_computed(tmp_path, engine):
     """One token, 2 layers, K = 2, cold cache: layer 0 uses {0, 1}, layer 1 {2, 3}, perfectly predicted
@@ -246,14 +258,7 @@ def test_speculative_ready_hand_computed(tmp_path, engine):
     - ready "gate", gate mode: all four issues on compute after the hand-off (.22-.4), copies end 1.265,
       2.265, 3.265, 4.265; layer 0's experts end 2.465, layer 1: attention -2.565, hand-off -2.635,
       experts end 4.465."""
-    from moesim.traces.format import DECODE, TraceMeta, TraceWriter, read_trace
-
-    meta = TraceMeta(model="m", family="t", num_layers=2, num_experts=8, top_k=2)
-    path = tmp_path / "spec.parquet"
-    with TraceWriter(path, meta, pred_distances=[1]) as w:
-        w.write(np.zeros(2, np.int32), np.zeros(2, np.int64), DECODE, np.arange(2), np.array([[0, 1], [2, 3]]),
-                np.full((2, 2), 0.5), preds={1: np.array([[-1, -1], [2, 3]])})
-    trace = read_trace(path)
+    trace = _spec_trace(tmp_path)
     replay = zero_cost(pcie_gbps=10.0, expert_bytes=10**7, expert_ms=0.2, layer_ms=0.1, token_ms=0.05,
                        predict_us=40.0, routing_handoff_us=70.0, host_copy_issue_us=45.0)
     gate = replay.with_overrides(engine_mode="gate")
@@ -321,6 +326,19 @@ def test_simulate_cli_engine_mode(small, capsys):
     with pytest.raises(SystemExit) as exc:   # argparse's usage error
         main(args[:-4] + ["--engine-mode", "nope"])
     assert exc.value.code == 2
+
+
+def test_simulate_cli_speculative_ready(tmp_path, capsys):
+    t = _spec_trace(tmp_path)
+    args = ["simulate", str(t.path), "--policy", "lru", "--cache-size", "2", "--json", "--hardware", "h200",
+            "--prefetch", "speculative", "--predict-us", "40"]
+    assert main(args) == 0
+    hidden = json.loads(capsys.readouterr().out)
+    assert main(args + ["--speculative-ready", "gate"]) == 0
+    gate = json.loads(capsys.readouterr().out)
+    assert hidden["speculative_ready"] == "hidden" and gate["speculative_ready"] == "gate"
+    assert hidden["prefetches"] == gate["prefetches"] == 2
+    assert hidden["ms_per_token"] > gate["ms_per_token"]
 
 
 def test_mixtral_offloading_profile_hand_computed(tmp_path):
