@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit
 
 from moesim.policies.base import NEVER
-from moesim.simulator.kernels import FIFO, LFU, LRU
+from moesim.simulator.kernels import FIFO, LFU, LRU, OPT
 
 PF_NONE, PF_PREVIOUS, PF_TRANSITION, PF_ORACLE, PF_SPECULATIVE = 0, 1, 2, 3, 4
 PREFETCH_CODES = {"none": PF_NONE, "previous-token": PF_PREVIOUS, "transition": PF_TRANSITION,
@@ -131,7 +131,8 @@ def des_kernel(policy, pf, distance, budget, step, layer, keys, nxt, row_at, pre
                 tick += 1
                 last[lay, e] = tick
                 count[lay, e] += 1
-                next_use[lay, e] = nxt[r, j]
+                if policy == OPT:   # nxt is a (1, 1) placeholder for the other policies
+                    next_use[lay, e] = nxt[r, j]
             for j in range(k):
                 if ready[j] >= 0.0:
                     continue
