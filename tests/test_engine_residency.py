@@ -157,3 +157,22 @@ def test_cuda_compute_that_skips_its_copy_wait_is_caught(monkeypatch):
     monkeypatch.setattr(w.d, "wait", wait)
     bad = eng.run(r)
     assert bad.violations > 0
+
+
+def test_gpu_proof_script_cpu_check(tmp_path):
+    """benchmarks/gpu_residency_proof.py end to end on CPU (tiny model): every cell proven, exit 0."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    learned = root / "traces" / "learned-mixtral-32l.parquet"
+    cmd = [sys.executable, str(root / "benchmarks" / "gpu_residency_proof.py"), "--cpu-check", "--cells", "1",
+           "--trace", str(learned), "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads((tmp_path / "residency_proof.json").read_text())
+    (cell,) = out["cells"]
+    assert cell["violations"] == 0 and cell["device_copies"] == cell["plan_copies"] == cell["misses"] > 0
+    assert out["all_zero"] and out["all_copies_equal"]
