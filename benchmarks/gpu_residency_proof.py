@@ -105,6 +105,8 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--budget", type=float, default=200.0, help="stop starting cells after this many s")
+    ap.add_argument("--ab-slack", type=float, default=40.0,
+                    help="run the with/without-check A/B only if at most budget + this many s have passed")
     ap.add_argument("--cells", type=int, default=len(CELLS), help="only the first N cell kinds")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--cpu-check", action="store_true", help="tiny model on CPU: tests this script")
@@ -178,6 +180,18 @@ def main() -> int:
             write(out, result)
             log(f"{name} {pol} K={k} {pf} {params}: violations={res.violations} device_copies={res.device_copies} "
                 f"plan={cell['plan_copies']} tok/s={res.tokens_per_s:.2f}")
+    if time.perf_counter() - T0 < args.budget + args.ab_slack:
+        # end to end: the all-resident floor (K = 8, warm) with and without the check, same weights
+        from moesim.engine.gpu_bench import all_resident
+        plain = Program(weights, 8, tokens, compile_kernels=compile_ok, check_residency=False)
+        with_check = all_resident(weights, program, first)
+        without = all_resident(weights, plain, first)
+        result["all_resident_ab"] = {
+            "with_check_ms_per_token": with_check["median_ms_per_token"],
+            "without_check_ms_per_token": without["median_ms_per_token"],
+            "overhead_ms_per_token": with_check["median_ms_per_token"] - without["median_ms_per_token"]}
+        log(f"all-resident A/B: {result['all_resident_ab']}")
+        write(out, result)
     result["all_zero"] = all(c["violations"] == 0 for c in result["cells"])
     result["all_copies_equal"] = all(c["device_copies"] == c["plan_copies"] for c in result["cells"])
     result["wall_s"] = time.perf_counter() - T0
