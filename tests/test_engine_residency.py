@@ -12,9 +12,10 @@ import dataclasses
 import numpy as np
 import pytest
 
+from moesim.engine.identity import TAG_BYTES, expert_tag
 from moesim.engine.plan import CachePlan, Routing, Step
 from moesim.engine.quant import quant_spec
-from moesim.engine.runtime import TAG_BYTES, Geometry, OffloadedEngine, Weights, expert_tag
+from moesim.engine.runtime import Geometry, OffloadedEngine, Weights
 
 LAYERS = 3
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from moesim.engine.identity import TAG_BASE, blob_bytes, expert_tag, slot_tags, tagged_blob
 from moesim.engine.plan import CachePlan, Routing
 from moesim.engine.quant import QuantSpec, dequantize, fill_random_blob, split_blob
 from moesim.simulator.replay import HitCounts
@@ -64,19 +65,6 @@ class Geometry:
 
 
 MIXTRAL_8X7B = Geometry()
-
-TAG_BYTES = 8               # one int64 identity at the end of every expert blob
-_TAG_BASE = 0x5E51D0 << 32  # a random blob or an empty (zeroed) slot never carries a valid identity
-
-
-def expert_tag(layer: int, expert: int, num_experts: int) -> int:
-    """The identity stored in (layer, expert)'s blob and expected by the expert pieces."""
-    return _TAG_BASE + layer * num_experts + expert
-
-
-def blob_bytes(expert_bytes: int) -> int:
-    """An expert blob's size: its packed weights, padded to 8 B, then the identity."""
-    return -(-expert_bytes // TAG_BYTES) * TAG_BYTES + TAG_BYTES
 
 
 class _CpuEvent:
@@ -156,10 +144,7 @@ class Weights:
             row = []
             for e in range(g.num_experts):
                 fill_random_blob(staging, quant, self.n_weights, gen)   # random on the device, then down
-                blob = torch.zeros(self.blob_bytes, dtype=torch.uint8, pin_memory=pin)
-                blob[:self.expert_bytes].copy_(staging)
-                blob[-TAG_BYTES:].view(torch.int64).fill_(expert_tag(layer, e, g.num_experts))
-                row.append(blob)
+                row.append(tagged_blob(staging, layer, e, g.num_experts, pin))   # + its identity
             self.host.append(row)
         del staging
         kv = g.n_kv_heads * g.head_dim
@@ -346,7 +331,7 @@ class Program:
         self.check_residency = check_residency
         # each slot's identity word (a view: it changes when a copy lands), the identity the trace routes
         # to each (layer, rank, token), and the two device counters of the residency proof
-        self.slot_tags = [s[:, -TAG_BYTES:].view(torch.int64).view(max_slots) for s in self.slots]
+        self.slot_tags = [slot_tags(s) for s in self.slots]
         self.x = torch.zeros(1, g.hidden, dtype=torch.bfloat16, device=dev)
         self.probs = torch.zeros(1, g.num_experts, dtype=torch.float32, device=dev)
         self.ybuf = torch.zeros(g.num_layers, k, 1, g.hidden, dtype=torch.bfloat16, device=dev)
@@ -479,7 +464,7 @@ class Program:
         tags = np.zeros((g.num_layers, g.top_k, self.cap), np.int64)   # 0 = no row: never a valid identity
         e = routing.experts.transpose(1, 2, 0)   # (L, k, T)
         ids = np.arange(g.num_layers, dtype=np.int64)[:, None, None] * g.num_experts + e
-        tags[:, :, :T] = np.where(e >= 0, _TAG_BASE + ids, 0)
+        tags[:, :, :T] = np.where(e >= 0, TAG_BASE + ids, 0)
         self.expect.copy_(torch.from_numpy(tags))
         self.tok.fill_(-1)
 
