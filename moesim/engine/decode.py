@@ -105,7 +105,8 @@ class GenerateResult(HitCounts):
                 "generated_tokens": self.generated, "wall_s": self.wall_s, "requests": self.requests,
                 "hits": self.hits, "misses": self.misses, "hit_rate": self.hit_rate, "prefetches": self.prefetches,
                 "bytes_h2d": self.bytes_h2d, "expert_bytes": self.expert_bytes,
-                "handoff_wait_ms": self.handoff_wait_ms}
+                "handoff_wait_ms": self.handoff_wait_ms, "violations": self.violations,
+                "device_copies": self.device_copies, "plan_copies": self.misses + self.prefetches}
 
 
 class Decoder:
