@@ -29,7 +29,13 @@ class ExpertStore:
         blobs = []
         E = len(packed.experts[0])
         for layer, row in enumerate(packed.experts):
-            blobs.append([tagged_blob(b, layer, e, E, pin) for e, b in enumerate(row)])
+            out = []
+            for e, b in enumerate(row):
+                blob = tagged_blob(b, layer, e, E, pin)
+                # the packed model now sees the same bytes inside the tagged blob: one host copy, not two
+                row[e] = blob[:b.numel()]
+                out.append(blob)
+            blobs.append(out)
         return cls(blobs, packed.expert_format, packed.spec.hidden, packed.spec.ffn)
 
     @property
