@@ -1,7 +1,7 @@
 """What speculative prefetch buys, simulated: tokens/s on the learned trace for LRU / LFU / OPT x
 K = 2..6 x prefetch none / speculative d=1 / speculative d=2 / transition / oracle, on hardware presets.
 
-    python benchmarks/learned_routing_speedup.py            # writes reports/learned_routing_speedup.{md,json}
+    python benchmarks/learned_routing_speedup.py -o reports/learned_routing_speedup   # writes PREFIX.{md,json}
 
 Every decode token of traces/learned-mixtral-32l.parquet, batch 1, one cache per layer, experts sized
 as Mixtral-8x7B's 2-bit experts (hqq2, the seed paper's setting): the learned model supplies the
@@ -55,7 +55,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"Trace `{meta['trace']}`: {meta['tokens']:,} decode tokens x {meta['layers']} layers of the learned "
              "32-layer Mixtral-architecture model (traces/README.md); experts sized as Mixtral-8x7B's 2-bit "
              f"experts ({meta['expert_bytes']:,} B); batch 1, one cache of K slots per layer, cold start. "
-             "Command: `python benchmarks/learned_routing_speedup.py`.", "",
+             "Command: `python benchmarks/learned_routing_speedup.py -o reports/learned_routing_speedup`.", "",
              f"Speculative copies for layer l+d are issued when their prediction exists (`--speculative-ready "
              f"{meta['speculative_ready']}`): " + (
                  "after layer l's experts and the predict piece, since the prediction applies layer l+d's router "
@@ -89,7 +89,8 @@ def main() -> int:
     ap.add_argument("--sizes", default="2,3,4,5,6")
     ap.add_argument("--speculative-ready", choices=("hidden", "gate"), default="hidden",
                     help="when speculative copies may start (docs/timing.md); default: a live decoder's")
-    ap.add_argument("-o", "--output", default=str(ROOT / "reports/learned_routing_speedup"), help="output prefix")
+    ap.add_argument("-o", "--output", required=True,
+                    help="output prefix (the committed one: reports/learned_routing_speedup)")
     args = ap.parse_args()
     full = read_trace(args.trace).filter_phase(DECODE)
     # the learned model's own experts are small; the seed paper's question is about Mixtral-size experts

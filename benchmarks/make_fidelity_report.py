@@ -1,7 +1,7 @@
 """Rebuild reports/fidelity_h200.{json,md,png} from the committed engine cells (CPU only).
 
     python benchmarks/make_fidelity_report.py \
-        --real ../shared/traces/real/mixtral-8x7b-instruct-fp8_humaneval-2_vllm.jsonl
+        --real ../shared/traces/real/mixtral-8x7b-instruct-fp8_humaneval-2_vllm.jsonl -o reports/fidelity_h200
 
 The cells (reports/fidelity_h200_cells/: validate.json = the real trace from token 128 on,
 validate.synth.json = ``moesim synth --preset mixtral-8x7b --tokens 256 --seed 14``, calibration_raw.json
@@ -238,14 +238,14 @@ def main() -> int:
     ap.add_argument("--cells", default=str(ROOT / "reports/fidelity_h200_cells"))
     ap.add_argument("--real", default=str(REAL), help="the shared real trace (vllm-jsonl)")
     ap.add_argument("--calibration", default=str(ROOT / "moesim/data/hardware/h200.json"))
-    ap.add_argument("-o", "--out", default=str(ROOT / "reports/fidelity_h200"))
+    ap.add_argument("-o", "--out", required=True, help="output prefix (the committed one: reports/fidelity_h200)")
     args = ap.parse_args()
     cells = Path(args.cells)
     raw = json.loads((cells / "calibration_raw.json").read_text())
     meta = json.loads((cells / "run.json").read_text()) if (cells / "run.json").exists() else {}
     cost = CostModel.from_json(args.calibration)
     mi, rh, cr = raw["engine_terms"]["miss_issue"], raw["engine_terms"]["routing_handoff"], raw["copy_repeats"]
-    report: dict = {"device": None, "command": "python benchmarks/make_fidelity_report.py",
+    report: dict = {"device": None, "command": "python benchmarks/make_fidelity_report.py -o reports/fidelity_h200",
                     "device_command": meta.get("command", "benchmarks/gpu_validate.py"),
                     "device_date": meta.get("date"), "calibration": cost.description,
                     "calibration_copy_ms": round(cost.copy_seconds(int(cr["bytes"])) / cost.copy_scale * 1e3, 4),

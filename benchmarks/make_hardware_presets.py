@@ -17,7 +17,7 @@ pieces and compiled kernels) moved to another GPU by its datasheet numbers:
 - host->device copies: pinned PCIe bandwidth of the slot (Gen4 x16 ~24 GB/s, Gen3 x16 ~12 GB/s in
   practice), 10 us per copy.
 
-Run: ``python benchmarks/make_hardware_presets.py`` (from the repository root).
+Run: ``python benchmarks/make_hardware_presets.py -o moesim/data/hardware`` (from the repository root).
 """
 from __future__ import annotations
 
@@ -92,11 +92,18 @@ def preset(name: str, h200: dict) -> dict:
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-o", "--out-dir", required=True, type=Path,
+                    help="folder for the preset files (the shipped ones: moesim/data/hardware)")
+    out = ap.parse_args().out_dir.resolve()
+    out.mkdir(parents=True, exist_ok=True)
     h200 = json.loads((ROOT / "moesim/data/hardware/h200.json").read_text())
     for name in GPUS:
-        path = ROOT / "moesim/data/hardware" / f"{name}.json"
+        path = out / f"{name}.json"
         path.write_text(json.dumps(preset(name, h200), indent=1) + "\n")
-        print(f"wrote {path.relative_to(ROOT)}")
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
