@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from moesim.errors import UsageError
 from moesim.policies.base import NEVER, EvictionPolicy, ExpertCache, make_policy, policy_class
-from moesim.simulator import kernels
+from moesim.simulator import kernels, policy_kernels
 from moesim.traces.format import Trace
 
 SCOPES = ("layer", "global")
@@ -157,15 +157,18 @@ def _factory(policy: PolicySpec, params: dict[str, Any] | None) -> Callable[[], 
         raise UsageError(str(exc.args[0])) from None
     try:
         cls(**(params or {}))
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise UsageError(f"bad parameters for policy {policy!r}: {exc}") from None
     return lambda: make_policy(policy, **(params or {}))
 
 
-def _fast_code(policy: PolicySpec, params: dict[str, Any] | None) -> int | None:
-    if isinstance(policy, str) and not params:
-        return kernels.POLICY_CODES.get(policy)
-    return None
+def _compiled(policy: PolicySpec, params: dict[str, Any] | None) -> tuple[int, np.ndarray, np.ndarray] | None:
+    """(policy code, float parameters, rng state) of a built-in policy named by string, else None.
+    The parameters are read off a configured instance, so the class stays their one definition."""
+    if not isinstance(policy, str) or policy not in policy_kernels.CODES:
+        return None
+    fp, mt = policy_kernels.params_of(policy, make_policy(policy, **(params or {})))
+    return policy_kernels.CODES[policy], fp, mt
 
 
 def run_generic(stream: RequestStream, make: Callable[[], EvictionPolicy]) -> tuple[np.ndarray, np.ndarray]:
@@ -202,13 +205,14 @@ def replay_stream(stream: RequestStream, policy: PolicySpec, params: dict[str, A
                   force_generic: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
     """Replay a prebuilt request stream; returns (requests, hits) per layer and the method used."""
     make = _factory(policy, params)
-    code = None if force_generic else _fast_code(policy, params)
-    if code is None:
+    compiled = None if force_generic else _compiled(policy, params)
+    if compiled is None:
         req, hit = run_generic(stream, make)
         return req, hit, "python"
-    nxt = stream.next_use() if code == kernels.OPT else np.zeros((1, 1), np.int64)
-    req, hit = kernels.replay_kernel(code, stream.cache, stream.keys, stream.group, stream.sizes,
-                                     stream.n_keys, stream.n_groups, nxt)
+    code, fp, mt = compiled
+    nxt = stream.next_use() if code == policy_kernels.OPT else np.zeros((1, 1), np.int64)
+    req, hit = policy_kernels.replay_builtin(code, stream.cache, stream.keys, stream.clock, stream.weights,
+                                             stream.group, stream.sizes, stream.n_keys, stream.n_groups, nxt, fp, mt)
     return req, hit, "numba"
 
 
@@ -262,17 +266,18 @@ def mrc(trace: Trace, policy: PolicySpec, sizes: Sequence[int] | None = None, *,
     _factory(policy, params)  # validates name and parameters
     stream = build_stream(trace, sizes[0], scope, semantics)
     requests = int(stream.keys.size)
-    code = _fast_code(policy, params)
-    if code == kernels.LRU:
+    compiled = _compiled(policy, params)
+    if compiled is not None and compiled[0] == policy_kernels.LRU:
         hist = kernels.lru_stack_depths(stream.cache, stream.keys, stream.n_keys, stream.n_caches)
         cum = np.cumsum(hist)
         hits = [int(cum[s - 1]) if s >= 1 else 0 for s in sizes]
         method = "one-pass stack distance"
-    elif code is not None:
-        nxt = stream.next_use() if code == kernels.OPT else np.zeros((1, 1), np.int64)
-        hits = kernels.replay_sizes_kernel(code, stream.cache, stream.keys, stream.group,
-                                           np.asarray(sizes, np.int64), stream.n_caches, stream.n_keys,
-                                           stream.n_groups, nxt).tolist()
+    elif compiled is not None:
+        code, fp, mt = compiled
+        nxt = stream.next_use() if code == policy_kernels.OPT else np.zeros((1, 1), np.int64)
+        hits = policy_kernels.replay_builtin_sizes(code, stream.cache, stream.keys, stream.clock, stream.weights,
+                                                   stream.group, np.asarray(sizes, np.int64), stream.n_caches,
+                                                   stream.n_keys, stream.n_groups, nxt, fp, mt).tolist()
         method = "per-size runs (compiled)"
     else:
         jobs = [(trace, policy, s, scope, semantics, params) for s in sizes]
