@@ -28,11 +28,21 @@ import numpy as np
 from numba import njit
 
 LRU, FIFO, LFU, OPT, LFU_CACHE, LFU_DECAY, GATE_WEIGHTED, LRFU, SIEVE, ARC, S3FIFO, HOBBIT, RANDOM = range(13)
+# lru and fifo on small caches: a stamp per key and a scan of the slots beats moving list nodes on every
+# request (measured: per-layer caches of 4 slots, lru 63 vs 16M requests/s)
+LRU_SCAN, FIFO_SCAN = 13, 14
+SCAN_MAX_SLOTS = 16
 CODES = {"lru": LRU, "fifo": FIFO, "lfu": LFU, "opt": OPT, "lfu-cache": LFU_CACHE, "lfu-decay": LFU_DECAY,
          "gate-weighted": GATE_WEIGHTED, "lrfu": LRFU, "sieve": SIEVE, "arc": ARC, "s3fifo": S3FIFO,
          "hobbit": HOBBIT, "random": RANDOM}
-# policies whose victim is found by a scan of the resident slots (the others walk their lists)
-_SCANNED = (LFU, OPT, LFU_CACHE, LFU_DECAY, GATE_WEIGHTED, LRFU, HOBBIT, RANDOM)
+
+
+def kernel_spec(code: int, sizes: np.ndarray) -> tuple[int, ...]:
+    """The first argument of :func:`replay_builtin`: a tuple whose *length* is the policy code, so that
+    numba compiles (and caches) one specialisation per policy with the other policies' branches gone."""
+    if code in (LRU, FIFO) and int(sizes.max(initial=0)) <= SCAN_MAX_SLOTS:
+        code = LRU_SCAN if code == LRU else FIFO_SCAN
+    return (0,) * code
 
 # list ids (per cache)
 T1, T2, B1, B2 = 0, 1, 2, 3          # arc
@@ -145,12 +155,16 @@ def _randbelow(mt, mti, c, n):
 # ---- per-policy pieces ---------------------------------------------------------------------------
 
 @njit(cache=True, nogil=True, inline="always")
-def _score(code, u, now, fp, ival, fval, stamp, next_use):
+def _score(code, u, now, fp, ival, fval, stamp, next_use, last):
     """Eviction score of a resident node for the score policies (lowest goes first)."""
     if code == LFU or code == LFU_CACHE:
         return float(ival[u])
     if code == OPT:
         return -float(next_use[u])
+    if code == LRU_SCAN:
+        return float(last[u])
+    if code == FIFO_SCAN:
+        return float(stamp[u])
     if code == LRFU:
         return fval[u] * 0.5 ** (fp[P_RATE] * float(now - stamp[u]))
     return fval[u] * math.exp((-fp[P_RATE]) * float(now - stamp[u]))  # lfu-decay, gate-weighted
@@ -255,9 +269,10 @@ def _s3fifo_victim(c, keys, r, base, threshold, main_size, ghost_size, ival, prv
 # ---- the mechanism -------------------------------------------------------------------------------
 
 @njit(cache=True, nogil=True)
-def replay_builtin(code, cache, keys, clock, weights, group, sizes, n_keys, n_groups, nxt_use, fp, mt0):
+def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_groups, nxt_use, fp, mt0):
     """Replay rows (atomic per row; sequential = rows of width 1) under built-in policy ``code``.
     Returns (requests, hits) per group."""
+    code = len(spec)  # a compile-time constant: each policy gets its own specialisation, dead branches gone
     n, w = keys.shape
     n_caches = sizes.shape[0]
     n_nodes = n_caches * n_keys
@@ -280,7 +295,7 @@ def replay_builtin(code, cache, keys, clock, weights, group, sizes, n_keys, n_gr
     next_use = np.zeros(n_nodes, np.int64)
     # resident slots, for the scanned policies
     scanned = code == LFU or code == OPT or code == LFU_CACHE or code == LFU_DECAY or code == GATE_WEIGHTED \
-        or code == LRFU or code == HOBBIT or code == RANDOM
+        or code == LRFU or code == HOBBIT or code == RANDOM or code == LRU_SCAN or code == FIFO_SCAN
     kmax = max(1, sizes.max())
     slots = np.full((n_caches, kmax), -1, np.int64)
     slot_of = np.full(n_nodes, -1, np.int64)
@@ -400,7 +415,7 @@ def replay_builtin(code, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                         x = slots[c, i]
                         if _in_row(keys, r, x - base):
                             continue
-                        s = _score(code, x, now, fp, ival, fval, stamp, next_use)
+                        s = _score(code, x, now, fp, ival, fval, stamp, next_use, last)
                         if v < 0 or s < b_s or (s == b_s and last[x] < last[v]):
                             v = x
                             b_s = s
@@ -429,6 +444,9 @@ def replay_builtin(code, cache, keys, clock, weights, group, sizes, n_keys, n_gr
             if scanned:
                 slots[c, occ[c]] = u
                 slot_of[u] = occ[c]
+                if code == FIFO_SCAN:
+                    tick += 1
+                    stamp[u] = tick
             elif code == ARC:
                 _append(u, c, T2 if pend[u] else T1, prv, nxt, tag, head, tail, length)
             elif code == S3FIFO:
@@ -450,13 +468,13 @@ def replay_builtin(code, cache, keys, clock, weights, group, sizes, n_keys, n_gr
 
 
 @njit(cache=True, nogil=True)
-def replay_builtin_sizes(code, cache, keys, clock, weights, group, size_list, n_caches, n_keys, n_groups,
+def replay_builtin_sizes(spec, cache, keys, clock, weights, group, size_list, n_caches, n_keys, n_groups,
                          nxt_use, fp, mt0):
     """Hits for each uniform cache size in ``size_list`` (one replay per size, one compiled call)."""
     out = np.zeros(size_list.shape[0], np.int64)
     for i in range(size_list.shape[0]):
         sizes = np.full(n_caches, size_list[i], np.int64)
-        _, hit = replay_builtin(code, cache, keys, clock, weights, group, sizes, n_keys, n_groups, nxt_use, fp,
+        _, hit = replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_groups, nxt_use, fp,
                                 mt0)
         out[i] = hit.sum()
     return out

@@ -211,7 +211,7 @@ def replay_stream(stream: RequestStream, policy: PolicySpec, params: dict[str, A
         return req, hit, "python"
     code, fp, mt = compiled
     nxt = stream.next_use() if code == policy_kernels.OPT else np.zeros((1, 1), np.int64)
-    req, hit = policy_kernels.replay_builtin(code, stream.cache, stream.keys, stream.clock, stream.weights,
+    req, hit = policy_kernels.replay_builtin(policy_kernels.kernel_spec(code, stream.sizes), stream.cache, stream.keys, stream.clock, stream.weights,
                                              stream.group, stream.sizes, stream.n_keys, stream.n_groups, nxt, fp, mt)
     return req, hit, "numba"
 
@@ -275,7 +275,8 @@ def mrc(trace: Trace, policy: PolicySpec, sizes: Sequence[int] | None = None, *,
     elif compiled is not None:
         code, fp, mt = compiled
         nxt = stream.next_use() if code == policy_kernels.OPT else np.zeros((1, 1), np.int64)
-        hits = policy_kernels.replay_builtin_sizes(code, stream.cache, stream.keys, stream.clock, stream.weights,
+        spec = policy_kernels.kernel_spec(code, np.asarray([max(sizes)]))
+        hits = policy_kernels.replay_builtin_sizes(spec, stream.cache, stream.keys, stream.clock, stream.weights,
                                                    stream.group, np.asarray(sizes, np.int64), stream.n_caches,
                                                    stream.n_keys, stream.n_groups, nxt, fp, mt).tolist()
         method = "per-size runs (compiled)"
