@@ -47,6 +47,12 @@ def kernel_spec(code: int, sizes: np.ndarray) -> tuple[int, ...]:
 # list ids (per cache)
 T1, T2, B1, B2 = 0, 1, 2, 3          # arc
 SMALL, MAIN, GHOST = 0, 1, 2         # s3fifo
+# Per-node state is packed in one int64 array N[row, node] and per-cache state in H[cache, col]: a
+# helper call costs per array argument (measured: list ops taking 6 arrays ran at 1/4 the speed of the
+# same ops on 2), so the helpers below take N and H rather than one array per field.
+PRV, NXT, TAG, RES, LAST, IVAL, STAMP, NUSE, PEND, SLOT = range(10)
+HEAD, TAIL, LEN = 0, 4, 8            # + list id
+OCC, HAND, DEST, SMALL_SZ, MAIN_SZ, GHOST_SZ, ON_GHOST, EVICTED = range(12, 20)
 # float parameters (fp): index meaning depends on the policy
 P_RATE = 0       # lfu-decay, gate-weighted: decay rate per token; lrfu: lambda; hobbit: w_recency
 P_SMALL, P_GHOST, P_MOVE = 0, 1, 2  # s3fifo ratios and move-to-main threshold
@@ -73,50 +79,50 @@ def params_of(name: str, policy: object) -> tuple[np.ndarray, np.ndarray]:
 
 # ---- linked lists in arrays ----------------------------------------------------------------------
 
-@njit(cache=True, nogil=True, inline="always")
-def _append(u, c, lst, prv, nxt, tag, head, tail, length):
-    t = tail[c, lst]
-    prv[u] = t
-    nxt[u] = -1
+@njit(cache=True, nogil=True)
+def _append(u, c, lst, N, H):
+    t = H[c, TAIL + lst]
+    N[PRV, u] = t
+    N[NXT, u] = -1
     if t >= 0:
-        nxt[t] = u
+        N[NXT, t] = u
     else:
-        head[c, lst] = u
-    tail[c, lst] = u
-    tag[u] = lst + 1
-    length[c, lst] += 1
+        H[c, HEAD + lst] = u
+    H[c, TAIL + lst] = u
+    N[TAG, u] = lst + 1
+    H[c, LEN + lst] += 1
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _unlink(u, c, prv, nxt, tag, head, tail, length):
-    lst = tag[u] - 1
-    p = prv[u]
-    q = nxt[u]
+@njit(cache=True, nogil=True)
+def _unlink(u, c, N, H):
+    lst = N[TAG, u] - 1
+    p = N[PRV, u]
+    q = N[NXT, u]
     if p >= 0:
-        nxt[p] = q
+        N[NXT, p] = q
     else:
-        head[c, lst] = q
+        H[c, HEAD + lst] = q
     if q >= 0:
-        prv[q] = p
+        N[PRV, q] = p
     else:
-        tail[c, lst] = p
-    tag[u] = 0
-    length[c, lst] -= 1
+        H[c, TAIL + lst] = p
+    N[TAG, u] = 0
+    H[c, LEN + lst] -= 1
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _in_row(keys, r, u_key):
+@njit(cache=True, nogil=True)
+def _in_row(keys, r, key):
     for j in range(keys.shape[1]):
-        if keys[r, j] == u_key:
+        if keys[r, j] == key:
             return True
     return False
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _first_allowed(start, keys, r, base, nxt):
-    u = start
+@njit(cache=True, nogil=True)
+def _first_allowed(u, keys, r, base, N):
+    """The first node from ``u`` on (towards the tail) that is not a key of row ``r``, or -1."""
     while u >= 0 and _in_row(keys, r, u - base):
-        u = nxt[u]
+        u = N[NXT, u]
     return u
 
 
@@ -152,114 +158,156 @@ def _randbelow(mt, mti, c, n):
     return r
 
 
-# ---- per-policy pieces ---------------------------------------------------------------------------
+# ---- per-policy victims --------------------------------------------------------------------------
 
-@njit(cache=True, nogil=True, inline="always")
-def _score(code, u, now, fp, ival, fval, stamp, next_use, last):
+@njit(cache=True, nogil=True)
+def _score(code, u, now, fp, N, fval):
     """Eviction score of a resident node for the score policies (lowest goes first)."""
     if code == LFU or code == LFU_CACHE:
-        return float(ival[u])
+        return float(N[IVAL, u])
     if code == OPT:
-        return -float(next_use[u])
+        return -float(N[NUSE, u])
     if code == LRU_SCAN:
-        return float(last[u])
+        return float(N[LAST, u])
     if code == FIFO_SCAN:
-        return float(stamp[u])
+        return float(N[STAMP, u])
     if code == LRFU:
-        return fval[u] * 0.5 ** (fp[P_RATE] * float(now - stamp[u]))
-    return fval[u] * math.exp((-fp[P_RATE]) * float(now - stamp[u]))  # lfu-decay, gate-weighted
+        return fval[u] * 0.5 ** (fp[P_RATE] * float(now - N[STAMP, u]))
+    return fval[u] * math.exp((-fp[P_RATE]) * float(now - N[STAMP, u]))  # lfu-decay, gate-weighted
 
 
 @njit(cache=True, nogil=True)
-def _hobbit_victim(c, keys, r, base, slots, occ, last, ival, w):
+def _scan_victim(code, c, keys, r, base, now, fp, N, H, fval, slots):
+    """Lowest score among the resident slots outside the row, ties to the least recently requested."""
+    v = -1
+    b_s = 0.0
+    for i in range(H[c, OCC]):
+        x = slots[c, i]
+        if _in_row(keys, r, x - base):
+            continue
+        s = _score(code, x, now, fp, N, fval)
+        if v < 0 or s < b_s or (s == b_s and N[LAST, x] < N[LAST, v]):
+            v = x
+            b_s = s
+    return v
+
+
+@njit(cache=True, nogil=True)
+def _hobbit_victim(c, keys, r, base, w, N, H, slots):
     """Lowest w * rank(recency) + (1 - w) * rank(frequency) among the candidates, ties to the LRU."""
     best = -1
     b_s = 0.0
-    for i in range(occ[c]):
+    occ = H[c, OCC]
+    for i in range(occ):
         u = slots[c, i]
         if _in_row(keys, r, u - base):
             continue
         rec = 0
         cnt = 0
-        for i2 in range(occ[c]):
+        for i2 in range(occ):
             v = slots[c, i2]
             if v == u or _in_row(keys, r, v - base):
                 continue
-            if last[v] < last[u]:
+            if N[LAST, v] < N[LAST, u]:
                 rec += 1
-            if ival[v] < ival[u] or (ival[v] == ival[u] and last[v] < last[u]):
+            if N[IVAL, v] < N[IVAL, u] or (N[IVAL, v] == N[IVAL, u] and N[LAST, v] < N[LAST, u]):
                 cnt += 1
         s = w * rec + (1 - w) * cnt
-        if best < 0 or s < b_s or (s == b_s and last[u] < last[best]):
+        if best < 0 or s < b_s or (s == b_s and N[LAST, u] < N[LAST, best]):
             best = u
             b_s = s
     return best
 
 
 @njit(cache=True, nogil=True)
-def _arc_replace(c, keys, r, base, ghost_hit, p, nxt, head, length, dest):
-    u1 = _first_allowed(head[c, T1], keys, r, base, nxt)
-    u2 = _first_allowed(head[c, T2], keys, r, base, nxt)
-    if u1 >= 0 and (length[c, T1] > p or (length[c, T1] == p and ghost_hit == 2) or u2 < 0):
-        dest[c] = B1 + 1
+def _random_victim(c, keys, r, base, H, slots, buf, mt, mti):
+    """``random.Random.choice(sorted(candidates))``."""
+    m = 0
+    for i in range(H[c, OCC]):
+        x = slots[c, i]
+        if not _in_row(keys, r, x - base):
+            t = m  # insertion sort: a handful of candidates
+            while t > 0 and buf[t - 1] > x:
+                buf[t] = buf[t - 1]
+                t -= 1
+            buf[t] = x
+            m += 1
+    return buf[_randbelow(mt, mti, c, m)]
+
+
+@njit(cache=True, nogil=True)
+def _sieve_victim(c, keys, r, base, N, H):
+    v = H[c, HAND] if H[c, HAND] >= 0 else H[c, HEAD]
+    while True:
+        if not _in_row(keys, r, v - base):
+            if N[IVAL, v] == 0:
+                return v
+            N[IVAL, v] = 0
+        v = N[NXT, v] if N[NXT, v] >= 0 else H[c, HEAD]
+
+
+@njit(cache=True, nogil=True)
+def _arc_replace(c, keys, r, base, ghost_hit, p, N, H):
+    u1 = _first_allowed(H[c, HEAD + T1], keys, r, base, N)
+    u2 = _first_allowed(H[c, HEAD + T2], keys, r, base, N)
+    if u1 >= 0 and (H[c, LEN + T1] > p or (H[c, LEN + T1] == p and ghost_hit == 2) or u2 < 0):
+        H[c, DEST] = B1 + 1
         return u1
-    dest[c] = B2 + 1
+    H[c, DEST] = B2 + 1
     return u2
 
 
 @njit(cache=True, nogil=True)
-def _arc_victim(c, keys, r, base, u_in, size, pend, arc_p, prv, nxt, tag, head, tail, length, dest):
-    ghost_hit = pend[u_in]
-    p = arc_p[c]
+def _arc_victim(c, keys, r, base, u_in, size, p, N, H):
+    ghost_hit = N[PEND, u_in]
     if ghost_hit:
-        return _arc_replace(c, keys, r, base, ghost_hit, p, nxt, head, length, dest)
-    if length[c, T1] + length[c, B1] + 1 > size:
-        if length[c, B1] > 0:
-            _unlink(head[c, B1], c, prv, nxt, tag, head, tail, length)
-            return _arc_replace(c, keys, r, base, 0, p, nxt, head, length, dest)
-        oldest = _first_allowed(head[c, T1], keys, r, base, nxt)
+        return _arc_replace(c, keys, r, base, ghost_hit, p, N, H)
+    if H[c, LEN + T1] + H[c, LEN + B1] + 1 > size:
+        if H[c, LEN + B1] > 0:
+            _unlink(H[c, HEAD + B1], c, N, H)
+            return _arc_replace(c, keys, r, base, 0, p, N, H)
+        oldest = _first_allowed(H[c, HEAD + T1], keys, r, base, N)
         if oldest < 0:
-            return _arc_replace(c, keys, r, base, 0, p, nxt, head, length, dest)
-        dest[c] = 0
+            return _arc_replace(c, keys, r, base, 0, p, N, H)
+        H[c, DEST] = 0
         return oldest
-    total = length[c, T1] + length[c, B1] + length[c, T2] + length[c, B2]
-    if total >= 2 * size and length[c, B2] > 0:
-        _unlink(head[c, B2], c, prv, nxt, tag, head, tail, length)
-    return _arc_replace(c, keys, r, base, 0, p, nxt, head, length, dest)
+    total = H[c, LEN + T1] + H[c, LEN + B1] + H[c, LEN + T2] + H[c, LEN + B2]
+    if total >= 2 * size and H[c, LEN + B2] > 0:
+        _unlink(H[c, HEAD + B2], c, N, H)
+    return _arc_replace(c, keys, r, base, 0, p, N, H)
 
 
 @njit(cache=True, nogil=True)
-def _s3fifo_victim(c, keys, r, base, threshold, main_size, ghost_size, ival, prv, nxt, tag, head, tail, length,
-                   dest):
+def _s3fifo_victim(c, keys, r, base, threshold, N, H):
     while True:
-        small = _first_allowed(head[c, SMALL], keys, r, base, nxt)
-        if length[c, MAIN] > main_size or small < 0:
-            u = head[c, MAIN]
-            end = tail[c, MAIN]
+        small = _first_allowed(H[c, HEAD + SMALL], keys, r, base, N)
+        if H[c, LEN + MAIN] > H[c, MAIN_SZ] or small < 0:
+            u = H[c, HEAD + MAIN]
+            end = H[c, TAIL + MAIN]
             while u >= 0:  # one pass over the main queue as it was (re-inserted keys are not revisited)
-                q = nxt[u]
+                q = N[NXT, u]
                 if not _in_row(keys, r, u - base):
-                    if ival[u] == 0:
-                        dest[c] = 0
+                    if N[IVAL, u] == 0:
+                        H[c, DEST] = 0
                         return u
-                    _unlink(u, c, prv, nxt, tag, head, tail, length)
-                    _append(u, c, MAIN, prv, nxt, tag, head, tail, length)
-                    ival[u] = min(ival[u], 3) - 1
+                    _unlink(u, c, N, H)
+                    _append(u, c, MAIN, N, H)
+                    N[IVAL, u] = min(N[IVAL, u], 3) - 1
                 if u == end:
                     break
                 u = q
             continue
         u = small
-        end = tail[c, SMALL]
+        end = H[c, TAIL + SMALL]
         while u >= 0:
-            q = nxt[u]
+            q = N[NXT, u]
             if not _in_row(keys, r, u - base):
-                if ival[u] >= threshold:
-                    _unlink(u, c, prv, nxt, tag, head, tail, length)
-                    _append(u, c, MAIN, prv, nxt, tag, head, tail, length)
-                    ival[u] = 0
+                if N[IVAL, u] >= threshold:
+                    _unlink(u, c, N, H)
+                    _append(u, c, MAIN, N, H)
+                    N[IVAL, u] = 0
                 else:
-                    dest[c] = GHOST + 1 if ghost_size > 0 else 0
+                    H[c, DEST] = GHOST + 1 if H[c, GHOST_SZ] > 0 else 0
                     return u
             if u == end:
                 break
@@ -270,50 +318,32 @@ def _s3fifo_victim(c, keys, r, base, threshold, main_size, ghost_size, ival, prv
 
 @njit(cache=True, nogil=True)
 def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_groups, nxt_use, fp, mt0):
-    """Replay rows (atomic per row; sequential = rows of width 1) under built-in policy ``code``.
-    Returns (requests, hits) per group."""
+    """Replay rows (atomic per row; sequential = rows of width 1) under the built-in policy whose code
+    is ``len(spec)`` (see :func:`kernel_spec`). Returns (requests, hits) per group."""
     code = len(spec)  # a compile-time constant: each policy gets its own specialisation, dead branches gone
     n, w = keys.shape
     n_caches = sizes.shape[0]
     n_nodes = n_caches * n_keys
     req = np.zeros(n_groups, np.int64)
     hit = np.zeros(n_groups, np.int64)
-    resident = np.zeros(n_nodes, np.bool_)
-    last = np.zeros(n_nodes, np.int64)
-    occ = np.zeros(n_caches, np.int64)
-    # lists
-    prv = np.full(n_nodes, -1, np.int64)
-    nxt = np.full(n_nodes, -1, np.int64)
-    tag = np.zeros(n_nodes, np.int64)
-    head = np.full((n_caches, 4), -1, np.int64)
-    tail = np.full((n_caches, 4), -1, np.int64)
-    length = np.zeros((n_caches, 4), np.int64)
-    # per-key policy values
-    ival = np.zeros(n_nodes, np.int64)
-    fval = np.zeros(n_nodes, np.float64)
-    stamp = np.zeros(n_nodes, np.int64)
-    next_use = np.zeros(n_nodes, np.int64)
-    # resident slots, for the scanned policies
+    N = np.zeros((10, n_nodes), np.int64)
+    N[PRV, :] = -1
+    N[NXT, :] = -1
+    N[SLOT, :] = -1
+    H = np.zeros((n_caches, 20), np.int64)
+    H[:, HEAD:LEN] = -1
+    H[:, HAND] = -1
+    fval = np.zeros(n_nodes, np.float64)   # lfu-decay, gate-weighted: score; lrfu: CRF
+    arc_p = np.zeros(n_caches, np.float64)  # arc's target size of T1
+    for c in range(n_caches):
+        H[c, SMALL_SZ] = max(1, int(sizes[c] * fp[P_SMALL]))
+        H[c, MAIN_SZ] = sizes[c] - H[c, SMALL_SZ]
+        H[c, GHOST_SZ] = int(sizes[c] * fp[P_GHOST])
+    threshold = int(fp[P_MOVE])
     scanned = code == LFU or code == OPT or code == LFU_CACHE or code == LFU_DECAY or code == GATE_WEIGHTED \
         or code == LRFU or code == HOBBIT or code == RANDOM or code == LRU_SCAN or code == FIFO_SCAN
     kmax = max(1, sizes.max())
     slots = np.full((n_caches, kmax), -1, np.int64)
-    slot_of = np.full(n_nodes, -1, np.int64)
-    # per-cache policy state
-    hand = np.full(n_caches, -1, np.int64)          # sieve
-    arc_p = np.zeros(n_caches, np.float64)          # arc's target size of T1
-    dest = np.zeros(n_caches, np.int64)             # arc / s3fifo: ghost list (+1) the victim goes to
-    pend = np.zeros(n_nodes, np.int64)              # arc: ghost list a missing key was found in
-    on_ghost = np.zeros(n_caches, np.bool_)         # s3fifo: hit_on_ghost
-    evicted = np.zeros(n_caches, np.bool_)          # s3fifo: has_evicted
-    small_size = np.zeros(n_caches, np.int64)
-    main_size = np.zeros(n_caches, np.int64)
-    ghost_size = np.zeros(n_caches, np.int64)
-    for c in range(n_caches):
-        small_size[c] = max(1, int(sizes[c] * fp[P_SMALL]))
-        main_size[c] = sizes[c] - small_size[c]
-        ghost_size[c] = int(sizes[c] * fp[P_GHOST])
-    threshold = int(fp[P_MOVE])
     mt = np.zeros((n_caches if code == RANDOM else 1, MT_N), np.int64)
     mti = np.zeros(n_caches, np.int64)
     if code == RANDOM:
@@ -334,136 +364,110 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
         # look up + access, router order
         for j in range(w):
             u = base + keys[r, j]
-            if resident[u]:
+            if N[RES, u]:
                 hit[g] += 1
             tick += 1
-            last[u] = tick
+            N[LAST, u] = tick
             if code == LFU or code == LFU_CACHE or code == HOBBIT:
-                ival[u] += 1
+                N[IVAL, u] += 1
             elif code == OPT:
-                next_use[u] = nxt_use[r, j]
-            elif code == LFU_DECAY or code == GATE_WEIGHTED or code == LRFU:
-                if code == LRFU:
-                    fval[u] = 1.0 + fval[u] * 0.5 ** (fp[P_RATE] * float(now - stamp[u]))
-                else:
-                    inc = 1.0 if code == LFU_DECAY else float(weights[r, j])
-                    fval[u] = fval[u] * math.exp((-fp[P_RATE]) * float(now - stamp[u])) + inc
-                stamp[u] = now
+                N[NUSE, u] = nxt_use[r, j]
+            elif code == LRFU:
+                fval[u] = 1.0 + fval[u] * 0.5 ** (fp[P_RATE] * float(now - N[STAMP, u]))
+                N[STAMP, u] = now
+            elif code == LFU_DECAY or code == GATE_WEIGHTED:
+                inc = 1.0 if code == LFU_DECAY else float(weights[r, j])
+                fval[u] = fval[u] * math.exp((-fp[P_RATE]) * float(now - N[STAMP, u])) + inc
+                N[STAMP, u] = now
             elif code == SIEVE:
-                if resident[u]:
-                    ival[u] = 1
+                if N[RES, u]:
+                    N[IVAL, u] = 1
             elif code == ARC:
-                t = tag[u] - 1
+                t = N[TAG, u] - 1
                 if t == T1 or t == T2:
-                    _unlink(u, c, prv, nxt, tag, head, tail, length)
-                    _append(u, c, T2, prv, nxt, tag, head, tail, length)
+                    _unlink(u, c, N, H)
+                    _append(u, c, T2, N, H)
                 elif t == B1:
-                    arc_p[c] = min(arc_p[c] + max(length[c, B2] / length[c, B1], 1.0), float(size))
-                    _unlink(u, c, prv, nxt, tag, head, tail, length)
-                    pend[u] = 1
+                    arc_p[c] = min(arc_p[c] + max(H[c, LEN + B2] / H[c, LEN + B1], 1.0), float(size))
+                    _unlink(u, c, N, H)
+                    N[PEND, u] = 1
                 elif t == B2:
-                    arc_p[c] = max(arc_p[c] - max(length[c, B1] / length[c, B2], 1.0), 0.0)
-                    _unlink(u, c, prv, nxt, tag, head, tail, length)
-                    pend[u] = 2
+                    arc_p[c] = max(arc_p[c] - max(H[c, LEN + B1] / H[c, LEN + B2], 1.0), 0.0)
+                    _unlink(u, c, N, H)
+                    N[PEND, u] = 2
                 else:
-                    pend[u] = 0
+                    N[PEND, u] = 0
             elif code == S3FIFO:
-                t = tag[u] - 1
+                t = N[TAG, u] - 1
                 if t == SMALL or t == MAIN:
-                    ival[u] += 1
+                    N[IVAL, u] += 1
                 elif t == GHOST:
-                    _unlink(u, c, prv, nxt, tag, head, tail, length)
-                    on_ghost[c] = True
+                    _unlink(u, c, N, H)
+                    H[c, ON_GHOST] = 1
         # insert the missing keys, router order, evicting keys outside the row
         for j in range(w):
             u = base + keys[r, j]
-            if resident[u]:
+            if N[RES, u]:
                 continue
-            if occ[c] >= size:
-                # victim
+            if H[c, OCC] >= size:
                 if code == LRU or code == FIFO:
-                    v = _first_allowed(head[c, 0], keys, r, base, nxt)
+                    v = _first_allowed(H[c, HEAD], keys, r, base, N)
                 elif code == SIEVE:
-                    v = hand[c] if hand[c] >= 0 else head[c, 0]
-                    while True:
-                        if not _in_row(keys, r, v - base):
-                            if ival[v] == 0:
-                                break
-                            ival[v] = 0
-                        v = nxt[v] if nxt[v] >= 0 else head[c, 0]
+                    v = _sieve_victim(c, keys, r, base, N, H)
                 elif code == ARC:
-                    v = _arc_victim(c, keys, r, base, u, size, pend, arc_p, prv, nxt, tag, head, tail, length, dest)
+                    v = _arc_victim(c, keys, r, base, u, size, arc_p[c], N, H)
                 elif code == S3FIFO:
-                    evicted[c] = True
-                    v = _s3fifo_victim(c, keys, r, base, threshold, main_size[c], ghost_size[c], ival, prv, nxt,
-                                       tag, head, tail, length, dest)
+                    H[c, EVICTED] = 1
+                    v = _s3fifo_victim(c, keys, r, base, threshold, N, H)
                 elif code == HOBBIT:
-                    v = _hobbit_victim(c, keys, r, base, slots, occ, last, ival, fp[P_RATE])
+                    v = _hobbit_victim(c, keys, r, base, fp[P_RATE], N, H, slots)
                 elif code == RANDOM:
-                    m = 0
-                    for i in range(occ[c]):
-                        x = slots[c, i]
-                        if not _in_row(keys, r, x - base):
-                            buf[m] = x
-                            m += 1
-                    buf[:m].sort()
-                    v = buf[_randbelow(mt, mti, c, m)]
-                else:  # score policies: lowest score, ties to the least recently requested
-                    v = -1
-                    b_s = 0.0
-                    for i in range(occ[c]):
-                        x = slots[c, i]
-                        if _in_row(keys, r, x - base):
-                            continue
-                        s = _score(code, x, now, fp, ival, fval, stamp, next_use, last)
-                        if v < 0 or s < b_s or (s == b_s and last[x] < last[v]):
-                            v = x
-                            b_s = s
-                # evict
-                resident[v] = False
-                occ[c] -= 1
-                if scanned:
-                    i = slot_of[v]
-                    moved = slots[c, occ[c]]
-                    slots[c, i] = moved
-                    slot_of[moved] = i
-                    if code == LFU_CACHE:
-                        ival[v] = 0
-                elif code == SIEVE:
-                    hand[c] = nxt[v]
-                    _unlink(v, c, prv, nxt, tag, head, tail, length)
+                    v = _random_victim(c, keys, r, base, H, slots, buf, mt, mti)
                 else:
-                    _unlink(v, c, prv, nxt, tag, head, tail, length)
-                    if (code == ARC or code == S3FIFO) and dest[c] > 0:
-                        lst = dest[c] - 1
-                        if code == S3FIFO and length[c, GHOST] >= ghost_size[c]:
-                            _unlink(head[c, GHOST], c, prv, nxt, tag, head, tail, length)
-                        _append(v, c, lst, prv, nxt, tag, head, tail, length)
+                    v = _scan_victim(code, c, keys, r, base, now, fp, N, H, fval, slots)
+                # evict
+                N[RES, v] = 0
+                H[c, OCC] -= 1
+                if scanned:
+                    i = N[SLOT, v]
+                    moved = slots[c, H[c, OCC]]
+                    slots[c, i] = moved
+                    N[SLOT, moved] = i
+                    if code == LFU_CACHE:
+                        N[IVAL, v] = 0
+                else:
+                    if code == SIEVE:
+                        H[c, HAND] = N[NXT, v]
+                    _unlink(v, c, N, H)
+                    if (code == ARC or code == S3FIFO) and H[c, DEST] > 0:
+                        if code == S3FIFO and H[c, LEN + GHOST] >= H[c, GHOST_SZ]:
+                            _unlink(H[c, HEAD + GHOST], c, N, H)
+                        _append(v, c, H[c, DEST] - 1, N, H)
             # insert
-            resident[u] = True
+            N[RES, u] = 1
             if scanned:
-                slots[c, occ[c]] = u
-                slot_of[u] = occ[c]
+                slots[c, H[c, OCC]] = u
+                N[SLOT, u] = H[c, OCC]
                 if code == FIFO_SCAN:
                     tick += 1
-                    stamp[u] = tick
+                    N[STAMP, u] = tick
             elif code == ARC:
-                _append(u, c, T2 if pend[u] else T1, prv, nxt, tag, head, tail, length)
+                _append(u, c, T2 if N[PEND, u] else T1, N, H)
             elif code == S3FIFO:
-                to_main = on_ghost[c] or (not evicted[c] and length[c, SMALL] >= small_size[c])
-                _append(u, c, MAIN if to_main else SMALL, prv, nxt, tag, head, tail, length)
-                ival[u] = 0
-                on_ghost[c] = False
+                to_main = H[c, ON_GHOST] or (not H[c, EVICTED] and H[c, LEN + SMALL] >= H[c, SMALL_SZ])
+                _append(u, c, MAIN if to_main else SMALL, N, H)
+                N[IVAL, u] = 0
+                H[c, ON_GHOST] = 0
             else:  # lru, fifo, sieve: the tail
-                _append(u, c, 0, prv, nxt, tag, head, tail, length)
-                ival[u] = 0
-            occ[c] += 1
+                _append(u, c, 0, N, H)
+                N[IVAL, u] = 0
+            H[c, OCC] += 1
         if code == LRU:  # the row's keys become the most recent, router order
             for j in range(w):
                 u = base + keys[r, j]
-                if tail[c, 0] != u:
-                    _unlink(u, c, prv, nxt, tag, head, tail, length)
-                    _append(u, c, 0, prv, nxt, tag, head, tail, length)
+                if H[c, TAIL] != u:
+                    _unlink(u, c, N, H)
+                    _append(u, c, 0, N, H)
     return req, hit
 
 
