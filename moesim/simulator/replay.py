@@ -25,12 +25,13 @@ from tqdm import tqdm
 
 from moesim.errors import UsageError
 from moesim.policies.base import NEVER, EvictionPolicy, ExpertCache, make_policy, policy_class
-from moesim.simulator import kernels, policy_kernels
+from moesim.policies.compiled import ScorePolicy
+from moesim.simulator import kernels, policy_kernels, user_kernels
 from moesim.traces.format import Trace
 
 SCOPES = ("layer", "global")
 SEMANTICS = ("atomic", "sequential")
-PolicySpec = str | Callable[[], EvictionPolicy]
+PolicySpec = str | Callable[[], EvictionPolicy] | ScorePolicy
 
 
 class HitCounts:
@@ -204,6 +205,13 @@ def run_generic(stream: RequestStream, make: Callable[[], EvictionPolicy]) -> tu
 def replay_stream(stream: RequestStream, policy: PolicySpec, params: dict[str, Any] | None = None, *,
                   force_generic: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
     """Replay a prebuilt request stream; returns (requests, hits) per layer and the method used."""
+    if isinstance(policy, ScorePolicy) and params:
+        raise UsageError(f"ScorePolicy {policy.name!r} takes no params (its njit functions read module constants)")
+    if isinstance(policy, ScorePolicy) and not force_generic:
+        req, hit = user_kernels.replay_scored(
+            policy.on_access, policy.on_insert, policy.on_evict, policy.score, policy.n_fields, stream.cache,
+            stream.keys, stream.clock, stream.weights, stream.group, stream.sizes, stream.n_keys, stream.n_groups)
+        return req, hit, "numba"
     make = _factory(policy, params)
     compiled = None if force_generic else _compiled(policy, params)
     if compiled is None:
