@@ -173,32 +173,37 @@ def _compiled(policy: PolicySpec, params: dict[str, Any] | None) -> tuple[int, n
 
 
 def run_generic(stream: RequestStream, make: Callable[[], EvictionPolicy]) -> tuple[np.ndarray, np.ndarray]:
-    """The generic path: ExpertCache + policy objects. Returns (requests, hits) per layer."""
+    """The generic path: ExpertCache + policy objects. Returns (requests, hits) per layer.
+
+    Caches are independent, so each cache replays its own rows in one call
+    (:meth:`ExpertCache.request_rows`), in trace order."""
     caches = [ExpertCache(int(s), make()) if s > 0 else None for s in stream.sizes]
     needs_future = any(c is not None and c.policy.needs_future for c in caches)
-    nxt = stream.next_use().tolist() if needs_future else None
-    keys = stream.keys.tolist()
-    weights = stream.weights.tolist()
+    nxt = stream.next_use() if needs_future else None
     req = np.zeros(stream.n_groups, np.int64)
     hit = np.zeros(stream.n_groups, np.int64)
-    width = stream.keys.shape[1]
-    np.add.at(req, stream.group, width)
-    hits_by_row = [0] * len(keys)
-    clock = stream.clock.tolist()
-    cache_of = stream.cache.tolist()
-    # a progress bar for long Python replays (tqdm hides itself when stderr is not a terminal)
+    np.add.at(req, stream.group, stream.keys.shape[1])
+    hits_by_row = np.zeros(len(stream.cache), np.int64)
+    order = np.argsort(stream.cache, kind="stable")
+    bounds = np.searchsorted(stream.cache[order], np.arange(stream.n_caches + 1))
     chunk = 1 << 16
-    with tqdm(total=len(keys), unit="row", desc="replay", disable=len(keys) < 4 * chunk or None,
+    # a progress bar for long Python replays (tqdm hides itself when stderr is not a terminal)
+    with tqdm(total=len(order), unit="row", desc="replay", disable=len(order) < 4 * chunk or None,
               leave=False) as bar:
-        for lo in range(0, len(keys), chunk):
-            for r in range(lo, min(lo + chunk, len(keys))):
-                cache = caches[cache_of[r]]
-                if cache is None:
-                    continue
-                missing = cache.request(keys[r], clock[r], weights[r], None if nxt is None else nxt[r])
-                hits_by_row[r] = width - len(missing)
-            bar.update(min(chunk, len(keys) - lo))
-    np.add.at(hit, stream.group, np.asarray(hits_by_row, dtype=np.int64))
+        for c, cache in enumerate(caches):
+            rows = order[bounds[c]:bounds[c + 1]]
+            if cache is None:
+                bar.update(len(rows))
+                continue
+            weighted = type(cache.policy).on_access is not EvictionPolicy.on_access
+            for lo in range(0, len(rows), chunk):
+                part = rows[lo:lo + chunk]
+                hits_by_row[part] = cache.request_rows(
+                    stream.keys[part].tolist(), stream.clock[part].tolist(),
+                    stream.weights[part].tolist() if weighted else None,
+                    None if nxt is None else nxt[part].tolist())
+                bar.update(len(part))
+    np.add.at(hit, stream.group, hits_by_row)
     return req, hit
 
 
