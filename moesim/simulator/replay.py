@@ -83,10 +83,15 @@ class RequestStream:
     keys: np.ndarray     # (n, w) int64
     clock: np.ndarray    # (n,) int64: the token ordinal (policies' ``now``: ages are in tokens)
     group: np.ndarray    # (n,) int64: the MoE layer, for per-layer statistics
-    weights: np.ndarray  # (n, w) float32
-    sizes: np.ndarray    # (n_caches,) int64
-    n_keys: int
-    n_groups: int
+    weights_of: Callable[[], np.ndarray] = field(repr=False)  # (n, w) float32, built on first use
+    sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (n_caches,) int64
+    n_keys: int = 0
+    n_groups: int = 0
+
+    @property
+    def weights(self) -> np.ndarray:
+        """Routing weights, decoded from float16 only when a policy reads them (most do not)."""
+        return self.weights_of()
 
     @property
     def n_caches(self) -> int:
@@ -121,26 +126,49 @@ def build_stream(trace: Trace, cache_size: int | Sequence[int], scope: str = "la
     if semantics not in SEMANTICS:
         raise UsageError(f"unknown semantics {semantics!r} (known: {', '.join(SEMANTICS)})")
     sizes = resolve_sizes(trace, cache_size, scope)
-    trace = trace.execution_order()
-    meta = trace.meta
-    layer = trace.layer.astype(np.int64)
-    experts = trace.experts.astype(np.int64)
-    weights = trace.weights
+    cache, keys, clock, group, weights_of, n_keys = _stream_arrays(trace, scope, semantics)
+    return RequestStream(cache, keys, clock, group, weights_of, sizes, n_keys, trace.meta.num_layers)
+
+
+def _stream_arrays(trace: Trace, scope: str, semantics: str) -> tuple:
+    """The size-independent part of a request stream, built once per (trace, scope, semantics) and kept
+    on the trace object: a sweep or an mrc over sizes and policies reads the columns once."""
+    memo = trace.__dict__.setdefault("_request_streams", {})
+    if (scope, semantics) in memo:
+        return memo[scope, semantics]
+    ordered = trace.execution_order()
+    meta = ordered.meta
+    layer = ordered.layer.astype(np.int64)
+    experts = ordered.experts.astype(np.int64)
     if scope == "layer":
         cache, keys, n_keys = layer, experts, meta.num_experts
     else:
         cache = np.zeros_like(layer)
-        keys = layer[:, None] * meta.num_experts + experts
+        keys = experts + (layer * meta.num_experts)[:, None]
         n_keys = meta.num_layers * meta.num_experts
+    seq, token = ordered.seq, ordered.token
+    new_token = np.empty(len(layer), bool)
+    new_token[:1] = False
+    np.not_equal(seq[1:], seq[:-1], out=new_token[1:])
+    new_token[1:] |= token[1:] != token[:-1]
+    clock = np.cumsum(new_token, dtype=np.int64)
     group = layer
-    pair = np.stack([trace.seq, trace.token], 1)
-    clock = np.cumsum(np.r_[False, (pair[1:] != pair[:-1]).any(1)]).astype(np.int64)
+    width = keys.shape[1]
+    decoded: list[np.ndarray] = []
+
+    def weights_of() -> np.ndarray:
+        if not decoded:
+            w = ordered.weights
+            decoded.append(np.ascontiguousarray(w.reshape(-1, 1) if semantics == "sequential" else w))
+        return decoded[0]
+
     if semantics == "sequential":
-        w = keys.shape[1]
-        cache, group, clock = np.repeat(cache, w), np.repeat(group, w), np.repeat(clock, w)
-        keys, weights = keys.reshape(-1, 1), weights.reshape(-1, 1)
-    return RequestStream(np.ascontiguousarray(cache), np.ascontiguousarray(keys), clock, np.ascontiguousarray(group),
-                         np.ascontiguousarray(weights), sizes, n_keys, meta.num_layers)
+        cache, group, clock = np.repeat(cache, width), np.repeat(group, width), np.repeat(clock, width)
+        keys = keys.reshape(-1, 1)
+    out = (np.ascontiguousarray(cache), np.ascontiguousarray(keys), clock, np.ascontiguousarray(group), weights_of,
+           n_keys)
+    memo[scope, semantics] = out
+    return out
 
 
 def _policy_name(policy: PolicySpec) -> str:
