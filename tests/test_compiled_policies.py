@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from moesim.errors import UsageError
 from moesim.policies import policy_names
 from moesim.simulator import policy_kernels
-from moesim.simulator.replay import build_stream, replay_stream, simulate
+from moesim.simulator.replay import build_stream, mrc, replay_stream, simulate
 from tests.helpers import random_trace, write_trace
 
 ALL = policy_names()
@@ -110,3 +110,13 @@ def test_bad_parameters_are_usage_errors(skewed):
         simulate(skewed, "lrfu", 4, params={"lam": 2.0})
     with pytest.raises(UsageError, match="lrfu"):
         simulate(skewed, "lrfu", 4, params={"nope": 1})
+
+
+@pytest.mark.parametrize("name", ["fifo", "arc", "lfu-decay", "opt"])
+def test_mrc_threads_equal_per_size_runs(skewed, name):
+    threaded = mrc(skewed, name, [2, 3, 5, 8], workers=2)
+    serial = mrc(skewed, name, [2, 3, 5, 8], workers=1)
+    assert threaded.method == "per-size runs (compiled, 2 threads)"
+    assert threaded.curve == serial.curve
+    assert [c["hits"] for c in serial.curve] == [simulate(skewed, name, k, force_generic=True).hits
+                                                for k in (2, 3, 5, 8)]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -293,8 +293,8 @@ def mrc(trace: Trace, policy: PolicySpec, sizes: Sequence[int] | None = None, *,
     """Hit rate for every cache size (default: top-k .. experts per layer, or .. all keys if global).
 
     LRU uses one pass over the trace (stack depths; inclusion holds under the atomic semantics).
-    The other compiled policies run every size inside one compiled call; the rest run one process
-    per size.
+    The other built-ins run one compiled replay per size, in parallel threads (``workers``; 1 = all
+    sizes inside one compiled call); other policies run one process per size.
     """
     meta = trace.meta
     n_keys = meta.num_experts if scope == "layer" else meta.num_experts * meta.num_layers
@@ -317,10 +317,22 @@ def mrc(trace: Trace, policy: PolicySpec, sizes: Sequence[int] | None = None, *,
         code, fp, mt = compiled
         nxt = stream.next_use() if code == policy_kernels.OPT else np.zeros((1, 1), np.int64)
         spec = policy_kernels.kernel_spec(code, np.asarray([max(sizes)]))
-        hits = policy_kernels.replay_builtin_sizes(spec, stream.cache, stream.keys, stream.clock, stream.weights,
-                                                   stream.group, np.asarray(sizes, np.int64), stream.n_caches,
-                                                   stream.n_keys, stream.n_groups, nxt, fp, mt).tolist()
-        method = "per-size runs (compiled)"
+        args = (stream.cache, stream.keys, stream.clock, stream.weights, stream.group)
+        n_workers = workers or min(len(sizes), os.cpu_count() or 1)
+        if n_workers > 1:  # the kernels release the GIL: one thread per size, no pickling
+
+            def one(k: int) -> int:
+                sized = np.full(stream.n_caches, k, np.int64)
+                return int(policy_kernels.replay_builtin(spec, *args, sized, stream.n_keys, stream.n_groups, nxt,
+                                                         fp, mt)[1].sum())
+
+            with ThreadPoolExecutor(n_workers) as pool:
+                hits = list(pool.map(one, sizes))
+            method = f"per-size runs (compiled, {n_workers} threads)"
+        else:
+            hits = policy_kernels.replay_builtin_sizes(spec, *args, np.asarray(sizes, np.int64), stream.n_caches,
+                                                       stream.n_keys, stream.n_groups, nxt, fp, mt).tolist()
+            method = "per-size runs (compiled)"
     else:
         jobs = [(trace, policy, s, scope, semantics, params) for s in sizes]
         n_workers = workers or min(len(sizes), os.cpu_count() or 1)
