@@ -111,17 +111,11 @@ def _unlink(u, c, N, H):
 
 
 @njit(cache=True, nogil=True)
-def _in_row(keys, r, key):
-    for j in range(keys.shape[1]):
-        if keys[r, j] == key:
-            return True
-    return False
-
-
-@njit(cache=True, nogil=True)
-def _first_allowed(u, keys, r, base, N):
-    """The first node from ``u`` on (towards the tail) that is not a key of row ``r``, or -1."""
-    while u >= 0 and _in_row(keys, r, u - base):
+def _first_allowed(u, t0, N):
+    """The first node from ``u`` on (towards the tail) that is not a key of the current row, or -1.
+    A node is in the current row iff it was requested after the row began (``LAST > t0``): every key
+    of the row is accessed before any victim is chosen, and only they carry those ticks."""
+    while u >= 0 and N[LAST, u] > t0:
         u = N[NXT, u]
     return u
 
@@ -177,13 +171,13 @@ def _score(code, u, now, fp, N, fval):
 
 
 @njit(cache=True, nogil=True)
-def _scan_victim(code, c, keys, r, base, now, fp, N, H, fval, slots):
+def _scan_victim(code, c, t0, now, fp, N, H, fval, slots):
     """Lowest score among the resident slots outside the row, ties to the least recently requested."""
     v = -1
     b_s = 0.0
     for i in range(H[c, OCC]):
         x = slots[c, i]
-        if _in_row(keys, r, x - base):
+        if N[LAST, x] > t0:
             continue
         s = _score(code, x, now, fp, N, fval)
         if v < 0 or s < b_s or (s == b_s and N[LAST, x] < N[LAST, v]):
@@ -193,20 +187,20 @@ def _scan_victim(code, c, keys, r, base, now, fp, N, H, fval, slots):
 
 
 @njit(cache=True, nogil=True)
-def _hobbit_victim(c, keys, r, base, w, N, H, slots):
+def _hobbit_victim(c, t0, w, N, H, slots):
     """Lowest w * rank(recency) + (1 - w) * rank(frequency) among the candidates, ties to the LRU."""
     best = -1
     b_s = 0.0
     occ = H[c, OCC]
     for i in range(occ):
         u = slots[c, i]
-        if _in_row(keys, r, u - base):
+        if N[LAST, u] > t0:
             continue
         rec = 0
         cnt = 0
         for i2 in range(occ):
             v = slots[c, i2]
-            if v == u or _in_row(keys, r, v - base):
+            if v == u or N[LAST, v] > t0:
                 continue
             if N[LAST, v] < N[LAST, u]:
                 rec += 1
@@ -220,12 +214,12 @@ def _hobbit_victim(c, keys, r, base, w, N, H, slots):
 
 
 @njit(cache=True, nogil=True)
-def _random_victim(c, keys, r, base, H, slots, buf, mt, mti):
+def _random_victim(c, t0, N, H, slots, buf, mt, mti):
     """``random.Random.choice(sorted(candidates))``."""
     m = 0
     for i in range(H[c, OCC]):
         x = slots[c, i]
-        if not _in_row(keys, r, x - base):
+        if not N[LAST, x] > t0:
             t = m  # insertion sort: a handful of candidates
             while t > 0 and buf[t - 1] > x:
                 buf[t] = buf[t - 1]
@@ -236,10 +230,10 @@ def _random_victim(c, keys, r, base, H, slots, buf, mt, mti):
 
 
 @njit(cache=True, nogil=True)
-def _sieve_victim(c, keys, r, base, N, H):
+def _sieve_victim(c, t0, N, H):
     v = H[c, HAND] if H[c, HAND] >= 0 else H[c, HEAD]
     while True:
-        if not _in_row(keys, r, v - base):
+        if not N[LAST, v] > t0:
             if N[IVAL, v] == 0:
                 return v
             N[IVAL, v] = 0
@@ -247,9 +241,9 @@ def _sieve_victim(c, keys, r, base, N, H):
 
 
 @njit(cache=True, nogil=True)
-def _arc_replace(c, keys, r, base, ghost_hit, p, N, H):
-    u1 = _first_allowed(H[c, HEAD + T1], keys, r, base, N)
-    u2 = _first_allowed(H[c, HEAD + T2], keys, r, base, N)
+def _arc_replace(c, t0, ghost_hit, p, N, H):
+    u1 = _first_allowed(H[c, HEAD + T1], t0, N)
+    u2 = _first_allowed(H[c, HEAD + T2], t0, N)
     if u1 >= 0 and (H[c, LEN + T1] > p or (H[c, LEN + T1] == p and ghost_hit == 2) or u2 < 0):
         H[c, DEST] = B1 + 1
         return u1
@@ -258,35 +252,35 @@ def _arc_replace(c, keys, r, base, ghost_hit, p, N, H):
 
 
 @njit(cache=True, nogil=True)
-def _arc_victim(c, keys, r, base, u_in, size, p, N, H):
+def _arc_victim(c, t0, u_in, size, p, N, H):
     ghost_hit = N[PEND, u_in]
     if ghost_hit:
-        return _arc_replace(c, keys, r, base, ghost_hit, p, N, H)
+        return _arc_replace(c, t0, ghost_hit, p, N, H)
     if H[c, LEN + T1] + H[c, LEN + B1] + 1 > size:
         if H[c, LEN + B1] > 0:
             _unlink(H[c, HEAD + B1], c, N, H)
-            return _arc_replace(c, keys, r, base, 0, p, N, H)
-        oldest = _first_allowed(H[c, HEAD + T1], keys, r, base, N)
+            return _arc_replace(c, t0, 0, p, N, H)
+        oldest = _first_allowed(H[c, HEAD + T1], t0, N)
         if oldest < 0:
-            return _arc_replace(c, keys, r, base, 0, p, N, H)
+            return _arc_replace(c, t0, 0, p, N, H)
         H[c, DEST] = 0
         return oldest
     total = H[c, LEN + T1] + H[c, LEN + B1] + H[c, LEN + T2] + H[c, LEN + B2]
     if total >= 2 * size and H[c, LEN + B2] > 0:
         _unlink(H[c, HEAD + B2], c, N, H)
-    return _arc_replace(c, keys, r, base, 0, p, N, H)
+    return _arc_replace(c, t0, 0, p, N, H)
 
 
 @njit(cache=True, nogil=True)
-def _s3fifo_victim(c, keys, r, base, threshold, N, H):
+def _s3fifo_victim(c, t0, threshold, N, H):
     while True:
-        small = _first_allowed(H[c, HEAD + SMALL], keys, r, base, N)
+        small = _first_allowed(H[c, HEAD + SMALL], t0, N)
         if H[c, LEN + MAIN] > H[c, MAIN_SZ] or small < 0:
             u = H[c, HEAD + MAIN]
             end = H[c, TAIL + MAIN]
             while u >= 0:  # one pass over the main queue as it was (re-inserted keys are not revisited)
                 q = N[NXT, u]
-                if not _in_row(keys, r, u - base):
+                if not N[LAST, u] > t0:
                     if N[IVAL, u] == 0:
                         H[c, DEST] = 0
                         return u
@@ -301,7 +295,7 @@ def _s3fifo_victim(c, keys, r, base, threshold, N, H):
         end = H[c, TAIL + SMALL]
         while u >= 0:
             q = N[NXT, u]
-            if not _in_row(keys, r, u - base):
+            if not N[LAST, u] > t0:
                 if N[IVAL, u] >= threshold:
                     _unlink(u, c, N, H)
                     _append(u, c, MAIN, N, H)
@@ -362,6 +356,7 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
         base = c * n_keys
         now = clock[r]
         # look up + access, router order
+        t0 = tick  # the row's keys are exactly the nodes with LAST > t0 from here on
         for j in range(w):
             u = base + keys[r, j]
             if N[RES, u]:
@@ -411,20 +406,20 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                 continue
             if H[c, OCC] >= size:
                 if code == LRU or code == FIFO:
-                    v = _first_allowed(H[c, HEAD], keys, r, base, N)
+                    v = _first_allowed(H[c, HEAD], t0, N)
                 elif code == SIEVE:
-                    v = _sieve_victim(c, keys, r, base, N, H)
+                    v = _sieve_victim(c, t0, N, H)
                 elif code == ARC:
-                    v = _arc_victim(c, keys, r, base, u, size, arc_p[c], N, H)
+                    v = _arc_victim(c, t0, u, size, arc_p[c], N, H)
                 elif code == S3FIFO:
                     H[c, EVICTED] = 1
-                    v = _s3fifo_victim(c, keys, r, base, threshold, N, H)
+                    v = _s3fifo_victim(c, t0, threshold, N, H)
                 elif code == HOBBIT:
-                    v = _hobbit_victim(c, keys, r, base, fp[P_RATE], N, H, slots)
+                    v = _hobbit_victim(c, t0, fp[P_RATE], N, H, slots)
                 elif code == RANDOM:
-                    v = _random_victim(c, keys, r, base, H, slots, buf, mt, mti)
+                    v = _random_victim(c, t0, N, H, slots, buf, mt, mti)
                 else:
-                    v = _scan_victim(code, c, keys, r, base, now, fp, N, H, fval, slots)
+                    v = _scan_victim(code, c, t0, now, fp, N, H, fval, slots)
                 # evict
                 N[RES, v] = 0
                 H[c, OCC] -= 1

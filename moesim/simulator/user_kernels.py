@@ -11,8 +11,6 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from moesim.simulator.policy_kernels import _in_row
-
 
 @njit(nogil=True)
 def replay_scored(on_access, on_insert, on_evict, score, n_fields, cache, keys, clock, weights, group, sizes, n_keys,
@@ -39,6 +37,7 @@ def replay_scored(on_access, on_insert, on_evict, score, n_fields, cache, keys, 
             continue
         st = state[c]
         now = clock[r]
+        t0 = tick  # keys of this row are exactly those requested after t0
         for j in range(w):
             key = keys[r, j]
             if resident[c, key]:
@@ -55,7 +54,7 @@ def replay_scored(on_access, on_insert, on_evict, score, n_fields, cache, keys, 
                 b_s = 0.0
                 for i in range(occ[c]):
                     x = slots[c, i]
-                    if _in_row(keys, r, x):
+                    if last[c, x] > t0:
                         continue
                     s = score(st, x, now)
                     if v < 0 or s < b_s or (s == b_s and last[c, x] < last[c, v]):
