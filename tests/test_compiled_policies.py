@@ -112,7 +112,7 @@ def test_bad_parameters_are_usage_errors(skewed):
         simulate(skewed, "lrfu", 4, params={"nope": 1})
 
 
-@pytest.mark.parametrize("name", ["fifo", "arc", "lfu-decay", "opt"])
+@pytest.mark.parametrize("name", ["fifo", "arc", "s3fifo", "hobbit"])
 def test_mrc_threads_equal_per_size_runs(skewed, name):
     threaded = mrc(skewed, name, [2, 3, 5, 8], workers=2)
     serial = mrc(skewed, name, [2, 3, 5, 8], workers=1)
@@ -120,3 +120,21 @@ def test_mrc_threads_equal_per_size_runs(skewed, name):
     assert threaded.curve == serial.curve
     assert [c["hits"] for c in serial.curve] == [simulate(skewed, name, k, force_generic=True).hits
                                                 for k in (2, 3, 5, 8)]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.tuples(st.integers(3, 10), st.integers(1, 3), st.integers(0, 2**32 - 1), st.integers(1, 40),
+                      st.sampled_from(["lfu", "opt", "lrfu", "lfu-decay", "gate-weighted"]), st.sampled_from(SCOPES)))
+def test_one_pass_mrc_of_stack_policies_equals_per_size_runs_property(tmp_path_factory, data):
+    e, k, seed, n, name, (scope, semantics) = data
+    k = min(k, e)
+    rng = np.random.default_rng(seed)
+    p = rng.dirichlet(np.ones(e) * 0.5)
+    sets = [list(rng.choice(e, k, replace=False, p=p)) for _ in range(n * 2)]
+    t = write_trace(tmp_path_factory.mktemp("m") / "t.parquet", sets, num_layers=2, num_experts=e,
+                    weights=rng.dirichlet(np.ones(k), size=len(sets)))
+    curve = mrc(t, name, scope=scope, semantics=semantics, params=PARAMS.get(name))
+    assert curve.method == "one-pass stack (priority)"
+    assert [c["hits"] for c in curve.curve] == [
+        simulate(t, name, c["cache_size"], scope=scope, semantics=semantics, params=PARAMS.get(name),
+                 force_generic=True).hits for c in curve.curve]

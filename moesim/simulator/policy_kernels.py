@@ -31,6 +31,8 @@ LRU, FIFO, LFU, OPT, LFU_CACHE, LFU_DECAY, GATE_WEIGHTED, LRFU, SIEVE, ARC, S3FI
 # lru and fifo on small caches: a stamp per key and a scan of the slots beats moving list nodes on every
 # request (measured: per-layer caches of 4 slots, lru 63 vs 16M requests/s)
 LRU_SCAN, FIFO_SCAN = 13, 14
+# stack policies (priority independent of the cache size): every size in one pass, see stack_depths
+STACK_CODES = (LFU, OPT, LRFU, LFU_DECAY, GATE_WEIGHTED)
 SCAN_MAX_SLOTS = 16
 CODES = {"lru": LRU, "fifo": FIFO, "lfu": LFU, "opt": OPT, "lfu-cache": LFU_CACHE, "lfu-decay": LFU_DECAY,
          "gate-weighted": GATE_WEIGHTED, "lrfu": LRFU, "sieve": SIEVE, "arc": ARC, "s3fifo": S3FIFO,
@@ -477,3 +479,85 @@ def replay_builtin_sizes(spec, cache, keys, clock, weights, group, size_list, n_
                                 mt0)
         out[i] = hit.sum()
     return out
+
+
+# ---- one pass over all sizes for the stack policies ----------------------------------------------
+
+@njit(cache=True, nogil=True)
+def stack_depths(spec, cache, keys, clock, weights, n_caches, n_keys, nxt_use, fp):
+    """Histogram of stack depths (0-based, before each row's update; never-seen keys in the last bin)
+    for a priority policy whose priority does not depend on the cache size (lfu, opt, lrfu, lfu-decay,
+    gate-weighted): hits(K) = sum(hist[:K]) for every K >= the row width, in one pass.
+
+    Why this is exact: the policy state is the same for every size; under the atomic semantics the
+    cache of K slots loses, per row, the lowest-priority keys outside the row, so after the row it holds
+    the row and the K - w highest-priority keys among those it held outside the row. Keeping every
+    size at once is a stack (inclusion: tests/test_inclusion.py) whose update walks down to the deepest
+    key of the row, carrying at most w keys (Mattson et al. 1970, for sets of w keys)."""
+    code = len(spec)
+    n, w = keys.shape
+    n_nodes = n_caches * n_keys
+    N = np.zeros((10, n_nodes), np.int64)
+    fval = np.zeros(n_nodes, np.float64)
+    stack = np.full((n_caches, n_keys), -1, np.int64)
+    pos = np.full(n_nodes, -1, np.int64)
+    used = np.zeros(n_caches, np.int64)
+    hist = np.zeros(n_keys + 1, np.int64)
+    pool = np.empty(w + 1, np.int64)
+    tick = 0
+    for r in range(n):
+        c = cache[r]
+        base = c * n_keys
+        now = clock[r]
+        t0 = tick
+        deepest = 0
+        for j in range(w):
+            u = base + keys[r, j]
+            d = pos[u]
+            hist[d if d >= 0 else n_keys] += 1
+            if d < 0:  # never seen: at the bottom for now (it is lifted to the top below)
+                d = used[c]
+                used[c] += 1
+                stack[c, d] = u
+                pos[u] = d
+            deepest = max(deepest, d)
+            tick += 1
+            N[LAST, u] = tick
+            if code == LFU:
+                N[IVAL, u] += 1
+            elif code == OPT:
+                N[NUSE, u] = nxt_use[r, j]
+            elif code == LRFU:
+                fval[u] = 1.0 + fval[u] * 0.5 ** (fp[P_RATE] * float(now - N[STAMP, u]))
+                N[STAMP, u] = now
+            else:  # lfu-decay, gate-weighted
+                inc = 1.0 if code == LFU_DECAY else float(weights[r, j])
+                fval[u] = fval[u] * math.exp((-fp[P_RATE]) * float(now - N[STAMP, u])) + inc
+                N[STAMP, u] = now
+        # positions 0..w-1: the row; below, after old position i, exactly i + 1 - w of the others
+        # (the highest-priority ones seen so far) are placed; the rest stay in the pool
+        m = 0
+        out = w
+        for i in range(deepest + 1):
+            x = stack[c, i]
+            if N[LAST, x] <= t0:
+                pool[m] = x
+                m += 1
+            while out <= i and m > 0:
+                b = 0
+                sb = _score(code, pool[0], now, fp, N, fval)
+                for t in range(1, m):
+                    s = _score(code, pool[t], now, fp, N, fval)
+                    if s > sb or (s == sb and N[LAST, pool[t]] > N[LAST, pool[b]]):
+                        b = t
+                        sb = s
+                stack[c, out] = pool[b]
+                pos[pool[b]] = out
+                out += 1
+                m -= 1
+                pool[b] = pool[m]
+        for j in range(w):
+            u = base + keys[r, j]
+            stack[c, j] = u
+            pos[u] = j
+    return hist

@@ -306,15 +306,14 @@ def mrc(trace: Trace, policy: PolicySpec, sizes: Sequence[int] | None = None, *,
         workers: int | None = None) -> MRCResult:
     """Hit rate for every cache size (default: top-k .. experts per layer, or .. all keys if global).
 
-    LRU uses one pass over the trace (stack depths; inclusion holds under the atomic semantics).
-    The other built-ins run one compiled replay per size, in parallel threads (``workers``; 1 = all
+    LRU, lfu, opt, lrfu, lfu-decay and gate-weighted use one pass over the trace (stack depths: they
+    have the inclusion property, tests/test_inclusion.py). The other built-ins run one compiled replay per size, in parallel threads (``workers``; 1 = all
     sizes inside one compiled call); other policies run one process per size.
     """
     meta = trace.meta
     n_keys = meta.num_experts if scope == "layer" else meta.num_experts * meta.num_layers
     if sizes is None:
-        lo = meta.top_k if semantics == "atomic" else 1
-        sizes = list(range(lo, n_keys + 1))
+        sizes = list(range(meta.top_k, n_keys + 1))  # smaller caches are a usage error in every semantics
     sizes = [int(s) for s in sizes]
     for s in sizes:
         resolve_sizes(trace, s, scope)
@@ -322,11 +321,20 @@ def mrc(trace: Trace, policy: PolicySpec, sizes: Sequence[int] | None = None, *,
     stream = build_stream(trace, sizes[0], scope, semantics)
     requests = int(stream.keys.size)
     compiled = _compiled(policy, params)
+    width = stream.keys.shape[1]
     if compiled is not None and compiled[0] == policy_kernels.LRU:
         hist = kernels.lru_stack_depths(stream.cache, stream.keys, stream.n_keys, stream.n_caches)
         cum = np.cumsum(hist)
         hits = [int(cum[s - 1]) if s >= 1 else 0 for s in sizes]
         method = "one-pass stack distance"
+    elif compiled is not None and compiled[0] in policy_kernels.STACK_CODES and min(sizes) >= width:
+        code, fp, _ = compiled
+        nxt = stream.next_use() if code == policy_kernels.OPT else np.zeros((1, 1), np.int64)
+        hist = policy_kernels.stack_depths((0,) * code, stream.cache, stream.keys, stream.clock, stream.weights,
+                                           stream.n_caches, stream.n_keys, nxt, fp)
+        cum = np.cumsum(hist)
+        hits = [int(cum[s - 1]) for s in sizes]
+        method = "one-pass stack (priority)"
     elif compiled is not None:
         code, fp, mt = compiled
         nxt = stream.next_use() if code == policy_kernels.OPT else np.zeros((1, 1), np.int64)
