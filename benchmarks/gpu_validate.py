@@ -7,6 +7,16 @@ Run on the GPU box (see docs/engine.md):
 Writes under --out: env.json, calibration_raw.json, validate.json (one entry per cell, rewritten after
 every cell so a killed run still leaves what it finished), events.json (one instrumented replay).
 Everything is measured with CUDA events / synchronised wall time; nothing here is simulated.
+
+Added for the fidelity report (reports/fidelity_h200.md; the defaults keep the old run): the engine-term
+micro-benchmarks and repeated expert copies go into calibration_raw.json (``--no-engine-terms`` skips
+them); ``--skip-tokens N`` replays tokens N .. N+tokens-1 (recorded as ``skip_tokens``, which
+``moesim validate`` honours); ``--extra-trace T`` (repeatable) runs the same cells on more traces in the
+same process, each into ``validate.<stem>.json``; ``--repeats R`` runs every cell R times (cells 2..R are
+``variant: "repeat"``) instead of the default 4 repeats + 6 unsynchronised cells; ``--calib-tokens`` /
+``--calib-contexts`` shorten the calibration; every validate file gets ``in_situ_copies`` (the copy
+events of a 12-token instrumented replay at K = 2 of its own trace) and an engine run with every request
+a miss (``all_miss``, synthetic routing) goes into calibration_raw.json.
 """
 
 from __future__ import annotations
@@ -26,10 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from moesim.engine.gpu_bench import T0, all_resident, calibrate, compile_works, log  # noqa: E402
+from moesim.engine.gpu_bench import T0, all_resident, calibrate, compile_works, engine_terms, log  # noqa: E402
 from moesim.engine.plan import Routing  # noqa: E402
 from moesim.engine.quant import quant_spec  # noqa: E402
-from moesim.engine.runtime import MIXTRAL_8X7B, OffloadedEngine, Program, Weights  # noqa: E402
+from moesim.engine.runtime import MIXTRAL_8X7B, Geometry, OffloadedEngine, Program, Weights  # noqa: E402
+from moesim.engine.validation import head_tokens  # noqa: E402
 from moesim.traces.format import read_trace  # noqa: E402
 
 
@@ -41,7 +52,8 @@ def write(out: Path, name: str, obj) -> None:
 
 def env_info() -> dict:
     info = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
-            "device": torch.cuda.get_device_name(0), "platform": platform.platform()}
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "platform": platform.platform()}
     try:
         import transformers
         info["transformers"] = transformers.__version__
@@ -54,6 +66,42 @@ def env_info() -> dict:
     except Exception as exc:   # noqa: BLE001
         info["nvidia_smi"] = f"failed: {exc}"
     return info
+
+
+def all_miss_routing(geometry, tokens: int) -> Routing:
+    """Synthetic routing where every request misses at K = top-k: token t uses experts
+    {2t, 2t+1} mod 8 at every layer (consecutive tokens are disjoint)."""
+    L, k, E = geometry.num_layers, geometry.top_k, geometry.num_experts
+    t = np.arange(tokens)
+    experts = ((k * t[:, None] + np.arange(k)[None, :]) % E)[:, None, :].repeat(L, axis=1).astype(np.int64)
+    weights = np.full((tokens, L, k), 1.0 / k, np.float32)
+    return Routing(experts, weights, np.arange(tokens * L).reshape(tokens, L), np.zeros(tokens, np.int64),
+                   t.astype(np.int64), E)
+
+
+def all_miss(weights, program, routing: Routing) -> dict:
+    """The engine itself with every request a demand miss (K = top-k): GPU time per token, to set
+    against the simulator's price of the same run (the fidelity report does that, on CPU)."""
+    k = routing.top_k
+    eng = OffloadedEngine(weights, k, "lru", "none", program=program)
+    eng.run(routing.head(4))   # warm-up
+    res = eng.run(routing)
+    out = {"tokens": res.tokens, "layers": routing.num_layers, "requests": res.requests, "misses": res.misses,
+           "gpu_ms_total": float(sum(res.token_ms)), "wall_s": res.wall_s, "cache_size": k,
+           "experts": routing.experts[:, 0, :].tolist()}
+    log(f"all-miss engine run: {res.misses} misses in {res.tokens} tokens, {out['gpu_ms_total'] / res.tokens:.2f} "
+        f"ms/token")
+    return out
+
+
+def copy_stats(events: list[dict], expert_bytes: int) -> dict:
+    """Copy durations (miss and prefetch events) of an instrumented replay."""
+    ms = np.array([e["end_ms"] - e["start_ms"] for e in events if e["kind"] in ("miss", "prefetch")])
+    if not len(ms):
+        return {"n": 0}
+    return {"n": int(len(ms)), "bytes": int(expert_bytes), "median_ms": float(np.median(ms)),
+            "p10_ms": float(np.percentile(ms, 10)), "p90_ms": float(np.percentile(ms, 90)),
+            "min_ms": float(ms.min()), "max_ms": float(ms.max())}
 
 
 def main() -> int:
@@ -69,75 +117,120 @@ def main() -> int:
     ap.add_argument("--sizes", default="2,3,4,6")
     ap.add_argument("--prefetch", default="none,oracle,transition")
     ap.add_argument("--no-graphs", action="store_true", help="eager launches (the first engine's path)")
+    ap.add_argument("--skip-tokens", type=int, default=0, help="replay tokens N.. of --trace (default 0)")
+    ap.add_argument("--extra-trace", action="append", default=[], help="more traces, same cells (from token 0)")
+    ap.add_argument("--repeats", type=int, default=None, help="run every cell this many times")
+    ap.add_argument("--no-engine-terms", action="store_true", help="skip the engine-term micro-benchmarks")
+    ap.add_argument("--calib-tokens", default="1,2,4,8,16,32,64", help="expert-curve token counts")
+    ap.add_argument("--calib-contexts", default="512,1024,2048,4096", help="attention contexts")
+    ap.add_argument("--cpu-check", action="store_true",
+                    help="run the whole orchestration on CPU with a tiny model (tests this script; the GPU "
+                         "micro-benchmarks that need CUDA are skipped, the numbers mean nothing)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = env_info()
     write(out, "env.json", env)
     log(f"env {env}")
-    trace = read_trace(args.trace)
-    routing = Routing.from_trace(trace, args.tokens)
-    geometry = MIXTRAL_8X7B
+    geometry = Geometry.tiny(args.layers) if args.cpu_check else MIXTRAL_8X7B
+    dev = "cpu" if args.cpu_check else "cuda"
     if args.layers != geometry.num_layers:
         geometry = dataclasses.replace(geometry, num_layers=args.layers)
-        routing = routing.first_layers(args.layers)
-    log(f"routing: {routing.num_tokens} tokens x {routing.num_layers} layers")
 
-    compile_ok = compile_works()
+    def load(path: str, skip: int) -> Routing:
+        r = Routing.from_trace(head_tokens(read_trace(path), args.tokens, skip=skip), args.tokens)
+        return r.first_layers(args.layers) if args.layers != r.num_layers else r
+
+    runs = [(args.trace, args.skip_tokens, "validate.json")]
+    runs += [(t, 0, f"validate.{Path(t).stem}.json") for t in args.extra_trace]
+    routings = [load(path, skip) for path, skip, _ in runs]
+    routing = routings[0]
+    for (path, skip, _), r in zip(runs, routings, strict=True):
+        log(f"routing {path} (from token {skip}): {r.num_tokens} tokens x {r.num_layers} layers")
+
+    compile_ok = False if args.cpu_check else compile_works()
     env["compile_ok"] = compile_ok
     write(out, "env.json", env)
 
     spec = quant_spec("hqq2")
     log(f"pinning all experts ({geometry.num_layers} layers x 8, hqq2) ...")
-    weights = Weights(geometry, spec, "cuda", pin=True)
+    weights = Weights(geometry, spec, dev, pin=not args.cpu_check)
     log(f"pinned {geometry.num_layers * geometry.num_experts} experts of {weights.expert_bytes} B; "
         f"attention {weights.attn_quant.name} ({weights.attn_bytes} B per layer)")
-    program = Program(weights, geometry.num_experts, routing.num_tokens, compile_kernels=compile_ok,
-                      graphs=not args.no_graphs)
+    miss_routing = all_miss_routing(geometry, 16)
+    program = Program(weights, geometry.num_experts, max(max(r.num_tokens for r in routings), 32),
+                      compile_kernels=compile_ok, graphs=not args.no_graphs)
     log(f"program ready (CUDA graphs: {program.graphs})")
     program.load_routing(routing)
-    cal = calibrate(args.quants.split(","), compile_ok, program)
+    if args.cpu_check:   # the CUDA micro-benchmarks cannot run here
+        cal = {"h2d": [], "expert": {}, "attention": [], "lm_head_ms": None}
+    else:
+        cal = calibrate(args.quants.split(","), compile_ok, program,
+                        tokens=tuple(map(int, args.calib_tokens.split(","))),
+                        contexts=tuple(map(int, args.calib_contexts.split(","))))
     cal["compile_ok"] = compile_ok
     cal["engine_quantization"] = "hqq2"
 
     cal["all_resident"] = all_resident(weights, program, routing)   # the floor, and the overhead beyond the pieces
     floor_ms = cal["all_resident"]["median_ms_per_token"]
     write(out, "calibration_raw.json", cal)
-    result = {"device": env["device"], "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "layers": geometry.num_layers, "expert_bytes": weights.expert_bytes, "quantization": "hqq2",
-              "attention_quantization": weights.attn_quant.name, "cuda_graphs": program.graphs,
-              "tokens": routing.num_tokens, "compile_dequant": compile_ok, "all_resident_ms_per_token": floor_ms,
-              "cells": []}
-    # one instrumented replay (CUDA events for every piece)
-    eng = OffloadedEngine(weights, 4, "lru", "none", program=program)
-    eng.run(routing.head(4))
-    inst = eng.run(routing.head(12), instrument=True)
-    write(out, "events.json", inst.to_dict(events=True))
+    if not args.no_engine_terms:
+        cal.update(engine_terms(dev, weights.expert_bytes, layers=geometry.num_layers))
+        cal["all_miss"] = all_miss(weights, program, miss_routing)
+        write(out, "calibration_raw.json", cal)
+    results = []
+    for (path, skip, fname), r in zip(runs, routings, strict=True):
+        results.append({"device": env["device"], "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        "trace": Path(path).name, "skip_tokens": skip,
+                        "layers": geometry.num_layers, "expert_bytes": weights.expert_bytes, "quantization": "hqq2",
+                        "attention_quantization": weights.attn_quant.name, "cuda_graphs": program.graphs,
+                        "tokens": r.num_tokens, "compile_dequant": compile_ok, "all_resident_ms_per_token": floor_ms,
+                        "cells": []})
+        # one instrumented replay per trace (CUDA events for every piece): the in-situ copy times
+        eng = OffloadedEngine(weights, 2 if (args.extra_trace or args.repeats) else 4, "lru", "none",
+                              program=program)
+        eng.run(r.head(4))
+        inst = eng.run(r.head(12), instrument=True)
+        if fname == "validate.json":
+            write(out, "events.json", inst.to_dict(events=True))
+        results[-1]["in_situ_copies"] = copy_stats(inst.events, weights.expert_bytes)
+        log(f"in-situ copies {fname}: {results[-1]['in_situ_copies']}")
+        write(out, fname, results[-1])
     cells = [(p, k, f) for f in args.prefetch.split(",") for k in map(int, args.sizes.split(","))
              for p in args.policies.split(",")]
     base = list(cells)
-    cells += [(p, k, f + "#repeat") for p, k, f in base[:4]]   # repeatability of identical cells
-    # some cells again with the CPU free to queue tokens ahead (no wait for each token's logits)
-    cells += [(p, k, f + "#nosync") for p, k, f in base[:: max(len(base) // 6, 1)][:6]]
+    if args.repeats:
+        cells = [(p, k, f + ("#repeat" if rep else "")) for rep in range(args.repeats) for p, k, f in base]
+    else:
+        cells += [(p, k, f + "#repeat") for p, k, f in base[:4]]   # repeatability of identical cells
+        # some cells again with the CPU free to queue tokens ahead (no wait for each token's logits)
+        cells += [(p, k, f + "#nosync") for p, k, f in base[:: max(len(base) // 6, 1)][:6]]
+    done = 0
     for pol, k, pf in cells:
-        if time.perf_counter() - T0 > args.budget:
-            log(f"budget reached; {len(result['cells'])} of {len(cells)} cells done")
-            break
-        name, _, variant = pf.partition("#")
-        eng = OffloadedEngine(weights, k, pol, name, program=program)
-        res = eng.run(routing, sync_tokens=variant != "nosync")
-        d = res.to_dict()
-        d["variant"] = variant or None
-        d["repeat"] = variant == "repeat"
-        d["token_ms_median"] = float(np.median(res.token_ms))
-        d["cpu_issue_ms"] = float(sum(res.token_issue_ms))
-        result["cells"].append(d)
-        write(out, "validate.json", result)
-        log(f"{pol:4s} K={k} {pf:10s} hit={res.hit_rate:.4f} tok/s={res.tokens_per_s:.3f} pf={res.prefetches} "
-            f"issue/wall={sum(res.token_issue_ms) / (res.wall_s * 1e3):.3f}")
-    write(out, "validate.json", result)
+        for (_, _, fname), r, result in zip(runs, routings, results, strict=True):   # traces interleaved
+            if time.perf_counter() - T0 > args.budget:
+                break
+            name, _, variant = pf.partition("#")
+            eng = OffloadedEngine(weights, k, pol, name, program=program)
+            res = eng.run(r, sync_tokens=variant != "nosync")
+            d = res.to_dict()
+            d["variant"] = variant or None
+            d["repeat"] = variant == "repeat"
+            d["token_ms_median"] = float(np.median(res.token_ms))
+            d["cpu_issue_ms"] = float(sum(res.token_issue_ms))
+            result["cells"].append(d)
+            done += 1
+            write(out, fname, result)
+            log(f"{fname} {pol:4s} K={k} {pf:10s} hit={res.hit_rate:.4f} tok/s={res.tokens_per_s:.3f} "
+                f"pf={res.prefetches} issue/wall={sum(res.token_issue_ms) / (res.wall_s * 1e3):.3f}")
+        else:
+            continue
+        log(f"budget reached; {done} of {len(cells) * len(runs)} cells done")
+        break
+    for (_, _, fname), result in zip(runs, results, strict=True):
+        write(out, fname, result)
     late = [q for q in args.late_quants.split(",") if q]
-    if late and time.perf_counter() - T0 < args.budget + 30:
+    if late and not args.cpu_check and time.perf_counter() - T0 < args.budget + 30:
         del program, eng, weights
         torch.cuda.empty_cache()
         extra = calibrate(late, compile_ok, h2d=False)   # the copy curve is measured already

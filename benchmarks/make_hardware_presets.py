@@ -1,55 +1,98 @@
-"""Writes moesim/data/hardware/*.json: public-spec estimates (and the issue's H200 measurements)."""
+"""Writes moesim/data/hardware/*.json (except h200.json, which is measured: `moesim calibrate`).
+
+Every other preset is the H200's *measured* engine (reports/calibration_h200.json, the engine's captured
+pieces and compiled kernels) moved to another GPU by its datasheet numbers:
+
+- expert compute (dequantise + SwiGLU FFN, per tokens routed): at batch 1 these kernels are memory
+  bound (they write and re-read the dequantised bf16 weights), so the H200 time is scaled by the memory
+  bandwidth ratio; a compute floor keeps large token counts honest:
+  ``t(tokens) = max(t_h200(tokens) * BW_h200 / BW, 2 * params * tokens / (0.6 * dense bf16 peak))``
+  (the H200's measured curve ends at 64 tokens; beyond it its last point stands for the memory part);
+- layer (combine, norm, 4-bit q/k/v/o dequant, SDPA over the static KV cache, gate) and the final piece
+  (combine, LM head): memory bound, scaled by the bandwidth ratio;
+- the engine's per-token overhead (event waits and launch gaps, 1.218 ms measured) is host-side: kept;
+- the engine terms (`engine` block: per-miss issue cost, routing hand-off) are host/driver costs: kept;
+- host->device copies: pinned PCIe bandwidth of the slot (Gen4 x16 ~24 GB/s, Gen3 x16 ~12 GB/s in
+  practice), 10 us per copy.
+
+Run: ``python benchmarks/make_hardware_presets.py`` (from the repository root).
+"""
+from __future__ import annotations
+
 import json
+from pathlib import Path
 
-from moesim.simulator.cost_model import DEFAULT_EXPERT_BYTES, MIXTRAL_EXPERT_PARAMS
+from moesim.simulator.cost_model import MIXTRAL_EXPERT_PARAMS
 
-FLOPS_PER_TOKEN = 2 * MIXTRAL_EXPERT_PARAMS
+ROOT = Path(__file__).resolve().parents[1]
+H200 = {"bw_gbps": 4800.0, "tflops": 989.0, "sheet": "H200 SXM datasheet: 4.8 TB/s HBM3e, 989 TFLOP/s dense bf16"}
+GEN4 = (24.0, "PCIe 4.0 x16: 31.5 GB/s raw; ~24 GB/s pinned host-to-device is what cudaMemcpy reaches in practice")
+GEN3 = (12.0, "PCIe 3.0 x16: 15.8 GB/s raw; ~12 GB/s pinned host-to-device in practice")
+GPUS = {
+    # name: (description, memory GB/s, dense bf16/fp16 tensor TFLOP/s, datasheet line, PCIe)
+    "a100-pcie": ("NVIDIA A100 40GB PCIe", 1555.0, 312.0, "A100 PCIe 40GB datasheet: 1,555 GB/s HBM2, 312 TFLOP/s dense bf16", GEN4),
+    "a6000": ("NVIDIA RTX A6000", 768.0, 154.8, "RTX A6000 datasheet: 768 GB/s GDDR6, 154.8 TFLOP/s dense bf16 tensor", GEN4),
+    "l40": ("NVIDIA L40", 864.0, 181.0, "L40 datasheet: 864 GB/s GDDR6, 181 TFLOP/s dense bf16 tensor", GEN4),
+    "rtx3090": ("NVIDIA GeForce RTX 3090", 936.0, 71.0, "RTX 3090: 936 GB/s GDDR6X, 71 TFLOP/s dense bf16 tensor (fp32 accumulate)", GEN4),
+    # the GPUs of mixtral-offloading's Table 2 (reports/mixtral_offloading_comparison.md)
+    "rtx3080-mobile": ("NVIDIA GeForce RTX 3080 Laptop GPU 16 GB", 448.0, 30.0,
+                       "RTX 3080 Laptop 16 GB: 448 GB/s GDDR6 (14 Gbps, 256-bit); ~30 TFLOP/s dense fp16 tensor "
+                       "(fp32 accumulate) at a ~1.5 GHz boost (varies with the laptop's power limit)", GEN4),
+    "rtx3060": ("NVIDIA GeForce RTX 3060 12 GB", 360.0, 25.6,
+                "RTX 3060 12 GB: 360 GB/s GDDR6, 25.6 TFLOP/s dense fp16 tensor (fp32 accumulate)", GEN4),
+    "t4": ("NVIDIA T4 (e.g. Google Colab)", 320.0, 65.0, "T4 datasheet: 320 GB/s GDDR6, 65 TFLOP/s fp16 tensor", GEN3),
+}
+EXTRA_TOKENS = (128, 512, 2048)
 
-def table(mem_gbps, tflops, eff_mem, dequant_s, quant):
-    pts = []
-    for tok in (1, 8, 32, 128, 512, 2048):
-        mem = DEFAULT_EXPERT_BYTES[quant] / (mem_gbps * 1e9 * eff_mem)
-        comp = FLOPS_PER_TOKEN * tok / (tflops * 1e12 * 0.6)
-        pts.append([tok, round(max(mem, comp) + dequant_s, 7)])
-    return pts
 
-def preset(name, desc, pcie_gbps, lat_us, mem_gbps, tflops, layer_ms, token_ms, sources, bf16_1tok_ms=None):
-    ec = {
-        "bf16": table(mem_gbps, tflops, 0.8, 0.0, "bf16"),
-        "hqq4": table(mem_gbps, tflops, 0.5, 60e-6, "hqq4"),
-        "hqq2": table(mem_gbps, tflops, 0.5, 60e-6, "hqq2"),
+def scaled_curve(points: list[list[float]], bw: float, tflops: float) -> list[list[float]]:
+    ratio = H200["bw_gbps"] / bw
+    pts = [[t, s * ratio] for t, s in points]
+    last = pts[-1][1]
+    pts += [[t, last] for t in EXTRA_TOKENS if t > points[-1][0]]
+    return [[t, round(max(s, 2 * MIXTRAL_EXPERT_PARAMS * t / (0.6 * tflops * 1e12)), 9)] for t, s in pts]
+
+
+def preset(name: str, h200: dict) -> dict:
+    desc, bw, tflops, sheet, (pcie, pcie_src) = GPUS[name]
+    ratio = H200["bw_gbps"] / bw
+    overhead = h200["token"].get("engine_overhead_s", 0.0)
+    token_pieces = h200["token"]["base_s"] - overhead
+    return {
+        "name": name,
+        "description": f"{desc} (PCIe {'3.0' if pcie == GEN3[0] else '4.0'} x16): the H200's measured engine "
+                       f"scaled by memory bandwidth ({bw:g} vs {H200['bw_gbps']:g} GB/s) and compute",
+        "sources": {
+            "pcie": pcie_src,
+            "memory": f"{sheet}; reference {H200['sheet']}",
+            "expert_compute": f"H200 measured (reports/calibration_h200.json) x {ratio:.3f} (bandwidth ratio), "
+                              "floored at 2 x params x tokens / (0.6 x dense peak)",
+            "layer": f"H200 measured layer piece x {ratio:.3f}",
+            "token": f"H200 final piece x {ratio:.3f} + the engine's per-token overhead "
+                     f"({overhead * 1e3:.3f} ms, host-side, unscaled)",
+            "engine": "the H200's measured engine terms (host/driver costs, unscaled)",
+            "scaling": "benchmarks/make_hardware_presets.py; docs/timing.md (Presets)",
+        },
+        "pcie": {"latency_us": 10.0, "bandwidth_gbps": pcie, "copy_engines": 1, "curve": []},
+        "expert_bytes": h200["expert_bytes"],
+        "quantization": "hqq2",
+        "expert_compute": {q: scaled_curve(pts, bw, tflops) for q, pts in h200["expert_compute"].items()},
+        "layer": {"base_s": round(h200["layer"]["base_s"] * ratio, 9), "per_token_s": 0.0,
+                  "per_context_s": round(h200["layer"].get("per_context_s", 0.0) * ratio, 12)},
+        "token": {"base_s": round(token_pieces * ratio + overhead, 9), "per_token_s": 0.0,
+                  "engine_overhead_s": overhead},
+        "engine": {k: v for k, v in (h200.get("engine") or {}).items() if k != "sources"}
+                  | {"sources": {"all": "the H200's measured engine terms (reports/fidelity_h200.md), unscaled"}},
     }
-    if bf16_1tok_ms:
-        ec["bf16"] = [[t, bf16_1tok_ms * 1e-3 if t <= 128 else s] for t, s in ec["bf16"]]
-    return {"name": name, "description": desc, "sources": sources,
-            "pcie": {"latency_us": lat_us, "bandwidth_gbps": pcie_gbps, "copy_engines": 1, "curve": []},
-            "expert_bytes": DEFAULT_EXPERT_BYTES, "quantization": "hqq2", "expert_compute": ec,
-            "layer": {"base_s": layer_ms * 1e-3, "per_token_s": 2e-6, "per_context_s": 2e-9},
-            "token": {"base_s": token_ms * 1e-3, "per_token_s": 5e-6}}
 
-GEN4 = "PCIe 4.0 x16: 31.5 GB/s raw; ~24-26 GB/s pinned host-to-device is what cudaMemcpy/bandwidthTest reach in practice"
-COMMON = {
-    "expert_compute": "max(packed expert bytes / (memory bandwidth x efficiency 0.8 bf16, 0.5 hqq), 2 x params x tokens / (0.6 x dense bf16 peak)) + 60 us dequantisation launch overhead for hqq",
-    "layer": "Mixtral attention with 4-bit weights + gate + norms at batch 1: weight bytes / memory bandwidth plus ~20 kernel launches (~10 us each) in eager PyTorch",
-    "token": "embedding + LM head (32000 x 4096 bf16 = 262 MB read) + sampling",
-    "expert_bytes": "Mixtral-8x7B expert = 3 x 4096 x 14336 params; hqq2 = 2 bits + 8-bit scale/zero per group of 16 (mixtral-offloading's format); hqq4 = 4 bits + fp16 scale/zero per 64",
-}
-presets = {
-    "h200": preset("h200", "NVIDIA H200 SXM (PCIe Gen5 x16 host link) -- issue #4 estimates; replaced by `moesim calibrate` output when available",
-                   55.0, 19.0, 4800, 989, 0.15, 0.5,
-                   {"pcie": "measured on this project's lent H200: pinned H2D ~55 GB/s at 32 MB+, ~19 us floor per copy (issue #4)",
-                    "memory": "H200 datasheet: 4.8 TB/s HBM3e, 989 TFLOP/s dense bf16",
-                    "bf16_expert": "measured ~0.10 ms for 1-128 tokens (issue #4)", **COMMON}, bf16_1tok_ms=0.10),
-    "a100-pcie": preset("a100-pcie", "NVIDIA A100 40GB PCIe (Gen4 x16) -- public-spec estimate", 24.0, 10.0, 1555, 312, 0.25, 1.0,
-                        {"pcie": GEN4, "memory": "A100 PCIe 40GB datasheet: 1,555 GB/s HBM2, 312 TFLOP/s dense bf16", **COMMON}),
-    "a6000": preset("a6000", "NVIDIA RTX A6000 (Gen4 x16) -- public-spec estimate", 24.0, 10.0, 768, 155, 0.35, 1.5,
-                    {"pcie": GEN4, "memory": "RTX A6000 datasheet: 768 GB/s GDDR6, ~155 TFLOP/s dense bf16 (tensor)", **COMMON}),
-    "l40": preset("l40", "NVIDIA L40 (Gen4 x16) -- public-spec estimate", 24.0, 10.0, 864, 181, 0.30, 1.3,
-                  {"pcie": GEN4, "memory": "L40 datasheet: 864 GB/s GDDR6, 181 TFLOP/s dense bf16", **COMMON}),
-    "rtx3090": preset("rtx3090", "NVIDIA GeForce RTX 3090 (Gen4 x16) -- public-spec estimate", 24.0, 10.0, 936, 71, 0.30, 1.3,
-                      {"pcie": GEN4, "memory": "RTX 3090 spec: 936 GB/s GDDR6X, ~71 TFLOP/s dense bf16 (tensor, fp32 accumulate)", **COMMON}),
-}
-for name, p in presets.items():
-    with open(f"moesim/data/hardware/{name}.json", "w") as fh:
-        json.dump(p, fh, indent=1)
-        fh.write("\n")
+
+def main() -> None:
+    h200 = json.loads((ROOT / "moesim/data/hardware/h200.json").read_text())
+    for name in GPUS:
+        path = ROOT / "moesim/data/hardware" / f"{name}.json"
+        path.write_text(json.dumps(preset(name, h200), indent=1) + "\n")
+        print(f"wrote {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -29,12 +29,12 @@ def test_report_cli_writes_self_contained_html(real_trace_path, tmp_path, capsys
                     "Segment-cache bound", "Prefill vs decode"):
         assert heading in text
     assert "Mixtral-8x7B-Instruct-v0.1" in text and "10779" in text
-    # the policy x slots table carries the exact replay numbers
+    # the policy x slots table carries the exact replay numbers, in percent
     row = re.search(r"<tr><td class=l>lfu</td>(.*?)</tr>", text).group(1)
-    cells = [float(c) for c in re.findall(r"<td>([0-9.]+)</td>", row)]
+    cells = [float(c) for c in re.findall(r"<td>([0-9.]+)%</td>", row)]
     expect = [simulate(read_trace(real_trace_path),
                        "lfu", k).hit_rate for k in (2, 4, 6)]
-    assert cells == [round(x, 4) for x in expect]
+    assert cells == [round(100 * x, 1) for x in expect]
 
 
 def test_report_includes_tokens_per_s_with_a_timing_runner(real_trace):

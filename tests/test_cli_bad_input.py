@@ -133,7 +133,7 @@ def test_output_in_missing_directory(tmp_path, capsys):
 @pytest.mark.parametrize("argv,needle", [
     (["simulate", "{good}", "--policy", "lru", "--cache-size", "1"], "smaller than top-k"),
     (["simulate", "{good}", "--policy", "nosuch", "--cache-size", "2"], "unknown policy"),
-    (["simulate", "{good}", "--policy", "lfu-decay", "--cache-size", "2", "--param", "bogus=1"], "bad parameters"),
+    (["simulate", "{good}", "--policy", "lfu-decay", "--cache-size", "2", "--param", "bogus=1"], "has no parameter 'bogus' (its parameters: half_life=64.0)"),
     (["simulate", "{good}", "--policy", "lru", "--cache-size", "two"], "invalid int value"),
     (["simulate", "{good}", "--policy", "lru", "--layer-budgets", "2,2,2"], "3 layer budgets"),
     (["mrc", "{good}", "--policy", "nosuch"], "unknown policy"),

@@ -8,7 +8,7 @@ import pytest
 
 from moesim.engine.quant import dequantize, quant_spec, split_matrix
 
-hqq_quantize = pytest.importorskip("hqq.core.quantize", reason="hqq not installed (pip install '.[gpu]')")
+hqq_quantize = pytest.importorskip("hqq.core.quantize", reason="hqq not installed (pip install '.[torch]')")
 torch = pytest.importorskip("torch")
 
 
@@ -68,3 +68,18 @@ def test_dequantisation_equals_hqq(name, nbits, group):
     scale = np.abs(theirs).max()
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-2 * scale)   # bf16 vs fp32 arithmetic
     assert np.mean(np.abs(ours - theirs)) < 1e-3 * scale
+
+
+@pytest.mark.parametrize("name", ["hqq2-v02", "hqq4-v02"])
+def test_decoder_blobs_from_hqqs_quantizer_dequantise_bit_identically(name):
+    """The decoder's packer (engine/pack.py) stores hqq's own quantizer output; our dequantisation of
+    that blob equals hqq's ``Quantizer.dequantize`` bit for bit (bf16 arithmetic in the same order)."""
+    from moesim.engine.pack import hqq_reference, pack_matrix
+
+    torch.manual_seed(3)
+    w = torch.randn(96, 256) * 0.05
+    spec = quant_spec(name)
+    blob = pack_matrix(w, spec)
+    ours = dequantize(split_matrix(blob, spec, w.numel()), spec, w.numel()).view(w.shape)
+    assert torch.equal(ours, hqq_reference(w, spec))
+    assert blob.numel() == spec.matrix_bytes(w.numel())

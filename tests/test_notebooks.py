@@ -54,6 +54,9 @@ def test_notebook_executes(path, kernel_here):
     if path.stem == "seed_paper":  # heatmap, reuse, mrc, prefetch, segment bound, raster (+ speed with timing)
         assert len(images) >= 6
         assert "rows" in text and "mean gap OPT-LRU" in text
+    elif path.stem == "learned_routing":  # the prediction figure; the accuracy, threshold and speed tables
+        assert len(images) >= 1
+        assert "speculative       1" in text and "tau" in text and "published" in text and "oracle" in text
     else:  # the comparison plot, shown once; the limiting-case check ran
         assert len(images) == 1
         assert "window-lfu with an unbounded window == lfu at every size" in text

@@ -74,7 +74,10 @@ def test_mrc_lines_are_the_curves(real_trace, tmp_path):
         curve = mrc(real_trace, name).curve
         assert list(line.get_xdata()) == [c["cache_size"] for c in curve]
         np.testing.assert_allclose(line.get_ydata(), [100 * c["hit_rate"] for c in curve])
-    assert ax.lines[2].get_linestyle() == "--"
+    # OPT, the bound, is the one black, thickest line; lfu (frequency family) is dashed, lru solid
+    assert to_hex(ax.lines[2].get_color()) == "#000000"
+    assert ax.lines[2].get_linewidth() > max(line.get_linewidth() for line in ax.lines[:2])
+    assert [ln.get_linestyle() for ln in ax.lines[:2]] == ["-", "--"]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["lru", "lfu", "opt (Belady bound)"]
     title, xl, yl = _labels(ax)
     assert "(%)" in yl and "slots" in xl and title

@@ -107,7 +107,8 @@ def test_cell_key_changes_with_every_input():
     (dict(prefetch=["transition"]), "need a timing model"),
     (dict(hardware=["no-such-gpu"]), "unknown hardware"),
     (dict(params={"lfu-decay": {"half_life": [10]}}), "not in the sweep"),
-    (dict(params={"lru": {"bogus": [1]}}), "bad parameters"),
+    (dict(params={"lru": {"bogus": [1]}}), "has no parameter .bogus. .it takes no parameters."),
+    (dict(policies=["lrfu"], params={"lrfu": {"lam": ["abc"]}}), "lam=.abc. is not a number"),
     (dict(scopes=["planet"]), "unknown scope"),
 ])
 def test_bad_specs_are_usage_errors(traces, bad, message):

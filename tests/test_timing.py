@@ -26,7 +26,8 @@ def small(tmp_path_factory):
 
 def zero_cost(**kw):
     base = CostModel.preset("a6000").with_overrides(expert_ms=0, layer_ms=0, token_ms=0, pcie_latency_us=0,
-                                                    pcie_gbps=10.0, expert_bytes=10**7)
+                                                    pcie_gbps=10.0, expert_bytes=10**7, miss_issue_us=0,
+                                                    routing_handoff_us=0)
     return base.with_overrides(**kw) if kw else base
 
 
@@ -95,7 +96,7 @@ def test_hand_computed_timeline(tmp_path):
     # one layer, K=2, top-1: tokens [0] [1] [0]; copy 2 ms, layer 1 ms, expert 0.5 ms, token 0
     t = write_trace(tmp_path / "t.parquet", [[0], [1], [0]], num_experts=4)
     cost = CostModel.preset("a6000").with_overrides(expert_ms=0.5, layer_ms=1.0, token_ms=0, pcie_latency_us=0,
-                                                    pcie_gbps=1.0, expert_bytes=2_000_000)
+                                                    pcie_gbps=1.0, expert_bytes=2_000_000, miss_issue_us=0)
     r = simulate_timing(t, "lru", 2, cost)
     # t0: attn 0-1, copy 1-3, expert 3-3.5 | t1: attn 3.5-4.5, copy 4.5-6.5, expert 6.5-7 | t2: attn 7-8, hit, 8-8.5
     assert r.total_s == pytest.approx(8.5e-3)
@@ -190,3 +191,93 @@ def test_steps_wanting_more_experts_than_slots_stream_through_in_chunks(tmp_path
     r = simulate_timing(t, "lru", 3, CostModel.preset("h200"), batch_size=4)
     assert r.tokens == 40 and r.hits + r.misses == r.requests
     assert r.requests == sum(len(s.layers[0]) for s in build_steps(t, batch_size=4))
+
+
+def _all_miss_trace(tmp_path, tokens=3, layers=2):
+    """Every request misses at K = 2: token t uses experts {2t, 2t+1} (mod 8) at every layer."""
+    from moesim.traces.format import DECODE, TraceMeta, TraceWriter, read_trace
+
+    meta = TraceMeta(model="m", family="t", num_layers=layers, num_experts=8, top_k=2)
+    tok = np.repeat(np.arange(tokens), layers)
+    ex = np.stack([(2 * tok) % 8, (2 * tok + 1) % 8], 1)
+    path = tmp_path / "miss.parquet"
+    with TraceWriter(path, meta) as w:
+        w.write(np.zeros(len(tok), np.int32), tok, DECODE, np.tile(np.arange(layers), tokens), ex,
+                np.full((len(tok), 2), 0.5))
+    return read_trace(path)
+
+
+@pytest.mark.parametrize("engine", ["python", "numba"])
+def test_engine_terms_hand_computed(tmp_path, engine):
+    """Copy 1 ms, expert 0.2 ms, layer 0.1 ms, token 0.05 ms, miss issue 30 us, hand-off 70 us.
+    Per layer (two misses, copy-bound): layer [+ hand-off] + 2 x (copy + miss issue) + one expert (the
+    first overlaps the second copy)."""
+    trace = _all_miss_trace(tmp_path)
+    base = zero_cost(pcie_gbps=10.0, expert_bytes=10**7, expert_ms=0.2, layer_ms=0.1, token_ms=0.05)
+    replay = base.with_overrides(miss_issue_us=30.0, routing_handoff_us=70.0)   # replay: no hand-off charged
+    gate = replay.with_overrides(engine_mode="gate")
+    per_layer = 0.1 + 2 * (1.0 + 0.03) + 0.2
+    for cost, extra in ((base.with_overrides(), -0.06), (replay, 0.0), (gate, 0.07)):
+        r = simulate_timing(trace, "lru", 2, cost, engine=engine)
+        assert r.misses == 12
+        assert r.ms_per_token == pytest.approx(0.05 + 2 * (per_layer + extra), rel=1e-12)
+    assert simulate_timing(trace, "lru", 2, gate, engine=engine).engine_mode == "gate"
+
+
+def test_handoff_delays_the_demand_copies_and_prefetches(small):
+    """In gate mode the hand-off sits on compute between the gate and everything that depends on it:
+    with free copies and kernels the run takes exactly layers x hand-off (+ the layer/token costs)."""
+    cost = zero_cost(pcie_gbps=1e12, routing_handoff_us=500.0, engine_mode="gate")
+    r = simulate_timing(small, "lru", 3, cost, prefetch="transition")
+    sets = sum(len(s.layers) for s in build_steps(small))
+    assert r.total_s == pytest.approx(sets * 500e-6 + r.misses * 0 + r.copies * 1e7 / 1e21, rel=1e-9)
+    assert simulate_timing(small, "lru", 3, cost.with_overrides(engine_mode="replay")).total_s < 1e-6
+
+
+def test_engine_block_round_trips_and_rejects_negative(tmp_path):
+    cost = CostModel.preset("h200").with_overrides(miss_issue_us=12.5, routing_handoff_us=80.0)
+    path = tmp_path / "c.json"
+    cost.to_json(path)
+    back = CostModel.from_json(path)
+    assert back.miss_issue_s == pytest.approx(12.5e-6) and back.routing_handoff_s == pytest.approx(80e-6)
+    raw = json.loads(path.read_text())
+    raw["engine"]["miss_issue_s"] = -1
+    path.write_text(json.dumps(raw))
+    with pytest.raises(DataError, match="miss_issue_s"):
+        CostModel.from_json(path)
+    with pytest.raises(UsageError, match="engine mode"):
+        cost.with_overrides(engine_mode="bogus")
+
+
+def test_simulate_cli_engine_mode(small, capsys):
+    args = ["simulate", str(small.path), "--policy", "lru", "--cache-size", "4", "--json", "--hardware", "h200",
+            "--routing-handoff-us", "100", "--miss-issue-us", "20"]
+    assert main(args) == 0
+    replay = json.loads(capsys.readouterr().out)
+    assert main(args + ["--engine-mode", "gate"]) == 0
+    gate = json.loads(capsys.readouterr().out)
+    assert replay["engine_mode"] == "replay" and gate["engine_mode"] == "gate"
+    assert gate["ms_per_token"] > replay["ms_per_token"]
+    with pytest.raises(SystemExit) as exc:   # argparse's usage error
+        main(args[:-4] + ["--engine-mode", "nope"])
+    assert exc.value.code == 2
+
+
+def test_mixtral_offloading_profile_hand_computed(tmp_path):
+    """Swap on compute, nothing overlapping: per layer gate, routing read-back, each miss = copy in +
+    (once the cache is full) copy out, each expert + two syncs. Copy 1 ms, expert 0.2, layer 0.1,
+    token 0.05, hand-off/sync 0.07 ms; 3 tokens x 2 layers, every request a miss at K = 2 (token 0
+    fills empty slots: no copy out)."""
+    trace = _all_miss_trace(tmp_path)
+    cost = zero_cost(pcie_gbps=10.0, expert_bytes=10**7, expert_ms=0.2, layer_ms=0.1, token_ms=0.05,
+                     routing_handoff_us=70.0, miss_issue_us=500.0, engine_profile="mixtral-offloading")
+    r = simulate_timing(trace, "lru", 2, cost)
+    experts = 2 * (0.2 + 2 * 0.07)
+    first = 2 * (0.1 + 0.07 + 2 * 1.0 + experts)          # token 0: copies in only
+    later = 2 * (0.1 + 0.07 + 2 * 2.0 + experts)          # tokens 1, 2: in and out
+    assert r.total_s * 1e3 == pytest.approx(3 * 0.05 + first + 2 * later, rel=1e-12)
+    assert r.engine_profile == "mixtral-offloading"
+    # this project's engine on the same costs overlaps the second copy with the first expert
+    assert simulate_timing(trace, "lru", 2, cost.with_overrides(engine_profile="moesim")).total_s < r.total_s
+    with pytest.raises(UsageError, match="no prefetcher"):
+        simulate_timing(trace, "lru", 2, cost, prefetch="transition")

@@ -31,11 +31,15 @@ def gappy(tmp_path_factory):
     return read_trace(path)
 
 
+ENGINE_TERMS = [{}, {"miss_issue_us": 49.0}, {"miss_issue_us": 49.0, "routing_handoff_us": 120.0, "engine_mode": "gate"}]
+
+
 @pytest.mark.parametrize("policy", ["lru", "fifo", "lfu", "opt"])
 @pytest.mark.parametrize("prefetch", ["none", "previous-token", "transition", "oracle", "speculative"])
-def test_fast_path_equals_event_path(gappy, policy, prefetch):
+@pytest.mark.parametrize("terms", range(len(ENGINE_TERMS)))
+def test_fast_path_equals_event_path(gappy, policy, prefetch, terms):
     for engines, budget, size in ((1, 2, 3), (2, 3, 4)):
-        cost = CostModel.preset("h200").with_overrides(copy_engines=engines)
+        cost = CostModel.preset("h200").with_overrides(copy_engines=engines, **ENGINE_TERMS[terms])
         kw = dict(prefetch=prefetch, prefetch_params={"budget": budget})
         a = simulate_timing(gappy, policy, size, cost, engine="python", **kw)
         b = simulate_timing(gappy, policy, size, cost, engine="numba", **kw)

@@ -1,8 +1,9 @@
 """Matplotlib figures of traces and replays. Every function returns the Figure (so tests can inspect
-titles, labels and data) and never shows it; :func:`save` writes PNG or SVG atomically.
+titles, labels and data) and never shows it; :func:`save` writes it atomically in the format the
+file name asks for (.png, .svg, .pdf).
 
-Colours: the Okabe-Ito palette (distinguishable with the common colour-vision deficiencies) for
-categories, viridis for magnitudes.
+Colours and line styles come from :mod:`moesim.analysis.style` (one look for every figure);
+viridis for magnitudes.
 """
 
 from __future__ import annotations
@@ -26,20 +27,25 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from moesim.analysis import stats  # noqa: E402
 from moesim.analysis.residency import HIT, IDLE, MISS, RESIDENT, residency_log  # noqa: E402
+from moesim.analysis.style import (  # noqa: E402
+    CATEGORY_COLORS,
+    OKABE_ITO,  # noqa: F401  (re-exported: the notebooks colour their own lines with it)
+    figure_format,
+    human_bytes,
+    policy_label,
+    policy_style,
+    prefetcher_style,
+)
 from moesim.atomic import atomic_path, read_json  # noqa: E402
 from moesim.errors import DataError, UsageError  # noqa: E402
 from moesim.traces.format import Trace  # noqa: E402
 
-OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000"]
-POLICY_COLORS = {"lru": "#0072B2", "lfu": "#D55E00", "fifo": "#009E73", "opt": "#000000",
-                 "random": "#CC79A7", "arc": "#E69F00", "s3fifo": "#56B4E9", "sieve": "#F0E442"}
-# Okabe-Ito reordered for thin bars on white: the pale yellow comes last
-LANE_COLORS = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442"]
+LANE_COLORS = CATEGORY_COLORS
 RASTER_COLORS = {IDLE: "#FFFFFF", RESIDENT: "#D9D9D9", HIT: "#0072B2", MISS: "#D55E00"}
 
 
 def policy_color(name: str, index: int) -> str:
-    return POLICY_COLORS.get(name, OKABE_ITO[index % len(OKABE_ITO)])
+    return policy_style(name, index).color
 
 
 def _title(trace: Trace) -> str:
@@ -48,9 +54,15 @@ def _title(trace: Trace) -> str:
 
 
 def save(fig: Figure, path: str | os.PathLike, *, svg: bool = False) -> Path:
-    """Write ``fig`` (PNG, or SVG when ``svg``) through a temp file + rename; closes the figure."""
+    """Write ``fig`` in the format its name asks for (``x.svg`` SVG, ``x.pdf`` PDF, ``x.png`` or no
+    suffix PNG; ``svg`` = the old ``--svg`` flag, which must agree) through a temp file + rename;
+    closes the figure."""
     p = Path(path)
-    fmt = "svg" if svg else "png"
+    try:
+        fmt = figure_format(p, svg)
+    except BaseException:
+        plt.close(fig)
+        raise
     try:
         with atomic_path(p) as tmp:
             fig.savefig(tmp, format=fmt, dpi=130, bbox_inches="tight")
@@ -132,15 +144,13 @@ def mrc(trace: Trace, policies: Sequence[str] = ("lru", "lfu", "fifo", "opt")) -
         curves[name] = curve
         x = [c["cache_size"] for c in curve]
         y = [100 * c["hit_rate"] for c in curve]
-        style = dict(linestyle="--", linewidth=2.2) if name == "opt" else dict(linestyle="-", linewidth=1.6)
-        ax.plot(x, y, marker="o", markersize=4, color=policy_color(name, i),
-                label="opt (Belady bound)" if name == "opt" else name, **style)
+        ax.plot(x, y, label=policy_label(name), **policy_style(name, i).kwargs())
     ax.set_xlabel("cache slots per layer (experts)")
     ax.set_ylabel("hit rate (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"Hit rate vs cache size - {_title(trace)} (top-{trace.meta.top_k} of {trace.meta.num_experts})")
     ax.grid(alpha=0.3)
-    ax.legend(title="policy")
+    ax.legend(title="policy", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.moesim_curves = curves  # type: ignore[attr-defined]
     return fig
@@ -183,14 +193,13 @@ def speed(trace: Trace, policies: Sequence[str] = ("lru", "lfu", "opt"), sizes: 
     for i, name in enumerate(policies):
         tps = [float(run(trace, name, k, hardware)["tokens_per_s"]) for k in sizes]
         data[name] = tps
-        ax.plot(sizes, tps, marker="o", markersize=4, color=policy_color(name, i),
-                linestyle="--" if name == "opt" else "-", label="opt (Belady)" if name == "opt" else name)
+        ax.plot(sizes, tps, label=policy_label(name), **policy_style(name, i).kwargs())
     ax.set_xlabel("cache slots per layer (experts)")
     ax.set_ylabel("decode throughput (tokens/s)")
     ax.set_ylim(bottom=0)
-    ax.set_title(f"Simulated tokens/s on {hardware} - {_title(trace)}")
+    ax.set_title(f"Simulated decode tokens/s on {hardware} - {_title(trace)}")
     ax.grid(alpha=0.3)
-    ax.legend(title="policy")
+    ax.legend(title="policy", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.moesim_data = {"sizes": sizes, "tokens_per_s": data}  # type: ignore[attr-defined]
     return fig
@@ -212,8 +221,9 @@ def prefetch(trace: Trace, prefetchers: Sequence[str], budgets: Sequence[int], *
         rec = [100 * float(r["prefetch_recall"]) if ok else float("nan") for r, ok in zip(res, issued, strict=True)]
         data[name] = {"precision": prec, "recall": rec}
         label = name if any(issued) else f"{name} (issued no prefetches: picks already resident)"
-        ax_p.plot(budgets, prec, marker="o", color=OKABE_ITO[i % 8], label=label)
-        ax_r.plot(budgets, rec, marker="s", color=OKABE_ITO[i % 8], label=label)
+        style = prefetcher_style(name, i)
+        ax_p.plot(budgets, prec, label=label, **style.kwargs())
+        ax_r.plot(budgets, rec, label=label, **style.kwargs())
     for ax, what in ((ax_p, "precision"), (ax_r, "recall")):
         ax.set_xticks(list(budgets))
         ax.set_xlabel("prefetch budget (experts per layer)")
@@ -246,6 +256,26 @@ def load_timeline(path: str | os.PathLike) -> list[dict[str, Any]]:
     return out
 
 
+def timeline_title(path: str | os.PathLike) -> str:
+    """A title from the run the timeline file describes (``simulate --timeline`` stores it under
+    ``otherData``): "Simulated decode timeline: lru, 4 slots per layer, transition prefetch, a6000
+    (66.7 MB per expert copy) - real.parquet"; other files: "Timeline of NAME"."""
+    p = Path(path)
+    raw = read_json(p, "a JSON timeline")
+    info = raw.get("otherData") if isinstance(raw, dict) else None
+    if not isinstance(info, dict) or "policy" not in info:
+        return f"Timeline of {p.name}"
+    size = info.get("cache_size")
+    slots = f"{size} slots per layer" if isinstance(size, int) else "per-layer slot budgets"
+    pf = info.get("prefetch") or "none"
+    parts = [str(info["policy"]), slots, "no prefetch" if pf == "none" else f"{pf} prefetch"]
+    if info.get("hardware"):
+        copy = f" ({human_bytes(info['expert_bytes'])} per expert copy)" if info.get("expert_bytes") else ""
+        parts.append(f"{info['hardware']}{copy}")
+    trace = f" - {info['trace']}" if info.get("trace") else ""
+    return f"Simulated decode timeline: {', '.join(parts)}{trace}"
+
+
 def event_category(event: dict[str, Any]) -> str:
     """``cat`` when the event has one, else the first word of its name ("load L3 E5" -> "load")."""
     cat = event.get("cat")
@@ -269,7 +299,7 @@ def timeline(events: list[dict[str, Any]], *, max_ms: float | None = None, title
         lane = str(e.get("tid", e.get("pid", "0")))
         lanes.setdefault(lane, len(lanes))
         cat = event_category(e)
-        cats.setdefault(cat, LANE_COLORS[len(cats) % 8])
+        cats.setdefault(cat, LANE_COLORS[len(cats) % len(LANE_COLORS)])
         spans.setdefault((lane, cat), []).append((start, float(e["dur"]) / 1000.0))
     fig, ax = plt.subplots(figsize=(12, 1.4 + 0.5 * max(len(lanes), 1)))
     for (lane, cat), bars in spans.items():
@@ -294,7 +324,7 @@ def reuse(trace: Trace) -> Figure:
     hist = stats.reuse_histogram(trace, "distinct")
     known = hist.filter(hist["distance"].is_not_null())
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    ax.bar(known["distance"].to_numpy(), 100 * known["fraction"].to_numpy(), color=OKABE_ITO[4])
+    ax.bar(known["distance"].to_numpy(), 100 * known["fraction"].to_numpy(), color=CATEGORY_COLORS[0])
     cold = hist.filter(hist["distance"].is_null())["fraction"].sum()
     ax.set_xlabel("reuse distance (distinct experts of the layer since last use)")
     ax.set_ylabel("share of requests (%)")
@@ -341,8 +371,8 @@ def segment_bound(trace: Trace, segment_lens: Sequence[int] = (4, 16, 64)) -> Fi
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for i, m in enumerate(segment_lens):
         df = stats.segment_cache_bound(trace, m)
-        ax.plot(df["cache_size"], 100 * df["hit_rate"], marker="o", markersize=4, color=OKABE_ITO[i % 8],
-                label=f"segment cache, {m} tokens")
+        ax.plot(df["cache_size"], 100 * df["hit_rate"], marker="o", markersize=4,
+                color=CATEGORY_COLORS[i % len(CATEGORY_COLORS)], label=f"segment cache, {m} tokens")
     opt = mrc_curve(trace, "opt").curve
     ax.plot([c["cache_size"] for c in opt], [100 * c["hit_rate"] for c in opt], "k--", linewidth=2,
             label="opt (Belady, pays its loads)")
@@ -351,6 +381,6 @@ def segment_bound(trace: Trace, segment_lens: Sequence[int] = (4, 16, 64)) -> Fi
     ax.set_ylim(0, 100)
     ax.set_title(f"Segment-cache best hit rate (SCH) - {_title(trace)}")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     return fig

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from moesim.commands._common import parse_params, positive_int
 
-OVERRIDES = ("pcie_gbps", "pcie_latency_us", "expert_bytes", "expert_ms", "layer_ms", "token_ms")
+DEFAULT_HARDWARE = "h200"
+OVERRIDES = ("pcie_gbps", "pcie_latency_us", "expert_bytes", "expert_ms", "layer_ms", "token_ms", "miss_issue_us",
+             "routing_handoff_us")
 
 
 def add_timing_args(p: argparse.ArgumentParser) -> None:
@@ -30,10 +33,21 @@ def add_timing_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--expert-ms", type=float, help="what-if: constant expert compute time (ms)")
     g.add_argument("--layer-ms", type=float, help="what-if: constant attention/other time per layer (ms)")
     g.add_argument("--token-ms", type=float, help="what-if: constant per-token overhead (ms)")
+    g.add_argument("--engine-mode", choices=("replay", "gate"), default=None,
+                   help="replay (default): the routing is known ahead, as in the validation engine; gate: a "
+                        "gate-driven decoder reads each layer's top-k back before its copies and experts "
+                        "(charges the calibration's engine.routing_handoff_s per layer)")
+    g.add_argument("--engine-profile", choices=("moesim", "mixtral-offloading"), default=None,
+                   help="moesim (default): this project's engine (copies on a copy stream overlap compute); "
+                        "mixtral-offloading: its engine (routing read back per layer, each miss swapped on the "
+                        "compute stream: expert in, evicted expert back to the host, two syncs per expert)")
+    g.add_argument("--miss-issue-us", type=float, help="what-if: engine cost per demand miss (us)")
+    g.add_argument("--routing-handoff-us", type=float, help="what-if: per-layer routing hand-off (us; gate mode)")
 
 
 def timing_requested(args: argparse.Namespace) -> bool:
-    return bool(args.hardware or args.calibration or args.prefetch or args.timeline
+    return bool(args.hardware or args.calibration or args.prefetch or args.timeline or args.engine_mode
+                or args.engine_profile
                 or any(getattr(args, o) is not None for o in OVERRIDES))
 
 
@@ -43,8 +57,14 @@ def cost_model(args: argparse.Namespace):
     if args.calibration:
         cost = CostModel.from_json(args.calibration)
     else:
-        cost = CostModel.preset(args.hardware or "h200")
-    return cost.with_overrides(quantization=args.quantization, **{o: getattr(args, o) for o in OVERRIDES})
+        if not args.hardware:
+            # a timing option alone (--prefetch, --timeline, a what-if) still needs a machine: say which
+            print(f"moesim {args.command}: note: no --hardware or --calibration given; timing uses the "
+                  f"{DEFAULT_HARDWARE} preset (see `moesim hardware`)", file=sys.stderr)
+        cost = CostModel.preset(args.hardware or DEFAULT_HARDWARE)
+    return cost.with_overrides(quantization=args.quantization, engine_mode=args.engine_mode,
+                               engine_profile=args.engine_profile,
+                               **{o: getattr(args, o) for o in OVERRIDES})
 
 
 def timing_result(args: argparse.Namespace, trace) -> dict[str, Any]:
@@ -55,15 +75,29 @@ def timing_result(args: argparse.Namespace, trace) -> dict[str, Any]:
         from moesim.errors import UsageError
 
         raise UsageError("the timing simulator models one cache per layer with atomic sets (--scope layer)")
+    from moesim.commands._predictions import require_predictions
+
+    require_predictions(trace.path, trace.pred_distances, [args.prefetch or "none"], args.prefetch_distance)
     pparams: dict[str, Any] = parse_params(args.prefetch_param)
     pparams["distance"] = args.prefetch_distance
     if args.prefetch_budget is not None:
         pparams["budget"] = args.prefetch_budget
     size = args.cache_size if args.cache_size is not None else args.layer_budgets
-    result = simulate_timing(trace, args.policy, size, cost_model(args), prefetch=args.prefetch or "none",
-                             prefetch_params=pparams, policy_params=policy_params(args),
-                             batch_size=args.batch_size, prefill_chunk=args.prefill_chunk, timeline=args.timeline)
+    cost = cost_model(args)
+    kw: dict[str, Any] = dict(prefetch=args.prefetch or "none", prefetch_params=pparams,
+                              policy_params=policy_params(args), batch_size=args.batch_size,
+                              prefill_chunk=args.prefill_chunk)
+    result = simulate_timing(trace, args.policy, size, cost, timeline=args.timeline, **kw)
     out = result.to_dict()
+    fast, slow = cost.copy_interval_scales()
+    if (fast, slow) != (1.0, 1.0):
+        # the calibration's measured copy spread (p10..p90 over its sessions): the same run with every
+        # copy at the slow and at the fast end
+        lo = simulate_timing(trace, args.policy, size, cost.with_overrides(copy_scale=cost.copy_scale * slow), **kw)
+        hi = simulate_timing(trace, args.policy, size, cost.with_overrides(copy_scale=cost.copy_scale * fast), **kw)
+        out["sim_interval"] = out["tokens_per_s_interval"] = [round(lo.tokens_per_s, 4), round(hi.tokens_per_s, 4)]
+        out["ms_per_token_interval"] = [round(hi.ms_per_token, 4), round(lo.ms_per_token, 4)]
+        out["copy_interval_scales"] = [round(fast, 5), round(slow, 5)]
     if out["requests"] and (args.prefetch or "none") == "none":
         out.pop("prefetch_precision")
         out.pop("prefetch_recall")

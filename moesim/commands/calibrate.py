@@ -2,8 +2,9 @@
 
 On a CUDA machine it measures (CUDA events, device time): the pinned host-to-device copy curve
 (64 KB ... 512 MB), one expert's dequantise + FFN time vs tokens for hqq2 / hqq4 / bf16, attention +
-gate vs context, the LM head, the engine's captured pieces (layer, expert, final) and an
-all-resident engine run (the per-token overhead beyond the pieces); ``--from-raw FILE`` converts a raw measurement file brought back
+gate vs context, the LM head, the engine's captured pieces (layer, expert, final), an
+all-resident engine run (the per-token overhead beyond the pieces), the engine terms (per-miss issue
+cost, per-layer routing hand-off) and one expert copy repeated from several buffers (the copy spread); ``--from-raw FILE`` converts a raw measurement file brought back
 from the GPU (``benchmarks/gpu_validate.py``) instead, on any machine.
 """
 
@@ -19,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--raw-out", help="also keep the raw measurements here")
     p.add_argument("--from-raw", help="convert this raw measurement file instead of measuring")
     p.add_argument("--name", default="h200", help="the calibration's name (default h200)")
+    p.add_argument("--add-to", metavar="CAL",
+                   help="with --from-raw: keep CAL's copies and kernels, add the raw file's engine terms and its "
+                        "expert-copy session (the copy interval then spans both sessions)")
     p.add_argument("--quants", default="hqq2,hqq4,bf16")
     p.add_argument("--layers", type=int, default=32,
                    help="layers of the engine measured for its pieces and per-token overhead (8 slots each, "
@@ -45,6 +49,22 @@ def run(args: argparse.Namespace) -> int:
 
         raw = measure(args.quants.split(","), layers=args.layers)
         path = None
+    if args.add_to:
+        from moesim.atomic import read_json
+        from moesim.engine.calibration import add_session
+        from moesim.errors import UsageError
+
+        if not args.from_raw:
+            raise UsageError("--add-to needs --from-raw")
+        cal = add_session(read_json(args.add_to), raw, path)
+        with atomic_open(args.out) as fh:
+            json.dump(cal, fh, indent=1)
+            fh.write("\n")
+        ec = cal["pcie"].get("expert_copy") or {}
+        print(f"wrote {args.out}: engine terms miss_issue {cal['engine']['miss_issue_s'] * 1e6:.1f} us, routing "
+              f"hand-off {cal['engine']['routing_handoff_s'] * 1e6:.1f} us; copy interval "
+              f"{ec.get('low_s', 0) * 1e3:.4f}-{ec.get('high_s', 0) * 1e3:.4f} ms over {len(ec.get('sessions', []))} sessions")
+        return 0
     cal = to_cost_model(raw, args.name, path=path)
     if args.raw_out:
         with atomic_open(args.raw_out) as fh:

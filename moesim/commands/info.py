@@ -33,6 +33,13 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info))
     else:
+        from moesim.traces.describe import text_block, value_text
+
         for key, value in info.items():
-            print(f"{key:>15}: {value}")
+            if isinstance(value, dict):  # provenance, stats, extra: one readable line per entry
+                print(f"{key:>15}:" + ("" if value else " (none)"))
+                for line in text_block(value, indent=17):
+                    print(line)
+            else:
+                print(f"{key:>15}: {value_text(value, key)}")
     return 0

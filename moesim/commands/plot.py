@@ -8,7 +8,7 @@ from pathlib import Path
 from moesim.commands._common import int_list, positive_int
 from moesim.errors import UsageError
 
-KINDS = ("heatmap", "raster", "mrc", "speed", "prefetch", "timeline", "reuse", "segment", "affinity")
+KINDS = ("heatmap", "raster", "mrc", "speed", "prefetch", "predictions", "timeline", "reuse", "segment", "affinity")
 
 
 def _names(text: str) -> list[str]:
@@ -16,16 +16,17 @@ def _names(text: str) -> list[str]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plot", help="draw a figure of a trace or a simulation (PNG, or SVG with --svg)",
-                       description="Draw a figure of a trace or a simulation and write it as PNG (SVG with --svg).")
+    p = sub.add_parser("plot", help="draw a figure of a trace or a simulation (.png, .svg or .pdf)",
+                       description="Draw a figure of a trace or a simulation; the output's extension picks the "
+                                   "format (-o x.png, x.svg, x.pdf).")
     kinds = p.add_subparsers(dest="kind", metavar="KIND", parser_class=type(p))
 
     def add(kind: str, help_text: str, trace: bool = True) -> argparse.ArgumentParser:
         k = kinds.add_parser(kind, help=help_text, description=help_text)
         if trace:
             k.add_argument("trace", help="trace file (.parquet)")
-        k.add_argument("-o", "--output", help=f"output file (default: {kind}.png or {kind}.svg)")
-        k.add_argument("--svg", action="store_true", help="write SVG instead of PNG")
+        k.add_argument("-o", "--output", help=f"output file; .png, .svg or .pdf picks the format (default: {kind}.png)")
+        k.add_argument("--svg", action="store_true", help=f"SVG (the same as -o {kind}.svg)")
         k.set_defaults(func=run)
         return k
 
@@ -49,6 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--policy", default="lru", help="eviction policy (default lru)")
     f.add_argument("--cache-size", type=positive_int, help="slots (default 2 x top-k)")
     f.add_argument("--hardware", default="a6000", help="hardware preset (default a6000)")
+    q = add("predictions", "accuracy of the recorded speculative predictions per layer and distance, beside the "
+                           "transition and previous-token predictors (needs a trace from `moesim record "
+                           "--predict-distance`)")
+    q.add_argument("--distances", type=int_list, help="prediction distances (default: every recorded one)")
+    q.add_argument("--phase", choices=["decode", "prefill", "all"], default="decode", help="rows scored (default decode)")
     t = add("timeline", "simulator timeline (Chrome/Perfetto trace-event JSON from `simulate --timeline`)", trace=False)
     t.add_argument("timeline", help="timeline .json file")
     t.add_argument("--max-ms", type=float, default=250.0,
@@ -82,11 +88,13 @@ def _check_policy(name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moesim.analysis import plots
+    from moesim.analysis.style import figure_format
 
     out = Path(args.output or f"{args.kind}.{'svg' if args.svg else 'png'}")
+    figure_format(out, args.svg)  # a usage error (unknown suffix, --svg with .png) before any work
     if args.kind == "timeline":
         fig = plots.timeline(plots.load_timeline(args.timeline), max_ms=args.max_ms or None,
-                             title=f"Simulated timeline - {Path(args.timeline).name}")
+                             title=plots.timeline_title(args.timeline))
     else:
         trace = _load(args.trace)
         meta = trace.meta
@@ -118,7 +126,20 @@ def run(args: argparse.Namespace) -> int:
             for name in args.policies:
                 _check_policy(name)
             fig = plots.speed(trace, args.policies, args.sizes, args.hardware)
+        elif args.kind == "predictions":
+            from moesim.analysis.prediction_plots import predictions
+            from moesim.commands._predictions import require_predictions
+            from moesim.traces.format import DECODE, PREFILL
+
+            distances = args.distances or list(trace.pred_distances)
+            for d in distances or [1]:
+                require_predictions(args.trace, trace.pred_distances, ["speculative"], d)
+            phase = {"decode": DECODE, "prefill": PREFILL, "all": None}[args.phase]
+            fig = predictions(trace, distances, phase)
         else:
+            from moesim.commands._predictions import require_predictions
+
+            require_predictions(args.trace, trace.pred_distances, args.prefetchers)
             _check_policy(args.policy)
             fig = plots.prefetch(trace, args.prefetchers, args.budgets, policy=args.policy,
                                  cache_size=args.cache_size, hardware=args.hardware)

@@ -3,26 +3,37 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("policies", help="list eviction policies and prefetchers")
+    p = sub.add_parser("policies", help="list eviction policies and prefetchers",
+                       description="List every eviction policy and prefetcher, its parameters (with "
+                                   "defaults) and what it does.")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from moesim.policies import policy_class, policy_names
-    from moesim.policies.prefetch import _PREFETCHERS
+def _block(title: str, entries, name_w: int, param_w: int) -> list[str]:
+    """One aligned row per entry; extra parameters go on continuation lines in their own column, so
+    the description column stays straight and each description stays on one line."""
+    lines = [title, f"  {'name':<{name_w}}  {'parameters':<{param_w}}  description"]
+    for e in entries:
+        params = e.params or ["-"]
+        lines.append(f"  {e.name:<{name_w}}  {params[0]:<{param_w}}  {e.summary}".rstrip())
+        lines.extend(f"  {'':<{name_w}}  {p}" for p in params[1:])
+    return lines
 
-    print("eviction policies (--policy NAME [--param KEY=VALUE]):")
-    for name in policy_names():
-        cls = policy_class(name)
-        params = [p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
-        sig = ", ".join(f"{p.name}={p.default}" for p in params)
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
-        print(f"  {name:14s} {('(' + sig + ')') if sig else '':24s} {doc}")
-    print("prefetchers (--prefetch NAME [--prefetch-budget N --prefetch-distance D]):")
-    for name, cls in sorted(_PREFETCHERS.items()):
-        print(f"  {name:14s} {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
+
+def run(args: argparse.Namespace) -> int:
+    from moesim.policies.catalog import eviction_policies, prefetchers
+
+    policies, fetchers = eviction_policies(), prefetchers()
+    both = policies + fetchers
+    name_w = max(len(e.name) for e in both)
+    param_w = max(len("parameters"), *(len(p) for e in both for p in e.params))
+    lines = _block("eviction policies (--policy NAME, parameters with --param KEY=VALUE):", policies, name_w, param_w)
+    lines.append("")
+    lines += _block("prefetchers (--prefetch NAME, with a timing model; every one takes --prefetch-budget N and\n"
+                    "--prefetch-distance D, other parameters with --prefetch-param KEY=VALUE):",
+                    fetchers, name_w, param_w)
+    print("\n".join(lines))
     return 0

@@ -19,6 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hardware", default="a6000", help="hardware preset for tokens/s (default a6000)")
     p.add_argument("--layer", type=int, default=0, help="layer shown in the residency raster (default 0)")
     p.add_argument("--no-timing", action="store_true", help="skip the tokens/s table even if available")
+    p.add_argument("--image-format", choices=("png", "svg"), default="png",
+                   help="how the figures are embedded (default png; svg stays sharp when zoomed or printed)")
     p.set_defaults(func=run)
 
 
@@ -50,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
             bar.update(1)
 
         path = write_report(trace, args.output, policies=policies, sizes=args.sizes, hardware=args.hardware,
-                            raster_layer=args.layer, timing=False if args.no_timing else None, progress=progress)
+                            raster_layer=args.layer, timing=False if args.no_timing else None, progress=progress,
+                            image_format=args.image_format)
     print(f"wrote {path}")
     return 0

@@ -20,8 +20,11 @@ def _int_axis(text: str) -> list[int]:
             continue
         try:
             if ".." in part:
-                lo, _, hi = part.partition("..")
-                out.extend(range(int(lo), int(hi) + 1))
+                lo_text, _, hi_text = part.partition("..")
+                lo, hi = int(lo_text), int(hi_text)
+                if lo > hi:
+                    raise argparse.ArgumentTypeError(f"range {part!r} is reversed (did you mean {hi}..{lo}?)")
+                out.extend(range(lo, hi + 1))
             else:
                 out.append(int(part))
         except ValueError:
@@ -111,6 +114,16 @@ def _spec(args: argparse.Namespace):
     return spec_from_lists(base, lists, _param_axes(args.param))
 
 
+def _require_predictions(spec) -> None:
+    """A speculative prefetcher on a trace without recorded predictions: one line, before any cell runs
+    (sweeps have no distance axis: the prefetchers' default distance 1)."""
+    from moesim.commands._predictions import needs_predictions, pred_distances_of, require_predictions
+
+    if any(needs_predictions(p) for p in spec.prefetch) and any(h != "none" for h in spec.hardware):
+        for t in dict.fromkeys(spec.traces):
+            require_predictions(t, pred_distances_of(t), spec.prefetch)
+
+
 def run(args: argparse.Namespace) -> int:
     import sys
 
@@ -120,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     from moesim.sweep.sweep import run_sweep
 
     spec = _spec(args)
+    _require_predictions(spec)
     if args.address and args.executor != "ray":
         raise UsageError("--address is for --executor ray")
     if args.dry_run:

@@ -46,8 +46,16 @@ def run(args: argparse.Namespace) -> int:
               "calibration": cost.name, **git_state(Path(__file__).resolve().parents[2]), **result,
               "notes": args.note}
     if "a100-pcie" in CostModel.presets():
-        sub = head_tokens(trace, int(engine["tokens"]), int(engine["expert_bytes"]), engine.get("quantization"))
+        sub = head_tokens(trace, int(engine["tokens"]), int(engine["expert_bytes"]), engine.get("quantization"),
+                          int(engine.get("skip_tokens", 0)))
         report["a100"] = a100_comparison(sub, cost, CostModel.preset("a100-pcie"))
+    check = result.get("in_situ_copy")
+    if check and not check["within_calibration_interval"]:
+        import sys
+
+        lo, hi = check["calibration_interval_gbps"]
+        print(f"warning: {path}: in-situ copy bandwidth {check['gbps']:.2f} GB/s is outside the calibration's "
+              f"interval {lo:.2f}-{hi:.2f} GB/s", file=sys.stderr)
     paths = write_report(report, args.out)
     print(f"{len(result['cells'])} cells; hit rates identical: {result['hit_rates_identical']}; tokens/s error "
           f"max {result['max_rel_error']:.1%}, median {result['median_rel_error']:.1%}; wrote "

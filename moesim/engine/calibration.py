@@ -6,13 +6,17 @@ Raw file keys: ``h2d`` [{bytes, ms, gb_per_s}], ``expert`` {quant[+compile]: {ex
 ``lm_head_ms``, ``compile_ok``; optionally ``graph`` {first_ms, layer_ms, expert_ms, final_ms} (the
 engine's captured pieces, which then set the layer, batch-1 expert and token costs) and
 ``all_resident`` {layers, tokens, requests, gpu_ms_total} (a run with every expert resident: what it
-took beyond its pieces becomes the per-token overhead).
+took beyond its pieces becomes the per-token overhead); ``copy_repeats`` (one expert copied N times
+from several pinned buffers: the copy spread, ``gpu_bench.copy_repeats``) and ``engine_terms``
+{miss_issue, routing_handoff} (``gpu_bench.miss_issue`` / ``routing_handoff``: the calibration's
+``engine`` block).
 All GPU times are measured with CUDA events after a GPU sleep, so they are device times, not launch
 overhead.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -76,6 +80,7 @@ def to_cost_model(raw: dict[str, Any], name: str = "h200", description: str = ""
                                   f"minus the sum of its pieces: event waits and launch gaps)")
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise DataError(path, f"not a raw calibration file ({type(exc).__name__}: {exc})") from None
+    engine, expert_copy = _engine_block(raw, path), _expert_copy(raw, path)
     token: dict[str, float] = {"base_s": token_s, "per_token_s": 0.0}
     if overhead_ms is not None:
         token["engine_overhead_s"] = overhead_ms * 1e-3   # part of base_s; efficiency bounds leave it out
@@ -90,10 +95,89 @@ def to_cost_model(raw: dict[str, Any], name: str = "h200", description: str = ""
             "token": sources_token,
         },
         "pcie": {"latency_us": latency_s * 1e6, "bandwidth_gbps": bw / 1e9, "copy_engines": 1,
-                 "curve": [[int(r["bytes"]), float(r["ms"]) * 1e-3] for r in h2d]},
+                 "curve": [[int(r["bytes"]), float(r["ms"]) * 1e-3] for r in h2d],
+                 **({"expert_copy": expert_copy} if expert_copy else {})},
         "expert_bytes": expert_bytes,
         "quantization": "hqq2" if "hqq2" in expert_compute else next(iter(expert_compute)),
         "expert_compute": expert_compute,
         "layer": {"base_s": max(float(base), 0.0), "per_token_s": 0.0, "per_context_s": max(float(per_ctx), 0.0)},
         "token": token,
+        "engine": engine,
     }
+
+
+def _engine_block(raw: dict[str, Any], path: object) -> dict[str, Any]:
+    """The cost model's ``engine`` terms from the raw micro-benchmarks (0 = not measured)."""
+    terms = raw.get("engine_terms") or {}
+    try:
+        miss = float(terms["miss_issue"]["miss_issue_s"]) if "miss_issue" in terms else 0.0
+        handoff = float(terms["routing_handoff"]["routing_handoff_s"]) if "routing_handoff" in terms else 0.0
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(path, f"bad engine_terms ({type(exc).__name__}: {exc})") from None
+    when = terms.get("date", "unknown date")
+    sources = {
+        "miss_issue_s": (f"gpu_bench.miss_issue ({when}): the engine's demand pattern (gate kernel; copies on a copy "
+                         "stream waiting on the gate-done and slot-free events; experts waiting on ready events) "
+                         "minus the same chain priced by the simulator from back-to-back kernel and copy times, "
+                         "per miss" if "miss_issue" in terms else "not measured: 0"),
+        "routing_handoff_s": (f"gpu_bench.routing_handoff ({when}): gate (1x4096 @ 4096x8) + softmax + top-2 as a "
+                              "CUDA graph, read back to pinned host memory and synchronised, per layer, minus the "
+                              "gate's GPU time; charged only with --engine-mode gate"
+                              if "routing_handoff" in terms else "not measured: 0"),
+    }
+    out: dict[str, Any] = {"miss_issue_s": miss, "routing_handoff_s": handoff}
+    if "routing_handoff" in terms and "eager_handoff_s" in terms["routing_handoff"]:
+        out["routing_handoff_eager_s"] = float(terms["routing_handoff"]["eager_handoff_s"])
+        sources["routing_handoff_eager_s"] = ("the same read-back with the gate's kernels launched eagerly (no CUDA "
+                                              "graph): what each sync of the mixtral-offloading profile costs")
+    return {**out, "sources": sources}
+
+
+def _expert_copy(raw: dict[str, Any], path: object) -> dict[str, Any] | None:
+    """One session of repeated expert-size copies -> the calibration's copy spread."""
+    rep = raw.get("copy_repeats")
+    if not rep:
+        return None
+    try:
+        session = {"date": (raw.get("engine_terms") or {}).get("date", "unknown"), "n": int(rep["n"]),
+                   "buffers": int(rep.get("buffers", 1)),
+                   **{f"{k}_s": float(rep[f"{k}_ms"]) * 1e-3 for k in ("median", "p10", "p90", "min", "max")}}
+        nbytes = int(rep["bytes"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(path, f"bad copy_repeats ({type(exc).__name__}: {exc})") from None
+    return expert_copy_block(nbytes, [session])
+
+
+def expert_copy_block(nbytes: int, sessions: list[dict[str, Any]]) -> dict[str, Any]:
+    """The copy interval over every session's p10..p90: a calibration that has seen several days
+    carries the day-to-day spread, not only one run's."""
+    return {"bytes": int(nbytes), "median_s": float(sessions[-1]["median_s"]),
+            "low_s": min(float(s["p10_s"]) for s in sessions), "high_s": max(float(s["p90_s"]) for s in sessions),
+            "sessions": sessions}
+
+
+def add_session(cal: dict[str, Any], raw: dict[str, Any], path: object = None) -> dict[str, Any]:
+    """``cal`` (a calibration) with the engine terms and the expert-copy session of ``raw`` (another
+    device session's micro-benchmarks): its copies and kernels stay as they were measured; the copy
+    interval then spans both days. A calibration without sessions counts its own curve's time at the
+    expert size as its first (a mean of back-to-back copies: no spread of its own)."""
+    from moesim.simulator.cost_model import CostModel
+
+    out = json.loads(json.dumps(cal))
+    engine = _engine_block(raw, path)
+    if not raw.get("engine_terms"):
+        raise DataError(path, "no engine_terms in this raw file")
+    out["engine"] = engine
+    new = _expert_copy(raw, path)
+    if new:
+        old = out["pcie"].get("expert_copy")
+        if old:
+            sessions = old["sessions"]
+        else:
+            point = CostModel.from_dict(cal).copy_seconds(new["bytes"])
+            sessions = [{"date": cal.get("date", "the calibration's own run"), "n": None, "buffers": 1,
+                         "median_s": point, "p10_s": point, "p90_s": point, "min_s": point, "max_s": point,
+                         "note": "the calibration's copy curve at this size (a mean of back-to-back copies)"}]
+        out["pcie"]["expert_copy"] = expert_copy_block(new["bytes"], sessions + new["sessions"])
+        out["pcie"]["expert_copy"]["median_s"] = float(sessions[0]["median_s"])   # the point the curve uses
+    return out

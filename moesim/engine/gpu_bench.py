@@ -78,13 +78,14 @@ def graph_pieces(program: Program) -> dict:
     return out
 
 
-def calibrate(quants: list[str], compile_ok: bool, program: Program | None = None, h2d: bool = True) -> dict:
+def calibrate(quants: list[str], compile_ok: bool, program: Program | None = None, h2d: bool = True,
+              tokens: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
+              contexts: tuple[int, ...] = (512, 1024, 2048, 4096)) -> dict:
     """Raw measurements: H2D curve, expert compute vs tokens per quantization (compiled kernels, GPU
     time), attention vs context (eager kernels: the slope), LM head, and, given the engine's
     ``program``, each captured piece of its decode step."""
     g = MIXTRAL_8X7B
     out: dict = {"h2d": h2d_curve() if h2d else [], "expert": {}, "attention": [], "lm_head_ms": None}
-    tokens = [1, 2, 4, 8, 16, 32, 64]
     for qn in quants:
         spec = quant_spec(qn)
         w1 = Weights(g.__class__(num_layers=1), spec, "cuda", pin=False)
@@ -104,7 +105,7 @@ def calibrate(quants: list[str], compile_ok: bool, program: Program | None = Non
         del w1, blob
         torch.cuda.empty_cache()
     x = torch.randn(1, g.hidden, dtype=torch.bfloat16, device="cuda")
-    for ctx in [512, 1024, 2048, 4096]:   # eager kernels; only the slope per cached token is used
+    for ctx in contexts:   # eager kernels; only the slope per cached token is used
         w1 = Weights(g.__class__(num_layers=1, max_context=ctx), quant_spec("hqq2"), "cuda", pin=False)
         pos = torch.tensor([ctx - 1], device="cuda")
         with torch.inference_mode():
@@ -112,7 +113,7 @@ def calibrate(quants: list[str], compile_ok: bool, program: Program | None = Non
                 x, w1.wq[0], w1.wk[0], w1.wv[0], w1.wo[0], w1.wg[0], w1.k_cache[0], w1.v_cache[0], pos,
                 w1.positions, w1.geometry, w1.attn_quant))
         out["attention"].append({"context": ctx, "compiled": False, "ms": ms, "attn_quant": w1.attn_quant.name})
-        if ctx == 4096:
+        if ctx == max(contexts):
             with torch.inference_mode():
                 out["lm_head_ms"] = cuda_ms(lambda w1=w1: x @ w1.lm_head.T)
         del w1
@@ -187,4 +188,240 @@ def measure(quants: list[str], layers: int = 32, seed: int = 0) -> dict:
     out["compile_ok"] = ok
     out["engine_quantization"] = "hqq2"
     out["all_resident"] = all_resident(w, program, routing)
+    out.update(engine_terms("cuda", w.expert_bytes, layers=layers))
     return out
+
+
+# ---- engine terms and copy spread (docs/timing.md, "Engine terms"); CPU-testable with tiny sizes -----
+
+def device_seconds(fn, device: str, reps: int = 20, warm: int = 2) -> float:
+    """Time per call of ``fn``: CUDA events after a GPU sleep on a GPU, perf_counter on CPU."""
+    if torch.device(device).type == "cuda":
+        return cuda_ms(fn, reps, warm) * 1e-3
+    for _ in range(warm):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
+def _spin(device: str, seconds: float):
+    """A kernel that keeps the GPU busy ``seconds`` (``torch.cuda._sleep``, rate measured here), or on
+    CPU a sleep: stands for the engine's layer and expert pieces in the stream benchmarks."""
+    if torch.device(device).type == "cuda":
+        probe = 1_000_000
+        rate = probe / device_seconds(lambda: torch.cuda._sleep(probe), device, reps=5)   # cycles per second
+        cycles = max(int(seconds * rate), 1)
+        return lambda: torch.cuda._sleep(cycles)
+    if seconds <= 0:
+        return lambda: None
+    return lambda: time.sleep(seconds)
+
+
+def demand_chain_seconds(layers: int, misses: int, gate_s: float, copy_s: float, expert_s: float) -> float:
+    """What the timing simulator charges for :func:`miss_issue`'s chain with no per-miss cost: per layer
+    a gate on compute; ``misses`` copies on one copy stream, each after the gate (and after the last
+    compute that read its slot); each expert after its copy, in order."""
+    t = cfree = 0.0
+    free = [0.0] * misses
+    for _ in range(layers):
+        t += gate_s
+        ready = []
+        for m in range(misses):
+            cfree = max(cfree, t, free[m]) + copy_s
+            ready.append(cfree)
+        for m in range(misses):
+            t = max(t, ready[m]) + expert_s
+            free[m] = t
+    return t
+
+
+def _host_buffers(nbytes: int, count: int, device: str) -> list:
+    pin = torch.device(device).type == "cuda"
+    bufs = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(count)]
+    for i, b in enumerate(bufs):
+        b.fill_(i % 251)
+    return bufs
+
+
+def copy_repeats(device: str = "cuda", nbytes: int = 66748416, repeats: int = 40, buffers: int = 8) -> dict:
+    """Host->device copies of ``nbytes`` (one expert) timed one by one, back to back on a dedicated copy
+    stream, from ``buffers`` different pinned buffers in turn (as the engine copies 256 different
+    experts): the spread of one expert copy, for the calibration's interval."""
+    from moesim.engine.runtime import Device
+
+    d = Device(device)
+    host = _host_buffers(nbytes, buffers, device)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=d.dev)
+    for b in host[:2]:   # warm-up
+        dst.copy_(b, non_blocking=True)
+    d.synchronize()
+    marks = []
+    with d.copy_context():
+        for i in range(repeats):
+            a, b = d.event(), d.event()
+            a.record(d.copy_stream)
+            dst.copy_(host[i % buffers], non_blocking=True)
+            b.record(d.copy_stream)
+            marks.append((a, b))
+    d.synchronize()
+    ms = np.array([a.elapsed_time(b) for a, b in marks])
+    out = {"bytes": int(nbytes), "buffers": int(buffers), "n": int(repeats), "ms": [round(float(x), 5) for x in ms],
+           "median_ms": float(np.median(ms)), "p10_ms": float(np.percentile(ms, 10)),
+           "p90_ms": float(np.percentile(ms, 90)), "min_ms": float(ms.min()), "max_ms": float(ms.max())}
+    log(f"expert copy x{repeats} ({buffers} buffers): median {out['median_ms']:.4f} ms, p10 {out['p10_ms']:.4f}, "
+        f"p90 {out['p90_ms']:.4f}, min {out['min_ms']:.4f}, max {out['max_ms']:.4f} "
+        f"({nbytes / out['median_ms'] / 1e6:.2f} GB/s)")
+    return out
+
+
+def miss_issue(device: str = "cuda", nbytes: int = 66748416, layers: int = 32, misses: int = 2,
+               gate_s: float = 0.2e-3, expert_s: float = 0.26e-3, buffers: int = 8, reps: int = 3) -> dict:
+    """The engine's demand-miss pattern without the engine: per layer a gate kernel, then ``misses``
+    expert copies on a copy stream that waits on the gate-done event and on the slot's free event, then
+    per copy an expert kernel on compute waiting on its ready event (the events the engine records).
+    ``miss_issue_s`` = (measured chain - the chain priced by the simulator's rules from the same
+    kernels' and copies' back-to-back times) / misses: what each demand miss costs beyond its transfer.
+    On a GPU the chain starts behind a GPU sleep (device-side cost only); ``unhidden_s`` is the same
+    chain issued as the CPU goes (the host's issue cost shows where the GPU catches up)."""
+    from moesim.engine.runtime import Device
+
+    d = Device(device)
+    host = _host_buffers(nbytes, buffers, device)
+    slots = [torch.empty(nbytes, dtype=torch.uint8, device=d.dev) for _ in range(misses)]
+    gate_fn, expert_fn = _spin(device, gate_s), _spin(device, expert_s)
+    g_s = device_seconds(gate_fn, device)
+    e_s = device_seconds(expert_fn, device)
+    n_copy = 2 * buffers
+    i_copy = iter(range(1 << 30))
+
+    def one_copy():
+        with d.copy_context():
+            slots[0].copy_(host[next(i_copy) % buffers], non_blocking=True)
+    c_s = device_seconds(one_copy, device, reps=n_copy)
+    if d.cuda:   # the copy stream ran them: time them there (device_seconds timed the compute stream)
+        a, b = d.event(), d.event()
+        d.synchronize()
+        with d.copy_context():
+            a.record(d.copy_stream)
+            for i in range(n_copy):
+                slots[0].copy_(host[i % buffers], non_blocking=True)
+            b.record(d.copy_stream)
+        d.synchronize()
+        c_s = a.elapsed_time(b) * 1e-3 / n_copy
+
+    def chain():
+        free: list = [None] * misses
+        for layer in range(layers):
+            gate_fn()
+            gate_done = d.event(timing=False)
+            gate_done.record()
+            ready = []
+            for m in range(misses):
+                with d.copy_context():
+                    d.wait(gate_done, d.copy_stream)
+                    if free[m] is not None:
+                        d.wait(free[m], d.copy_stream)
+                    slots[m].copy_(host[(layer * misses + m) % buffers], non_blocking=True)
+                    ev = d.event(timing=False)
+                    ev.record(d.copy_stream)
+                ready.append(ev)
+            for m in range(misses):
+                d.wait(ready[m])
+                expert_fn()
+                fr = d.event(timing=False)
+                fr.record()
+                free[m] = fr
+
+    def timed(hide_host: bool) -> float:
+        d.synchronize()
+        if d.cuda and hide_host:
+            torch.cuda._sleep(200_000_000)
+        a, b = d.event(), d.event()
+        a.record()
+        chain()
+        b.record()
+        d.synchronize()
+        return a.elapsed_time(b) * 1e-3
+
+    timed(True)   # warm-up
+    hidden = float(np.median([timed(True) for _ in range(reps)]))
+    unhidden = float(np.median([timed(False) for _ in range(reps)]))
+    ideal = demand_chain_seconds(layers, misses, g_s, c_s, e_s)
+    n = layers * misses
+    out = {"bytes": int(nbytes), "layers": layers, "misses_per_layer": misses, "gate_s": g_s, "expert_s": e_s,
+           "copy_s": c_s, "chain_s": hidden, "chain_unhidden_s": unhidden, "ideal_s": ideal,
+           "miss_issue_s": max((hidden - ideal) / n, 0.0), "unhidden_s": max((unhidden - ideal) / n, 0.0)}
+    log(f"miss issue ({misses}/layer x {layers}): chain {hidden * 1e3:.3f} ms vs simulator {ideal * 1e3:.3f} ms -> "
+        f"{out['miss_issue_s'] * 1e6:.1f} us per miss ({out['unhidden_s'] * 1e6:.1f} us issued as the CPU goes)")
+    return out
+
+
+def routing_handoff(device: str = "cuda", hidden: int = 4096, experts: int = 8, top_k: int = 2, layers: int = 32,
+                    reps: int = 4) -> dict:
+    """A gate-driven decoder's per-layer hand-off at Mixtral geometry: the gate (1 x hidden @ hidden x
+    experts, bf16), softmax, top-k, and the ids and weights read back to the host (the CPU must know
+    them before it issues the layer's copies and experts). ``routing_handoff_s`` = wall time per layer
+    of gate + read-back - the GPU time of the gate kernels alone = the time the GPU sits idle between
+    the gate and the next piece. On a GPU the gate is also replayed as one CUDA graph
+    (``graph_handoff_s``, how a graph-captured engine runs it: the field uses that one when it exists)."""
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    x = torch.randn(1, hidden, dtype=torch.bfloat16, device=dev)
+    wg = torch.randn(experts, hidden, dtype=torch.bfloat16, device=dev) * 0.02
+    host = torch.empty(2, top_k, dtype=torch.float32, pin_memory=cuda)
+    out_buf = torch.empty(2, top_k, dtype=torch.float32, device=dev)
+
+    def gate():
+        p = torch.softmax((x @ wg.T).float(), dim=-1)
+        w, i = torch.topk(p, top_k, dim=-1)
+        out_buf[0].copy_(w[0])
+        out_buf[1].copy_(i[0].float())
+
+    def handoff_loop(step) -> float:
+        n = layers * reps
+        if cuda:
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+            host.copy_(out_buf, non_blocking=cuda)
+            if cuda:
+                torch.cuda.current_stream(dev).synchronize()
+            ids = host[1].tolist()   # the CPU's decision: which experts to copy and run
+            assert len(ids) == top_k
+        return (time.perf_counter() - t0) / n
+
+    with torch.inference_mode():
+        gpu_s = device_seconds(gate, device)
+        handoff_loop(gate)   # warm-up
+        eager = float(np.median([handoff_loop(gate) for _ in range(3)]))
+        out = {"hidden": hidden, "experts": experts, "top_k": top_k, "gate_gpu_s": gpu_s, "eager_wall_s": eager,
+               "eager_handoff_s": max(eager - gpu_s, 0.0)}
+        if cuda:
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                gate()
+            torch.cuda.synchronize(dev)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                gate()
+            g_gpu = device_seconds(graph.replay, device)
+            handoff_loop(graph.replay)
+            g_wall = float(np.median([handoff_loop(graph.replay) for _ in range(3)]))
+            out.update({"graph_gate_gpu_s": g_gpu, "graph_wall_s": g_wall, "graph_handoff_s": max(g_wall - g_gpu, 0.0)})
+    out["routing_handoff_s"] = out.get("graph_handoff_s", out["eager_handoff_s"])
+    log(f"routing hand-off (gate {hidden}x{experts}, top-{top_k}, read-back): {out['routing_handoff_s'] * 1e6:.1f} us "
+        f"per layer (eager {out['eager_handoff_s'] * 1e6:.1f} us; gate GPU {gpu_s * 1e6:.1f} us)")
+    return out
+
+
+def engine_terms(device: str = "cuda", nbytes: int = 66748416, layers: int = 32, copies: int = 40,
+                 buffers: int = 8) -> dict:
+    """The raw file's ``engine_terms`` and ``copy_repeats`` (``calibration.to_cost_model`` reads them)."""
+    return {"copy_repeats": copy_repeats(device, nbytes, copies, buffers),
+            "engine_terms": {"miss_issue": miss_issue(device, nbytes, layers, buffers=buffers),
+                             "routing_handoff": routing_handoff(device, layers=layers),
+                             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}

@@ -16,11 +16,15 @@ picks and the prefetched-but-not-yet-used experts of that layer; the first refus
 the loop. A prefetch is neither a hit nor a miss. ``observe(l, S)`` follows. The simulator also
 protects copies still in flight at the gate -- a timing-dependent set; for d = 1 it is contained in
 the pending set, so the plan needs no clock (the hit-rate equality in the report checks this).
+
+The ``speculative`` prefetcher reads the trace's recorded predictions (``pred{d}_experts``), which
+:meth:`Routing.from_trace` keeps as ``predicted[d]``: the prediction for (token t, layer l + d) made
+from layer l, as the simulator's driver passes them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,6 +43,7 @@ class Routing:
     seq: np.ndarray        # (T,) sequence id
     position: np.ndarray   # (T,) token index within its sequence
     num_experts: int
+    predicted: dict[int, np.ndarray] = field(default_factory=dict)   # d -> (T, L, k) recorded predictions, -1 = none
 
     @property
     def num_tokens(self) -> int:
@@ -67,7 +72,12 @@ class Routing:
         experts[tidx, layer] = trace.experts
         weights[tidx, layer] = trace.weights
         row[tidx, layer] = np.arange(len(trace), dtype=np.int64)
-        out = cls(experts, weights, row, uniq >> 32, uniq & 0xFFFFFFFF, meta.num_experts)
+        predicted = {}
+        for d in trace.pred_distances:
+            p = np.full((T, L, k), -1, np.int64)
+            p[tidx, layer] = trace.pred_experts(d)
+            predicted[d] = p
+        out = cls(experts, weights, row, uniq >> 32, uniq & 0xFFFFFFFF, meta.num_experts, predicted)
         return out.head(max_tokens) if max_tokens is not None else out
 
     def head(self, tokens: int) -> Routing:
@@ -75,7 +85,8 @@ class Routing:
         e, w, r = self.experts[:tokens], self.weights[:tokens], self.row[:tokens].copy()
         present = r >= 0
         r[present] = np.argsort(np.argsort(r[present]))
-        return Routing(e, w, r, self.seq[:tokens], self.position[:tokens], self.num_experts)
+        return Routing(e, w, r, self.seq[:tokens], self.position[:tokens], self.num_experts,
+                       {d: p[:tokens] for d, p in self.predicted.items()})
 
     def first_layers(self, layers: int) -> Routing:
         """Only layers 0..``layers``-1 (rows renumbered), for runs of a model cut short."""
@@ -83,7 +94,8 @@ class Routing:
         present = keep >= 0
         keep[present] = np.argsort(np.argsort(keep[present]))
         return Routing(self.experts[:, :layers].copy(), self.weights[:, :layers].copy(), keep, self.seq,
-                       self.position, self.num_experts)
+                       self.position, self.num_experts,
+                       {d: p[:, :layers].copy() for d, p in self.predicted.items() if d < layers})
 
     def next_use(self) -> np.ndarray:
         """(T, L, k): row index of the next request of the same expert at the same layer, or NEVER."""
@@ -112,33 +124,74 @@ class Step:
     prefetches: list[tuple[int, int, int]]    # (layer, slot, expert) issued after the demand
 
 
-def make_prefetcher(name: str, routing: Routing):
-    """A prefetcher from ``moesim.policies.prefetch`` (the simulator's classes), or None for "none"."""
+class LiveRefusal(ValueError):
+    """A policy or prefetcher that needs the future, asked of a live (gate-driven) decoder."""
+
+
+def make_prefetcher(name: str, routing: Routing, params: dict[str, Any] | None = None):
+    """A prefetcher from ``moesim.policies.prefetch`` (the simulator's classes), or None for "none";
+    ``params`` e.g. ``{"distance": 2, "budget": 1}``."""
+    pf = _prefetcher(name, routing.num_layers, routing.num_experts, routing.top_k, params)
+    if pf is not None and pf.needs_predictions and pf.distance not in routing.predicted:
+        raise ValueError(f"prefetcher {name!r} needs recorded predictions at distance {pf.distance}; the routing "
+                         f"has {sorted(routing.predicted) or 'none'} (record with --predict-distance)")
+    return pf
+
+
+def _prefetcher(name: str, num_layers: int, num_experts: int, top_k: int, params: dict[str, Any] | None = None):
     from moesim.policies.prefetch import make_prefetcher as _make
 
     if name == "none":
         return None
-    return _make(name, num_layers=routing.num_layers, num_experts=routing.num_experts, top_k=routing.top_k)
+    return _make(name, num_layers=num_layers, num_experts=num_experts, top_k=top_k, **(params or {}))
 
 
 class CachePlan:
-    """Per-layer ExpertCache + policy + slot map; ``step`` advances one (token, layer)."""
+    """Per-layer ExpertCache + policy + slot map: residency is decided here and only here, for the
+    replay engine (routing forced from a trace: :meth:`step`) and for the gate-driven decoder (routing
+    from the live gate: :meth:`demand`, then :meth:`prefetch_after`; :meth:`live` builds one)."""
 
-    def __init__(self, routing: Routing, cache_size: int, policy: str, prefetch: str = "none",
-                 params: dict[str, Any] | None = None) -> None:
-        if cache_size < routing.top_k:
-            raise ValueError(f"cache size {cache_size} is smaller than top-k ({routing.top_k})")
+    def __init__(self, routing: Routing | None, cache_size: int, policy: str, prefetch: str = "none",
+                 params: dict[str, Any] | None = None, prefetch_params: dict[str, Any] | None = None, *,
+                 num_layers: int | None = None, num_experts: int | None = None, top_k: int | None = None) -> None:
+        L = routing.num_layers if routing is not None else int(num_layers)
+        self.num_layers = L
+        self.num_experts = routing.num_experts if routing is not None else int(num_experts)
+        self.top_k = routing.top_k if routing is not None else int(top_k)
+        if cache_size < self.top_k:
+            raise ValueError(f"cache size {cache_size} is smaller than top-k ({self.top_k})")
         self.routing, self.cache_size = routing, cache_size
-        L = routing.num_layers
         self.caches = [ExpertCache(cache_size, make_policy(policy, **(params or {}))) for _ in range(L)]
         self.slot_of: list[dict[int, int]] = [{} for _ in range(L)]
         self.free_slots = [list(range(cache_size)) for _ in range(L)]
-        self.next_use = routing.next_use() if self.caches[0].policy.needs_future else None
-        self.prefetcher = make_prefetcher(prefetch, routing)
+        needs_future = self.caches[0].policy.needs_future
+        self.next_use = routing.next_use() if needs_future and routing is not None else None
+        self.prefetcher = (make_prefetcher(prefetch, routing, prefetch_params) if routing is not None
+                           else _prefetcher(prefetch, L, self.num_experts, self.top_k, prefetch_params))
         self.pending: set[tuple[int, int]] = set()   # (layer, expert) prefetched, not requested yet
         self.requests = self.hits = self.prefetches = 0
         self.layer_requests = np.zeros(L, np.int64)
         self.layer_hits = np.zeros(L, np.int64)
+
+    @classmethod
+    def live(cls, num_layers: int, num_experts: int, top_k: int, cache_size: int, policy: str,
+             prefetch: str = "none", params: dict[str, Any] | None = None,
+             prefetch_params: dict[str, Any] | None = None) -> CachePlan:
+        """A plan for a decoder whose routing comes from its own gates: policies and prefetchers that
+        read the future are refused (``LiveRefusal``, one line naming the alternatives)."""
+        from moesim.policies.base import policy_class, policy_names
+        from moesim.policies.prefetch import _PREFETCHERS, prefetcher_names
+
+        if policy_class(policy).needs_future:
+            ok = [p for p in policy_names() if not policy_class(p).needs_future]
+            raise LiveRefusal(f"policy {policy!r} needs the future (the whole routing in advance); a live decoder "
+                              f"cannot run it (use one of: {', '.join(ok)})")
+        if prefetch in _PREFETCHERS and _PREFETCHERS[prefetch].needs_future:
+            ok = [p for p in prefetcher_names() if not _PREFETCHERS[p].needs_future]
+            raise LiveRefusal(f"prefetcher {prefetch!r} reads the true future routing; a live decoder cannot run "
+                              f"it (use one of: {', '.join(ok)})")
+        return cls(None, cache_size, policy, prefetch, params, prefetch_params, num_layers=num_layers,
+                   num_experts=num_experts, top_k=top_k)
 
     def _admit(self, layer: int, key: int, now: int, protect) -> int | None:
         cache = self.caches[layer]
@@ -169,7 +222,15 @@ class CachePlan:
             return [int(e) for e in r.experts[t, target]] if r.row[t, target] >= 0 else []
         return actual
 
+    def _predicted(self, t: int, d: int):
+        pred = self.routing.predicted[d]
+
+        def predicted(target: int) -> list[int]:
+            return [int(e) for e in pred[t, target] if e >= 0]
+        return predicted
+
     def step(self, t: int, layer: int) -> Step | None:
+        """Replay: (token t, layer)'s routing from the trace; demand, then the prefetcher."""
         r = self.routing
         now = int(r.row[t, layer])
         if now < 0:
@@ -177,7 +238,20 @@ class CachePlan:
         keys = [int(e) for e in r.experts[t, layer]]
         weights = [float(w) for w in r.weights[t, layer]]
         nxt = None if self.next_use is None else [int(v) for v in self.next_use[t, layer]]
-        copies = self._request(layer, keys, now, weights, nxt)
+        copies = self.demand(layer, keys, now, weights, nxt)
+        pf = self.prefetcher
+        ctx = None
+        if pf is not None:
+            ctx = PrefetchContext(current=keys, actual=self._actual(t) if pf.needs_future else None,
+                                  predicted=self._predicted(t, pf.distance) if pf.needs_predictions else None)
+        prefetches = self.prefetch_after(layer, keys, now, ctx)
+        slots = [self.slot_of[layer][k] for k in keys]
+        return Step(keys, weights, slots, copies, prefetches)
+
+    def demand(self, layer: int, keys: list[int], now: int, weights: list[float] | None = None,
+               next_uses: list[int] | None = None) -> list[tuple[int, int]]:
+        """Request ``keys`` (router order) at ``layer``: the (slot, expert) copies of the misses."""
+        copies = self._request(layer, keys, now, weights or [1.0] * len(keys), next_uses)
         hits = len(keys) - len(copies)
         self.requests += len(keys)
         self.hits += hits
@@ -185,12 +259,27 @@ class CachePlan:
         self.layer_hits[layer] += hits
         for key in keys:
             self.pending.discard((layer, key))
-        prefetches: list[tuple[int, int, int]] = []
+        return copies
+
+    def slots(self, layer: int, keys: list[int]) -> list[int]:
+        return [self.slot_of[layer][k] for k in keys]
+
+    @property
+    def target_distance(self) -> int | None:
+        """How many layers ahead the prefetcher works (None without one)."""
+        return self.prefetcher.distance if self.prefetcher is not None else None
+
+    def prefetch_after(self, layer: int, keys: list[int], now: int,
+                       ctx: PrefetchContext | None) -> list[tuple[int, int, int]]:
+        """After ``layer``'s demand: the prefetcher's picks for layer + d admitted (layer, slot, expert),
+        then ``observe(layer, keys)``. The same call sequence for replay and live decoding."""
         pf = self.prefetcher
-        target = layer + (pf.distance if pf is not None else 1)
-        if pf is not None and target < r.num_layers:
-            ctx = PrefetchContext(current=keys, actual=self._actual(t) if pf.needs_future else None)
-            picks = [e for e in pf.predict(layer, target, ctx) if 0 <= e < r.num_experts][: pf.budget]
+        if pf is None:
+            return []
+        prefetches: list[tuple[int, int, int]] = []
+        target = layer + pf.distance
+        if target < self.num_layers:
+            picks = [e for e in pf.predict(layer, target, ctx) if 0 <= e < self.num_experts][: pf.budget]
             protect = {e for (lt, e) in self.pending if lt == target} | set(picks)
             for key in picks:
                 if key in self.caches[target]:
@@ -204,7 +293,5 @@ class CachePlan:
                 self.pending.add((target, key))
                 prefetches.append((target, slot, key))
             self.prefetches += len(prefetches)
-        if pf is not None:
-            pf.observe(layer, keys)
-        slots = [self.slot_of[layer][k] for k in keys]
-        return Step(keys, weights, slots, copies, prefetches)
+        pf.observe(layer, keys)
+        return prefetches

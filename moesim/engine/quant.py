@@ -34,18 +34,24 @@ META_GROUP = 128  # scale/zero are themselves quantised in groups of this many g
 @dataclass(frozen=True)
 class QuantSpec:
     name: str
-    bits: int          # 16 means plain bf16
+    bits: int          # 16 / 32: plain (unquantised) weights of dtype ``plain``
     group_size: int = 16
     quant_meta: bool = True   # scale/zero re-quantised to 8 bits (hqq < 0.2); False: bf16 per group (hqq 0.2)
+    plain: str = ""           # "bf16" | "fp16" | "fp32" for unquantised formats
+
+    @property
+    def is_plain(self) -> bool:
+        return bool(self.plain)
 
     @property
     def is_bf16(self) -> bool:
-        return self.bits == 16
+        """Unquantised (kept under its historical name: callers only ask "is there a dequant step?")."""
+        return self.is_plain
 
     def matrix_parts(self, n: int) -> list[tuple[str, int]]:
         """(part, byte length) of one matrix of ``n`` weights, in blob order."""
-        if self.is_bf16:
-            return [("bf16", 2 * n)]
+        if self.is_plain:
+            return [(self.plain, self.bits // 8 * n)]
         groups = n // self.group_size
         if not self.quant_meta:
             if n % self.group_size or (n * self.bits) % 8:
@@ -70,8 +76,21 @@ QUANTS: dict[str, QuantSpec] = {
     # scale and zero stay bf16 per group: 4 bits per weight for 2-bit g16 (88,080,384 B per expert)
     "hqq2-v02": QuantSpec("hqq2-v02", 2, 16, quant_meta=False),
     "hqq4-v02": QuantSpec("hqq4-v02", 4, 64, quant_meta=False),
-    "bf16": QuantSpec("bf16", 16),
+    "bf16": QuantSpec("bf16", 16, plain="bf16"),
+    # unquantised in a checkpoint's own dtype (the decoder's ``--quant none``)
+    "fp16": QuantSpec("fp16", 16, plain="fp16"),
+    "fp32": QuantSpec("fp32", 32, plain="fp32"),
 }
+
+PLAIN_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def plain_spec(torch_dtype) -> QuantSpec:
+    """The unquantised format of a torch dtype."""
+    name = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}.get(str(torch_dtype))
+    if name is None:
+        raise KeyError(f"no plain expert format for {torch_dtype}")
+    return QUANTS[name]
 
 
 def quant_spec(name: str) -> QuantSpec:
@@ -96,8 +115,8 @@ def fill_random_matrix(view, spec: QuantSpec, n: int, generator=None) -> None:
             meta[:, 1] = 0.0
             meta[:, 2] = ((1 << spec.bits) - 1) / 255
             meta[:, 3] = 0.0
-        elif part == "bf16":
-            chunk.view(torch.bfloat16).normal_(0.0, 0.02, generator=generator)
+        elif part in PLAIN_DTYPES:
+            chunk.view(getattr(torch, PLAIN_DTYPES[part])).normal_(0.0, 0.02, generator=generator)
         elif part == "scale":   # bf16 per group, same ranges as the quantised meta above
             chunk.view(torch.bfloat16).uniform_(0.0, 0.0255, generator=generator)
         elif part == "zero":
@@ -123,7 +142,9 @@ def split_matrix(view, spec: QuantSpec, n: int) -> dict:
         chunk = view[off:off + nbytes]
         if part == "meta":
             chunk = chunk.view(torch.float16).view(-1, 4)
-        elif part in ("bf16", "scale", "zero"):
+        elif part in PLAIN_DTYPES:
+            chunk = chunk.view(getattr(torch, PLAIN_DTYPES[part]))
+        elif part in ("scale", "zero"):
             chunk = chunk.view(torch.bfloat16)
         parts[part] = chunk
         off += nbytes
@@ -143,11 +164,15 @@ def matrix(view, spec: QuantSpec, rows: int, cols: int):
 
 
 def dequantize(parts: dict, spec: QuantSpec, n: int):
-    """bf16 weights (flat, ``n``) from one matrix's parts: w = (code - zero) * scale."""
+    """bf16 weights (flat, ``n``) from one matrix's parts: w = (code - zero) * scale.
+
+    hqq 0.2 formats (bf16 scale/zero) compute exactly as hqq's ``Quantizer.dequantize`` does with
+    ``compute_dtype=bfloat16`` -- codes cast to bf16, minus zero, times scale, each step rounded to bf16 --
+    so the weights are bit-identical to hqq's (tests/test_engine_hqq.py)."""
     import torch
 
-    if spec.is_bf16:
-        return parts["bf16"]
+    if spec.is_plain:
+        return parts[spec.plain]
     per_byte = 8 // spec.bits
     mask = (1 << spec.bits) - 1
     packed = parts["packed"]
@@ -159,6 +184,7 @@ def dequantize(parts: dict, spec: QuantSpec, n: int):
         scale = (parts["scale_q"].float().view(-1, META_GROUP) - meta[:, 1:2]) * meta[:, 0:1]
         zero = (parts["zero_q"].float().view(-1, META_GROUP) - meta[:, 3:4]) * meta[:, 2:3]
     else:
-        scale, zero = parts["scale"].float(), parts["zero"].float()
+        groups_codes = codes.view(groups, spec.group_size // per_byte * per_byte).to(torch.bfloat16)
+        return ((groups_codes - parts["zero"].view(-1, 1)) * parts["scale"].view(-1, 1)).view(-1)
     w = (codes.view(groups, spec.group_size // per_byte * per_byte).float() - zero.view(-1, 1)) * scale.view(-1, 1)
     return w.to(torch.bfloat16).view(-1)

@@ -430,7 +430,8 @@ class OffloadedEngine:
 
     def __init__(self, weights: Weights, cache_size: int, policy: str = "lru", prefetch: str = "none",
                  policy_params: dict[str, Any] | None = None, compile_dequant: bool = False,
-                 program: Program | None = None, max_tokens: int = 256, graphs: bool | None = None) -> None:
+                 program: Program | None = None, max_tokens: int = 256, graphs: bool | None = None,
+                 prefetch_params: dict[str, Any] | None = None) -> None:
         import torch
 
         self.w, self.torch = weights, torch
@@ -441,7 +442,7 @@ class OffloadedEngine:
             raise ValueError(f"cache size {cache_size} exceeds the program's {program.max_slots} slots")
         self.program = program
         self.cache_size, self.policy_name, self.prefetch_name = cache_size, policy, prefetch
-        self.policy_params = policy_params
+        self.policy_params, self.prefetch_params = policy_params, prefetch_params
         self.slots = program.slots
         self.ready = [[d.event(timing=False) for _ in range(cache_size)] for _ in range(g.num_layers)]
         self.free: list[list[Any]] = [[None] * cache_size for _ in range(g.num_layers)]
@@ -477,7 +478,8 @@ class OffloadedEngine:
         g = w.geometry
         if routing.num_layers != g.num_layers:
             raise ValueError(f"routing has {routing.num_layers} layers, the model {g.num_layers}")
-        plan = CachePlan(routing, self.cache_size, self.policy_name, self.prefetch_name, self.policy_params)
+        plan = CachePlan(routing, self.cache_size, self.policy_name, self.prefetch_name, self.policy_params,
+                         self.prefetch_params)
         prog.load_routing(routing)
         log: list | None = [] if instrument else None
         token_events = []

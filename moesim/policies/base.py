@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
 from typing import Any, ClassVar
 
+from moesim.policies.params import check_params
+
 NEVER = 1 << 62  # next_use of a key that is never requested again
 
 
@@ -27,6 +29,7 @@ class EvictionPolicy:
     """Ordering state for ONE cache. Subclasses override the hooks they need and :meth:`victim`."""
 
     name: ClassVar[str] = "base"
+    summary: ClassVar[str] = ""  # one sentence for `moesim policies` (else the docstring's first)
     needs_future: ClassVar[bool] = False
 
     def attach(self, capacity: int) -> None:
@@ -181,4 +184,7 @@ def policy_class(name: str) -> type[EvictionPolicy]:
 
 
 def make_policy(name: str, **params: Any) -> EvictionPolicy:
-    return policy_class(name)(**params)
+    """Build a registered policy; parameters are checked and converted first (:func:`check_params`:
+    an unknown name or a non-numeric value raises :class:`ParamError`, a ``ValueError``)."""
+    cls = policy_class(name)
+    return cls(**check_params(cls, params, f"policy {name!r}"))

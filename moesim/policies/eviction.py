@@ -17,6 +17,7 @@ class LRU(EvictionPolicy):
     """Evict the least recently used; every request (hit or miss) refreshes recency."""
 
     name = "lru"
+    summary = 'Evicts the least recently used expert; hits and misses refresh recency.'
 
     def __init__(self) -> None:
         self.tick = 0
@@ -36,6 +37,7 @@ class FIFO(EvictionPolicy):
     """Evict the earliest inserted; hits do not refresh."""
 
     name = "fifo"
+    summary = 'Evicts the earliest inserted expert; hits do not refresh.'
 
     def __init__(self) -> None:
         self.tick = 0
@@ -54,6 +56,7 @@ class LFU(EvictionPolicy):
     """Perfect LFU: counts every request since the start, resident or not; ties to the LRU."""
 
     name = "lfu"
+    summary = 'Perfect LFU: counts every request since the start, resident or not; ties to LRU.'
 
     def __init__(self) -> None:
         self.tick = 0
@@ -74,6 +77,7 @@ class OPT(EvictionPolicy):
     """Belady: evict the key whose next request is farthest in the future (needs the future)."""
 
     name = "opt"
+    summary = "Belady's bound: evicts the expert needed farthest in the future (needs the trace)."
     needs_future = True
 
     def __init__(self) -> None:
@@ -92,6 +96,7 @@ class LFUInCache(LFU):
     """In-cache LFU (libCacheSim's ``LFU``): a key's count restarts when it is evicted; ties to the LRU."""
 
     name = "lfu-cache"
+    summary = "In-cache LFU (libCacheSim's LFU): an expert's count restarts when it is evicted."
 
     def on_evict(self, key: int) -> None:
         self.count[key] = 0
@@ -102,6 +107,7 @@ class Random(EvictionPolicy):
     """Evict a uniformly random candidate (seeded: same seed, same victims)."""
 
     name = "random"
+    summary = 'Evicts a uniformly random expert (seeded: same seed, same victims).'
 
     def __init__(self, seed: int = 0) -> None:
         import random
@@ -118,6 +124,7 @@ class LFUDecay(EvictionPolicy):
     ``half_life`` request sets (clock ticks); lowest score is evicted, ties to the LRU."""
 
     name = "lfu-decay"
+    summary = "Frequency with exponential aging: a request's weight halves every half_life steps."
 
     def __init__(self, half_life: float = 64.0) -> None:
         if half_life <= 0:
@@ -153,6 +160,7 @@ class GateWeighted(LFUDecay):
     keeps every request forever (perfect, weighted LFU)."""
 
     name = "gate-weighted"
+    summary = "Frequency weighted by the router's weight for the expert, optionally aged."
 
     def __init__(self, half_life: float = math.inf) -> None:
         super().__init__(half_life=1.0)
@@ -169,6 +177,7 @@ class LRFU(EvictionPolicy):
     last request dominates). Age is measured in request sets (clock ticks)."""
 
     name = "lrfu"
+    summary = 'LRFU (Lee et al., 2001): lam=0 is LFU, lam=1 is LRU, in between mixes both.'
 
     def __init__(self, lam: float = 0.1) -> None:
         if not 0.0 <= lam <= 1.0:
@@ -200,6 +209,7 @@ class Sieve(EvictionPolicy):
     oldest towards the newest, clearing visited bits, and evicts the first unvisited key."""
 
     name = "sieve"
+    summary = "SIEVE (NSDI'24): a FIFO with a visited bit and a hand that evicts the first unvisited."
 
     def __init__(self) -> None:
         self.queue: list[int] = []  # oldest first
@@ -239,6 +249,7 @@ class ARC(EvictionPolicy):
     lists, B1/B2 ghost lists, a fractional target ``p`` for T1 adapted on ghost hits."""
 
     name = "arc"
+    summary = "ARC (FAST'03): adapts between recency and frequency lists using ghost hits."
 
     def __init__(self) -> None:
         self.t1: list[int] = []  # LRU first (index 0 = tail)
@@ -316,6 +327,7 @@ class S3FIFO(EvictionPolicy):
     of keys recently evicted from the small queue."""
 
     name = "s3fifo"
+    summary = "S3-FIFO (SOSP'23): a small probation FIFO, a main FIFO and a ghost queue."
 
     def __init__(self, small_ratio: float = 0.1, ghost_ratio: float = 0.9, move_to_main: int = 2) -> None:
         self.small_ratio, self.ghost_ratio, self.threshold = small_ratio, ghost_ratio, move_to_main
@@ -383,6 +395,7 @@ class MultiDimensional(EvictionPolicy):
     least-high-precision-used, does not apply to single-precision caches and is omitted.)"""
 
     name = "hobbit"
+    summary = "HOBBIT-style: weighted sum of an expert's recency rank and frequency rank."
 
     def __init__(self, w_recency: float = 0.5) -> None:
         self.w = w_recency

@@ -20,6 +20,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from moesim.policies.params import DRIVER_ARGS, check_params
+
 
 @dataclass
 class PrefetchContext:
@@ -32,6 +34,7 @@ class PrefetchContext:
 
 class Prefetcher:
     name: ClassVar[str] = "base"
+    summary: ClassVar[str] = ""  # one sentence for `moesim policies` (else the docstring's first)
     needs_predictions: ClassVar[bool] = False  # needs the trace's pred{d}_experts columns
     needs_future: ClassVar[bool] = False       # reads the true routing of the target layer
 
@@ -69,12 +72,15 @@ def make_prefetcher(name: str, **kwargs: Any) -> Prefetcher:
         cls = _PREFETCHERS[name]
     except KeyError:
         raise KeyError(f"unknown prefetcher {name!r} (known: {', '.join(prefetcher_names())})") from None
-    return cls(**kwargs)
+    driver = {k: v for k, v in kwargs.items() if k in DRIVER_ARGS}
+    user = {k: v for k, v in kwargs.items() if k not in DRIVER_ARGS}
+    return cls(**driver, **check_params(cls, user, f"prefetcher {name!r}"))
 
 
 @register_prefetcher
 class NoPrefetch(Prefetcher):
     name = "none"
+    summary = 'No prefetching: experts are copied only when a layer asks for them.'
 
 
 @register_prefetcher
@@ -82,6 +88,7 @@ class PreviousToken(Prefetcher):
     """The target layer's experts of the previous step (temporal locality)."""
 
     name = "previous-token"
+    summary = "Fetches the target layer's experts of the previous token (temporal locality)."
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -101,6 +108,7 @@ class Transition(Prefetcher):
     experts. Learns as it goes (no future knowledge)."""
 
     name = "transition"
+    summary = 'Learns which experts follow which across layers and fetches the likeliest.'
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -131,6 +139,7 @@ class Speculative(Prefetcher):
     predicted probability reaches it (needs recorded prediction logits)."""
 
     name = "speculative"
+    summary = "Fetches the trace's recorded prediction (layer l+d's gate on layer l's state)."
     needs_predictions = True
 
     def __init__(self, *args: Any, threshold: float | None = None, **kwargs: Any) -> None:
@@ -151,6 +160,7 @@ class Oracle(Prefetcher):
     """Perfect prediction: the target layer's true experts (an upper bound, not a real policy)."""
 
     name = "oracle"
+    summary = "Fetches the target layer's true experts: an upper bound, not a real policy."
     needs_future = True
 
     def predict(self, layer: int, target: int, ctx: PrefetchContext) -> list[int]:

@@ -10,7 +10,8 @@ A calibration file is JSON (schema documented in docs/timing.md)::
       "quantization": "hqq2",                             # default expert format
       "expert_compute": {"bf16": [[tokens, seconds], ...], "hqq2": [[...]], ...},
       "layer": {"base_s": ..., "per_token_s": ..., "per_context_s": ...},
-      "token": {"base_s": ..., "per_token_s": ...}
+      "token": {"base_s": ..., "per_token_s": ...},
+      "engine": {"miss_issue_s": ..., "routing_handoff_s": ..., "sources": {...}}   # optional
     }
 
 ``copy_seconds`` interpolates the measured curve in log-log space (small copies are latency bound,
@@ -48,6 +49,10 @@ DEFAULT_EXPERT_BYTES = {
 }
 
 
+ENGINE_MODES = ("replay", "gate")
+ENGINE_PROFILES = ("moesim", "mixtral-offloading")
+
+
 @dataclass
 class CostModel:
     name: str
@@ -67,6 +72,17 @@ class CostModel:
     expert_s_override: float | None = None
     layer_s_override: float | None = None
     token_s_override: float | None = None
+    # engine terms (docs/timing.md, "Engine terms"): each measured by a micro-benchmark in
+    # moesim/engine/gpu_bench.py, never fitted to validation cells
+    miss_issue_s: float = 0.0          # per demand miss, on its copy stream before the transfer
+    routing_handoff_s: float = 0.0     # per layer, on compute after the gate: only in engine_mode "gate"
+    routing_handoff_eager_s: float | None = None   # the same read-back from eager kernels (profile mixtral-offloading)
+    engine_mode: str = "replay"        # "replay": routing known ahead; "gate": read back from the gate
+    engine_profile: str = "moesim"     # "mixtral-offloading": its swap-on-compute engine (no overlap)
+    engine_sources: dict[str, str] = field(default_factory=dict)
+    # repeated expert-size copies: {"bytes", "median_s", "low_s", "high_s", "sessions": [...]}
+    expert_copy: dict[str, Any] = field(default_factory=dict)
+    copy_scale: float = 1.0            # what-if: every copy takes copy_scale x its calibrated time
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
@@ -88,10 +104,21 @@ class CostModel:
                 description=str(raw.get("description", "")),
                 sources={str(k): str(v) for k, v in raw.get("sources", {}).items()},
             )
+            model.expert_copy = dict(pcie.get("expert_copy") or {})
+            if model.expert_copy:
+                float(model.expert_copy["low_s"]), float(model.expert_copy["high_s"]), int(model.expert_copy["bytes"])
+            eng = raw.get("engine") or {}
+            model.miss_issue_s = float(eng.get("miss_issue_s", 0.0))
+            model.routing_handoff_s = float(eng.get("routing_handoff_s", 0.0))
+            if eng.get("routing_handoff_eager_s") is not None:
+                model.routing_handoff_eager_s = float(eng["routing_handoff_eager_s"])
+            model.engine_sources = {str(k): str(v) for k, v in eng.get("sources", {}).items()}
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(path, f"not a valid calibration file ({type(exc).__name__}: {exc})") from None
         if model.bandwidth_Bps <= 0 or model.latency_s < 0 or model.copy_engines < 1:
             raise DataError(path, "calibration needs bandwidth_gbps > 0, latency_us >= 0, copy_engines >= 1")
+        if model.miss_issue_s < 0 or model.routing_handoff_s < 0:
+            raise DataError(path, "engine.miss_issue_s and engine.routing_handoff_s must be >= 0")
         if model.quantization not in model.expert_compute:
             raise DataError(path, f"no expert_compute table for the default quantization {model.quantization!r}")
         return model
@@ -120,10 +147,15 @@ class CostModel:
         return {
             "name": self.name, "description": self.description, "sources": self.sources,
             "pcie": {"latency_us": self.latency_s * 1e6, "bandwidth_gbps": self.bandwidth_Bps / 1e9,
-                     "copy_engines": self.copy_engines, "curve": [list(p) for p in self.curve]},
+                     "copy_engines": self.copy_engines, "curve": [list(p) for p in self.curve],
+                     **({"expert_copy": self.expert_copy} if self.expert_copy else {})},
             "expert_bytes": self.expert_bytes_by_quant, "quantization": self.quantization,
             "expert_compute": {q: [list(p) for p in pts] for q, pts in self.expert_compute.items()},
             "layer": self.layer, "token": self.token,
+            "engine": {"miss_issue_s": self.miss_issue_s, "routing_handoff_s": self.routing_handoff_s,
+                       **({"routing_handoff_eager_s": self.routing_handoff_eager_s}
+                          if self.routing_handoff_eager_s is not None else {}),
+                       "sources": self.engine_sources},
         }
 
     def to_json(self, path: str | os.PathLike) -> None:
@@ -134,7 +166,10 @@ class CostModel:
     def with_overrides(self, *, pcie_gbps: float | None = None, pcie_latency_us: float | None = None,
                        expert_bytes: int | None = None, expert_ms: float | None = None,
                        layer_ms: float | None = None, token_ms: float | None = None,
-                       quantization: str | None = None, copy_engines: int | None = None) -> CostModel:
+                       quantization: str | None = None, copy_engines: int | None = None,
+                       engine_mode: str | None = None, engine_profile: str | None = None,
+                       miss_issue_us: float | None = None, routing_handoff_us: float | None = None,
+                       copy_scale: float | None = None) -> CostModel:
         """A copy with what-if values; an overridden bandwidth or latency drops the measured curve."""
         m = copy.deepcopy(self)
         if pcie_gbps is not None or pcie_latency_us is not None:
@@ -154,6 +189,25 @@ class CostModel:
             m.quantization = quantization
         if copy_engines is not None:
             m.copy_engines = copy_engines
+        if copy_scale is not None:
+            if copy_scale <= 0:
+                raise UsageError("copy scale must be > 0")
+            m.copy_scale = copy_scale
+        if engine_mode is not None:
+            if engine_mode not in ENGINE_MODES:
+                raise UsageError(f"unknown engine mode {engine_mode!r} (known: {', '.join(ENGINE_MODES)})")
+            m.engine_mode = engine_mode
+        if engine_profile is not None:
+            if engine_profile not in ENGINE_PROFILES:
+                raise UsageError(f"unknown engine profile {engine_profile!r} (known: {', '.join(ENGINE_PROFILES)})")
+            m.engine_profile = engine_profile
+        for attr, us in (("miss_issue_s", miss_issue_us), ("routing_handoff_s", routing_handoff_us)):
+            if us is not None:
+                if us < 0:
+                    raise UsageError(f"{attr[:-2].replace('_', '-')} must be >= 0")
+                setattr(m, attr, us * 1e-6)
+        if routing_handoff_us is not None:   # a what-if hand-off stands for both flavours
+            m.routing_handoff_eager_s = None
         for attr, value in (("expert_bytes_override", expert_bytes), ("expert_s_override", expert_ms),
                             ("layer_s_override", layer_ms), ("token_s_override", token_ms)):
             if value is not None:
@@ -178,8 +232,18 @@ class CostModel:
         if len(pts) >= 2 and pts[0][0] <= nbytes <= pts[-1][0]:
             xs = np.log([p[0] for p in pts])
             ys = np.log([p[1] for p in pts])
-            return float(math.exp(np.interp(math.log(nbytes), xs, ys)))
-        return self.latency_s + nbytes / self.bandwidth_Bps
+            return self.copy_scale * float(math.exp(np.interp(math.log(nbytes), xs, ys)))
+        return self.copy_scale * (self.latency_s + nbytes / self.bandwidth_Bps)
+
+    def copy_interval_scales(self) -> tuple[float, float]:
+        """(fast, slow) factors on every copy time: the calibration's measured expert-copy interval
+        (p10..p90 over every session it holds) relative to the copy time it uses for that size;
+        (1, 1) when it holds no repeated measurements."""
+        ec = self.expert_copy
+        if not ec:
+            return 1.0, 1.0
+        point = self.copy_seconds(int(ec["bytes"])) / self.copy_scale
+        return min(float(ec["low_s"]) / point, 1.0), max(float(ec["high_s"]) / point, 1.0)
 
     def expert_seconds(self, tokens: int = 1, quantization: str | None = None) -> float:
         if self.expert_s_override is not None:
@@ -202,6 +266,15 @@ class CostModel:
             return self.token_s_override
         return self.token.get("base_s", 0.0) + self.token.get("per_token_s", 0.0) * max(batch - 1, 0)
 
+    def sync_seconds(self) -> float:
+        """One read-back by an eager engine (the mixtral-offloading profile's routing and index syncs):
+        the eager measurement when the calibration has one, else the routing hand-off."""
+        return self.routing_handoff_s if self.routing_handoff_eager_s is None else self.routing_handoff_eager_s
+
+    def handoff_seconds(self) -> float:
+        """The per-layer routing hand-off charged on compute: only a gate-driven engine pays it."""
+        return self.routing_handoff_s if self.engine_mode == "gate" else 0.0
+
     def summary(self) -> dict[str, Any]:
         b = self.expert_bytes()
         return {"name": self.name, "pcie_gbps": round(self.bandwidth_Bps / 1e9, 2),
@@ -209,4 +282,7 @@ class CostModel:
                 "quantization": self.quantization, "expert_mb": round(b / 1e6, 2),
                 "expert_copy_ms": round(self.copy_seconds(b) * 1e3, 3),
                 "expert_ms": round(self.expert_seconds(1) * 1e3, 3),
-                "layer_ms": round(self.layer_seconds(0, 1) * 1e3, 3), "token_ms": round(self.token_seconds(1) * 1e3, 3)}
+                "layer_ms": round(self.layer_seconds(0, 1) * 1e3, 3), "token_ms": round(self.token_seconds(1) * 1e3, 3),
+                "miss_issue_us": round(self.miss_issue_s * 1e6, 3),
+                "routing_handoff_us": round(self.routing_handoff_s * 1e6, 3), "engine_mode": self.engine_mode,
+                "engine_profile": self.engine_profile}

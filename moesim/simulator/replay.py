@@ -25,8 +25,9 @@ import numpy as np
 from tqdm import tqdm
 
 from moesim.errors import UsageError
-from moesim.policies.base import NEVER, EvictionPolicy, ExpertCache, make_policy, policy_class
+from moesim.policies.base import NEVER, EvictionPolicy, ExpertCache, policy_class
 from moesim.policies.compiled import ScorePolicy
+from moesim.policies.params import ParamError, check_params
 from moesim.simulator import kernels, policy_kernels, user_kernels
 from moesim.traces.format import Trace
 
@@ -186,10 +187,13 @@ def _factory(policy: PolicySpec, params: dict[str, Any] | None) -> Callable[[], 
     except KeyError as exc:
         raise UsageError(str(exc.args[0])) from None
     try:
-        cls(**(params or {}))
+        checked = check_params(cls, params, f"policy {policy!r}")
+        cls(**checked)
+    except ParamError as exc:
+        raise UsageError(str(exc)) from None
     except (TypeError, ValueError) as exc:
-        raise UsageError(f"bad parameters for policy {policy!r}: {exc}") from None
-    return lambda: make_policy(policy, **(params or {}))
+        raise UsageError(f"policy {policy!r}: {exc}") from None
+    return lambda: cls(**checked)
 
 
 def _compiled(policy: PolicySpec, params: dict[str, Any] | None) -> tuple[int, np.ndarray, np.ndarray] | None:
@@ -197,7 +201,7 @@ def _compiled(policy: PolicySpec, params: dict[str, Any] | None) -> tuple[int, n
     The parameters are read off a configured instance, so the class stays their one definition."""
     if not isinstance(policy, str) or policy not in policy_kernels.CODES:
         return None
-    fp, mt = policy_kernels.params_of(policy, make_policy(policy, **(params or {})))
+    fp, mt = policy_kernels.params_of(policy, _factory(policy, params)())
     return policy_kernels.CODES[policy], fp, mt
 
 

@@ -31,7 +31,8 @@ import numpy as np
 
 from moesim.atomic import atomic_open
 from moesim.errors import UsageError
-from moesim.policies.base import NEVER, EvictionPolicy, ExpertCache, make_policy, policy_class
+from moesim.policies.base import NEVER, EvictionPolicy, ExpertCache, policy_class
+from moesim.policies.params import ParamError, check_params
 from moesim.policies.prefetch import PrefetchContext, make_prefetcher
 from moesim.simulator import kernels, timing_kernel
 from moesim.simulator.cost_model import CostModel
@@ -165,6 +166,8 @@ class TimingResult(HitCounts):
     per_token_ms: np.ndarray = field(repr=False)
     compute_s: float = 0.0
     copy_busy_s: float = 0.0
+    engine_mode: str = "replay"
+    engine_profile: str = "moesim"
 
     @property
     def tokens_per_s(self) -> float:
@@ -193,6 +196,7 @@ class TimingResult(HitCounts):
             "cache_precision": r(self.hits / self.slots) if self.slots else 0.0,
             "p50_token_ms": r(float(np.median(self.per_token_ms)), 4) if len(self.per_token_ms) else 0.0,
             "p99_token_ms": r(float(np.percentile(self.per_token_ms, 99)), 4) if len(self.per_token_ms) else 0.0,
+            "engine_mode": self.engine_mode, "engine_profile": self.engine_profile,
         }
         return out
 
@@ -225,14 +229,18 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
         raise UsageError(f"cache size is smaller than top-k ({k})")
     if isinstance(policy, str):
         try:
-            policy_class(policy)(**(policy_params or {}))
+            cls = policy_class(policy)
+            checked = check_params(cls, policy_params, f"policy {policy!r}")
+            cls(**checked)
         except KeyError as exc:
             raise UsageError(str(exc.args[0])) from None
-        except TypeError as exc:
-            raise UsageError(f"bad parameters for policy {policy!r}: {exc}") from None
+        except ParamError as exc:
+            raise UsageError(str(exc)) from None
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"policy {policy!r}: {exc}") from None
 
         def make() -> EvictionPolicy:
-            return make_policy(policy, **(policy_params or {}))
+            return cls(**checked)
         policy_name = policy
     else:
         make, policy_name = policy, getattr(policy, "name", "custom")
@@ -241,8 +249,10 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
         prefetcher = make_prefetcher(prefetch, num_layers=L, num_experts=E, top_k=k, **pparams)
     except KeyError as exc:
         raise UsageError(str(exc.args[0])) from None
+    except ParamError as exc:
+        raise UsageError(str(exc)) from None
     except (TypeError, ValueError) as exc:
-        raise UsageError(f"bad parameters for prefetcher {prefetch!r}: {exc}") from None
+        raise UsageError(f"prefetcher {prefetch!r}: {exc}") from None
     d = prefetcher.distance
     pred_cols = trace.pred_distances
     if prefetcher.needs_predictions and d not in pred_cols:
@@ -252,12 +262,17 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
     fast_ok = (batch_size == 1 and timeline is None and isinstance(policy, str) and not policy_params
                and policy in kernels.POLICY_CODES and prefetch in timing_kernel.PREFETCH_CODES
                and all(s > 0 for s in sizes) and not (trace.phase == PREFILL).any()
-               and pparams.get("threshold") is None)
+               and pparams.get("threshold") is None and cost.engine_profile == "moesim")
     if engine == "numba" and not fast_ok:
         raise UsageError("the compiled timing path needs batch 1 decode, lru/fifo/lfu/opt, a built-in prefetcher "
                          "and no timeline")
+    swap = cost.engine_profile == "mixtral-offloading"
+    if swap and prefetch != "none":
+        raise UsageError("the mixtral-offloading engine profile has no prefetcher (its public engine has none)")
     if fast_ok and engine != "python":
-        return _simulate_fast(trace, policy, sizes, cache_size, cost, prefetch, prefetcher)
+        res = _simulate_fast(trace, policy, sizes, cache_size, cost, prefetch, prefetcher)
+        res.engine_mode, res.engine_profile = cost.engine_mode, cost.engine_profile
+        return res
     steps = build_steps(trace, batch_size, prefill_chunk)
     caches = [ExpertCache(s, make()) if s > 0 else None for s in sizes]
     future = any(c is not None and c.policy.needs_future for c in caches)
@@ -273,6 +288,10 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
 
     xb = cost.expert_bytes(meta.expert_bytes)
     copy_s = cost.copy_seconds(xb)
+    demand_s = copy_s + cost.miss_issue_s    # a demand copy also pays the engine's per-miss issue cost
+    handoff_s = cost.handoff_seconds()
+    if swap:   # mixtral-offloading: reads every layer's routing back; swaps on compute (its own timing)
+        demand_s, handoff_s = copy_s, cost.sync_seconds()
     env = SimEnv(cost.copy_engines, timeline is not None)
     inflight: dict[tuple[int, int], float] = {}      # (layer, expert) -> copy end
     pending: dict[tuple[int, int], bool] = {}        # prefetched for that layer, not used yet
@@ -289,13 +308,15 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
             dur = cost.layer_seconds(step.context, step.tokens)
             _, gate = env.run("compute", 0.0, dur, f"attn L{layer}", {"step": i})
             compute += dur
+            if handoff_s > 0:   # gate-driven engine: the CPU reads the routing back before issuing more
+                _, gate = env.run("compute", gate, handoff_s, f"routing handoff L{layer}", {"step": i})
             cache = caches[layer]
             sets += 1
             requests += len(S)
             ready: dict[int, float] = {}
             if cache is None:
                 for e in S:
-                    _, ready[e] = env.copy(gate, copy_s, f"load L{layer} E{e}", {"step": i, "demand": True})
+                    _, ready[e] = env.copy(gate, demand_s, f"load L{layer} E{e}", {"step": i, "demand": True})
                     copies += 1
             else:
                 slots += cache.capacity
@@ -303,6 +324,7 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
                 w = step.weights[layer]
                 resident_before: list[int] = []
                 missing: list[int] = []
+                size_before = len(cache.resident)
                 # a batch or prefill step may want more experts than there are slots: they stream
                 # through the cache in chunks of `capacity`, each requested atomically
                 for j in range(0, len(S), cache.capacity):
@@ -321,9 +343,17 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
                             rec_hits += 1
                 if layer >= d:
                     rec_needed += len(S)
-                for e in missing:
+                # mixtral-offloading swaps on the compute stream: the expert in (host->device), then the
+                # evicted one back to the host (device->host), nothing overlapping
+                evictions = len(missing) - (len(cache.resident) - size_before)
+                for n_miss, e in enumerate(missing):
                     pending.pop((layer, e), None)
-                    _, ready[e] = env.copy(gate, copy_s, f"load L{layer} E{e}", {"step": i, "demand": True})
+                    if swap:
+                        dur = copy_s + (copy_s if n_miss >= len(missing) - evictions else 0.0)
+                        _, ready[e] = env.run("compute", gate, dur, f"swap L{layer} E{e}", {"step": i})
+                        stall += dur
+                    else:
+                        _, ready[e] = env.copy(gate, demand_s, f"load L{layer} E{e}", {"step": i, "demand": True})
                     inflight[(layer, e)] = ready[e]
                     copies += 1
             # prefetch for layer + d, issued after this layer's gate, behind the demand copies
@@ -363,17 +393,26 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
                 env.run("compute", ready.get(e, 0.0), es, f"expert L{layer} E{e}", {"step": i, "tokens": counts[e]})
                 stall += max(0.0, ready.get(e, 0.0) - before)
                 compute += es
+                if swap:   # it reads each expert's token indices back (two .tolist() calls): two syncs
+                    for _ in range(2):
+                        env.run("compute", 0.0, handoff_s, f"sync L{layer} E{e}", {"step": i})
             prefetcher.observe(layer, S)
         per_token[i] = (env.free["compute"] - t0) * 1e3 / max(step.tokens, 1)
     total = env.free["compute"]
     if timeline is not None:
+        doc = env.timeline()
+        # what was simulated, for the plot's title (Chrome/Perfetto keep "otherData" as run metadata)
+        doc["otherData"] = {"policy": policy_name, "cache_size": int(cache_size) if isinstance(cache_size, int | np.integer)
+                            else None, "prefetch": prefetch, "hardware": cost.name, "expert_bytes": int(xb),
+                            "batch_size": batch_size, "model": meta.model,
+                            "trace": os.path.basename(str(trace.path)) if trace.path else None}
         with atomic_open(timeline) as fh:
-            json.dump(env.timeline(), fh)
+            json.dump(doc, fh)
     tokens = sum(s.tokens for s in steps)
     size_out: int | list[int] = int(cache_size) if isinstance(cache_size, int | np.integer) else sizes
     return TimingResult(policy_name, size_out, prefetch, cost.name, tokens, requests, hits, total, stall, copies,
                         prefetches, used, rec_hits, rec_needed, landed, sets, slots, xb, per_token, compute,
-                        copies * copy_s)
+                        copies * copy_s, cost.engine_mode, cost.engine_profile)
 
 
 def _simulate_fast(trace: Trace, policy: str, sizes: list[int], cache_size, cost: CostModel, prefetch: str,
@@ -398,7 +437,8 @@ def _simulate_fast(trace: Trace, policy: str, sizes: list[int], cache_size, cost
     total, stall, compute, stats, per_token = timing_kernel.des_kernel(
         kernels.POLICY_CODES[policy], timing_kernel.PREFETCH_CODES[prefetch], prefetcher.distance,
         prefetcher.budget, step, layer, keys, nxt, row_at, pred, np.asarray(sizes, np.int64), E,
-        cost.token_seconds(1), layer_s, copy_s, cost.expert_seconds(1), cost.copy_engines)
+        cost.token_seconds(1), layer_s, copy_s, cost.expert_seconds(1), cost.copy_engines,
+        copy_s + cost.miss_issue_s, cost.handoff_seconds())
     hits, landed, prefetches, used, rec_hits, rec_needed, copies = (int(x) for x in stats)
     size_out = int(cache_size) if isinstance(cache_size, int | np.integer) else list(sizes)
     slots = int(np.asarray(sizes)[layer].sum())

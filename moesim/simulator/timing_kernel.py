@@ -60,7 +60,9 @@ def _issue_copy(engines, ready, duration):
 
 @njit(cache=True, nogil=True)
 def des_kernel(policy, pf, distance, budget, step, layer, keys, nxt, row_at, pred, sizes, n_experts,
-               token_s, layer_s, copy_s, expert_s, n_engines):
+               token_s, layer_s, copy_s, expert_s, n_engines, demand_s, handoff_s):
+    """``copy_s``: a prefetch copy; ``demand_s``: a demand copy (the transfer + the engine's per-miss
+    issue cost); ``handoff_s``: the per-layer routing hand-off on compute (0 in replay mode)."""
     n, k = keys.shape
     L = sizes.shape[0]
     E = n_experts
@@ -100,6 +102,8 @@ def des_kernel(policy, pf, distance, budget, step, layer, keys, nxt, row_at, pre
             lay = layer[r]
             compute_free += layer_s[r]
             compute += layer_s[r]
+            if handoff_s > 0.0:
+                compute_free += handoff_s
             gate = compute_free
             size = sizes[lay]
             # ---- demand request (atomic set) ----
@@ -147,7 +151,7 @@ def des_kernel(policy, pf, distance, budget, step, layer, keys, nxt, row_at, pre
                     continue
                 e = keys[r, j]
                 pending[lay, e] = False
-                ready[j] = _issue_copy(engines, gate, copy_s)
+                ready[j] = _issue_copy(engines, gate, demand_s)
                 inflight[lay, e] = ready[j]
                 copies += 1
             # ---- prefetch for layer + distance ----

@@ -86,9 +86,12 @@ def _as_list(value: Any, key: str, where: str) -> list[Any]:
     if isinstance(value, str) and key in _INT_KEYS and ".." in value:
         lo, _, hi = value.partition("..")
         try:
-            return list(range(int(lo), int(hi) + 1))
+            lo_i, hi_i = int(lo), int(hi)
         except ValueError:
             raise UsageError(f"{where}: {key} range {value!r} is not LO..HI") from None
+        if lo_i > hi_i:
+            raise UsageError(f"{where}: {key} range {value!r} is reversed (did you mean {hi_i}..{lo_i}?)")
+        return list(range(lo_i, hi_i + 1))
     items = value if isinstance(value, list) else [value]
     if key in _INT_KEYS:
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
@@ -155,6 +158,7 @@ def _param_grid(axes: dict[str, list[Any]]) -> list[str]:
 
 def _validate(spec: SweepSpec, metas: dict[str, Any]) -> None:
     from moesim.policies.base import policy_class
+    from moesim.policies.params import ParamError, check_params
     from moesim.simulator.replay import SCOPES, SEMANTICS
 
     for name in spec.policies:
@@ -164,9 +168,11 @@ def _validate(spec: SweepSpec, metas: dict[str, Any]) -> None:
             raise UsageError(str(exc.args[0])) from None
         for params in _param_grid(spec.params.get(name, {})):
             try:
-                cls(**json.loads(params))
+                cls(**check_params(cls, json.loads(params), f"policy {name!r}"))
+            except ParamError as exc:
+                raise UsageError(str(exc)) from None
             except (TypeError, ValueError) as exc:
-                raise UsageError(f"bad parameters {params} for policy {name!r}: {exc}") from None
+                raise UsageError(f"policy {name!r} with {params}: {exc}") from None
     stray = set(spec.params) - set(spec.policies)
     if stray:
         raise UsageError(f"parameters given for policy {sorted(stray)[0]!r}, which is not in the sweep")

@@ -1,0 +1,339 @@
+"""The decode loop of the offloaded decoder: gate-driven (routing from the model's own gates) or replay
+(routing forced from a trace, for validation), over one :class:`DecoderProgram` and one
+:class:`ExpertStore`, with residency decided by :class:`~moesim.engine.plan.CachePlan` -- the same
+``ExpertCache`` / policy / prefetcher objects the simulator replays.
+
+Per token and layer, gate-driven:
+
+1. launch ``attn[l]`` (attention + gate; the routing is copied to pinned host memory inside the piece);
+2. wait for it (the **routing hand-off**: the GPU drains while the host learns the routing, runs the
+   plan and issues work -- the one cost replay mode does not pay);
+3. ``plan.demand`` -> misses copied on the copy stream (each waits for the slot's last reader);
+   non-speculative prefetchers run right after (``plan.prefetch_after``), as in replay;
+4. the expert pieces, resident experts first, misses as they land (compute waits on the slot's
+   "ready" event), then ``combine[l]``;
+5. speculative prefetch (d >= 1): ``predict[l]`` applies layer l+d's norm and router to h_l (layer l's
+   output) on the GPU; the host launches ``attn[l+1]`` first and only then waits for the prediction,
+   so its copies overlap layer l+1's attention. ``plan.prefetch_after(l, ...)`` runs before layer l+1's
+   demand, so the plan sees the same call sequence as a replay of the recorded trace.
+
+Replay: the host never waits inside a token (``plan.step`` from the trace; copies wait on the layer's
+gate event), but waits for each token's logits as a decoder must. Feeding the recorded token ids makes
+the gates compute the recorded routing, so both modes run identical kernels and copies.
+
+Prompts are prefilled token by token through the same program (each a row of the trace, phase
+prefill). The expert caches persist across prompts; the KV cache is position-masked, so nothing stale
+is ever attended.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from moesim.engine.decoder_program import DecoderProgram
+from moesim.engine.plan import CachePlan, Routing
+from moesim.engine.store import ExpertStore
+from moesim.policies.prefetch import PrefetchContext
+from moesim.simulator.replay import HitCounts
+from moesim.traces.format import DECODE, PREFILL
+
+
+@dataclass
+class StepRecord:
+    """What one forward step (one token) did: the trace row material and its measured time."""
+
+    seq: int
+    token: int            # position within the sequence
+    phase: int
+    experts: np.ndarray   # (L, k) router order
+    weights: np.ndarray   # (L, k)
+    router_logits: np.ndarray | None   # (L, E)
+    preds: dict[int, np.ndarray]       # d -> (L, k) on the TARGET layer's row (-1 where none)
+    gpu_ms: float = 0.0
+    wall_ms: float = 0.0
+
+
+@dataclass
+class GenerateResult(HitCounts):
+    token_ids: list[list[int]]
+    steps: list[StepRecord]
+    wall_s: float
+    requests: int
+    hits: int
+    prefetches: int
+    expert_bytes: int
+    mode: str
+    policy: str
+    cache_size: int
+    prefetch: str
+    logits: list[np.ndarray] = field(default_factory=list)   # per step (float32, vocab), when kept
+    handoff_wait_ms: float = 0.0   # host time spent waiting for routing hand-offs
+
+    @property
+    def generated(self) -> int:
+        return sum(len(t) for t in self.token_ids)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def decode_steps(self) -> list[StepRecord]:
+        return [s for s in self.steps if s.phase == DECODE]
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Decode steps per second of their own wall time (prefill excluded)."""
+        ms = sum(s.wall_ms for s in self.decode_steps)
+        return len(self.decode_steps) / (ms / 1e3) if ms > 0 else 0.0
+
+    @property
+    def bytes_h2d(self) -> int:
+        return (self.misses + self.prefetches) * self.expert_bytes
+
+    def summary(self) -> dict[str, Any]:
+        return {"mode": self.mode, "policy": self.policy, "cache_size": self.cache_size, "prefetch": self.prefetch,
+                "tokens_per_s": self.tokens_per_s, "ms_per_token": 1e3 / self.tokens_per_s if self.tokens_per_s else None,
+                "decode_tokens_per_s": self.decode_tokens_per_s, "steps": len(self.steps),
+                "generated_tokens": self.generated, "wall_s": self.wall_s, "requests": self.requests,
+                "hits": self.hits, "misses": self.misses, "hit_rate": self.hit_rate, "prefetches": self.prefetches,
+                "bytes_h2d": self.bytes_h2d, "expert_bytes": self.expert_bytes,
+                "handoff_wait_ms": self.handoff_wait_ms}
+
+
+class Decoder:
+    """One configuration (policy, K slots per layer, prefetcher) over a shared program and store."""
+
+    def __init__(self, program: DecoderProgram, store: ExpertStore, cache_size: int, policy: str = "lru",
+                 prefetch: str = "none", params: dict[str, Any] | None = None) -> None:
+        s = program.spec
+        if cache_size > program.max_slots:
+            raise ValueError(f"cache size {cache_size} exceeds the program's {program.max_slots} slots")
+        self.program, self.store, self.spec = program, store, s
+        self.cache_size, self.policy, self.prefetch, self.params = cache_size, policy, prefetch, params
+        # fails early (one line) for future-knowing policies / prefetchers and K < top-k
+        CachePlan.live(s.num_layers, s.num_experts, s.top_k, cache_size, policy, prefetch, params)
+        if prefetch == "speculative" and not program.distances:
+            raise ValueError("the speculative prefetcher needs a program built with predict_distance >= 1")
+
+    # -- copies -----------------------------------------------------------------------------------------
+    def _copy(self, layer: int, slot: int, expert: int, after=None) -> None:
+        d = self.program.d
+        with d.copy_context():
+            if after is not None:
+                d.wait(after, d.copy_stream)
+            if self.free[layer][slot] is not None:
+                d.wait(self.free[layer][slot], d.copy_stream)
+            self.store.copy_to(self.program.slots[layer][slot], layer, expert)
+            self.ready[layer][slot].record(d.copy_stream)
+
+    def _experts(self, layer: int, keys: list[int], slots: list[int], missed: set[int]) -> None:
+        prog, d = self.program, self.program.d
+        order = sorted(range(len(keys)), key=lambda j: keys[j] in missed)
+        for j in order:   # resident experts first, then misses as they land
+            slot = slots[j]
+            d.wait(self.ready[layer][slot])
+            prog.expert[layer][slot][j]()
+            ev = d.event(timing=False)
+            ev.record()
+            self.free[layer][slot] = ev
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0,
+                 stop_at_eos: bool = True, keep_logits: bool = False, record_routing: bool = True,
+                 record_predictions: bool = True, warm: bool = False, profile: dict[str, float] | None = None,
+                 forced: Routing | None = None, forced_tokens: list[list[int]] | None = None,
+                 progress: bool = False, on_step=None) -> GenerateResult:
+        """Decode ``prompts`` in turn (batch 1). ``forced``: replay mode -- the routing of each step comes
+        from this trace (same step order) and the inputs from ``forced_tokens`` (the recorded run's
+        generated ids), so the gates compute the recorded routing. ``on_step(StepRecord)`` is called
+        after every step (the trace recorder streams rows from it). ``warm``: experts 0..K-1 of every
+        layer are loaded before the clock starts (not counted as requests)."""
+        import torch
+
+        prog, s, d = self.program, self.spec, self.program.d
+        L, k = s.num_layers, s.top_k
+        if forced is None:
+            plan = CachePlan.live(L, s.num_experts, k, self.cache_size, self.policy, self.prefetch, self.params)
+        else:
+            plan = CachePlan(forced, self.cache_size, self.policy, self.prefetch, self.params)
+        self.ready = [[d.event(timing=False) for _ in range(self.cache_size)] for _ in range(L)]
+        self.free: list[list[Any]] = [[None] * self.cache_size for _ in range(L)]
+        if warm:
+            for layer in range(L):
+                for e in range(min(self.cache_size, s.num_experts)):
+                    self._copy(layer, plan._admit(layer, e, -1, ()), e)
+        speculative = self.prefetch == "speculative"
+        dist = plan.target_distance or 1
+        gen = torch.Generator().manual_seed(seed)
+        out_ids: list[list[int]] = []
+        steps: list[StepRecord] = []
+        logits_kept: list[np.ndarray] = []
+        handoff_wait = 0.0
+        total = sum(len(p) + max_new_tokens - 1 for p in prompts)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=total, desc=f"{self.policy} K={self.cache_size} {self.prefetch}", unit="tok", leave=False)
+        step_index = 0   # row of the forced routing / the live plan's clock base
+        clock = time.perf_counter
+        prof = profile if profile is not None else {}
+        for key in ("wait", "plan", "issue", "launch", "spec", "gc"):
+            prof.setdefault(key, 0.0)
+        gc_started = [0.0]
+
+        def on_gc(phase: str, info: dict) -> None:
+            if phase == "start":
+                gc_started[0] = clock()
+            else:
+                prof["gc"] += clock() - gc_started[0]
+        import gc
+        if profile is not None:
+            gc.callbacks.append(on_gc)
+        d.synchronize()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for seq, prompt in enumerate(prompts):
+                if len(prompt) + max_new_tokens > prog.ctx:
+                    raise ValueError(f"prompt {seq} has {len(prompt)} tokens; with {max_new_tokens} new tokens "
+                                     f"that exceeds the context of {prog.ctx}")
+                generated: list[int] = []
+                feed = list(prompt)
+                pos = 0
+                while pos < len(feed):
+                    phase = PREFILL if pos < len(prompt) else DECODE
+                    w0 = time.perf_counter()
+                    start = d.event()
+                    start.record()
+                    prog.set_input(feed[pos], pos)
+                    prog.embed()
+                    rec_ids = np.full((L, k), -1, np.int64)
+                    rec_w = np.zeros((L, k), np.float32)
+                    rec_logits = np.zeros((L, s.num_experts), np.float32) if record_routing else None
+                    pending = None   # speculative prefetch of the previous layer, waiting for its prediction
+                    for layer in range(L):
+                        now = step_index * L + layer
+                        prog.attn[layer]()
+                        if pending is not None:
+                            c0 = clock()
+                            handoff_wait += self._speculate(plan, *pending)
+                            prof["spec"] += clock() - c0
+                            pending = None
+                        if forced is None:
+                            h0 = clock()
+                            gate = d.event(timing=False)
+                            gate.record()
+                            gate.synchronize()   # the routing hand-off
+                            c0 = clock()
+                            handoff_wait += c0 - h0
+                            prof["wait"] += c0 - h0
+                            hand = prog.host_hand[layer].numpy()
+                            keys = [int(e) for e in hand[:k]]
+                            weights = [float(w) for w in hand[k:2 * k]]
+                            copies = plan.demand(layer, keys, now, weights)
+                            c1 = clock()
+                            for slot, e in copies:
+                                self._copy(layer, slot, e)
+                            c2 = clock()
+                            slots = plan.slots(layer, keys)
+                            prefetched = []
+                            if not speculative:
+                                prefetched = plan.prefetch_after(layer, keys, now, PrefetchContext(current=keys))
+                            c3 = clock()
+                            for tl, slot, e in prefetched:
+                                self._copy(tl, slot, e)
+                        else:
+                            c0 = clock()
+                            gate = d.event(timing=False)
+                            gate.record()
+                            st = plan.step(step_index, layer)
+                            if st is None:
+                                raise ValueError(f"the forced routing has no row for step {step_index}, layer {layer}")
+                            keys, weights, slots, copies = st.experts, st.weights, st.slots, st.copies
+                            c1 = c2 = c3 = clock()
+                            for slot, e in copies:
+                                self._copy(layer, slot, e, gate)
+                            for tl, slot, e in st.prefetches:
+                                self._copy(tl, slot, e, gate)
+                        c4 = clock()
+                        prof["plan"] += (c1 - c0) + (c3 - c2)
+                        prof["issue"] += (c2 - c1) + (c4 - c3)
+                        rec_ids[layer], rec_w[layer] = keys, weights
+                        self._experts(layer, keys, slots, {e for _, e in copies})
+                        prog.combine[layer]()
+                        if prog.distances and (speculative or record_predictions):
+                            prog.predict[layer]()
+                        prof["launch"] += clock() - c4
+                        if speculative and forced is None:
+                            ev = d.event(timing=False)
+                            ev.record()
+                            pending = (layer, keys, now, ev, dist)
+                    prog.final()
+                    if pending is not None:
+                        handoff_wait += self._speculate(plan, *pending)
+                    done = d.event()
+                    done.record()
+                    done.synchronize()   # the logits: the next input depends on them
+                    wall_ms = (time.perf_counter() - w0) * 1e3
+                    preds = {}
+                    if prog.distances and record_predictions:
+                        hp = prog.host_pred.numpy()
+                        for i, dd in enumerate(prog.distances):
+                            p = np.full((L, k), -1, np.int64)
+                            p[dd:] = hp[: L - dd, i].astype(np.int64)
+                            preds[dd] = p
+                    if record_routing:
+                        rec_logits[:] = prog.host_hand.numpy()[:, 2 * k:]
+                    logits = prog.host_logits.numpy()[0]
+                    if keep_logits:
+                        logits_kept.append(logits.copy())
+                    steps.append(StepRecord(seq, pos, phase, rec_ids, rec_w, rec_logits, preds,
+                                            start.elapsed_time(done), wall_ms))
+                    if on_step is not None:
+                        on_step(steps[-1])
+                    step_index += 1
+                    if bar is not None:
+                        bar.update(1)
+                    if pos == len(feed) - 1 and len(generated) < max_new_tokens:
+                        if forced_tokens is not None:
+                            nxt = forced_tokens[seq][len(generated)]
+                        elif temperature > 0:
+                            probs = torch.softmax(torch.from_numpy(logits).double() / temperature, dim=-1)
+                            nxt = int(torch.multinomial(probs, 1, generator=gen))
+                        else:
+                            nxt = int(np.argmax(logits))
+                        generated.append(nxt)
+                        stop = stop_at_eos and forced_tokens is None and nxt in s.eos_token_ids
+                        if forced_tokens is not None:
+                            stop = len(generated) >= len(forced_tokens[seq])
+                        if len(generated) < max_new_tokens and not stop:
+                            feed.append(nxt)
+                    pos += 1
+                out_ids.append(generated)
+        if bar is not None:
+            bar.close()
+        if profile is not None:
+            gc.callbacks.remove(on_gc)
+        wall = time.perf_counter() - t0
+        return GenerateResult(out_ids, steps, wall, plan.requests, plan.hits, plan.prefetches, self.store.expert_bytes,
+                              "replay" if forced is not None else "gate", self.policy, self.cache_size, self.prefetch,
+                              logits_kept, handoff_wait * 1e3)
+
+    def _speculate(self, plan: CachePlan, layer: int, keys: list[int], now: int, ev, dist: int) -> float:
+        """Wait for layer ``layer``'s speculative prediction, then prefetch (returns the wait in s)."""
+        prog = self.program
+        h0 = time.perf_counter()
+        ev.synchronize()
+        waited = time.perf_counter() - h0
+        i = prog.distances.index(dist) if dist in prog.distances else None
+        pred = prog.host_pred.numpy()[layer, i].astype(np.int64) if i is not None else np.array([], np.int64)
+
+        def predicted(target: int) -> list[int]:
+            return [int(e) for e in pred] if target == layer + dist else []
+        for tl, slot, e in plan.prefetch_after(layer, keys, now, PrefetchContext(current=keys, predicted=predicted)):
+            self._copy(tl, slot, e)
+        return waited

@@ -1,0 +1,246 @@
+"""The gate-driven offloaded decoder against transformers itself, on tiny checkpoints the tests write with
+``save_pretrained`` (mixtral, qwen3_moe, qwen2_moe: different expert counts, top-k, shared expert,
+routing-weight normalisation, q/k norms, q/k/v bias).
+
+Oracles: transformers' forward pass (logits) and greedy ``generate`` (ids); the moesim Recorder's hooks
+on the transformers model (the router's own top-k, and the speculative predictions); hqq's own
+dequantisation swapped into the transformers model; the simulator's reference replay (hit counts).
+A swapped pair of expert slots (a mutation) makes the logits comparison fail.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from moesim.engine.checkpoint import load_checkpoint  # noqa: E402
+from moesim.engine.decode import Decoder  # noqa: E402
+from moesim.engine.decoder_program import DecoderProgram  # noqa: E402
+from moesim.engine.pack import pack_checkpoint  # noqa: E402
+from moesim.engine.plan import Routing  # noqa: E402
+from moesim.engine.store import ExpertStore  # noqa: E402
+
+PROMPT = [3, 17, 42, 9, 28]
+NEW = 5
+ATOL = 2e-4
+
+
+def _configs():
+    c = transformers
+    common = dict(vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64, eos_token_id=None)
+    return {
+        "mixtral": (c.MixtralForCausalLM, c.MixtralConfig(intermediate_size=128, num_local_experts=6,
+                                                          num_experts_per_tok=2, **common)),
+        "qwen3_moe": (c.Qwen3MoeForCausalLM, c.Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=64,
+                                                              num_experts=8, num_experts_per_tok=3, head_dim=16,
+                                                              norm_topk_prob=True, **common)),
+        "qwen2_moe": (c.Qwen2MoeForCausalLM, c.Qwen2MoeConfig(intermediate_size=128, moe_intermediate_size=64,
+                                                              shared_expert_intermediate_size=96, num_experts=8,
+                                                              num_experts_per_tok=3, norm_topk_prob=False, **common)),
+    }
+
+
+@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe", "qwen2_moe"])
+def tiny(request, tmp_path_factory):
+    """(family, checkpoint dir, transformers model) with weights large enough for varied routing."""
+    cls, cfg = _configs()[request.param]
+    torch.manual_seed(1)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    return request.param, path, model
+
+
+def _engine(path, quant="none", max_slots=None, distance=2):
+    ckpt = load_checkpoint(path)
+    packed = pack_checkpoint(ckpt, quant)
+    program = DecoderProgram(packed, "cpu", max_slots or ckpt.spec.num_experts, predict_distance=distance)
+    return ckpt, packed, program, ExpertStore.from_packed(packed, pin=False)
+
+
+def _reference_logits(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def _greedy(model, prompt: list[int], new: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                         pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def _cells(k: int, experts: int):
+    """Every live policy family member we ship the engine with x several K x every live prefetcher."""
+    return [("lru", k, "none"), ("lfu", k + 1, "transition"), ("fifo", k + 1, "previous-token"),
+            ("lru", k + 1, "speculative"), ("s3fifo", experts - 1, "none"), ("lfu", experts, "speculative"),
+            ("sieve", k, "transition")]
+
+
+def test_logits_and_greedy_ids_equal_transformers(tiny):
+    family, path, model = tiny
+    ckpt, _, program, store = _engine(path)
+    s = ckpt.spec
+    want_ids = _greedy(model, PROMPT, NEW)
+    want = _reference_logits(model, PROMPT + want_ids[:-1])
+    for policy, k, prefetch in _cells(s.top_k, s.num_experts):
+        res = Decoder(program, store, k, policy, prefetch).generate([PROMPT], NEW, keep_logits=True)
+        assert res.token_ids == [want_ids], (family, policy, k, prefetch)
+        np.testing.assert_allclose(np.stack(res.logits), want, atol=ATOL, rtol=0,
+                                   err_msg=f"{family} {policy} K={k} {prefetch}")
+        assert res.requests == len(res.steps) * s.num_layers * s.top_k
+        if k < s.num_experts:
+            assert res.misses > s.num_experts  # evictions happened: slots were reused
+
+
+def test_swapped_expert_slots_fail_the_comparison(tiny, monkeypatch):
+    """Mutation: the copy for expert e lands the blob of expert e ^ 1 -> logits diverge from transformers."""
+    _, path, model = tiny
+    ckpt, _, program, store = _engine(path)
+    want_ids = _greedy(model, PROMPT, NEW)
+    want = _reference_logits(model, PROMPT + want_ids[:-1])
+
+    def swapped(dst, layer, expert):
+        dst.copy_(store.blobs[layer][expert ^ 1])
+    monkeypatch.setattr(store, "copy_to", swapped)
+    res = Decoder(program, store, ckpt.spec.top_k + 1, "lru").generate([PROMPT], NEW, keep_logits=True,
+                                                                       forced_tokens=[want_ids])
+    assert np.abs(np.stack(res.logits) - want).max() > 100 * ATOL
+
+
+def test_recorded_routing_equals_transformers_router(tiny, tmp_path):
+    """The engine's trace (prefill + decode rows, predictions d = 1, 2) equals what the moesim Recorder's
+    hooks see on transformers' own run -- the router's top-k -- token by token; its hits equal the
+    simulator's replay of that trace."""
+    from moesim.engine.recording import DecodeRecorder, times_path
+    from moesim.policies.base import make_policy
+    from moesim.recorder.record import Recorder
+    from moesim.simulator.replay import replay_reference
+    from moesim.traces.format import read_trace
+
+    family, path, model = tiny
+    ckpt, packed, program, store = _engine(path)
+    s = ckpt.spec
+    out = tmp_path / "engine.parquet"
+    rec = DecodeRecorder(out, s, model_name=family, quant="none", expert_bytes=packed.expert_bytes,
+                         pred_distances=program.distances, logits=True)
+    res = Decoder(program, store, s.top_k + 1, "lru").generate([PROMPT], NEW, on_step=rec.on_step)
+    rec.close(res.summary())
+    ours = read_trace(out)
+    theirs_path = tmp_path / "hf.parquet"
+    with Recorder(model, writer_or_path=theirs_path, predict_distance=2, logits=True) as hooks:
+        hooks.begin_sequence(0)
+        ids = torch.tensor([PROMPT])
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    theirs = read_trace(theirs_path)
+    assert len(ours) == len(theirs) == (len(PROMPT) + NEW - 1) * s.num_layers
+    for col in ("seq", "token", "phase", "layer"):
+        np.testing.assert_array_equal(getattr(ours, col), getattr(theirs, col))
+    np.testing.assert_array_equal(ours.experts, theirs.experts)
+    np.testing.assert_allclose(ours.weights, theirs.weights, atol=2e-3)
+    np.testing.assert_allclose(ours.logits_matrix(), theirs.logits_matrix(), atol=2e-2)
+    for d in (1, 2):
+        np.testing.assert_array_equal(ours.pred_experts(d), theirs.pred_experts(d))
+    ref = replay_reference(ours, lambda: make_policy("lru"), s.top_k + 1)
+    assert (ref.hits, ref.requests) == (res.hits, res.requests)
+    import json
+    times = json.loads(times_path(out).read_text())
+    assert len(times["steps"]) == len(res.steps) and all(t["wall_ms"] > 0 for t in times["steps"])
+
+
+def test_replay_mode_reproduces_the_gate_driven_run(tiny, tmp_path):
+    """Record a gate-driven run, replay its trace with routing forced (the validation mode): same logits,
+    same hits and prefetches -- demand only, the transition prefetcher, and the live speculative one
+    replayed from the recorded pred1 column (the plan sees the same call sequence in both modes)."""
+    from moesim.engine.recording import DecodeRecorder
+    from moesim.traces.format import read_trace
+
+    family, path, _ = tiny
+    ckpt, packed, program, store = _engine(path, distance=1)
+    s = ckpt.spec
+    for policy, prefetch in (("lru", "none"), ("lfu", "transition"), ("lru", "speculative")):
+        out = tmp_path / f"{policy}-{prefetch}.parquet"
+        rec = DecodeRecorder(out, s, model_name=family, quant="none", expert_bytes=packed.expert_bytes,
+                             pred_distances=(1,) if prefetch == "speculative" else ())
+        live = Decoder(program, store, s.top_k + 1, policy, prefetch).generate(
+            [PROMPT, PROMPT[::-1]], NEW, keep_logits=True, on_step=rec.on_step)
+        rec.close()
+        routing = Routing.from_trace(read_trace(out))
+        replay = Decoder(program, store, s.top_k + 1, policy, prefetch).generate(
+            [PROMPT, PROMPT[::-1]], NEW, keep_logits=True, forced=routing, forced_tokens=live.token_ids)
+        assert replay.token_ids == live.token_ids
+        assert (replay.hits, replay.requests, replay.prefetches) == (live.hits, live.requests, live.prefetches)
+        assert prefetch == "none" or live.prefetches > 0
+        np.testing.assert_allclose(np.stack(replay.logits), np.stack(live.logits), atol=1e-5, rtol=0)
+
+
+def test_hqq_logits_equal_transformers_with_hqq_weights(tiny):
+    """--quant hqq2: experts 2-bit g16 and attention 4-bit g64 from hqq's quantizer; transformers with
+    hqq's own dequantized weights swapped in gives the same logits."""
+    pytest.importorskip("hqq")
+    from moesim.engine.pack import hqq_reference
+
+    family, path, model = tiny
+    ckpt, packed, program, store = _engine(path, quant="hqq2", max_slots=4)
+    s = ckpt.spec
+    ref = type(model)(model.config).eval()
+    ref.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for layer, dec in enumerate(ref.model.layers):
+            for name in ("q", "k", "v", "o"):
+                lin = getattr(dec.self_attn, f"{name}_proj")
+                lin.weight.copy_(hqq_reference(lin.weight, packed.attn_format).float())
+            experts = dec.mlp.experts
+            for e in range(s.num_experts):
+                w1, w3, w2 = ckpt.expert(layer, e)
+                experts.gate_up_proj[e, : s.ffn].copy_(hqq_reference(w1, packed.expert_format).float())
+                experts.gate_up_proj[e, s.ffn:].copy_(hqq_reference(w3, packed.expert_format).float())
+                experts.down_proj[e].copy_(hqq_reference(w2, packed.expert_format).float())
+    res = Decoder(program, store, 4, "lru", "transition").generate([PROMPT], NEW, keep_logits=True)
+    want = _reference_logits(ref, PROMPT + res.token_ids[0][:-1])
+    np.testing.assert_allclose(np.stack(res.logits), want, atol=ATOL, rtol=0, err_msg=family)
+    assert res.token_ids[0] == _greedy(ref, PROMPT, NEW)
+    plain = _reference_logits(model, PROMPT + res.token_ids[0][:-1])
+    assert np.abs(plain - want).max() > 10 * ATOL   # quantisation really changed the weights
+
+
+def test_sampling_is_seeded_and_eos_stops(tiny):
+    _, path, model = tiny
+    ckpt, _, program, store = _engine(path, distance=0)
+    dec = Decoder(program, store, ckpt.spec.top_k, "lru")
+    a = dec.generate([PROMPT], NEW, temperature=1.0, seed=7).token_ids
+    b = dec.generate([PROMPT], NEW, temperature=1.0, seed=7).token_ids
+    assert a == b and len(a[0]) == NEW
+    greedy = _greedy(model, PROMPT, NEW)
+    object.__setattr__(ckpt.spec, "eos_token_ids", (greedy[1],))   # the second greedy token ends the text
+    stopped = Decoder(program, store, ckpt.spec.top_k, "lru").generate([PROMPT], NEW).token_ids
+    assert stopped == [greedy[:2]]
+
+
+def test_timing_simulator_replays_the_live_speculative_run(tiny, tmp_path):
+    """The live speculative prefetcher (layer l+1's gate on layer l's output, computed on the device) and
+    the simulator's replay of the recorded pred1 column make the same residency decisions: equal hits
+    and prefetches (prefill rows simulated as the single-token steps the engine ran)."""
+    from moesim.engine.recording import DecodeRecorder, as_single_token_steps
+    from moesim.simulator.cost_model import CostModel
+    from moesim.simulator.timing import simulate_timing
+    from moesim.traces.format import read_trace
+
+    family, path, _ = tiny
+    ckpt, packed, program, store = _engine(path, distance=1)
+    s = ckpt.spec
+    out = tmp_path / "spec.parquet"
+    rec = DecodeRecorder(out, s, model_name=family, quant="none", expert_bytes=packed.expert_bytes, pred_distances=(1,))
+    live = Decoder(program, store, s.top_k + 1, "lru", "speculative").generate([PROMPT], NEW, on_step=rec.on_step)
+    rec.close()
+    assert live.prefetches > 0
+    sim = simulate_timing(as_single_token_steps(read_trace(out)), "lru", s.top_k + 1, CostModel.preset("h200"), prefetch="speculative")
+    assert (sim.requests, sim.hits, sim.prefetches) == (live.requests, live.hits, live.prefetches)

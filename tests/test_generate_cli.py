@@ -1,0 +1,123 @@
+"""``moesim generate``: the CONTRACTS.md spelling and JSON keys, greedy ids equal to transformers' own
+``generate``, ``--record`` (a trace ``simulate`` reads, with times side file), the quantization cache, and
+bad input -- one line each, the right exit status, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from moesim.cli import main  # noqa: E402
+
+PROMPT = [3, 17, 42, 9]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    cfg = transformers.MixtralConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=32, eos_token_id=None)
+    torch.manual_seed(2)
+    model = transformers.MixtralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+    path = tmp_path_factory.mktemp("mixtral")
+    model.save_pretrained(path)
+    return path, model
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_json_record_and_simulate(ckpt, tmp_path, capsys):
+    path, model = ckpt
+    rec = tmp_path / "run.parquet"
+    code, out, err = _run(capsys, "generate", "--model", str(path), "--prompt-ids", ",".join(map(str, PROMPT)),
+                          "--max-new-tokens", "4", "--cache-size", "3", "--policy", "lru", "--prefetch", "transition",
+                          "--record", str(rec), "--json", "--predict-distance", "2", "--no-quant-cache")
+    assert code == 0, err
+    got = json.loads(out)
+    for key in ("token_ids", "text", "tokens_per_s", "ms_per_token", "hits", "requests", "hit_rate", "prefetches",
+                "bytes_h2d"):
+        assert key in got, key
+    ids = torch.tensor([PROMPT])
+    want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                          pad_token_id=0)[0, len(PROMPT):].tolist()
+    assert got["token_ids"] == want
+    assert got["requests"] == (len(PROMPT) + 4 - 1) * 2 * 2
+    code, out, err = _run(capsys, "simulate", str(rec), "--policy", "lru", "--cache-size", "3", "--json")
+    assert code == 0, err
+    assert json.loads(out)["requests"] == got["requests"]
+    assert (tmp_path / "run.parquet.times.json").is_file()
+    assert not (tmp_path / "run.parquet.parts").exists()
+
+
+def test_quantization_cache_is_reused(ckpt, tmp_path, capsys):
+    pytest.importorskip("hqq")
+    from moesim.engine.checkpoint import load_checkpoint
+    from moesim.engine.pack import pack_checkpoint
+
+    path, _ = ckpt
+    first = pack_checkpoint(load_checkpoint(path), "hqq2", cache_root=tmp_path)
+    second = pack_checkpoint(load_checkpoint(path), "hqq2", cache_root=tmp_path)
+    assert "quantize_s" in first.timings and "cache_load_s" in second.timings
+    assert all(torch.equal(a, b) for ra, rb in zip(first.experts, second.experts, strict=True)
+               for a, b in zip(ra, rb, strict=True))
+    assert torch.equal(first.attn[1]["q"], second.attn[1]["q"])
+
+
+def _bad(capsys, code_want, needle, *argv):
+    code, out, err = _run(capsys, *argv)
+    assert code == code_want, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], err
+    assert "Traceback" not in err
+
+
+def _args(model, *extra):
+    return ["generate", "--model", str(model), "--prompt-ids", "1,2,3", "--max-new-tokens", "2",
+            "--cache-size", "2", "--policy", "lru", "--no-quant-cache", *extra]
+
+
+def test_bad_input_one_line_each(ckpt, tmp_path, capsys):
+    path, _ = ckpt
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _bad(capsys, 1, "no config.json", *_args(empty))
+    noweights = tmp_path / "noweights"
+    noweights.mkdir()
+    shutil.copy(path / "config.json", noweights / "config.json")
+    _bad(capsys, 1, "no *.safetensors", *_args(noweights))
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (llama / "config.json").write_text(json.dumps(cfg))
+    _bad(capsys, 1, "supported: mixtral, qwen2_moe, qwen3_moe", *_args(llama))
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(path, corrupt)
+    blob = (corrupt / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(blob[: len(blob) // 3])
+    _bad(capsys, 1, "model.safetensors", *_args(corrupt))
+    _bad(capsys, 2, "exceeds the model's context of 32", *_args(path)[:-1], "--no-quant-cache",
+         "--max-new-tokens", "40")
+    _bad(capsys, 2, "smaller than the model's top-k (2)", *_args(path), "--cache-size", "1")
+    out = tmp_path / "missing" / "x.parquet"
+    _bad(capsys, 1, "does not exist", *_args(path), "--record", str(out))
+    assert not out.parent.exists()
+    _bad(capsys, 2, "needs the future", *_args(path), "--policy", "opt")
+    _bad(capsys, 2, "reads the true future", *_args(path), "--prefetch", "oracle")
+    _bad(capsys, 2, "--quant must be one of", *_args(path), "--quant", "int3")
+    _bad(capsys, 2, "has no tokenizer", "generate", "--model", str(path), "--prompt", "hi", "--max-new-tokens", "2",
+         "--cache-size", "2", "--policy", "lru")
+    _bad(capsys, 2, "outside the vocabulary", *_args(path), "--prompt-ids", "1,999")
