@@ -136,8 +136,10 @@ def _stream_arrays(trace: Trace, scope: str, semantics: str) -> tuple:
     """The size-independent part of a request stream, built once per (trace, scope, semantics) and kept
     on the trace object: a sweep or an mrc over sizes and policies reads the columns once."""
     memo = trace.__dict__.setdefault("_request_streams", {})
-    if (scope, semantics) in memo:
-        return memo[scope, semantics]
+    # keyed by what the arrays depend on, so a trace whose table or geometry is replaced is rebuilt
+    key = (scope, semantics, id(trace.table), trace.meta.num_layers, trace.meta.num_experts)
+    if key in memo:
+        return memo[key]
     ordered = trace.execution_order()
     meta = ordered.meta
     layer = ordered.layer.astype(np.int64)
@@ -169,7 +171,7 @@ def _stream_arrays(trace: Trace, scope: str, semantics: str) -> tuple:
         keys = keys.reshape(-1, 1)
     out = (np.ascontiguousarray(cache), np.ascontiguousarray(keys), clock, np.ascontiguousarray(group), weights_of,
            n_keys)
-    memo[scope, semantics] = out
+    memo[key] = out
     return out
 
 
