@@ -21,6 +21,29 @@ POLICY_CODES = {"lru": LRU, "fifo": FIFO, "lfu": LFU, "opt": OPT}
 
 
 @njit(cache=True, nogil=True)
+def stream_kernel(seq, token, layer, experts, n_experts, global_scope):
+    """Rows in execution order -> (cache, keys, clock, group), int64: the cache of a row is its layer
+    (0 for one global cache), keys are expert ids (or layer * E + expert), the clock counts tokens."""
+    n, k = experts.shape
+    cache = np.empty(n, np.int64)
+    group = np.empty(n, np.int64)
+    keys = np.empty((n, k), np.int64)
+    clock = np.empty(n, np.int64)
+    t = 0
+    for r in range(n):
+        if r > 0 and (seq[r] != seq[r - 1] or token[r] != token[r - 1]):
+            t += 1
+        clock[r] = t
+        g = np.int64(layer[r])
+        group[r] = g
+        cache[r] = 0 if global_scope else g
+        off = g * n_experts if global_scope else 0
+        for j in range(k):
+            keys[r, j] = off + experts[r, j]
+    return cache, keys, clock, group
+
+
+@njit(cache=True, nogil=True)
 def next_use_kernel(cache: np.ndarray, keys: np.ndarray, n_keys: int, n_caches: int) -> np.ndarray:
     """For every request, the row index of the next row of the same cache requesting the same key."""
     n, k = keys.shape

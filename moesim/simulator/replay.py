@@ -32,6 +32,7 @@ from moesim.simulator import kernels, policy_kernels, user_kernels
 from moesim.traces.format import Trace
 
 SCOPES = ("layer", "global")
+_NO_WEIGHTS = np.zeros((1, 1), np.float32)  # for kernels of policies that never read routing weights
 SEMANTICS = ("atomic", "sequential")
 PolicySpec = str | Callable[[], EvictionPolicy] | ScorePolicy
 
@@ -142,21 +143,11 @@ def _stream_arrays(trace: Trace, scope: str, semantics: str) -> tuple:
         return memo[key]
     ordered = trace.execution_order()
     meta = ordered.meta
-    layer = ordered.layer.astype(np.int64)
-    experts = ordered.experts.astype(np.int64)
-    if scope == "layer":
-        cache, keys, n_keys = layer, experts, meta.num_experts
-    else:
-        cache = np.zeros_like(layer)
-        keys = experts + (layer * meta.num_experts)[:, None]
-        n_keys = meta.num_layers * meta.num_experts
-    seq, token = ordered.seq, ordered.token
-    new_token = np.empty(len(layer), bool)
-    new_token[:1] = False
-    np.not_equal(seq[1:], seq[:-1], out=new_token[1:])
-    new_token[1:] |= token[1:] != token[:-1]
-    clock = np.cumsum(new_token, dtype=np.int64)
-    group = layer
+    n_keys = meta.num_experts if scope == "layer" else meta.num_layers * meta.num_experts
+    # one compiled pass over the narrow Arrow columns (numpy's astype + cumsum passes cost more than
+    # the replay itself on large traces)
+    cache, keys, clock, group = kernels.stream_kernel(ordered.seq, ordered.token, ordered.layer, ordered.experts,
+                                                      meta.num_experts, scope == "global")
     width = keys.shape[1]
     decoded: list[np.ndarray] = []
 
@@ -169,8 +160,7 @@ def _stream_arrays(trace: Trace, scope: str, semantics: str) -> tuple:
     if semantics == "sequential":
         cache, group, clock = np.repeat(cache, width), np.repeat(group, width), np.repeat(clock, width)
         keys = keys.reshape(-1, 1)
-    out = (np.ascontiguousarray(cache), np.ascontiguousarray(keys), clock, np.ascontiguousarray(group), weights_of,
-           n_keys)
+    out = (cache, np.ascontiguousarray(keys), clock, group, weights_of, n_keys)
     memo[key] = out
     return out
 
@@ -272,7 +262,8 @@ def replay_stream(stream: RequestStream, policy: PolicySpec, params: dict[str, A
         return req, hit, "python"
     code, fp, mt = compiled
     nxt = stream.next_use() if code == policy_kernels.OPT else np.zeros((1, 1), np.int64)
-    req, hit = policy_kernels.replay_builtin(policy_kernels.kernel_spec(code, stream.sizes), stream.cache, stream.keys, stream.clock, stream.weights,
+    weights = stream.weights if code == policy_kernels.GATE_WEIGHTED else _NO_WEIGHTS
+    req, hit = policy_kernels.replay_builtin(policy_kernels.kernel_spec(code, stream.sizes), stream.cache, stream.keys, stream.clock, weights,
                                              stream.group, stream.sizes, stream.n_keys, stream.n_groups, nxt, fp, mt)
     return req, hit, "numba"
 
@@ -336,7 +327,8 @@ def mrc(trace: Trace, policy: PolicySpec, sizes: Sequence[int] | None = None, *,
     elif compiled is not None and compiled[0] in policy_kernels.STACK_CODES and min(sizes) >= width:
         code, fp, _ = compiled
         nxt = stream.next_use() if code == policy_kernels.OPT else np.zeros((1, 1), np.int64)
-        hist = policy_kernels.stack_depths((0,) * code, stream.cache, stream.keys, stream.clock, stream.weights,
+        weights = stream.weights if code == policy_kernels.GATE_WEIGHTED else _NO_WEIGHTS
+        hist = policy_kernels.stack_depths((0,) * code, stream.cache, stream.keys, stream.clock, weights,
                                            stream.n_caches, stream.n_keys, nxt, fp)
         cum = np.cumsum(hist)
         hits = [int(cum[s - 1]) for s in sizes]
@@ -345,7 +337,8 @@ def mrc(trace: Trace, policy: PolicySpec, sizes: Sequence[int] | None = None, *,
         code, fp, mt = compiled
         nxt = stream.next_use() if code == policy_kernels.OPT else np.zeros((1, 1), np.int64)
         spec = policy_kernels.kernel_spec(code, np.asarray([max(sizes)]))
-        args = (stream.cache, stream.keys, stream.clock, stream.weights, stream.group)
+        weights = stream.weights if code == policy_kernels.GATE_WEIGHTED else _NO_WEIGHTS
+        args = (stream.cache, stream.keys, stream.clock, weights, stream.group)
         n_workers = workers or min(len(sizes), os.cpu_count() or 1)
         if n_workers > 1:  # the kernels release the GIL: one thread per size, no pickling
 
