@@ -1,10 +1,12 @@
 """Hit-rate replay of a trace against an eviction policy (CONTRACTS.md semantics).
 
 Two paths, one semantics:
-- the **fast path**: compiled kernels (``moesim.simulator.kernels``) for lru, fifo, lfu and opt;
+- the **compiled path**: every built-in policy (``moesim.simulator.policy_kernels``) and a user's
+  :class:`~moesim.policies.compiled.ScorePolicy` (``moesim.simulator.user_kernels``), chosen
+  automatically;
 - the **generic path**: the one cache mechanism :class:`~moesim.policies.base.ExpertCache` driven
-  with any policy object, built-in or user-written. It is also the oracle the fast path is tested
-  against.
+  with any policy object, built-in or user-written. It is also the oracle the compiled path is tested
+  against (``force_generic=True``).
 
 Scopes: ``layer`` (one cache of K slots per MoE layer, the default), ``global`` (one cache of K slots
 shared by all layers, keys ``layer * E + expert``), or per-layer budgets (``cache_size`` a list, one
