@@ -121,6 +121,12 @@ def main() -> int:
     ap.add_argument("--extra-trace", action="append", default=[], help="more traces, same cells (from token 0)")
     ap.add_argument("--repeats", type=int, default=None, help="run every cell this many times")
     ap.add_argument("--no-engine-terms", action="store_true", help="skip the engine-term micro-benchmarks")
+    # Off by default: the committed h200 calibration was measured without the check, which costs about
+    # 2% per token (reports/residency_proof_h200.md); validation cells must time the calibrated engine.
+    ap.add_argument("--residency-check", action="store_true",
+                    help="build the engine with the device-side residency proof (counts violations and "
+                         "device copies per cell; about 2%% slower, see reports/residency_proof_h200.md)")
+    ap.add_argument("--no-residency-check", action="store_true", help="the default; kept for old command lines")
     ap.add_argument("--calib-tokens", default="1,2,4,8,16,32,64", help="expert-curve token counts")
     ap.add_argument("--calib-contexts", default="512,1024,2048,4096", help="attention contexts")
     ap.add_argument("--cpu-check", action="store_true",
@@ -159,7 +165,8 @@ def main() -> int:
         f"attention {weights.attn_quant.name} ({weights.attn_bytes} B per layer)")
     miss_routing = all_miss_routing(geometry, 16)
     program = Program(weights, geometry.num_experts, max(max(r.num_tokens for r in routings), 32),
-                      compile_kernels=compile_ok, graphs=not args.no_graphs)
+                      compile_kernels=compile_ok, graphs=not args.no_graphs,
+                      check_residency=args.residency_check and not args.no_residency_check)
     log(f"program ready (CUDA graphs: {program.graphs})")
     program.load_routing(routing)
     if args.cpu_check:   # the CUDA micro-benchmarks cannot run here
@@ -222,6 +229,7 @@ def main() -> int:
             done += 1
             write(out, fname, result)
             log(f"{fname} {pol:4s} K={k} {pf:10s} hit={res.hit_rate:.4f} tok/s={res.tokens_per_s:.3f} "
+                f"violations={res.violations} device_copies={res.device_copies} "
                 f"pf={res.prefetches} issue/wall={sum(res.token_issue_ms) / (res.wall_s * 1e3):.3f}")
         else:
             continue

@@ -11,7 +11,9 @@ pieces and compiled kernels) moved to another GPU by its datasheet numbers:
 - layer (combine, norm, 4-bit q/k/v/o dequant, SDPA over the static KV cache, gate) and the final piece
   (combine, LM head): memory bound, scaled by the bandwidth ratio;
 - the engine's per-token overhead (event waits and launch gaps, 1.218 ms measured) is host-side: kept;
-- the engine terms (`engine` block: per-miss issue cost, routing hand-off) are host/driver costs: kept;
+- the engine terms (`engine` block: per-miss issue cost, routing hand-off, host copy issue) are host/driver
+  costs: kept; so is the speculative predict piece (`predict_s`): a few tiny kernels (RMSNorm, a 4096 x 8
+  router, top-k over 64 KB of weights) bound by launch latency inside the graph, not by bandwidth;
 - host->device copies: pinned PCIe bandwidth of the slot (Gen4 x16 ~24 GB/s, Gen3 x16 ~12 GB/s in
   practice), 10 us per copy.
 
@@ -82,7 +84,10 @@ def preset(name: str, h200: dict) -> dict:
         "token": {"base_s": round(token_pieces * ratio + overhead, 9), "per_token_s": 0.0,
                   "engine_overhead_s": overhead},
         "engine": {k: v for k, v in (h200.get("engine") or {}).items() if k != "sources"}
-                  | {"sources": {"all": "the H200's measured engine terms (reports/fidelity_h200.md), unscaled"}},
+                  | {"sources": {"all": "the H200's measured engine terms (reports/fidelity_h200.md, "
+                                        "reports/decoder_h200.md), unscaled: host/driver costs, and the predict "
+                                        "piece, whose few tiny kernels (64 KB of router weights) are launch-latency "
+                                        "bound, not bandwidth bound"}},
     }
 
 

@@ -97,6 +97,8 @@ def test_logits_and_greedy_ids_equal_transformers(tiny):
         np.testing.assert_allclose(np.stack(res.logits), want, atol=ATOL, rtol=0,
                                    err_msg=f"{family} {policy} K={k} {prefetch}")
         assert res.requests == len(res.steps) * s.num_layers * s.top_k
+        # the residency proof counted by the program: every expert piece's slot held the gate's expert
+        assert res.violations == 0 and res.device_copies == res.misses + res.prefetches
         if k < s.num_experts:
             assert res.misses > s.num_experts  # evictions happened: slots were reused
 
@@ -114,6 +116,30 @@ def test_swapped_expert_slots_fail_the_comparison(tiny, monkeypatch):
     res = Decoder(program, store, ckpt.spec.top_k + 1, "lru").generate([PROMPT], NEW, keep_logits=True,
                                                                        forced_tokens=[want_ids])
     assert np.abs(np.stack(res.logits) - want).max() > 100 * ATOL
+    # and the device-side proof sees it: no copy landed the identity it was issued for, pieces mismatched
+    assert res.device_copies == 0 and res.violations > 0
+
+
+def test_slot_map_mutation_is_caught_by_the_device_check(tiny, monkeypatch):
+    """Mutation of the plan's slot map (ranks 0 and 1 read each other's slots): the logits need not
+    move much on a tiny model, but every swapped expert piece is counted by the program."""
+    from moesim.engine.plan import CachePlan
+
+    _, path, _ = tiny
+    ckpt, _, program, store = _engine(path)
+    orig = CachePlan.slots
+    swaps = []
+
+    def slots(self, layer, keys):
+        out = list(orig(self, layer, keys))
+        if len(swaps) < 3 and out[0] != out[1]:
+            swaps.append(layer)
+            out[0], out[1] = out[1], out[0]
+        return out
+    monkeypatch.setattr(CachePlan, "slots", slots)
+    res = Decoder(program, store, ckpt.spec.top_k + 1, "lru").generate([PROMPT], NEW)
+    assert len(swaps) == 3 and res.violations == 2 * len(swaps)
+    assert res.device_copies == res.misses + res.prefetches
 
 
 def test_recorded_routing_equals_transformers_router(tiny, tmp_path):
@@ -178,6 +204,8 @@ def test_replay_mode_reproduces_the_gate_driven_run(tiny, tmp_path):
             [PROMPT, PROMPT[::-1]], NEW, keep_logits=True, forced=routing, forced_tokens=live.token_ids)
         assert replay.token_ids == live.token_ids
         assert (replay.hits, replay.requests, replay.prefetches) == (live.hits, live.requests, live.prefetches)
+        for r in (live, replay):
+            assert r.violations == 0 and r.device_copies == r.misses + r.prefetches
         assert prefetch == "none" or live.prefetches > 0
         np.testing.assert_allclose(np.stack(replay.logits), np.stack(live.logits), atol=1e-5, rtol=0)
 

@@ -109,6 +109,7 @@ def test_presets_are_the_h200_measurements_scaled_by_bandwidth():
         overhead = h200.token["engine_overhead_s"]
         assert p.token_seconds() == pytest.approx((h200.token_seconds() - overhead) * r + overhead, rel=1e-6)
         assert p.miss_issue_s == h200.miss_issue_s and p.routing_handoff_s == h200.routing_handoff_s
+        assert p.host_copy_issue_s == h200.host_copy_issue_s > 0 and p.predict_s == h200.predict_s > 0
         # the compute floor takes over for large batches
         assert p.expert_seconds(2048) >= 2 * 3 * 4096 * 14336 * 2048 / (0.6 * 989e12)
     assert CostModel.preset("t4").bandwidth_Bps == 12e9

@@ -27,7 +27,7 @@ def small(tmp_path_factory):
 def zero_cost(**kw):
     base = CostModel.preset("a6000").with_overrides(expert_ms=0, layer_ms=0, token_ms=0, pcie_latency_us=0,
                                                     pcie_gbps=10.0, expert_bytes=10**7, miss_issue_us=0,
-                                                    routing_handoff_us=0)
+                                                    routing_handoff_us=0, host_copy_issue_us=0, predict_us=0)
     return base.with_overrides(**kw) if kw else base
 
 
@@ -136,10 +136,15 @@ def test_speculative_uses_recorded_predictions(tmp_path):
         w.write(0, np.arange(n_tok * L) // L, DECODE, np.arange(n_tok * L) % L, ex, np.full((n_tok * L, 2), 0.5),
                 preds={1: pred})
     t = read_trace(tmp_path / "p.parquet")
-    spec = simulate_timing(t, "lru", 2, CostModel.preset("h200"), prefetch="speculative").to_dict()
+    spec = simulate_timing(t, "lru", 2, CostModel.preset("h200"), prefetch="speculative",
+                           speculative_ready="gate").to_dict()
     orac = simulate_timing(t, "lru", 2, CostModel.preset("h200"), prefetch="oracle").to_dict()
     assert spec["prefetch_precision"] == orac["prefetch_precision"] == 1.0  # perfect recorded predictions
-    assert spec["tokens_per_s"] == pytest.approx(orac["tokens_per_s"])
+    assert spec["tokens_per_s"] == pytest.approx(orac["tokens_per_s"])   # both issued at the gate
+    # issued only once layer l's output exists (the default): the same picks, later copies, slower
+    late = simulate_timing(t, "lru", 2, CostModel.preset("h200"), prefetch="speculative").to_dict()
+    assert late["prefetches"] == spec["prefetches"] and late["hits"] == spec["hits"]
+    assert late["tokens_per_s"] < spec["tokens_per_s"]
 
 
 def test_cost_model_curve_and_overrides(tmp_path):
@@ -224,6 +229,66 @@ def test_engine_terms_hand_computed(tmp_path, engine):
     assert simulate_timing(trace, "lru", 2, gate, engine=engine).engine_mode == "gate"
 
 
+def _spec_trace(tmp_path):
+    """One token, 2 layers: layer 0 uses {0, 1}, layer 1 {2, 3}, predicted (d = 1) perfectly."""
+    from moesim.traces.format import DECODE, TraceMeta, TraceWriter, read_trace
+
+    meta = TraceMeta(model="m", family="t", num_layers=2, num_experts=8, top_k=2)
+    path = tmp_path / "spec.parquet"
+    with TraceWriter(path, meta, pred_distances=[1]) as w:
+        w.write(np.zeros(2, np.int32), np.zeros(2, np.int64), DECODE, np.arange(2), np.array([[0, 1], [2, 3]]),
+                np.full((2, 2), 0.5), preds={1: np.array([[-1, -1], [2, 3]])})
+    return read_trace(path)
+
+
+@pytest.mark.parametrize("engine", ["python", "numba"])
+def test_speculative_ready_hand_computed(tmp_path, engine):
+    """One token, 2 layers, K = 2, cold cache: layer 0 uses {0, 1}, layer 1 {2, 3}, perfectly predicted
+    from layer 0. Copy 1 ms, expert 0.2, layer 0.1, token 0.05, predict 0.04, hand-off 0.07, host issue
+    0.045 ms. The timelines, by hand (ms):
+
+    - ready "gate", replay: gate 0.15; copies E0 .15-1.15, E1 -2.15, E2 -3.15, E3 -4.15; experts of layer 0
+      end 2.35, layer 1's attention 2.45, its experts wait for E2, E3: end 4.35;
+    - ready "hidden", replay: layer 0's experts end 2.35, predict -2.39, then E2 2.39-3.39, E3 -4.39;
+      experts of layer 1 end 4.59 (no predict after the last layer: nothing to prefetch);
+    - ready "hidden", gate mode: hand-off .15-.22, issue E0 -.265 (copy -1.265), issue E1 -.31 (copy
+      -2.265), experts of layer 0 1.265-1.465, 2.265-2.465, predict -2.505; the host reads the prediction
+      back (-2.575) and issues E2 (-2.62, copy 2.62-3.62), E3 (-2.665, copy -4.62) while layer 1's
+      attention runs (2.505-2.605); layer 1's hand-off waits for the host: 2.665-2.735; experts end 4.82;
+    - ready "gate", gate mode: all four issues on compute after the hand-off (.22-.4), copies end 1.265,
+      2.265, 3.265, 4.265; layer 0's experts end 2.465, layer 1: attention -2.565, hand-off -2.635,
+      experts end 4.465."""
+    trace = _spec_trace(tmp_path)
+    replay = zero_cost(pcie_gbps=10.0, expert_bytes=10**7, expert_ms=0.2, layer_ms=0.1, token_ms=0.05,
+                       predict_us=40.0, routing_handoff_us=70.0, host_copy_issue_us=45.0)
+    gate = replay.with_overrides(engine_mode="gate")
+    for cost, ready, total_ms in ((replay, "gate", 4.35), (replay, "hidden", 4.59), (gate, "hidden", 4.82),
+                                  (gate, "gate", 4.465)):
+        r = simulate_timing(trace, "lru", 2, cost, prefetch="speculative", speculative_ready=ready, engine=engine)
+        assert (r.misses, r.prefetches, r.hits) == (2, 2, 2)
+        assert r.ms_per_token == pytest.approx(total_ms, rel=1e-9), (cost.engine_mode, ready)
+    with pytest.raises(UsageError, match="speculative ready"):
+        simulate_timing(trace, "lru", 2, replay, prefetch="speculative", speculative_ready="later")
+
+
+def test_host_copy_issue_is_charged_only_in_gate_mode(tmp_path):
+    """Gate mode: each issued copy costs the host 45 us between the hand-off and the experts; every layer
+    of the all-miss trace issues two, so the step grows by exactly 2 x layers x 45 us over the same run
+    without it. Replay mode hides it (the host issues ahead)."""
+    trace = _all_miss_trace(tmp_path)
+    base = zero_cost(pcie_gbps=10.0, expert_bytes=10**7, expert_ms=0.2, layer_ms=0.1, token_ms=0.05,
+                     routing_handoff_us=70.0, engine_mode="gate")
+    with_issue = base.with_overrides(host_copy_issue_us=45.0)
+    # the first copy starts 45 us later; the second one queues behind it regardless: +45 us per layer...
+    # ...and the experts cannot start before the second issue (copy-bound here, so only the first shift shows)
+    a = simulate_timing(trace, "lru", 2, base)
+    b = simulate_timing(trace, "lru", 2, with_issue)
+    assert b.ms_per_token == pytest.approx(a.ms_per_token + 2 * 0.045, rel=1e-12)
+    replay = with_issue.with_overrides(engine_mode="replay")
+    assert simulate_timing(trace, "lru", 2, replay).total_s == simulate_timing(
+        trace, "lru", 2, base.with_overrides(engine_mode="replay")).total_s
+
+
 def test_handoff_delays_the_demand_copies_and_prefetches(small):
     """In gate mode the hand-off sits on compute between the gate and everything that depends on it:
     with free copies and kernels the run takes exactly layers x hand-off (+ the layer/token costs)."""
@@ -261,6 +326,19 @@ def test_simulate_cli_engine_mode(small, capsys):
     with pytest.raises(SystemExit) as exc:   # argparse's usage error
         main(args[:-4] + ["--engine-mode", "nope"])
     assert exc.value.code == 2
+
+
+def test_simulate_cli_speculative_ready(tmp_path, capsys):
+    t = _spec_trace(tmp_path)
+    args = ["simulate", str(t.path), "--policy", "lru", "--cache-size", "2", "--json", "--hardware", "h200",
+            "--prefetch", "speculative", "--predict-us", "40"]
+    assert main(args) == 0
+    hidden = json.loads(capsys.readouterr().out)
+    assert main(args + ["--speculative-ready", "gate"]) == 0
+    gate = json.loads(capsys.readouterr().out)
+    assert hidden["speculative_ready"] == "hidden" and gate["speculative_ready"] == "gate"
+    assert hidden["prefetches"] == gate["prefetches"] == 2
+    assert hidden["ms_per_token"] > gate["ms_per_token"]
 
 
 def test_mixtral_offloading_profile_hand_computed(tmp_path):

@@ -31,7 +31,10 @@ def gappy(tmp_path_factory):
     return read_trace(path)
 
 
-ENGINE_TERMS = [{}, {"miss_issue_us": 49.0}, {"miss_issue_us": 49.0, "routing_handoff_us": 120.0, "engine_mode": "gate"}]
+ENGINE_TERMS = [{}, {"miss_issue_us": 49.0}, {"miss_issue_us": 49.0, "routing_handoff_us": 120.0, "engine_mode": "gate"},
+                {"predict_us": 40.0, "host_copy_issue_us": 45.0, "routing_handoff_us": 120.0},
+                {"miss_issue_us": 20.0, "routing_handoff_us": 30.0, "host_copy_issue_us": 450.0, "predict_us": 40.0,
+                 "engine_mode": "gate"}]
 
 
 @pytest.mark.parametrize("policy", ["lru", "fifo", "lfu", "opt"])
@@ -40,11 +43,12 @@ ENGINE_TERMS = [{}, {"miss_issue_us": 49.0}, {"miss_issue_us": 49.0, "routing_ha
 def test_fast_path_equals_event_path(gappy, policy, prefetch, terms):
     for engines, budget, size in ((1, 2, 3), (2, 3, 4)):
         cost = CostModel.preset("h200").with_overrides(copy_engines=engines, **ENGINE_TERMS[terms])
-        kw = dict(prefetch=prefetch, prefetch_params={"budget": budget})
-        a = simulate_timing(gappy, policy, size, cost, engine="python", **kw)
-        b = simulate_timing(gappy, policy, size, cost, engine="numba", **kw)
-        assert a.to_dict() == b.to_dict()
-        assert np.allclose(a.per_token_ms, b.per_token_ms, rtol=1e-12, atol=1e-12)
+        for ready in (("hidden", "gate") if prefetch == "speculative" else ("hidden",)):
+            kw = dict(prefetch=prefetch, prefetch_params={"budget": budget}, speculative_ready=ready)
+            a = simulate_timing(gappy, policy, size, cost, engine="python", **kw)
+            b = simulate_timing(gappy, policy, size, cost, engine="numba", **kw)
+            assert a.to_dict() == b.to_dict()
+            assert np.allclose(a.per_token_ms, b.per_token_ms, rtol=1e-12, atol=1e-12)
 
 
 def test_auto_uses_the_fast_path_only_when_it_applies(gappy):

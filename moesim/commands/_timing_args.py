@@ -10,7 +10,7 @@ from moesim.commands._common import parse_params, positive_int
 
 DEFAULT_HARDWARE = "h200"
 OVERRIDES = ("pcie_gbps", "pcie_latency_us", "expert_bytes", "expert_ms", "layer_ms", "token_ms", "miss_issue_us",
-             "routing_handoff_us")
+             "routing_handoff_us", "host_copy_issue_us", "predict_us")
 
 
 def add_timing_args(p: argparse.ArgumentParser) -> None:
@@ -43,6 +43,14 @@ def add_timing_args(p: argparse.ArgumentParser) -> None:
                         "compute stream: expert in, evicted expert back to the host, two syncs per expert)")
     g.add_argument("--miss-issue-us", type=float, help="what-if: engine cost per demand miss (us)")
     g.add_argument("--routing-handoff-us", type=float, help="what-if: per-layer routing hand-off (us; gate mode)")
+    g.add_argument("--host-copy-issue-us", type=float,
+                   help="what-if: host time per issued copy (us; gate mode, where it sits on the critical path)")
+    g.add_argument("--predict-us", type=float, help="what-if: the speculative predict piece (us; --speculative-ready hidden)")
+    g.add_argument("--speculative-ready", choices=("hidden", "gate"), default="hidden",
+                   help="when a speculative prefetch for layer l+d may start: hidden (default, a live decoder) -- "
+                        "after layer l's experts and the predict piece, since the prediction applies layer l+d's "
+                        "router to layer l's output; gate -- right after layer l's gate, as the replay engine issues "
+                        "a trace's recorded predictions")
 
 
 def timing_requested(args: argparse.Namespace) -> bool:
@@ -86,9 +94,11 @@ def timing_result(args: argparse.Namespace, trace) -> dict[str, Any]:
     cost = cost_model(args)
     kw: dict[str, Any] = dict(prefetch=args.prefetch or "none", prefetch_params=pparams,
                               policy_params=policy_params(args), batch_size=args.batch_size,
-                              prefill_chunk=args.prefill_chunk)
+                              prefill_chunk=args.prefill_chunk, speculative_ready=args.speculative_ready)
     result = simulate_timing(trace, args.policy, size, cost, timeline=args.timeline, **kw)
     out = result.to_dict()
+    if kw["prefetch"] == "speculative":
+        out["speculative_ready"] = args.speculative_ready
     fast, slow = cost.copy_interval_scales()
     if (fast, slow) != (1.0, 1.0):
         # the calibration's measured copy spread (p10..p90 over its sessions): the same run with every

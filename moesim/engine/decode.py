@@ -72,6 +72,9 @@ class GenerateResult(HitCounts):
     prefetch: str
     logits: list[np.ndarray] = field(default_factory=list)   # per step (float32, vocab), when kept
     handoff_wait_ms: float = 0.0   # host time spent waiting for routing hand-offs
+    # the residency proof, counted on the device (None: the program was built without the check)
+    violations: int | None = None      # expert pieces whose slot did not hold the expert the gate routed
+    device_copies: int | None = None   # copies whose identity landed in the slot they were issued to
 
     @property
     def generated(self) -> int:
@@ -102,7 +105,8 @@ class GenerateResult(HitCounts):
                 "generated_tokens": self.generated, "wall_s": self.wall_s, "requests": self.requests,
                 "hits": self.hits, "misses": self.misses, "hit_rate": self.hit_rate, "prefetches": self.prefetches,
                 "bytes_h2d": self.bytes_h2d, "expert_bytes": self.expert_bytes,
-                "handoff_wait_ms": self.handoff_wait_ms}
+                "handoff_wait_ms": self.handoff_wait_ms, "violations": self.violations,
+                "device_copies": self.device_copies, "plan_copies": self.misses + self.prefetches}
 
 
 class Decoder:
@@ -130,6 +134,7 @@ class Decoder:
                 d.wait(self.free[layer][slot], d.copy_stream)
             self.store.copy_to(self.program.slots[layer][slot], layer, expert)
             self.ready[layer][slot].record(d.copy_stream)
+            self.program.count_copy(layer, slot, expert)   # after "ready": compute never waits for it
 
     def _experts(self, layer: int, keys: list[int], slots: list[int], missed: set[int]) -> None:
         prog, d = self.program, self.program.d
@@ -195,6 +200,7 @@ class Decoder:
         if profile is not None:
             gc.callbacks.append(on_gc)
         d.synchronize()
+        prog.reset_proof()
         t0 = time.perf_counter()
         with torch.inference_mode():
             for seq, prompt in enumerate(prompts):
@@ -319,9 +325,10 @@ class Decoder:
         if profile is not None:
             gc.callbacks.remove(on_gc)
         wall = time.perf_counter() - t0
+        violations, device_copies = prog.proof()
         return GenerateResult(out_ids, steps, wall, plan.requests, plan.hits, plan.prefetches, self.store.expert_bytes,
                               "replay" if forced is not None else "gate", self.policy, self.cache_size, self.prefetch,
-                              logits_kept, handoff_wait * 1e3)
+                              logits_kept, handoff_wait * 1e3, violations, device_copies)
 
     def _speculate(self, plan: CachePlan, layer: int, keys: list[int], now: int, ev, dist: int) -> float:
         """Wait for layer ``layer``'s speculative prediction, then prefetch (returns the wait in s)."""

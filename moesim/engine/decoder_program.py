@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from moesim.engine.identity import TAG_BASE, blob_bytes, expert_tag, slot_tags
 from moesim.engine.pack import PackedModel
 from moesim.engine.quant import QuantSpec, dequantize, matrix, split_blob
 from moesim.engine.runtime import Device, compiled
@@ -120,7 +121,7 @@ class DecoderProgram:
 
     def __init__(self, packed: PackedModel, device: str, max_slots: int, *, predict_distance: int = 0,
                  graphs: bool | None = None, compile_kernels: bool = False, max_context: int | None = None,
-                 progress: bool = False) -> None:
+                 progress: bool = False, check_residency: bool = True) -> None:
         import torch
 
         self.torch, self.packed = torch, packed
@@ -150,7 +151,13 @@ class DecoderProgram:
         self.k_cache = torch.zeros(L, 1, s.n_kv_heads, self.ctx, s.head_dim, dtype=dt, device=dev)
         self.v_cache = torch.zeros_like(self.k_cache)
         self.expert_bytes = packed.expert_bytes
-        self.slots = [torch.zeros(max_slots, self.expert_bytes, dtype=torch.uint8, device=dev) for _ in range(L)]
+        # slots hold whole blobs (weights + identity), zeroed: a slot never written has no valid identity
+        self.slots = [torch.zeros(max_slots, blob_bytes(self.expert_bytes), dtype=torch.uint8, device=dev)
+                      for _ in range(L)]
+        self.check_residency = check_residency
+        self.slot_tags = [slot_tags(x) for x in self.slots]
+        self.violations = torch.zeros((), dtype=torch.int64, device=dev)
+        self.device_copies = torch.zeros((), dtype=torch.int64, device=dev)
         self.input_id = torch.zeros(1, dtype=torch.int64, device=dev)
         self.pos = torch.zeros(1, dtype=torch.int64, device=dev)
         self.x = torch.zeros(1, s.hidden, dtype=dt, device=dev)
@@ -205,6 +212,12 @@ class DecoderProgram:
 
     def _run_expert(self, layer: int, slot: int, rank: int) -> None:
         s = self.spec
+        if self.check_residency:
+            # before the weights are read: the slot must hold the expert this layer's gate routed to this
+            # rank (its id in the hand-off buffer, on the device); in replay mode the gate computes the
+            # recorded routing, so a gate that strays from the trace is counted too
+            want = self.hand[layer, rank:rank + 1].long() + (TAG_BASE + layer * s.num_experts)
+            self.violations.add_(self.slot_tags[layer][slot:slot + 1].ne(want).sum())
         self.ybuf[layer, rank].copy_(self._expert(self.slots[layer][slot], self.xn, self.packed.expert_format,
                                                   s.hidden, s.ffn))
 
@@ -234,6 +247,23 @@ class DecoderProgram:
         h = rms_norm(self.x, self.glob["final_norm"], self.spec.rms_eps)
         self.logits.copy_((h @ self.glob["lm_head"].T).float())
         self.host_logits.copy_(self.logits, non_blocking=True)
+
+    # -- the residency proof (as in moesim.engine.runtime.Program) ---------------------------------------
+    def count_copy(self, layer: int, slot: int, expert: int) -> None:
+        """On the copy stream right after a copy: count it if its identity landed in the slot."""
+        if self.check_residency:
+            tag = expert_tag(layer, expert, self.spec.num_experts)
+            self.device_copies.add_(self.slot_tags[layer][slot:slot + 1].eq(tag).sum())
+
+    def reset_proof(self) -> None:
+        self.violations.zero_()
+        self.device_copies.zero_()
+
+    def proof(self) -> tuple[int | None, int | None]:
+        """(violations, device_copies) read back from the device (synchronises)."""
+        if not self.check_residency:
+            return None, None
+        return int(self.violations.item()), int(self.device_copies.item())
 
     # -- inputs -----------------------------------------------------------------------------------------
     def set_input(self, token_id: int, pos: int) -> None:

@@ -90,7 +90,7 @@ def calibrate(quants: list[str], compile_ok: bool, program: Program | None = Non
         spec = quant_spec(qn)
         w1 = Weights(g.__class__(num_layers=1), spec, "cuda", pin=False)
         blob = torch.empty(w1.expert_bytes, dtype=torch.uint8, device="cuda")
-        blob.copy_(w1.host[0][0])
+        blob.copy_(w1.host[0][0][:w1.expert_bytes])
         for comp in ([False, True] if (compile_ok and not spec.is_bf16) else [False]):
             fn = compiled(expert_forward) if comp else expert_forward
             rows = []

@@ -15,6 +15,14 @@ object from ``moesim.policies``, the same mechanism and classes the simulator ru
 - within a token the CPU never waits for the GPU (routing comes from the trace), so copies for later
   layers overlap compute of earlier ones; between tokens it waits for the logits, as a decoder must.
 
+**Residency proof on the device.** Every pinned expert blob ends with an 8-byte identity
+(:func:`expert_tag` of its layer and expert), written last in the blob so that it lands last in the
+copy. Each expert piece compares the identity in its slot with the expert the *trace* routes to that
+(token, layer, rank) -- an oracle independent of the plan -- and adds any mismatch to a device counter
+(``violations``); after each copy the copy stream checks the identity that landed and bumps a device
+counter (``device_copies``). A swapped slot, a dropped copy or a compute that does not wait for its copy
+therefore shows up on the GPU, not in the host's bookkeeping.
+
 On CPU the same pieces run eagerly with no streams; events fall back to ``time.perf_counter``.
 """
 
@@ -27,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from moesim.engine.identity import TAG_BASE, blob_bytes, expert_tag, slot_tags, tagged_blob
 from moesim.engine.plan import CachePlan, Routing
 from moesim.engine.quant import QuantSpec, dequantize, fill_random_blob, split_blob
 from moesim.simulator.replay import HitCounts
@@ -122,6 +131,7 @@ class Weights:
         g, dev = geometry, self.d.dev
         self.n_weights = g.hidden * g.ffn
         self.expert_bytes = quant.expert_bytes(g.hidden, g.ffn)
+        self.blob_bytes = blob_bytes(self.expert_bytes)   # what one copy moves: weights + identity
         gen = torch.Generator(device=dev).manual_seed(seed)
         pin = pin and self.d.cuda
         staging = torch.empty(self.expert_bytes, dtype=torch.uint8, device=dev)
@@ -130,13 +140,11 @@ class Weights:
         if progress:
             from tqdm import tqdm
             it = tqdm(it, desc="pinning experts", unit="layer")
-        for _ in it:
+        for layer in it:
             row = []
-            for _ in range(g.num_experts):
+            for e in range(g.num_experts):
                 fill_random_blob(staging, quant, self.n_weights, gen)   # random on the device, then down
-                blob = torch.empty(self.expert_bytes, dtype=torch.uint8, pin_memory=pin)
-                blob.copy_(staging)
-                row.append(blob)
+                row.append(tagged_blob(staging, layer, e, g.num_experts, pin))   # + its identity
             self.host.append(row)
         del staging
         kv = g.n_kv_heads * g.head_dim
@@ -183,6 +191,9 @@ class EngineResult(HitCounts):
     events: list[dict[str, Any]] = field(default_factory=list)
     token_cpu_ms: list[float] = field(default_factory=list)   # CPU time between token starts
     token_issue_ms: list[float] = field(default_factory=list)  # CPU time issuing each token's work
+    # the residency proof, counted on the device (None: the program was built without the check)
+    violations: int | None = None      # expert pieces whose slot did not hold the routed expert
+    device_copies: int | None = None   # copies whose identity landed in the slot they were issued to
 
     @property
     def tokens_per_s(self) -> float:
@@ -201,7 +212,8 @@ class EngineResult(HitCounts):
             "hit_rate": self.hit_rate, "prefetches": self.prefetches, "bytes_h2d": self.bytes_h2d,
             "expert_bytes": self.expert_bytes, "token_ms": self.token_ms, "layer_hits": self.layer_hits,
             "layer_requests": self.layer_requests, "token_cpu_ms": self.token_cpu_ms,
-            "token_issue_ms": self.token_issue_ms,
+            "token_issue_ms": self.token_issue_ms, "violations": self.violations,
+            "device_copies": self.device_copies, "plan_copies": self.misses + self.prefetches,
         }
         if events:
             out["events"] = self.events
@@ -305,7 +317,7 @@ class Program:
     """
 
     def __init__(self, weights: Weights, max_slots: int, max_tokens: int, *, compile_kernels: bool = False,
-                 graphs: bool | None = None, progress: bool = False) -> None:
+                 graphs: bool | None = None, progress: bool = False, check_residency: bool = True) -> None:
         import torch
 
         self.w, self.torch = weights, torch
@@ -313,8 +325,13 @@ class Program:
         self.max_slots, self.max_tokens = max_slots, max_tokens
         k = g.top_k
         dev = d.dev
-        self.slots = [torch.empty(max_slots, weights.expert_bytes, dtype=torch.uint8, device=dev)
+        # zeroed: a slot never written carries no valid identity
+        self.slots = [torch.zeros(max_slots, weights.blob_bytes, dtype=torch.uint8, device=dev)
                       for _ in range(g.num_layers)]
+        self.check_residency = check_residency
+        # each slot's identity word (a view: it changes when a copy lands), the identity the trace routes
+        # to each (layer, rank, token), and the two device counters of the residency proof
+        self.slot_tags = [slot_tags(s) for s in self.slots]
         self.x = torch.zeros(1, g.hidden, dtype=torch.bfloat16, device=dev)
         self.probs = torch.zeros(1, g.num_experts, dtype=torch.float32, device=dev)
         self.ybuf = torch.zeros(g.num_layers, k, 1, g.hidden, dtype=torch.bfloat16, device=dev)
@@ -324,6 +341,9 @@ class Program:
         self.wrank = torch.zeros(g.num_layers, self.cap, k, dtype=torch.float32, device=dev)
         self.pos_table = torch.zeros(self.cap, dtype=torch.int64, device=dev)
         self.tok = torch.zeros((), dtype=torch.int64, device=dev)
+        self.expect = torch.zeros(g.num_layers, k, self.cap, dtype=torch.int64, device=dev)
+        self.violations = torch.zeros((), dtype=torch.int64, device=dev)
+        self.device_copies = torch.zeros((), dtype=torch.int64, device=dev)
         use = compile_kernels and d.cuda
         self._first = compiled(first_layer_step) if use else first_layer_step
         self._layer = compiled(layer_step) if use else layer_step
@@ -359,7 +379,29 @@ class Program:
 
     def _run_expert(self, layer: int, slot: int, rank: int) -> None:
         g = self.w.geometry
+        if self.check_residency:
+            # before the weights are read: the identity lands last in its copy, so the trace's expert's
+            # identity here means its whole blob is in the slot (a compute that did not wait for its copy
+            # still sees the old one)
+            want = self.expect[layer, rank].index_select(0, self.tok.view(1))
+            self.violations.add_(self.slot_tags[layer][slot:slot + 1].ne(want).sum())
         self.ybuf[layer, rank].copy_(self._expert(self.slots[layer][slot], self.x, self.w.quant, g.hidden, g.ffn))
+
+    def count_copy(self, layer: int, slot: int, expert: int) -> None:
+        """On the copy stream right after a copy: count it if its identity landed in the slot."""
+        if self.check_residency:
+            tag = expert_tag(layer, expert, self.w.geometry.num_experts)
+            self.device_copies.add_(self.slot_tags[layer][slot:slot + 1].eq(tag).sum())
+
+    def reset_proof(self) -> None:
+        self.violations.zero_()
+        self.device_copies.zero_()
+
+    def proof(self) -> tuple[int | None, int | None]:
+        """(violations, device_copies) read back from the device (synchronises)."""
+        if not self.check_residency:
+            return None, None
+        return int(self.violations.item()), int(self.device_copies.item())
 
     def _run_final(self) -> None:
         L = self.w.geometry.num_layers
@@ -419,6 +461,11 @@ class Program:
         pos = np.zeros(self.cap, np.int64)
         pos[:T] = np.asarray(routing.position, np.int64) % g.max_context
         self.pos_table.copy_(torch.from_numpy(pos))
+        tags = np.zeros((g.num_layers, g.top_k, self.cap), np.int64)   # 0 = no row: never a valid identity
+        e = routing.experts.transpose(1, 2, 0)   # (L, k, T)
+        ids = np.arange(g.num_layers, dtype=np.int64)[:, None, None] * g.num_experts + e
+        tags[:, :, :T] = np.where(e >= 0, TAG_BASE + ids, 0)
+        self.expect.copy_(torch.from_numpy(tags))
         self.tok.fill_(-1)
 
 
@@ -462,6 +509,7 @@ class OffloadedEngine:
                 start.record(d.copy_stream)
             self.slots[layer][slot].copy_(self.w.host[layer][expert], non_blocking=True)
             self.ready[layer][slot].record(d.copy_stream)
+            self.program.count_copy(layer, slot, expert)   # after "ready": compute never waits for it
             if log is not None:
                 end = d.event()
                 end.record(d.copy_stream)
@@ -496,6 +544,7 @@ class OffloadedEngine:
             it = tqdm(it, desc=f"{self.policy_name} K={self.cache_size} {self.prefetch_name}", unit="tok",
                       leave=False)
         d.synchronize()
+        prog.reset_proof()   # warm-up copies are not the plan's
         t0 = time.perf_counter()
         with torch.inference_mode():
             done = None
@@ -555,6 +604,7 @@ class OffloadedEngine:
             cpu_marks.append(time.perf_counter())
             d.synchronize()
         wall = time.perf_counter() - t0
+        violations, device_copies = prog.proof()
         token_ms = [a.elapsed_time(b) for a, b in zip(token_events[:-1], token_events[1:], strict=True)]
         events = []
         if log is not None:
@@ -565,4 +615,5 @@ class OffloadedEngine:
         return EngineResult(self.policy_name, self.cache_size, self.prefetch_name, w.quant.name, g.num_layers,
                             routing.num_tokens, wall, plan.requests, plan.hits, plan.prefetches, w.expert_bytes,
                             token_ms, plan.layer_hits.tolist(), plan.layer_requests.tolist(), events,
-                            [(b - a) * 1e3 for a, b in zip(cpu_marks[:-1], cpu_marks[1:], strict=True)], issue_ms)
+                            [(b - a) * 1e3 for a, b in zip(cpu_marks[:-1], cpu_marks[1:], strict=True)], issue_ms,
+                            violations, device_copies)

@@ -1,7 +1,9 @@
 """The pinned expert store: every routed expert of a model as one flat blob in (pinned) host memory.
 
 A miss or a prefetch is ONE host-to-device copy of a blob into a GPU slot (``copy_to``), issued on the
-copy stream by the decode loop; pinned memory makes the copy asynchronous (DMA at full PCIe rate).
+copy stream by the decode loop; pinned memory makes the copy asynchronous (DMA at full PCIe rate). Each
+blob ends with its (layer, expert) identity (``moesim.engine.identity``) for the device-side residency
+proof.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from moesim.engine.identity import blob_bytes, tagged_blob
 from moesim.engine.quant import QuantSpec
 
 
@@ -21,18 +24,17 @@ class ExpertStore:
 
     @classmethod
     def from_packed(cls, packed, pin: bool) -> ExpertStore:
-        """The packed model's experts, pinned when asked (already pinned blobs are kept as they are)."""
-        import torch
-
+        """The packed model's experts, each copied once into a (pinned, when asked) blob that ends with
+        its identity."""
         blobs = []
-        for row in packed.experts:
+        E = len(packed.experts[0])
+        for layer, row in enumerate(packed.experts):
             out = []
-            for b in row:
-                if pin and not b.is_pinned():
-                    p = torch.empty(b.numel(), dtype=torch.uint8, pin_memory=True)
-                    p.copy_(b)
-                    b = p
-                out.append(b)
+            for e, b in enumerate(row):
+                blob = tagged_blob(b, layer, e, E, pin)
+                # the packed model now sees the same bytes inside the tagged blob: one host copy, not two
+                row[e] = blob[:b.numel()]
+                out.append(blob)
             blobs.append(out)
         return cls(blobs, packed.expert_format, packed.spec.hidden, packed.spec.ffn)
 
@@ -47,6 +49,11 @@ class ExpertStore:
     @property
     def expert_bytes(self) -> int:
         return self.fmt.expert_bytes(self.hidden, self.ffn)
+
+    @property
+    def blob_bytes(self) -> int:
+        """What one copy moves: the packed weights and the identity."""
+        return blob_bytes(self.expert_bytes)
 
     def copy_to(self, dst, layer: int, expert: int) -> None:
         """Copy an expert into a slot (``non_blocking``: asynchronous from pinned memory on a GPU)."""

@@ -68,6 +68,11 @@ def independent_bound(cost):
     return bound
 
 
+# the validation engine replays a trace: a speculative cell issues the recorded predictions right after
+# the gate, so it is compared with the simulator doing the same (docs/timing.md, --speculative-ready)
+REPLAY_READY = "gate"
+
+
 def sim_interval(sub: Trace, policy: str, size: int, prefetch: str, cost) -> list[float] | None:
     """Simulated tokens/s with every copy at the slow and at the fast end of the calibration's
     measured copy interval (None without one)."""
@@ -77,7 +82,8 @@ def sim_interval(sub: Trace, policy: str, size: int, prefetch: str, cost) -> lis
     if (fast, slow) == (1.0, 1.0):
         return None
     return [round(float(simulate_timing(sub, policy, size, cost.with_overrides(copy_scale=cost.copy_scale * f),
-                                        prefetch=prefetch).tokens_per_s), 4) for f in (slow, fast)]
+                                        prefetch=prefetch, speculative_ready=REPLAY_READY).tokens_per_s), 4)
+            for f in (slow, fast)]
 
 
 def in_situ_check(engine: dict[str, Any], cost) -> dict[str, Any] | None:
@@ -108,13 +114,15 @@ def compare(engine: dict[str, Any], trace: Trace, cost, *, include_repeats: bool
     bound_cost = independent_bound(cost)
     cells, repeats, run_ahead = [], [], []
     for c in engine["cells"]:
-        sim = simulate_timing(sub, c["policy"], int(c["cache_size"]), cost, prefetch=c["prefetch"])
+        sim = simulate_timing(sub, c["policy"], int(c["cache_size"]), cost, prefetch=c["prefetch"],
+                              speculative_ready=REPLAY_READY)
         real_tps = float(c["tokens_per_s"])
         sim_tps = float(sim.tokens_per_s)
         # the independent bound: the critical path through this cell's own copies (at the peak measured
         # bandwidth) and kernels (at their micro-benchmark times), with their real dependencies (a copy
         # waits for its layer's gate, an expert for its copy, a layer for the one before), no engine term
-        bound_s = simulate_timing(sub, c["policy"], int(c["cache_size"]), bound_cost, prefetch=c["prefetch"]).total_s
+        bound_s = simulate_timing(sub, c["policy"], int(c["cache_size"]), bound_cost, prefetch=c["prefetch"],
+                                  speculative_ready=REPLAY_READY).total_s
         copies = int(c["misses"]) + int(c["prefetches"])
         cell = {
             "policy": c["policy"], "cache_size": int(c["cache_size"]), "prefetch": c["prefetch"],

@@ -11,7 +11,8 @@ A calibration file is JSON (schema documented in docs/timing.md)::
       "expert_compute": {"bf16": [[tokens, seconds], ...], "hqq2": [[...]], ...},
       "layer": {"base_s": ..., "per_token_s": ..., "per_context_s": ...},
       "token": {"base_s": ..., "per_token_s": ...},
-      "engine": {"miss_issue_s": ..., "routing_handoff_s": ..., "sources": {...}}   # optional
+      "engine": {"miss_issue_s": ..., "routing_handoff_s": ..., "host_copy_issue_s": ...,
+                 "predict_s": ..., "sources": {...}}   # optional
     }
 
 ``copy_seconds`` interpolates the measured curve in log-log space (small copies are latency bound,
@@ -77,6 +78,13 @@ class CostModel:
     miss_issue_s: float = 0.0          # per demand miss, on its copy stream before the transfer
     routing_handoff_s: float = 0.0     # per layer, on compute after the gate: only in engine_mode "gate"
     routing_handoff_eager_s: float | None = None   # the same read-back from eager kernels (profile mixtral-offloading)
+    # host time to issue one expert copy (stream switch, event waits, the async copy, its ready event): on
+    # the critical path only in engine_mode "gate" (the host learns the routing after the hand-off and
+    # issues the copies before it launches the experts); a replay engine issues ahead, hidden
+    host_copy_issue_s: float = 0.0
+    # GPU time of the speculative predict piece (layer l+d's norm + router applied to layer l's output),
+    # on compute after layer l's experts; only with speculative_ready "hidden" (docs/timing.md)
+    predict_s: float = 0.0
     engine_mode: str = "replay"        # "replay": routing known ahead; "gate": read back from the gate
     engine_profile: str = "moesim"     # "mixtral-offloading": its swap-on-compute engine (no overlap)
     engine_sources: dict[str, str] = field(default_factory=dict)
@@ -110,6 +118,8 @@ class CostModel:
             eng = raw.get("engine") or {}
             model.miss_issue_s = float(eng.get("miss_issue_s", 0.0))
             model.routing_handoff_s = float(eng.get("routing_handoff_s", 0.0))
+            model.host_copy_issue_s = float(eng.get("host_copy_issue_s", 0.0))
+            model.predict_s = float(eng.get("predict_s", 0.0))
             if eng.get("routing_handoff_eager_s") is not None:
                 model.routing_handoff_eager_s = float(eng["routing_handoff_eager_s"])
             model.engine_sources = {str(k): str(v) for k, v in eng.get("sources", {}).items()}
@@ -117,8 +127,8 @@ class CostModel:
             raise DataError(path, f"not a valid calibration file ({type(exc).__name__}: {exc})") from None
         if model.bandwidth_Bps <= 0 or model.latency_s < 0 or model.copy_engines < 1:
             raise DataError(path, "calibration needs bandwidth_gbps > 0, latency_us >= 0, copy_engines >= 1")
-        if model.miss_issue_s < 0 or model.routing_handoff_s < 0:
-            raise DataError(path, "engine.miss_issue_s and engine.routing_handoff_s must be >= 0")
+        if min(model.miss_issue_s, model.routing_handoff_s, model.host_copy_issue_s, model.predict_s) < 0:
+            raise DataError(path, "engine.miss_issue_s, routing_handoff_s, host_copy_issue_s and predict_s must be >= 0")
         if model.quantization not in model.expert_compute:
             raise DataError(path, f"no expert_compute table for the default quantization {model.quantization!r}")
         return model
@@ -153,6 +163,7 @@ class CostModel:
             "expert_compute": {q: [list(p) for p in pts] for q, pts in self.expert_compute.items()},
             "layer": self.layer, "token": self.token,
             "engine": {"miss_issue_s": self.miss_issue_s, "routing_handoff_s": self.routing_handoff_s,
+                       "host_copy_issue_s": self.host_copy_issue_s, "predict_s": self.predict_s,
                        **({"routing_handoff_eager_s": self.routing_handoff_eager_s}
                           if self.routing_handoff_eager_s is not None else {}),
                        "sources": self.engine_sources},
@@ -169,6 +180,7 @@ class CostModel:
                        quantization: str | None = None, copy_engines: int | None = None,
                        engine_mode: str | None = None, engine_profile: str | None = None,
                        miss_issue_us: float | None = None, routing_handoff_us: float | None = None,
+                       host_copy_issue_us: float | None = None, predict_us: float | None = None,
                        copy_scale: float | None = None) -> CostModel:
         """A copy with what-if values; an overridden bandwidth or latency drops the measured curve."""
         m = copy.deepcopy(self)
@@ -201,7 +213,8 @@ class CostModel:
             if engine_profile not in ENGINE_PROFILES:
                 raise UsageError(f"unknown engine profile {engine_profile!r} (known: {', '.join(ENGINE_PROFILES)})")
             m.engine_profile = engine_profile
-        for attr, us in (("miss_issue_s", miss_issue_us), ("routing_handoff_s", routing_handoff_us)):
+        for attr, us in (("miss_issue_s", miss_issue_us), ("routing_handoff_s", routing_handoff_us),
+                         ("host_copy_issue_s", host_copy_issue_us), ("predict_s", predict_us)):
             if us is not None:
                 if us < 0:
                     raise UsageError(f"{attr[:-2].replace('_', '-')} must be >= 0")
@@ -275,6 +288,11 @@ class CostModel:
         """The per-layer routing hand-off charged on compute: only a gate-driven engine pays it."""
         return self.routing_handoff_s if self.engine_mode == "gate" else 0.0
 
+    def host_issue_seconds(self) -> float:
+        """Host time per issued copy charged on the critical path: only a gate-driven engine pays it (a
+        replay engine knows the routing ahead and issues while the GPU works)."""
+        return self.host_copy_issue_s if self.engine_mode == "gate" and self.engine_profile == "moesim" else 0.0
+
     def summary(self) -> dict[str, Any]:
         b = self.expert_bytes()
         return {"name": self.name, "pcie_gbps": round(self.bandwidth_Bps / 1e9, 2),
@@ -284,5 +302,7 @@ class CostModel:
                 "expert_ms": round(self.expert_seconds(1) * 1e3, 3),
                 "layer_ms": round(self.layer_seconds(0, 1) * 1e3, 3), "token_ms": round(self.token_seconds(1) * 1e3, 3),
                 "miss_issue_us": round(self.miss_issue_s * 1e6, 3),
-                "routing_handoff_us": round(self.routing_handoff_s * 1e6, 3), "engine_mode": self.engine_mode,
+                "routing_handoff_us": round(self.routing_handoff_s * 1e6, 3),
+                "host_copy_issue_us": round(self.host_copy_issue_s * 1e6, 3), "predict_us": round(self.predict_s * 1e6, 3),
+                "engine_mode": self.engine_mode,
                 "engine_profile": self.engine_profile}

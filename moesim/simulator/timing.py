@@ -40,6 +40,7 @@ from moesim.simulator.replay import HitCounts
 from moesim.traces.format import PREFILL, Trace
 
 PRIORITY = {"copy": 0, "compute": 1}
+SPECULATIVE_READY = ("hidden", "gate")
 
 
 class SimEnv:
@@ -216,10 +217,19 @@ def _next_uses(steps: list[Step], num_layers: int) -> dict[tuple[int, int], dict
 def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], cache_size: int | Sequence[int],
                     cost: CostModel, *, prefetch: str = "none", prefetch_params: dict[str, Any] | None = None,
                     policy_params: dict[str, Any] | None = None, batch_size: int = 1, prefill_chunk: int = 512,
-                    timeline: str | os.PathLike | None = None, engine: str = "auto") -> TimingResult:
+                    timeline: str | os.PathLike | None = None, engine: str = "auto",
+                    speculative_ready: str = "hidden") -> TimingResult:
     """Simulate decoding ``trace``; ``engine`` "auto" takes the compiled path when it applies
     (batch-1 decode, lru/fifo/lfu/opt, built-in prefetcher, no timeline), "python" forces the
-    general event path, "numba" insists on the compiled one."""
+    general event path, "numba" insists on the compiled one.
+
+    ``speculative_ready`` (prefetcher ``speculative`` only): "hidden" (default, what a live decoder can
+    do) -- the prediction for layer l+d is layer l+d's router applied to layer l's output, so its
+    copies are issued only after layer l's experts and the predict piece (``cost.predict_s``, on
+    compute); "gate" -- recorded predictions issued right after layer l's gate, as the replay engine
+    does with a trace's ``pred{d}_experts``."""
+    if speculative_ready not in SPECULATIVE_READY:
+        raise UsageError(f"unknown speculative ready point {speculative_ready!r} (known: {', '.join(SPECULATIVE_READY)})")
     meta = trace.meta
     L, E, k = meta.num_layers, meta.num_experts, meta.top_k
     sizes = [int(cache_size)] * L if isinstance(cache_size, int | np.integer) else [int(s) for s in cache_size]
@@ -269,8 +279,9 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
     swap = cost.engine_profile == "mixtral-offloading"
     if swap and prefetch != "none":
         raise UsageError("the mixtral-offloading engine profile has no prefetcher (its public engine has none)")
+    late = prefetch == "speculative" and speculative_ready == "hidden"
     if fast_ok and engine != "python":
-        res = _simulate_fast(trace, policy, sizes, cache_size, cost, prefetch, prefetcher)
+        res = _simulate_fast(trace, policy, sizes, cache_size, cost, prefetch, prefetcher, late)
         res.engine_mode, res.engine_profile = cost.engine_mode, cost.engine_profile
         return res
     steps = build_steps(trace, batch_size, prefill_chunk)
@@ -290,6 +301,8 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
     copy_s = cost.copy_seconds(xb)
     demand_s = copy_s + cost.miss_issue_s    # a demand copy also pays the engine's per-miss issue cost
     handoff_s = cost.handoff_seconds()
+    issue_h = cost.host_issue_seconds()      # gate mode: host time per issued copy, on the critical path
+    predict_s = cost.predict_s if late else 0.0
     if swap:   # mixtral-offloading: reads every layer's routing back; swaps on compute (its own timing)
         demand_s, handoff_s = copy_s, cost.sync_seconds()
     env = SimEnv(cost.copy_engines, timeline is not None)
@@ -297,7 +310,22 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
     pending: dict[tuple[int, int], bool] = {}        # prefetched for that layer, not used yet
     hits = requests = landed = prefetches = used = rec_hits = rec_needed = copies = sets = slots = 0
     stall = compute = 0.0
+    host_busy = 0.0     # gate mode: the host issues late speculative copies until then
     per_token = np.zeros(len(steps))
+
+    def issue(ready_at: float, host_at: float, layer: int, e: int, dur: float, what: str, i: int) -> tuple[float, float]:
+        """One copy. With a host issue cost (gate mode) the host spends ``issue_h`` first: on compute when
+        it sits between the hand-off and the experts (``host_at`` < 0: the GPU idles meanwhile), else on
+        the host's own clock ``host_at`` (late speculative copies, issued while compute runs on).
+        Returns (copy end, host clock after the issue)."""
+        if issue_h > 0:
+            if host_at < 0:
+                _, ready_at = env.run("compute", ready_at, issue_h, f"issue L{layer} E{e}", {"step": i})
+            else:
+                host_at = max(host_at, ready_at) + issue_h
+                ready_at = host_at
+        _, end = env.copy(ready_at, dur, f"{what} L{layer} E{e}", {"step": i, "demand": what == "load"})
+        return end, host_at
     for i, step in enumerate(steps):
         t0 = env.free["compute"]
         _, _ = env.run("compute", 0.0, cost.token_seconds(step.tokens), "token", {"step": i})
@@ -308,15 +336,16 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
             dur = cost.layer_seconds(step.context, step.tokens)
             _, gate = env.run("compute", 0.0, dur, f"attn L{layer}", {"step": i})
             compute += dur
-            if handoff_s > 0:   # gate-driven engine: the CPU reads the routing back before issuing more
-                _, gate = env.run("compute", gate, handoff_s, f"routing handoff L{layer}", {"step": i})
+            if handoff_s > 0 or host_busy > gate:   # gate-driven engine: the CPU reads the routing back
+                # before issuing more (and only once it has issued the previous layer's late prefetches)
+                _, gate = env.run("compute", host_busy, handoff_s, f"routing handoff L{layer}", {"step": i})
             cache = caches[layer]
             sets += 1
             requests += len(S)
             ready: dict[int, float] = {}
             if cache is None:
                 for e in S:
-                    _, ready[e] = env.copy(gate, demand_s, f"load L{layer} E{e}", {"step": i, "demand": True})
+                    ready[e], _ = issue(gate, -1.0, layer, e, demand_s, "load", i)
                     copies += 1
             else:
                 slots += cache.capacity
@@ -353,49 +382,67 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
                         _, ready[e] = env.run("compute", gate, dur, f"swap L{layer} E{e}", {"step": i})
                         stall += dur
                     else:
-                        _, ready[e] = env.copy(gate, demand_s, f"load L{layer} E{e}", {"step": i, "demand": True})
+                        ready[e], _ = issue(gate, -1.0, layer, e, demand_s, "load", i)
                     inflight[(layer, e)] = ready[e]
                     copies += 1
-            # prefetch for layer + d, issued after this layer's gate, behind the demand copies
-            target = layer + d
-            if prefetch != "none" and target < L and caches[target] is not None:
-                tcache = caches[target]
-                row_t = step.rows.get(target)
-                ctx = PrefetchContext(
-                    current=S,
-                    predicted=(lambda t, r=row_t: preds[r] if (preds is not None and r is not None) else []),
-                    predicted_probs=(lambda t, r=row_t: probs[r] if (probs is not None and r is not None) else None),
-                    actual=(lambda t, st=step: st.layers.get(t, [])) if prefetcher.needs_future else None,
-                )
-                picks = [e for e in prefetcher.predict(layer, target, ctx) if 0 <= e < E][: prefetcher.budget]
-                protect = {e for (lt, e), end in inflight.items() if lt == target and end > gate}
-                protect |= {e for (lt, e) in pending if lt == target}
-                for e in picks:
-                    if e in tcache:
-                        continue
-                    evicted = tcache.admit(e, now, protect=protect | set(picks))
-                    if evicted is False:
-                        break
-                    if evicted is not None:
-                        if pending.pop((target, evicted), False):
-                            pass  # an unused prefetch evicted: wasted
-                        inflight.pop((target, evicted), None)
-                    _, end = env.copy(gate, copy_s, f"prefetch L{target} E{e}", {"step": i, "demand": False})
-                    inflight[(target, e)] = end
-                    pending[(target, e)] = True
-                    prefetches += 1
-                    copies += 1
-            # expert compute: in order of readiness (router order breaks ties)
-            counts = step.counts[layer]
-            for e in sorted(S, key=lambda x: (ready.get(x, 0.0), S.index(x))):
-                before = env.free["compute"]
-                es = cost.expert_seconds(counts[e])
-                env.run("compute", ready.get(e, 0.0), es, f"expert L{layer} E{e}", {"step": i, "tokens": counts[e]})
-                stall += max(0.0, ready.get(e, 0.0) - before)
-                compute += es
-                if swap:   # it reads each expert's token indices back (two .tolist() calls): two syncs
-                    for _ in range(2):
-                        env.run("compute", 0.0, handoff_s, f"sync L{layer} E{e}", {"step": i})
+            # a late (hidden-state) speculative prefetch needs this layer's output: after its experts
+            for part in (("experts", "prefetch") if late else ("prefetch", "experts")):
+                if part == "prefetch":
+                    # prefetch for layer + d: issued after this layer's gate, behind the demand copies; a
+                    # speculative one with speculative_ready "hidden" only once its prediction exists (after
+                    # this layer's experts and the predict piece), behind them
+                    target = layer + d
+                    if late and target < L:
+                        if predict_s > 0:
+                            env.run("compute", 0.0, predict_s, f"predict L{layer}", {"step": i})
+                            compute += predict_s
+                        # the host waits for the prediction and reads it back (a hand-off like the
+                        # routing's, gate mode only) before it issues the copies, while compute runs on
+                        t_issue = env.free["compute"]
+                        host_at = t_issue + handoff_s
+                    else:
+                        t_issue, host_at = gate, -1.0
+                    if prefetch != "none" and target < L and caches[target] is not None:
+                        tcache = caches[target]
+                        row_t = step.rows.get(target)
+                        ctx = PrefetchContext(
+                            current=S,
+                            predicted=(lambda t, r=row_t: preds[r] if (preds is not None and r is not None) else []),
+                            predicted_probs=(lambda t, r=row_t: probs[r] if (probs is not None and r is not None) else None),
+                            actual=(lambda t, st=step: st.layers.get(t, [])) if prefetcher.needs_future else None,
+                        )
+                        picks = [e for e in prefetcher.predict(layer, target, ctx) if 0 <= e < E][: prefetcher.budget]
+                        protect = {e for (lt, e), end in inflight.items() if lt == target and end > t_issue}
+                        protect |= {e for (lt, e) in pending if lt == target}
+                        for e in picks:
+                            if e in tcache:
+                                continue
+                            evicted = tcache.admit(e, now, protect=protect | set(picks))
+                            if evicted is False:
+                                break
+                            if evicted is not None:
+                                if pending.pop((target, evicted), False):
+                                    pass  # an unused prefetch evicted: wasted
+                                inflight.pop((target, evicted), None)
+                            end, host_at = issue(t_issue, host_at, target, e, copy_s, "prefetch", i)
+                            inflight[(target, e)] = end
+                            pending[(target, e)] = True
+                            prefetches += 1
+                            copies += 1
+                    if late and target < L:
+                        host_busy = host_at
+                    continue
+                # expert compute: in order of readiness (router order breaks ties)
+                counts = step.counts[layer]
+                for e in sorted(S, key=lambda x: (ready.get(x, 0.0), S.index(x))):
+                    before = env.free["compute"]
+                    es = cost.expert_seconds(counts[e])
+                    env.run("compute", ready.get(e, 0.0), es, f"expert L{layer} E{e}", {"step": i, "tokens": counts[e]})
+                    stall += max(0.0, ready.get(e, 0.0) - before)
+                    compute += es
+                    if swap:   # it reads each expert's token indices back (two .tolist() calls): two syncs
+                        for _ in range(2):
+                            env.run("compute", 0.0, handoff_s, f"sync L{layer} E{e}", {"step": i})
             prefetcher.observe(layer, S)
         per_token[i] = (env.free["compute"] - t0) * 1e3 / max(step.tokens, 1)
     total = env.free["compute"]
@@ -416,7 +463,7 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
 
 
 def _simulate_fast(trace: Trace, policy: str, sizes: list[int], cache_size, cost: CostModel, prefetch: str,
-                   prefetcher) -> TimingResult:
+                   prefetcher, late: bool) -> TimingResult:
     meta = trace.meta
     L, E = meta.num_layers, meta.num_experts
     layer = trace.layer.astype(np.int64)
@@ -438,7 +485,8 @@ def _simulate_fast(trace: Trace, policy: str, sizes: list[int], cache_size, cost
         kernels.POLICY_CODES[policy], timing_kernel.PREFETCH_CODES[prefetch], prefetcher.distance,
         prefetcher.budget, step, layer, keys, nxt, row_at, pred, np.asarray(sizes, np.int64), E,
         cost.token_seconds(1), layer_s, copy_s, cost.expert_seconds(1), cost.copy_engines,
-        copy_s + cost.miss_issue_s, cost.handoff_seconds())
+        copy_s + cost.miss_issue_s, cost.handoff_seconds(), late, cost.predict_s if late else 0.0,
+        cost.host_issue_seconds())
     hits, landed, prefetches, used, rec_hits, rec_needed, copies = (int(x) for x in stats)
     size_out = int(cache_size) if isinstance(cache_size, int | np.integer) else list(sizes)
     slots = int(np.asarray(sizes)[layer].sum())

@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit
 
 from moesim.policies.base import NEVER
-from moesim.simulator.kernels import FIFO, LFU, LRU
+from moesim.simulator.kernels import FIFO, LFU, LRU, OPT
 
 PF_NONE, PF_PREVIOUS, PF_TRANSITION, PF_ORACLE, PF_SPECULATIVE = 0, 1, 2, 3, 4
 PREFETCH_CODES = {"none": PF_NONE, "previous-token": PF_PREVIOUS, "transition": PF_TRANSITION,
@@ -60,9 +60,13 @@ def _issue_copy(engines, ready, duration):
 
 @njit(cache=True, nogil=True)
 def des_kernel(policy, pf, distance, budget, step, layer, keys, nxt, row_at, pred, sizes, n_experts,
-               token_s, layer_s, copy_s, expert_s, n_engines, demand_s, handoff_s):
+               token_s, layer_s, copy_s, expert_s, n_engines, demand_s, handoff_s, late, predict_s, issue_h):
     """``copy_s``: a prefetch copy; ``demand_s``: a demand copy (the transfer + the engine's per-miss
-    issue cost); ``handoff_s``: the per-layer routing hand-off on compute (0 in replay mode)."""
+    issue cost); ``handoff_s``: the per-layer routing hand-off on compute (0 in replay mode); ``late``:
+    the prefetch (speculative, ready "hidden") is issued after the layer's experts and ``predict_s`` on
+    compute, the host reading the prediction back (``handoff_s``) first; ``issue_h``: host time per
+    issued copy (gate mode): on compute for copies issued between the hand-off and the experts, on the
+    host's own clock for late ones (the next hand-off waits for it)."""
     n, k = keys.shape
     L = sizes.shape[0]
     E = n_experts
@@ -89,6 +93,7 @@ def des_kernel(policy, pf, distance, budget, step, layer, keys, nxt, row_at, pre
     score = np.zeros(E)
     picks = np.zeros(E, np.int64)
     compute_free = 0.0
+    host_busy = 0.0     # gate mode: the host issues late speculative copies until then
     tick = 0
     hits = landed = prefetches = used = rec_hits = rec_needed = copies = 0
     stall = 0.0
@@ -102,8 +107,8 @@ def des_kernel(policy, pf, distance, budget, step, layer, keys, nxt, row_at, pre
             lay = layer[r]
             compute_free += layer_s[r]
             compute += layer_s[r]
-            if handoff_s > 0.0:
-                compute_free += handoff_s
+            if handoff_s > 0.0 or host_busy > compute_free:
+                compute_free = max(compute_free, host_busy) + handoff_s
             gate = compute_free
             size = sizes[lay]
             # ---- demand request (atomic set) ----
@@ -126,7 +131,8 @@ def des_kernel(policy, pf, distance, budget, step, layer, keys, nxt, row_at, pre
                 tick += 1
                 last[lay, e] = tick
                 count[lay, e] += 1
-                next_use[lay, e] = nxt[r, j]
+                if policy == OPT:   # nxt is a (1, 1) placeholder for the other policies
+                    next_use[lay, e] = nxt[r, j]
             for j in range(k):
                 if ready[j] >= 0.0:
                     continue
@@ -151,85 +157,108 @@ def des_kernel(policy, pf, distance, budget, step, layer, keys, nxt, row_at, pre
                     continue
                 e = keys[r, j]
                 pending[lay, e] = False
-                ready[j] = _issue_copy(engines, gate, demand_s)
+                if issue_h > 0.0:
+                    compute_free += issue_h
+                ready[j] = _issue_copy(engines, compute_free if issue_h > 0.0 else gate, demand_s)
                 inflight[lay, e] = ready[j]
                 copies += 1
-            # ---- prefetch for layer + distance ----
-            target = lay + distance
-            if pf != PF_NONE and target < L and sizes[target] > 0:
-                n_picks = 0
-                if pf == PF_PREVIOUS:
-                    for j in range(k):
-                        if prev[target, j] >= 0:
-                            picks[n_picks] = prev[target, j]
-                            n_picks += 1
-                elif pf == PF_TRANSITION:
-                    for e in range(E):
-                        acc = 0.0
-                        for j in range(k):
-                            acc += trans[lay, keys[r, j], e]
-                        score[e] = acc
-                        if acc > 0.0:  # stable insertion by descending score (ties: smaller id first)
-                            q = n_picks
-                            while q > 0 and score[picks[q - 1]] < acc:
-                                picks[q] = picks[q - 1]
-                                q -= 1
-                            picks[q] = e
-                            n_picks += 1
-                else:
-                    rt = row_at[i, target]
-                    if rt >= 0:
-                        for j in range(k):
-                            e = keys[rt, j] if pf == PF_ORACLE else pred[rt, j]
-                            if e >= 0:
-                                picks[n_picks] = e
-                                n_picks += 1
-                n_picks = min(n_picks, budget)
-                protect[:] = False
-                for e in range(E):
-                    if (inflight[target, e] > gate) or pending[target, e]:
-                        protect[e] = True
-                for q in range(n_picks):
-                    protect[picks[q]] = True
-                for q in range(n_picks):
-                    e = picks[q]
-                    if resident[target, e]:
-                        continue
-                    tsize = sizes[target]
-                    if occ[target] < tsize:
-                        s = occ[target]
-                        occ[target] += 1
+            for part in range(2):   # 0: prefetch then experts; a late prefetch comes after the experts
+                if (part == 0) != late:
+                    # ---- prefetch for layer + distance ----
+                    target = lay + distance
+                    if late and target < L:
+                        compute_free += predict_s
+                        compute += predict_s
+                        t_issue = compute_free
+                        host_at = compute_free + handoff_s
                     else:
-                        s = _victim(policy, target, tsize, slots, protect, last, count, inserted, next_use)
-                        if s < 0:
-                            break
-                        v = slots[target, s]
-                        resident[target, v] = False
-                        pending[target, v] = False
-                        inflight[target, v] = 0.0
-                    slots[target, s] = e
-                    resident[target, e] = True
-                    tick += 1
-                    inserted[target, e] = tick
-                    inflight[target, e] = _issue_copy(engines, gate, copy_s)
-                    pending[target, e] = True
-                    prefetches += 1
-                    copies += 1
-            # ---- expert compute in order of readiness (router order breaks ties) ----
-            for j in range(k):
-                order[j] = j
-            for a in range(1, k):  # insertion sort on (ready, j): k is tiny
-                b = a
-                while b > 0 and ready[order[b - 1]] > ready[order[b]]:
-                    order[b - 1], order[b] = order[b], order[b - 1]
-                    b -= 1
-            for a in range(k):
-                rd = ready[order[a]]
-                before = compute_free
-                compute_free = max(compute_free, rd) + expert_s
-                if rd > before:
-                    stall += rd - before
-                compute += expert_s
+                        t_issue = gate
+                        host_at = -1.0
+                    if pf != PF_NONE and target < L and sizes[target] > 0:
+                        n_picks = 0
+                        if pf == PF_PREVIOUS:
+                            for j in range(k):
+                                if prev[target, j] >= 0:
+                                    picks[n_picks] = prev[target, j]
+                                    n_picks += 1
+                        elif pf == PF_TRANSITION:
+                            for e in range(E):
+                                acc = 0.0
+                                for j in range(k):
+                                    acc += trans[lay, keys[r, j], e]
+                                score[e] = acc
+                                if acc > 0.0:  # stable insertion by descending score (ties: smaller id first)
+                                    q = n_picks
+                                    while q > 0 and score[picks[q - 1]] < acc:
+                                        picks[q] = picks[q - 1]
+                                        q -= 1
+                                    picks[q] = e
+                                    n_picks += 1
+                        else:
+                            rt = row_at[i, target]
+                            if rt >= 0:
+                                for j in range(k):
+                                    e = keys[rt, j] if pf == PF_ORACLE else pred[rt, j]
+                                    if e >= 0:
+                                        picks[n_picks] = e
+                                        n_picks += 1
+                        n_picks = min(n_picks, budget)
+                        protect[:] = False
+                        for e in range(E):
+                            if (inflight[target, e] > t_issue) or pending[target, e]:
+                                protect[e] = True
+                        for q in range(n_picks):
+                            protect[picks[q]] = True
+                        for q in range(n_picks):
+                            e = picks[q]
+                            if resident[target, e]:
+                                continue
+                            tsize = sizes[target]
+                            if occ[target] < tsize:
+                                s = occ[target]
+                                occ[target] += 1
+                            else:
+                                s = _victim(policy, target, tsize, slots, protect, last, count, inserted, next_use)
+                                if s < 0:
+                                    break
+                                v = slots[target, s]
+                                resident[target, v] = False
+                                pending[target, v] = False
+                                inflight[target, v] = 0.0
+                            slots[target, s] = e
+                            resident[target, e] = True
+                            tick += 1
+                            inserted[target, e] = tick
+                            at = t_issue
+                            if issue_h > 0.0:
+                                if host_at < 0.0:
+                                    compute_free += issue_h
+                                    at = compute_free
+                                else:
+                                    host_at = max(host_at, t_issue) + issue_h
+                                    at = host_at
+                            inflight[target, e] = _issue_copy(engines, at, copy_s)
+                            pending[target, e] = True
+                            prefetches += 1
+                            copies += 1
+                    if late and target < L:
+                        host_busy = host_at
+                else:
+                    # ---- expert compute in order of readiness (router order breaks ties) ----
+                    for j in range(k):
+                        order[j] = j
+                    for a in range(1, k):  # insertion sort on (ready, j): k is tiny
+                        b = a
+                        while b > 0 and ready[order[b - 1]] > ready[order[b]]:
+                            order[b - 1], order[b] = order[b], order[b - 1]
+                            b -= 1
+                    for a in range(k):
+                        rd = ready[order[a]]
+                        before = compute_free
+                        compute_free = max(compute_free, rd) + expert_s
+                        if rd > before:
+                            stall += rd - before
+                        compute += expert_s
             # ---- observe ----
             if pf == PF_PREVIOUS:
                 for j in range(k):

@@ -1,0 +1,39 @@
+"""Expert identities for the device-side residency proof.
+
+Every pinned expert blob ends with 8 bytes naming its (layer, expert), the last bytes of its one
+host-to-device copy. An expert piece reads the identity in its GPU slot before its weights and compares
+it with the expert it is meant to compute; the copy stream compares it after each copy. The weights'
+layout is untouched (formats split a blob from its start), so every kernel reads the same bytes as before.
+"""
+
+from __future__ import annotations
+
+TAG_BYTES = 8               # one int64 identity at the end of every expert blob
+TAG_BASE = 0x5E51D0 << 32   # a random blob or an empty (zeroed) slot never carries a valid identity
+
+
+def expert_tag(layer: int, expert: int, num_experts: int) -> int:
+    """The identity stored in (layer, expert)'s blob and expected by the expert pieces."""
+    return TAG_BASE + layer * num_experts + expert
+
+
+def blob_bytes(expert_bytes: int) -> int:
+    """An expert blob's size: its packed weights, padded to 8 B, then the identity."""
+    return -(-expert_bytes // TAG_BYTES) * TAG_BYTES + TAG_BYTES
+
+
+def tagged_blob(weights, layer: int, expert: int, num_experts: int, pin: bool):
+    """A new (pinned when asked) host blob: ``weights`` (uint8), padding, then the identity."""
+    import torch
+
+    blob = torch.zeros(blob_bytes(weights.numel()), dtype=torch.uint8, pin_memory=pin)
+    blob[:weights.numel()].copy_(weights)
+    blob[-TAG_BYTES:].view(torch.int64).fill_(expert_tag(layer, expert, num_experts))
+    return blob
+
+
+def slot_tags(slots):
+    """The identity word of each slot of a (slots, blob_bytes) uint8 tensor, as an int64 view (slots,)."""
+    import torch
+
+    return slots[:, -TAG_BYTES:].view(torch.int64).view(slots.shape[0])
