@@ -1,12 +1,21 @@
-"""Replay speed: every built-in policy, a plain-Python user policy and libCacheSim on the same stream.
+"""Replay speed: every built-in policy compiled, user policies (compiled and plain Python), end to end
+from Parquet, and libCacheSim's own implementations measured on the same stream in the same run.
 
-    python benchmarks/bench_replay.py [--tokens 1000000]
+    python benchmarks/bench_replay.py [--tokens 300000] [--repeat 3]
 
-Generates a Mixtral-like synthetic trace (32 layers x top-2: tokens x 64 expert requests), replays it
-per layer (docs/semantics.md) with every policy, then exports the same request stream to
-oracleGeneral and times libCacheSim's LRU on it in the same run (one global cache, sequential).
-Prints requests/s and ratios; also `mrc` over all sizes vs one single-size replay. One core: the
-compiled kernels run single-threaded.
+A Mixtral-like synthetic trace (32 layers x top-2 = 64 expert requests per token) is replayed
+
+- per layer (docs/semantics.md, --cache-size slots per layer) with every built-in policy; ratio vs
+  libCacheSim's LRU on the same requests;
+- as one global cache (``--scope global --semantics sequential``, the stream a generic cache simulator
+  sees, exported to oracleGeneral) at 128 and 256 slots, each policy next to libCacheSim's own
+  implementation of it where it has one (LRU, FIFO, LFU = our lfu-cache, ARC, S3FIFO, Sieve);
+- with a user's ScorePolicy (compiled) and a user's plain-Python LRU class (generic path, on a
+  --python-tokens slice);
+- end to end: ``simulate`` on a freshly read trace (stream building included) and from the Parquet
+  file (read + validate + build + replay).
+
+Times are wall clock, best of --repeat; the compiled kernels run on one core.
 """
 
 from __future__ import annotations
@@ -14,13 +23,19 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from numba import njit
+
 from moesim.policies import EvictionPolicy, policy_names
+from moesim.policies.compiled import ScorePolicy
 from moesim.simulator.replay import build_stream, mrc, replay_stream, simulate
 from moesim.traces.export import export_oracle_general
 from moesim.traces.format import read_trace
 from moesim.traces.synth import load_preset, synthesize
+
+LCS_TWIN = {"lru": "LRU", "fifo": "FIFO", "lfu-cache": "LFU", "arc": "ARC", "s3fifo": "S3FIFO", "sieve": "Sieve"}
 
 
 class UserLRU(EvictionPolicy):
@@ -40,68 +55,121 @@ class UserLRU(EvictionPolicy):
         return min(candidates, key=self.last.__getitem__)
 
 
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
+@njit
+def _aged_access(state, key, now, weight):
+    state[key, 0] = state[key, 0] * 0.5 ** ((now - state[key, 1]) / 32.0) + weight
+    state[key, 1] = now
+
+
+@njit
+def _aged_score(state, key, now):
+    return state[key, 0] * 0.5 ** ((now - state[key, 1]) / 32.0)
+
+
+USER_COMPILED = ScorePolicy("user aged-gate", _aged_score, _aged_access, n_fields=2)
+
+
+def best_of(repeat: int, fn: Callable[[], object]) -> tuple[object, float]:
+    out, best = None, float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return out, best
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=1_000_000)
-    ap.add_argument("--python-tokens", type=int, default=20_000, help="tokens for the pure-Python policies")
+    ap.add_argument("--tokens", type=int, default=300_000)
+    ap.add_argument("--python-tokens", type=int, default=20_000, help="tokens for the plain-Python policy rows")
     ap.add_argument("--cache-size", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
+    import libcachesim as lcs
+
+    rows: list[tuple[str, str, int, float, float, str]] = []  # name, method, requests, seconds, hit rate, peer
+
+    def row(name, method, requests, dt, hr, peer=""):
+        rows.append((name, method, requests, dt, hr, peer))
+
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "bench.parquet"
-        _, t_syn = timed(lambda: synthesize(load_preset("mixtral-8x7b"), args.tokens, 0, path, progress=False))
+        _, t_syn = best_of(1, lambda: synthesize(load_preset("mixtral-8x7b"), args.tokens, 0, path, progress=False))
         trace = read_trace(path)
+        L = trace.meta.num_layers
+        n_req = len(trace) * trace.meta.top_k
         small_path = Path(d) / "small.parquet"
         synthesize(load_preset("mixtral-8x7b"), args.python_tokens, 0, small_path, progress=False)
         small = read_trace(small_path)
-        n_req = len(trace) * trace.meta.top_k
         print(f"trace: {args.tokens} tokens, {n_req / 1e6:.1f}M expert requests (synthesised in {t_syn:.1f} s)")
-        stream, t_stream = timed(lambda: build_stream(trace, args.cache_size))
-        small_stream = build_stream(small, args.cache_size)
-        print(f"building the request stream (once, shared by the runs below): {t_stream:.2f} s")
-        for name in ("lru", "opt"):
-            replay_stream(small_stream, name)  # JIT warm-up (cached on disk after the first run)
-        rows = []
-        for name in policy_names():
-            fast = name in ("lru", "fifo", "lfu", "opt")
-            st = stream if fast else small_stream
-            runs = [timed(lambda st=st, name=name: replay_stream(st, name)) for _ in range(3 if fast else 1)]
-            (req, hit, method), dt = min(runs, key=lambda x: x[1])  # best of 3 for the compiled kernels
-            rows.append((name, method, int(req.sum()), dt, hit.sum() / req.sum()))
-        (req, hit, method), dt = timed(lambda: replay_stream(small_stream, UserLRU))
-        rows.append(("user-lru (plain Python)", method, int(req.sum()), dt, hit.sum() / req.sum()))
-        r, dt = timed(lambda: simulate(trace, "lru", args.cache_size))
-        rows.append(("lru end-to-end (incl. stream build)", r.method, r.requests, dt, r.hit_rate))
         og = Path(d) / "bench.oracleGeneral"
         export_oracle_general(trace, og)
-        lcs_rate = None
-        try:
-            import libcachesim as lcs
 
-            dt = min(timed(lambda: lcs.LRU(cache_size=args.cache_size * trace.meta.num_layers).process_trace(
-                lcs.TraceReader(trace=str(og), trace_type=lcs.TraceType.ORACLE_GENERAL_TRACE)))[1] for _ in range(3))
-            lcs_rate = n_req / dt
-            ours, dt2 = timed(lambda: simulate(trace, "lru", args.cache_size * trace.meta.num_layers,
-                                               scope="global", semantics="sequential"))
-            rows.append(("lru global sequential", ours.method, ours.requests, dt2, ours.hit_rate))
-            rows.append(("libCacheSim LRU (same stream)", "C", n_req, dt, float("nan")))
-        except ImportError:
-            print("libcachesim not installed: no peer row")
-        print(f"\n{'policy':32s} {'method':8s} {'requests':>11s} {'seconds':>8s} {'M req/s':>8s} {'vs libCacheSim':>14s}"
+        def lcs_run(cls: str, size: int) -> tuple[float, float]:
+            def go():
+                reader = lcs.TraceReader(trace=str(og), trace_type=lcs.TraceType.ORACLE_GENERAL_TRACE)
+                return getattr(lcs, cls)(cache_size=size).process_trace(reader)[0]
+            miss, dt = best_of(args.repeat, go)
+            return dt, 1.0 - float(miss)
+
+        # per layer, every built-in, compiled
+        stream = build_stream(trace, args.cache_size)
+        lcs_lru_dt, lcs_lru_hr = lcs_run("LRU", args.cache_size * L)
+        for name in policy_names():
+            replay_stream(stream, name)  # compile / load from the numba cache
+            (req, hit, method), dt = best_of(args.repeat, lambda name=name: replay_stream(stream, name))
+            row(f"{name} (layer, K={args.cache_size})", method, int(req.sum()), dt, hit.sum() / req.sum(),
+                "LRU")
+        replay_stream(stream, USER_COMPILED)
+        (req, hit, method), dt = best_of(args.repeat, lambda: replay_stream(stream, USER_COMPILED))
+        row("user ScorePolicy (layer)", method, int(req.sum()), dt, hit.sum() / req.sum(), "LRU")
+        small_stream = build_stream(small, args.cache_size)
+        (req, hit, method), dt = best_of(1, lambda: replay_stream(small_stream, UserLRU))
+        row("user plain-Python LRU (layer)", method, int(req.sum()), dt, hit.sum() / req.sum(), "LRU")
+        (req, hit, method), dt = best_of(1, lambda: replay_stream(small_stream, "arc", force_generic=True))
+        row("arc class path (layer)", method, int(req.sum()), dt, hit.sum() / req.sum(), "LRU")
+        row(f"libCacheSim LRU ({args.cache_size * L} slots)", "C", n_req, lcs_lru_dt, lcs_lru_hr, "LRU")
+        peers = {"LRU": n_req / lcs_lru_dt}
+
+        # one global cache, sequential: each policy next to libCacheSim's own implementation
+        for slots in (128, 256):
+            g = build_stream(trace, slots, "global", "sequential")
+            for name in ("lru", "fifo", "lfu-cache", "arc", "s3fifo", "sieve", "lfu", "opt"):
+                replay_stream(g, name)
+                (req, hit, method), dt = best_of(args.repeat, lambda name=name, g=g: replay_stream(g, name))
+                twin = LCS_TWIN.get(name)
+                peer = f"{twin}@{slots}" if twin else ""
+                row(f"{name} (global, {slots} slots)", method, int(req.sum()), dt, hit.sum() / req.sum(), peer)
+                if twin:
+                    ldt, lhr = lcs_run(twin, slots)
+                    peers[peer] = n_req / ldt
+                    row(f"libCacheSim {twin} ({slots} slots)", "C", n_req, ldt, lhr, peer)
+
+        # end to end
+        r, dt = best_of(args.repeat, lambda: simulate(_fresh(trace), "lru", args.cache_size))
+        row("lru end to end (stream build + replay)", r.method, r.requests, dt, r.hit_rate, "LRU")
+        r, dt = best_of(args.repeat, lambda: simulate(read_trace(path), "lru", args.cache_size))
+        row("lru end to end from Parquet (read+validate)", r.method, r.requests, dt, r.hit_rate, "LRU")
+
+        print(f"\n{'replay':46s} {'method':7s} {'requests':>10s} {'seconds':>8s} {'M req/s':>8s} {'vs peer':>16s}"
               f" {'hit rate':>8s}")
-        for name, method, req, dt, hr in rows:
+        for name, method, req, dt, hr, peer in rows:
             rate = req / dt
-            ratio = f"{rate / lcs_rate:.2f}x" if lcs_rate else "-"
-            print(f"{name:32s} {method:8s} {req:11d} {dt:8.2f} {rate / 1e6:8.2f} {ratio:>14s} {hr:8.4f}")
-        one = next(dt for name, _, _, dt, _ in rows if name == "lru end-to-end (incl. stream build)")
-        for name in ("lru", "opt"):
-            c, dt = timed(lambda name=name: mrc(trace, name))
-            print(f"mrc {name} over {len(c.curve)} sizes ({c.method}): {dt:.2f} s = {dt / one:.2f}x one end-to-end lru replay")
+            ratio = f"{rate / peers[peer]:.2f}x {peer}" if peer in peers else "-"
+            print(f"{name:46s} {method:7s} {req:10d} {dt:8.3f} {rate / 1e6:8.2f} {ratio:>16s} {hr:8.4f}")
+        one = next(dt for name, _, _, dt, _, _ in rows if name.startswith("lru end to end (stream"))
+        print()
+        for name in ("lru", "opt", "arc"):
+            c, dt = best_of(1, lambda name=name: mrc(trace, name))
+            print(f"mrc {name} over {len(c.curve)} sizes ({c.method}): {dt:.2f} s = {dt / one:.2f}x one end-to-end "
+                  "lru replay")
+
+
+def _fresh(trace):
+    """The same trace as a new object (the request stream is memoised per Trace object)."""
+    from moesim.traces.format import Trace
+
+    return Trace(trace.meta, trace.table, trace.path)
 
 
 if __name__ == "__main__":

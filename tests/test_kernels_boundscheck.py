@@ -20,7 +20,9 @@ SCRIPT = textwrap.dedent("""
     import numpy as np
     from moesim.policies.base import policy_names
     from moesim.simulator.cost_model import CostModel
-    from moesim.simulator.replay import simulate
+    from numba import njit
+    from moesim.policies.compiled import ScorePolicy
+    from moesim.simulator.replay import mrc, simulate
     from moesim.simulator.timing import simulate_timing
     from moesim.traces.format import DECODE, TraceMeta, TraceWriter, read_trace
 
@@ -48,6 +50,20 @@ SCRIPT = textwrap.dedent("""
     for name in policy_names():
         for scope, size in (("layer", 3), ("global", 12)):
             simulate(trace, name, size, scope=scope)
+    simulate(trace, "lru", 20, scope="global", semantics="sequential")  # the linked-list layouts
+    simulate(trace, "fifo", 20, scope="global")
+    for name in ("lfu", "opt", "lrfu", "lfu-decay", "gate-weighted"):  # one-pass stack mrc
+        mrc(trace, name, [2, 4, 8])
+
+    @njit
+    def access(state, key, now, weight):
+        state[key, 0] += weight
+
+    @njit
+    def score(state, key, now):
+        return state[key, 0]
+
+    simulate(trace, ScorePolicy("user", score, access), 3)
     print("ok")
 """)
 

@@ -60,3 +60,4 @@ def test_notebook_executes(path, kernel_here):
     else:  # the comparison plot, shown once; the limiting-case check ran
         assert len(images) == 1
         assert "window-lfu with an unbounded window == lfu at every size" in text
+        assert "compiled aged-lfu == plain-class aged-lfu at every size" in text

@@ -166,3 +166,16 @@ def test_real_trace_table_k2_to_8(real_trace, capsys):
         assert rows["opt"][k] >= max(rows[p][k] for p in ("lru", "lfu", "fifo"))
     assert rows["lru"][2] == pytest.approx(0.6242, abs=5e-4) and rows["opt"][2] == pytest.approx(0.7514, abs=5e-4)
     assert len({rows[p][0] for p in rows}) == 1  # K = top-k: every policy holds exactly the current set
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_request_rows_equals_request_one_set_at_a_time(name):
+    # the replay's batched loop is the same mechanism as request(): same misses, residents, evictions
+    rng = np.random.default_rng(2)
+    sets = np.array([rng.choice(9, 3, replace=False) for _ in range(300)])
+    nxt = next_use_times(np.zeros(len(sets), np.int16), sets, 9).tolist()
+    weights = rng.dirichlet(np.ones(3), size=len(sets)).tolist()
+    one, many = ExpertCache(4, make_policy(name)), ExpertCache(4, make_policy(name))
+    hits = [3 - len(one.request(row, t, weights[t], nxt[t])) for t, row in enumerate(sets.tolist())]
+    assert many.request_rows(sets.tolist(), list(range(len(sets))), weights, nxt) == hits
+    assert (many.resident, many.evictions) == (one.resident, one.evictions)

@@ -133,3 +133,22 @@ def test_validation_errors_name_the_problem(tmp_path):
         w.write(0, [0], DECODE, [0], [[1, 1]], [[0.5, 0.5]])
     with pytest.raises(DataError, match="twice"):
         read_trace(p3)
+
+
+def test_order_and_duplicate_checks_without_64bit_keys(tmp_path):
+    # rows out of execution order are fine unless two share (seq, token, layer), adjacent or not
+    ok, dup = tmp_path / "ok.parquet", tmp_path / "dup.parquet"
+    with TraceWriter(ok, _meta()) as w:
+        w.write([1, 0, 0], [0, 1, 0], DECODE, [0, 0, 0], [[0, 1]] * 3, [[0.5, 0.5]] * 3)
+    t = read_trace(ok)
+    assert not t.is_execution_ordered() and t.execution_order().is_execution_ordered()
+    assert list(t.execution_order().token) == [0, 1, 0]
+    with TraceWriter(dup, _meta()) as w:
+        w.write([0, 1, 0], [2, 0, 2], DECODE, [1, 0, 1], [[0, 1]] * 3, [[0.5, 0.5]] * 3)
+    with pytest.raises(DataError, match="duplicate"):
+        read_trace(dup)
+    three = tmp_path / "three.parquet"
+    with TraceWriter(three, _meta(top_k=3)) as w:
+        w.write(0, [0, 1], DECODE, [0, 0], [[0, 1, 2], [5, 3, 5]], [[0.3, 0.3, 0.4]] * 2)
+    with pytest.raises(DataError, match="row 1 lists expert 5 twice"):
+        read_trace(three)

@@ -1,10 +1,12 @@
 """Hit-rate replay of a trace against an eviction policy (docs/semantics.md).
 
 Two paths, one semantics:
-- the **fast path**: compiled kernels (``moesim.simulator.kernels``) for lru, fifo, lfu and opt;
+- the **compiled path**: every built-in policy (``moesim.simulator.policy_kernels``) and a user's
+  :class:`~moesim.policies.compiled.ScorePolicy` (``moesim.simulator.user_kernels``), chosen
+  automatically;
 - the **generic path**: the one cache mechanism :class:`~moesim.policies.base.ExpertCache` driven
-  with any policy object, built-in or user-written. It is also the oracle the fast path is tested
-  against.
+  with any policy object, built-in or user-written. It is also the oracle the compiled path is tested
+  against (``force_generic=True``).
 
 Scopes: ``layer`` (one cache of K slots per MoE layer, the default), ``global`` (one cache of K slots
 shared by all layers, keys ``layer * E + expert``), or per-layer budgets (``cache_size`` a list, one
@@ -14,9 +16,10 @@ requested at once) or ``sequential`` (one expert at a time, as a generic cache s
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,13 +28,15 @@ from tqdm import tqdm
 
 from moesim.errors import UsageError
 from moesim.policies.base import NEVER, EvictionPolicy, ExpertCache, policy_class
+from moesim.policies.compiled import ScorePolicy
 from moesim.policies.params import ParamError, check_params
-from moesim.simulator import kernels
+from moesim.simulator import kernels, policy_kernels, user_kernels
 from moesim.traces.format import Trace
 
 SCOPES = ("layer", "global")
+_NO_WEIGHTS = np.zeros((1, 1), np.float32)  # for kernels of policies that never read routing weights
 SEMANTICS = ("atomic", "sequential")
-PolicySpec = str | Callable[[], EvictionPolicy]
+PolicySpec = str | Callable[[], EvictionPolicy] | ScorePolicy
 
 
 class HitCounts:
@@ -83,10 +88,15 @@ class RequestStream:
     keys: np.ndarray     # (n, w) int64
     clock: np.ndarray    # (n,) int64: the token ordinal (policies' ``now``: ages are in tokens)
     group: np.ndarray    # (n,) int64: the MoE layer, for per-layer statistics
-    weights: np.ndarray  # (n, w) float32
-    sizes: np.ndarray    # (n_caches,) int64
-    n_keys: int
-    n_groups: int
+    weights_of: Callable[[], np.ndarray] = field(repr=False)  # (n, w) float32, built on first use
+    sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (n_caches,) int64
+    n_keys: int = 0
+    n_groups: int = 0
+
+    @property
+    def weights(self) -> np.ndarray:
+        """Routing weights, decoded from float16 only when a policy reads them (most do not)."""
+        return self.weights_of()
 
     @property
     def n_caches(self) -> int:
@@ -121,26 +131,40 @@ def build_stream(trace: Trace, cache_size: int | Sequence[int], scope: str = "la
     if semantics not in SEMANTICS:
         raise UsageError(f"unknown semantics {semantics!r} (known: {', '.join(SEMANTICS)})")
     sizes = resolve_sizes(trace, cache_size, scope)
-    trace = trace.execution_order()
-    meta = trace.meta
-    layer = trace.layer.astype(np.int64)
-    experts = trace.experts.astype(np.int64)
-    weights = trace.weights
-    if scope == "layer":
-        cache, keys, n_keys = layer, experts, meta.num_experts
-    else:
-        cache = np.zeros_like(layer)
-        keys = layer[:, None] * meta.num_experts + experts
-        n_keys = meta.num_layers * meta.num_experts
-    group = layer
-    pair = np.stack([trace.seq, trace.token], 1)
-    clock = np.cumsum(np.r_[False, (pair[1:] != pair[:-1]).any(1)]).astype(np.int64)
+    cache, keys, clock, group, weights_of, n_keys = _stream_arrays(trace, scope, semantics)
+    return RequestStream(cache, keys, clock, group, weights_of, sizes, n_keys, trace.meta.num_layers)
+
+
+def _stream_arrays(trace: Trace, scope: str, semantics: str) -> tuple:
+    """The size-independent part of a request stream, built once per (trace, scope, semantics) and kept
+    on the trace object: a sweep or an mrc over sizes and policies reads the columns once."""
+    memo = trace.__dict__.setdefault("_request_streams", {})
+    # keyed by what the arrays depend on, so a trace whose table or geometry is replaced is rebuilt
+    key = (scope, semantics, id(trace.table), trace.meta.num_layers, trace.meta.num_experts)
+    if key in memo:
+        return memo[key]
+    ordered = trace.execution_order()
+    meta = ordered.meta
+    n_keys = meta.num_experts if scope == "layer" else meta.num_layers * meta.num_experts
+    # one compiled pass over the narrow Arrow columns (numpy's astype + cumsum passes cost more than
+    # the replay itself on large traces)
+    cache, keys, clock, group = kernels.stream_kernel(ordered.seq, ordered.token, ordered.layer, ordered.experts,
+                                                      meta.num_experts, scope == "global")
+    width = keys.shape[1]
+    decoded: list[np.ndarray] = []
+
+    def weights_of() -> np.ndarray:
+        if not decoded:
+            w = ordered.weights
+            decoded.append(np.ascontiguousarray(w.reshape(-1, 1) if semantics == "sequential" else w))
+        return decoded[0]
+
     if semantics == "sequential":
-        w = keys.shape[1]
-        cache, group, clock = np.repeat(cache, w), np.repeat(group, w), np.repeat(clock, w)
-        keys, weights = keys.reshape(-1, 1), weights.reshape(-1, 1)
-    return RequestStream(np.ascontiguousarray(cache), np.ascontiguousarray(keys), clock, np.ascontiguousarray(group),
-                         np.ascontiguousarray(weights), sizes, n_keys, meta.num_layers)
+        cache, group, clock = np.repeat(cache, width), np.repeat(group, width), np.repeat(clock, width)
+        keys = keys.reshape(-1, 1)
+    out = (cache, np.ascontiguousarray(keys), clock, group, weights_of, n_keys)
+    memo[key] = out
+    return out
 
 
 def _policy_name(policy: PolicySpec) -> str:
@@ -166,53 +190,83 @@ def _factory(policy: PolicySpec, params: dict[str, Any] | None) -> Callable[[], 
     return lambda: cls(**checked)
 
 
-def _fast_code(policy: PolicySpec, params: dict[str, Any] | None) -> int | None:
-    if isinstance(policy, str) and not params:
-        return kernels.POLICY_CODES.get(policy)
-    return None
+def _compiled(policy: PolicySpec, params: dict[str, Any] | None) -> tuple[int, np.ndarray, np.ndarray] | None:
+    """(policy code, float parameters, rng state) of a built-in policy named by string, else None.
+    The parameters are read off a configured instance, so the class stays their one definition."""
+    if not isinstance(policy, str) or policy not in policy_kernels.CODES:
+        return None
+    fp, mt = policy_kernels.params_of(policy, _factory(policy, params)())
+    return policy_kernels.CODES[policy], fp, mt
 
 
 def run_generic(stream: RequestStream, make: Callable[[], EvictionPolicy]) -> tuple[np.ndarray, np.ndarray]:
-    """The generic path: ExpertCache + policy objects. Returns (requests, hits) per layer."""
+    """The generic path: ExpertCache + policy objects. Returns (requests, hits) per layer.
+
+    Caches are independent, so each cache replays its own rows in one call
+    (:meth:`ExpertCache.request_rows`), in trace order."""
     caches = [ExpertCache(int(s), make()) if s > 0 else None for s in stream.sizes]
     needs_future = any(c is not None and c.policy.needs_future for c in caches)
-    nxt = stream.next_use().tolist() if needs_future else None
-    keys = stream.keys.tolist()
-    weights = stream.weights.tolist()
+    nxt = stream.next_use() if needs_future else None
     req = np.zeros(stream.n_groups, np.int64)
     hit = np.zeros(stream.n_groups, np.int64)
-    width = stream.keys.shape[1]
-    np.add.at(req, stream.group, width)
-    hits_by_row = [0] * len(keys)
-    clock = stream.clock.tolist()
-    cache_of = stream.cache.tolist()
-    # a progress bar for long Python replays (tqdm hides itself when stderr is not a terminal)
+    np.add.at(req, stream.group, stream.keys.shape[1])
+    order = np.argsort(stream.cache, kind="stable")
+    bounds = np.searchsorted(stream.cache[order], np.arange(stream.n_caches + 1))
     chunk = 1 << 16
-    with tqdm(total=len(keys), unit="row", desc="replay", disable=len(keys) < 4 * chunk or None,
+    # The loop allocates a few small lists per row and keeps long lists of rows alive: the cyclic GC
+    # would rescan them again and again (measured: a third of the time). Nothing here makes cycles.
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        return _run_caches(stream, caches, nxt, order, bounds, chunk, req, hit)
+    finally:
+        if gc_was_on:
+            gc.enable()
+
+
+def _run_caches(stream: RequestStream, caches: list[ExpertCache | None], nxt: np.ndarray | None, order: np.ndarray,
+                bounds: np.ndarray, chunk: int, req: np.ndarray, hit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    hits_by_row = np.zeros(len(stream.cache), np.int64)
+    # a progress bar for long Python replays (tqdm hides itself when stderr is not a terminal)
+    with tqdm(total=len(order), unit="row", desc="replay", disable=len(order) < 4 * chunk or None,
               leave=False) as bar:
-        for lo in range(0, len(keys), chunk):
-            for r in range(lo, min(lo + chunk, len(keys))):
-                cache = caches[cache_of[r]]
-                if cache is None:
-                    continue
-                missing = cache.request(keys[r], clock[r], weights[r], None if nxt is None else nxt[r])
-                hits_by_row[r] = width - len(missing)
-            bar.update(min(chunk, len(keys) - lo))
-    np.add.at(hit, stream.group, np.asarray(hits_by_row, dtype=np.int64))
+        for c, cache in enumerate(caches):
+            rows = order[bounds[c]:bounds[c + 1]]
+            if cache is None:
+                bar.update(len(rows))
+                continue
+            weighted = type(cache.policy).on_access is not EvictionPolicy.on_access
+            for lo in range(0, len(rows), chunk):
+                part = rows[lo:lo + chunk]
+                hits_by_row[part] = cache.request_rows(
+                    stream.keys[part].tolist(), stream.clock[part].tolist(),
+                    stream.weights[part].tolist() if weighted else None,
+                    None if nxt is None else nxt[part].tolist())
+                bar.update(len(part))
+    np.add.at(hit, stream.group, hits_by_row)
     return req, hit
 
 
 def replay_stream(stream: RequestStream, policy: PolicySpec, params: dict[str, Any] | None = None, *,
                   force_generic: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
     """Replay a prebuilt request stream; returns (requests, hits) per layer and the method used."""
+    if isinstance(policy, ScorePolicy) and params:
+        raise UsageError(f"ScorePolicy {policy.name!r} takes no params (its njit functions read module constants)")
+    if isinstance(policy, ScorePolicy) and not force_generic:
+        req, hit = user_kernels.replay_scored(
+            policy.on_access, policy.on_insert, policy.on_evict, policy.score, policy.n_fields, stream.cache,
+            stream.keys, stream.clock, stream.weights, stream.group, stream.sizes, stream.n_keys, stream.n_groups)
+        return req, hit, "numba"
     make = _factory(policy, params)
-    code = None if force_generic else _fast_code(policy, params)
-    if code is None:
+    compiled = None if force_generic else _compiled(policy, params)
+    if compiled is None:
         req, hit = run_generic(stream, make)
         return req, hit, "python"
-    nxt = stream.next_use() if code == kernels.OPT else np.zeros((1, 1), np.int64)
-    req, hit = kernels.replay_kernel(code, stream.cache, stream.keys, stream.group, stream.sizes,
-                                     stream.n_keys, stream.n_groups, nxt)
+    code, fp, mt = compiled
+    nxt = stream.next_use() if code == policy_kernels.OPT else np.zeros((1, 1), np.int64)
+    weights = stream.weights if code == policy_kernels.GATE_WEIGHTED else _NO_WEIGHTS
+    req, hit = policy_kernels.replay_builtin(policy_kernels.kernel_spec(code, stream.sizes), stream.cache, stream.keys, stream.clock, weights,
+                                             stream.group, stream.sizes, stream.n_keys, stream.n_groups, nxt, fp, mt)
     return req, hit, "numba"
 
 
@@ -251,33 +305,57 @@ def mrc(trace: Trace, policy: PolicySpec, sizes: Sequence[int] | None = None, *,
         workers: int | None = None) -> MRCResult:
     """Hit rate for every cache size (default: top-k .. experts per layer, or .. all keys if global).
 
-    LRU uses one pass over the trace (stack depths; inclusion holds under the atomic semantics).
-    The other compiled policies run every size inside one compiled call; the rest run one process
-    per size.
+    LRU, lfu, opt, lrfu, lfu-decay and gate-weighted use one pass over the trace (stack depths: they
+    have the inclusion property, tests/test_inclusion.py). The other built-ins run one compiled replay per size, in parallel threads (``workers``; 1 = all
+    sizes inside one compiled call); other policies run one process per size.
     """
     meta = trace.meta
     n_keys = meta.num_experts if scope == "layer" else meta.num_experts * meta.num_layers
     if sizes is None:
-        lo = meta.top_k if semantics == "atomic" else 1
-        sizes = list(range(lo, n_keys + 1))
+        sizes = list(range(meta.top_k, n_keys + 1))  # smaller caches are a usage error in every semantics
     sizes = [int(s) for s in sizes]
     for s in sizes:
         resolve_sizes(trace, s, scope)
     _factory(policy, params)  # validates name and parameters
     stream = build_stream(trace, sizes[0], scope, semantics)
     requests = int(stream.keys.size)
-    code = _fast_code(policy, params)
-    if code == kernels.LRU:
+    compiled = _compiled(policy, params)
+    width = stream.keys.shape[1]
+    if compiled is not None and compiled[0] == policy_kernels.LRU:
         hist = kernels.lru_stack_depths(stream.cache, stream.keys, stream.n_keys, stream.n_caches)
         cum = np.cumsum(hist)
         hits = [int(cum[s - 1]) if s >= 1 else 0 for s in sizes]
         method = "one-pass stack distance"
-    elif code is not None:
-        nxt = stream.next_use() if code == kernels.OPT else np.zeros((1, 1), np.int64)
-        hits = kernels.replay_sizes_kernel(code, stream.cache, stream.keys, stream.group,
-                                           np.asarray(sizes, np.int64), stream.n_caches, stream.n_keys,
-                                           stream.n_groups, nxt).tolist()
-        method = "per-size runs (compiled)"
+    elif compiled is not None and compiled[0] in policy_kernels.STACK_CODES and min(sizes) >= width:
+        code, fp, _ = compiled
+        nxt = stream.next_use() if code == policy_kernels.OPT else np.zeros((1, 1), np.int64)
+        weights = stream.weights if code == policy_kernels.GATE_WEIGHTED else _NO_WEIGHTS
+        hist = policy_kernels.stack_depths((0,) * code, stream.cache, stream.keys, stream.clock, weights,
+                                           stream.n_caches, stream.n_keys, nxt, fp)
+        cum = np.cumsum(hist)
+        hits = [int(cum[s - 1]) for s in sizes]
+        method = "one-pass stack (priority)"
+    elif compiled is not None:
+        code, fp, mt = compiled
+        nxt = stream.next_use() if code == policy_kernels.OPT else np.zeros((1, 1), np.int64)
+        spec = policy_kernels.kernel_spec(code, np.asarray([max(sizes)]))
+        weights = stream.weights if code == policy_kernels.GATE_WEIGHTED else _NO_WEIGHTS
+        args = (stream.cache, stream.keys, stream.clock, weights, stream.group)
+        n_workers = workers or min(len(sizes), os.cpu_count() or 1)
+        if n_workers > 1:  # the kernels release the GIL: one thread per size, no pickling
+
+            def one(k: int) -> int:
+                sized = np.full(stream.n_caches, k, np.int64)
+                return int(policy_kernels.replay_builtin(spec, *args, sized, stream.n_keys, stream.n_groups, nxt,
+                                                         fp, mt)[1].sum())
+
+            with ThreadPoolExecutor(n_workers) as pool:
+                hits = list(pool.map(one, sizes))
+            method = f"per-size runs (compiled, {n_workers} threads)"
+        else:
+            hits = policy_kernels.replay_builtin_sizes(spec, *args, np.asarray(sizes, np.int64), stream.n_caches,
+                                                       stream.n_keys, stream.n_groups, nxt, fp, mt).tolist()
+            method = "per-size runs (compiled)"
     else:
         jobs = [(trace, policy, s, scope, semantics, params) for s in sizes]
         n_workers = workers or min(len(sizes), os.cpu_count() or 1)

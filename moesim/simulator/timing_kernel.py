@@ -19,8 +19,8 @@ PREFETCH_CODES = {"none": PF_NONE, "previous-token": PF_PREVIOUS, "transition": 
                   "oracle": PF_ORACLE, "speculative": PF_SPECULATIVE}
 
 
-# Not shared with kernels.replay_kernel on purpose: there the scan is inlined, and routing both through
-# this function cost the replay ~20% (measured: lru 49 -> 39M requests/s).
+# Not shared with policy_kernels.replay_builtin on purpose: the replay specialises per policy and uses
+# linked lists for large caches; routing an earlier replay through this function cost it ~20%.
 @njit(cache=True, nogil=True)
 def _victim(policy, layer, size, slots, protect_mask, last, count, inserted, next_use):
     best = -1

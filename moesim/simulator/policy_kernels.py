@@ -1,0 +1,563 @@
+"""Compiled replay for every built-in policy: one mechanism, per-policy ordering state.
+
+The mechanism is the one of :class:`moesim.policies.base.ExpertCache` (CONTRACTS.md section 2), run
+over array state: per row, count hits, *access* every key in router order, then for each missing key
+*evict until room* (the policy's victim, never a key of the row) and *insert*. Each policy keeps only
+its own ordering state, in arrays indexed by node ``u = cache * n_keys + key``, and implements the
+class in ``moesim.policies.eviction`` step for step (tests/test_compiled_policies.py checks every
+policy, scope and semantics against the classes, hits per layer).
+
+Structures, chosen so that a request costs O(1) where the policy allows it:
+
+- list policies keep doubly linked lists in arrays (``prv``/``nxt`` per node, ``head``/``tail``/
+  ``length`` per (cache, list)): lru (recency order), fifo (insertion order), sieve (queue + hand),
+  arc (T1, T2, B1, B2), s3fifo (small, main, ghost). A victim is found from the list head, skipping
+  at most the row's own keys, so a global cache of 256 slots is never scanned;
+- score policies (lfu, lfu-cache, lfu-decay, lrfu, gate-weighted, opt) keep per-key values and pick
+  the lowest score, ties to the least recently requested, by a scan of the resident slots (caches
+  are 2..8 slots per layer; the priority changes with time for the decaying ones);
+- hobbit ranks the candidates (needs them all), random draws from them with CPython's own
+  Mersenne Twister (same seed, same victims as ``random.Random(seed).choice``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+LRU, FIFO, LFU, OPT, LFU_CACHE, LFU_DECAY, GATE_WEIGHTED, LRFU, SIEVE, ARC, S3FIFO, HOBBIT, RANDOM = range(13)
+# lru and fifo on small caches: a stamp per key and a scan of the slots beats moving list nodes on every
+# request (measured: per-layer caches of 4 slots, lru 63 vs 16M requests/s)
+LRU_SCAN, FIFO_SCAN = 13, 14
+# stack policies (priority independent of the cache size): every size in one pass, see stack_depths
+STACK_CODES = (LFU, OPT, LRFU, LFU_DECAY, GATE_WEIGHTED)
+SCAN_MAX_SLOTS = 16
+CODES = {"lru": LRU, "fifo": FIFO, "lfu": LFU, "opt": OPT, "lfu-cache": LFU_CACHE, "lfu-decay": LFU_DECAY,
+         "gate-weighted": GATE_WEIGHTED, "lrfu": LRFU, "sieve": SIEVE, "arc": ARC, "s3fifo": S3FIFO,
+         "hobbit": HOBBIT, "random": RANDOM}
+
+
+def kernel_spec(code: int, sizes: np.ndarray) -> tuple[int, ...]:
+    """The first argument of :func:`replay_builtin`: a tuple whose *length* is the policy code, so that
+    numba compiles (and caches) one specialisation per policy with the other policies' branches gone."""
+    if code in (LRU, FIFO) and int(sizes.max(initial=0)) <= SCAN_MAX_SLOTS:
+        code = LRU_SCAN if code == LRU else FIFO_SCAN
+    return (0,) * code
+
+# list ids (per cache)
+T1, T2, B1, B2 = 0, 1, 2, 3          # arc
+SMALL, MAIN, GHOST = 0, 1, 2         # s3fifo
+# Per-node state is packed in one int64 array N[row, node] and per-cache state in H[cache, col]: a
+# helper call costs per array argument (measured: list ops taking 6 arrays ran at 1/4 the speed of the
+# same ops on 2), so the helpers below take N and H rather than one array per field.
+PRV, NXT, TAG, RES, LAST, IVAL, STAMP, NUSE, PEND, SLOT = range(10)
+HEAD, TAIL, LEN = 0, 4, 8            # + list id
+OCC, HAND, DEST, SMALL_SZ, MAIN_SZ, GHOST_SZ, ON_GHOST, EVICTED = range(12, 20)
+# float parameters (fp): index meaning depends on the policy
+P_RATE = 0       # lfu-decay, gate-weighted: decay rate per token; lrfu: lambda; hobbit: w_recency
+P_SMALL, P_GHOST, P_MOVE = 0, 1, 2  # s3fifo ratios and move-to-main threshold
+MT_N, MT_M = 624, 397
+
+
+def params_of(name: str, policy: object) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel's parameters read from a configured policy object (the class validates them):
+    (float parameters, CPython Mersenne Twister state for ``random``)."""
+    fp = np.zeros(4, np.float64)
+    mt = np.zeros(MT_N + 1, np.int64)
+    if name in ("lfu-decay", "gate-weighted"):
+        fp[P_RATE] = policy.rate  # type: ignore[attr-defined]
+    elif name == "lrfu":
+        fp[P_RATE] = policy.lam  # type: ignore[attr-defined]
+    elif name == "hobbit":
+        fp[P_RATE] = policy.w  # type: ignore[attr-defined]
+    elif name == "s3fifo":
+        fp[P_SMALL], fp[P_GHOST], fp[P_MOVE] = policy.small_ratio, policy.ghost_ratio, policy.threshold  # type: ignore[attr-defined]
+    elif name == "random":
+        mt[:] = policy.rng.getstate()[1]  # type: ignore[attr-defined]
+    return fp, mt
+
+
+# ---- linked lists in arrays ----------------------------------------------------------------------
+
+@njit(cache=True, nogil=True)
+def _append(u, c, lst, N, H):
+    t = H[c, TAIL + lst]
+    N[PRV, u] = t
+    N[NXT, u] = -1
+    if t >= 0:
+        N[NXT, t] = u
+    else:
+        H[c, HEAD + lst] = u
+    H[c, TAIL + lst] = u
+    N[TAG, u] = lst + 1
+    H[c, LEN + lst] += 1
+
+
+@njit(cache=True, nogil=True)
+def _unlink(u, c, N, H):
+    lst = N[TAG, u] - 1
+    p = N[PRV, u]
+    q = N[NXT, u]
+    if p >= 0:
+        N[NXT, p] = q
+    else:
+        H[c, HEAD + lst] = q
+    if q >= 0:
+        N[PRV, q] = p
+    else:
+        H[c, TAIL + lst] = p
+    N[TAG, u] = 0
+    H[c, LEN + lst] -= 1
+
+
+@njit(cache=True, nogil=True)
+def _first_allowed(u, t0, N):
+    """The first node from ``u`` on (towards the tail) that is not a key of the current row, or -1.
+    A node is in the current row iff it was requested after the row began (``LAST > t0``): every key
+    of the row is accessed before any victim is chosen, and only they carry those ticks."""
+    while u >= 0 and N[LAST, u] > t0:
+        u = N[NXT, u]
+    return u
+
+
+# ---- CPython's Mersenne Twister (random.Random.getrandbits / _randbelow) -------------------------
+
+@njit(cache=True, nogil=True)
+def _genrand(mt, mti, c):
+    if mti[c] >= MT_N:
+        for kk in range(MT_N):
+            y = (mt[c, kk] & 0x80000000) | (mt[c, (kk + 1) % MT_N] & 0x7FFFFFFF)
+            v = mt[c, (kk + MT_M) % MT_N] ^ (y >> 1)
+            if y & 1:
+                v ^= 0x9908B0DF
+            mt[c, kk] = v
+        mti[c] = 0
+    y = mt[c, mti[c]]
+    mti[c] += 1
+    y ^= y >> 11
+    y ^= (y << 7) & 0x9D2C5680
+    y ^= (y << 15) & 0xEFC60000
+    y ^= y >> 18
+    return y & 0xFFFFFFFF
+
+
+@njit(cache=True, nogil=True)
+def _randbelow(mt, mti, c, n):
+    k = 0
+    while (n >> k) > 0:
+        k += 1
+    r = _genrand(mt, mti, c) >> (32 - k)
+    while r >= n:
+        r = _genrand(mt, mti, c) >> (32 - k)
+    return r
+
+
+# ---- per-policy victims --------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True)
+def _score(code, u, now, fp, N, fval):
+    """Eviction score of a resident node for the score policies (lowest goes first)."""
+    if code == LFU or code == LFU_CACHE:
+        return float(N[IVAL, u])
+    if code == OPT:
+        return -float(N[NUSE, u])
+    if code == LRU_SCAN:
+        return float(N[LAST, u])
+    if code == FIFO_SCAN:
+        return float(N[STAMP, u])
+    if code == LRFU:
+        return fval[u] * 0.5 ** (fp[P_RATE] * float(now - N[STAMP, u]))
+    return fval[u] * math.exp((-fp[P_RATE]) * float(now - N[STAMP, u]))  # lfu-decay, gate-weighted
+
+
+@njit(cache=True, nogil=True)
+def _scan_victim(code, c, t0, now, fp, N, H, fval, slots):
+    """Lowest score among the resident slots outside the row, ties to the least recently requested."""
+    v = -1
+    b_s = 0.0
+    for i in range(H[c, OCC]):
+        x = slots[c, i]
+        if N[LAST, x] > t0:
+            continue
+        s = _score(code, x, now, fp, N, fval)
+        if v < 0 or s < b_s or (s == b_s and N[LAST, x] < N[LAST, v]):
+            v = x
+            b_s = s
+    return v
+
+
+@njit(cache=True, nogil=True)
+def _hobbit_victim(c, t0, w, N, H, slots):
+    """Lowest w * rank(recency) + (1 - w) * rank(frequency) among the candidates, ties to the LRU."""
+    best = -1
+    b_s = 0.0
+    occ = H[c, OCC]
+    for i in range(occ):
+        u = slots[c, i]
+        if N[LAST, u] > t0:
+            continue
+        rec = 0
+        cnt = 0
+        for i2 in range(occ):
+            v = slots[c, i2]
+            if v == u or N[LAST, v] > t0:
+                continue
+            if N[LAST, v] < N[LAST, u]:
+                rec += 1
+            if N[IVAL, v] < N[IVAL, u] or (N[IVAL, v] == N[IVAL, u] and N[LAST, v] < N[LAST, u]):
+                cnt += 1
+        s = w * rec + (1 - w) * cnt
+        if best < 0 or s < b_s or (s == b_s and N[LAST, u] < N[LAST, best]):
+            best = u
+            b_s = s
+    return best
+
+
+@njit(cache=True, nogil=True)
+def _random_victim(c, t0, N, H, slots, buf, mt, mti):
+    """``random.Random.choice(sorted(candidates))``."""
+    m = 0
+    for i in range(H[c, OCC]):
+        x = slots[c, i]
+        if not N[LAST, x] > t0:
+            t = m  # insertion sort: a handful of candidates
+            while t > 0 and buf[t - 1] > x:
+                buf[t] = buf[t - 1]
+                t -= 1
+            buf[t] = x
+            m += 1
+    return buf[_randbelow(mt, mti, c, m)]
+
+
+@njit(cache=True, nogil=True)
+def _sieve_victim(c, t0, N, H):
+    v = H[c, HAND] if H[c, HAND] >= 0 else H[c, HEAD]
+    while True:
+        if not N[LAST, v] > t0:
+            if N[IVAL, v] == 0:
+                return v
+            N[IVAL, v] = 0
+        v = N[NXT, v] if N[NXT, v] >= 0 else H[c, HEAD]
+
+
+@njit(cache=True, nogil=True)
+def _arc_replace(c, t0, ghost_hit, p, N, H):
+    u1 = _first_allowed(H[c, HEAD + T1], t0, N)
+    u2 = _first_allowed(H[c, HEAD + T2], t0, N)
+    if u1 >= 0 and (H[c, LEN + T1] > p or (H[c, LEN + T1] == p and ghost_hit == 2) or u2 < 0):
+        H[c, DEST] = B1 + 1
+        return u1
+    H[c, DEST] = B2 + 1
+    return u2
+
+
+@njit(cache=True, nogil=True)
+def _arc_victim(c, t0, u_in, size, p, N, H):
+    ghost_hit = N[PEND, u_in]
+    if ghost_hit:
+        return _arc_replace(c, t0, ghost_hit, p, N, H)
+    if H[c, LEN + T1] + H[c, LEN + B1] + 1 > size:
+        if H[c, LEN + B1] > 0:
+            _unlink(H[c, HEAD + B1], c, N, H)
+            return _arc_replace(c, t0, 0, p, N, H)
+        oldest = _first_allowed(H[c, HEAD + T1], t0, N)
+        if oldest < 0:
+            return _arc_replace(c, t0, 0, p, N, H)
+        H[c, DEST] = 0
+        return oldest
+    total = H[c, LEN + T1] + H[c, LEN + B1] + H[c, LEN + T2] + H[c, LEN + B2]
+    if total >= 2 * size and H[c, LEN + B2] > 0:
+        _unlink(H[c, HEAD + B2], c, N, H)
+    return _arc_replace(c, t0, 0, p, N, H)
+
+
+@njit(cache=True, nogil=True)
+def _s3fifo_victim(c, t0, threshold, N, H):
+    while True:
+        small = _first_allowed(H[c, HEAD + SMALL], t0, N)
+        if H[c, LEN + MAIN] > H[c, MAIN_SZ] or small < 0:
+            u = H[c, HEAD + MAIN]
+            end = H[c, TAIL + MAIN]
+            while u >= 0:  # one pass over the main queue as it was (re-inserted keys are not revisited)
+                q = N[NXT, u]
+                if not N[LAST, u] > t0:
+                    if N[IVAL, u] == 0:
+                        H[c, DEST] = 0
+                        return u
+                    _unlink(u, c, N, H)
+                    _append(u, c, MAIN, N, H)
+                    N[IVAL, u] = min(N[IVAL, u], 3) - 1
+                if u == end:
+                    break
+                u = q
+            continue
+        u = small
+        end = H[c, TAIL + SMALL]
+        while u >= 0:
+            q = N[NXT, u]
+            if not N[LAST, u] > t0:
+                if N[IVAL, u] >= threshold:
+                    _unlink(u, c, N, H)
+                    _append(u, c, MAIN, N, H)
+                    N[IVAL, u] = 0
+                else:
+                    H[c, DEST] = GHOST + 1 if H[c, GHOST_SZ] > 0 else 0
+                    return u
+            if u == end:
+                break
+            u = q
+
+
+# ---- the mechanism -------------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True)
+def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_groups, nxt_use, fp, mt0):
+    """Replay rows (atomic per row; sequential = rows of width 1) under the built-in policy whose code
+    is ``len(spec)`` (see :func:`kernel_spec`). Returns (requests, hits) per group."""
+    code = len(spec)  # a compile-time constant: each policy gets its own specialisation, dead branches gone
+    n, w = keys.shape
+    n_caches = sizes.shape[0]
+    n_nodes = n_caches * n_keys
+    req = np.zeros(n_groups, np.int64)
+    hit = np.zeros(n_groups, np.int64)
+    N = np.zeros((10, n_nodes), np.int64)
+    N[PRV, :] = -1
+    N[NXT, :] = -1
+    N[SLOT, :] = -1
+    H = np.zeros((n_caches, 20), np.int64)
+    H[:, HEAD:LEN] = -1
+    H[:, HAND] = -1
+    fval = np.zeros(n_nodes, np.float64)   # lfu-decay, gate-weighted: score; lrfu: CRF
+    arc_p = np.zeros(n_caches, np.float64)  # arc's target size of T1
+    for c in range(n_caches):
+        H[c, SMALL_SZ] = max(1, int(sizes[c] * fp[P_SMALL]))
+        H[c, MAIN_SZ] = sizes[c] - H[c, SMALL_SZ]
+        H[c, GHOST_SZ] = int(sizes[c] * fp[P_GHOST])
+    threshold = int(fp[P_MOVE])
+    scanned = code == LFU or code == OPT or code == LFU_CACHE or code == LFU_DECAY or code == GATE_WEIGHTED \
+        or code == LRFU or code == HOBBIT or code == RANDOM or code == LRU_SCAN or code == FIFO_SCAN
+    kmax = max(1, sizes.max())
+    slots = np.full((n_caches, kmax), -1, np.int64)
+    mt = np.zeros((n_caches if code == RANDOM else 1, MT_N), np.int64)
+    mti = np.zeros(n_caches, np.int64)
+    if code == RANDOM:
+        for c in range(n_caches):
+            mt[c, :] = mt0[:MT_N]
+            mti[c] = mt0[MT_N]
+    buf = np.empty(kmax, np.int64)
+    tick = 0
+    for r in range(n):
+        c = cache[r]
+        g = group[r]
+        req[g] += w
+        size = sizes[c]
+        if size == 0:
+            continue
+        base = c * n_keys
+        now = clock[r]
+        # look up + access, router order
+        t0 = tick  # the row's keys are exactly the nodes with LAST > t0 from here on
+        for j in range(w):
+            u = base + keys[r, j]
+            if N[RES, u]:
+                hit[g] += 1
+            tick += 1
+            N[LAST, u] = tick
+            if code == LFU or code == LFU_CACHE or code == HOBBIT:
+                N[IVAL, u] += 1
+            elif code == OPT:
+                N[NUSE, u] = nxt_use[r, j]
+            elif code == LRFU:
+                fval[u] = 1.0 + fval[u] * 0.5 ** (fp[P_RATE] * float(now - N[STAMP, u]))
+                N[STAMP, u] = now
+            elif code == LFU_DECAY or code == GATE_WEIGHTED:
+                inc = 1.0 if code == LFU_DECAY else float(weights[r, j])
+                fval[u] = fval[u] * math.exp((-fp[P_RATE]) * float(now - N[STAMP, u])) + inc
+                N[STAMP, u] = now
+            elif code == SIEVE:
+                if N[RES, u]:
+                    N[IVAL, u] = 1
+            elif code == ARC:
+                t = N[TAG, u] - 1
+                if t == T1 or t == T2:
+                    _unlink(u, c, N, H)
+                    _append(u, c, T2, N, H)
+                elif t == B1:
+                    arc_p[c] = min(arc_p[c] + max(H[c, LEN + B2] / H[c, LEN + B1], 1.0), float(size))
+                    _unlink(u, c, N, H)
+                    N[PEND, u] = 1
+                elif t == B2:
+                    arc_p[c] = max(arc_p[c] - max(H[c, LEN + B1] / H[c, LEN + B2], 1.0), 0.0)
+                    _unlink(u, c, N, H)
+                    N[PEND, u] = 2
+                else:
+                    N[PEND, u] = 0
+            elif code == S3FIFO:
+                t = N[TAG, u] - 1
+                if t == SMALL or t == MAIN:
+                    N[IVAL, u] += 1
+                elif t == GHOST:
+                    _unlink(u, c, N, H)
+                    H[c, ON_GHOST] = 1
+        # insert the missing keys, router order, evicting keys outside the row
+        for j in range(w):
+            u = base + keys[r, j]
+            if N[RES, u]:
+                continue
+            if H[c, OCC] >= size:
+                if code == LRU or code == FIFO:
+                    v = _first_allowed(H[c, HEAD], t0, N)
+                elif code == SIEVE:
+                    v = _sieve_victim(c, t0, N, H)
+                elif code == ARC:
+                    v = _arc_victim(c, t0, u, size, arc_p[c], N, H)
+                elif code == S3FIFO:
+                    H[c, EVICTED] = 1
+                    v = _s3fifo_victim(c, t0, threshold, N, H)
+                elif code == HOBBIT:
+                    v = _hobbit_victim(c, t0, fp[P_RATE], N, H, slots)
+                elif code == RANDOM:
+                    v = _random_victim(c, t0, N, H, slots, buf, mt, mti)
+                else:
+                    v = _scan_victim(code, c, t0, now, fp, N, H, fval, slots)
+                # evict
+                N[RES, v] = 0
+                H[c, OCC] -= 1
+                if scanned:
+                    i = N[SLOT, v]
+                    moved = slots[c, H[c, OCC]]
+                    slots[c, i] = moved
+                    N[SLOT, moved] = i
+                    if code == LFU_CACHE:
+                        N[IVAL, v] = 0
+                else:
+                    if code == SIEVE:
+                        H[c, HAND] = N[NXT, v]
+                    _unlink(v, c, N, H)
+                    if (code == ARC or code == S3FIFO) and H[c, DEST] > 0:
+                        if code == S3FIFO and H[c, LEN + GHOST] >= H[c, GHOST_SZ]:
+                            _unlink(H[c, HEAD + GHOST], c, N, H)
+                        _append(v, c, H[c, DEST] - 1, N, H)
+            # insert
+            N[RES, u] = 1
+            if scanned:
+                slots[c, H[c, OCC]] = u
+                N[SLOT, u] = H[c, OCC]
+                if code == FIFO_SCAN:
+                    tick += 1
+                    N[STAMP, u] = tick
+            elif code == ARC:
+                _append(u, c, T2 if N[PEND, u] else T1, N, H)
+            elif code == S3FIFO:
+                to_main = H[c, ON_GHOST] or (not H[c, EVICTED] and H[c, LEN + SMALL] >= H[c, SMALL_SZ])
+                _append(u, c, MAIN if to_main else SMALL, N, H)
+                N[IVAL, u] = 0
+                H[c, ON_GHOST] = 0
+            else:  # lru, fifo, sieve: the tail
+                _append(u, c, 0, N, H)
+                N[IVAL, u] = 0
+            H[c, OCC] += 1
+        if code == LRU:  # the row's keys become the most recent, router order
+            for j in range(w):
+                u = base + keys[r, j]
+                if H[c, TAIL] != u:
+                    _unlink(u, c, N, H)
+                    _append(u, c, 0, N, H)
+    return req, hit
+
+
+@njit(cache=True, nogil=True)
+def replay_builtin_sizes(spec, cache, keys, clock, weights, group, size_list, n_caches, n_keys, n_groups,
+                         nxt_use, fp, mt0):
+    """Hits for each uniform cache size in ``size_list`` (one replay per size, one compiled call)."""
+    out = np.zeros(size_list.shape[0], np.int64)
+    for i in range(size_list.shape[0]):
+        sizes = np.full(n_caches, size_list[i], np.int64)
+        _, hit = replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_groups, nxt_use, fp,
+                                mt0)
+        out[i] = hit.sum()
+    return out
+
+
+# ---- one pass over all sizes for the stack policies ----------------------------------------------
+
+@njit(cache=True, nogil=True)
+def stack_depths(spec, cache, keys, clock, weights, n_caches, n_keys, nxt_use, fp):
+    """Histogram of stack depths (0-based, before each row's update; never-seen keys in the last bin)
+    for a priority policy whose priority does not depend on the cache size (lfu, opt, lrfu, lfu-decay,
+    gate-weighted): hits(K) = sum(hist[:K]) for every K >= the row width, in one pass.
+
+    Why this is exact: the policy state is the same for every size; under the atomic semantics the
+    cache of K slots loses, per row, the lowest-priority keys outside the row, so after the row it holds
+    the row and the K - w highest-priority keys among those it held outside the row. Keeping every
+    size at once is a stack (inclusion: tests/test_inclusion.py) whose update walks down to the deepest
+    key of the row, carrying at most w keys (Mattson et al. 1970, for sets of w keys)."""
+    code = len(spec)
+    n, w = keys.shape
+    n_nodes = n_caches * n_keys
+    N = np.zeros((10, n_nodes), np.int64)
+    fval = np.zeros(n_nodes, np.float64)
+    stack = np.full((n_caches, n_keys), -1, np.int64)
+    pos = np.full(n_nodes, -1, np.int64)
+    used = np.zeros(n_caches, np.int64)
+    hist = np.zeros(n_keys + 1, np.int64)
+    pool = np.empty(w + 1, np.int64)
+    tick = 0
+    for r in range(n):
+        c = cache[r]
+        base = c * n_keys
+        now = clock[r]
+        t0 = tick
+        deepest = 0
+        for j in range(w):
+            u = base + keys[r, j]
+            d = pos[u]
+            hist[d if d >= 0 else n_keys] += 1
+            if d < 0:  # never seen: at the bottom for now (it is lifted to the top below)
+                d = used[c]
+                used[c] += 1
+                stack[c, d] = u
+                pos[u] = d
+            deepest = max(deepest, d)
+            tick += 1
+            N[LAST, u] = tick
+            if code == LFU:
+                N[IVAL, u] += 1
+            elif code == OPT:
+                N[NUSE, u] = nxt_use[r, j]
+            elif code == LRFU:
+                fval[u] = 1.0 + fval[u] * 0.5 ** (fp[P_RATE] * float(now - N[STAMP, u]))
+                N[STAMP, u] = now
+            else:  # lfu-decay, gate-weighted
+                inc = 1.0 if code == LFU_DECAY else float(weights[r, j])
+                fval[u] = fval[u] * math.exp((-fp[P_RATE]) * float(now - N[STAMP, u])) + inc
+                N[STAMP, u] = now
+        # positions 0..w-1: the row; below, after old position i, exactly i + 1 - w of the others
+        # (the highest-priority ones seen so far) are placed; the rest stay in the pool
+        m = 0
+        out = w
+        for i in range(deepest + 1):
+            x = stack[c, i]
+            if N[LAST, x] <= t0:
+                pool[m] = x
+                m += 1
+            while out <= i and m > 0:
+                b = 0
+                sb = _score(code, pool[0], now, fp, N, fval)
+                for t in range(1, m):
+                    s = _score(code, pool[t], now, fp, N, fval)
+                    if s > sb or (s == sb and N[LAST, pool[t]] > N[LAST, pool[b]]):
+                        b = t
+                        sb = s
+                stack[c, out] = pool[b]
+                pos[pool[b]] = out
+                out += 1
+                m -= 1
+                pool[b] = pool[m]
+        for j in range(w):
+            u = base + keys[r, j]
+            stack[c, j] = u
+            pos[u] = j
+    return hist
