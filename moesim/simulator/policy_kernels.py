@@ -1,6 +1,6 @@
 """Compiled replay for every built-in policy: one mechanism, per-policy ordering state.
 
-The mechanism is the one of :class:`moesim.policies.base.ExpertCache` (CONTRACTS.md section 2), run
+The mechanism is the one of :class:`moesim.policies.base.ExpertCache` (docs/semantics.md), run
 over array state: per row, count hits, *access* every key in router order, then for each missing key
 *evict until room* (the policy's victim, never a key of the row) and *insert*. Each policy keeps only
 its own ordering state, in arrays indexed by node ``u = cache * n_keys + key``, and implements the
