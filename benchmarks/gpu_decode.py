@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from moesim.engine.checkpoint import checkpoint_from_model  # noqa: E402
 from moesim.engine.decode import Decoder  # noqa: E402
 from moesim.engine.decoder_program import DecoderProgram  # noqa: E402
+from moesim.engine.gpu_bench import cuda_ms as gpu_cuda_ms  # noqa: E402
 from moesim.engine.pack import pack_checkpoint, pack_matrix  # noqa: E402
 from moesim.engine.plan import CachePlan, Routing  # noqa: E402
 from moesim.engine.recording import DecodeRecorder, times_path  # noqa: E402
@@ -80,23 +81,13 @@ def build_model(tiny: bool, device: str):
 
 
 def cuda_ms(fn, dev, reps: int = 20) -> float:
-    """GPU time per call, queued behind a GPU sleep so launch cost is hidden (CPU: wall time)."""
-    if dev.type != "cuda":
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t) * 1e3 / reps
-    for _ in range(2):
-        fn()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    torch.cuda._sleep(100_000_000)
-    a.record()
+    """GPU time per call (gpu_bench.cuda_ms: queued behind a GPU sleep); CPU: wall time."""
+    if dev.type == "cuda":
+        return gpu_cuda_ms(fn, reps=reps)
+    t = time.perf_counter()
     for _ in range(reps):
         fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps
+    return (time.perf_counter() - t) * 1e3 / reps
 
 
 def h2d_curve(dev, expert_bytes: int) -> list[dict]:

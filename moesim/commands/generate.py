@@ -11,17 +11,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from moesim.commands._common import add_force_arg, emit_json, int_list, non_negative_int, positive_int
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return v
+from moesim.commands._common import (
+    add_force_arg,
+    emit_json,
+    int_list,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--record", metavar="OUT.parquet", help="write the run's trace (and OUT.parquet.times.json)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
-    p.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     p.add_argument("--predict-distance", type=non_negative_int, default=None,

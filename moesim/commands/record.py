@@ -5,23 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moesim.commands._common import add_force_arg, non_negative_int, positive_int
+from moesim.commands._common import add_force_arg, non_negative_float, non_negative_int, positive_int
 
 INTERRUPTED_EXIT = 130  # the shell convention for "stopped by SIGINT"; the trace is still complete
 # The tiny presets of moesim.recorder.presets, named here so that building the parser -- which every
 # command does -- never imports torch (seconds per command); tests/test_cli_without_torch.py keeps them equal.
 PRESET_NAMES = ("tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe", "tiny-deepseek-v3", "tiny-gpt-oss",
                 "tiny-phimoe")
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return v
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "(default: the built-in set of 50)")
     p.add_argument("--num-prompts", type=positive_int, help="use only the first N prompts")
     p.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to generate per prompt")
-    p.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (and preset weight seed)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")

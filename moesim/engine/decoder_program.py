@@ -26,7 +26,7 @@ from typing import Any
 from moesim.engine.identity import TAG_BASE, blob_bytes, expert_tag, slot_tags
 from moesim.engine.pack import PackedModel
 from moesim.engine.quant import QuantSpec, dequantize, matrix, split_blob
-from moesim.engine.runtime import Device, compiled
+from moesim.engine.runtime import Device, capture_graphs, compiled
 
 
 def rms_norm(x, weight, eps: float):
@@ -285,26 +285,4 @@ class DecoderProgram:
                 for j in range(s.top_k):
                     pieces.append((self.expert[layer][s_][j],
                                    lambda gr, layer=layer, s_=s_, j=j: self.expert[layer][s_].__setitem__(j, gr)))
-        side = torch.cuda.Stream(self.d.dev)
-        side.wait_stream(torch.cuda.current_stream(self.d.dev))
-        with torch.inference_mode(), torch.cuda.stream(side):
-            for fn, _ in pieces:
-                fn()
-        torch.cuda.synchronize(self.d.dev)
-        pool = torch.cuda.graph_pool_handle()
-        it = pieces
-        if progress:
-            from tqdm import tqdm
-            it = tqdm(pieces, desc="capturing CUDA graphs", unit="graph", leave=False)
-        self._graph_objects = []
-        with torch.inference_mode(), torch.cuda.stream(side):
-            for fn, install in it:
-                graph = torch.cuda.CUDAGraph()
-                graph.capture_begin(pool=pool)
-                try:
-                    fn()
-                finally:
-                    graph.capture_end()
-                self._graph_objects.append(graph)
-                install(graph.replay)
-        torch.cuda.synchronize(self.d.dev)
+        self._graph_objects = capture_graphs(torch, self.d.dev, pieces, progress)

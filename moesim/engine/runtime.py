@@ -300,6 +300,39 @@ def compiled(fn):
     return _COMPILED[fn.__name__]
 
 
+def capture_graphs(torch, dev, pieces: list[tuple[Any, Any]], progress: bool = False,
+                   after_warmup=None) -> list:
+    """Run every piece once on a side stream (compiles and loads kernels before capture), then capture
+    each as a CUDA graph in one shared memory pool and hand its ``replay`` to the piece's installer.
+    Returns the graph objects (the caller keeps them alive)."""
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.inference_mode(), torch.cuda.stream(side):
+        for fn, _ in pieces:
+            fn()
+    torch.cuda.synchronize(dev)
+    if after_warmup is not None:
+        after_warmup()
+    pool = torch.cuda.graph_pool_handle()
+    it = pieces
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(pieces, desc="capturing CUDA graphs", unit="graph", leave=False)
+    graphs = []
+    with torch.inference_mode(), torch.cuda.stream(side):
+        for fn, install in it:
+            graph = torch.cuda.CUDAGraph()
+            graph.capture_begin(pool=pool)
+            try:
+                fn()
+            finally:
+                graph.capture_end()
+            graphs.append(graph)
+            install(graph.replay)
+    torch.cuda.synchronize(dev)
+    return graphs
+
+
 class Program:
     """The decode step as a fixed set of launchable pieces over static buffers.
 
@@ -422,30 +455,8 @@ class Program:
                     pieces.append((self.expert[layer][s][j],
                                    lambda gr, layer=layer, s=s, j=j: self.expert[layer][s].__setitem__(j, gr)))
         pieces.append((self.final, lambda gr: setattr(self, "final", gr)))
-        side = torch.cuda.Stream(self.w.d.dev)
-        side.wait_stream(torch.cuda.current_stream(self.w.d.dev))
-        with torch.inference_mode(), torch.cuda.stream(side):
-            for fn, _ in pieces:   # every distinct piece once: compiles and loads kernels before capture
-                fn()
-        torch.cuda.synchronize(self.w.d.dev)
-        self.tok.fill_(-1)
-        pool = torch.cuda.graph_pool_handle()
-        it = pieces
-        if progress:
-            from tqdm import tqdm
-            it = tqdm(pieces, desc="capturing CUDA graphs", unit="graph", leave=False)
-        self._graph_objects = []
-        with torch.inference_mode(), torch.cuda.stream(side):
-            for fn, install in it:
-                graph = torch.cuda.CUDAGraph()
-                graph.capture_begin(pool=pool)
-                try:
-                    fn()
-                finally:
-                    graph.capture_end()
-                self._graph_objects.append(graph)
-                install(graph.replay)
-        torch.cuda.synchronize(self.w.d.dev)
+        self._graph_objects = capture_graphs(torch, self.w.d.dev, pieces, progress,
+                                             after_warmup=lambda: self.tok.fill_(-1))
 
     def load_routing(self, routing: Routing) -> None:
         """Routing weights (by router rank) and positions of every token onto the device (untimed)."""
