@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from moesim.engine.identity import TAG_BASE, blob_bytes, expert_tag, slot_tags
+from moesim.engine.identity import TAG_BASE, ResidencyProof, blob_bytes, slot_tags
 from moesim.engine.pack import PackedModel
 from moesim.engine.quant import QuantSpec, dequantize, matrix, split_blob
 from moesim.engine.runtime import Device, capture_graphs, compiled
@@ -116,7 +116,7 @@ def decoder_expert(blob, x, spec: QuantSpec, hidden: int, ffn: int):
     return h @ dequantize(p2, spec, n).view(hidden, ffn).to(dt).T
 
 
-class DecoderProgram:
+class DecoderProgram(ResidencyProof):
     """Static buffers + pieces of one model (see the module docstring)."""
 
     def __init__(self, packed: PackedModel, device: str, max_slots: int, *, predict_distance: int = 0,
@@ -155,6 +155,7 @@ class DecoderProgram:
         self.slots = [torch.zeros(max_slots, blob_bytes(self.expert_bytes), dtype=torch.uint8, device=dev)
                       for _ in range(L)]
         self.check_residency = check_residency
+        self.num_experts = s.num_experts
         self.slot_tags = [slot_tags(x) for x in self.slots]
         self.violations = torch.zeros((), dtype=torch.int64, device=dev)
         self.device_copies = torch.zeros((), dtype=torch.int64, device=dev)
@@ -249,22 +250,6 @@ class DecoderProgram:
         self.host_logits.copy_(self.logits, non_blocking=True)
 
     # -- the residency proof (as in moesim.engine.runtime.Program) ---------------------------------------
-    def count_copy(self, layer: int, slot: int, expert: int) -> None:
-        """On the copy stream right after a copy: count it if its identity landed in the slot."""
-        if self.check_residency:
-            tag = expert_tag(layer, expert, self.spec.num_experts)
-            self.device_copies.add_(self.slot_tags[layer][slot:slot + 1].eq(tag).sum())
-
-    def reset_proof(self) -> None:
-        self.violations.zero_()
-        self.device_copies.zero_()
-
-    def proof(self) -> tuple[int | None, int | None]:
-        """(violations, device_copies) read back from the device (synchronises)."""
-        if not self.check_residency:
-            return None, None
-        return int(self.violations.item()), int(self.device_copies.item())
-
     # -- inputs -----------------------------------------------------------------------------------------
     def set_input(self, token_id: int, pos: int) -> None:
         self.input_id.fill_(int(token_id))

@@ -37,3 +37,29 @@ def slot_tags(slots):
     import torch
 
     return slots[:, -TAG_BYTES:].view(torch.int64).view(slots.shape[0])
+
+
+class ResidencyProof:
+    """The device counters of the residency proof, shared by both engine programs. A program sets
+    ``check_residency``, ``slot_tags`` (per layer, each slot's identity word on the device),
+    ``violations`` and ``device_copies`` (device scalars) and ``num_experts``; its expert pieces add to
+    ``violations`` when their slot holds another expert's identity."""
+
+    check_residency: bool
+    num_experts: int
+
+    def count_copy(self, layer: int, slot: int, expert: int) -> None:
+        """On the copy stream right after a copy: count it if its identity landed in the slot."""
+        if self.check_residency:
+            tag = expert_tag(layer, expert, self.num_experts)
+            self.device_copies.add_(self.slot_tags[layer][slot:slot + 1].eq(tag).sum())
+
+    def reset_proof(self) -> None:
+        self.violations.zero_()
+        self.device_copies.zero_()
+
+    def proof(self) -> tuple[int | None, int | None]:
+        """(violations, device_copies) read back from the device (synchronises)."""
+        if not self.check_residency:
+            return None, None
+        return int(self.violations.item()), int(self.device_copies.item())

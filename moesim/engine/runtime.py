@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from moesim.engine.identity import TAG_BASE, blob_bytes, expert_tag, slot_tags, tagged_blob
+from moesim.engine.identity import TAG_BASE, ResidencyProof, blob_bytes, slot_tags, tagged_blob
 from moesim.engine.plan import CachePlan, Routing
 from moesim.engine.quant import QuantSpec, dequantize, fill_random_blob, split_blob
 from moesim.simulator.replay import HitCounts
@@ -333,7 +333,7 @@ def capture_graphs(torch, dev, pieces: list[tuple[Any, Any]], progress: bool = F
     return graphs
 
 
-class Program:
+class Program(ResidencyProof):
     """The decode step as a fixed set of launchable pieces over static buffers.
 
     Pieces: ``first`` (token counter + layer 0's attention and gate), ``layer[l]`` (combine layer
@@ -362,6 +362,7 @@ class Program:
         self.slots = [torch.zeros(max_slots, weights.blob_bytes, dtype=torch.uint8, device=dev)
                       for _ in range(g.num_layers)]
         self.check_residency = check_residency
+        self.num_experts = weights.geometry.num_experts
         # each slot's identity word (a view: it changes when a copy lands), the identity the trace routes
         # to each (layer, rank, token), and the two device counters of the residency proof
         self.slot_tags = [slot_tags(s) for s in self.slots]
@@ -419,22 +420,6 @@ class Program:
             want = self.expect[layer, rank].index_select(0, self.tok.view(1))
             self.violations.add_(self.slot_tags[layer][slot:slot + 1].ne(want).sum())
         self.ybuf[layer, rank].copy_(self._expert(self.slots[layer][slot], self.x, self.w.quant, g.hidden, g.ffn))
-
-    def count_copy(self, layer: int, slot: int, expert: int) -> None:
-        """On the copy stream right after a copy: count it if its identity landed in the slot."""
-        if self.check_residency:
-            tag = expert_tag(layer, expert, self.w.geometry.num_experts)
-            self.device_copies.add_(self.slot_tags[layer][slot:slot + 1].eq(tag).sum())
-
-    def reset_proof(self) -> None:
-        self.violations.zero_()
-        self.device_copies.zero_()
-
-    def proof(self) -> tuple[int | None, int | None]:
-        """(violations, device_copies) read back from the device (synchronises)."""
-        if not self.check_residency:
-            return None, None
-        return int(self.violations.item()), int(self.device_copies.item())
 
     def _run_final(self) -> None:
         L = self.w.geometry.num_layers
