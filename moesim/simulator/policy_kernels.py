@@ -14,10 +14,12 @@ Structures, chosen so that a request costs O(1) where the policy allows it:
   arc (T1, T2, B1, B2), s3fifo (small, main, ghost). A victim is found from the list head, skipping
   at most the row's own keys, so a global cache of 256 slots is never scanned;
 - score policies (lfu, lfu-cache, lfu-decay, lrfu, gate-weighted, opt) keep per-key values and pick
-  the lowest score, ties to the least recently requested, by a scan of the resident slots (caches
-  are 2..8 slots per layer; the priority changes with time for the decaying ones);
+  the lowest score, ties to the least recently requested: on small caches (<= SCAN_MAX_SLOTS, the
+  per-layer default) by a scan of the resident slots, on larger ones (a global cache) from an indexed
+  binary heap over the same slot array, O(log K) per request (see "heaps" below);
 - hobbit ranks the candidates (needs them all), random draws from them with CPython's own
-  Mersenne Twister (same seed, same victims as ``random.Random(seed).choice``).
+  Mersenne Twister (same seed, same victims as ``random.Random(seed).choice``); on large caches random
+  finds the r-th smallest candidate in a Fenwick tree over the keys, O(log E).
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ LRU_SCAN, FIFO_SCAN = 13, 14
 # stack policies (priority independent of the cache size): every size in one pass, see stack_depths
 STACK_CODES = (LFU, OPT, LRFU, LFU_DECAY, GATE_WEIGHTED)
 SCAN_MAX_SLOTS = 16
+# code + HEAPED: the same policy with its victim found in O(log K) (heap for the score policies, Fenwick
+# tree for random) instead of a scan; chosen above SCAN_MAX_SLOTS (measured: global 128 slots, lfu 15 ->
+# see reports/bench_replay; per layer, 4 slots, the scan wins)
+HEAPED = 16
+HEAP_CODES = (LFU, OPT, LFU_CACHE, LFU_DECAY, GATE_WEIGHTED, LRFU, RANDOM)
 CODES = {"lru": LRU, "fifo": FIFO, "lfu": LFU, "opt": OPT, "lfu-cache": LFU_CACHE, "lfu-decay": LFU_DECAY,
          "gate-weighted": GATE_WEIGHTED, "lrfu": LRFU, "sieve": SIEVE, "arc": ARC, "s3fifo": S3FIFO,
          "hobbit": HOBBIT, "random": RANDOM}
@@ -42,8 +49,11 @@ CODES = {"lru": LRU, "fifo": FIFO, "lfu": LFU, "opt": OPT, "lfu-cache": LFU_CACH
 def kernel_spec(code: int, sizes: np.ndarray) -> tuple[int, ...]:
     """The first argument of :func:`replay_builtin`: a tuple whose *length* is the policy code, so that
     numba compiles (and caches) one specialisation per policy with the other policies' branches gone."""
-    if code in (LRU, FIFO) and int(sizes.max(initial=0)) <= SCAN_MAX_SLOTS:
+    large = int(sizes.max(initial=0)) > SCAN_MAX_SLOTS
+    if code in (LRU, FIFO) and not large:
         code = LRU_SCAN if code == LRU else FIFO_SCAN
+    elif code in HEAP_CODES and large:
+        code += HEAPED
     return (0,) * code
 
 # list ids (per cache)
@@ -188,6 +198,176 @@ def _scan_victim(code, c, t0, now, fp, N, H, fval, slots):
     return v
 
 
+# ---- heaps: the score policies on large caches ---------------------------------------------------
+# The resident slots of cache c, slots[c, :occ], kept as a binary min-heap in the order of
+# :func:`_before`, N[SLOT, u] = u's index. The order is the class's victim order (lowest score, ties to
+# the least recently requested) for lfu, lfu-cache and opt, whose scores do not change between requests.
+# The decaying scores (lfu-decay, gate-weighted, lrfu: value * e^(-rate * (now - stamp))) change with
+# ``now`` but all by the same factor, so they are heaped by the time-invariant log score
+# QKEY = ln(value) + rate * stamp; the exact victim (the class's float score at ``now``) is then taken
+# among the few residents whose QKEY is within rounding distance of the smallest (_decay_victim).
+
+@njit(cache=True, nogil=True, inline="always")
+def _before(code, a, b, N, qkey):
+    """Heap order: ``a`` is evicted before ``b``."""
+    if code == OPT:
+        if N[NUSE, a] != N[NUSE, b]:
+            return N[NUSE, a] > N[NUSE, b]
+    elif code == LFU or code == LFU_CACHE:
+        if N[IVAL, a] != N[IVAL, b]:
+            return N[IVAL, a] < N[IVAL, b]
+    elif qkey[a] != qkey[b]:
+        return qkey[a] < qkey[b]
+    return N[LAST, a] < N[LAST, b]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _sift_up(code, c, i, N, slots, qkey):
+    u = slots[c, i]
+    while i > 0:
+        p = (i - 1) >> 1
+        v = slots[c, p]
+        if not _before(code, u, v, N, qkey):
+            break
+        slots[c, i] = v
+        N[SLOT, v] = i
+        i = p
+    slots[c, i] = u
+    N[SLOT, u] = i
+    return i
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _sift_down(code, c, i, occ, N, slots, qkey):
+    u = slots[c, i]
+    while True:
+        m = 2 * i + 1
+        if m >= occ:
+            break
+        if m + 1 < occ and _before(code, slots[c, m + 1], slots[c, m], N, qkey):
+            m += 1
+        v = slots[c, m]
+        if not _before(code, v, u, N, qkey):
+            break
+        slots[c, i] = v
+        N[SLOT, v] = i
+        i = m
+    slots[c, i] = u
+    N[SLOT, u] = i
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _heap_fix(code, c, i, occ, N, slots, qkey):
+    """Restore the heap after the key at index ``i`` changed (either way)."""
+    _sift_down(code, c, _sift_up(code, c, i, N, slots, qkey), occ, N, slots, qkey)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _heap_min(code, c, t0, occ, N, slots, qkey, stk):
+    """The first resident in heap order outside the row (``LAST <= t0``). Every ancestor of it is in
+    the row (an ancestor outside it would come first), so only the children of row keys reachable
+    from the root are looked at: at most (keys of the row) + 1 candidates."""
+    best = -1
+    top = 1
+    stk[0] = 0
+    while top > 0:
+        top -= 1
+        i = stk[top]
+        u = slots[c, i]
+        if N[LAST, u] > t0:
+            if 2 * i + 1 < occ:
+                stk[top] = 2 * i + 1
+                top += 1
+            if 2 * i + 2 < occ:
+                stk[top] = 2 * i + 2
+                top += 1
+        elif best < 0 or _before(code, u, best, N, qkey):
+            best = u
+    return best
+
+
+@njit(cache=True, nogil=True)
+def _decay_victim(code, c, t0, now, qrate, fp, N, H, fval, qkey, slots, stk):
+    """The class's victim for the decaying scores: lowest float score at ``now``, ties to the least
+    recently requested, exactly as :func:`_scan_victim`, looking only where it can be.
+
+    QKEY differs from ln(score at now) + rate * now by rounding only (a few ulps of the magnitudes
+    summed, far below ``tol``), so the victim's QKEY is within ``tol`` of the smallest QKEY outside the
+    row: the scores of those residents are computed exactly as the class does and compared. When the
+    smallest score is near the bottom of the float range (rounding is no longer relative there), or a
+    score is zero (log -inf), the slots are scanned instead."""
+    occ = H[c, OCC]
+    m = _heap_min(code, c, t0, occ, N, slots, qkey, stk)
+    q = qkey[m]
+    best_s = _score(code, m, now, fp, N, fval)
+    if not (best_s >= 1e-200 and q > -math.inf):
+        return _scan_victim(code, c, t0, now, fp, N, H, fval, slots)
+    bound = q + 1e-10 * (1000.0 + abs(q) + qrate * float(now))
+    best = m
+    top = 1
+    stk[0] = 0
+    while top > 0:
+        top -= 1
+        i = stk[top]
+        u = slots[c, i]
+        if qkey[u] > bound:  # and so is every key below it
+            continue
+        if u != m and not N[LAST, u] > t0:
+            s = _score(code, u, now, fp, N, fval)
+            if s < best_s or (s == best_s and N[LAST, u] < N[LAST, best]):
+                best = u
+                best_s = s
+        if 2 * i + 1 < occ:
+            stk[top] = 2 * i + 1
+            top += 1
+        if 2 * i + 2 < occ:
+            stk[top] = 2 * i + 2
+            top += 1
+    return best
+
+
+# ---- Fenwick tree over a cache's keys: random on large caches --------------------------------------
+
+@njit(cache=True, nogil=True)
+def _fen_add(fen, base, n_keys, key, d):
+    p = key + 1
+    while p <= n_keys:
+        fen[base + p - 1] += d
+        p += p & -p
+
+
+@njit(cache=True, nogil=True)
+def _fen_select(fen, base, n_keys, r):
+    """The key of rank ``r`` (0-based) among the keys present."""
+    pos = 0
+    step = 1
+    while step * 2 <= n_keys:
+        step *= 2
+    while step > 0:
+        if pos + step <= n_keys and fen[base + pos + step - 1] <= r:
+            pos += step
+            r -= fen[base + pos - 1]
+        step >>= 1
+    return pos
+
+
+@njit(cache=True, nogil=True)
+def _random_victim_fenwick(c, r, base, n_keys, keys, N, H, fen, mt, mti):
+    """``random.Random.choice(sorted(candidates))``: the row's resident keys leave the tree while the
+    candidate of the drawn rank is found."""
+    w = keys.shape[1]
+    m = H[c, OCC]
+    for j in range(w):
+        if N[RES, base + keys[r, j]]:
+            _fen_add(fen, base, n_keys, keys[r, j], -1)
+            m -= 1
+    v = base + _fen_select(fen, base, n_keys, _randbelow(mt, mti, c, m))
+    for j in range(w):
+        if N[RES, base + keys[r, j]]:
+            _fen_add(fen, base, n_keys, keys[r, j], 1)
+    return v
+
+
 @njit(cache=True, nogil=True)
 def _hobbit_victim(c, t0, w, N, H, slots):
     """Lowest w * rank(recency) + (1 - w) * rank(frequency) among the candidates, ties to the LRU."""
@@ -317,6 +497,9 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
     """Replay rows (atomic per row; sequential = rows of width 1) under the built-in policy whose code
     is ``len(spec)`` (see :func:`kernel_spec`). Returns (requests, hits) per group."""
     code = len(spec)  # a compile-time constant: each policy gets its own specialisation, dead branches gone
+    heaped = code >= HEAPED
+    if heaped:
+        code -= HEAPED
     n, w = keys.shape
     n_caches = sizes.shape[0]
     n_nodes = n_caches * n_keys
@@ -347,6 +530,11 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
             mt[c, :] = mt0[:MT_N]
             mti[c] = mt0[MT_N]
     buf = np.empty(kmax, np.int64)
+    stk = np.empty(kmax + 2, np.int64)
+    decaying = code == LFU_DECAY or code == GATE_WEIGHTED or code == LRFU
+    qkey = np.zeros(n_nodes if heaped and decaying else 1, np.float64)  # heap order of the decaying scores
+    qrate = fp[P_RATE] * math.log(2.0) if code == LRFU else fp[P_RATE]  # score = value * e^(-qrate * age)
+    fen = np.zeros(n_nodes if heaped and code == RANDOM else 1, np.int64)
     tick = 0
     for r in range(n):
         c = cache[r]
@@ -376,7 +564,11 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                 inc = 1.0 if code == LFU_DECAY else float(weights[r, j])
                 fval[u] = fval[u] * math.exp((-fp[P_RATE]) * float(now - N[STAMP, u])) + inc
                 N[STAMP, u] = now
-            elif code == SIEVE:
+            if heaped and decaying:
+                qkey[u] = (math.log(fval[u]) if fval[u] > 0.0 else -math.inf) + qrate * float(now)
+            if heaped and code != RANDOM and N[RES, u]:
+                _heap_fix(code, c, N[SLOT, u], H[c, OCC], N, slots, qkey)
+            if code == SIEVE:
                 if N[RES, u]:
                     N[IVAL, u] = 1
             elif code == ARC:
@@ -406,6 +598,7 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
             u = base + keys[r, j]
             if N[RES, u]:
                 continue
+            hole = -1  # heaps: the victim's index, which the newcomer takes (one sift instead of two)
             if H[c, OCC] >= size:
                 if code == LRU or code == FIFO:
                     v = _first_allowed(H[c, HEAD], t0, N)
@@ -418,18 +611,30 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                     v = _s3fifo_victim(c, t0, threshold, N, H)
                 elif code == HOBBIT:
                     v = _hobbit_victim(c, t0, fp[P_RATE], N, H, slots)
+                elif code == RANDOM and heaped:
+                    v = _random_victim_fenwick(c, r, base, n_keys, keys, N, H, fen, mt, mti)
                 elif code == RANDOM:
                     v = _random_victim(c, t0, N, H, slots, buf, mt, mti)
+                elif heaped and decaying:
+                    v = _decay_victim(code, c, t0, now, qrate, fp, N, H, fval, qkey, slots, stk)
+                elif heaped:
+                    v = _heap_min(code, c, t0, H[c, OCC], N, slots, qkey, stk)
                 else:
                     v = _scan_victim(code, c, t0, now, fp, N, H, fval, slots)
                 # evict
                 N[RES, v] = 0
                 H[c, OCC] -= 1
-                if scanned:
+                if heaped and code != RANDOM:
+                    hole = N[SLOT, v]
+                    if code == LFU_CACHE:
+                        N[IVAL, v] = 0
+                elif scanned:
                     i = N[SLOT, v]
                     moved = slots[c, H[c, OCC]]
                     slots[c, i] = moved
                     N[SLOT, moved] = i
+                    if heaped:  # random
+                        _fen_add(fen, base, n_keys, v - base, -1)
                     if code == LFU_CACHE:
                         N[IVAL, v] = 0
                 else:
@@ -442,9 +647,20 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                         _append(v, c, H[c, DEST] - 1, N, H)
             # insert
             N[RES, u] = 1
-            if scanned:
+            if heaped and code != RANDOM:
+                if hole < 0:
+                    slots[c, H[c, OCC]] = u
+                    N[SLOT, u] = H[c, OCC]
+                    _sift_up(code, c, H[c, OCC], N, slots, qkey)
+                else:
+                    slots[c, hole] = u
+                    N[SLOT, u] = hole
+                    _heap_fix(code, c, hole, H[c, OCC] + 1, N, slots, qkey)
+            elif scanned:
                 slots[c, H[c, OCC]] = u
                 N[SLOT, u] = H[c, OCC]
+                if heaped:  # random
+                    _fen_add(fen, base, n_keys, u - base, 1)
                 if code == FIFO_SCAN:
                     tick += 1
                     N[STAMP, u] = tick
