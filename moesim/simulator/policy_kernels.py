@@ -208,97 +208,108 @@ def _scan_victim(code, c, t0, now, fp, N, H, fval, slots):
 # among the few residents whose QKEY is within rounding distance of the smallest (_decay_victim).
 
 @njit(cache=True, nogil=True, inline="always")
-def _before(code, a, b, N, qkey):
-    """Heap order: ``a`` is evicted before ``b``."""
+def _prio(code, u, qrate, N, fval):
+    """A resident's heap priority (lowest is evicted first; ties to the lowest LAST)."""
     if code == OPT:
-        if N[NUSE, a] != N[NUSE, b]:
-            return N[NUSE, a] > N[NUSE, b]
-    elif code == LFU or code == LFU_CACHE:
-        if N[IVAL, a] != N[IVAL, b]:
-            return N[IVAL, a] < N[IVAL, b]
-    elif qkey[a] != qkey[b]:
-        return qkey[a] < qkey[b]
-    return N[LAST, a] < N[LAST, b]
+        return -float(N[NUSE, u])  # exact: row indices < 2^53, NEVER = 2^62
+    if code == LFU or code == LFU_CACHE:
+        return float(N[IVAL, u])
+    return (math.log(fval[u]) if fval[u] > 0.0 else -math.inf) + qrate * float(N[STAMP, u])
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _sift_up(code, c, i, N, slots, qkey):
+def _sift_up(c, i, N, slots, hp, hl):
     u = slots[c, i]
+    p_u = hp[c, i]
+    l_u = hl[c, i]
     while i > 0:
         p = (i - 1) >> 1
-        v = slots[c, p]
-        if not _before(code, u, v, N, qkey):
+        if hp[c, p] < p_u or (hp[c, p] == p_u and hl[c, p] < l_u):
             break
+        v = slots[c, p]
         slots[c, i] = v
+        hp[c, i] = hp[c, p]
+        hl[c, i] = hl[c, p]
         N[SLOT, v] = i
         i = p
     slots[c, i] = u
+    hp[c, i] = p_u
+    hl[c, i] = l_u
     N[SLOT, u] = i
     return i
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _sift_down(code, c, i, occ, N, slots, qkey):
+def _sift_down(c, i, occ, N, slots, hp, hl):
     u = slots[c, i]
+    p_u = hp[c, i]
+    l_u = hl[c, i]
     while True:
         m = 2 * i + 1
         if m >= occ:
             break
-        if m + 1 < occ and _before(code, slots[c, m + 1], slots[c, m], N, qkey):
+        if m + 1 < occ and (hp[c, m + 1] < hp[c, m] or (hp[c, m + 1] == hp[c, m] and hl[c, m + 1] < hl[c, m])):
             m += 1
-        v = slots[c, m]
-        if not _before(code, v, u, N, qkey):
+        if p_u < hp[c, m] or (p_u == hp[c, m] and l_u < hl[c, m]):
             break
+        v = slots[c, m]
         slots[c, i] = v
+        hp[c, i] = hp[c, m]
+        hl[c, i] = hl[c, m]
         N[SLOT, v] = i
         i = m
     slots[c, i] = u
+    hp[c, i] = p_u
+    hl[c, i] = l_u
     N[SLOT, u] = i
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _heap_fix(code, c, i, occ, N, slots, qkey):
-    """Restore the heap after the key at index ``i`` changed (either way)."""
-    _sift_down(code, c, _sift_up(code, c, i, N, slots, qkey), occ, N, slots, qkey)
+def _heap_set(code, c, i, occ, u, qrate, N, fval, slots, hp, hl):
+    """Put node ``u`` (new or with a changed priority) at index ``i`` and restore the heap."""
+    slots[c, i] = u
+    hp[c, i] = _prio(code, u, qrate, N, fval)
+    hl[c, i] = N[LAST, u]
+    N[SLOT, u] = i
+    _sift_down(c, _sift_up(c, i, N, slots, hp, hl), occ, N, slots, hp, hl)
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _heap_min(code, c, t0, occ, N, slots, qkey, stk):
-    """The first resident in heap order outside the row (``LAST <= t0``). Every ancestor of it is in
-    the row (an ancestor outside it would come first), so only the children of row keys reachable
-    from the root are looked at: at most (keys of the row) + 1 candidates."""
+def _heap_min(c, t0, occ, slots, hp, hl, stk):
+    """Index of the first resident in heap order outside the row (``LAST <= t0``). Every ancestor of
+    it is in the row (an ancestor outside it would come first), so only the children of row keys
+    reachable from the root are looked at: at most (keys of the row) + 1 candidates."""
     best = -1
     top = 1
     stk[0] = 0
     while top > 0:
         top -= 1
         i = stk[top]
-        u = slots[c, i]
-        if N[LAST, u] > t0:
+        if hl[c, i] > t0:
             if 2 * i + 1 < occ:
                 stk[top] = 2 * i + 1
                 top += 1
             if 2 * i + 2 < occ:
                 stk[top] = 2 * i + 2
                 top += 1
-        elif best < 0 or _before(code, u, best, N, qkey):
-            best = u
+        elif best < 0 or hp[c, i] < hp[c, best] or (hp[c, i] == hp[c, best] and hl[c, i] < hl[c, best]):
+            best = i
     return best
 
 
 @njit(cache=True, nogil=True)
-def _decay_victim(code, c, t0, now, qrate, fp, N, H, fval, qkey, slots, stk):
+def _decay_victim(code, c, t0, now, qrate, fp, N, H, fval, slots, hp, hl, stk):
     """The class's victim for the decaying scores: lowest float score at ``now``, ties to the least
     recently requested, exactly as :func:`_scan_victim`, looking only where it can be.
 
-    QKEY differs from ln(score at now) + rate * now by rounding only (a few ulps of the magnitudes
-    summed, far below ``tol``), so the victim's QKEY is within ``tol`` of the smallest QKEY outside the
-    row: the scores of those residents are computed exactly as the class does and compared. When the
-    smallest score is near the bottom of the float range (rounding is no longer relative there), or a
-    score is zero (log -inf), the slots are scanned instead."""
+    The heap priority ln(value) + rate * stamp differs from ln(score at now) + rate * now by rounding
+    only (a few ulps of the magnitudes summed, far below ``tol``), so the victim's priority is within
+    ``tol`` of the smallest outside the row: the scores of those residents are computed exactly as
+    the class does and compared. When the smallest score is near the bottom of the float range
+    (rounding is no longer relative there), or a score is zero (log -inf), the slots are scanned."""
     occ = H[c, OCC]
-    m = _heap_min(code, c, t0, occ, N, slots, qkey, stk)
-    q = qkey[m]
+    m = slots[c, _heap_min(c, t0, occ, slots, hp, hl, stk)]
+    q = hp[c, N[SLOT, m]]
     best_s = _score(code, m, now, fp, N, fval)
     if not (best_s >= 1e-200 and q > -math.inf):
         return _scan_victim(code, c, t0, now, fp, N, H, fval, slots)
@@ -309,10 +320,10 @@ def _decay_victim(code, c, t0, now, qrate, fp, N, H, fval, qkey, slots, stk):
     while top > 0:
         top -= 1
         i = stk[top]
-        u = slots[c, i]
-        if qkey[u] > bound:  # and so is every key below it
+        if hp[c, i] > bound:  # and so is every key below it
             continue
-        if u != m and not N[LAST, u] > t0:
+        u = slots[c, i]
+        if u != m and not hl[c, i] > t0:
             s = _score(code, u, now, fp, N, fval)
             if s < best_s or (s == best_s and N[LAST, u] < N[LAST, best]):
                 best = u
@@ -532,7 +543,8 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
     buf = np.empty(kmax, np.int64)
     stk = np.empty(kmax + 2, np.int64)
     decaying = code == LFU_DECAY or code == GATE_WEIGHTED or code == LRFU
-    qkey = np.zeros(n_nodes if heaped and decaying else 1, np.float64)  # heap order of the decaying scores
+    hp = np.zeros((n_caches, kmax) if heaped else (1, 1), np.float64)  # heap priority by index (_prio)
+    hl = np.zeros((n_caches, kmax) if heaped else (1, 1), np.int64)    # and LAST: the ties
     qrate = fp[P_RATE] * math.log(2.0) if code == LRFU else fp[P_RATE]  # score = value * e^(-qrate * age)
     fen = np.zeros(n_nodes if heaped and code == RANDOM else 1, np.int64)
     tick = 0
@@ -564,10 +576,8 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                 inc = 1.0 if code == LFU_DECAY else float(weights[r, j])
                 fval[u] = fval[u] * math.exp((-fp[P_RATE]) * float(now - N[STAMP, u])) + inc
                 N[STAMP, u] = now
-            if heaped and decaying:
-                qkey[u] = (math.log(fval[u]) if fval[u] > 0.0 else -math.inf) + qrate * float(now)
             if heaped and code != RANDOM and N[RES, u]:
-                _heap_fix(code, c, N[SLOT, u], H[c, OCC], N, slots, qkey)
+                _heap_set(code, c, N[SLOT, u], H[c, OCC], u, qrate, N, fval, slots, hp, hl)
             if code == SIEVE:
                 if N[RES, u]:
                     N[IVAL, u] = 1
@@ -616,9 +626,9 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                 elif code == RANDOM:
                     v = _random_victim(c, t0, N, H, slots, buf, mt, mti)
                 elif heaped and decaying:
-                    v = _decay_victim(code, c, t0, now, qrate, fp, N, H, fval, qkey, slots, stk)
+                    v = _decay_victim(code, c, t0, now, qrate, fp, N, H, fval, slots, hp, hl, stk)
                 elif heaped:
-                    v = _heap_min(code, c, t0, H[c, OCC], N, slots, qkey, stk)
+                    v = slots[c, _heap_min(c, t0, H[c, OCC], slots, hp, hl, stk)]
                 else:
                     v = _scan_victim(code, c, t0, now, fp, N, H, fval, slots)
                 # evict
@@ -648,14 +658,7 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
             # insert
             N[RES, u] = 1
             if heaped and code != RANDOM:
-                if hole < 0:
-                    slots[c, H[c, OCC]] = u
-                    N[SLOT, u] = H[c, OCC]
-                    _sift_up(code, c, H[c, OCC], N, slots, qkey)
-                else:
-                    slots[c, hole] = u
-                    N[SLOT, u] = hole
-                    _heap_fix(code, c, hole, H[c, OCC] + 1, N, slots, qkey)
+                _heap_set(code, c, H[c, OCC] if hole < 0 else hole, H[c, OCC] + 1, u, qrate, N, fval, slots, hp, hl)
             elif scanned:
                 slots[c, H[c, OCC]] = u
                 N[SLOT, u] = H[c, OCC]
