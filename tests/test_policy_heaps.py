@@ -1,0 +1,126 @@
+"""The O(log K) victim paths of the compiled replay (heaps for lfu, lfu-cache, opt, lfu-decay, gate-weighted,
+lrfu; a Fenwick tree for random) against the slot scan and the reference classes: hand-traced ties,
+protected row keys at the top of the heap, the float-underflow fallback of the decaying scores, and random
+streams in both semantics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moesim.simulator import policy_kernels as pk
+from moesim.simulator.replay import _compiled, build_stream, replay_stream, simulate
+from tests.helpers import write_trace
+
+HEAPED_NAMES = [name for name, code in pk.CODES.items() if code in pk.HEAP_CODES]
+A, B, C, D, E, X, Y = range(7)
+
+
+def _kernel_hits(stream, name, params=None, *, heaped: bool) -> list[int]:
+    """Hits per layer of the compiled kernel on its scan (heaped=False) or heap/Fenwick path."""
+    code, fp, mt = _compiled(name, params)
+    nxt = stream.next_use() if code == pk.OPT else np.zeros((1, 1), np.int64)
+    spec = (0,) * (code + (pk.HEAPED if heaped else 0))
+    _, hit = pk.replay_builtin(spec, stream.cache, stream.keys, stream.clock, stream.weights, stream.group,
+                               stream.sizes, stream.n_keys, stream.n_groups, nxt, fp, mt)
+    return hit.tolist()
+
+
+def _hits_every_path(trace, name, size, params=None, scope="layer", semantics="atomic") -> int:
+    """Total hits, asserted equal on the scan, the heap and the class path."""
+    s = build_stream(trace, size, scope, semantics)
+    ref = replay_stream(s, name, params, force_generic=True)[1].tolist()
+    assert _kernel_hits(s, name, params, heaped=False) == ref, (name, "scan")
+    assert _kernel_hits(s, name, params, heaped=True) == ref, (name, "heap")
+    return sum(ref)
+
+
+def test_kernel_spec_picks_the_heap_above_the_scan_limit():
+    small, large = np.array([pk.SCAN_MAX_SLOTS]), np.array([pk.SCAN_MAX_SLOTS + 1])
+    for name in HEAPED_NAMES:
+        code = pk.CODES[name]
+        assert len(pk.kernel_spec(code, small)) == code
+        assert len(pk.kernel_spec(code, large)) == code + pk.HEAPED
+    for name in ("arc", "s3fifo", "sieve", "hobbit"):
+        assert len(pk.kernel_spec(pk.CODES[name], large)) == pk.CODES[name]
+
+
+def test_lfu_count_ties_go_to_the_least_recent(tmp_path):
+    # K=2, one key per request: a b a b | c: a and b both counted twice, a is older -> a goes.
+    # lfu (perfect): a (3 requests) returns and evicts c (1); c (2) returns and evicts b (2, older than a's 3);
+    # b (3) evicts c (2): hits = the 2nd a and b only. lfu-cache: c (1) and returning a (1) tie -> the older
+    # c goes; c (1) returns and evicts a (1, older); b (still 2, resident) hits: 3 hits.
+    t = write_trace(tmp_path / "t.parquet", [[k] for k in (A, B, A, B, C, A, C, B)])
+    assert _hits_every_path(t, "lfu", 2) == 2
+    assert _hits_every_path(t, "lfu-cache", 2) == 3
+
+
+def test_lfu_victim_when_the_heap_minimum_is_in_the_row(tmp_path):
+    # K=3, top-2. After t3 counts are a1 b4 c3. t4 [a, d]: a (now 2) is the lowest count resident, but it is
+    # in the row: the victim is c (3 < b's 4), not b. t5 [c, b]: c misses (4), victim d (1) over a (2).
+    rows = [[B, C], [B, C], [B, C], [A, B], [A, D], [C, B], [D, A]]
+    t = write_trace(tmp_path / "t.parquet", rows)
+    # hits: t1 2, t2 2, t3 b, t4 a, t5 b, t6 a (d was evicted at t5) = 8 of 14
+    assert _hits_every_path(t, "lfu", 3) == 8
+    telling = write_trace(tmp_path / "w.parquet", rows[:5] + [[B, A]])  # b hits only if c, not b, left at t4
+    assert _hits_every_path(telling, "lfu", 3) == 2 + 2 + 1 + 1 + 2
+
+
+def test_opt_keeps_the_sooner_reused(tmp_path):
+    # K=2: a b c -> c evicts b (never again) rather than a (next use 3); then a, c, a all hit
+    t = write_trace(tmp_path / "t.parquet", [[k] for k in (A, B, C, A, C, A)])
+    assert _hits_every_path(t, "opt", 2) == 3
+
+
+def test_decayed_score_ties_go_to_the_least_recent(tmp_path):
+    # K=3, top-2. t0 [a, b]: equal scores, a older. t1 [c, d]: d evicts a (not b). t2 [a, e]: a misses and
+    # evicts b (oldest score); e evicts c (c, d tie at t1, c older). 0 hits; evicting b at t1 gives a hit.
+    t = write_trace(tmp_path / "t.parquet", [[A, B], [C, D], [A, E], [D, A]])
+    for name in ("lfu-decay", "lrfu", "gate-weighted"):
+        assert _hits_every_path(t, name, 3) == 2  # t3: d and a resident
+    assert simulate(t, "lru", 3).hits == 2
+
+
+def test_underflowed_scores_tie_at_zero_like_the_class(tmp_path):
+    # gate-weighted, half-life 1 token: a (weight 0.9) at t0, b (0.1) at t1, then 1200 tokens of x. Both
+    # scores underflow to 0.0, so the class evicts the older, a; in exact arithmetic b's score is lower
+    # (0.1 * 2 < 0.9). The heap (log scores) must fall back to the class's float comparison.
+    keys = [A, B] + [X] * 1200 + [Y, A]
+    w = [[0.9], [0.1]] + [[1.0]] * 1201 + [[1.0]]
+    t = write_trace(tmp_path / "t.parquet", [[k] for k in keys], weights=w)
+    hits = _hits_every_path(t, "gate-weighted", 3, {"half_life": 1.0})
+    assert hits == 1199  # the repeated x only: a was evicted by y
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.tuples(st.integers(4, 20), st.integers(1, 6), st.integers(0, 2**32 - 1), st.integers(5, 80),
+                      st.sampled_from(HEAPED_NAMES), st.sampled_from(["atomic", "sequential"]),
+                      st.sampled_from(["layer", "global"]), st.integers(0, 30), st.sampled_from([0.3, 4.0, 1e9])))
+def test_heap_equals_scan_and_class_property(tmp_path_factory, data):
+    # widths up to 6 put several row keys at the top of the heap (atomic); sizes from top-k to all keys
+    e, k, seed, n, name, semantics, scope, extra, half_life = data
+    k = min(k, e)
+    rng = np.random.default_rng(seed)
+    p = rng.dirichlet(np.ones(e) * 0.3)
+    sets = [list(rng.choice(e, k, replace=False, p=p)) for _ in range(2 * n)]
+    weights = np.round(rng.dirichlet(np.ones(k), size=len(sets)), 2)  # repeated values: score ties
+    t = write_trace(tmp_path_factory.mktemp("p") / "t.parquet", sets, num_layers=2, num_experts=e, weights=weights)
+    n_keys = e * (2 if scope == "global" else 1)
+    params = {"lfu-decay": {"half_life": half_life}, "gate-weighted": {"half_life": half_life},
+              "lrfu": {"lam": min(1.0, 1.0 / half_life)}, "random": {"seed": seed % 7}}.get(name)
+    _hits_every_path(t, name, min(n_keys, k + extra), params, scope, semantics)
+
+
+@pytest.mark.parametrize("name", HEAPED_NAMES)
+def test_large_global_cache_takes_the_heap_and_equals_the_class(tmp_path, name):
+    rng = np.random.default_rng(3)
+    sets = [list(rng.choice(16, 4, replace=False, p=rng.dirichlet(np.ones(16)))) for _ in range(600)]
+    t = write_trace(tmp_path / "t.parquet", sets, num_layers=4, num_experts=16)
+    for semantics in ("atomic", "sequential"):
+        s = build_stream(t, 40, "global", semantics)
+        assert len(pk.kernel_spec(pk.CODES[name], s.sizes)) == pk.CODES[name] + pk.HEAPED
+        fast = simulate(t, name, 40, scope="global", semantics=semantics)
+        ref = simulate(t, name, 40, scope="global", semantics=semantics, force_generic=True)
+        assert fast.method == "numba" and list(fast.layer_hits) == list(ref.layer_hits)
