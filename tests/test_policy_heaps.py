@@ -1,7 +1,7 @@
 """The O(log K) victim paths of the compiled replay (heaps for lfu, lfu-cache, opt, lfu-decay, gate-weighted,
-lrfu; a Fenwick tree for random) against the slot scan and the reference classes: hand-traced ties,
-protected row keys at the top of the heap, the float-underflow fallback of the decaying scores, and random
-streams in both semantics."""
+lrfu; a count heap and an LRU list walked by the threshold algorithm for hobbit; a Fenwick tree for random)
+against the slot scan and the reference classes: hand-traced ties, protected row keys at the top of the
+heap, the float-underflow fallback of the decaying scores, and random streams in both semantics."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_kernel_spec_picks_the_heap_above_the_scan_limit():
         code = pk.CODES[name]
         assert len(pk.kernel_spec(code, small)) == code
         assert len(pk.kernel_spec(code, large)) == code + pk.HEAPED
-    for name in ("arc", "s3fifo", "sieve", "hobbit"):
+    for name in ("arc", "s3fifo", "sieve"):
         assert len(pk.kernel_spec(pk.CODES[name], large)) == pk.CODES[name]
 
 

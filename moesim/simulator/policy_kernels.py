@@ -40,7 +40,7 @@ SCAN_MAX_SLOTS = 16
 # tree for random) instead of a scan; chosen above SCAN_MAX_SLOTS (measured: global 128 slots, lfu 15 ->
 # see reports/bench_replay; per layer, 4 slots, the scan wins)
 HEAPED = 16
-HEAP_CODES = (LFU, OPT, LFU_CACHE, LFU_DECAY, GATE_WEIGHTED, LRFU, RANDOM)
+HEAP_CODES = (LFU, OPT, LFU_CACHE, LFU_DECAY, GATE_WEIGHTED, LRFU, HOBBIT, RANDOM)
 CODES = {"lru": LRU, "fifo": FIFO, "lfu": LFU, "opt": OPT, "lfu-cache": LFU_CACHE, "lfu-decay": LFU_DECAY,
          "gate-weighted": GATE_WEIGHTED, "lrfu": LRFU, "sieve": SIEVE, "arc": ARC, "s3fifo": S3FIFO,
          "hobbit": HOBBIT, "random": RANDOM}
@@ -212,7 +212,7 @@ def _prio(code, u, qrate, N, fval):
     """A resident's heap priority (lowest is evicted first; ties to the lowest LAST)."""
     if code == OPT:
         return -float(N[NUSE, u])  # exact: row indices < 2^53, NEVER = 2^62
-    if code == LFU or code == LFU_CACHE:
+    if code == LFU or code == LFU_CACHE or code == HOBBIT:
         return float(N[IVAL, u])
     return (math.log(fval[u]) if fval[u] > 0.0 else -math.inf) + qrate * float(N[STAMP, u])
 
@@ -377,6 +377,116 @@ def _random_victim_fenwick(c, r, base, n_keys, keys, N, H, fen, mt, mti):
         if N[RES, base + keys[r, j]]:
             _fen_add(fen, base, n_keys, keys[r, j], 1)
     return v
+
+
+@njit(cache=True, nogil=True)
+def _fq_push(fq, n, i, c, hp, hl):
+    """Push heap index ``i`` on the frontier ``fq[:n]`` (a min-heap of heap indices); returns n + 1."""
+    k = n
+    while k > 0:
+        p = (k - 1) >> 1
+        j = fq[p]
+        if hp[c, j] < hp[c, i] or (hp[c, j] == hp[c, i] and hl[c, j] < hl[c, i]):
+            break
+        fq[k] = j
+        k = p
+    fq[k] = i
+    return n + 1
+
+
+@njit(cache=True, nogil=True)
+def _fq_pop(fq, n, c, hp, hl):
+    """Remove the top of ``fq[:n]`` (the caller read it); returns n - 1."""
+    n -= 1
+    i = fq[n]
+    k = 0
+    while True:
+        m = 2 * k + 1
+        if m >= n:
+            break
+        if m + 1 < n and (hp[c, fq[m + 1]] < hp[c, fq[m]] or (hp[c, fq[m + 1]] == hp[c, fq[m]]
+                                                             and hl[c, fq[m + 1]] < hl[c, fq[m]])):
+            m += 1
+        j = fq[m]
+        if hp[c, i] < hp[c, j] or (hp[c, i] == hp[c, j] and hl[c, i] < hl[c, j]):
+            break
+        fq[k] = j
+        k = m
+    fq[k] = i
+    return n
+
+
+@njit(cache=True, nogil=True)
+def _hobbit_victim_ta(c, t0, w, m, N, H, slots, hp, hl, fq, o1, o2, seen, rk, epoch):
+    """:func:`_hobbit_victim` without ranking every candidate (Fagin's threshold algorithm): walk the
+    candidates in recency order (the LRU list) and in (count, LAST) order (the heap, enumerated lazily
+    through a frontier) side by side; a candidate's score is exact once both walks have passed it, and
+    every candidate not yet passed by both scores at least a bound from the walks' depths (the score
+    is monotone in both ranks, in floats too). Stop when that bound exceeds the best exact score."""
+    occ = H[c, OCC]
+    # seen[0, u] == epoch: passed this time, seen[1, u]: by walk 1 only (1), walk 2 only (2), both (3)
+    best = -1
+    best_s = 0.0
+    d1 = 0
+    d2 = 0
+    p1 = 0
+    p2 = 0
+    cur = _first_allowed(H[c, HEAD], t0, N)
+    nf = _fq_push(fq, 0, 0, c, hp, hl)
+    while True:
+        if d1 < m:  # walk 1: next candidate by recency
+            u = cur
+            cur = _first_allowed(N[NXT, u], t0, N)
+            o1[d1] = u
+            if seen[0, u] == epoch and seen[1, u] == 2:
+                r2 = rk[1, u]
+                s = w * d1 + (1 - w) * r2
+                if best < 0 or s < best_s or (s == best_s and N[LAST, u] < N[LAST, best]):
+                    best = u
+                    best_s = s
+                seen[1, u] = 3
+            else:
+                seen[0, u] = epoch
+                seen[1, u] = 1
+            rk[0, u] = d1
+            d1 += 1
+        if d2 < m:  # walk 2: next candidate by (count, LAST), row keys skipped
+            while True:
+                i = fq[0]
+                nf = _fq_pop(fq, nf, c, hp, hl)
+                if 2 * i + 1 < occ:
+                    nf = _fq_push(fq, nf, 2 * i + 1, c, hp, hl)
+                if 2 * i + 2 < occ:
+                    nf = _fq_push(fq, nf, 2 * i + 2, c, hp, hl)
+                if not hl[c, i] > t0:
+                    break
+            u = slots[c, i]
+            o2[d2] = u
+            if seen[0, u] == epoch and seen[1, u] == 1:
+                s = w * rk[0, u] + (1 - w) * d2
+                if best < 0 or s < best_s or (s == best_s and N[LAST, u] < N[LAST, best]):
+                    best = u
+                    best_s = s
+                seen[1, u] = 3
+            else:
+                seen[0, u] = epoch
+                seen[1, u] = 2
+            rk[1, u] = d2
+            d2 += 1
+        if d1 >= m and d2 >= m:
+            return best
+        # lowest possible score of a candidate not passed by both walks
+        while p1 < d1 and seen[1, o1[p1]] == 3:
+            p1 += 1
+        while p2 < d2 and seen[1, o2[p2]] == 3:
+            p2 += 1
+        bound = w * d1 + (1 - w) * d2  # passed by neither
+        if p1 < d1:
+            bound = min(bound, w * p1 + (1 - w) * d2)
+        if p2 < d2:
+            bound = min(bound, w * d1 + (1 - w) * p2)
+        if best >= 0 and bound > best_s:
+            return best
 
 
 @njit(cache=True, nogil=True)
@@ -547,6 +657,13 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
     hl = np.zeros((n_caches, kmax) if heaped else (1, 1), np.int64)    # and LAST: the ties
     qrate = fp[P_RATE] * math.log(2.0) if code == LRFU else fp[P_RATE]  # score = value * e^(-qrate * age)
     fen = np.zeros(n_nodes if heaped and code == RANDOM else 1, np.int64)
+    ta = heaped and code == HOBBIT  # hobbit on a large cache: LRU list + count heap, threshold algorithm
+    fq = np.empty(kmax + 2 if ta else 1, np.int64)
+    o1 = np.empty(kmax if ta else 1, np.int64)
+    o2 = np.empty(kmax if ta else 1, np.int64)
+    seen = np.zeros((2, n_nodes) if ta else (2, 1), np.int64)
+    rk = np.zeros((2, n_nodes) if ta else (2, 1), np.int64)
+    epoch = 0
     tick = 0
     for r in range(n):
         c = cache[r]
@@ -619,6 +736,12 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                 elif code == S3FIFO:
                     H[c, EVICTED] = 1
                     v = _s3fifo_victim(c, t0, threshold, N, H)
+                elif ta:
+                    m = H[c, OCC]
+                    for j2 in range(w):
+                        m -= N[RES, base + keys[r, j2]]
+                    epoch += 1
+                    v = _hobbit_victim_ta(c, t0, fp[P_RATE], m, N, H, slots, hp, hl, fq, o1, o2, seen, rk, epoch)
                 elif code == HOBBIT:
                     v = _hobbit_victim(c, t0, fp[P_RATE], N, H, slots)
                 elif code == RANDOM and heaped:
@@ -636,6 +759,8 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                 H[c, OCC] -= 1
                 if heaped and code != RANDOM:
                     hole = N[SLOT, v]
+                    if ta:
+                        _unlink(v, c, N, H)
                     if code == LFU_CACHE:
                         N[IVAL, v] = 0
                 elif scanned:
@@ -659,6 +784,8 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
             N[RES, u] = 1
             if heaped and code != RANDOM:
                 _heap_set(code, c, H[c, OCC] if hole < 0 else hole, H[c, OCC] + 1, u, qrate, N, fval, slots, hp, hl)
+                if ta:
+                    _append(u, c, 0, N, H)
             elif scanned:
                 slots[c, H[c, OCC]] = u
                 N[SLOT, u] = H[c, OCC]
@@ -678,7 +805,7 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                 _append(u, c, 0, N, H)
                 N[IVAL, u] = 0
             H[c, OCC] += 1
-        if code == LRU:  # the row's keys become the most recent, router order
+        if code == LRU or ta:  # the row's keys become the most recent, router order
             for j in range(w):
                 u = base + keys[r, j]
                 if H[c, TAIL] != u:
