@@ -203,18 +203,21 @@ def _scan_victim(code, c, t0, now, fp, N, H, fval, slots):
 # :func:`_before`, N[SLOT, u] = u's index. The order is the class's victim order (lowest score, ties to
 # the least recently requested) for lfu, lfu-cache and opt, whose scores do not change between requests.
 # The decaying scores (lfu-decay, gate-weighted, lrfu: value * e^(-rate * (now - stamp))) change with
-# ``now`` but all by the same factor, so they are heaped by the time-invariant log score
-# QKEY = ln(value) + rate * stamp; the exact victim (the class's float score at ``now``) is then taken
-# among the few residents whose QKEY is within rounding distance of the smallest (_decay_victim).
+# ``now`` but all by the same factor, so they are heaped by the time-invariant value * e^(rate * (stamp -
+# ref)), with e^(rate * (now - ref)) computed once per clock tick and ``ref`` moved up (every key
+# recomputed, the heaps rebuilt) before it overflows; the exact victim (the class's float score at
+# ``now``) is then taken among the few residents within rounding distance of the smallest
+# (_decay_victim).
 
 @njit(cache=True, nogil=True, inline="always")
-def _prio(code, u, qrate, N, fval):
-    """A resident's heap priority (lowest is evicted first; ties to the lowest LAST)."""
+def _prio(code, u, e_now, N, fval):
+    """A resident's heap priority (lowest is evicted first; ties to the lowest LAST); ``e_now`` =
+    e^(rate * (now - ref)) for a decaying score just updated (stamp = now)."""
     if code == OPT:
         return -float(N[NUSE, u])  # exact: row indices < 2^53, NEVER = 2^62
     if code == LFU or code == LFU_CACHE or code == HOBBIT:
         return float(N[IVAL, u])
-    return (math.log(fval[u]) if fval[u] > 0.0 else -math.inf) + qrate * float(N[STAMP, u])
+    return fval[u] * e_now
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -265,10 +268,10 @@ def _sift_down(c, i, occ, N, slots, hp, hl):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _heap_set(code, c, i, occ, u, qrate, N, fval, slots, hp, hl):
+def _heap_set(code, c, i, occ, u, e_now, N, fval, slots, hp, hl):
     """Put node ``u`` (new or with a changed priority) at index ``i`` and restore the heap."""
     slots[c, i] = u
-    hp[c, i] = _prio(code, u, qrate, N, fval)
+    hp[c, i] = _prio(code, u, e_now, N, fval)
     hl[c, i] = N[LAST, u]
     N[SLOT, u] = i
     _sift_down(c, _sift_up(c, i, N, slots, hp, hl), occ, N, slots, hp, hl)
@@ -298,22 +301,36 @@ def _heap_min(c, t0, occ, slots, hp, hl, stk):
 
 
 @njit(cache=True, nogil=True)
-def _decay_victim(code, c, t0, now, qrate, fp, N, H, fval, slots, hp, hl, stk):
+def _rebase(n_caches, H, N, fval, slots, hp, hl, qrate, ref):
+    """Recompute every decaying priority against a new ``ref`` and rebuild the heaps (rare: once per
+    ~500 / rate clock ticks). Long-idle keys may underflow to 0; _decay_victim scans then."""
+    for c in range(n_caches):
+        occ = H[c, OCC]
+        for i in range(occ):
+            u = slots[c, i]
+            hp[c, i] = fval[u] * math.exp(qrate * float(N[STAMP, u] - ref))
+        for i in range(occ // 2 - 1, -1, -1):
+            _sift_down(c, i, occ, N, slots, hp, hl)
+
+
+@njit(cache=True, nogil=True)
+def _decay_victim(code, c, t0, now, fp, N, H, fval, slots, hp, hl, stk):
     """The class's victim for the decaying scores: lowest float score at ``now``, ties to the least
     recently requested, exactly as :func:`_scan_victim`, looking only where it can be.
 
-    The heap priority ln(value) + rate * stamp differs from ln(score at now) + rate * now by rounding
-    only (a few ulps of the magnitudes summed, far below ``tol``), so the victim's priority is within
-    ``tol`` of the smallest outside the row: the scores of those residents are computed exactly as
-    the class does and compared. When the smallest score is near the bottom of the float range
-    (rounding is no longer relative there), or a score is zero (log -inf), the slots are scanned."""
+    The heap priority value * e^(rate * (stamp - ref)) is the score at ``now`` times e^(rate * (now -
+    ref)), the same factor for all, up to rounding (relative error ~1e-13: exponents below ~750), so
+    the victim's priority is within a relative 1e-9 of the smallest outside the row: the scores of
+    those residents are computed exactly as the class does and compared. When the smallest priority
+    or score is near the bottom of the float range (rounding is no longer relative there, and the
+    class's scores may tie at 0.0), the slots are scanned instead."""
     occ = H[c, OCC]
     m = slots[c, _heap_min(c, t0, occ, slots, hp, hl, stk)]
     q = hp[c, N[SLOT, m]]
     best_s = _score(code, m, now, fp, N, fval)
-    if not (best_s >= 1e-200 and q > -math.inf):
+    if not (best_s >= 1e-200 and q >= 1e-200):
         return _scan_victim(code, c, t0, now, fp, N, H, fval, slots)
-    bound = q + 1e-10 * (1000.0 + abs(q) + qrate * float(now))
+    bound = q * (1.0 + 1e-9)
     best = m
     top = 1
     stk[0] = 0
@@ -656,6 +673,9 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
     hp = np.zeros((n_caches, kmax) if heaped else (1, 1), np.float64)  # heap priority by index (_prio)
     hl = np.zeros((n_caches, kmax) if heaped else (1, 1), np.int64)    # and LAST: the ties
     qrate = fp[P_RATE] * math.log(2.0) if code == LRFU else fp[P_RATE]  # score = value * e^(-qrate * age)
+    ref = 0      # heap priorities of the decaying scores: value * e^(qrate * (stamp - ref)), see _prio
+    e_now = 1.0  # e^(qrate * (now - ref))
+    e_at = 0
     fen = np.zeros(n_nodes if heaped and code == RANDOM else 1, np.int64)
     ta = heaped and code == HOBBIT  # hobbit on a large cache: LRU list + count heap, threshold algorithm
     fq = np.empty(kmax + 2 if ta else 1, np.int64)
@@ -674,6 +694,12 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
             continue
         base = c * n_keys
         now = clock[r]
+        if heaped and decaying and now != e_at:
+            if qrate * float(now - ref) > 500.0:  # e_now would near overflow: re-base every priority
+                ref = now
+                _rebase(n_caches, H, N, fval, slots, hp, hl, qrate, ref)
+            e_now = math.exp(qrate * float(now - ref))
+            e_at = now
         # look up + access, router order
         t0 = tick  # the row's keys are exactly the nodes with LAST > t0 from here on
         for j in range(w):
@@ -694,7 +720,7 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                 fval[u] = fval[u] * math.exp((-fp[P_RATE]) * float(now - N[STAMP, u])) + inc
                 N[STAMP, u] = now
             if heaped and code != RANDOM and N[RES, u]:
-                _heap_set(code, c, N[SLOT, u], H[c, OCC], u, qrate, N, fval, slots, hp, hl)
+                _heap_set(code, c, N[SLOT, u], H[c, OCC], u, e_now, N, fval, slots, hp, hl)
             if code == SIEVE:
                 if N[RES, u]:
                     N[IVAL, u] = 1
@@ -749,7 +775,7 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                 elif code == RANDOM:
                     v = _random_victim(c, t0, N, H, slots, buf, mt, mti)
                 elif heaped and decaying:
-                    v = _decay_victim(code, c, t0, now, qrate, fp, N, H, fval, slots, hp, hl, stk)
+                    v = _decay_victim(code, c, t0, now, fp, N, H, fval, slots, hp, hl, stk)
                 elif heaped:
                     v = slots[c, _heap_min(c, t0, H[c, OCC], slots, hp, hl, stk)]
                 else:
@@ -783,7 +809,7 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
             # insert
             N[RES, u] = 1
             if heaped and code != RANDOM:
-                _heap_set(code, c, H[c, OCC] if hole < 0 else hole, H[c, OCC] + 1, u, qrate, N, fval, slots, hp, hl)
+                _heap_set(code, c, H[c, OCC] if hole < 0 else hole, H[c, OCC] + 1, u, e_now, N, fval, slots, hp, hl)
                 if ta:
                     _append(u, c, 0, N, H)
             elif scanned:
