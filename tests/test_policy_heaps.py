@@ -124,3 +124,16 @@ def test_large_global_cache_takes_the_heap_and_equals_the_class(tmp_path, name):
         fast = simulate(t, name, 40, scope="global", semantics=semantics)
         ref = simulate(t, name, 40, scope="global", semantics=semantics, force_generic=True)
         assert fast.method == "numba" and list(fast.layer_hits) == list(ref.layer_hits)
+
+
+@pytest.mark.parametrize("name,params", [("lfu-decay", {"half_life": 0.5}), ("lrfu", {"lam": 1.0}),
+                                         ("gate-weighted", {"half_life": 0.7})])
+def test_decaying_priorities_survive_rebasing(tmp_path, name, params):
+    # half-lives of about a token: the heap priorities are re-based every few hundred tokens (and
+    # long-idle keys underflow), over 1500 tokens; scan, heap and class must still agree
+    rng = np.random.default_rng(5)
+    sets = [list(rng.choice(12, 2, replace=False, p=rng.dirichlet(np.ones(12) * 0.3))) for _ in range(3000)]
+    weights = np.round(rng.dirichlet(np.ones(2), size=len(sets)), 1)
+    t = write_trace(tmp_path / "t.parquet", sets, num_layers=2, num_experts=12, weights=weights)
+    for semantics in ("atomic", "sequential"):
+        _hits_every_path(t, name, 20, params, "global", semantics)
