@@ -166,28 +166,8 @@ def _randbelow(mt, mti, c, n):
 
 # ---- per-policy victims --------------------------------------------------------------------------
 
-DTAB = 4096  # decay factors cached per age (in clock ticks) below this
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _decay_factor(code, age, fp, dtab):
-    """The classes' decay factor for an age (lrfu: 0.5 ** (lam * age), else e^(-rate * age)), the same
-    float expression as theirs, computed once per age below ``len(dtab)`` (entries start at -1)."""
-    if age < dtab.shape[0]:
-        v = dtab[age]
-        if v >= 0.0:
-            return v
-    if code == LRFU:
-        v = 0.5 ** (fp[P_RATE] * float(age))
-    else:
-        v = math.exp((-fp[P_RATE]) * float(age))
-    if age < dtab.shape[0]:
-        dtab[age] = v
-    return v
-
-
 @njit(cache=True, nogil=True)
-def _score(code, u, now, fp, N, fval, dtab):
+def _score(code, u, now, fp, N, fval):
     """Eviction score of a resident node for the score policies (lowest goes first)."""
     if code == LFU or code == LFU_CACHE:
         return float(N[IVAL, u])
@@ -198,12 +178,12 @@ def _score(code, u, now, fp, N, fval, dtab):
     if code == FIFO_SCAN:
         return float(N[STAMP, u])
     if code == LRFU:
-        return fval[u] * _decay_factor(code, now - N[STAMP, u], fp, dtab)
-    return fval[u] * _decay_factor(code, now - N[STAMP, u], fp, dtab)  # lfu-decay, gate-weighted
+        return fval[u] * 0.5 ** (fp[P_RATE] * float(now - N[STAMP, u]))
+    return fval[u] * math.exp((-fp[P_RATE]) * float(now - N[STAMP, u]))  # lfu-decay, gate-weighted
 
 
 @njit(cache=True, nogil=True)
-def _scan_victim(code, c, t0, now, fp, N, H, fval, slots, dtab):
+def _scan_victim(code, c, t0, now, fp, N, H, fval, slots):
     """Lowest score among the resident slots outside the row, ties to the least recently requested."""
     v = -1
     b_s = 0.0
@@ -211,7 +191,7 @@ def _scan_victim(code, c, t0, now, fp, N, H, fval, slots, dtab):
         x = slots[c, i]
         if N[LAST, x] > t0:
             continue
-        s = _score(code, x, now, fp, N, fval, dtab)
+        s = _score(code, x, now, fp, N, fval)
         if v < 0 or s < b_s or (s == b_s and N[LAST, x] < N[LAST, v]):
             v = x
             b_s = s
@@ -334,7 +314,7 @@ def _rebase(n_caches, H, N, fval, slots, hp, hl, qrate, ref):
 
 
 @njit(cache=True, nogil=True)
-def _decay_victim(code, c, t0, now, fp, N, H, fval, slots, hp, hl, stk, dtab):
+def _decay_victim(code, c, t0, now, fp, N, H, fval, slots, hp, hl, stk):
     """The class's victim for the decaying scores: lowest float score at ``now``, ties to the least
     recently requested, exactly as :func:`_scan_victim`, looking only where it can be.
 
@@ -347,9 +327,9 @@ def _decay_victim(code, c, t0, now, fp, N, H, fval, slots, hp, hl, stk, dtab):
     occ = H[c, OCC]
     m = slots[c, _heap_min(c, t0, occ, slots, hp, hl, stk)]
     q = hp[c, N[SLOT, m]]
-    best_s = _score(code, m, now, fp, N, fval, dtab)
+    best_s = _score(code, m, now, fp, N, fval)
     if not (best_s >= 1e-200 and q >= 1e-200):
-        return _scan_victim(code, c, t0, now, fp, N, H, fval, slots, dtab)
+        return _scan_victim(code, c, t0, now, fp, N, H, fval, slots)
     bound = q * (1.0 + 1e-9)
     best = m
     top = 1
@@ -361,7 +341,7 @@ def _decay_victim(code, c, t0, now, fp, N, H, fval, slots, hp, hl, stk, dtab):
             continue
         u = slots[c, i]
         if u != m and not hl[c, i] > t0:
-            s = _score(code, u, now, fp, N, fval, dtab)
+            s = _score(code, u, now, fp, N, fval)
             if s < best_s or (s == best_s and N[LAST, u] < N[LAST, best]):
                 best = u
                 best_s = s
@@ -696,7 +676,6 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
     ref = 0      # heap priorities of the decaying scores: value * e^(qrate * (stamp - ref)), see _prio
     e_now = 1.0  # e^(qrate * (now - ref))
     e_at = 0
-    dtab = np.full(DTAB if decaying else 1, -1.0)
     fen = np.zeros(n_nodes if heaped and code == RANDOM else 1, np.int64)
     ta = heaped and code == HOBBIT  # hobbit on a large cache: LRU list + count heap, threshold algorithm
     fq = np.empty(kmax + 2 if ta else 1, np.int64)
@@ -734,11 +713,11 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
             elif code == OPT:
                 N[NUSE, u] = nxt_use[r, j]
             elif code == LRFU:
-                fval[u] = 1.0 + fval[u] * _decay_factor(code, now - N[STAMP, u], fp, dtab)
+                fval[u] = 1.0 + fval[u] * 0.5 ** (fp[P_RATE] * float(now - N[STAMP, u]))
                 N[STAMP, u] = now
             elif code == LFU_DECAY or code == GATE_WEIGHTED:
                 inc = 1.0 if code == LFU_DECAY else float(weights[r, j])
-                fval[u] = fval[u] * _decay_factor(code, now - N[STAMP, u], fp, dtab) + inc
+                fval[u] = fval[u] * math.exp((-fp[P_RATE]) * float(now - N[STAMP, u])) + inc
                 N[STAMP, u] = now
             if heaped and code != RANDOM and N[RES, u]:
                 _heap_set(code, c, N[SLOT, u], H[c, OCC], u, e_now, N, fval, slots, hp, hl)
@@ -796,11 +775,11 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                 elif code == RANDOM:
                     v = _random_victim(c, t0, N, H, slots, buf, mt, mti)
                 elif heaped and decaying:
-                    v = _decay_victim(code, c, t0, now, fp, N, H, fval, slots, hp, hl, stk, dtab)
+                    v = _decay_victim(code, c, t0, now, fp, N, H, fval, slots, hp, hl, stk)
                 elif heaped:
                     v = slots[c, _heap_min(c, t0, H[c, OCC], slots, hp, hl, stk)]
                 else:
-                    v = _scan_victim(code, c, t0, now, fp, N, H, fval, slots, dtab)
+                    v = _scan_victim(code, c, t0, now, fp, N, H, fval, slots)
                 # evict
                 N[RES, v] = 0
                 H[c, OCC] -= 1
@@ -897,7 +876,6 @@ def stack_depths(spec, cache, keys, clock, weights, n_caches, n_keys, nxt_use, f
     used = np.zeros(n_caches, np.int64)
     hist = np.zeros(n_keys + 1, np.int64)
     pool = np.empty(w + 1, np.int64)
-    dtab = np.full(DTAB, -1.0)
     tick = 0
     for r in range(n):
         c = cache[r]
@@ -922,11 +900,11 @@ def stack_depths(spec, cache, keys, clock, weights, n_caches, n_keys, nxt_use, f
             elif code == OPT:
                 N[NUSE, u] = nxt_use[r, j]
             elif code == LRFU:
-                fval[u] = 1.0 + fval[u] * _decay_factor(code, now - N[STAMP, u], fp, dtab)
+                fval[u] = 1.0 + fval[u] * 0.5 ** (fp[P_RATE] * float(now - N[STAMP, u]))
                 N[STAMP, u] = now
             else:  # lfu-decay, gate-weighted
                 inc = 1.0 if code == LFU_DECAY else float(weights[r, j])
-                fval[u] = fval[u] * _decay_factor(code, now - N[STAMP, u], fp, dtab) + inc
+                fval[u] = fval[u] * math.exp((-fp[P_RATE]) * float(now - N[STAMP, u])) + inc
                 N[STAMP, u] = now
         # positions 0..w-1: the row; below, after old position i, exactly i + 1 - w of the others
         # (the highest-priority ones seen so far) are placed; the rest stay in the pool
@@ -939,9 +917,9 @@ def stack_depths(spec, cache, keys, clock, weights, n_caches, n_keys, nxt_use, f
                 m += 1
             while out <= i and m > 0:
                 b = 0
-                sb = _score(code, pool[0], now, fp, N, fval, dtab)
+                sb = _score(code, pool[0], now, fp, N, fval)
                 for t in range(1, m):
-                    s = _score(code, pool[t], now, fp, N, fval, dtab)
+                    s = _score(code, pool[t], now, fp, N, fval)
                     if s > sb or (s == sb and N[LAST, pool[t]] > N[LAST, pool[b]]):
                         b = t
                         sb = s
