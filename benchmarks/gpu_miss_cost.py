@@ -91,7 +91,7 @@ def mixed_routing(g: Geometry, tokens: int, seed: int = 14) -> Routing:
 
 # ---- the engine's loop with one knob at a time ----------------------------------------------------
 
-KNOBS = ("marker", "timing_events", "two_streams", "no_free_wait", "interleave", "lookahead1", "few_buffers",
+KNOBS = ("marker", "spacer_kernel", "timing_events", "two_streams", "no_free_wait", "interleave", "lookahead1", "few_buffers",
          "no_gate_wait")
 
 
@@ -174,6 +174,8 @@ class KnobEngine(OffloadedEngine):
                         d.wait(self.ready[layer][slot])
                         if "marker" in knobs:
                             d.event(timing=False).record()
+                        if "spacer_kernel" in knobs and d.cuda:
+                            torch_.cuda._sleep(1)   # a one-cycle kernel between the wait and the graph
                         prog.expert[layer][slot][j]()
                         fr = d.event(timing=timing)
                         fr.record()
@@ -415,6 +417,7 @@ def main() -> int:
     variants += [("all_miss", "engine_nosync", "engine_nosync")]
     variants += [("all_miss", kn, frozenset({kn})) for kn in KNOBS if kn != "marker"]
     variants += [("mixed", kn, frozenset({kn})) for kn in ("timing_events", "two_streams", "lookahead1")]
+    variants += [("mixed", "engine_nosync", "engine_nosync")]
     variants += [("all_miss", "eager_marker", "eager+marker")]
     result["variants"] = []
     engines: dict[tuple[str, bool], KnobEngine] = {}
