@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from moesim.engine.cupti_gaps import engine_gaps  # noqa: E402
 from moesim.engine.plan import CachePlan, Routing  # noqa: E402
 from moesim.engine.quant import quant_spec  # noqa: E402
 from moesim.engine.runtime import MIXTRAL_8X7B, Geometry, OffloadedEngine, Program, Weights  # noqa: E402
@@ -477,6 +478,19 @@ def main() -> int:
             log(result[f"cupti_error_{label}"])
     with gzip.open(out / "cupti.json.gz", "wt") as fh:
         json.dump(traces, fh)
+    result["cupti_gaps"] = {}
+    for label, r, k in (("all_miss_engine", am, g.top_k), ("all_miss_marker", am, g.top_k), ("mixed_engine", mx, 4)):
+        if label not in traces:
+            continue
+        try:
+            gaps = engine_gaps(traces[label]["gpu"], r, k)
+            result["cupti_gaps"][label] = gaps
+            log(f"cupti gaps {label}: " + "; ".join(
+                f"{key} {v['median_us']:.1f} us (n={v['n']})" if "median_us" in v else f"{key} {v['median']:.4f} ms"
+                for key, v in gaps.items() if v))
+        except Exception as exc:   # noqa: BLE001 - the raw trace is kept; analysed again on CPU
+            result["cupti_gaps"][label] = f"{type(exc).__name__}: {exc}"
+            log(f"cupti gaps {label}: {result['cupti_gaps'][label]}")
     result["elapsed_s"] = time.perf_counter() - T0
     write(out, "miss_cost.json", result)
     log("done")
