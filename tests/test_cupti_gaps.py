@@ -78,3 +78,21 @@ def test_a_trace_that_does_not_match_the_plan_is_refused():
     drop = [a for a in acts if not (a["cat"] == "gpu_memcpy" and a["bytes"] > 1 << 20)][:-1] + [acts[-1]]
     with pytest.raises(ValueError, match="copies"):
         engine_gaps(drop, all_miss(2, 3), cache_size=2)
+
+
+def test_every_slot_of_an_engine_program_is_16_byte_aligned():
+    """Inductor copies a misaligned input before its kernels: every slot row must start 16-byte aligned
+    (8-byte padding put every odd slot 8 bytes off, costing a blob copy per expert on the H200)."""
+    from moesim.engine.identity import BLOB_ALIGN, TAG_BYTES, blob_bytes
+    from moesim.engine.quant import quant_spec
+    from moesim.engine.runtime import Geometry, Program, Weights
+
+    assert BLOB_ALIGN == 16
+    for n in (66748416, 88080384, 37256, 37248, 1, 8, 9, 16):
+        b = blob_bytes(n)
+        assert b % 16 == 0 and b >= n + TAG_BYTES and b - (n + TAG_BYTES) < 16
+    w = Weights(Geometry.tiny(2), quant_spec("hqq2"), "cpu", pin=False)
+    prog = Program(w, 3, 4)
+    for layer in range(2):
+        for s in range(3):
+            assert prog.slots[layer][s].data_ptr() % 16 == 0
