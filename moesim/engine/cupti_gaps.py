@@ -147,3 +147,17 @@ def engine_gaps(acts: list[dict[str, Any]], routing: Routing, cache_size: int, p
         else:
             res[key] = _stats(xs)
     return res
+
+
+def hop_terms(gaps: dict[str, Any]) -> dict[str, float]:
+    """The cost model's hop terms from :func:`engine_gaps` of an all-miss replay: ``copy_hop_s`` = the mean
+    wait of a copy on the copy stream (after its gate, or behind the previous copy: both pooled),
+    ``ready_hop_s`` = the mean wait of an expert after the copy it waited for landed. Means, not medians:
+    the hops are spread over ~10-80 us and their sum is what a token pays."""
+    copies = [gaps[k] for k in ("gate_to_copy", "copy_to_copy") if gaps.get(k)]
+    if not copies or not gaps.get("ready_to_expert"):
+        raise ValueError("no copy or expert waits in these gaps (an all-miss replay has both)")
+    n = sum(c["n"] for c in copies)
+    return {"copy_hop_s": sum(c["sum_us"] for c in copies) / n * 1e-6,
+            "ready_hop_s": gaps["ready_to_expert"]["sum_us"] / gaps["ready_to_expert"]["n"] * 1e-6,
+            "copy_waits": n, "expert_waits": int(gaps["ready_to_expert"]["n"])}
