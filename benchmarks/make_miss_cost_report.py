@@ -387,7 +387,8 @@ def main() -> int:
     after = cost.with_overrides(copy_hop_us=terms["copy_hop_s"] * 1e6, ready_hop_us=terms["ready_hop_s"] * 1e6)
     report: dict[str, Any] = {
         "device": raw["device"], "date": raw["date"],
-        "commands": {"device": ["python3 benchmarks/gpu_miss_cost.py --out $OUT --budget 200",
+        "commands": {"device": ["python3 benchmarks/gpu_miss_cost.py --out $OUT --budget 200 (the run predates "
+                                "--residency-check and had the check on: today's --residency-check)",
                                 "python3 benchmarks/gpu_stream_hops.py --out $OUT"],
                      "report": f"python benchmarks/make_miss_cost_report.py {args.raw_dir} -o {args.out}"},
         "terms": {"copy_hop_s": terms["copy_hop_s"], "ready_hop_s": terms["ready_hop_s"],

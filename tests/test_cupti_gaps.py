@@ -96,3 +96,23 @@ def test_every_slot_of_an_engine_program_is_16_byte_aligned():
     for layer in range(2):
         for s in range(3):
             assert prog.slots[layer][s].data_ptr() % 16 == 0
+
+
+def test_hop_terms_reach_the_calibration_and_bad_ones_are_refused():
+    """engine_gaps -> hop_terms -> the raw file's engine_terms.stream_hops -> the calibration's engine block."""
+    from moesim.engine.calibration import _engine_block
+    from moesim.engine.cupti_gaps import hop_terms
+    from moesim.errors import DataError
+
+    g = engine_gaps(timeline(tokens=3, layers=4), all_miss(3, 4), cache_size=2)
+    t = hop_terms(g)
+    # 12 gate->copy waits of GATE_TO_COPY and 12 copy->copy waits of 0, pooled; 24 expert waits
+    assert t["copy_hop_s"] == pytest.approx(GATE_TO_COPY / 2 * 1e-6)
+    assert t["ready_hop_s"] == pytest.approx(READY_TO_EXPERT * 1e-6)
+    eng = _engine_block({"engine_terms": {"stream_hops": {**t, "source": "test"}}}, "raw.json")
+    assert eng["copy_hop_s"] == t["copy_hop_s"] and eng["ready_hop_s"] == t["ready_hop_s"]
+    assert "copy_hop_s" in eng["sources"] and "copy_hop_s" not in _engine_block({"engine_terms": {}}, "r")
+    with pytest.raises(DataError, match="stream_hops"):
+        _engine_block({"engine_terms": {"stream_hops": {"copy_hop_s": "x", "ready_hop_s": 1}}}, "raw.json")
+    with pytest.raises(ValueError, match="all-miss"):
+        hop_terms({"gate_to_copy": None, "copy_to_copy": None, "ready_to_expert": None})
