@@ -27,7 +27,8 @@ def small(tmp_path_factory):
 def zero_cost(**kw):
     base = CostModel.preset("a6000").with_overrides(expert_ms=0, layer_ms=0, token_ms=0, pcie_latency_us=0,
                                                     pcie_gbps=10.0, expert_bytes=10**7, miss_issue_us=0,
-                                                    routing_handoff_us=0, host_copy_issue_us=0, predict_us=0)
+                                                    routing_handoff_us=0, host_copy_issue_us=0, predict_us=0,
+                                                    copy_hop_us=0, ready_hop_us=0)
     return base.with_overrides(**kw) if kw else base
 
 
