@@ -191,11 +191,12 @@ class ExpertCache:
     def _rows_1(self, ka: Iterable[int], clocks: Iterable[int], wa: Iterable[float],
                 na: Iterable[int]) -> list[int]:
         """:meth:`_rows_any` unrolled for one key per set: the candidates are all the residents."""
-        resident, capacity = self.resident, self.capacity
+        resident = self.resident
         on_access, on_insert, on_evict, victim_of = self._hooks()
         hits: list[int] = []
         hit = hits.append
         evictions = 0
+        free = self.capacity - len(resident)  # counted here: len() per miss costs as much as a set update
         try:
             for a, now, w, nu in zip(ka, clocks, wa, na, strict=False):  # wa, na may repeat
                 if on_access is not None:
@@ -204,11 +205,16 @@ class ExpertCache:
                     hit(1)
                     continue
                 hit(0)
-                if len(resident) >= capacity:
+                if free:
+                    free -= 1
+                else:
                     victim = victim_of(list(resident))
-                    if victim not in resident or victim == a:
+                    if victim == a:
                         raise _illegal_victim(self.policy, victim)
-                    resident.remove(victim)
+                    try:
+                        resident.remove(victim)
+                    except (KeyError, TypeError):  # not resident, or not even a key
+                        raise _illegal_victim(self.policy, victim) from None
                     if on_evict is not None:
                         on_evict(victim)
                     evictions += 1
@@ -222,11 +228,12 @@ class ExpertCache:
     def _rows_2(self, ka: Iterable[int], kb: Iterable[int], clocks: Iterable[int], wa: Iterable[float],
                 wb: Iterable[float], na: Iterable[int], nb: Iterable[int]) -> list[int]:
         """:meth:`_rows_any` unrolled for two keys per set (a, b in router order)."""
-        resident, capacity = self.resident, self.capacity
+        resident = self.resident
         on_access, on_insert, on_evict, victim_of = self._hooks()
         hits: list[int] = []
         hit = hits.append
         evictions = 0
+        free = self.capacity - len(resident)
         try:
             for a, b, now, w_a, w_b, nu_a, nu_b in zip(ka, kb, clocks, wa, wb, na, nb, strict=False):
                 # 1. count and 2. touch (in either order: touching changes no residency)
@@ -239,32 +246,56 @@ class ExpertCache:
                         continue
                     hit(1)
                 else:
-                    hit(1 if b in resident else 0)
-                    # 3. insert a (b, if resident, is protected)
-                    if len(resident) >= capacity:
-                        candidates = list(resident)
-                        if b in resident:
+                    # 3. insert a; b, if resident, is protected
+                    if b in resident:
+                        hit(1)
+                        if free:
+                            free -= 1
+                        else:
+                            candidates = list(resident)
                             candidates.remove(b)
-                        victim = victim_of(candidates)
-                        if victim not in resident or victim == a or victim == b:
-                            raise _illegal_victim(self.policy, victim)
-                        resident.remove(victim)
+                            victim = victim_of(candidates)
+                            if victim == b:
+                                raise _illegal_victim(self.policy, victim)
+                            try:
+                                resident.remove(victim)  # a KeyError: not resident (a itself included)
+                            except (KeyError, TypeError):
+                                raise _illegal_victim(self.policy, victim) from None
+                            if on_evict is not None:
+                                on_evict(victim)
+                            evictions += 1
+                        resident.add(a)
+                        if on_insert is not None:
+                            on_insert(a, now)
+                        continue
+                    hit(0)
+                    if free:
+                        free -= 1
+                    else:
+                        victim = victim_of(list(resident))
+                        try:
+                            resident.remove(victim)
+                        except (KeyError, TypeError):
+                            raise _illegal_victim(self.policy, victim) from None
                         if on_evict is not None:
                             on_evict(victim)
                         evictions += 1
                     resident.add(a)
                     if on_insert is not None:
                         on_insert(a, now)
-                    if b in resident:
-                        continue
-                # 3. insert b (a is resident now, and protected)
-                if len(resident) >= capacity:
+                # 3. insert b; a is resident now, and protected
+                if free:
+                    free -= 1
+                else:
                     candidates = list(resident)
                     candidates.remove(a)
                     victim = victim_of(candidates)
-                    if victim not in resident or victim == a or victim == b:
+                    if victim == a:
                         raise _illegal_victim(self.policy, victim)
-                    resident.remove(victim)
+                    try:
+                        resident.remove(victim)
+                    except (KeyError, TypeError):
+                        raise _illegal_victim(self.policy, victim) from None
                     if on_evict is not None:
                         on_evict(victim)
                     evictions += 1
