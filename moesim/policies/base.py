@@ -175,9 +175,12 @@ class ExpertCache:
                             if x in resident:
                                 candidates.remove(x)  # keeps the residents' order (policies' ties)
                         victim = victim_of(candidates)
-                        if victim not in resident or victim in keys:
+                        if victim in keys:
                             raise _illegal_victim(self.policy, victim)
-                        resident.remove(victim)
+                        try:
+                            resident.remove(victim)
+                        except (KeyError, TypeError):  # not resident, or not even a key
+                            raise _illegal_victim(self.policy, victim) from None
                         if on_evict is not None:
                             on_evict(victim)
                         evictions += 1
@@ -194,7 +197,6 @@ class ExpertCache:
         resident = self.resident
         on_access, on_insert, on_evict, victim_of = self._hooks()
         hits: list[int] = []
-        hit = hits.append
         evictions = 0
         free = self.capacity - len(resident)  # counted here: len() per miss costs as much as a set update
         try:
@@ -202,9 +204,9 @@ class ExpertCache:
                 if on_access is not None:
                     on_access(a, now, w, nu)
                 if a in resident:
-                    hit(1)
+                    hits.append(1)
                     continue
-                hit(0)
+                hits.append(0)
                 if free:
                     free -= 1
                 else:
@@ -231,7 +233,6 @@ class ExpertCache:
         resident = self.resident
         on_access, on_insert, on_evict, victim_of = self._hooks()
         hits: list[int] = []
-        hit = hits.append
         evictions = 0
         free = self.capacity - len(resident)
         try:
@@ -242,13 +243,13 @@ class ExpertCache:
                     on_access(b, now, w_b, nu_b)
                 if a in resident:
                     if b in resident:
-                        hit(2)
+                        hits.append(2)
                         continue
-                    hit(1)
+                    hits.append(1)
                 else:
                     # 3. insert a; b, if resident, is protected
                     if b in resident:
-                        hit(1)
+                        hits.append(1)
                         if free:
                             free -= 1
                         else:
@@ -268,7 +269,7 @@ class ExpertCache:
                         if on_insert is not None:
                             on_insert(a, now)
                         continue
-                    hit(0)
+                    hits.append(0)
                     if free:
                         free -= 1
                     else:
@@ -322,7 +323,11 @@ class ExpertCache:
             if not candidates:
                 return False
             victim = self.policy.victim(candidates)
-            if victim not in resident or victim in protected:
+            try:
+                legal = victim in resident and victim not in protected
+            except TypeError:  # not even a key
+                legal = False
+            if not legal:
                 raise _illegal_victim(self.policy, victim)
             resident.discard(victim)
             self.policy.on_evict(victim)
