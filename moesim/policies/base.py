@@ -25,6 +25,9 @@ from typing import Any, ClassVar
 from moesim.policies.params import check_params
 
 NEVER = 1 << 62  # next_use of a key that is never requested again
+# endless defaults for sets given without weights / next uses (zip stops at the keys; stateless, shared)
+_ONES, _NEVERS = repeat(1.0), repeat(NEVER)
+_ONES_ROWS, _NEVERS_ROWS = repeat(_ONES), repeat(_NEVERS)
 
 
 class EvictionPolicy:
@@ -62,7 +65,7 @@ class ExpertCache:
     keys are inserted in router order, evicting only keys outside the set.
     """
 
-    __slots__ = ("capacity", "policy", "resident", "evictions", "reads_weights")
+    __slots__ = ("capacity", "policy", "resident", "evictions", "reads_weights", "_hooks")
 
     def __init__(self, capacity: int, policy: EvictionPolicy) -> None:
         if capacity < 1:
@@ -75,6 +78,13 @@ class ExpertCache:
         # whether the routing weights must be passed to on_access (converting them costs as much as a
         # cheap policy's own work); a policy that cannot be inspected gets them
         self.reads_weights = reads_argument(policy.on_access, 2)
+        # the policy's bound hooks, None for those it inherits from EvictionPolicy (no-ops): looked up
+        # once, as the policy is fixed for the cache's life
+        kind = type(policy)
+        self._hooks = (policy.on_access if kind.on_access is not EvictionPolicy.on_access else None,
+                       policy.on_insert if kind.on_insert is not EvictionPolicy.on_insert else None,
+                       policy.on_evict if kind.on_evict is not EvictionPolicy.on_evict else None,
+                       policy.victim)
 
     def __contains__(self, key: int) -> bool:
         return key in self.resident
@@ -85,10 +95,7 @@ class ExpertCache:
     def request(self, keys: Sequence[int], now: int, weights: Sequence[float] | None = None,
                 next_uses: Sequence[int] | None = None) -> list[int]:
         """Request a set of distinct keys at once; returns the keys that missed (router order)."""
-        missed: list[int] = []
-        self._rows_any((keys,), (now,), None if weights is None else (weights,),
-                       None if next_uses is None else (next_uses,), missed)
-        return missed
+        return self._set(keys, now, _ONES if weights is None else weights, _NEVERS if next_uses is None else next_uses)
 
     def request_rows(self, rows: Sequence[Sequence[int]], clocks: Sequence[int],
                      weights: Sequence[Sequence[float]] | None = None,
@@ -99,7 +106,7 @@ class ExpertCache:
             return self.request_columns(list(zip(*rows, strict=True)), clocks,
                                         None if weights is None else list(zip(*weights, strict=True)),
                                         None if next_uses is None else list(zip(*next_uses, strict=True)))
-        return self._rows_any(rows, clocks, weights if self.reads_weights else None, next_uses, None)
+        return self._rows_any(rows, clocks, weights if self.reads_weights else None, next_uses)
 
     def request_columns(self, keys: Sequence[Sequence[int]], clocks: Sequence[int],
                         weights: Sequence[Sequence[float]] | None = None,
@@ -130,72 +137,63 @@ class ExpertCache:
                                 repeat(NEVER) if next_uses is None else next_uses[1])
         return self._rows_any(list(zip(*keys, strict=True)), clocks,
                               None if weights is None else list(zip(*weights, strict=True)),
-                              None if next_uses is None else list(zip(*next_uses, strict=True)), None)
-
-    def _hooks(self) -> tuple:
-        """The policy's bound hooks, ``None`` for those it inherits from :class:`EvictionPolicy` (no-ops)."""
-        policy = self.policy
-        kind = type(policy)
-        return (policy.on_access if kind.on_access is not EvictionPolicy.on_access else None,
-                policy.on_insert if kind.on_insert is not EvictionPolicy.on_insert else None,
-                policy.on_evict if kind.on_evict is not EvictionPolicy.on_evict else None,
-                policy.victim)
+                              None if next_uses is None else list(zip(*next_uses, strict=True)))
 
     def _rows_any(self, rows: Sequence[Sequence[int]], clocks: Sequence[int],
-                  weights: Sequence[Sequence[float]] | None, next_uses: Sequence[Sequence[int]] | None,
-                  missed: list[int] | None) -> list[int]:
-        """The atomic step of docs/semantics.md for sets of any size; appends the missing keys to
-        ``missed`` when given. The unrolled loops below do exactly this for sets of one or two keys."""
-        resident, capacity = self.resident, self.capacity
-        on_access, on_insert, on_evict, victim_of = self._hooks()
-        hits: list[int] = []
-        evictions = 0
-        try:
-            for i, (keys, now) in enumerate(zip(rows, clocks, strict=True)):
-                # 1. count (before anything changes)
-                missing = [k for k in keys if k not in resident]
-                hits.append(len(keys) - len(missing))
-                # 2. touch every key, router order
-                if on_access is not None:
-                    ws = (1.0,) * len(keys) if weights is None else weights[i]
-                    nus = (NEVER,) * len(keys) if next_uses is None else next_uses[i]
-                    for k, wt, nu in zip(keys, ws, nus, strict=True):
-                        on_access(k, now, wt, nu)
-                if not missing:
-                    continue
-                if len(keys) > capacity:
-                    raise ValueError(f"a set of {len(keys)} keys cannot fit {capacity} slots")
-                if missed is not None:
-                    missed += missing
-                # 3. insert the missing keys, router order; victims only among residents outside the set
-                for k in missing:
-                    if len(resident) >= capacity:
-                        candidates = list(resident)
-                        for x in keys:
-                            if x in resident:
-                                candidates.remove(x)  # keeps the residents' order (policies' ties)
-                        victim = victim_of(candidates)
-                        if victim in keys:
-                            raise _illegal_victim(self.policy, victim)
-                        try:
-                            resident.remove(victim)
-                        except (KeyError, TypeError):  # not resident, or not even a key
-                            raise _illegal_victim(self.policy, victim) from None
-                        if on_evict is not None:
-                            on_evict(victim)
-                        evictions += 1
-                    resident.add(k)
-                    if on_insert is not None:
-                        on_insert(k, now)
-        finally:
-            self.evictions += evictions
-        return hits
+                  weights: Sequence[Sequence[float]] | None, next_uses: Sequence[Sequence[int]] | None) -> list[int]:
+        """:meth:`_set` for each set in turn; returns the hits of each."""
+        step = self._set
+        return [len(keys) - len(step(keys, now, ws, nus)) for keys, now, ws, nus in
+                zip(rows, clocks, _ONES_ROWS if weights is None else weights,
+                    _NEVERS_ROWS if next_uses is None else next_uses, strict=False)]
+
+    def _set(self, keys: Sequence[int], now: int, weights: Iterable[float], next_uses: Iterable[int]) -> list[int]:
+        """The atomic step of docs/semantics.md for one set of any size; returns its missing keys. The
+        unrolled loops below do exactly this for sets of one or two keys."""
+        resident = self.resident
+        on_access, on_insert, on_evict, victim_of = self._hooks
+        # 1. count (before anything changes)
+        missing = [k for k in keys if k not in resident]
+        # 2. touch every key, router order
+        if on_access is not None:
+            # (zip(strict=True) costs more than the rest of a step: lengths checked when given)
+            if (weights is not _ONES and len(weights) < len(keys)) or (  # type: ignore[arg-type]
+                    next_uses is not _NEVERS and len(next_uses) < len(keys)):  # type: ignore[arg-type]
+                raise ValueError(f"a set of {len(keys)} keys needs as many weights and next uses")
+            for k, wt, nu in zip(keys, weights, next_uses, strict=False):
+                on_access(k, now, wt, nu)
+        if not missing:
+            return missing
+        capacity = self.capacity
+        if len(keys) > capacity:
+            raise ValueError(f"a set of {len(keys)} keys cannot fit {capacity} slots")
+        # 3. insert the missing keys, router order; victims only among residents outside the set
+        for k in missing:
+            if len(resident) >= capacity:
+                candidates = list(resident)
+                for x in keys:
+                    if x in resident:
+                        candidates.remove(x)  # keeps the residents' order (policies' ties)
+                victim = victim_of(candidates)
+                if victim in keys:
+                    raise _illegal_victim(self.policy, victim)
+                try:
+                    resident.remove(victim)
+                except (KeyError, TypeError):  # not resident, or not even a key
+                    raise _illegal_victim(self.policy, victim) from None
+                if on_evict is not None:
+                    on_evict(victim)
+                self.evictions += 1
+            resident.add(k)
+            if on_insert is not None:
+                on_insert(k, now)
+        return missing
 
     def _rows_1(self, ka: Iterable[int], clocks: Iterable[int], wa: Iterable[float],
                 na: Iterable[int]) -> list[int]:
-        """:meth:`_rows_any` unrolled for one key per set: the candidates are all the residents."""
+        """:meth:`_set` unrolled for one key per set: the candidates are all the residents."""
         resident = self.resident
-        on_access, on_insert, on_evict, victim_of = self._hooks()
+        on_access, on_insert, on_evict, victim_of = self._hooks
         hits: list[int] = []
         evictions = 0
         free = self.capacity - len(resident)  # counted here: len() per miss costs as much as a set update
@@ -229,9 +227,9 @@ class ExpertCache:
 
     def _rows_2(self, ka: Iterable[int], kb: Iterable[int], clocks: Iterable[int], wa: Iterable[float],
                 wb: Iterable[float], na: Iterable[int], nb: Iterable[int]) -> list[int]:
-        """:meth:`_rows_any` unrolled for two keys per set (a, b in router order)."""
+        """:meth:`_set` unrolled for two keys per set (a, b in router order)."""
         resident = self.resident
-        on_access, on_insert, on_evict, victim_of = self._hooks()
+        on_access, on_insert, on_evict, victim_of = self._hooks
         hits: list[int] = []
         evictions = 0
         free = self.capacity - len(resident)
