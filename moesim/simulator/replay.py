@@ -203,7 +203,7 @@ def run_generic(stream: RequestStream, make: Callable[[], EvictionPolicy]) -> tu
     """The generic path: ExpertCache + policy objects. Returns (requests, hits) per layer.
 
     Caches are independent, so each cache replays its own rows in one call
-    (:meth:`ExpertCache.request_rows`), in trace order."""
+    (:meth:`ExpertCache.request_columns`), in trace order."""
     caches = [ExpertCache(int(s), make()) if s > 0 else None for s in stream.sizes]
     needs_future = any(c is not None and c.policy.needs_future for c in caches)
     nxt = stream.next_use() if needs_future else None
