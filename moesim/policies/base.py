@@ -127,14 +127,13 @@ class ExpertCache:
         if not self.reads_weights:
             weights = None
         if width == 1:
-            return self._rows_1(keys[0], clocks, repeat(1.0) if weights is None else weights[0],
-                                repeat(NEVER) if next_uses is None else next_uses[0])
+            return self._rows_1(keys[0], clocks, _ONES if weights is None else weights[0],
+                                _NEVERS if next_uses is None else next_uses[0])
         if width == 2:
             return self._rows_2(keys[0], keys[1], clocks,
-                                repeat(1.0) if weights is None else weights[0],
-                                repeat(1.0) if weights is None else weights[1],
-                                repeat(NEVER) if next_uses is None else next_uses[0],
-                                repeat(NEVER) if next_uses is None else next_uses[1])
+                                _ONES if weights is None else weights[0], _ONES if weights is None else weights[1],
+                                _NEVERS if next_uses is None else next_uses[0],
+                                _NEVERS if next_uses is None else next_uses[1])
         return self._rows_any(list(zip(*keys, strict=True)), clocks,
                               None if weights is None else list(zip(*weights, strict=True)),
                               None if next_uses is None else list(zip(*next_uses, strict=True)))
