@@ -38,7 +38,7 @@ def _hits_every_path(trace, name, size, params=None, scope="layer", semantics="a
 
 
 def test_kernel_spec_picks_the_heap_above_the_scan_limit():
-    small, large = np.array([pk.SCAN_MAX_SLOTS]), np.array([pk.SCAN_MAX_SLOTS + 1])
+    small, large = np.array([pk.HEAP_MIN_SLOTS - 1]), np.array([pk.HEAP_MIN_SLOTS])
     for name in HEAPED_NAMES:
         code = pk.CODES[name]
         assert len(pk.kernel_spec(code, small)) == code

@@ -14,7 +14,7 @@ Structures, chosen so that a request costs O(1) where the policy allows it:
   arc (T1, T2, B1, B2), s3fifo (small, main, ghost). A victim is found from the list head, skipping
   at most the row's own keys, so a global cache of 256 slots is never scanned;
 - score policies (lfu, lfu-cache, lfu-decay, lrfu, gate-weighted, opt) keep per-key values and pick
-  the lowest score, ties to the least recently requested: on small caches (<= SCAN_MAX_SLOTS, the
+  the lowest score, ties to the least recently requested: on small caches (< HEAP_MIN_SLOTS, the
   per-layer default) by a scan of the resident slots, on larger ones (a global cache) from an indexed
   binary heap over the same slot array, O(log K) per request (see "heaps" below);
 - hobbit ranks the candidates (needs them all), random draws from them with CPython's own
@@ -37,9 +37,12 @@ LRU_SCAN, FIFO_SCAN = 13, 14
 STACK_CODES = (LFU, OPT, LRFU, LFU_DECAY, GATE_WEIGHTED)
 SCAN_MAX_SLOTS = 16
 # code + HEAPED: the same policy with its victim found in O(log K) (heap for the score policies, Fenwick
-# tree for random) instead of a scan; chosen above SCAN_MAX_SLOTS (measured: global 128 slots, lfu 15 ->
-# see reports/bench_replay; per layer, 4 slots, the scan wins)
+# tree for random, threshold walk for hobbit) instead of a scan; chosen from HEAP_MIN_SLOTS slots up.
+# Measured (CPU time, 6.4M requests of a synthetic Mixtral trace): per layer at 4 slots the scan is
+# 1.2-3x faster (lfu 52 vs 39M/s); one global cache of 16 slots, the heap is 1.4-1.8x faster (lfu 57 vs
+# 31, opt 38 vs 22), of 64 slots 1.4-6x (lfu-decay 15 vs 3)
 HEAPED = 16
+HEAP_MIN_SLOTS = 9
 HEAP_CODES = (LFU, OPT, LFU_CACHE, LFU_DECAY, GATE_WEIGHTED, LRFU, HOBBIT, RANDOM)
 CODES = {"lru": LRU, "fifo": FIFO, "lfu": LFU, "opt": OPT, "lfu-cache": LFU_CACHE, "lfu-decay": LFU_DECAY,
          "gate-weighted": GATE_WEIGHTED, "lrfu": LRFU, "sieve": SIEVE, "arc": ARC, "s3fifo": S3FIFO,
@@ -49,10 +52,10 @@ CODES = {"lru": LRU, "fifo": FIFO, "lfu": LFU, "opt": OPT, "lfu-cache": LFU_CACH
 def kernel_spec(code: int, sizes: np.ndarray) -> tuple[int, ...]:
     """The first argument of :func:`replay_builtin`: a tuple whose *length* is the policy code, so that
     numba compiles (and caches) one specialisation per policy with the other policies' branches gone."""
-    large = int(sizes.max(initial=0)) > SCAN_MAX_SLOTS
-    if code in (LRU, FIFO) and not large:
+    k = int(sizes.max(initial=0))
+    if code in (LRU, FIFO) and k <= SCAN_MAX_SLOTS:
         code = LRU_SCAN if code == LRU else FIFO_SCAN
-    elif code in HEAP_CODES and large:
+    elif code in HEAP_CODES and k >= HEAP_MIN_SLOTS:
         code += HEAPED
     return (0,) * code
 
