@@ -15,12 +15,15 @@ decode, the chunk for prefill) and a phase. Its pieces:
   largest position + 1, so attention reads ``bucket`` cached keys, not the whole static cache. The
   simulator's matching term is ``layer.per_context_s`` (linear in the step's mean context); the
   batch calibration fits it over the buckets (``moesim.engine.calibration.batch_cost``).
-- ``expert[l][s]``: the expert in GPU slot s of layer l on all ``rows`` tokens, accumulated into the
-  layer's output with a per-step device weight table ``w[layer, expert, row]`` (zero for rows not
-  routed to it). The piece learns *which* expert it holds from the identity word that lands last in
-  the slot's copy, so one piece per (layer, slot) serves every step: 32 x K graphs, not one per expert
-  and rank. Computing on all rows costs the expert curve at ``rows`` tokens, not at the routed count;
-  on the H200 that curve is flat to 64 tokens (0.259-0.266 ms), see reports/fidelity_h200.md.
+- ``expert[l][s][n]``: the expert in GPU slot s of layer l on the rows routed to it, gathered into
+  ``n`` rows (``n`` = the smallest power of two, or ``rows``, >= the routed count; padding rows carry
+  weight 0) and added back into the layer's output with their routing weights from a per-step device
+  table indexed by expert. The piece learns *which* expert it holds from the identity word that lands
+  last in the slot's copy, so one piece per (layer, slot, n) serves every step: 32 x K x log2(rows)
+  graphs, not one per expert and rank. Its cost is the expert curve at ``n`` tokens, the simulator's
+  at the routed count (``CostModel.expert_seconds(count)``); on the H200 the curve is flat to 64.
+- The layer's q/k/v/o dequantisation is one compiled function (its shapes never change); the
+  step-shaped rest (projections, SDPA, KV writes) runs as eager kernels inside the captured graph.
 - ``final``: combine the last layer, LM head; the residency check for the step.
 
 **Residency proof.** The oracle is the trace, not the plan: a device table holds, per step and layer,
@@ -33,6 +36,7 @@ missing expert therefore all count. Copies are counted on the copy stream as in 
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -57,22 +61,21 @@ def context_bucket(max_position: int, max_context: int) -> int:
 
 
 def batch_attention(x, wq, wk, wv, wo, wg, k_cache, v_cache, lanes, pos, positions, bucket: int, prefill: bool,
-                    g, aq):
+                    g, aq, dequant=None):
     """Attention + gate for a step of ``rows`` tokens (x: rows x hidden). Each row writes its K/V at
     (lane, position) of its sequence's cache, then attends over the first ``bucket`` positions of that
     cache up to its own position (causal within a prefill chunk: the chunk's keys are in the cache).
     Decode rows are their lanes (row i = lane i); a prefill step is one lane."""
     import torch
 
-    from moesim.engine.quant import matrix
-
+    dequant = dequant or attention_weights
     F = torch.nn.functional
     n = x.shape[0]
     group = g.n_heads // g.n_kv_heads
-    kv = g.n_kv_heads * g.head_dim
-    q = x @ matrix(wq, aq, g.hidden, g.hidden).T
-    k = (x @ matrix(wk, aq, kv, g.hidden).T).view(n, g.n_kv_heads, g.head_dim)
-    v = (x @ matrix(wv, aq, kv, g.hidden).T).view(n, g.n_kv_heads, g.head_dim)
+    mq, mk, mv, mo = dequant(wq, wk, wv, wo, g, aq)
+    q = x @ mq.T
+    k = (x @ mk.T).view(n, g.n_kv_heads, g.head_dim)
+    v = (x @ mv.T).view(n, g.n_kv_heads, g.head_dim)
     k_cache[lanes, :, pos] = k
     v_cache[lanes, :, pos] = v
     visible = positions[:bucket].view(1, -1) <= pos.view(n, 1)   # (rows, bucket)
@@ -88,8 +91,18 @@ def batch_attention(x, wq, wk, wv, wo, wg, k_cache, v_cache, lanes, pos, positio
         qh = q.view(n, g.n_kv_heads, group, g.head_dim)
         a = F.scaled_dot_product_attention(qh, k_cache[:n, :, :bucket], v_cache[:n, :, :bucket],
                                            attn_mask=visible.view(n, 1, 1, bucket)).reshape(n, g.hidden)
-    x = x + a @ matrix(wo, aq, g.hidden, g.hidden).T
+    x = x + a @ mo.T
     return x, torch.softmax((x @ wg.T).float(), dim=-1)
+
+
+def attention_weights(wq, wk, wv, wo, g, aq):
+    """A layer's q/k/v/o dequantised (bf16): one fused kernel set when compiled, whatever the step's
+    shape (the weights' shapes never change), so the step-shaped rest of the layer runs eagerly."""
+    from moesim.engine.quant import matrix
+
+    kv = g.n_kv_heads * g.head_dim
+    return (matrix(wq, aq, g.hidden, g.hidden), matrix(wk, aq, kv, g.hidden), matrix(wv, aq, kv, g.hidden),
+            matrix(wo, aq, g.hidden, g.hidden))
 
 
 def combine_rows(x, yacc):
@@ -99,6 +112,20 @@ def combine_rows(x, yacc):
 
     x = x + yacc.to(x.dtype)
     return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype)
+
+
+def token_buckets(rows: int) -> list[int]:
+    """Token counts an expert piece is captured for: powers of two below ``rows``, and ``rows``."""
+    out, b = [], 1
+    while b < rows:
+        out.append(b)
+        b *= 2
+    return out + [rows]
+
+
+def token_bucket(count: int, rows: int) -> int:
+    """The smallest captured token count >= ``count`` routed tokens."""
+    return next(b for b in token_buckets(rows) if b >= count)
 
 
 class Lanes:
@@ -144,22 +171,28 @@ class BatchProgram(ResidencyProof):
         self.ids = torch.zeros(max_steps, rows, dtype=torch.int64, device=dev)
         self.pos = torch.zeros(max_steps, rows, dtype=torch.int64, device=dev)
         self.lane = torch.zeros(max_steps, rows, dtype=torch.int64, device=dev)
-        self.wtab = torch.zeros(max_steps, L, E, rows, dtype=torch.float32, device=dev)
+        # per (step, layer, expert): the rows routed to it (gathered first, padded with row 0) and their weights
+        self.gidx = torch.zeros(max_steps, L, E, rows, dtype=torch.int64, device=dev)
+        self.gw = torch.zeros(max_steps, L, E, rows, dtype=torch.float32, device=dev)
         self.routed = torch.zeros(max_steps, L, E, dtype=torch.int64, device=dev)
         self.cur_pos = torch.zeros(rows, dtype=torch.int64, device=dev)
         self.cur_lane = torch.zeros(rows, dtype=torch.int64, device=dev)
-        self.cur_w = torch.zeros(L, E, rows, dtype=torch.float32, device=dev)
+        self.cur_gidx = torch.zeros(L, E, rows, dtype=torch.int64, device=dev)
+        self.cur_gw = torch.zeros(L, E, rows, dtype=torch.float32, device=dev)
         self.cur_routed = torch.zeros(L, E, dtype=torch.int64, device=dev)
         self.seen = torch.zeros(L, E, dtype=torch.int64, device=dev)
         self.step = torch.zeros((), dtype=torch.int64, device=dev)
         self.violations = torch.zeros((), dtype=torch.int64, device=dev)
         self.device_copies = torch.zeros((), dtype=torch.int64, device=dev)
         self.embed = (weights.lm_head.float() * 50.0).to(torch.bfloat16) if distinct_inputs else None
-        self._expert = compiled(expert_forward) if (compile_kernels and d.cuda) else expert_forward
+        use = compile_kernels and d.cuda
+        self._expert = compiled(expert_forward) if use else expert_forward
+        self._dequant = compiled(attention_weights) if use else attention_weights
+        self.token_buckets = token_buckets(rows)
         self.graphs = d.cuda if graphs is None else (graphs and d.cuda)
         self.layer: list[dict[int, Any]] = [{} for _ in range(L)]
-        self.expert = [[lambda layer=layer, s=s: self._run_expert(layer, s) for s in range(self.max_slots)]
-                       for layer in range(L)]
+        self.expert = [[{nb: functools.partial(self._run_expert, layer, s, nb) for nb in self.token_buckets}
+                        for s in range(self.max_slots)] for layer in range(L)]
         self.final: Any = self._run_final
         self._graph_objects: list = []
         self._expert_captured = False
@@ -171,7 +204,8 @@ class BatchProgram(ResidencyProof):
             self.step.add_(1).remainder_(self.max_steps)   # wraps only in calibration loops
             self.cur_pos.copy_(self.pos.index_select(0, self.step.view(1)).view(-1))
             self.cur_lane.copy_(self.lane.index_select(0, self.step.view(1)).view(-1))
-            self.cur_w.copy_(self.wtab.index_select(0, self.step.view(1))[0])
+            self.cur_gidx.copy_(self.gidx.index_select(0, self.step.view(1))[0])
+            self.cur_gw.copy_(self.gw.index_select(0, self.step.view(1))[0])
             self.cur_routed.copy_(self.routed.index_select(0, self.step.view(1))[0])
             if self.embed is not None:
                 x = self.embed.index_select(0, self.ids.index_select(0, self.step.view(1)).view(-1))
@@ -182,21 +216,24 @@ class BatchProgram(ResidencyProof):
             self.yacc[layer - 1].zero_()
         x, _ = batch_attention(x, w.wq[layer], w.wk[layer], w.wv[layer], w.wo[layer], w.wg[layer],
                                self.lanes.k[layer], self.lanes.v[layer], self.cur_lane, self.cur_pos,
-                               w.positions, bucket, self.prefill, g, w.attn_quant)
+                               w.positions, bucket, self.prefill, g, w.attn_quant, self._dequant)
         self.x.copy_(x)
 
-    def _run_expert(self, layer: int, slot: int) -> None:
+    def _run_expert(self, layer: int, slot: int, nb: int) -> None:
+        """The expert in ``slot`` on the (at most ``nb``) rows routed to it: gathered, computed, and
+        added back with their routing weights (padding rows carry weight 0)."""
         g = self.w.geometry
         E = g.num_experts
         rel = self.slot_tags[layer][slot:slot + 1] - (TAG_BASE + layer * E)   # which expert the slot holds
         valid = (rel >= 0) & (rel < E)
         e = rel.clamp(0, E - 1)
-        wrow = self.cur_w[layer].index_select(0, e) * valid   # (1, rows): 0 for rows not routed to it
+        idx = self.cur_gidx[layer].index_select(0, e)[0, :nb]
+        wts = self.cur_gw[layer].index_select(0, e)[0, :nb] * valid
         if self.check_residency:
             self.seen[layer].index_add_(0, e, valid.long())
             self.violations.add_((~valid).sum())
-        y = self._expert(self.slots[layer][slot], self.x, self.w.quant, g.hidden, g.ffn)
-        self.yacc[layer].add_(y.float() * wrow.view(-1, 1))
+        y = self._expert(self.slots[layer][slot], self.x.index_select(0, idx), self.w.quant, g.hidden, g.ffn)
+        self.yacc[layer].index_add_(0, idx, y.float() * wts.view(-1, 1))
 
     def _run_final(self) -> None:
         L = self.w.geometry.num_layers
@@ -220,7 +257,9 @@ class BatchProgram(ResidencyProof):
         pos = np.full((S, n), g.max_context - 1, np.int64)   # padding rows: a position no step reads
         lane = np.zeros((S, n), np.int64)
         ids = np.zeros((S, n), np.int64)
-        wtab = np.zeros((S, L, E, n), np.float32)
+        gidx = np.zeros((S, L, E, n), np.int64)
+        gw = np.zeros((S, L, E, n), np.float32)
+        fill = np.zeros((S, L, E), np.int64)
         routed = np.zeros((S, L, E), np.int64)
         buckets = []
         for i, st in enumerate(steps):
@@ -239,12 +278,17 @@ class BatchProgram(ResidencyProof):
                     if routing.row[t, layer] < 0:
                         continue
                     for e, wt in zip(routing.experts[t, layer], routing.weights[t, layer], strict=True):
-                        wtab[i, layer, e, r] += wt
+                        c = fill[i, layer, e]
+                        gidx[i, layer, e, c], gw[i, layer, e, c] = r, wt
+                        fill[i, layer, e] += 1
                         routed[i, layer, e] = 1
+            for layer, cnt in st.counts.items():   # the tables and the shared step definition agree
+                if any(fill[i, layer, e] != c for e, c in cnt.items()) or fill[i, layer].sum() != sum(cnt.values()):
+                    raise ValueError(f"step {i} layer {layer}: routing and step counts disagree")
             if self.prefill:
                 lane[i, :] = st.lanes[0]
             buckets.append(context_bucket(int(max(p for _, p in st.parts) % g.max_context), g.max_context))
-        for dst, src in ((self.pos, pos), (self.lane, lane), (self.ids, ids), (self.wtab, wtab),
+        for dst, src in ((self.pos, pos), (self.lane, lane), (self.ids, ids), (self.gidx, gidx), (self.gw, gw),
                          (self.routed, routed)):
             dst.copy_(torch.from_numpy(src))
         self.step.fill_(-1)
@@ -257,7 +301,7 @@ class BatchProgram(ResidencyProof):
         pieces: list[tuple[Any, Any]] = []
         for b in new:
             for layer in range(g.num_layers):
-                fn = (lambda layer=layer, b=b: self._run_layer(layer, b))
+                fn = functools.partial(self._run_layer, layer, b)
                 self.layer[layer][b] = fn
                 pieces.append((fn, lambda gr, layer=layer, b=b: self.layer[layer].__setitem__(b, gr)))
         if not self.graphs:
@@ -265,8 +309,9 @@ class BatchProgram(ResidencyProof):
         if not self._expert_captured:
             for layer in range(g.num_layers):
                 for s in range(self.max_slots):
-                    pieces.append((self.expert[layer][s],
-                                   lambda gr, layer=layer, s=s: self.expert[layer].__setitem__(s, gr)))
+                    for nb in self.token_buckets:
+                        pieces.append((self.expert[layer][s][nb],
+                                       lambda gr, layer=layer, s=s, nb=nb: self.expert[layer][s].__setitem__(nb, gr)))
             pieces.append((self.final, lambda gr: setattr(self, "final", gr)))
             self._expert_captured = True
         if pieces:
@@ -354,7 +399,7 @@ class BatchEngine:
                         for j in sorted(range(len(chunk)), key=lambda j: chunk[j] in missed):
                             slot = slots[j]
                             d.wait(self.ready[layer][slot])
-                            prog.expert[layer][slot]()
+                            prog.expert[layer][slot][token_bucket(st.counts[layer][chunk[j]], prog.rows)]()
                             fr = d.event(timing=False)
                             fr.record()
                             self.free[layer][slot] = fr

@@ -35,6 +35,63 @@ def head_tokens(trace: Trace, tokens: int, expert_bytes: int = 0, quantization: 
     return Trace(meta, trace.table.filter(pa.array(keep)), trace.path)
 
 
+def cell_trace(trace: Trace, *, phase: str = "decode", batch: int = 1, tokens: int, skip: int = 0,
+               seq_len: int | None = None, expert_bytes: int = 0, quantization: str | None = None) -> Trace:
+    """The tokens one batch or prefill cell replays (``benchmarks/gpu_validate.py --batch /
+    --prefill-chunk``), as a trace both the engine and the simulator group with
+    :func:`moesim.traces.steps.build_steps`.
+
+    The rows of ``phase`` (a trace without prefill rows offers its decode tokens as prompts), from the
+    ``skip``-th (sequence, token) pair on in execution order, cut into segments of ``seq_len``
+    consecutive tokens of one sequence (default ``tokens // batch``; remainders dropped); the first
+    ``tokens // seq_len`` segments become sequences 0, 1, ... (positions kept: their real context).
+    So a trace with few long sequences still fills a batch of 16."""
+    from moesim.traces.format import DECODE, PREFILL
+
+    if phase not in ("decode", "prefill"):
+        raise ValueError(f"unknown phase {phase!r}")
+    trace = trace.execution_order()
+    want = PREFILL if phase == "prefill" else DECODE
+    ph = np.asarray(trace.phase)
+    rows = ph == want if (ph == want).any() else np.ones(len(ph), bool)
+    seq, tok = np.asarray(trace.seq, np.int64)[rows], np.asarray(trace.token, np.int64)[rows]
+    pair = seq * (1 << 32) + tok
+    _, first = np.unique(pair, return_index=True)
+    order = np.sort(first)   # pairs in execution order
+    pseq, ptok = seq[order][skip:], tok[order][skip:]
+    seg = int(seq_len or max(tokens // batch, 1))
+    wanted = max(tokens // seg, 1)
+    new_id: dict[int, int] = {}
+    i, n = 0, len(pseq)
+    while i < n and len(new_id) // seg < wanted:
+        j = i
+        while j < n and pseq[j] == pseq[i] and j - i < seg:
+            j += 1
+        if j - i == seg:
+            sid = len(new_id) // seg
+            for r in range(i, j):
+                new_id[int(pseq[r] * (1 << 32) + ptok[r])] = sid
+            i = j
+        else:   # a remainder shorter than a segment: skip to the next sequence
+            while j < n and pseq[j] == pseq[i]:
+                j += 1
+            i = j
+    if len(new_id) < wanted * seg:
+        raise ValueError(f"{trace.path}: only {len(new_id) // seg} segments of {seg} tokens after token {skip}; "
+                         f"the cell needs {wanted}")
+    all_pair = np.asarray(trace.seq, np.int64) * (1 << 32) + np.asarray(trace.token, np.int64)
+    keep = rows & np.isin(all_pair, np.fromiter(new_id, np.int64))
+    table = trace.table.filter(pa.array(keep))
+    sid = np.array([new_id[int(p)] for p in all_pair[keep]], np.int32)
+    table = table.set_column(table.schema.get_field_index("seq"), table.schema.field("seq"), pa.array(sid, pa.int32()))
+    table = table.set_column(table.schema.get_field_index("phase"), table.schema.field("phase"),
+                             pa.array(np.full(len(sid), want, np.int8), pa.int8()))
+    meta = trace.meta
+    if expert_bytes:
+        meta = dataclasses.replace(meta, expert_bytes=int(expert_bytes), quantization=quantization or meta.quantization)
+    return Trace(meta, table, trace.path).execution_order()
+
+
 def git_state(repo: Path) -> dict[str, Any]:
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
