@@ -42,7 +42,7 @@ from moesim.engine.plan import Routing  # noqa: E402
 from moesim.engine.quant import quant_spec  # noqa: E402
 from moesim.engine.runtime import MIXTRAL_8X7B, Geometry, OffloadedEngine, Program, Weights  # noqa: E402
 from moesim.engine.validation import cell_trace, head_tokens  # noqa: E402
-from moesim.traces.format import read_trace  # noqa: E402
+from moesim.traces.format import DECODE, PREFILL, read_trace  # noqa: E402
 from moesim.traces.steps import build_steps  # noqa: E402
 
 
@@ -188,8 +188,15 @@ def main() -> int:
     if args.layers != geometry.num_layers:
         geometry = dataclasses.replace(geometry, num_layers=args.layers)
 
+    decode_only: dict[str, bool] = {}
+
     def load(path: str, skip: int) -> Routing:
-        r = Routing.from_trace(head_tokens(read_trace(path), args.tokens, skip=skip), args.tokens)
+        full = read_trace(path)
+        # a trace with prompts: batch-1 decode cells replay its decode rows (prefill has cells of its own)
+        decode_only[path] = bool((full.phase == PREFILL).any())
+        if decode_only[path]:
+            full = full.filter_phase(DECODE)
+        r = Routing.from_trace(head_tokens(full, args.tokens, skip=skip), args.tokens)
         return r.first_layers(args.layers) if args.layers != r.num_layers else r
 
     runs = [(args.trace, args.skip_tokens, "validate.json")]
@@ -233,7 +240,7 @@ def main() -> int:
     results = []
     for (path, skip, fname), r in zip(runs, routings, strict=True):
         results.append({"device": env["device"], "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                        "trace": Path(path).name, "skip_tokens": skip,
+                        "trace": Path(path).name, "skip_tokens": skip, "decode_rows_only": decode_only[path],
                         "layers": geometry.num_layers, "expert_bytes": weights.expert_bytes, "quantization": "hqq2",
                         "attention_quantization": weights.attn_quant.name, "cuda_graphs": program.graphs,
                         "tokens": r.num_tokens, "compile_dequant": compile_ok, "all_resident_ms_per_token": floor_ms,

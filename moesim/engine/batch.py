@@ -84,7 +84,7 @@ def batch_attention(x, wq, wk, wv, wo, wg, k_cache, v_cache, lanes, pos, positio
         vc = v_cache[:, :, :bucket].index_select(0, lanes[:1])
         qh = q.view(n, g.n_kv_heads, group, g.head_dim).permute(1, 0, 2, 3).reshape(1, g.n_kv_heads, n * group,
                                                                                       g.head_dim)
-        mask = visible.repeat_interleave(group, 0).view(1, 1, n * group, bucket)
+        mask = visible[:, None, :].expand(n, group, bucket).reshape(1, 1, n * group, bucket)
         a = F.scaled_dot_product_attention(qh, kc, vc, attn_mask=mask)
         a = a.view(g.n_kv_heads, n, group, g.head_dim).permute(1, 0, 2, 3).reshape(n, g.hidden)
     else:
