@@ -123,3 +123,22 @@ def test_dropping_one_sequences_experts_is_caught(weights, tmp_path):
     bad, _ = run(weights, tr, rows=4, prefill=False, k=3, batch=4, steps=steps)
     assert bad.violations >= len(dropped)
     assert np.abs(bad.logits[0][3] - ok.logits[0][3]).max() > 0   # and the dropped sequence's output changes
+
+
+def test_cell_trace_segments_and_old_cells_stay_batch_one_decode(tmp_path):
+    from moesim.engine.validation import cell_inputs, cell_trace, head_tokens
+
+    tr = make_trace(tmp_path / "seg.parquet", seqs=2, tokens=5, phase=DECODE, seed=4)
+    sub = cell_trace(tr, batch=2, tokens=4, skip=1)   # pairs from (0, 1): segments (0,1..2), (0,3..4)
+    pairs = sorted({(int(s), int(t)) for s, t in zip(sub.seq, sub.token, strict=True)})
+    assert pairs == [(0, 1), (0, 2), (1, 3), (1, 4)]   # positions kept, sequences renumbered
+    assert [s.tokens for s in build_steps(sub, 2)] == [2, 2]
+    with pytest.raises(ValueError, match="segments"):
+        cell_trace(tr, batch=4, tokens=16, skip=1)
+    pre = cell_trace(tr, phase="prefill", tokens=4, seq_len=2)   # decode rows offered as prompts
+    assert set(np.asarray(pre.phase).tolist()) == {PREFILL}
+    # a cell of an older engine file (no batch / phase keys): batch-1 decode over the file's tokens
+    engine = {"tokens": 3, "expert_bytes": 0, "skip_tokens": 2, "cells": []}
+    old, batch, chunk, phase, shape = cell_inputs(engine, {"policy": "lru"}, tr)
+    assert (batch, phase, shape) == (1, "decode", "")
+    assert old.table.equals(head_tokens(tr, 3, skip=2).table)
