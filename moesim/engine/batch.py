@@ -338,21 +338,29 @@ class BatchEngine:
         self.ready = [[self.w.d.event(timing=False) for _ in range(cache_size)] for _ in range(g.num_layers)]
         self.free: list[list[Any]] = [[None] * cache_size for _ in range(g.num_layers)]
 
-    def _copy(self, layer: int, slot: int, expert: int, after) -> None:
+    def _copy(self, layer: int, slot: int, expert: int, after, log: list | None = None, step: int = -1) -> None:
         d = self.w.d
         with d.copy_context():
             if after is not None:
                 d.wait(after, d.copy_stream)
             if self.free[layer][slot] is not None:
                 d.wait(self.free[layer][slot], d.copy_stream)
+            if log is not None:
+                start = d.event()
+                start.record(d.copy_stream)
             self.program.slots[layer][slot].copy_(self.w.host[layer][expert], non_blocking=True)
             self.ready[layer][slot].record(d.copy_stream)
+            if log is not None:
+                end = d.event()
+                end.record(d.copy_stream)
+                log.append((step, layer, "miss", expert, start, end))
             self.program.count_copy(layer, slot, expert)
 
     def run(self, steps: list[Step], routing: Routing, warm: bool = False, progress: bool = False,
-            keep_logits: bool = False) -> EngineResult:
+            keep_logits: bool = False, instrument: bool = False) -> EngineResult:
         """Replay ``steps`` (all of one phase, at most ``rows`` tokens each); caches start cold unless
-        ``warm``. The CPU waits for each step's logits before the next (the next input depends on them)."""
+        ``warm``. The CPU waits for each step's logits before the next (the next input depends on them).
+        ``instrument``: CUDA events around every layer piece, copy and expert (``EngineResult.events``)."""
         torch, w, d, prog = self.program.torch, self.w, self.w.d, self.program
         g = w.geometry
         plan = CachePlan(routing, self.cache_size, self.policy_name, "none", self.policy_params)
@@ -370,6 +378,7 @@ class BatchEngine:
         prog.step.fill_(-1)
         logits = []
         step_events, step_ms = [], []
+        log: list | None = [] if instrument else None
         it = range(len(steps))
         if progress:
             from tqdm import tqdm
@@ -385,24 +394,38 @@ class BatchEngine:
                 ev.record()
                 step_events.append(ev)
                 for layer in range(g.num_layers):
+                    if log is not None:
+                        a0 = d.event()
+                        a0.record()
                     prog.layer[layer][buckets[i]]()
-                    gate_done = d.event(timing=False)
+                    gate_done = d.event(timing=log is not None)
                     gate_done.record()
+                    if log is not None:
+                        log.append((i, layer, "attention+gate", -1, a0, gate_done))
                     S = st.layers.get(layer)
                     if not S:
                         continue
                     for chunk, copies, slots in plan.request_union(layer, S, i, st.weights[layer], nxt.get((i, layer))):
                         for slot, e in copies:
-                            self._copy(layer, slot, e, gate_done)
+                            self._copy(layer, slot, e, gate_done, log, i)
                         missed = {e for _, e in copies}
                         # resident experts first, then the misses as they land (router order within each)
                         for j in sorted(range(len(chunk)), key=lambda j: chunk[j] in missed):
                             slot = slots[j]
+                            if log is not None:
+                                s0 = d.event()
+                                s0.record()
                             d.wait(self.ready[layer][slot])
+                            if log is not None:
+                                s1 = d.event()
+                                s1.record()
                             prog.expert[layer][slot][token_bucket(st.counts[layer][chunk[j]], prog.rows)]()
-                            fr = d.event(timing=False)
+                            fr = d.event(timing=log is not None)
                             fr.record()
                             self.free[layer][slot] = fr
+                            if log is not None:
+                                log.append((i, layer, "stall", chunk[j], s0, s1))
+                                log.append((i, layer, "expert", chunk[j], s1, fr))
                 prog.final()
                 if keep_logits:
                     logits.append(prog.logits.float().cpu().numpy().copy())
@@ -416,9 +439,11 @@ class BatchEngine:
         step_ms = [a.elapsed_time(b) for a, b in zip(step_events[:-1], step_events[1:], strict=True)]
         violations, device_copies = prog.proof()
         tokens = sum(s.tokens for s in steps)
+        events = [{"step": t, "layer": layer, "kind": kind, "expert": e, "start_ms": step_events[0].elapsed_time(a),
+                   "end_ms": step_events[0].elapsed_time(b)} for t, layer, kind, e, a, b in (log or [])]
         res = EngineResult(self.policy_name, self.cache_size, "none", w.quant.name, g.num_layers, tokens, wall,
                            plan.requests, plan.hits, plan.prefetches, w.expert_bytes, step_ms,
-                           plan.layer_hits.tolist(), plan.layer_requests.tolist(), [], [], [], violations,
+                           plan.layer_hits.tolist(), plan.layer_requests.tolist(), events, [], [], violations,
                            device_copies, 1 if prog.prefill else max((len(s.lanes) for s in steps), default=1),
                            "prefill" if prog.prefill else "decode", len(steps))
         res.logits = logits
