@@ -45,6 +45,10 @@ TRACES = {"synth-mixtral-8x7b.parquet": ROOT / "traces" / "synth-mixtral-8x7b.pa
           "learned-mixtral-32l.parquet": ROOT / "traces" / "learned-mixtral-32l.parquet"}
 COLORS = {"real.parquet": "tab:blue", "synth-mixtral-8x7b.parquet": "tab:orange",
           "learned-mixtral-32l.parquet": "tab:green"}
+CALIBRATION_SOURCE = ("moesim/data/hardware/h200.json (copies, expert kernels, batch-1 per-token overhead: the "
+                      "2026-11-29 device session) + this run's micro-benchmarks added as `moesim calibrate --from-raw "
+                      "--add-to` does (engine terms, copy session; batch and prefill cells: the batch engine's own "
+                      "pieces, batch_programs)")
 SHAPES = {("decode", 1): "o", ("decode", 4): "s", ("decode", 16): "D", ("prefill", 1): "^"}
 
 
@@ -135,7 +139,7 @@ def trace_entry(engine: dict, trace, cost: CostModel, name: str, programs: dict,
     for c in cells:
         per_phase.setdefault(f"{c['phase']} batch {c['batch']}", []).append(abs(c["rel_error"]))
     return {"trace": name, "skip_tokens": int(engine.get("skip_tokens", 0)), "tokens": int(engine["tokens"]),
-            "calibration_source": cost.sources.get("fidelity", cost.name), "cells": cells,
+            "calibration_source": CALIBRATION_SOURCE, "cells": cells,
             "max_rel_error": round(float(errs.max()), 4), "median_rel_error": round(float(np.median(errs)), 4),
             "cells_within_5pct": int((errs <= 0.05).sum()), "cells_within_2pct": int((errs <= 0.02).sum()),
             "max_repeat_spread": round(max(c["repeat_spread"] for c in cells), 4),
@@ -144,6 +148,41 @@ def trace_entry(engine: dict, trace, cost: CostModel, name: str, programs: dict,
                               "cells_within_5pct": sum(e <= 0.05 for e in v)} for k, v in per_phase.items()},
             "in_situ_copy": in_situ_check(engine, cost), "all_resident_ms_per_token": engine.get(
                 "all_resident_ms_per_token")}
+
+
+def timeline_check(path: Path, engine: dict, trace, cost: CostModel, programs: dict) -> dict | None:
+    """benchmarks/gpu_batch_timeline.py's run of one batch cell (same device session, after the cells):
+    its plain and instrumented step times against the simulator, priced as in the report and with the
+    copy time the instrumented replay measured in situ (not a calibration: an attribution)."""
+    if not path.exists():
+        return None
+    tl = json.loads(path.read_text())
+    cell = next(c for c in engine["cells"] if c.get("batch") == tl["batch"] and c.get("phase") == "decode"
+                and int(c["cache_size"]) == tl["cache_size"] and c["policy"] == tl["policy"])
+    sub, b, chunk, ph, shape = cell_inputs(engine, cell, trace)
+    c_cost = batch_cost(cost, programs.get(shape))
+    s = tl["summary"]
+    in_situ = float(s["copy_ms"]["median"]) * 1e-3
+    point = c_cost.copy_seconds(int(engine["expert_bytes"])) / c_cost.copy_scale
+    sim = simulate_cell(sub, tl["policy"], tl["cache_size"], "none", c_cost, b, chunk, ph)[0].total_s * 1e3
+    sim_in_situ = simulate_cell(sub, tl["policy"], tl["cache_size"], "none",
+                                c_cost.with_overrides(copy_scale=in_situ / point), b, chunk, ph)[0].total_s * 1e3
+    plain = [float(np.sum(x)) for x in tl["plain_step_ms"]]
+    off = [float(np.sum(x)) for x in tl["check_off_step_ms"]]
+    inst = float(np.sum(tl["instrumented_step_ms"]))
+    allres = tl["all_resident_instrumented"]["summary"]
+    return {"trace": tl["trace"], "batch": tl["batch"], "cache_size": tl["cache_size"], "policy": tl["policy"],
+            "steps": tl["steps"], "misses": tl["misses"], "violations": tl["violations"],
+            "plain_ms": [round(x, 1) for x in plain], "check_off_ms": [round(x, 1) for x in off],
+            "instrumented_ms": round(inst, 1), "sim_ms": round(sim, 1), "sim_in_situ_copy_ms": round(sim_in_situ, 1),
+            "in_situ_copy_ms": round(in_situ * 1e3, 4), "calibration_copy_ms": round(point * 1e3, 4),
+            "copy_gap_within_layer_us": round(s["copy_gap_within_layer_ms"]["median"] * 1e3, 1),
+            "copy_gap_across_layers_ms": round(s["copy_gap_across_layers_ms"]["median"], 3),
+            "gate_to_first_copy_us": round(s["gate_to_first_copy_ms"]["median"] * 1e3, 1),
+            "copy_end_to_expert_us": round(s["copy_end_to_expert_start_ms"]["median"] * 1e3, 1),
+            "copy_busy_ms": round(s["copy_busy_ms"], 1), "span_ms": round(s["span_ms"], 1),
+            "all_resident_instrumented_ms": round(float(np.sum(tl["all_resident_instrumented"]["step_ms"])), 1),
+            "all_resident_expert_in_flow_ms": round(allres["expert_ms"]["median"], 4)}
 
 
 def cache_effect(report: dict, raw: dict) -> list[dict]:
@@ -205,6 +244,21 @@ def markdown(r: dict) -> str:
                   f"routing): {a['real_ms_per_token']} ms/token measured vs {a['sim_ms_per_token_without_miss_term']} "
                   f"simulated with this session's own pieces and per-token overhead, without a per-miss term: "
                   f"{a['excess_per_miss_us']} us per miss (the `error, all-miss term` column charges it)", ""]
+    tl = r.get("timeline")
+    if tl:
+        lines += ["## Where the batch residual goes (benchmarks/gpu_batch_timeline.py)", "",
+                  f"One cell again ({tl['trace']}, decode batch {tl['batch']}, {tl['policy']} K={tl['cache_size']}, "
+                  f"{tl['steps']} steps, {tl['misses']} misses; residency violations {tl['violations']}), same kind of "
+                  f"machine, a second device call after the cells (`{r.get('timeline_command', '')}`):", "",
+                  f"- plain replay {tl['plain_ms']} ms (residency check off: {tl['check_off_ms']} ms); instrumented "
+                  f"replay (CUDA events around every piece and copy) {tl['instrumented_ms']} ms; simulated "
+                  f"{tl['sim_ms']} ms, or {tl['sim_in_situ_copy_ms']} ms with the copy time the instrumented replay "
+                  f"measured in situ ({tl['in_situ_copy_ms']} ms per expert vs {tl['calibration_copy_ms']} ms calibrated)",
+                  f"- in the instrumented replay the copy stream is busy {tl['copy_busy_ms']} of {tl['span_ms']} ms; "
+                  f"gaps between copies of one layer {tl['copy_gap_within_layer_us']} us (the residency count "
+                  f"kernels), across layers {tl['copy_gap_across_layers_ms']} ms (last expert + next layer piece, "
+                  f"as simulated); gate -> first copy {tl['gate_to_first_copy_us']} us, copy end -> its expert "
+                  f"{tl['copy_end_to_expert_us']} us", ""]
     lines += ["## Does an expert cache help beyond batch 1 and in prefill?", "",
               "Measured tokens/s (median of repeats; lru / lfu), hit rate in brackets; `K=8` is the all-resident "
               "engine run of the same session (every expert on the GPU, warm, the real trace's steps).", "",
@@ -216,7 +270,7 @@ def markdown(r: dict) -> str:
         gain = (k5.get("lru", np.nan) / k3.get("lru", np.nan)) if k3 and k5 else np.nan
         lines.append(f"| {row['trace']} | {row['phase']} | {row['batch']} | {k3.get('lru', 0):.1f} / {k3.get('lfu', 0):.1f} "
                      f"({h3.get('lru', 0):.0%}) | {k5.get('lru', 0):.1f} / {k5.get('lfu', 0):.1f} ({h5.get('lru', 0):.0%}) | "
-                     f"{gain:.2f}x | {row['all_resident_real_trace'] or '-'} |")
+                     f"{gain:.2f}x | {row['all_resident_real_trace'] or '-':.1f} |")
     lines += ["", *r.get("cache_answer", []), ""]
     for tr in r["traces"]:
         lines += [f"## {tr['trace']}", "",
@@ -299,12 +353,20 @@ def plot(r: dict, path: Path) -> None:
     ax1.fill_between(xs, xs * 0.95, xs * 1.05, color="grey", alpha=0.25)
     ax1.set_xscale("log")
     ax1.set_yscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    for axis in (ax1.xaxis, ax1.yaxis):
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(NullFormatter())
     for name, col in COLORS.items():
         ax1.plot([], [], "o", color=col, label=name)
     for (phase, batch), m in SHAPES.items():
         ax1.plot([], [], m, color="grey", label=f"{phase} batch {batch}" if phase == "decode" else "prefill (chunk 32)")
     ax1.set(xlabel="real tokens/s (H200 engine, median of repeats)", ylabel="simulated tokens/s",
             xlim=(lo_lim, hi_lim), ylim=(lo_lim, hi_lim), title="tokens/s, log scale (grey band: +/-5%)")
+    ticks = [t for t in (10, 15, 20, 30, 50, 70, 100, 150, 200, 300) if lo_lim <= t <= hi_lim]
+    ax1.set_xticks(ticks, [str(t) for t in ticks])
+    ax1.set_yticks(ticks, [str(t) for t in ticks])
     ax1.legend(fontsize=7)
     ax2.axhspan(-0.05, 0.05, color="grey", alpha=0.15)
     ax2.axhspan(-0.02, 0.02, color="grey", alpha=0.2)
@@ -343,6 +405,7 @@ def main() -> int:
     report: dict = {"device": None, "command": "python benchmarks/make_fidelity_report.py -o reports/fidelity_h200",
                     "device_command": meta.get("command", "benchmarks/gpu_validate.py"),
                     "device_date": meta.get("date"), "calibration": cost.description,
+                    "timeline_command": meta.get("timeline_command"),
                     "calibration_copy_ms": round(cost.copy_seconds(int(cr["bytes"])) / cost.copy_scale * 1e3, 4),
                     "engine_terms": {
                         "miss_issue_us": mi["miss_issue_s"] * 1e6, "miss_issue_unhidden_us": mi["unhidden_s"] * 1e6,
@@ -367,6 +430,9 @@ def main() -> int:
             name = engine.get("trace", "real.parquet")
             am = report["all_miss"]["excess_per_miss_us"] if report["all_miss"] else None
             report["traces"].append(trace_entry(engine, read_trace(paths[name]), cost, name, programs, am))
+            if fname == "validate.json":
+                report["timeline"] = timeline_check(cells / "batch_timeline.json", engine, read_trace(paths[name]),
+                                                    cost, programs)
     all_errs = np.array([abs(c["rel_error"]) for t in report["traces"] for c in t["cells"]])
     report["cells"] = int(len(all_errs))
     report["cells_within_5pct"] = int((all_errs <= 0.05).sum())

@@ -229,8 +229,10 @@ def batch_programs(raw: dict[str, Any], path: object = None) -> dict[str, dict[s
             "token": {"base_s": (final + max(extra0, 0.0)) * 1e-3, "per_token_s": 0.0},
             "engine_overhead_per_expert_s": overhead * 1e-3,
             "expert_curve": [[float(n), (expert[n] + overhead) * 1e-3] for n in sorted(expert)],
-            "source": (f"benchmarks/gpu_validate.py batch_pieces[{key}]: layer piece {layer} ms by context bucket, "
-                       f"expert piece {expert} ms by token bucket, final {final:.4f} ms, layer-0 extra "
+            "source": (f"benchmarks/gpu_validate.py batch_pieces[{key}]: layer piece "
+                       f"{ {b: round(v, 4) for b, v in layer.items()} } ms by context bucket, expert piece "
+                       f"{ {n: round(v, 4) for n, v in expert.items()} } ms by token bucket, final {final:.4f} ms, "
+                       f"layer-0 extra "
                        f"{extra0:.4f} ms, all-resident overhead {overhead * 1e3:.1f} us per expert call"),
         }
     return out
