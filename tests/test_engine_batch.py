@@ -142,3 +142,26 @@ def test_cell_trace_segments_and_old_cells_stay_batch_one_decode(tmp_path):
     old, batch, chunk, phase, shape = cell_inputs(engine, {"policy": "lru"}, tr)
     assert (batch, phase, shape) == (1, "decode", "")
     assert old.table.equals(head_tokens(tr, 3, skip=2).table)
+
+
+def test_batch_programs_terms_from_raw_pieces():
+    """Hand-computed: 2 steps at buckets 128 and 256, 3 layers, 10 expert calls at token bucket 2."""
+    from moesim.engine.calibration import batch_cost, batch_programs
+
+    raw = {"all_resident": {"layers": 3}, "batch_pieces": {"decode4": {
+        "rows": 4, "phase": "decode", "steps": 2, "step_buckets": [128, 256],
+        "layer_ms": {"128": 0.2, "256": 0.3}, "layer0_ms": {"128": 0.25, "256": 0.35},
+        "expert_ms": {"1": 0.5, "2": 0.6, "4": 0.7}, "final_ms": 0.1, "expert_calls": {"1": 0, "2": 10, "4": 0},
+        # pieces: (0.25 + 2 * 0.2 + 0.1) + (0.35 + 2 * 0.3 + 0.1) + 10 * 0.6 = 7.8 ms; the run took 8.8
+        "all_resident_gpu_ms_total": 8.8}}}
+    t = batch_programs(raw)["decode4"]
+    assert t["layer"]["base_s"] == pytest.approx(0.1e-3) and t["layer"]["per_context_s"] == pytest.approx(
+        (0.1 / 128) * 1e-3 / 4)   # slope 0.1 ms per 128 positions, per row
+    assert t["engine_overhead_per_expert_s"] == pytest.approx(0.1e-3)   # 1.0 ms over 10 calls
+    assert t["expert_curve"][1] == pytest.approx([2.0, 0.7e-3])
+    assert t["token"]["base_s"] == pytest.approx(0.15e-3)   # final + layer 0's extra 0.05
+    cost = batch_cost(CostModel.preset("h200"), t)
+    assert cost.layer_seconds(100, 4) == pytest.approx(0.1e-3 + 0.1 / 128 * 100 * 1e-3)
+    assert cost.expert_seconds(2) == pytest.approx(0.7e-3)
+    assert batch_cost(CostModel.preset("h200"), t, overhead=False).expert_seconds(2) == pytest.approx(0.6e-3)
+    assert batch_programs({"batch_pieces": {"decode4": {"rows": 4, "phase": "decode"}}}) == {}   # a CPU check
