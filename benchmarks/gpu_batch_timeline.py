@@ -106,6 +106,12 @@ def main() -> int:
     eoff = BatchEngine(off, args.cache_size, args.policy)
     eoff.run(steps, routing)
     res["check_off_step_ms"] = [eoff.run(steps, routing).token_ms for _ in range(2)]
+    # how the plain engine differs from the instrumented one: timestamped events only; the CPU held back
+    for name, kw in (("timing_events", {"timing_events": True}), ("host_lag_2", {"host_lag_layers": 2}),
+                     ("host_lag_0", {"host_lag_layers": 0})):
+        e = BatchEngine(on, args.cache_size, args.policy, **kw)
+        res[f"{name}_step_ms"] = [e.run(steps, routing).token_ms for _ in range(2)]
+        log(f"{name}: {[round(float(np.sum(x)), 1) for x in res[f'{name}_step_ms']]} ms")
     full = BatchEngine(on, geometry.num_experts, "lru")
     full.run(steps, routing, warm=True)
     allres = full.run(steps, routing, warm=True, instrument=True)

@@ -329,13 +329,18 @@ class BatchEngine:
     """One configuration (policy, K slots per layer; no prefetcher) replaying batch or prefill steps."""
 
     def __init__(self, program: BatchProgram, cache_size: int, policy: str = "lru",
-                 policy_params: dict[str, Any] | None = None) -> None:
+                 policy_params: dict[str, Any] | None = None, *, timing_events: bool = False,
+                 host_lag_layers: int | None = None) -> None:
+        """``timing_events``: the gate-done and slot-free events record timestamps (as an instrumented run's
+        do); ``host_lag_layers``: the CPU waits for layer l - lag's gate before issuing layer l (how far
+        it may run ahead). Both default to the plain engine; benchmarks/gpu_batch_timeline.py probes them."""
+        self.timing_events, self.host_lag_layers = timing_events, host_lag_layers
         if cache_size > program.max_slots:
             raise ValueError(f"cache size {cache_size} exceeds the program's {program.max_slots} slots")
         self.program, self.w = program, program.w
         self.cache_size, self.policy_name, self.policy_params = cache_size, policy, policy_params
         g = self.w.geometry
-        self.ready = [[self.w.d.event(timing=False) for _ in range(cache_size)] for _ in range(g.num_layers)]
+        self.ready = [[self.w.d.event(timing=timing_events) for _ in range(cache_size)] for _ in range(g.num_layers)]
         self.free: list[list[Any]] = [[None] * cache_size for _ in range(g.num_layers)]
 
     def _copy(self, layer: int, slot: int, expert: int, after, log: list | None = None, step: int = -1) -> None:
@@ -390,6 +395,7 @@ class BatchEngine:
                 st = steps[i]
                 if done is not None:
                     done.synchronize()
+                gates: list = []
                 ev = d.event()
                 ev.record()
                 step_events.append(ev)
@@ -398,8 +404,12 @@ class BatchEngine:
                         a0 = d.event()
                         a0.record()
                     prog.layer[layer][buckets[i]]()
-                    gate_done = d.event(timing=log is not None)
+                    gate_done = d.event(timing=log is not None or self.timing_events)
                     gate_done.record()
+                    gates.append(gate_done)
+                    lag = self.host_lag_layers
+                    if lag is not None and len(gates) > lag:
+                        gates[-1 - lag].synchronize()
                     if log is not None:
                         log.append((i, layer, "attention+gate", -1, a0, gate_done))
                     S = st.layers.get(layer)
@@ -420,7 +430,7 @@ class BatchEngine:
                                 s1 = d.event()
                                 s1.record()
                             prog.expert[layer][slot][token_bucket(st.counts[layer][chunk[j]], prog.rows)]()
-                            fr = d.event(timing=log is not None)
+                            fr = d.event(timing=log is not None or self.timing_events)
                             fr.record()
                             self.free[layer][slot] = fr
                             if log is not None:
