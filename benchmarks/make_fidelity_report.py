@@ -181,6 +181,9 @@ def timeline_check(path: Path, engine: dict, trace, cost: CostModel, programs: d
             "gate_to_first_copy_us": round(s["gate_to_first_copy_ms"]["median"] * 1e3, 1),
             "copy_end_to_expert_us": round(s["copy_end_to_expert_start_ms"]["median"] * 1e3, 1),
             "copy_busy_ms": round(s["copy_busy_ms"], 1), "span_ms": round(s["span_ms"], 1),
+            "variants_ms": {k[:-len("_step_ms")]: [round(float(np.sum(x)), 1) for x in v] for k, v in tl.items()
+                            if k.endswith("_step_ms") and k not in ("plain_step_ms", "instrumented_step_ms",
+                                                                     "check_off_step_ms")},
             "all_resident_instrumented_ms": round(float(np.sum(tl["all_resident_instrumented"]["step_ms"])), 1),
             "all_resident_expert_in_flow_ms": round(allres["expert_ms"]["median"], 4)}
 
@@ -258,7 +261,11 @@ def markdown(r: dict) -> str:
                   f"gaps between copies of one layer {tl['copy_gap_within_layer_us']} us (the residency count "
                   f"kernels), across layers {tl['copy_gap_across_layers_ms']} ms (last expert + next layer piece, "
                   f"as simulated); gate -> first copy {tl['gate_to_first_copy_us']} us, copy end -> its expert "
-                  f"{tl['copy_end_to_expert_us']} us", ""]
+                  f"{tl['copy_end_to_expert_us']} us",
+                  "- the plain engine with timestamped gate-done / slot-free events (`timing_events`) "
+                  f"{tl['variants_ms'].get('timing_events')} ms; with the CPU held to 2 layers ahead "
+                  f"(`host_lag_layers=2`) {tl['variants_ms'].get('host_lag_2')} ms, to 0 layers "
+                  f"{tl['variants_ms'].get('host_lag_0')} ms", ""]
     lines += ["## Does an expert cache help beyond batch 1 and in prefill?", "",
               "Measured tokens/s (median of repeats; lru / lfu), hit rate in brackets; `K=8` is the all-resident "
               "engine run of the same session (every expert on the GPU, warm, the real trace's steps).", "",
