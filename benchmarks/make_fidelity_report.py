@@ -229,6 +229,10 @@ def markdown(r: dict) -> str:
              f"miss issue {t['miss_issue_us']:.1f} us per demand miss (issued as the CPU goes: "
              f"{t['miss_issue_unhidden_us']:.1f} us); routing hand-off {t['routing_handoff_us']:.1f} us per layer "
              f"(CUDA graph gate; eager {t['routing_handoff_eager_us']:.1f} us; not charged here: the engine replays routing)",
+             f"- stream hops, from the committed calibration (benchmarks/gpu_miss_cost.py, a CUPTI trace of the plain "
+             f"engine in another device session, 2026-12-02T04:41Z; this run did not measure them): "
+             f"{t['copy_hop_us']:.1f} us before every copy, {t['ready_hop_us']:.1f} us when compute waits for "
+             "a copy",
              f"- expert copy, this session: median {t['copy_median_ms']:.4f} ms ({t['copy_median_gbps']:.2f} GB/s), "
              f"p10-p90 {t['copy_p10_ms']:.4f}-{t['copy_p90_ms']:.4f} ms over {t['copy_n']} copies from "
              f"{t['copy_buffers']} buffers; the calibration's own day: {r['calibration_copy_ms']:.4f} ms. "
@@ -245,7 +249,8 @@ def markdown(r: dict) -> str:
         a = r["all_miss"]
         lines += [f"- cross-check, the batch-1 engine with every request a miss ({a['misses']} misses, synthetic "
                   f"routing): {a['real_ms_per_token']} ms/token measured vs {a['sim_ms_per_token_without_miss_term']} "
-                  f"simulated with this session's own pieces and per-token overhead, without a per-miss term: "
+                  f"simulated with this session's own pieces and per-token overhead and the calibration's stream hops, "
+                  f"without a per-miss term: "
                   f"{a['excess_per_miss_us']} us per miss (the `error, all-miss term` column charges it)", ""]
     tl = r.get("timeline")
     if tl:
@@ -386,8 +391,8 @@ def plot(r: dict, path: Path) -> None:
             "all-miss term; grey: +/- half the repeat spread; B = decode batch, P = prefill)")
     ax2.title.set_fontsize(8)
     fig.suptitle("Out-of-sample fidelity on the H200: three traces, batch 1/4/16 decode and prefill; committed "
-                 "calibration (2026-11-29) + this session's micro-benchmarked engine terms and batch pieces",
-                 fontsize=10)
+                 "calibration (2026-11-29 copies and kernels, 2026-12-02 stream hops) + this session's "
+                 "micro-benchmarked engine terms and batch pieces", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -407,7 +412,10 @@ def main() -> int:
     cal = add_session(committed, raw, cells / "calibration_raw.json")   # what `calibrate --add-to` writes
     cost = CostModel.from_dict(cal)
     programs = cal.get("batch_programs", {})
-    same_day = CostModel.from_dict(to_cost_model(raw, path=cells / "calibration_raw.json"))
+    # this session's own pieces and per-token overhead, with the calibration's stream hops: what a miss
+    # costs in the engine beyond everything the calibration already charges
+    same_day = CostModel.from_dict(to_cost_model(raw, path=cells / "calibration_raw.json")).with_overrides(
+        copy_hop_us=cost.copy_hop_s * 1e6, ready_hop_us=cost.ready_hop_s * 1e6)
     mi, rh, cr = raw["engine_terms"]["miss_issue"], raw["engine_terms"]["routing_handoff"], raw["copy_repeats"]
     report: dict = {"device": None, "command": "python benchmarks/make_fidelity_report.py -o reports/fidelity_h200",
                     "device_command": meta.get("command", "benchmarks/gpu_validate.py"),
@@ -420,6 +428,7 @@ def main() -> int:
                         "routing_handoff_eager_us": rh["eager_handoff_s"] * 1e6,
                         "copy_median_ms": cr["median_ms"], "copy_p10_ms": cr["p10_ms"], "copy_p90_ms": cr["p90_ms"],
                         "copy_n": cr["n"], "copy_buffers": cr["buffers"],
+                        "copy_hop_us": cost.copy_hop_s * 1e6, "ready_hop_us": cost.ready_hop_s * 1e6,
                         "copy_median_gbps": cr["bytes"] / cr["median_ms"] / 1e6},
                     "batch_programs": programs,
                     "efficiency_definition": f"independent bound / measured time; bound = the cell's own copies at the "

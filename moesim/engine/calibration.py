@@ -170,7 +170,8 @@ def expert_copy_block(nbytes: int, sessions: list[dict[str, Any]]) -> dict[str, 
 
 def add_session(cal: dict[str, Any], raw: dict[str, Any], path: object = None) -> dict[str, Any]:
     """``cal`` (a calibration) with the engine terms and the expert-copy session of ``raw`` (another
-    device session's micro-benchmarks): its copies and kernels stay as they were measured; the copy
+    device session's micro-benchmarks; engine terms ``raw`` did not measure stay the calibration's):
+    its copies and kernels stay as they were measured; the copy
     interval then spans both days. A calibration without sessions counts its own curve's time at the
     expert size as its first (a mean of back-to-back copies: no spread of its own)."""
     from moesim.simulator.cost_model import CostModel
@@ -179,7 +180,11 @@ def add_session(cal: dict[str, Any], raw: dict[str, Any], path: object = None) -
     engine = _engine_block(raw, path)
     if not raw.get("engine_terms"):
         raise DataError(path, "no engine_terms in this raw file")
-    out["engine"] = engine
+    # terms this raw file measured replace the calibration's; the ones it did not (e.g. the stream hops of
+    # benchmarks/gpu_miss_cost.py, the host issue cost of gpu_decode.py) stay as measured before
+    old_engine = out.get("engine") or {}
+    out["engine"] = {**{k: v for k, v in old_engine.items() if k != "sources"}, **engine,
+                     "sources": {**old_engine.get("sources", {}), **engine["sources"]}}
     new = _expert_copy(raw, path)
     if new:
         old = out["pcie"].get("expert_copy")

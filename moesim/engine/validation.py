@@ -118,7 +118,7 @@ def independent_bound(cost):
     the simulator's prediction, it owes nothing to a model of the engine."""
     overhead_s = float(cost.token.get("engine_overhead_s", 0.0))
     bound = cost.with_overrides(pcie_gbps=peak_bandwidth(cost) / 1e9, pcie_latency_us=0.0, miss_issue_us=0.0,
-                                routing_handoff_us=0.0)
+                                routing_handoff_us=0.0, copy_hop_us=0.0, ready_hop_us=0.0)
     bound.copy_scale = 1.0
     if overhead_s:
         bound = bound.with_overrides(token_ms=(cost.token_seconds() - overhead_s) * 1e3)
