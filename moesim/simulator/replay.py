@@ -138,9 +138,9 @@ def build_stream(trace: Trace, cache_size: int | Sequence[int], scope: str = "la
 def _stream_arrays(trace: Trace, scope: str, semantics: str) -> tuple:
     """The size-independent part of a request stream, built once per (trace, scope, semantics) and kept
     on the trace object: a sweep or an mrc over sizes and policies reads the columns once."""
-    memo = trace.__dict__.setdefault("_request_streams", {})
-    # keyed by what the arrays depend on, so a trace whose table or geometry is replaced is rebuilt
-    key = (scope, semantics, id(trace.table), trace.meta.num_layers, trace.meta.num_experts)
+    memo = trace.memo("request_streams")  # emptied when the trace's table is replaced
+    # keyed by what else the arrays depend on, so a trace whose geometry is replaced is rebuilt
+    key = (scope, semantics, trace.meta.num_layers, trace.meta.num_experts)
     if key in memo:
         return memo[key]
     ordered = trace.execution_order()
