@@ -146,10 +146,7 @@ def _stream_arrays(trace: Trace, scope: str, semantics: str) -> tuple:
     ordered = trace.execution_order()
     meta = ordered.meta
     n_keys = meta.num_experts if scope == "layer" else meta.num_layers * meta.num_experts
-    # one compiled pass over the narrow Arrow columns (numpy's astype + cumsum passes cost more than
-    # the replay itself on large traces)
-    cache, keys, clock, group = kernels.stream_kernel(ordered.seq, ordered.token, ordered.layer, ordered.experts,
-                                                      meta.num_experts, scope == "global")
+    cache, keys, clock, group = _stream_rows(ordered, scope == "global")
     width = keys.shape[1]
     decoded: list[np.ndarray] = []
 
@@ -160,11 +157,45 @@ def _stream_arrays(trace: Trace, scope: str, semantics: str) -> tuple:
         return decoded[0]
 
     if semantics == "sequential":
-        cache, group, clock = np.repeat(cache, width), np.repeat(group, width), np.repeat(clock, width)
+        group, clock = np.repeat(group, width), np.repeat(clock, width)
+        cache = np.repeat(cache, width) if scope == "global" else group
         keys = keys.reshape(-1, 1)
     out = (cache, np.ascontiguousarray(keys), clock, group, weights_of, n_keys)
     memo[key] = out
     return out
+
+
+def _stream_rows(trace: Trace, global_scope: bool) -> tuple[np.ndarray, ...]:
+    """(cache, keys, clock, group) of rows in execution order: compiled passes over the narrow Arrow
+    columns (numpy's astype + cumsum passes cost more than the replay itself on large traces), over
+    disjoint row ranges in threads. With the per-layer scope the cache ids are the layers: one array
+    serves as both ``cache`` and ``group``."""
+    seq, token, layer, experts = trace.seq, trace.token, trace.layer, trace.experts
+    n, width = experts.shape
+    group = np.empty(n, np.int64)
+    cache = np.empty(n, np.int64) if global_scope else group
+    keys = np.empty((n, width), np.int64)
+    clock = np.empty(n, np.int64)
+    n_threads = min(replay_threads(), max(1, n // PARALLEL_MIN_ROWS))
+    bounds = np.linspace(0, n, n_threads + 1).astype(np.int64)
+
+    def fill(i: int) -> int:
+        return kernels.stream_fill(seq, token, layer, experts, trace.meta.num_experts, global_scope,
+                                   bounds[i], bounds[i + 1], cache, keys, clock, group)
+
+    if n_threads == 1:
+        fill(0)
+        return cache, keys, clock, group
+    with ThreadPoolExecutor(n_threads) as pool:
+        last = list(pool.map(fill, range(n_threads)))
+        # each range counted its clock from 0: shift it by the tokens before it
+        shifts, start = [], 0
+        for i in range(1, n_threads):
+            lo = bounds[i]
+            start += last[i - 1] + int(seq[lo] != seq[lo - 1] or token[lo] != token[lo - 1])
+            shifts.append((lo, bounds[i + 1], start))
+        list(pool.map(lambda s: kernels.shift(clock, *s), shifts))
+    return cache, keys, clock, group
 
 
 def _policy_name(policy: PolicySpec) -> str:
@@ -247,15 +278,57 @@ def _run_caches(stream: RequestStream, caches: list[ExpertCache | None], nxt: np
     return req, hit
 
 
+def replay_threads() -> int:
+    """Threads for a replay over several caches: ``$MOESIM_THREADS`` if set, else the cores this
+    process may run on."""
+    env = os.environ.get("MOESIM_THREADS", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise UsageError(f"MOESIM_THREADS must be a positive integer, got {env!r}")
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# below this many rows a thread costs more than it saves
+PARALLEL_MIN_ROWS = 1 << 15
+
+
+def _over_caches(run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], stream: RequestStream,
+                 threads: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """``run(sizes) -> (requests, hits) per group`` over disjoint sets of the caches at once, in threads.
+
+    Caches are independent (each sees only its own rows; every kernel's state is per cache and its
+    clock only orders the rows of one cache), and a kernel skips the rows of a cache of size 0 after
+    counting their requests: so each thread runs the kernel with the other threads' caches sized 0,
+    and the hits add up. The kernels release the GIL."""
+    active = np.flatnonzero(stream.sizes > 0)
+    n = min(replay_threads() if threads is None else threads, active.size)
+    if n <= 1 or len(stream.cache) < PARALLEL_MIN_ROWS:
+        return run(stream.sizes)
+    masked = []
+    for part in np.array_split(active, n):  # contiguous layers; a trace has about as many rows per layer
+        sizes = np.zeros_like(stream.sizes)
+        sizes[part] = stream.sizes[part]
+        masked.append(sizes)
+    with ThreadPoolExecutor(n) as pool:
+        results = list(pool.map(run, masked))
+    return results[0][0], np.sum([hit for _, hit in results], axis=0)
+
+
 def replay_stream(stream: RequestStream, policy: PolicySpec, params: dict[str, Any] | None = None, *,
-                  force_generic: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
-    """Replay a prebuilt request stream; returns (requests, hits) per layer and the method used."""
+                  force_generic: bool = False, threads: int | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """Replay a prebuilt request stream; returns (requests, hits) per layer and the method used.
+    Compiled replays of several caches (per-layer scope) run in ``threads`` threads (default
+    :func:`replay_threads`)."""
     if isinstance(policy, ScorePolicy) and params:
         raise UsageError(f"ScorePolicy {policy.name!r} takes no params (its njit functions read module constants)")
     if isinstance(policy, ScorePolicy) and not force_generic:
-        req, hit = user_kernels.replay_scored(
-            policy.on_access, policy.on_insert, policy.on_evict, policy.score, policy.n_fields, stream.cache,
-            stream.keys, stream.clock, stream.weights, stream.group, stream.sizes, stream.n_keys, stream.n_groups)
+        def scored(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return user_kernels.replay_scored(
+                policy.on_access, policy.on_insert, policy.on_evict, policy.score, policy.n_fields, stream.cache,
+                stream.keys, stream.clock, stream.weights, stream.group, sizes, stream.n_keys, stream.n_groups)
+
+        req, hit = _over_caches(scored, stream, threads)
         return req, hit, "numba"
     make = _factory(policy, params)
     compiled = None if force_generic else _compiled(policy, params)
@@ -265,17 +338,22 @@ def replay_stream(stream: RequestStream, policy: PolicySpec, params: dict[str, A
     code, fp, mt = compiled
     nxt = stream.next_use() if code == policy_kernels.OPT else np.zeros((1, 1), np.int64)
     weights = stream.weights if code == policy_kernels.GATE_WEIGHTED else _NO_WEIGHTS
-    req, hit = policy_kernels.replay_builtin(policy_kernels.kernel_spec(code, stream.sizes), stream.cache, stream.keys, stream.clock, weights,
-                                             stream.group, stream.sizes, stream.n_keys, stream.n_groups, nxt, fp, mt)
+    spec = policy_kernels.kernel_spec(code, stream.sizes)
+
+    def builtin(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return policy_kernels.replay_builtin(spec, stream.cache, stream.keys, stream.clock, weights, stream.group,
+                                             sizes, stream.n_keys, stream.n_groups, nxt, fp, mt)
+
+    req, hit = _over_caches(builtin, stream, threads)
     return req, hit, "numba"
 
 
 def simulate(trace: Trace, policy: PolicySpec, cache_size: int | Sequence[int], *, scope: str = "layer",
              semantics: str = "atomic", params: dict[str, Any] | None = None,
-             force_generic: bool = False) -> ReplayResult:
+             force_generic: bool = False, threads: int | None = None) -> ReplayResult:
     """Replay ``trace`` against ``policy`` (a registered name or a zero-argument factory)."""
     stream = build_stream(trace, cache_size, scope, semantics)
-    req, hit, method = replay_stream(stream, policy, params, force_generic=force_generic)
+    req, hit, method = replay_stream(stream, policy, params, force_generic=force_generic, threads=threads)
     size_out = int(cache_size) if isinstance(cache_size, int | np.integer) else [int(s) for s in cache_size]
     return ReplayResult(_policy_name(policy), size_out, int(req.sum()), int(hit.sum()), req, hit, method,
                         scope, semantics)
