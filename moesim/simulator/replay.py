@@ -131,7 +131,12 @@ def build_stream(trace: Trace, cache_size: int | Sequence[int], scope: str = "la
     if semantics not in SEMANTICS:
         raise UsageError(f"unknown semantics {semantics!r} (known: {', '.join(SEMANTICS)})")
     sizes = resolve_sizes(trace, cache_size, scope)
-    cache, keys, clock, group, weights_of, n_keys = _stream_arrays(trace, scope, semantics)
+    cache, keys, clock, group, weights_from, ordered, n_keys = _stream_arrays(trace, scope, semantics)
+    src = trace if ordered is None else ordered
+
+    def weights_of() -> np.ndarray:
+        return weights_from(src)
+
     return RequestStream(cache, keys, clock, group, weights_of, sizes, n_keys, trace.meta.num_layers)
 
 
@@ -150,9 +155,11 @@ def _stream_arrays(trace: Trace, scope: str, semantics: str) -> tuple:
     width = keys.shape[1]
     decoded: list[np.ndarray] = []
 
-    def weights_of() -> np.ndarray:
+    # takes the trace rather than closing over it: the memo lives on the trace, and a cycle through it
+    # would keep every replayed trace's arrays alive until the cyclic GC runs
+    def weights_from(src: Trace) -> np.ndarray:
         if not decoded:
-            w = ordered.weights
+            w = src.weights
             decoded.append(np.ascontiguousarray(w.reshape(-1, 1) if semantics == "sequential" else w))
         return decoded[0]
 
@@ -160,7 +167,7 @@ def _stream_arrays(trace: Trace, scope: str, semantics: str) -> tuple:
         group, clock = np.repeat(group, width), np.repeat(clock, width)
         cache = np.repeat(cache, width) if scope == "global" else group
         keys = keys.reshape(-1, 1)
-    out = (cache, np.ascontiguousarray(keys), clock, group, weights_of, n_keys)
+    out = (cache, np.ascontiguousarray(keys), clock, group, weights_from, None if ordered is trace else ordered, n_keys)
     memo[key] = out
     return out
 
