@@ -209,3 +209,30 @@ def test_columns_are_decoded_once_and_read_only(synth_path):
         t.experts[0, 0] = 1
     t.table = t.table.slice(0, 10)  # replacing the table drops what was derived from it
     assert len(t.seq) == 10 and build_stream(t, 2).keys.shape == (10, 2)
+
+
+class _ModuleLRU:
+    """A plain-Python policy defined at module level: it pickles, so mrc sends it to processes."""
+
+    def __new__(cls):
+        from moesim.policies.eviction import LRU
+
+        return LRU()
+
+
+def test_mrc_per_size_runs_in_parallel_equal_serial(synth_path):
+    from numba import njit
+
+    t = read_trace(synth_path, lazy=True)
+    sizes = [2, 3, 6]
+    user = ScorePolicy("aged", njit(_aged_score), njit(_aged_access), n_fields=2)
+    threaded, serial = replay.mrc(t, user, sizes, workers=2), replay.mrc(t, user, sizes, workers=1)
+    assert threaded.method == "per-size runs (compiled, 2 threads)" and serial.method == "per-size runs"
+    assert threaded.curve == serial.curve
+    small = read_trace(synth_path, lazy=True)
+    small.table = small.table.slice(0, 32 * 200)
+    procs = replay.mrc(small, _ModuleLRU, sizes, workers=2)
+    assert procs.method == "per-size runs (2 processes)"
+    assert procs.curve == replay.mrc(small, "lru", sizes).curve  # the compiled one-pass LRU curve
+    local = replay.mrc(small, lambda: _ModuleLRU(), sizes, workers=2)  # a lambda does not pickle
+    assert local.method == "per-size runs" and local.curve == procs.curve

@@ -278,6 +278,10 @@ class Trace:
         table is replaced."""
         return self._memo.setdefault(name, {})
 
+    def __getstate__(self) -> dict[str, Any]:
+        # what is derived from the columns is rebuilt where the trace lands (worker processes)
+        return {**self.__dict__, "_np": {}, "_memo": {}}
+
     def __repr__(self) -> str:
         return f"Trace(meta={self.meta!r}, rows={len(self)}, path={self.path!r})"
 
