@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from moesim import parallel
 from moesim.errors import DataError, UsageError
 from moesim.policies import policy_names
 from moesim.policies.compiled import ScorePolicy
@@ -31,7 +32,7 @@ def synth_path(tmp_path_factory):
 @pytest.fixture
 def tiny_rows(monkeypatch):
     """Every parallel path on for small traces."""
-    monkeypatch.setattr(replay, "PARALLEL_MIN_ROWS", 1)
+    monkeypatch.setattr(parallel, "MIN_ROWS", 1)
 
 
 def test_dictionary_encoded_expert_ids(synth_path):
@@ -114,12 +115,22 @@ BAD = {
                             experts=((0, 1),) * 3), "duplicate (seq, token, layer) rows"),
     # the first check in the order of validate_trace wins when a file has several problems
     "layer before expert": (dict(layer=(0, 5), experts=((0, 9), (2, 3))), "layer 5 out of range"),
+    "first bad row wins": (dict(token=(0, 1, 2), layer=(0, 7, 9), seq=(0, 0, 0), phase=(1, 1, 1),
+                                experts=((0, 1),) * 3), "layer 7 out of range [0, 2) at row 1"),
 }
+
+
+@pytest.fixture(params=["one pass", "row ranges"])
+def ranges(request, monkeypatch):
+    """Validation in one range, or in threads of one row each (the first bad row is found across them)."""
+    if request.param == "row ranges":
+        monkeypatch.setattr(parallel, "MIN_ROWS", 1)
+        monkeypatch.setenv("MOESIM_THREADS", "3")
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
 @pytest.mark.parametrize("lazy", [False, True])
-def test_every_row_check_names_the_problem(tmp_path, case, lazy):
+def test_every_row_check_names_the_problem(tmp_path, case, lazy, ranges):
     kw, message = BAD[case]
     path = _rows(tmp_path / "bad.parquet", **kw)
     with pytest.raises(DataError) as err:
@@ -127,7 +138,7 @@ def test_every_row_check_names_the_problem(tmp_path, case, lazy):
     assert message in str(err.value) and str(path) in str(err.value)
 
 
-def test_unordered_rows_are_replayed_in_execution_order(tmp_path):
+def test_unordered_rows_are_replayed_in_execution_order(tmp_path, ranges):
     path = _rows(tmp_path / "u.parquet", seq=(1, 0, 0), token=(0, 1, 0), layer=(0, 0, 0), phase=(1, 1, 1),
                  experts=((0, 1), (2, 3), (0, 2)))
     t = read_trace(path, lazy=True)
@@ -183,9 +194,9 @@ def test_parallel_per_layer_replay_equals_serial(synth_path, tiny_rows, budgets)
 def test_moesim_threads_must_be_a_positive_integer(monkeypatch):
     monkeypatch.setenv("MOESIM_THREADS", "0")
     with pytest.raises(UsageError, match="MOESIM_THREADS"):
-        replay.replay_threads()
+        parallel.threads()
     monkeypatch.setenv("MOESIM_THREADS", "2")
-    assert replay.replay_threads() == 2
+    assert parallel.threads() == 2
 
 
 def test_replayed_trace_is_freed_without_the_cycle_collector(synth_path):

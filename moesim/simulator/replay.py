@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from moesim import parallel
 from moesim.errors import UsageError
 from moesim.policies.base import NEVER, EvictionPolicy, ExpertCache, policy_class
 from moesim.policies.compiled import ScorePolicy
@@ -183,25 +184,20 @@ def _stream_rows(trace: Trace, global_scope: bool) -> tuple[np.ndarray, ...]:
     cache = np.empty(n, np.int64) if global_scope else group
     keys = np.empty((n, width), np.int64)
     clock = np.empty(n, np.int64)
-    n_threads = min(replay_threads(), max(1, n // PARALLEL_MIN_ROWS))
-    bounds = np.linspace(0, n, n_threads + 1).astype(np.int64)
+    bounds = parallel.row_ranges(n)
 
     def fill(i: int) -> int:
         return kernels.stream_fill(seq, token, layer, experts, trace.meta.num_experts, global_scope,
                                    bounds[i], bounds[i + 1], cache, keys, clock, group)
 
-    if n_threads == 1:
-        fill(0)
-        return cache, keys, clock, group
-    with ThreadPoolExecutor(n_threads) as pool:
-        last = list(pool.map(fill, range(n_threads)))
-        # each range counted its clock from 0: shift it by the tokens before it
-        shifts, start = [], 0
-        for i in range(1, n_threads):
-            lo = bounds[i]
-            start += last[i - 1] + int(seq[lo] != seq[lo - 1] or token[lo] != token[lo - 1])
-            shifts.append((lo, bounds[i + 1], start))
-        list(pool.map(lambda s: kernels.shift(clock, *s), shifts))
+    last = parallel.map_threads(fill, range(len(bounds) - 1))
+    # each range counted its clock from 0: shift it by the tokens before it
+    shifts, start = [], 0
+    for i in range(1, len(bounds) - 1):
+        lo = bounds[i]
+        start += last[i - 1] + int(seq[lo] != seq[lo - 1] or token[lo] != token[lo - 1])
+        shifts.append((lo, bounds[i + 1], start))
+    parallel.map_threads(lambda s: kernels.shift(clock, *s), shifts)
     return cache, keys, clock, group
 
 
@@ -285,21 +281,6 @@ def _run_caches(stream: RequestStream, caches: list[ExpertCache | None], nxt: np
     return req, hit
 
 
-def replay_threads() -> int:
-    """Threads for a replay over several caches: ``$MOESIM_THREADS`` if set, else the cores this
-    process may run on."""
-    env = os.environ.get("MOESIM_THREADS", "").strip()
-    if env:
-        if not env.isdigit() or int(env) < 1:
-            raise UsageError(f"MOESIM_THREADS must be a positive integer, got {env!r}")
-        return int(env)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-# below this many rows a thread costs more than it saves
-PARALLEL_MIN_ROWS = 1 << 15
-
-
 def _over_caches(run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], stream: RequestStream,
                  threads: int | None) -> tuple[np.ndarray, np.ndarray]:
     """``run(sizes) -> (requests, hits) per group`` over disjoint sets of the caches at once, in threads.
@@ -309,16 +290,15 @@ def _over_caches(run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], str
     counting their requests: so each thread runs the kernel with the other threads' caches sized 0,
     and the hits add up. The kernels release the GIL."""
     active = np.flatnonzero(stream.sizes > 0)
-    n = min(replay_threads() if threads is None else threads, active.size)
-    if n <= 1 or len(stream.cache) < PARALLEL_MIN_ROWS:
+    n = min(parallel.threads() if threads is None else threads, active.size)
+    if n <= 1 or len(stream.cache) < parallel.MIN_ROWS:
         return run(stream.sizes)
     masked = []
     for part in np.array_split(active, n):  # contiguous layers; a trace has about as many rows per layer
         sizes = np.zeros_like(stream.sizes)
         sizes[part] = stream.sizes[part]
         masked.append(sizes)
-    with ThreadPoolExecutor(n) as pool:
-        results = list(pool.map(run, masked))
+    results = parallel.map_threads(run, masked)
     return results[0][0], np.sum([hit for _, hit in results], axis=0)
 
 
@@ -326,7 +306,7 @@ def replay_stream(stream: RequestStream, policy: PolicySpec, params: dict[str, A
                   force_generic: bool = False, threads: int | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """Replay a prebuilt request stream; returns (requests, hits) per layer and the method used.
     Compiled replays of several caches (per-layer scope) run in ``threads`` threads (default
-    :func:`replay_threads`)."""
+    :func:`moesim.parallel.threads`)."""
     if isinstance(policy, ScorePolicy) and params:
         raise UsageError(f"ScorePolicy {policy.name!r} takes no params (its njit functions read module constants)")
     if isinstance(policy, ScorePolicy) and not force_generic:

@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from numba import njit
 
+from moesim import parallel
 from moesim.atomic import make_temp
 from moesim.errors import DataError
 
@@ -570,10 +571,18 @@ def validate_trace(trace: Trace, path: object = None) -> None:
         # a deferred column (weights) had its null count checked when the trace was read
         if name in trace._table.column_names and trace._table.column(name).null_count:
             raise DataError(path, f"column {name!r} has null values")
-    layer, phase, ex = trace.layer, trace.phase, trace.experts
-    # one compiled pass for every row check (numpy's masks cost more than reading the file)
-    bad_layer, bad_phase, negative, bad_expert, twice, ordered = _check_rows(
-        trace.seq, trace.token, phase, layer, ex, n_layers, e)
+    seq, token, layer, phase, ex = trace.seq, trace.token, trace.layer, trace.phase, trace.experts
+    # one compiled pass for every row check (numpy's masks cost more than reading the file), over
+    # disjoint row ranges in threads; each range reports its first bad row per check
+    bounds = parallel.row_ranges(len(trace))
+    found = np.array(parallel.map_threads(
+        lambda i: _check_rows(seq, token, phase, layer, ex, n_layers, e, bounds[i], bounds[i + 1]),
+        range(len(bounds) - 1)), dtype=np.int64)
+    bad_layer, bad_phase, bad_expert, twice = (_first(found[:, c]) for c in (0, 1, 3, 4))
+    negative = bool(found[:, 2].any())
+    ordered = bool(found[:, 5].all()) and all(
+        (seq[i - 1], token[i - 1], layer[i - 1]) < (seq[i], token[i], layer[i]) for i in bounds[1:-1])
+    trace._ordered = ordered
     if bad_layer >= 0:
         raise DataError(path, f"layer {int(layer[bad_layer])} out of range [0, {n_layers}) at row {bad_layer}")
     if bad_phase >= 0:
@@ -596,6 +605,12 @@ def validate_trace(trace: Trace, path: object = None) -> None:
             raise DataError(path, "duplicate (seq, token, layer) rows")
 
 
+def _first(rows: np.ndarray) -> int:
+    """The first row found, -1 for none (each range's first bad row, -1 where it has none)."""
+    hit = rows[rows >= 0]
+    return int(hit.min()) if hit.size else -1
+
+
 def _bad_expert(path: object, ex: np.ndarray, r: int, lo: int, e: int, name: str) -> None:
     v = int(ex[r][(ex[r] < lo) | (ex[r] >= e)][0])
     raise DataError(path, f"expert id {v} out of range [0, {e}) in column {name!r} at row {r}")
@@ -611,16 +626,16 @@ def _first_out_of_range(ex: np.ndarray, lo: int, hi: int) -> int:
 
 
 @njit(cache=True, nogil=True)
-def _check_rows(seq, token, phase, layer, ex, n_layers, n_experts):
-    """Every row check of :func:`validate_trace` in one pass: the first row with a layer out of range,
-    with a bad phase, whether any sequence id or token index is negative, the first row with an expert
-    id out of range, the first row listing an expert twice (-1: none), and whether (seq, token, layer)
-    strictly increases row to row."""
-    n, k = ex.shape
+def _check_rows(seq, token, phase, layer, ex, n_layers, n_experts, lo, hi):
+    """Every row check of :func:`validate_trace` in one pass over rows ``lo:hi``: the first row with a
+    layer out of range, with a bad phase, whether any sequence id or token index is negative, the first
+    row with an expert id out of range, the first row listing an expert twice (-1: none), and whether
+    (seq, token, layer) strictly increases row to row."""
+    k = ex.shape[1]
     bad_layer = bad_phase = bad_expert = twice = -1
     negative = False
     ordered = True
-    for r in range(n):
+    for r in range(lo, hi):
         if bad_layer < 0 and (layer[r] < 0 or layer[r] >= n_layers):
             bad_layer = r
         if bad_phase < 0 and phase[r] != 0 and phase[r] != 1:
@@ -636,7 +651,7 @@ def _check_rows(seq, token, phase, layer, ex, n_layers, n_experts):
                     for b in range(a + 1, k):
                         if ex[r, b] == x:
                             twice = r
-        if ordered and r > 0:
+        if ordered and r > lo:
             if seq[r] != seq[r - 1]:
                 ordered = seq[r] > seq[r - 1]
             elif token[r] != token[r - 1]:
