@@ -16,7 +16,9 @@ A Mixtral-like synthetic trace (32 layers x top-2 = 64 expert requests per token
   file (read + validate + build + replay): every column, and the replay's columns only (what
   ``moesim simulate`` reads), the latter also as the first call of a fresh process.
 
-Times are wall clock, best of --repeat; the compiled kernels run on one core.
+Times are wall clock, best of --repeat. One kernel call runs on one core; a per-layer replay runs its
+caches, and the end-to-end rows their validation and stream building, in $MOESIM_THREADS threads
+(default: every core; MOESIM_THREADS=1 for one core).
 """
 
 from __future__ import annotations
