@@ -132,9 +132,9 @@ def main() -> None:
         (req, hit, method), dt = best_of(args.repeat, lambda: replay_stream(stream, USER_COMPILED))
         row("user ScorePolicy (layer)", method, int(req.sum()), dt, hit.sum() / req.sum(), "LRU")
         small_stream = build_stream(small, args.cache_size)
-        (req, hit, method), dt = best_of(1, lambda: replay_stream(small_stream, UserLRU))
+        (req, hit, method), dt = best_of(args.repeat, lambda: replay_stream(small_stream, UserLRU))
         row("user plain-Python LRU (layer)", method, int(req.sum()), dt, hit.sum() / req.sum(), "LRU")
-        (req, hit, method), dt = best_of(1, lambda: replay_stream(small_stream, "arc", force_generic=True))
+        (req, hit, method), dt = best_of(args.repeat, lambda: replay_stream(small_stream, "arc", force_generic=True))
         row("arc class path (layer)", method, int(req.sum()), dt, hit.sum() / req.sum(), "LRU")
         row(f"libCacheSim LRU ({args.cache_size * L} slots)", "C", n_req, lcs_lru_dt, lcs_lru_hr, "LRU")
         peers = {"LRU": n_req / lcs_lru_dt}

@@ -27,7 +27,8 @@ def small(tmp_path_factory):
 def zero_cost(**kw):
     base = CostModel.preset("a6000").with_overrides(expert_ms=0, layer_ms=0, token_ms=0, pcie_latency_us=0,
                                                     pcie_gbps=10.0, expert_bytes=10**7, miss_issue_us=0,
-                                                    routing_handoff_us=0, host_copy_issue_us=0, predict_us=0)
+                                                    routing_handoff_us=0, host_copy_issue_us=0, predict_us=0,
+                                                    copy_hop_us=0, ready_hop_us=0)
     return base.with_overrides(**kw) if kw else base
 
 
@@ -286,6 +287,30 @@ def test_engine_terms_hand_computed(tmp_path, engine):
         assert r.misses == 12
         assert r.ms_per_token == pytest.approx(0.05 + 2 * (per_layer + extra), rel=1e-12)
     assert simulate_timing(trace, "lru", 2, gate, engine=engine).engine_mode == "gate"
+
+
+@pytest.mark.parametrize("engine", ["python", "numba"])
+def test_stream_hops_hand_computed(tmp_path, engine):
+    """The cross-stream hops (docs/timing.md): copy 1 ms, expert 0.2 ms, layer 0.1 ms, token 0.05 ms,
+    copy hop 40 us, ready hop 60 us. Per layer (two misses, copy-bound): layer + 2 x (hop + copy) +
+    ready hop + one expert (the first expert waits for its copy too, but overlaps the second copy). With a
+    warm cache (every request a hit) no copy and no wait: no hop at all."""
+    trace = _all_miss_trace(tmp_path)
+    base = zero_cost(pcie_gbps=10.0, expert_bytes=10**7, expert_ms=0.2, layer_ms=0.1, token_ms=0.05)
+    hops = base.with_overrides(copy_hop_us=40.0, ready_hop_us=60.0)
+    per_layer = 0.1 + 2 * (0.04 + 1.0) + 0.06 + 0.2
+    r = simulate_timing(trace, "lru", 2, hops, engine=engine)
+    assert r.misses == 12
+    assert r.ms_per_token == pytest.approx(0.05 + 2 * per_layer, rel=1e-12)
+    # the stall includes the ready hops: per layer compute idles from the gate (0.1) to the first expert
+    # (copy lands at 1.14, + hop = 1.20) and from its end (1.40) to the second (lands 2.18, + hop = 2.24)
+    assert r.stall_s * 1e3 == pytest.approx(6 * ((1.20 - 0.1) + (2.24 - 1.40)), rel=1e-9)
+    # without the fields, the calibration behaves as before; the mixtral-offloading profile swaps on compute
+    assert simulate_timing(trace, "lru", 2, base, engine=engine).ms_per_token == pytest.approx(
+        0.05 + 2 * (0.1 + 2 * 1.0 + 0.2), rel=1e-12)
+    mo = simulate_timing(trace, "lru", 2, hops.with_overrides(engine_profile="mixtral-offloading"), engine="python")
+    assert mo.ms_per_token == pytest.approx(simulate_timing(
+        trace, "lru", 2, base.with_overrides(engine_profile="mixtral-offloading"), engine="python").ms_per_token)
 
 
 def _spec_trace(tmp_path):

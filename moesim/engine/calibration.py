@@ -126,6 +126,18 @@ def _engine_block(raw: dict[str, Any], path: object) -> dict[str, Any]:
                               if "routing_handoff" in terms else "not measured: 0"),
     }
     out: dict[str, Any] = {"miss_issue_s": miss, "routing_handoff_s": handoff}
+    hops = terms.get("stream_hops")
+    if hops:   # benchmarks/gpu_miss_cost.py: the engine's own CUPTI trace (cupti_gaps.hop_terms)
+        try:
+            out["copy_hop_s"], out["ready_hop_s"] = float(hops["copy_hop_s"]), float(hops["ready_hop_s"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(path, f"bad engine_terms.stream_hops ({type(exc).__name__}: {exc})") from None
+        src = hops.get("source", "benchmarks/gpu_miss_cost.py")
+        sources["copy_hop_s"] = (f"{src}: CUPTI trace of the plain engine replaying an all-miss routing (GPU "
+                                 "timestamps, nothing added to the streams): mean wait of a copy after its gate "
+                                 "or behind the previous copy (moesim.engine.cupti_gaps.hop_terms)")
+        sources["ready_hop_s"] = (f"{src}: the same trace: mean wait of an expert piece after the copy it waited "
+                                  "for landed")
     if "routing_handoff" in terms and "eager_handoff_s" in terms["routing_handoff"]:
         out["routing_handoff_eager_s"] = float(terms["routing_handoff"]["eager_handoff_s"])
         sources["routing_handoff_eager_s"] = ("the same read-back with the gate's kernels launched eagerly (no CUDA "

@@ -16,6 +16,8 @@ model) refuse such policies.
 
 from __future__ import annotations
 
+import dis
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
 from typing import Any, ClassVar
@@ -23,6 +25,9 @@ from typing import Any, ClassVar
 from moesim.policies.params import check_params
 
 NEVER = 1 << 62  # next_use of a key that is never requested again
+# endless defaults for sets given without weights / next uses (zip stops at the keys; stateless, shared)
+_ONES, _NEVERS = repeat(1.0), repeat(NEVER)
+_ONES_ROWS, _NEVERS_ROWS = repeat(_ONES), repeat(_NEVERS)
 
 
 class EvictionPolicy:
@@ -60,7 +65,7 @@ class ExpertCache:
     keys are inserted in router order, evicting only keys outside the set.
     """
 
-    __slots__ = ("capacity", "policy", "resident", "evictions")
+    __slots__ = ("capacity", "policy", "resident", "evictions", "reads_weights", "_hooks")
 
     def __init__(self, capacity: int, policy: EvictionPolicy) -> None:
         if capacity < 1:
@@ -70,6 +75,16 @@ class ExpertCache:
         policy.attach(capacity)
         self.resident: set[int] = set()
         self.evictions = 0
+        # whether the routing weights must be passed to on_access (converting them costs as much as a
+        # cheap policy's own work); a policy that cannot be inspected gets them
+        self.reads_weights = reads_argument(policy.on_access, 2)
+        # the policy's bound hooks, None for those it inherits from EvictionPolicy (no-ops): looked up
+        # once, as the policy is fixed for the cache's life
+        kind = type(policy)
+        self._hooks = (policy.on_access if kind.on_access is not EvictionPolicy.on_access else None,
+                       policy.on_insert if kind.on_insert is not EvictionPolicy.on_insert else None,
+                       policy.on_evict if kind.on_evict is not EvictionPolicy.on_evict else None,
+                       policy.victim)
 
     def __contains__(self, key: int) -> bool:
         return key in self.resident
@@ -80,59 +95,213 @@ class ExpertCache:
     def request(self, keys: Sequence[int], now: int, weights: Sequence[float] | None = None,
                 next_uses: Sequence[int] | None = None) -> list[int]:
         """Request a set of distinct keys at once; returns the keys that missed (router order)."""
-        policy, resident = self.policy, self.resident
-        missing = [k for k in keys if k not in resident]
-        for i, k in enumerate(keys):
-            policy.on_access(k, now, 1.0 if weights is None else weights[i],
-                             NEVER if next_uses is None else next_uses[i])
-        if missing:
-            if len(keys) > self.capacity:
-                raise ValueError(f"a set of {len(keys)} keys cannot fit {self.capacity} slots")
-            for k in missing:
-                self.admit(k, now, protect=keys)
-        return missing
+        return self._set(keys, now, _ONES if weights is None else weights, _NEVERS if next_uses is None else next_uses)
 
     def request_rows(self, rows: Sequence[Sequence[int]], clocks: Sequence[int],
                      weights: Sequence[Sequence[float]] | None = None,
                      next_uses: Sequence[Sequence[int]] | None = None) -> list[int]:
-        """:meth:`request` for many sets in a row (the replay's loop); returns the hits of each set.
-
-        The same steps as :meth:`request` + :meth:`admit`, with the policy's bound methods looked up
-        once and hooks the policy does not override skipped: the per-request cost is the policy's own.
-        """
-        policy, resident, capacity = self.policy, self.resident, self.capacity
-        kind = type(policy)
-        on_access = policy.on_access if kind.on_access is not EvictionPolicy.on_access else None
-        on_insert = policy.on_insert if kind.on_insert is not EvictionPolicy.on_insert else None
-        on_evict = policy.on_evict if kind.on_evict is not EvictionPolicy.on_evict else None
-        victim_of = policy.victim
+        """:meth:`request` for many sets in a row (the replay's loop); returns the hits of each set."""
         width = len(rows[0]) if len(rows) else 0
-        wrows = weights if weights is not None else repeat((1.0,) * width)
-        nrows = next_uses if next_uses is not None else repeat((NEVER,) * width)
+        if width in (1, 2) and set(map(len, rows)) == {width}:
+            return self.request_columns(list(zip(*rows, strict=True)), clocks,
+                                        None if weights is None else list(zip(*weights, strict=True)),
+                                        None if next_uses is None else list(zip(*next_uses, strict=True)))
+        return self._rows_any(rows, clocks, weights if self.reads_weights else None, next_uses)
+
+    def request_columns(self, keys: Sequence[Sequence[int]], clocks: Sequence[int],
+                        weights: Sequence[Sequence[float]] | None = None,
+                        next_uses: Sequence[Sequence[int]] | None = None) -> list[int]:
+        """:meth:`request_rows` with the sets given column-wise, all of one size: ``keys[j][i]`` is the
+        j-th key (router order) of set i, and ``weights`` / ``next_uses`` alike. Returns the hits of
+        each set.
+
+        The replay's entry point: a (sets, width) array converts to one flat list per column, with no
+        list per set. The same three steps as :meth:`request`, with the policy's bound methods looked
+        up once, hooks the policy does not override skipped, routing weights not passed to an
+        ``on_access`` that never reads them, and sets of one key (sequential semantics) or two (top-2
+        routing) in loops unrolled for that width: the per-request cost is then mostly the policy's own
+        (benchmarks/bench_replay.py, the python rows)."""
+        width = len(keys)
+        if width > self.capacity and len(clocks):
+            raise ValueError(f"a set of {width} keys cannot fit {self.capacity} slots")
+        if not self.reads_weights:
+            weights = None
+        if width == 1:
+            return self._rows_1(keys[0], clocks, _ONES if weights is None else weights[0],
+                                _NEVERS if next_uses is None else next_uses[0])
+        if width == 2:
+            return self._rows_2(keys[0], keys[1], clocks,
+                                _ONES if weights is None else weights[0], _ONES if weights is None else weights[1],
+                                _NEVERS if next_uses is None else next_uses[0],
+                                _NEVERS if next_uses is None else next_uses[1])
+        return self._rows_any(list(zip(*keys, strict=True)), clocks,
+                              None if weights is None else list(zip(*weights, strict=True)),
+                              None if next_uses is None else list(zip(*next_uses, strict=True)))
+
+    def _rows_any(self, rows: Sequence[Sequence[int]], clocks: Sequence[int],
+                  weights: Sequence[Sequence[float]] | None, next_uses: Sequence[Sequence[int]] | None) -> list[int]:
+        """:meth:`_set` for each set in turn; returns the hits of each."""
+        step = self._set
+        return [len(keys) - len(step(keys, now, ws, nus)) for keys, now, ws, nus in
+                zip(rows, clocks, _ONES_ROWS if weights is None else weights,
+                    _NEVERS_ROWS if next_uses is None else next_uses, strict=False)]
+
+    def _set(self, keys: Sequence[int], now: int, weights: Iterable[float], next_uses: Iterable[int]) -> list[int]:
+        """The atomic step of docs/semantics.md for one set of any size; returns its missing keys. The
+        unrolled loops below do exactly this for sets of one or two keys."""
+        resident = self.resident
+        on_access, on_insert, on_evict, victim_of = self._hooks
+        # 1. count (before anything changes)
+        missing = [k for k in keys if k not in resident]
+        # 2. touch every key, router order
+        if on_access is not None:
+            # (zip(strict=True) costs more than the rest of a step: lengths checked when given)
+            if (weights is not _ONES and len(weights) < len(keys)) or (  # type: ignore[arg-type]
+                    next_uses is not _NEVERS and len(next_uses) < len(keys)):  # type: ignore[arg-type]
+                raise ValueError(f"a set of {len(keys)} keys needs as many weights and next uses")
+            for k, wt, nu in zip(keys, weights, next_uses, strict=False):
+                on_access(k, now, wt, nu)
+        if not missing:
+            return missing
+        capacity = self.capacity
+        if len(keys) > capacity:
+            raise ValueError(f"a set of {len(keys)} keys cannot fit {capacity} slots")
+        # 3. insert the missing keys, router order; victims only among residents outside the set
+        for k in missing:
+            if len(resident) >= capacity:
+                candidates = list(resident)
+                for x in keys:
+                    if x in resident:
+                        candidates.remove(x)  # keeps the residents' order (policies' ties)
+                victim = victim_of(candidates)
+                if victim in keys:
+                    raise _illegal_victim(self.policy, victim)
+                try:
+                    resident.remove(victim)
+                except (KeyError, TypeError):  # not resident, or not even a key
+                    raise _illegal_victim(self.policy, victim) from None
+                if on_evict is not None:
+                    on_evict(victim)
+                self.evictions += 1
+            resident.add(k)
+            if on_insert is not None:
+                on_insert(k, now)
+        return missing
+
+    def _rows_1(self, ka: Iterable[int], clocks: Iterable[int], wa: Iterable[float],
+                na: Iterable[int]) -> list[int]:
+        """:meth:`_set` unrolled for one key per set: the candidates are all the residents."""
+        resident = self.resident
+        on_access, on_insert, on_evict, victim_of = self._hooks
         hits: list[int] = []
-        add_hits = hits.append
-        for keys, now, ws, nus in zip(rows, clocks, wrows, nrows, strict=False):  # wrows, nrows may repeat
-            missing = [k for k in keys if k not in resident]
-            add_hits(len(keys) - len(missing))
-            if on_access is not None:
-                for k, wt, nu in zip(keys, ws, nus, strict=True):
-                    on_access(k, now, wt, nu)
-            if not missing:
-                continue
-            if len(keys) > capacity:
-                raise ValueError(f"a set of {len(keys)} keys cannot fit {capacity} slots")
-            for k in missing:
-                if len(resident) >= capacity:
-                    victim = victim_of([x for x in resident if x not in keys])
-                    if victim not in resident or victim in keys:
-                        raise RuntimeError(f"policy {policy.name!r} chose victim {victim!r} outside the candidates")
-                    resident.discard(victim)
+        evictions = 0
+        free = self.capacity - len(resident)  # counted here: len() per miss costs as much as a set update
+        try:
+            for a, now, w, nu in zip(ka, clocks, wa, na, strict=False):  # wa, na may repeat
+                if on_access is not None:
+                    on_access(a, now, w, nu)
+                if a in resident:
+                    hits.append(1)
+                    continue
+                hits.append(0)
+                if free:
+                    free -= 1
+                else:
+                    victim = victim_of(list(resident))
+                    if victim == a:
+                        raise _illegal_victim(self.policy, victim)
+                    try:
+                        resident.remove(victim)
+                    except (KeyError, TypeError):  # not resident, or not even a key
+                        raise _illegal_victim(self.policy, victim) from None
                     if on_evict is not None:
                         on_evict(victim)
-                    self.evictions += 1
-                resident.add(k)
+                    evictions += 1
+                resident.add(a)
                 if on_insert is not None:
-                    on_insert(k, now)
+                    on_insert(a, now)
+        finally:
+            self.evictions += evictions
+        return hits
+
+    def _rows_2(self, ka: Iterable[int], kb: Iterable[int], clocks: Iterable[int], wa: Iterable[float],
+                wb: Iterable[float], na: Iterable[int], nb: Iterable[int]) -> list[int]:
+        """:meth:`_set` unrolled for two keys per set (a, b in router order)."""
+        resident = self.resident
+        on_access, on_insert, on_evict, victim_of = self._hooks
+        hits: list[int] = []
+        evictions = 0
+        free = self.capacity - len(resident)
+        try:
+            for a, b, now, w_a, w_b, nu_a, nu_b in zip(ka, kb, clocks, wa, wb, na, nb, strict=False):
+                # 1. count and 2. touch (in either order: touching changes no residency)
+                if on_access is not None:
+                    on_access(a, now, w_a, nu_a)
+                    on_access(b, now, w_b, nu_b)
+                if a in resident:
+                    if b in resident:
+                        hits.append(2)
+                        continue
+                    hits.append(1)
+                else:
+                    # 3. insert a; b, if resident, is protected
+                    if b in resident:
+                        hits.append(1)
+                        if free:
+                            free -= 1
+                        else:
+                            candidates = list(resident)
+                            candidates.remove(b)
+                            victim = victim_of(candidates)
+                            if victim == b:
+                                raise _illegal_victim(self.policy, victim)
+                            try:
+                                resident.remove(victim)  # a KeyError: not resident (a itself included)
+                            except (KeyError, TypeError):
+                                raise _illegal_victim(self.policy, victim) from None
+                            if on_evict is not None:
+                                on_evict(victim)
+                            evictions += 1
+                        resident.add(a)
+                        if on_insert is not None:
+                            on_insert(a, now)
+                        continue
+                    hits.append(0)
+                    if free:
+                        free -= 1
+                    else:
+                        victim = victim_of(list(resident))
+                        try:
+                            resident.remove(victim)
+                        except (KeyError, TypeError):
+                            raise _illegal_victim(self.policy, victim) from None
+                        if on_evict is not None:
+                            on_evict(victim)
+                        evictions += 1
+                    resident.add(a)
+                    if on_insert is not None:
+                        on_insert(a, now)
+                # 3. insert b; a is resident now, and protected
+                if free:
+                    free -= 1
+                else:
+                    candidates = list(resident)
+                    candidates.remove(a)
+                    victim = victim_of(candidates)
+                    if victim == a:
+                        raise _illegal_victim(self.policy, victim)
+                    try:
+                        resident.remove(victim)
+                    except (KeyError, TypeError):
+                        raise _illegal_victim(self.policy, victim) from None
+                    if on_evict is not None:
+                        on_evict(victim)
+                    evictions += 1
+                resident.add(b)
+                if on_insert is not None:
+                    on_insert(b, now)
+        finally:
+            self.evictions += evictions
         return hits
 
     def admit(self, key: int, now: int, protect: Iterable[int] = ()) -> int | None | bool:
@@ -151,14 +320,35 @@ class ExpertCache:
             if not candidates:
                 return False
             victim = self.policy.victim(candidates)
-            if victim not in resident or victim in protected:
-                raise RuntimeError(f"policy {self.policy.name!r} chose victim {victim!r} outside the candidates")
+            try:
+                legal = victim in resident and victim not in protected
+            except TypeError:  # not even a key
+                legal = False
+            if not legal:
+                raise _illegal_victim(self.policy, victim)
             resident.discard(victim)
             self.policy.on_evict(victim)
             self.evictions += 1
         resident.add(key)
         self.policy.on_insert(key, now)
         return victim
+
+
+def reads_argument(method: Callable[..., Any], position: int) -> bool:
+    """Whether a bound method may read its argument at ``position`` (after self): False only when its
+    code never loads it -- no ``*args``/``**kwargs``, no closure over it, no ``locals()``-like look-up."""
+    code = getattr(getattr(method, "__func__", None), "__code__", None)
+    if code is None or code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS) or position >= code.co_argcount - 1:
+        return True
+    name = code.co_varnames[1 + position]
+    if name in code.co_cellvars or {"locals", "vars", "eval", "exec", "_getframe"} & set(code.co_names):
+        return True
+    return any(ins.argval == name or (isinstance(ins.argval, tuple) and name in ins.argval)
+               for ins in dis.get_instructions(code) if ins.opcode in dis.haslocal or ins.opcode in dis.hasfree)
+
+
+def _illegal_victim(policy: EvictionPolicy, victim: object) -> RuntimeError:
+    return RuntimeError(f"policy {policy.name!r} chose victim {victim!r} outside the candidates")
 
 
 # ---- registry -----------------------------------------------------------------------------------

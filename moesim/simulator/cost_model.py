@@ -12,7 +12,7 @@ A calibration file is JSON (schema documented in docs/timing.md)::
       "layer": {"base_s": ..., "per_token_s": ..., "per_context_s": ...},
       "token": {"base_s": ..., "per_token_s": ...},
       "engine": {"miss_issue_s": ..., "routing_handoff_s": ..., "host_copy_issue_s": ...,
-                 "predict_s": ..., "sources": {...}}   # optional
+                 "predict_s": ..., "copy_hop_s": ..., "ready_hop_s": ..., "sources": {...}}   # optional
     }
 
 ``copy_seconds`` interpolates the measured curve in log-log space (small copies are latency bound,
@@ -85,6 +85,12 @@ class CostModel:
     # GPU time of the speculative predict piece (layer l+d's norm + router applied to layer l's output),
     # on compute after layer l's experts; only with speculative_ready "hidden" (docs/timing.md)
     predict_s: float = 0.0
+    # cross-stream hops of the engine's plain replay (docs/timing.md, "Engine terms"; measured from the
+    # GPU's own timestamps by benchmarks/gpu_miss_cost.py): a copy starts copy_hop_s after the copy stream
+    # could start it (its waits on the gate-done and slot-free events), every copy, demand or prefetch; an
+    # expert whose copy lands after compute is free starts ready_hop_s after the landing
+    copy_hop_s: float = 0.0
+    ready_hop_s: float = 0.0
     engine_mode: str = "replay"        # "replay": routing known ahead; "gate": read back from the gate
     engine_profile: str = "moesim"     # "mixtral-offloading": its swap-on-compute engine (no overlap)
     engine_sources: dict[str, str] = field(default_factory=dict)
@@ -120,6 +126,8 @@ class CostModel:
             model.routing_handoff_s = float(eng.get("routing_handoff_s", 0.0))
             model.host_copy_issue_s = float(eng.get("host_copy_issue_s", 0.0))
             model.predict_s = float(eng.get("predict_s", 0.0))
+            model.copy_hop_s = float(eng.get("copy_hop_s", 0.0))
+            model.ready_hop_s = float(eng.get("ready_hop_s", 0.0))
             if eng.get("routing_handoff_eager_s") is not None:
                 model.routing_handoff_eager_s = float(eng["routing_handoff_eager_s"])
             model.engine_sources = {str(k): str(v) for k, v in eng.get("sources", {}).items()}
@@ -127,8 +135,10 @@ class CostModel:
             raise DataError(path, f"not a valid calibration file ({type(exc).__name__}: {exc})") from None
         if model.bandwidth_Bps <= 0 or model.latency_s < 0 or model.copy_engines < 1:
             raise DataError(path, "calibration needs bandwidth_gbps > 0, latency_us >= 0, copy_engines >= 1")
-        if min(model.miss_issue_s, model.routing_handoff_s, model.host_copy_issue_s, model.predict_s) < 0:
-            raise DataError(path, "engine.miss_issue_s, routing_handoff_s, host_copy_issue_s and predict_s must be >= 0")
+        if min(model.miss_issue_s, model.routing_handoff_s, model.host_copy_issue_s, model.predict_s,
+               model.copy_hop_s, model.ready_hop_s) < 0:
+            raise DataError(path, "engine.miss_issue_s, routing_handoff_s, host_copy_issue_s, predict_s, copy_hop_s "
+                                  "and ready_hop_s must be >= 0")
         if model.quantization not in model.expert_compute:
             raise DataError(path, f"no expert_compute table for the default quantization {model.quantization!r}")
         return model
@@ -164,6 +174,8 @@ class CostModel:
             "layer": self.layer, "token": self.token,
             "engine": {"miss_issue_s": self.miss_issue_s, "routing_handoff_s": self.routing_handoff_s,
                        "host_copy_issue_s": self.host_copy_issue_s, "predict_s": self.predict_s,
+                       **({"copy_hop_s": self.copy_hop_s} if self.copy_hop_s else {}),
+                       **({"ready_hop_s": self.ready_hop_s} if self.ready_hop_s else {}),
                        **({"routing_handoff_eager_s": self.routing_handoff_eager_s}
                           if self.routing_handoff_eager_s is not None else {}),
                        "sources": self.engine_sources},
@@ -181,7 +193,8 @@ class CostModel:
                        engine_mode: str | None = None, engine_profile: str | None = None,
                        miss_issue_us: float | None = None, routing_handoff_us: float | None = None,
                        host_copy_issue_us: float | None = None, predict_us: float | None = None,
-                       copy_scale: float | None = None) -> CostModel:
+                       copy_scale: float | None = None, copy_hop_us: float | None = None,
+                       ready_hop_us: float | None = None) -> CostModel:
         """A copy with what-if values; an overridden bandwidth or latency drops the measured curve."""
         m = copy.deepcopy(self)
         if pcie_gbps is not None or pcie_latency_us is not None:
@@ -214,7 +227,8 @@ class CostModel:
                 raise UsageError(f"unknown engine profile {engine_profile!r} (known: {', '.join(ENGINE_PROFILES)})")
             m.engine_profile = engine_profile
         for attr, us in (("miss_issue_s", miss_issue_us), ("routing_handoff_s", routing_handoff_us),
-                         ("host_copy_issue_s", host_copy_issue_us), ("predict_s", predict_us)):
+                         ("host_copy_issue_s", host_copy_issue_us), ("predict_s", predict_us),
+                         ("copy_hop_s", copy_hop_us), ("ready_hop_s", ready_hop_us)):
             if us is not None:
                 if us < 0:
                     raise UsageError(f"{attr[:-2].replace('_', '-')} must be >= 0")
@@ -293,6 +307,14 @@ class CostModel:
         replay engine knows the routing ahead and issues while the GPU works)."""
         return self.host_copy_issue_s if self.engine_mode == "gate" and self.engine_profile == "moesim" else 0.0
 
+    def copy_hop_seconds(self) -> float:
+        """The copy stream's hop before every copy (0 for the mixtral-offloading profile: it swaps on compute)."""
+        return self.copy_hop_s if self.engine_profile == "moesim" else 0.0
+
+    def ready_hop_seconds(self) -> float:
+        """Compute's hop after a copy it waited for lands (0 for the mixtral-offloading profile)."""
+        return self.ready_hop_s if self.engine_profile == "moesim" else 0.0
+
     def summary(self) -> dict[str, Any]:
         b = self.expert_bytes()
         return {"name": self.name, "pcie_gbps": round(self.bandwidth_Bps / 1e9, 2),
@@ -304,5 +326,6 @@ class CostModel:
                 "miss_issue_us": round(self.miss_issue_s * 1e6, 3),
                 "routing_handoff_us": round(self.routing_handoff_s * 1e6, 3),
                 "host_copy_issue_us": round(self.host_copy_issue_s * 1e6, 3), "predict_us": round(self.predict_s * 1e6, 3),
+                "copy_hop_us": round(self.copy_hop_s * 1e6, 3), "ready_hop_us": round(self.ready_hop_s * 1e6, 3),
                 "engine_mode": self.engine_mode,
                 "engine_profile": self.engine_profile}

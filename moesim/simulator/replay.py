@@ -237,7 +237,7 @@ def run_generic(stream: RequestStream, make: Callable[[], EvictionPolicy]) -> tu
     """The generic path: ExpertCache + policy objects. Returns (requests, hits) per layer.
 
     Caches are independent, so each cache replays its own rows in one call
-    (:meth:`ExpertCache.request_rows`), in trace order."""
+    (:meth:`ExpertCache.request_columns`), in trace order."""
     caches = [ExpertCache(int(s), make()) if s > 0 else None for s in stream.sizes]
     needs_future = any(c is not None and c.policy.needs_future for c in caches)
     nxt = stream.next_use() if needs_future else None
@@ -269,13 +269,15 @@ def _run_caches(stream: RequestStream, caches: list[ExpertCache | None], nxt: np
             if cache is None:
                 bar.update(len(rows))
                 continue
-            weighted = type(cache.policy).on_access is not EvictionPolicy.on_access
+            weighted = cache.reads_weights
             for lo in range(0, len(rows), chunk):
                 part = rows[lo:lo + chunk]
-                hits_by_row[part] = cache.request_rows(
-                    stream.keys[part].tolist(), stream.clock[part].tolist(),
-                    stream.weights[part].tolist() if weighted else None,
-                    None if nxt is None else nxt[part].tolist())
+                # one flat list per column (no list per set): the mechanism's loops for top-1 / top-2
+                # sets read them directly
+                hits_by_row[part] = cache.request_columns(
+                    stream.keys[part].T.tolist(), stream.clock[part].tolist(),
+                    stream.weights[part].T.tolist() if weighted else None,
+                    None if nxt is None else nxt[part].T.tolist())
                 bar.update(len(part))
     np.add.at(hit, stream.group, hits_by_row)
     return req, hit

@@ -357,12 +357,17 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
 
     xb = cost.expert_bytes(meta.expert_bytes)
     copy_s = cost.copy_seconds(xb)
-    demand_s = copy_s + cost.miss_issue_s    # a demand copy also pays the engine's per-miss issue cost
+    # every copy occupies its copy stream for the hop (the waits before it resolving) and the transfer;
+    # a demand copy also pays the engine's per-miss issue cost
+    copy_hop = cost.copy_hop_seconds()
+    ready_hop = cost.ready_hop_seconds()
+    prefetch_s = copy_s + copy_hop
+    demand_s = copy_s + copy_hop + cost.miss_issue_s
     handoff_s = cost.handoff_seconds()
     issue_h = cost.host_issue_seconds()      # gate mode: host time per issued copy, on the critical path
     predict_s = cost.predict_s if late else 0.0
     if swap:   # mixtral-offloading: reads every layer's routing back; swaps on compute (its own timing)
-        demand_s, handoff_s = copy_s, cost.sync_seconds()
+        demand_s, prefetch_s, handoff_s, ready_hop = copy_s, copy_s, cost.sync_seconds(), 0.0
     env = SimEnv(cost.copy_engines, timeline is not None)
     inflight: dict[tuple[int, int], float] = {}      # (layer, expert) -> copy end
     pending: dict[tuple[int, int], bool] = {}        # prefetched for that layer, not used yet
@@ -482,7 +487,7 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
                                 if pending.pop((target, evicted), False):
                                     pass  # an unused prefetch evicted: wasted
                                 inflight.pop((target, evicted), None)
-                            end, host_at = issue(t_issue, host_at, target, e, copy_s, "prefetch", i)
+                            end, host_at = issue(t_issue, host_at, target, e, prefetch_s, "prefetch", i)
                             inflight[(target, e)] = end
                             pending[(target, e)] = True
                             prefetches += 1
@@ -495,8 +500,11 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
                 for e in sorted(S, key=lambda x: (ready.get(x, 0.0), S.index(x))):
                     before = env.free["compute"]
                     es = cost.expert_seconds(counts[e])
-                    env.run("compute", ready.get(e, 0.0), es, f"expert L{layer} E{e}", {"step": i, "tokens": counts[e]})
-                    stall += max(0.0, ready.get(e, 0.0) - before)
+                    rd = ready.get(e, 0.0)
+                    if rd > before:   # compute waits for the copy: it resumes a hop after the landing
+                        rd += ready_hop
+                    env.run("compute", rd, es, f"expert L{layer} E{e}", {"step": i, "tokens": counts[e]})
+                    stall += max(0.0, rd - before)
                     compute += es
                     if swap:   # it reads each expert's token indices back (two .tolist() calls): two syncs
                         for _ in range(2):
@@ -543,9 +551,9 @@ def _simulate_fast(trace: Trace, policy: str, sizes: list[int], cache_size, cost
     total, stall, compute, stats, per_token = timing_kernel.des_kernel(
         kernels.POLICY_CODES[policy], timing_kernel.PREFETCH_CODES[prefetch], prefetcher.distance,
         prefetcher.budget, step, layer, keys, nxt, row_at, pred, np.asarray(sizes, np.int64), E,
-        cost.token_seconds(1), layer_s, copy_s, cost.expert_seconds(1), cost.copy_engines,
-        copy_s + cost.miss_issue_s, cost.handoff_seconds(), late, cost.predict_s if late else 0.0,
-        cost.host_issue_seconds())
+        cost.token_seconds(1), layer_s, copy_s + cost.copy_hop_seconds(), cost.expert_seconds(1), cost.copy_engines,
+        copy_s + cost.copy_hop_seconds() + cost.miss_issue_s, cost.handoff_seconds(), late,
+        cost.predict_s if late else 0.0, cost.host_issue_seconds(), cost.ready_hop_seconds())
     hits, landed, prefetches, used, rec_hits, rec_needed, copies = (int(x) for x in stats)
     size_out = int(cache_size) if isinstance(cache_size, int | np.integer) else list(sizes)
     slots = int(np.asarray(sizes)[layer].sum())

@@ -60,9 +60,11 @@ def _issue_copy(engines, ready, duration):
 
 @njit(cache=True, nogil=True)
 def des_kernel(policy, pf, distance, budget, step, layer, keys, nxt, row_at, pred, sizes, n_experts,
-               token_s, layer_s, copy_s, expert_s, n_engines, demand_s, handoff_s, late, predict_s, issue_h):
-    """``copy_s``: a prefetch copy; ``demand_s``: a demand copy (the transfer + the engine's per-miss
-    issue cost); ``handoff_s``: the per-layer routing hand-off on compute (0 in replay mode); ``late``:
+               token_s, layer_s, copy_s, expert_s, n_engines, demand_s, handoff_s, late, predict_s, issue_h,
+               ready_hop):
+    """``copy_s``: a prefetch copy (the copy stream's hop + the transfer); ``demand_s``: a demand copy (the
+    hop + the transfer + the engine's per-miss issue cost); ``ready_hop``: compute resumes that long after
+    a copy it waited for lands; ``handoff_s``: the per-layer routing hand-off on compute (0 in replay mode); ``late``:
     the prefetch (speculative, ready "hidden") is issued after the layer's experts and ``predict_s`` on
     compute, the host reading the prediction back (``handoff_s``) first; ``issue_h``: host time per
     issued copy (gate mode): on compute for copies issued between the hand-off and the experts, on the
@@ -255,6 +257,8 @@ def des_kernel(policy, pf, distance, budget, step, layer, keys, nxt, row_at, pre
                     for a in range(k):
                         rd = ready[order[a]]
                         before = compute_free
+                        if rd > before:
+                            rd += ready_hop
                         compute_free = max(compute_free, rd) + expert_s
                         if rd > before:
                             stall += rd - before

@@ -1,0 +1,421 @@
+"""reports/miss_cost_h200.{json,md,png} from one run of benchmarks/gpu_miss_cost.py (CPU only).
+
+    python benchmarks/make_miss_cost_report.py reports/miss_cost_h200_raw -o reports/miss_cost_h200
+
+Part 1, the mechanism: every engine variant's ms/token (median of its tokens, median over repeats)
+against the plain engine and against the overhead-free schedule of the same routing priced from the
+run's own back-to-back piece and copy times, and the gaps of the CUPTI traces.
+Part 2, the model: the committed cells of reports/fidelity_h200_cells/ and reports/decoder_h200_raw/
+re-simulated with and without the new engine term (the term from the micro-benchmark, never fitted
+to a cell).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def variants_table(raw: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (routing, variant): median ms/token over repeats, its spread, and its excess over
+    the plain engine and over the overhead-free schedule, per miss."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for v in raw["variants"]:
+        groups.setdefault((v["routing"], v["variant"]), []).append(v)
+    base = {r: float(np.median([v["ms_per_token_mean"] for v in vs]))
+            for (r, name), vs in groups.items() if name == "engine"}
+    rows = []
+    for (r, name), vs in groups.items():
+        ms = [float(v["ms_per_token_mean"]) for v in vs]   # the ideal is a mean over the same tokens
+        med = float(np.median(ms))
+        misses = vs[0]["misses"] / vs[0]["tokens"]
+        ideal = raw["routings"][r]["ideal_ms_per_token"]
+        rows.append({"routing": r, "variant": name, "repeats": len(vs), "ms_per_token": round(med, 3),
+                     "median_token_ms": round(float(np.median([v["ms_per_token_median"] for v in vs])), 3),
+                     "runs_mean_ms": [round(x, 3) for x in ms],
+                     "spread_ms": round(max(ms) - min(ms), 3), "misses_per_token": round(misses, 2),
+                     "issue_ms_per_token": round(float(np.median([v["issue_ms_median"] for v in vs])), 3),
+                     "vs_engine_ms": round(med - base[r], 3) if r in base else None,
+                     "ideal_ms_per_token": round(ideal, 3), "excess_ms": round(med - ideal, 3),
+                     "excess_per_miss_us": round((med - ideal) / misses * 1e3, 1) if misses else None})
+    return rows
+
+
+def stream_chains(hops: dict[str, Any]) -> list[dict[str, Any]]:
+    """gpu_stream_hops.py: per (pieces, events, issue, spacer) the median chain excess per layer."""
+    groups: dict[tuple, list[dict]] = {}
+    for c in hops["chains"]:
+        groups.setdefault((c["pieces"], c["events"], c["issue"], c["spacer"]), []).append(c)
+    rows = []
+    for (pieces, events, issue, spacer), cs in groups.items():
+        chain = [c["chain_s"] * 1e3 for c in cs]
+        rows.append({"pieces": pieces, "events": events, "issue": issue, "spacer": spacer,
+                     "chain_ms": [round(x, 3) for x in chain],
+                     "ideal_ms": [round(c["ideal_s"] * 1e3, 3) for c in cs],
+                     "excess_per_layer_us": [round(c["excess_per_layer_us"], 1) for c in cs]})
+    return rows
+
+
+def fidelity_cells(cost, hops_cost, real: Path) -> list[dict[str, Any]]:
+    """The committed fidelity cells (reports/fidelity_h200_cells/) priced by the committed calibration
+    with and without the hop terms: real tokens/s (median of repeats) against both."""
+    import tempfile
+
+    from make_fidelity_report import traces  # noqa: PLC0415 - a sibling script
+
+    from moesim.engine.validation import head_tokens
+    from moesim.simulator.timing import simulate_timing
+    from moesim.traces.format import read_trace
+
+    cells_dir = ROOT / "reports/fidelity_h200_cells"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = traces(real, Path(tmp))
+        for fname in sorted(p.name for p in cells_dir.glob("validate*.json")):
+            engine = json.loads((cells_dir / fname).read_text())
+            name = engine.get("trace", "real.parquet")
+            sub = head_tokens(read_trace(paths[name]), int(engine["tokens"]), int(engine["expert_bytes"]),
+                              engine.get("quantization"), int(engine.get("skip_tokens", 0)))
+            groups: dict[tuple, list[float]] = {}
+            for c in engine["cells"]:
+                if c.get("variant") == "nosync":
+                    continue
+                groups.setdefault((c["policy"], int(c["cache_size"]), c["prefetch"]), []).append(float(c["tokens_per_s"]))
+            for (pol, k, pf), tps in groups.items():
+                real_tps = float(np.median(tps))
+                before = simulate_timing(sub, pol, k, cost, prefetch=pf).tokens_per_s
+                after = simulate_timing(sub, pol, k, hops_cost, prefetch=pf).tokens_per_s
+                rows.append({"trace": name, "policy": pol, "cache_size": k, "prefetch": pf,
+                             "real_tokens_per_s": round(real_tps, 4), "repeat_spread": round((max(tps) - min(tps)) / real_tps, 4),
+                             "sim_before": round(before, 4), "sim_after": round(after, 4),
+                             "rel_error_before": round(before / real_tps - 1, 4),
+                             "rel_error_after": round(after / real_tps - 1, 4)})
+    return rows
+
+
+def decoder_cells(terms: dict[str, float]) -> list[dict[str, Any]]:
+    """reports/decoder_h200_raw/ priced as make_decoder_report.py prices it (gate-driven and replay), with
+    and without the hop terms (the decoder records its gate, ready and free events without timing too)."""
+    import make_decoder_report as mdr  # noqa: PLC0415 - a sibling script
+
+    from moesim.engine.recording import as_single_token_steps
+    from moesim.simulator.timing import simulate_timing
+
+    run = ROOT / "reports/decoder_h200_raw"
+    raw = json.loads((run / "decoder_raw.json").read_text())
+    traces = mdr.read_traces(run / "traces.tar")
+    rows = []
+    for c in raw["cells"]:
+        trace = as_single_token_steps(traces[c["name"]])
+        spec = c["prefetch"] == "speculative"
+        row = {"policy": c["policy"], "cache_size": c["cache_size"], "prefetch": c["prefetch"],
+               "misses_per_step": round(c["gate"]["requests"] * (1 - c["gate"]["hit_rate"]) / c["gate"]["steps"], 2)
+               if "requests" in c["gate"] else None}
+        for mode in ("gate", "replay"):
+            if mode == "replay" and "replay" not in c:
+                continue
+            cal = mdr.calibration(raw, spec)
+            if mode == "replay" and spec:
+                cal = dict(cal, layer=mdr.calibration(raw, spec, previous=True)["layer"])
+            cost, _ = mdr.cost_for(cal, mode)
+            ready = "hidden" if mode == "gate" else "gate"
+            real = float(c[mode]["steps_per_s"])
+            for label, cst in (("before", cost), ("after", cost.with_overrides(
+                    copy_hop_us=terms["copy_hop_s"] * 1e6, ready_hop_us=terms["ready_hop_s"] * 1e6))):
+                sim = simulate_timing(trace, c["policy"], int(c["cache_size"]), cst, prefetch=c["prefetch"],
+                                      speculative_ready=ready)
+                row[f"{mode}_real"] = round(real, 3)
+                row[f"{mode}_rel_error_{label}"] = round(sim.tokens_per_s / real - 1, 4)
+        rows.append(row)
+    return rows
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.1%}"
+
+
+def markdown(r: dict[str, Any]) -> str:
+    t = r["terms"]
+    fs, ds = r["fidelity_summary"], r["decoder_summary"]
+    am = {v["variant"]: v for v in r["variants"] if v["routing"] == "all_miss"}
+    gaps = r["cupti_gaps"]["all_miss_engine"]
+    al = r.get("alignment") or {}
+    lines = [
+        f"# The per-miss cost of the engine: found, modelled, re-simulated ({r['device']})", "",
+        f"Device runs {r['date']} (`{r['commands']['device'][0]}`, then `{r['commands']['device'][1]}`), "
+        f"report `{r['commands']['report']}`. Raw output: `reports/miss_cost_h200_raw/` (miss_cost.json, "
+        "cupti.json.gz, stream_hops.json, logs). Nothing here is fitted to a validation cell: the new terms are "
+        "read off the GPU timestamps of the engine's own all-miss replay (synthetic routing).", "",
+        "## What was found", "",
+        f"1. **Cross-stream hops** (the modelled term). In the plain engine every copy starts "
+        f"{gaps['gate_to_copy']['mean_us']:.1f} us (mean; median {gaps['gate_to_copy']['median_us']:.1f}, "
+        f"p10-p90 {gaps['gate_to_copy']['p10_us']:.0f}-{gaps['gate_to_copy']['p90_us']:.0f}) after the gate it waits "
+        f"for, or {gaps['copy_to_copy']['mean_us']:.1f} us after the copy before it on the copy stream, and an expert "
+        f"that waited for its copy starts {gaps['ready_to_expert']['mean_us']:.1f} us after the copy landed "
+        f"(p10-p90 {gaps['ready_to_expert']['p10_us']:.0f}-{gaps['ready_to_expert']['p90_us']:.0f}): GPU timestamps "
+        "from a CUPTI trace (torch.profiler) of the plain replay, nothing added to the streams. The instrumented "
+        "replay of the fidelity run (CUDA timing events around every piece and copy) saw 5.9 us, 1.3 us and 5.4 us "
+        "for the same hops (`reports/fidelity_h200_cells/events.json`), which is why it ran faster than the plain "
+        "one; a stream-level chain with the same waits and plain events but sleep-kernel pieces shows none (below), "
+        "which is why the stream-level micro-benchmark (`gpu_bench.miss_issue`) found no per-miss cost.",
+        f"2. **An engine bug, fixed here** (not in the committed cells: it came with the residency identity at "
+        f"02:57, after the fidelity run). Expert blobs were padded to 8 bytes + an 8-byte identity = "
+        f"{r['pieces']['copy_bytes']:,} B per hqq2 expert, so every odd GPU slot row started 8 bytes off a 16-byte "
+        "boundary and torch.compile's code copied the whole blob to an aligned buffer before each odd-slot expert: "
+        f"in the CUPTI trace a 52.8 us `memcpy32_post` inside every slot-1/slot-3 expert piece (odd slots "
+        f"327 us vs even 274 us); at stream level the compiled expert took {al.get('misaligned_8_row1_ms', float('nan')):.4f} ms "
+        f"on a misaligned row vs {al.get('aligned_16_row1_ms', float('nan')):.4f} ms aligned. "
+        "`moesim/engine/identity.py` now pads blobs to a multiple of 16 bytes (`BLOB_ALIGN`); "
+        "tests/test_cupti_gaps.py checks every slot row is 16-byte aligned.", "",
+        "Per layer of the all-miss replay (K = 2, two misses per layer, copy-bound): measured "
+        f"{am['engine']['ms_per_token']:.2f} ms/token against {am['engine']['ideal_ms_per_token']:.2f} ms for the same "
+        "schedule priced from this run's back-to-back piece and copy times (+"
+        f"{am['engine']['excess_per_miss_us']:.0f} us per miss). The CUPTI trace splits the +200 us per layer into "
+        "the three hops (gate->copy ~34-39, copy->copy ~40-44, copy->expert ~42-43 us: ~120 us), the misaligned "
+        "odd-slot expert (+~53 us in the trace), copies 21 us longer in situ than back to back, and the layer piece "
+        "+6 us.", "",
+        "## Variants of the engine's loop (ms/token, mean over 16 tokens, median of 2 repeats)", "",
+        "The plain engine, its instrumented run, and this script's copy of its loop with one change at a time "
+        "(`benchmarks/gpu_miss_cost.py`; the copy without changes equals the engine). Ideal = the same routing's "
+        "schedule with no overhead, from this run's back-to-back pieces (`ideal_ms_per_token`). This run had the "
+        "residency check on (the Program default) and the misaligned odd slots (both in the ideal's and the "
+        "engine's expert pieces alike except the odd-slot copy).", "",
+        "| routing | variant | ms/token (mean) | per run | median token | vs engine | ideal | excess per miss (us) | CPU issue ms/token |",
+        "|---|---|---|---|---|---|---|---|---|"]
+    for v in r["variants"]:
+        exc = "-" if v["excess_per_miss_us"] is None else f"{v['excess_per_miss_us']:.0f}"
+        lines.append(f"| {v['routing']} | {v['variant']} | {v['ms_per_token']:.2f} | "
+                     f"{', '.join(f'{x:.2f}' for x in v['runs_mean_ms'])} | {v['median_token_ms']:.2f} | {v['vs_engine_ms']:+.2f} | "
+                     f"{v['ideal_ms_per_token']:.2f} | {exc} | "
+                     f"{v['issue_ms_per_token']:.1f} |")
+    lines += [
+        "", "ms/token is the mean over a run's 16 tokens (the ideal is a mean too: the mixed routing's first token "
+        "starts cold), the median of the two runs; one instrumented all-miss run had a single slow token (mean "
+        "118.5 ms, median token 96.7 ms), hence its median-token column.",
+        "", "What the variants say (all-miss): the hops shrink by about two thirds (-3.9 to -4.0 ms/token) when the "
+        "gate-done and slot-free events are created with timing enabled, when a one-cycle kernel sits between each "
+        "wait and the expert graph, or when the CPU issues at most one layer ahead (`lookahead1`); launching the "
+        "same kernels without graphs (`eager`) recovers -2.8 ms. They do not change with an untimed event recorded "
+        "before the graph (`marker`), copies from 8 instead of 256 host blobs, no slot-free wait, copies issued "
+        "next to their expert, or no per-token sync; a second copy stream makes it worse (+3.8 ms). A stream-level "
+        "chain with the engine's waits and events but `torch.cuda._sleep` pieces (plain kernels, or CUDA graphs of "
+        "1 or 8 of them; plain or timing events; queued behind a GPU sleep or as the CPU goes) shows no hop cost "
+        "beyond its noise (table below): the hops come with the engine's real pieces and queue, not with the "
+        "streams themselves. Which driver or front-end mechanism makes a wait on a plain event slow here is not "
+        "isolated (no hardware counters were used); the model prices what the GPU timestamps show.", "",
+        "## CUPTI gaps (us; the plain engine and the marker variant on the all-miss routing, the engine on the mixed one)", "",
+        "| trace | gap | n | mean | median | p10 | p90 |", "|---|---|---|---|---|---|---|"]
+    for lab, g in r["cupti_gaps"].items():
+        if not isinstance(g, dict):
+            continue
+        for key in ("gate_to_copy", "copy_to_copy", "ready_to_expert", "expert_after_gate", "expert_after_expert",
+                    "gate_after_expert"):
+            v = g.get(key)
+            if v:
+                lines.append(f"| {lab} | {key} | {v['n']} | {v['mean_us']:.1f} | {v['median_us']:.1f} | "
+                             f"{v['p10_us']:.1f} | {v['p90_us']:.1f} |")
+    if r.get("stream_chains"):
+        lines += ["", "## Stream-level chains (`benchmarks/gpu_stream_hops.py`: 32 layers x 2 misses; excess per layer "
+                  "over the chain priced from its own back-to-back times, two repeats)", "",
+                  "| pieces | events | issue | spacer | chain ms | ideal ms | excess us/layer |", "|---|---|---|---|---|---|---|"]
+        for c in r["stream_chains"]:
+            lines.append(f"| {c['pieces']} | {c['events']} | {c['issue']} | {c['spacer']} | "
+                         f"{', '.join(f'{x:.2f}' for x in c['chain_ms'])} | {', '.join(f'{x:.2f}' for x in c['ideal_ms'])} | "
+                         f"{', '.join(f'{x:+.0f}' for x in c['excess_per_layer_us'])} |")
+        lines += ["", "Every chain runs 94-98 ms for 32 layers; the ideal's own noise (each chain re-measures its "
+                  "pieces) is +/-2 ms, so any hop cost here is below ~60 us per layer, against ~120 us per layer in "
+                  "the engine. (The first chain's ideal, 150 ms, is a warm-up artefact of the sleep-rate probe.)"]
+    lines += [
+        "", "## The model", "",
+        "Two named fields of the calibration's `engine` block (docs/timing.md, \"Engine terms\"), measured by "
+        "`benchmarks/gpu_miss_cost.py` (`moesim.engine.cupti_gaps.hop_terms` of the all-miss CUPTI trace) and "
+        "committed to `moesim/data/hardware/h200.json`:", "",
+        f"- `engine.copy_hop_s` = **{t['copy_hop_s'] * 1e6:.1f} us**: before every copy (demand or prefetch) on its "
+        "copy stream: the copy occupies the stream for hop + transfer;",
+        f"- `engine.ready_hop_s` = **{t['ready_hop_s'] * 1e6:.1f} us**: an expert whose copy lands after compute "
+        "is free starts that long after the landing (the stall includes it).", "",
+        "Cross-checks from the same run: the marker variant's trace gives "
+        f"{t['cross_checks']['all_miss_marker']['copy_hop_s'] * 1e6:.1f} / {t['cross_checks']['all_miss_marker']['ready_hop_s'] * 1e6:.1f} us, "
+        f"the mixed routing's {t['cross_checks']['mixed_engine']['copy_hop_s'] * 1e6:.1f} / "
+        f"{t['cross_checks']['mixed_engine']['ready_hop_s'] * 1e6:.1f} us. Both paths of the simulator charge them "
+        "identically (tests/test_timing_fast.py compares every metric with them on, alone and with the gate-mode "
+        "terms; tests/test_timing.py checks a hand-computed timeline and that a calibration without them prices as "
+        "before). The mixtral-offloading profile (swaps on compute) pays neither.", "",
+        "## Before / after: the committed fidelity cells (reports/fidelity_h200_cells/, 16 cells, 2 traces)", "",
+        "Before = the committed h200 calibration without the two terms (as reports/fidelity_h200.md priced them); "
+        "after = the same with them. rel error = sim / real - 1.", "",
+        f"- before: max {fs['before']['max_abs']:.1%}, median {fs['before']['median_abs']:.1%}, mean {fs['before']['mean_signed']:+.1%}; "
+        f"{fs['before']['within_5pct']}/{fs['before']['cells']} within 5%, {fs['before']['within_2pct']} within 2%",
+        f"- **after: max {fs['after']['max_abs']:.1%}, median {fs['after']['median_abs']:.1%}, mean {fs['after']['mean_signed']:+.1%}; "
+        f"{fs['after']['within_5pct']}/{fs['after']['cells']} within 5%, {fs['after']['within_2pct']} within 2%**", "",
+        "| trace | policy | K | prefetch | real tok/s | repeat spread | sim before | sim after | error before | error after |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in r["fidelity_cells"]:
+        lines.append(f"| {c['trace']} | {c['policy']} | {c['cache_size']} | {c['prefetch']} | {c['real_tokens_per_s']:.2f} | "
+                     f"{c['repeat_spread']:.1%} | {c['sim_before']:.2f} | {c['sim_after']:.2f} | "
+                     f"{_pct(c['rel_error_before'])} | {_pct(c['rel_error_after'])} |")
+    lines += [
+        "", "## Before / after: the gate-driven decoder (reports/decoder_h200_raw/, 18 gate-driven + 12 replay cells)", "",
+        "Priced exactly as benchmarks/make_decoder_report.py prices them (its calibration from that run's own "
+        "micro-benchmarks), with and without the two terms (the decoder also records its gate, ready and free "
+        "events without timing).", "",
+        f"- gate-driven before: max {ds['gate_before']['max_abs']:.1%}, median {ds['gate_before']['median_abs']:.1%}, "
+        f"mean {ds['gate_before']['mean_signed']:+.1%}, {ds['gate_before']['within_5pct']}/{ds['gate_before']['cells']} within 5%",
+        f"- gate-driven after: max {ds['gate_after']['max_abs']:.1%}, median {ds['gate_after']['median_abs']:.1%}, "
+        f"mean {ds['gate_after']['mean_signed']:+.1%}, {ds['gate_after']['within_5pct']}/{ds['gate_after']['cells']} within 5%",
+        f"- replay before: max {ds['replay_before']['max_abs']:.1%}, median {ds['replay_before']['median_abs']:.1%}, "
+        f"mean {ds['replay_before']['mean_signed']:+.1%}, {ds['replay_before']['within_5pct']}/{ds['replay_before']['cells']} within 5%",
+        f"- replay after: max {ds['replay_after']['max_abs']:.1%}, median {ds['replay_after']['median_abs']:.1%}, "
+        f"mean {ds['replay_after']['mean_signed']:+.1%}, {ds['replay_after']['within_5pct']}/{ds['replay_after']['cells']} within 5%", "",
+        "| policy | K | prefetch | gate real | gate err before | gate err after | replay real | replay err before | replay err after |",
+        "|---|---|---|---|---|---|---|---|---|"]
+    for c in r["decoder_cells"]:
+        lines.append(f"| {c['policy']} | {c['cache_size']} | {c['prefetch']} | {c['gate_real']:.3f} | "
+                     f"{_pct(c.get('gate_rel_error_before'))} | {_pct(c.get('gate_rel_error_after'))} | "
+                     f"{c.get('replay_real', '-')} | {_pct(c.get('replay_rel_error_before'))} | "
+                     f"{_pct(c.get('replay_rel_error_after'))} |")
+    la = (r.get("launch_after_handoff") or [{}])[0]
+    lines += [
+        "", "## Notes", "",
+        "- The terms were measured on this run's engine (residency check on, misaligned odd slots); the hops are "
+        "gaps between pieces and do not include either. The copy->copy gap of the engine's trace includes the "
+        "residency check's four small kernels after each copy (~10 us); the marker variant (no check kernels on the "
+        "copy stream) gives 45 us, so the pooled 41.5 us is not inflated by them.",
+        "- The decoder's replay cells turn about 2% pessimistic with the terms: its hops, measured in the replay "
+        "engine, may be shorter in the decoder program (another loop, 88 MB hqq 0.2 blobs, 1.6 ms copies); not "
+        "measured there.",
+        "- Gate-driven K = 6 cells stay +4.8..+5.4% optimistic (lfu none, lru/lfu transition, lru speculative): "
+        "the host's launch of the expert pieces after the hand-off remains unpriced. The launch-after-hand-off "
+        f"micro-benchmark of this run could not isolate it: per layer (layer graph + 2 expert graphs) the synced "
+        f"loop took {la.get('gate_s_per_layer', float('nan')) * 1e6:.0f} us but the same pieces queued without any "
+        f"sync took {la.get('queued_s_per_layer', float('nan')) * 1e6:.0f} us: a deep queue of graph launches runs "
+        "slower than a synced one on this machine (the same front-end effect as the hops, cf. `lookahead1`), so "
+        "\"queued\" is no floor. Not charged.",
+        "- The all-hit routing still runs 2.8 ms/token over its ideal (1.2-1.7 ms of it the odd-slot copies): the "
+        "calibration's all-resident overhead (`token.engine_overhead_s`, 1.22 ms/token) already prices a hop before "
+        "the first expert of each layer (the mixed trace: `expert_after_gate` median 31 us), so a layer whose first "
+        "expert waits for a copy is charged both; small at the cells' miss rates.",
+        "- Not done: the mechanism below the CUDA API (no counters); the engine fixes that would remove most of the "
+        "hops (timing-enabled events or a spacer kernel before each expert graph: -4 ms/token all-miss) are measured "
+        "but not applied, so that the committed cells stay comparable; re-measuring the cells with the aligned "
+        "blobs is left to the next device run.",
+        f"- Device time: {r.get('device_seconds', 'see the closing note')}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), gridspec_kw={"width_ratios": [16, 18, 12]})
+    panels = [("fidelity cells (replay engine)", r["fidelity_cells"], "rel_error_before", "rel_error_after",
+               lambda c: f"{c['trace'][:5]} {c['policy']} K{c['cache_size']} {c['prefetch'][:5]}"),
+              ("decoder, gate-driven", r["decoder_cells"], "gate_rel_error_before", "gate_rel_error_after",
+               lambda c: f"{c['policy']} K{c['cache_size']} {c['prefetch'][:5]}"),
+              ("decoder, replay", [c for c in r["decoder_cells"] if "replay_rel_error_before" in c],
+               "replay_rel_error_before", "replay_rel_error_after", lambda c: f"{c['policy']} K{c['cache_size']} {c['prefetch'][:5]}")]
+    for ax, (title, cells, kb, ka, lab) in zip(axes, panels, strict=True):
+        x = np.arange(len(cells))
+        ax.axhspan(-0.05, 0.05, color="grey", alpha=0.12)
+        ax.axhspan(-0.02, 0.02, color="grey", alpha=0.18)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.plot(x, [c[kb] for c in cells], "o", mfc="none", color="tab:red", label="before (no hop terms)")
+        ax.plot(x, [c[ka] for c in cells], "o", color="tab:blue", label="after (copy + ready hops)")
+        ax.set_xticks(x, [lab(c) for c in cells], rotation=75, fontsize=7)
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.set(title=title, ylabel="sim / real - 1")
+        ax.title.set_fontsize(10)
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle(f"Simulated vs real tokens/s on the H200 before and after the hop terms "
+                 f"(copy {r['terms']['copy_hop_s'] * 1e6:.1f} us, ready {r['terms']['ready_hop_s'] * 1e6:.1f} us, "
+                 "from the engine's all-miss CUPTI trace; bands: +/-2%, +/-5%)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cupti(raw_dir: Path) -> dict[str, Any]:
+    path = raw_dir / "cupti.json.gz"
+    if not path.exists():
+        return {}
+    with gzip.open(path, "rt") as fh:
+        return json.load(fh)
+
+
+def summary(errs: list[float]) -> dict[str, float]:
+    a = np.abs(np.asarray(errs))
+    return {"max_abs": round(float(a.max()), 4), "median_abs": round(float(np.median(a)), 4),
+            "mean_signed": round(float(np.mean(errs)), 4), "within_5pct": int((a <= 0.05).sum()),
+            "within_2pct": int((a <= 0.02).sum()), "cells": len(a)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("raw_dir")
+    ap.add_argument("-o", "--out", required=True)
+    ap.add_argument("--real", default="/work/shared/traces/real/mixtral-8x7b-instruct-fp8_humaneval-2_vllm.jsonl",
+                    help="the shared real trace (vllm-jsonl), never copied into the repository")
+    ap.add_argument("--device-seconds", default="375 s of device time in two calls (221 s: start + gpu_miss_cost.py "
+                    "147 s; 154 s: start + gpu_stream_hops.py 64 s)")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from moesim.engine.cupti_gaps import hop_terms
+    from moesim.simulator.cost_model import CostModel
+
+    raw_dir = Path(args.raw_dir)
+    raw = json.loads((raw_dir / "miss_cost.json").read_text())
+    hops_raw = json.loads((raw_dir / "stream_hops.json").read_text()) if (raw_dir / "stream_hops.json").exists() else None
+    terms = hop_terms(raw["cupti_gaps"]["all_miss_engine"])
+    cross = {k: hop_terms(v) for k, v in raw["cupti_gaps"].items() if isinstance(v, dict)}
+    cost = CostModel.preset("h200")
+    # the committed calibration as it was before this report's terms (a preset that already has them is
+    # priced "before" without them)
+    base = cost.with_overrides(copy_hop_us=0.0, ready_hop_us=0.0)
+    after = cost.with_overrides(copy_hop_us=terms["copy_hop_s"] * 1e6, ready_hop_us=terms["ready_hop_s"] * 1e6)
+    report: dict[str, Any] = {
+        "device": raw["device"], "date": raw["date"],
+        "commands": {"device": ["python3 benchmarks/gpu_miss_cost.py --out $OUT --budget 200 (the run predates "
+                                "--residency-check and had the check on: today's --residency-check)",
+                                "python3 benchmarks/gpu_stream_hops.py --out $OUT"],
+                     "report": f"python benchmarks/make_miss_cost_report.py {args.raw_dir} -o {args.out}"},
+        "terms": {"copy_hop_s": terms["copy_hop_s"], "ready_hop_s": terms["ready_hop_s"],
+                  "source": "CUPTI trace of the plain engine, all-miss routing (benchmarks/gpu_miss_cost.py, "
+                            "cupti_gaps.hop_terms)", "cross_checks": cross},
+        "pieces": raw["pieces"], "variants": variants_table(raw), "cupti_gaps": raw["cupti_gaps"],
+        "launch_after_handoff": raw.get("launch_after_handoff"),
+        "stream_chains": stream_chains(hops_raw) if hops_raw else None,
+        "alignment": hops_raw.get("alignment") if hops_raw else None,
+    }
+    report["fidelity_cells"] = fidelity_cells(base, after, Path(args.real))
+    report["fidelity_summary"] = {"before": summary([c["rel_error_before"] for c in report["fidelity_cells"]]),
+                                  "after": summary([c["rel_error_after"] for c in report["fidelity_cells"]])}
+    report["decoder_cells"] = decoder_cells(terms)
+    for mode in ("gate", "replay"):
+        for label in ("before", "after"):
+            errs = [c[f"{mode}_rel_error_{label}"] for c in report["decoder_cells"] if f"{mode}_rel_error_{label}" in c]
+            report.setdefault("decoder_summary", {})[f"{mode}_{label}"] = summary(errs)
+    report["device_seconds"] = args.device_seconds
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+    plot(report, out.with_suffix(".png"))
+    print(json.dumps({"terms": report["terms"], "fidelity": report["fidelity_summary"],
+                      "decoder": report["decoder_summary"]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
