@@ -390,7 +390,7 @@ def plot(r: dict, path: Path) -> None:
     ax2.set(ylabel="sim / real - 1", title="error per cell, traces left to right (bar: copy interval; hollow: "
             "all-miss term; grey: +/- half the repeat spread; B = decode batch, P = prefill)")
     ax2.title.set_fontsize(8)
-    fig.suptitle("Out-of-sample fidelity on the H200: three traces, batch 1/4/16 decode and prefill; committed "
+    fig.suptitle("Out-of-sample fidelity on the H200: three traces, batch 1/4/16 decode and prefill\ncommitted "
                  "calibration (2026-11-29 copies and kernels, 2026-12-02 stream hops) + this session's "
                  "micro-benchmarked engine terms and batch pieces", fontsize=10)
     fig.tight_layout()
