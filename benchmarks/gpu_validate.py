@@ -36,12 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from moesim.engine.batch import BatchEngine, BatchProgram, Lanes  # noqa: E402
 from moesim.engine.gpu_bench import T0, all_resident, calibrate, compile_works, engine_terms, log  # noqa: E402
 from moesim.engine.plan import Routing  # noqa: E402
 from moesim.engine.quant import quant_spec  # noqa: E402
 from moesim.engine.runtime import MIXTRAL_8X7B, Geometry, OffloadedEngine, Program, Weights  # noqa: E402
-from moesim.engine.validation import head_tokens  # noqa: E402
-from moesim.traces.format import read_trace  # noqa: E402
+from moesim.engine.validation import cell_trace, head_tokens  # noqa: E402
+from moesim.traces.format import DECODE, PREFILL, read_trace  # noqa: E402
+from moesim.traces.steps import build_steps  # noqa: E402
 
 
 def write(out: Path, name: str, obj) -> None:
@@ -104,6 +106,41 @@ def copy_stats(events: list[dict], expert_bytes: int) -> dict:
             "min_ms": float(ms.min()), "max_ms": float(ms.max())}
 
 
+def batch_pieces(prog: BatchProgram, steps, routing: Routing, cpu: bool) -> dict:
+    """A batch program's captured pieces (GPU time, replayed back to back) at each context bucket and
+    token bucket its steps use, and an all-resident run of its steps (K = E, warm): the excess of that
+    run over its pieces is the per-step engine overhead (moesim.engine.calibration.batch_cost)."""
+    g = prog.w.geometry
+    eng = BatchEngine(prog, g.num_experts, "lru")
+    eng.run(steps, routing, warm=True)   # warm-up (captures the pieces)
+    res = eng.run(steps, routing, warm=True)
+    buckets = sorted(set(res.buckets))
+    out = {"rows": prog.rows, "phase": "prefill" if prog.prefill else "decode", "steps": len(steps),
+           "tokens": res.tokens, "requests": res.requests, "step_buckets": res.buckets,
+           "token_buckets": prog.token_buckets, "all_resident_step_ms": res.token_ms,
+           "all_resident_gpu_ms_total": float(sum(res.token_ms)),
+           "expert_calls": {str(nb): 0 for nb in prog.token_buckets}}
+    from moesim.engine.batch import token_bucket
+
+    for st in steps:
+        for cnt in st.counts.values():
+            for c in cnt.values():
+                out["expert_calls"][str(token_bucket(c, prog.rows))] += 1
+    if cpu:
+        return out
+    from moesim.engine.gpu_bench import cuda_ms
+
+    with torch.inference_mode():
+        out["layer0_ms"] = {str(b): cuda_ms(prog.layer[0][b], reps=32) for b in buckets}
+        out["layer_ms"] = {str(b): cuda_ms(prog.layer[1][b], reps=32) for b in buckets}
+        out["expert_ms"] = {str(nb): cuda_ms(prog.expert[1][0][nb], reps=32) for nb in prog.token_buckets}
+        out["final_ms"] = cuda_ms(prog.final, reps=32)
+    prog.reset_proof()
+    log(f"batch pieces {out['phase']}{prog.rows}: layer {out['layer_ms']} expert {out['expert_ms']} final "
+        f"{out['final_ms']:.4f}; all-resident {out['all_resident_gpu_ms_total'] / len(steps):.2f} ms/step")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trace", required=True)
@@ -129,6 +166,14 @@ def main() -> int:
     ap.add_argument("--no-residency-check", action="store_true", help="the default; kept for old command lines")
     ap.add_argument("--calib-tokens", default="1,2,4,8,16,32,64", help="expert-curve token counts")
     ap.add_argument("--calib-contexts", default="512,1024,2048,4096", help="attention contexts")
+    ap.add_argument("--batch", default="1",
+                    help="decode batch sizes (1: the batch-1 engine, as before; B > 1: moesim.engine.batch, "
+                         "B sequences per step, prefetch none only)")
+    ap.add_argument("--batch-steps", type=int, default=8, help="decode steps per batched cell (B x this tokens)")
+    ap.add_argument("--prefill-chunk", type=int, default=0,
+                    help="also run prefill cells in chunks of this many tokens (0: none; prefetch none only)")
+    ap.add_argument("--prefill-tokens", type=int, default=192, help="prompt tokens per prefill cell")
+    ap.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt in a prefill cell")
     ap.add_argument("--cpu-check", action="store_true",
                     help="run the whole orchestration on CPU with a tiny model (tests this script; the GPU "
                          "micro-benchmarks that need CUDA are skipped, the numbers mean nothing)")
@@ -143,8 +188,15 @@ def main() -> int:
     if args.layers != geometry.num_layers:
         geometry = dataclasses.replace(geometry, num_layers=args.layers)
 
+    decode_only: dict[str, bool] = {}
+
     def load(path: str, skip: int) -> Routing:
-        r = Routing.from_trace(head_tokens(read_trace(path), args.tokens, skip=skip), args.tokens)
+        full = read_trace(path)
+        # a trace with prompts: batch-1 decode cells replay its decode rows (prefill has cells of its own)
+        decode_only[path] = bool((full.phase == PREFILL).any())
+        if decode_only[path]:
+            full = full.filter_phase(DECODE)
+        r = Routing.from_trace(head_tokens(full, args.tokens, skip=skip), args.tokens)
         return r.first_layers(args.layers) if args.layers != r.num_layers else r
 
     runs = [(args.trace, args.skip_tokens, "validate.json")]
@@ -188,7 +240,7 @@ def main() -> int:
     results = []
     for (path, skip, fname), r in zip(runs, routings, strict=True):
         results.append({"device": env["device"], "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                        "trace": Path(path).name, "skip_tokens": skip,
+                        "trace": Path(path).name, "skip_tokens": skip, "decode_rows_only": decode_only[path],
                         "layers": geometry.num_layers, "expert_bytes": weights.expert_bytes, "quantization": "hqq2",
                         "attention_quantization": weights.attn_quant.name, "cuda_graphs": program.graphs,
                         "tokens": r.num_tokens, "compile_dequant": compile_ok, "all_resident_ms_per_token": floor_ms,
@@ -203,24 +255,80 @@ def main() -> int:
         results[-1]["in_situ_copies"] = copy_stats(inst.events, weights.expert_bytes)
         log(f"in-situ copies {fname}: {results[-1]['in_situ_copies']}")
         write(out, fname, results[-1])
-    cells = [(p, k, f) for f in args.prefetch.split(",") for k in map(int, args.sizes.split(","))
-             for p in args.policies.split(",")]
+    batches = [int(b) for b in args.batch.split(",") if b]
+    shapes = [("decode", b) for b in batches if b > 1] + ([("prefill", args.prefill_chunk)] if args.prefill_chunk else [])
+    kinds = (["b1"] if 1 in batches else []) + [f"{ph}{n}" for ph, n in shapes]
+    # batch / prefill cells: the tokens each replays (segments of one sequence, moesim.engine.validation.cell_trace),
+    # grouped into steps by the simulator's own definition (moesim.traces.steps.build_steps)
+    batch_inputs: dict[tuple[int, str], tuple] = {}
+    for ti, (path, skip, _) in enumerate(runs):
+        full = read_trace(path)
+        for ph, n in shapes:
+            if ph == "decode":
+                spec_ = {"phase": ph, "batch": n, "tokens": n * args.batch_steps, "skip": skip, "seq_len": args.batch_steps}
+                chunk = 512
+            else:
+                spec_ = {"phase": ph, "batch": 1, "tokens": args.prefill_tokens, "skip": skip, "seq_len": args.prompt_len}
+                chunk = n
+            sub = cell_trace(full, **spec_)
+            br = Routing.from_trace(sub)
+            if args.layers != br.num_layers:
+                br = br.first_layers(args.layers)
+            st = build_steps(sub, spec_["batch"], chunk)
+            if args.layers != full.meta.num_layers:
+                for x in st:   # the model cut short: its first layers only
+                    x.layers = {la: v for la, v in x.layers.items() if la < args.layers}
+                    x.counts = {la: v for la, v in x.counts.items() if la < args.layers}
+                    x.weights = {la: v for la, v in x.weights.items() if la < args.layers}
+            batch_inputs[(ti, f"{ph}{n}")] = (spec_, chunk, st, br)
+            log(f"{path} {ph}{n}: {len(st)} steps of {[x.tokens for x in st][:4]}... tokens, contexts "
+                f"{min(x.context for x in st)}-{max(x.context for x in st)}")
+    programs: dict[str, BatchProgram] = {}
+    if shapes:
+        lanes = Lanes(weights, max([n for ph, n in shapes if ph == "decode"] + [1]))
+        for ph, n in shapes:
+            max_steps = max(len(v[2]) for (ti, key), v in batch_inputs.items() if key == f"{ph}{n}")
+            programs[f"{ph}{n}"] = BatchProgram(weights, n, ph == "prefill", max_steps, lanes, slots=program.slots,
+                                                compile_kernels=compile_ok, graphs=not args.no_graphs)
+        # the batch programs' own pieces, per step shape and context bucket: what the simulator's layer,
+        # token and per-step overhead terms are for these shapes (moesim.engine.calibration.batch_cost)
+        cal["batch_pieces"] = {}
+        for key, prog in programs.items():
+            spec_, chunk, st, br = batch_inputs[(0, key)]
+            cal["batch_pieces"][key] = batch_pieces(prog, st, br, args.cpu_check)
+            write(out, "calibration_raw.json", cal)
+    cells = [(p, k, f, kind) for kind in kinds for f in (args.prefetch.split(",") if kind == "b1" else ["none"])
+             for k in map(int, args.sizes.split(",")) for p in args.policies.split(",")]
     base = list(cells)
     if args.repeats:
-        cells = [(p, k, f + ("#repeat" if rep else "")) for rep in range(args.repeats) for p, k, f in base]
+        cells = [(p, k, f + ("#repeat" if rep else ""), kind) for rep in range(args.repeats) for p, k, f, kind in base]
     else:
-        cells += [(p, k, f + "#repeat") for p, k, f in base[:4]]   # repeatability of identical cells
+        cells += [(p, k, f + "#repeat", kind) for p, k, f, kind in base[:4]]   # repeatability of identical cells
         # some cells again with the CPU free to queue tokens ahead (no wait for each token's logits)
-        cells += [(p, k, f + "#nosync") for p, k, f in base[:: max(len(base) // 6, 1)][:6]]
+        cells += [(p, k, f + "#nosync", kind) for p, k, f, kind in base[:: max(len(base) // 6, 1)][:6] if kind == "b1"]
     done = 0
-    for pol, k, pf in cells:
-        for (_, _, fname), r, result in zip(runs, routings, results, strict=True):   # traces interleaved
+    for pol, k, pf, kind in cells:
+        for ti, ((_, _, fname), r, result) in enumerate(zip(runs, routings, results, strict=True)):   # traces interleaved
             if time.perf_counter() - T0 > args.budget:
                 break
             name, _, variant = pf.partition("#")
+            if kind != "b1":
+                spec_, chunk, st, br = batch_inputs[(ti, kind)]
+                res = BatchEngine(programs[kind], k, pol).run(st, br)
+                d = res.to_dict()
+                d.update({"variant": variant or None, "repeat": variant == "repeat", "cell_tokens": spec_["tokens"],
+                          "skip_tokens": spec_["skip"], "seq_len": spec_["seq_len"],
+                          "prefill_chunk": chunk if spec_["phase"] == "prefill" else None,
+                          "step_ms_median": float(np.median(res.token_ms)), "buckets": sorted(set(res.buckets))})
+                result["cells"].append(d)
+                done += 1
+                write(out, fname, result)
+                log(f"{fname} {kind} {pol:4s} K={k} hit={res.hit_rate:.4f} tok/s={res.tokens_per_s:.3f} "
+                    f"steps={res.steps} violations={res.violations} device_copies={res.device_copies} misses={res.misses}")
+                continue
             eng = OffloadedEngine(weights, k, pol, name, program=program)
             res = eng.run(r, sync_tokens=variant != "nosync")
-            d = res.to_dict()
+            d = res.to_dict()   # batch 1, phase decode
             d["variant"] = variant or None
             d["repeat"] = variant == "repeat"
             d["token_ms_median"] = float(np.median(res.token_ms))

@@ -107,6 +107,9 @@ def test_add_session_keeps_the_measured_calibration_and_widens_the_interval():
     out = add_session(base, json.loads(json.dumps(RAW)))
     assert out["pcie"]["curve"] == base["pcie"]["curve"] and out["expert_compute"] == base["expert_compute"]
     assert out["engine"]["miss_issue_s"] == 21e-6
+    # terms the raw file did not measure (the committed stream hops) stay as the calibration had them
+    assert out["engine"]["copy_hop_s"] == base["engine"]["copy_hop_s"] > 0
+    assert out["engine"]["sources"]["copy_hop_s"] == base["engine"]["sources"]["copy_hop_s"]
     ec = out["pcie"]["expert_copy"]
     old = CostModel.from_dict(base).copy_seconds(66748416)
     assert len(ec["sessions"]) == 2 and ec["sessions"][0]["median_s"] == pytest.approx(old)

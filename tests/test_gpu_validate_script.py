@@ -27,11 +27,18 @@ def test_cpu_check_run_writes_every_output_and_validate_reads_it(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_validate.py"), "--cpu-check", "--trace", str(a.path),
                         "--skip-tokens", "3", "--extra-trace", str(b.path), "--out", str(out), "--tokens", "4",
                         "--layers", "2", "--policies", "lru", "--sizes", "2", "--prefetch", "none", "--repeats", "2",
-                        "--late-quants", ""], env=env, capture_output=True, text=True, timeout=300)
+                        "--late-quants", "", "--batch", "1,2", "--batch-steps", "2", "--prefill-chunk", "2",
+                        "--prefill-tokens", "4", "--prompt-len", "2"], env=env, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     main, extra = json.loads((out / "validate.json").read_text()), json.loads((out / "validate.b.json").read_text())
     assert main["skip_tokens"] == 3 and extra["skip_tokens"] == 0 and main["tokens"] == extra["tokens"] == 4
-    assert [c["variant"] for c in main["cells"]] == [None, "repeat"] and len(extra["cells"]) == 2
+    kinds = [(c["batch"], c["phase"], c["variant"]) for c in main["cells"]]
+    assert kinds == [(1, "decode", None), (2, "decode", None), (1, "prefill", None), (1, "decode", "repeat"),
+                     (2, "decode", "repeat"), (1, "prefill", "repeat")] and len(extra["cells"]) == 6
+    batched = [c for c in main["cells"] if c["batch"] > 1 or c["phase"] == "prefill"]
+    assert all(c["violations"] == 0 and c["device_copies"] == c["misses"] for c in batched)
+    assert [c["steps"] for c in batched[:2]] == [2, 2]   # 2 decode steps of 2 sequences; 2 chunks of 2 prompt tokens
     assert main["in_situ_copies"]["n"] > 0 and extra["in_situ_copies"]["n"] > 0
     raw = json.loads((out / "calibration_raw.json").read_text())
     assert {"engine_terms", "copy_repeats", "all_miss", "all_resident"} <= set(raw)
@@ -41,4 +48,6 @@ def test_cpu_check_run_writes_every_output_and_validate_reads_it(tmp_path):
     v = subprocess.run([sys.executable, "-m", "moesim", "validate", str(a.path), "--engine", str(out / "validate.json"),
                         "-o", str(rep)], env=env, capture_output=True, text=True, timeout=300)
     assert v.returncode == 0, v.stderr
-    assert json.loads(rep.with_suffix(".json").read_text())["hit_rates_identical"]
+    report = json.loads(rep.with_suffix(".json").read_text())
+    assert report["hit_rates_identical"]   # batch and prefill cells too: same tokens, same steps, same unions
+    assert set(report["per_phase"]) == {"decode batch 1", "decode batch 2", "prefill batch 1"}

@@ -33,7 +33,8 @@ def policy_params(args: argparse.Namespace) -> dict[str, Any]:
 def load(args: argparse.Namespace):
     from moesim.traces.format import DECODE, PREFILL, read_trace
 
-    trace = read_trace(args.trace)
+    # the replay reads seq/token/phase/layer/experts; weights (gate-weighted, timing) load on first use
+    trace = read_trace(args.trace, lazy=True)
     if args.phase != "all":
         trace = trace.filter_phase(PREFILL if args.phase == "prefill" else DECODE)
     return trace

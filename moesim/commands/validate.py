@@ -44,7 +44,13 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(path, f"not an engine results file ({type(exc).__name__}: {exc})") from None
     cost = CostModel.from_json(args.calibration) if args.calibration else CostModel.preset(args.hardware)
-    result = v.compare(engine, trace, cost)
+    programs = None   # the batch engine's step shapes (moesim calibrate --from-raw ... --add-to writes them)
+    if args.calibration:
+        try:
+            programs = json.loads(Path(args.calibration).read_text()).get("batch_programs")
+        except (OSError, ValueError, AttributeError):
+            programs = None   # CostModel.from_json has read it: a calibration without the block
+    result = v.compare(engine, trace, cost, programs=programs)
     report = {"device": engine.get("device"), "date": engine.get("date"), "layers": engine.get("layers"),
               "expert_bytes": engine["expert_bytes"], "quantization": engine.get("quantization"),
               "tokens": engine["tokens"], "all_resident_ms_per_token": engine.get("all_resident_ms_per_token"),

@@ -170,7 +170,8 @@ def expert_copy_block(nbytes: int, sessions: list[dict[str, Any]]) -> dict[str, 
 
 def add_session(cal: dict[str, Any], raw: dict[str, Any], path: object = None) -> dict[str, Any]:
     """``cal`` (a calibration) with the engine terms and the expert-copy session of ``raw`` (another
-    device session's micro-benchmarks): its copies and kernels stay as they were measured; the copy
+    device session's micro-benchmarks; engine terms ``raw`` did not measure stay the calibration's):
+    its copies and kernels stay as they were measured; the copy
     interval then spans both days. A calibration without sessions counts its own curve's time at the
     expert size as its first (a mean of back-to-back copies: no spread of its own)."""
     from moesim.simulator.cost_model import CostModel
@@ -179,7 +180,11 @@ def add_session(cal: dict[str, Any], raw: dict[str, Any], path: object = None) -
     engine = _engine_block(raw, path)
     if not raw.get("engine_terms"):
         raise DataError(path, "no engine_terms in this raw file")
-    out["engine"] = engine
+    # terms this raw file measured replace the calibration's; the ones it did not (e.g. the stream hops of
+    # benchmarks/gpu_miss_cost.py, the host issue cost of gpu_decode.py) stay as measured before
+    old_engine = out.get("engine") or {}
+    out["engine"] = {**{k: v for k, v in old_engine.items() if k != "sources"}, **engine,
+                     "sources": {**old_engine.get("sources", {}), **engine["sources"]}}
     new = _expert_copy(raw, path)
     if new:
         old = out["pcie"].get("expert_copy")
@@ -192,4 +197,75 @@ def add_session(cal: dict[str, Any], raw: dict[str, Any], path: object = None) -
                          "note": "the calibration's copy curve at this size (a mean of back-to-back copies)"}]
         out["pcie"]["expert_copy"] = expert_copy_block(new["bytes"], sessions + new["sessions"])
         out["pcie"]["expert_copy"]["median_s"] = float(sessions[0]["median_s"])   # the point the curve uses
+    programs = batch_programs(raw, path)
+    if programs:   # the batch engine's shapes (``moesim validate`` prices batch and prefill cells with them)
+        out["batch_programs"] = programs
     return out
+
+
+def batch_programs(raw: dict[str, Any], path: object = None) -> dict[str, dict[str, Any]]:
+    """Per step shape (``decode16``, ``prefill32``: :mod:`moesim.engine.batch`), the cost terms of the
+    batch engine's own captured pieces (``batch_pieces`` in a raw file of benchmarks/gpu_validate.py),
+    measured the way the batch-1 calibration measures its pieces -- micro-benchmarks, never a cell:
+
+    - ``layer``: the layer piece at each context bucket its steps used, ``ms = base + slope * bucket``
+      (least squares; one bucket: slope 0); the simulator's ``layer_seconds(context, tokens)`` =
+      ``base_s + per_context_s * context * tokens`` with ``per_context_s = slope / rows``, so the
+      simulator's context term (linear in the step's mean context) stands for the engine's buckets;
+    - ``expert_curve``: the expert piece at each token bucket (gathered rows; the simulator interpolates
+      it at the routed count) plus the engine overhead per expert call: an all-resident run of the
+      steps (K = E, warm) minus the sum of its pieces, divided by its expert calls. Per call, not per
+      step, because that is how it scales: 43-47 us per call in steps of 170 to 252 calls on the H200
+      (reports/fidelity_h200.md), as the batch-1 engine's all-resident excess on the same day;
+    - ``token``: the final piece + layer 0's extra (step tables, embeddings)."""
+    out: dict[str, dict[str, Any]] = {}
+    layers = int((raw.get("all_resident") or {}).get("layers", 32))
+    for key, p in (raw.get("batch_pieces") or {}).items():
+        if "layer_ms" not in p:
+            continue   # a CPU check: no GPU times
+        try:
+            layer = {int(b): float(ms) for b, ms in p["layer_ms"].items()}
+            layer0 = {int(b): float(ms) for b, ms in p["layer0_ms"].items()}
+            expert = {int(n): float(ms) for n, ms in p["expert_ms"].items()}
+            final, rows = float(p["final_ms"]), int(p["rows"])
+            buckets = sorted(layer)
+            if len(buckets) >= 2:
+                slope, base = (float(v) for v in np.polyfit(buckets, [layer[b] for b in buckets], 1))
+            else:
+                slope, base = 0.0, layer[buckets[0]]
+            expected = sum(layer0[int(b)] + (layers - 1) * layer[int(b)] + final for b in p["step_buckets"])
+            expected += sum(int(c) * expert[int(n)] for n, c in p["expert_calls"].items())
+            calls = sum(int(c) for c in p["expert_calls"].values())
+            overhead = max((float(p["all_resident_gpu_ms_total"]) - expected) / calls, 0.0)   # per expert call
+            extra0 = float(np.mean([layer0[b] - layer[b] for b in buckets]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(path, f"bad batch_pieces[{key!r}] ({type(exc).__name__}: {exc})") from None
+        out[key] = {
+            "rows": rows, "phase": p["phase"], "buckets": buckets,
+            "layer": {"base_s": base * 1e-3, "per_token_s": 0.0, "per_context_s": slope * 1e-3 / rows},
+            "token": {"base_s": (final + max(extra0, 0.0)) * 1e-3, "per_token_s": 0.0},
+            "engine_overhead_per_expert_s": overhead * 1e-3,
+            "expert_curve": [[float(n), (expert[n] + overhead) * 1e-3] for n in sorted(expert)],
+            "source": (f"benchmarks/gpu_validate.py batch_pieces[{key}]: layer piece "
+                       f"{ {b: round(v, 4) for b, v in layer.items()} } ms by context bucket, expert piece "
+                       f"{ {n: round(v, 4) for n, v in expert.items()} } ms by token bucket, final {final:.4f} ms, "
+                       f"layer-0 extra "
+                       f"{extra0:.4f} ms, all-resident overhead {overhead * 1e3:.1f} us per expert call"),
+        }
+    return out
+
+
+def batch_cost(cost, terms: dict[str, Any] | None, overhead: bool = True):
+    """``cost`` with the layer, token and expert terms of one batch-program shape (:func:`batch_programs`);
+    copies, engine terms and the copy interval stay the calibration's. ``terms`` None: ``cost``.
+    ``overhead`` False: the expert pieces alone, without the engine's per-call overhead (for bounds)."""
+    import copy
+
+    if not terms:
+        return cost
+    m = copy.deepcopy(cost)
+    m.layer = dict(terms["layer"])
+    m.token = dict(terms["token"])
+    extra = 0.0 if overhead else float(terms.get("engine_overhead_per_expert_s", 0.0))
+    m.expert_compute = {**m.expert_compute, m.quantization: [[n, s - extra] for n, s in terms["expert_curve"]]}
+    return m

@@ -194,6 +194,9 @@ class EngineResult(HitCounts):
     # the residency proof, counted on the device (None: the program was built without the check)
     violations: int | None = None      # expert pieces whose slot did not hold the routed expert
     device_copies: int | None = None   # copies whose identity landed in the slot they were issued to
+    batch: int = 1                     # sequences per decode step (moesim.engine.batch)
+    phase: str = "decode"              # "decode" or "prefill" (chunks of one sequence's prompt)
+    steps: int | None = None           # forward passes (None: one per token)
 
     @property
     def tokens_per_s(self) -> float:
@@ -214,6 +217,7 @@ class EngineResult(HitCounts):
             "layer_requests": self.layer_requests, "token_cpu_ms": self.token_cpu_ms,
             "token_issue_ms": self.token_issue_ms, "violations": self.violations,
             "device_copies": self.device_copies, "plan_copies": self.misses + self.prefetches,
+            "batch": self.batch, "phase": self.phase, "steps": self.steps if self.steps is not None else self.tokens,
         }
         if events:
             out["events"] = self.events

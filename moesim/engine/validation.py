@@ -35,6 +35,63 @@ def head_tokens(trace: Trace, tokens: int, expert_bytes: int = 0, quantization: 
     return Trace(meta, trace.table.filter(pa.array(keep)), trace.path)
 
 
+def cell_trace(trace: Trace, *, phase: str = "decode", batch: int = 1, tokens: int, skip: int = 0,
+               seq_len: int | None = None, expert_bytes: int = 0, quantization: str | None = None) -> Trace:
+    """The tokens one batch or prefill cell replays (``benchmarks/gpu_validate.py --batch /
+    --prefill-chunk``), as a trace both the engine and the simulator group with
+    :func:`moesim.traces.steps.build_steps`.
+
+    The rows of ``phase`` (a trace without prefill rows offers its decode tokens as prompts), from the
+    ``skip``-th (sequence, token) pair on in execution order, cut into segments of ``seq_len``
+    consecutive tokens of one sequence (default ``tokens // batch``; remainders dropped); the first
+    ``tokens // seq_len`` segments become sequences 0, 1, ... (positions kept: their real context).
+    So a trace with few long sequences still fills a batch of 16."""
+    from moesim.traces.format import DECODE, PREFILL
+
+    if phase not in ("decode", "prefill"):
+        raise ValueError(f"unknown phase {phase!r}")
+    trace = trace.execution_order()
+    want = PREFILL if phase == "prefill" else DECODE
+    ph = np.asarray(trace.phase)
+    rows = ph == want if (ph == want).any() else np.ones(len(ph), bool)
+    seq, tok = np.asarray(trace.seq, np.int64)[rows], np.asarray(trace.token, np.int64)[rows]
+    pair = seq * (1 << 32) + tok
+    _, first = np.unique(pair, return_index=True)
+    order = np.sort(first)   # pairs in execution order
+    pseq, ptok = seq[order][skip:], tok[order][skip:]
+    seg = int(seq_len or max(tokens // batch, 1))
+    wanted = max(tokens // seg, 1)
+    new_id: dict[int, int] = {}
+    i, n = 0, len(pseq)
+    while i < n and len(new_id) // seg < wanted:
+        j = i
+        while j < n and pseq[j] == pseq[i] and j - i < seg:
+            j += 1
+        if j - i == seg:
+            sid = len(new_id) // seg
+            for r in range(i, j):
+                new_id[int(pseq[r] * (1 << 32) + ptok[r])] = sid
+            i = j
+        else:   # a remainder shorter than a segment: skip to the next sequence
+            while j < n and pseq[j] == pseq[i]:
+                j += 1
+            i = j
+    if len(new_id) < wanted * seg:
+        raise ValueError(f"{trace.path}: only {len(new_id) // seg} segments of {seg} tokens after token {skip}; "
+                         f"the cell needs {wanted}")
+    all_pair = np.asarray(trace.seq, np.int64) * (1 << 32) + np.asarray(trace.token, np.int64)
+    keep = rows & np.isin(all_pair, np.fromiter(new_id, np.int64))
+    table = trace.table.filter(pa.array(keep))
+    sid = np.array([new_id[int(p)] for p in all_pair[keep]], np.int32)
+    table = table.set_column(table.schema.get_field_index("seq"), table.schema.field("seq"), pa.array(sid, pa.int32()))
+    table = table.set_column(table.schema.get_field_index("phase"), table.schema.field("phase"),
+                             pa.array(np.full(len(sid), want, np.int8), pa.int8()))
+    meta = trace.meta
+    if expert_bytes:
+        meta = dataclasses.replace(meta, expert_bytes=int(expert_bytes), quantization=quantization or meta.quantization)
+    return Trace(meta, table, trace.path).execution_order()
+
+
 def git_state(repo: Path) -> dict[str, Any]:
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
@@ -61,7 +118,7 @@ def independent_bound(cost):
     the simulator's prediction, it owes nothing to a model of the engine."""
     overhead_s = float(cost.token.get("engine_overhead_s", 0.0))
     bound = cost.with_overrides(pcie_gbps=peak_bandwidth(cost) / 1e9, pcie_latency_us=0.0, miss_issue_us=0.0,
-                                routing_handoff_us=0.0)
+                                routing_handoff_us=0.0, copy_hop_us=0.0, ready_hop_us=0.0)
     bound.copy_scale = 1.0
     if overhead_s:
         bound = bound.with_overrides(token_ms=(cost.token_seconds() - overhead_s) * 1e3)
@@ -73,17 +130,43 @@ def independent_bound(cost):
 REPLAY_READY = "gate"
 
 
-def sim_interval(sub: Trace, policy: str, size: int, prefetch: str, cost) -> list[float] | None:
+def sim_interval(sub: Trace, policy: str, size: int, prefetch: str, cost, batch: int = 1, chunk: int = 512,
+                 phase: str = "decode") -> list[float] | None:
     """Simulated tokens/s with every copy at the slow and at the fast end of the calibration's
     measured copy interval (None without one)."""
-    from moesim.simulator.timing import simulate_timing
-
     fast, slow = cost.copy_interval_scales()
     if (fast, slow) == (1.0, 1.0):
         return None
-    return [round(float(simulate_timing(sub, policy, size, cost.with_overrides(copy_scale=cost.copy_scale * f),
-                                        prefetch=prefetch, speculative_ready=REPLAY_READY).tokens_per_s), 4)
-            for f in (slow, fast)]
+    return [round(simulate_cell(sub, policy, size, prefetch, cost.with_overrides(copy_scale=cost.copy_scale * f),
+                                batch, chunk, phase)[1], 4) for f in (slow, fast)]
+
+
+def simulate_cell(sub: Trace, policy: str, size: int, prefetch: str, cost, batch: int = 1, chunk: int = 512,
+                  phase: str = "decode"):
+    """(TimingResult, tokens/s of the cell's phase): decode tokens/s, or prompt tokens/s for prefill."""
+    from moesim.simulator.timing import simulate_timing
+
+    sim = simulate_timing(sub, policy, size, cost, prefetch=prefetch, speculative_ready=REPLAY_READY,
+                          batch_size=batch, prefill_chunk=chunk)
+    return sim, float(sim.prefill_tokens_per_s if phase == "prefill" else sim.tokens_per_s)
+
+
+def cell_inputs(engine: dict[str, Any], cell: dict[str, Any], trace: Trace) -> tuple[Trace, int, int, str, str]:
+    """What the simulator replays for one engine cell: (tokens, batch size, prefill chunk, phase, shape
+    key of :func:`moesim.engine.calibration.batch_programs`). Cells without ``batch`` / ``phase`` (files
+    of older runs) are batch-1 decode cells over the file's tokens."""
+    from moesim.traces.format import DECODE
+
+    phase, batch = str(cell.get("phase", "decode")), int(cell.get("batch", 1))
+    eb, q = int(engine["expert_bytes"]), engine.get("quantization")
+    if "cell_tokens" in cell:   # a batch or prefill cell (moesim.engine.batch): its own tokens
+        sub = cell_trace(trace, phase=phase, batch=batch, tokens=int(cell["cell_tokens"]),
+                         skip=int(cell.get("skip_tokens", 0)), seq_len=int(cell["seq_len"]), expert_bytes=eb,
+                         quantization=q)
+        chunk = int(cell.get("prefill_chunk") or 512)
+        return sub, batch, chunk, phase, f"{phase}{chunk if phase == 'prefill' else batch}"
+    base = trace.filter_phase(DECODE) if engine.get("decode_rows_only") else trace
+    return head_tokens(base, int(engine["tokens"]), eb, q, int(engine.get("skip_tokens", 0))), 1, 512, "decode", ""
 
 
 def in_situ_check(engine: dict[str, Any], cost) -> dict[str, Any] | None:
@@ -104,28 +187,37 @@ def in_situ_check(engine: dict[str, Any], cost) -> dict[str, Any] | None:
             "has_interval": (fast, slow) != (1.0, 1.0)}
 
 
-def compare(engine: dict[str, Any], trace: Trace, cost, *, include_repeats: bool = False) -> dict[str, Any]:
-    """One report cell per engine cell: measured vs simulated tokens/s and hit rates, efficiency."""
-    from moesim.simulator.timing import simulate_timing
+def compare(engine: dict[str, Any], trace: Trace, cost, *, include_repeats: bool = False,
+            programs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One report cell per engine cell: measured vs simulated tokens/s and hit rates, efficiency. Batch and
+    prefill cells are simulated with the same batch size / prefill chunk over the same tokens, priced with
+    the calibration's ``batch_programs`` terms for their step shape when ``programs`` has them."""
 
-    sub = head_tokens(trace, int(engine["tokens"]), int(engine["expert_bytes"]), engine.get("quantization"),
-                      int(engine.get("skip_tokens", 0)))
+    from moesim.engine.calibration import batch_cost
+
     copy_s = cost.copy_seconds(int(engine["expert_bytes"]))
-    bound_cost = independent_bound(cost)
     cells, repeats, run_ahead = [], [], []
+    subs: dict[tuple, Any] = {}
     for c in engine["cells"]:
-        sim = simulate_timing(sub, c["policy"], int(c["cache_size"]), cost, prefetch=c["prefetch"],
-                              speculative_ready=REPLAY_READY)
+        key = (c.get("phase"), c.get("batch"), c.get("cell_tokens"), c.get("skip_tokens"), c.get("seq_len"),
+               c.get("prefill_chunk"))
+        if key not in subs:
+            subs[key] = cell_inputs(engine, c, trace)
+        sub, batch, chunk, phase, shape = subs[key]
+        terms = (programs or {}).get(shape) if shape else None
+        c_cost = batch_cost(cost, terms)
+        bound_cost = independent_bound(batch_cost(cost, terms, overhead=False))
+        sim, sim_tps = simulate_cell(sub, c["policy"], int(c["cache_size"]), c["prefetch"], c_cost, batch, chunk, phase)
         real_tps = float(c["tokens_per_s"])
-        sim_tps = float(sim.tokens_per_s)
         # the independent bound: the critical path through this cell's own copies (at the peak measured
         # bandwidth) and kernels (at their micro-benchmark times), with their real dependencies (a copy
         # waits for its layer's gate, an expert for its copy, a layer for the one before), no engine term
-        bound_s = simulate_timing(sub, c["policy"], int(c["cache_size"]), bound_cost, prefetch=c["prefetch"],
-                                  speculative_ready=REPLAY_READY).total_s
+        bound_s = simulate_cell(sub, c["policy"], int(c["cache_size"]), c["prefetch"], bound_cost, batch, chunk,
+                                phase)[0].total_s
         copies = int(c["misses"]) + int(c["prefetches"])
         cell = {
             "policy": c["policy"], "cache_size": int(c["cache_size"]), "prefetch": c["prefetch"],
+            "batch": batch, "phase": phase, "batch_terms": bool(terms) if shape else None,
             "real_tokens_per_s": round(real_tps, 4), "sim_tokens_per_s": round(sim_tps, 4),
             "rel_error": round(sim_tps / real_tps - 1.0, 4),
             "real_hit_rate": round(float(c["hit_rate"]), 6), "sim_hit_rate": round(float(sim.hit_rate), 6),
@@ -137,7 +229,8 @@ def compare(engine: dict[str, Any], trace: Trace, cost, *, include_repeats: bool
             "sim_stall_ms_per_token": round(sim.stall_s * 1e3 / sim.tokens, 3),
             "bound_ms_per_token": round(bound_s * 1e3 / sim.tokens, 3),
             "copy_ms_per_token": round(copies * copy_s * 1e3 / sim.tokens, 3),
-            "sim_interval": sim_interval(sub, c["policy"], int(c["cache_size"]), c["prefetch"], cost),
+            "sim_interval": sim_interval(sub, c["policy"], int(c["cache_size"]), c["prefetch"], c_cost, batch, chunk,
+                                         phase),
         }
         variant = c.get("variant") or ("repeat" if c.get("repeat") else None)
         if variant == "nosync":
@@ -160,20 +253,28 @@ def compare(engine: dict[str, Any], trace: Trace, cost, *, include_repeats: bool
                                  "no engine overhead term) / measured time",
         "in_situ_copy": in_situ_check(engine, cost),
     }
+    phases: dict[str, Any] = {}
+    for c in cells:
+        phases.setdefault(f"{c['phase']} batch {c['batch']}", []).append(abs(c["rel_error"]))
+    out["per_phase"] = {k: {"cells": len(v), "max_rel_error": round(max(v), 4),
+                            "median_rel_error": round(float(np.median(v)), 4),
+                            "cells_within_5pct": sum(e <= 0.05 for e in v)} for k, v in phases.items()}
+
+    def key(c: dict[str, Any]) -> tuple:
+        return c["policy"], c["cache_size"], c["prefetch"], c["batch"], c["phase"]
+    by_key = {key(c): c for c in cells}
     if repeats:
-        by_key = {(c["policy"], c["cache_size"], c["prefetch"]): c for c in cells}
         out["repeatability"] = [
-            {"policy": r["policy"], "cache_size": r["cache_size"], "prefetch": r["prefetch"],
-             "first_tokens_per_s": by_key[(r["policy"], r["cache_size"], r["prefetch"])]["real_tokens_per_s"],
+            {"policy": r["policy"], "cache_size": r["cache_size"], "prefetch": r["prefetch"], "batch": r["batch"],
+             "phase": r["phase"], "first_tokens_per_s": by_key[key(r)]["real_tokens_per_s"],
              "repeat_tokens_per_s": r["real_tokens_per_s"]}
-            for r in repeats if (r["policy"], r["cache_size"], r["prefetch"]) in by_key]
+            for r in repeats if key(r) in by_key]
     if run_ahead:   # the same cells with the CPU queueing tokens ahead (no wait for each token's logits)
-        by_key = {(c["policy"], c["cache_size"], c["prefetch"]): c for c in cells}
         out["without_token_sync"] = [
             {"policy": r["policy"], "cache_size": r["cache_size"], "prefetch": r["prefetch"],
-             "synced_tokens_per_s": by_key[(r["policy"], r["cache_size"], r["prefetch"])]["real_tokens_per_s"],
+             "synced_tokens_per_s": by_key[key(r)]["real_tokens_per_s"],
              "unsynced_tokens_per_s": r["real_tokens_per_s"], "sim_tokens_per_s": r["sim_tokens_per_s"]}
-            for r in run_ahead if (r["policy"], r["cache_size"], r["prefetch"]) in by_key]
+            for r in run_ahead if key(r) in by_key]
     return out
 
 
@@ -220,10 +321,13 @@ def markdown(r: dict[str, Any]) -> str:
              f"- engine efficiency ({r.get('efficiency_definition', 'ideal schedule / measured time')}): min "
              f"{r.get('min_efficiency') or 0:.1%}; {r.get('cells_efficiency_at_least_85pct')} of {len(r['cells'])} "
              "cells at 85% or more", *in_situ_lines(r.get("in_situ_copy")), "",
-             "| policy | K | prefetch | real tok/s | sim tok/s | error | real hit | sim hit | efficiency |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             *[f"- {k}: {v['cells_within_5pct']} of {v['cells']} cells within 5%, max {v['max_rel_error']:.1%}, "
+               f"median {v['median_rel_error']:.1%}" for k, v in (r.get("per_phase") or {}).items()], "",
+             "| policy | K | prefetch | batch | phase | real tok/s | sim tok/s | error | real hit | sim hit | efficiency |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in r["cells"]:
-        lines.append(f"| {c['policy']} | {c['cache_size']} | {c['prefetch']} | {c['real_tokens_per_s']:.2f} | "
+        lines.append(f"| {c['policy']} | {c['cache_size']} | {c['prefetch']} | {c.get('batch', 1)} | "
+                     f"{c.get('phase', 'decode')} | {c['real_tokens_per_s']:.2f} | "
                      f"{c['sim_tokens_per_s']:.2f} | {c['rel_error']:+.1%} | {c['real_hit_rate']:.4f} | "
                      f"{c['sim_hit_rate']:.4f} | {c['efficiency']:.0%} |")
     if r.get("notes"):

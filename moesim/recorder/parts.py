@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from moesim.atomic import atomic_path
 from moesim.errors import DataError
-from moesim.traces.format import TraceMeta, TraceWriter, now_iso
+from moesim.traces.format import TraceMeta, TraceWriter, dictionary_columns, now_iso
 
 
 def parts_dir_for(path: str | os.PathLike) -> Path:
@@ -99,7 +99,7 @@ def merge_parts(parts_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
         raise DataError(parts_dir, "holds no part files to merge")
     first = pq.ParquetFile(parts[0]).schema_arrow
     with atomic_path(out) as tmp:
-        with pq.ParquetWriter(tmp, first, compression="zstd", use_dictionary=["seq", "phase", "layer"]) as w:
+        with pq.ParquetWriter(tmp, first, compression="zstd", use_dictionary=dictionary_columns(first.names)) as w:
             for part in parts:
                 pf = pq.ParquetFile(part)
                 if not pf.schema_arrow.equals(first, check_metadata=True):

@@ -87,3 +87,32 @@ def lru_stack_depths(cache: np.ndarray, keys: np.ndarray, n_keys: int, n_caches:
             stack[c, 0] = key
             depth_of[c, key] = 0
     return hist
+
+
+@njit(cache=True, nogil=True)
+def stream_fill(seq, token, layer, experts, n_experts, global_scope, lo, hi, cache, keys, clock, group):
+    """:func:`stream_kernel` for rows ``lo:hi`` into preallocated arrays (threads fill disjoint row
+    ranges). The clock starts at 0 at row ``lo``; returns the clock of row ``hi - 1``. With the
+    per-layer scope ``cache`` is not written (the caller passes ``group`` as the cache ids)."""
+    k = experts.shape[1]
+    t = 0
+    for r in range(lo, hi):
+        if r > lo and (seq[r] != seq[r - 1] or token[r] != token[r - 1]):
+            t += 1
+        clock[r] = t
+        g = np.int64(layer[r])
+        group[r] = g
+        off = 0
+        if global_scope:
+            cache[r] = 0
+            off = g * n_experts
+        for j in range(k):
+            keys[r, j] = off + experts[r, j]
+    return t
+
+
+@njit(cache=True, nogil=True)
+def shift(a, lo, hi, by):
+    """a[lo:hi] += by, in place (the clock of a later row range once the earlier ones are counted)."""
+    for r in range(lo, hi):
+        a[r] += by

@@ -31,13 +31,16 @@ import numpy as np
 
 from moesim.atomic import atomic_open
 from moesim.errors import UsageError
-from moesim.policies.base import NEVER, EvictionPolicy, ExpertCache, policy_class
+from moesim.policies.base import EvictionPolicy, ExpertCache, policy_class
 from moesim.policies.params import ParamError, check_params
 from moesim.policies.prefetch import PrefetchContext, make_prefetcher
 from moesim.simulator import kernels, timing_kernel
 from moesim.simulator.cost_model import CostModel
 from moesim.simulator.replay import HitCounts
 from moesim.traces.format import PREFILL, Trace
+from moesim.traces.steps import Step as Step  # re-exported: the shared step definition
+from moesim.traces.steps import build_steps, union_chunks
+from moesim.traces.steps import next_uses as _next_uses
 
 PRIORITY = {"copy": 0, "compute": 1}
 SPECULATIVE_READY = ("hidden", "gate")
@@ -77,71 +80,6 @@ class SimEnv:
             events.append({"name": name, "ph": "X", "ts": round(start * 1e6, 3), "dur": round(dur * 1e6, 3),
                            "pid": 0, "tid": stream, "args": args})
         return {"traceEvents": events, "displayTimeUnit": "ms"}
-
-
-@dataclass
-class Step:
-    tokens: int
-    context: int
-    phase: int
-    layers: dict[int, list[int]]               # layer -> union of experts, first-seen router order
-    counts: dict[int, dict[int, int]]          # layer -> expert -> tokens routed
-    weights: dict[int, dict[int, float]]       # layer -> expert -> summed routing weight
-    rows: dict[int, int]                       # layer -> one trace row (for recorded predictions)
-
-
-def build_steps(trace: Trace, batch_size: int = 1, prefill_chunk: int = 512) -> list[Step]:
-    """Group trace rows into steps: decode tokens of ``batch_size`` sequences at a time (sequence
-    groups in id order, token j of each), prefill tokens in chunks of ``prefill_chunk``."""
-    if batch_size < 1 or prefill_chunk < 1:
-        raise UsageError("batch size and prefill chunk must be >= 1")
-    trace = trace.execution_order()
-    seq, tok, lay, phase = trace.seq, trace.token, trace.layer, trace.phase
-    experts = trace.experts.tolist()
-    weights = trace.weights.tolist()
-    # group rows by (seq, token)
-    keys = np.stack([seq, tok], 1)
-    bounds = np.flatnonzero(np.r_[True, (keys[1:] != keys[:-1]).any(1), True])
-    tokens_of_seq: dict[int, list[tuple[int, int, int]]] = {}  # seq -> [(token, row_lo, row_hi)]
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        tokens_of_seq.setdefault(int(seq[lo]), []).append((int(tok[lo]), int(lo), int(hi)))
-    seq_ids = sorted(tokens_of_seq)
-    steps: list[Step] = []
-
-    def make(parts: list[tuple[int, int, int]], ph: int) -> Step:
-        layers: dict[int, list[int]] = {}
-        counts: dict[int, dict[int, int]] = {}
-        wsum: dict[int, dict[int, float]] = {}
-        rows: dict[int, int] = {}
-        for _, lo, hi in parts:
-            for r in range(lo, hi):
-                layer = int(lay[r])
-                lst = layers.setdefault(layer, [])
-                cnt = counts.setdefault(layer, {})
-                ws = wsum.setdefault(layer, {})
-                rows.setdefault(layer, r)
-                for e, w in zip(experts[r], weights[r], strict=True):
-                    if e not in cnt:
-                        lst.append(e)
-                        cnt[e] = 0
-                        ws[e] = 0.0
-                    cnt[e] += 1
-                    ws[e] += w
-        context = int(np.mean([t for t, _, _ in parts])) if parts else 0
-        return Step(len(parts), context, ph, dict(sorted(layers.items())), counts, wsum, rows)
-
-    for g in range(0, len(seq_ids), batch_size):
-        group = seq_ids[g:g + batch_size]
-        prefill = {s: [p for p in tokens_of_seq[s] if phase[p[1]] == PREFILL] for s in group}
-        decode = {s: [p for p in tokens_of_seq[s] if phase[p[1]] != PREFILL] for s in group}
-        for s in group:
-            for c in range(0, len(prefill[s]), prefill_chunk):
-                steps.append(make(prefill[s][c:c + prefill_chunk], PREFILL))
-        longest = max((len(v) for v in decode.values()), default=0)
-        for j in range(longest):
-            parts = [decode[s][j] for s in group if j < len(decode[s])]
-            steps.append(make(parts, 1))
-    return steps
 
 
 @dataclass
@@ -258,18 +196,6 @@ class TimingResult(HitCounts):
             "engine_mode": self.engine_mode, "engine_profile": self.engine_profile,
         }
         return out
-
-
-def _next_uses(steps: list[Step], num_layers: int) -> dict[tuple[int, int], dict[int, int]]:
-    """(step, layer) -> expert -> clock of its next request at that layer (clock = step * L + layer)."""
-    out: dict[tuple[int, int], dict[int, int]] = {}
-    upcoming: dict[tuple[int, int], int] = {}
-    for i in range(len(steps) - 1, -1, -1):
-        for layer, s in steps[i].layers.items():
-            out[(i, layer)] = {e: upcoming.get((layer, e), NEVER) for e in s}
-            for e in s:
-                upcoming[(layer, e)] = i * num_layers + layer
-    return out
 
 
 def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], cache_size: int | Sequence[int],
@@ -419,8 +345,7 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
                 size_before = len(cache.resident)
                 # a batch or prefill step may want more experts than there are slots: they stream
                 # through the cache in chunks of `capacity`, each requested atomically
-                for j in range(0, len(S), cache.capacity):
-                    chunk = S[j:j + cache.capacity]
+                for chunk in union_chunks(S, cache.capacity):
                     resident_before += [e for e in chunk if e in cache]
                     missing += cache.request(chunk, now, [w[e] for e in chunk], [nu[e] for e in chunk] if nu else None)
                 hits += len(S) - len(missing)

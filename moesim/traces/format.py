@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from numba import njit
 
+from moesim import parallel
 from moesim.atomic import make_temp
 from moesim.errors import DataError
 
@@ -44,6 +45,17 @@ META_KEY = b"moesim"
 PREFILL, DECODE = 0, 1
 PHASE_NAMES = {PREFILL: "prefill", DECODE: "decode"}
 REQUIRED_COLUMNS = ("seq", "token", "phase", "layer", "experts", "weights")
+# what a replay reads (and validation checks); ``read_trace(lazy=True)`` reads these (and any
+# pred{d}_experts, which are validated too) at once and the rest on first use
+REPLAY_COLUMNS = ("seq", "token", "phase", "layer", "experts")
+
+
+def dictionary_columns(names: Sequence[str]) -> list[str]:
+    """Columns the writers dictionary-encode: the small-alphabet ones. Expert ids take E values, so
+    their dictionary pages decode 2.4x faster than plain ones (measured: 19.2M ids, 0.27 -> 0.115 s)
+    and the file is 13% smaller; the trace format (logical schema) is unchanged."""
+    return [n for n in names if n in ("seq", "phase", "layer")] + \
+        [f"{n}.list.element" for n in names if n == "experts" or (_PRED_RE.match(n) and n.endswith("_experts"))]
 _PRED_RE = re.compile(r"^pred(\d+)_(experts|logits)$")
 
 
@@ -147,7 +159,8 @@ class TraceWriter:
         self.row_group_size = row_group_size
         self._tmp = Path(make_temp(self.path))
         self._writer = pq.ParquetWriter(self._tmp, self.schema, compression=compression,
-                                        use_dictionary=["seq", "phase", "layer"], write_statistics=True)
+                                        use_dictionary=dictionary_columns(self.schema.names),
+                                        write_statistics=True)
         self._chunks: list[dict[str, np.ndarray]] = []
         self._buffered = 0
         self.rows_written = 0
@@ -243,19 +256,72 @@ class TraceWriter:
             self.abort()
 
 
-@dataclass
 class Trace:
-    """A validated trace in memory. ``table`` keeps the Arrow columns; numpy views are derived."""
+    """A validated trace in memory. ``table`` keeps the Arrow columns; numpy views are derived (once per
+    column: every check and the stream builder read the same arrays).
 
-    meta: TraceMeta
-    table: pa.Table
-    path: str | None = None
+    A trace read with ``read_trace(lazy=True)`` holds only :data:`REPLAY_COLUMNS` (and predictions) at
+    first; the other columns (routing weights, logits) are read from its file(s) the first time
+    ``table`` or ``weights`` is used, so a replay that never needs them never decodes them."""
+
+    def __init__(self, meta: TraceMeta, table: pa.Table, path: str | None = None, *,
+                 deferred: tuple[Sequence[Path], pa.Schema, Sequence[str]] | None = None) -> None:
+        self.meta = meta
+        self.path = path
+        self._table = table
+        self._deferred = deferred  # (files, full schema, column names not yet read)
+        self._np: dict[str, np.ndarray] = {}
+        self._ordered: bool | None = None
+        self._memo: dict[str, Any] = {}
+
+    def memo(self, name: str) -> dict:
+        """A per-trace store for what is derived from the columns (request streams), emptied when the
+        table is replaced."""
+        return self._memo.setdefault(name, {})
+
+    def __getstate__(self) -> dict[str, Any]:
+        # what is derived from the columns is rebuilt where the trace lands (worker processes)
+        return {**self.__dict__, "_np": {}, "_memo": {}}
+
+    def __repr__(self) -> str:
+        return f"Trace(meta={self.meta!r}, rows={len(self)}, path={self.path!r})"
+
+    @property
+    def table(self) -> pa.Table:
+        if self._deferred is not None:
+            self._table = _complete(self._table, *self._deferred)
+            self._deferred = None
+        return self._table
+
+    @table.setter
+    def table(self, value: pa.Table) -> None:
+        self._table, self._deferred = value, None
+        self._np, self._ordered, self._memo = {}, None, {}
+
+    @property
+    def column_names(self) -> list[str]:
+        """Every column, read or deferred."""
+        return list(self._deferred[1].names) if self._deferred is not None else self._table.column_names
+
+    def schema_field(self, name: str) -> pa.Field:
+        return (self._deferred[1] if self._deferred is not None else self._table.schema).field(name)
 
     def __len__(self) -> int:
-        return self.table.num_rows
+        return self._table.num_rows
+
+    def _column(self, name: str) -> pa.ChunkedArray:
+        """One column, read from the file only if it was deferred (the others stay deferred)."""
+        if name in self._table.column_names:
+            return self._table.column(name)
+        return self.table.column(name)
 
     def _col(self, name: str) -> np.ndarray:
-        return self.table.column(name).to_numpy()
+        out = self._np.get(name)
+        if out is None:
+            out = self._column(name).to_numpy()
+            out.flags.writeable = False  # shared by every caller
+            self._np[name] = out
+        return out
 
     @property
     def seq(self) -> np.ndarray:
@@ -274,10 +340,16 @@ class Trace:
         return self._col("layer")
 
     def _matrix(self, name: str, width: int) -> np.ndarray:
-        col = self.table.column(name).combine_chunks()
+        out = self._np.get(name)
+        if out is not None:
+            return out
+        col = self._column(name).combine_chunks()
         if col.null_count:
             raise ValueError(f"column {name} has nulls; use pred_experts()")
-        return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+        out = col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+        out.flags.writeable = False
+        self._np[name] = out
+        return out
 
     @property
     def experts(self) -> np.ndarray:
@@ -292,28 +364,30 @@ class Trace:
     @property
     def pred_distances(self) -> tuple[int, ...]:
         out = []
-        for name in self.table.column_names:
+        for name in self.column_names:
             m = _PRED_RE.match(name)
             if m and m.group(2) == "experts":
                 out.append(int(m.group(1)))
         return tuple(sorted(out))
 
     def has_logits(self) -> bool:
-        return "logits" in self.table.column_names
+        return "logits" in self.column_names
 
     def pred_experts(self, d: int) -> np.ndarray:
         """(rows, top_k) int16 predicted ids for distance d; rows without a prediction are -1."""
         name = f"pred{d}_experts"
-        if name not in self.table.column_names:
+        if name not in self.column_names:
             raise KeyError(f"trace has no predictions at distance {d} (has {self.pred_distances or 'none'})")
-        return _filled_matrix(self.table.column(name), self.meta.top_k, -1, np.int16)
+        return _filled_matrix(self._column(name), self.meta.top_k, -1, np.int16)
 
     def logits_matrix(self, name: str = "logits") -> np.ndarray:
         """(rows, num_experts) float32 logits; missing rows are NaN."""
-        return _filled_matrix(self.table.column(name), self.meta.num_experts, np.nan, np.float32)
+        return _filled_matrix(self._column(name), self.meta.num_experts, np.nan, np.float32)
 
     def is_execution_ordered(self) -> bool:
-        return bool(_strictly_increasing(self.seq, self.token, self.layer))
+        if self._ordered is None:
+            self._ordered = bool(_strictly_increasing(self.seq, self.token, self.layer))
+        return self._ordered
 
     def execution_order(self) -> Trace:
         """The rows sorted by (seq, token, layer): the order the replay visits them in (docs/semantics.md)."""
@@ -400,8 +474,13 @@ def _meta_of(schema: pa.Schema, path: Path) -> TraceMeta:
     return TraceMeta.from_json(raw, path)
 
 
-def read_trace(path: str | os.PathLike, *, columns: Sequence[str] | None = None, validate: bool = True) -> Trace:
+def read_trace(path: str | os.PathLike, *, columns: Sequence[str] | None = None, validate: bool = True,
+               lazy: bool = False) -> Trace:
     """Read and validate a trace file (or a directory of part files).
+
+    ``lazy``: read only the columns a replay needs (:data:`REPLAY_COLUMNS`, any ``columns`` and the
+    ``pred{d}_experts`` columns, which validation checks) now and the others on first use; validation
+    is the same (a deferred column's null count comes from the Parquet statistics, or it is read).
 
     Raises :class:`DataError` naming the file for every problem of a bad trace (missing, corrupt or
     truncated file, wrong schema version, ids out of range).
@@ -412,74 +491,174 @@ def read_trace(path: str | os.PathLike, *, columns: Sequence[str] | None = None,
     files = _part_files(p) if p.is_dir() else [p]
     tables = []
     meta = None
+    schema = None
+    deferred: list[str] = []
     for f in files:
-        pf = _open_parquet(f)
+        pf = _open_parquet(f)  # (memory-mapping measured no faster: 0.87-0.93 s vs 0.71-0.89 s end to end)
         m = _meta_of(pf.schema_arrow, f)
         if meta is None:
-            meta = m
+            meta, schema = m, pf.schema_arrow
         names = pf.schema_arrow.names
         missing = [c for c in REQUIRED_COLUMNS if c not in names]
         if missing:
             raise DataError(f, f"missing required column {missing[0]!r}")
-        want = None if columns is None else list(dict.fromkeys([*REQUIRED_COLUMNS, *columns]))
+        if lazy:
+            now = {*REPLAY_COLUMNS, *(columns or ()), *(n for n in names if _PRED_RE.match(n) and n.endswith("_experts"))}
+            want = [n for n in names if n in now]
+            deferred = [n for n in names if n not in now]
+        else:
+            want = None if columns is None else list(dict.fromkeys([*REQUIRED_COLUMNS, *columns]))
         try:
             tables.append(pf.read(columns=want))
         except (pa.ArrowException, OSError) as exc:
             raise DataError(f, f"truncated or corrupt Parquet file ({_short(exc)})") from None
-    assert meta is not None
+        if lazy and "weights" in deferred and _may_have_nulls(pf, f, "weights"):
+            raise DataError(f, "column 'weights' has null values")
+    assert meta is not None and schema is not None
     table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="none")
-    trace = Trace(meta, table, str(p))
+    trace = Trace(meta, table, str(p), deferred=(files, schema, deferred) if deferred else None)
     if validate:
         validate_trace(trace, p)
     return trace
 
 
+def _may_have_nulls(pf: pq.ParquetFile, path: Path, name: str) -> bool:
+    """Whether a column not read yet may hold nulls: its statistics say so, or it has none (then it
+    is read and counted)."""
+    md = pf.metadata
+    for i in range(md.num_row_groups):
+        rg = md.row_group(i)
+        for j in range(rg.num_columns):
+            col = rg.column(j)
+            if col.path_in_schema.split(".")[0] != name:
+                continue
+            st = col.statistics
+            if st is None or not st.has_null_count:
+                try:
+                    return bool(pf.read(columns=[name]).column(name).null_count)
+                except (pa.ArrowException, OSError) as exc:
+                    raise DataError(path, f"truncated or corrupt Parquet file ({_short(exc)})") from None
+            if st.null_count:
+                return True
+    return False
+
+
+def _complete(table: pa.Table, files: Sequence[Path], schema: pa.Schema, names: Sequence[str]) -> pa.Table:
+    """``table`` with the deferred columns read from ``files``, in the file's column order."""
+    parts = []
+    for f in files:
+        try:
+            parts.append(pq.ParquetFile(f).read(columns=list(names)))
+        except (pa.ArrowException, OSError) as exc:
+            raise DataError(f, f"truncated or corrupt Parquet file ({_short(exc)})") from None
+    extra = parts[0] if len(parts) == 1 else pa.concat_tables(parts, promote_options="none")
+    cols = {n: table.column(n) for n in table.column_names} | {n: extra.column(n) for n in names}
+    return pa.Table.from_arrays([cols[n] for n in schema.names], schema=schema)
+
+
 def validate_trace(trace: Trace, path: object = None) -> None:
-    meta, table = trace.meta, trace.table
+    meta = trace.meta
     k, e, n_layers = meta.top_k, meta.num_experts, meta.num_layers
     for name in ("experts", "weights"):
-        t = table.schema.field(name).type
+        t = trace.schema_field(name).type
         if not pa.types.is_fixed_size_list(t):
             raise DataError(path, f"column {name!r} must be a fixed-size list, found {t}")
         if t.list_size != k:
             raise DataError(path, f"column {name!r} holds {t.list_size} values per row but top_k is {k}")
-    if table.num_rows == 0:
+    if len(trace) == 0:
         return
     for name in ("seq", "token", "phase", "layer", "experts", "weights"):
-        if table.column(name).null_count:
+        # a deferred column (weights) had its null count checked when the trace was read
+        if name in trace._table.column_names and trace._table.column(name).null_count:
             raise DataError(path, f"column {name!r} has null values")
-    layer = trace.layer
-    bad = np.flatnonzero((layer < 0) | (layer >= n_layers))
-    if bad.size:
-        raise DataError(path, f"layer {int(layer[bad[0]])} out of range [0, {n_layers}) at row {int(bad[0])}")
-    phase = trace.phase
-    bad = np.flatnonzero((phase != PREFILL) & (phase != DECODE))
-    if bad.size:
-        raise DataError(path, f"phase {int(phase[bad[0]])} is neither 0 (prefill) nor 1 (decode) at row {int(bad[0])}")
-    if (trace.seq < 0).any() or (trace.token < 0).any():
+    seq, token, layer, phase, ex = trace.seq, trace.token, trace.layer, trace.phase, trace.experts
+    # one compiled pass for every row check (numpy's masks cost more than reading the file), over
+    # disjoint row ranges in threads; each range reports its first bad row per check
+    bounds = parallel.row_ranges(len(trace))
+    found = np.array(parallel.map_threads(
+        lambda i: _check_rows(seq, token, phase, layer, ex, n_layers, e, bounds[i], bounds[i + 1]),
+        range(len(bounds) - 1)), dtype=np.int64)
+    bad_layer, bad_phase, bad_expert, twice = (_first(found[:, c]) for c in (0, 1, 3, 4))
+    negative = bool(found[:, 2].any())
+    ordered = bool(found[:, 5].all()) and all(
+        (seq[i - 1], token[i - 1], layer[i - 1]) < (seq[i], token[i], layer[i]) for i in bounds[1:-1])
+    trace._ordered = ordered
+    if bad_layer >= 0:
+        raise DataError(path, f"layer {int(layer[bad_layer])} out of range [0, {n_layers}) at row {bad_layer}")
+    if bad_phase >= 0:
+        raise DataError(path, f"phase {int(phase[bad_phase])} is neither 0 (prefill) nor 1 (decode) at row {bad_phase}")
+    if negative:
         raise DataError(path, "negative sequence id or token index")
-    for name in ("experts", *(f"pred{d}_experts" for d in trace.pred_distances)):
-        ex = trace.experts if name == "experts" else trace.pred_experts(int(name[4:-8]))
-        lo = 0 if name == "experts" else -1  # -1 marks rows without a prediction
-        bad_rows = np.flatnonzero(((ex < lo) | (ex >= e)).any(axis=1))
-        if bad_rows.size:
-            r = int(bad_rows[0])
-            v = int(ex[r][(ex[r] < lo) | (ex[r] >= e)][0])
-            raise DataError(path, f"expert id {v} out of range [0, {e}) in column {name!r} at row {r}")
-        if name == "experts" and k > 1:
-            # pairwise column compares: k(k-1)/2 vector ops, much cheaper than sorting every row
-            twice = np.zeros(len(ex), bool)
-            for a in range(k):
-                for b in range(a + 1, k):
-                    twice |= ex[:, a] == ex[:, b]
-            dup = np.flatnonzero(twice)
-            if dup.size:
-                s = np.sort(ex[dup[0]])
-                raise DataError(path, f"row {int(dup[0])} lists expert {int(s[np.argmax(s[1:] == s[:-1])])} twice")
-    if not _strictly_increasing(trace.seq, trace.token, layer):  # execution-ordered files (the usual): no sort
+    if bad_expert >= 0:
+        _bad_expert(path, ex, bad_expert, 0, e, "experts")
+    if twice >= 0:
+        s = np.sort(ex[twice])
+        raise DataError(path, f"row {twice} lists expert {int(s[np.argmax(s[1:] == s[:-1])])} twice")
+    for d in trace.pred_distances:
+        pred = trace.pred_experts(d)
+        bad = _first_out_of_range(pred, -1, e)  # -1 marks rows without a prediction
+        if bad >= 0:
+            _bad_expert(path, pred, bad, -1, e, f"pred{d}_experts")
+    if not ordered:  # execution-ordered files (the usual) need no sort
         key = np.sort(_order_key(trace.seq, trace.token, layer))
         if (key[1:] == key[:-1]).any():
             raise DataError(path, "duplicate (seq, token, layer) rows")
+
+
+def _first(rows: np.ndarray) -> int:
+    """The first row found, -1 for none (each range's first bad row, -1 where it has none)."""
+    hit = rows[rows >= 0]
+    return int(hit.min()) if hit.size else -1
+
+
+def _bad_expert(path: object, ex: np.ndarray, r: int, lo: int, e: int, name: str) -> None:
+    v = int(ex[r][(ex[r] < lo) | (ex[r] >= e)][0])
+    raise DataError(path, f"expert id {v} out of range [0, {e}) in column {name!r} at row {r}")
+
+
+@njit(cache=True, nogil=True)
+def _first_out_of_range(ex: np.ndarray, lo: int, hi: int) -> int:
+    for r in range(ex.shape[0]):
+        for j in range(ex.shape[1]):
+            if ex[r, j] < lo or ex[r, j] >= hi:
+                return r
+    return -1
+
+
+@njit(cache=True, nogil=True)
+def _check_rows(seq, token, phase, layer, ex, n_layers, n_experts, lo, hi):
+    """Every row check of :func:`validate_trace` in one pass over rows ``lo:hi``: the first row with a
+    layer out of range, with a bad phase, whether any sequence id or token index is negative, the first
+    row with an expert id out of range, the first row listing an expert twice (-1: none), and whether
+    (seq, token, layer) strictly increases row to row."""
+    k = ex.shape[1]
+    bad_layer = bad_phase = bad_expert = twice = -1
+    negative = False
+    ordered = True
+    for r in range(lo, hi):
+        if bad_layer < 0 and (layer[r] < 0 or layer[r] >= n_layers):
+            bad_layer = r
+        if bad_phase < 0 and phase[r] != 0 and phase[r] != 1:
+            bad_phase = r
+        if seq[r] < 0 or token[r] < 0:
+            negative = True
+        if bad_expert < 0 or twice < 0:
+            for a in range(k):
+                x = ex[r, a]
+                if bad_expert < 0 and (x < 0 or x >= n_experts):
+                    bad_expert = r
+                if twice < 0:
+                    for b in range(a + 1, k):
+                        if ex[r, b] == x:
+                            twice = r
+        if ordered and r > lo:
+            if seq[r] != seq[r - 1]:
+                ordered = seq[r] > seq[r - 1]
+            elif token[r] != token[r - 1]:
+                ordered = token[r] > token[r - 1]
+            else:
+                ordered = layer[r] > layer[r - 1]
+    return bad_layer, bad_phase, negative, bad_expert, twice, ordered
 
 
 def write_table_atomic(table: pa.Table, path: str | os.PathLike, **kwargs: Any) -> Path:
