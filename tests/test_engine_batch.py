@@ -165,3 +165,18 @@ def test_batch_programs_terms_from_raw_pieces():
     assert cost.expert_seconds(2) == pytest.approx(0.7e-3)
     assert batch_cost(CostModel.preset("h200"), t, overhead=False).expert_seconds(2) == pytest.approx(0.6e-3)
     assert batch_programs({"batch_pieces": {"decode4": {"rows": 4, "phase": "decode"}}}) == {}   # a CPU check
+
+
+def test_instrumented_batch_run_logs_every_copy_once(weights, tmp_path):
+    # the copy log shared with the batch-1 engine (runtime.issue_copy): one "miss" event per device copy,
+    # tagged with its step and layer, and the run's results unchanged by instrumenting it
+    tr = make_trace(tmp_path / "i.parquet", seqs=2, tokens=3, phase=DECODE, seed=4)
+    steps = build_steps(tr, 2, 512)
+    prog = BatchProgram(weights, 2, False, len(steps), Lanes(weights, 4))
+    plain = BatchEngine(prog, 3, "lru").run(steps, Routing.from_trace(tr))
+    inst = BatchEngine(prog, 3, "lru").run(steps, Routing.from_trace(tr), instrument=True)
+    misses = [e for e in inst.events if e["kind"] == "miss"]
+    assert inst.misses == plain.misses > 0 and inst.violations == 0
+    assert len(misses) == inst.misses == inst.device_copies
+    assert {e["step"] for e in misses} <= set(range(len(steps))) and {e["layer"] for e in misses} == set(range(LAYERS))
+    assert all(e["end_ms"] >= e["start_ms"] for e in misses)

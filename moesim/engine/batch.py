@@ -44,7 +44,7 @@ import numpy as np
 
 from moesim.engine.identity import TAG_BASE, ResidencyProof, slot_tags
 from moesim.engine.plan import CachePlan, Routing
-from moesim.engine.runtime import EngineResult, Weights, capture_graphs, compiled, expert_forward
+from moesim.engine.runtime import EngineResult, Weights, capture_graphs, compiled, expert_forward, issue_copy
 from moesim.traces.format import PREFILL
 from moesim.traces.steps import Step, next_uses
 
@@ -344,22 +344,8 @@ class BatchEngine:
         self.free: list[list[Any]] = [[None] * cache_size for _ in range(g.num_layers)]
 
     def _copy(self, layer: int, slot: int, expert: int, after, log: list | None = None, step: int = -1) -> None:
-        d = self.w.d
-        with d.copy_context():
-            if after is not None:
-                d.wait(after, d.copy_stream)
-            if self.free[layer][slot] is not None:
-                d.wait(self.free[layer][slot], d.copy_stream)
-            if log is not None:
-                start = d.event()
-                start.record(d.copy_stream)
-            self.program.slots[layer][slot].copy_(self.w.host[layer][expert], non_blocking=True)
-            self.ready[layer][slot].record(d.copy_stream)
-            if log is not None:
-                end = d.event()
-                end.record(d.copy_stream)
-                log.append((step, layer, "miss", expert, start, end))
-            self.program.count_copy(layer, slot, expert)
+        issue_copy(self.w, self.program, self.ready[layer][slot], layer, slot, expert, after,
+                   self.free[layer][slot], log, (step, layer, "miss"))
 
     def run(self, steps: list[Step], routing: Routing, warm: bool = False, progress: bool = False,
             keep_logits: bool = False, instrument: bool = False) -> EngineResult:

@@ -337,6 +337,30 @@ def capture_graphs(torch, dev, pieces: list[tuple[Any, Any]], progress: bool = F
     return graphs
 
 
+def issue_copy(weights: Weights, program: Any, ready, layer: int, slot: int, expert: int, after=None,
+               free=None, log: list | None = None, tag: tuple = ()) -> None:
+    """Copy ``expert``'s pinned blob into GPU ``slot`` of ``layer`` on the copy stream, as both engines do:
+    the copy waits for ``after`` (the gate that routed it) and ``free`` (the last compute that read the
+    slot's old contents), then ``ready`` is recorded for the compute that reads it. With ``log``, appends
+    ``(*tag, expert, start, end)`` (events around the copy alone)."""
+    d = weights.d
+    with d.copy_context():
+        if after is not None:
+            d.wait(after, d.copy_stream)
+        if free is not None:
+            d.wait(free, d.copy_stream)
+        if log is not None:
+            start = d.event()
+            start.record(d.copy_stream)
+        program.slots[layer][slot].copy_(weights.host[layer][expert], non_blocking=True)
+        ready.record(d.copy_stream)
+        if log is not None:
+            end = d.event()
+            end.record(d.copy_stream)
+            log.append((*tag, expert, start, end))
+        program.count_copy(layer, slot, expert)   # after "ready": compute never waits for it
+
+
 class Program(ResidencyProof):
     """The decode step as a fixed set of launchable pieces over static buffers.
 
@@ -498,22 +522,8 @@ class OffloadedEngine:
 
     def _copy(self, layer: int, slot: int, expert: int, log: list | None, token: int, kind: str,
               after=None) -> None:
-        d = self.w.d
-        with d.copy_context():
-            if after is not None:
-                d.wait(after, d.copy_stream)
-            if self.free[layer][slot] is not None:
-                d.wait(self.free[layer][slot], d.copy_stream)
-            if log is not None:
-                start = d.event()
-                start.record(d.copy_stream)
-            self.slots[layer][slot].copy_(self.w.host[layer][expert], non_blocking=True)
-            self.ready[layer][slot].record(d.copy_stream)
-            self.program.count_copy(layer, slot, expert)   # after "ready": compute never waits for it
-            if log is not None:
-                end = d.event()
-                end.record(d.copy_stream)
-                log.append((token, layer, kind, expert, start, end))
+        issue_copy(self.w, self.program, self.ready[layer][slot], layer, slot, expert, after,
+                   self.free[layer][slot], log, (token, layer, kind))
 
     def run(self, routing: Routing, instrument: bool = False, progress: bool = False,
             warm: bool = False, sync_tokens: bool = True) -> EngineResult:
