@@ -211,23 +211,17 @@ def engine_result(res) -> dict:
 # ---- pieces and copies back to back ---------------------------------------------------------------
 
 def gpu_ms(fn, cuda: bool, reps: int = 32) -> float:
-    """GPU time per call (CUDA events after a GPU sleep; perf_counter on CPU)."""
+    """GPU time per call (``gpu_bench.cuda_ms``: CUDA events after a GPU sleep; perf_counter on CPU)."""
+    if cuda:
+        from moesim.engine.gpu_bench import cuda_ms
+
+        return cuda_ms(fn, reps=reps, warm=2)
     for _ in range(2):
         fn()
-    if not cuda:
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t0) / reps * 1e3
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    torch.cuda._sleep(100_000_000)
-    a.record()
+    t0 = time.perf_counter()
     for _ in range(reps):
         fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps
+    return (time.perf_counter() - t0) / reps * 1e3
 
 
 def pieces(program: Program, weights: Weights) -> dict:
