@@ -399,114 +399,77 @@ def _random_victim_fenwick(c, r, base, n_keys, keys, N, H, fen, mt, mti):
     return v
 
 
-@njit(cache=True, nogil=True)
-def _fq_push(fq, n, i, c, hp, hl):
-    """Push heap index ``i`` on the frontier ``fq[:n]`` (a min-heap of heap indices); returns n + 1."""
-    k = n
-    while k > 0:
-        p = (k - 1) >> 1
-        j = fq[p]
-        if hp[c, j] < hp[c, i] or (hp[c, j] == hp[c, i] and hl[c, j] < hl[c, i]):
-            break
-        fq[k] = j
-        k = p
-    fq[k] = i
-    return n + 1
+# ---- hobbit on large caches: the staircase ---------------------------------------------------------
+# A candidate u with an older candidate v that counts no more than u loses to v: v has the lower
+# recency rank and the lower (count, LAST) rank, so v's score is at most u's (in floats too: rounding is
+# monotone) and v wins ties as the less recent. The victim is therefore on the *staircase*: in recency
+# order (least recent first), the keys counting less than every older key. Along it counts fall, so
+# for a key on it every older key counts more, and its frequency rank is simply the number of keys
+# counting less. The staircase is short (measured: ~16 of 128 residents of one global cache on a
+# Mixtral trace); it is kept per cache in M[:, c, :H[c, STAIRS]], least recent first, with each key's
+# recency rank (MR1) and frequency rank (MR2) among the residents, which each event shifts for a
+# contiguous run of it (found by binary search: LAST grows and counts fall along it); the victim is
+# the lowest w * MR1 + (1 - w) * MR2 (less the row's keys counting less) on it, see replay_builtin.
+# It holds no key of the current row (those are the most recent): a row key leaves it when accessed,
+# and the row's keys join it, if they count little enough, when the row ends. N[PEND, u]: u is on it.
+# The hot steps are written out in replay_builtin: a helper call costs per array argument.
+MN, MC, ML, MR1, MR2, MCNT, MTMP, MTMP_R1 = range(8)  # staircase: node, count, LAST, recency and
+# frequency rank; MCNT: the residents' counts in slot order; MTMP*: scratch for _stairs_expose
+STAIRS = DEST                    # H column: staircase length (hobbit has no destination list)
+NO_COUNT = 1 << 62               # above every count
 
 
-@njit(cache=True, nogil=True)
-def _fq_pop(fq, n, c, hp, hl):
-    """Remove the top of ``fq[:n]`` (the caller read it); returns n - 1."""
-    n -= 1
-    i = fq[n]
+@njit(cache=True, nogil=True, inline="always")
+def _count_below(M, c, occ, x):
+    """Residents counting less than ``x`` (a plain loop over M[MCNT, c, :occ] the compiler
+    vectorises: cheaper than a tree at these sizes)."""
     k = 0
-    while True:
-        m = 2 * k + 1
-        if m >= n:
-            break
-        if m + 1 < n and (hp[c, fq[m + 1]] < hp[c, fq[m]] or (hp[c, fq[m + 1]] == hp[c, fq[m]]
-                                                             and hl[c, fq[m + 1]] < hl[c, fq[m]])):
-            m += 1
-        j = fq[m]
-        if hp[c, i] < hp[c, j] or (hp[c, i] == hp[c, j] and hl[c, i] < hl[c, j]):
-            break
-        fq[k] = j
-        k = m
-    fq[k] = i
-    return n
+    for i in range(occ):
+        k += 1 if M[MCNT, c, i] < x else 0
+    return k
 
 
 @njit(cache=True, nogil=True)
-def _hobbit_victim_ta(c, t0, w, m, N, H, slots, hp, hl, fq, o1, o2, seen, rk, epoch):
-    """:func:`_hobbit_victim` without ranking every candidate (Fagin's threshold algorithm): walk the
-    candidates in recency order (the LRU list) and in (count, LAST) order (the heap, enumerated lazily
-    through a frontier) side by side; a candidate's score is exact once both walks have passed it, and
-    every candidate not yet passed by both scores at least a bound from the walks' depths (the score
-    is monotone in both ranks, in floats too). Stop when that bound exceeds the best exact score."""
+def _stairs_expose(c, k, start, t0, N, H, M):
+    """The staircase key at index ``k`` leaves it (the recency ranks after it already lowered; its
+    own still its rank): in its place come the keys it hid, i.e. walking the LRU list from ``start``
+    (the node after it) to the next staircase key, those counting less than the staircase key before
+    it and than every key passed. Row keys (LAST > t0) are skipped: they are the most recent, wherever
+    the list still has them."""
+    ms = H[c, STAIRS]
+    thr = M[MC, c, k - 1] if k > 0 else NO_COUNT
+    r1 = M[MR1, c, k]  # the recency rank of the first candidate after it, once it is gone
+    stop = M[MN, c, k + 1] if k + 1 < ms else -1
+    n_new = 0
+    u = start
+    while u != stop:
+        if N[LAST, u] <= t0:
+            if N[IVAL, u] < thr:
+                thr = N[IVAL, u]
+                M[MTMP, c, n_new] = u
+                M[MTMP_R1, c, n_new] = r1
+                n_new += 1
+            r1 += 1
+        u = N[NXT, u]
+    shift = n_new - 1
+    if shift > 0:
+        for i in range(ms - 1, k, -1):
+            for f in range(MR2 + 1):
+                M[f, c, i + shift] = M[f, c, i]
+    elif shift < 0:
+        for i in range(k + 1, ms):
+            for f in range(MR2 + 1):
+                M[f, c, i - 1] = M[f, c, i]
     occ = H[c, OCC]
-    # seen[0, u] == epoch: passed this time, seen[1, u]: by walk 1 only (1), walk 2 only (2), both (3)
-    best = -1
-    best_s = 0.0
-    d1 = 0
-    d2 = 0
-    p1 = 0
-    p2 = 0
-    cur = _first_allowed(H[c, HEAD], t0, N)
-    nf = _fq_push(fq, 0, 0, c, hp, hl)
-    while True:
-        if d1 < m:  # walk 1: next candidate by recency
-            u = cur
-            cur = _first_allowed(N[NXT, u], t0, N)
-            o1[d1] = u
-            if seen[0, u] == epoch and seen[1, u] == 2:
-                r2 = rk[1, u]
-                s = w * d1 + (1 - w) * r2
-                if best < 0 or s < best_s or (s == best_s and N[LAST, u] < N[LAST, best]):
-                    best = u
-                    best_s = s
-                seen[1, u] = 3
-            else:
-                seen[0, u] = epoch
-                seen[1, u] = 1
-            rk[0, u] = d1
-            d1 += 1
-        if d2 < m:  # walk 2: next candidate by (count, LAST), row keys skipped
-            while True:
-                i = fq[0]
-                nf = _fq_pop(fq, nf, c, hp, hl)
-                if 2 * i + 1 < occ:
-                    nf = _fq_push(fq, nf, 2 * i + 1, c, hp, hl)
-                if 2 * i + 2 < occ:
-                    nf = _fq_push(fq, nf, 2 * i + 2, c, hp, hl)
-                if not hl[c, i] > t0:
-                    break
-            u = slots[c, i]
-            o2[d2] = u
-            if seen[0, u] == epoch and seen[1, u] == 1:
-                s = w * rk[0, u] + (1 - w) * d2
-                if best < 0 or s < best_s or (s == best_s and N[LAST, u] < N[LAST, best]):
-                    best = u
-                    best_s = s
-                seen[1, u] = 3
-            else:
-                seen[0, u] = epoch
-                seen[1, u] = 2
-            rk[1, u] = d2
-            d2 += 1
-        if d1 >= m and d2 >= m:
-            return best
-        # lowest possible score of a candidate not passed by both walks
-        while p1 < d1 and seen[1, o1[p1]] == 3:
-            p1 += 1
-        while p2 < d2 and seen[1, o2[p2]] == 3:
-            p2 += 1
-        bound = w * d1 + (1 - w) * d2  # passed by neither
-        if p1 < d1:
-            bound = min(bound, w * p1 + (1 - w) * d2)
-        if p2 < d2:
-            bound = min(bound, w * d1 + (1 - w) * p2)
-        if best >= 0 and bound > best_s:
-            return best
+    for t in range(n_new):
+        y = M[MTMP, c, t]
+        N[PEND, y] = 1
+        M[MN, c, k + t] = y
+        M[MC, c, k + t] = N[IVAL, y]
+        M[ML, c, k + t] = N[LAST, y]
+        M[MR1, c, k + t] = M[MTMP_R1, c, t]
+        M[MR2, c, k + t] = _count_below(M, c, occ, N[IVAL, y])
+    H[c, STAIRS] = ms + shift
 
 
 @njit(cache=True, nogil=True)
@@ -673,20 +636,19 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
     buf = np.empty(kmax, np.int64)
     stk = np.empty(kmax + 2, np.int64)
     decaying = code == LFU_DECAY or code == GATE_WEIGHTED or code == LRFU
-    hp = np.zeros((n_caches, kmax) if heaped else (1, 1), np.float64)  # heap priority by index (_prio)
-    hl = np.zeros((n_caches, kmax) if heaped else (1, 1), np.int64)    # and LAST: the ties
     qrate = fp[P_RATE] * math.log(2.0) if code == LRFU else fp[P_RATE]  # score = value * e^(-qrate * age)
     ref = 0      # heap priorities of the decaying scores: value * e^(qrate * (stamp - ref)), see _prio
     e_now = 1.0  # e^(qrate * (now - ref))
     e_at = 0
     fen = np.zeros(n_nodes if heaped and code == RANDOM else 1, np.int64)
-    ta = heaped and code == HOBBIT  # hobbit on a large cache: LRU list + count heap, threshold algorithm
-    fq = np.empty(kmax + 2 if ta else 1, np.int64)
-    o1 = np.empty(kmax if ta else 1, np.int64)
-    o2 = np.empty(kmax if ta else 1, np.int64)
-    seen = np.zeros((2, n_nodes) if ta else (2, 1), np.int64)
-    rk = np.zeros((2, n_nodes) if ta else (2, 1), np.int64)
-    epoch = 0
+    # hobbit on a large cache: the staircase (_hobbit_victim_stairs) over an LRU list; a weight outside
+    # [0, 1] breaks the staircase argument: slot scan then
+    hw = fp[P_RATE]
+    walk = heaped and code == HOBBIT and 0.0 <= hw <= 1.0
+    M = np.zeros((MTMP_R1 + 1, n_caches, kmax + 1) if walk else (1, 1, 1), np.int64)
+    heap = heaped and code != RANDOM and code != HOBBIT  # the score policies' heaps
+    hp = np.zeros((n_caches, kmax) if heap else (1, 1), np.float64)  # heap priority by index (_prio)
+    hl = np.zeros((n_caches, kmax) if heap else (1, 1), np.int64)    # and LAST: the ties
     tick = 0
     for r in range(n):
         c = cache[r]
@@ -709,6 +671,7 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
             u = base + keys[r, j]
             if N[RES, u]:
                 hit[g] += 1
+            last_before = N[LAST, u]
             tick += 1
             N[LAST, u] = tick
             if code == LFU or code == LFU_CACHE or code == HOBBIT:
@@ -722,7 +685,34 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                 inc = 1.0 if code == LFU_DECAY else float(weights[r, j])
                 fval[u] = fval[u] * math.exp((-fp[P_RATE]) * float(now - N[STAMP, u])) + inc
                 N[STAMP, u] = now
-            if heaped and code != RANDOM and N[RES, u]:
+            if walk and N[RES, u]:  # the staircase: u becomes the most recent and counts one more
+                M[MCNT, c, N[SLOT, u]] += 1
+                ms = H[c, STAIRS]
+                lo = 0  # those requested after u: one older key less
+                hi = ms
+                while lo < hi:
+                    mid = (lo + hi) >> 1
+                    if M[ML, c, mid] <= last_before:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                for i in range(lo, ms):
+                    M[MR1, c, i] -= 1
+                cnt = N[IVAL, u]
+                q = 0  # the one counting what u counts now: one key counting less, less
+                hi = ms
+                while q < hi:
+                    mid = (q + hi) >> 1
+                    if M[MC, c, mid] > cnt:
+                        q = mid + 1
+                    else:
+                        hi = mid
+                if q < ms and M[MC, c, q] == cnt:
+                    M[MR2, c, q] -= 1
+                if N[PEND, u]:  # u itself was on it, at lo - 1
+                    N[PEND, u] = 0
+                    _stairs_expose(c, lo - 1, N[NXT, u], t0, N, H, M)
+            if heap and N[RES, u]:
                 _heap_set(code, c, N[SLOT, u], H[c, OCC], u, e_now, N, fval, slots, hp, hl)
             if code == SIEVE:
                 if N[RES, u]:
@@ -765,12 +755,25 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                 elif code == S3FIFO:
                     H[c, EVICTED] = 1
                     v = _s3fifo_victim(c, t0, threshold, N, H)
-                elif ta:
-                    m = H[c, OCC]
-                    for j2 in range(w):
-                        m -= N[RES, base + keys[r, j2]]
-                    epoch += 1
-                    v = _hobbit_victim_ta(c, t0, fp[P_RATE], m, N, H, slots, hp, hl, fq, o1, o2, seen, rk, epoch)
+                elif walk:  # the lowest w * recency rank + (1 - w) * frequency rank on the staircase
+                    # (ranks among the candidates: less the resident row keys counting less), ties to
+                    # the least recent; a later key scores at least w * its recency rank
+                    k_v = -1
+                    best_s = 0.0
+                    for i in range(H[c, STAIRS]):
+                        d = M[MR1, c, i]
+                        if k_v >= 0 and hw * d >= best_s:
+                            break
+                        r2 = M[MR2, c, i]
+                        for j2 in range(w):
+                            x = base + keys[r, j2]
+                            if N[RES, x] and N[IVAL, x] < M[MC, c, i]:
+                                r2 -= 1
+                        s_i = hw * d + (1 - hw) * r2
+                        if k_v < 0 or s_i < best_s:
+                            k_v = i
+                            best_s = s_i
+                    v = M[MN, c, k_v]
                 elif code == HOBBIT:
                     v = _hobbit_victim(c, t0, fp[P_RATE], N, H, slots)
                 elif code == RANDOM and heaped:
@@ -786,10 +789,8 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                 # evict
                 N[RES, v] = 0
                 H[c, OCC] -= 1
-                if heaped and code != RANDOM:
+                if heap:
                     hole = N[SLOT, v]
-                    if ta:
-                        _unlink(v, c, N, H)
                     if code == LFU_CACHE:
                         N[IVAL, v] = 0
                 elif scanned:
@@ -797,7 +798,16 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                     moved = slots[c, H[c, OCC]]
                     slots[c, i] = moved
                     N[SLOT, moved] = i
-                    if heaped:  # random
+                    if walk:
+                        M[MCNT, c, i] = M[MCNT, c, H[c, OCC]]
+                        N[PEND, v] = 0
+                        for i in range(k_v):  # the older ones count more than v
+                            M[MR2, c, i] -= 1
+                        for i in range(k_v + 1, H[c, STAIRS]):
+                            M[MR1, c, i] -= 1
+                        _stairs_expose(c, k_v, N[NXT, v], t0, N, H, M)
+                        _unlink(v, c, N, H)
+                    if heaped and code == RANDOM:
                         _fen_add(fen, base, n_keys, v - base, -1)
                     if code == LFU_CACHE:
                         N[IVAL, v] = 0
@@ -811,14 +821,21 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                         _append(v, c, H[c, DEST] - 1, N, H)
             # insert
             N[RES, u] = 1
-            if heaped and code != RANDOM:
+            if heap:
                 _heap_set(code, c, H[c, OCC] if hole < 0 else hole, H[c, OCC] + 1, u, e_now, N, fval, slots, hp, hl)
-                if ta:
-                    _append(u, c, 0, N, H)
             elif scanned:
                 slots[c, H[c, OCC]] = u
                 N[SLOT, u] = H[c, OCC]
-                if heaped:  # random
+                if walk:  # u joins the staircase when the row ends; one more key counting less than
+                    # those counting more
+                    cnt = N[IVAL, u]
+                    M[MCNT, c, H[c, OCC]] = cnt
+                    for i in range(H[c, STAIRS]):
+                        if M[MC, c, i] <= cnt:
+                            break
+                        M[MR2, c, i] += 1
+                    _append(u, c, 0, N, H)
+                if heaped and code == RANDOM:
                     _fen_add(fen, base, n_keys, u - base, 1)
                 if code == FIFO_SCAN:
                     tick += 1
@@ -834,12 +851,26 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                 _append(u, c, 0, N, H)
                 N[IVAL, u] = 0
             H[c, OCC] += 1
-        if code == LRU or ta:  # the row's keys become the most recent, router order
+        if code == LRU or walk:  # the row's keys become the most recent, router order
             for j in range(w):
                 u = base + keys[r, j]
                 if H[c, TAIL] != u:
                     _unlink(u, c, N, H)
                     _append(u, c, 0, N, H)
+            if walk:  # the row's keys, now the most recent in router order, join the staircase where
+                # they count less than every older key
+                occ = H[c, OCC]
+                for j in range(w):
+                    u = base + keys[r, j]
+                    ms = H[c, STAIRS]
+                    if ms == 0 or N[IVAL, u] < M[MC, c, ms - 1]:
+                        N[PEND, u] = 1
+                        M[MN, c, ms] = u
+                        M[MC, c, ms] = N[IVAL, u]
+                        M[ML, c, ms] = N[LAST, u]
+                        M[MR1, c, ms] = occ - w + j
+                        M[MR2, c, ms] = _count_below(M, c, occ, N[IVAL, u])
+                        H[c, STAIRS] = ms + 1
     return req, hit
 
 
