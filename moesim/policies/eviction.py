@@ -10,6 +10,7 @@ import math
 from collections.abc import Sequence
 
 from moesim.policies.base import NEVER, EvictionPolicy, register
+from moesim.policies.seeded import MASK64, draw_below
 
 
 @register
@@ -104,18 +105,43 @@ class LFUInCache(LFU):
 
 @register
 class Random(EvictionPolicy):
-    """Evict a uniformly random candidate (seeded: same seed, same victims)."""
+    """Evict a uniformly random candidate (seeded: same seed, same victims).
+
+    The residents are kept in slot order (a newcomer takes the next slot; a leaver's slot goes to the
+    last resident), and the victim is the candidate of a uniform rank drawn with SplitMix64
+    (:mod:`moesim.policies.seeded`) among the candidates in that order: one draw per eviction, and the
+    compiled replay finds the same key in O(set size) without sorting anything."""
 
     name = "random"
     summary = 'Evicts a uniformly random expert (seeded: same seed, same victims).'
 
     def __init__(self, seed: int = 0) -> None:
-        import random
+        self.state = seed & MASK64
+        self.slots: list[int] = []
+        self.slot_of: dict[int, int] = {}
 
-        self.rng = random.Random(seed)
+    def on_insert(self, key: int, now: int) -> None:
+        self.slot_of[key] = len(self.slots)
+        self.slots.append(key)
+
+    def on_evict(self, key: int) -> None:
+        i = self.slot_of.pop(key)
+        last = self.slots.pop()
+        if last != key:
+            self.slots[i] = last
+            self.slot_of[last] = i
 
     def victim(self, candidates: Sequence[int]) -> int:
-        return self.rng.choice(sorted(candidates))
+        self.state, r = draw_below(self.state, len(candidates))
+        slots = self.slots
+        if len(candidates) == len(slots):
+            return slots[r]
+        allowed = set(candidates)
+        for i in sorted(i for i, k in enumerate(slots) if k not in allowed):  # the protected slots
+            if i > r:
+                break
+            r += 1  # skip a protected slot at or before the r-th allowed one
+        return slots[r]
 
 
 @register

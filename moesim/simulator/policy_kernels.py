@@ -17,9 +17,10 @@ Structures, chosen so that a request costs O(1) where the policy allows it:
   the lowest score, ties to the least recently requested: on small caches (< HEAP_MIN_SLOTS, the
   per-layer default) by a scan of the resident slots, on larger ones (a global cache) from an indexed
   binary heap over the same slot array, O(log K) per request (see "heaps" below);
-- hobbit ranks the candidates (needs them all), random draws from them with CPython's own
-  Mersenne Twister (same seed, same victims as ``random.Random(seed).choice``); on large caches random
-  finds the r-th smallest candidate in a Fenwick tree over the keys, O(log E).
+- hobbit ranks the candidates: on small caches all of them, on large ones only the "staircase" (the
+  keys counting less than every less recent key), where its victim must be;
+- random draws with the class's SplitMix64 (``moesim.policies.seeded``) a rank among the candidates in
+  slot order, and skips the row's slots before it: O(row) per eviction.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import math
 import numpy as np
 from numba import njit
 
+from moesim.policies.seeded import GOLDEN, MASK64, MIX1, MIX2
+
 LRU, FIFO, LFU, OPT, LFU_CACHE, LFU_DECAY, GATE_WEIGHTED, LRFU, SIEVE, ARC, S3FIFO, HOBBIT, RANDOM = range(13)
 # lru and fifo on small caches: a stamp per key and a scan of the slots beats moving list nodes on every
 # request (measured: per-layer caches of 4 slots, lru 63 vs 16M requests/s)
@@ -36,14 +39,14 @@ LRU_SCAN, FIFO_SCAN = 13, 14
 # stack policies (priority independent of the cache size): every size in one pass, see stack_depths
 STACK_CODES = (LFU, OPT, LRFU, LFU_DECAY, GATE_WEIGHTED)
 SCAN_MAX_SLOTS = 16
-# code + HEAPED: the same policy with its victim found in O(log K) (heap for the score policies, Fenwick
-# tree for random, threshold walk for hobbit) instead of a scan; chosen from HEAP_MIN_SLOTS slots up.
+# code + HEAPED: the same policy with its victim found in O(log K) (heap for the score policies, the
+# staircase for hobbit) instead of a scan; chosen from HEAP_MIN_SLOTS slots up.
 # Measured (CPU time, 6.4M requests of a synthetic Mixtral trace): per layer at 4 slots the scan is
 # 1.2-3x faster (lfu 52 vs 39M/s); one global cache of 16 slots, the heap is 1.4-1.8x faster (lfu 57 vs
 # 31, opt 38 vs 22), of 64 slots 1.4-6x (lfu-decay 15 vs 3)
 HEAPED = 16
 HEAP_MIN_SLOTS = 9
-HEAP_CODES = (LFU, OPT, LFU_CACHE, LFU_DECAY, GATE_WEIGHTED, LRFU, HOBBIT, RANDOM)
+HEAP_CODES = (LFU, OPT, LFU_CACHE, LFU_DECAY, GATE_WEIGHTED, LRFU, HOBBIT)
 CODES = {"lru": LRU, "fifo": FIFO, "lfu": LFU, "opt": OPT, "lfu-cache": LFU_CACHE, "lfu-decay": LFU_DECAY,
          "gate-weighted": GATE_WEIGHTED, "lrfu": LRFU, "sieve": SIEVE, "arc": ARC, "s3fifo": S3FIFO,
          "hobbit": HOBBIT, "random": RANDOM}
@@ -71,14 +74,15 @@ OCC, HAND, DEST, SMALL_SZ, MAIN_SZ, GHOST_SZ, ON_GHOST, EVICTED = range(12, 20)
 # float parameters (fp): index meaning depends on the policy
 P_RATE = 0       # lfu-decay, gate-weighted: decay rate per token; lrfu: lambda; hobbit: w_recency
 P_SMALL, P_GHOST, P_MOVE = 0, 1, 2  # s3fifo ratios and move-to-main threshold
-MT_N, MT_M = 624, 397
+# SplitMix64 (moesim.policies.seeded), as uint64 constants so numba's arithmetic stays unsigned
+SM_GOLDEN, SM_MIX1, SM_MIX2 = np.uint64(GOLDEN), np.uint64(MIX1), np.uint64(MIX2)
 
 
 def params_of(name: str, policy: object) -> tuple[np.ndarray, np.ndarray]:
     """The kernel's parameters read from a configured policy object (the class validates them):
-    (float parameters, CPython Mersenne Twister state for ``random``)."""
+    (float parameters, [SplitMix64 state of ``random``, as the int64 of the same bits])."""
     fp = np.zeros(4, np.float64)
-    mt = np.zeros(MT_N + 1, np.int64)
+    mt = np.zeros(1, np.int64)
     if name in ("lfu-decay", "gate-weighted"):
         fp[P_RATE] = policy.rate  # type: ignore[attr-defined]
     elif name == "lrfu":
@@ -88,7 +92,8 @@ def params_of(name: str, policy: object) -> tuple[np.ndarray, np.ndarray]:
     elif name == "s3fifo":
         fp[P_SMALL], fp[P_GHOST], fp[P_MOVE] = policy.small_ratio, policy.ghost_ratio, policy.threshold  # type: ignore[attr-defined]
     elif name == "random":
-        mt[:] = policy.rng.getstate()[1]  # type: ignore[attr-defined]
+        state = policy.state & MASK64  # type: ignore[attr-defined]
+        mt[0] = state - (1 << 64) if state >= 1 << 63 else state
     return fp, mt
 
 
@@ -135,36 +140,30 @@ def _first_allowed(u, t0, N):
     return u
 
 
-# ---- CPython's Mersenne Twister (random.Random.getrandbits / _randbelow) -------------------------
+# ---- SplitMix64 (moesim.policies.seeded) ---------------------------------------------------------
 
-@njit(cache=True, nogil=True)
-def _genrand(mt, mti, c):
-    if mti[c] >= MT_N:
-        for kk in range(MT_N):
-            y = (mt[c, kk] & 0x80000000) | (mt[c, (kk + 1) % MT_N] & 0x7FFFFFFF)
-            v = mt[c, (kk + MT_M) % MT_N] ^ (y >> 1)
-            if y & 1:
-                v ^= 0x9908B0DF
-            mt[c, kk] = v
-        mti[c] = 0
-    y = mt[c, mti[c]]
-    mti[c] += 1
-    y ^= y >> 11
-    y ^= (y << 7) & 0x9D2C5680
-    y ^= (y << 15) & 0xEFC60000
-    y ^= y >> 18
-    return y & 0xFFFFFFFF
+@njit(cache=True, nogil=True, inline="always")
+def _splitmix64(rs, c):
+    st = rs[c] + SM_GOLDEN
+    rs[c] = st
+    z = (st ^ (st >> np.uint64(30))) * SM_MIX1
+    z = (z ^ (z >> np.uint64(27))) * SM_MIX2
+    return z ^ (z >> np.uint64(31))
 
 
-@njit(cache=True, nogil=True)
-def _randbelow(mt, mti, c, n):
+@njit(cache=True, nogil=True, inline="always")
+def _draw_below(rs, c, n):
+    """A uniform integer in [0, n): the top bits of the next output, drawn again while >= n."""
+    if n <= 1:
+        return 0
     k = 0
-    while (n >> k) > 0:
+    while ((n - 1) >> k) > 0:
         k += 1
-    r = _genrand(mt, mti, c) >> (32 - k)
-    while r >= n:
-        r = _genrand(mt, mti, c) >> (32 - k)
-    return r
+    sh = np.uint64(64 - k)
+    while True:
+        x = np.int64(_splitmix64(rs, c) >> sh)
+        if x < n:
+            return x
 
 
 # ---- per-policy victims --------------------------------------------------------------------------
@@ -357,48 +356,6 @@ def _decay_victim(code, c, t0, now, fp, N, H, fval, slots, hp, hl, stk):
     return best
 
 
-# ---- Fenwick tree over a cache's keys: random on large caches --------------------------------------
-
-@njit(cache=True, nogil=True)
-def _fen_add(fen, base, n_keys, key, d):
-    p = key + 1
-    while p <= n_keys:
-        fen[base + p - 1] += d
-        p += p & -p
-
-
-@njit(cache=True, nogil=True)
-def _fen_select(fen, base, n_keys, r):
-    """The key of rank ``r`` (0-based) among the keys present."""
-    pos = 0
-    step = 1
-    while step * 2 <= n_keys:
-        step *= 2
-    while step > 0:
-        if pos + step <= n_keys and fen[base + pos + step - 1] <= r:
-            pos += step
-            r -= fen[base + pos - 1]
-        step >>= 1
-    return pos
-
-
-@njit(cache=True, nogil=True)
-def _random_victim_fenwick(c, r, base, n_keys, keys, N, H, fen, mt, mti):
-    """``random.Random.choice(sorted(candidates))``: the row's resident keys leave the tree while the
-    candidate of the drawn rank is found."""
-    w = keys.shape[1]
-    m = H[c, OCC]
-    for j in range(w):
-        if N[RES, base + keys[r, j]]:
-            _fen_add(fen, base, n_keys, keys[r, j], -1)
-            m -= 1
-    v = base + _fen_select(fen, base, n_keys, _randbelow(mt, mti, c, m))
-    for j in range(w):
-        if N[RES, base + keys[r, j]]:
-            _fen_add(fen, base, n_keys, keys[r, j], 1)
-    return v
-
-
 # ---- hobbit on large caches: the staircase ---------------------------------------------------------
 # A candidate u with an older candidate v that counts no more than u loses to v: v has the lower
 # recency rank and the lower (count, LAST) rank, so v's score is at most u's (in floats too: rounding is
@@ -500,22 +457,6 @@ def _hobbit_victim(c, t0, w, N, H, slots):
 
 
 @njit(cache=True, nogil=True)
-def _random_victim(c, t0, N, H, slots, buf, mt, mti):
-    """``random.Random.choice(sorted(candidates))``."""
-    m = 0
-    for i in range(H[c, OCC]):
-        x = slots[c, i]
-        if not N[LAST, x] > t0:
-            t = m  # insertion sort: a handful of candidates
-            while t > 0 and buf[t - 1] > x:
-                buf[t] = buf[t - 1]
-                t -= 1
-            buf[t] = x
-            m += 1
-    return buf[_randbelow(mt, mti, c, m)]
-
-
-@njit(cache=True, nogil=True)
 def _sieve_victim(c, t0, N, H):
     v = H[c, HAND] if H[c, HAND] >= 0 else H[c, HEAD]
     while True:
@@ -597,7 +538,7 @@ def _s3fifo_victim(c, t0, threshold, N, H):
 # ---- the mechanism -------------------------------------------------------------------------------
 
 @njit(cache=True, nogil=True)
-def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_groups, nxt_use, fp, mt0):
+def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_groups, nxt_use, fp, rng0):
     """Replay rows (atomic per row; sequential = rows of width 1) under the built-in policy whose code
     is ``len(spec)`` (see :func:`kernel_spec`). Returns (requests, hits) per group."""
     code = len(spec)  # a compile-time constant: each policy gets its own specialisation, dead branches gone
@@ -627,20 +568,16 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
         or code == LRFU or code == HOBBIT or code == RANDOM or code == LRU_SCAN or code == FIFO_SCAN
     kmax = max(1, sizes.max())
     slots = np.full((n_caches, kmax), -1, np.int64)
-    mt = np.zeros((n_caches if code == RANDOM else 1, MT_N), np.int64)
-    mti = np.zeros(n_caches, np.int64)
+    rs = np.zeros(n_caches if code == RANDOM else 1, np.uint64)  # random: each cache's SplitMix64 state
     if code == RANDOM:
-        for c in range(n_caches):
-            mt[c, :] = mt0[:MT_N]
-            mti[c] = mt0[MT_N]
-    buf = np.empty(kmax, np.int64)
+        rs[:] = np.uint64(rng0[0])
+    buf = np.empty(w + 1, np.int64)
     stk = np.empty(kmax + 2, np.int64)
     decaying = code == LFU_DECAY or code == GATE_WEIGHTED or code == LRFU
     qrate = fp[P_RATE] * math.log(2.0) if code == LRFU else fp[P_RATE]  # score = value * e^(-qrate * age)
     ref = 0      # heap priorities of the decaying scores: value * e^(qrate * (stamp - ref)), see _prio
     e_now = 1.0  # e^(qrate * (now - ref))
     e_at = 0
-    fen = np.zeros(n_nodes if heaped and code == RANDOM else 1, np.int64)
     # hobbit on a large cache: the staircase (_hobbit_victim_stairs) over an LRU list; a weight outside
     # [0, 1] breaks the staircase argument: slot scan then
     hw = fp[P_RATE]
@@ -776,10 +713,24 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                     v = M[MN, c, k_v]
                 elif code == HOBBIT:
                     v = _hobbit_victim(c, t0, fp[P_RATE], N, H, slots)
-                elif code == RANDOM and heaped:
-                    v = _random_victim_fenwick(c, r, base, n_keys, keys, N, H, fen, mt, mti)
-                elif code == RANDOM:
-                    v = _random_victim(c, t0, N, H, slots, buf, mt, mti)
+                elif code == RANDOM:  # the draw-th candidate in slot order: skip the row's slots before it
+                    n_row = 0
+                    for j2 in range(w):
+                        x = base + keys[r, j2]
+                        if N[RES, x]:
+                            i = N[SLOT, x]
+                            t = n_row  # insertion sort: a handful of slots
+                            while t > 0 and buf[t - 1] > i:
+                                buf[t] = buf[t - 1]
+                                t -= 1
+                            buf[t] = i
+                            n_row += 1
+                    i = _draw_below(rs, c, H[c, OCC] - n_row)
+                    for t in range(n_row):
+                        if buf[t] > i:
+                            break
+                        i += 1
+                    v = slots[c, i]
                 elif heaped and decaying:
                     v = _decay_victim(code, c, t0, now, fp, N, H, fval, slots, hp, hl, stk)
                 elif heaped:
@@ -807,8 +758,6 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                             M[MR1, c, i] -= 1
                         _stairs_expose(c, k_v, N[NXT, v], t0, N, H, M)
                         _unlink(v, c, N, H)
-                    if heaped and code == RANDOM:
-                        _fen_add(fen, base, n_keys, v - base, -1)
                     if code == LFU_CACHE:
                         N[IVAL, v] = 0
                 else:
@@ -835,8 +784,6 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                             break
                         M[MR2, c, i] += 1
                     _append(u, c, 0, N, H)
-                if heaped and code == RANDOM:
-                    _fen_add(fen, base, n_keys, u - base, 1)
                 if code == FIFO_SCAN:
                     tick += 1
                     N[STAMP, u] = tick
@@ -876,13 +823,13 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
 
 @njit(cache=True, nogil=True)
 def replay_builtin_sizes(spec, cache, keys, clock, weights, group, size_list, n_caches, n_keys, n_groups,
-                         nxt_use, fp, mt0):
+                         nxt_use, fp, rng0):
     """Hits for each uniform cache size in ``size_list`` (one replay per size, one compiled call)."""
     out = np.zeros(size_list.shape[0], np.int64)
     for i in range(size_list.shape[0]):
         sizes = np.full(n_caches, size_list[i], np.int64)
         _, hit = replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_groups, nxt_use, fp,
-                                mt0)
+                                rng0)
         out[i] = hit.sum()
     return out
 
