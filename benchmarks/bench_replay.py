@@ -1,7 +1,7 @@
 """Replay speed: every built-in policy compiled, user policies (compiled and plain Python), end to end
 from Parquet, and libCacheSim's own implementations measured on the same stream in the same run.
 
-    python benchmarks/bench_replay.py [--tokens 300000] [--repeat 3]
+    python benchmarks/bench_replay.py [--tokens 300000] [--repeat 3] [--only SUBSTRING]
 
 A Mixtral-like synthetic trace (32 layers x top-2 = 64 expert requests per token) is replayed
 
@@ -18,7 +18,8 @@ A Mixtral-like synthetic trace (32 layers x top-2 = 64 expert requests per token
   ``moesim simulate`` reads), on one thread, taking turns; and the first call of a fresh process.
   Their peer is libCacheSim's LRU measured again just before them.
 
-Times are wall clock, best of --repeat. One kernel call runs on one core; a per-layer replay runs its
+``--only hobbit`` measures only the rows whose label contains "hobbit" (and the libCacheSim rows they are
+compared with). Times are wall clock, best of --repeat. One kernel call runs on one core; a per-layer replay runs its
 caches, and the end-to-end rows their validation and stream building, in $MOESIM_THREADS threads
 (default: every core; MOESIM_THREADS=1 for one core).
 """
@@ -95,6 +96,7 @@ def main() -> None:
     ap.add_argument("--python-tokens", type=int, default=20_000, help="tokens for the plain-Python policy rows")
     ap.add_argument("--cache-size", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--only", default="", help="measure only the rows whose label contains this (and their peers)")
     args = ap.parse_args()
     import libcachesim as lcs
 
@@ -102,6 +104,9 @@ def main() -> None:
 
     def row(name, method, requests, dt, hr, peer=""):
         rows.append((name, method, requests, dt, hr, peer))
+
+    def wanted(label: str) -> bool:
+        return args.only in label
 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "bench.parquet"
@@ -127,18 +132,24 @@ def main() -> None:
         stream = build_stream(trace, args.cache_size)
         lcs_lru_dt, lcs_lru_hr = lcs_run("LRU", args.cache_size * L)
         for name in policy_names():
+            label = f"{name} (layer, K={args.cache_size})"
+            if not wanted(label):
+                continue
             replay_stream(stream, name)  # compile / load from the numba cache
             (req, hit, method), dt = best_of(args.repeat, lambda name=name: replay_stream(stream, name))
-            row(f"{name} (layer, K={args.cache_size})", method, int(req.sum()), dt, hit.sum() / req.sum(),
-                "LRU")
-        replay_stream(stream, USER_COMPILED)
-        (req, hit, method), dt = best_of(args.repeat, lambda: replay_stream(stream, USER_COMPILED))
-        row("user ScorePolicy (layer)", method, int(req.sum()), dt, hit.sum() / req.sum(), "LRU")
+            row(label, method, int(req.sum()), dt, hit.sum() / req.sum(), "LRU")
+        if wanted("user ScorePolicy (layer)"):
+            replay_stream(stream, USER_COMPILED)
+            (req, hit, method), dt = best_of(args.repeat, lambda: replay_stream(stream, USER_COMPILED))
+            row("user ScorePolicy (layer)", method, int(req.sum()), dt, hit.sum() / req.sum(), "LRU")
         small_stream = build_stream(small, args.cache_size)
-        (req, hit, method), dt = best_of(args.repeat, lambda: replay_stream(small_stream, UserLRU))
-        row("user plain-Python LRU (layer)", method, int(req.sum()), dt, hit.sum() / req.sum(), "LRU")
-        (req, hit, method), dt = best_of(args.repeat, lambda: replay_stream(small_stream, "arc", force_generic=True))
-        row("arc class path (layer)", method, int(req.sum()), dt, hit.sum() / req.sum(), "LRU")
+        if wanted("user plain-Python LRU (layer)"):
+            (req, hit, method), dt = best_of(args.repeat, lambda: replay_stream(small_stream, UserLRU))
+            row("user plain-Python LRU (layer)", method, int(req.sum()), dt, hit.sum() / req.sum(), "LRU")
+        if wanted("arc class path (layer)"):
+            (req, hit, method), dt = best_of(args.repeat,
+                                             lambda: replay_stream(small_stream, "arc", force_generic=True))
+            row("arc class path (layer)", method, int(req.sum()), dt, hit.sum() / req.sum(), "LRU")
         row(f"libCacheSim LRU ({args.cache_size * L} slots)", "C", n_req, lcs_lru_dt, lcs_lru_hr, "LRU")
         peers = {"LRU": n_req / lcs_lru_dt}
 
@@ -147,6 +158,10 @@ def main() -> None:
             g = build_stream(trace, slots, "global", semantics)
             warm = build_stream(small, slots, "global", semantics)
             for name in policy_names():
+                tag = "global" if semantics == "sequential" else "global atomic"
+                label = f"{name} ({tag}, {slots} slots)"
+                if not wanted(label):
+                    continue
                 replay_stream(warm, name)  # compile / load from the numba cache, on the small trace
                 (req, hit, method), dt = best_of(1, lambda name=name, g=g: replay_stream(g, name))
                 if req.sum() / dt >= SLOW and args.repeat > 1:
@@ -154,39 +169,42 @@ def main() -> None:
                     dt = min(dt, dt2)
                 twin = LCS_TWIN.get(name, "LRU")
                 peer = f"{twin}@{slots}"
-                tag = "global" if semantics == "sequential" else "global atomic"
-                row(f"{name} ({tag}, {slots} slots)", method, int(req.sum()), dt, hit.sum() / req.sum(), peer)
+                row(label, method, int(req.sum()), dt, hit.sum() / req.sum(), peer)
                 if peer not in peers:
                     ldt, lhr = lcs_run(twin, slots)
                     peers[peer] = n_req / ldt
                     row(f"libCacheSim {twin} ({slots} slots)", "C", n_req, ldt, lhr, peer)
 
         # end to end; the peer measured again right here (the machine's load drifts over a run)
-        e2e_peer = "LRU, again"
-        ldt, lhr = lcs_run("LRU", args.cache_size * L)
-        peers[e2e_peer] = n_req / ldt
-        row(f"libCacheSim LRU ({args.cache_size * L} slots), again", "C", n_req, ldt, lhr, e2e_peer)
-        r, dt = best_of(args.repeat, lambda: simulate(_fresh(trace), "lru", args.cache_size))
-        row("lru end to end (stream build + replay)", r.method, r.requests, dt, r.hit_rate, e2e_peer)
-        # from Parquet: the variants take turns (the machine's load drifts; each gets the same chances)
-        variants = {"every column": (lambda: read_trace(path), None),
-                    "replay columns": (lambda: read_trace(path, lazy=True), None),
-                    "replay cols, 1 thread": (lambda: read_trace(path, lazy=True), "1")}
-        best = dict.fromkeys(variants, float("inf"))
-        for _ in range(max(args.repeat, 5)):
-            for label, (read, n_threads) in variants.items():
-                if n_threads:
-                    os.environ["MOESIM_THREADS"] = n_threads  # row checks, stream and replay on one core
-                gc.collect()
-                t0 = time.perf_counter()
-                r = simulate(read(), "lru", args.cache_size)
-                best[label] = min(best[label], time.perf_counter() - t0)
-                os.environ.pop("MOESIM_THREADS", None)
-        for label, dt in best.items():
-            row(f"lru from Parquet, {label}", r.method, r.requests, dt, r.hit_rate, e2e_peer)
-        # what `moesim simulate` pays once per process on top: numba's start-up and cache loads
-        dt = min(_fresh_process_run(path, args.cache_size) for _ in range(args.repeat))
-        row("  replay columns, fresh process", r.method, r.requests, dt, r.hit_rate, e2e_peer)
+        e2e_labels = ["lru end to end (stream build + replay)", "lru from Parquet, every column",
+                      "lru from Parquet, replay columns", "lru from Parquet, replay cols, 1 thread",
+                      "  replay columns, fresh process"]
+        if any(map(wanted, e2e_labels)):
+            e2e_peer = "LRU, again"
+            ldt, lhr = lcs_run("LRU", args.cache_size * L)
+            peers[e2e_peer] = n_req / ldt
+            row(f"libCacheSim LRU ({args.cache_size * L} slots), again", "C", n_req, ldt, lhr, e2e_peer)
+            r, dt = best_of(args.repeat, lambda: simulate(_fresh(trace), "lru", args.cache_size))
+            row("lru end to end (stream build + replay)", r.method, r.requests, dt, r.hit_rate, e2e_peer)
+            # from Parquet: the variants take turns (the machine's load drifts; each gets the same chances)
+            variants = {"every column": (lambda: read_trace(path), None),
+                        "replay columns": (lambda: read_trace(path, lazy=True), None),
+                        "replay cols, 1 thread": (lambda: read_trace(path, lazy=True), "1")}
+            best = dict.fromkeys(variants, float("inf"))
+            for _ in range(max(args.repeat, 5)):
+                for label, (read, n_threads) in variants.items():
+                    if n_threads:
+                        os.environ["MOESIM_THREADS"] = n_threads  # row checks, stream and replay on one core
+                    gc.collect()
+                    t0 = time.perf_counter()
+                    r = simulate(read(), "lru", args.cache_size)
+                    best[label] = min(best[label], time.perf_counter() - t0)
+                    os.environ.pop("MOESIM_THREADS", None)
+            for label, dt in best.items():
+                row(f"lru from Parquet, {label}", r.method, r.requests, dt, r.hit_rate, e2e_peer)
+            # what `moesim simulate` pays once per process on top: numba's start-up and cache loads
+            dt = min(_fresh_process_run(path, args.cache_size) for _ in range(args.repeat))
+            row("  replay columns, fresh process", r.method, r.requests, dt, r.hit_rate, e2e_peer)
 
         print(f"\n{'replay':46s} {'method':7s} {'requests':>10s} {'seconds':>8s} {'M req/s':>8s} {'vs peer':>16s}"
               f" {'hit rate':>8s}")
@@ -194,7 +212,9 @@ def main() -> None:
             rate = req / dt
             ratio = f"{rate / peers[peer]:.2f}x {peer}" if peer in peers else "-"
             print(f"{name:46s} {method:7s} {req:10d} {dt:8.3f} {rate / 1e6:8.2f} {ratio:>16s} {hr:8.4f}")
-        one = next(dt for name, _, _, dt, _, _ in rows if name.startswith("lru end to end (stream"))
+        one = next((dt for name, _, _, dt, _, _ in rows if name.startswith("lru end to end (stream")), None)
+        if one is None:
+            return
         print()
         for name in ("lru", "opt", "arc"):
             c, dt = best_of(1, lambda name=name: mrc(trace, name))

@@ -96,8 +96,8 @@ def test_lru_lists_and_stamp_scan_agree(skewed):
         assert list(lists) == list(scan) == list(replay_stream(s, name, force_generic=True)[1])
 
 
-def test_random_draws_like_cpython(tmp_path):
-    # a full cache of 5 with 3 candidates every time: the victims come from random.Random(seed).choice
+def test_random_draws_like_the_class(tmp_path):
+    # a full cache of 5 with 3 candidates every time: the victims come from the class's SplitMix64 draws
     t = write_trace(tmp_path / "t.parquet", [[i % 9] for i in range(400)], num_experts=9)
     for seed in (0, 1, 12345):
         _same(t, "random", 5, "layer", "atomic", {"seed": seed})

@@ -50,7 +50,7 @@ SCRIPT = textwrap.dedent("""
     for name in policy_names():
         for scope, size in (("layer", 3), ("global", 12)):
             simulate(trace, name, size, scope=scope)
-    for name in policy_names():  # > 16 slots: the heaps (Fenwick tree for random, threshold walk for hobbit)
+    for name in policy_names():  # > 16 slots: the heaps (the staircase for hobbit)
         for semantics in ("atomic", "sequential"):
             simulate(trace, name, 24, scope="global", semantics=semantics)
     simulate(trace, "lfu-decay", 24, scope="global", params={{"half_life": 0.2}})  # priorities re-based

@@ -1,6 +1,5 @@
 """The O(log K) victim paths of the compiled replay (heaps for lfu, lfu-cache, opt, lfu-decay, gate-weighted,
-lrfu; a count heap and an LRU list walked by the threshold algorithm for hobbit; a Fenwick tree for random)
-against the slot scan and the reference classes: hand-traced ties, protected row keys at the top of the
+lrfu; the staircase for hobbit, tests/test_hobbit_staircase.py for more) against the slot scan and the reference classes: hand-traced ties, protected row keys at the top of the
 heap, the float-underflow fallback of the decaying scores, and random streams in both semantics."""
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ A, B, C, D, E, X, Y = range(7)
 
 
 def _kernel_hits(stream, name, params=None, *, heaped: bool) -> list[int]:
-    """Hits per layer of the compiled kernel on its scan (heaped=False) or heap/Fenwick path."""
+    """Hits per layer of the compiled kernel on its scan (heaped=False) or heap/staircase path."""
     code, fp, mt = _compiled(name, params)
     nxt = stream.next_use() if code == pk.OPT else np.zeros((1, 1), np.int64)
     spec = (0,) * (code + (pk.HEAPED if heaped else 0))
@@ -109,7 +108,7 @@ def test_heap_equals_scan_and_class_property(tmp_path_factory, data):
     t = write_trace(tmp_path_factory.mktemp("p") / "t.parquet", sets, num_layers=2, num_experts=e, weights=weights)
     n_keys = e * (2 if scope == "global" else 1)
     params = {"lfu-decay": {"half_life": half_life}, "gate-weighted": {"half_life": half_life},
-              "lrfu": {"lam": min(1.0, 1.0 / half_life)}, "random": {"seed": seed % 7}}.get(name)
+              "lrfu": {"lam": min(1.0, 1.0 / half_life)}}.get(name)
     _hits_every_path(t, name, min(n_keys, k + extra), params, scope, semantics)
 
 
