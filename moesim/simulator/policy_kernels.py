@@ -380,9 +380,10 @@ NO_COUNT = 1 << 62               # above every count
 def _count_below(M, c, occ, x):
     """Residents counting less than ``x`` (a plain loop over M[MCNT, c, :occ] the compiler
     vectorises: cheaper than a tree at these sizes)."""
+    cn = M[MCNT, c]
     k = 0
     for i in range(occ):
-        k += 1 if M[MCNT, c, i] < x else 0
+        k += 1 if cn[i] < x else 0
     return k
 
 
@@ -695,6 +696,12 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                 elif walk:  # the lowest w * recency rank + (1 - w) * frequency rank on the staircase
                     # (ranks among the candidates: less the resident row keys counting less), ties to
                     # the least recent; a later key scores at least w * its recency rank
+                    n_row = 0  # the resident row keys' counts
+                    for j2 in range(w):
+                        x = base + keys[r, j2]
+                        if N[RES, x]:
+                            buf[n_row] = N[IVAL, x]
+                            n_row += 1
                     k_v = -1
                     best_s = 0.0
                     for i in range(H[c, STAIRS]):
@@ -702,10 +709,8 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                         if k_v >= 0 and hw * d >= best_s:
                             break
                         r2 = M[MR2, c, i]
-                        for j2 in range(w):
-                            x = base + keys[r, j2]
-                            if N[RES, x] and N[IVAL, x] < M[MC, c, i]:
-                                r2 -= 1
+                        for j2 in range(n_row):
+                            r2 -= 1 if buf[j2] < M[MC, c, i] else 0
                         s_i = hw * d + (1 - hw) * r2
                         if k_v < 0 or s_i < best_s:
                             k_v = i
