@@ -31,7 +31,7 @@ from moesim.errors import UsageError
 from moesim.policies.base import NEVER, EvictionPolicy, ExpertCache, policy_class
 from moesim.policies.compiled import ScorePolicy
 from moesim.policies.params import ParamError, check_params
-from moesim.simulator import kernels, policy_kernels, user_kernels
+from moesim.simulator import kernels, policy_kernels, stream_cache, user_kernels
 from moesim.traces.format import Trace
 
 SCOPES = ("layer", "global")
@@ -149,6 +149,13 @@ def _stream_arrays(trace: Trace, scope: str, semantics: str) -> tuple:
     key = (scope, semantics, trace.meta.num_layers, trace.meta.num_experts)
     if key in memo:
         return memo[key]
+    entry = None
+    if trace.source is not None and trace.path is not None and stream_cache.enabled():
+        entry = stream_cache.entry_path(trace.path, trace.source, trace.meta.to_json(), scope, semantics)
+        found = stream_cache.load(entry)
+        if found is not None:
+            memo[key] = out = _from_entry(*found, semantics)
+            return out
     ordered = trace.execution_order()
     meta = ordered.meta
     n_keys = meta.num_experts if scope == "layer" else meta.num_layers * meta.num_experts
@@ -170,7 +177,28 @@ def _stream_arrays(trace: Trace, scope: str, semantics: str) -> tuple:
         keys = keys.reshape(-1, 1)
     out = (cache, np.ascontiguousarray(keys), clock, group, weights_from, None if ordered is trace else ordered, n_keys)
     memo[key] = out
+    if entry is not None:
+        arrays = {"cache": cache, "keys": out[1], "clock": clock} | ({} if group is cache else {"group": group})
+        stream_cache.store(entry, arrays, {"n_keys": n_keys, "ordered": ordered is trace})
     return out
+
+
+def _from_entry(arrays: dict[str, np.ndarray], info: dict[str, Any], semantics: str) -> tuple:
+    """:func:`_stream_arrays`' tuple from a stream_cache entry. The rows were never read: routing
+    weights, when a policy reads them, come from the file (sorted like the stream if the file is not
+    in execution order)."""
+    decoded: list[np.ndarray] = []
+    ordered = bool(info["ordered"])
+
+    def weights_from(src: Trace) -> np.ndarray:
+        if not decoded:
+            w = (src if ordered else src.execution_order()).weights
+            decoded.append(np.ascontiguousarray(w.reshape(-1, 1) if semantics == "sequential" else w))
+        return decoded[0]
+
+    cache = arrays["cache"]
+    return (cache, arrays["keys"], arrays["clock"], arrays.get("group", cache), weights_from, None,
+            int(info["n_keys"]))
 
 
 def _stream_rows(trace: Trace, global_scope: bool) -> tuple[np.ndarray, ...]:
