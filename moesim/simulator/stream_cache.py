@@ -163,6 +163,13 @@ class _Corrupt(Exception):
     pass
 
 
+def _discard(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # not ours to remove after all (a cache directory that is not one): leave it
+        pass
+
+
 def load(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
     """The arrays (int64) and info of an entry, or None when there is none. A corrupt or foreign entry
     is deleted (and None returned: the caller rebuilds it)."""
@@ -175,12 +182,12 @@ def load(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError, _Corrupt):
-        path.unlink(missing_ok=True)
+        _discard(path)
         return None
     try:
         return _parse(mm, path)
     except (_Corrupt, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError):
-        path.unlink(missing_ok=True)
+        _discard(path)
         return None
     finally:
         try:
