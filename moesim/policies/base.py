@@ -17,9 +17,11 @@ model) refuse such policies.
 from __future__ import annotations
 
 import dis
+import functools
 import inspect
 from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
+from types import CodeType
 from typing import Any, ClassVar
 
 from moesim.policies.params import check_params
@@ -338,7 +340,16 @@ def reads_argument(method: Callable[..., Any], position: int) -> bool:
     """Whether a bound method may read its argument at ``position`` (after self): False only when its
     code never loads it -- no ``*args``/``**kwargs``, no closure over it, no ``locals()``-like look-up."""
     code = getattr(getattr(method, "__func__", None), "__code__", None)
-    if code is None or code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS) or position >= code.co_argcount - 1:
+    if code is None:
+        return True
+    return _code_reads_argument(code, position)
+
+
+@functools.lru_cache(maxsize=256)
+def _code_reads_argument(code: CodeType, position: int) -> bool:
+    """:func:`reads_argument` of one code object (a replay makes a cache per layer, all of one class:
+    disassembled once)."""
+    if code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS) or position >= code.co_argcount - 1:
         return True
     name = code.co_varnames[1 + position]
     if name in code.co_cellvars or {"locals", "vars", "eval", "exec", "_getframe"} & set(code.co_names):
