@@ -586,7 +586,8 @@ def file_identity(files: Sequence[Path]) -> str:
                 size = st.st_size
                 fh.seek(max(0, size - 8))
                 tail = fh.read(8)
-                n = int.from_bytes(tail[:4], "little") if len(tail) == 8 else 0
+                # the footer's length precedes the closing magic (not a Parquet file: the tail alone)
+                n = int.from_bytes(tail[:4], "little") if len(tail) == 8 and tail[4:] == b"PAR1" else 0
                 fh.seek(max(0, size - 8 - n))
                 footer = fh.read(n + 8)
         except OSError as exc:
