@@ -269,3 +269,26 @@ def test_pending_trace_reads_rows_for_everything_else(synth, cache_dir):
     assert t.column_names == eager.column_names
     assert np.array_equal(t.experts, eager.experts) and t._pending is None
     assert pq.ParquetFile(synth).metadata.num_rows == len(t)
+
+
+def test_threads_reading_deferred_rows_at_once(synth, cache_dir):
+    """Threads that first use a deferred trace together (mrc's per-size runs reading the weights) all
+    see the whole rows: one reads them, the others wait."""
+    eager = read_trace(synth)
+    t = read_trace(synth, lazy=True, replay_cache=True)
+    start = threading.Barrier(6)
+    got: list[object] = []
+
+    def use() -> None:
+        start.wait()
+        try:
+            got.append(bool(np.array_equal(t.weights, eager.weights) and np.array_equal(t.layer, eager.layer)))
+        except Exception as exc:  # noqa: BLE001 - any failure of a racing reader is the finding
+            got.append(exc)
+
+    threads = [threading.Thread(target=use) for _ in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert got == [True] * 6

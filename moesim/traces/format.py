@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -58,6 +59,7 @@ def dictionary_columns(names: Sequence[str]) -> list[str]:
     return [n for n in names if n in ("seq", "phase", "layer")] + \
         [f"{n}.list.element" for n in names if n == "experts" or (_PRED_RE.match(n) and n.endswith("_experts"))]
 _PRED_RE = re.compile(r"^pred(\d+)_(experts|logits)$")
+_ROWS_LOCK = threading.RLock()  # deferred rows (read_trace(replay_cache=True)) are read by one thread
 
 
 @dataclass
@@ -280,6 +282,7 @@ class Trace:
         # (filtered, sorted, a replaced table) have no source.
         self._pending: Any = None  # (trace) -> None: reads the rows (takes the trace: no reference cycle)
         self._pending_rows = 0
+        self._loading = False
         self.source: str | None = None
 
     def memo(self, name: str) -> dict:
@@ -294,15 +297,20 @@ class Trace:
 
     def _read_rows(self) -> None:
         """Read the rows now if read_trace deferred them (a failed read or validation is raised again
-        on the next use)."""
-        load = self._pending
-        if load is not None:
-            self._pending = None
+        on the next use). Threads that need them at once (mrc's per-size runs reading the weights)
+        wait for the one reading them."""
+        if self._pending is None:
+            return
+        with _ROWS_LOCK:
+            load = self._pending
+            if load is None or self._loading:  # read by another thread meanwhile, or a use inside the read
+                return
+            self._loading = True
             try:
                 load(self)
-            except BaseException:
-                self._pending = load
-                raise
+                self._pending = None
+            finally:
+                self._loading = False
 
     def __repr__(self) -> str:
         return f"Trace(meta={self.meta!r}, rows={len(self)}, path={self.path!r})"
