@@ -292,3 +292,23 @@ def test_threads_reading_deferred_rows_at_once(synth, cache_dir):
     for th in threads:
         th.join()
     assert got == [True] * 6
+
+
+@pytest.mark.parametrize("hit", [False, True])
+def test_cached_trace_is_freed_without_the_cycle_collector(synth, cache_dir, hit):
+    import gc
+    import weakref
+
+    if hit:
+        simulate(read_trace(synth, lazy=True, replay_cache=True), "lru", 4)
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        t = read_trace(synth, lazy=True, replay_cache=True)
+        simulate(t, "gate-weighted", 2)  # the stream (built or mapped) and the weights
+        ref = weakref.ref(t)
+        del t
+        assert ref() is None
+    finally:
+        if was:
+            gc.enable()
