@@ -220,7 +220,8 @@ def main() -> None:
                 r = simulate(read_trace(path, lazy=True, replay_cache=True), "lru", args.cache_size)
                 best_miss = min(best_miss, time.perf_counter() - t0)
             row(e2e[1], r.method, r.requests, best_miss, r.hit_rate, e2e_peer)
-        simulate(read_trace(path, lazy=True, replay_cache=True), "lru", args.cache_size)  # the entry
+        if any(cached for cached, _ in fresh.values()) or any("cache" in label for label in variants):
+            simulate(read_trace(path, lazy=True, replay_cache=True), "lru", args.cache_size)  # the entry
         # from Parquet: the variants take turns (the machine's load drifts; each gets the same chances)
         best = dict.fromkeys(variants, float("inf"))
         for _ in range(max(args.repeat, 5) if variants else 0):
