@@ -312,3 +312,12 @@ def test_cached_trace_is_freed_without_the_cycle_collector(synth, cache_dir, hit
     finally:
         if was:
             gc.enable()
+
+
+@pytest.mark.parametrize("policy,k,scope,semantics", [("lru", 4, "layer", "atomic"), ("opt", 64, "global", "sequential")])
+def test_real_trace_hit_equals_build(real_trace_path, cache_dir, policy, k, scope, semantics):
+    want = _result(read_trace(real_trace_path), policy, k, scope=scope, semantics=semantics)
+    for _ in range(2):  # a miss, then a hit
+        t = read_trace(real_trace_path, lazy=True, replay_cache=True)
+        assert _result(t, policy, k, scope=scope, semantics=semantics) == want
+    assert t._pending is not None
