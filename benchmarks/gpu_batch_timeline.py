@@ -111,8 +111,8 @@ def main() -> int:
     # CPU held back
     for name in ("plain", "elide+timing", "elide+lag2", "elide+lag0"):
         e = BatchEngine(on, args.cache_size, args.policy, sync=SyncMode.parse(name))
-        res[f"{name}_step_ms"] = [e.run(steps, routing).token_ms for _ in range(2)]
-        log(f"{name}: {[round(float(np.sum(x)), 1) for x in res[f'{name}_step_ms']]} ms")
+        res[f"sync_{name}_step_ms"] = [e.run(steps, routing).token_ms for _ in range(2)]
+        log(f"{name}: {[round(float(np.sum(x)), 1) for x in res[f'sync_{name}_step_ms']]} ms")
     full = BatchEngine(on, geometry.num_experts, "lru")
     full.run(steps, routing, warm=True)
     allres = full.run(steps, routing, warm=True, instrument=True)

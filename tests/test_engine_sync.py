@@ -211,3 +211,78 @@ def test_engine_waits_per_mode(weights):
     assert a.misses == b.misses == T * L * 2 and a.violations == b.violations == 0
     assert elide.order.waits == [T * L * 2, T * L]   # each miss waits for its copy; copies once per layer
     assert plain.order.waits[COPY] == T * L * 2 + (T - 1) * L * 2   # gate + slot-free (after the first token)
+
+
+# ---- the scripts around it ---------------------------------------------------------------------------
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_engine_sync_script_cpu_check(tmp_path):
+    """benchmarks/gpu_engine_sync.py end to end on CPU (tiny model): every mode and shape ran, proof clean,
+    the elided order issues fewer waits than the plain one."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_engine_sync.py"), "--cpu-check", "--out", str(tmp_path),
+           "--modes", "plain,elide+lag1", "--tokens", "3", "--steps", "2", "--batch", "2", "--repeats", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads((tmp_path / "engine_sync.json").read_text())
+    got = {(x["mode"], x["shape"]) for x in r["runs"]}
+    for mode in ("plain", "elide+lag1"):
+        for shape in ("b1_all_miss", "b1_all_hit", "b1_mixed", "b2_uniform"):
+            assert (mode, shape) in got
+    assert all(x["violations"] == 0 for x in r["runs"])
+    waits = {(x["mode"], x["shape"]): x["waits"] for x in r["runs"] if x["mode"] != "instrumented"}
+    assert sum(waits[("elide+lag1", "b2_uniform")]) < sum(waits[("plain", "b2_uniform")])
+    assert waits[("elide+lag1", "b1_all_hit")][0] < waits[("plain", "b1_all_hit")][0]
+
+
+def test_engine_sync_report(tmp_path):
+    import subprocess
+    import sys
+
+    script = ROOT / "benchmarks" / "make_engine_sync_report.py"
+    out = tmp_path / "r.md"
+    proc = subprocess.run([sys.executable, str(script), str(ROOT / "reports" / "engine_sync_h200_raw"), "-o", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    md = out.read_text()
+    for mode in ("plain", "elide", "timing", "elide+lag1", "instrumented"):
+        assert f"| {mode} |" in md
+    assert "276 violations in 1024 misses" in md
+    bad = subprocess.run([sys.executable, str(script), str(tmp_path / "nothing"), "-o", str(tmp_path / "x.md")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+    assert not (tmp_path / "x.md").exists()
+
+
+def test_add_session_with_pieces_takes_the_engine_terms_of_the_raw_file():
+    import json
+
+    from moesim.engine.calibration import add_session
+
+    cal = json.loads((ROOT / "moesim" / "data" / "hardware" / "h200.json").read_text())
+    raw = json.loads((ROOT / "reports" / "calibration_h200_2026-12-02" / "calibration_raw.json").read_text())
+    raw["graph"] = {**raw["graph"], "layer_ms": 0.5, "expert_ms": 0.7}
+    out = add_session(cal, raw, "raw.json", pieces=True)
+    assert out["layer"]["base_s"] == pytest.approx(0.5e-3)
+    assert out["expert_compute"]["hqq2"][0][1] == pytest.approx(0.7e-3)
+    assert out["expert_compute"]["hqq4"] == cal["expert_compute"]["hqq4"]   # other formats as measured before
+    assert out["pcie"]["curve"] == cal["pcie"]["curve"]                      # copies stay the calibration's
+    kept = add_session(cal, raw, "raw.json")
+    assert kept["layer"] == cal["layer"] and kept["token"] == cal["token"]
+    from moesim.errors import DataError
+    with pytest.raises(DataError, match="no engine pieces"):
+        add_session(cal, {k: v for k, v in raw.items() if k != "graph"}, "raw.json", pieces=True)
+
+
+def test_with_pieces_needs_add_to(tmp_path):
+    from moesim.cli import main
+
+    assert main(["calibrate", "--from-raw", str(ROOT / "reports" / "calibration_h200_2026-12-02" /
+                                                "calibration_raw.json"), "-o", str(tmp_path / "c.json"),
+                 "--with-pieces"]) == 2
+    assert not (tmp_path / "c.json").exists()

@@ -11,13 +11,17 @@ stream. Two orderings are required and nothing else:
 (``SyncMode.elide``): work on one stream completes in issue order, so once stream T has waited for
 mark n of stream S, a wait on any mark <= n of S adds nothing. A hit's expert then waits on nothing
 (its slot was filled by a copy compute already waited for), a layer's copies wait once for its gate,
-and a slot-free mark recorded before that gate needs no wait of its own. A CUDA wait is not free on
-the GPU: every wait the plain engine issued was followed by a 40-45 us gap on the waiting stream
-(reports/miss_cost_h200.md: CUPTI timestamps), including waits on long-finished events.
+and a slot-free mark recorded before that gate needs no wait of its own.
 
-``SyncMode.timing`` creates the cross-stream events with timing enabled; ``host_lag`` holds the CPU
-back to at most that many layers ahead of the GPU's gates. benchmarks/gpu_engine_sync.py measures each
-mode; :data:`DEFAULT_SYNC` is the one the engines use.
+``SyncMode.host_lag`` holds the CPU back to at most that many layers ahead of the GPU's gates. That is
+what matters on the H200 (reports/engine_sync_h200.md: CUPTI timestamps): with the CPU queueing a whole
+step ahead and untimed events, every cross-stream hop took 40-60 us on the GPU and the copies themselves
+ran 4% slower than back to back; one layer ahead, the copies ran at their back-to-back time and the hops
+took 8-23 us. Leaving implied waits out on its own saved little, but it removes the waits a lagging CPU
+would otherwise pay for.
+
+``SyncMode.timing`` creates the cross-stream events with timing enabled. benchmarks/gpu_engine_sync.py
+measures each mode; :data:`DEFAULT_SYNC` is the one the engines use.
 """
 
 from __future__ import annotations
