@@ -1,7 +1,7 @@
 """Replay speed: every built-in policy compiled, user policies (compiled and plain Python), end to end
 from Parquet, and libCacheSim's own implementations measured on the same stream in the same run.
 
-    python benchmarks/bench_replay.py [--tokens 300000] [--repeat 3]
+    python benchmarks/bench_replay.py [--tokens 300000] [--repeat 3] [--only SUBSTRING[,SUBSTRING...]]
 
 A Mixtral-like synthetic trace (32 layers x top-2 = 64 expert requests per token) is replayed
 
@@ -95,6 +95,8 @@ def main() -> None:
     ap.add_argument("--python-tokens", type=int, default=20_000, help="tokens for the plain-Python policy rows")
     ap.add_argument("--cache-size", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--only", default="", metavar="SUBSTRING[,SUBSTRING...]",
+                    help="run only the rows whose name contains one of these (and their peers)")
     args = ap.parse_args()
     import libcachesim as lcs
 
@@ -102,6 +104,9 @@ def main() -> None:
 
     def row(name, method, requests, dt, hr, peer=""):
         rows.append((name, method, requests, dt, hr, peer))
+
+    def want(name: str) -> bool:
+        return any(part in name for part in args.only.split(","))
 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "bench.parquet"
@@ -127,18 +132,24 @@ def main() -> None:
         stream = build_stream(trace, args.cache_size)
         lcs_lru_dt, lcs_lru_hr = lcs_run("LRU", args.cache_size * L)
         for name in policy_names():
+            if not want(f"{name} (layer, K={args.cache_size})"):
+                continue
             replay_stream(stream, name)  # compile / load from the numba cache
             (req, hit, method), dt = best_of(args.repeat, lambda name=name: replay_stream(stream, name))
             row(f"{name} (layer, K={args.cache_size})", method, int(req.sum()), dt, hit.sum() / req.sum(),
                 "LRU")
-        replay_stream(stream, USER_COMPILED)
-        (req, hit, method), dt = best_of(args.repeat, lambda: replay_stream(stream, USER_COMPILED))
-        row("user ScorePolicy (layer)", method, int(req.sum()), dt, hit.sum() / req.sum(), "LRU")
+        if want("user ScorePolicy (layer)"):
+            replay_stream(stream, USER_COMPILED)
+            (req, hit, method), dt = best_of(args.repeat, lambda: replay_stream(stream, USER_COMPILED))
+            row("user ScorePolicy (layer)", method, int(req.sum()), dt, hit.sum() / req.sum(), "LRU")
         small_stream = build_stream(small, args.cache_size)
-        (req, hit, method), dt = best_of(args.repeat, lambda: replay_stream(small_stream, UserLRU))
-        row("user plain-Python LRU (layer)", method, int(req.sum()), dt, hit.sum() / req.sum(), "LRU")
-        (req, hit, method), dt = best_of(args.repeat, lambda: replay_stream(small_stream, "arc", force_generic=True))
-        row("arc class path (layer)", method, int(req.sum()), dt, hit.sum() / req.sum(), "LRU")
+        if want("user plain-Python LRU (layer)"):
+            (req, hit, method), dt = best_of(args.repeat, lambda: replay_stream(small_stream, UserLRU))
+            row("user plain-Python LRU (layer)", method, int(req.sum()), dt, hit.sum() / req.sum(), "LRU")
+        if want("arc class path (layer)"):
+            (req, hit, method), dt = best_of(args.repeat,
+                                             lambda: replay_stream(small_stream, "arc", force_generic=True))
+            row("arc class path (layer)", method, int(req.sum()), dt, hit.sum() / req.sum(), "LRU")
         row(f"libCacheSim LRU ({args.cache_size * L} slots)", "C", n_req, lcs_lru_dt, lcs_lru_hr, "LRU")
         peers = {"LRU": n_req / lcs_lru_dt}
 
@@ -147,6 +158,9 @@ def main() -> None:
             g = build_stream(trace, slots, "global", semantics)
             warm = build_stream(small, slots, "global", semantics)
             for name in policy_names():
+                tag = "global" if semantics == "sequential" else "global atomic"
+                if not want(f"{name} ({tag}, {slots} slots)"):
+                    continue
                 replay_stream(warm, name)  # compile / load from the numba cache, on the small trace
                 (req, hit, method), dt = best_of(1, lambda name=name, g=g: replay_stream(g, name))
                 if req.sum() / dt >= SLOW and args.repeat > 1:
@@ -154,13 +168,15 @@ def main() -> None:
                     dt = min(dt, dt2)
                 twin = LCS_TWIN.get(name, "LRU")
                 peer = f"{twin}@{slots}"
-                tag = "global" if semantics == "sequential" else "global atomic"
                 row(f"{name} ({tag}, {slots} slots)", method, int(req.sum()), dt, hit.sum() / req.sum(), peer)
                 if peer not in peers:
                     ldt, lhr = lcs_run(twin, slots)
                     peers[peer] = n_req / ldt
                     row(f"libCacheSim {twin} ({slots} slots)", "C", n_req, ldt, lhr, peer)
 
+        if args.only:  # the end-to-end and mrc rows run only in the full table
+            _print_table(rows, peers)
+            return
         # end to end; the peer measured again right here (the machine's load drifts over a run)
         e2e_peer = "LRU, again"
         ldt, lhr = lcs_run("LRU", args.cache_size * L)
@@ -188,18 +204,22 @@ def main() -> None:
         dt = min(_fresh_process_run(path, args.cache_size) for _ in range(args.repeat))
         row("  replay columns, fresh process", r.method, r.requests, dt, r.hit_rate, e2e_peer)
 
-        print(f"\n{'replay':46s} {'method':7s} {'requests':>10s} {'seconds':>8s} {'M req/s':>8s} {'vs peer':>16s}"
-              f" {'hit rate':>8s}")
-        for name, method, req, dt, hr, peer in rows:
-            rate = req / dt
-            ratio = f"{rate / peers[peer]:.2f}x {peer}" if peer in peers else "-"
-            print(f"{name:46s} {method:7s} {req:10d} {dt:8.3f} {rate / 1e6:8.2f} {ratio:>16s} {hr:8.4f}")
+        _print_table(rows, peers)
         one = next(dt for name, _, _, dt, _, _ in rows if name.startswith("lru end to end (stream"))
         print()
         for name in ("lru", "opt", "arc"):
             c, dt = best_of(1, lambda name=name: mrc(trace, name))
             print(f"mrc {name} over {len(c.curve)} sizes ({c.method}): {dt:.2f} s = {dt / one:.2f}x one end-to-end "
                   "lru replay")
+
+
+def _print_table(rows: list[tuple[str, str, int, float, float, str]], peers: dict[str, float]) -> None:
+    print(f"\n{'replay':46s} {'method':7s} {'requests':>10s} {'seconds':>8s} {'M req/s':>8s} {'vs peer':>16s}"
+          f" {'hit rate':>8s}")
+    for name, method, req, dt, hr, peer in rows:
+        rate = req / dt
+        ratio = f"{rate / peers[peer]:.2f}x {peer}" if peer in peers else "-"
+        print(f"{name:46s} {method:7s} {req:10d} {dt:8.3f} {rate / 1e6:8.2f} {ratio:>16s} {hr:8.4f}")
 
 
 def _fresh_process_run(path: Path, cache_size: int) -> float:
