@@ -166,6 +166,7 @@ def test_cache_above_the_vector_scan_limit_takes_the_heap_and_equals_the_class(t
         assert fast.method == "numba" and list(fast.layer_hits) == list(ref.layer_hits)
 
 
+@settings(deadline=None)
 @given(st.lists(st.floats(allow_nan=False, width=64), min_size=2, max_size=2))
 def test_orderable_float_keys_sort_like_the_floats_property(xs):
     # the vector scan compares float priorities as int64 keys: their order must be the floats' order

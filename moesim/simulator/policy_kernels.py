@@ -208,7 +208,7 @@ def _decay(code, d, fp, dtab):
     return _decay_exact(code, d, fp)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _score(code, u, now, fp, N, fval, dtab):
     """Eviction score of a resident node for the score policies (lowest goes first)."""
     if code == LFU or code == LFU_CACHE:
@@ -222,9 +222,11 @@ def _score(code, u, now, fp, N, fval, dtab):
     return fval[u] * _decay(code, now - N[STAMP, u], fp, dtab)  # lrfu, lfu-decay, gate-weighted
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _scan_victim(code, c, t0, now, fp, N, H, fval, slots, dtab):
-    """Lowest score among the resident slots outside the row, ties to the least recently requested."""
+    """Lowest score among the resident slots outside the row, ties to the least recently requested.
+    (Inlined, like _score: a call with this many array arguments cost more than the scan of a per-layer
+    cache; measured 19 vs 60M requests/s for lfu per layer.)"""
     v = -1
     b_s = 0.0
     for i in range(H[c, OCC]):
