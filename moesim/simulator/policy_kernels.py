@@ -15,8 +15,11 @@ Structures, chosen so that a request costs O(1) where the policy allows it:
   at most the row's own keys, so a global cache of 256 slots is never scanned;
 - score policies (lfu, lfu-cache, lfu-decay, lrfu, gate-weighted, opt) keep per-key values and pick
   the lowest score, ties to the least recently requested: on small caches (< HEAP_MIN_SLOTS, the
-  per-layer default) by a scan of the resident slots, on larger ones (a global cache) from an indexed
-  binary heap over the same slot array, O(log K) per request (see "heaps" below);
+  per-layer default) by a scan of the resident slots; on mid-sized ones (a global cache of up to
+  VSCAN_MAX_SLOTS) opt, lfu-decay, gate-weighted and lrfu by a vectorised scan of one packed int64 key
+  per slot, O(1) per request and two branch-free passes per victim (see "vector scan" below); otherwise
+  from an indexed binary heap over the same slot array, O(log K) per request (see "heaps" below). The
+  decaying scores read their decay factors from a table made once per replay (the same floats);
 - hobbit ranks the candidates (needs them all), random draws from them with CPython's own
   Mersenne Twister (same seed, same victims as ``random.Random(seed).choice``); on large caches random
   finds the r-th smallest candidate in a Fenwick tree over the keys, O(log E).
