@@ -1,7 +1,7 @@
 """Replay speed: every built-in policy compiled, user policies (compiled and plain Python), end to end
 from Parquet, and libCacheSim's own implementations measured on the same stream in the same run.
 
-    python benchmarks/bench_replay.py [--tokens 300000] [--repeat 3] [--only SUBSTRING[,SUBSTRING...]]
+    python benchmarks/bench_replay.py [--tokens 300000] [--repeat 3]
 
 A Mixtral-like synthetic trace (32 layers x top-2 = 64 expert requests per token) is replayed
 
@@ -15,8 +15,14 @@ A Mixtral-like synthetic trace (32 layers x top-2 = 64 expert requests per token
   --python-tokens slice);
 - end to end: ``simulate`` on a freshly read trace (stream building included) and from the Parquet
   file (read + validate + build + replay): every column, the replay's columns only (what
-  ``moesim simulate`` reads), on one thread, taking turns; and the first call of a fresh process.
-  Their peer is libCacheSim's LRU measured again just before them.
+  ``moesim simulate`` reads), on one thread, taking turns; through the on-disk stream cache
+  (``moesim simulate``'s default, docs/semantics.md): a miss (read, build, write the entry) and hits;
+  and the first call of a fresh process (imports not counted; numba's start-up and cached-kernel
+  loads counted), with and without the cache, on every core and on one. Their peer is libCacheSim's
+  LRU measured again just before them. The cache lives in a temp directory for the run.
+
+``--only SUBSTRING`` measures only the rows whose label contains it, or one of several separated by commas
+(and their peers).
 
 Times are wall clock, best of --repeat. One kernel call runs on one core; a per-layer replay runs its
 caches, and the end-to-end rows their validation and stream building, in $MOESIM_THREADS threads
@@ -28,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -95,18 +102,19 @@ def main() -> None:
     ap.add_argument("--python-tokens", type=int, default=20_000, help="tokens for the plain-Python policy rows")
     ap.add_argument("--cache-size", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--only", default="", metavar="SUBSTRING[,SUBSTRING...]",
-                    help="run only the rows whose name contains one of these (and their peers)")
+    ap.add_argument("--only", metavar="SUBSTRING[,SUBSTRING...]",
+                    help="measure only the rows whose label contains SUBSTRING, or one of several separated by"
+                         " commas (and the peers they are compared with)")
     args = ap.parse_args()
     import libcachesim as lcs
+
+    def want(label: str) -> bool:
+        return args.only is None or any(part in label for part in args.only.split(","))
 
     rows: list[tuple[str, str, int, float, float, str]] = []  # name, method, requests, seconds, hit rate, peer
 
     def row(name, method, requests, dt, hr, peer=""):
         rows.append((name, method, requests, dt, hr, peer))
-
-    def want(name: str) -> bool:
-        return any(part in name for part in args.only.split(","))
 
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "bench.parquet"
@@ -130,7 +138,10 @@ def main() -> None:
 
         # per layer, every built-in, compiled
         stream = build_stream(trace, args.cache_size)
-        lcs_lru_dt, lcs_lru_hr = lcs_run("LRU", args.cache_size * L)
+        per_layer = [f"{name} (layer, K={args.cache_size})" for name in policy_names()] + \
+            ["user ScorePolicy (layer)", "user plain-Python LRU (layer)", "arc class path (layer)"]
+        if any(map(want, per_layer)):
+            lcs_lru_dt, lcs_lru_hr = lcs_run("LRU", args.cache_size * L)
         for name in policy_names():
             if not want(f"{name} (layer, K={args.cache_size})"):
                 continue
@@ -150,15 +161,19 @@ def main() -> None:
             (req, hit, method), dt = best_of(args.repeat,
                                              lambda: replay_stream(small_stream, "arc", force_generic=True))
             row("arc class path (layer)", method, int(req.sum()), dt, hit.sum() / req.sum(), "LRU")
-        row(f"libCacheSim LRU ({args.cache_size * L} slots)", "C", n_req, lcs_lru_dt, lcs_lru_hr, "LRU")
-        peers = {"LRU": n_req / lcs_lru_dt}
+        peers = {}
+        if any(map(want, per_layer)):
+            row(f"libCacheSim LRU ({args.cache_size * L} slots)", "C", n_req, lcs_lru_dt, lcs_lru_hr, "LRU")
+            peers["LRU"] = n_req / lcs_lru_dt
 
         # one global cache, every built-in: each next to libCacheSim's own implementation (its LRU if none)
         for slots, semantics in ((128, "sequential"), (128, "atomic"), (256, "sequential")):
+            tag = "global" if semantics == "sequential" else "global atomic"
+            if not any(want(f"{name} ({tag}, {slots} slots)") for name in policy_names()):
+                continue
             g = build_stream(trace, slots, "global", semantics)
             warm = build_stream(small, slots, "global", semantics)
             for name in policy_names():
-                tag = "global" if semantics == "sequential" else "global atomic"
                 if not want(f"{name} ({tag}, {slots} slots)"):
                     continue
                 replay_stream(warm, name)  # compile / load from the numba cache, on the small trace
@@ -174,22 +189,44 @@ def main() -> None:
                     peers[peer] = n_req / ldt
                     row(f"libCacheSim {twin} ({slots} slots)", "C", n_req, ldt, lhr, peer)
 
-        if args.only:  # the end-to-end and mrc rows run only in the full table
-            _print_table(rows, peers)
-            return
         # end to end; the peer measured again right here (the machine's load drifts over a run)
         e2e_peer = "LRU, again"
-        ldt, lhr = lcs_run("LRU", args.cache_size * L)
-        peers[e2e_peer] = n_req / ldt
-        row(f"libCacheSim LRU ({args.cache_size * L} slots), again", "C", n_req, ldt, lhr, e2e_peer)
-        r, dt = best_of(args.repeat, lambda: simulate(_fresh(trace), "lru", args.cache_size))
-        row("lru end to end (stream build + replay)", r.method, r.requests, dt, r.hit_rate, e2e_peer)
-        # from Parquet: the variants take turns (the machine's load drifts; each gets the same chances)
         variants = {"every column": (lambda: read_trace(path), None),
                     "replay columns": (lambda: read_trace(path, lazy=True), None),
-                    "replay cols, 1 thread": (lambda: read_trace(path, lazy=True), "1")}
+                    "replay cols, 1 thread": (lambda: read_trace(path, lazy=True), "1"),
+                    "stream cache hit": (lambda: read_trace(path, lazy=True, replay_cache=True), None),
+                    "stream cache hit, 1 thread": (lambda: read_trace(path, lazy=True, replay_cache=True), "1")}
+        fresh = {"  replay columns, fresh process": (False, None),
+                 "lru from Parquet, fresh process, 1 thread": (False, "1"),
+                 "lru from Parquet, cache hit, fresh process": (True, None),
+                 "lru from Parquet, cache hit, fresh, 1 thread": (True, "1")}
+        variants = {k: v for k, v in variants.items() if want(f"lru from Parquet, {k}")}
+        fresh = {k: v for k, v in fresh.items() if want(k)}
+        e2e = ["lru end to end (stream build + replay)", "lru from Parquet, stream cache miss (+ write)"]
+        if variants or fresh or any(map(want, e2e)):
+            ldt, lhr = lcs_run("LRU", args.cache_size * L)
+            peers[e2e_peer] = n_req / ldt
+            row(f"libCacheSim LRU ({args.cache_size * L} slots), again", "C", n_req, ldt, lhr, e2e_peer)
+        if want(e2e[0]):
+            r, dt = best_of(args.repeat, lambda: simulate(_fresh(trace), "lru", args.cache_size))
+            row(e2e[0], r.method, r.requests, dt, r.hit_rate, e2e_peer)
+        # the stream cache (a private one): a miss builds the stream and writes the entry, later runs hit it
+        os.environ["MOESIM_CACHE_DIR"] = str(Path(d) / "cache")
+        os.environ.pop("MOESIM_NO_CACHE", None)
+        if want(e2e[1]):
+            best_miss = float("inf")
+            for _ in range(args.repeat):
+                shutil.rmtree(Path(d) / "cache", ignore_errors=True)
+                gc.collect()
+                t0 = time.perf_counter()
+                r = simulate(read_trace(path, lazy=True, replay_cache=True), "lru", args.cache_size)
+                best_miss = min(best_miss, time.perf_counter() - t0)
+            row(e2e[1], r.method, r.requests, best_miss, r.hit_rate, e2e_peer)
+        if any(cached for cached, _ in fresh.values()) or any("cache" in label for label in variants):
+            simulate(read_trace(path, lazy=True, replay_cache=True), "lru", args.cache_size)  # the entry
+        # from Parquet: the variants take turns (the machine's load drifts; each gets the same chances)
         best = dict.fromkeys(variants, float("inf"))
-        for _ in range(max(args.repeat, 5)):
+        for _ in range(max(args.repeat, 5) if variants else 0):
             for label, (read, n_threads) in variants.items():
                 if n_threads:
                     os.environ["MOESIM_THREADS"] = n_threads  # row checks, stream and replay on one core
@@ -201,35 +238,40 @@ def main() -> None:
         for label, dt in best.items():
             row(f"lru from Parquet, {label}", r.method, r.requests, dt, r.hit_rate, e2e_peer)
         # what `moesim simulate` pays once per process on top: numba's start-up and cache loads
-        dt = min(_fresh_process_run(path, args.cache_size) for _ in range(args.repeat))
-        row("  replay columns, fresh process", r.method, r.requests, dt, r.hit_rate, e2e_peer)
+        for label, (cached, n_threads) in fresh.items():
+            dt, hits = min(_fresh_process_run(path, args.cache_size, cached, n_threads) for _ in range(args.repeat))
+            row(label, "numba", n_req, dt, hits / n_req, e2e_peer)
 
-        _print_table(rows, peers)
-        one = next(dt for name, _, _, dt, _, _ in rows if name.startswith("lru end to end (stream"))
+        print(f"\n{'replay':46s} {'method':7s} {'requests':>10s} {'seconds':>8s} {'M req/s':>8s} {'vs peer':>16s}"
+              f" {'hit rate':>8s}")
+        for name, method, req, dt, hr, peer in rows:
+            rate = req / dt
+            ratio = f"{rate / peers[peer]:.2f}x {peer}" if peer in peers else "-"
+            print(f"{name:46s} {method:7s} {req:10d} {dt:8.3f} {rate / 1e6:8.2f} {ratio:>16s} {hr:8.4f}")
+        one = next((dt for name, _, _, dt, _, _ in rows if name.startswith("lru end to end (stream")), None)
         print()
         for name in ("lru", "opt", "arc"):
+            if not want(f"mrc {name}"):
+                continue
             c, dt = best_of(1, lambda name=name: mrc(trace, name))
-            print(f"mrc {name} over {len(c.curve)} sizes ({c.method}): {dt:.2f} s = {dt / one:.2f}x one end-to-end "
-                  "lru replay")
+            ratio = "" if one is None else f" = {dt / one:.2f}x one end-to-end lru replay"
+            print(f"mrc {name} over {len(c.curve)} sizes ({c.method}): {dt:.2f} s{ratio}")
 
 
-def _print_table(rows: list[tuple[str, str, int, float, float, str]], peers: dict[str, float]) -> None:
-    print(f"\n{'replay':46s} {'method':7s} {'requests':>10s} {'seconds':>8s} {'M req/s':>8s} {'vs peer':>16s}"
-          f" {'hit rate':>8s}")
-    for name, method, req, dt, hr, peer in rows:
-        rate = req / dt
-        ratio = f"{rate / peers[peer]:.2f}x {peer}" if peer in peers else "-"
-        print(f"{name:46s} {method:7s} {req:10d} {dt:8.3f} {rate / 1e6:8.2f} {ratio:>16s} {hr:8.4f}")
-
-
-def _fresh_process_run(path: Path, cache_size: int) -> float:
-    """Seconds of read_trace + simulate, the first call in a new interpreter (imports not counted)."""
+def _fresh_process_run(path: Path, cache_size: int, cached: bool = False,
+                       n_threads: str | None = None) -> tuple[float, int]:
+    """(seconds, hits) of read_trace + simulate, the first call in a new interpreter: imports not counted,
+    numba's start-up and cached-kernel loads counted. ``cached``: through the stream cache (as
+    ``moesim simulate`` does)."""
     code = ("import sys, time; from moesim.simulator.replay import simulate; from moesim.traces.format import read_trace;"
-            "t0 = time.perf_counter(); simulate(read_trace(sys.argv[1], lazy=True), 'lru', int(sys.argv[2]));"
-            "print(time.perf_counter() - t0)")
-    out = subprocess.run([sys.executable, "-c", code, str(path), str(cache_size)], check=True, capture_output=True,
-                         text=True)
-    return float(out.stdout.strip().splitlines()[-1])
+            "t0 = time.perf_counter();"
+            "r = simulate(read_trace(sys.argv[1], lazy=True, replay_cache=sys.argv[3] == '1'), 'lru', int(sys.argv[2]));"
+            "print(time.perf_counter() - t0, r.hits)")
+    env = {**os.environ, **({"MOESIM_THREADS": n_threads} if n_threads else {})}
+    out = subprocess.run([sys.executable, "-c", code, str(path), str(cache_size), "1" if cached else "0"], check=True,
+                         capture_output=True, text=True, env=env)
+    dt, hits = out.stdout.strip().splitlines()[-1].split()
+    return float(dt), int(hits)
 
 
 def _fresh(trace):

@@ -115,6 +115,9 @@ class KnobEngine(OffloadedEngine):
             streams.append(self._second_stream)
         n_copy = [0]
         timing = "timing_events" in knobs
+        # the pre-sync.py engine's events: one ready event per slot, every wait issued
+        ready = [[d.event(timing=timing) for _ in range(self.cache_size)] for _ in range(g.num_layers)]
+        free: list[list[Any]] = [[None] * self.cache_size for _ in range(g.num_layers)]
 
         def copy(layer: int, slot: int, expert: int, after) -> None:
             stream = streams[n_copy[0] % len(streams)]
@@ -124,13 +127,12 @@ class KnobEngine(OffloadedEngine):
             with ctx:
                 if after is not None and "no_gate_wait" not in knobs:
                     d.wait(after, stream)
-                if self.free[layer][slot] is not None and "no_free_wait" not in knobs:
-                    d.wait(self.free[layer][slot], stream)
+                if free[layer][slot] is not None and "no_free_wait" not in knobs:
+                    d.wait(free[layer][slot], stream)
                 self.slots[layer][slot].copy_(src, non_blocking=True)
-                self.ready[layer][slot].record(stream)
+                ready[layer][slot].record(stream)
 
         for s in range(g.num_layers):
-            self.free[s] = [None] * self.cache_size
             if warm:
                 for e in range(min(self.cache_size, g.num_experts)):
                     copy(s, plan._admit(s, e, -1, ()), e, None)
@@ -172,7 +174,7 @@ class KnobEngine(OffloadedEngine):
                         expert, slot = step.experts[j], step.slots[j]
                         if "interleave" in knobs and expert in slot_of_miss:
                             copy(layer, slot_of_miss[expert], expert, gate_done)
-                        d.wait(self.ready[layer][slot])
+                        d.wait(ready[layer][slot])
                         if "marker" in knobs:
                             d.event(timing=False).record()
                         if "spacer_kernel" in knobs and d.cuda:
@@ -180,7 +182,7 @@ class KnobEngine(OffloadedEngine):
                         prog.expert[layer][slot][j]()
                         fr = d.event(timing=timing)
                         fr.record()
-                        self.free[layer][slot] = fr
+                        free[layer][slot] = fr
                 prog.final()
                 done = d.event(timing=False)
                 done.record()

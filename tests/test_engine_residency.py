@@ -152,7 +152,7 @@ def test_cuda_compute_that_skips_its_copy_wait_is_caught(monkeypatch):
     real_wait = w.d.wait
 
     def wait(event, stream=None):   # the mutation: compute no longer waits for any slot's copy
-        if stream is None and any(event is e for row in eng.ready for e in row):
+        if stream is None and any(m is not None and event is m.event for row in eng.marks.ready for m in row):
             return
         real_wait(event, stream)
     monkeypatch.setattr(w.d, "wait", wait)

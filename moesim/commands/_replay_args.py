@@ -20,6 +20,9 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
                    help="request a (token, layer) set at once (default) or one expert at a time (docs/semantics.md)")
     p.add_argument("--phase", choices=("all", "prefill", "decode"), default="all",
                    help="replay only the rows of one phase")
+    p.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write the on-disk cache of request streams (also: MOESIM_NO_CACHE=1; "
+                        "see docs/semantics.md)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -31,10 +34,12 @@ def policy_params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load(args: argparse.Namespace):
+    from moesim.simulator import stream_cache
     from moesim.traces.format import DECODE, PREFILL, read_trace
 
-    # the replay reads seq/token/phase/layer/experts; weights (gate-weighted, timing) load on first use
-    trace = read_trace(args.trace, lazy=True)
+    # the replay reads seq/token/phase/layer/experts; weights (gate-weighted, timing) load on first use;
+    # with the stream cache on, the rows are read only if the cache has no stream of this file
+    trace = read_trace(args.trace, lazy=True, replay_cache=stream_cache.enabled() and not args.no_cache)
     if args.phase != "all":
         trace = trace.filter_phase(PREFILL if args.phase == "prefill" else DECODE)
     return trace

@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--add-to", metavar="CAL",
                    help="with --from-raw: keep CAL's copies and kernels, add the raw file's engine terms and its "
                         "expert-copy session (the copy interval then spans both sessions)")
+    p.add_argument("--with-pieces", action="store_true",
+                   help="with --add-to: also take the engine's captured pieces and per-token overhead from the raw "
+                        "file (after a change to the engine itself)")
     p.add_argument("--quants", default="hqq2,hqq4,bf16")
     p.add_argument("--layers", type=int, default=32,
                    help="layers of the engine measured for its pieces and per-token overhead (8 slots each, "
@@ -38,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     from moesim.engine.calibration import to_cost_model
     from moesim.errors import UsageError
 
+    if args.with_pieces and not args.add_to:
+        raise UsageError("--with-pieces needs --add-to")
     refuse_overwrite([args.out, args.raw_out], args.force)
     if args.from_raw:
         from moesim.atomic import read_json
@@ -60,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
 
         if not args.from_raw:
             raise UsageError("--add-to needs --from-raw")
-        cal = add_session(read_json(args.add_to), raw, path)
+        cal = add_session(read_json(args.add_to), raw, path, pieces=args.with_pieces)
         with atomic_open(args.out) as fh:
             json.dump(cal, fh, indent=1)
             fh.write("\n")

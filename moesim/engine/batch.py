@@ -45,6 +45,7 @@ import numpy as np
 from moesim.engine.identity import TAG_BASE, ResidencyProof, slot_tags
 from moesim.engine.plan import CachePlan, Routing
 from moesim.engine.runtime import EngineResult, Weights, capture_graphs, compiled, expert_forward, issue_copy
+from moesim.engine.sync import COMPUTE, DEFAULT_SYNC, SlotEvents, StreamOrder, SyncMode
 from moesim.traces.format import PREFILL
 from moesim.traces.steps import Step, next_uses
 
@@ -329,23 +330,19 @@ class BatchEngine:
     """One configuration (policy, K slots per layer; no prefetcher) replaying batch or prefill steps."""
 
     def __init__(self, program: BatchProgram, cache_size: int, policy: str = "lru",
-                 policy_params: dict[str, Any] | None = None, *, timing_events: bool = False,
-                 host_lag_layers: int | None = None) -> None:
-        """``timing_events``: the gate-done and slot-free events record timestamps (as an instrumented run's
-        do); ``host_lag_layers``: the CPU waits for layer l - lag's gate before issuing layer l (how far
-        it may run ahead). Both default to the plain engine; benchmarks/gpu_batch_timeline.py probes them."""
-        self.timing_events, self.host_lag_layers = timing_events, host_lag_layers
+                 policy_params: dict[str, Any] | None = None, *, sync: SyncMode = DEFAULT_SYNC) -> None:
+        """``sync``: how the two streams are ordered (moesim.engine.sync; benchmarks/gpu_engine_sync.py)."""
+        self.sync = sync
         if cache_size > program.max_slots:
             raise ValueError(f"cache size {cache_size} exceeds the program's {program.max_slots} slots")
         self.program, self.w = program, program.w
         self.cache_size, self.policy_name, self.policy_params = cache_size, policy, policy_params
         g = self.w.geometry
-        self.ready = [[self.w.d.event(timing=timing_events) for _ in range(cache_size)] for _ in range(g.num_layers)]
-        self.free: list[list[Any]] = [[None] * cache_size for _ in range(g.num_layers)]
+        self.marks = SlotEvents(g.num_layers, cache_size)
+        self.order = StreamOrder(self.w.d, sync)
 
     def _copy(self, layer: int, slot: int, expert: int, after, log: list | None = None, step: int = -1) -> None:
-        issue_copy(self.w, self.program, self.ready[layer][slot], layer, slot, expert, after,
-                   self.free[layer][slot], log, (step, layer, "miss"))
+        issue_copy(self.w, self.program, self.order, self.marks, layer, slot, expert, after, log, (step, layer, "miss"))
 
     def run(self, steps: list[Step], routing: Routing, warm: bool = False, progress: bool = False,
             keep_logits: bool = False, instrument: bool = False) -> EngineResult:
@@ -359,8 +356,9 @@ class BatchEngine:
         nxt = next_uses(steps, g.num_layers) if future else {}
         buckets = prog.load(steps, routing)
         prog.prepare(buckets)
+        self.order = order = StreamOrder(d, self.sync)
+        self.marks.reset()
         for layer in range(g.num_layers):
-            self.free[layer] = [None] * self.cache_size
             if warm:
                 for e in range(min(self.cache_size, g.num_experts)):
                     self._copy(layer, plan._admit(layer, e, -1, ()), e, None)
@@ -381,7 +379,7 @@ class BatchEngine:
                 st = steps[i]
                 if done is not None:
                     done.synchronize()
-                gates: list = []
+                    order.new_step()
                 ev = d.event()
                 ev.record()
                 step_events.append(ev)
@@ -390,14 +388,11 @@ class BatchEngine:
                         a0 = d.event()
                         a0.record()
                     prog.layer[layer][buckets[i]]()
-                    gate_done = d.event(timing=log is not None or self.timing_events)
-                    gate_done.record()
-                    gates.append(gate_done)
-                    lag = self.host_lag_layers
-                    if lag is not None and len(gates) > lag:
-                        gates[-1 - lag].synchronize()
+                    gate_done = order.gate()
                     if log is not None:
-                        log.append((i, layer, "attention+gate", -1, a0, gate_done))
+                        g1 = d.event()
+                        g1.record()
+                        log.append((i, layer, "attention+gate", -1, a0, g1))
                     S = st.layers.get(layer)
                     if not S:
                         continue
@@ -411,17 +406,17 @@ class BatchEngine:
                             if log is not None:
                                 s0 = d.event()
                                 s0.record()
-                            d.wait(self.ready[layer][slot])
+                            order.wait(COMPUTE, self.marks.ready[layer][slot])
                             if log is not None:
                                 s1 = d.event()
                                 s1.record()
                             prog.expert[layer][slot][token_bucket(st.counts[layer][chunk[j]], prog.rows)]()
-                            fr = d.event(timing=log is not None or self.timing_events)
-                            fr.record()
-                            self.free[layer][slot] = fr
+                            self.marks.free[layer][slot] = order.record(COMPUTE)
                             if log is not None:
+                                e1 = d.event()
+                                e1.record()
                                 log.append((i, layer, "stall", chunk[j], s0, s1))
-                                log.append((i, layer, "expert", chunk[j], s1, fr))
+                                log.append((i, layer, "expert", chunk[j], s1, e1))
                 prog.final()
                 if keep_logits:
                     logits.append(prog.logits.float().cpu().numpy().copy())

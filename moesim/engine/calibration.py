@@ -133,7 +133,7 @@ def _engine_block(raw: dict[str, Any], path: object) -> dict[str, Any]:
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(path, f"bad engine_terms.stream_hops ({type(exc).__name__}: {exc})") from None
         src = hops.get("source", "benchmarks/gpu_miss_cost.py")
-        sources["copy_hop_s"] = (f"{src}: CUPTI trace of the plain engine replaying an all-miss routing (GPU "
+        sources["copy_hop_s"] = (f"{src}: CUPTI trace of the engine replaying an all-miss routing (GPU "
                                  "timestamps, nothing added to the streams): mean wait of a copy after its gate "
                                  "or behind the previous copy (moesim.engine.cupti_gaps.hop_terms)")
         sources["ready_hop_s"] = (f"{src}: the same trace: mean wait of an expert piece after the copy it waited "
@@ -168,15 +168,28 @@ def expert_copy_block(nbytes: int, sessions: list[dict[str, Any]]) -> dict[str, 
             "sessions": sessions}
 
 
-def add_session(cal: dict[str, Any], raw: dict[str, Any], path: object = None) -> dict[str, Any]:
+def add_session(cal: dict[str, Any], raw: dict[str, Any], path: object = None, pieces: bool = False) -> dict[str, Any]:
     """``cal`` (a calibration) with the engine terms and the expert-copy session of ``raw`` (another
     device session's micro-benchmarks; engine terms ``raw`` did not measure stay the calibration's):
     its copies and kernels stay as they were measured; the copy
     interval then spans both days. A calibration without sessions counts its own curve's time at the
-    expert size as its first (a mean of back-to-back copies: no spread of its own)."""
+    expert size as its first (a mean of back-to-back copies: no spread of its own).
+
+    ``pieces``: the engine itself changed, so its captured pieces and per-token overhead (``layer``,
+    ``token``, the engine's expert curve) are taken from ``raw`` too; copies and other formats' kernels
+    stay the calibration's."""
     from moesim.simulator.cost_model import CostModel
 
     out = json.loads(json.dumps(cal))
+    if pieces:
+        if not raw.get("graph"):
+            raise DataError(path, "no engine pieces (graph) in this raw file")
+        fresh = to_cost_model(raw, out.get("name", "calibration"), path=path)
+        out["layer"], out["token"] = fresh["layer"], fresh["token"]
+        out["expert_compute"] = {**out.get("expert_compute", {}), **fresh["expert_compute"]}
+        when = (raw.get("engine_terms") or {}).get("date", "another session")
+        out.setdefault("sources", {}).update({k: f"{fresh['sources'][k]} ({when})"
+                                              for k in ("layer", "token", "expert_compute")})
     engine = _engine_block(raw, path)
     if not raw.get("engine_terms"):
         raise DataError(path, "no engine_terms in this raw file")

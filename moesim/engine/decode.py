@@ -37,6 +37,7 @@ import numpy as np
 from moesim.engine.decoder_program import DecoderProgram
 from moesim.engine.plan import CachePlan, Routing
 from moesim.engine.store import ExpertStore
+from moesim.engine.sync import COMPUTE, COPY, DEFAULT_SYNC, SlotEvents, StreamOrder, SyncMode
 from moesim.policies.prefetch import PrefetchContext
 from moesim.simulator.replay import HitCounts
 from moesim.traces.format import DECODE, PREFILL
@@ -113,12 +114,13 @@ class Decoder:
     """One configuration (policy, K slots per layer, prefetcher) over a shared program and store."""
 
     def __init__(self, program: DecoderProgram, store: ExpertStore, cache_size: int, policy: str = "lru",
-                 prefetch: str = "none", params: dict[str, Any] | None = None) -> None:
+                 prefetch: str = "none", params: dict[str, Any] | None = None, sync: SyncMode = DEFAULT_SYNC) -> None:
         s = program.spec
         if cache_size > program.max_slots:
             raise ValueError(f"cache size {cache_size} exceeds the program's {program.max_slots} slots")
         self.program, self.store, self.spec = program, store, s
         self.cache_size, self.policy, self.prefetch, self.params = cache_size, policy, prefetch, params
+        self.sync = sync
         # fails early (one line) for future-knowing policies / prefetchers and K < top-k
         CachePlan.live(s.num_layers, s.num_experts, s.top_k, cache_size, policy, prefetch, params)
         if prefetch == "speculative" and not program.distances:
@@ -128,24 +130,19 @@ class Decoder:
     def _copy(self, layer: int, slot: int, expert: int, after=None) -> None:
         d = self.program.d
         with d.copy_context():
-            if after is not None:
-                d.wait(after, d.copy_stream)
-            if self.free[layer][slot] is not None:
-                d.wait(self.free[layer][slot], d.copy_stream)
+            self.order.wait(COPY, after)
+            self.order.wait(COPY, self.marks.free[layer][slot])
             self.store.copy_to(self.program.slots[layer][slot], layer, expert)
-            self.ready[layer][slot].record(d.copy_stream)
+            self.marks.ready[layer][slot] = self.order.record(COPY)
             self.program.count_copy(layer, slot, expert)   # after "ready": compute never waits for it
 
     def _experts(self, layer: int, keys: list[int], slots: list[int], missed: set[int]) -> None:
-        prog, d = self.program, self.program.d
-        order = sorted(range(len(keys)), key=lambda j: keys[j] in missed)
-        for j in order:   # resident experts first, then misses as they land
+        prog = self.program
+        for j in sorted(range(len(keys)), key=lambda j: keys[j] in missed):   # resident first, then misses as they land
             slot = slots[j]
-            d.wait(self.ready[layer][slot])
+            self.order.wait(COMPUTE, self.marks.ready[layer][slot])
             prog.expert[layer][slot][j]()
-            ev = d.event(timing=False)
-            ev.record()
-            self.free[layer][slot] = ev
+            self.marks.free[layer][slot] = self.order.record(COMPUTE)
 
     # -- the loop ---------------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0,
@@ -166,8 +163,8 @@ class Decoder:
             plan = CachePlan.live(L, s.num_experts, k, self.cache_size, self.policy, self.prefetch, self.params)
         else:
             plan = CachePlan(forced, self.cache_size, self.policy, self.prefetch, self.params)
-        self.ready = [[d.event(timing=False) for _ in range(self.cache_size)] for _ in range(L)]
-        self.free: list[list[Any]] = [[None] * self.cache_size for _ in range(L)]
+        self.marks = SlotEvents(L, self.cache_size)
+        self.order = order = StreamOrder(d, self.sync)
         if warm:
             for layer in range(L):
                 for e in range(min(self.cache_size, s.num_experts)):
@@ -231,9 +228,7 @@ class Decoder:
                             pending = None
                         if forced is None:
                             h0 = clock()
-                            gate = d.event(timing=False)
-                            gate.record()
-                            gate.synchronize()   # the routing hand-off
+                            order.host_wait(order.gate())   # the routing hand-off
                             c0 = clock()
                             handoff_wait += c0 - h0
                             prof["wait"] += c0 - h0
@@ -254,8 +249,7 @@ class Decoder:
                                 self._copy(tl, slot, e)
                         else:
                             c0 = clock()
-                            gate = d.event(timing=False)
-                            gate.record()
+                            gate = order.gate()
                             st = plan.step(step_index, layer)
                             if st is None:
                                 raise ValueError(f"the forced routing has no row for step {step_index}, layer {layer}")
@@ -284,6 +278,7 @@ class Decoder:
                     done = d.event()
                     done.record()
                     done.synchronize()   # the logits: the next input depends on them
+                    order.new_step()
                     wall_ms = (time.perf_counter() - w0) * 1e3
                     preds = {}
                     if prog.distances and record_predictions:

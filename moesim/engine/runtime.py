@@ -38,6 +38,7 @@ import numpy as np
 from moesim.engine.identity import TAG_BASE, ResidencyProof, blob_bytes, slot_tags, tagged_blob
 from moesim.engine.plan import CachePlan, Routing
 from moesim.engine.quant import QuantSpec, dequantize, fill_random_blob, split_blob
+from moesim.engine.sync import COMPUTE, COPY, DEFAULT_SYNC, Mark, SlotEvents, StreamOrder, SyncMode
 from moesim.simulator.replay import HitCounts
 
 
@@ -337,23 +338,22 @@ def capture_graphs(torch, dev, pieces: list[tuple[Any, Any]], progress: bool = F
     return graphs
 
 
-def issue_copy(weights: Weights, program: Any, ready, layer: int, slot: int, expert: int, after=None,
-               free=None, log: list | None = None, tag: tuple = ()) -> None:
-    """Copy ``expert``'s pinned blob into GPU ``slot`` of ``layer`` on the copy stream, as both engines do:
-    the copy waits for ``after`` (the gate that routed it) and ``free`` (the last compute that read the
-    slot's old contents), then ``ready`` is recorded for the compute that reads it. With ``log``, appends
-    ``(*tag, expert, start, end)`` (events around the copy alone)."""
+def issue_copy(weights: Weights, program: Any, order: StreamOrder, slots: SlotEvents, layer: int, slot: int,
+               expert: int, after: Mark | None = None, log: list | None = None, tag: tuple = ()) -> None:
+    """Copy ``expert``'s pinned blob into GPU ``slot`` of ``layer`` on the copy stream, as every engine does:
+    the copy waits for ``after`` (the gate that routed it) and the slot's ``free`` mark (the last compute
+    that read its old contents), then the slot's ``ready`` mark is recorded for the compute that reads
+    it (``order`` leaves out waits stream order implies). With ``log``, appends ``(*tag, expert, start,
+    end)`` (events around the copy alone)."""
     d = weights.d
     with d.copy_context():
-        if after is not None:
-            d.wait(after, d.copy_stream)
-        if free is not None:
-            d.wait(free, d.copy_stream)
+        order.wait(COPY, after)
+        order.wait(COPY, slots.free[layer][slot])
         if log is not None:
             start = d.event()
             start.record(d.copy_stream)
         program.slots[layer][slot].copy_(weights.host[layer][expert], non_blocking=True)
-        ready.record(d.copy_stream)
+        slots.ready[layer][slot] = order.record(COPY)
         if log is not None:
             end = d.event()
             end.record(d.copy_stream)
@@ -502,7 +502,7 @@ class OffloadedEngine:
     def __init__(self, weights: Weights, cache_size: int, policy: str = "lru", prefetch: str = "none",
                  policy_params: dict[str, Any] | None = None, compile_dequant: bool = False,
                  program: Program | None = None, max_tokens: int = 256, graphs: bool | None = None,
-                 prefetch_params: dict[str, Any] | None = None) -> None:
+                 prefetch_params: dict[str, Any] | None = None, sync: SyncMode = DEFAULT_SYNC) -> None:
         import torch
 
         self.w, self.torch = weights, torch
@@ -515,15 +515,15 @@ class OffloadedEngine:
         self.cache_size, self.policy_name, self.prefetch_name = cache_size, policy, prefetch
         self.policy_params, self.prefetch_params = policy_params, prefetch_params
         self.slots = program.slots
-        self.ready = [[d.event(timing=False) for _ in range(cache_size)] for _ in range(g.num_layers)]
-        self.free: list[list[Any]] = [[None] * cache_size for _ in range(g.num_layers)]
+        self.sync = sync
+        self.marks = SlotEvents(g.num_layers, cache_size)
+        self.order = StreamOrder(d, sync)
 
     # -- the decode loop -----------------------------------------------------------------------------
 
     def _copy(self, layer: int, slot: int, expert: int, log: list | None, token: int, kind: str,
               after=None) -> None:
-        issue_copy(self.w, self.program, self.ready[layer][slot], layer, slot, expert, after,
-                   self.free[layer][slot], log, (token, layer, kind))
+        issue_copy(self.w, self.program, self.order, self.marks, layer, slot, expert, after, log, (token, layer, kind))
 
     def run(self, routing: Routing, instrument: bool = False, progress: bool = False,
             warm: bool = False, sync_tokens: bool = True) -> EngineResult:
@@ -543,8 +543,9 @@ class OffloadedEngine:
         token_events = []
         cpu_marks: list[float] = []   # when the CPU began issuing each token
         issue_ms: list[float] = []     # CPU time spent issuing each token's work (is the CPU a bottleneck?)
-        for s in range(g.num_layers):   # a fresh cell starts cold, with no pending slot users
-            self.free[s] = [None] * self.cache_size
+        self.order = streams = StreamOrder(d, self.sync)   # a fresh cell starts cold, with no pending slot users
+        self.marks.reset()
+        for s in range(g.num_layers):
             if warm:
                 for e in range(min(self.cache_size, g.num_experts)):
                     self._copy(s, plan._admit(s, e, -1, ()), e, None, -1, "warm")
@@ -561,6 +562,7 @@ class OffloadedEngine:
             for t in it:
                 if sync_tokens and done is not None:
                     done.synchronize()   # token t-1's logits are ready: the next input is known
+                    streams.new_step()
                 ev = d.event()
                 ev.record()
                 token_events.append(ev)
@@ -573,10 +575,11 @@ class OffloadedEngine:
                         prog.first()
                     else:
                         prog.layer[layer]()   # gate logits: routing is forced from the trace
-                    gate_done = d.event(timing=log is not None)
-                    gate_done.record()
+                    gate_done = streams.gate()
                     if log is not None:
-                        log.append((t, layer, "attention+gate", -1, a0, gate_done))
+                        g1 = d.event()
+                        g1.record()
+                        log.append((t, layer, "attention+gate", -1, a0, g1))
                     step = plan.step(t, layer)
                     if step is None:
                         continue   # no row in the trace: its routing weights are 0, nothing to add
@@ -593,17 +596,17 @@ class OffloadedEngine:
                         if log is not None:
                             s0 = d.event()
                             s0.record()
-                        d.wait(self.ready[layer][slot])
+                        streams.wait(COMPUTE, self.marks.ready[layer][slot])
                         if log is not None:
                             s1 = d.event()
                             s1.record()
                         prog.expert[layer][slot][j]()
-                        fr = d.event(timing=log is not None)
-                        fr.record()
-                        self.free[layer][slot] = fr
+                        self.marks.free[layer][slot] = streams.record(COMPUTE)
                         if log is not None:
+                            e1 = d.event()
+                            e1.record()
                             log.append((t, layer, "stall", expert, s0, s1))
-                            log.append((t, layer, "expert", expert, s1, fr))
+                            log.append((t, layer, "expert", expert, s1, e1))
                 prog.final()
                 done = d.event(timing=False)
                 done.record()

@@ -31,7 +31,7 @@ from moesim.errors import UsageError
 from moesim.policies.base import NEVER, EvictionPolicy, ExpertCache, policy_class
 from moesim.policies.compiled import ScorePolicy
 from moesim.policies.params import ParamError, check_params
-from moesim.simulator import kernels, policy_kernels, user_kernels
+from moesim.simulator import kernels, policy_kernels, stream_cache, user_kernels
 from moesim.traces.format import Trace
 
 SCOPES = ("layer", "global")
@@ -149,6 +149,13 @@ def _stream_arrays(trace: Trace, scope: str, semantics: str) -> tuple:
     key = (scope, semantics, trace.meta.num_layers, trace.meta.num_experts)
     if key in memo:
         return memo[key]
+    entry = None
+    if trace.source is not None and trace.path is not None and stream_cache.enabled():
+        entry = stream_cache.entry_path(trace.path, trace.source, trace.meta.to_json(), scope, semantics)
+        found = stream_cache.load(entry)
+        if found is not None:
+            memo[key] = out = _from_entry(*found, semantics)
+            return out
     ordered = trace.execution_order()
     meta = ordered.meta
     n_keys = meta.num_experts if scope == "layer" else meta.num_layers * meta.num_experts
@@ -170,7 +177,28 @@ def _stream_arrays(trace: Trace, scope: str, semantics: str) -> tuple:
         keys = keys.reshape(-1, 1)
     out = (cache, np.ascontiguousarray(keys), clock, group, weights_from, None if ordered is trace else ordered, n_keys)
     memo[key] = out
+    if entry is not None:
+        arrays = {"cache": cache, "keys": out[1], "clock": clock} | ({} if group is cache else {"group": group})
+        stream_cache.store(entry, arrays, {"n_keys": n_keys, "ordered": ordered is trace})
     return out
+
+
+def _from_entry(arrays: dict[str, np.ndarray], info: dict[str, Any], semantics: str) -> tuple:
+    """:func:`_stream_arrays`' tuple from a stream_cache entry. The rows were never read: routing
+    weights, when a policy reads them, come from the file (sorted like the stream if the file is not
+    in execution order)."""
+    decoded: list[np.ndarray] = []
+    ordered = bool(info["ordered"])
+
+    def weights_from(src: Trace) -> np.ndarray:
+        if not decoded:
+            w = (src if ordered else src.execution_order()).weights
+            decoded.append(np.ascontiguousarray(w.reshape(-1, 1) if semantics == "sequential" else w))
+        return decoded[0]
+
+    cache = arrays["cache"]
+    return (cache, arrays["keys"], arrays["clock"], arrays.get("group", cache), weights_from, None,
+            int(info["n_keys"]))
 
 
 def _stream_rows(trace: Trace, global_scope: bool) -> tuple[np.ndarray, ...]:
@@ -241,45 +269,60 @@ def run_generic(stream: RequestStream, make: Callable[[], EvictionPolicy]) -> tu
     caches = [ExpertCache(int(s), make()) if s > 0 else None for s in stream.sizes]
     needs_future = any(c is not None and c.policy.needs_future for c in caches)
     nxt = stream.next_use() if needs_future else None
-    req = np.zeros(stream.n_groups, np.int64)
+    req = np.bincount(stream.group, minlength=stream.n_groups).astype(np.int64) * stream.keys.shape[1]
     hit = np.zeros(stream.n_groups, np.int64)
-    np.add.at(req, stream.group, stream.keys.shape[1])
-    order = np.argsort(stream.cache, kind="stable")
-    bounds = np.searchsorted(stream.cache[order], np.arange(stream.n_caches + 1))
-    chunk = 1 << 16
     # The loop allocates a few small lists per row and keeps long lists of rows alive: the cyclic GC
     # would rescan them again and again (measured: a third of the time). Nothing here makes cycles.
     gc_was_on = gc.isenabled()
     gc.disable()
     try:
-        return _run_caches(stream, caches, nxt, order, bounds, chunk, req, hit)
+        return _run_caches(stream, caches, nxt, req, hit)
     finally:
         if gc_was_on:
             gc.enable()
 
 
-def _run_caches(stream: RequestStream, caches: list[ExpertCache | None], nxt: np.ndarray | None, order: np.ndarray,
-                bounds: np.ndarray, chunk: int, req: np.ndarray, hit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    hits_by_row = np.zeros(len(stream.cache), np.int64)
+def _run_caches(stream: RequestStream, caches: list[ExpertCache | None], nxt: np.ndarray | None, req: np.ndarray,
+                hit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # the rows grouped by cache, in trace order within each: gathered once (one array per key column),
+    # so that each chunk below converts contiguous slices (measured: gathering per chunk and writing
+    # the hits back by row index cost a fifth of a plain-Python LRU replay)
+    if stream.n_caches > 1:
+        # stable: a radix sort on 16-bit cache ids
+        narrow = stream.cache.astype(np.uint16) if stream.n_caches <= 1 << 16 else stream.cache
+        order = np.argsort(narrow, kind="stable")
+        bounds = np.searchsorted(narrow[order], np.arange(stream.n_caches + 1))
+        cols = [stream.keys[order, j] for j in range(stream.keys.shape[1])]
+        clock, group = stream.clock[order], stream.group[order]
+    else:
+        order = None
+        bounds = np.array([0, len(stream.cache)])
+        cols = [np.ascontiguousarray(stream.keys[:, j]) for j in range(stream.keys.shape[1])]
+        clock, group = stream.clock, stream.group
+    weighted = any(c is not None and c.reads_weights for c in caches)
+    weights = None if not weighted else stream.weights if order is None else stream.weights[order]
+    if nxt is not None and order is not None:
+        nxt = nxt[order]
+    hits = np.zeros(len(stream.cache), np.int64)
+    chunk = 1 << 16
     # a progress bar for long Python replays (tqdm hides itself when stderr is not a terminal)
-    with tqdm(total=len(order), unit="row", desc="replay", disable=len(order) < 4 * chunk or None,
+    with tqdm(total=len(stream.cache), unit="row", desc="replay", disable=len(stream.cache) < 4 * chunk or None,
               leave=False) as bar:
         for c, cache in enumerate(caches):
-            rows = order[bounds[c]:bounds[c + 1]]
+            first, last = int(bounds[c]), int(bounds[c + 1])
             if cache is None:
-                bar.update(len(rows))
+                bar.update(last - first)
                 continue
-            weighted = cache.reads_weights
-            for lo in range(0, len(rows), chunk):
-                part = rows[lo:lo + chunk]
+            for lo in range(first, last, chunk):
+                hi = min(lo + chunk, last)
                 # one flat list per column (no list per set): the mechanism's loops for top-1 / top-2
                 # sets read them directly
-                hits_by_row[part] = cache.request_columns(
-                    stream.keys[part].T.tolist(), stream.clock[part].tolist(),
-                    stream.weights[part].T.tolist() if weighted else None,
-                    None if nxt is None else nxt[part].T.tolist())
-                bar.update(len(part))
-    np.add.at(hit, stream.group, hits_by_row)
+                hits[lo:hi] = cache.request_columns(
+                    [col[lo:hi].tolist() for col in cols], clock[lo:hi].tolist(),
+                    weights[lo:hi].T.tolist() if weights is not None and cache.reads_weights else None,
+                    None if nxt is None else nxt[lo:hi].T.tolist())
+                bar.update(hi - lo)
+    np.add.at(hit, group, hits)
     return req, hit
 
 

@@ -22,9 +22,11 @@ recording leaves behind); the reader concatenates them in name order.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -57,6 +59,7 @@ def dictionary_columns(names: Sequence[str]) -> list[str]:
     return [n for n in names if n in ("seq", "phase", "layer")] + \
         [f"{n}.list.element" for n in names if n == "experts" or (_PRED_RE.match(n) and n.endswith("_experts"))]
 _PRED_RE = re.compile(r"^pred(\d+)_(experts|logits)$")
+_ROWS_LOCK = threading.RLock()  # deferred rows (read_trace(replay_cache=True)) are read by one thread
 
 
 @dataclass
@@ -273,6 +276,14 @@ class Trace:
         self._np: dict[str, np.ndarray] = {}
         self._ordered: bool | None = None
         self._memo: dict[str, Any] = {}
+        # read_trace(replay_cache=True): the rows are read (and validated) on first use, and
+        # ``source`` names the file contents they come from (file_identity), so that what is derived
+        # from them can be kept on disk (moesim.simulator.stream_cache). Traces derived from this one
+        # (filtered, sorted, a replaced table) have no source.
+        self._pending: Any = None  # (trace) -> None: reads the rows (takes the trace: no reference cycle)
+        self._pending_rows = 0
+        self._loading = False
+        self.source: str | None = None
 
     def memo(self, name: str) -> dict:
         """A per-trace store for what is derived from the columns (request streams), emptied when the
@@ -281,13 +292,32 @@ class Trace:
 
     def __getstate__(self) -> dict[str, Any]:
         # what is derived from the columns is rebuilt where the trace lands (worker processes)
+        self._read_rows()
         return {**self.__dict__, "_np": {}, "_memo": {}}
+
+    def _read_rows(self) -> None:
+        """Read the rows now if read_trace deferred them (a failed read or validation is raised again
+        on the next use). Threads that need them at once (mrc's per-size runs reading the weights)
+        wait for the one reading them."""
+        if self._pending is None:
+            return
+        with _ROWS_LOCK:
+            load = self._pending
+            if load is None or self._loading:  # read by another thread meanwhile, or a use inside the read
+                return
+            self._loading = True
+            try:
+                load(self)
+                self._pending = None
+            finally:
+                self._loading = False
 
     def __repr__(self) -> str:
         return f"Trace(meta={self.meta!r}, rows={len(self)}, path={self.path!r})"
 
     @property
     def table(self) -> pa.Table:
+        self._read_rows()
         if self._deferred is not None:
             self._table = _complete(self._table, *self._deferred)
             self._deferred = None
@@ -295,22 +325,27 @@ class Trace:
 
     @table.setter
     def table(self, value: pa.Table) -> None:
-        self._table, self._deferred = value, None
-        self._np, self._ordered, self._memo = {}, None, {}
+        self._table, self._deferred, self._pending = value, None, None
+        self._np, self._ordered, self._memo, self.source = {}, None, {}, None
 
     @property
     def column_names(self) -> list[str]:
         """Every column, read or deferred."""
+        if self._deferred is None:
+            self._read_rows()
         return list(self._deferred[1].names) if self._deferred is not None else self._table.column_names
 
     def schema_field(self, name: str) -> pa.Field:
+        if self._deferred is None:
+            self._read_rows()
         return (self._deferred[1] if self._deferred is not None else self._table.schema).field(name)
 
     def __len__(self) -> int:
-        return self._table.num_rows
+        return self._pending_rows if self._pending is not None else self._table.num_rows
 
     def _column(self, name: str) -> pa.ChunkedArray:
         """One column, read from the file only if it was deferred (the others stay deferred)."""
+        self._read_rows()
         if name in self._table.column_names:
             return self._table.column(name)
         return self.table.column(name)
@@ -475,12 +510,17 @@ def _meta_of(schema: pa.Schema, path: Path) -> TraceMeta:
 
 
 def read_trace(path: str | os.PathLike, *, columns: Sequence[str] | None = None, validate: bool = True,
-               lazy: bool = False) -> Trace:
+               lazy: bool = False, replay_cache: bool = False) -> Trace:
     """Read and validate a trace file (or a directory of part files).
 
     ``lazy``: read only the columns a replay needs (:data:`REPLAY_COLUMNS`, any ``columns`` and the
     ``pred{d}_experts`` columns, which validation checks) now and the others on first use; validation
     is the same (a deferred column's null count comes from the Parquet statistics, or it is read).
+
+    ``replay_cache``: read only the footer now; the rows are read and validated on first use, and the
+    trace's ``source`` (:func:`file_identity`) lets the replay load its request streams from the
+    on-disk cache (``moesim.simulator.stream_cache``) -- then the rows are never read at all. Only a
+    file that read and validated once under the same identity has an entry there.
 
     Raises :class:`DataError` naming the file for every problem of a bad trace (missing, corrupt or
     truncated file, wrong schema version, ids out of range).
@@ -489,7 +529,9 @@ def read_trace(path: str | os.PathLike, *, columns: Sequence[str] | None = None,
     if not p.exists():
         raise DataError(p, "no such file")
     files = _part_files(p) if p.is_dir() else [p]
-    tables = []
+    # the identity is taken before anything is read: a file replaced later never matches it
+    source = file_identity(files) if replay_cache else None
+    parts: list[tuple[Path, pq.ParquetFile, list[str] | None]] = []
     meta = None
     schema = None
     deferred: list[str] = []
@@ -502,24 +544,65 @@ def read_trace(path: str | os.PathLike, *, columns: Sequence[str] | None = None,
         missing = [c for c in REQUIRED_COLUMNS if c not in names]
         if missing:
             raise DataError(f, f"missing required column {missing[0]!r}")
-        if lazy:
+        if lazy or replay_cache:
             now = {*REPLAY_COLUMNS, *(columns or ()), *(n for n in names if _PRED_RE.match(n) and n.endswith("_experts"))}
             want = [n for n in names if n in now]
             deferred = [n for n in names if n not in now]
         else:
             want = None if columns is None else list(dict.fromkeys([*REQUIRED_COLUMNS, *columns]))
+        parts.append((f, pf, want))
+    assert meta is not None and schema is not None
+    if source is None:
+        trace = Trace(meta, _read_parts(parts, deferred), str(p), deferred=(files, schema, deferred) if deferred else None)
+        if validate:
+            validate_trace(trace, p)
+        return trace
+    trace = Trace(meta, pa.table({}), str(p), deferred=(files, schema, deferred) if deferred else None)
+
+    def read_rows(trace: Trace) -> None:
+        if file_identity(files) != source:
+            raise DataError(p, "changed while it was being read; run again")
+        trace._table = _read_parts(parts, deferred)
+        if validate:
+            validate_trace(trace, p)
+
+    trace._pending, trace._pending_rows, trace.source = read_rows, sum(pf.metadata.num_rows for _, pf, _ in parts), source
+    return trace
+
+
+def _read_parts(parts: Sequence[tuple[Path, pq.ParquetFile, list[str] | None]], deferred: Sequence[str]) -> pa.Table:
+    tables = []
+    for f, pf, want in parts:
         try:
             tables.append(pf.read(columns=want))
         except (pa.ArrowException, OSError) as exc:
             raise DataError(f, f"truncated or corrupt Parquet file ({_short(exc)})") from None
-        if lazy and "weights" in deferred and _may_have_nulls(pf, f, "weights"):
+        if "weights" in deferred and _may_have_nulls(pf, f, "weights"):
             raise DataError(f, "column 'weights' has null values")
-    assert meta is not None and schema is not None
-    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="none")
-    trace = Trace(meta, table, str(p), deferred=(files, schema, deferred) if deferred else None)
-    if validate:
-        validate_trace(trace, p)
-    return trace
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="none")
+
+
+def file_identity(files: Sequence[Path]) -> str:
+    """A digest of what identifies the contents of trace files without reading them: each file's
+    resolved path, size, modification time (ns), inode and Parquet footer (schema, metadata, row
+    group sizes and statistics). Any rewrite of a file changes it."""
+    h = hashlib.sha256()
+    for f in files:
+        try:
+            st = os.stat(f)
+            with open(f, "rb") as fh:
+                size = st.st_size
+                fh.seek(max(0, size - 8))
+                tail = fh.read(8)
+                # the footer's length precedes the closing magic (not a Parquet file: the tail alone)
+                n = int.from_bytes(tail[:4], "little") if len(tail) == 8 and tail[4:] == b"PAR1" else 0
+                fh.seek(max(0, size - 8 - n))
+                footer = fh.read(n + 8)
+        except OSError as exc:
+            raise DataError(f, f"cannot read ({exc.strerror or exc})") from None
+        h.update(repr((str(f.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)).encode())
+        h.update(footer)
+    return h.hexdigest()
 
 
 def _may_have_nulls(pf: pq.ParquetFile, path: Path, name: str) -> bool:
@@ -557,6 +640,7 @@ def _complete(table: pa.Table, files: Sequence[Path], schema: pa.Schema, names: 
 
 
 def validate_trace(trace: Trace, path: object = None) -> None:
+    trace._read_rows()
     meta = trace.meta
     k, e, n_layers = meta.top_k, meta.num_experts, meta.num_layers
     for name in ("experts", "weights"):
