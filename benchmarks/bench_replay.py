@@ -21,7 +21,8 @@ A Mixtral-like synthetic trace (32 layers x top-2 = 64 expert requests per token
   loads counted), with and without the cache, on every core and on one. Their peer is libCacheSim's
   LRU measured again just before them. The cache lives in a temp directory for the run.
 
-``--only SUBSTRING`` measures only the rows whose label contains it (and their peers).
+``--only SUBSTRING`` measures only the rows whose label contains it, or one of several separated by commas
+(and their peers).
 
 Times are wall clock, best of --repeat. One kernel call runs on one core; a per-layer replay runs its
 caches, and the end-to-end rows their validation and stream building, in $MOESIM_THREADS threads
@@ -101,13 +102,14 @@ def main() -> None:
     ap.add_argument("--python-tokens", type=int, default=20_000, help="tokens for the plain-Python policy rows")
     ap.add_argument("--cache-size", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--only", metavar="SUBSTRING",
-                    help="measure only the rows whose label contains SUBSTRING (and the peers they are compared with)")
+    ap.add_argument("--only", metavar="SUBSTRING[,SUBSTRING...]",
+                    help="measure only the rows whose label contains SUBSTRING, or one of several separated by"
+                         " commas (and the peers they are compared with)")
     args = ap.parse_args()
     import libcachesim as lcs
 
     def want(label: str) -> bool:
-        return args.only is None or args.only in label
+        return args.only is None or any(part in label for part in args.only.split(","))
 
     rows: list[tuple[str, str, int, float, float, str]] = []  # name, method, requests, seconds, hit rate, peer
 

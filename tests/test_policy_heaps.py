@@ -1,6 +1,8 @@
-"""The O(log K) victim paths of the compiled replay (heaps for lfu, lfu-cache, opt, lfu-decay, gate-weighted,
-lrfu; the staircase for hobbit, tests/test_hobbit_staircase.py for more) against the slot scan and the reference classes: hand-traced ties, protected row keys at the top of the
-heap, the float-underflow fallback of the decaying scores, and random streams in both semantics."""
+"""The victim paths of the compiled replay for larger caches (heaps for lfu, lfu-cache, opt, lfu-decay,
+gate-weighted, lrfu; the staircase for hobbit, tests/test_hobbit_staircase.py for more; the vector scan of
+packed int64 keys for opt, lfu-decay, gate-weighted, lrfu) against the slot scan and the reference classes:
+hand-traced ties, protected row keys at the top of the heap, the float-underflow fallback of the decaying
+scores, and random streams in both semantics."""
 
 from __future__ import annotations
 
@@ -14,33 +16,42 @@ from moesim.simulator.replay import _compiled, build_stream, replay_stream, simu
 from tests.helpers import write_trace
 
 HEAPED_NAMES = [name for name, code in pk.CODES.items() if code in pk.HEAP_CODES]
+VSCAN_NAMES = [name for name, code in pk.CODES.items() if code in pk.VSCAN_CODES]
 A, B, C, D, E, X, Y = range(7)
 
 
-def _kernel_hits(stream, name, params=None, *, heaped: bool) -> list[int]:
-    """Hits per layer of the compiled kernel on its scan (heaped=False) or heap/staircase path."""
+def _kernel_hits(stream, name, params=None, *, path: str) -> list[int]:
+    """Hits per layer of the compiled kernel on its slot scan, heap/staircase or vector-scan path, whatever the
+    cache size."""
     code, fp, mt = _compiled(name, params)
     nxt = stream.next_use() if code == pk.OPT else np.zeros((1, 1), np.int64)
-    spec = (0,) * (code + (pk.HEAPED if heaped else 0))
+    spec = (0,) * (code + {"scan": 0, "heap": pk.HEAPED, "vscan": pk.VSCAN}[path])
     _, hit = pk.replay_builtin(spec, stream.cache, stream.keys, stream.clock, stream.weights, stream.group,
                                stream.sizes, stream.n_keys, stream.n_groups, nxt, fp, mt)
     return hit.tolist()
 
 
 def _hits_every_path(trace, name, size, params=None, scope="layer", semantics="atomic") -> int:
-    """Total hits, asserted equal on the scan, the heap and the class path."""
+    """Total hits, asserted equal on the scan, the heap, the vector scan (where the policy has one) and the
+    class path."""
     s = build_stream(trace, size, scope, semantics)
     ref = replay_stream(s, name, params, force_generic=True)[1].tolist()
-    assert _kernel_hits(s, name, params, heaped=False) == ref, (name, "scan")
-    assert _kernel_hits(s, name, params, heaped=True) == ref, (name, "heap")
+    assert _kernel_hits(s, name, params, path="scan") == ref, (name, "scan")
+    assert _kernel_hits(s, name, params, path="heap") == ref, (name, "heap")
+    if name in VSCAN_NAMES:
+        assert _kernel_hits(s, name, params, path="vscan") == ref, (name, "vscan")
     return sum(ref)
 
 
 def test_kernel_spec_picks_the_heap_above_the_scan_limit():
-    small, large = np.array([pk.HEAP_MIN_SLOTS - 1]), np.array([pk.HEAP_MIN_SLOTS])
+    small, mid, top = np.array([pk.HEAP_MIN_SLOTS - 1]), np.array([pk.HEAP_MIN_SLOTS]), np.array([pk.VSCAN_MAX_SLOTS])
+    large = np.array([pk.VSCAN_MAX_SLOTS + 1])
+    assert pk.VSCAN_MAX_SLOTS <= 1 << pk.VBITS  # a slot index fits in a key's low bits
     for name in HEAPED_NAMES:
         code = pk.CODES[name]
         assert len(pk.kernel_spec(code, small)) == code
+        for k in (mid, top):
+            assert len(pk.kernel_spec(code, k)) == code + (pk.VSCAN if name in VSCAN_NAMES else pk.HEAPED)
         assert len(pk.kernel_spec(code, large)) == code + pk.HEAPED
     for name in ("arc", "s3fifo", "sieve"):
         assert len(pk.kernel_spec(pk.CODES[name], large)) == pk.CODES[name]
@@ -119,7 +130,8 @@ def test_large_global_cache_takes_the_heap_and_equals_the_class(tmp_path, name):
     t = write_trace(tmp_path / "t.parquet", sets, num_layers=4, num_experts=16)
     for semantics in ("atomic", "sequential"):
         s = build_stream(t, 40, "global", semantics)
-        assert len(pk.kernel_spec(pk.CODES[name], s.sizes)) == pk.CODES[name] + pk.HEAPED
+        band = pk.VSCAN if name in VSCAN_NAMES else pk.HEAPED
+        assert len(pk.kernel_spec(pk.CODES[name], s.sizes)) == pk.CODES[name] + band
         fast = simulate(t, name, 40, scope="global", semantics=semantics)
         ref = simulate(t, name, 40, scope="global", semantics=semantics, force_generic=True)
         assert fast.method == "numba" and list(fast.layer_hits) == list(ref.layer_hits)
@@ -136,3 +148,46 @@ def test_decaying_priorities_survive_rebasing(tmp_path, name, params):
     t = write_trace(tmp_path / "t.parquet", sets, num_layers=2, num_experts=12, weights=weights)
     for semantics in ("atomic", "sequential"):
         _hits_every_path(t, name, 20, params, "global", semantics)
+
+
+@pytest.mark.parametrize("name", VSCAN_NAMES)
+def test_cache_above_the_vector_scan_limit_takes_the_heap_and_equals_the_class(tmp_path, name):
+    # 3 layers x 200 experts: a global cache of VSCAN_MAX_SLOTS + 40 slots runs on the heap, one of 300 on the
+    # vector scan (whose keys hold slot indices up to 299); both equal the class
+    rng = np.random.default_rng(11)
+    p = rng.dirichlet(np.ones(200) * 0.2)
+    sets = [list(rng.choice(200, 2, replace=False, p=p)) for _ in range(1500)]
+    t = write_trace(tmp_path / "t.parquet", sets, num_layers=3, num_experts=200)
+    for size, band in ((pk.VSCAN_MAX_SLOTS + 40, pk.HEAPED), (300, pk.VSCAN)):
+        s = build_stream(t, size, "global", "sequential")
+        assert len(pk.kernel_spec(pk.CODES[name], s.sizes)) == pk.CODES[name] + band
+        fast = simulate(t, name, size, scope="global", semantics="sequential")
+        ref = simulate(t, name, size, scope="global", semantics="sequential", force_generic=True)
+        assert fast.method == "numba" and list(fast.layer_hits) == list(ref.layer_hits)
+
+
+@settings(deadline=None)
+@given(st.lists(st.floats(allow_nan=False, width=64), min_size=2, max_size=2))
+def test_orderable_float_keys_sort_like_the_floats_property(xs):
+    # the vector scan compares float priorities as int64 keys: their order must be the floats' order
+    # (negative ones included: a user's gate weights may be anything), and the mapping must invert
+    a, b = xs
+    ka, kb = pk._orderable(a), pk._orderable(b)
+    if a < b:
+        assert ka < kb
+    elif a > b:
+        assert ka > kb
+    assert pk._from_orderable(ka) == a and pk._from_orderable(kb) == b
+
+
+def test_vector_scan_ties_and_near_ties_go_to_the_least_recent(tmp_path):
+    # global cache of 10 slots (the vector scan), sequential, one key per token so every key decays from its
+    # own tick: keys 0..9 once each (scores 1 * decay(age)), then 10 and 11 once more... each miss evicts the
+    # oldest score; with half-life 1e9 the decays round to 1.0 for a while and every key ties: the least
+    # recent goes (as LRU), which the truncated keys must not reorder
+    keys = list(range(12)) * 3
+    t = write_trace(tmp_path / "t.parquet", [[k] for k in keys], num_layers=1, num_experts=12)
+    for name, params in (("lfu-decay", {"half_life": 1e9}), ("gate-weighted", None), ("lrfu", {"lam": 1e-12})):
+        s = build_stream(t, 10, "global", "sequential")
+        assert _kernel_hits(s, name, params, path="vscan") == replay_stream(s, name, params, force_generic=True)[1].tolist()
+        assert _hits_every_path(t, name, 10, params, "global", "sequential") == 0  # cyclic over 12 keys in 10: LRU-like

@@ -15,8 +15,11 @@ Structures, chosen so that a request costs O(1) where the policy allows it:
   at most the row's own keys, so a global cache of 256 slots is never scanned;
 - score policies (lfu, lfu-cache, lfu-decay, lrfu, gate-weighted, opt) keep per-key values and pick
   the lowest score, ties to the least recently requested: on small caches (< HEAP_MIN_SLOTS, the
-  per-layer default) by a scan of the resident slots, on larger ones (a global cache) from an indexed
-  binary heap over the same slot array, O(log K) per request (see "heaps" below);
+  per-layer default) by a scan of the resident slots; on mid-sized ones (a global cache of up to
+  VSCAN_MAX_SLOTS) opt, lfu-decay, gate-weighted and lrfu by a vectorised scan of one packed int64 key
+  per slot, O(1) per request and two branch-free passes per victim (see "vector scan" below); otherwise
+  from an indexed binary heap over the same slot array, O(log K) per request (see "heaps" below). The
+  decaying scores read their decay factors from a table made once per replay (the same floats);
 - hobbit ranks the candidates: on small caches all of them, on large ones only the "staircase" (the
   keys counting less than every less recent key), where its victim must be;
 - random draws with the class's SplitMix64 (``moesim.policies.seeded``) a rank among the candidates in
@@ -28,7 +31,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core.extending import intrinsic
 
 from moesim.policies.seeded import GOLDEN, MASK64, MIX1, MIX2
 
@@ -47,6 +52,16 @@ SCAN_MAX_SLOTS = 16
 HEAPED = 16
 HEAP_MIN_SLOTS = 9
 HEAP_CODES = (LFU, OPT, LFU_CACHE, LFU_DECAY, GATE_WEIGHTED, LRFU, HOBBIT)
+# code + VSCAN: the score policies on a cache of HEAP_MIN_SLOTS .. VSCAN_MAX_SLOTS slots (a global cache of
+# 128 or 256) find their victim by a branch-free (vectorised) scan of one int64 priority per slot, kept up to
+# date in O(1) per request, instead of a heap sift per request (see "vector scan" below). Measured (CPU time,
+# 19.2M requests, one global cache of 128 slots, sequential): lfu-decay 12 -> 30M/s, opt 15 -> 30M/s.
+VSCAN = 32
+VSCAN_MAX_SLOTS = 512
+VSCAN_CODES = (OPT, LFU_DECAY, GATE_WEIGHTED, LRFU)  # lfu and lfu-cache: their heap is as fast
+# the decay factors of the first DECAY_TABLE ages (clock ticks) are computed once per replay: the access and
+# the victim of lfu-decay, gate-weighted and lrfu read them instead of an exp (or a pow) per request
+DECAY_TABLE = 2048
 CODES = {"lru": LRU, "fifo": FIFO, "lfu": LFU, "opt": OPT, "lfu-cache": LFU_CACHE, "lfu-decay": LFU_DECAY,
          "gate-weighted": GATE_WEIGHTED, "lrfu": LRFU, "sieve": SIEVE, "arc": ARC, "s3fifo": S3FIFO,
          "hobbit": HOBBIT, "random": RANDOM}
@@ -58,6 +73,8 @@ def kernel_spec(code: int, sizes: np.ndarray) -> tuple[int, ...]:
     k = int(sizes.max(initial=0))
     if code in (LRU, FIFO) and k <= SCAN_MAX_SLOTS:
         code = LRU_SCAN if code == LRU else FIFO_SCAN
+    elif code in VSCAN_CODES and HEAP_MIN_SLOTS <= k <= VSCAN_MAX_SLOTS:
+        code += VSCAN
     elif code in HEAP_CODES and k >= HEAP_MIN_SLOTS:
         code += HEAPED
     return (0,) * code
@@ -169,7 +186,32 @@ def _draw_below(rs, c, n):
 # ---- per-policy victims --------------------------------------------------------------------------
 
 @njit(cache=True, nogil=True)
-def _score(code, u, now, fp, N, fval):
+def _decay_table(code, fp):
+    """The decay factors of the ages 0 .. DECAY_TABLE - 1, each the very float :func:`_decay` computes."""
+    tab = np.empty(DECAY_TABLE if code == LFU_DECAY or code == GATE_WEIGHTED or code == LRFU else 1, np.float64)
+    for d in range(tab.shape[0]):
+        tab[d] = _decay_exact(code, d, fp)
+    return tab
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _decay_exact(code, d, fp):
+    """The class's decay over ``d`` clock ticks: LRFU's 0.5 ** (lam * d), LFUDecay's e^(-rate * d)."""
+    if code == LRFU:
+        return 0.5 ** (fp[P_RATE] * float(d))
+    return math.exp((-fp[P_RATE]) * float(d))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _decay(code, d, fp, dtab):
+    """:func:`_decay_exact`, read from the table for the ages it holds (the same float: the same expression)."""
+    if d < dtab.shape[0]:
+        return dtab[d]
+    return _decay_exact(code, d, fp)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _score(code, u, now, fp, N, fval, dtab):
     """Eviction score of a resident node for the score policies (lowest goes first)."""
     if code == LFU or code == LFU_CACHE:
         return float(N[IVAL, u])
@@ -179,21 +221,21 @@ def _score(code, u, now, fp, N, fval):
         return float(N[LAST, u])
     if code == FIFO_SCAN:
         return float(N[STAMP, u])
-    if code == LRFU:
-        return fval[u] * 0.5 ** (fp[P_RATE] * float(now - N[STAMP, u]))
-    return fval[u] * math.exp((-fp[P_RATE]) * float(now - N[STAMP, u]))  # lfu-decay, gate-weighted
+    return fval[u] * _decay(code, now - N[STAMP, u], fp, dtab)  # lrfu, lfu-decay, gate-weighted
 
 
-@njit(cache=True, nogil=True)
-def _scan_victim(code, c, t0, now, fp, N, H, fval, slots):
-    """Lowest score among the resident slots outside the row, ties to the least recently requested."""
+@njit(cache=True, nogil=True, inline="always")
+def _scan_victim(code, c, t0, now, fp, N, H, fval, slots, dtab):
+    """Lowest score among the resident slots outside the row, ties to the least recently requested.
+    (Inlined, like _score: a call with this many array arguments cost more than the scan of a per-layer
+    cache; measured 19 vs 60M requests/s for lfu per layer.)"""
     v = -1
     b_s = 0.0
     for i in range(H[c, OCC]):
         x = slots[c, i]
         if N[LAST, x] > t0:
             continue
-        s = _score(code, x, now, fp, N, fval)
+        s = _score(code, x, now, fp, N, fval, dtab)
         if v < 0 or s < b_s or (s == b_s and N[LAST, x] < N[LAST, v]):
             v = x
             b_s = s
@@ -316,7 +358,7 @@ def _rebase(n_caches, H, N, fval, slots, hp, hl, qrate, ref):
 
 
 @njit(cache=True, nogil=True)
-def _decay_victim(code, c, t0, now, fp, N, H, fval, slots, hp, hl, stk):
+def _decay_victim(code, c, t0, now, fp, N, H, fval, slots, hp, hl, stk, dtab):
     """The class's victim for the decaying scores: lowest float score at ``now``, ties to the least
     recently requested, exactly as :func:`_scan_victim`, looking only where it can be.
 
@@ -329,9 +371,9 @@ def _decay_victim(code, c, t0, now, fp, N, H, fval, slots, hp, hl, stk):
     occ = H[c, OCC]
     m = slots[c, _heap_min(c, t0, occ, slots, hp, hl, stk)]
     q = hp[c, N[SLOT, m]]
-    best_s = _score(code, m, now, fp, N, fval)
+    best_s = _score(code, m, now, fp, N, fval, dtab)
     if not (best_s >= 1e-200 and q >= 1e-200):
-        return _scan_victim(code, c, t0, now, fp, N, H, fval, slots)
+        return _scan_victim(code, c, t0, now, fp, N, H, fval, slots, dtab)
     bound = q * (1.0 + 1e-9)
     best = m
     top = 1
@@ -343,7 +385,7 @@ def _decay_victim(code, c, t0, now, fp, N, H, fval, slots, hp, hl, stk):
             continue
         u = slots[c, i]
         if u != m and not hl[c, i] > t0:
-            s = _score(code, u, now, fp, N, fval)
+            s = _score(code, u, now, fp, N, fval, dtab)
             if s < best_s or (s == best_s and N[LAST, u] < N[LAST, best]):
                 best = u
                 best_s = s
@@ -354,6 +396,135 @@ def _decay_victim(code, c, t0, now, fp, N, H, fval, slots, hp, hl, stk):
             stk[top] = 2 * i + 2
             top += 1
     return best
+
+
+# ---- vector scan: the score policies on mid-sized caches ------------------------------------------
+# vp[c, i] is the key of slots[c, i]: its priority as an int64 in the priority's order (the heap's priority,
+# _prio: opt's next use, counted down from NO_ROW; a decaying score's time-invariant value * e^(rate * (stamp -
+# ref)) as float bits, made monotone by _orderable) with its low VBITS bits replaced by the slot index i. The
+# smallest key then names its slot, and keys of equal priority (opt) or of priority within rounding distance
+# (the decaying scores, whose low bits are a relative 2^-43) are counted in one more pass and told apart
+# exactly only when there are several. A row's keys hold VMASK from their request to the end of the row,
+# where their key is written: the minimum is always outside the row. A victim costs two branch-free
+# (vectorised) passes over the slots, a request O(1): faster than a heap's sift per request up to a few
+# hundred slots.
+VBITS = 9  # slot index bits: VSCAN_MAX_SLOTS <= 2^VBITS
+VLOW = (1 << VBITS) - 1
+VMASK = (1 << 63) - 1
+NO_ROW = 1 << 53  # above every row index: opt's key is NO_ROW - min(next use, NO_ROW), never requested again -> 0
+
+
+@intrinsic
+def _float_bits(typingctx, x):
+    """The bits of a float64 as an int64 (a register move: a scratch array in memory costs ~50 ns here)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+    return types.int64(types.float64), codegen
+
+
+@intrinsic
+def _bits_float(typingctx, b):
+    """The inverse of :func:`_float_bits`."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+    return types.float64(types.int64), codegen
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _orderable(x):
+    """The bits of float ``x`` as an int64 in the order of the floats (negative floats: the magnitude bits
+    flipped); the inverse is :func:`_from_orderable`."""
+    b = _float_bits(x)
+    return b if b >= 0 else b ^ VMASK
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _from_orderable(b):
+    return _bits_float(b if b >= 0 else b ^ VMASK)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _vkey(code, u, i, e_now, N, fval):
+    """The key of node ``u`` at slot ``i``, just requested (a decaying score's stamp is now)."""
+    if code == OPT:
+        p = (NO_ROW - min(N[NUSE, u], NO_ROW)) << VBITS
+    else:
+        p = _orderable(fval[u] * e_now)
+    return (p & ~VLOW) | i
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _vmin(vp, c, occ):
+    """The smallest of vp[c, :occ] (one branch-free pass: vectorised)."""
+    m = VMASK
+    for i in range(occ):
+        m = min(m, vp[c, i])
+    return m
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _vcount(vp, c, occ, bound):
+    """How many of vp[c, :occ] are <= bound (one branch-free pass: vectorised)."""
+    n = 0
+    for i in range(occ):
+        n += vp[c, i] <= bound
+    return n
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _vscan_victim(c, occ, N, slots, vp):
+    """opt: the farthest next use, ties to the least recently requested (the heap's order)."""
+    m = _vmin(vp, c, occ)
+    bound = m | VLOW
+    if _vcount(vp, c, occ, bound) == 1:
+        return slots[c, m & VLOW]
+    best = -1
+    for i in range(occ):
+        if vp[c, i] <= bound:
+            u = slots[c, i]
+            if best < 0 or N[LAST, u] < N[LAST, best]:
+                best = u
+    return best
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _vscan_decay_victim(code, c, t0, now, fp, N, H, fval, slots, vp, dtab):
+    """:func:`_decay_victim` over the vector-scan keys: every resident whose priority is within a relative
+    1e-9 of the smallest (its key truncated: a relative 2^-43 lower) is a candidate; the candidates are
+    scored exactly as the class does (see _decay_victim for why the class's victim is among them, and when
+    the slots are scanned instead) unless there is only one."""
+    occ = H[c, OCC]
+    m = _vmin(vp, c, occ)
+    q = _from_orderable(m & ~VLOW)
+    if not q >= 1e-200:
+        return _scan_victim(code, c, t0, now, fp, N, H, fval, slots, dtab)
+    bound = _orderable(q * (1.0 + 1e-9)) | VLOW
+    if _vcount(vp, c, occ, bound) == 1:
+        best = slots[c, m & VLOW]
+        best_s = _score(code, best, now, fp, N, fval, dtab)
+    else:
+        best = -1
+        best_s = 0.0
+        for i in range(occ):
+            if vp[c, i] <= bound:
+                u = slots[c, i]
+                s = _score(code, u, now, fp, N, fval, dtab)
+                if best < 0 or s < best_s or (s == best_s and N[LAST, u] < N[LAST, best]):
+                    best = u
+                    best_s = s
+    if not best_s >= 1e-200:
+        return _scan_victim(code, c, t0, now, fp, N, H, fval, slots, dtab)
+    return best
+
+
+@njit(cache=True, nogil=True)
+def _vscan_rebase(n_caches, H, N, fval, slots, vp, qrate, ref):
+    """:func:`_rebase` for the vector-scan keys (between rows: no key is masked)."""
+    for c in range(n_caches):
+        for i in range(H[c, OCC]):
+            u = slots[c, i]
+            p = _orderable(fval[u] * math.exp(qrate * float(N[STAMP, u] - ref)))
+            vp[c, i] = (p & ~VLOW) | i
 
 
 # ---- hobbit on large caches: the staircase ---------------------------------------------------------
@@ -543,6 +714,9 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
     """Replay rows (atomic per row; sequential = rows of width 1) under the built-in policy whose code
     is ``len(spec)`` (see :func:`kernel_spec`). Returns (requests, hits) per group."""
     code = len(spec)  # a compile-time constant: each policy gets its own specialisation, dead branches gone
+    vscan = code >= VSCAN
+    if vscan:
+        code -= VSCAN
     heaped = code >= HEAPED
     if heaped:
         code -= HEAPED
@@ -575,6 +749,8 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
     buf = np.empty(w + 1, np.int64)
     stk = np.empty(kmax + 2, np.int64)
     decaying = code == LFU_DECAY or code == GATE_WEIGHTED or code == LRFU
+    dtab = _decay_table(code, fp)
+    vp = np.zeros((n_caches, kmax) if vscan else (1, 1), np.int64)  # vector scan: priority by slot index
     qrate = fp[P_RATE] * math.log(2.0) if code == LRFU else fp[P_RATE]  # score = value * e^(-qrate * age)
     ref = 0      # heap priorities of the decaying scores: value * e^(qrate * (stamp - ref)), see _prio
     e_now = 1.0  # e^(qrate * (now - ref))
@@ -597,10 +773,13 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
             continue
         base = c * n_keys
         now = clock[r]
-        if heaped and decaying and now != e_at:
+        if (heaped or vscan) and decaying and now != e_at:
             if qrate * float(now - ref) > 500.0:  # e_now would near overflow: re-base every priority
                 ref = now
-                _rebase(n_caches, H, N, fval, slots, hp, hl, qrate, ref)
+                if vscan:
+                    _vscan_rebase(n_caches, H, N, fval, slots, vp, qrate, ref)
+                else:
+                    _rebase(n_caches, H, N, fval, slots, hp, hl, qrate, ref)
             e_now = math.exp(qrate * float(now - ref))
             e_at = now
         # look up + access, router order
@@ -617,11 +796,11 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
             elif code == OPT:
                 N[NUSE, u] = nxt_use[r, j]
             elif code == LRFU:
-                fval[u] = 1.0 + fval[u] * 0.5 ** (fp[P_RATE] * float(now - N[STAMP, u]))
+                fval[u] = 1.0 + fval[u] * _decay(code, now - N[STAMP, u], fp, dtab)
                 N[STAMP, u] = now
             elif code == LFU_DECAY or code == GATE_WEIGHTED:
                 inc = 1.0 if code == LFU_DECAY else float(weights[r, j])
-                fval[u] = fval[u] * math.exp((-fp[P_RATE]) * float(now - N[STAMP, u])) + inc
+                fval[u] = fval[u] * _decay(code, now - N[STAMP, u], fp, dtab) + inc
                 N[STAMP, u] = now
             if walk and N[RES, u]:  # the staircase: u becomes the most recent and counts one more
                 M[MCNT, c, N[SLOT, u]] += 1
@@ -650,6 +829,8 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                 if N[PEND, u]:  # u itself was on it, at lo - 1
                     N[PEND, u] = 0
                     _stairs_expose(c, lo - 1, N[NXT, u], t0, N, H, M)
+            if vscan and N[RES, u]:
+                vp[c, N[SLOT, u]] = VMASK  # in the row: never the minimum until its priority is written
             if heap and N[RES, u]:
                 _heap_set(code, c, N[SLOT, u], H[c, OCC], u, e_now, N, fval, slots, hp, hl)
             if code == SIEVE:
@@ -736,12 +917,16 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                             break
                         i += 1
                     v = slots[c, i]
+                elif vscan and decaying:
+                    v = _vscan_decay_victim(code, c, t0, now, fp, N, H, fval, slots, vp, dtab)
+                elif vscan:
+                    v = _vscan_victim(c, H[c, OCC], N, slots, vp)
                 elif heaped and decaying:
-                    v = _decay_victim(code, c, t0, now, fp, N, H, fval, slots, hp, hl, stk)
+                    v = _decay_victim(code, c, t0, now, fp, N, H, fval, slots, hp, hl, stk, dtab)
                 elif heaped:
                     v = slots[c, _heap_min(c, t0, H[c, OCC], slots, hp, hl, stk)]
                 else:
-                    v = _scan_victim(code, c, t0, now, fp, N, H, fval, slots)
+                    v = _scan_victim(code, c, t0, now, fp, N, H, fval, slots, dtab)
                 # evict
                 N[RES, v] = 0
                 H[c, OCC] -= 1
@@ -763,6 +948,8 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                             M[MR1, c, i] -= 1
                         _stairs_expose(c, k_v, N[NXT, v], t0, N, H, M)
                         _unlink(v, c, N, H)
+                    if vscan:  # the moved key names its new slot (a masked one stays above every key)
+                        vp[c, i] = (vp[c, H[c, OCC]] & ~VLOW) | i
                     if code == LFU_CACHE:
                         N[IVAL, v] = 0
                 else:
@@ -789,6 +976,8 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                             break
                         M[MR2, c, i] += 1
                     _append(u, c, 0, N, H)
+                if vscan:
+                    vp[c, H[c, OCC]] = VMASK
                 if code == FIFO_SCAN:
                     tick += 1
                     N[STAMP, u] = tick
@@ -803,6 +992,10 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                 _append(u, c, 0, N, H)
                 N[IVAL, u] = 0
             H[c, OCC] += 1
+        if vscan:  # the row's keys, now that no victim is chosen among the others until the next row
+            for j in range(w):
+                u = base + keys[r, j]
+                vp[c, N[SLOT, u]] = _vkey(code, u, N[SLOT, u], e_now, N, fval)
         if code == LRU or walk:  # the row's keys become the most recent, router order
             for j in range(w):
                 u = base + keys[r, j]
@@ -862,6 +1055,7 @@ def stack_depths(spec, cache, keys, clock, weights, n_caches, n_keys, nxt_use, f
     used = np.zeros(n_caches, np.int64)
     hist = np.zeros(n_keys + 1, np.int64)
     pool = np.empty(w + 1, np.int64)
+    dtab = _decay_table(code, fp)
     tick = 0
     for r in range(n):
         c = cache[r]
@@ -886,11 +1080,11 @@ def stack_depths(spec, cache, keys, clock, weights, n_caches, n_keys, nxt_use, f
             elif code == OPT:
                 N[NUSE, u] = nxt_use[r, j]
             elif code == LRFU:
-                fval[u] = 1.0 + fval[u] * 0.5 ** (fp[P_RATE] * float(now - N[STAMP, u]))
+                fval[u] = 1.0 + fval[u] * _decay(code, now - N[STAMP, u], fp, dtab)
                 N[STAMP, u] = now
             else:  # lfu-decay, gate-weighted
                 inc = 1.0 if code == LFU_DECAY else float(weights[r, j])
-                fval[u] = fval[u] * math.exp((-fp[P_RATE]) * float(now - N[STAMP, u])) + inc
+                fval[u] = fval[u] * _decay(code, now - N[STAMP, u], fp, dtab) + inc
                 N[STAMP, u] = now
         # positions 0..w-1: the row; below, after old position i, exactly i + 1 - w of the others
         # (the highest-priority ones seen so far) are placed; the rest stay in the pool
@@ -903,9 +1097,9 @@ def stack_depths(spec, cache, keys, clock, weights, n_caches, n_keys, nxt_use, f
                 m += 1
             while out <= i and m > 0:
                 b = 0
-                sb = _score(code, pool[0], now, fp, N, fval)
+                sb = _score(code, pool[0], now, fp, N, fval, dtab)
                 for t in range(1, m):
-                    s = _score(code, pool[t], now, fp, N, fval)
+                    s = _score(code, pool[t], now, fp, N, fval, dtab)
                     if s > sb or (s == sb and N[LAST, pool[t]] > N[LAST, pool[b]]):
                         b = t
                         sb = s
