@@ -10,7 +10,7 @@ pieces and compiled kernels) moved to another GPU by its datasheet numbers:
   (the H200's measured curve ends at 64 tokens; beyond it its last point stands for the memory part);
 - layer (combine, norm, 4-bit q/k/v/o dequant, SDPA over the static KV cache, gate) and the final piece
   (combine, LM head): memory bound, scaled by the bandwidth ratio;
-- the engine's per-token overhead (event waits and launch gaps, 1.218 ms measured) is host-side: kept;
+- the engine's per-token overhead (event waits and launch gaps, 0.403 ms measured) is host-side: kept;
 - the engine terms (`engine` block: per-miss issue cost, routing hand-off, host copy issue) are host/driver
   costs: kept; so is the speculative predict piece (`predict_s`): a few tiny kernels (RMSNorm, a 4096 x 8
   router, top-k over 64 KB of weights) bound by launch latency inside the graph, not by bandwidth;
@@ -83,7 +83,10 @@ def preset(name: str, h200: dict) -> dict:
                   "per_context_s": round(h200["layer"].get("per_context_s", 0.0) * ratio, 12)},
         "token": {"base_s": round(token_pieces * ratio + overhead, 9), "per_token_s": 0.0,
                   "engine_overhead_s": overhead},
-        "engine": {k: v for k, v in (h200.get("engine") or {}).items() if k != "sources"}
+        # the stream hops are the H200 engine's GPU-side gaps between its streams (CUPTI), measured on no
+        # other GPU: left out (0), as before they existed
+        "engine": {k: v for k, v in (h200.get("engine") or {}).items()
+                   if k not in ("sources", "copy_hop_s", "ready_hop_s")}
                   | {"sources": {"all": "the H200's measured engine terms (reports/fidelity_h200.md, "
                                         "reports/decoder_h200.md), unscaled: host/driver costs, and the predict "
                                         "piece, whose few tiny kernels (64 KB of router weights) are launch-latency "

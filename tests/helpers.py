@@ -30,3 +30,10 @@ def random_trace(path: Path, rng: np.random.Generator, *, tokens: int, num_layer
     p /= p.sum()
     rows = np.array([rng.choice(num_experts, size=top_k, replace=False, p=p) for _ in range(tokens * num_layers)])
     return write_trace(path, rows, num_layers=num_layers, num_experts=num_experts)
+
+
+def skewed_sets(rng: np.random.Generator, num_experts: int, k: int, n: int, concentration: float) -> list[list[int]]:
+    """``n`` sets of ``k`` distinct keys of ``num_experts``, popularity from one Dirichlet(``concentration``)
+    draw: skewed as routing is (lower concentration, more skew)."""
+    p = rng.dirichlet(np.ones(num_experts) * concentration)
+    return [list(rng.choice(num_experts, k, replace=False, p=p)) for _ in range(n)]

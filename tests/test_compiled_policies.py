@@ -12,7 +12,7 @@ from moesim.errors import UsageError
 from moesim.policies import policy_names
 from moesim.simulator import policy_kernels
 from moesim.simulator.replay import build_stream, mrc, replay_stream, simulate
-from tests.helpers import random_trace, write_trace
+from tests.helpers import random_trace, skewed_sets, write_trace
 
 ALL = policy_names()
 SCOPES = [("layer", "atomic"), ("layer", "sequential"), ("global", "atomic"), ("global", "sequential")]
@@ -66,9 +66,8 @@ sets_strategy = st.integers(3, 24).flatmap(lambda e: st.tuples(
 def test_compiled_equals_class_on_random_traces_property(tmp_path_factory, data):
     e, k, seed, n, name, (scope, semantics), extra = data
     rng = np.random.default_rng(seed)
-    p = rng.dirichlet(np.ones(e) * 0.4)
     layers = 2
-    sets = [list(rng.choice(e, k, replace=False, p=p)) for _ in range(n * layers)]
+    sets = skewed_sets(rng, e, k, n * layers, 0.4)
     t = write_trace(tmp_path_factory.mktemp("h") / "t.parquet", sets, num_layers=layers, num_experts=e)
     n_keys = e if scope == "layer" else e * layers
     size = min(n_keys, k + extra)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from moesim.simulator import policy_kernels as pk
 from moesim.simulator.replay import _compiled, build_stream, replay_stream
-from tests.helpers import write_trace
+from tests.helpers import skewed_sets, write_trace
 
 A, B, C, D = range(4)
 
@@ -65,8 +65,7 @@ def test_staircase_equals_scan_and_class_property(tmp_path_factory, data):
     e, k, seed, n, semantics, scope, extra, w = data
     k = min(k, e)
     rng = np.random.default_rng(seed)
-    p = rng.dirichlet(np.ones(e) * 0.3)
-    sets = [list(rng.choice(e, k, replace=False, p=p)) for _ in range(2 * n)]
+    sets = skewed_sets(rng, e, k, 2 * n, 0.3)
     t = write_trace(tmp_path_factory.mktemp("h") / "t.parquet", sets, num_layers=2, num_experts=e)
     n_keys = e * (2 if scope == "global" else 1)
     _hits_every_path(t, min(n_keys, k + extra), {"w_recency": w}, scope, semantics)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from moesim.simulator import policy_kernels as pk
 from moesim.simulator.replay import _compiled, build_stream, replay_stream, simulate
-from tests.helpers import write_trace
+from tests.helpers import skewed_sets, write_trace
 
 HEAPED_NAMES = [name for name, code in pk.CODES.items() if code in pk.HEAP_CODES]
 VSCAN_NAMES = [name for name, code in pk.CODES.items() if code in pk.VSCAN_CODES]
@@ -113,8 +113,7 @@ def test_heap_equals_scan_and_class_property(tmp_path_factory, data):
     e, k, seed, n, name, semantics, scope, extra, half_life = data
     k = min(k, e)
     rng = np.random.default_rng(seed)
-    p = rng.dirichlet(np.ones(e) * 0.3)
-    sets = [list(rng.choice(e, k, replace=False, p=p)) for _ in range(2 * n)]
+    sets = skewed_sets(rng, e, k, 2 * n, 0.3)
     weights = np.round(rng.dirichlet(np.ones(k), size=len(sets)), 2)  # repeated values: score ties
     t = write_trace(tmp_path_factory.mktemp("p") / "t.parquet", sets, num_layers=2, num_experts=e, weights=weights)
     n_keys = e * (2 if scope == "global" else 1)

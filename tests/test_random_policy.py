@@ -12,7 +12,7 @@ from moesim.policies.eviction import Random
 from moesim.policies.seeded import MASK64, draw_below, splitmix64
 from moesim.simulator import policy_kernels as pk
 from moesim.simulator.replay import build_stream, mrc, replay_stream, simulate
-from tests.helpers import write_trace
+from tests.helpers import skewed_sets, write_trace
 
 
 def _outputs(state: int, n: int) -> list[int]:
@@ -102,8 +102,7 @@ def test_compiled_equals_class_property(tmp_path_factory, data):
     e, k, seed, n, semantics, scope, extra, policy_seed = data
     k = min(k, e)
     rng = np.random.default_rng(seed)
-    p = rng.dirichlet(np.ones(e) * 0.4)
-    sets = [list(rng.choice(e, k, replace=False, p=p)) for _ in range(2 * n)]
+    sets = skewed_sets(rng, e, k, 2 * n, 0.4)
     t = write_trace(tmp_path_factory.mktemp("r") / "t.parquet", sets, num_layers=2, num_experts=e)
     n_keys = e * (2 if scope == "global" else 1)
     size = min(n_keys, k + extra)

@@ -55,7 +55,8 @@ def test_all_resident_runs_at_the_compute_bound(small):
                                             for S in s.layers.values()) for s in steps)
     compulsory = r.misses * cost.copy_seconds(cost.expert_bytes())
     assert bound <= r.total_s <= bound + compulsory + 1e-12
-    warm = simulate_timing(small, "lru", 8, cost.with_overrides(pcie_gbps=1e9, pcie_latency_us=0))
+    # copies free and no per-miss issue cost (the preset carries the H200's measured 1.3 us)
+    warm = simulate_timing(small, "lru", 8, cost.with_overrides(pcie_gbps=1e9, pcie_latency_us=0, miss_issue_us=0))
     assert warm.total_s == pytest.approx(bound, rel=1e-6)
 
 
