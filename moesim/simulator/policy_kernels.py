@@ -265,6 +265,15 @@ def _prio(code, u, e_now, N, fval):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _heap_put(c, i, u, p_u, l_u, N, slots, hp, hl):
+    """Node ``u`` with priority ``p_u`` and tie ``l_u`` at heap index ``i`` (and its slot index noted)."""
+    slots[c, i] = u
+    hp[c, i] = p_u
+    hl[c, i] = l_u
+    N[SLOT, u] = i
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _sift_up(c, i, N, slots, hp, hl):
     u = slots[c, i]
     p_u = hp[c, i]
@@ -273,16 +282,9 @@ def _sift_up(c, i, N, slots, hp, hl):
         p = (i - 1) >> 1
         if hp[c, p] < p_u or (hp[c, p] == p_u and hl[c, p] < l_u):
             break
-        v = slots[c, p]
-        slots[c, i] = v
-        hp[c, i] = hp[c, p]
-        hl[c, i] = hl[c, p]
-        N[SLOT, v] = i
+        _heap_put(c, i, slots[c, p], hp[c, p], hl[c, p], N, slots, hp, hl)
         i = p
-    slots[c, i] = u
-    hp[c, i] = p_u
-    hl[c, i] = l_u
-    N[SLOT, u] = i
+    _heap_put(c, i, u, p_u, l_u, N, slots, hp, hl)
     return i
 
 
@@ -299,16 +301,9 @@ def _sift_down(c, i, occ, N, slots, hp, hl):
             m += 1
         if p_u < hp[c, m] or (p_u == hp[c, m] and l_u < hl[c, m]):
             break
-        v = slots[c, m]
-        slots[c, i] = v
-        hp[c, i] = hp[c, m]
-        hl[c, i] = hl[c, m]
-        N[SLOT, v] = i
+        _heap_put(c, i, slots[c, m], hp[c, m], hl[c, m], N, slots, hp, hl)
         i = m
-    slots[c, i] = u
-    hp[c, i] = p_u
-    hl[c, i] = l_u
-    N[SLOT, u] = i
+    _heap_put(c, i, u, p_u, l_u, N, slots, hp, hl)
 
 
 @njit(cache=True, nogil=True, inline="always")
