@@ -25,7 +25,8 @@ def markdown(r: dict, raw_dir: str) -> str:
     shapes = [s for s in SHAPES if any(x["shape"] == s for x in r["runs"])]
     lines = ["# How the engine orders its two streams: measured (NVIDIA H200)", "",
              f"Device run {r['date']} (`python3 benchmarks/gpu_engine_sync.py --out $OUT --budget 230`), report "
-             f"`python benchmarks/make_engine_sync_report.py {raw_dir} -o reports/engine_sync_h200.md`. Mixtral "
+             f"`python benchmarks/make_engine_sync_report.py {raw_dir} -o reports/engine_sync_h200.md`"
+             + (f"; code: {r['code']}" if r.get("code") else "") + ". Mixtral "
              "geometry, hqq2 experts, random weights, residency proof on; synthetic routings no validation cell uses.",
              "", "Stream orders (`moesim.engine.sync.SyncMode`): `plain` = every cross-stream wait issued, untimed "
              "events, the CPU queueing a whole step ahead (the engine before this change); `elide` = waits that "
