@@ -224,6 +224,59 @@ def test_cache_dir_default(monkeypatch, tmp_path):
     assert stream_cache.cache_root() == tmp_path / "home" / ".cache" / "moesim"
 
 
+def _three_files(tmp_path):
+    paths = []
+    for seed in range(3):
+        path = tmp_path / f"t{seed}.parquet"
+        synthesize(load_preset("mixtral-8x7b"), 120, seed, path, progress=False)
+        paths.append(path)
+    return paths
+
+
+def test_size_bound_removes_the_least_recently_used_entries(tmp_path, cache_dir, monkeypatch):
+    a, b, c = _three_files(tmp_path)
+    simulate(read_trace(a, lazy=True, replay_cache=True), "lru", 4)
+    [entry_a] = _entries(cache_dir)
+    simulate(read_trace(b, lazy=True, replay_cache=True), "lru", 4)
+    [entry_b] = [p for p in _entries(cache_dir) if p != entry_a]
+    os.utime(entry_a, ns=(0, 0))  # both long ago, a's first; then a hit marks a's used now
+    os.utime(entry_b, ns=(10**9, 10**9))
+    simulate(read_trace(a, lazy=True, replay_cache=True), "lru", 4)
+    assert entry_a.stat().st_mtime_ns > 10**9
+    # room for about two entries: writing c's removes b's (the least recently used), keeps a's
+    monkeypatch.setenv("MOESIM_CACHE_MAX_GB", str(2.5 * entry_a.stat().st_size / 2**30))
+    simulate(read_trace(c, lazy=True, replay_cache=True), "lru", 4)
+    after = _entries(cache_dir)
+    assert entry_a in after and entry_b not in after and len(after) == 2
+    # a bound below one entry keeps only the one just written
+    monkeypatch.setenv("MOESIM_CACHE_MAX_GB", "0")
+    simulate(read_trace(b, lazy=True, replay_cache=True), "lru", 4)
+    assert _entries(cache_dir) == [entry_b]
+
+
+def test_default_size_bound_and_bad_values(monkeypatch):
+    monkeypatch.delenv("MOESIM_CACHE_MAX_GB", raising=False)
+    assert stream_cache.max_bytes() == 16 * 2**30
+    monkeypatch.setenv("MOESIM_CACHE_MAX_GB", "0.5")
+    assert stream_cache.max_bytes() == 2**29
+    for bad in ("-1", "lots", "nan", "inf"):
+        monkeypatch.setenv("MOESIM_CACHE_MAX_GB", bad)
+        with pytest.raises(stream_cache.UsageError, match="MOESIM_CACHE_MAX_GB"):
+            stream_cache.max_bytes()
+
+
+def test_cli_reports_a_bad_size_bound_in_one_line(tmp_path):
+    trace = tmp_path / "t.parquet"
+    synthesize(load_preset("mixtral-8x7b"), 50, 0, trace, progress=False)
+    cache = tmp_path / "cache"
+    r = subprocess.run([sys.executable, "-m", "moesim", "simulate", str(trace), "--policy", "lru", "--cache-size", "4"],
+                       capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO), "MOESIM_CACHE_DIR": str(cache),
+                            "MOESIM_CACHE_MAX_GB": "ten"})
+    assert r.returncode == 2 and "MOESIM_CACHE_MAX_GB" in r.stderr and "'ten'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not cache.exists()
+
+
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "moesim", *args], capture_output=True, text=True, check=True,
                           env={**os.environ, "PYTHONPATH": str(REPO), **env}, cwd=REPO)

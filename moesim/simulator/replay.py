@@ -151,6 +151,7 @@ def _stream_arrays(trace: Trace, scope: str, semantics: str) -> tuple:
         return memo[key]
     entry = None
     if trace.source is not None and trace.path is not None and stream_cache.enabled():
+        stream_cache.max_bytes()  # a bad $MOESIM_CACHE_MAX_GB is reported before any work
         entry = stream_cache.entry_path(trace.path, trace.source, trace.meta.to_json(), scope, semantics)
         found = stream_cache.load(entry)
         if found is not None:
@@ -370,7 +371,7 @@ def replay_stream(stream: RequestStream, policy: PolicySpec, params: dict[str, A
     code, fp, mt = compiled
     nxt = stream.next_use() if code == policy_kernels.OPT else np.zeros((1, 1), np.int64)
     weights = stream.weights if code == policy_kernels.GATE_WEIGHTED else _NO_WEIGHTS
-    spec = policy_kernels.kernel_spec(code, stream.sizes)
+    spec = policy_kernels.kernel_spec(code, stream.sizes, stream.keys.size)
 
     def builtin(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return policy_kernels.replay_builtin(spec, stream.cache, stream.keys, stream.clock, weights, stream.group,
@@ -469,7 +470,7 @@ def mrc(trace: Trace, policy: PolicySpec, sizes: Sequence[int] | None = None, *,
     elif compiled is not None:
         code, fp, mt = compiled
         nxt = stream.next_use() if code == policy_kernels.OPT else np.zeros((1, 1), np.int64)
-        spec = policy_kernels.kernel_spec(code, np.asarray([max(sizes)]))
+        spec = policy_kernels.kernel_spec(code, np.asarray([max(sizes)]), stream.keys.size)
         weights = stream.weights if code == policy_kernels.GATE_WEIGHTED else _NO_WEIGHTS
         args = (stream.cache, stream.keys, stream.clock, weights, stream.group)
         n_workers = workers or min(len(sizes), os.cpu_count() or 1)

@@ -19,6 +19,10 @@ its header, size, end marker and a checksum of every array are checked: a trunca
 foreign entry is deleted and the stream rebuilt. ``MOESIM_NO_CACHE=1`` (or ``--no-cache``) turns the
 cache off.
 
+The directory is bounded: after a write, the least recently used entries (a hit marks its entry used)
+are removed until the entries take at most ``$MOESIM_CACHE_MAX_GB`` GiB (default 16; the entry just
+written is always kept, whatever its size).
+
 The arrays are stored as the replay's int64 arrays and memory-mapped (private, copy-on-write: the
 kernels see ordinary writable arrays): a fresh process then maps pages of the page cache instead of
 faulting in new zeroed memory, which cost more than the replay itself (measured, 9.6M rows: widening
@@ -42,8 +46,12 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from moesim.errors import UsageError
+
 ENV_DIR = "MOESIM_CACHE_DIR"
 ENV_OFF = "MOESIM_NO_CACHE"
+ENV_MAX = "MOESIM_CACHE_MAX_GB"
+DEFAULT_MAX_GB = 16.0
 FORMAT = 1
 MAGIC = b"MOESIMRS"
 END = b"MOESIMRE"
@@ -56,6 +64,20 @@ _STALE_TEMP_S = 3600.0  # temp files of writers that died are removed after this
 def enabled() -> bool:
     """Whether the cache is on: ``$MOESIM_NO_CACHE`` unset, empty or 0."""
     return os.environ.get(ENV_OFF, "").strip().lower() in ("", "0", "false", "no")
+
+
+def max_bytes() -> int:
+    """The entries' size bound: ``$MOESIM_CACHE_MAX_GB`` GiB (a number >= 0; unset or empty: 16)."""
+    raw = os.environ.get(ENV_MAX, "").strip()
+    if not raw:
+        return int(DEFAULT_MAX_GB * 2**30)
+    try:
+        gb = float(raw)
+    except ValueError:
+        gb = -1.0
+    if not gb >= 0.0 or gb == float("inf"):
+        raise UsageError(f"${ENV_MAX} must be a number of GiB >= 0, not {raw!r}")
+    return int(gb * 2**30)
 
 
 def cache_root() -> Path:
@@ -126,6 +148,7 @@ def store(path: Path, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> bo
         os.replace(tmp, path)
         tmp = None
         _remove_stale(path)
+        _bound(path, max_bytes())
         return True
     except OSError:
         return False
@@ -146,6 +169,24 @@ def _remove_stale(path: Path) -> None:
                 other.unlink(missing_ok=True)
         except OSError:
             pass
+
+
+def _bound(keep: Path, limit: int) -> None:
+    """Remove the least recently used entries (by modification time: a hit touches its entry) other than
+    ``keep`` until all of them take at most ``limit`` bytes."""
+    entries = []
+    for other in keep.parent.glob("*.stream"):
+        try:
+            st = other.stat()
+        except OSError:  # removed meanwhile (another writer's bound)
+            continue
+        entries.append((other == keep, st.st_mtime_ns, st.st_size, other))
+    total = sum(size for _, _, size, _ in entries)
+    for kept, _, size, other in sorted(entries):  # the oldest first, ``keep`` last
+        if total <= limit or kept:
+            break
+        _discard(other)
+        total -= size
 
 
 class _Corrupt(Exception):
@@ -175,10 +216,15 @@ def load(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
         _discard(path)
         return None
     try:
-        return _parse(mm, path)
+        found = _parse(mm, path)
     except (_Corrupt, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError):
         _discard(path)
         return None
+    try:
+        os.utime(path)  # used now: the size bound removes the least recently used entries first
+    except OSError:
+        pass
+    return found
 
 
 def _parse(mm: mmap.mmap, path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -1,7 +1,8 @@
-"""hobbit on large caches (the staircase, policy_kernels._hobbit_victim_stairs) against the slot scan
-of every candidate's two ranks and the reference class (itself a brute-force ranking): hand-traced
-ties, weights at and beyond the ends of [0, 1], and random streams with sets up to 6 wide (several
-resident row keys among the candidates' frequency ranks) in both scopes and semantics."""
+"""hobbit on larger caches -- the rank vectors (policy_kernels._ranks_*, mid-sized caches) and the
+staircase (the largest ones) -- against the slot scan of every candidate's two ranks and the reference
+class (itself a brute-force ranking): hand-traced ties, weights at and beyond the ends of [0, 1], and
+random streams with sets up to 6 wide (several resident row keys among the candidates' frequency ranks)
+in both scopes and semantics."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from tests.helpers import skewed_sets, write_trace
 A, B, C, D = range(4)
 
 
-def _kernel_hits(stream, params, *, staircase: bool) -> list[int]:
+def _kernel_hits(stream, params, *, path: str) -> list[int]:
     code, fp, rng = _compiled("hobbit", params)
-    spec = (0,) * (code + (pk.HEAPED if staircase else 0))
+    spec = (0,) * (code + {"scan": 0, "staircase": pk.HEAPED, "ranks": pk.VSCAN}[path])
     _, hit = pk.replay_builtin(spec, stream.cache, stream.keys, stream.clock, stream.weights, stream.group,
                                stream.sizes, stream.n_keys, stream.n_groups, np.zeros((1, 1), np.int64), fp, rng)
     return hit.tolist()
@@ -28,14 +29,20 @@ def _kernel_hits(stream, params, *, staircase: bool) -> list[int]:
 def _hits_every_path(trace, size, params=None, scope="layer", semantics="atomic") -> int:
     s = build_stream(trace, size, scope, semantics)
     ref = replay_stream(s, "hobbit", params, force_generic=True)[1].tolist()
-    assert _kernel_hits(s, params, staircase=False) == ref, "scan"
-    assert _kernel_hits(s, params, staircase=True) == ref, "staircase"
+    for path in ("scan", "staircase", "ranks"):
+        assert _kernel_hits(s, params, path=path) == ref, path
     return sum(ref)
 
 
-def test_large_caches_take_the_staircase():
-    assert len(pk.kernel_spec(pk.HOBBIT, np.array([pk.HEAP_MIN_SLOTS]))) == pk.HOBBIT + pk.HEAPED
+def test_mid_sized_caches_take_the_rank_vectors_and_the_largest_the_staircase():
     assert len(pk.kernel_spec(pk.HOBBIT, np.array([pk.HEAP_MIN_SLOTS - 1]))) == pk.HOBBIT
+    for k in (pk.HEAP_MIN_SLOTS, 128, pk.VSCAN_MAX_SLOTS):
+        assert len(pk.kernel_spec(pk.HOBBIT, np.array([k]))) == pk.HOBBIT + pk.VSCAN
+    assert len(pk.kernel_spec(pk.HOBBIT, np.array([pk.VSCAN_MAX_SLOTS + 1]))) == pk.HOBBIT + pk.HEAPED
+    # the rank vectors count in int32: a stream of more requests than that takes the staircase
+    for requests, band in ((pk.RANKS_MAX_REQUESTS, pk.VSCAN), (pk.RANKS_MAX_REQUESTS + 1, pk.HEAPED)):
+        assert len(pk.kernel_spec(pk.HOBBIT, np.array([128]), requests)) == pk.HOBBIT + band
+    assert len(pk.kernel_spec(pk.OPT, np.array([128]), pk.RANKS_MAX_REQUESTS + 1)) == pk.OPT + pk.VSCAN
 
 
 def test_a_score_tie_goes_to_the_least_recent(tmp_path):
@@ -60,8 +67,9 @@ def test_keys_hidden_behind_a_leaving_staircase_key_join_it(tmp_path):
 @given(data=st.tuples(st.integers(4, 20), st.integers(1, 6), st.integers(0, 2**32 - 1), st.integers(5, 80),
                       st.sampled_from(["atomic", "sequential"]), st.sampled_from(["layer", "global"]),
                       st.integers(0, 30), st.sampled_from([0.0, 0.2, 0.5, 0.5, 0.8, 1.0, 1.5, -0.5])))
-def test_staircase_equals_scan_and_class_property(tmp_path_factory, data):
-    # weights outside [0, 1] take the slot scan (the staircase argument needs 0 <= w <= 1)
+def test_every_path_equals_the_class_property(tmp_path_factory, data):
+    # the staircase takes the slot scan for weights outside [0, 1] (its argument needs 0 <= w <= 1); the rank
+    # vectors take any weight
     e, k, seed, n, semantics, scope, extra, w = data
     k = min(k, e)
     rng = np.random.default_rng(seed)
