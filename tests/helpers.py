@@ -23,6 +23,21 @@ def write_trace(path: Path, sets: list[list[int]] | np.ndarray, *, num_layers: i
     return read_trace(path)
 
 
+def skewed_trace(path: Path, e: int, k: int, seed: int, n: int, scope: str, extra: int, concentration: float,
+                 *, weighted: bool = False):
+    """A 2-layer trace of ``2 n`` skewed sets (:func:`skewed_sets`) of ``min(k, e)`` of ``e`` experts, and a
+    cache size from the set width up to every key of ``scope`` (width + ``extra``): the shape of the
+    compiled-vs-class property tests. ``weighted``: routing weights rounded to 2 digits (score ties).
+    Returns (trace, cache size)."""
+    k = min(k, e)
+    rng = np.random.default_rng(seed)
+    sets = skewed_sets(rng, e, k, 2 * n, concentration)
+    weights = np.round(rng.dirichlet(np.ones(k), size=len(sets)), 2) if weighted else None
+    t = write_trace(path, sets, num_layers=2, num_experts=e, weights=weights)
+    n_keys = e * (2 if scope == "global" else 1)
+    return t, min(n_keys, k + extra)
+
+
 def random_trace(path: Path, rng: np.random.Generator, *, tokens: int, num_layers: int, num_experts: int, top_k: int,
                  skew: float = 1.0):
     """Random top-k sets with Zipf-like popularity (distinct experts per row)."""

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from moesim.simulator import policy_kernels as pk
 from moesim.simulator.replay import _compiled, build_stream, replay_stream
-from tests.helpers import skewed_sets, write_trace
+from tests.helpers import skewed_trace, write_trace
 
 A, B, C, D = range(4)
 
@@ -71,12 +71,8 @@ def test_every_path_equals_the_class_property(tmp_path_factory, data):
     # the staircase takes the slot scan for weights outside [0, 1] (its argument needs 0 <= w <= 1); the rank
     # vectors take any weight
     e, k, seed, n, semantics, scope, extra, w = data
-    k = min(k, e)
-    rng = np.random.default_rng(seed)
-    sets = skewed_sets(rng, e, k, 2 * n, 0.3)
-    t = write_trace(tmp_path_factory.mktemp("h") / "t.parquet", sets, num_layers=2, num_experts=e)
-    n_keys = e * (2 if scope == "global" else 1)
-    _hits_every_path(t, min(n_keys, k + extra), {"w_recency": w}, scope, semantics)
+    t, size = skewed_trace(tmp_path_factory.mktemp("h") / "t.parquet", e, k, seed, n, scope, extra, 0.3)
+    _hits_every_path(t, size, {"w_recency": w}, scope, semantics)
 
 
 @pytest.mark.parametrize("semantics", ["atomic", "sequential"])

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from moesim.simulator import policy_kernels as pk
 from moesim.simulator.replay import _compiled, build_stream, replay_stream, simulate
-from tests.helpers import skewed_sets, write_trace
+from tests.helpers import skewed_trace, write_trace
 
 HEAPED_NAMES = [name for name, code in pk.CODES.items() if code in pk.HEAP_CODES]
 VSCAN_NAMES = [name for name, code in pk.CODES.items() if code in pk.VSCAN_CODES]
@@ -111,15 +111,10 @@ def test_underflowed_scores_tie_at_zero_like_the_class(tmp_path):
 def test_heap_equals_scan_and_class_property(tmp_path_factory, data):
     # widths up to 6 put several row keys at the top of the heap (atomic); sizes from top-k to all keys
     e, k, seed, n, name, semantics, scope, extra, half_life = data
-    k = min(k, e)
-    rng = np.random.default_rng(seed)
-    sets = skewed_sets(rng, e, k, 2 * n, 0.3)
-    weights = np.round(rng.dirichlet(np.ones(k), size=len(sets)), 2)  # repeated values: score ties
-    t = write_trace(tmp_path_factory.mktemp("p") / "t.parquet", sets, num_layers=2, num_experts=e, weights=weights)
-    n_keys = e * (2 if scope == "global" else 1)
+    t, size = skewed_trace(tmp_path_factory.mktemp("p") / "t.parquet", e, k, seed, n, scope, extra, 0.3, weighted=True)
     params = {"lfu-decay": {"half_life": half_life}, "gate-weighted": {"half_life": half_life},
               "lrfu": {"lam": min(1.0, 1.0 / half_life)}}.get(name)
-    _hits_every_path(t, name, min(n_keys, k + extra), params, scope, semantics)
+    _hits_every_path(t, name, size, params, scope, semantics)
 
 
 @pytest.mark.parametrize("name", HEAPED_NAMES)

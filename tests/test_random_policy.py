@@ -12,7 +12,7 @@ from moesim.policies.eviction import Random
 from moesim.policies.seeded import MASK64, draw_below, splitmix64
 from moesim.simulator import policy_kernels as pk
 from moesim.simulator.replay import build_stream, mrc, replay_stream, simulate
-from tests.helpers import skewed_sets, write_trace
+from tests.helpers import skewed_trace, write_trace
 
 
 def _outputs(state: int, n: int) -> list[int]:
@@ -100,12 +100,7 @@ def test_hand_traced_victims(tmp_path):
                       st.integers(0, 12), st.integers(0, 2**64 - 1)))
 def test_compiled_equals_class_property(tmp_path_factory, data):
     e, k, seed, n, semantics, scope, extra, policy_seed = data
-    k = min(k, e)
-    rng = np.random.default_rng(seed)
-    sets = skewed_sets(rng, e, k, 2 * n, 0.4)
-    t = write_trace(tmp_path_factory.mktemp("r") / "t.parquet", sets, num_layers=2, num_experts=e)
-    n_keys = e * (2 if scope == "global" else 1)
-    size = min(n_keys, k + extra)
+    t, size = skewed_trace(tmp_path_factory.mktemp("r") / "t.parquet", e, k, seed, n, scope, extra, 0.4)
     s = build_stream(t, size, scope, semantics)
     params = {"seed": policy_seed}
     fast, ref = replay_stream(s, "random", params), replay_stream(s, "random", params, force_generic=True)
