@@ -95,6 +95,12 @@ SMALL, MAIN, GHOST = 0, 1, 2         # s3fifo
 # Per-node state is packed in one int64 array N[row, node] and per-cache state in H[cache, col]: a
 # helper call costs per array argument (measured: list ops taking 6 arrays ran at 1/4 the speed of the
 # same ops on 2), so the helpers below take N and H rather than one array per field.
+# Helpers that take the kernel's arrays and allocate nothing are compiled without numba's reference
+# counting (``_nrt=False``): with it, every call (or IR inlining) of a helper with loops increfs and decrefs
+# each array argument, an atomic instruction apiece, which was 40-65% of a global cache's replay time on a
+# 2-core AMD EPYC (gate-weighted and lfu-decay 15.7 -> 30.6M requests/s, lrfu 15.5 -> 33.5, opt 36 -> 47,
+# arc 40 -> 46, s3fifo 33 -> 42). Small helpers called per request stay inlined (their pairs are pruned;
+# as calls, lfu's heap ran 52 -> 33M/s).
 PRV, NXT, TAG, RES, LAST, IVAL, STAMP, NUSE, PEND, SLOT = range(10)
 HEAD, TAIL, LEN = 0, 4, 8            # + list id
 OCC, HAND, DEST, SMALL_SZ, MAIN_SZ, GHOST_SZ, ON_GHOST, EVICTED = range(12, 20)
@@ -126,7 +132,7 @@ def params_of(name: str, policy: object) -> tuple[np.ndarray, np.ndarray]:
 
 # ---- linked lists in arrays ----------------------------------------------------------------------
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)
 def _append(u, c, lst, N, H):
     t = H[c, TAIL + lst]
     N[PRV, u] = t
@@ -140,7 +146,7 @@ def _append(u, c, lst, N, H):
     H[c, LEN + lst] += 1
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)
 def _unlink(u, c, N, H):
     lst = N[TAG, u] - 1
     p = N[PRV, u]
@@ -157,7 +163,7 @@ def _unlink(u, c, N, H):
     H[c, LEN + lst] -= 1
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)
 def _first_allowed(u, t0, N):
     """The first node from ``u`` on (towards the tail) that is not a key of the current row, or -1.
     A node is in the current row iff it was requested after the row began (``LAST > t0``): every key
@@ -349,7 +355,7 @@ def _heap_min(c, t0, occ, slots, hp, hl, stk):
     return best
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)
 def _rebase(n_caches, H, N, fval, slots, hp, hl, qrate, ref):
     """Recompute every decaying priority against a new ``ref`` and rebuild the heaps (rare: once per
     ~500 / rate clock ticks). Long-idle keys may underflow to 0; _decay_victim scans then."""
@@ -362,7 +368,7 @@ def _rebase(n_caches, H, N, fval, slots, hp, hl, qrate, ref):
             _sift_down(c, i, occ, N, slots, hp, hl)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)
 def _decay_victim(code, c, t0, now, fp, N, H, fval, slots, hp, hl, stk, dtab):
     """The class's victim for the decaying scores: lowest float score at ``now``, ties to the least
     recently requested, exactly as :func:`_scan_victim`, looking only where it can be.
@@ -476,7 +482,7 @@ def _vcount(vp, c, occ, bound):
     return n
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True, _nrt=False)
 def _vscan_victim(c, occ, N, slots, vp):
     """opt: the farthest next use, ties to the least recently requested (the heap's order)."""
     m = _vmin(vp, c, occ)
@@ -492,7 +498,7 @@ def _vscan_victim(c, occ, N, slots, vp):
     return best
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True, _nrt=False)
 def _vscan_decay_victim(code, c, t0, now, fp, N, H, fval, slots, vp, dtab):
     """:func:`_decay_victim` over the vector-scan keys: every resident whose priority is within a relative
     1e-9 of the smallest (its key truncated: a relative 2^-43 lower) is a candidate; the candidates are
@@ -522,7 +528,7 @@ def _vscan_decay_victim(code, c, t0, now, fp, N, H, fval, slots, vp, dtab):
     return best
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)
 def _vscan_rebase(n_caches, H, N, fval, slots, vp, qrate, ref):
     """:func:`_rebase` for the vector-scan keys (between rows: no key is masked)."""
     for c in range(n_caches):
@@ -563,7 +569,7 @@ def _count_below(M, c, occ, x):
     return k
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)
 def _stairs_expose(c, k, start, t0, N, H, M):
     """The staircase key at index ``k`` leaves it (the recency ranks after it already lowered; its
     own still its rank): in its place come the keys it hid, i.e. walking the LRU list from ``start``
@@ -618,9 +624,9 @@ def _stairs_expose(c, k, start, t0, N, H, M):
 # rf is lowered for those while the victim is chosen. The score is compared exactly as the class's float:
 # as an integer where the weight allows (_weight_bits), else as the float itself (_orderable keeps the
 # order of negative floats too: any weight works). Ranks are int16 (a cache of at most VSCAN_MAX_SLOTS
-# slots) and counts int32 (see RANKS_MAX_REQUESTS): narrow vector lanes. The passes are written out in replay_builtin: a helper
-# taking the arrays (inlined or not) paid two atomic reference counts per array per call, measured 40% of
-# the run time.
+# slots) and counts int32 (see RANKS_MAX_REQUESTS): narrow vector lanes. The passes are written out in
+# replay_builtin, where they vectorise (as reference-counted helpers, two atomic instructions per array
+# argument per call were 40% of the run time).
 NO_RANK = (1 << 15) - 1  # above every rank
 WM_BITS = 20
 
@@ -637,7 +643,7 @@ def _weight_bits(w):
     return int(m) if m == math.floor(m) else -1
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)
 def _hobbit_victim(c, t0, w, N, H, slots):
     """Lowest w * rank(recency) + (1 - w) * rank(frequency) among the candidates, ties to the LRU."""
     best = -1
@@ -664,7 +670,7 @@ def _hobbit_victim(c, t0, w, N, H, slots):
     return best
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)
 def _sieve_victim(c, t0, N, H):
     v = H[c, HAND] if H[c, HAND] >= 0 else H[c, HEAD]
     while True:
@@ -675,7 +681,7 @@ def _sieve_victim(c, t0, N, H):
         v = N[NXT, v] if N[NXT, v] >= 0 else H[c, HEAD]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)
 def _arc_replace(c, t0, ghost_hit, p, N, H):
     u1 = _first_allowed(H[c, HEAD + T1], t0, N)
     u2 = _first_allowed(H[c, HEAD + T2], t0, N)
@@ -686,7 +692,7 @@ def _arc_replace(c, t0, ghost_hit, p, N, H):
     return u2
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)
 def _arc_victim(c, t0, u_in, size, p, N, H):
     ghost_hit = N[PEND, u_in]
     if ghost_hit:
@@ -706,7 +712,7 @@ def _arc_victim(c, t0, u_in, size, p, N, H):
     return _arc_replace(c, t0, 0, p, N, H)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, _nrt=False)
 def _s3fifo_victim(c, t0, threshold, N, H):
     while True:
         small = _first_allowed(H[c, HEAD + SMALL], t0, N)
