@@ -61,10 +61,11 @@ HEAP_CODES = (LFU, OPT, LFU_CACHE, LFU_DECAY, GATE_WEIGHTED, LRFU, HOBBIT)
 VSCAN = 32
 VSCAN_MAX_SLOTS = 512
 # hobbit on those sizes keeps every resident's two ranks per slot instead (see "rank vectors" below): a hit
-# costs one branch-free pass over the slots, a miss two (the victim, the insertion). Measured (CPU time, 19.2M requests, one global cache
-# of 128 slots, sequential): the staircase 8.3M/s, the rank vectors 21M/s. Their counts are int32 (measured
-# 18.5 -> 21M/s against int64): exact while no key can count more, i.e. up to RANKS_MAX_REQUESTS requests;
-# a longer stream takes the staircase.
+# costs one branch-free pass over the slots, a miss two (the victim, the insertion). Measured (19.2M
+# requests, one global cache of 128 slots, sequential, 2-core AMD EPYC): the staircase 7.2-7.8M/s, the
+# rank vectors 25-31M/s. Their counts are int32 (measured 18.5 -> 21M/s against int64 before the helpers
+# lost their reference counts): exact while no key can count more, i.e. up to RANKS_MAX_REQUESTS
+# requests; a longer stream takes the staircase.
 RANKS_MAX_REQUESTS = (1 << 31) - 1
 VSCAN_CODES = (OPT, LFU_DECAY, GATE_WEIGHTED, LRFU, HOBBIT)  # lfu and lfu-cache: their heap is as fast
 # the decay factors of the first DECAY_TABLE ages (clock ticks) are computed once per replay: the access and
