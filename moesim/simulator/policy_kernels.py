@@ -936,6 +936,13 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                 continue
             hole = -1  # heaps: the victim's index, which the newcomer takes (one sift instead of two)
             if H[c, OCC] >= size:
+                n_row = 0  # hobbit (staircase, rank vectors): the resident row keys' counts
+                if walk or ranks:
+                    for j2 in range(w):
+                        x = base + keys[r, j2]
+                        if N[RES, x]:
+                            buf[n_row] = N[IVAL, x]
+                            n_row += 1
                 if code == LRU or code == FIFO:
                     v = _first_allowed(H[c, HEAD], t0, N)
                 elif code == SIEVE:
@@ -948,12 +955,6 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                 elif walk:  # the lowest w * recency rank + (1 - w) * frequency rank on the staircase
                     # (ranks among the candidates: less the resident row keys counting less), ties to
                     # the least recent; a later key scores at least w * its recency rank
-                    n_row = 0  # the resident row keys' counts
-                    for j2 in range(w):
-                        x = base + keys[r, j2]
-                        if N[RES, x]:
-                            buf[n_row] = N[IVAL, x]
-                            n_row += 1
                     k_v = -1
                     best_s = 0.0
                     for i in range(H[c, STAIRS]):
@@ -970,15 +971,10 @@ def replay_builtin(spec, cache, keys, clock, weights, group, sizes, n_keys, n_gr
                     v = M[MN, c, k_v]
                 elif ranks:  # the lowest score among the candidates, ties to the lowest rr
                     occ = H[c, OCC]
-                    n_row = 0  # the resident row keys' counts: each lowers rf where it counts less
-                    for j2 in range(w):
-                        x = base + keys[r, j2]
-                        if N[RES, x]:
-                            buf[n_row] = N[IVAL, x]
-                            n_row += 1
-                            cx = np.int32(N[IVAL, x])
-                            for i in range(occ):
-                                rf[c, i] -= cx < rc[c, i]
+                    for j2 in range(n_row):  # each resident row key lowers rf where it counts less
+                        cx = np.int32(buf[j2])
+                        for i in range(occ):
+                            rf[c, i] -= cx < rc[c, i]
                     n_cand = occ - n_row
                     pick = VMASK
                     if wm >= 0:
