@@ -8,7 +8,11 @@ import sys
 
 from moesim.commands._common import add_force_arg
 
-FORMATS = ("vllm-jsonl", "vllm-batched", "jsonl")
+FORMATS = ("vllm-jsonl", "vllm-batched", "jsonl", "sglang", "vllm-routed", "megatron")
+# formats whose importer is called as f(src, dst, opts, notes)
+SERVER_IMPORTERS = {"sglang": ("moesim.traces.sglang", "import_sglang"),
+                    "vllm-routed": ("moesim.traces.vllm_routed", "import_vllm_routed"),
+                    "megatron": ("moesim.traces.megatron", "import_megatron")}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Convert an external routing log into a moesim Parquet trace. Formats: vllm-jsonl "
                     "(problem_id/token_idx/layer/experts/gating_probs lines), vllm-batched (a {\"type\": \"meta\"} "
                     "header and {\"type\": \"route\"} rows per forward-pass batch; the warm-up pass is dropped), "
-                    "jsonl (any JSON-lines log; say which field is which with --map). See docs/trace-format.md.")
+                    "jsonl (any JSON-lines log; say which field is which with --map), sglang / vllm-routed (server "
+                    "responses with routed experts, one per line), megatron (Megatron-LM's router_trace_rank*.jsonl). "
+                    "See docs/trace-format.md.")
     p.add_argument("--from", dest="fmt", required=True, choices=FORMATS, help="input format")
     p.add_argument("input", help="input file")
     p.add_argument("output", help="output .parquet file (written atomically)")
@@ -61,6 +67,11 @@ def run(args: argparse.Namespace) -> int:
         from moesim.traces.vllm_batched import import_vllm_batched
 
         meta = import_vllm_batched(args.input, args.output, opts, notes)
+    elif args.fmt in SERVER_IMPORTERS:
+        import importlib
+
+        module, func = SERVER_IMPORTERS[args.fmt]
+        meta = getattr(importlib.import_module(module), func)(args.input, args.output, opts, notes)
     else:
         from moesim.traces.jsonl_mapped import import_jsonl_mapped, parse_mapping, parse_where
 
