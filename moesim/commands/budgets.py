@@ -1,0 +1,43 @@
+"""``moesim budgets TRACE --policy NAME --total-slots N [--json]``: the per-layer cache sizes that
+maximise total hits for N expert slots in all (docs/budgets.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moesim.commands._common import emit_json, positive_int, print_table
+from moesim.commands._replay_args import add_policy_args, load, policy_params
+from moesim.errors import UsageError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("budgets", help="per-layer cache sizes that maximise hits for a total slot budget",
+                       description="Per-layer cache sizes (each >= top-k, summing to --total-slots) that maximise "
+                                   "total hits, exact over every layer's hit curve (dynamic programming; "
+                                   "docs/budgets.md), and the same total spread evenly for comparison.")
+    add_policy_args(p)
+    p.add_argument("--total-slots", type=positive_int, required=True, metavar="N",
+                   help="expert slots over all layers (at least layers x top-k)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moesim.simulator.budgets import budgets_report
+
+    if args.scope != "layer":
+        raise UsageError("budgets allocates per-layer caches: --scope global has no layers to budget")
+    trace = load(args)
+    notes: list[str] = []
+    out = budgets_report(trace, args.policy, args.total_slots, semantics=args.semantics,
+                         params=policy_params(args), notes=notes)
+    for note in notes:
+        print(f"moesim budgets: note: {note}", file=sys.stderr)
+    if args.json:
+        emit_json(out)
+        return 0
+    print(f"policy {out['policy']}, {out['total_slots']} slots; {out['method']}")
+    print_table(["allocation", "hits", "hit_rate", "layer budgets"],
+                [["optimal", out["hits"], out["hit_rate"], ",".join(map(str, out["layer_budgets"]))],
+                 ["uniform", out["uniform_hits"], out["uniform_hit_rate"], ",".join(map(str, out["uniform_budgets"]))]])
+    return 0
