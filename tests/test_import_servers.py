@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moesim.cli import main
 from moesim.traces.format import DECODE, PREFILL, read_trace
+from tests.test_import_formats import _import
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
 
@@ -32,15 +32,6 @@ EXPECTED = [  # (seq, token, phase, layer, experts)
 def _write(path, records):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
     return path
-
-
-def _import(argv, capsys):
-    try:
-        code = main(["import", "--from", *map(str, argv)])
-    except SystemExit as exc:
-        code = exc.code
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err.strip().splitlines()
 
 
 def _rows(path):
