@@ -105,3 +105,17 @@ def test_cli_clamps_a_total_above_every_expert(tmp_path, capsys):
     res = json.loads(out)
     assert code == 0 and res["layer_budgets"] == [4, 4] and res["total_slots_asked"] == 50
     assert "above layers x experts = 8" in err
+
+
+def test_cli_with_a_cost_model_reports_tokens_per_s_of_both_allocations(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    path = tmp_path / "t.parquet"
+    random_trace(path, rng, tokens=30, num_layers=3, num_experts=6, top_k=2, skew=1.5)
+    code, out, err = _run(["budgets", str(path), "--policy", "lru", "--total-slots", "10", "--hardware", "h200",
+                           "--json"], capsys)
+    assert code == 0, err
+    res = json.loads(out)
+    for key, budgets in (("tokens_per_s", res["layer_budgets"]), ("uniform_tokens_per_s", res["uniform_budgets"])):
+        code, out, _ = _run(["simulate", str(path), "--policy", "lru", "--hardware", "h200", "--json",
+                             "--layer-budgets", ",".join(map(str, budgets))], capsys)
+        assert code == 0 and json.loads(out)["tokens_per_s"] == res[key]

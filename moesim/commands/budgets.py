@@ -10,6 +10,11 @@ from moesim.commands._common import emit_json, positive_int, print_table
 from moesim.commands._replay_args import add_policy_args, load, policy_params
 from moesim.errors import UsageError
 
+try:
+    from moesim.commands._timing_args import add_timing_args, timing_requested, timing_result
+except ImportError:  # timing simulator not installed
+    add_timing_args = None
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("budgets", help="per-layer cache sizes that maximise hits for a total slot budget",
@@ -19,7 +24,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_policy_args(p)
     p.add_argument("--total-slots", type=positive_int, required=True, metavar="N",
                    help="expert slots over all layers (at least layers x top-k)")
+    if add_timing_args is not None:  # tokens/s of both allocations under the cost model (and any --prefetch)
+        add_timing_args(p)
     p.set_defaults(func=run)
+
+
+def _with_timing(args: argparse.Namespace, trace, out: dict) -> None:
+    """Add the timing simulator's tokens/s of the optimal and the even allocation (the same run as
+    `simulate --layer-budgets ... --hardware/--calibration`)."""
+    if args.timeline:
+        raise UsageError("budgets runs the timing simulator twice: --timeline is for simulate")
+    for key, budgets in (("tokens_per_s", out["layer_budgets"]), ("uniform_tokens_per_s", out["uniform_budgets"])):
+        args.cache_size, args.layer_budgets = None, budgets
+        out[key] = timing_result(args, trace)["tokens_per_s"]
+    if out["tokens_per_s"] and out["uniform_tokens_per_s"]:
+        out["tokens_per_s_gain"] = round(out["tokens_per_s"] / out["uniform_tokens_per_s"] - 1, 6)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     notes: list[str] = []
     out = budgets_report(trace, args.policy, args.total_slots, semantics=args.semantics,
                          params=policy_params(args), notes=notes)
+    if add_timing_args is not None and timing_requested(args):
+        _with_timing(args, trace, out)
     for note in notes:
         print(f"moesim budgets: note: {note}", file=sys.stderr)
     if args.json:
@@ -40,4 +61,6 @@ def run(args: argparse.Namespace) -> int:
     print_table(["allocation", "hits", "hit_rate", "layer budgets"],
                 [["optimal", out["hits"], out["hit_rate"], ",".join(map(str, out["layer_budgets"]))],
                  ["uniform", out["uniform_hits"], out["uniform_hit_rate"], ",".join(map(str, out["uniform_budgets"]))]])
+    if "tokens_per_s" in out:
+        print(f"tokens/s: optimal {out['tokens_per_s']}, uniform {out['uniform_tokens_per_s']}")
     return 0
