@@ -105,3 +105,13 @@ def test_cli_contract_keys_and_usage_errors(tmp_path, capsys):
             code = exc.code
         err = capsys.readouterr().err
         assert code == 2 and needle in err, err
+
+
+def test_lookahead_zero_is_opt_on_the_shipped_trace():
+    from pathlib import Path
+
+    from moesim.traces.format import read_trace
+
+    trace = read_trace(Path(__file__).resolve().parents[1] / "traces" / "synth-mixtral-8x7b.parquet")
+    r = prefetch_bound(trace, 3, 0)
+    assert r.misses == r.achievable_misses == simulate(trace, "opt", 3).misses

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from moesim.traces.format import DECODE, PREFILL, read_trace
 from tests.test_import_formats import _import
@@ -189,3 +191,30 @@ def test_shipped_examples_import(tmp_path, capsys, fmt, name, argv, rows):
     assert code == 0, err
     assert len(read_trace(out)) == rows
     assert name in (EXAMPLES / "README.md").read_text()
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), layers=st.integers(1, 3), top_k=st.integers(1, 3), fmt=st.sampled_from(["sglang", "vllm-routed"]))
+def test_any_routed_array_round_trips(tmp_path_factory, capsys, data, layers, top_k, fmt):
+    """Random responses: every (token, layer) of every sequence comes back in router order, prefill below
+    the prompt's token count."""
+    tmp = tmp_path_factory.mktemp("rt")
+    experts = top_k + 3
+    responses, expected = [], []
+    for seq in range(data.draw(st.integers(1, 3))):
+        prompt, completion = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4))
+        ids = [[data.draw(st.permutations(range(experts)))[:top_k] for _ in range(layers)]
+               for _ in range(prompt + completion - 1)]
+        expected += [(seq, t, PREFILL if t < prompt else DECODE, layer, list(ids[t][layer]))
+                     for t in range(len(ids)) for layer in range(layers)]
+        if fmt == "sglang":
+            responses.append(_sglang(ids, prompt, completion))
+        else:
+            responses.append({"choices": [{"routed_experts": _npy(ids)}],
+                              "usage": {"prompt_tokens": prompt, "completion_tokens": completion}})
+    src = _write(tmp / "r.jsonl", responses)
+    out = tmp / "t.parquet"
+    argv = ["--num-layers", str(layers)] if fmt == "sglang" else []
+    code, _, err = _import([fmt, src, out, "--num-experts", str(experts), *argv], capsys)
+    assert code == 0, err
+    assert _rows(out) == expected
