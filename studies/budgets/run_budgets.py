@@ -7,7 +7,6 @@ on the shipped synthetic Mixtral trace, for a few policies and totals. Writes th
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from studies._common import write_json  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from moesim.simulator.budgets import budgets_report  # noqa: E402
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
            "num_experts": trace.meta.num_experts, "top_k": trace.meta.top_k, "rows": len(trace),
            "python": platform.python_version(), "cells": cells}
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(out, indent=1) + "\n")
+    write_json(args.output, out)
     print(f"wrote {args.output} ({len(cells)} cells)")
     return 0
 
