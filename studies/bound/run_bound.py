@@ -7,14 +7,12 @@ JSON that ``make_report.py`` turns into ``bound.md``.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from studies._common import write_json  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from moesim.simulator.bound import prefetch_bound  # noqa: E402
@@ -22,8 +20,8 @@ from moesim.simulator.cost_model import CostModel  # noqa: E402
 from moesim.simulator.replay import simulate  # noqa: E402
 from moesim.simulator.timing import simulate_timing  # noqa: E402
 from moesim.traces.format import read_trace  # noqa: E402
+from studies._shipped_trace import SHIPPED_TRACE, write_raw  # noqa: E402
 
-TRACE = ROOT / "traces" / "synth-mixtral-8x7b.parquet"
 CACHE_SIZES = (3, 4, 5)
 LOOKAHEADS = (1, 2, 3)
 BUDGETS = (1, 2)
@@ -39,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-o", "--output", type=Path, default=Path(__file__).parent / "raw" / "bound_synth_mixtral.json")
     args = ap.parse_args(argv)
-    trace = read_trace(TRACE)
+    trace = read_trace(SHIPPED_TRACE)
     jobs = [(k, d, b) for k in CACHE_SIZES for d in LOOKAHEADS for b in BUDGETS]
     cells = []
     for k in CACHE_SIZES:
@@ -60,12 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         measured.append({"policy": policy, "prefetch": prefetch, "cache_size": PREFETCH_CACHE_SIZE,
                          "prefetch_distance": d, "prefetch_budget": b, "timing_requests": t["requests"],
                          "timing_misses": t["misses"], "tokens_per_s": t["tokens_per_s"]})
-    out = {"trace": str(TRACE.relative_to(ROOT)), "hardware": HARDWARE, "prefetchers": measured, "num_layers": trace.meta.num_layers,
-           "num_experts": trace.meta.num_experts, "top_k": trace.meta.top_k, "rows": len(trace),
-           "python": platform.python_version(), "cells": cells}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.output, out)
-    print(f"wrote {args.output} ({len(cells)} cells)")
+    write_raw(args.output, trace, cells, hardware=HARDWARE, prefetchers=measured)
     return 0
 
 

@@ -7,20 +7,18 @@ on the shipped synthetic Mixtral trace, for a few policies and totals. Writes th
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from studies._common import write_json  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from moesim.simulator.budgets import budgets_report  # noqa: E402
 from moesim.traces.format import read_trace  # noqa: E402
+from studies._shipped_trace import SHIPPED_TRACE, write_raw  # noqa: E402
 
-TRACE = ROOT / "traces" / "synth-mixtral-8x7b.parquet"
 POLICIES = ("lru", "lfu", "fifo", "opt")
 SLOTS_PER_LAYER = (3, 4, 5, 6)
 
@@ -29,17 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-o", "--output", type=Path, default=Path(__file__).parent / "raw" / "budgets_synth_mixtral.json")
     args = ap.parse_args(argv)
-    trace = read_trace(TRACE)
+    trace = read_trace(SHIPPED_TRACE)
     cells = []
     jobs = [(p, s) for p in POLICIES for s in SLOTS_PER_LAYER]
     for policy, per_layer in tqdm(jobs, desc="budgets", unit="cell"):
         cells.append(budgets_report(trace, policy, per_layer * trace.meta.num_layers))
-    out = {"trace": str(TRACE.relative_to(ROOT)), "num_layers": trace.meta.num_layers,
-           "num_experts": trace.meta.num_experts, "top_k": trace.meta.top_k, "rows": len(trace),
-           "python": platform.python_version(), "cells": cells}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.output, out)
-    print(f"wrote {args.output} ({len(cells)} cells)")
+    write_raw(args.output, trace, cells)
     return 0
 
 
