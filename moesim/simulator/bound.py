@@ -25,8 +25,8 @@ drops the spanning interval that ends last). With prefetch:
 - achievable schedule (upper bound): that packing (and Belady's), then the earliest-deadline
   assignment of every other request to an issue row in its window, B per row (optimal for unit jobs
   with windows). When it prefetches every c_r the relaxation asked for, both bounds meet and the
-  answer is exact: always for D = 0 and D = 1 (windows of one row do not overlap); for longer windows
-  the JSON says the gap.
+  answer is exact: always for D = 0 and D = 1 (windows of one row do not overlap) and for B >= top-k;
+  otherwise the JSON says the gap.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from moesim.simulator.replay import build_stream
 from moesim.traces.format import Trace
 
 REPAIRS = 8  # rounds of lowering the planned prefetches of rows the assignment fell short at
-
 
 
 @dataclass
