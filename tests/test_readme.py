@@ -26,8 +26,8 @@ SKIPS: list[tuple[str, str]] = [
     (r"^(make|\.|source|pip)\s", "set-up: installs into .venv (CI runs `make test` itself)"),
     (r"--device\s+cuda", "needs a CUDA GPU"),
     (r"^moesim calibrate\b(?!.*--from-raw)", "measures a CUDA GPU"),
-    (r"benchmarks/gpu_", "GPU script"),
-    (r"^python3? benchmarks/", "benchmark or report-rebuilding script: run on demand (long, rewrites reports/)"),
+    (r"(benchmarks|studies/\w+)/gpu_", "GPU script"),
+    (r"^python3? (benchmarks|studies|tools)/", "benchmark, study or tool script: run on demand (long, rewrites data)"),
     # files from outside the repository (the README says "if you have a vLLM routing log")
     (r"_vllm\.jsonl\b", "needs the user's vLLM routing log"),
     (r"(^|\s)real\.parquet\b", "needs the trace imported from the user's vLLM routing log"),

@@ -1,6 +1,6 @@
 """Writes moesim/data/hardware/*.json (except h200.json, which is measured: `moesim calibrate`).
 
-Every other preset is the H200's *measured* engine (reports/calibration_h200.json, the engine's captured
+Every other preset is the H200's *measured* engine (studies/calibration/raw/calibration_h200.json, the engine's captured
 pieces and compiled kernels) moved to another GPU by its datasheet numbers:
 
 - expert compute (dequantise + SwiGLU FFN, per tokens routed): at batch 1 these kernels are memory
@@ -17,7 +17,7 @@ pieces and compiled kernels) moved to another GPU by its datasheet numbers:
 - host->device copies: pinned PCIe bandwidth of the slot (Gen4 x16 ~24 GB/s, Gen3 x16 ~12 GB/s in
   practice), 10 us per copy.
 
-Run: ``python benchmarks/make_hardware_presets.py -o moesim/data/hardware`` (from the repository root).
+Run: ``python tools/make_hardware_presets.py -o moesim/data/hardware`` (from the repository root).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ GPUS = {
     "a6000": ("NVIDIA RTX A6000", 768.0, 154.8, "RTX A6000 datasheet: 768 GB/s GDDR6, 154.8 TFLOP/s dense bf16 tensor", GEN4),
     "l40": ("NVIDIA L40", 864.0, 181.0, "L40 datasheet: 864 GB/s GDDR6, 181 TFLOP/s dense bf16 tensor", GEN4),
     "rtx3090": ("NVIDIA GeForce RTX 3090", 936.0, 71.0, "RTX 3090: 936 GB/s GDDR6X, 71 TFLOP/s dense bf16 tensor (fp32 accumulate)", GEN4),
-    # the GPUs of mixtral-offloading's Table 2 (reports/mixtral_offloading_comparison.md)
+    # the GPUs of mixtral-offloading's Table 2 (studies/mixtral_offloading_comparison/mixtral_offloading_comparison.md)
     "rtx3080-mobile": ("NVIDIA GeForce RTX 3080 Laptop GPU 16 GB", 448.0, 30.0,
                        "RTX 3080 Laptop 16 GB: 448 GB/s GDDR6 (14 Gbps, 256-bit); ~30 TFLOP/s dense fp16 tensor "
                        "(fp32 accumulate) at a ~1.5 GHz boost (varies with the laptop's power limit)", GEN4),
@@ -67,13 +67,13 @@ def preset(name: str, h200: dict) -> dict:
         "sources": {
             "pcie": pcie_src,
             "memory": f"{sheet}; reference {H200['sheet']}",
-            "expert_compute": f"H200 measured (reports/calibration_h200.json) x {ratio:.3f} (bandwidth ratio), "
+            "expert_compute": f"H200 measured (studies/calibration/raw/calibration_h200.json) x {ratio:.3f} (bandwidth ratio), "
                               "floored at 2 x params x tokens / (0.6 x dense peak)",
             "layer": f"H200 measured layer piece x {ratio:.3f}",
             "token": f"H200 final piece x {ratio:.3f} + the engine's per-token overhead "
                      f"({overhead * 1e3:.3f} ms, host-side, unscaled)",
             "engine": "the H200's measured engine terms (host/driver costs, unscaled)",
-            "scaling": "benchmarks/make_hardware_presets.py; docs/timing.md (Presets)",
+            "scaling": "tools/make_hardware_presets.py; docs/timing.md (Presets)",
         },
         "pcie": {"latency_us": 10.0, "bandwidth_gbps": pcie, "copy_engines": 1, "curve": []},
         "expert_bytes": h200["expert_bytes"],
@@ -87,8 +87,8 @@ def preset(name: str, h200: dict) -> dict:
         # other GPU: left out (0), as before they existed
         "engine": {k: v for k, v in (h200.get("engine") or {}).items()
                    if k not in ("sources", "copy_hop_s", "ready_hop_s")}
-                  | {"sources": {"all": "the H200's measured engine terms (reports/fidelity_h200.md, "
-                                        "reports/decoder_h200.md), unscaled: host/driver costs, and the predict "
+                  | {"sources": {"all": "the H200's measured engine terms (studies/fidelity/fidelity_h200.md, "
+                                        "studies/decoder/decoder_h200.md), unscaled: host/driver costs, and the predict "
                                         "piece, whose few tiny kernels (64 KB of router weights) are launch-latency "
                                         "bound, not bandwidth bound"}},
     }

@@ -1,6 +1,6 @@
 """Build the shipped learned-routing traces from the raw recordings of ``train_learned_moe.py``.
 
-    python benchmarks/make_learned_traces.py --run A=/work/.device/1/learned_full --run B=/work/.device/2/learned_full \
+    python tools/make_learned_traces.py --run A=/work/.device/1/learned_full --run B=/work/.device/2/learned_full \
         --offset B=100 -o traces/learned-mixtral-32l
 
 Each ``--run NAME=PATH`` is one recording (a trace file or part directory) of the same checkpoint;

@@ -2,7 +2,7 @@
 
 ONE device command (see traces/README.md for the exact invocation that made the shipped traces):
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/train_learned_moe.py --config h200 --out $OUT --work /tmp/learned
+    PYTHONUNBUFFERED=1 python3 tools/train_learned_moe.py --config h200 --out $OUT --work /tmp/learned
 
 1. corpus: every ``*.py *.md *.rst *.txt`` file under the interpreter's stdlib, its site-packages and
    /usr/share/doc (sorted listing, files over 1 MB skipped); a file is held out when the first byte of

@@ -12,10 +12,10 @@ built on the GPU through transformers), then the report's raw material:
    tokens, same kernels) on the same program.
 
 Writes under --out: decoder_raw.json (rewritten after every cell) and traces.tar (the recorded traces
-and their times side files). ``benchmarks/make_decoder_report.py`` turns them into reports/decoder_h200.*.
+and their times side files). ``studies/decoder/make_report.py`` turns them into studies/decoder/decoder_h200.*.
 
-    python3 benchmarks/gpu_decode.py --out $OUT                 # the H200 run
-    python3 benchmarks/gpu_decode.py --tiny --device cpu --out /tmp/x --tokens 4   # CPU smoke test
+    python3 studies/decoder/gpu_decode.py --out $OUT                 # the H200 run
+    python3 studies/decoder/gpu_decode.py --tiny --device cpu --out /tmp/x --tokens 4   # CPU smoke test
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import tarfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

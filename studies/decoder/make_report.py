@@ -1,4 +1,4 @@
-"""reports/decoder_h200.{json,md} from one run of benchmarks/gpu_decode.py (its decoder_raw.json and
+"""studies/decoder/decoder_h200.{json,md} from one run of studies/decoder/gpu_decode.py (its decoder_raw.json and
 traces.tar), plus the timing simulator's prediction of every cell from a calibration built out of the
 SAME run's micro-benchmarks (never from the cells compared):
 
@@ -24,7 +24,7 @@ the gate, the host issue time charged as a per-miss copy-stream cost in both mod
 The engine prefills token by token through the decode program, so prefill rows are simulated as
 decode steps (phase relabelled), and tokens/s counts every step on both sides.
 
-    python3 benchmarks/make_decoder_report.py RUN_DIR -o reports/decoder_h200
+    python3 studies/decoder/make_report.py RUN_DIR -o studies/decoder/decoder_h200
 """
 
 from __future__ import annotations
@@ -36,16 +36,17 @@ import sys
 import tarfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from moesim.engine.calibration import _fit_latency  # noqa: E402
+from moesim.engine.calibration import fit_copy_latency  # noqa: E402
 from moesim.engine.recording import as_single_token_steps  # noqa: E402
 from moesim.simulator.cost_model import CostModel  # noqa: E402
 from moesim.simulator.timing import simulate_timing  # noqa: E402
 from moesim.traces.format import META_KEY, Trace, TraceMeta  # noqa: E402
+from studies._common import ROOT, pct, write_json, write_text  # noqa: E402
 
 
 def calibration(raw: dict, speculative: bool, previous: bool = False) -> dict:
@@ -53,7 +54,7 @@ def calibration(raw: dict, speculative: bool, previous: bool = False) -> dict:
     follow-up (predict piece in the layer time, host issue time as the per-miss copy-stream cost)."""
     p, s = raw["pieces"], raw["spec"]
     L, k = int(s["num_layers"]), int(s["top_k"])
-    latency_s, bw = _fit_latency(raw["h2d"])
+    latency_s, bw = fit_copy_latency(raw["h2d"])
     if bw <= 0 or latency_s < 0:   # a noisy curve (the CPU smoke run): the largest copy's rate, no latency
         big = max(raw["h2d"], key=lambda r: r["bytes"])
         latency_s, bw = 0.0, big["bytes"] / (big["ms"] * 1e-3)
@@ -64,7 +65,7 @@ def calibration(raw: dict, speculative: bool, previous: bool = False) -> dict:
     stream_miss_s = CostModel.preset("h200").miss_issue_s
     q = "hqq2-v02"
     return {
-        "name": "h200-decoder", "description": f"benchmarks/gpu_decode.py run {raw['date']}",
+        "name": "h200-decoder", "description": f"studies/decoder/gpu_decode.py run {raw['date']}",
         "sources": {"pcie": "pinned H2D copies on a copy stream (CUDA events), this run",
                     "expert_compute": "captured expert piece (hqq 2-bit g16 dequant + SwiGLU), this run",
                     "layer": "captured attention+gate piece + combine piece"
@@ -127,7 +128,8 @@ def read_traces(tar_path: Path) -> dict[str, Trace]:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("run_dir")
+    ap.add_argument("run_dir", nargs="?", default=str(ROOT / "studies/decoder/raw"),
+                    help="a gpu_decode.py output folder (default: the committed run)")
     ap.add_argument("-o", "--out", required=True, help="output prefix (writes PREFIX.json and PREFIX.md)")
     args = ap.parse_args()
     run = Path(args.run_dir)
@@ -216,14 +218,10 @@ def main() -> int:
         diag = json.loads(diag_path.read_text())
         report["diagnose"] = {"date": diag.get("date"), "rows": diag.get("diagnose", [])}
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_json(out.with_suffix(".json"), report)
+    write_text(out.with_suffix(".md"), markdown(report))
+    print(f"wrote {out}.json/.md: {summary['sim_gate_within_5pct']} of {summary['cells']} gate-driven cells within 5%")
     return 0
-
-
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{x:.1%}"
 
 
 def diagnose_md(d: dict) -> list[str]:
@@ -258,8 +256,8 @@ def markdown(r: dict) -> str:
     lines = [
         "# Gate-driven offloaded decoder on the H200 (Mixtral-8x7B geometry, random bf16 weights)", "",
         f"Run {run.get('date')} on {run.get('device')} (torch {run.get('torch')}, transformers "
-        f"{run.get('transformers')}, hqq {run.get('hqq')}): `benchmarks/gpu_decode.py`, report by "
-        "`benchmarks/make_decoder_report.py`. Experts hqq 2-bit group 16 in hqq 0.2's layout "
+        f"{run.get('transformers')}, hqq {run.get('hqq')}): `studies/decoder/gpu_decode.py`, report by "
+        "`studies/decoder/make_report.py`. Experts hqq 2-bit group 16 in hqq 0.2's layout "
         f"({run.get('expert_bytes'):,} B per expert), attention hqq 4-bit group 64, the rest bf16.", "",
         "## Loading", "",
         f"- model built on the GPU (transformers, random bf16): {t.get('build_model_s', 0):.1f} s",
@@ -293,11 +291,11 @@ def markdown(r: dict) -> str:
               f"replay: {min(s['all_gate_over_replay']):.3f} .. {max(s['all_gate_over_replay']):.3f}",
               f"- the simulator's hits and prefetches equal the live run's in every cell (speculative included): "
               f"{s['sim_hits_and_prefetches_equal']}",
-              f"- simulator vs replay mode: max |error| {_pct(s['sim_replay_max_abs_rel_error'])}",
+              f"- simulator vs replay mode: max |error| {pct(s['sim_replay_max_abs_rel_error'], missing='n/a')}",
               f"- simulator vs gate-driven ({s['simulator_handoff']}, hand-off {s['handoff_micro_us']:.1f} µs per "
               f"layer from the micro-benchmark): {s['sim_gate_within_5pct']} of {s['cells']} cells within 5%; "
               f"without the speculative cells {s['sim_gate_nonspeculative_within_5pct']} of "
-              f"{s['sim_gate_nonspeculative_cells']} (max {_pct(s['sim_gate_nonspeculative_max_abs_rel_error'])}). With the "
+              f"{s['sim_gate_nonspeculative_cells']} (max {pct(s['sim_gate_nonspeculative_max_abs_rel_error'], missing='n/a')}). With the "
               f"hand-off the whole decode loop pays in the all-resident calibration runs "
               f"({s['handoff_all_resident_us']:.1f} µs per layer): {s['sim_gate_alt_within_5pct']} of {s['cells']}.",
               "", "## What the residuals say", "",

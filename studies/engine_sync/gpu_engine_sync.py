@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -46,9 +46,7 @@ from moesim.engine.runtime import MIXTRAL_8X7B, Geometry, OffloadedEngine, Progr
 from moesim.engine.sync import COMPUTE, StreamOrder, SyncMode  # noqa: E402
 from moesim.traces.format import DECODE, TraceMeta, TraceWriter, read_trace  # noqa: E402
 from moesim.traces.steps import build_steps  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_miss_cost import all_hit_routing, all_miss_routing, cupti_trace, mixed_routing  # noqa: E402
+from studies.miss_cost.gpu_miss_cost import all_hit_routing, all_miss_routing, cupti_trace, mixed_routing  # noqa: E402
 
 T0 = time.perf_counter()
 

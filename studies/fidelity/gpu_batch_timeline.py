@@ -1,8 +1,8 @@
 """Where a batch step's time goes on the GPU: one batch (or prefill) cell of moesim.engine.batch replayed
 plain, instrumented (CUDA events around every layer piece, copy and expert), with the residency check
-off, and all-resident; for the residual of the batch cells in reports/fidelity_h200.md.
+off, and all-resident; for the residual of the batch cells in studies/fidelity/fidelity_h200.md.
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_batch_timeline.py --trace real.parquet --skip-tokens 128 --out OUT
+    PYTHONUNBUFFERED=1 python3 studies/fidelity/gpu_batch_timeline.py --trace real.parquet --skip-tokens 128 --out OUT
 
 Writes OUT/batch_timeline.json: step times of every variant, the instrumented events and a summary
 (copy durations, gaps on the copy stream, copy end -> expert start, expert durations). ``--cpu-check``
@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 

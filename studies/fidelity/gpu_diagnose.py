@@ -1,5 +1,5 @@
 """Diagnosis run: where do real cells lose time against the simulator? CPU issue time per token and
-full CUDA-event timelines for a few cells, plain and instrumented (see reports/sim_vs_real_h200.md)."""
+full CUDA-event timelines for a few cells, plain and instrumented (see studies/fidelity/sim_vs_real_h200.md)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 

@@ -8,7 +8,7 @@ Writes under --out: env.json, calibration_raw.json, validate.json (one entry per
 every cell so a killed run still leaves what it finished), events.json (one instrumented replay).
 Everything is measured with CUDA events / synchronised wall time; nothing here is simulated.
 
-Added for the fidelity report (reports/fidelity_h200.md; the defaults keep the old run): the engine-term
+Added for the fidelity report (studies/fidelity/fidelity_h200.md; the defaults keep the old run): the engine-term
 micro-benchmarks and repeated expert copies go into calibration_raw.json (``--no-engine-terms`` skips
 them); ``--skip-tokens N`` replays tokens N .. N+tokens-1 (recorded as ``skip_tokens``, which
 ``moesim validate`` honours); ``--extra-trace T`` (repeatable) runs the same cells on more traces in the
@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -159,10 +159,10 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=None, help="run every cell this many times")
     ap.add_argument("--no-engine-terms", action="store_true", help="skip the engine-term micro-benchmarks")
     # Off by default: the committed h200 calibration was measured without the check, which costs about
-    # 2% per token (reports/residency_proof_h200.md); validation cells must time the calibrated engine.
+    # 2% per token (studies/residency_proof/residency_proof_h200.md); validation cells must time the calibrated engine.
     ap.add_argument("--residency-check", action="store_true",
                     help="build the engine with the device-side residency proof (counts violations and "
-                         "device copies per cell; about 2%% slower, see reports/residency_proof_h200.md)")
+                         "device copies per cell; about 2%% slower, see studies/residency_proof/residency_proof_h200.md)")
     ap.add_argument("--no-residency-check", action="store_true", help="the default; kept for old command lines")
     ap.add_argument("--calib-tokens", default="1,2,4,8,16,32,64", help="expert-curve token counts")
     ap.add_argument("--calib-contexts", default="512,1024,2048,4096", help="attention contexts")

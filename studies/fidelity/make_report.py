@@ -1,8 +1,8 @@
-"""Rebuild reports/fidelity_h200.{json,md,png} from the committed engine cells (CPU only).
+"""Rebuild studies/fidelity/fidelity_h200.{json,md,png} from the committed engine cells (CPU only).
 
-    python benchmarks/make_fidelity_report.py -o reports/fidelity_h200
+    python studies/fidelity/make_report.py -o studies/fidelity/fidelity_h200
 
-The cells (reports/fidelity_h200_cells/: validate.json = the real trace from token 128 on,
+The cells (studies/fidelity/raw/cells/: validate.json = the real trace from token 128 on,
 validate.synth-mixtral-8x7b.json = traces/synth-mixtral-8x7b.parquet, validate.learned-mixtral-32l.json =
 traces/learned-mixtral-32l.parquet; calibration_raw.json = the cells run's own micro-benchmarks, used for
 cross-checks only) come from device runs of benchmarks/gpu_validate.py (commands in run.json and the
@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from moesim.cli import main as moesim_main  # noqa: E402
@@ -38,6 +39,7 @@ from moesim.engine.validation import (  # noqa: E402
 from moesim.simulator.cost_model import CostModel  # noqa: E402
 from moesim.simulator.timing import simulate_timing  # noqa: E402
 from moesim.traces.format import DECODE, TraceMeta, TraceWriter, read_trace  # noqa: E402
+from studies._common import relative, save_figure, write_json, write_text  # noqa: E402
 
 REAL = ROOT.parent / "shared" / "traces" / "real" / "mixtral-8x7b-instruct-fp8_humaneval-2_vllm.jsonl"
 TRACES = {"synth-mixtral-8x7b.parquet": ROOT / "traces" / "synth-mixtral-8x7b.parquet",
@@ -47,8 +49,8 @@ COLORS = {"real.parquet": "tab:blue", "synth-mixtral-8x7b.parquet": "tab:orange"
 CALIBRATION_SOURCE = ("moesim/data/hardware/h200.json as committed, measured in other device calls than the "
                       "cells': copy curve 2026-11-29 (+ copy sessions of 2026-12-02), engine pieces, per-token "
                       "overhead, engine terms and batch_programs 2026-12-02T07:18Z "
-                      "(reports/calibration_h200_2026-12-02/), stream hops 2026-12-02T07:09Z "
-                      "(benchmarks/gpu_engine_sync.py, reports/engine_sync_h200_raw/)")
+                      "(studies/calibration/raw/2026-12-02/), stream hops 2026-12-02T07:09Z "
+                      "(studies/engine_sync/gpu_engine_sync.py, studies/engine_sync/raw/)")
 SHAPES = {("decode", 1): "o", ("decode", 4): "s", ("decode", 16): "D", ("prefill", 1): "^"}
 
 
@@ -151,7 +153,7 @@ def trace_entry(engine: dict, trace, cost: CostModel, name: str, programs: dict,
 
 
 def timeline_check(path: Path, engine: dict, trace, cost: CostModel, programs: dict) -> dict | None:
-    """benchmarks/gpu_batch_timeline.py's run of one batch cell (same device session, after the cells):
+    """studies/fidelity/gpu_batch_timeline.py's run of one batch cell (same device session, after the cells):
     its plain and instrumented step times against the simulator, priced as in the report and with the
     copy time the instrumented replay measured in situ (not a calibration: an attribution)."""
     if not path.exists():
@@ -210,10 +212,32 @@ def cache_effect(report: dict, raw: dict) -> list[dict]:
     return rows
 
 
+def calibration_provenance(log_path: Path) -> dict:
+    """Which routing the calibration session's all-resident run and batch pieces replayed. gpu_validate.py
+    runs both on the first routing it loads (``routings[0]``, ``batch_inputs[(0, key)]``) and logs that
+    routing first, as ``routing PATH (from token N)``; the log is the session's raw record of it."""
+    for line in log_path.read_text().splitlines():
+        m = re.search(r"\] routing (\S+) \(from token (\d+)\)", line)
+        if m:
+            return {"log": relative(log_path), "routing": m.group(1), "from_token": int(m.group(2))}
+    raise ValueError(f"{log_path}: no 'routing PATH (from token N)' line")
+
+
+def provenance_sentence(r: dict) -> str:
+    """What the all-resident overhead and the batch pieces were measured on, from the session's log."""
+    p, skip = r["calibration_provenance"], r["real_cells_skip_tokens"]
+    same = Path(p["routing"]).name == "real.parquet"
+    return (f"Two of those terms ran on {'the real trace' if same else p['routing']}'s own steps, with every expert "
+            f"resident: the per-token overhead (an all-resident run) and the batch engine's pieces, both replaying "
+            f"`{p['routing']}` from token {p['from_token']} (the calibration session's log, `{p['log']}`)"
+            + (f"; the real-trace cells replay that trace from token {skip} too, with the cache in play" if same else "")
+            + ". The other terms are micro-benchmarks and CUPTI traces of synthetic routing:")
+
+
 def markdown(r: dict) -> str:
     t = r["engine_terms"]
     lines = [f"# Fidelity out of sample: {r['device']}", "",
-             f"Rebuilt by `{r['command']}` from `reports/fidelity_h200_cells/` (device run: `{r['device_command']}`, "
+             f"Rebuilt by `{r['command']}` from `studies/fidelity/raw/cells/` (device run: `{r['device_command']}`, "
              f"{r['device_date']}).", "",
              f"**Result**: {r['cells_within_5pct']} of {r['cells']} cells within 5%, {r['cells_within_2pct']} within 2%; "
              f"max error {r['max_rel_error']:.1%}, median {r['median_rel_error']:.1%}. The goal (every cell within 5%, "
@@ -221,7 +245,7 @@ def markdown(r: dict) -> str:
                                         else "**not met**; see the per-phase lines and the notes for what misses."), "",
              "## What the simulator was given", "",
              "The committed calibration `moesim/data/hardware/h200.json`, nothing else: every term in it was measured "
-             "in other device calls than the cells' (micro-benchmarks and CUPTI traces; none of the three traces):", "",
+             "in other device calls than the cells' (micro-benchmarks and CUPTI traces). " + provenance_sentence(r), "",
              f"- expert copy: the copy curve of 2026-11-29 ({r['calibration_copy_ms']:.4f} ms per expert); "
              "`sim_interval` = the simulation with every copy at the slow and at the fast end of p10..p90 over the "
              "calibration's copy sessions (" + "; ".join(f"{x['date']}: median {x['median_ms']:.4f} ms, p10-p90 "
@@ -230,12 +254,12 @@ def markdown(r: dict) -> str:
              "- the engine's captured pieces, its per-token overhead beyond them "
              f"({t['token_overhead_ms']:.3f} ms per token, an all-resident run), the per-miss issue cost "
              f"({t['miss_issue_us']:.1f} us) and the batch engine's pieces per step shape (`batch_programs`, below): "
-             "`benchmarks/gpu_validate.py` with no cells, 2026-12-02T07:18Z (reports/calibration_h200_2026-12-02/; "
+             "`benchmarks/gpu_validate.py` with no cells, 2026-12-02T07:18Z (studies/calibration/raw/2026-12-02/; "
              "`moesim calibrate --from-raw ... --add-to moesim/data/hardware/h200.json --with-pieces`)",
              f"- stream hops: {t['copy_hop_us']:.1f} us before every copy, {t['ready_hop_us']:.1f} us when compute "
              "waits for a copy: the GPU timestamps (CUPTI) of the engine's all-miss replay on synthetic routing, "
-             "`benchmarks/gpu_engine_sync.py`, 2026-12-02T07:09Z (reports/engine_sync_h200_raw/, "
-             "reports/engine_sync_h200.md)",
+             "`studies/engine_sync/gpu_engine_sync.py`, 2026-12-02T07:09Z (studies/engine_sync/raw/, "
+             "studies/engine_sync/engine_sync_h200.md)",
              "- batch 4 / 16 decode and prefill cells: layer, token and expert terms of the batch engine's own "
              "captured pieces for that step shape (`batch_programs`, moesim.engine.calibration.batch_programs):", ""]
     for key, bp in r["batch_programs"].items():
@@ -251,7 +275,7 @@ def markdown(r: dict) -> str:
                   f"{a['excess_per_miss_us']} us per miss (the `error, all-miss term` column charges it)", ""]
     tl = r.get("timeline")
     if tl:
-        lines += ["## One batch-16 cell on a timeline (benchmarks/gpu_batch_timeline.py)", "",
+        lines += ["## One batch-16 cell on a timeline (studies/fidelity/gpu_batch_timeline.py)", "",
                   f"One cell again ({tl['trace']}, decode batch {tl['batch']}, {tl['policy']} K={tl['cache_size']}, "
                   f"{tl['steps']} steps, {tl['misses']} misses; residency violations {tl['violations']}), same kind of "
                   f"machine, a second device call after the cells (`{r.get('timeline_command', '')}`):", "",
@@ -391,17 +415,26 @@ def plot(r: dict, path: Path) -> None:
                  "calibration alone (copies 2026-11-29; engine and batch pieces, overhead, stream hops 2026-12-02), "
                  "all measured in other device calls than the cells'", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cells", default=str(ROOT / "reports/fidelity_h200_cells"))
+    ap.add_argument("--cells", default=str(ROOT / "studies/fidelity/raw/cells"))
     ap.add_argument("--real", default=str(REAL), help="the shared real trace (vllm-jsonl)")
     ap.add_argument("--calibration", default=str(ROOT / "moesim/data/hardware/h200.json"))
-    ap.add_argument("-o", "--out", required=True, help="output prefix (the committed one: reports/fidelity_h200)")
+    ap.add_argument("--calibration-log", default=str(ROOT / "studies/calibration/raw/2026-12-02/device_log.txt"),
+                    help="the device log of the session that measured the committed calibration's engine terms")
+    ap.add_argument("--from-json", help="re-render .md/.png from this report json (no real trace needed)")
+    ap.add_argument("-o", "--out", required=True, help="output prefix (the committed one: studies/fidelity/fidelity_h200)")
     args = ap.parse_args()
+    out = Path(args.out)
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text())
+        write_text(out.with_suffix(".md"), markdown(report))
+        plot(report, out.with_suffix(".png"))
+        print(f"wrote {out}.md/.png from {args.from_json}")
+        return 0
     cells = Path(args.cells)
     raw = json.loads((cells / "calibration_raw.json").read_text())
     meta = json.loads((cells / "run.json").read_text()) if (cells / "run.json").exists() else {}
@@ -415,7 +448,7 @@ def main() -> int:
     same_day = CostModel.from_dict(to_cost_model(raw, path=cells / "calibration_raw.json")).with_overrides(
         copy_hop_us=cost.copy_hop_s * 1e6, ready_hop_us=cost.ready_hop_s * 1e6)
     mi, rh, cr = raw["engine_terms"]["miss_issue"], raw["engine_terms"]["routing_handoff"], raw["copy_repeats"]
-    report: dict = {"device": None, "command": "python benchmarks/make_fidelity_report.py -o reports/fidelity_h200",
+    report: dict = {"device": None, "command": "python studies/fidelity/make_report.py -o studies/fidelity/fidelity_h200",
                     "device_command": meta.get("command", "benchmarks/gpu_validate.py"),
                     "device_date": meta.get("date"), "calibration": cost.description,
                     "timeline_command": meta.get("timeline_command"),
@@ -440,7 +473,8 @@ def main() -> int:
                                              f"peak measured bandwidth ({peak_bandwidth(cost) / 1e9:.2f} GB/s), kernels at "
                                              "their micro-benchmark times (batch pieces without the per-call overhead), "
                                              "no engine overhead term, with the dependencies of the schedule",
-                    "traces": [], "notes": meta.get("notes", []), "cache_answer": meta.get("cache_answer", [])}
+                    "traces": [], "notes": meta.get("notes", []), "cache_answer": meta.get("cache_answer", []),
+                    "calibration_provenance": calibration_provenance(Path(args.calibration_log))}
     with tempfile.TemporaryDirectory() as tmp:
         paths = traces(Path(args.real), Path(tmp))
         report["all_miss"] = all_miss_excess(raw, same_day, Path(tmp))
@@ -452,6 +486,7 @@ def main() -> int:
             am = report["all_miss"]["excess_per_miss_us"] if report["all_miss"] else None
             report["traces"].append(trace_entry(engine, read_trace(paths[name]), cost, name, programs, am))
             if fname == "validate.json":
+                report["real_cells_skip_tokens"] = engine.get("skip_tokens", 0)
                 report["timeline"] = timeline_check(cells / "batch_timeline.json", engine, read_trace(paths[name]),
                                                     cost, programs)
     all_errs = np.array([abs(c["rel_error"]) for t in report["traces"] for c in t["cells"]])
@@ -461,9 +496,8 @@ def main() -> int:
     report["max_rel_error"] = round(float(all_errs.max()), 4)
     report["median_rel_error"] = round(float(np.median(all_errs)), 4)
     report["cache_effect"] = cache_effect(report, raw)
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
+    write_json(out.with_suffix(".json"), report)
+    write_text(out.with_suffix(".md"), markdown(report))
     plot(report, out.with_suffix(".png"))
     print(f"wrote {out}.json/.md/.png: {report['cells_within_5pct']} of {report['cells']} cells within 5%, max error "
           f"{report['max_rel_error']:.1%}, median {report['median_rel_error']:.1%}")

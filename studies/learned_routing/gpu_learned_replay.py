@@ -4,10 +4,10 @@ Mixtral-8x7B-size 2-bit experts (``moesim.engine``: hqq2 packed experts pinned i
 slots per layer, copies on their own stream), as many layers as the trace has, driven by the decode
 tokens of a recorded trace; the ``speculative`` prefetcher reads the trace's ``pred{d}_experts``.
 Each cell is (policy, K, prefetcher, distance). Nothing is calibrated or simulated here: the
-simulated side is computed on a laptop by ``benchmarks/make_learned_routing_report.py`` from the
+simulated side is computed on a laptop by ``studies/learned_routing/make_report.py`` from the
 committed ``h200`` hardware preset.
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_learned_replay.py --trace traces/learned-mixtral-32l.parquet \
+    PYTHONUNBUFFERED=1 python3 studies/learned_routing/gpu_learned_replay.py --trace traces/learned-mixtral-32l.parquet \
         --out $OUT --tokens 160 --budget 150
 
 Writes ``--out/engine_cells.json`` after every cell (a killed run keeps what it finished).
@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 

@@ -1,10 +1,10 @@
-"""reports/learned_routing_h200.{json,md,png}: the H200 engine replaying the learned trace (routing and
+"""studies/learned_routing/learned_routing_h200.{json,md,png}: the H200 engine replaying the learned trace (routing and
 recorded predictions) vs the timing simulator with the committed ``h200`` preset.
 
-    python benchmarks/make_learned_routing_report.py            # defaults below
+    python studies/learned_routing/make_report.py            # defaults below
 
-Inputs: the engine's raw cells (``benchmarks/gpu_learned_replay.py`` output, committed as
-reports/learned_routing_h200_engine_cells.json) and the shipped trace; the simulator replays the same
+Inputs: the engine's raw cells (``studies/learned_routing/gpu_learned_replay.py`` output, committed as
+studies/learned_routing/raw/engine_cells_h200.json) and the shipped trace; the simulator replays the same
 first decode tokens with the engine's expert size, per cell, with the cell's prefetcher and distance.
 Nothing is fitted: the preset comes from micro-benchmarks of an earlier run (moesim/data/hardware/h200.json).
 """
@@ -16,17 +16,17 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 
-from moesim.atomic import atomic_open, atomic_path  # noqa: E402
 from moesim.engine.validation import head_tokens  # noqa: E402
 from moesim.simulator.cost_model import CostModel  # noqa: E402
 from moesim.simulator.timing import simulate_timing  # noqa: E402
 from moesim.traces.format import DECODE, read_trace  # noqa: E402
+from studies._common import save_figure, write_json, write_text  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def label(c: dict) -> str:
@@ -65,8 +65,8 @@ def build(engine: dict, trace_path: Path, preset: str) -> dict:
         "cells_within_5pct": int((errs <= 0.05).sum()),
         "hit_rates_identical": all(c["real_hits"] == c["sim_hits"] for c in cells),
         "prefetches_identical": all(c["real_prefetches"] == c["sim_prefetches"] for c in cells),
-        "source": "benchmarks/gpu_learned_replay.py --trace <the recording> --tokens 128 (lent H200), then "
-                  "benchmarks/make_learned_routing_report.py",
+        "source": "studies/learned_routing/gpu_learned_replay.py --trace <the recording> --tokens 128 (lent H200), then "
+                  "studies/learned_routing/make_report.py",
     }
 
 
@@ -82,7 +82,7 @@ def markdown(r: dict) -> str:
              "Speculative cells are simulated with `--speculative-ready gate`: the engine replays the *recorded* "
              "predictions and issues their copies right after layer l's gate, so the simulator does the same. A "
              "live decoder can issue them only once layer l's output exists (after its experts and the predict "
-             "piece: the simulator's default, `hidden`; see reports/decoder_h200.md), so these speculative "
+             "piece: the simulator's default, `hidden`; see studies/decoder/decoder_h200.md), so these speculative "
              "speed-ups are an upper bound on what live decoding gets.", "",
              f"- date: {r['date']}",
              f"- tokens/s error: max {r['max_rel_error']:.1%}, median {r['median_rel_error']:.1%}; "
@@ -134,25 +134,20 @@ def plot(r: dict, path: Path) -> None:
     ax2.legend(title="prefetch", fontsize=8, loc="lower left")
     fig.suptitle(f"learned routing, sim vs real: {r['device']}, {r['layers']} layers, {r['tokens']} decode tokens per cell")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--engine", default=str(ROOT / "reports/learned_routing_h200_engine_cells.json"))
+    ap.add_argument("--engine", default=str(ROOT / "studies/learned_routing/raw/engine_cells_h200.json"))
     ap.add_argument("--trace", default=str(ROOT / "traces/learned-mixtral-32l.parquet"))
     ap.add_argument("--preset", default="h200")
-    ap.add_argument("-o", "--output", default=str(ROOT / "reports/learned_routing_h200"), help="output prefix")
+    ap.add_argument("-o", "--output", default=str(ROOT / "studies/learned_routing/learned_routing_h200"), help="output prefix")
     args = ap.parse_args()
     report = build(json.loads(Path(args.engine).read_text()), Path(args.trace).resolve(), args.preset)
     prefix = Path(args.output)
-    with atomic_open(prefix.with_suffix(".json")) as fh:
-        json.dump(report, fh, indent=1)
-        fh.write("\n")
-    with atomic_open(prefix.with_suffix(".md")) as fh:
-        fh.write(markdown(report))
+    write_json(prefix.with_suffix(".json"), report)
+    write_text(prefix.with_suffix(".md"), markdown(report))
     plot(report, prefix.with_suffix(".png"))
     print(f"wrote {prefix}.json/.md/.png: {report['cells_within_5pct']} of {len(report['cells'])} cells within 5%, "
           f"max error {report['max_rel_error']:.1%}")

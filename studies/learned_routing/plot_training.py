@@ -1,6 +1,6 @@
 """Plot the learned model's training: loss curve (with the held-out loss) and per-layer expert load.
 
-    python benchmarks/plot_learned_training.py     # reports/learned_moe_train_metrics.json -> reports/learned_moe_training.png
+    python studies/learned_routing/plot_training.py     # studies/learned_routing/raw/learned_moe_train_metrics.json -> studies/learned_routing/learned_moe_training.png
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import matplotlib  # noqa: E402
 
@@ -19,15 +19,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from moesim.atomic import atomic_path  # noqa: E402
+from studies._common import save_figure  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--metrics", default=str(ROOT / "reports/learned_moe_train_metrics.json"))
-    ap.add_argument("-o", "--output", default=str(ROOT / "reports/learned_moe_training.png"))
+    ap.add_argument("--metrics", default=str(ROOT / "studies/learned_routing/raw/learned_moe_train_metrics.json"))
+    ap.add_argument("-o", "--output", default=str(ROOT / "studies/learned_routing/learned_moe_training.png"))
     args = ap.parse_args()
     m = json.loads(Path(args.metrics).read_text())
     curve = m["train"]["curve"]
@@ -56,8 +56,7 @@ def main() -> int:
     fig.suptitle(f"Learned Mixtral-architecture MoE ({m['config']['layers']} layers, hidden {m['config']['hidden']}, "
                  f"8 experts top-2) trained on {m['device']}")
     fig.tight_layout()
-    with atomic_path(Path(args.output)) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_figure(fig, Path(args.output))
     entropy = -(share * np.log(np.where(share > 0, share, 1))).sum(1) / math.log(8)
     print(f"wrote {args.output}; per-layer load entropy (1 = uniform): min {entropy.min():.3f}, "
           f"mean {entropy.mean():.3f}; max share {share.max():.3f}")

@@ -1,7 +1,7 @@
 """What speculative prefetch buys, simulated: tokens/s on the learned trace for LRU / LFU / OPT x
 K = 2..6 x prefetch none / speculative d=1 / speculative d=2 / transition / oracle, on hardware presets.
 
-    python benchmarks/learned_routing_speedup.py -o reports/learned_routing_speedup   # writes PREFIX.{md,json}
+    python studies/learned_routing/run_speedup.py -o studies/learned_routing/learned_routing_speedup   # writes PREFIX.{md,json}
 
 Every decode token of traces/learned-mixtral-32l.parquet, batch 1, one cache per layer, experts sized
 as Mixtral-8x7B's 2-bit experts (hqq2, the seed paper's setting): the learned model supplies the
@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from moesim.atomic import atomic_open  # noqa: E402
 from moesim.simulator.cost_model import CostModel  # noqa: E402
 from moesim.simulator.timing import simulate_timing  # noqa: E402
 from moesim.traces.format import DECODE, Trace, read_trace  # noqa: E402
+from studies._common import relative, write_json, write_text  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PREFETCH = (("none", None), ("speculative", 1), ("speculative", 2), ("transition", 1), ("oracle", 1))
 
 
@@ -55,7 +54,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"Trace `{meta['trace']}`: {meta['tokens']:,} decode tokens x {meta['layers']} layers of the learned "
              "32-layer Mixtral-architecture model (traces/README.md); experts sized as Mixtral-8x7B's 2-bit "
              f"experts ({meta['expert_bytes']:,} B); batch 1, one cache of K slots per layer, cold start. "
-             "Command: `python benchmarks/learned_routing_speedup.py -o reports/learned_routing_speedup`.", "",
+             "Command: `python studies/learned_routing/run_speedup.py -o studies/learned_routing/learned_routing_speedup`.", "",
              f"Speculative copies for layer l+d are issued when their prediction exists (`--speculative-ready "
              f"{meta['speculative_ready']}`): " + (
                  "after layer l's experts and the predict piece, since the prediction applies layer l+d's router "
@@ -90,24 +89,20 @@ def main() -> int:
     ap.add_argument("--speculative-ready", choices=("hidden", "gate"), default="hidden",
                     help="when speculative copies may start (docs/timing.md); default: a live decoder's")
     ap.add_argument("-o", "--output", required=True,
-                    help="output prefix (the committed one: reports/learned_routing_speedup)")
+                    help="output prefix (the committed one: studies/learned_routing/learned_routing_speedup)")
     args = ap.parse_args()
     full = read_trace(args.trace).filter_phase(DECODE)
     # the learned model's own experts are small; the seed paper's question is about Mixtral-size experts
     trace = Trace(dataclasses.replace(full.meta, expert_bytes=0, quantization="hqq2"), full.table, full.path)
     rows = run(trace, args.presets.split(","), args.policies.split(","), [int(s) for s in args.sizes.split(",")],
                args.speculative_ready)
-    meta = {"trace": str(Path(args.trace).resolve().relative_to(ROOT)) if Path(args.trace).resolve().is_relative_to(ROOT)
-            else args.trace, "tokens": len(trace) // trace.meta.num_layers, "layers": trace.meta.num_layers,
+    meta = {"trace": relative(args.trace), "tokens": len(trace) // trace.meta.num_layers, "layers": trace.meta.num_layers,
             "speculative_ready": args.speculative_ready,
             "expert_bytes": CostModel.preset(args.presets.split(",")[0]).with_overrides(quantization="hqq2").expert_bytes(0)}
     prefix = Path(args.output)
-    with atomic_open(prefix.with_suffix(".json")) as fh:
-        json.dump({**meta, "cells": rows}, fh, indent=1)
-        fh.write("\n")
+    write_json(prefix.with_suffix(".json"), {**meta, "cells": rows})
     text = markdown(rows, meta)
-    with atomic_open(prefix.with_suffix(".md")) as fh:
-        fh.write(text)
+    write_text(prefix.with_suffix(".md"), text)
     print(text)
     return 0
 

@@ -1,4 +1,4 @@
-"""ONE device run that isolates the engine's per-miss excess (issue 14 item 1; reports/miss_cost_h200.md).
+"""ONE device run that isolates the engine's per-miss excess (issue 14 item 1; studies/miss_cost/miss_cost_h200.md).
 
 The committed engine (``moesim/engine/runtime.py``, Mixtral geometry, hqq2 experts, random weights,
 CUDA-graph pieces) is run on synthetic routings where every request misses, every request hits, or
@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -375,7 +375,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2, help="each variant this many times, interleaved")
     ap.add_argument("--budget", type=float, default=300.0, help="stop starting new variants after this many s")
     ap.add_argument("--cpu-check", action="store_true", help="tiny model on CPU (tests this script)")
-    # The committed run (reports/miss_cost_h200_raw/) predates this flag and ran with the check on (the
+    # The committed run (studies/miss_cost/raw/) predates this flag and ran with the check on (the
     # Program default then); validation cells run without it, as gpu_validate.py does by default.
     ap.add_argument("--residency-check", action="store_true",
                     help="build the programs with the device-side residency proof (about 2%% slower)")
@@ -488,7 +488,7 @@ def main() -> int:
             gaps = engine_gaps(traces[label]["gpu"], r, k)
             result["cupti_gaps"][label] = gaps
             if label == "all_miss_engine":   # the calibration's raw form (calibration._engine_block reads it)
-                result["engine_terms"] = {"stream_hops": {**hop_terms(gaps), "source": f"benchmarks/gpu_miss_cost.py "
+                result["engine_terms"] = {"stream_hops": {**hop_terms(gaps), "source": f"studies/miss_cost/gpu_miss_cost.py "
                                                                                          f"({result['date']})"}}
             log(f"cupti gaps {label}: " + "; ".join(
                 f"{key} {v['median_us']:.1f} us (n={v['n']})" if "median_us" in v else f"{key} {v['median']:.4f} ms"

@@ -1,4 +1,4 @@
-"""Second device run for reports/miss_cost_h200.md: what a cross-stream hop costs, at stream level.
+"""Second device run for studies/miss_cost/miss_cost_h200.md: what a cross-stream hop costs, at stream level.
 
 The engine's demand pattern without the engine (as ``gpu_bench.miss_issue``): per layer a gate piece
 on compute, two expert-size copies on a copy stream (each waiting on the gate-done event and on its
@@ -29,21 +29,21 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from moesim.engine.gpu_bench import _host_buffers, _spin, demand_chain_seconds, device_seconds, log  # noqa: E402
+from moesim.engine.gpu_bench import busy_kernel, demand_chain_seconds, device_seconds, host_copy_buffers, log  # noqa: E402
 from moesim.engine.runtime import Device  # noqa: E402
 
 
 def piece(device: str, seconds: float, kind: str):
     """A compute piece of ``seconds`` GPU time: one sleep kernel, or a CUDA graph of 1 or 8 of them."""
     if kind == "kernel" or torch.device(device).type != "cuda":
-        return _spin(device, seconds)
+        return busy_kernel(device, seconds)
     parts = 8 if kind == "graph8" else 1
-    fn = _spin(device, seconds / parts)
+    fn = busy_kernel(device, seconds / parts)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -166,7 +166,7 @@ def main() -> int:
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv),
               "bytes": nbytes, "layers": layers, "chains": []}
     d = Device(device)
-    host = _host_buffers(nbytes, 8, device)
+    host = host_copy_buffers(nbytes, 8, device)
     slots = [torch.empty(nbytes, dtype=torch.uint8, device=d.dev) for _ in range(2)]
     cases = []
     for kind in ("kernel", "graph", "graph8"):

@@ -1,11 +1,11 @@
-"""reports/miss_cost_h200.{json,md,png} from one run of benchmarks/gpu_miss_cost.py (CPU only).
+"""studies/miss_cost/miss_cost_h200.{json,md,png} from one run of studies/miss_cost/gpu_miss_cost.py (CPU only).
 
-    python benchmarks/make_miss_cost_report.py reports/miss_cost_h200_raw -o reports/miss_cost_h200
+    python studies/miss_cost/make_report.py studies/miss_cost/raw -o studies/miss_cost/miss_cost_h200
 
 Part 1, the mechanism: every engine variant's ms/token (median of its tokens, median over repeats)
 against the plain engine and against the overhead-free schedule of the same routing priced from the
 run's own back-to-back piece and copy times, and the gaps of the CUPTI traces.
-Part 2, the model: the committed cells of reports/fidelity_h200_cells/ and reports/decoder_h200_raw/
+Part 2, the model: the committed cells of studies/fidelity/raw/cells/ and studies/decoder/raw/
 re-simulated with and without the new engine term (the term from the micro-benchmark, never fitted
 to a cell).
 """
@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from studies._common import REAL_TRACE, pct, relative, save_figure, write_json, write_text  # noqa: E402
 
 
 def variants_table(raw: dict[str, Any]) -> list[dict[str, Any]]:
@@ -66,7 +67,7 @@ def stream_chains(hops: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def fidelity_cells(cost, hops_cost, real: Path) -> list[dict[str, Any]]:
-    """The committed fidelity cells (reports/fidelity_h200_cells/) priced by the committed calibration
+    """The committed fidelity cells (studies/fidelity/raw/cells/) priced by the committed calibration
     with and without the hop terms: real tokens/s (median of repeats) against both."""
     import tempfile
 
@@ -76,7 +77,7 @@ def fidelity_cells(cost, hops_cost, real: Path) -> list[dict[str, Any]]:
     from moesim.simulator.timing import simulate_timing
     from moesim.traces.format import read_trace
 
-    cells_dir = ROOT / "reports/fidelity_h200_cells"
+    cells_dir = ROOT / "studies/fidelity/raw/cells"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = traces(real, Path(tmp))
@@ -103,14 +104,13 @@ def fidelity_cells(cost, hops_cost, real: Path) -> list[dict[str, Any]]:
 
 
 def decoder_cells(terms: dict[str, float]) -> list[dict[str, Any]]:
-    """reports/decoder_h200_raw/ priced as make_decoder_report.py prices it (gate-driven and replay), with
+    """studies/decoder/raw/ priced as studies/decoder/make_report.py prices it (gate-driven and replay), with
     and without the hop terms (the decoder records its gate, ready and free events without timing too)."""
-    import make_decoder_report as mdr  # noqa: PLC0415 - a sibling script
-
     from moesim.engine.recording import as_single_token_steps
     from moesim.simulator.timing import simulate_timing
+    from studies.decoder import make_report as mdr  # noqa: PLC0415 - the decoder study prices these cells
 
-    run = ROOT / "reports/decoder_h200_raw"
+    run = ROOT / "studies/decoder/raw"
     raw = json.loads((run / "decoder_raw.json").read_text())
     traces = mdr.read_traces(run / "traces.tar")
     rows = []
@@ -139,10 +139,6 @@ def decoder_cells(terms: dict[str, float]) -> list[dict[str, Any]]:
     return rows
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x:+.1%}"
-
-
 def markdown(r: dict[str, Any]) -> str:
     t = r["terms"]
     fs, ds = r["fidelity_summary"], r["decoder_summary"]
@@ -152,7 +148,7 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [
         f"# The per-miss cost of the engine: found, modelled, re-simulated ({r['device']})", "",
         f"Device runs {r['date']} (`{r['commands']['device'][0]}`, then `{r['commands']['device'][1]}`), "
-        f"report `{r['commands']['report']}`. Raw output: `reports/miss_cost_h200_raw/` (miss_cost.json, "
+        f"report `{r['commands']['report']}`. Raw output: `studies/miss_cost/raw/` (miss_cost.json, "
         "cupti.json.gz, stream_hops.json, logs). Nothing here is fitted to a validation cell: the new terms are "
         "read off the GPU timestamps of the engine's own all-miss replay (synthetic routing).", "",
         "## What was found", "",
@@ -164,7 +160,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"(p10-p90 {gaps['ready_to_expert']['p10_us']:.0f}-{gaps['ready_to_expert']['p90_us']:.0f}): GPU timestamps "
         "from a CUPTI trace (torch.profiler) of the plain replay, nothing added to the streams. The instrumented "
         "replay of the fidelity run (CUDA timing events around every piece and copy) saw 5.9 us, 1.3 us and 5.4 us "
-        "for the same hops (`reports/fidelity_h200_cells/events.json`), which is why it ran faster than the plain "
+        "for the same hops (`studies/fidelity/raw/cells/events.json`), which is why it ran faster than the plain "
         "one; a stream-level chain with the same waits and plain events but sleep-kernel pieces shows none (below), "
         "which is why the stream-level micro-benchmark (`gpu_bench.miss_issue`) found no per-miss cost.",
         f"2. **An engine bug, fixed here** (not in the committed cells: it came with the residency identity at "
@@ -185,7 +181,7 @@ def markdown(r: dict[str, Any]) -> str:
         "+6 us.", "",
         "## Variants of the engine's loop (ms/token, mean over 16 tokens, median of 2 repeats)", "",
         "The plain engine, its instrumented run, and this script's copy of its loop with one change at a time "
-        "(`benchmarks/gpu_miss_cost.py`; the copy without changes equals the engine). Ideal = the same routing's "
+        "(`studies/miss_cost/gpu_miss_cost.py`; the copy without changes equals the engine). Ideal = the same routing's "
         "schedule with no overhead, from this run's back-to-back pieces (`ideal_ms_per_token`). This run had the "
         "residency check on (the Program default) and the misaligned odd slots (both in the ideal's and the "
         "engine's expert pieces alike except the odd-slot copy).", "",
@@ -224,7 +220,7 @@ def markdown(r: dict[str, Any]) -> str:
                 lines.append(f"| {lab} | {key} | {v['n']} | {v['mean_us']:.1f} | {v['median_us']:.1f} | "
                              f"{v['p10_us']:.1f} | {v['p90_us']:.1f} |")
     if r.get("stream_chains"):
-        lines += ["", "## Stream-level chains (`benchmarks/gpu_stream_hops.py`: 32 layers x 2 misses; excess per layer "
+        lines += ["", "## Stream-level chains (`studies/miss_cost/gpu_stream_hops.py`: 32 layers x 2 misses; excess per layer "
                   "over the chain priced from its own back-to-back times, two repeats)", "",
                   "| pieces | events | issue | spacer | chain ms | ideal ms | excess us/layer |", "|---|---|---|---|---|---|---|"]
         for c in r["stream_chains"]:
@@ -237,7 +233,7 @@ def markdown(r: dict[str, Any]) -> str:
     lines += [
         "", "## The model", "",
         "Two named fields of the calibration's `engine` block (docs/timing.md, \"Engine terms\"), measured by "
-        "`benchmarks/gpu_miss_cost.py` (`moesim.engine.cupti_gaps.hop_terms` of the all-miss CUPTI trace) and "
+        "`studies/miss_cost/gpu_miss_cost.py` (`moesim.engine.cupti_gaps.hop_terms` of the all-miss CUPTI trace) and "
         "committed to `moesim/data/hardware/h200.json`:", "",
         f"- `engine.copy_hop_s` = **{t['copy_hop_s'] * 1e6:.1f} us**: before every copy (demand or prefetch) on its "
         "copy stream: the copy occupies the stream for hop + transfer;",
@@ -250,8 +246,8 @@ def markdown(r: dict[str, Any]) -> str:
         "identically (tests/test_timing_fast.py compares every metric with them on, alone and with the gate-mode "
         "terms; tests/test_timing.py checks a hand-computed timeline and that a calibration without them prices as "
         "before). The mixtral-offloading profile (swaps on compute) pays neither.", "",
-        "## Before / after: the committed fidelity cells (reports/fidelity_h200_cells/, 16 cells, 2 traces)", "",
-        "Before = the committed h200 calibration without the two terms (as reports/fidelity_h200.md priced them); "
+        "## Before / after: the committed fidelity cells (studies/fidelity/raw/cells/, 16 cells, 2 traces)", "",
+        "Before = the committed h200 calibration without the two terms (as studies/fidelity/fidelity_h200.md priced them); "
         "after = the same with them. rel error = sim / real - 1.", "",
         f"- before: max {fs['before']['max_abs']:.1%}, median {fs['before']['median_abs']:.1%}, mean {fs['before']['mean_signed']:+.1%}; "
         f"{fs['before']['within_5pct']}/{fs['before']['cells']} within 5%, {fs['before']['within_2pct']} within 2%",
@@ -262,10 +258,10 @@ def markdown(r: dict[str, Any]) -> str:
     for c in r["fidelity_cells"]:
         lines.append(f"| {c['trace']} | {c['policy']} | {c['cache_size']} | {c['prefetch']} | {c['real_tokens_per_s']:.2f} | "
                      f"{c['repeat_spread']:.1%} | {c['sim_before']:.2f} | {c['sim_after']:.2f} | "
-                     f"{_pct(c['rel_error_before'])} | {_pct(c['rel_error_after'])} |")
+                     f"{pct(c['rel_error_before'], signed=True)} | {pct(c['rel_error_after'], signed=True)} |")
     lines += [
-        "", "## Before / after: the gate-driven decoder (reports/decoder_h200_raw/, 18 gate-driven + 12 replay cells)", "",
-        "Priced exactly as benchmarks/make_decoder_report.py prices them (its calibration from that run's own "
+        "", "## Before / after: the gate-driven decoder (studies/decoder/raw/, 18 gate-driven + 12 replay cells)", "",
+        "Priced exactly as studies/decoder/make_report.py prices them (its calibration from that run's own "
         "micro-benchmarks), with and without the two terms (the decoder also records its gate, ready and free "
         "events without timing).", "",
         f"- gate-driven before: max {ds['gate_before']['max_abs']:.1%}, median {ds['gate_before']['median_abs']:.1%}, "
@@ -280,9 +276,9 @@ def markdown(r: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|"]
     for c in r["decoder_cells"]:
         lines.append(f"| {c['policy']} | {c['cache_size']} | {c['prefetch']} | {c['gate_real']:.3f} | "
-                     f"{_pct(c.get('gate_rel_error_before'))} | {_pct(c.get('gate_rel_error_after'))} | "
-                     f"{c.get('replay_real', '-')} | {_pct(c.get('replay_rel_error_before'))} | "
-                     f"{_pct(c.get('replay_rel_error_after'))} |")
+                     f"{pct(c.get('gate_rel_error_before'), signed=True)} | {pct(c.get('gate_rel_error_after'), signed=True)} | "
+                     f"{c.get('replay_real', '-')} | {pct(c.get('replay_rel_error_before'), signed=True)} | "
+                     f"{pct(c.get('replay_rel_error_after'), signed=True)} |")
     la = (r.get("launch_after_handoff") or [{}])[0]
     lines += [
         "", "## Notes", "",
@@ -343,8 +339,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
                  f"(copy {r['terms']['copy_hop_s'] * 1e6:.1f} us, ready {r['terms']['ready_hop_s'] * 1e6:.1f} us, "
                  "from the engine's all-miss CUPTI trace; bands: +/-2%, +/-5%)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def cupti(raw_dir: Path) -> dict[str, Any]:
@@ -364,14 +359,22 @@ def summary(errs: list[float]) -> dict[str, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("raw_dir")
-    ap.add_argument("-o", "--out", required=True)
-    ap.add_argument("--real", default="/work/shared/traces/real/mixtral-8x7b-instruct-fp8_humaneval-2_vllm.jsonl",
+    ap.add_argument("raw_dir", nargs="?", default=str(ROOT / "studies/miss_cost/raw"),
+                    help="a gpu_miss_cost.py output folder (default: the committed run)")
+    ap.add_argument("-o", "--out", required=True, help="output prefix (the committed one: studies/miss_cost/miss_cost_h200)")
+    ap.add_argument("--real", default=str(REAL_TRACE),
                     help="the shared real trace (vllm-jsonl), never copied into the repository")
+    ap.add_argument("--from-json", help="re-render .md/.png from this report json (no real trace needed)")
     ap.add_argument("--device-seconds", default="375 s of device time in two calls (221 s: start + gpu_miss_cost.py "
                     "147 s; 154 s: start + gpu_stream_hops.py 64 s)")
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    out = Path(args.out)
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text())
+        write_text(out.with_suffix(".md"), markdown(report))
+        plot(report, out.with_suffix(".png"))
+        print(f"wrote {out}.md/.png from {args.from_json}")
+        return 0
     from moesim.engine.cupti_gaps import hop_terms
     from moesim.simulator.cost_model import CostModel
 
@@ -387,12 +390,13 @@ def main() -> int:
     after = cost.with_overrides(copy_hop_us=terms["copy_hop_s"] * 1e6, ready_hop_us=terms["ready_hop_s"] * 1e6)
     report: dict[str, Any] = {
         "device": raw["device"], "date": raw["date"],
-        "commands": {"device": ["python3 benchmarks/gpu_miss_cost.py --out $OUT --budget 200 (the run predates "
+        "commands": {"device": ["python3 studies/miss_cost/gpu_miss_cost.py --out $OUT --budget 200 (the run predates "
                                 "--residency-check and had the check on: today's --residency-check)",
-                                "python3 benchmarks/gpu_stream_hops.py --out $OUT"],
-                     "report": f"python benchmarks/make_miss_cost_report.py {args.raw_dir} -o {args.out}"},
+                                "python3 studies/miss_cost/gpu_stream_hops.py --out $OUT"],
+                     "report": f"python studies/miss_cost/make_report.py {relative(args.raw_dir)} "
+                               "-o studies/miss_cost/miss_cost_h200"},
         "terms": {"copy_hop_s": terms["copy_hop_s"], "ready_hop_s": terms["ready_hop_s"],
-                  "source": "CUPTI trace of the plain engine, all-miss routing (benchmarks/gpu_miss_cost.py, "
+                  "source": "CUPTI trace of the plain engine, all-miss routing (studies/miss_cost/gpu_miss_cost.py, "
                             "cupti_gaps.hop_terms)", "cross_checks": cross},
         "pieces": raw["pieces"], "variants": variants_table(raw), "cupti_gaps": raw["cupti_gaps"],
         "launch_after_handoff": raw.get("launch_after_handoff"),
@@ -408,9 +412,8 @@ def main() -> int:
             errs = [c[f"{mode}_rel_error_{label}"] for c in report["decoder_cells"] if f"{mode}_rel_error_{label}" in c]
             report.setdefault("decoder_summary", {})[f"{mode}_{label}"] = summary(errs)
     report["device_seconds"] = args.device_seconds
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
+    write_json(out.with_suffix(".json"), report)
+    write_text(out.with_suffix(".md"), markdown(report))
     plot(report, out.with_suffix(".png"))
     print(json.dumps({"terms": report["terms"], "fidelity": report["fidelity_summary"],
                       "decoder": report["decoder_summary"]}, indent=1))

@@ -1,7 +1,7 @@
 """Recorder overhead at full Mixtral-8x7B geometry (random bf16 weights) on one GPU, plus a short trace.
 
-    python3 benchmarks/gpu_record.py --out reports/gpu_record            (H200: ~3-4 min in all)
-    python benchmarks/gpu_record.py --tiny --device cpu --out /tmp/r    (CPU smoke run, seconds)
+    python3 studies/recorder_overhead/gpu_record.py --out reports/gpu_record            (H200: ~3-4 min in all)
+    python studies/recorder_overhead/gpu_record.py --tiny --device cpu --out /tmp/r    (CPU smoke run, seconds)
 
 Builds ``MixtralForCausalLM`` with the Mixtral-8x7B config (hidden 4096, intermediate 14336, 32 layers,
 8 experts top-2, 32 heads / 8 kv heads, vocab 32000: 46.7B params, 93 GB in bf16) directly on the
@@ -32,9 +32,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_recorder import timed_generate  # noqa: E402  (sibling script: same timing loop)
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.bench_recorder import timed_generate  # noqa: E402  (the speed benchmark's timing loop)
 from moesim.atomic import atomic_open  # noqa: E402
 from moesim.recorder import ByteTokenizer, Recorder, load_prompts  # noqa: E402
 from moesim.recorder.presets import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
@@ -88,7 +87,7 @@ def build(args: argparse.Namespace, dtype: torch.dtype) -> torch.nn.Module:
 def record_trace(model, prompts, tok, new_tokens: int, device: str, path: Path) -> dict:
     """One short trace with predictions (d=1..2) and logits, through the recorder's crash-safe writer."""
     prov = {"device": device, "weights": "random (transformers init), Mixtral-8x7B geometry",
-            "script": "benchmarks/gpu_record.py"}
+            "script": "studies/recorder_overhead/gpu_record.py"}
     with Recorder(model, None, path, predict_distance=2, logits=True, pred_logits=True, flush_tokens=64,
                   model_name="mixtral-8x7b-geometry-random", provenance=prov) as rec:
         for seq, p in enumerate(prompts):

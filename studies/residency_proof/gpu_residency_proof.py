@@ -1,7 +1,7 @@
 """ONE device run: the replay engine's residency proof under stress, a skip-the-wait mutation, and the
 check's cost (issue 14, item 4).
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_residency_proof.py --trace real.parquet \
+    PYTHONUNBUFFERED=1 python3 studies/residency_proof/gpu_residency_proof.py --trace real.parquet \
         --trace synth.parquet --trace traces/learned-mixtral-32l.parquet --out $OUT
 
 Every expert blob carries its (layer, expert) identity (moesim/engine/runtime.py); each expert piece
@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
