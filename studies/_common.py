@@ -64,6 +64,17 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
+def render_from_json(json_path: str | Path, prefix: Path, markdown, plot=None) -> dict:
+    """Re-render a committed report's .md (and .png, given ``plot``) from its .json: the path a report
+    maker takes when the input its full rebuild needs (the shared real trace) is not here."""
+    report = json.loads(Path(json_path).read_text())
+    write_text(prefix.with_suffix(".md"), markdown(report))
+    if plot is not None:
+        plot(report, prefix.with_suffix(".png"))
+    print(f"wrote {prefix}.md{'/.png' if plot else ''} from {json_path}")
+    return report
+
+
 def save_figure(fig, path: Path, dpi: int = 110) -> None:
     """Save a matplotlib figure with no timestamp or version in its metadata, so the same data and the
     same matplotlib give the same bytes; closes the figure."""

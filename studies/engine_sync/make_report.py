@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from studies._common import ROOT, pct, relative, write_text  # noqa: E402
+from studies._common import ROOT, md_table, pct, relative, write_text  # noqa: E402
 
 SHAPES = {"b1_all_miss": "batch 1, every request a miss (K=2)", "b1_all_hit": "batch 1, every request a hit (K=2, warm)",
           "b1_mixed": "batch 1, uniform random top-2 (K=4)", "b16_uniform": "batch 16, uniform random top-2 (K=3)"}
@@ -78,9 +78,8 @@ def markdown(r: dict, raw_dir: str) -> str:
              "events, the CPU queueing a whole step ahead (the engine before this change); `elide` = waits that "
              "stream order already implies left out; `timing` = timing-enabled events; `lagN` = the CPU at most N "
              "layers ahead of the gates. The engines' default is `elide+lag1`.", "",
-             "## ms per token (batch 1) or per step (batch 16), mean over the run, each repeat", "",
-             "| order | " + " | ".join(SHAPES[s] for s in shapes) + " |",
-             "| --- | " + " | ".join("---" for _ in shapes) + " |"]
+             "## ms per token (batch 1) or per step (batch 16), mean over the run, each repeat", ""]
+    table = []
     for mode in modes + ["instrumented"]:
         cells = []
         for s in shapes:
@@ -91,21 +90,24 @@ def markdown(r: dict, raw_dir: str) -> str:
             waits = xs[0].get("waits")
             w = f" (waits {waits[0]} / {waits[1]})" if waits else ""
             cells.append(", ".join(f"{x['ms_mean']:.2f}" for x in xs) + w)
-        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+        table.append([mode, *cells])
+    lines += md_table(["order", *(SHAPES[s] for s in shapes)], table)
     viol = {x["violations"] for x in r["runs"]}
     lines += ["", f"Waits: compute / copy stream, one run. Residency violations over every run above: {sorted(viol)}.",
               "`instrumented` = CUDA timing events around every piece and copy (the stream order of the first row).",
               "", "## Stream hops: CUPTI trace of the all-miss batch-1 replay (4 tokens, GPU timestamps)", "",
-              "| order | gate -> copy (us) | copy -> copy (us) | copy landed -> expert (us) | copy in situ (ms) | "
-              "copy_hop_s (us) | ready_hop_s (us) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+              ]
+    hops = []
     for mode, h in r["hops"].items():
         if "gaps" not in h:
-            lines.append(f"| {mode} | {h.get('error', '-')} | | | | | |")
+            hops.append([mode, h.get("error", "-"), "", "", "", "", ""])
             continue
         g, t = h["gaps"], h["terms"]
-        lines.append(f"| {mode} | {g['gate_to_copy']['mean_us']:.1f} | {g['copy_to_copy']['mean_us']:.1f} | "
-                     f"{g['ready_to_expert']['mean_us']:.1f} | {g['copy_ms']['mean']:.4f} | "
-                     f"{t['copy_hop_s'] * 1e6:.1f} | {t['ready_hop_s'] * 1e6:.1f} |")
+        hops.append([mode, f"{g['gate_to_copy']['mean_us']:.1f}", f"{g['copy_to_copy']['mean_us']:.1f}",
+                     f"{g['ready_to_expert']['mean_us']:.1f}", f"{g['copy_ms']['mean']:.4f}",
+                     f"{t['copy_hop_s'] * 1e6:.1f}", f"{t['ready_hop_s'] * 1e6:.1f}"])
+    lines += md_table(["order", "gate -> copy (us)", "copy -> copy (us)", "copy landed -> expert (us)",
+                       "copy in situ (ms)", "copy_hop_s (us)", "ready_hop_s (us)"], hops)
     m = r.get("mutation_skip_compute_waits")
     lines += ["", "Means over all hops of the trace; `copy_hop_s` pools gate -> copy and copy -> copy (the calibration "
               "field, moesim.engine.cupti_gaps.hop_terms). With the residency check on, copy -> copy includes its "

@@ -39,7 +39,7 @@ from moesim.engine.validation import (  # noqa: E402
 from moesim.simulator.cost_model import CostModel  # noqa: E402
 from moesim.simulator.timing import simulate_timing  # noqa: E402
 from moesim.traces.format import DECODE, TraceMeta, TraceWriter, read_trace  # noqa: E402
-from studies._common import relative, save_figure, write_json, write_text  # noqa: E402
+from studies._common import relative, render_from_json, save_figure, write_json, write_text  # noqa: E402
 
 REAL = ROOT.parent / "shared" / "traces" / "real" / "mixtral-8x7b-instruct-fp8_humaneval-2_vllm.jsonl"
 TRACES = {"synth-mixtral-8x7b.parquet": ROOT / "traces" / "synth-mixtral-8x7b.parquet",
@@ -430,10 +430,7 @@ def main() -> int:
     args = ap.parse_args()
     out = Path(args.out)
     if args.from_json:
-        report = json.loads(Path(args.from_json).read_text())
-        write_text(out.with_suffix(".md"), markdown(report))
-        plot(report, out.with_suffix(".png"))
-        print(f"wrote {out}.md/.png from {args.from_json}")
+        render_from_json(args.from_json, out, markdown, plot)
         return 0
     cells = Path(args.cells)
     raw = json.loads((cells / "calibration_raw.json").read_text())

@@ -24,7 +24,7 @@ from moesim.engine.validation import head_tokens  # noqa: E402
 from moesim.simulator.cost_model import CostModel  # noqa: E402
 from moesim.simulator.timing import simulate_timing  # noqa: E402
 from moesim.traces.format import DECODE, read_trace  # noqa: E402
-from studies._common import save_figure, write_json, write_text  # noqa: E402
+from studies._common import md_table, pct, save_figure, write_json, write_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -89,19 +89,17 @@ def markdown(r: dict) -> str:
              f"{r['cells_within_5pct']} of {len(r['cells'])} cells within 5%",
              f"- hit counts identical in every cell: {r['hit_rates_identical']}; prefetch counts identical: "
              f"{r['prefetches_identical']}", "",
-             "| policy | K | prefetch | real tok/s | sim tok/s | error | hit rate | prefetches |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for c in r["cells"]:
-        lines.append(f"| {c['policy']} | {c['cache_size']} | {label(c)} | {c['real_tokens_per_s']:.2f} | "
-                     f"{c['sim_tokens_per_s']:.2f} | {c['rel_error']:+.1%} | {c['real_hit_rate']:.4f} | "
-                     f"{c['real_prefetches']} |")
+             *md_table(["policy", "K", "prefetch", "real tok/s", "sim tok/s", "error", "hit rate", "prefetches"],
+                       [[c["policy"], c["cache_size"], label(c), f"{c['real_tokens_per_s']:.2f}",
+                         f"{c['sim_tokens_per_s']:.2f}", pct(c["rel_error"], signed=True), f"{c['real_hit_rate']:.4f}",
+                         c["real_prefetches"]] for c in r["cells"]])]
     by = {(c["policy"], c["cache_size"], label(c)): c for c in r["cells"]}
     gains = []
     for (pol, k, lab), c in sorted(by.items()):
         base = by.get((pol, k, "none"))
         if base and lab != "none":
-            gains.append(f"- {pol} K={k}: {lab} {c['real_tokens_per_s'] / base['real_tokens_per_s'] - 1:+.1%} "
-                         f"real, {c['sim_tokens_per_s'] / base['sim_tokens_per_s'] - 1:+.1%} simulated")
+            gains.append(f"- {pol} K={k}: {lab} {pct(c['real_tokens_per_s'] / base['real_tokens_per_s'] - 1, signed=True)} "
+                         f"real, {pct(c['sim_tokens_per_s'] / base['sim_tokens_per_s'] - 1, signed=True)} simulated")
     lines += ["", "## What prefetching buys over no prefetch (same policy and K)", "", *gains]
     return "\n".join(lines) + "\n"
 

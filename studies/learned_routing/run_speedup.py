@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from moesim.simulator.cost_model import CostModel  # noqa: E402
 from moesim.simulator.timing import simulate_timing  # noqa: E402
 from moesim.traces.format import DECODE, Trace, read_trace  # noqa: E402
-from studies._common import relative, write_json, write_text  # noqa: E402
+from studies._common import md_table, relative, write_json, write_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFETCH = (("none", None), ("speculative", 1), ("speculative", 2), ("transition", 1), ("oracle", 1))
@@ -65,8 +65,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
                  "on what a live decoder gets (docs/timing.md)."), "",
              "Cells: tokens/s (speed-up over no prefetch, same hardware, policy and K).", ""]
     for hw in dict.fromkeys(r["hardware"] for r in rows):
-        lines += [f"## `{hw}`", "", "| policy | K | " + " | ".join(name(p, d) for p, d in PREFETCH) + " |",
-                  "| --- | --- | " + " | ".join("---" for _ in PREFETCH) + " |"]
+        table = []
         for pol in dict.fromkeys(r["policy"] for r in rows):
             for k in sorted({r["cache_size"] for r in rows}):
                 cells = []
@@ -75,8 +74,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
                                                  x["prefetch_distance"]) == (hw, pol, k, pf, d))
                     cells.append(f"{r['tokens_per_s']:.2f}" if pf == "none"
                                  else f"{r['tokens_per_s']:.2f} ({r['speedup_vs_none']:.2f}x)")
-                lines.append(f"| {pol} | {k} | " + " | ".join(cells) + " |")
-        lines.append("")
+                table.append([pol, k, *cells])
+        lines += [f"## `{hw}`", "", *md_table(["policy", "K", *(name(p, d) for p, d in PREFETCH)], table), ""]
     return "\n".join(lines)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from studies._common import REAL_TRACE, pct, relative, save_figure, write_json, write_text  # noqa: E402
+from studies._common import REAL_TRACE, pct, relative, render_from_json, save_figure, write_json, write_text  # noqa: E402
 
 
 def variants_table(raw: dict[str, Any]) -> list[dict[str, Any]]:
@@ -71,11 +71,10 @@ def fidelity_cells(cost, hops_cost, real: Path) -> list[dict[str, Any]]:
     with and without the hop terms: real tokens/s (median of repeats) against both."""
     import tempfile
 
-    from make_fidelity_report import traces  # noqa: PLC0415 - a sibling script
-
     from moesim.engine.validation import head_tokens
     from moesim.simulator.timing import simulate_timing
     from moesim.traces.format import read_trace
+    from studies.fidelity.make_report import traces  # noqa: PLC0415 - the fidelity study imports the traces
 
     cells_dir = ROOT / "studies/fidelity/raw/cells"
     rows = []
@@ -370,10 +369,7 @@ def main() -> int:
     args = ap.parse_args()
     out = Path(args.out)
     if args.from_json:
-        report = json.loads(Path(args.from_json).read_text())
-        write_text(out.with_suffix(".md"), markdown(report))
-        plot(report, out.with_suffix(".png"))
-        print(f"wrote {out}.md/.png from {args.from_json}")
+        render_from_json(args.from_json, out, markdown, plot)
         return 0
     from moesim.engine.cupti_gaps import hop_terms
     from moesim.simulator.cost_model import CostModel

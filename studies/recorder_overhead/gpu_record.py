@@ -1,6 +1,6 @@
 """Recorder overhead at full Mixtral-8x7B geometry (random bf16 weights) on one GPU, plus a short trace.
 
-    python3 studies/recorder_overhead/gpu_record.py --out reports/gpu_record            (H200: ~3-4 min in all)
+    python3 studies/recorder_overhead/gpu_record.py --out $OUT            (H200: ~3-4 min in all)
     python studies/recorder_overhead/gpu_record.py --tiny --device cpu --out /tmp/r    (CPU smoke run, seconds)
 
 Builds ``MixtralForCausalLM`` with the Mixtral-8x7B config (hidden 4096, intermediate 14336, 32 layers,
