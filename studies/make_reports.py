@@ -70,6 +70,8 @@ REPORTS: tuple[Report, ...] = (
                       "-o", str(o / "miss_cost_h200")]),
     Report("residency_proof", "residency_proof", ("residency_proof_h200.md",),
            lambda o: [_maker("residency_proof"), "-o", str(o / "residency_proof_h200.md")]),
+    Report("recorder_overhead", "recorder_overhead", ("recorder_overhead_h200_mixtral8x7b.md",),
+           lambda o: [_maker("recorder_overhead"), "-o", str(o / "recorder_overhead_h200_mixtral8x7b.md")]),
     Report("seed_reproduction", "seed_reproduction", ("seed_reproduction.json", "seed_reproduction.md"),
            lambda o: [_maker("seed_reproduction"), "-o", str(o / "seed_reproduction")],
            lambda o: [_maker("seed_reproduction"), "--from-json", "studies/seed_reproduction/seed_reproduction.json",
