@@ -224,7 +224,9 @@ def main() -> int:
     return 0
 
 
-def diagnose_md(d: dict) -> list[str]:
+def diagnose_md(d: dict, issue_us: float, cell: dict) -> list[str]:
+    """The diagnose run's table and what it says; ``cell``: the cells run's cell of the diagnose run's
+    first configuration (its run-to-run spread), ``issue_us``: the copy-issue micro-benchmark."""
     lines = ["", f"## Host time per layer, gate vs replay (`gpu_decode.py --diagnose`, run {d['date']})", "",
              "Median step (ms) and the host's µs per layer by phase: wait = blocked on the gate's routing, "
              "plan = the CachePlan step, issue = expert copies, launch = expert/combine/next-layer launches.", "",
@@ -236,14 +238,66 @@ def diagnose_md(d: dict) -> list[str]:
                      f"{row['replay_step_ms']:.2f} | {row['gate_nogc_step_ms']:.2f} | "
                      f"{g['plan']:.0f} / {g['issue']:.0f} / {g['launch']:.0f} | "
                      f"{rp['plan']:.0f} / {rp['issue']:.0f} / {rp['launch']:.0f} |")
+    rows = d["rows"]
+    plan = [row["gate_us_per_layer"]["plan"] for row in rows]
+    issue = [row["gate_us_per_layer"]["issue"] for row in rows]
     lines += ["", "In gate-driven mode the GPU idles, per layer, from the end of the gate until the first expert "
-              "piece is launched: the wake-up, the plan step (~30-80 µs), the copies' issue (~25-70 µs) and that "
-              "launch. The hand-off micro-benchmark (the report's routing_handoff_s) covers the wake-up and the "
-              "plan step; the copies' issue is charged per copy (host_copy_issue_s, 45 µs from the copy-issue "
-              "micro-benchmark); the expert launches after the hand-off are not priced, which is why the "
-              "simulator stays optimistic where few copies queue up (K = 6). "
-              "The same configuration also varies by several percent between runs (lru K = 6, gate: 48.1 ms per "
-              "step in the cells run, 49.7 and 45.4 ms here), the same order as the residual."]
+              f"piece is launched: the wake-up, the plan step ({min(plan):.0f}-{max(plan):.0f} µs above), the copies' "
+              f"issue ({min(issue):.0f}-{max(issue):.0f} µs) and that launch. The hand-off micro-benchmark (the "
+              "report's routing_handoff_s) covers the wake-up and the plan step; the copies' issue is charged per "
+              f"copy (host_copy_issue_s, {issue_us:.0f} µs from the copy-issue micro-benchmark); the expert launches "
+              "after the hand-off are not priced, which is why the simulator stays optimistic where few copies "
+              "queue up (the largest K)."]
+    same = [row for row in rows if (row["policy"], row["cache_size"]) == (cell["policy"], cell["cache_size"])]
+    if same:
+        here = " and ".join(f"{x:.1f}" for row in same for x in (row["gate_step_ms"], row["gate_nogc_step_ms"]))
+        lines[-1] += (f" The same configuration also varies between runs ({cell['policy']} K = {cell['cache_size']}, "
+                      f"gate: {1000 / cell['gate_steps_per_s']:.1f} ms per step in the cells run, {here} ms here), "
+                      "the same order as the residual.")
+    return lines
+
+
+def residuals(r: dict) -> list[str]:
+    """What the residuals say; every number from the run (pieces, calibration, cells, diagnose run)."""
+    s, run = r["summary"], r["run"]
+    top_k = max(c["cache_size"] for c in r["cells"])
+    copy_ms = CostModel.from_dict(r["calibration"]).copy_seconds(run["expert_bytes"]) * 1e3
+    gap = {}
+    for c in r["cells"]:
+        if "replay_steps_per_s" in c and c["prefetch"] != "speculative":
+            gap.setdefault(c["cache_size"], []).append(1e3 / c["gate_steps_per_s"] - 1e3 / c["replay_steps_per_s"])
+    gaps = ", ".join(f"{np.mean(v):.1f} ms at K = {k}" for k, v in sorted(gap.items()))
+    big_k = s["error_ranges"][f"K = {top_k} gate-driven, no speculation"].split(" -> ")[-1] \
+        if f"K = {top_k} gate-driven, no speculation" in s["error_ranges"] else "n/a"
+    rows = (r.get("diagnose") or {}).get("rows", [])
+    at_top = [row["misses_per_layer"] for row in rows if row["cache_size"] == top_k]
+    launch = [(row["gate_us_per_layer"]["launch"], row["replay_us_per_layer"]["launch"]) for row in rows]
+    replay_before = s["error_ranges"].get("replay mode", "n/a -> n/a").split(" -> ")[0]
+    lines = ["- **Speculative cells.** The previous model issued the prefetch for layer l+1 right after layer l's "
+             "gate. The live decoder's prediction applies layer l+1's router to h_l, layer l's *output*: it exists "
+             "only after layer l's experts and the predict piece, and the host must read it back before it issues "
+             f"the copies, leaving about one attention piece ({run['pieces']['attn_ms']:.2f} ms) to hide a "
+             f"{copy_ms:.1f} ms copy. The simulator now models exactly that (`speculative_ready=\"hidden\"`, the "
+             "default: copies after the experts + `engine.predict_s`, the host's read-back priced as one more "
+             "hand-off and each copy's host issue on the host's clock, the next layer's hand-off waiting for the "
+             "host). Nothing was fitted: the predict piece, hand-off and issue times are this run's micro-benchmarks.",
+             f"- **K = {top_k} gate-driven ({big_k}).** Gate minus replay per step: {gaps} in the cells. The host's "
+             "copy-issue time now sits where a gate-driven decoder pays it (on the critical path between the "
+             "hand-off and the experts, `engine.host_copy_issue_s`, instead of as a per-miss copy-stream cost in "
+             "both modes), but at the largest K"
+             + (f" ({np.mean(at_top):.1f} misses per layer)" if at_top else "") + " that moves little time. What "
+             "remains unpriced is the host's launch of the expert pieces after the hand-off"
+             + (f" (the diagnose run's launch column: {min(g for g, _ in launch):.0f}-{max(g for g, _ in launch):.0f} "
+                f"µs per layer in gate mode vs {min(x for _, x in launch):.0f}-{max(x for _, x in launch):.0f} in "
+                "replay)" if launch else "") + " and run-to-run variance of the same size (below).",
+             "- Replay-mode cells: the per-miss copy-stream cost is now the stream-level measurement "
+             f"({r['calibration']['engine'].get('miss_issue_s', 0.0) * 1e6:.1f} µs on the H200: `gpu_bench.miss_issue`), "
+             f"since the host issue time is hidden when the host runs ahead; the replay errors moved from "
+             f"{replay_before} to the range above.",
+             "- Random weights: routing is near-uniform (hit rate ~ K/E without prefetch) and the residual stream "
+             "is dominated by the embedding, which makes speculative predictions unusually accurate.",
+             "- Speculative cells have no replay column: this run's replay plan could not yet read recorded "
+             "predictions (it can now; `gpu_decode.py` replays them in later runs)."]
     return lines
 
 
@@ -301,30 +355,12 @@ def markdown(r: dict) -> str:
               "", "## What the residuals say", "",
               "Error ranges by cell class (simulated / measured - 1; previous model -> this model): "
               + "; ".join(f"{name}: {rng}" for name, rng in s["error_ranges"].items()) + ".", "",
-              "- **Speculative cells.** The previous model issued the prefetch for layer l+1 right after layer l's "
-              "gate. The live decoder's prediction applies layer l+1's router to h_l, layer l's *output*: it exists "
-              "only after layer l's experts and the predict piece, and the host must read it back before it issues "
-              "the copies, leaving about one attention piece (~0.15 ms) to hide a 1.6 ms copy. The simulator now "
-              "models exactly that (`speculative_ready=\"hidden\"`, the default: copies after the experts + "
-              "`engine.predict_s`, the host's read-back priced as one more hand-off and each copy's host issue "
-              "on the host's clock, the next layer's hand-off waiting for the host). Nothing was fitted: the "
-              "predict piece, hand-off and issue times are this run's micro-benchmarks.",
-              "- **K = 6 gate-driven (still +5..8%).** Gate minus replay per step: ~2.6 ms at K = 2, ~3 ms at K = 4, "
-              "~4.8 ms at K = 6 in the cells. The host's copy-issue time now sits where a gate-driven decoder pays "
-              "it (on the critical path between the hand-off and the experts, `engine.host_copy_issue_s`, "
-              "instead of as a per-miss copy-stream cost in both modes), but at K = 6 (~0.6 misses per layer) "
-              "that moves little time. What remains unpriced is the host's launch of the expert pieces after the "
-              "hand-off (the diagnose run's launch column: ~150 µs per layer in gate mode vs ~100 µs in replay "
-              "for lru) and run-to-run variance of the same size (below).",
-              "- Replay-mode cells: the per-miss copy-stream cost is now the stream-level measurement (0 on the "
-              "H200: `gpu_bench.miss_issue`), since the host issue time is hidden when the host runs ahead; the "
-              "replay errors moved from -1.9..+0.4% to the range above.",
-              "- Random weights: routing is near-uniform (hit rate ~ K/E without prefetch) and the residual stream "
-              "is dominated by the embedding, which makes speculative predictions unusually accurate.",
-              "- Speculative cells have no replay column: this run's replay plan could not yet read recorded "
-              "predictions (it can now; `gpu_decode.py` replays them in later runs).", ""]
+              *residuals(r), ""]
     if r.get("diagnose"):
-        lines += diagnose_md(r["diagnose"]) + [""]
+        first = r["diagnose"]["rows"][0]
+        cell = next(c for c in r["cells"] if (c["policy"], c["cache_size"], c["prefetch"]) ==
+                    (first["policy"], first["cache_size"], "none"))
+        lines += diagnose_md(r["diagnose"], r["run"]["miss_issue"]["issue_ms"] * 1e3, cell) + [""]
     return "\n".join(lines)
 
 
