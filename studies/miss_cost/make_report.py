@@ -23,7 +23,16 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from studies._common import REAL_TRACE, pct, relative, render_from_json, save_figure, write_json, write_text  # noqa: E402
+from studies._common import (  # noqa: E402
+    REAL_TRACE,
+    pct,
+    pct_range,
+    relative,
+    render_from_json,
+    save_figure,
+    write_json,
+    write_text,
+)
 
 
 def variants_table(raw: dict[str, Any]) -> list[dict[str, Any]]:
@@ -138,6 +147,47 @@ def decoder_cells(terms: dict[str, float]) -> list[dict[str, Any]]:
     return rows
 
 
+LAYERS = 32   # the runs' model: Mixtral-8x7B geometry
+
+
+def span(vals, fmt: str = ".1f", unit: str = "") -> str:
+    """``lo-hi`` (or one value) of some numbers, as text."""
+    lo, hi = min(vals), max(vals)
+    sep = " to " if fmt.startswith("+") else "-"   # signed numbers read badly joined by a dash
+    return f"{lo:{fmt}}{unit}" if f"{lo:{fmt}}" == f"{hi:{fmt}}" else f"{lo:{fmt}}{sep}{hi:{fmt}}{unit}"
+
+
+def variant(r: dict[str, Any], routing: str, name: str) -> dict[str, Any]:
+    return next(v for v in r["variants"] if v["routing"] == routing and v["variant"] == name)
+
+
+def hop_split(r: dict[str, Any]) -> str:
+    """The all-miss replay's excess per layer and the three hops' means across the CUPTI traces."""
+    eng = variant(r, "all_miss", "engine")
+    per_layer = (eng["ms_per_token"] - eng["ideal_ms_per_token"]) / LAYERS * 1e3
+    traces = [g for g in r["cupti_gaps"].values() if isinstance(g, dict)]
+    kinds = {"gate->copy": "gate_to_copy", "copy->copy": "copy_to_copy", "copy->expert": "ready_to_expert"}
+    ranges = ", ".join(f"{lab} {span([g[k]['mean_us'] for g in traces if g.get(k)], '.0f')}" for lab, k in kinds.items())
+    total = sum(r["cupti_gaps"]["all_miss_engine"][k]["mean_us"] for k in kinds.values())
+    return (f"The CUPTI trace splits the +{per_layer:.0f} us per layer into the three hops ({ranges} us across the "
+            f"three traces; {total:.0f} us in the engine's), the misaligned odd-slot expert, copies running longer in "
+            "situ than back to back, and the layer piece.")
+
+
+def variants_say(r: dict[str, Any]) -> str:
+    """What the all-miss variants show, from their ms/token against the engine's."""
+    d = {v["variant"]: v["vs_engine_ms"] for v in r["variants"] if v["routing"] == "all_miss"}
+    fix = [d[k] for k in ("timing_events", "spacer_kernel", "lookahead1") if k in d]
+    same = [d[k] for k in ("marker", "few_buffers", "no_free_wait", "interleave", "engine_nosync") if k in d]
+    return (f"What the variants say (all-miss): the hops shrink ({span(fix, '+.1f', ' ms/token')}) when the gate-done "
+            "and slot-free events are created with timing enabled, when a one-cycle kernel sits between each wait and "
+            "the expert graph, or when the CPU issues at most one layer ahead (`lookahead1`); launching the same "
+            f"kernels without graphs (`eager`) gives {d.get('eager', float('nan')):+.1f} ms. They change by only "
+            f"{span(same, '+.1f', ' ms')} with an untimed event recorded before the graph (`marker`), copies from 8 "
+            "instead of 256 host blobs, no slot-free wait, copies issued next to their expert, or no per-token sync; "
+            f"a second copy stream makes it worse ({d.get('two_streams', float('nan')):+.1f} ms). ")
+
+
 def markdown(r: dict[str, Any]) -> str:
     t = r["terms"]
     fs, ds = r["fidelity_summary"], r["decoder_summary"]
@@ -158,26 +208,22 @@ def markdown(r: dict[str, Any]) -> str:
         f"that waited for its copy starts {gaps['ready_to_expert']['mean_us']:.1f} us after the copy landed "
         f"(p10-p90 {gaps['ready_to_expert']['p10_us']:.0f}-{gaps['ready_to_expert']['p90_us']:.0f}): GPU timestamps "
         "from a CUPTI trace (torch.profiler) of the plain replay, nothing added to the streams. The instrumented "
-        "replay of the fidelity run (CUDA timing events around every piece and copy) saw 5.9 us, 1.3 us and 5.4 us "
+        "replay of the fidelity run (CUDA timing events around every piece and copy) saw much shorter gaps "
         "for the same hops (`studies/fidelity/raw/cells/events.json`), which is why it ran faster than the plain "
         "one; a stream-level chain with the same waits and plain events but sleep-kernel pieces shows none (below), "
         "which is why the stream-level micro-benchmark (`gpu_bench.miss_issue`) found no per-miss cost.",
-        f"2. **An engine bug, fixed here** (not in the committed cells: it came with the residency identity at "
-        f"02:57, after the fidelity run). Expert blobs were padded to 8 bytes + an 8-byte identity = "
+        f"2. **An engine bug, fixed here** (not in the committed cells: it came with the residency identity, "
+        f"after the fidelity run). Expert blobs were padded to 8 bytes + an 8-byte identity = "
         f"{r['pieces']['copy_bytes']:,} B per hqq2 expert, so every odd GPU slot row started 8 bytes off a 16-byte "
-        "boundary and torch.compile's code copied the whole blob to an aligned buffer before each odd-slot expert: "
-        f"in the CUPTI trace a 52.8 us `memcpy32_post` inside every slot-1/slot-3 expert piece (odd slots "
-        f"327 us vs even 274 us); at stream level the compiled expert took {al.get('misaligned_8_row1_ms', float('nan')):.4f} ms "
+        "boundary and torch.compile's code copied the whole blob to an aligned buffer before each odd-slot expert "
+        f"(in the CUPTI trace a `memcpy32_post` inside every slot-1/slot-3 expert piece); at stream level the compiled expert took {al.get('misaligned_8_row1_ms', float('nan')):.4f} ms "
         f"on a misaligned row vs {al.get('aligned_16_row1_ms', float('nan')):.4f} ms aligned. "
         "`moesim/engine/identity.py` now pads blobs to a multiple of 16 bytes (`BLOB_ALIGN`); "
         "tests/test_cupti_gaps.py checks every slot row is 16-byte aligned.", "",
         "Per layer of the all-miss replay (K = 2, two misses per layer, copy-bound): measured "
         f"{am['engine']['ms_per_token']:.2f} ms/token against {am['engine']['ideal_ms_per_token']:.2f} ms for the same "
         "schedule priced from this run's back-to-back piece and copy times (+"
-        f"{am['engine']['excess_per_miss_us']:.0f} us per miss). The CUPTI trace splits the +200 us per layer into "
-        "the three hops (gate->copy ~34-39, copy->copy ~40-44, copy->expert ~42-43 us: ~120 us), the misaligned "
-        "odd-slot expert (+~53 us in the trace), copies 21 us longer in situ than back to back, and the layer piece "
-        "+6 us.", "",
+        f"{am['engine']['excess_per_miss_us']:.0f} us per miss). " + hop_split(r), "",
         "## Variants of the engine's loop (ms/token, mean over 16 tokens, median of 2 repeats)", "",
         "The plain engine, its instrumented run, and this script's copy of its loop with one change at a time "
         "(`studies/miss_cost/gpu_miss_cost.py`; the copy without changes equals the engine). Ideal = the same routing's "
@@ -194,14 +240,10 @@ def markdown(r: dict[str, Any]) -> str:
                      f"{v['issue_ms_per_token']:.1f} |")
     lines += [
         "", "ms/token is the mean over a run's 16 tokens (the ideal is a mean too: the mixed routing's first token "
-        "starts cold), the median of the two runs; one instrumented all-miss run had a single slow token (mean "
-        "118.5 ms, median token 96.7 ms), hence its median-token column.",
-        "", "What the variants say (all-miss): the hops shrink by about two thirds (-3.9 to -4.0 ms/token) when the "
-        "gate-done and slot-free events are created with timing enabled, when a one-cycle kernel sits between each "
-        "wait and the expert graph, or when the CPU issues at most one layer ahead (`lookahead1`); launching the "
-        "same kernels without graphs (`eager`) recovers -2.8 ms. They do not change with an untimed event recorded "
-        "before the graph (`marker`), copies from 8 instead of 256 host blobs, no slot-free wait, copies issued "
-        "next to their expert, or no per-token sync; a second copy stream makes it worse (+3.8 ms). A stream-level "
+        "starts cold), the median of the two runs; the instrumented all-miss runs' means were "
+        f"{', '.join(f'{x:.1f}' for x in variant(r, 'all_miss', 'engine_instrumented')['runs_mean_ms'])} ms (median "
+        f"token {variant(r, 'all_miss', 'engine_instrumented')['median_token_ms']:.1f} ms), hence the median-token column.",
+        "", variants_say(r) + "A stream-level "
         "chain with the engine's waits and events but `torch.cuda._sleep` pieces (plain kernels, or CUDA graphs of "
         "1 or 8 of them; plain or timing events; queued behind a GPU sleep or as the CPU goes) shows no hop cost "
         "beyond its noise (table below): the hops come with the engine's real pieces and queue, not with the "
@@ -226,9 +268,16 @@ def markdown(r: dict[str, Any]) -> str:
             lines.append(f"| {c['pieces']} | {c['events']} | {c['issue']} | {c['spacer']} | "
                          f"{', '.join(f'{x:.2f}' for x in c['chain_ms'])} | {', '.join(f'{x:.2f}' for x in c['ideal_ms'])} | "
                          f"{', '.join(f'{x:+.0f}' for x in c['excess_per_layer_us'])} |")
-        lines += ["", "Every chain runs 94-98 ms for 32 layers; the ideal's own noise (each chain re-measures its "
-                  "pieces) is +/-2 ms, so any hop cost here is below ~60 us per layer, against ~120 us per layer in "
-                  "the engine. (The first chain's ideal, 150 ms, is a warm-up artefact of the sleep-rate probe.)"]
+        chains = r["stream_chains"]
+        runs = [x for c in chains for x in c["chain_ms"]]
+        ideals = [x for c in chains for x in c["ideal_ms"]][1:]   # the first: the sleep-rate probe's warm-up
+        noise = (max(ideals) - min(ideals)) / 2
+        hops = sum(r["cupti_gaps"]["all_miss_engine"][k]["mean_us"]
+                   for k in ("gate_to_copy", "copy_to_copy", "ready_to_expert"))
+        lines += ["", f"Every chain runs {span(runs, '.0f')} ms for {LAYERS} layers; the ideal's own noise (each chain "
+                  f"re-measures its pieces) is +/-{noise:.0f} ms, so any hop cost here is below about "
+                  f"{noise / LAYERS * 1e3:.0f} us per layer, against {hops:.0f} us per layer in the engine. (The first "
+                  f"chain's ideal, {chains[0]['ideal_ms'][0]:.0f} ms, is a warm-up artefact of the sleep-rate probe.)"]
     lines += [
         "", "## The model", "",
         "Two named fields of the calibration's `engine` block (docs/timing.md, \"Engine terms\"), measured by "
@@ -279,28 +328,35 @@ def markdown(r: dict[str, Any]) -> str:
                      f"{c.get('replay_real', '-')} | {pct(c.get('replay_rel_error_before'), signed=True)} | "
                      f"{pct(c.get('replay_rel_error_after'), signed=True)} |")
     la = (r.get("launch_after_handoff") or [{}])[0]
+    top_k = max(c["cache_size"] for c in r["decoder_cells"])
+    top_errs = [c["gate_rel_error_after"] for c in r["decoder_cells"] if c["cache_size"] == top_k]
+    hit = variant(r, "all_hit", "engine")
     lines += [
         "", "## Notes", "",
         "- The terms were measured on this run's engine (residency check on, misaligned odd slots); the hops are "
         "gaps between pieces and do not include either. The copy->copy gap of the engine's trace includes the "
-        "residency check's four small kernels after each copy (~10 us); the marker variant (no check kernels on the "
-        "copy stream) gives 45 us, so the pooled 41.5 us is not inflated by them.",
-        "- The decoder's replay cells turn about 2% pessimistic with the terms: its hops, measured in the replay "
-        "engine, may be shorter in the decoder program (another loop, 88 MB hqq 0.2 blobs, 1.6 ms copies); not "
-        "measured there.",
-        "- Gate-driven K = 6 cells stay +4.8..+5.4% optimistic (lfu none, lru/lfu transition, lru speculative): "
+        "residency check's four small kernels after each copy; the marker variant (no check kernels on the "
+        f"copy stream) gives {t['cross_checks']['all_miss_marker']['copy_hop_s'] * 1e6:.1f} us, so the pooled "
+        f"{t['copy_hop_s'] * 1e6:.1f} us is not inflated by them.",
+        f"- The decoder's replay cells turn {pct(ds['replay_after']['mean_signed'], signed=True)} on average with the "
+        "terms: its hops, measured in the replay engine, may be shorter in the decoder program (another loop, larger "
+        "hqq 0.2 blobs and copies); not measured there.",
+        f"- Gate-driven K = {top_k} cells stay {pct_range(top_errs, signed=True)} optimistic: "
         "the host's launch of the expert pieces after the hand-off remains unpriced. The launch-after-hand-off "
         f"micro-benchmark of this run could not isolate it: per layer (layer graph + 2 expert graphs) the synced "
         f"loop took {la.get('gate_s_per_layer', float('nan')) * 1e6:.0f} us but the same pieces queued without any "
         f"sync took {la.get('queued_s_per_layer', float('nan')) * 1e6:.0f} us: a deep queue of graph launches runs "
         "slower than a synced one on this machine (the same front-end effect as the hops, cf. `lookahead1`), so "
         "\"queued\" is no floor. Not charged.",
-        "- The all-hit routing still runs 2.8 ms/token over its ideal (1.2-1.7 ms of it the odd-slot copies): the "
-        "calibration's all-resident overhead (`token.engine_overhead_s`, 1.22 ms/token) already prices a hop before "
-        "the first expert of each layer (the mixed trace: `expert_after_gate` median 31 us), so a layer whose first "
-        "expert waits for a copy is charged both; small at the cells' miss rates.",
+        f"- The all-hit routing still runs {hit['ms_per_token'] - hit['ideal_ms_per_token']:.1f} ms/token over its ideal "
+        "(part of it the odd-slot copies): the calibration's all-resident overhead (`token.engine_overhead_s`) "
+        "already prices a hop before the first expert of each layer (the mixed trace: `expert_after_gate` median "
+        f"{r['cupti_gaps']['mixed_engine']['expert_after_gate']['median_us']:.0f} us), so a layer whose first expert "
+        "waits for a copy is charged both; small at the cells' miss rates.",
         "- Not done: the mechanism below the CUDA API (no counters); the engine fixes that would remove most of the "
-        "hops (timing-enabled events or a spacer kernel before each expert graph: -4 ms/token all-miss) are measured "
+        "hops (timing-enabled events or a spacer kernel before each expert graph: "
+        f"{span([variant(r, 'all_miss', k)['vs_engine_ms'] for k in ('timing_events', 'spacer_kernel')], '+.1f')} "
+        "ms/token all-miss) are measured "
         "but not applied, so that the committed cells stay comparable; re-measuring the cells with the aligned "
         "blobs is left to the next device run.",
         f"- Device time: {r.get('device_seconds', 'see the closing note')}.",
