@@ -163,6 +163,15 @@ def test_readme_uses_no_file_from_outside_the_repository_outside_the_skip_list()
     assert SHIPPED_TRACE.is_file()
 
 
+def test_readme_is_short_and_quotes_no_measurement():
+    """The README is a ten-minute guide: measured numbers live in the reports it links (studies/,
+    benchmarks/results/), where they are rebuilt from data; a figure typed here would go stale."""
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 250
+    measured = re.findall(r"\d+(?:\.\d+)?\s*(?:%|x\b|tok/s|tokens/s|ms/token|M req|GB/s|us\b|µs)", text)
+    assert not measured, f"README.md quotes measurements {measured}: link the report instead"
+
+
 def test_shipped_trace_is_what_its_documented_command_makes(tmp_path):
     """traces/README.md's command regenerates the shipped trace (same rows, same metadata)."""
     from moesim.cli import main
