@@ -188,56 +188,9 @@ def variants_say(r: dict[str, Any]) -> str:
             f"a second copy stream makes it worse ({d.get('two_streams', float('nan')):+.1f} ms). ")
 
 
-def markdown(r: dict[str, Any]) -> str:
-    t = r["terms"]
-    fs, ds = r["fidelity_summary"], r["decoder_summary"]
-    am = {v["variant"]: v for v in r["variants"] if v["routing"] == "all_miss"}
-    gaps = r["cupti_gaps"]["all_miss_engine"]
-    al = r.get("alignment") or {}
-    lines = [
-        f"# The per-miss cost of the engine: found, modelled, re-simulated ({r['device']})", "",
-        f"Device runs {r['date']} (`{r['commands']['device'][0]}`, then `{r['commands']['device'][1]}`), "
-        f"report `{r['commands']['report']}`. Raw output: `studies/miss_cost/raw/` (miss_cost.json, "
-        "cupti.json.gz, stream_hops.json, logs). Nothing here is fitted to a validation cell: the new terms are "
-        "read off the GPU timestamps of the engine's own all-miss replay (synthetic routing).", "",
-        "## What was found", "",
-        f"1. **Cross-stream hops** (the modelled term). In the plain engine every copy starts "
-        f"{gaps['gate_to_copy']['mean_us']:.1f} us (mean; median {gaps['gate_to_copy']['median_us']:.1f}, "
-        f"p10-p90 {gaps['gate_to_copy']['p10_us']:.0f}-{gaps['gate_to_copy']['p90_us']:.0f}) after the gate it waits "
-        f"for, or {gaps['copy_to_copy']['mean_us']:.1f} us after the copy before it on the copy stream, and an expert "
-        f"that waited for its copy starts {gaps['ready_to_expert']['mean_us']:.1f} us after the copy landed "
-        f"(p10-p90 {gaps['ready_to_expert']['p10_us']:.0f}-{gaps['ready_to_expert']['p90_us']:.0f}): GPU timestamps "
-        "from a CUPTI trace (torch.profiler) of the plain replay, nothing added to the streams. The instrumented "
-        "replay of the fidelity run (CUDA timing events around every piece and copy) saw much shorter gaps "
-        "for the same hops (`studies/fidelity/raw/cells/events.json`), which is why it ran faster than the plain "
-        "one; a stream-level chain with the same waits and plain events but sleep-kernel pieces shows none (below), "
-        "which is why the stream-level micro-benchmark (`gpu_bench.miss_issue`) found no per-miss cost.",
-        f"2. **An engine bug, fixed here** (not in the committed cells: it came with the residency identity, "
-        f"after the fidelity run). Expert blobs were padded to 8 bytes + an 8-byte identity = "
-        f"{r['pieces']['copy_bytes']:,} B per hqq2 expert, so every odd GPU slot row started 8 bytes off a 16-byte "
-        "boundary and torch.compile's code copied the whole blob to an aligned buffer before each odd-slot expert "
-        f"(in the CUPTI trace a `memcpy32_post` inside every slot-1/slot-3 expert piece); at stream level the compiled expert took {al.get('misaligned_8_row1_ms', float('nan')):.4f} ms "
-        f"on a misaligned row vs {al.get('aligned_16_row1_ms', float('nan')):.4f} ms aligned. "
-        "`moesim/engine/identity.py` now pads blobs to a multiple of 16 bytes (`BLOB_ALIGN`); "
-        "tests/test_cupti_gaps.py checks every slot row is 16-byte aligned.", "",
-        "Per layer of the all-miss replay (K = 2, two misses per layer, copy-bound): measured "
-        f"{am['engine']['ms_per_token']:.2f} ms/token against {am['engine']['ideal_ms_per_token']:.2f} ms for the same "
-        "schedule priced from this run's back-to-back piece and copy times (+"
-        f"{am['engine']['excess_per_miss_us']:.0f} us per miss). " + hop_split(r), "",
-        "## Variants of the engine's loop (ms/token, mean over 16 tokens, median of 2 repeats)", "",
-        "The plain engine, its instrumented run, and this script's copy of its loop with one change at a time "
-        "(`studies/miss_cost/gpu_miss_cost.py`; the copy without changes equals the engine). Ideal = the same routing's "
-        "schedule with no overhead, from this run's back-to-back pieces (`ideal_ms_per_token`). This run had the "
-        "residency check on (the Program default) and the misaligned odd slots (both in the ideal's and the "
-        "engine's expert pieces alike except the odd-slot copy).", "",
-        "| routing | variant | ms/token (mean) | per run | median token | vs engine | ideal | excess per miss (us) | CPU issue ms/token |",
-        "|---|---|---|---|---|---|---|---|---|"]
-    for v in r["variants"]:
-        exc = "-" if v["excess_per_miss_us"] is None else f"{v['excess_per_miss_us']:.0f}"
-        lines.append(f"| {v['routing']} | {v['variant']} | {v['ms_per_token']:.2f} | "
-                     f"{', '.join(f'{x:.2f}' for x in v['runs_mean_ms'])} | {v['median_token_ms']:.2f} | {v['vs_engine_ms']:+.2f} | "
-                     f"{v['ideal_ms_per_token']:.2f} | {exc} | "
-                     f"{v['issue_ms_per_token']:.1f} |")
+def variants_md(r: dict[str, Any]) -> list[str]:
+    """The CUPTI gaps and the stream-level chains: where the hops come from."""
+    lines: list[str] = []
     lines += [
         "", "ms/token is the mean over a run's 16 tokens (the ideal is a mean too: the mixed routing's first token "
         "starts cold), the median of the two runs; the instrumented all-miss runs' means were "
@@ -278,6 +231,14 @@ def markdown(r: dict[str, Any]) -> str:
                   f"re-measures its pieces) is +/-{noise:.0f} ms, so any hop cost here is below about "
                   f"{noise / LAYERS * 1e3:.0f} us per layer, against {hops:.0f} us per layer in the engine. (The first "
                   f"chain's ideal, {chains[0]['ideal_ms'][0]:.0f} ms, is a warm-up artefact of the sleep-rate probe.)"]
+    return lines
+
+
+def model_md(r: dict[str, Any]) -> list[str]:
+    """The two hop terms and the simulator's error before and after them."""
+    t = r["terms"]
+    fs, ds = r["fidelity_summary"], r["decoder_summary"]
+    lines: list[str] = []
     lines += [
         "", "## The model", "",
         "Two named fields of the calibration's `engine` block (docs/timing.md, \"Engine terms\"), measured by "
@@ -327,6 +288,14 @@ def markdown(r: dict[str, Any]) -> str:
                      f"{pct(c.get('gate_rel_error_before'), signed=True)} | {pct(c.get('gate_rel_error_after'), signed=True)} | "
                      f"{c.get('replay_real', '-')} | {pct(c.get('replay_rel_error_before'), signed=True)} | "
                      f"{pct(c.get('replay_rel_error_after'), signed=True)} |")
+    return lines
+
+
+def notes_md(r: dict[str, Any]) -> list[str]:
+    """What the terms leave out, from the same runs."""
+    t = r["terms"]
+    ds = r["decoder_summary"]
+    lines: list[str] = []
     la = (r.get("launch_after_handoff") or [{}])[0]
     top_k = max(c["cache_size"] for c in r["decoder_cells"])
     top_errs = [c["gate_rel_error_after"] for c in r["decoder_cells"] if c["cache_size"] == top_k]
@@ -361,7 +330,58 @@ def markdown(r: dict[str, Any]) -> str:
         "blobs is left to the next device run.",
         f"- Device time: {r.get('device_seconds', 'see the closing note')}.",
     ]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def markdown(r: dict[str, Any]) -> str:
+    am = {v["variant"]: v for v in r["variants"] if v["routing"] == "all_miss"}
+    gaps = r["cupti_gaps"]["all_miss_engine"]
+    al = r.get("alignment") or {}
+    lines = [
+        f"# The per-miss cost of the engine: found, modelled, re-simulated ({r['device']})", "",
+        f"Device runs {r['date']} (`{r['commands']['device'][0]}`, then `{r['commands']['device'][1]}`), "
+        f"report `{r['commands']['report']}`. Raw output: `studies/miss_cost/raw/` (miss_cost.json, "
+        "cupti.json.gz, stream_hops.json, logs). Nothing here is fitted to a validation cell: the new terms are "
+        "read off the GPU timestamps of the engine's own all-miss replay (synthetic routing).", "",
+        "## What was found", "",
+        f"1. **Cross-stream hops** (the modelled term). In the plain engine every copy starts "
+        f"{gaps['gate_to_copy']['mean_us']:.1f} us (mean; median {gaps['gate_to_copy']['median_us']:.1f}, "
+        f"p10-p90 {gaps['gate_to_copy']['p10_us']:.0f}-{gaps['gate_to_copy']['p90_us']:.0f}) after the gate it waits "
+        f"for, or {gaps['copy_to_copy']['mean_us']:.1f} us after the copy before it on the copy stream, and an expert "
+        f"that waited for its copy starts {gaps['ready_to_expert']['mean_us']:.1f} us after the copy landed "
+        f"(p10-p90 {gaps['ready_to_expert']['p10_us']:.0f}-{gaps['ready_to_expert']['p90_us']:.0f}): GPU timestamps "
+        "from a CUPTI trace (torch.profiler) of the plain replay, nothing added to the streams. The instrumented "
+        "replay of the fidelity run (CUDA timing events around every piece and copy) saw much shorter gaps "
+        "for the same hops (`studies/fidelity/raw/cells/events.json`), which is why it ran faster than the plain "
+        "one; a stream-level chain with the same waits and plain events but sleep-kernel pieces shows none (below), "
+        "which is why the stream-level micro-benchmark (`gpu_bench.miss_issue`) found no per-miss cost.",
+        f"2. **An engine bug, fixed here** (not in the committed cells: it came with the residency identity, "
+        f"after the fidelity run). Expert blobs were padded to 8 bytes + an 8-byte identity = "
+        f"{r['pieces']['copy_bytes']:,} B per hqq2 expert, so every odd GPU slot row started 8 bytes off a 16-byte "
+        "boundary and torch.compile's code copied the whole blob to an aligned buffer before each odd-slot expert "
+        f"(in the CUPTI trace a `memcpy32_post` inside every slot-1/slot-3 expert piece); at stream level the compiled expert took {al.get('misaligned_8_row1_ms', float('nan')):.4f} ms "
+        f"on a misaligned row vs {al.get('aligned_16_row1_ms', float('nan')):.4f} ms aligned. "
+        "`moesim/engine/identity.py` now pads blobs to a multiple of 16 bytes (`BLOB_ALIGN`); "
+        "tests/test_cupti_gaps.py checks every slot row is 16-byte aligned.", "",
+        "Per layer of the all-miss replay (K = 2, two misses per layer, copy-bound): measured "
+        f"{am['engine']['ms_per_token']:.2f} ms/token against {am['engine']['ideal_ms_per_token']:.2f} ms for the same "
+        "schedule priced from this run's back-to-back piece and copy times (+"
+        f"{am['engine']['excess_per_miss_us']:.0f} us per miss). " + hop_split(r), "",
+        "## Variants of the engine's loop (ms/token, mean over 16 tokens, median of 2 repeats)", "",
+        "The plain engine, its instrumented run, and this script's copy of its loop with one change at a time "
+        "(`studies/miss_cost/gpu_miss_cost.py`; the copy without changes equals the engine). Ideal = the same routing's "
+        "schedule with no overhead, from this run's back-to-back pieces (`ideal_ms_per_token`). This run had the "
+        "residency check on (the Program default) and the misaligned odd slots (both in the ideal's and the "
+        "engine's expert pieces alike except the odd-slot copy).", "",
+        "| routing | variant | ms/token (mean) | per run | median token | vs engine | ideal | excess per miss (us) | CPU issue ms/token |",
+        "|---|---|---|---|---|---|---|---|---|"]
+    for v in r["variants"]:
+        exc = "-" if v["excess_per_miss_us"] is None else f"{v['excess_per_miss_us']:.0f}"
+        lines.append(f"| {v['routing']} | {v['variant']} | {v['ms_per_token']:.2f} | "
+                     f"{', '.join(f'{x:.2f}' for x in v['runs_mean_ms'])} | {v['median_token_ms']:.2f} | {v['vs_engine_ms']:+.2f} | "
+                     f"{v['ideal_ms_per_token']:.2f} | {exc} | "
+                     f"{v['issue_ms_per_token']:.1f} |")
+    return "\n".join(lines + variants_md(r) + model_md(r) + notes_md(r)) + "\n"
 
 
 def plot(r: dict[str, Any], path: Path) -> None:
