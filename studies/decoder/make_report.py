@@ -46,7 +46,7 @@ from moesim.engine.recording import as_single_token_steps  # noqa: E402
 from moesim.simulator.cost_model import CostModel  # noqa: E402
 from moesim.simulator.timing import simulate_timing  # noqa: E402
 from moesim.traces.format import META_KEY, Trace, TraceMeta  # noqa: E402
-from studies._common import ROOT, pct, write_json, write_text  # noqa: E402
+from studies._common import ROOT, md_table, pct, write_json, write_text  # noqa: E402
 
 
 def calibration(raw: dict, speculative: bool, previous: bool = False) -> dict:
@@ -230,14 +230,13 @@ def diagnose_md(d: dict, issue_us: float, cell: dict) -> list[str]:
     lines = ["", f"## Host time per layer, gate vs replay (`gpu_decode.py --diagnose`, run {d['date']})", "",
              "Median step (ms) and the host's µs per layer by phase: wait = blocked on the gate's routing, "
              "plan = the CachePlan step, issue = expert copies, launch = expert/combine/next-layer launches.", "",
-             "| policy | K | misses/layer | gate ms | replay ms | gate, GC off, ms | gate plan / issue / launch | "
-             "replay plan / issue / launch |", "|---|---|---|---|---|---|---|---|"]
-    for row in d["rows"]:
-        g, rp = row["gate_us_per_layer"], row["replay_us_per_layer"]
-        lines.append(f"| {row['policy']} | {row['cache_size']} | {row['misses_per_layer']:.2f} | {row['gate_step_ms']:.2f} | "
-                     f"{row['replay_step_ms']:.2f} | {row['gate_nogc_step_ms']:.2f} | "
-                     f"{g['plan']:.0f} / {g['issue']:.0f} / {g['launch']:.0f} | "
-                     f"{rp['plan']:.0f} / {rp['issue']:.0f} / {rp['launch']:.0f} |")
+             *md_table(["policy", "K", "misses/layer", "gate ms", "replay ms", "gate, GC off, ms",
+                        "gate plan / issue / launch", "replay plan / issue / launch"],
+                       [[row["policy"], row["cache_size"], f"{row['misses_per_layer']:.2f}", f"{row['gate_step_ms']:.2f}",
+                         f"{row['replay_step_ms']:.2f}", f"{row['gate_nogc_step_ms']:.2f}",
+                         " / ".join(f"{row['gate_us_per_layer'][k]:.0f}" for k in ("plan", "issue", "launch")),
+                         " / ".join(f"{row['replay_us_per_layer'][k]:.0f}" for k in ("plan", "issue", "launch"))]
+                        for row in d["rows"]])]
     rows = d["rows"]
     plan = [row["gate_us_per_layer"]["plan"] for row in rows]
     issue = [row["gate_us_per_layer"]["issue"] for row in rows]
@@ -321,25 +320,23 @@ def markdown(r: dict) -> str:
         f"{t.get('cache_write_s', 0):.1f} s; **reloading from the cache (pinned): {t.get('cache_load_s', 0):.1f} s**",
         f"- decoder program (torch.compile + CUDA graph capture): {t.get('program_s', 0):.1f} s", "",
         "## Micro-benchmarks (GPU time per piece, ms)", "",
-        "| embed | attention+gate | combine | predict (d=1) | expert | final |", "|---|---|---|---|---|---|",
-        f"| {p.get('embed_ms', 0):.4f} | {p.get('attn_ms', 0):.4f} | {p.get('combine_ms', 0):.4f} | "
-        f"{p.get('predict_ms', 0):.4f} | {p.get('expert_ms', 0):.4f} | {p.get('final_ms', 0):.4f} |", "",
+        *md_table(["embed", "attention+gate", "combine", "predict (d=1)", "expert", "final"],
+                  [[f"{p.get(k, 0):.4f}" for k in ("embed_ms", "attn_ms", "combine_ms", "predict_ms", "expert_ms",
+                                                   "final_ms")]]), "",
         f"**Routing hand-off: {h.get('handoff_ms_per_layer', 0) * 1e3:.1f} µs per layer** (32 attention+gate "
         f"pieces waiting for each routing + the plan step: {h.get('waiting_ms', 0):.3f} ms; queued without waiting: "
         f"{h.get('queued_ms', 0):.3f} ms). Issuing one expert copy costs "
         f"{run.get('miss_issue', {}).get('issue_ms', 0) * 1e3:.1f} µs of host time.", "",
         "## Cells (steps/s over prefill + decode steps; the same prompt and the same routing in both modes)", "",
-        "| policy | K | prefetch | hit rate | prefetches | gate steps/s | replay steps/s | gate/replay | "
-        "sim gate | sim err | sim err (all-resident hand-off) | sim err, previous model | sim replay err | "
-        "sim replay err, previous model |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for c in r["cells"]:
-        lines.append(f"| {c['policy']} | {c['cache_size']} | {c['prefetch']} | {c['hit_rate']:.3f} | {c['prefetches']} | "
-                     f"{c['gate_steps_per_s']:.3f} | {c.get('replay_steps_per_s', '—')} | {c.get('gate_over_replay', '—')} | "
-                     f"{c['sim_gate_steps_per_s']:.3f} | {c['sim_gate_rel_error']:+.1%} | "
-                     f"{c['sim_gate_alt_rel_error']:+.1%} | {c['sim_gate_previous_rel_error']:+.1%} | "
-                     + (f"{c['sim_replay_rel_error']:+.1%} | {c['sim_replay_previous_rel_error']:+.1%}"
-                        if "sim_replay_rel_error" in c else "— | —") + " |")
+        *md_table(["policy", "K", "prefetch", "hit rate", "prefetches", "gate steps/s", "replay steps/s", "gate/replay",
+                   "sim gate", "sim err", "sim err (all-resident hand-off)", "sim err, previous model",
+                   "sim replay err", "sim replay err, previous model"],
+                  [[c["policy"], c["cache_size"], c["prefetch"], f"{c['hit_rate']:.3f}", c["prefetches"],
+                    f"{c['gate_steps_per_s']:.3f}", c.get("replay_steps_per_s", "—"), c.get("gate_over_replay", "—"),
+                    f"{c['sim_gate_steps_per_s']:.3f}",
+                    *(pct(c.get(k), signed=True, missing="—") for k in (
+                        "sim_gate_rel_error", "sim_gate_alt_rel_error", "sim_gate_previous_rel_error",
+                        "sim_replay_rel_error", "sim_replay_previous_rel_error"))] for c in r["cells"]])]
     lines += ["", "## Summary", "",
               f"- gate-driven / replay at K = 4: {s['k4_gate_over_replay']} (goal >= 0.90); all cells with a "
               f"replay: {min(s['all_gate_over_replay']):.3f} .. {max(s['all_gate_over_replay']):.3f}",
