@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from studies._common import (  # noqa: E402
     REAL_TRACE,
+    md_table,
     pct,
     pct_range,
     relative,
@@ -203,24 +204,18 @@ def variants_md(r: dict[str, Any]) -> list[str]:
         "streams themselves. Which driver or front-end mechanism makes a wait on a plain event slow here is not "
         "isolated (no hardware counters were used); the model prices what the GPU timestamps show.", "",
         "## CUPTI gaps (us; the plain engine and the marker variant on the all-miss routing, the engine on the mixed one)", "",
-        "| trace | gap | n | mean | median | p10 | p90 |", "|---|---|---|---|---|---|---|"]
-    for lab, g in r["cupti_gaps"].items():
-        if not isinstance(g, dict):
-            continue
-        for key in ("gate_to_copy", "copy_to_copy", "ready_to_expert", "expert_after_gate", "expert_after_expert",
-                    "gate_after_expert"):
-            v = g.get(key)
-            if v:
-                lines.append(f"| {lab} | {key} | {v['n']} | {v['mean_us']:.1f} | {v['median_us']:.1f} | "
-                             f"{v['p10_us']:.1f} | {v['p90_us']:.1f} |")
+        *md_table(["trace", "gap", "n", "mean", "median", "p10", "p90"],
+                  [[lab, key, v["n"], *(f"{v[k]:.1f}" for k in ("mean_us", "median_us", "p10_us", "p90_us"))]
+                   for lab, g in r["cupti_gaps"].items() if isinstance(g, dict)
+                   for key in ("gate_to_copy", "copy_to_copy", "ready_to_expert", "expert_after_gate",
+                               "expert_after_expert", "gate_after_expert") if (v := g.get(key))])]
     if r.get("stream_chains"):
         lines += ["", "## Stream-level chains (`studies/miss_cost/gpu_stream_hops.py`: 32 layers x 2 misses; excess per layer "
                   "over the chain priced from its own back-to-back times, two repeats)", "",
-                  "| pieces | events | issue | spacer | chain ms | ideal ms | excess us/layer |", "|---|---|---|---|---|---|---|"]
-        for c in r["stream_chains"]:
-            lines.append(f"| {c['pieces']} | {c['events']} | {c['issue']} | {c['spacer']} | "
-                         f"{', '.join(f'{x:.2f}' for x in c['chain_ms'])} | {', '.join(f'{x:.2f}' for x in c['ideal_ms'])} | "
-                         f"{', '.join(f'{x:+.0f}' for x in c['excess_per_layer_us'])} |")
+                  *md_table(["pieces", "events", "issue", "spacer", "chain ms", "ideal ms", "excess us/layer"],
+                            [[c["pieces"], c["events"], c["issue"], c["spacer"],
+                              ", ".join(f"{x:.2f}" for x in c["chain_ms"]), ", ".join(f"{x:.2f}" for x in c["ideal_ms"]),
+                              ", ".join(f"{x:+.0f}" for x in c["excess_per_layer_us"])] for c in r["stream_chains"]])]
         chains = r["stream_chains"]
         runs = [x for c in chains for x in c["chain_ms"]]
         ideals = [x for c in chains for x in c["ideal_ms"]][1:]   # the first: the sleep-rate probe's warm-up
@@ -255,21 +250,23 @@ def model_md(r: dict[str, Any]) -> list[str]:
         "identically (tests/test_timing_fast.py compares every metric with them on, alone and with the gate-mode "
         "terms; tests/test_timing.py checks a hand-computed timeline and that a calibration without them prices as "
         "before). The mixtral-offloading profile (swaps on compute) pays neither.", "",
-        "## Before / after: the committed fidelity cells (studies/fidelity/raw/cells/, 16 cells, 2 traces)", "",
+        f"## Before / after: the committed fidelity cells (studies/fidelity/raw/cells/, {len(r['fidelity_cells'])} cells, "
+        f"{len({c['trace'] for c in r['fidelity_cells']})} traces)", "",
         "Before = the committed h200 calibration without the two terms (as studies/fidelity/fidelity_h200.md priced them); "
         "after = the same with them. rel error = sim / real - 1.", "",
         f"- before: max {fs['before']['max_abs']:.1%}, median {fs['before']['median_abs']:.1%}, mean {fs['before']['mean_signed']:+.1%}; "
         f"{fs['before']['within_5pct']}/{fs['before']['cells']} within 5%, {fs['before']['within_2pct']} within 2%",
         f"- **after: max {fs['after']['max_abs']:.1%}, median {fs['after']['median_abs']:.1%}, mean {fs['after']['mean_signed']:+.1%}; "
         f"{fs['after']['within_5pct']}/{fs['after']['cells']} within 5%, {fs['after']['within_2pct']} within 2%**", "",
-        "| trace | policy | K | prefetch | real tok/s | repeat spread | sim before | sim after | error before | error after |",
-        "|---|---|---|---|---|---|---|---|---|---|"]
-    for c in r["fidelity_cells"]:
-        lines.append(f"| {c['trace']} | {c['policy']} | {c['cache_size']} | {c['prefetch']} | {c['real_tokens_per_s']:.2f} | "
-                     f"{c['repeat_spread']:.1%} | {c['sim_before']:.2f} | {c['sim_after']:.2f} | "
-                     f"{pct(c['rel_error_before'], signed=True)} | {pct(c['rel_error_after'], signed=True)} |")
+        *md_table(["trace", "policy", "K", "prefetch", "real tok/s", "repeat spread", "sim before", "sim after",
+                   "error before", "error after"],
+                  [[c["trace"], c["policy"], c["cache_size"], c["prefetch"], f"{c['real_tokens_per_s']:.2f}",
+                    pct(c["repeat_spread"]), f"{c['sim_before']:.2f}", f"{c['sim_after']:.2f}",
+                    pct(c["rel_error_before"], signed=True), pct(c["rel_error_after"], signed=True)]
+                   for c in r["fidelity_cells"]])]
     lines += [
-        "", "## Before / after: the gate-driven decoder (studies/decoder/raw/, 18 gate-driven + 12 replay cells)", "",
+        "", f"## Before / after: the gate-driven decoder (studies/decoder/raw/, {len(r['decoder_cells'])} gate-driven + "
+        f"{sum('replay_rel_error_after' in c for c in r['decoder_cells'])} replay cells)", "",
         "Priced exactly as studies/decoder/make_report.py prices them (its calibration from that run's own "
         "micro-benchmarks), with and without the two terms (the decoder also records its gate, ready and free "
         "events without timing).", "",
@@ -281,13 +278,12 @@ def model_md(r: dict[str, Any]) -> list[str]:
         f"mean {ds['replay_before']['mean_signed']:+.1%}, {ds['replay_before']['within_5pct']}/{ds['replay_before']['cells']} within 5%",
         f"- replay after: max {ds['replay_after']['max_abs']:.1%}, median {ds['replay_after']['median_abs']:.1%}, "
         f"mean {ds['replay_after']['mean_signed']:+.1%}, {ds['replay_after']['within_5pct']}/{ds['replay_after']['cells']} within 5%", "",
-        "| policy | K | prefetch | gate real | gate err before | gate err after | replay real | replay err before | replay err after |",
-        "|---|---|---|---|---|---|---|---|---|"]
-    for c in r["decoder_cells"]:
-        lines.append(f"| {c['policy']} | {c['cache_size']} | {c['prefetch']} | {c['gate_real']:.3f} | "
-                     f"{pct(c.get('gate_rel_error_before'), signed=True)} | {pct(c.get('gate_rel_error_after'), signed=True)} | "
-                     f"{c.get('replay_real', '-')} | {pct(c.get('replay_rel_error_before'), signed=True)} | "
-                     f"{pct(c.get('replay_rel_error_after'), signed=True)} |")
+        *md_table(["policy", "K", "prefetch", "gate real", "gate err before", "gate err after", "replay real",
+                   "replay err before", "replay err after"],
+                  [[c["policy"], c["cache_size"], c["prefetch"], f"{c['gate_real']:.3f}",
+                    pct(c.get("gate_rel_error_before"), signed=True), pct(c.get("gate_rel_error_after"), signed=True),
+                    c.get("replay_real", "-"), pct(c.get("replay_rel_error_before"), signed=True),
+                    pct(c.get("replay_rel_error_after"), signed=True)] for c in r["decoder_cells"]])]
     return lines
 
 
@@ -373,14 +369,12 @@ def markdown(r: dict[str, Any]) -> str:
         "schedule with no overhead, from this run's back-to-back pieces (`ideal_ms_per_token`). This run had the "
         "residency check on (the Program default) and the misaligned odd slots (both in the ideal's and the "
         "engine's expert pieces alike except the odd-slot copy).", "",
-        "| routing | variant | ms/token (mean) | per run | median token | vs engine | ideal | excess per miss (us) | CPU issue ms/token |",
-        "|---|---|---|---|---|---|---|---|---|"]
-    for v in r["variants"]:
-        exc = "-" if v["excess_per_miss_us"] is None else f"{v['excess_per_miss_us']:.0f}"
-        lines.append(f"| {v['routing']} | {v['variant']} | {v['ms_per_token']:.2f} | "
-                     f"{', '.join(f'{x:.2f}' for x in v['runs_mean_ms'])} | {v['median_token_ms']:.2f} | {v['vs_engine_ms']:+.2f} | "
-                     f"{v['ideal_ms_per_token']:.2f} | {exc} | "
-                     f"{v['issue_ms_per_token']:.1f} |")
+        *md_table(["routing", "variant", "ms/token (mean)", "per run", "median token", "vs engine", "ideal",
+                   "excess per miss (us)", "CPU issue ms/token"],
+                  [[v["routing"], v["variant"], f"{v['ms_per_token']:.2f}", ", ".join(f"{x:.2f}" for x in v["runs_mean_ms"]),
+                    f"{v['median_token_ms']:.2f}", f"{v['vs_engine_ms']:+.2f}", f"{v['ideal_ms_per_token']:.2f}",
+                    "-" if v["excess_per_miss_us"] is None else f"{v['excess_per_miss_us']:.0f}",
+                    f"{v['issue_ms_per_token']:.1f}"] for v in r["variants"]])]
     return "\n".join(lines + variants_md(r) + model_md(r) + notes_md(r)) + "\n"
 
 
