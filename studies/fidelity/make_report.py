@@ -39,7 +39,16 @@ from moesim.engine.validation import (  # noqa: E402
 from moesim.simulator.cost_model import CostModel  # noqa: E402
 from moesim.simulator.timing import simulate_timing  # noqa: E402
 from moesim.traces.format import DECODE, TraceMeta, TraceWriter, read_trace  # noqa: E402
-from studies._common import pct, pct_range, relative, render_from_json, save_figure, write_json, write_text  # noqa: E402
+from studies._common import (  # noqa: E402
+    md_table,
+    pct,
+    pct_range,
+    relative,
+    render_from_json,
+    save_figure,
+    write_json,
+    write_text,
+)
 
 REAL = ROOT.parent / "shared" / "traces" / "real" / "mixtral-8x7b-instruct-fp8_humaneval-2_vllm.jsonl"
 TRACES = {"synth-mixtral-8x7b.parquet": ROOT / "traces" / "synth-mixtral-8x7b.parquet",
@@ -337,15 +346,18 @@ def markdown(r: dict) -> str:
     lines += ["## Does an expert cache help beyond batch 1 and in prefill?", "",
               "Measured tokens/s (median of repeats; lru / lfu), hit rate in brackets; `K=8` is the all-resident "
               "engine run of the same session (every expert on the GPU, warm, the real trace's steps).", "",
-              "| trace | phase | batch | K=3 lru / lfu | K=5 lru / lfu | K=5 / K=3 | K=8 (all resident) |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+              ]
+    effect = []
     for row in r["cache_effect"]:
         k3, k5 = row.get("K3", {}), row.get("K5", {})
         h3, h5 = row.get("K3_hit_rate", {}), row.get("K5_hit_rate", {})
         gain = (k5.get("lru", np.nan) / k3.get("lru", np.nan)) if k3 and k5 else np.nan
-        lines.append(f"| {row['trace']} | {row['phase']} | {row['batch']} | {k3.get('lru', 0):.1f} / {k3.get('lfu', 0):.1f} "
-                     f"({h3.get('lru', 0):.0%}) | {k5.get('lru', 0):.1f} / {k5.get('lfu', 0):.1f} ({h5.get('lru', 0):.0%}) | "
-                     f"{gain:.2f}x | {row['all_resident_real_trace'] or '-':.1f} |")
+        effect.append([row["trace"], row["phase"], row["batch"],
+                       f"{k3.get('lru', 0):.1f} / {k3.get('lfu', 0):.1f} ({h3.get('lru', 0):.0%})",
+                       f"{k5.get('lru', 0):.1f} / {k5.get('lfu', 0):.1f} ({h5.get('lru', 0):.0%})", f"{gain:.2f}x",
+                       f"{row['all_resident_real_trace'] or '-':.1f}"])
+    lines += md_table(["trace", "phase", "batch", "K=3 lru / lfu", "K=5 lru / lfu", "K=5 / K=3", "K=8 (all resident)"],
+                      effect)
     lines += ["", *cache_answer(r["cache_effect"]), ""]
     for tr in r["traces"]:
         lines += [f"## {tr['trace']}", "",
@@ -361,20 +373,18 @@ def markdown(r: dict) -> str:
             lines.append(f"- in-situ copies (instrumented batch-1 replay, {ins['n']} copies): {ins['gbps']:.2f} GB/s, "
                          f"{'inside' if ins['within_calibration_interval'] else '**outside**'} the calibration's "
                          f"interval {lo:.2f}-{hi:.2f} GB/s")
-        lines += ["", "| policy | K | batch | phase | steps x tokens | real tok/s (median) | repeats spread | sim tok/s | "
-                  "sim interval | error | error, all-miss term | misses/step | hits equal | violations | efficiency |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        cells = []
         for c in tr["cells"]:
             iv = c["sim_interval"]
-            ivs = f"{iv[0]:.2f}-{iv[1]:.2f}" if iv else "-"
-            am = c["rel_error_with_all_miss_term"]
-            viol = ",".join("-" if v is None else str(v) for v in c["violations"])
-            lines.append(f"| {c['policy']} | {c['cache_size']} | {c['batch']} | {c['phase']} | "
-                         f"{c['steps']} x {c['tokens'] // c['steps']} | {c['real_tokens_per_s']:.2f} | "
-                         f"{c['repeat_spread']:.1%} (n={c['repeats']}) | {c['sim_tokens_per_s']:.2f} | {ivs} | "
-                         f"{c['rel_error']:+.1%} | {'-' if am is None else f'{am:+.1%}'} | {c['misses_per_step']:.1f} | "
-                         f"{c['hits_identical']} | {viol} | {c['efficiency']:.0%} |")
-        lines.append("")
+            cells.append([c["policy"], c["cache_size"], c["batch"], c["phase"], f"{c['steps']} x {c['tokens'] // c['steps']}",
+                          f"{c['real_tokens_per_s']:.2f}", f"{pct(c['repeat_spread'])} (n={c['repeats']})",
+                          f"{c['sim_tokens_per_s']:.2f}", f"{iv[0]:.2f}-{iv[1]:.2f}" if iv else "-",
+                          pct(c["rel_error"], signed=True), pct(c["rel_error_with_all_miss_term"], signed=True),
+                          f"{c['misses_per_step']:.1f}", c["hits_identical"],
+                          ",".join("-" if v is None else str(v) for v in c["violations"]), f"{c['efficiency']:.0%}"])
+        lines += ["", *md_table(["policy", "K", "batch", "phase", "steps x tokens", "real tok/s (median)",
+                                 "repeats spread", "sim tok/s", "sim interval", "error", "error, all-miss term",
+                                 "misses/step", "hits equal", "violations", "efficiency"], cells), ""]
     lines += ["## Definitions", "",
               "- `rel_error` = sim / real - 1 (real = median over the repeats); decode cells compare decode tokens/s, "
               "prefill cells prompt tokens/s; `repeat_spread` = (max - min) / median of the repeats of identical cells "
