@@ -284,6 +284,28 @@ def by_phase(r: dict) -> str:
             f"{pct(spread)}.")
 
 
+def definitions(r: dict) -> list[str]:
+    """The terms of the cell tables, and the heading of the notes that follow them."""
+    return ["## Definitions", "",
+              "- `rel_error` = sim / real - 1 (real = median over the repeats); decode cells compare decode tokens/s, "
+              "prefill cells prompt tokens/s; `repeat_spread` = (max - min) / median of the repeats of identical cells "
+              "in this run.",
+              "- batch B decode: B sequences per step (token j of each); the trace's tokens are cut into B segments of "
+              "consecutive tokens of one sequence (positions kept), `moesim.engine.validation.cell_trace`; prefill: "
+              "prompts of 64 tokens in chunks of 32 (the learned trace's real prompts; the other two offer their "
+              "decode tokens as prompts). Engine and simulator group them with the one definition "
+              "`moesim.traces.steps.build_steps`; each layer requests the union of the step's experts.",
+              "- attention reads the first `bucket` cache positions, bucket = the smallest power of two >= 64 holding "
+              "the step's largest position + 1; the simulator's `layer.per_context_s` (fitted over the buckets each "
+              "shape used; 0 where a shape used one bucket) is what it is compared with.",
+              "- `error, all-miss term`: the same simulation with the engine-level all-miss excess (above) charged as "
+              "`miss_issue_s` (a what-if, not the calibration).",
+              "- `violations`: the device-side residency proof per repeat (batch engine: the trace's routed experts "
+              "each computed exactly once from a slot holding its identity; `-` = the batch-1 engine, built without "
+              "the check as its calibration was).",
+              f"- `efficiency` = {r['efficiency_definition']}.", "", "## Notes", ""]
+
+
 def markdown(r: dict) -> str:
     t = r["engine_terms"]
     lines = [f"# Fidelity out of sample: {r['device']}", "",
@@ -385,24 +407,7 @@ def markdown(r: dict) -> str:
         lines += ["", *md_table(["policy", "K", "batch", "phase", "steps x tokens", "real tok/s (median)",
                                  "repeats spread", "sim tok/s", "sim interval", "error", "error, all-miss term",
                                  "misses/step", "hits equal", "violations", "efficiency"], cells), ""]
-    lines += ["## Definitions", "",
-              "- `rel_error` = sim / real - 1 (real = median over the repeats); decode cells compare decode tokens/s, "
-              "prefill cells prompt tokens/s; `repeat_spread` = (max - min) / median of the repeats of identical cells "
-              "in this run.",
-              "- batch B decode: B sequences per step (token j of each); the trace's tokens are cut into B segments of "
-              "consecutive tokens of one sequence (positions kept), `moesim.engine.validation.cell_trace`; prefill: "
-              "prompts of 64 tokens in chunks of 32 (the learned trace's real prompts; the other two offer their "
-              "decode tokens as prompts). Engine and simulator group them with the one definition "
-              "`moesim.traces.steps.build_steps`; each layer requests the union of the step's experts.",
-              "- attention reads the first `bucket` cache positions, bucket = the smallest power of two >= 64 holding "
-              "the step's largest position + 1; the simulator's `layer.per_context_s` (fitted over the buckets each "
-              "shape used; 0 where a shape used one bucket) is what it is compared with.",
-              "- `error, all-miss term`: the same simulation with the engine-level all-miss excess (above) charged as "
-              "`miss_issue_s` (a what-if, not the calibration).",
-              "- `violations`: the device-side residency proof per repeat (batch engine: the trace's routed experts "
-              "each computed exactly once from a slot holding its identity; `-` = the batch-1 engine, built without "
-              "the check as its calibration was).",
-              f"- `efficiency` = {r['efficiency_definition']}.", "", "## Notes", ""]
+    lines += definitions(r)
     lines += [f"- {n}" for n in r["notes"]]
     return "\n".join(lines) + "\n"
 
