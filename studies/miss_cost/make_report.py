@@ -5,7 +5,7 @@
 Part 1, the mechanism: every engine variant's ms/token (median of its tokens, median over repeats)
 against the plain engine and against the overhead-free schedule of the same routing priced from the
 run's own back-to-back piece and copy times, and the gaps of the CUPTI traces.
-Part 2, the model: the committed cells of studies/fidelity/raw/cells/ and studies/decoder/raw/
+Part 2, the model: the fidelity cells of the run before the hop terms (raw/fidelity_cells/) and studies/decoder/raw/
 re-simulated with and without the new engine term (the term from the micro-benchmark, never fitted
 to a cell).
 """
@@ -76,20 +76,32 @@ def stream_chains(hops: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def fidelity_cells(cost, hops_cost, real: Path) -> list[dict[str, Any]]:
-    """The committed fidelity cells (studies/fidelity/raw/cells/) priced by the committed calibration
-    with and without the hop terms: real tokens/s (median of repeats) against both."""
+def cell_traces(real: Path, tmp: Path) -> dict[str, Path]:
+    """The two traces those fidelity cells replayed (raw/fidelity_cells/, the 02:22Z device run): the real
+    trace from token 128 on and the synthetic trace that run made with `moesim synth`."""
+    from moesim.cli import main as moesim_main
+
+    out = {"real.parquet": tmp / "real.parquet", "synth.parquet": tmp / "synth.parquet"}
+    if moesim_main(["import", "--from", "vllm-jsonl", str(real), str(out["real.parquet"])]) != 0:
+        raise SystemExit(f"{real}: import failed")
+    if moesim_main(["synth", "--preset", "mixtral-8x7b", "--tokens", "256", "--seed", "14", str(out["synth.parquet"])]) != 0:
+        raise SystemExit("moesim synth failed")
+    return out
+
+
+def fidelity_cells(cost, hops_cost, real: Path, cells_dir: Path) -> list[dict[str, Any]]:
+    """The fidelity cells this study was measured against (``cells_dir``: the batch-1 cells of the device run
+    before the hop terms) priced by the committed calibration with and without the hop terms: real tokens/s
+    (median of repeats) against both."""
     import tempfile
 
     from moesim.engine.validation import head_tokens
     from moesim.simulator.timing import simulate_timing
     from moesim.traces.format import read_trace
-    from studies.fidelity.make_report import traces  # noqa: PLC0415 - the fidelity study imports the traces
 
-    cells_dir = ROOT / "studies/fidelity/raw/cells"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        paths = traces(real, Path(tmp))
+        paths = cell_traces(real, Path(tmp))
         for fname in sorted(p.name for p in cells_dir.glob("validate*.json")):
             engine = json.loads((cells_dir / fname).read_text())
             name = engine.get("trace", "real.parquet")
@@ -250,9 +262,9 @@ def model_md(r: dict[str, Any]) -> list[str]:
         "identically (tests/test_timing_fast.py compares every metric with them on, alone and with the gate-mode "
         "terms; tests/test_timing.py checks a hand-computed timeline and that a calibration without them prices as "
         "before). The mixtral-offloading profile (swaps on compute) pays neither.", "",
-        f"## Before / after: the committed fidelity cells (studies/fidelity/raw/cells/, {len(r['fidelity_cells'])} cells, "
+        f"## Before / after: the fidelity cells of the 02:22Z run (studies/miss_cost/raw/fidelity_cells/, {len(r['fidelity_cells'])} cells, "
         f"{len({c['trace'] for c in r['fidelity_cells']})} traces)", "",
-        "Before = the committed h200 calibration without the two terms (as studies/fidelity/fidelity_h200.md priced them); "
+        "Before = the committed h200 calibration without the two hop terms; "
         "after = the same with them. rel error = sim / real - 1.", "",
         f"- before: max {fs['before']['max_abs']:.1%}, median {fs['before']['median_abs']:.1%}, mean {fs['before']['mean_signed']:+.1%}; "
         f"{fs['before']['within_5pct']}/{fs['before']['cells']} within 5%, {fs['before']['within_2pct']} within 2%",
@@ -348,7 +360,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"(p10-p90 {gaps['ready_to_expert']['p10_us']:.0f}-{gaps['ready_to_expert']['p90_us']:.0f}): GPU timestamps "
         "from a CUPTI trace (torch.profiler) of the plain replay, nothing added to the streams. The instrumented "
         "replay of the fidelity run (CUDA timing events around every piece and copy) saw much shorter gaps "
-        "for the same hops (`studies/fidelity/raw/cells/events.json`), which is why it ran faster than the plain "
+        "for the same hops (`studies/miss_cost/raw/fidelity_cells/events.json`), which is why it ran faster than the plain "
         "one; a stream-level chain with the same waits and plain events but sleep-kernel pieces shows none (below), "
         "which is why the stream-level micro-benchmark (`gpu_bench.miss_issue`) found no per-miss cost.",
         f"2. **An engine bug, fixed here** (not in the committed cells: it came with the residency identity, "
@@ -433,6 +445,8 @@ def main() -> int:
     ap.add_argument("-o", "--out", required=True, help="output prefix (the committed one: studies/miss_cost/miss_cost_h200)")
     ap.add_argument("--real", default=str(REAL_TRACE),
                     help="the shared real trace (vllm-jsonl), never copied into the repository")
+    ap.add_argument("--fidelity-cells", default=str(ROOT / "studies/miss_cost/raw/fidelity_cells"),
+                    help="the batch-1 fidelity cells the hop terms are checked on (validate*.json)")
     ap.add_argument("--from-json", help="re-render .md/.png from this report json (no real trace needed)")
     ap.add_argument("--device-seconds", default="375 s of device time in two calls (221 s: start + gpu_miss_cost.py "
                     "147 s; 154 s: start + gpu_stream_hops.py 64 s)")
@@ -469,7 +483,7 @@ def main() -> int:
         "stream_chains": stream_chains(hops_raw) if hops_raw else None,
         "alignment": hops_raw.get("alignment") if hops_raw else None,
     }
-    report["fidelity_cells"] = fidelity_cells(base, after, Path(args.real))
+    report["fidelity_cells"] = fidelity_cells(base, after, Path(args.real), Path(args.fidelity_cells))
     report["fidelity_summary"] = {"before": summary([c["rel_error_before"] for c in report["fidelity_cells"]]),
                                   "after": summary([c["rel_error_after"] for c in report["fidelity_cells"]])}
     report["decoder_cells"] = decoder_cells(terms)
