@@ -1,9 +1,10 @@
 # The two set-up commands of the README: `make demo` and `make test`. Both work from a fresh clone.
+# `make reports` rebuilds every study's report from its committed raw data (studies/README.md).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install install-dev lint bench clean
+.PHONY: demo test install install-dev lint bench reports clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,14 +27,17 @@ demo: $(VENV)/.installed
 	$(BIN)/moesim demo -o moesim-demo --force   # re-running `make demo` refreshes its own folder
 
 test: $(VENV)/.installed-dev
-	$(BIN)/ruff check moesim tests benchmarks
+	$(BIN)/ruff check moesim tests benchmarks studies tools
 	$(BIN)/python -m pytest -n 2 -q
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check moesim tests benchmarks
+	$(BIN)/ruff check moesim tests benchmarks studies tools
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/bench_replay.py
+
+reports: $(VENV)/.installed-dev
+	$(BIN)/python studies/make_reports.py
 
 clean:
 	rm -rf $(VENV) moesim-demo .pytest_cache

@@ -161,7 +161,7 @@ def test_cuda_compute_that_skips_its_copy_wait_is_caught(monkeypatch):
 
 
 def test_gpu_proof_script_cpu_check(tmp_path):
-    """benchmarks/gpu_residency_proof.py end to end on CPU (tiny model): every cell proven, exit 0."""
+    """studies/residency_proof/gpu_residency_proof.py end to end on CPU (tiny model): every cell proven, exit 0."""
     import json
     import subprocess
     import sys
@@ -169,7 +169,7 @@ def test_gpu_proof_script_cpu_check(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     learned = root / "traces" / "learned-mixtral-32l.parquet"
-    cmd = [sys.executable, str(root / "benchmarks" / "gpu_residency_proof.py"), "--cpu-check", "--cells", "1",
+    cmd = [sys.executable, str(root / "studies" / "residency_proof" / "gpu_residency_proof.py"), "--cpu-check", "--cells", "1",
            "--trace", str(learned), "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -219,13 +219,13 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def test_engine_sync_script_cpu_check(tmp_path):
-    """benchmarks/gpu_engine_sync.py end to end on CPU (tiny model): every mode and shape ran, proof clean,
+    """studies/engine_sync/gpu_engine_sync.py end to end on CPU (tiny model): every mode and shape ran, proof clean,
     the elided order issues fewer waits than the plain one."""
     import json
     import subprocess
     import sys
 
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_engine_sync.py"), "--cpu-check", "--out", str(tmp_path),
+    cmd = [sys.executable, str(ROOT / "studies" / "engine_sync" / "gpu_engine_sync.py"), "--cpu-check", "--out", str(tmp_path),
            "--modes", "plain,elide+lag1", "--tokens", "3", "--steps", "2", "--batch", "2", "--repeats", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -244,9 +244,9 @@ def test_engine_sync_report(tmp_path):
     import subprocess
     import sys
 
-    script = ROOT / "benchmarks" / "make_engine_sync_report.py"
+    script = ROOT / "studies" / "engine_sync" / "make_report.py"
     out = tmp_path / "r.md"
-    proc = subprocess.run([sys.executable, str(script), str(ROOT / "reports" / "engine_sync_h200_raw"), "-o", str(out)],
+    proc = subprocess.run([sys.executable, str(script), str(ROOT / "studies" / "engine_sync" / "raw"), "-o", str(out)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     md = out.read_text()
@@ -265,7 +265,7 @@ def test_add_session_with_pieces_takes_the_engine_terms_of_the_raw_file():
     from moesim.engine.calibration import add_session
 
     cal = json.loads((ROOT / "moesim" / "data" / "hardware" / "h200.json").read_text())
-    raw = json.loads((ROOT / "reports" / "calibration_h200_2026-12-02" / "calibration_raw.json").read_text())
+    raw = json.loads((ROOT / "studies" / "calibration" / "raw" / "2026-12-02" / "calibration_raw.json").read_text())
     raw["graph"] = {**raw["graph"], "layer_ms": 0.5, "expert_ms": 0.7}
     out = add_session(cal, raw, "raw.json", pieces=True)
     assert out["layer"]["base_s"] == pytest.approx(0.5e-3)
@@ -282,7 +282,7 @@ def test_add_session_with_pieces_takes_the_engine_terms_of_the_raw_file():
 def test_with_pieces_needs_add_to(tmp_path):
     from moesim.cli import main
 
-    assert main(["calibrate", "--from-raw", str(ROOT / "reports" / "calibration_h200_2026-12-02" /
+    assert main(["calibrate", "--from-raw", str(ROOT / "studies" / "calibration" / "raw" / "2026-12-02" /
                                                 "calibration_raw.json"), "-o", str(tmp_path / "c.json"),
                  "--with-pieces"]) == 2
     assert not (tmp_path / "c.json").exists()

@@ -98,7 +98,7 @@ def test_compare_cells_carry_interval_and_bounded_efficiency(small):
 
 
 def test_presets_are_the_h200_measurements_scaled_by_bandwidth():
-    """benchmarks/make_hardware_presets.py: memory-bound pieces x (4800 / GB/s); host costs unscaled."""
+    """tools/make_hardware_presets.py: memory-bound pieces x (4800 / GB/s); host costs unscaled."""
     h200 = CostModel.preset("h200")
     for name, gbps in (("a100-pcie", 1555.0), ("a6000", 768.0), ("l40", 864.0), ("rtx3090", 936.0), ("t4", 320.0)):
         p = CostModel.preset(name)

@@ -17,8 +17,9 @@ from moesim.traces.format import DECODE, PREFILL, TraceMeta, TraceWriter, read_t
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+def load_script(relpath: str):
+    name = Path(relpath).stem
+    spec = importlib.util.spec_from_file_location(name, ROOT / relpath)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -46,7 +47,7 @@ def test_replay_script_cells_match_the_plan(tmp_path, monkeypatch):
 
     trace = recorded_like(tmp_path / "t.parquet")
     out = tmp_path / "out"
-    mod = load_script("gpu_learned_replay")
+    mod = load_script("studies/learned_routing/gpu_learned_replay.py")
     monkeypatch.setattr(sys, "argv", ["x", "--trace", str(trace), "--out", str(out), "--tokens", "4", "--tiny",
                                       "--cells", "lru:2:speculative:2,lfu:3:speculative"])
     assert mod.main() == 0
@@ -67,7 +68,7 @@ def test_replay_script_cells_match_the_plan(tmp_path, monkeypatch):
 def test_trace_builder_offsets_sequences_and_splits_logits(tmp_path, monkeypatch):
     a = recorded_like(tmp_path / "a.parquet", seqs=(0, 1), logits=True, seed=1)
     b = recorded_like(tmp_path / "b.parquet", seqs=(0, 2), logits=True, seed=2)
-    mod = load_script("make_learned_traces")
+    mod = load_script("tools/make_learned_traces.py")
     prefix = tmp_path / "learned"
     monkeypatch.setattr(sys, "argv", ["x", "--run", f"A={a}", "--run", f"B={b}", "--offset", "B=100",
                                       "--logits-seqs", "2", "--model", "tiny-learned", "-o", str(prefix)])
@@ -86,7 +87,7 @@ def test_trace_builder_offsets_sequences_and_splits_logits(tmp_path, monkeypatch
 
 
 def test_corpus_split_and_schedule(tmp_path):
-    mod = load_script("train_learned_moe")
+    mod = load_script("tools/train_learned_moe.py")
     for name in ("a.py", "b.md", "c.txt", "skip.bin", "sub/d.rst"):
         p = tmp_path / name
         p.parent.mkdir(exist_ok=True)

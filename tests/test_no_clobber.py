@@ -54,7 +54,7 @@ CASES = {
     "report": lambda t, log, sw: (["report", t, "-o", "OUT", "--policies", "lru", "--sizes", "2",
                                    "--no-timing"], "OUT/report.html"),
     "sweep-plot": lambda t, log, sw: (["sweep-plot", sw, "-o", "OUT.png"], "OUT.png"),
-    "calibrate --from-raw": lambda t, log, sw: (["calibrate", "--from-raw", str(REPO / "reports" / "calibration_h200.json"),
+    "calibrate --from-raw": lambda t, log, sw: (["calibrate", "--from-raw", str(REPO / "studies" / "calibration" / "raw" / "calibration_h200.json"),
                                                  "-o", "OUT"], "OUT"),
 }
 

@@ -26,8 +26,8 @@ SKIPS: list[tuple[str, str]] = [
     (r"^(make|\.|source|pip)\s", "set-up: installs into .venv (CI runs `make test` itself)"),
     (r"--device\s+cuda", "needs a CUDA GPU"),
     (r"^moesim calibrate\b(?!.*--from-raw)", "measures a CUDA GPU"),
-    (r"benchmarks/gpu_", "GPU script"),
-    (r"^python3? benchmarks/", "benchmark or report-rebuilding script: run on demand (long, rewrites reports/)"),
+    (r"(benchmarks|studies/\w+)/gpu_", "GPU script"),
+    (r"^python3? (benchmarks|studies|tools)/", "benchmark, study or tool script: run on demand (long, rewrites data)"),
     # files from outside the repository (the README says "if you have a vLLM routing log")
     (r"_vllm\.jsonl\b", "needs the user's vLLM routing log"),
     (r"(^|\s)real\.parquet\b", "needs the trace imported from the user's vLLM routing log"),
@@ -161,6 +161,15 @@ def test_readme_uses_no_file_from_outside_the_repository_outside_the_skip_list()
     text = README.read_text(encoding="utf-8")
     assert "../shared" not in text and "CONTRACTS.md" not in text
     assert SHIPPED_TRACE.is_file()
+
+
+def test_readme_is_short_and_quotes_no_measurement():
+    """The README is a ten-minute guide: measured numbers live in the reports it links (studies/,
+    benchmarks/results/), where they are rebuilt from data; a figure typed here would go stale."""
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 250
+    measured = re.findall(r"\d+(?:\.\d+)?\s*(?:%|x\b|tok/s|tokens/s|ms/token|M req|GB/s|us\b|µs)", text)
+    assert not measured, f"README.md quotes measurements {measured}: link the report instead"
 
 
 def test_shipped_trace_is_what_its_documented_command_makes(tmp_path):

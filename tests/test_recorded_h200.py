@@ -1,5 +1,5 @@
 """The trace recorded on the H200 from a full-geometry (random-weight) Mixtral-8x7B run stays readable and
-keeps the recorder's conventions (reports/recorder_overhead_h200_mixtral8x7b.*)."""
+keeps the recorder's conventions (studies/recorder_overhead/)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 from moesim.simulator.replay import simulate
 from moesim.traces.format import read_trace
 
-TRACE = Path(__file__).resolve().parents[1] / "reports" / "recorded_h200_mixtral8x7b_random_weights.parquet"
+TRACE = Path(__file__).resolve().parents[1] / "studies" / "recorder_overhead" / "raw" / "recorded_h200_mixtral8x7b_random_weights.parquet"
 
 
 def test_full_geometry_recording_has_every_row_and_prediction():

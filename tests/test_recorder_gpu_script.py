@@ -1,4 +1,4 @@
-"""benchmarks/gpu_record.py runs end to end on CPU with the tiny geometry (the GPU run uses full Mixtral-8x7B)."""
+"""studies/recorder_overhead/gpu_record.py runs end to end on CPU with the tiny geometry (the GPU run uses full Mixtral-8x7B)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from moesim.traces.format import read_trace
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_record.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "studies" / "recorder_overhead" / "gpu_record.py"
 
 
 def test_gpu_record_script_tiny_on_cpu(tmp_path):

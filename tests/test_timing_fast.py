@@ -35,7 +35,7 @@ ENGINE_TERMS = [{}, {"miss_issue_us": 49.0}, {"miss_issue_us": 49.0, "routing_ha
                 {"predict_us": 40.0, "host_copy_issue_us": 45.0, "routing_handoff_us": 120.0},
                 {"miss_issue_us": 20.0, "routing_handoff_us": 30.0, "host_copy_issue_us": 450.0, "predict_us": 40.0,
                  "engine_mode": "gate"},
-                # the cross-stream hops (reports/miss_cost_h200.md), alone and with the gate-mode terms
+                # the cross-stream hops (studies/miss_cost/miss_cost_h200.md), alone and with the gate-mode terms
                 {"copy_hop_us": 41.5, "ready_hop_us": 43.4},
                 {"copy_hop_us": 300.0, "ready_hop_us": 700.0, "miss_issue_us": 20.0, "routing_handoff_us": 30.0,
                  "host_copy_issue_us": 45.0, "predict_us": 40.0, "engine_mode": "gate"}]

@@ -331,7 +331,7 @@ class BatchEngine:
 
     def __init__(self, program: BatchProgram, cache_size: int, policy: str = "lru",
                  policy_params: dict[str, Any] | None = None, *, sync: SyncMode = DEFAULT_SYNC) -> None:
-        """``sync``: how the two streams are ordered (moesim.engine.sync; benchmarks/gpu_engine_sync.py)."""
+        """``sync``: how the two streams are ordered (moesim.engine.sync; studies/engine_sync/gpu_engine_sync.py)."""
         self.sync = sync
         if cache_size > program.max_slots:
             raise ValueError(f"cache size {cache_size} exceeds the program's {program.max_slots} slots")

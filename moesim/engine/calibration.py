@@ -24,7 +24,7 @@ import numpy as np
 from moesim.errors import DataError
 
 
-def _fit_latency(h2d: list[dict]) -> tuple[float, float]:
+def fit_copy_latency(h2d: list[dict]) -> tuple[float, float]:
     """Least-squares ``ms = latency + bytes / bandwidth`` over copies of >= 4 MB (the linear regime)."""
     big = [r for r in h2d if r["bytes"] >= (4 << 20)] or h2d
     x = np.array([r["bytes"] for r in big], float)
@@ -38,7 +38,7 @@ def to_cost_model(raw: dict[str, Any], name: str = "h200", description: str = ""
     """Build a calibration dict (CostModel.from_dict format) from raw measurements."""
     try:
         h2d = raw["h2d"]
-        latency_s, bw = _fit_latency(h2d)
+        latency_s, bw = fit_copy_latency(h2d)
         compiled = bool(raw.get("compile_ok"))
         expert_compute: dict[str, list[list[float]]] = {}
         expert_bytes: dict[str, int] = {}
@@ -127,12 +127,12 @@ def _engine_block(raw: dict[str, Any], path: object) -> dict[str, Any]:
     }
     out: dict[str, Any] = {"miss_issue_s": miss, "routing_handoff_s": handoff}
     hops = terms.get("stream_hops")
-    if hops:   # benchmarks/gpu_miss_cost.py: the engine's own CUPTI trace (cupti_gaps.hop_terms)
+    if hops:   # studies/miss_cost/gpu_miss_cost.py: the engine's own CUPTI trace (cupti_gaps.hop_terms)
         try:
             out["copy_hop_s"], out["ready_hop_s"] = float(hops["copy_hop_s"]), float(hops["ready_hop_s"])
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(path, f"bad engine_terms.stream_hops ({type(exc).__name__}: {exc})") from None
-        src = hops.get("source", "benchmarks/gpu_miss_cost.py")
+        src = hops.get("source", "studies/miss_cost/gpu_miss_cost.py")
         sources["copy_hop_s"] = (f"{src}: CUPTI trace of the engine replaying an all-miss routing (GPU "
                                  "timestamps, nothing added to the streams): mean wait of a copy after its gate "
                                  "or behind the previous copy (moesim.engine.cupti_gaps.hop_terms)")
@@ -194,7 +194,7 @@ def add_session(cal: dict[str, Any], raw: dict[str, Any], path: object = None, p
     if not raw.get("engine_terms"):
         raise DataError(path, "no engine_terms in this raw file")
     # terms this raw file measured replace the calibration's; the ones it did not (e.g. the stream hops of
-    # benchmarks/gpu_miss_cost.py, the host issue cost of gpu_decode.py) stay as measured before
+    # studies/miss_cost/gpu_miss_cost.py, the host issue cost of gpu_decode.py) stay as measured before
     old_engine = out.get("engine") or {}
     out["engine"] = {**{k: v for k, v in old_engine.items() if k != "sources"}, **engine,
                      "sources": {**old_engine.get("sources", {}), **engine["sources"]}}
@@ -229,7 +229,7 @@ def batch_programs(raw: dict[str, Any], path: object = None) -> dict[str, dict[s
       it at the routed count) plus the engine overhead per expert call: an all-resident run of the
       steps (K = E, warm) minus the sum of its pieces, divided by its expert calls. Per call, not per
       step, because that is how it scales: 43-47 us per call in steps of 170 to 252 calls on the H200
-      (reports/fidelity_h200.md), as the batch-1 engine's all-resident excess on the same day;
+      (studies/fidelity/fidelity_h200.md), as the batch-1 engine's all-resident excess on the same day;
     - ``token``: the final piece + layer 0's extra (step tables, embeddings)."""
     out: dict[str, dict[str, Any]] = {}
     layers = int((raw.get("all_resident") or {}).get("layers", 32))

@@ -1,6 +1,6 @@
 """Where the engine's GPU time goes, from a CUPTI trace of a plain (uninstrumented) replay.
 
-``benchmarks/gpu_miss_cost.py`` profiles the engine with ``torch.profiler`` and keeps every GPU
+``studies/miss_cost/gpu_miss_cost.py`` profiles the engine with ``torch.profiler`` and keeps every GPU
 activity (kernel or copy: stream, start, duration, correlation id). The engine launches each piece of
 its decode step as one CUDA graph, so a graph's kernels share the correlation id of its launch: grouping
 kernels by it gives each piece's GPU start and end. Replaying the engine's :class:`CachePlan` on the same

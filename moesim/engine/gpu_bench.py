@@ -206,7 +206,7 @@ def device_seconds(fn, device: str, reps: int = 20, warm: int = 2) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def _spin(device: str, seconds: float):
+def busy_kernel(device: str, seconds: float):
     """A kernel that keeps the GPU busy ``seconds`` (``torch.cuda._sleep``, rate measured here), or on
     CPU a sleep: stands for the engine's layer and expert pieces in the stream benchmarks."""
     if torch.device(device).type == "cuda":
@@ -237,7 +237,8 @@ def demand_chain_seconds(layers: int, misses: int, gate_s: float, copy_s: float,
     return t
 
 
-def _host_buffers(nbytes: int, count: int, device: str) -> list:
+def host_copy_buffers(nbytes: int, count: int, device: str) -> list:
+    """``count`` host buffers of ``nbytes`` (pinned on CUDA), each filled with its own byte pattern."""
     pin = torch.device(device).type == "cuda"
     bufs = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin) for _ in range(count)]
     for i, b in enumerate(bufs):
@@ -252,7 +253,7 @@ def copy_repeats(device: str = "cuda", nbytes: int = 66748416, repeats: int = 40
     from moesim.engine.runtime import Device
 
     d = Device(device)
-    host = _host_buffers(nbytes, buffers, device)
+    host = host_copy_buffers(nbytes, buffers, device)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=d.dev)
     for b in host[:2]:   # warm-up
         dst.copy_(b, non_blocking=True)
@@ -288,9 +289,9 @@ def miss_issue(device: str = "cuda", nbytes: int = 66748416, layers: int = 32, m
     from moesim.engine.runtime import Device
 
     d = Device(device)
-    host = _host_buffers(nbytes, buffers, device)
+    host = host_copy_buffers(nbytes, buffers, device)
     slots = [torch.empty(nbytes, dtype=torch.uint8, device=d.dev) for _ in range(misses)]
-    gate_fn, expert_fn = _spin(device, gate_s), _spin(device, expert_s)
+    gate_fn, expert_fn = busy_kernel(device, gate_s), busy_kernel(device, expert_s)
     g_s = device_seconds(gate_fn, device)
     e_s = device_seconds(expert_fn, device)
     n_copy = 2 * buffers

@@ -13,7 +13,7 @@ TAG_BASE = 0x5E51D0 << 32   # a random blob or an empty (zeroed) slot never carr
 # A blob's size is a multiple of this, so that every slot row of a (slots, blob_bytes) tensor starts
 # 16-byte aligned: torch.compile (Inductor) assumes 16-byte aligned inputs and copies any other input to
 # an aligned buffer before its kernels -- with 8-byte padding every odd slot's expert paid a copy of its
-# whole blob (+36 us per hqq2 expert on the H200, reports/miss_cost_h200.md).
+# whole blob (+36 us per hqq2 expert on the H200, studies/miss_cost/miss_cost_h200.md).
 BLOB_ALIGN = 16
 
 

@@ -14,13 +14,13 @@ mark n of stream S, a wait on any mark <= n of S adds nothing. A hit's expert th
 and a slot-free mark recorded before that gate needs no wait of its own.
 
 ``SyncMode.host_lag`` holds the CPU back to at most that many layers ahead of the GPU's gates. That is
-what matters on the H200 (reports/engine_sync_h200.md: CUPTI timestamps): with the CPU queueing a whole
+what matters on the H200 (studies/engine_sync/engine_sync_h200.md: CUPTI timestamps): with the CPU queueing a whole
 step ahead and untimed events, every cross-stream hop took 40-60 us on the GPU and the copies themselves
 ran 4% slower than back to back; one layer ahead, the copies ran at their back-to-back time and the hops
 took 8-23 us. Leaving implied waits out on its own saved little, but it removes the waits a lagging CPU
 would otherwise pay for.
 
-``SyncMode.timing`` creates the cross-stream events with timing enabled. benchmarks/gpu_engine_sync.py
+``SyncMode.timing`` creates the cross-stream events with timing enabled. studies/engine_sync/gpu_engine_sync.py
 measures each mode; :data:`DEFAULT_SYNC` is the one the engines use.
 """
 
@@ -59,7 +59,7 @@ class SyncMode:
         return "+".join(words) or "plain"
 
 
-# benchmarks/gpu_engine_sync.py, H200, 2026-12-02T07:4xZ (reports/engine_sync_h200.md): every wait issued and
+# studies/engine_sync/gpu_engine_sync.py, H200, 2026-12-02T07:4xZ (studies/engine_sync/engine_sync_h200.md): every wait issued and
 # the CPU queueing a whole step ahead ("plain", the engine before) took 100.4 ms per all-miss token and
 # 320 ms per batch-16 step; waits elided and the CPU at most one layer ahead 95.7 ms and 290 ms, with copies
 # at their back-to-back speed (1.207 ms in situ vs 1.26) and the stream hops down from 41/43 us to 15/12 us.

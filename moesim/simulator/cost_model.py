@@ -86,7 +86,7 @@ class CostModel:
     # on compute after layer l's experts; only with speculative_ready "hidden" (docs/timing.md)
     predict_s: float = 0.0
     # cross-stream hops of the engine's plain replay (docs/timing.md, "Engine terms"; measured from the
-    # GPU's own timestamps by benchmarks/gpu_miss_cost.py): a copy starts copy_hop_s after the copy stream
+    # GPU's own timestamps by studies/miss_cost/gpu_miss_cost.py): a copy starts copy_hop_s after the copy stream
     # could start it (its waits on the gate-done and slot-free events), every copy, demand or prefetch; an
     # expert whose copy lands after compute is free starts ready_hop_s after the landing
     copy_hop_s: float = 0.0
