@@ -82,6 +82,10 @@ REPORTS: tuple[Report, ...] = (
            lambda o: [_maker("mixtral_offloading_comparison"), "--from-json",
                       "studies/mixtral_offloading_comparison/mixtral_offloading_comparison.json",
                       "-o", str(o / "mixtral_offloading_comparison")]),
+    Report("budgets", "budgets", ("budgets.md",),
+           lambda o: [_maker("budgets"), "-o", str(o / "budgets.md")]),
+    Report("bound", "bound", ("bound.md",),
+           lambda o: [_maker("bound"), "-o", str(o / "bound.md")]),
 )
 
 
