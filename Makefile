@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install install-dev lint bench clean
+.PHONY: demo test install install-dev lint bench mutants clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ lint: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/bench_replay.py
+
+# hand-written mutations of the replay kernels, the timing kernel and the stream cache, each run against its
+# tests on a temporary copy of the repository; prints which survive (minutes: runs outside CI)
+mutants: $(VENV)/.installed-dev
+	$(BIN)/python tests/mutants/run_mutants.py
 
 clean:
 	rm -rf $(VENV) moesim-demo .pytest_cache
