@@ -48,8 +48,9 @@ POLICIES = ("arc", "fifo", "gate-weighted", "hobbit", "lfu", "lfu-cache", "lfu-d
 SIZES = {"layer": (3, 5), "global": (72, 160)}
 SEMANTICS = ("atomic", "sequential")
 
-# Sweep run facts that change from run to run (timing of this machine, ids, temporary paths).
-NONDETERMINISTIC_KEYS = ("elapsed_s", "cells_per_s", "run_id", "worker", "output", "trace", "cell_id")
+# Sweep run facts that change from run to run (timing of this machine, run id, worker, temporary paths); the
+# cell_id stays: it hashes every input but the path, and a changed id re-runs old results tables.
+NONDETERMINISTIC_KEYS = ("elapsed_s", "cells_per_s", "run_id", "worker", "output", "trace")
 
 
 @dataclass(frozen=True)
