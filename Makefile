@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install install-dev lint bench reports clean
+.PHONY: demo test install install-dev lint bench reports mutants clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ bench: $(VENV)/.installed-dev
 
 reports: $(VENV)/.installed-dev
 	$(BIN)/python studies/make_reports.py
+
+# hand-written mutations of the replay kernels, the timing kernel and the stream cache, each run against its
+# tests on a temporary copy of the repository; prints which survive (minutes: runs outside CI)
+mutants: $(VENV)/.installed-dev
+	$(BIN)/python tests/mutants/run_mutants.py
 
 clean:
 	rm -rf $(VENV) moesim-demo .pytest_cache

@@ -52,3 +52,22 @@ def skewed_sets(rng: np.random.Generator, num_experts: int, k: int, n: int, conc
     draw: skewed as routing is (lower concentration, more skew)."""
     p = rng.dirichlet(np.ones(num_experts) * concentration)
     return [list(rng.choice(num_experts, k, replace=False, p=p)) for _ in range(n)]
+
+
+def grid_routing(sets: list[list[list[int]]], num_experts: int = 8):
+    """The engine's Routing from sets[t][layer] (router order); an empty list is a missing row."""
+    from moesim.engine.plan import Routing
+
+    T, L = len(sets), len(sets[0])
+    k = max(len(s) for row in sets for s in row)
+    experts = np.full((T, L, k), -1, np.int64)
+    row = np.full((T, L), -1, np.int64)
+    r = 0
+    for t in range(T):
+        for layer in range(L):
+            if sets[t][layer]:
+                experts[t, layer] = sets[t][layer]
+                row[t, layer] = r
+                r += 1
+    w = np.where(experts >= 0, 0.5, 0.0).astype(np.float32)
+    return Routing(experts, w, row, np.zeros(T, np.int64), np.arange(T), num_experts)

@@ -12,6 +12,8 @@ import pytest
 from moesim.engine.plan import CachePlan, Routing
 from moesim.engine.quant import quant_spec
 from moesim.engine.runtime import Geometry, OffloadedEngine, Weights, expert_forward
+from tests.helpers import grid_routing
+from tests.oracle import replay_grid
 
 LAYERS = 4
 
@@ -41,22 +43,53 @@ def plan_only(routing: Routing, k: int, policy: str, prefetch: str) -> CachePlan
     return plan
 
 
-@pytest.mark.parametrize("policy,k,prefetch", [("lru", 2, "none"), ("opt", 3, "oracle"), ("fifo", 3, "transition")])
-def test_engine_counts_equal_the_plan(weights, routing, policy, k, prefetch):
-    res = OffloadedEngine(weights, k, policy, prefetch).run(routing, instrument=True)
-    plan = plan_only(routing, k, policy, prefetch)
-    assert (res.hits, res.requests, res.prefetches) == (plan.hits, plan.requests, plan.prefetches)
-    assert res.layer_hits == plan.layer_hits.tolist()
+def _skewed_sets(tokens: int, seed: int) -> list[list[list[int]]]:
+    """sets[token][layer]: top-2 of 8 with skewed popularity (some hits at every size); one missing row."""
+    rng = np.random.default_rng(seed)
+    p = rng.dirichlet(np.full(8, 0.6))
+    sets = [[[int(e) for e in rng.choice(8, 2, replace=False, p=p)] for _ in range(LAYERS)] for _ in range(tokens)]
+    sets[3][2] = []
+    return sets
+
+
+def _event_kinds(res) -> dict[str, int]:
     kinds: dict[str, int] = {}
     for ev in res.events:
         kinds[ev["kind"]] = kinds.get(ev["kind"], 0) + 1
         assert ev["end_ms"] >= ev["start_ms"]
-    assert kinds["expert"] == kinds["stall"] == res.requests
-    assert kinds.get("miss", 0) == res.misses
-    assert kinds.get("prefetch", 0) == res.prefetches
-    assert kinds["attention+gate"] == routing.num_tokens * LAYERS
-    assert len(res.token_ms) == len(res.token_cpu_ms) == routing.num_tokens
+    return kinds
+
+
+@pytest.mark.parametrize("policy,k", [("lru", 2), ("fifo", 3), ("lfu", 3), ("opt", 3), ("lru", 5)])
+def test_engine_hits_equal_a_brute_force_replay(weights, policy, k):
+    """The engine's counts against tests/oracle.py (plain-set caches written from the contract), per
+    layer; what it did, from its own events and the device's residency proof."""
+    sets = _skewed_sets(10, seed=4)
+    res = OffloadedEngine(weights, k, policy, "none").run(grid_routing(sets), instrument=True)
+    assert (res.hits, res.requests) == replay_grid(sets, k, policy)
+    per_layer = [replay_grid([[row[layer]] for row in sets], k, policy)[0] for layer in range(LAYERS)]
+    assert res.layer_hits == per_layer and 0 < res.hits < res.requests
+    kinds = _event_kinds(res)
+    assert kinds["expert"] == kinds["stall"] == res.requests == 2 * (10 * LAYERS - 1)
+    assert kinds.get("miss", 0) == res.misses and "prefetch" not in kinds
+    assert kinds["attention+gate"] == 10 * LAYERS   # a layer runs attention even where no expert is routed
+    assert len(res.token_ms) == len(res.token_cpu_ms) == 10
+    assert res.bytes_h2d == res.misses * weights.expert_bytes
+    assert res.violations == 0 and res.device_copies == res.misses
+
+
+@pytest.mark.parametrize("policy,k,prefetch", [("opt", 3, "oracle"), ("fifo", 3, "transition")])
+def test_engine_with_a_prefetcher_accounts_every_copy(weights, policy, k, prefetch):
+    """With a prefetcher: every copy the engine counts is an event and landed in its slot with the
+    identity the trace routes to (the device proof, independent of the plan's bookkeeping)."""
+    sets = _skewed_sets(10, seed=5)
+    res = OffloadedEngine(weights, k, policy, prefetch).run(grid_routing(sets), instrument=True)
+    assert res.prefetches > 0
+    kinds = _event_kinds(res)
+    assert kinds["expert"] == kinds["stall"] == res.requests == 2 * (10 * LAYERS - 1)
+    assert kinds.get("miss", 0) == res.misses and kinds["prefetch"] == res.prefetches
     assert res.bytes_h2d == (res.misses + res.prefetches) * weights.expert_bytes
+    assert res.violations == 0 and res.device_copies == res.misses + res.prefetches
 
 
 def test_slots_hold_the_planned_experts(weights, routing):

@@ -78,6 +78,25 @@ def test_independent_bound_has_no_engine_term_and_peak_copies():
     assert bound.token_seconds() == pytest.approx(cost.token_seconds() - cost.token["engine_overhead_s"])
     assert bound.copy_seconds(XB) == pytest.approx(XB / peak_bandwidth(cost))
     assert peak_bandwidth(cost) == pytest.approx(max(b / s for b, s in cost.curve))
+    # the stream hops are engine terms too: the h200 calibration has both, the bound neither
+    assert cost.copy_hop_seconds() > 0 and cost.ready_hop_seconds() > 0
+    assert bound.copy_hop_seconds() == 0.0 and bound.ready_hop_seconds() == 0.0
+
+
+def test_independent_bound_of_a_hand_traced_run(tmp_path):
+    """One layer, top-1, one slot, tokens [0] [1]: both miss. The bound's time is, per token, the
+    layer, then the copy at the peak bandwidth (no latency, no hop, no issue cost), then the expert, plus
+    the token's compute without the engine's overhead -- hand-added here from the cost's own pieces."""
+    from tests.helpers import write_trace
+
+    trace = write_trace(tmp_path / "two.parquet", [[0], [1]], num_experts=4)
+    cost = with_spread().with_overrides(miss_issue_us=40.0, expert_bytes=XB)
+    bound = independent_bound(cost)
+    copy_s = XB / peak_bandwidth(cost)
+    token_s = cost.token_seconds() - cost.token["engine_overhead_s"]
+    per_token = cost.layer_seconds(0) + copy_s + cost.expert_seconds(1) + token_s
+    r = simulate_timing(trace, "lru", 1, bound)
+    assert r.misses == 2 and r.total_s == pytest.approx(2 * per_token, rel=1e-6)
 
 
 def test_compare_cells_carry_interval_and_bounded_efficiency(small):

@@ -374,3 +374,27 @@ def test_real_trace_hit_equals_build(real_trace_path, cache_dir, policy, k, scop
         t = read_trace(real_trace_path, lazy=True, replay_cache=True)
         assert _result(t, policy, k, scope=scope, semantics=semantics) == want
     assert t._pending is not None
+
+
+def test_checksum_catches_a_changed_word_and_two_swapped_words(tmp_path):
+    """The entry's checksum is position-sensitive (its docstring's promise): swapping two different
+    words of an array, which keeps a plain sum, makes the entry corrupt; so does changing one word."""
+    arrays = {"a": np.arange(40, dtype=np.int64) * 7 + 3, "b": np.array([[5, -1], [9, 2]], np.int64)}
+    for damage in ("swap", "change"):
+        path = tmp_path / f"{damage}.stream"
+        assert stream_cache.store(path, arrays, {"k": 1})
+        loaded = stream_cache.load(path)
+        assert loaded is not None and np.array_equal(loaded[0]["a"], arrays["a"])
+        del loaded
+        data = bytearray(path.read_bytes())
+        words = arrays["a"].tobytes()
+        at = data.find(words)   # array "a" as written, found by its bytes (independent of the layout code)
+        assert at > 0 and data.find(words, at + 1) < 0
+        w = 8
+        if damage == "swap":     # words 3 and 11 trade places: same sum, same set of values
+            data[at + 3 * w:at + 4 * w], data[at + 11 * w:at + 12 * w] = words[11 * w:12 * w], words[3 * w:4 * w]
+        else:
+            data[at + 5 * w] ^= 0x01
+        path.write_bytes(bytes(data))
+        assert stream_cache.load(path) is None, damage
+        assert not path.exists()   # a corrupt entry is deleted

@@ -88,10 +88,21 @@ def test_time_never_goes_backwards_and_timeline(small, tmp_path):
     assert [e["ts"] for e in ev] == sorted(e["ts"] for e in ev)
 
 
-def test_deterministic(small):
-    a = simulate_timing(small, "random", 3, CostModel.preset("h200"), prefetch="transition").to_dict()
-    b = simulate_timing(small, "random", 3, CostModel.preset("h200"), prefetch="transition").to_dict()
-    assert a == b
+def test_seeded_runs_repeat_and_the_seed_matters(small):
+    """The random policy's victims come from its own seeded generator: the same seed repeats its run
+    exactly even with another seed's run in between (no shared or global state), a different seed gives
+    a different run (so the equality is not trivial), and without prefetching its hits are the hit-rate
+    replay's for that seed (a separate implementation: the compiled replay kernel)."""
+    def run(seed: int) -> dict:
+        return simulate_timing(small, "random", 3, CostModel.preset("h200"), prefetch="transition",
+                               policy_params={"seed": seed}).to_dict()
+
+    a = run(0)
+    other = run(1)
+    assert run(0) == a and other != a and other["hits"] != a["hits"]
+    for seed in (0, 1, 2):
+        timed = simulate_timing(small, "random", 3, CostModel.preset("h200"), policy_params={"seed": seed})
+        assert timed.hits == simulate(small, "random", 3, params={"seed": seed}).hits
 
 
 def test_hand_computed_timeline(tmp_path):
@@ -170,6 +181,20 @@ def test_cost_model_curve_and_overrides(tmp_path):
         CostModel.preset("nosuch")
 
 
+def test_copy_curve_interpolates_in_log_log_space():
+    """Between two measured points a copy's time follows the power law through them (a straight line in
+    log-log space), hand-computed here; a linear interpolation is 2x off in the middle of this curve."""
+    c = CostModel.preset("h200")
+    c.curve = [(65536, 25e-6), (33554432, 0.62e-3), (536870912, 9.8e-3)]
+    # 4 MiB sits at 2/3 of the way from 64 KiB to 32 MiB in log2 (16 -> 22 of 16 -> 25)
+    assert c.copy_seconds(4 << 20) == pytest.approx(25e-6 * (0.62e-3 / 25e-6) ** (2 / 3), rel=1e-12)
+    # on a pure power law t = a * b^p the interpolation is exact at any size between the points
+    a, p = 3e-9, 0.8
+    c.curve = [(b, a * b ** p) for b in (1e4, 1e6, 1e8)]
+    for b in (2e4, 3.3e5, 7.7e6, 9e7):
+        assert c.copy_seconds(b) == pytest.approx(a * b ** p, rel=1e-12)
+
+
 def test_simulate_cli_timing_keys(real_trace_path, capsys, tmp_path):
     assert main(["simulate", str(real_trace_path), "--policy", "lfu", "--cache-size", "4", "--hardware", "a6000",
                  "--json"]) == 0
@@ -198,6 +223,23 @@ def test_steps_wanting_more_experts_than_slots_stream_through_in_chunks(tmp_path
     r = simulate_timing(t, "lru", 3, CostModel.preset("h200"), batch_size=4)
     assert r.tokens == 40 and r.hits + r.misses == r.requests
     assert r.requests == sum(len(s.layers[0]) for s in build_steps(t, batch_size=4))
+
+
+@pytest.mark.parametrize("policy", FAST)
+@pytest.mark.parametrize("batch,k", [(1, 2), (3, 2), (4, 3), (2, 5)])
+def test_batched_hits_equal_a_brute_force_union_replay(tmp_path, policy, batch, k):
+    """A batched decode requests, per step and layer, the union of its tokens' experts, cut into sets of
+    K when it does not fit: checked against tests/oracle.py, which rebuilds the steps from the raw rows
+    and replays them through a plain-set cache. K = 2 with batch 3 streams 6-expert unions through."""
+    from tests.oracle import replay_unions
+
+    rng = np.random.default_rng(11)
+    tokens, layers = 48, 2
+    seq_of_token = np.sort(rng.integers(0, 6, tokens))   # 6 sequences of ragged lengths
+    sets = [rng.choice(8, 2, replace=False) for _ in range(tokens * layers)]
+    t = write_trace(tmp_path / "u.parquet", sets, num_layers=layers, seq=np.repeat(seq_of_token, layers).tolist())
+    r = simulate_timing(t, policy, k, CostModel.preset("h200"), batch_size=batch)
+    assert (r.hits, r.requests) == replay_unions(t.seq, t.token, t.layer, t.experts, k, policy, batch)
 
 
 def _prefill_then_decode(path, prompt=(10, 6), generated=(4, 3), layers=2):
