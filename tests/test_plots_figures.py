@@ -129,21 +129,6 @@ def test_prefetch_plot_leaves_a_gap_where_nothing_was_prefetched(real_trace):
     assert "issued no prefetches" in fig.legends[0].get_texts()[0].get_text()
 
 
-def test_timing_runner_missing_is_a_usage_error(monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def fake(name, *a, **kw):
-        if name.startswith("moesim.simulator.timing") or name.startswith("moesim.simulator.cost_model"):
-            raise ImportError(name)
-        return real_import(name, *a, **kw)
-
-    monkeypatch.setattr(builtins, "__import__", fake)
-    with pytest.raises(UsageError, match="timing simulator"):
-        plots.timing_runner()
-
-
 def test_timeline_from_trace_events(tmp_path):
     events = [{"name": "compute L0", "cat": "compute", "ph": "X", "ts": 1000, "dur": 300, "pid": 0, "tid": "gpu"},
               {"name": "load e3", "cat": "h2d", "ph": "X", "ts": 1000, "dur": 900, "pid": 0, "tid": "pcie"},

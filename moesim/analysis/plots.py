@@ -37,7 +37,7 @@ from moesim.analysis.style import (  # noqa: E402
     prefetcher_style,
 )
 from moesim.atomic import atomic_path, read_json  # noqa: E402
-from moesim.errors import DataError, UsageError  # noqa: E402
+from moesim.errors import DataError  # noqa: E402
 from moesim.traces.format import Trace  # noqa: E402
 
 LANE_COLORS = CATEGORY_COLORS
@@ -156,16 +156,14 @@ def mrc(trace: Trace, policies: Sequence[str] = ("lru", "lfu", "fifo", "opt")) -
     return fig
 
 
-# ---- timing-simulator views (need moesim.simulator.timing) ---------------------------------------
+# ---- timing-simulator views ------------------------------------------------------------------------
 
 def timing_runner() -> Callable[..., dict[str, Any]]:
-    """``run(trace, policy, k, hardware, prefetch=None, **kw) -> dict`` over the timing simulator, or a
-    UsageError naming what is missing."""
-    try:
-        from moesim.simulator.cost_model import CostModel
-        from moesim.simulator.timing import simulate_timing
-    except ImportError as exc:
-        raise UsageError(f"the timing simulator is not available in this build ({exc})") from None
+    """``run(trace, policy, k, hardware, prefetch=None, prefetch_budget=None, **kw) -> dict``: the timing
+    run of one cell (:func:`moesim.simulator.cell.run_cell`, its ``TimingResult.to_dict()`` keys) on a
+    hardware preset; ``kw`` are :class:`~moesim.simulator.cell.CellSpec` fields."""
+    from moesim.simulator.cell import CellSpec, run_cell
+    from moesim.simulator.cost_model import CostModel
 
     costs: dict[str, Any] = {}
 
@@ -176,8 +174,9 @@ def timing_runner() -> Callable[..., dict[str, Any]]:
         pparams = dict(kw.pop("prefetch_params", None) or {})
         if prefetch_budget is not None:
             pparams["budget"] = prefetch_budget
-        return simulate_timing(trace, policy, k, costs[hardware], prefetch=prefetch or "none",
-                               prefetch_params=pparams or None, **kw).to_dict()
+        spec = CellSpec(policy, k, cost=costs[hardware], prefetch=prefetch or "none", prefetch_params=pparams or None,
+                        exact_replay=False, interval=False, **kw)
+        return run_cell(trace, spec).to_json()
 
     return run
 

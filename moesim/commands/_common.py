@@ -83,3 +83,19 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4f}"
     return str(v)
+
+
+# the flag that sets a library setting (moesim.errors.SettingError.setting) whose errors do not already
+# say what to change (an unknown policy's message lists the known ones; a flag would add nothing)
+SETTING_FLAGS = {"scope": "--scope", "semantics": "--semantics", "phase": "--phase", "hardware": "--hardware",
+                 "pcie_gbps": "--pcie-gbps", "pcie_latency_us": "--pcie-latency-us"}
+
+
+def error_line(exc: Exception) -> str:
+    """The message of a library error as the command line says it: a :class:`SettingError` gains the
+    flag that changes the setting, with the value that works when there is one ("... (--scope layer)")."""
+    from moesim.errors import SettingError
+
+    if isinstance(exc, SettingError) and exc.setting in SETTING_FLAGS:
+        return f"{exc.problem} ({' '.join(x for x in (SETTING_FLAGS[exc.setting], exc.fix) if x)})"
+    return str(exc)

@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
             fig = plots.speed(trace, args.policies, args.sizes, args.hardware)
         elif args.kind == "predictions":
             from moesim.analysis.prediction_plots import predictions
-            from moesim.commands._predictions import require_predictions
+            from moesim.simulator.cell import require_predictions
             from moesim.traces.format import DECODE, PREFILL
 
             distances = args.distances or list(trace.pred_distances)
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
             phase = {"decode": DECODE, "prefill": PREFILL, "all": None}[args.phase]
             fig = predictions(trace, distances, phase)
         else:
-            from moesim.commands._predictions import require_predictions
+            from moesim.simulator.cell import require_predictions
 
             require_predictions(args.trace, trace.pred_distances, args.prefetchers)
             _check_policy(args.policy)

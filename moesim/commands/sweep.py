@@ -119,7 +119,9 @@ def _spec(args: argparse.Namespace):
 def _require_predictions(spec) -> None:
     """A speculative prefetcher on a trace without recorded predictions: one line, before any cell runs
     (sweeps have no distance axis: the prefetchers' default distance 1)."""
-    from moesim.commands._predictions import needs_predictions, pred_distances_of, require_predictions
+    from moesim.policies.resolve import needs_predictions
+    from moesim.simulator.cell import require_predictions
+    from moesim.traces.predictions import pred_distances_of
 
     if any(needs_predictions(p) for p in spec.prefetch) and any(h != "none" for h in spec.hardware):
         for t in dict.fromkeys(spec.traces):

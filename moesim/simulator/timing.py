@@ -30,14 +30,18 @@ from typing import Any
 import numpy as np
 
 from moesim.atomic import atomic_open
-from moesim.errors import UsageError
-from moesim.policies.base import EvictionPolicy, ExpertCache, policy_class
-from moesim.policies.params import ParamError, check_params
-from moesim.policies.prefetch import PrefetchContext, make_prefetcher
+from moesim.errors import SettingError, UsageError
+from moesim.policies.base import EvictionPolicy, ExpertCache
+from moesim.policies.prefetch import PrefetchContext
+from moesim.policies.resolve import eviction_factory
+from moesim.policies.resolve import policy_name as resolved_name
+from moesim.policies.resolve import prefetcher as make_prefetcher
 from moesim.simulator import kernels, timing_kernel
 from moesim.simulator.cost_model import CostModel
-from moesim.simulator.replay import HitCounts
+from moesim.simulator.replay import resolve_sizes
+from moesim.simulator.results import HitCounts
 from moesim.traces.format import PREFILL, Trace
+from moesim.traces.predictions import missing_predictions
 from moesim.traces.steps import Step as Step  # re-exported: the shared step definition
 from moesim.traces.steps import build_steps, union_chunks
 from moesim.traces.steps import next_uses as _next_uses
@@ -216,42 +220,14 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
         raise UsageError(f"unknown speculative ready point {speculative_ready!r} (known: {', '.join(SPECULATIVE_READY)})")
     meta = trace.meta
     L, E, k = meta.num_layers, meta.num_experts, meta.top_k
-    sizes = [int(cache_size)] * L if isinstance(cache_size, int | np.integer) else [int(s) for s in cache_size]
-    if len(sizes) != L:
-        raise UsageError(f"{len(sizes)} layer budgets given but the trace has {L} layers")
-    if any(0 < s < k for s in sizes) or (isinstance(cache_size, int | np.integer) and cache_size < k):
-        raise UsageError(f"cache size is smaller than top-k ({k})")
-    if isinstance(policy, str):
-        try:
-            cls = policy_class(policy)
-            checked = check_params(cls, policy_params, f"policy {policy!r}")
-            cls(**checked)
-        except KeyError as exc:
-            raise UsageError(str(exc.args[0])) from None
-        except ParamError as exc:
-            raise UsageError(str(exc)) from None
-        except (TypeError, ValueError) as exc:
-            raise UsageError(f"policy {policy!r}: {exc}") from None
-
-        def make() -> EvictionPolicy:
-            return cls(**checked)
-        policy_name = policy
-    else:
-        make, policy_name = policy, getattr(policy, "name", "custom")
+    sizes = resolve_sizes(trace, cache_size, "layer").tolist()   # the replay's checks: one home
+    make, policy_name = eviction_factory(policy, policy_params), resolved_name(policy)
     pparams = dict(prefetch_params or {})
-    try:
-        prefetcher = make_prefetcher(prefetch, num_layers=L, num_experts=E, top_k=k, **pparams)
-    except KeyError as exc:
-        raise UsageError(str(exc.args[0])) from None
-    except ParamError as exc:
-        raise UsageError(str(exc)) from None
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"prefetcher {prefetch!r}: {exc}") from None
+    prefetcher = make_prefetcher(prefetch, num_layers=L, num_experts=E, top_k=k, params=pparams)
     d = prefetcher.distance
     pred_cols = trace.pred_distances
     if prefetcher.needs_predictions and d not in pred_cols:
-        raise UsageError(f"prefetcher {prefetch!r} needs recorded predictions at distance {d} "
-                         f"(trace {trace.path} has {list(pred_cols) or 'none'}; record with --predict-distance)")
+        raise SettingError("prefetch", missing_predictions(trace.path, pred_cols, d, prefetch))
     trace = trace.execution_order()
     fast_ok = (batch_size == 1 and timeline is None and isinstance(policy, str) and not policy_params
                and policy in kernels.POLICY_CODES and prefetch in timing_kernel.PREFETCH_CODES

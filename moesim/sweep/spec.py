@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from moesim.errors import DataError, UsageError
+from moesim.errors import DataError, SettingError, UsageError
 
 # Bump when the meaning of a cell's result changes, so results computed under the old meaning are not
 # reused by a resumed sweep. 2: ``hit_rate`` of a timed cell is the exact replay's (was the timing run's,
@@ -191,20 +191,19 @@ def _validate(spec: SweepSpec, metas: dict[str, Any]) -> None:
         raise UsageError("prefetch budgets must be >= 0 and batch sizes >= 1")
     timed = [h for h in spec.hardware if h != NO_HARDWARE]
     if any(p != NO_PREFETCH for p in spec.prefetch) and not timed:
-        raise UsageError("prefetchers need a timing model: add --hardware NAME (prefetch has no effect on hit-rate replay)")
+        raise SettingError("hardware", "prefetchers need a timing model: name a hardware preset (prefetch has no "
+                           "effect on hit-rate replay)", fix="NAME")
     if timed:
         _validate_hardware(timed, spec.prefetch)
         if set(spec.scopes) - {"layer"} or set(spec.semantics) - {"atomic"}:
-            raise UsageError("the timing model (--hardware) simulates one cache per layer with atomic sets: "
-                             "sweep other scopes / semantics with --hardware none")
+            raise SettingError("hardware", "the timing model simulates one cache per layer with atomic sets: sweep "
+                               "other scopes / semantics without it", fix="none")
 
 
 def _validate_hardware(names: Iterable[str], prefetchers: Iterable[str]) -> None:
-    try:
-        from moesim.policies.prefetch import prefetcher_names
-        from moesim.simulator.cost_model import CostModel
-    except ImportError:
-        raise UsageError("--hardware needs the timing simulator (moesim.simulator.cost_model), which is not installed") from None
+    from moesim.policies.prefetch import prefetcher_names
+    from moesim.simulator.cost_model import CostModel
+
     for name in names:
         CostModel.preset(name)  # UsageError naming the known presets
     known = prefetcher_names()
