@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moesim.atomic import atomic_open  # noqa: E402
+from moesim.safe_write import atomic_open  # noqa: E402
 from moesim.simulator.cost_model import CostModel  # noqa: E402
 from moesim.simulator.timing import simulate_timing  # noqa: E402
 from moesim.traces.format import DECODE, Trace, read_trace  # noqa: E402

@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from moesim.atomic import atomic_path  # noqa: E402
+from moesim.safe_write import atomic_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from moesim.atomic import atomic_open
+from moesim.safe_write import atomic_open
 from moesim.simulator.cost_model import CostModel
 from moesim.simulator.timing import simulate_timing
 from moesim.traces.format import read_trace

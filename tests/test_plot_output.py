@@ -157,7 +157,7 @@ def test_sweep_plot_bad_suffix_is_a_usage_error(sweep_table, tmp_path, capsys):
 
 def test_sweep_figure_titles_labels_palette_and_shared_y(sweep_table):
     from moesim.sweep.plots import sweep_figure
-    from moesim.sweep.store import read_results
+    from moesim.sweep.result_store import read_results
 
     fig, n = sweep_figure(read_results(sweep_table), "hit_rate")
     axes = [ax for ax in fig.axes if ax.get_visible()]

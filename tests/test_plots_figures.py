@@ -10,7 +10,7 @@ from matplotlib.colors import to_hex
 
 from moesim.analysis import plots, stats
 from moesim.analysis.residency import HIT, MISS, residency_log
-from moesim.errors import DataError, UsageError
+from moesim.errors import DataError
 from moesim.simulator.replay import mrc, simulate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -36,8 +36,8 @@ from moesim.analysis.style import (  # noqa: E402
     policy_style,
     prefetcher_style,
 )
-from moesim.atomic import atomic_path, read_json  # noqa: E402
 from moesim.errors import DataError  # noqa: E402
+from moesim.safe_write import atomic_path, read_json  # noqa: E402
 from moesim.traces.format import Trace  # noqa: E402
 
 LANE_COLORS = CATEGORY_COLORS

@@ -15,8 +15,8 @@ import polars as pl
 
 from moesim.analysis import plots, stats
 from moesim.analysis.style import human_bytes
-from moesim.atomic import atomic_open
 from moesim.errors import DataError, UsageError
+from moesim.safe_write import atomic_open
 from moesim.traces.describe import nested_lines
 from moesim.traces.format import Trace
 

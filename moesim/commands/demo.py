@@ -34,8 +34,8 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from moesim.atomic import atomic_open
     from moesim.policies import policy_names
+    from moesim.safe_write import atomic_open
     from moesim.simulator.replay import mrc
     from moesim.traces.format import read_trace
     from moesim.traces.synth import load_preset, synthesize
@@ -107,7 +107,7 @@ def _plot_curves(curves, sizes, path, tokens, fmt) -> None:
 def _save(fig, path, fmt: str, dpi: int) -> None:
     import matplotlib.pyplot as plt
 
-    from moesim.atomic import atomic_path
+    from moesim.safe_write import atomic_path
 
     try:
         with atomic_path(path) as tmp:

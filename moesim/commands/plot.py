@@ -90,7 +90,7 @@ def _check_policy(name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from moesim.analysis import plots
     from moesim.analysis.style import figure_format
-    from moesim.atomic import refuse_overwrite
+    from moesim.safe_write import refuse_overwrite
 
     out = Path(args.output or f"{args.kind}.{'svg' if args.svg else 'png'}")
     figure_format(out, args.svg)  # a usage error (unknown suffix, --svg with .png) before any work

@@ -31,9 +31,9 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from moesim.analysis.report import write_report
-    from moesim.atomic import refuse_overwrite
     from moesim.errors import UsageError
     from moesim.policies import policy_class
+    from moesim.safe_write import refuse_overwrite
     from moesim.traces.format import read_trace
 
     refuse_overwrite([Path(args.output) / "report.html"], args.force)

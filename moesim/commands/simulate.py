@@ -41,7 +41,7 @@ def cell_spec(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from moesim.atomic import refuse_overwrite
+    from moesim.safe_write import refuse_overwrite
     from moesim.simulator.cell import run_cell
 
     refuse_overwrite([args.timeline], args.force)

@@ -132,8 +132,8 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from moesim.sweep.executors import make_executor
+    from moesim.sweep.result_store import ResultStore
     from moesim.sweep.spec import expand
-    from moesim.sweep.store import ResultStore
     from moesim.sweep.sweep import run_sweep
 
     spec = _spec(args)
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_summary(args: argparse.Namespace) -> int:
     from moesim.sweep.analysis import as_frame, best_per_size, default_metric, versus_baseline
-    from moesim.sweep.store import read_results
+    from moesim.sweep.result_store import read_results
 
     df = as_frame(read_results(args.results))
     metric = args.metric or default_metric(df)
@@ -201,10 +201,10 @@ def _short(col: str, value: Any) -> Any:
 
 def run_plot(args: argparse.Namespace) -> int:
     from moesim.analysis.style import metric as metric_info
-    from moesim.atomic import refuse_overwrite
+    from moesim.safe_write import refuse_overwrite
     from moesim.sweep.analysis import as_frame, default_metric
     from moesim.sweep.plots import plot_sweep
-    from moesim.sweep.store import read_results
+    from moesim.sweep.result_store import read_results
 
     refuse_overwrite([args.output], args.force)
     results = read_results(args.results)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from moesim.atomic import atomic_open, atomic_path
+from moesim.safe_write import atomic_open, atomic_path
 from moesim.traces.format import Trace
 
 MIXTRAL_OFFLOADING_A100_TOKENS_PER_S = 3.06   # published: Mixtral-8x7B, 2-bit experts, 4 slots, A100

@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from moesim.atomic import atomic_open, read_json
 from moesim.errors import DataError, SettingError, UsageError
+from moesim.safe_write import atomic_open, read_json
 
 # Mixtral-8x7B expert: w1, w3 (14336 x 4096) and w2 (4096 x 14336).
 MIXTRAL_EXPERT_PARAMS = 3 * 4096 * 14336

@@ -29,13 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from moesim.atomic import atomic_open
 from moesim.errors import SettingError, UsageError
-from moesim.policies.base import EvictionPolicy, ExpertCache
+from moesim.policies.base import NEVER, EvictionPolicy, ExpertCache
 from moesim.policies.prefetch import PrefetchContext
 from moesim.policies.resolve import eviction_factory
 from moesim.policies.resolve import policy_name as resolved_name
 from moesim.policies.resolve import prefetcher as make_prefetcher
+from moesim.safe_write import atomic_open
 from moesim.simulator import kernels, timing_kernel
 from moesim.simulator.cost_model import CostModel
 from moesim.simulator.replay import resolve_sizes
@@ -247,7 +247,7 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
     steps = build_steps(trace, batch_size, prefill_chunk)
     caches = [ExpertCache(s, make()) if s > 0 else None for s in sizes]
     future = any(c is not None and c.policy.needs_future for c in caches)
-    nxt = _next_uses(steps, L) if future else {}
+    nxt = _next_uses(steps, L, NEVER) if future else {}
     preds = trace.pred_experts(d).tolist() if prefetcher.needs_predictions else None
     probs = None
     if prefetcher.needs_predictions and f"pred{d}_logits" in trace.table.column_names:

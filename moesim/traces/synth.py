@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from moesim.atomic import read_json
 from moesim.errors import DataError, UsageError
+from moesim.safe_write import read_json
 from moesim.traces.format import DECODE, Trace, TraceMeta, TraceWriter
 
 PRESET_VERSION = 1
