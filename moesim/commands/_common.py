@@ -88,6 +88,7 @@ def _fmt(v: Any) -> str:
 # the flag that sets a library setting (moesim.errors.SettingError.setting) whose errors do not already
 # say what to change (an unknown policy's message lists the known ones; a flag would add nothing)
 SETTING_FLAGS = {"scope": "--scope", "semantics": "--semantics", "phase": "--phase", "hardware": "--hardware",
+                 "traces": "--trace", "policies": "--policy", "cache_sizes": "--cache-size",
                  "pcie_gbps": "--pcie-gbps", "pcie_latency_us": "--pcie-latency-us"}
 
 

@@ -259,6 +259,6 @@ def spec_from_lists(base: SweepSpec | None, lists: dict[str, Sequence[Any] | Non
         values["params"] = merged
     missing = [k for k in ("traces", "policies", "cache_sizes") if not values.get(k)]
     if missing:
-        flag = {"traces": "--trace", "policies": "--policy", "cache_sizes": "--cache-size"}[missing[0]]
-        raise UsageError(f"no {missing[0].replace('_', ' ')} given: use {flag} or a --config file")
+        what = missing[0].replace("_", " ")
+        raise SettingError(missing[0], f"no {what} given: list them, or name a config file that does")
     return SweepSpec(**values)
