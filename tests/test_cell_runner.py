@@ -165,3 +165,12 @@ def test_library_errors_name_no_command_line_flag(package):
     flagged = [(p.name, m) for p in sorted(root.glob("*.py")) for m in _raised_messages(p)
                if re.search(r"(^|\s)--[a-z]", m) and "`moesim " not in m]
     assert flagged == []
+
+
+def test_an_error_is_one_stderr_line_even_where_timing_notes_its_default_preset(trace_path, capsys):
+    capsys.readouterr()
+    assert main(["simulate", str(trace_path), "--policy", "lru", "--cache-size", "3", "--prefetch", "speculative"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs speculative predictions recorded at distance 1" in err[0]
+    assert main(["simulate", str(trace_path), "--policy", "lru", "--cache-size", "3", "--prefetch", "transition"]) == 0
+    assert "timing uses the h200 preset" in capsys.readouterr().err

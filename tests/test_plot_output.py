@@ -91,18 +91,16 @@ def test_bytes_and_metric_labels_are_words():
     assert metric("some_new_rate").label == "some new rate (%)"
 
 
-# ---- the demo's hit-rate figure --------------------------------------------------------------------
+# ---- the demo's hit-rate figure (plots.policy_comparison) --------------------------------------------------------------------
 
 def test_demo_figure_keeps_13_policies_apart_with_the_legend_off_the_curves():
-    from moesim.commands.demo import hit_rate_figure
-
     names = policy_names()
     assert len(names) >= 13
     sizes = list(range(2, 9))
     rng = np.random.default_rng(1)
     curves = {n: sorted(rng.uniform(0.4, 1.0, len(sizes)).tolist()) for n in names}
     curves["opt"] = [1.0] * len(sizes)
-    fig = hit_rate_figure(curves, sizes, 100)
+    fig = plots.policy_comparison(curves, sizes, "100 tokens")
     left, right = fig.axes
     # hit rate in percent on the left, every drawn value within 0..100
     assert "(%)" in left.get_ylabel() and left.get_ylim() == (0, 100)

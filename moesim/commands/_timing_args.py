@@ -53,6 +53,14 @@ def add_timing_args(p: argparse.ArgumentParser) -> None:
                         "a trace's recorded predictions")
 
 
+def default_hardware_note(args: argparse.Namespace) -> None:
+    """A timing option alone (--prefetch, --timeline, a what-if) still needs a machine: say which (on
+    stderr, after the run, so that an error stays the one line on stderr)."""
+    if timing_requested(args) and not (args.hardware or args.calibration):
+        print(f"moesim {args.command}: note: no --hardware or --calibration given; timing uses the "
+              f"{DEFAULT_HARDWARE} preset (see `moesim hardware`)", file=sys.stderr)
+
+
 def timing_requested(args: argparse.Namespace) -> bool:
     return bool(args.hardware or args.calibration or args.prefetch or args.timeline or args.engine_mode
                 or args.engine_profile
@@ -65,10 +73,6 @@ def cost_model(args: argparse.Namespace):
     if args.calibration:
         cost = CostModel.from_json(args.calibration)
     else:
-        if not args.hardware:
-            # a timing option alone (--prefetch, --timeline, a what-if) still needs a machine: say which
-            print(f"moesim {args.command}: note: no --hardware or --calibration given; timing uses the "
-                  f"{DEFAULT_HARDWARE} preset (see `moesim hardware`)", file=sys.stderr)
         cost = CostModel.preset(args.hardware or DEFAULT_HARDWARE)
     return cost.with_overrides(quantization=args.quantization, engine_mode=args.engine_mode,
                                engine_profile=args.engine_profile,

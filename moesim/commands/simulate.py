@@ -7,7 +7,13 @@ import argparse
 
 from moesim.commands._common import add_force_arg, emit_json, int_list, print_table
 from moesim.commands._replay_args import add_policy_args, load, policy_params
-from moesim.commands._timing_args import add_timing_args, cost_model, prefetch_params, timing_requested
+from moesim.commands._timing_args import (
+    add_timing_args,
+    cost_model,
+    default_hardware_note,
+    prefetch_params,
+    timing_requested,
+)
 from moesim.errors import UsageError
 
 
@@ -47,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     refuse_overwrite([args.timeline], args.force)
     trace = load(args, phase=False)
     out = run_cell(trace, cell_spec(args)).to_json(per_layer=args.per_layer)
+    default_hardware_note(args)
     if args.json:
         emit_json(out)
         return 0

@@ -67,7 +67,7 @@ def load_model(model: str, *, device: str = "cpu", dtype: str = "float32", seed:
         return build_preset(model, seed=seed, dtype=torch_dtype).to(device), ByteTokenizer(), model
     path = Path(model)
     if not path.is_dir():
-        raise SettingError("model", f"{model!r} is neither a model preset ({', '.join(PRESETS)}) nor a checkpoint "
+        raise SettingError("model", f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint "
                            "directory")
     if not (path / "config.json").is_file():
         raise DataError(path, "not a Hugging Face checkpoint (no config.json)")

@@ -19,8 +19,9 @@ from typing import Any
 
 from moesim.errors import SettingError
 from moesim.policies.resolve import PolicySpec, needs_predictions
+from moesim.simulator import replay as exact
 from moesim.simulator.cost_model import CostModel
-from moesim.simulator.replay import ReplayResult, simulate
+from moesim.simulator.replay import ReplayResult
 from moesim.simulator.timing import TimingResult, simulate_timing
 from moesim.traces.format import DECODE, PREFILL, Trace
 from moesim.traces.predictions import missing_predictions
@@ -135,8 +136,8 @@ def run_cell(trace: Trace, spec: CellSpec) -> CellResult:
         trace = trace.filter_phase(PREFILL if spec.phase == "prefill" else DECODE)
     replay = None
     if spec.exact_replay:
-        replay = simulate(trace, spec.policy, spec.cache_size, scope=spec.scope, semantics=spec.semantics,
-                          params=dict(spec.params) if spec.params else None)
+        replay = exact.simulate(trace, spec.policy, spec.cache_size, scope=spec.scope, semantics=spec.semantics,
+                                params=dict(spec.params) if spec.params else None)
     if spec.cost is None:
         return CellResult(spec, replay, None)
     pparams = dict(spec.prefetch_params or {})
