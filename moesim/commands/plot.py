@@ -79,12 +79,9 @@ def _load(path: str):
 
 
 def _check_policy(name: str) -> None:
-    from moesim.policies import policy_class
+    from moesim.policies.resolve import eviction_factory
 
-    try:
-        policy_class(name)
-    except KeyError as exc:
-        raise UsageError(str(exc.args[0])) from None
+    eviction_factory(name, None)
 
 
 def run(args: argparse.Namespace) -> int:

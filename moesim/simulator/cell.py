@@ -118,7 +118,7 @@ def require_predictions(path: object, have: Sequence[int], prefetchers: Iterable
             raise SettingError("prefetch", missing_predictions(path, have, distance, name))
 
 
-def check(spec: CellSpec) -> None:
+def check_spec(spec: CellSpec) -> None:
     """What can be refused before reading a row: the timing model's scope and semantics, the phase."""
     if spec.phase not in PHASES:
         raise SettingError("phase", f"unknown phase {spec.phase!r} (known: {', '.join(PHASES)})")
@@ -131,7 +131,7 @@ def check(spec: CellSpec) -> None:
 def run_cell(trace: Trace, spec: CellSpec) -> CellResult:
     """The exact replay of ``spec`` on ``trace`` and, with a cost model, its timing run (three runs
     when the model has a measured copy interval: the point and both ends, for ``sim_interval``)."""
-    check(spec)
+    check_spec(spec)
     if spec.phase != "all":
         trace = trace.filter_phase(PREFILL if spec.phase == "prefill" else DECODE)
     replay = None

@@ -158,22 +158,12 @@ def _param_grid(axes: dict[str, list[Any]]) -> list[str]:
 
 
 def _validate(spec: SweepSpec, metas: dict[str, Any]) -> None:
-    from moesim.policies.base import policy_class
-    from moesim.policies.params import ParamError, check_params
+    from moesim.policies.resolve import eviction_factory
     from moesim.simulator.replay import SCOPES, SEMANTICS
 
     for name in spec.policies:
-        try:
-            cls = policy_class(name)
-        except KeyError as exc:
-            raise UsageError(str(exc.args[0])) from None
         for params in _param_grid(spec.params.get(name, {})):
-            try:
-                cls(**check_params(cls, json.loads(params), f"policy {name!r}"))
-            except ParamError as exc:
-                raise UsageError(str(exc)) from None
-            except (TypeError, ValueError) as exc:
-                raise UsageError(f"policy {name!r} with {params}: {exc}") from None
+            eviction_factory(name, json.loads(params))   # the replay's own check of name and parameters
     stray = set(spec.params) - set(spec.policies)
     if stray:
         raise UsageError(f"parameters given for policy {sorted(stray)[0]!r}, which is not in the sweep")
