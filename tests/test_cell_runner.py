@@ -174,3 +174,23 @@ def test_an_error_is_one_stderr_line_even_where_timing_notes_its_default_preset(
     assert len(err) == 1 and "needs speculative predictions recorded at distance 1" in err[0]
     assert main(["simulate", str(trace_path), "--policy", "lru", "--cache-size", "3", "--prefetch", "transition"]) == 0
     assert "timing uses the h200 preset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("policy,params,setting", [("nope", {}, "policy"), ("lrfu", {"lam": "abc"}, "params"),
+                                                    ("lru", {"bogus": 1}, "params")])
+def test_replay_timing_and_sweep_refuse_a_policy_with_the_same_words(trace_path, policy, params, setting):
+    from moesim.simulator.replay import simulate
+    from moesim.simulator.timing import simulate_timing
+    from moesim.sweep.spec import SweepSpec, expand
+
+    trace = read_trace(trace_path)
+    messages = []
+    for attempt in (lambda: simulate(trace, policy, 3, params=params),
+                    lambda: simulate_timing(trace, policy, 3, CostModel.preset("a6000"), policy_params=params),
+                    lambda: expand(SweepSpec([str(trace_path)], [policy], [3],
+                                             params={policy: {k: [v] for k, v in params.items()}}))):
+        with pytest.raises(SettingError) as err:
+            attempt()
+        assert err.value.setting == setting
+        messages.append(str(err.value))
+    assert len(set(messages)) == 1, messages
