@@ -134,14 +134,15 @@ def run_cell(trace: Trace, spec: CellSpec) -> CellResult:
     check_spec(spec)
     if spec.phase != "all":
         trace = trace.filter_phase(PREFILL if spec.phase == "prefill" else DECODE)
+    pparams = dict(spec.prefetch_params or {})
+    if spec.cost is not None:   # before any replay: a missing prediction column is refused at once
+        require_predictions(trace.path, trace.pred_distances, [spec.prefetch], int(pparams.get("distance", 1)))
     replay = None
     if spec.exact_replay:
         replay = exact.simulate(trace, spec.policy, spec.cache_size, scope=spec.scope, semantics=spec.semantics,
                                 params=dict(spec.params) if spec.params else None)
     if spec.cost is None:
         return CellResult(spec, replay, None)
-    pparams = dict(spec.prefetch_params or {})
-    require_predictions(trace.path, trace.pred_distances, [spec.prefetch], int(pparams.get("distance", 1)))
     cost = spec.cost
     kw: dict[str, Any] = dict(prefetch=spec.prefetch, prefetch_params=pparams or None,
                               policy_params=dict(spec.params) if spec.params else None, batch_size=spec.batch_size,
