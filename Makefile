@@ -28,10 +28,12 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check moesim tests benchmarks studies tools
+	$(BIN)/lint-imports   # dependencies point down (pyproject [tool.importlinter])
 	$(BIN)/python -m pytest -n 2 -q
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check moesim tests benchmarks studies tools
+	$(BIN)/lint-imports
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/bench_replay.py

@@ -28,8 +28,8 @@ sys.path.insert(0, str(REPO))
 
 from moesim.commands._common import print_table  # noqa: E402
 from moesim.sweep.executors import InProcessExecutor, ProcessPoolExecutorBackend, RayExecutor  # noqa: E402
+from moesim.sweep.result_store import read_results  # noqa: E402
 from moesim.sweep.spec import SweepSpec, expand  # noqa: E402
-from moesim.sweep.store import read_results  # noqa: E402
 from moesim.sweep.sweep import run_sweep  # noqa: E402
 
 POLICIES = ["lru", "lfu", "fifo", "opt", "arc", "sieve", "s3fifo", "lfu-decay", "lrfu", "gate-weighted"]

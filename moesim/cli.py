@@ -13,6 +13,7 @@ import pkgutil
 import sys
 
 from moesim import __version__
+from moesim.commands._common import error_line
 from moesim.errors import MoesimError, UsageError
 
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     except MoesimError as exc:
         if debug:
             raise
-        print(f"moesim {args.command}: error: {exc}", file=sys.stderr)
+        print(f"moesim {args.command}: error: {error_line(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"moesim {args.command}: interrupted", file=sys.stderr)

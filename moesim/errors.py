@@ -24,3 +24,16 @@ class UsageError(MoesimError):
     """Bad invocation: unknown policy, cache smaller than top-k, bad flag value (exit 2)."""
 
     exit_code = 2
+
+
+class SettingError(UsageError):
+    """A setting of a run that cannot work, said in the library's own words ("per-layer budgets need a
+    per-layer cache"). ``setting`` names the setting (a :class:`~moesim.simulator.cell.CellSpec` field
+    such as ``"scope"``) and ``fix``, when there is one, the value that would work: the command line
+    adds its own flag for them (``--scope layer``), so the library never names a flag (exit 2)."""
+
+    def __init__(self, setting: str, problem: str, fix: str | None = None) -> None:
+        self.setting = setting
+        self.problem = problem
+        self.fix = fix
+        super().__init__(problem)

@@ -19,9 +19,9 @@ transformers = pytest.importorskip("transformers")
 from moesim.engine.checkpoint import load_checkpoint  # noqa: E402
 from moesim.engine.decode import Decoder  # noqa: E402
 from moesim.engine.decoder_program import DecoderProgram  # noqa: E402
+from moesim.engine.expert_store import ExpertStore  # noqa: E402
 from moesim.engine.pack import pack_checkpoint  # noqa: E402
 from moesim.engine.plan import Routing  # noqa: E402
-from moesim.engine.store import ExpertStore  # noqa: E402
 
 PROMPT = [3, 17, 42, 9, 28]
 NEW = 5

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from moesim.atomic import refuse_overwrite
 from moesim.cli import main
 from moesim.errors import UsageError
+from moesim.safe_write import refuse_overwrite
 
 REPO = Path(__file__).resolve().parents[1]
 SENTINEL = b"not the command's output\n"

@@ -41,7 +41,7 @@ def small(tmp_path_factory):
 def test_figure_format_follows_the_name():
     assert figure_format("a/x.svg") == "svg" and figure_format("x.PDF") == "pdf" and figure_format("x.png") == "png"
     assert figure_format("x") == "png" and figure_format("x", svg=True) == "svg" and figure_format("x.svg", svg=True) == "svg"
-    with pytest.raises(UsageError, match="--svg asks for SVG but the file name ends in .png"):
+    with pytest.raises(UsageError, match="SVG was asked for but the file name ends in .png"):
         figure_format("x.png", svg=True)
     with pytest.raises(UsageError, match=r"cannot tell the figure format from '\.txt'"):
         figure_format("x.txt")
@@ -64,7 +64,7 @@ def test_svg_flag_still_works_and_conflicts_are_usage_errors(small, tmp_path, ca
     for argv in (["-o", "h.png", "--svg"], ["-o", "h.txt"]):
         assert main(["plot", "heatmap", str(small), *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and ("--svg asks for SVG" in err[0] or "cannot tell the figure format" in err[0])
+        assert len(err) == 1 and ("SVG was asked for" in err[0] and err[0].endswith("(name it .svg, or drop --svg)") or "cannot tell the figure format" in err[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["heatmap.svg"]
 
 
@@ -91,18 +91,16 @@ def test_bytes_and_metric_labels_are_words():
     assert metric("some_new_rate").label == "some new rate (%)"
 
 
-# ---- the demo's hit-rate figure --------------------------------------------------------------------
+# ---- the demo's hit-rate figure (plots.policy_comparison) --------------------------------------------------------------------
 
 def test_demo_figure_keeps_13_policies_apart_with_the_legend_off_the_curves():
-    from moesim.commands.demo import hit_rate_figure
-
     names = policy_names()
     assert len(names) >= 13
     sizes = list(range(2, 9))
     rng = np.random.default_rng(1)
     curves = {n: sorted(rng.uniform(0.4, 1.0, len(sizes)).tolist()) for n in names}
     curves["opt"] = [1.0] * len(sizes)
-    fig = hit_rate_figure(curves, sizes, 100)
+    fig = plots.policy_comparison(curves, sizes, "100 tokens")
     left, right = fig.axes
     # hit rate in percent on the left, every drawn value within 0..100
     assert "(%)" in left.get_ylabel() and left.get_ylim() == (0, 100)
@@ -157,7 +155,7 @@ def test_sweep_plot_bad_suffix_is_a_usage_error(sweep_table, tmp_path, capsys):
 
 def test_sweep_figure_titles_labels_palette_and_shared_y(sweep_table):
     from moesim.sweep.plots import sweep_figure
-    from moesim.sweep.store import read_results
+    from moesim.sweep.result_store import read_results
 
     fig, n = sweep_figure(read_results(sweep_table), "hit_rate")
     axes = [ax for ax in fig.axes if ax.get_visible()]

@@ -10,7 +10,7 @@ from matplotlib.colors import to_hex
 
 from moesim.analysis import plots, stats
 from moesim.analysis.residency import HIT, MISS, residency_log
-from moesim.errors import DataError, UsageError
+from moesim.errors import DataError
 from moesim.simulator.replay import mrc, simulate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -127,21 +127,6 @@ def test_prefetch_plot_leaves_a_gap_where_nothing_was_prefetched(real_trace):
     fig = plots.prefetch(real_trace, ["previous-token"], [1, 2], runner=run)
     assert np.isnan(fig.axes[0].lines[0].get_ydata()).all()
     assert "issued no prefetches" in fig.legends[0].get_texts()[0].get_text()
-
-
-def test_timing_runner_missing_is_a_usage_error(monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def fake(name, *a, **kw):
-        if name.startswith("moesim.simulator.timing") or name.startswith("moesim.simulator.cost_model"):
-            raise ImportError(name)
-        return real_import(name, *a, **kw)
-
-    monkeypatch.setattr(builtins, "__import__", fake)
-    with pytest.raises(UsageError, match="timing simulator"):
-        plots.timing_runner()
 
 
 def test_timeline_from_trace_events(tmp_path):

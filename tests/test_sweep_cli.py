@@ -17,8 +17,8 @@ import pytest
 
 from moesim.cli import main
 from moesim.sweep.executors import InProcessExecutor
+from moesim.sweep.result_store import read_journal, read_results
 from moesim.sweep.spec import SweepSpec, expand
-from moesim.sweep.store import read_journal, read_results
 from moesim.sweep.sweep import run_sweep
 from tests.helpers import random_trace
 

@@ -16,8 +16,8 @@ from moesim.policies.base import make_policy
 from moesim.simulator.replay import replay_reference, simulate
 from moesim.sweep import runner
 from moesim.sweep.executors import InProcessExecutor, ProcessPoolExecutorBackend
+from moesim.sweep.result_store import ResultStore, read_journal, read_results
 from moesim.sweep.spec import Cell, SweepSpec, expand, load_config, trace_sha256
-from moesim.sweep.store import ResultStore, read_journal, read_results
 from moesim.sweep.sweep import run_sweep
 from moesim.traces.format import read_trace
 from tests.helpers import random_trace

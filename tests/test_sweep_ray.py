@@ -7,8 +7,8 @@ import polars as pl
 import pytest
 
 from moesim.sweep.executors import ProcessPoolExecutorBackend, RayExecutor
+from moesim.sweep.result_store import read_results
 from moesim.sweep.spec import SweepSpec, expand
-from moesim.sweep.store import read_results
 from moesim.sweep.sweep import run_sweep
 from tests.helpers import random_trace
 

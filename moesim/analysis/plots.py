@@ -29,6 +29,7 @@ from moesim.analysis import stats  # noqa: E402
 from moesim.analysis.residency import HIT, IDLE, MISS, RESIDENT, residency_log  # noqa: E402
 from moesim.analysis.style import (  # noqa: E402
     CATEGORY_COLORS,
+    FAMILY_NAMES,
     OKABE_ITO,  # noqa: F401  (re-exported: the notebooks colour their own lines with it)
     figure_format,
     human_bytes,
@@ -36,8 +37,8 @@ from moesim.analysis.style import (  # noqa: E402
     policy_style,
     prefetcher_style,
 )
-from moesim.atomic import atomic_path, read_json  # noqa: E402
-from moesim.errors import DataError, UsageError  # noqa: E402
+from moesim.errors import DataError  # noqa: E402
+from moesim.safe_write import atomic_path, read_json  # noqa: E402
 from moesim.traces.format import Trace  # noqa: E402
 
 LANE_COLORS = CATEGORY_COLORS
@@ -53,7 +54,7 @@ def _title(trace: Trace) -> str:
     return f"{name} (synthetic)" if trace.meta.provenance.get("kind") == "synthetic" else name
 
 
-def save(fig: Figure, path: str | os.PathLike, *, svg: bool = False) -> Path:
+def save(fig: Figure, path: str | os.PathLike, *, svg: bool = False, dpi: int = 130) -> Path:
     """Write ``fig`` in the format its name asks for (``x.svg`` SVG, ``x.pdf`` PDF, ``x.png`` or no
     suffix PNG; ``svg`` = the old ``--svg`` flag, which must agree) through a temp file + rename;
     closes the figure."""
@@ -65,7 +66,7 @@ def save(fig: Figure, path: str | os.PathLike, *, svg: bool = False) -> Path:
         raise
     try:
         with atomic_path(p) as tmp:
-            fig.savefig(tmp, format=fmt, dpi=130, bbox_inches="tight")
+            fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(fig)
     return p
@@ -156,16 +157,61 @@ def mrc(trace: Trace, policies: Sequence[str] = ("lru", "lfu", "fifo", "opt")) -
     return fig
 
 
-# ---- timing-simulator views (need moesim.simulator.timing) ---------------------------------------
+def policy_comparison(curves: dict[str, list[float]], sizes: list[int], title: str) -> Figure:
+    """Hit rate per policy vs slots (``curves``: policy -> hit rate at each of ``sizes``; ``title`` says
+    what was replayed). Left: hit rate (%) of every policy, the best online policy, LRU and the OPT bound
+    drawn out and the rest as a grey field; right: every online policy's gain over LRU in its own colour,
+    marker and family line style. One legend below both, best first."""
+    order = sorted(curves, key=lambda n: (n != "opt", -sum(curves[n])))  # OPT, then best mean hit rate first
+    online = [n for n in order if n != "opt"]
+    best = online[0] if online else None
+    base = curves.get("lru")
+    fig, (ax, gain) = plt.subplots(1, 2, figsize=(13, 6.4))
+    handles, shown = [], []  # right-panel lines; left-panel highlighted lines
+    for i, name in enumerate(order):
+        style = policy_style(name, i)
+        vals = [100 * v for v in curves[name]]
+        if name in ("opt", "lru", best):
+            tag = " (best online)" if name == best else " (baseline)" if name == "lru" else ""
+            (h,) = ax.plot(sizes, vals, label=policy_label(name) + tag,
+                           **style.kwargs(linewidth=2.6 if name != "lru" else 2.0))
+            shown.append(h)
+        else:
+            ax.plot(sizes, vals, color="#BBBBBB", linewidth=1.0, zorder=1)
+        if base is not None and name != "opt":  # OPT's headroom is on the left; here the online policies spread out
+            label = policy_label(name) + (" (baseline)" if name == "lru" else "") + \
+                (f" - {FAMILY_NAMES[style.family]}" if name != "random" else "")
+            (h,) = gain.plot(sizes, [100 * (v - b) for v, b in zip(curves[name], base, strict=True)], label=label,
+                             **style.kwargs())
+            handles.append(h)
+    (grey,) = ax.plot([], [], color="#BBBBBB", linewidth=1.0, label="other policies (right panel)")
+    ax.legend(handles=[*shown, grey], loc="lower right", frameon=True, framealpha=0.9, fontsize=9)
+    ax.set_xlabel("expert slots per layer (K)")
+    ax.set_ylabel("hit rate (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"Hit rate vs slots ({title})")
+    gain.set_xlabel("expert slots per layer (K)")
+    gain.set_ylabel("hit rate minus LRU's (percentage points)")
+    gain.set_title("Gain over LRU, every online policy")
+    gain.axhline(0, color="grey", lw=0.8)
+    for a in (ax, gain):
+        a.grid(alpha=0.3)
+        a.set_xticks(sizes)
+    fig.legend(handles, [h.get_label() for h in handles], loc="lower center", ncol=4, frameon=False, fontsize=9,
+               title="policy (best mean hit rate first; solid = recency/FIFO family, dashed = frequency family)",
+               title_fontsize=9)
+    fig.tight_layout(rect=(0, (0.45 + 0.2 * ((len(handles) + 3) // 4)) / fig.get_figheight(), 1, 1))
+    return fig
+
+
+# ---- timing-simulator views ------------------------------------------------------------------------
 
 def timing_runner() -> Callable[..., dict[str, Any]]:
-    """``run(trace, policy, k, hardware, prefetch=None, **kw) -> dict`` over the timing simulator, or a
-    UsageError naming what is missing."""
-    try:
-        from moesim.simulator.cost_model import CostModel
-        from moesim.simulator.timing import simulate_timing
-    except ImportError as exc:
-        raise UsageError(f"the timing simulator is not available in this build ({exc})") from None
+    """``run(trace, policy, k, hardware, prefetch=None, prefetch_budget=None, **kw) -> dict``: the timing
+    run of one cell (:func:`moesim.simulator.cell.run_cell`, its ``TimingResult.to_dict()`` keys) on a
+    hardware preset; ``kw`` are :class:`~moesim.simulator.cell.CellSpec` fields."""
+    from moesim.simulator.cell import CellSpec, run_cell
+    from moesim.simulator.cost_model import CostModel
 
     costs: dict[str, Any] = {}
 
@@ -176,8 +222,9 @@ def timing_runner() -> Callable[..., dict[str, Any]]:
         pparams = dict(kw.pop("prefetch_params", None) or {})
         if prefetch_budget is not None:
             pparams["budget"] = prefetch_budget
-        return simulate_timing(trace, policy, k, costs[hardware], prefetch=prefetch or "none",
-                               prefetch_params=pparams or None, **kw).to_dict()
+        spec = CellSpec(policy, k, cost=costs[hardware], prefetch=prefetch or "none", prefetch_params=pparams or None,
+                        exact_replay=False, interval=False, **kw)
+        return run_cell(trace, spec).to_json()
 
     return run
 

@@ -129,7 +129,7 @@ def prediction_accuracy(trace: Trace, predictor: str = "speculative", distance: 
     present = rows >= 0
     if predictor == "speculative":
         if distance not in t.pred_distances:
-            from moesim.commands._predictions import missing_predictions
+            from moesim.traces.predictions import missing_predictions
 
             raise UsageError(missing_predictions(trace.path, t.pred_distances, distance))
         recorded = t.pred_experts(distance).astype(np.int64)

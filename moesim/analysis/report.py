@@ -15,8 +15,8 @@ import polars as pl
 
 from moesim.analysis import plots, stats
 from moesim.analysis.style import human_bytes
-from moesim.atomic import atomic_open
 from moesim.errors import DataError, UsageError
+from moesim.safe_write import atomic_open
 from moesim.traces.describe import nested_lines
 from moesim.traces.format import Trace
 
@@ -101,7 +101,7 @@ def build_report(trace: Trace, *, policies: Sequence[str] = DEFAULT_POLICIES, si
                  timing: Callable[..., dict[str, Any]] | None | bool = None,
                  progress: Callable[[str], None] | None = None, image_format: str = "png") -> str:
     """The report as one HTML string. ``timing``: a runner like :func:`plots.timing_runner` returns,
-    ``None`` to use the timing simulator if installed, ``False`` to skip tokens/s. ``image_format``:
+    ``None`` for :func:`plots.timing_runner`, ``False`` to skip tokens/s. ``image_format``:
     how figures are embedded, "png" or "svg"."""
     if image_format not in IMAGE_FORMATS:
         raise UsageError(f"image format {image_format!r} is not one of {', '.join(IMAGE_FORMATS)}")
@@ -113,10 +113,7 @@ def build_report(trace: Trace, *, policies: Sequence[str] = DEFAULT_POLICIES, si
     meta = trace.meta
     sizes = list(sizes or range(meta.top_k, meta.num_experts + 1))
     if timing is None:
-        try:
-            timing = plots.timing_runner()
-        except UsageError:
-            timing = False
+        timing = plots.timing_runner()
     parts = [f"<h1>moesim trace report: {html.escape(meta.model)}</h1>"]
 
     step("statistics")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moesim.errors import UsageError
+from moesim.errors import SettingError, UsageError
 from moesim.traces.describe import human_bytes  # noqa: F401  (re-exported: figures show bytes in MB/GB)
 
 OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000"]
@@ -145,5 +145,5 @@ def figure_format(path: str | os.PathLike, svg: bool = False) -> str:
     if fmt is None:
         raise UsageError(f"{path}: cannot tell the figure format from '.{suffix}' (use .png, .svg or .pdf)")
     if svg and fmt != "svg":
-        raise UsageError(f"{path}: --svg asks for SVG but the file name ends in .{suffix} (name it .svg, or drop --svg)")
+        raise SettingError("svg", f"{path}: SVG was asked for but the file name ends in .{suffix}")
     return fmt

@@ -83,3 +83,24 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4f}"
     return str(v)
+
+
+# what the command line says to change a library setting (moesim.errors.SettingError.setting): its flag,
+# followed by the value that works when the error names one. Settings whose errors already say what to
+# change (an unknown policy's message lists the known ones) are not here: a flag would add nothing.
+SETTING_HINTS = {"scope": "--scope", "semantics": "--semantics", "phase": "--phase", "hardware": "--hardware",
+                 "traces": "--trace", "policies": "--policy", "cache_sizes": "--cache-size",
+                 "pcie_gbps": "--pcie-gbps", "pcie_latency_us": "--pcie-latency-us", "svg": "name it .svg, or drop --svg",
+                 "quant": "--quant", "predict_distance": "--predict-distance", "dtype": "--dtype",
+                 "model": "--model", "tokens": "--tokens", "sequences": "--sequences",
+                 "force": "pass --force to overwrite it"}
+
+
+def error_line(exc: Exception) -> str:
+    """The message of a library error as the command line says it: a :class:`SettingError` gains what
+    to change on the command line, with the value that works when there is one ("... (--scope layer)")."""
+    from moesim.errors import SettingError
+
+    if isinstance(exc, SettingError) and exc.setting in SETTING_HINTS:
+        return f"{exc.problem} ({' '.join(x for x in (SETTING_HINTS[exc.setting], exc.fix) if x)})"
+    return str(exc)

@@ -33,14 +33,16 @@ def policy_params(args: argparse.Namespace) -> dict[str, Any]:
     return params
 
 
-def load(args: argparse.Namespace):
+def load(args: argparse.Namespace, phase: bool = True):
+    """The trace of ``args.trace``; with ``phase``, only the rows of ``--phase`` (``simulate`` leaves that
+    to its cell)."""
     from moesim.simulator import stream_cache
     from moesim.traces.format import DECODE, PREFILL, read_trace
 
     # the replay reads seq/token/phase/layer/experts; weights (gate-weighted, timing) load on first use;
     # with the stream cache on, the rows are read only if the cache has no stream of this file
     trace = read_trace(args.trace, lazy=True, replay_cache=stream_cache.enabled() and not args.no_cache)
-    if args.phase != "all":
+    if phase and args.phase != "all":
         trace = trace.filter_phase(PREFILL if args.phase == "prefill" else DECODE)
     return trace
 

@@ -1,4 +1,4 @@
-"""Timing options shared by ``simulate`` (and sweeps): the cost model, what-if overrides, prefetch."""
+"""Timing options of ``simulate``: the cost model, what-if overrides, prefetch."""
 
 from __future__ import annotations
 
@@ -53,6 +53,14 @@ def add_timing_args(p: argparse.ArgumentParser) -> None:
                         "a trace's recorded predictions")
 
 
+def default_hardware_note(args: argparse.Namespace) -> None:
+    """A timing option alone (--prefetch, --timeline, a what-if) still needs a machine: say which (on
+    stderr, after the run, so that an error stays the one line on stderr)."""
+    if timing_requested(args) and not (args.hardware or args.calibration):
+        print(f"moesim {args.command}: note: no --hardware or --calibration given; timing uses the "
+              f"{DEFAULT_HARDWARE} preset (see `moesim hardware`)", file=sys.stderr)
+
+
 def timing_requested(args: argparse.Namespace) -> bool:
     return bool(args.hardware or args.calibration or args.prefetch or args.timeline or args.engine_mode
                 or args.engine_profile
@@ -65,47 +73,16 @@ def cost_model(args: argparse.Namespace):
     if args.calibration:
         cost = CostModel.from_json(args.calibration)
     else:
-        if not args.hardware:
-            # a timing option alone (--prefetch, --timeline, a what-if) still needs a machine: say which
-            print(f"moesim {args.command}: note: no --hardware or --calibration given; timing uses the "
-                  f"{DEFAULT_HARDWARE} preset (see `moesim hardware`)", file=sys.stderr)
         cost = CostModel.preset(args.hardware or DEFAULT_HARDWARE)
     return cost.with_overrides(quantization=args.quantization, engine_mode=args.engine_mode,
                                engine_profile=args.engine_profile,
                                **{o: getattr(args, o) for o in OVERRIDES})
 
 
-def timing_result(args: argparse.Namespace, trace) -> dict[str, Any]:
-    from moesim.commands._replay_args import policy_params
-    from moesim.simulator.timing import simulate_timing
-
-    if args.scope != "layer" or args.semantics != "atomic":
-        from moesim.errors import UsageError
-
-        raise UsageError("the timing simulator models one cache per layer with atomic sets (--scope layer)")
-    from moesim.commands._predictions import require_predictions
-
-    require_predictions(trace.path, trace.pred_distances, [args.prefetch or "none"], args.prefetch_distance)
-    pparams: dict[str, Any] = parse_params(args.prefetch_param)
-    pparams["distance"] = args.prefetch_distance
+def prefetch_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The prefetcher's parameters: ``--prefetch-param`` pairs, ``--prefetch-distance``, ``--prefetch-budget``."""
+    out: dict[str, Any] = parse_params(args.prefetch_param)
+    out["distance"] = args.prefetch_distance
     if args.prefetch_budget is not None:
-        pparams["budget"] = args.prefetch_budget
-    size = args.cache_size if args.cache_size is not None else args.layer_budgets
-    cost = cost_model(args)
-    kw: dict[str, Any] = dict(prefetch=args.prefetch or "none", prefetch_params=pparams,
-                              policy_params=policy_params(args), batch_size=args.batch_size,
-                              prefill_chunk=args.prefill_chunk, speculative_ready=args.speculative_ready)
-    result = simulate_timing(trace, args.policy, size, cost, timeline=args.timeline, **kw)
-    out = result.to_dict()
-    if kw["prefetch"] == "speculative":
-        out["speculative_ready"] = args.speculative_ready
-    fast, slow = cost.copy_interval_scales()
-    if (fast, slow) != (1.0, 1.0):
-        # the calibration's measured copy spread (p10..p90 over its sessions): the same run with every
-        # copy at the slow and at the fast end
-        lo = simulate_timing(trace, args.policy, size, cost.with_overrides(copy_scale=cost.copy_scale * slow), **kw)
-        hi = simulate_timing(trace, args.policy, size, cost.with_overrides(copy_scale=cost.copy_scale * fast), **kw)
-        out["sim_interval"] = out["tokens_per_s_interval"] = [round(lo.tokens_per_s, 4), round(hi.tokens_per_s, 4)]
-        out["ms_per_token_interval"] = [round(hi.ms_per_token, 4), round(lo.ms_per_token, 4)]
-        out["copy_interval_scales"] = [round(fast, 5), round(slow, 5)]
-    return out   # simulate merges it with the exact replay (moesim.simulator.combined)
+        out["budget"] = args.prefetch_budget
+    return out

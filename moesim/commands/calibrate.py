@@ -37,15 +37,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moesim.atomic import atomic_open, refuse_overwrite
     from moesim.engine.calibration import to_cost_model
     from moesim.errors import UsageError
+    from moesim.safe_write import atomic_open, refuse_overwrite
 
     if args.with_pieces and not args.add_to:
         raise UsageError("--with-pieces needs --add-to")
     refuse_overwrite([args.out, args.raw_out], args.force)
     if args.from_raw:
-        from moesim.atomic import read_json
+        from moesim.safe_write import read_json
 
         path = args.from_raw
         raw = read_json(path)
@@ -59,9 +59,9 @@ def run(args: argparse.Namespace) -> int:
         raw = measure(args.quants.split(","), layers=args.layers)
         path = None
     if args.add_to:
-        from moesim.atomic import read_json
         from moesim.engine.calibration import add_session
         from moesim.errors import UsageError
+        from moesim.safe_write import read_json
 
         if not args.from_raw:
             raise UsageError("--add-to needs --from-raw")

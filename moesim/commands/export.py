@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moesim.atomic import refuse_overwrite
+    from moesim.safe_write import refuse_overwrite
     from moesim.traces.export import export_csv, export_oracle_general
     from moesim.traces.format import read_trace
 

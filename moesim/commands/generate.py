@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("moesim generate needs torch: pip install 'moesim[torch]'") from None
     _check_choices(args)
     if args.record:
-        from moesim.atomic import refuse_overwrite
+        from moesim.safe_write import refuse_overwrite
 
         refuse_overwrite([args.record, f"{args.record}.times.json"], args.force)
     if args.record and not Path(args.record).parent.is_dir():
@@ -92,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--device {args.device}: CUDA is not available here")
     from moesim.engine.decode import Decoder
     from moesim.engine.decoder_program import DecoderProgram
+    from moesim.engine.expert_store import ExpertStore
     from moesim.engine.pack import default_cache_root, pack_checkpoint
-    from moesim.engine.store import ExpertStore
 
     ckpt = _checkpoint(args)
     s = ckpt.spec

@@ -44,8 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moesim.atomic import refuse_overwrite
     from moesim.errors import UsageError
+    from moesim.safe_write import refuse_overwrite
     from moesim.traces.format import read_trace
     from moesim.traces.importing import ImportOptions
 

@@ -79,18 +79,15 @@ def _load(path: str):
 
 
 def _check_policy(name: str) -> None:
-    from moesim.policies import policy_class
+    from moesim.policies.resolve import eviction_factory
 
-    try:
-        policy_class(name)
-    except KeyError as exc:
-        raise UsageError(str(exc.args[0])) from None
+    eviction_factory(name, None)
 
 
 def run(args: argparse.Namespace) -> int:
     from moesim.analysis import plots
     from moesim.analysis.style import figure_format
-    from moesim.atomic import refuse_overwrite
+    from moesim.safe_write import refuse_overwrite
 
     out = Path(args.output or f"{args.kind}.{'svg' if args.svg else 'png'}")
     figure_format(out, args.svg)  # a usage error (unknown suffix, --svg with .png) before any work
@@ -131,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
             fig = plots.speed(trace, args.policies, args.sizes, args.hardware)
         elif args.kind == "predictions":
             from moesim.analysis.prediction_plots import predictions
-            from moesim.commands._predictions import require_predictions
+            from moesim.simulator.cell import require_predictions
             from moesim.traces.format import DECODE, PREFILL
 
             distances = args.distances or list(trace.pred_distances)
@@ -140,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
             phase = {"decode": DECODE, "prefill": PREFILL, "all": None}[args.phase]
             fig = predictions(trace, distances, phase)
         else:
-            from moesim.commands._predictions import require_predictions
+            from moesim.simulator.cell import require_predictions
 
             require_predictions(args.trace, trace.pred_distances, args.prefetchers)
             _check_policy(args.policy)

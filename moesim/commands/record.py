@@ -43,8 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moesim.atomic import refuse_overwrite
     from moesim.errors import DataError, UsageError
+    from moesim.safe_write import refuse_overwrite
 
     refuse_overwrite([args.recover or args.output], args.force)
     try:

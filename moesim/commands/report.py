@@ -31,18 +31,15 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from moesim.analysis.report import write_report
-    from moesim.atomic import refuse_overwrite
     from moesim.errors import UsageError
-    from moesim.policies import policy_class
+    from moesim.policies.resolve import eviction_factory
+    from moesim.safe_write import refuse_overwrite
     from moesim.traces.format import read_trace
 
     refuse_overwrite([Path(args.output) / "report.html"], args.force)
     policies = [x.strip() for x in args.policies.split(",") if x.strip()]
     for name in policies:
-        try:
-            policy_class(name)
-        except KeyError as exc:
-            raise UsageError(str(exc.args[0])) from None
+        eviction_factory(name, None)
     trace = read_trace(args.trace)
     meta = trace.meta
     if not 0 <= args.layer < meta.num_layers:

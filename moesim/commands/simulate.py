@@ -7,12 +7,14 @@ import argparse
 
 from moesim.commands._common import add_force_arg, emit_json, int_list, print_table
 from moesim.commands._replay_args import add_policy_args, load, policy_params
+from moesim.commands._timing_args import (
+    add_timing_args,
+    cost_model,
+    default_hardware_note,
+    prefetch_params,
+    timing_requested,
+)
 from moesim.errors import UsageError
-
-try:
-    from moesim.commands._timing_args import add_timing_args, timing_requested, timing_result
-except ImportError:  # timing simulator not installed
-    add_timing_args = None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,30 +26,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     size.add_argument("--layer-budgets", type=int_list, metavar="K0,K1,...",
                       help="per-layer slot budgets (non-uniform allocation; 0 disables a layer's cache)")
     p.add_argument("--per-layer", action="store_true", help="also report each layer's hit rate")
-    if add_timing_args is not None:
-        add_timing_args(p)
-        add_force_arg(p)  # the only file simulate writes is --timeline's
+    add_timing_args(p)
+    add_force_arg(p)  # the only file simulate writes is --timeline's
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from moesim.atomic import refuse_overwrite
-    from moesim.simulator.replay import simulate
+def cell_spec(args: argparse.Namespace):
+    """The command line as one :class:`~moesim.simulator.cell.CellSpec`."""
+    from moesim.simulator.cell import CellSpec
 
-    refuse_overwrite([getattr(args, "timeline", None)], getattr(args, "force", False))
-    trace = load(args)
-    size = args.cache_size if args.cache_size is not None else args.layer_budgets
     if args.cache_size is not None and args.cache_size < 1:
         raise UsageError(f"--cache-size must be >= 1, got {args.cache_size}")
-    params = policy_params(args)
-    result = simulate(trace, args.policy, size, scope=args.scope, semantics=args.semantics, params=params)
-    out = result.to_dict(per_layer=args.per_layer)
-    if params:
-        out["params"] = params
-    if add_timing_args is not None and timing_requested(args):
-        from moesim.simulator.combined import replay_with_timing
+    timed = timing_requested(args)
+    return CellSpec(args.policy, args.cache_size if args.cache_size is not None else args.layer_budgets,
+                    params=policy_params(args), scope=args.scope, semantics=args.semantics, phase=args.phase,
+                    cost=cost_model(args) if timed else None, prefetch=args.prefetch or "none",
+                    prefetch_params=prefetch_params(args) if timed else None, batch_size=args.batch_size,
+                    prefill_chunk=args.prefill_chunk, speculative_ready=args.speculative_ready,
+                    timeline=args.timeline)
 
-        out = replay_with_timing(out, timing_result(args, trace))
+
+def run(args: argparse.Namespace) -> int:
+    from moesim.safe_write import refuse_overwrite
+    from moesim.simulator.cell import run_cell
+
+    refuse_overwrite([args.timeline], args.force)
+    trace = load(args, phase=False)
+    out = run_cell(trace, cell_spec(args)).to_json(per_layer=args.per_layer)
+    default_hardware_note(args)
     if args.json:
         emit_json(out)
         return 0

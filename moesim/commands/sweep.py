@@ -119,7 +119,9 @@ def _spec(args: argparse.Namespace):
 def _require_predictions(spec) -> None:
     """A speculative prefetcher on a trace without recorded predictions: one line, before any cell runs
     (sweeps have no distance axis: the prefetchers' default distance 1)."""
-    from moesim.commands._predictions import needs_predictions, pred_distances_of, require_predictions
+    from moesim.policies.resolve import needs_predictions
+    from moesim.simulator.cell import require_predictions
+    from moesim.traces.predictions import pred_distances_of
 
     if any(needs_predictions(p) for p in spec.prefetch) and any(h != "none" for h in spec.hardware):
         for t in dict.fromkeys(spec.traces):
@@ -130,8 +132,8 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from moesim.sweep.executors import make_executor
+    from moesim.sweep.result_store import ResultStore
     from moesim.sweep.spec import expand
-    from moesim.sweep.store import ResultStore
     from moesim.sweep.sweep import run_sweep
 
     spec = _spec(args)
@@ -168,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_summary(args: argparse.Namespace) -> int:
     from moesim.sweep.analysis import as_frame, best_per_size, default_metric, versus_baseline
-    from moesim.sweep.store import read_results
+    from moesim.sweep.result_store import read_results
 
     df = as_frame(read_results(args.results))
     metric = args.metric or default_metric(df)
@@ -199,10 +201,10 @@ def _short(col: str, value: Any) -> Any:
 
 def run_plot(args: argparse.Namespace) -> int:
     from moesim.analysis.style import metric as metric_info
-    from moesim.atomic import refuse_overwrite
+    from moesim.safe_write import refuse_overwrite
     from moesim.sweep.analysis import as_frame, default_metric
     from moesim.sweep.plots import plot_sweep
-    from moesim.sweep.store import read_results
+    from moesim.sweep.result_store import read_results
 
     refuse_overwrite([args.output], args.force)
     results = read_results(args.results)

@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from moesim.atomic import refuse_overwrite
+    from moesim.safe_write import refuse_overwrite
     from moesim.traces.synth import load_preset, synthesize
 
     refuse_overwrite([args.output], args.force)
@@ -44,7 +44,7 @@ def run_synth(args: argparse.Namespace) -> int:
 def run_fit(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from moesim.atomic import atomic_open, refuse_overwrite
+    from moesim.safe_write import atomic_open, refuse_overwrite
     from moesim.traces.format import read_trace
     from moesim.traces.synth import fit_preset
 

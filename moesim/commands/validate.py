@@ -27,9 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from moesim.atomic import refuse_overwrite
     from moesim.engine import validation as v
     from moesim.errors import DataError
+    from moesim.safe_write import refuse_overwrite
     from moesim.simulator.cost_model import CostModel
     from moesim.traces.format import read_trace
 

@@ -46,6 +46,7 @@ from moesim.engine.identity import TAG_BASE, ResidencyProof, slot_tags
 from moesim.engine.plan import CachePlan, Routing
 from moesim.engine.runtime import EngineResult, Weights, capture_graphs, compiled, expert_forward, issue_copy
 from moesim.engine.sync import COMPUTE, DEFAULT_SYNC, SlotEvents, StreamOrder, SyncMode
+from moesim.policies.base import NEVER
 from moesim.traces.format import PREFILL
 from moesim.traces.steps import Step, next_uses
 
@@ -353,7 +354,7 @@ class BatchEngine:
         g = w.geometry
         plan = CachePlan(routing, self.cache_size, self.policy_name, "none", self.policy_params)
         future = plan.caches[0].policy.needs_future
-        nxt = next_uses(steps, g.num_layers) if future else {}
+        nxt = next_uses(steps, g.num_layers, NEVER) if future else {}
         buckets = prog.load(steps, routing)
         prog.prepare(buckets)
         self.order = order = StreamOrder(d, self.sync)

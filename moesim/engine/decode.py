@@ -35,11 +35,11 @@ from typing import Any
 import numpy as np
 
 from moesim.engine.decoder_program import DecoderProgram
+from moesim.engine.expert_store import ExpertStore
 from moesim.engine.plan import CachePlan, Routing
-from moesim.engine.store import ExpertStore
 from moesim.engine.sync import COMPUTE, COPY, DEFAULT_SYNC, SlotEvents, StreamOrder, SyncMode
 from moesim.policies.prefetch import PrefetchContext
-from moesim.simulator.replay import HitCounts
+from moesim.simulator.results import HitCounts
 from moesim.traces.format import DECODE, PREFILL
 
 

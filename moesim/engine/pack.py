@@ -36,7 +36,7 @@ from typing import Any
 
 from moesim.engine.checkpoint import Checkpoint
 from moesim.engine.quant import QuantSpec, plain_spec, quant_spec, split_matrix
-from moesim.errors import UsageError
+from moesim.errors import SettingError
 
 CACHE_VERSION = 1
 QUANT_CHOICES = ("none", "bf16", "hqq2", "hqq4")
@@ -60,7 +60,7 @@ def formats(quant: str, checkpoint_dtype) -> tuple[QuantSpec, QuantSpec, Any]:
         return quant_spec("hqq2-v02"), quant_spec("hqq4-v02"), checkpoint_dtype
     if quant == "hqq4":
         return quant_spec("hqq4-v02"), quant_spec("hqq4-v02"), checkpoint_dtype
-    raise UsageError(f"--quant must be one of {', '.join(QUANT_CHOICES)}, got {quant!r}")
+    raise SettingError("quant", f"unknown expert format {quant!r} (known: {', '.join(QUANT_CHOICES)})")
 
 
 def pack_matrix(w, spec: QuantSpec, device=None, optimize: bool = True):
@@ -163,7 +163,8 @@ def pack_checkpoint(ckpt: Checkpoint, quant: str, *, device: str = "cpu", cache_
         try:
             import hqq  # noqa: F401
         except ImportError:
-            raise UsageError(f"--quant {quant} needs hqq: pip install 'moesim[torch]' (or pip install hqq)") from None
+            raise SettingError("quant", f"the {quant} expert format needs hqq: pip install 'moesim[torch]' "
+                               "(or pip install hqq)") from None
     # plain formats are a dtype cast: caching them would only copy the checkpoint
     cache = None if (efmt.is_plain and afmt.is_plain) else _cache_dir(ckpt, quant, cache_root, optimize)
     if cache is not None and (cache / "meta.json").is_file():

@@ -134,7 +134,8 @@ def make_prefetcher(name: str, routing: Routing, params: dict[str, Any] | None =
     pf = _prefetcher(name, routing.num_layers, routing.num_experts, routing.top_k, params)
     if pf is not None and pf.needs_predictions and pf.distance not in routing.predicted:
         raise ValueError(f"prefetcher {name!r} needs recorded predictions at distance {pf.distance}; the routing "
-                         f"has {sorted(routing.predicted) or 'none'} (record with --predict-distance)")
+                         f"has {sorted(routing.predicted) or 'none'} (record them with `moesim record --predict-distance "
+                         f"{pf.distance}`)")
     return pf
 
 

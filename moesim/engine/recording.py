@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from moesim.atomic import atomic_path
 from moesim.engine.decode import StepRecord
 from moesim.recorder.parts import PartsTraceWriter
+from moesim.safe_write import atomic_path
 from moesim.traces.format import DECODE, Trace, TraceMeta
 
 

@@ -39,7 +39,7 @@ from moesim.engine.identity import TAG_BASE, ResidencyProof, blob_bytes, slot_ta
 from moesim.engine.plan import CachePlan, Routing
 from moesim.engine.quant import QuantSpec, dequantize, fill_random_blob, split_blob
 from moesim.engine.sync import COMPUTE, COPY, DEFAULT_SYNC, Mark, SlotEvents, StreamOrder, SyncMode
-from moesim.simulator.replay import HitCounts
+from moesim.simulator.results import HitCounts
 
 
 @dataclass(frozen=True)

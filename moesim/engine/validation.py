@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from moesim.atomic import atomic_open, atomic_path
+from moesim.safe_write import atomic_open, atomic_path
 from moesim.traces.format import Trace
 
 MIXTRAL_OFFLOADING_A100_TOKENS_PER_S = 3.06   # published: Mixtral-8x7B, 2-bit experts, 4 slots, A100
@@ -130,25 +130,35 @@ def independent_bound(cost):
 REPLAY_READY = "gate"
 
 
+def timing_cell(sub: Trace, policy: str, size: int, prefetch: str, cost, batch: int = 1, chunk: int = 512,
+                interval: bool = False):
+    """The simulator's run of one engine cell (:func:`moesim.simulator.cell.run_cell`: the timing run
+    only, speculative predictions issued as the replay engine issues them); with ``interval``, also at
+    both ends of the calibration's measured copy interval."""
+    from moesim.simulator.cell import CellSpec, run_cell
+
+    return run_cell(sub, CellSpec(policy, size, cost=cost, prefetch=prefetch, batch_size=batch, prefill_chunk=chunk,
+                                  speculative_ready=REPLAY_READY, exact_replay=False, interval=interval))
+
+
+def phase_tokens_per_s(sim, phase: str) -> float:
+    """Tokens/s of a cell's phase: decode tokens/s, or prompt tokens/s for prefill."""
+    return float(sim.prefill_tokens_per_s if phase == "prefill" else sim.tokens_per_s)
+
+
 def sim_interval(sub: Trace, policy: str, size: int, prefetch: str, cost, batch: int = 1, chunk: int = 512,
                  phase: str = "decode") -> list[float] | None:
     """Simulated tokens/s with every copy at the slow and at the fast end of the calibration's
     measured copy interval (None without one)."""
-    fast, slow = cost.copy_interval_scales()
-    if (fast, slow) == (1.0, 1.0):
-        return None
-    return [round(simulate_cell(sub, policy, size, prefetch, cost.with_overrides(copy_scale=cost.copy_scale * f),
-                                batch, chunk, phase)[1], 4) for f in (slow, fast)]
+    return timing_cell(sub, policy, size, prefetch, cost, batch, chunk, interval=True).interval(
+        lambda t: phase_tokens_per_s(t, phase))
 
 
 def simulate_cell(sub: Trace, policy: str, size: int, prefetch: str, cost, batch: int = 1, chunk: int = 512,
                   phase: str = "decode"):
-    """(TimingResult, tokens/s of the cell's phase): decode tokens/s, or prompt tokens/s for prefill."""
-    from moesim.simulator.timing import simulate_timing
-
-    sim = simulate_timing(sub, policy, size, cost, prefetch=prefetch, speculative_ready=REPLAY_READY,
-                          batch_size=batch, prefill_chunk=chunk)
-    return sim, float(sim.prefill_tokens_per_s if phase == "prefill" else sim.tokens_per_s)
+    """(TimingResult, tokens/s of the cell's phase)."""
+    sim = timing_cell(sub, policy, size, prefetch, cost, batch, chunk).timing
+    return sim, phase_tokens_per_s(sim, phase)
 
 
 def cell_inputs(engine: dict[str, Any], cell: dict[str, Any], trace: Trace) -> tuple[Trace, int, int, str, str]:
@@ -207,7 +217,8 @@ def compare(engine: dict[str, Any], trace: Trace, cost, *, include_repeats: bool
         terms = (programs or {}).get(shape) if shape else None
         c_cost = batch_cost(cost, terms)
         bound_cost = independent_bound(batch_cost(cost, terms, overhead=False))
-        sim, sim_tps = simulate_cell(sub, c["policy"], int(c["cache_size"]), c["prefetch"], c_cost, batch, chunk, phase)
+        priced = timing_cell(sub, c["policy"], int(c["cache_size"]), c["prefetch"], c_cost, batch, chunk, interval=True)
+        sim, sim_tps = priced.timing, phase_tokens_per_s(priced.timing, phase)
         real_tps = float(c["tokens_per_s"])
         # the independent bound: the critical path through this cell's own copies (at the peak measured
         # bandwidth) and kernels (at their micro-benchmark times), with their real dependencies (a copy
@@ -229,8 +240,7 @@ def compare(engine: dict[str, Any], trace: Trace, cost, *, include_repeats: bool
             "sim_stall_ms_per_token": round(sim.stall_s * 1e3 / sim.tokens, 3),
             "bound_ms_per_token": round(bound_s * 1e3 / sim.tokens, 3),
             "copy_ms_per_token": round(copies * copy_s * 1e3 / sim.tokens, 3),
-            "sim_interval": sim_interval(sub, c["policy"], int(c["cache_size"]), c["prefetch"], c_cost, batch, chunk,
-                                         phase),
+            "sim_interval": priced.interval(lambda t, ph=phase: phase_tokens_per_s(t, ph)),
         }
         variant = c.get("variant") or ("repeat" if c.get("repeat") else None)
         if variant == "nosync":

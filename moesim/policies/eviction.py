@@ -413,7 +413,7 @@ class S3FIFO(EvictionPolicy):
 
 
 @register
-class MultiDimensional(EvictionPolicy):
+class Hobbit(EvictionPolicy):
     """HOBBIT-style multidimensional priority (Tang et al., 2024, "HOBBIT: A Mixed Precision Expert
     Offloading System for Fast MoE Inference", arXiv 2411.01433): each candidate is ranked by
     recency (LRU) and by frequency (LFU) among the candidates; the victim has the lowest weighted sum

@@ -17,8 +17,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from moesim.atomic import atomic_path
 from moesim.errors import DataError
+from moesim.safe_write import atomic_path
 from moesim.traces.format import TraceMeta, TraceWriter, dictionary_columns, now_iso
 
 

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moesim.errors import UsageError
+from moesim.errors import SettingError, UsageError
 from moesim.recorder.adapters import MoEAdapter, adapter_for
 from moesim.recorder.parts import PartsTraceWriter
 from moesim.traces.format import DECODE, PREFILL, TraceMeta, TraceWriter
@@ -94,7 +94,7 @@ class Recorder:
                  flush_tokens: int = 64, model_name: str | None = None,
                  provenance: dict[str, Any] | None = None, batch_predictions: bool = True) -> None:
         if predict_distance < 0:
-            raise UsageError(f"--predict-distance must be >= 0, got {predict_distance}")
+            raise SettingError("predict_distance", f"the prediction distance must be >= 0, got {predict_distance}")
         self.model = model
         self.adapter = adapter or adapter_for(model)
         self.num_layers = len(self.adapter.layers)

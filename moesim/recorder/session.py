@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from moesim.errors import DataError, UsageError
+from moesim.errors import DataError, SettingError, UsageError
 from moesim.recorder.adapters import adapter_for
 from moesim.recorder.presets import PRESETS, ByteTokenizer, build_preset
 from moesim.recorder.record import Recorder
@@ -61,13 +61,14 @@ def load_prompts(path: str | os.PathLike | None = None) -> list[str]:
 def load_model(model: str, *, device: str = "cpu", dtype: str = "float32", seed: int = 0):
     """(model, tokenizer, name) for a preset name or a local Hugging Face checkpoint directory."""
     if dtype not in DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise SettingError("dtype", f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
     torch_dtype = DTYPES[dtype]
     if model in PRESETS:
         return build_preset(model, seed=seed, dtype=torch_dtype).to(device), ByteTokenizer(), model
     path = Path(model)
     if not path.is_dir():
-        raise UsageError(f"--model {model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
+        raise SettingError("model", f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint "
+                           "directory")
     if not (path / "config.json").is_file():
         raise DataError(path, "not a Hugging Face checkpoint (no config.json)")
     from transformers import AutoModelForCausalLM, AutoTokenizer

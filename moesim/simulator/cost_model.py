@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from moesim.atomic import atomic_open, read_json
-from moesim.errors import DataError, UsageError
+from moesim.errors import DataError, SettingError, UsageError
+from moesim.safe_write import atomic_open, read_json
 
 # Mixtral-8x7B expert: w1, w3 (14336 x 4096) and w2 (4096 x 14336).
 MIXTRAL_EXPERT_PARAMS = 3 * 4096 * 14336
@@ -201,11 +201,11 @@ class CostModel:
             m.curve = []
         if pcie_gbps is not None:
             if pcie_gbps <= 0:
-                raise UsageError("--pcie-gbps must be > 0")
+                raise SettingError("pcie_gbps", f"the host-to-device bandwidth must be > 0 GB/s, got {pcie_gbps}")
             m.bandwidth_Bps = pcie_gbps * 1e9
         if pcie_latency_us is not None:
             if pcie_latency_us < 0:
-                raise UsageError("--pcie-latency-us must be >= 0")
+                raise SettingError("pcie_latency_us", f"the per-copy latency must be >= 0 us, got {pcie_latency_us}")
             m.latency_s = pcie_latency_us * 1e-6
         if quantization is not None:
             if quantization not in m.expert_compute:

@@ -27,32 +27,17 @@ import numpy as np
 from tqdm import tqdm
 
 from moesim import parallel
-from moesim.errors import UsageError
-from moesim.policies.base import NEVER, EvictionPolicy, ExpertCache, policy_class
+from moesim.errors import SettingError, UsageError
+from moesim.policies.base import NEVER, EvictionPolicy, ExpertCache
 from moesim.policies.compiled import ScorePolicy
-from moesim.policies.params import ParamError, check_params
+from moesim.policies.resolve import PolicySpec, eviction_factory, policy_name
 from moesim.simulator import kernels, policy_kernels, stream_cache, user_kernels
+from moesim.simulator.results import HitCounts
 from moesim.traces.format import Trace
 
 SCOPES = ("layer", "global")
 _NO_WEIGHTS = np.zeros((1, 1), np.float32)  # for kernels of policies that never read routing weights
 SEMANTICS = ("atomic", "sequential")
-PolicySpec = str | Callable[[], EvictionPolicy] | ScorePolicy
-
-
-class HitCounts:
-    """Mixin for results that count ``requests`` and ``hits`` (replay, timing run, GPU engine)."""
-
-    requests: int
-    hits: int
-
-    @property
-    def misses(self) -> int:
-        return self.requests - self.hits
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.requests if self.requests else 0.0
 
 
 @dataclass
@@ -117,7 +102,7 @@ def resolve_sizes(trace: Trace, cache_size: int | Sequence[int], scope: str) -> 
             raise UsageError(f"cache size {cache_size} is smaller than top-k ({meta.top_k})")
     else:
         if scope != "layer":
-            raise UsageError("per-layer budgets need --scope layer")
+            raise SettingError("scope", "per-layer budgets need a per-layer cache", fix="layer")
         sizes = [int(s) for s in cache_size]
         if len(sizes) != meta.num_layers:
             raise UsageError(f"{len(sizes)} layer budgets given but the trace has {meta.num_layers} layers")
@@ -230,35 +215,12 @@ def _stream_rows(trace: Trace, global_scope: bool) -> tuple[np.ndarray, ...]:
     return cache, keys, clock, group
 
 
-def _policy_name(policy: PolicySpec) -> str:
-    if isinstance(policy, str):
-        return policy
-    return getattr(policy, "name", None) or getattr(policy, "__name__", "custom")
-
-
-def _factory(policy: PolicySpec, params: dict[str, Any] | None) -> Callable[[], EvictionPolicy]:
-    if not isinstance(policy, str):
-        return policy if not params else (lambda: policy(**params))  # type: ignore[call-arg]
-    try:
-        cls = policy_class(policy)
-    except KeyError as exc:
-        raise UsageError(str(exc.args[0])) from None
-    try:
-        checked = check_params(cls, params, f"policy {policy!r}")
-        cls(**checked)
-    except ParamError as exc:
-        raise UsageError(str(exc)) from None
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"policy {policy!r}: {exc}") from None
-    return lambda: cls(**checked)
-
-
 def _compiled(policy: PolicySpec, params: dict[str, Any] | None) -> tuple[int, np.ndarray, np.ndarray] | None:
     """(policy code, float parameters, rng state) of a built-in policy named by string, else None.
     The parameters are read off a configured instance, so the class stays their one definition."""
     if not isinstance(policy, str) or policy not in policy_kernels.CODES:
         return None
-    fp, mt = policy_kernels.params_of(policy, _factory(policy, params)())
+    fp, mt = policy_kernels.params_of(policy, eviction_factory(policy, params)())
     return policy_kernels.CODES[policy], fp, mt
 
 
@@ -363,7 +325,7 @@ def replay_stream(stream: RequestStream, policy: PolicySpec, params: dict[str, A
 
         req, hit = _over_caches(scored, stream, threads)
         return req, hit, "numba"
-    make = _factory(policy, params)
+    make = eviction_factory(policy, params)
     compiled = None if force_generic else _compiled(policy, params)
     if compiled is None:
         req, hit = run_generic(stream, make)
@@ -388,7 +350,7 @@ def simulate(trace: Trace, policy: PolicySpec, cache_size: int | Sequence[int], 
     stream = build_stream(trace, cache_size, scope, semantics)
     req, hit, method = replay_stream(stream, policy, params, force_generic=force_generic, threads=threads)
     size_out = int(cache_size) if isinstance(cache_size, int | np.integer) else [int(s) for s in cache_size]
-    return ReplayResult(_policy_name(policy), size_out, int(req.sum()), int(hit.sum()), req, hit, method,
+    return ReplayResult(policy_name(policy), size_out, int(req.sum()), int(hit.sum()), req, hit, method,
                         scope, semantics)
 
 
@@ -448,7 +410,7 @@ def mrc(trace: Trace, policy: PolicySpec, sizes: Sequence[int] | None = None, *,
     sizes = [int(s) for s in sizes]
     for s in sizes:
         resolve_sizes(trace, s, scope)
-    _factory(policy, params)  # validates name and parameters
+    eviction_factory(policy, params)  # validates name and parameters
     stream = build_stream(trace, sizes[0], scope, semantics)
     requests = int(stream.keys.size)
     compiled = _compiled(policy, params)
@@ -514,7 +476,7 @@ def mrc(trace: Trace, policy: PolicySpec, sizes: Sequence[int] | None = None, *,
             hits = [h for _, h in results]
     curve = [{"cache_size": s, "requests": requests, "hits": h, "hit_rate": round(h / requests, 6) if requests else 0.0}
              for s, h in zip(sizes, hits, strict=True)]
-    return MRCResult(_policy_name(policy), method, curve, scope)
+    return MRCResult(policy_name(policy), method, curve, scope)
 
 
 # ---- reference replay (kept for tests and as documentation of the semantics) ----------------------

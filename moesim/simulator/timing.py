@@ -29,15 +29,19 @@ from typing import Any
 
 import numpy as np
 
-from moesim.atomic import atomic_open
-from moesim.errors import UsageError
-from moesim.policies.base import EvictionPolicy, ExpertCache, policy_class
-from moesim.policies.params import ParamError, check_params
-from moesim.policies.prefetch import PrefetchContext, make_prefetcher
+from moesim.errors import SettingError, UsageError
+from moesim.policies.base import NEVER, EvictionPolicy, ExpertCache
+from moesim.policies.prefetch import PrefetchContext
+from moesim.policies.resolve import eviction_factory
+from moesim.policies.resolve import policy_name as resolved_name
+from moesim.policies.resolve import prefetcher as make_prefetcher
+from moesim.safe_write import atomic_open
 from moesim.simulator import kernels, timing_kernel
 from moesim.simulator.cost_model import CostModel
-from moesim.simulator.replay import HitCounts
+from moesim.simulator.replay import resolve_sizes
+from moesim.simulator.results import HitCounts
 from moesim.traces.format import PREFILL, Trace
+from moesim.traces.predictions import missing_predictions
 from moesim.traces.steps import Step as Step  # re-exported: the shared step definition
 from moesim.traces.steps import build_steps, union_chunks
 from moesim.traces.steps import next_uses as _next_uses
@@ -216,42 +220,14 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
         raise UsageError(f"unknown speculative ready point {speculative_ready!r} (known: {', '.join(SPECULATIVE_READY)})")
     meta = trace.meta
     L, E, k = meta.num_layers, meta.num_experts, meta.top_k
-    sizes = [int(cache_size)] * L if isinstance(cache_size, int | np.integer) else [int(s) for s in cache_size]
-    if len(sizes) != L:
-        raise UsageError(f"{len(sizes)} layer budgets given but the trace has {L} layers")
-    if any(0 < s < k for s in sizes) or (isinstance(cache_size, int | np.integer) and cache_size < k):
-        raise UsageError(f"cache size is smaller than top-k ({k})")
-    if isinstance(policy, str):
-        try:
-            cls = policy_class(policy)
-            checked = check_params(cls, policy_params, f"policy {policy!r}")
-            cls(**checked)
-        except KeyError as exc:
-            raise UsageError(str(exc.args[0])) from None
-        except ParamError as exc:
-            raise UsageError(str(exc)) from None
-        except (TypeError, ValueError) as exc:
-            raise UsageError(f"policy {policy!r}: {exc}") from None
-
-        def make() -> EvictionPolicy:
-            return cls(**checked)
-        policy_name = policy
-    else:
-        make, policy_name = policy, getattr(policy, "name", "custom")
+    sizes = resolve_sizes(trace, cache_size, "layer").tolist()   # the replay's checks: one home
+    make, policy_name = eviction_factory(policy, policy_params), resolved_name(policy)
     pparams = dict(prefetch_params or {})
-    try:
-        prefetcher = make_prefetcher(prefetch, num_layers=L, num_experts=E, top_k=k, **pparams)
-    except KeyError as exc:
-        raise UsageError(str(exc.args[0])) from None
-    except ParamError as exc:
-        raise UsageError(str(exc)) from None
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"prefetcher {prefetch!r}: {exc}") from None
+    prefetcher = make_prefetcher(prefetch, num_layers=L, num_experts=E, top_k=k, params=pparams)
     d = prefetcher.distance
     pred_cols = trace.pred_distances
     if prefetcher.needs_predictions and d not in pred_cols:
-        raise UsageError(f"prefetcher {prefetch!r} needs recorded predictions at distance {d} "
-                         f"(trace {trace.path} has {list(pred_cols) or 'none'}; record with --predict-distance)")
+        raise SettingError("prefetch", missing_predictions(trace.path, pred_cols, d, prefetch))
     trace = trace.execution_order()
     fast_ok = (batch_size == 1 and timeline is None and isinstance(policy, str) and not policy_params
                and policy in kernels.POLICY_CODES and prefetch in timing_kernel.PREFETCH_CODES
@@ -268,190 +244,250 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
         res = _simulate_fast(trace, policy, sizes, cache_size, cost, prefetch, prefetcher, late)
         res.engine_mode, res.engine_profile = cost.engine_mode, cost.engine_profile
         return res
-    steps = build_steps(trace, batch_size, prefill_chunk)
-    caches = [ExpertCache(s, make()) if s > 0 else None for s in sizes]
-    future = any(c is not None and c.policy.needs_future for c in caches)
-    nxt = _next_uses(steps, L) if future else {}
-    preds = trace.pred_experts(d).tolist() if prefetcher.needs_predictions else None
+    return _EventRun(trace, sizes, make, cost, prefetch, prefetcher, late, swap, batch_size, prefill_chunk,
+                     timeline is not None).run(policy_name, cache_size, timeline)
+
+
+class _EventRun:
+    """The general event path of :func:`simulate_timing`: one run's caches, streams, copies in flight
+    and counters, stepped token by token (or batch / prefill step) and layer by layer."""
+
+    def __init__(self, trace: Trace, sizes: list[int], make: Callable[[], EvictionPolicy], cost: CostModel,
+                 prefetch: str, prefetcher, late: bool, swap: bool, batch_size: int, prefill_chunk: int,
+                 record: bool) -> None:
+        meta = trace.meta
+        self.trace, self.cost, self.prefetch, self.prefetcher, self.late, self.swap = (
+            trace, cost, prefetch, prefetcher, late, swap)
+        self.batch_size, self.sizes = batch_size, sizes
+        self.L, self.E, self.d = meta.num_layers, meta.num_experts, prefetcher.distance
+        self.steps = build_steps(trace, batch_size, prefill_chunk)
+        self.caches = [ExpertCache(s, make()) if s > 0 else None for s in sizes]
+        future = any(c is not None and c.policy.needs_future for c in self.caches)
+        self.nxt = _next_uses(self.steps, self.L, NEVER) if future else {}
+        self.preds, self.probs = _predictions(trace, prefetcher)
+        self.xb = cost.expert_bytes(meta.expert_bytes)
+        self.copy_s = copy_s = cost.copy_seconds(self.xb)
+        # every copy occupies its copy stream for the hop (the waits before it resolving) and the transfer;
+        # a demand copy also pays the engine's per-miss issue cost
+        copy_hop = cost.copy_hop_seconds()
+        self.ready_hop = cost.ready_hop_seconds()
+        self.prefetch_s = copy_s + copy_hop
+        self.demand_s = copy_s + copy_hop + cost.miss_issue_s
+        self.handoff_s = cost.handoff_seconds()
+        self.issue_h = cost.host_issue_seconds()      # gate mode: host time per issued copy, on the critical path
+        self.predict_s = cost.predict_s if late else 0.0
+        if swap:   # mixtral-offloading: reads every layer's routing back; swaps on compute (its own timing)
+            self.demand_s, self.prefetch_s, self.handoff_s, self.ready_hop = copy_s, copy_s, cost.sync_seconds(), 0.0
+        self.env = SimEnv(cost.copy_engines, record)
+        self.inflight: dict[tuple[int, int], float] = {}      # (layer, expert) -> copy end
+        self.pending: dict[tuple[int, int], bool] = {}        # prefetched for that layer, not used yet
+        self.hits = self.requests = self.landed = self.prefetches = self.used = 0
+        self.rec_hits = self.rec_needed = self.copies = self.sets = self.slots = 0
+        self.stall = self.compute = 0.0
+        self.host_busy = 0.0     # gate mode: the host issues late speculative copies until then
+
+    def issue(self, ready_at: float, host_at: float, layer: int, e: int, dur: float, what: str,
+              i: int) -> tuple[float, float]:
+        """One copy. With a host issue cost (gate mode) the host spends ``issue_h`` first: on compute when
+        it sits between the hand-off and the experts (``host_at`` < 0: the GPU idles meanwhile), else on
+        the host's own clock ``host_at`` (late speculative copies, issued while compute runs on).
+        Returns (copy end, host clock after the issue)."""
+        env = self.env
+        if self.issue_h > 0:
+            if host_at < 0:
+                _, ready_at = env.run("compute", ready_at, self.issue_h, f"issue L{layer} E{e}", {"step": i})
+            else:
+                host_at = max(host_at, ready_at) + self.issue_h
+                ready_at = host_at
+        _, end = env.copy(ready_at, dur, f"{what} L{layer} E{e}", {"step": i, "demand": what == "load"})
+        return end, host_at
+
+    def run(self, policy_name: str, cache_size, timeline: str | os.PathLike | None) -> TimingResult:
+        env, cost = self.env, self.cost
+        per_token = np.zeros(len(self.steps))
+        for i, step in enumerate(self.steps):
+            t0 = env.free["compute"]
+            env.run("compute", 0.0, cost.token_seconds(step.tokens), "token", {"step": i})
+            self.compute += cost.token_seconds(step.tokens)
+            for layer, S in step.layers.items():
+                self.layer(i, step, layer, S)
+            per_token[i] = (env.free["compute"] - t0) * 1e3 / max(step.tokens, 1)
+        if timeline is not None:
+            self.write_timeline(timeline, policy_name, cache_size)
+        steps = self.steps
+        size_out: int | list[int] = int(cache_size) if isinstance(cache_size, int | np.integer) else self.sizes
+        return TimingResult(policy_name, size_out, self.prefetch, cost.name, sum(s.tokens for s in steps),
+                            self.requests, self.hits, env.free["compute"], self.stall, self.copies, self.prefetches,
+                            self.used, self.rec_hits, self.rec_needed, self.landed, self.sets, self.slots, self.xb,
+                            per_token, self.compute, self.copies * self.copy_s, cost.engine_mode,
+                            cost.engine_profile, np.array([s.tokens for s in steps], np.int64),
+                            np.array([s.phase == PREFILL for s in steps], bool))
+
+    def layer(self, i: int, step: Step, layer: int, S: list[int]) -> None:
+        """One layer of step ``i``: attention and gate, the demand copies, the prefetches for layer
+        ``layer + d`` and the experts (a late speculative prefetch after the experts: it needs their output)."""
+        env, cost = self.env, self.cost
+        dur = cost.layer_seconds(step.context, step.tokens)
+        _, gate = env.run("compute", 0.0, dur, f"attn L{layer}", {"step": i})
+        self.compute += dur
+        if self.handoff_s > 0 or self.host_busy > gate:   # gate-driven engine: the CPU reads the routing back
+            # before issuing more (and only once it has issued the previous layer's late prefetches)
+            _, gate = env.run("compute", self.host_busy, self.handoff_s, f"routing handoff L{layer}", {"step": i})
+        self.sets += 1
+        self.requests += len(S)
+        ready = self.demand(i, step, layer, S, gate)
+        for part in (("experts", "prefetch") if self.late else ("prefetch", "experts")):
+            if part == "prefetch":
+                self.prefetch_for(i, step, layer, S, gate)
+            else:
+                self.experts(i, step, layer, S, ready)
+        self.prefetcher.observe(layer, S)
+
+    def demand(self, i: int, step: Step, layer: int, S: list[int], gate: float) -> dict[int, float]:
+        """The gate's set S through the layer's cache; each miss copied (or swapped) after the gate.
+        Returns each expert's ready time."""
+        cache = self.caches[layer]
+        ready: dict[int, float] = {}
+        if cache is None:
+            for e in S:
+                ready[e], _ = self.issue(gate, -1.0, layer, e, self.demand_s, "load", i)
+                self.copies += 1
+            return ready
+        self.slots += cache.capacity
+        nu = self.nxt.get((i, layer))
+        w = step.weights[layer]
+        resident_before: list[int] = []
+        missing: list[int] = []
+        size_before = len(cache.resident)
+        # a batch or prefill step may want more experts than there are slots: they stream through the
+        # cache in chunks of `capacity`, each requested atomically
+        for chunk in union_chunks(S, cache.capacity):
+            resident_before += [e for e in chunk if e in cache]
+            missing += cache.request(chunk, i, [w[e] for e in chunk], [nu[e] for e in chunk] if nu else None)
+        self.hits += len(S) - len(missing)
+        for e in resident_before:
+            end = self.inflight.get((layer, e), 0.0)
+            ready[e] = end
+            if end <= gate:
+                self.landed += 1
+            if self.pending.pop((layer, e), False):
+                self.used += 1
+                if layer >= self.d:
+                    self.rec_hits += 1
+        if layer >= self.d:
+            self.rec_needed += len(S)
+        # mixtral-offloading swaps on the compute stream: the expert in (host->device), then the evicted
+        # one back to the host (device->host), nothing overlapping
+        evictions = len(missing) - (len(cache.resident) - size_before)
+        for n_miss, e in enumerate(missing):
+            self.pending.pop((layer, e), None)
+            if self.swap:
+                dur = self.copy_s + (self.copy_s if n_miss >= len(missing) - evictions else 0.0)
+                _, ready[e] = self.env.run("compute", gate, dur, f"swap L{layer} E{e}", {"step": i})
+                self.stall += dur
+            else:
+                ready[e], _ = self.issue(gate, -1.0, layer, e, self.demand_s, "load", i)
+            self.inflight[(layer, e)] = ready[e]
+            self.copies += 1
+        return ready
+
+    def prefetch_for(self, i: int, step: Step, layer: int, S: list[int], gate: float) -> None:
+        """Prefetch for layer + d: issued after this layer's gate, behind the demand copies; a speculative
+        one with speculative_ready "hidden" only once its prediction exists (after this layer's experts
+        and the predict piece), behind them."""
+        env, target, late = self.env, layer + self.d, self.late
+        if late and target < self.L:
+            if self.predict_s > 0:
+                env.run("compute", 0.0, self.predict_s, f"predict L{layer}", {"step": i})
+                self.compute += self.predict_s
+            # the host waits for the prediction and reads it back (a hand-off like the routing's, gate
+            # mode only) before it issues the copies, while compute runs on
+            t_issue = env.free["compute"]
+            host_at = t_issue + self.handoff_s
+        else:
+            t_issue, host_at = gate, -1.0
+        if self.prefetch != "none" and target < self.L and self.caches[target] is not None:
+            host_at = self.admit_prefetches(i, step, layer, target, S, t_issue, host_at)
+        if late and target < self.L:
+            self.host_busy = host_at
+
+    def admit_prefetches(self, i: int, step: Step, layer: int, target: int, S: list[int], t_issue: float,
+                         host_at: float) -> float:
+        """The prefetcher's picks for ``target`` admitted (evicting by the policy, never an expert in flight
+        or wanted now) and copied; returns the host clock after issuing them."""
+        tcache = self.caches[target]
+        preds, probs, prefetcher = self.preds, self.probs, self.prefetcher
+        row_t = step.rows.get(target)
+        ctx = PrefetchContext(
+            current=S,
+            predicted=(lambda t, r=row_t: preds[r] if (preds is not None and r is not None) else []),
+            predicted_probs=(lambda t, r=row_t: probs[r] if (probs is not None and r is not None) else None),
+            actual=(lambda t, st=step: st.layers.get(t, [])) if prefetcher.needs_future else None,
+        )
+        picks = [e for e in prefetcher.predict(layer, target, ctx) if 0 <= e < self.E][: prefetcher.budget]
+        protect = {e for (lt, e), end in self.inflight.items() if lt == target and end > t_issue}
+        protect |= {e for (lt, e) in self.pending if lt == target}
+        for e in picks:
+            if e in tcache:
+                continue
+            evicted = tcache.admit(e, i, protect=protect | set(picks))
+            if evicted is False:
+                break
+            if evicted is not None:
+                self.pending.pop((target, evicted), False)   # an unused prefetch evicted: wasted
+                self.inflight.pop((target, evicted), None)
+            end, host_at = self.issue(t_issue, host_at, target, e, self.prefetch_s, "prefetch", i)
+            self.inflight[(target, e)] = end
+            self.pending[(target, e)] = True
+            self.prefetches += 1
+            self.copies += 1
+        return host_at
+
+    def experts(self, i: int, step: Step, layer: int, S: list[int], ready: dict[int, float]) -> None:
+        """Expert compute, in order of readiness (router order breaks ties): a resident expert overlaps the
+        copies in flight, a missing one stalls compute until its copy lands."""
+        env, cost = self.env, self.cost
+        counts = step.counts[layer]
+        for e in sorted(S, key=lambda x: (ready.get(x, 0.0), S.index(x))):
+            before = env.free["compute"]
+            es = cost.expert_seconds(counts[e])
+            rd = ready.get(e, 0.0)
+            if rd > before:   # compute waits for the copy: it resumes a hop after the landing
+                rd += self.ready_hop
+            env.run("compute", rd, es, f"expert L{layer} E{e}", {"step": i, "tokens": counts[e]})
+            self.stall += max(0.0, rd - before)
+            self.compute += es
+            if self.swap:   # it reads each expert's token indices back (two .tolist() calls): two syncs
+                for _ in range(2):
+                    env.run("compute", 0.0, self.handoff_s, f"sync L{layer} E{e}", {"step": i})
+
+    def write_timeline(self, path: str | os.PathLike, policy_name: str, cache_size) -> None:
+        doc = self.env.timeline()
+        meta = self.trace.meta
+        # what was simulated, for the plot's title (Chrome/Perfetto keep "otherData" as run metadata)
+        doc["otherData"] = {"policy": policy_name, "cache_size": int(cache_size) if isinstance(cache_size, int | np.integer)
+                            else None, "prefetch": self.prefetch, "hardware": self.cost.name, "expert_bytes": int(self.xb),
+                            "batch_size": self.batch_size, "model": meta.model,
+                            "trace": os.path.basename(str(self.trace.path)) if self.trace.path else None}
+        with atomic_open(path) as fh:
+            json.dump(doc, fh)
+
+
+def _predictions(trace: Trace, prefetcher) -> tuple[list | None, np.ndarray | None]:
+    """The recorded predictions at the prefetcher's distance (per row, for a prefetcher that reads them)
+    and their softmaxed logits when the trace kept them."""
+    if not prefetcher.needs_predictions:
+        return None, None
+    d = prefetcher.distance
+    preds = trace.pred_experts(d).tolist()
     probs = None
-    if prefetcher.needs_predictions and f"pred{d}_logits" in trace.table.column_names:
+    if f"pred{d}_logits" in trace.table.column_names:
         lg = trace.logits_matrix(f"pred{d}_logits")
         with warnings.catch_warnings(), np.errstate(invalid="ignore"):
             warnings.simplefilter("ignore", RuntimeWarning)  # rows without a prediction are all NaN
             probs = np.exp(lg - np.nanmax(lg, axis=1, keepdims=True))
             probs /= np.nansum(probs, axis=1, keepdims=True)
-
-    xb = cost.expert_bytes(meta.expert_bytes)
-    copy_s = cost.copy_seconds(xb)
-    # every copy occupies its copy stream for the hop (the waits before it resolving) and the transfer;
-    # a demand copy also pays the engine's per-miss issue cost
-    copy_hop = cost.copy_hop_seconds()
-    ready_hop = cost.ready_hop_seconds()
-    prefetch_s = copy_s + copy_hop
-    demand_s = copy_s + copy_hop + cost.miss_issue_s
-    handoff_s = cost.handoff_seconds()
-    issue_h = cost.host_issue_seconds()      # gate mode: host time per issued copy, on the critical path
-    predict_s = cost.predict_s if late else 0.0
-    if swap:   # mixtral-offloading: reads every layer's routing back; swaps on compute (its own timing)
-        demand_s, prefetch_s, handoff_s, ready_hop = copy_s, copy_s, cost.sync_seconds(), 0.0
-    env = SimEnv(cost.copy_engines, timeline is not None)
-    inflight: dict[tuple[int, int], float] = {}      # (layer, expert) -> copy end
-    pending: dict[tuple[int, int], bool] = {}        # prefetched for that layer, not used yet
-    hits = requests = landed = prefetches = used = rec_hits = rec_needed = copies = sets = slots = 0
-    stall = compute = 0.0
-    host_busy = 0.0     # gate mode: the host issues late speculative copies until then
-    per_token = np.zeros(len(steps))
-
-    def issue(ready_at: float, host_at: float, layer: int, e: int, dur: float, what: str, i: int) -> tuple[float, float]:
-        """One copy. With a host issue cost (gate mode) the host spends ``issue_h`` first: on compute when
-        it sits between the hand-off and the experts (``host_at`` < 0: the GPU idles meanwhile), else on
-        the host's own clock ``host_at`` (late speculative copies, issued while compute runs on).
-        Returns (copy end, host clock after the issue)."""
-        if issue_h > 0:
-            if host_at < 0:
-                _, ready_at = env.run("compute", ready_at, issue_h, f"issue L{layer} E{e}", {"step": i})
-            else:
-                host_at = max(host_at, ready_at) + issue_h
-                ready_at = host_at
-        _, end = env.copy(ready_at, dur, f"{what} L{layer} E{e}", {"step": i, "demand": what == "load"})
-        return end, host_at
-    for i, step in enumerate(steps):
-        t0 = env.free["compute"]
-        _, _ = env.run("compute", 0.0, cost.token_seconds(step.tokens), "token", {"step": i})
-        compute += cost.token_seconds(step.tokens)
-
-        for layer, S in step.layers.items():
-            now = i  # policies' clock: the step (token) ordinal
-            dur = cost.layer_seconds(step.context, step.tokens)
-            _, gate = env.run("compute", 0.0, dur, f"attn L{layer}", {"step": i})
-            compute += dur
-            if handoff_s > 0 or host_busy > gate:   # gate-driven engine: the CPU reads the routing back
-                # before issuing more (and only once it has issued the previous layer's late prefetches)
-                _, gate = env.run("compute", host_busy, handoff_s, f"routing handoff L{layer}", {"step": i})
-            cache = caches[layer]
-            sets += 1
-            requests += len(S)
-            ready: dict[int, float] = {}
-            if cache is None:
-                for e in S:
-                    ready[e], _ = issue(gate, -1.0, layer, e, demand_s, "load", i)
-                    copies += 1
-            else:
-                slots += cache.capacity
-                nu = nxt.get((i, layer))
-                w = step.weights[layer]
-                resident_before: list[int] = []
-                missing: list[int] = []
-                size_before = len(cache.resident)
-                # a batch or prefill step may want more experts than there are slots: they stream
-                # through the cache in chunks of `capacity`, each requested atomically
-                for chunk in union_chunks(S, cache.capacity):
-                    resident_before += [e for e in chunk if e in cache]
-                    missing += cache.request(chunk, now, [w[e] for e in chunk], [nu[e] for e in chunk] if nu else None)
-                hits += len(S) - len(missing)
-                for e in resident_before:
-                    end = inflight.get((layer, e), 0.0)
-                    ready[e] = end
-                    if end <= gate:
-                        landed += 1
-                    if pending.pop((layer, e), False):
-                        used += 1
-                        if layer >= d:
-                            rec_hits += 1
-                if layer >= d:
-                    rec_needed += len(S)
-                # mixtral-offloading swaps on the compute stream: the expert in (host->device), then the
-                # evicted one back to the host (device->host), nothing overlapping
-                evictions = len(missing) - (len(cache.resident) - size_before)
-                for n_miss, e in enumerate(missing):
-                    pending.pop((layer, e), None)
-                    if swap:
-                        dur = copy_s + (copy_s if n_miss >= len(missing) - evictions else 0.0)
-                        _, ready[e] = env.run("compute", gate, dur, f"swap L{layer} E{e}", {"step": i})
-                        stall += dur
-                    else:
-                        ready[e], _ = issue(gate, -1.0, layer, e, demand_s, "load", i)
-                    inflight[(layer, e)] = ready[e]
-                    copies += 1
-            # a late (hidden-state) speculative prefetch needs this layer's output: after its experts
-            for part in (("experts", "prefetch") if late else ("prefetch", "experts")):
-                if part == "prefetch":
-                    # prefetch for layer + d: issued after this layer's gate, behind the demand copies; a
-                    # speculative one with speculative_ready "hidden" only once its prediction exists (after
-                    # this layer's experts and the predict piece), behind them
-                    target = layer + d
-                    if late and target < L:
-                        if predict_s > 0:
-                            env.run("compute", 0.0, predict_s, f"predict L{layer}", {"step": i})
-                            compute += predict_s
-                        # the host waits for the prediction and reads it back (a hand-off like the
-                        # routing's, gate mode only) before it issues the copies, while compute runs on
-                        t_issue = env.free["compute"]
-                        host_at = t_issue + handoff_s
-                    else:
-                        t_issue, host_at = gate, -1.0
-                    if prefetch != "none" and target < L and caches[target] is not None:
-                        tcache = caches[target]
-                        row_t = step.rows.get(target)
-                        ctx = PrefetchContext(
-                            current=S,
-                            predicted=(lambda t, r=row_t: preds[r] if (preds is not None and r is not None) else []),
-                            predicted_probs=(lambda t, r=row_t: probs[r] if (probs is not None and r is not None) else None),
-                            actual=(lambda t, st=step: st.layers.get(t, [])) if prefetcher.needs_future else None,
-                        )
-                        picks = [e for e in prefetcher.predict(layer, target, ctx) if 0 <= e < E][: prefetcher.budget]
-                        protect = {e for (lt, e), end in inflight.items() if lt == target and end > t_issue}
-                        protect |= {e for (lt, e) in pending if lt == target}
-                        for e in picks:
-                            if e in tcache:
-                                continue
-                            evicted = tcache.admit(e, now, protect=protect | set(picks))
-                            if evicted is False:
-                                break
-                            if evicted is not None:
-                                if pending.pop((target, evicted), False):
-                                    pass  # an unused prefetch evicted: wasted
-                                inflight.pop((target, evicted), None)
-                            end, host_at = issue(t_issue, host_at, target, e, prefetch_s, "prefetch", i)
-                            inflight[(target, e)] = end
-                            pending[(target, e)] = True
-                            prefetches += 1
-                            copies += 1
-                    if late and target < L:
-                        host_busy = host_at
-                    continue
-                # expert compute: in order of readiness (router order breaks ties)
-                counts = step.counts[layer]
-                for e in sorted(S, key=lambda x: (ready.get(x, 0.0), S.index(x))):
-                    before = env.free["compute"]
-                    es = cost.expert_seconds(counts[e])
-                    rd = ready.get(e, 0.0)
-                    if rd > before:   # compute waits for the copy: it resumes a hop after the landing
-                        rd += ready_hop
-                    env.run("compute", rd, es, f"expert L{layer} E{e}", {"step": i, "tokens": counts[e]})
-                    stall += max(0.0, rd - before)
-                    compute += es
-                    if swap:   # it reads each expert's token indices back (two .tolist() calls): two syncs
-                        for _ in range(2):
-                            env.run("compute", 0.0, handoff_s, f"sync L{layer} E{e}", {"step": i})
-            prefetcher.observe(layer, S)
-        per_token[i] = (env.free["compute"] - t0) * 1e3 / max(step.tokens, 1)
-    total = env.free["compute"]
-    if timeline is not None:
-        doc = env.timeline()
-        # what was simulated, for the plot's title (Chrome/Perfetto keep "otherData" as run metadata)
-        doc["otherData"] = {"policy": policy_name, "cache_size": int(cache_size) if isinstance(cache_size, int | np.integer)
-                            else None, "prefetch": prefetch, "hardware": cost.name, "expert_bytes": int(xb),
-                            "batch_size": batch_size, "model": meta.model,
-                            "trace": os.path.basename(str(trace.path)) if trace.path else None}
-        with atomic_open(timeline) as fh:
-            json.dump(doc, fh)
-    tokens = sum(s.tokens for s in steps)
-    size_out: int | list[int] = int(cache_size) if isinstance(cache_size, int | np.integer) else sizes
-    return TimingResult(policy_name, size_out, prefetch, cost.name, tokens, requests, hits, total, stall, copies,
-                        prefetches, used, rec_hits, rec_needed, landed, sets, slots, xb, per_token, compute,
-                        copies * copy_s, cost.engine_mode, cost.engine_profile,
-                        np.array([s.tokens for s in steps], np.int64), np.array([s.phase == PREFILL for s in steps], bool))
+    return preds, probs
 
 
 def _simulate_fast(trace: Trace, policy: str, sizes: list[int], cache_size, cost: CostModel, prefetch: str,

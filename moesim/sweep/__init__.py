@@ -7,8 +7,8 @@ worker) -> :mod:`.executors` (where cells run) -> :mod:`.store` (journal + table
 :mod:`.analysis` / :mod:`.plots` (reading the table).
 """
 
+from moesim.sweep.result_store import read_results
 from moesim.sweep.spec import Cell, SweepSpec, expand, load_config
-from moesim.sweep.store import read_results
 from moesim.sweep.sweep import SweepReport, run_sweep
 
 __all__ = ["Cell", "SweepSpec", "expand", "load_config", "read_results", "run_sweep", "SweepReport"]

@@ -119,7 +119,7 @@ class RayExecutor:
         try:
             import ray
         except ImportError:
-            raise UsageError("--executor ray needs Ray: pip install 'moesim[ray]'") from None
+            raise UsageError("the Ray executor needs Ray: pip install 'moesim[ray]'") from None
         self._ray = ray
         self.address = address
         self._owns_ray = False

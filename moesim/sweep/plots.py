@@ -52,7 +52,7 @@ def plot_sweep(results: pa.Table | pl.DataFrame, out: str | os.PathLike, metric:
     import matplotlib.pyplot as plt
 
     from moesim.analysis.style import figure_format
-    from moesim.atomic import atomic_path
+    from moesim.safe_write import atomic_path
 
     fmt = figure_format(out)  # a bad suffix fails before any drawing
     fig, n = sweep_figure(results, metric)

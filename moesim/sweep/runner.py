@@ -37,24 +37,18 @@ def get_trace(sha: str, path: str | None = None):
 
 
 def compute(cell: Cell, trace) -> dict[str, Any]:
-    """This cell's result with the keys of ``simulate --json``: the exact replay's ``hit_rate`` etc.,
-    and with hardware the timing model's outputs beside it (its own cache counts as ``timing_*``)."""
-    from moesim.simulator.combined import replay_with_timing
-    from moesim.simulator.replay import simulate
-
-    params = cell.policy_params
-    replay = simulate(trace, cell.policy, cell.cache_size, scope=cell.scope, semantics=cell.semantics,
-                      params=params or None).to_dict()
-    if cell.hardware == NO_HARDWARE:
-        return replay
+    """This cell's result with the keys of ``simulate --json`` (:meth:`CellResult.to_json`): the exact
+    replay's ``hit_rate`` etc., and with hardware the timing model's outputs beside it."""
+    from moesim.simulator.cell import CellSpec, run_cell
     from moesim.simulator.cost_model import CostModel
-    from moesim.simulator.timing import simulate_timing
 
-    prefetch_params = None if cell.prefetch == NO_PREFETCH else {"budget": cell.prefetch_budget}
-    timing = simulate_timing(trace, cell.policy, cell.cache_size, CostModel.preset(cell.hardware),
-                             prefetch=cell.prefetch, prefetch_params=prefetch_params, policy_params=params or None,
-                             batch_size=cell.batch_size).to_dict()
-    return replay_with_timing(replay, timing)
+    timed = cell.hardware != NO_HARDWARE
+    spec = CellSpec(cell.policy, cell.cache_size, params=cell.policy_params or None, scope=cell.scope,
+                    semantics=cell.semantics, cost=CostModel.preset(cell.hardware) if timed else None,
+                    prefetch=cell.prefetch,
+                    prefetch_params=None if cell.prefetch == NO_PREFETCH else {"budget": cell.prefetch_budget},
+                    batch_size=cell.batch_size)
+    return run_cell(trace, spec).to_json()
 
 
 def _scalar(v: Any) -> Any:

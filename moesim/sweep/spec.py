@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from moesim.errors import DataError, UsageError
+from moesim.errors import DataError, SettingError, UsageError
 
 # Bump when the meaning of a cell's result changes, so results computed under the old meaning are not
 # reused by a resumed sweep. 2: ``hit_rate`` of a timed cell is the exact replay's (was the timing run's,
@@ -158,22 +158,12 @@ def _param_grid(axes: dict[str, list[Any]]) -> list[str]:
 
 
 def _validate(spec: SweepSpec, metas: dict[str, Any]) -> None:
-    from moesim.policies.base import policy_class
-    from moesim.policies.params import ParamError, check_params
+    from moesim.policies.resolve import eviction_factory
     from moesim.simulator.replay import SCOPES, SEMANTICS
 
     for name in spec.policies:
-        try:
-            cls = policy_class(name)
-        except KeyError as exc:
-            raise UsageError(str(exc.args[0])) from None
         for params in _param_grid(spec.params.get(name, {})):
-            try:
-                cls(**check_params(cls, json.loads(params), f"policy {name!r}"))
-            except ParamError as exc:
-                raise UsageError(str(exc)) from None
-            except (TypeError, ValueError) as exc:
-                raise UsageError(f"policy {name!r} with {params}: {exc}") from None
+            eviction_factory(name, json.loads(params))   # the replay's own check of name and parameters
     stray = set(spec.params) - set(spec.policies)
     if stray:
         raise UsageError(f"parameters given for policy {sorted(stray)[0]!r}, which is not in the sweep")
@@ -191,20 +181,19 @@ def _validate(spec: SweepSpec, metas: dict[str, Any]) -> None:
         raise UsageError("prefetch budgets must be >= 0 and batch sizes >= 1")
     timed = [h for h in spec.hardware if h != NO_HARDWARE]
     if any(p != NO_PREFETCH for p in spec.prefetch) and not timed:
-        raise UsageError("prefetchers need a timing model: add --hardware NAME (prefetch has no effect on hit-rate replay)")
+        raise SettingError("hardware", "prefetchers need a timing model: name a hardware preset (prefetch has no "
+                           "effect on hit-rate replay)", fix="NAME")
     if timed:
         _validate_hardware(timed, spec.prefetch)
         if set(spec.scopes) - {"layer"} or set(spec.semantics) - {"atomic"}:
-            raise UsageError("the timing model (--hardware) simulates one cache per layer with atomic sets: "
-                             "sweep other scopes / semantics with --hardware none")
+            raise SettingError("hardware", "the timing model simulates one cache per layer with atomic sets: sweep "
+                               "other scopes / semantics without it", fix="none")
 
 
 def _validate_hardware(names: Iterable[str], prefetchers: Iterable[str]) -> None:
-    try:
-        from moesim.policies.prefetch import prefetcher_names
-        from moesim.simulator.cost_model import CostModel
-    except ImportError:
-        raise UsageError("--hardware needs the timing simulator (moesim.simulator.cost_model), which is not installed") from None
+    from moesim.policies.prefetch import prefetcher_names
+    from moesim.simulator.cost_model import CostModel
+
     for name in names:
         CostModel.preset(name)  # UsageError naming the known presets
     known = prefetcher_names()
@@ -260,6 +249,6 @@ def spec_from_lists(base: SweepSpec | None, lists: dict[str, Sequence[Any] | Non
         values["params"] = merged
     missing = [k for k in ("traces", "policies", "cache_sizes") if not values.get(k)]
     if missing:
-        flag = {"traces": "--trace", "policies": "--policy", "cache_sizes": "--cache-size"}[missing[0]]
-        raise UsageError(f"no {missing[0].replace('_', ' ')} given: use {flag} or a --config file")
+        what = missing[0].replace("_", " ")
+        raise SettingError(missing[0], f"no {what} given: list them, or name a config file that does")
     return SweepSpec(**values)

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moesim.sweep.executors import Executor, InProcessExecutor
+from moesim.sweep.result_store import ResultStore
 from moesim.sweep.spec import SweepSpec, expand, trace_sha256
-from moesim.sweep.store import ResultStore
 
 
 @dataclass

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from moesim.atomic import atomic_open
+from moesim.safe_write import atomic_open
 from moesim.traces.format import Trace
 
 ORACLE_DTYPE = np.dtype([("time", "<u4"), ("id", "<u8"), ("size", "<u4"), ("next", "<i8")])

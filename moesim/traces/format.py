@@ -39,8 +39,8 @@ import pyarrow.parquet as pq
 from numba import njit
 
 from moesim import parallel
-from moesim.atomic import make_temp
 from moesim.errors import DataError
+from moesim.safe_write import make_temp
 
 SCHEMA_VERSION = 1
 META_KEY = b"moesim"

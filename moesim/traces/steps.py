@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moesim.errors import UsageError
-from moesim.policies.base import NEVER
 from moesim.traces.format import PREFILL, Trace
 
 
@@ -87,13 +86,14 @@ def build_steps(trace: Trace, batch_size: int = 1, prefill_chunk: int = 512) -> 
     return steps
 
 
-def next_uses(steps: list[Step], num_layers: int) -> dict[tuple[int, int], dict[int, int]]:
-    """(step, layer) -> expert -> clock of its next request at that layer (clock = step * L + layer)."""
+def next_uses(steps: list[Step], num_layers: int, never: int) -> dict[tuple[int, int], dict[int, int]]:
+    """(step, layer) -> expert -> clock of its next request at that layer (clock = step * L + layer), or
+    ``never`` (the cache policies' :data:`~moesim.policies.base.NEVER`) when it has none."""
     out: dict[tuple[int, int], dict[int, int]] = {}
     upcoming: dict[tuple[int, int], int] = {}
     for i in range(len(steps) - 1, -1, -1):
         for layer, s in steps[i].layers.items():
-            out[(i, layer)] = {e: upcoming.get((layer, e), NEVER) for e in s}
+            out[(i, layer)] = {e: upcoming.get((layer, e), never) for e in s}
             for e in s:
                 upcoming[(layer, e)] = i * num_layers + layer
     return out

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from moesim.atomic import read_json
-from moesim.errors import DataError, UsageError
+from moesim.errors import DataError, SettingError, UsageError
+from moesim.safe_write import read_json
 from moesim.traces.format import DECODE, Trace, TraceMeta, TraceWriter
 
 PRESET_VERSION = 1
@@ -200,7 +200,7 @@ def synthesize(preset: SynthPreset, tokens: int, seed: int, out: str | os.PathLi
                sequences: int | None = None, chunk_tokens: int = 16384, progress: bool = True) -> TraceMeta:
     """Write a synthetic decode trace of ``tokens`` tokens (split into sequences) to ``out``."""
     if tokens < 1:
-        raise UsageError(f"--tokens must be >= 1, got {tokens}")
+        raise SettingError("tokens", f"a trace needs at least one token, got {tokens}")
     rng = np.random.default_rng(seed)
     if sequences is None:
         # Sequence lengths ~ geometric around the fitted mean; drawn up front (deterministic).
@@ -212,7 +212,7 @@ def synthesize(preset: SynthPreset, tokens: int, seed: int, out: str | os.PathLi
             left -= n
     else:
         if sequences < 1 or sequences > tokens:
-            raise UsageError(f"--sequences must be in [1, tokens], got {sequences}")
+            raise SettingError("sequences", f"the number of sequences must be in [1, tokens], got {sequences}")
         base, extra = divmod(tokens, sequences)
         lengths = [base + (i < extra) for i in range(sequences)]
     seq_ids = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)

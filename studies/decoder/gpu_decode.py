@@ -38,11 +38,11 @@ import torch  # noqa: E402
 from moesim.engine.checkpoint import checkpoint_from_model  # noqa: E402
 from moesim.engine.decode import Decoder  # noqa: E402
 from moesim.engine.decoder_program import DecoderProgram  # noqa: E402
+from moesim.engine.expert_store import ExpertStore  # noqa: E402
 from moesim.engine.gpu_bench import cuda_ms as gpu_cuda_ms  # noqa: E402
 from moesim.engine.pack import pack_checkpoint, pack_matrix  # noqa: E402
 from moesim.engine.plan import CachePlan, Routing  # noqa: E402
 from moesim.engine.recording import DecodeRecorder, times_path  # noqa: E402
-from moesim.engine.store import ExpertStore  # noqa: E402
 from moesim.traces.format import read_trace  # noqa: E402
 
 T0 = time.perf_counter()

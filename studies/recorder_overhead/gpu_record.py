@@ -34,9 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.bench_recorder import timed_generate  # noqa: E402  (the speed benchmark's timing loop)
-from moesim.atomic import atomic_open  # noqa: E402
 from moesim.recorder import ByteTokenizer, Recorder, load_prompts  # noqa: E402
 from moesim.recorder.presets import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
+from moesim.safe_write import atomic_open  # noqa: E402
 
 T0 = time.perf_counter()
 

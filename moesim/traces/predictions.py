@@ -1,14 +1,14 @@
-"""One check shared by every command that takes a prefetcher: the ``speculative`` prefetcher reads the
-predictions a recording stored (``pred{d}_experts``); a trace without them gets one line saying what is
-missing and how to record it (a usage error, exit 2), before any work starts."""
+"""A trace's recorded speculative predictions (``pred{d}_experts``): which distances a file holds,
+read from its schema alone, and the one message for a trace that lacks the distance a prefetcher needs."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from moesim.errors import UsageError
+from moesim.errors import DataError
+from moesim.traces.format import _PRED_RE, _open_parquet, _part_files
 
 EXAMPLE_TRACE = "traces/learned-mixtral-32l.parquet"
 
@@ -20,27 +20,11 @@ def missing_predictions(path: object, have: Sequence[int], distance: int, prefet
             f"--predict-distance {distance} -o OUT.parquet`" + ("" if have else f", or try {EXAMPLE_TRACE} (d = 1..3)"))
 
 
-def needs_predictions(prefetcher: str) -> bool:
-    from moesim.policies.prefetch import _PREFETCHERS
-
-    cls = _PREFETCHERS.get(prefetcher)
-    return bool(cls is not None and cls.needs_predictions)
-
-
 def pred_distances_of(path: str | os.PathLike) -> tuple[int, ...]:
     """Prediction distances stored in a trace file (or part directory), from its schema alone."""
-    from moesim.errors import DataError
-    from moesim.traces.format import _PRED_RE, _open_parquet, _part_files
-
     p = Path(path)
     if not p.exists():
         raise DataError(p, "no such file")
     f = _part_files(p)[0] if p.is_dir() else p
     names = _open_parquet(f).schema_arrow.names
     return tuple(sorted(int(m.group(1)) for n in names if (m := _PRED_RE.match(n)) and m.group(2) == "experts"))
-
-
-def require_predictions(path: object, have: Sequence[int], prefetchers: Iterable[str], distance: int = 1) -> None:
-    for name in prefetchers:
-        if needs_predictions(name) and distance not in have:
-            raise UsageError(missing_predictions(path, have, distance, name))

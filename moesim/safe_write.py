@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
-from moesim.errors import DataError, UsageError
+from moesim.errors import DataError, SettingError
 
 
 def _umask() -> int:
@@ -37,7 +37,7 @@ def refuse_overwrite(paths: Iterable[str | os.PathLike | None], force: bool) -> 
         return
     for path in paths:
         if path is not None and os.path.lexists(path):
-            raise UsageError(f"{path}: already exists (pass --force to overwrite it)")
+            raise SettingError("force", f"{path}: already exists")
 
 
 @contextlib.contextmanager

@@ -1,0 +1,196 @@
+"""The one cell runner (moesim.simulator.cell): its replay against a brute-force LRU written here, the
+copy interval around the point estimate, one result's keys for ``simulate --json`` and a sweep row, and
+library errors in domain words that the command line maps to its flags."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moesim.cli import main
+from moesim.errors import SettingError
+from moesim.simulator.cell import CellSpec, run_cell
+from moesim.simulator.cost_model import CostModel
+from moesim.sweep.result_store import read_results
+from moesim.traces.format import read_trace
+from tests.helpers import random_trace
+
+LAYERS, EXPERTS, TOP_K = 3, 8, 2
+# a sweep row's own columns beside simulate --json's keys: its bookkeeping and the inputs simulate echoes
+# under other names (or not at all)
+SWEEP_ONLY = {"cell_id", "run_id", "trace", "trace_sha256", "params", "hardware", "prefetch", "prefetch_budget",
+              "batch_size", "status", "error", "elapsed_s",
+              "worker"}
+
+
+@pytest.fixture(scope="module")
+def trace_path(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(22)
+    path = tmp_path_factory.mktemp("cell") / "t.parquet"
+    random_trace(path, rng, tokens=50, num_layers=LAYERS, num_experts=EXPERTS, top_k=TOP_K, skew=1.2)
+    return path
+
+
+def brute_force_lru(trace, cache_size: int, scope: str) -> int:
+    """Hits of docs/semantics.md's atomic LRU, one (token, layer) set at a time: hits are S & cache; all
+    of S becomes most recent in router order; each missing expert goes in, evicting the least recent
+    resident outside S."""
+    ordered = trace.execution_order()
+    caches: dict[int, list[int]] = {}   # cache id -> keys, least recent first
+    hits = 0
+    for layer, experts in zip(ordered.layer.tolist(), ordered.experts.tolist(), strict=True):
+        cid = layer if scope == "layer" else 0
+        keys = [e if scope == "layer" else layer * EXPERTS + e for e in experts]
+        cache = caches.setdefault(cid, [])
+        hits += sum(k in cache for k in keys)
+        others = [k for k in cache if k not in keys]   # residents outside S, least recent first
+        held = len(cache) - len(others)
+        for k in keys:
+            if k not in cache:
+                if len(others) + held >= cache_size:
+                    others.pop(0)
+                held += 1
+        cache[:] = others + keys   # all of S most recent, in router order
+    return hits
+
+
+@pytest.mark.parametrize("scope,size", [("layer", 2), ("layer", 4), ("global", 5)])
+def test_a_cell_replays_exactly_as_a_brute_force_lru(trace_path, scope, size):
+    trace = read_trace(trace_path)
+    result = run_cell(trace, CellSpec("lru", size, scope=scope))
+    assert result.timing is None
+    assert result.replay.requests == len(trace) * TOP_K
+    assert result.replay.hits == brute_force_lru(trace, size, scope)
+    out = result.to_json()
+    assert (out["hits"], out["misses"], out["scope"]) == (result.replay.hits, out["requests"] - out["hits"], scope)
+
+
+def test_brute_force_lru_matches_the_hand_traced_example(tmp_path):
+    # CONTRACTS.md's worked example: one layer, K = 3, top-2; hits 3 of 8
+    from tests.helpers import write_trace
+
+    t = write_trace(tmp_path / "w.parquet", [[0, 1], [2, 0], [3, 1], [0, 2]], num_layers=1, num_experts=EXPERTS)
+    assert brute_force_lru(t, 3, "layer") == 3
+    assert run_cell(t, CellSpec("lru", 3)).replay.hits == 3
+
+
+def test_a_timed_cell_brackets_its_point_with_the_copy_interval(trace_path):
+    trace = read_trace(trace_path)
+    cost = CostModel.preset("h200")   # its calibration holds a measured copy interval
+    fast, slow = cost.copy_interval_scales()
+    assert fast < 1.0 < slow
+    result = run_cell(trace, CellSpec("lru", 3, cost=cost))
+    out = result.to_json()
+    lo, hi = out["sim_interval"]
+    assert lo <= out["tokens_per_s"] <= hi and lo < hi
+    assert out["ms_per_token_interval"][0] <= out["ms_per_token"] <= out["ms_per_token_interval"][1]
+    assert out["copy_interval_scales"] == [round(fast, 5), round(slow, 5)]
+    # the exact replay's counts, and the timing run's beside them (no prefetcher: the same here)
+    assert out["hits"] == brute_force_lru(trace, 3, "layer")
+    assert out["timing_hits"] == out["hits"] and "prefetch_precision" not in out
+    # without an interval (a preset that measured none, or interval=False): no sim_interval
+    assert "sim_interval" not in run_cell(trace, CellSpec("lru", 3, cost=cost, interval=False)).to_json()
+    assert "sim_interval" not in run_cell(trace, CellSpec("lru", 3, cost=CostModel.preset("a6000"))).to_json()
+
+
+def _simulate_json(capsys, trace_path: Path, *extra: str) -> dict:
+    capsys.readouterr()
+    assert main(["simulate", str(trace_path), "--policy", "lfu", "--cache-size", "3", "--json", *extra]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _sweep_row(capsys, tmp_path: Path, trace_path: Path, *extra: str) -> dict:
+    out = tmp_path / "r.parquet"
+    assert main(["sweep", "-o", str(out), "--trace", str(trace_path), "--policy", "lfu", "--cache-size", "3",
+                 "--executor", "inprocess", "--no-progress", *extra]) == 0
+    rows = read_results(out).to_pylist()
+    assert len(rows) == 1
+    return rows[0]
+
+
+@pytest.mark.parametrize("extra", [(), ("--hardware", "h200"),
+                                   ("--hardware", "h200", "--prefetch", "transition", "--prefetch-budget", "1")])
+def test_sweep_columns_are_simulate_json_keys(capsys, tmp_path, trace_path, extra):
+    sim = _simulate_json(capsys, trace_path, *extra)
+    row = _sweep_row(capsys, tmp_path, trace_path, *extra)
+    assert set(sim) <= set(row)
+    assert set(row) - set(sim) <= SWEEP_ONLY
+    for key, value in sim.items():
+        want = json.dumps(value, sort_keys=True) if isinstance(value, list | dict) else value
+        assert row[key] == want, key
+    if extra:
+        assert "sim_interval" in sim and "timing_hit_rate" in sim
+
+
+def test_setting_errors_speak_domain_words_and_the_cli_adds_the_flag(trace_path, capsys):
+    trace = read_trace(trace_path)
+    with pytest.raises(SettingError) as err:
+        run_cell(trace, CellSpec("lru", 3, scope="global", cost=CostModel.preset("h200")))
+    assert (err.value.setting, err.value.fix) == ("scope", "layer") and "--" not in str(err.value)
+    with pytest.raises(SettingError) as err:
+        run_cell(trace, CellSpec("lru", [2] * LAYERS, scope="global"))
+    assert err.value.setting == "scope" and "--" not in str(err.value)
+    with pytest.raises(SettingError) as err:
+        run_cell(trace, CellSpec("lru", 3, params={"nope": 1}))
+    assert err.value.setting == "params" and "'nope'" in str(err.value)
+    capsys.readouterr()
+    assert main(["simulate", str(trace_path), "--policy", "lru", "--cache-size", "3", "--scope", "global",
+                 "--hardware", "h200"]) == 2
+    err_line = capsys.readouterr().err.strip()
+    assert err_line.endswith("(--scope layer)") and len(err_line.splitlines()) == 1
+    assert main(["simulate", str(trace_path), "--policy", "lru", "--cache-size", "3", "--pcie-gbps", "0"]) == 2
+    assert capsys.readouterr().err.strip().endswith("(--pcie-gbps)")
+
+
+def _raised_messages(path: Path) -> list[str]:
+    """The literal text of every ``raise X(...)`` message in a source file."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
+            for arg in node.exc.args:
+                for sub in ast.walk(arg):
+                    if isinstance(sub, ast.Constant) and isinstance(sub.value, str):
+                        out.append(sub.value)
+    return out
+
+
+@pytest.mark.parametrize("package", ["simulator", "policies", "sweep"])
+def test_library_errors_name_no_command_line_flag(package):
+    root = Path(__file__).resolve().parents[1] / "moesim" / package
+    flagged = [(p.name, m) for p in sorted(root.glob("*.py")) for m in _raised_messages(p)
+               if re.search(r"(^|\s)--[a-z]", m) and "`moesim " not in m]
+    assert flagged == []
+
+
+def test_an_error_is_one_stderr_line_even_where_timing_notes_its_default_preset(trace_path, capsys):
+    capsys.readouterr()
+    assert main(["simulate", str(trace_path), "--policy", "lru", "--cache-size", "3", "--prefetch", "speculative"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs speculative predictions recorded at distance 1" in err[0]
+    assert main(["simulate", str(trace_path), "--policy", "lru", "--cache-size", "3", "--prefetch", "transition"]) == 0
+    assert "timing uses the h200 preset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("policy,params,setting", [("nope", {}, "policy"), ("lrfu", {"lam": "abc"}, "params"),
+                                                    ("lru", {"bogus": 1}, "params")])
+def test_replay_timing_and_sweep_refuse_a_policy_with_the_same_words(trace_path, policy, params, setting):
+    from moesim.simulator.replay import simulate
+    from moesim.simulator.timing import simulate_timing
+    from moesim.sweep.spec import SweepSpec, expand
+
+    trace = read_trace(trace_path)
+    messages = []
+    for attempt in (lambda: simulate(trace, policy, 3, params=params),
+                    lambda: simulate_timing(trace, policy, 3, CostModel.preset("a6000"), policy_params=params),
+                    lambda: expand(SweepSpec([str(trace_path)], [policy], [3],
+                                             params={policy: {k: [v] for k, v in params.items()}}))):
+        with pytest.raises(SettingError) as err:
+            attempt()
+        assert err.value.setting == setting
+        messages.append(str(err.value))
+    assert len(set(messages)) == 1, messages
