@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import numpy as np  # noqa: E402
 
 from moesim.engine.validation import head_tokens  # noqa: E402
-from moesim.safe_write import atomic_open, atomic_path  # noqa: E402
 from moesim.simulator.cost_model import CostModel  # noqa: E402
 from moesim.simulator.timing import simulate_timing  # noqa: E402
 from moesim.traces.format import DECODE, read_trace  # noqa: E402
