@@ -13,7 +13,11 @@ from moesim.commands._common import add_force_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("validate", help="compare the real GPU engine's tokens/s and hit rates with the simulator")
+    p = sub.add_parser("validate", help="compare the real GPU engine's tokens/s and hit rates with the simulator",
+                       description="Replay the tokens the GPU engine ran (its cells file, from "
+                                   "benchmarks/gpu_validate.py) through the timing simulator and compare "
+                                   "tokens/s and hit rates cell by cell; writes PREFIX.json, .md and .png. "
+                                   "The cells file names its trace by content digest: another trace is refused.")
     p.add_argument("trace", help="the trace the engine replayed")
     p.add_argument("--engine", required=True, help="engine results (validate.json from the GPU run)")
     p.add_argument("--calibration", help="calibration JSON (default: the h200 preset)")

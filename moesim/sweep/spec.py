@@ -137,7 +137,9 @@ def trace_sha256(path: str | os.PathLike) -> str:
     """Content hash of a trace file (or of a directory of part files: names and bytes, in name order)."""
     p = Path(path)
     if not p.exists():
-        raise DataError(p, "no such file")
+        from moesim.traces.format import missing_trace
+
+        raise missing_trace(p)
     files = sorted(f for f in p.iterdir() if f.suffix == ".parquet") if p.is_dir() else [p]
     h = hashlib.sha256()
     for f in files:

@@ -473,6 +473,22 @@ def _strictly_increasing(seq: np.ndarray, token: np.ndarray, layer: np.ndarray) 
     return True
 
 
+def parts_dir_for(path: str | os.PathLike) -> Path:
+    """Where a recording of ``path`` keeps its part files until it finishes (``OUT.parquet.parts/``)."""
+    p = Path(path)
+    return p.with_name(p.name + ".parts")
+
+
+def missing_trace(path: str | os.PathLike) -> DataError:
+    """The error for a trace that does not exist; when a killed recording left its parts beside it,
+    it says how to merge them."""
+    parts = parts_dir_for(path)
+    if parts.is_dir():
+        return DataError(path, f"no such file, but a killed recording left its parts in {parts}/: merge them "
+                               f"with `moesim record --recover {path}`")
+    return DataError(path, "no such file")
+
+
 def _part_files(path: Path) -> list[Path]:
     parts = sorted(p for p in path.iterdir() if p.suffix == ".parquet" and not p.name.startswith("."))
     if not parts:
@@ -497,7 +513,7 @@ def read_meta(path: str | os.PathLike) -> TraceMeta:
     """Only the metadata (cheap: reads the footer)."""
     p = Path(path)
     if not p.exists():
-        raise DataError(p, "no such file")
+        raise missing_trace(p)
     first = _part_files(p)[0] if p.is_dir() else p
     return _meta_of(_open_parquet(first).schema_arrow, first)
 
@@ -527,7 +543,7 @@ def read_trace(path: str | os.PathLike, *, columns: Sequence[str] | None = None,
     """
     p = Path(path)
     if not p.exists():
-        raise DataError(p, "no such file")
+        raise missing_trace(p)
     files = _part_files(p) if p.is_dir() else [p]
     # the identity is taken before anything is read: a file replaced later never matches it
     source = file_identity(files) if replay_cache else None
