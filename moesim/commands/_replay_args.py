@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Iterable
 from typing import Any
 
 from moesim.commands._common import int_list, parse_params
@@ -33,6 +35,21 @@ def policy_params(args: argparse.Namespace) -> dict[str, Any]:
     return params
 
 
+def note_clamped_sizes(command: str, meta, sizes: Iterable[int], scope: str = "layer") -> None:
+    """One line on stderr when cache sizes go past every expert a cache can see: the replay treats them
+    as that size (everything resident once loaded; ``moesim.simulator.replay.clamp_cache_size``)."""
+    from moesim.simulator.replay import keys_per_cache
+
+    limit = keys_per_cache(meta, scope)
+    over = sorted({int(s) for s in sizes if s > limit})
+    if over:
+        what = "experts per layer" if scope == "layer" else "experts of the model (one cache for all layers)"
+        shown = ", ".join(map(str, over[:3])) + (", ..." if len(over) > 3 else "")
+        sizes_are = f"cache sizes {shown} are" if len(over) > 1 else f"cache size {shown} is"
+        print(f"moesim {command}: note: {sizes_are} more than the {limit} {what}; everything stays resident, "
+              f"so {'they are' if len(over) > 1 else 'it is'} replayed as {limit}", file=sys.stderr)
+
+
 def load(args: argparse.Namespace):
     from moesim.simulator import stream_cache
     from moesim.traces.format import DECODE, PREFILL, read_trace
@@ -45,4 +62,4 @@ def load(args: argparse.Namespace):
     return trace
 
 
-__all__ = ["add_policy_args", "policy_params", "load", "int_list"]
+__all__ = ["add_policy_args", "policy_params", "load", "int_list", "note_clamped_sizes"]

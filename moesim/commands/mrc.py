@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from moesim.commands._common import emit_json, int_list, print_table
-from moesim.commands._replay_args import add_policy_args, load, policy_params
+from moesim.commands._replay_args import add_policy_args, load, note_clamped_sizes, policy_params
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +21,8 @@ def run(args: argparse.Namespace) -> int:
     from moesim.simulator.replay import mrc
 
     trace = load(args)
+    if args.sizes:
+        note_clamped_sizes("mrc", trace.meta, args.sizes, args.scope)
     result = mrc(trace, args.policy, args.sizes, scope=args.scope, semantics=args.semantics,
                  params=policy_params(args), workers=args.workers)
     if args.json:

@@ -126,6 +126,17 @@ def _require_predictions(spec) -> None:
             require_predictions(t, pred_distances_of(t), spec.prefetch)
 
 
+def _note_clamped_sizes(spec) -> None:
+    """Sizes past everything resident run as one cell per trace and scope (moesim.sweep.spec.expand)."""
+    from moesim.commands._replay_args import note_clamped_sizes
+    from moesim.traces.format import read_meta
+
+    for trace in dict.fromkeys(spec.traces):
+        meta = read_meta(trace)
+        for scope in dict.fromkeys(s for s in spec.scopes if s in ("layer", "global")):  # others: a usage error later
+            note_clamped_sizes("sweep", meta, spec.cache_sizes, scope)
+
+
 def run(args: argparse.Namespace) -> int:
     import sys
 
@@ -136,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
 
     spec = _spec(args)
     _require_predictions(spec)
+    _note_clamped_sizes(spec)
     if args.address and args.executor != "ray":
         raise UsageError("--address is for --executor ray")
     if args.dry_run:

@@ -36,7 +36,7 @@ from moesim.policies.params import ParamError, check_params
 from moesim.policies.prefetch import PrefetchContext, make_prefetcher
 from moesim.simulator import kernels, timing_kernel
 from moesim.simulator.cost_model import CostModel
-from moesim.simulator.replay import HitCounts
+from moesim.simulator.replay import HitCounts, clamp_cache_size
 from moesim.traces.format import PREFILL, Trace
 from moesim.traces.steps import Step as Step  # re-exported: the shared step definition
 from moesim.traces.steps import build_steps, union_chunks
@@ -216,11 +216,14 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
         raise UsageError(f"unknown speculative ready point {speculative_ready!r} (known: {', '.join(SPECULATIVE_READY)})")
     meta = trace.meta
     L, E, k = meta.num_layers, meta.num_experts, meta.top_k
-    sizes = [int(cache_size)] * L if isinstance(cache_size, int | np.integer) else [int(s) for s in cache_size]
+    uniform = isinstance(cache_size, int | np.integer)
+    sizes = [clamp_cache_size(cache_size, meta)] * L if uniform else [clamp_cache_size(s, meta) for s in cache_size]
     if len(sizes) != L:
         raise UsageError(f"{len(sizes)} layer budgets given but the trace has {L} layers")
-    if any(0 < s < k for s in sizes) or (isinstance(cache_size, int | np.integer) and cache_size < k):
+    if any(0 < s < k for s in sizes) or (uniform and cache_size < k):
         raise UsageError(f"cache size is smaller than top-k ({k})")
+    if uniform:
+        cache_size = sizes[0]
     if isinstance(policy, str):
         try:
             cls = policy_class(policy)
