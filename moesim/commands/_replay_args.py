@@ -57,8 +57,20 @@ def load(args: argparse.Namespace):
     # the replay reads seq/token/phase/layer/experts; weights (gate-weighted, timing) load on first use;
     # with the stream cache on, the rows are read only if the cache has no stream of this file
     trace = read_trace(args.trace, lazy=True, replay_cache=stream_cache.enabled() and not args.no_cache)
+    held = trace.meta.logged_layers
+    if held is not None:
+        shown = ", ".join(map(str, held[:8])) + (", ..." if len(held) > 8 else "")
+        print(f"moesim {args.command}: note: {args.trace} holds {len(held)} of the model's {trace.meta.num_layers} "
+              f"MoE layers ({shown}); results cover those layers only", file=sys.stderr)
     if args.phase != "all":
+        rows = len(trace)
         trace = trace.filter_phase(PREFILL if args.phase == "prefill" else DECODE)
+        if rows and not len(trace):  # a replay of nothing would look like a result (0 requests)
+            from moesim.errors import DataError
+
+            other = "decode" if args.phase == "prefill" else "prefill"
+            raise DataError(args.trace, f"has no {args.phase} rows (all {rows} rows are {other}); "
+                                        f"--phase {args.phase} would replay nothing")
     return trace
 
 

@@ -12,7 +12,10 @@ KINDS = ("heatmap", "raster", "mrc", "speed", "prefetch", "predictions", "timeli
 
 
 def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:  # an empty figure is no answer
+        raise argparse.ArgumentTypeError(f"{text!r} names nothing (give comma-separated names)")
+    return names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -87,6 +90,14 @@ def _check_policy(name: str) -> None:
         raise UsageError(str(exc.args[0])) from None
 
 
+def _check_layer(trace, layer: int) -> None:
+    """A layer the trace holds rows for (a log may hold only some of the model's layers)."""
+    held = trace.held_layers()
+    if layer not in held:
+        shown = ", ".join(map(str, held[:8])) + (", ..." if len(held) > 8 else "")
+        raise UsageError(f"--layer {layer}: {trace.path} holds no rows at layer {layer} (its layers: {shown})")
+
+
 def run(args: argparse.Namespace) -> int:
     from moesim.analysis import plots
     from moesim.analysis.style import figure_format
@@ -105,8 +116,7 @@ def run(args: argparse.Namespace) -> int:
             fig = plots.heatmap(trace)
         elif args.kind == "raster":
             _check_policy(args.policy)
-            if not 0 <= args.layer < meta.num_layers:
-                raise UsageError(f"--layer {args.layer} out of range [0, {meta.num_layers})")
+            _check_layer(trace, args.layer)
             if args.cache_size is not None and not meta.top_k <= args.cache_size <= meta.num_experts:
                 raise UsageError(f"--cache-size {args.cache_size} outside [top-k={meta.top_k}, {meta.num_experts}]")
             fig = plots.raster(trace, args.layer, args.policy, args.cache_size, max_tokens=args.tokens,
@@ -116,8 +126,7 @@ def run(args: argparse.Namespace) -> int:
                 _check_policy(name)
             fig = plots.mrc(trace, args.policies)
         elif args.kind == "affinity":
-            if not 0 <= args.layer < meta.num_layers:
-                raise UsageError(f"--layer {args.layer} out of range [0, {meta.num_layers})")
+            _check_layer(trace, args.layer)
             fig = plots.affinity(trace, args.layer)
         elif args.kind == "reuse":
             fig = plots.reuse(trace)

@@ -43,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
     params = policy_params(args)
     result = simulate(trace, args.policy, size, scope=args.scope, semantics=args.semantics, params=params)
     out = result.to_dict(per_layer=args.per_layer)
+    if args.per_layer and trace.meta.logged_layers is not None:  # the layers a log holds, not the model's others
+        out["per_layer"] = [d for d in out["per_layer"] if d["layer"] in trace.meta.logged_layers]
     if params:
         out["params"] = params
     if add_timing_args is not None and timing_requested(args):

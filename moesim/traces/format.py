@@ -78,6 +78,9 @@ class TraceMeta:
     created: str = ""
     schema_version: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    # the MoE layers the source logged, when not every layer 0..num_layers-1 (a logger hooked into a
+    # few layers); None: all of them
+    logged_layers: list[int] | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -104,6 +107,10 @@ class TraceMeta:
                 raise DataError(path, f"trace metadata {key}={value!r} must be a positive integer")
         if meta.top_k > meta.num_experts:
             raise DataError(path, f"trace metadata top_k={meta.top_k} exceeds num_experts={meta.num_experts}")
+        held = meta.logged_layers
+        if held is not None and not (isinstance(held, list) and held and all(
+                isinstance(x, int) and 0 <= x < meta.num_layers for x in held)):
+            raise DataError(path, f"trace metadata logged_layers={held!r} must list layers in [0, {meta.num_layers})")
         return meta
 
 
@@ -418,6 +425,17 @@ class Trace:
     def logits_matrix(self, name: str = "logits") -> np.ndarray:
         """(rows, num_experts) float32 logits; missing rows are NaN."""
         return _filled_matrix(self._column(name), self.meta.num_experts, np.nan, np.float32)
+
+    def held_layers(self) -> list[int]:
+        """The MoE layers this trace has rows for, in order: ``meta.logged_layers`` when the importer
+        recorded them, else the layers its rows name."""
+        if self.meta.logged_layers is not None:
+            return [int(x) for x in self.meta.logged_layers]
+        memo = self.memo("held_layers")
+        if "layers" not in memo:
+            memo["layers"] = np.flatnonzero(np.bincount(self.layer.astype(np.int64),
+                                                        minlength=self.meta.num_layers)).tolist()
+        return list(memo["layers"])
 
     def is_execution_ordered(self) -> bool:
         if self._ordered is None:
