@@ -50,7 +50,7 @@ def policy_color(name: str, index: int) -> str:
 
 def _title(trace: Trace) -> str:
     name = trace.meta.model.split("/")[-1]
-    return f"{name} (synthetic)" if trace.meta.provenance.get("kind") == "synthetic" else name
+    return f"{name} (SYNTHETIC trace)" if trace.meta.provenance.get("kind") == "synthetic" else name
 
 
 def save(fig: Figure, path: str | os.PathLike, *, svg: bool = False) -> Path:

@@ -154,17 +154,20 @@ def parse_batched(path: Path) -> BatchedLog:
 
 
 def prompt_passes(passes: list[_Pass]) -> list[int]:
-    """The phase of each forward pass. A decode pass routes one row per running request, so its row
-    count moves by a few from pass to pass; a prompt pass routes every prompt token of the requests it
-    admits: more rows than the decode pass before it and the pass after it. (The logs carry no phase
-    field; a pass mixing a prompt chunk with decode rows counts as prefill.)"""
+    """The phase of each forward pass. A decode pass routes one row per running request, so between
+    admissions its row count only falls (requests finish); a prompt pass routes every prompt token of
+    the requests it admits: more rows than the decode pass before it and than the pass after it, which
+    decodes the requests just admitted (so it always counts as decode). The logs carry no phase field:
+    a pass mixing a prompt chunk with decode rows counts as prefill, and of back-to-back prompt passes
+    the second counts as decode."""
     phases: list[int] = []
     decode_width: int | None = None  # rows of the last decode pass
     for i, fp in enumerate(passes):
         width = fp.width()
         after = passes[i + 1].width() if i + 1 < len(passes) else None
         spike = (after is not None or decode_width is not None) and \
-            (after is None or width > after) and (decode_width is None or width > decode_width)
+            (after is None or width > after) and (decode_width is None or width > decode_width) and \
+            not (phases and phases[-1] == PREFILL)
         phases.append(PREFILL if spike else DECODE)
         if not spike:
             decode_width = width
