@@ -50,6 +50,15 @@ def note_clamped_sizes(command: str, meta, sizes: Iterable[int], scope: str = "l
               f"so {'they are' if len(over) > 1 else 'it is'} replayed as {limit}", file=sys.stderr)
 
 
+def note_logged_layers(args: argparse.Namespace, meta) -> None:
+    """One line on stderr when the trace holds only some of the model's layers (a log hooked into a few)."""
+    held = meta.logged_layers
+    if held is not None:
+        shown = ", ".join(map(str, held[:8])) + (", ..." if len(held) > 8 else "")
+        print(f"moesim {args.command}: note: {args.trace} holds {len(held)} of the model's {meta.num_layers} "
+              f"MoE layers ({shown}); results cover those layers only", file=sys.stderr)
+
+
 def load(args: argparse.Namespace):
     from moesim.simulator import stream_cache
     from moesim.traces.format import DECODE, PREFILL, read_trace
@@ -57,11 +66,6 @@ def load(args: argparse.Namespace):
     # the replay reads seq/token/phase/layer/experts; weights (gate-weighted, timing) load on first use;
     # with the stream cache on, the rows are read only if the cache has no stream of this file
     trace = read_trace(args.trace, lazy=True, replay_cache=stream_cache.enabled() and not args.no_cache)
-    held = trace.meta.logged_layers
-    if held is not None:
-        shown = ", ".join(map(str, held[:8])) + (", ..." if len(held) > 8 else "")
-        print(f"moesim {args.command}: note: {args.trace} holds {len(held)} of the model's {trace.meta.num_layers} "
-              f"MoE layers ({shown}); results cover those layers only", file=sys.stderr)
     if args.phase != "all":
         rows = len(trace)
         trace = trace.filter_phase(PREFILL if args.phase == "prefill" else DECODE)
@@ -74,4 +78,4 @@ def load(args: argparse.Namespace):
     return trace
 
 
-__all__ = ["add_policy_args", "policy_params", "load", "int_list", "note_clamped_sizes"]
+__all__ = ["add_policy_args", "policy_params", "load", "int_list", "note_clamped_sizes", "note_logged_layers"]

@@ -6,7 +6,13 @@ from __future__ import annotations
 import argparse
 
 from moesim.commands._common import add_force_arg, emit_json, int_list, print_table
-from moesim.commands._replay_args import add_policy_args, load, note_clamped_sizes, policy_params
+from moesim.commands._replay_args import (
+    add_policy_args,
+    load,
+    note_clamped_sizes,
+    note_logged_layers,
+    policy_params,
+)
 from moesim.errors import UsageError
 
 try:
@@ -39,7 +45,6 @@ def run(args: argparse.Namespace) -> int:
     size = args.cache_size if args.cache_size is not None else args.layer_budgets
     if args.cache_size is not None and args.cache_size < 1:
         raise UsageError(f"--cache-size must be >= 1, got {args.cache_size}")
-    note_clamped_sizes("simulate", trace.meta, [size] if args.cache_size is not None else size, args.scope)
     params = policy_params(args)
     result = simulate(trace, args.policy, size, scope=args.scope, semantics=args.semantics, params=params)
     out = result.to_dict(per_layer=args.per_layer)
@@ -51,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
         from moesim.simulator.combined import replay_with_timing
 
         out = replay_with_timing(out, timing_result(args, trace))
+    # notes once the run succeeded: an error stays the only line
+    note_clamped_sizes("simulate", trace.meta, [size] if args.cache_size is not None else size, args.scope)
+    note_logged_layers(args, trace.meta)
     if args.json:
         emit_json(out)
         return 0
