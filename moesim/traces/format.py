@@ -426,6 +426,17 @@ class Trace:
         """(rows, num_experts) float32 logits; missing rows are NaN."""
         return _filled_matrix(self._column(name), self.meta.num_experts, np.nan, np.float32)
 
+    def routing_digest(self) -> str:
+        """sha256 of what a replay of this trace sees: the geometry and, in execution order, every row's
+        sequence, token, phase, layer and expert ids. Files written at other times (another creation
+        date, compression, row order) of the same routing share it; any other routing does not."""
+        t = self.execution_order()
+        h = hashlib.sha256(repr((t.meta.num_layers, t.meta.num_experts, t.meta.top_k, len(t))).encode())
+        for name, dtype in (("seq", np.int32), ("token", np.int32), ("phase", np.int8), ("layer", np.int16)):
+            h.update(np.ascontiguousarray(getattr(t, name), dtype=dtype).tobytes())
+        h.update(np.ascontiguousarray(t.experts, dtype=np.int16).tobytes())
+        return h.hexdigest()
+
     def held_layers(self) -> list[int]:
         """The MoE layers this trace has rows for, in order: ``meta.logged_layers`` when the importer
         recorded them, else the layers its rows name."""
