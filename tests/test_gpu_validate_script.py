@@ -60,10 +60,10 @@ def test_cpu_check_run_writes_every_output_and_validate_reads_it(tmp_path):
     assert wrong.returncode == 1 and len(wrong.stderr.splitlines()) == 1, wrong.stderr
     assert "was measured on another trace" in wrong.stderr and not (tmp_path / "wrong.json").exists()
     # a cells file from before the digest (the committed reports' files) still validates, with a warning
-    old_file = tmp_path / "old.json"
+    old_file = tmp_path / "legacy_cells.json"
     old_file.write_text(json.dumps({k: x for k, x in main.items() if k != "trace_digest"}))
     old = subprocess.run([sys.executable, "-m", "moesim", "validate", str(a.path), "--engine", str(old_file),
-                          "-o", str(tmp_path / "old")], env=env, capture_output=True, text=True, timeout=300)
+                          "-o", str(tmp_path / "legacy_report")], env=env, capture_output=True, text=True, timeout=300)
     assert old.returncode == 0 and "names no trace digest" in old.stderr, old.stderr
     assert report["hit_rates_identical"]   # batch and prefill cells too: same tokens, same steps, same unions
     assert set(report["per_phase"]) == {"decode batch 1", "decode batch 2", "prefill batch 1"}

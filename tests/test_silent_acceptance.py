@@ -150,3 +150,14 @@ def test_record_predict_distance_past_the_model_is_refused(tmp_path, capsys):
     assert code == 2 and len(err) == 1, err
     assert "--predict-distance 99 reaches past the model's 4 MoE layers (at most 3)" in err[0]
     assert not out.exists() and not (tmp_path / "rec.parquet.parts").exists()
+
+
+@pytest.mark.parametrize("kind", ["raster", "affinity"])
+def test_plot_default_layer_is_the_first_the_trace_holds(tmp_path, capsys, kind):
+    meta = TraceMeta(model="m", family="mixtral", num_layers=6, num_experts=4, top_k=2, logged_layers=[3])
+    path = tmp_path / "l3.parquet"
+    with TraceWriter(path, meta) as w:
+        w.write(0, [0, 1, 2], DECODE, [3, 3, 3], [[0, 1], [2, 3], [1, 2]], [[0.6, 0.4]] * 3)
+    out = tmp_path / "f.png"
+    code, _, err = _run(["plot", kind, path, "-o", out], capsys)
+    assert code == 0 and out.exists(), err
