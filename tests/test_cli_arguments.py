@@ -9,16 +9,9 @@ import json
 import pytest
 
 from moesim.cli import build_parser, main
-from moesim.traces.format import DECODE, TraceMeta, TraceWriter, read_trace
-
-
-def _run(argv, capsys):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse's own usage errors
-        code = exc.code
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err.strip().splitlines()
+from moesim.traces.format import read_trace
+from tests.helpers import run_main as _run
+from tests.helpers import write_trace
 
 
 def _log(path):
@@ -89,19 +82,12 @@ def test_every_subcommand_has_a_description():
     assert bare == []
 
 
-def _trace(path):
-    meta = TraceMeta(model="m", family="mixtral", num_layers=1, num_experts=4, top_k=2)
-    with TraceWriter(path, meta) as w:
-        w.write(0, [0], DECODE, [0], [[0, 1]], [[0.5, 0.5]])
-    return path
-
-
 @pytest.mark.parametrize("command", ["info", "simulate", "mrc"])
 def test_a_killed_recording_points_at_recover(tmp_path, capsys, command):
     out = tmp_path / "rec.parquet"
     parts = tmp_path / "rec.parquet.parts"
     parts.mkdir()
-    _trace(parts / "part-000000.parquet")
+    write_trace(parts / "part-000000.parquet", [[0, 1]], num_experts=4)
     tail = {"info": [], "simulate": ["--policy", "lru", "--cache-size", "2"], "mrc": ["--policy", "lru"]}[command]
     code, _, err = _run([command, out, *tail], capsys)
     assert code == 1 and len(err) == 1, err

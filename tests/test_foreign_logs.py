@@ -12,24 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from moesim.cli import main
 from moesim.errors import DataError
 from moesim.traces.format import DECODE, PREFILL, TraceMeta, TraceWriter, read_trace
 from moesim.traces.vllm_batched import _Pass, prompt_passes
+from tests.helpers import run_main as _run
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "docs" / "examples" / "vllm-batched-routes.jsonl"
 QWEN_EXPERT_BF16 = 3 * 2048 * 1408 * 2   # Qwen1.5-MoE-A2.7B: hidden 2048, moe_intermediate_size 1408, bf16
 P, D = PREFILL, DECODE
-
-
-def _run(argv, capsys):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err.strip().splitlines()
 
 
 def _passes(widths):

@@ -4,40 +4,27 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from moesim.cli import main
 from moesim.traces.format import DECODE, PREFILL, TraceMeta, TraceWriter
+from tests.helpers import run_main as _run
+from tests.helpers import write_trace
 
 
 @pytest.fixture()
 def decode_only(tmp_path):
-    meta = TraceMeta(model="m", family="mixtral", num_layers=2, num_experts=4, top_k=2)
-    path = tmp_path / "d.parquet"
-    with TraceWriter(path, meta) as w:
-        sets = [[0, 1], [2, 3], [1, 2], [0, 3], [3, 1], [0, 2]]
-        w.write(0, [t for t in range(3) for _ in range(2)], DECODE, [0, 1] * 3, sets, [[0.6, 0.4]] * 6)
-    return path
+    """3 decode tokens x 2 layers, 4 experts, top-2."""
+    sets = [[0, 1], [2, 3], [1, 2], [0, 3], [3, 1], [0, 2]]
+    return Path(write_trace(tmp_path / "d.parquet", sets, num_layers=2, num_experts=4).path)
 
 
 @pytest.fixture()
 def one_layer(tmp_path):
     """A log of layer 0 only of a 4-layer model (no logged_layers metadata: the rows tell)."""
-    meta = TraceMeta(model="m", family="mixtral", num_layers=4, num_experts=4, top_k=2)
-    path = tmp_path / "one.parquet"
-    with TraceWriter(path, meta) as w:
-        w.write(0, [0, 1, 2], DECODE, [0, 0, 0], [[0, 1], [2, 3], [1, 2]], [[0.6, 0.4]] * 3)
-    return path
-
-
-def _run(argv, capsys):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse's own usage errors
-        code = exc.code
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err.strip().splitlines()
+    return Path(write_trace(tmp_path / "one.parquet", [[0, 1], [2, 3], [1, 2]], num_layers=4, num_experts=4,
+                            layers=[0, 0, 0]).path)
 
 
 @pytest.mark.parametrize("policy, param, needle", [
@@ -154,10 +141,8 @@ def test_record_predict_distance_past_the_model_is_refused(tmp_path, capsys):
 
 @pytest.mark.parametrize("kind", ["raster", "affinity"])
 def test_plot_default_layer_is_the_first_the_trace_holds(tmp_path, capsys, kind):
-    meta = TraceMeta(model="m", family="mixtral", num_layers=6, num_experts=4, top_k=2, logged_layers=[3])
     path = tmp_path / "l3.parquet"
-    with TraceWriter(path, meta) as w:
-        w.write(0, [0, 1, 2], DECODE, [3, 3, 3], [[0, 1], [2, 3], [1, 2]], [[0.6, 0.4]] * 3)
+    write_trace(path, [[0, 1], [2, 3], [1, 2]], num_layers=6, num_experts=4, layers=[3, 3, 3], logged_layers=[3])
     out = tmp_path / "f.png"
     code, _, err = _run(["plot", kind, path, "-o", out], capsys)
     assert code == 0 and out.exists(), err
