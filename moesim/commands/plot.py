@@ -97,6 +97,8 @@ def _check_layer(trace, layer: int | None) -> int:
         raise UsageError(f"{trace.path} holds no rows")
     if layer is None:
         return held[0]
+    if not 0 <= layer < trace.meta.num_layers:
+        raise UsageError(f"--layer {layer} out of range [0, {trace.meta.num_layers})")
     if layer not in held:
         shown = ", ".join(map(str, held[:8])) + (", ..." if len(held) > 8 else "")
         raise UsageError(f"--layer {layer}: {trace.path} holds no rows at layer {layer} (its layers: {shown})")
