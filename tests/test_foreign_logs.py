@@ -135,3 +135,13 @@ def test_provenance_doc_names_repository_commit_and_path():
                    "routing_data_collected/humaneval_2_routing.jsonl", "MOESIM_REAL_DIR"):
         assert needle in doc
     assert "mixtral-8x7b-instruct-fp8_humaneval-2_vllm.jsonl real.parquet" not in (REPO / "README.md").read_text()
+
+
+def test_figures_of_a_synthetic_trace_say_so(tmp_path, capsys):
+    from moesim.analysis import plots
+
+    out = tmp_path / "s.parquet"
+    assert _run(["synth", "--tokens", "20", "-o", out], capsys)[0] == 0
+    trace = read_trace(out)
+    for fig in (plots.heatmap(trace), plots.reuse(trace), plots.mrc(trace, ["lru"])):
+        assert "(SYNTHETIC trace)" in fig.axes[0].get_title()
