@@ -200,13 +200,13 @@ class TimingResult(HitCounts):
 
 
 def _another_model(meta: TraceMeta) -> str | None:
-    """The model a trace is known to be of when that is not Mixtral-8x7B (None: Mixtral-8x7B, or a
-    test trace that names no real model)."""
+    """The model a trace is known to be of when that is not Mixtral-8x7B (None: a Mixtral-family trace
+    -- real, synthetic, or a small stand-in priced at Mixtral's size on purpose -- or a test trace
+    that names no real family)."""
     geo = known_model(meta.model)
     if geo is not None and geo != MIXTRAL_8X7B:
         return geo.model
-    if meta.family == "unknown" or (meta.family != "mixtral" and meta.family in MOE_FAMILIES) or \
-            (meta.hidden_size and meta.hidden_size != MIXTRAL_8X7B.hidden_size):
+    if meta.family == "unknown" or (meta.family != "mixtral" and meta.family in MOE_FAMILIES):
         return meta.model
     return None
 
