@@ -39,12 +39,13 @@ def note_clamped_sizes(command: str, meta, sizes: Iterable[int], scope: str = "l
     """One line on stderr when cache sizes go past every expert a cache can see: the replay treats them
     as that size (everything resident once loaded; ``moesim.simulator.replay.clamp_cache_size``)."""
     from moesim.simulator.replay import keys_per_cache
+    from moesim.traces.describe import value_text
 
     limit = keys_per_cache(meta, scope)
     over = sorted({int(s) for s in sizes if s > limit})
     if over:
         what = "experts per layer" if scope == "layer" else "experts of the model (one cache for all layers)"
-        shown = ", ".join(map(str, over[:3])) + (", ..." if len(over) > 3 else "")
+        shown = value_text(over)
         sizes_are = f"cache sizes {shown} are" if len(over) > 1 else f"cache size {shown} is"
         print(f"moesim {command}: note: {sizes_are} more than the {limit} {what}; everything stays resident, "
               f"so {'they are' if len(over) > 1 else 'it is'} replayed as {limit}", file=sys.stderr)
@@ -52,9 +53,11 @@ def note_clamped_sizes(command: str, meta, sizes: Iterable[int], scope: str = "l
 
 def note_logged_layers(args: argparse.Namespace, meta) -> None:
     """One line on stderr when the trace holds only some of the model's layers (a log hooked into a few)."""
+    from moesim.traces.describe import value_text
+
     held = meta.logged_layers
     if held is not None:
-        shown = ", ".join(map(str, held[:8])) + (", ..." if len(held) > 8 else "")
+        shown = value_text(held)
         print(f"moesim {args.command}: note: {args.trace} holds {len(held)} of the model's {meta.num_layers} "
               f"MoE layers ({shown}); results cover those layers only", file=sys.stderr)
 

@@ -92,6 +92,8 @@ def _check_policy(name: str) -> None:
 
 def _check_layer(trace, layer: int | None) -> int:
     """A layer the trace holds rows for (a log may hold only some of the model's layers); None: the first."""
+    from moesim.traces.describe import value_text
+
     held = trace.held_layers()
     if not held:
         raise UsageError(f"{trace.path} holds no rows")
@@ -100,7 +102,7 @@ def _check_layer(trace, layer: int | None) -> int:
     if not 0 <= layer < trace.meta.num_layers:
         raise UsageError(f"--layer {layer} out of range [0, {trace.meta.num_layers})")
     if layer not in held:
-        shown = ", ".join(map(str, held[:8])) + (", ..." if len(held) > 8 else "")
+        shown = value_text(held)
         raise UsageError(f"--layer {layer}: {trace.path} holds no rows at layer {layer} (its layers: {shown})")
     return layer
 

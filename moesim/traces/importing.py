@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from moesim.errors import DataError
+from moesim.traces.describe import value_text
 from moesim.traces.format import DECODE, TraceMeta, TraceWriter
 from moesim.traces.models import ModelGeometry, known_model, quantization_in_name
 
@@ -184,7 +185,7 @@ def write_imported(rows: RoutingRows, dst: str | os.PathLike, opts: ImportOption
     prov.update(provenance or {})
     held = sorted({key[2] for key in keys})
     if len(held) < n_layers:  # a logger hooked into a few layers: say which, so nothing reads the others as idle
-        shown = ", ".join(map(str, held[:8])) + (", ..." if len(held) > 8 else "")
+        shown = value_text(held)
         notes.append(f"the log holds {len(held)} of the model's {n_layers} MoE layers ({shown}); the trace records "
                      "them (logged_layers) and plots and the simulator use only those")
     meta = TraceMeta(model=model, family=geo.family if geo else "unknown", num_layers=n_layers, num_experts=n_experts,
