@@ -223,6 +223,19 @@ def expert_bytes_of(cost: CostModel, trace: Trace) -> int:
     return cost.expert_bytes(meta.expert_bytes)
 
 
+def _slots_per_layer(cache_size: int | Sequence[int], meta: TraceMeta) -> tuple[list[int], int | Sequence[int]]:
+    """Each layer's slots (past the experts per layer: that many, ``clamp_cache_size``) and the size
+    to report (the clamped one for a uniform size)."""
+    uniform = isinstance(cache_size, int | np.integer)
+    sizes = [clamp_cache_size(cache_size, meta)] * meta.num_layers if uniform \
+        else [clamp_cache_size(s, meta) for s in cache_size]
+    if len(sizes) != meta.num_layers:
+        raise UsageError(f"{len(sizes)} layer budgets given but the trace has {meta.num_layers} layers")
+    if any(0 < s < meta.top_k for s in sizes) or (uniform and cache_size < meta.top_k):
+        raise UsageError(f"cache size is smaller than top-k ({meta.top_k})")
+    return sizes, sizes[0] if uniform else cache_size
+
+
 def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], cache_size: int | Sequence[int],
                     cost: CostModel, *, prefetch: str = "none", prefetch_params: dict[str, Any] | None = None,
                     policy_params: dict[str, Any] | None = None, batch_size: int = 1, prefill_chunk: int = 512,
@@ -241,14 +254,7 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
         raise UsageError(f"unknown speculative ready point {speculative_ready!r} (known: {', '.join(SPECULATIVE_READY)})")
     meta = trace.meta
     L, E, k = meta.num_layers, meta.num_experts, meta.top_k
-    uniform = isinstance(cache_size, int | np.integer)
-    sizes = [clamp_cache_size(cache_size, meta)] * L if uniform else [clamp_cache_size(s, meta) for s in cache_size]
-    if len(sizes) != L:
-        raise UsageError(f"{len(sizes)} layer budgets given but the trace has {L} layers")
-    if any(0 < s < k for s in sizes) or (uniform and cache_size < k):
-        raise UsageError(f"cache size is smaller than top-k ({k})")
-    if uniform:
-        cache_size = sizes[0]
+    sizes, cache_size = _slots_per_layer(cache_size, meta)
     if isinstance(policy, str):
         try:
             cls = policy_class(policy)
