@@ -36,14 +36,44 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         module = importlib.import_module(f"moesim.commands.{info.name}")
         module.register(sub)
+    for subparser in _all_subparsers(parser):
+        # ``moesim COMMAND ... --debug`` as well as ``moesim --debug COMMAND ...`` (SUPPRESS: a subcommand
+        # without the flag leaves the top level's value alone)
+        subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                               help="show Python tracebacks on errors")
+    return parser
+
+
+def _subparser_actions(parser: argparse.ArgumentParser) -> list[argparse._SubParsersAction]:
+    return [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+
+
+def _all_subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser below ``parser`` (``plot`` and its kinds too), each once."""
+    out: dict[int, argparse.ArgumentParser] = {}
+    for action in _subparser_actions(parser):
+        for child in action.choices.values():
+            for p in (child, *_all_subparsers(child)):
+                out.setdefault(id(p), p)
+    return list(out.values())
+
+
+def _innermost_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the subcommand the user typed (``moesim plot mrc``), so that its errors name it."""
+    for action in _subparser_actions(parser):
+        child = action.choices.get(getattr(args, action.dest, None) or "")
+        if child is not None:
+            return _innermost_parser(child, args)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # argparse would blame the top level ("moesim: error: ..."): name the subcommand instead
+        _innermost_parser(parser, args).error(f"unrecognized arguments: {' '.join(extras)}")
+    debug = bool(args.debug)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real Mixtral trace from ../shared (never copied into the repo)."""
+"""Shared fixtures: the real Mixtral trace from $MOESIM_REAL_DIR, default ../shared/traces/real (never
+copied into the repo; docs/trace-format.md says where to get it)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_JSONL = REPO.parent / "shared" / "traces" / "real" / "mixtral-8x7b-instruct-fp8_humaneval-2_vllm.jsonl"
+REAL_DIR = Path(os.environ.get("MOESIM_REAL_DIR") or REPO.parent / "shared" / "traces" / "real")
+# the shared copy's name, else the upstream file's own (Mario928/speculative-moe)
+REAL_NAMES = ("mixtral-8x7b-instruct-fp8_humaneval-2_vllm.jsonl", "humaneval_2_routing.jsonl")
+REAL_JSONL = next((REAL_DIR / n for n in REAL_NAMES if (REAL_DIR / n).exists()), REAL_DIR / REAL_NAMES[0])
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -27,7 +31,7 @@ def _private_stream_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def real_jsonl() -> Path:
     if not REAL_JSONL.exists():
-        pytest.skip(f"real trace not found at {REAL_JSONL}")
+        pytest.skip(f"real trace not found at {REAL_JSONL} (set MOESIM_REAL_DIR; see docs/trace-format.md)")
     return REAL_JSONL
 
 

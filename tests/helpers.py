@@ -9,6 +9,18 @@ import numpy as np
 from moesim.traces.format import DECODE, TraceMeta, TraceWriter, read_trace
 
 
+def run_main(argv, capsys) -> tuple[int, str, list[str]]:
+    """``moesim ARGV`` in this process: exit status (argparse's own exits too), stdout, stderr lines."""
+    from moesim.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err.strip().splitlines()
+
+
 def write_trace(path: Path, sets: list[list[int]] | np.ndarray, *, num_layers: int = 1, num_experts: int = 8,
                 layers: list[int] | None = None, seq: list[int] | None = None, weights=None, **meta_kw):
     """Rows in execution order: row i = token i // num_layers, layer i % num_layers (unless given)."""

@@ -8,11 +8,11 @@ import json
 
 import pytest
 
-from moesim.cli import main
 from moesim.policies import policy_class
 from moesim.policies.params import ParamError, check_params
 from moesim.policies.prefetch import _PREFETCHERS
 from moesim.traces.format import DECODE, TraceMeta, TraceWriter
+from tests.helpers import run_main as _run
 
 
 @pytest.fixture()
@@ -23,15 +23,6 @@ def good(tmp_path):
         sets = [[0, 1], [2, 3], [1, 2], [0, 3], [3, 1], [0, 2]]
         w.write(0, [t for t in range(3) for _ in range(2)], DECODE, [0, 1] * 3, sets, [[0.6, 0.4]] * 6)
     return str(path)
-
-
-def _run(argv, capsys):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse's own usage errors
-        code = exc.code
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err.strip().splitlines()
 
 
 INTERNALS = ("__init__", "Traceback", "unexpected keyword", "not supported between", "TypeError")

@@ -54,8 +54,11 @@ def test_batched_log_becomes_passes_in_execution_order(tmp_path, capsys):
     out = tmp_path / "t.parquet"
     code, stdout, err = _import(["vllm-batched", src, out], capsys)
     assert code == 0, err
-    assert len(err) == 1 and "dropped the warm-up pass (50 identical rows per layer, lines 2-101)" in err[0], err
+    assert len(err) == 3 and "dropped the warm-up pass (50 identical rows per layer, lines 2-101)" in err[0], err
+    assert "1 prompt pass" in err[1] and "holds 2 of the model's 24 MoE layers (0, 5)" in err[2], err
     t = read_trace(out)
+    assert t.meta.logged_layers == [0, 5]
+    assert t.phase.tolist() == [PREFILL] * len(PREFILL_PASS) + [1] * (len(DECODE_1) + len(DECODE_2))
     m = t.meta
     assert (m.model, m.family, m.num_layers, m.num_experts, m.top_k) == (QWEN, "qwen2_moe", 24, 60, 4)
     assert m.quantization == "gptq-int4" and m.provenance["quantization_from"] == "the model name"
@@ -93,8 +96,9 @@ def test_restarted_logger_and_no_warmup(tmp_path, capsys):
     records = [HEADER, *DECODE_1, HEADER, *DECODE_1, *DECODE_2]
     src = _write(tmp_path / "routes.jsonl", records)
     code, _, err = _import(["vllm-batched", src, tmp_path / "t.parquet"], capsys)
-    assert code == 0 and err == []
+    assert code == 0 and len(err) == 1 and "holds 2 of the model's 24 MoE layers" in err[0], err
     t = read_trace(tmp_path / "t.parquet")
+    assert (t.phase == 1).all()  # 2, 2, 1 rows: requests finishing, no prompt pass
     assert t.meta.provenance["forward_passes"] == 3 and sorted(set(t.seq.tolist())) == [0, 1, 2]
 
 

@@ -51,7 +51,7 @@ def policy_color(name: str, index: int) -> str:
 
 def _title(trace: Trace) -> str:
     name = trace.meta.model.split("/")[-1]
-    return f"{name} (synthetic)" if trace.meta.provenance.get("kind") == "synthetic" else name
+    return f"{name} (SYNTHETIC trace)" if trace.meta.provenance.get("kind") == "synthetic" else name
 
 
 def save(fig: Figure, path: str | os.PathLike, *, svg: bool = False, dpi: int = 130) -> Path:
@@ -76,15 +76,19 @@ def save(fig: Figure, path: str | os.PathLike, *, svg: bool = False, dpi: int = 
 
 def heatmap(trace: Trace) -> Figure:
     """Layer x expert activation share (each layer's row sums to 1)."""
-    share = stats.activation_share(trace)
+    held = trace.held_layers()
+    share = stats.activation_share(trace)[held]  # a log of a few layers: only those rows, labelled
     layers, experts = share.shape
     # grow with the grid for readable cells, but cap so 64+ experts still give a normal page width
     fig, ax = plt.subplots(figsize=(min(13.0, max(5.0, 0.45 * experts + 2.5)), min(10.0, max(4.0, 0.22 * layers + 1.5))))
     im = ax.imshow(share, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0)
     ax.set_xlabel("expert id")
     ax.set_ylabel("MoE layer")
+    logged = "" if layers == trace.meta.num_layers else f"; {layers} of {trace.meta.num_layers} layers logged"
     ax.set_title(f"Expert activation share per layer - {_title(trace)}\n"
-                 f"(uniform = {1 / experts:.3f}; {len(trace)} token-layer rows, top-{trace.meta.top_k})")
+                 f"(uniform = {1 / experts:.3f}; {len(trace)} token-layer rows, top-{trace.meta.top_k}{logged})")
+    if layers < trace.meta.num_layers and layers <= 64:
+        ax.set_yticks(range(layers), [str(x) for x in held])
     if experts <= 32:
         ax.set_xticks(range(experts))
     if experts <= 16 and layers <= 64:  # small grids: print the shares so imbalance can be read off

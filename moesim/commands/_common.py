@@ -15,6 +15,22 @@ def add_force_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="overwrite output files that already exist")
 
 
+def add_output_arg(p: argparse.ArgumentParser, help_text: str) -> None:
+    """The output file, positional (``moesim import ... OUT``) or as ``-o OUT`` like every other command;
+    :func:`output_path` reads it."""
+    p.add_argument("output", nargs="?", help=f"{help_text} (or give it as -o OUT)")
+    p.add_argument("-o", "--output", dest="output_option", metavar="OUT", help=help_text)
+
+
+def output_path(args: argparse.Namespace) -> str:
+    """The output of :func:`add_output_arg`: exactly one of the two spellings."""
+    if args.output and args.output_option:
+        raise UsageError(f"output given twice ({args.output!r} and -o {args.output_option!r}); give one")
+    if not (args.output or args.output_option):
+        raise UsageError("no output file given (OUT.parquet or -o OUT.parquet)")
+    return args.output or args.output_option
+
+
 def _int_at_least(text: str, minimum: int) -> int:
     try:
         v = int(text)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Iterable
 from typing import Any
 
 from moesim.commands._common import int_list, parse_params
@@ -33,6 +35,33 @@ def policy_params(args: argparse.Namespace) -> dict[str, Any]:
     return params
 
 
+def note_clamped_sizes(command: str, meta, sizes: Iterable[int], scope: str = "layer") -> None:
+    """One line on stderr when cache sizes go past every expert a cache can see: the replay treats them
+    as that size (everything resident once loaded; ``moesim.simulator.replay.clamp_cache_size``)."""
+    from moesim.simulator.replay import keys_per_cache
+    from moesim.traces.describe import value_text
+
+    limit = keys_per_cache(meta, scope)
+    over = sorted({int(s) for s in sizes if s > limit})
+    if over:
+        what = "experts per layer" if scope == "layer" else "experts of the model (one cache for all layers)"
+        shown = value_text(over)
+        sizes_are = f"cache sizes {shown} are" if len(over) > 1 else f"cache size {shown} is"
+        print(f"moesim {command}: note: {sizes_are} more than the {limit} {what}; everything stays resident, "
+              f"so {'they are' if len(over) > 1 else 'it is'} replayed as {limit}", file=sys.stderr)
+
+
+def note_logged_layers(args: argparse.Namespace, meta) -> None:
+    """One line on stderr when the trace holds only some of the model's layers (a log hooked into a few)."""
+    from moesim.traces.describe import value_text
+
+    held = meta.logged_layers
+    if held is not None:
+        shown = value_text(held)
+        print(f"moesim {args.command}: note: {args.trace} holds {len(held)} of the model's {meta.num_layers} "
+              f"MoE layers ({shown}); results cover those layers only", file=sys.stderr)
+
+
 def load(args: argparse.Namespace, phase: bool = True):
     """The trace of ``args.trace``; with ``phase``, only the rows of ``--phase`` (``simulate`` leaves that
     to its cell)."""
@@ -42,9 +71,18 @@ def load(args: argparse.Namespace, phase: bool = True):
     # the replay reads seq/token/phase/layer/experts; weights (gate-weighted, timing) load on first use;
     # with the stream cache on, the rows are read only if the cache has no stream of this file
     trace = read_trace(args.trace, lazy=True, replay_cache=stream_cache.enabled() and not args.no_cache)
-    if phase and args.phase != "all":
-        trace = trace.filter_phase(PREFILL if args.phase == "prefill" else DECODE)
+    if args.phase != "all":
+        rows = len(trace)
+        chosen = trace.filter_phase(PREFILL if args.phase == "prefill" else DECODE)
+        if rows and not len(chosen):  # a replay of nothing would look like a result (0 requests)
+            from moesim.errors import DataError
+
+            other = "decode" if args.phase == "prefill" else "prefill"
+            raise DataError(args.trace, f"has no {args.phase} rows (all {rows} rows are {other}); "
+                                        f"--phase {args.phase} would replay nothing")
+        if phase:
+            trace = chosen
     return trace
 
 
-__all__ = ["add_policy_args", "policy_params", "load", "int_list"]
+__all__ = ["add_policy_args", "policy_params", "load", "int_list", "note_clamped_sizes", "note_logged_layers"]

@@ -17,7 +17,11 @@ from moesim.commands._common import add_force_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("calibrate", help="measure a GPU (or convert raw measurements) into a calibration JSON")
+    p = sub.add_parser("calibrate", help="measure a GPU (or convert raw measurements) into a calibration JSON",
+                       description="On a CUDA machine, measure host-to-device copies, expert and layer compute "
+                                   "and the engine's own costs, and write the cost model's calibration JSON; "
+                                   "with --from-raw, convert a raw measurement file from a GPU run instead "
+                                   "(any machine).")
     p.add_argument("-o", "--out", required=True, help="calibration JSON to write (CostModel format)")
     p.add_argument("--raw-out", help="also keep the raw measurements here")
     p.add_argument("--from-raw", help="convert this raw measurement file instead of measuring")

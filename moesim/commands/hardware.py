@@ -7,8 +7,12 @@ import json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("hardware", help="list hardware presets (cost models)")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("hardware", help="list hardware presets (cost models)",
+                       description="List the hardware presets the timing model knows (--hardware NAME): each "
+                                   "one's host-to-device bandwidth and latency, expert size and copy time, and "
+                                   "per-expert, per-layer and per-token compute times. A measured machine comes from "
+                                   "`moesim calibrate` instead.")
+    p.add_argument("--json", action="store_true", help="print one JSON array")
     p.set_defaults(func=run)
 
 

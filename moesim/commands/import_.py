@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moesim.commands._common import add_force_arg
+from moesim.commands._common import add_force_arg, add_output_arg, output_path
 
 FORMATS = ("vllm-jsonl", "vllm-batched", "jsonl", "sglang", "vllm-routed", "megatron")
 # formats whose importer is called as f(src, dst, opts, notes)
@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "See docs/trace-format.md.")
     p.add_argument("--from", dest="fmt", required=True, choices=FORMATS, help="input format")
     p.add_argument("input", help="input file")
-    p.add_argument("output", help="output .parquet file (written atomically)")
+    add_output_arg(p, "output .parquet file (written atomically)")
     p.add_argument("--map", metavar="TARGET=FIELD,...",
                    help="jsonl: which field holds seq, token, layer, experts, weights, phase "
                         "(e.g. seq=req,token=pos,layer=l,experts=ids,weights=w; nested fields as a.b)")
@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from moesim.traces.format import read_trace
     from moesim.traces.importing import ImportOptions
 
+    args.output = output_path(args)
     refuse_overwrite([args.output], args.force)
     for flag, value in (("--num-layers", args.num_layers), ("--num-experts", args.num_experts)):
         if value is not None and value < 1:

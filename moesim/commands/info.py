@@ -7,9 +7,12 @@ import json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="show a trace's metadata and statistics")
-    p.add_argument("trace")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("info", help="show a trace's metadata and statistics",
+                       description="Show a trace's metadata (model, layers, experts, top-k, quantization, where it "
+                                   "came from) and statistics (rows, sequences, decode and prefill rows, recorded "
+                                   "predictions, file size).")
+    p.add_argument("trace", help="trace file (.parquet) or directory of part files")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
 

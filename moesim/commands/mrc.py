@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 
 from moesim.commands._common import emit_json, int_list, print_table
-from moesim.commands._replay_args import add_policy_args, load, policy_params
+from moesim.commands._replay_args import (
+    add_policy_args,
+    load,
+    note_clamped_sizes,
+    note_logged_layers,
+    policy_params,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
     trace = load(args)
     result = mrc(trace, args.policy, args.sizes, scope=args.scope, semantics=args.semantics,
                  params=policy_params(args), workers=args.workers)
+    note_clamped_sizes("mrc", trace.meta, args.sizes or [], args.scope)
+    note_logged_layers(args, trace.meta)
     if args.json:
         emit_json(result.to_dict())
         return 0

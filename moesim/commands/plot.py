@@ -12,7 +12,10 @@ KINDS = ("heatmap", "raster", "mrc", "speed", "prefetch", "predictions", "timeli
 
 
 def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:  # an empty figure is no answer
+        raise argparse.ArgumentTypeError(f"{text!r} names nothing (give comma-separated names)")
+    return names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     add("heatmap", "layer x expert activation share (each layer's row sums to 1)")
     r = add("raster", "one layer's token x expert activations coloured hit / miss / resident under a policy")
-    r.add_argument("--layer", type=int, default=0, help="MoE layer (default 0)")
+    r.add_argument("--layer", type=int, help="MoE layer (default: the first the trace holds)")
     r.add_argument("--policy", default="lru", help="eviction policy (default lru)")
     r.add_argument("--cache-size", type=positive_int, help="slots (default 2 x top-k)")
     r.add_argument("--start", type=int, default=0, help="first token step shown")
@@ -64,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = add("segment", "segment-cache best hit rate (arXiv 2505.16056) vs cache size, next to OPT")
     g.add_argument("--segments", type=int_list, default=[4, 16, 64], help="segment lengths in tokens (default 4,16,64)")
     a = add("affinity", "co-activation within a token and transition to the next layer, at one layer")
-    a.add_argument("--layer", type=int, default=0, help="MoE layer (default 0)")
+    a.add_argument("--layer", type=int, help="MoE layer (default: the first the trace holds)")
     p.set_defaults(func=_need_kind)
 
 
@@ -82,6 +85,23 @@ def _check_policy(name: str) -> None:
     from moesim.policies.resolve import eviction_factory
 
     eviction_factory(name, None)
+
+
+def _check_layer(trace, layer: int | None) -> int:
+    """A layer the trace holds rows for (a log may hold only some of the model's layers); None: the first."""
+    from moesim.traces.describe import value_text
+
+    held = trace.held_layers()
+    if not held:
+        raise UsageError(f"{trace.path} holds no rows")
+    if layer is None:
+        return held[0]
+    if not 0 <= layer < trace.meta.num_layers:
+        raise UsageError(f"--layer {layer} out of range [0, {trace.meta.num_layers})")
+    if layer not in held:
+        shown = value_text(held)
+        raise UsageError(f"--layer {layer}: {trace.path} holds no rows at layer {layer} (its layers: {shown})")
+    return layer
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,8 +122,7 @@ def run(args: argparse.Namespace) -> int:
             fig = plots.heatmap(trace)
         elif args.kind == "raster":
             _check_policy(args.policy)
-            if not 0 <= args.layer < meta.num_layers:
-                raise UsageError(f"--layer {args.layer} out of range [0, {meta.num_layers})")
+            args.layer = _check_layer(trace, args.layer)
             if args.cache_size is not None and not meta.top_k <= args.cache_size <= meta.num_experts:
                 raise UsageError(f"--cache-size {args.cache_size} outside [top-k={meta.top_k}, {meta.num_experts}]")
             fig = plots.raster(trace, args.layer, args.policy, args.cache_size, max_tokens=args.tokens,
@@ -113,8 +132,7 @@ def run(args: argparse.Namespace) -> int:
                 _check_policy(name)
             fig = plots.mrc(trace, args.policies)
         elif args.kind == "affinity":
-            if not 0 <= args.layer < meta.num_layers:
-                raise UsageError(f"--layer {args.layer} out of range [0, {meta.num_layers})")
+            args.layer = _check_layer(trace, args.layer)
             fig = plots.affinity(trace, args.layer)
         elif args.kind == "reuse":
             fig = plots.reuse(trace)

@@ -6,7 +6,13 @@ from __future__ import annotations
 import argparse
 
 from moesim.commands._common import add_force_arg, emit_json, int_list, print_table
-from moesim.commands._replay_args import add_policy_args, load, policy_params
+from moesim.commands._replay_args import (
+    add_policy_args,
+    load,
+    note_clamped_sizes,
+    note_logged_layers,
+    policy_params,
+)
 from moesim.commands._timing_args import (
     add_timing_args,
     cost_model,
@@ -53,7 +59,13 @@ def run(args: argparse.Namespace) -> int:
     refuse_overwrite([args.timeline], args.force)
     trace = load(args, phase=False)
     out = run_cell(trace, cell_spec(args)).to_json(per_layer=args.per_layer)
+    if args.per_layer and trace.meta.logged_layers is not None:  # the layers a log holds, not the model's others
+        out["per_layer"] = [d for d in out["per_layer"] if d["layer"] in trace.meta.logged_layers]
     default_hardware_note(args)
+    # notes once the run succeeded: an error stays the only line
+    sizes = [args.cache_size] if args.cache_size is not None else args.layer_budgets
+    note_clamped_sizes("simulate", trace.meta, sizes, args.scope)
+    note_logged_layers(args, trace.meta)
     if args.json:
         emit_json(out)
         return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from moesim.commands._common import add_force_arg, emit_json, positive_int, print_table
@@ -91,7 +92,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "policy against a baseline policy under identical conditions.")
     s.add_argument("results", metavar="RESULTS.parquet")
     s.add_argument("--metric", help="column to rank by (default: tokens_per_s if present, else hit_rate)")
-    s.add_argument("--baseline", default="lru", help="baseline policy for ratios (default lru)")
+    s.add_argument("--baseline", help="baseline policy for ratios (default lru, when the table has it)")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=run_summary)
 
@@ -128,9 +129,18 @@ def _require_predictions(spec) -> None:
             require_predictions(t, pred_distances_of(t), spec.prefetch)
 
 
-def run(args: argparse.Namespace) -> int:
-    import sys
+def _note_clamped_sizes(spec) -> None:
+    """Sizes past everything resident run as one cell per trace and scope (moesim.sweep.spec.expand)."""
+    from moesim.commands._replay_args import note_clamped_sizes
+    from moesim.traces.format import read_meta
 
+    for trace in dict.fromkeys(spec.traces):
+        meta = read_meta(trace)
+        for scope in dict.fromkeys(s for s in spec.scopes if s in ("layer", "global")):  # others: a usage error later
+            note_clamped_sizes("sweep", meta, spec.cache_sizes, scope)
+
+
+def run(args: argparse.Namespace) -> int:
     from moesim.sweep.executors import make_executor
     from moesim.sweep.result_store import ResultStore
     from moesim.sweep.spec import expand
@@ -138,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
 
     spec = _spec(args)
     _require_predictions(spec)
+    _note_clamped_sizes(spec)
     if args.address and args.executor != "ray":
         raise UsageError("--address is for --executor ray")
     if args.dry_run:
@@ -175,7 +186,15 @@ def run_summary(args: argparse.Namespace) -> int:
     df = as_frame(read_results(args.results))
     metric = args.metric or default_metric(df)
     best = best_per_size(df, metric)
-    have_base = args.baseline in set(df["policy"].to_list())
+    policies = sorted(set(df["policy"].to_list()))
+    if args.baseline is not None and args.baseline not in policies:
+        raise UsageError(f"--baseline {args.baseline!r} is not a policy of {args.results} "
+                         f"(its policies: {', '.join(policies)})")
+    args.baseline = args.baseline or "lru"
+    have_base = args.baseline in policies
+    if not have_base:
+        print(f"moesim sweep-summary: note: {args.results} has no lru cells, so no ratios; pick a baseline "
+              f"with --baseline ({', '.join(policies)})", file=sys.stderr)
     versus = versus_baseline(df, args.baseline, metric) if have_base else None
     if args.json:
         emit_json({"metric": metric, "baseline": args.baseline if have_base else None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from moesim.commands._common import add_force_arg, positive_int
+from moesim.commands._common import add_force_arg, add_output_arg, output_path, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--sequences", type=positive_int,
                    help="split into this many equal sequences (default: lengths drawn around the fitted mean)")
-    p.add_argument("output", help="output .parquet file")
+    add_output_arg(p, "output .parquet file")
     add_force_arg(p)
     p.set_defaults(func=run_synth)
 
@@ -33,6 +33,7 @@ def run_synth(args: argparse.Namespace) -> int:
     from moesim.safe_write import refuse_overwrite
     from moesim.traces.synth import load_preset, synthesize
 
+    args.output = output_path(args)
     refuse_overwrite([args.output], args.force)
     preset = load_preset(args.preset)
     meta = synthesize(preset, args.tokens, args.seed, args.output, sequences=args.sequences)

@@ -13,7 +13,11 @@ from moesim.commands._common import add_force_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("validate", help="compare the real GPU engine's tokens/s and hit rates with the simulator")
+    p = sub.add_parser("validate", help="compare the real GPU engine's tokens/s and hit rates with the simulator",
+                       description="Replay the tokens the GPU engine ran (its cells file, from "
+                                   "benchmarks/gpu_validate.py) through the timing simulator and compare "
+                                   "tokens/s and hit rates cell by cell; writes PREFIX.json, .md and .png. "
+                                   "The cells file names its trace by content digest: another trace is refused.")
     p.add_argument("trace", help="the trace the engine replayed")
     p.add_argument("--engine", required=True, help="engine results (validate.json from the GPU run)")
     p.add_argument("--calibration", help="calibration JSON (default: the h200 preset)")
@@ -43,6 +47,11 @@ def run(args: argparse.Namespace) -> int:
         engine["cells"], engine["tokens"], engine["expert_bytes"]
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(path, f"not an engine results file ({type(exc).__name__}: {exc})") from None
+    unchecked = v.check_trace_digest(engine, trace, path)
+    if unchecked:
+        import sys
+
+        print(f"moesim validate: {unchecked}", file=sys.stderr)
     cost = CostModel.from_json(args.calibration) if args.calibration else CostModel.preset(args.hardware)
     programs = None   # the batch engine's step shapes (moesim calibrate --from-raw ... --add-to writes them)
     if args.calibration:
@@ -54,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     report = {"device": engine.get("device"), "date": engine.get("date"), "layers": engine.get("layers"),
               "expert_bytes": engine["expert_bytes"], "quantization": engine.get("quantization"),
               "tokens": engine["tokens"], "all_resident_ms_per_token": engine.get("all_resident_ms_per_token"),
+              "trace_digest": trace.routing_digest(),
               "calibration": cost.name, **v.git_state(Path(__file__).resolve().parents[2]), **result,
               "notes": args.note}
     if "a100-pcie" in CostModel.presets():

@@ -92,6 +92,23 @@ def cell_trace(trace: Trace, *, phase: str = "decode", batch: int = 1, tokens: i
     return Trace(meta, table, trace.path).execution_order()
 
 
+def check_trace_digest(engine: dict[str, Any], trace: Trace, engine_path: object) -> str | None:
+    """The engine cells name the trace they were measured on (``trace_digest``, written by
+    benchmarks/gpu_validate.py): another trace is an error. Files from before the digest (the
+    committed reports' cells) cannot be checked: a warning to print, so they still rebuild."""
+    from moesim.errors import DataError
+
+    want = engine.get("trace_digest")
+    if want is None:
+        return (f"warning: {engine_path}: names no trace digest (written before engine files carried one), so "
+                f"nothing checks that it was measured on {trace.path}")
+    have = trace.routing_digest()
+    if want != have:
+        raise DataError(engine_path, f"was measured on another trace (routing digest {str(want)[:12]}..., "
+                                     f"{engine.get('trace', '?')}); {trace.path} has {have[:12]}...")
+    return None
+
+
 def git_state(repo: Path) -> dict[str, Any]:
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,

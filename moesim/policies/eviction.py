@@ -189,6 +189,8 @@ class GateWeighted(LFUDecay):
     summary = "Frequency weighted by the router's weight for the expert, optionally aged."
 
     def __init__(self, half_life: float = math.inf) -> None:
+        if not half_life > 0:
+            raise ValueError("half_life must be > 0 (inf: no aging)")
         super().__init__(half_life=1.0)
         self.rate = 0.0 if math.isinf(half_life) else math.log(2.0) / half_life
 
@@ -356,6 +358,12 @@ class S3FIFO(EvictionPolicy):
     summary = "S3-FIFO (SOSP'23): a small probation FIFO, a main FIFO and a ghost queue."
 
     def __init__(self, small_ratio: float = 0.1, ghost_ratio: float = 0.9, move_to_main: int = 2) -> None:
+        if not 0.0 < small_ratio < 1.0:
+            raise ValueError("small_ratio must be in (0, 1): the small queue's share of the slots")
+        if not 0.0 <= ghost_ratio < math.inf:
+            raise ValueError("ghost_ratio must be >= 0 and finite: ghost entries per slot")
+        if move_to_main < 1:
+            raise ValueError("move_to_main must be >= 1")
         self.small_ratio, self.ghost_ratio, self.threshold = small_ratio, ghost_ratio, move_to_main
         self.small: list[int] = []  # oldest first
         self.main: list[int] = []
@@ -424,6 +432,8 @@ class Hobbit(EvictionPolicy):
     summary = "HOBBIT-style: weighted sum of an expert's recency rank and frequency rank."
 
     def __init__(self, w_recency: float = 0.5) -> None:
+        if not math.isfinite(w_recency):  # inf * rank - inf * rank: no order at all
+            raise ValueError("w_recency must be finite")
         self.w = w_recency
         self.tick = 0
         self.last: dict[int, int] = {}

@@ -5,6 +5,7 @@ name or a non-numeric value is one clear sentence instead of a Python ``TypeErro
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 # set by the driver from the trace, never by a user
@@ -79,13 +80,17 @@ def _convert(what: str, key: str, value: Any, kind: str) -> Any:
             raise ParamError(f"{what}: {key}={value!r} is not an integer")
         return value
     if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
+        number = float(value)
+    elif isinstance(value, str):
         try:
-            return float(value)  # also "inf", "1e3"
+            number = float(value)  # also "inf", "1e3"
         except ValueError:
             raise ParamError(f"{what}: {key}={value!r} is not a number") from None
-    raise ParamError(f"{what}: {key}={value!r} is not a number")
+    else:
+        raise ParamError(f"{what}: {key}={value!r} is not a number")
+    if math.isnan(number):  # NaN compares false with every bound, so no range check would catch it
+        raise ParamError(f"{what}: {key}={value!r} is not a number (NaN)")
+    return number
 
 
 def check_params(cls: type, params: dict[str, Any] | None, what: str) -> dict[str, Any]:

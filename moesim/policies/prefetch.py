@@ -42,6 +42,8 @@ class Prefetcher:
                  budget: int | None = None) -> None:
         if distance < 1:
             raise ValueError("prefetch distance must be >= 1")
+        if budget is not None and budget < 0:
+            raise ValueError("prefetch budget must be >= 0")
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
         self.distance = distance
         self.budget = top_k if budget is None else budget
@@ -143,6 +145,8 @@ class Speculative(Prefetcher):
     needs_predictions = True
 
     def __init__(self, *args: Any, threshold: float | None = None, **kwargs: Any) -> None:
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise ValueError("threshold must be in [0, 1] (a routing probability)")
         super().__init__(*args, **kwargs)
         self.threshold = threshold
 

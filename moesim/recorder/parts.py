@@ -19,12 +19,7 @@ import pyarrow.parquet as pq
 
 from moesim.errors import DataError
 from moesim.safe_write import atomic_path
-from moesim.traces.format import TraceMeta, TraceWriter, dictionary_columns, now_iso
-
-
-def parts_dir_for(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    return p.with_name(p.name + ".parts")
+from moesim.traces.format import TraceMeta, TraceWriter, dictionary_columns, now_iso, parts_dir_for
 
 
 class PartsTraceWriter:

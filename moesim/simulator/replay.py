@@ -33,7 +33,7 @@ from moesim.policies.compiled import ScorePolicy
 from moesim.policies.resolve import PolicySpec, eviction_factory, policy_name
 from moesim.simulator import kernels, policy_kernels, stream_cache, user_kernels
 from moesim.simulator.results import HitCounts
-from moesim.traces.format import Trace
+from moesim.traces.format import Trace, TraceMeta
 
 SCOPES = ("layer", "global")
 _NO_WEIGHTS = np.zeros((1, 1), np.float32)  # for kernels of policies that never read routing weights
@@ -92,18 +92,30 @@ class RequestStream:
         return kernels.next_use_kernel(self.cache, self.keys, self.n_keys, self.n_caches)
 
 
+def keys_per_cache(meta: TraceMeta, scope: str) -> int:
+    """How many distinct experts one cache can ever hold: the experts per layer, or per model when one
+    cache is shared by all layers."""
+    return meta.num_experts if scope == "layer" else meta.num_experts * meta.num_layers
+
+
+def clamp_cache_size(size: int, meta: TraceMeta, scope: str = "layer") -> int:
+    """A cache with a slot for every key it can see keeps everything resident once loaded: any larger
+    size replays the same, so it is replayed as that size (memory never depends on the number typed)."""
+    return min(int(size), keys_per_cache(meta, scope))
+
+
 def resolve_sizes(trace: Trace, cache_size: int | Sequence[int], scope: str) -> np.ndarray:
     meta = trace.meta
     if scope not in SCOPES:
         raise UsageError(f"unknown scope {scope!r} (known: {', '.join(SCOPES)})")
     if isinstance(cache_size, int | np.integer):
-        sizes = [int(cache_size)] * (meta.num_layers if scope == "layer" else 1)
         if cache_size < meta.top_k:
             raise UsageError(f"cache size {cache_size} is smaller than top-k ({meta.top_k})")
+        sizes = [clamp_cache_size(cache_size, meta, scope)] * (meta.num_layers if scope == "layer" else 1)
     else:
         if scope != "layer":
             raise SettingError("scope", "per-layer budgets need a per-layer cache", fix="layer")
-        sizes = [int(s) for s in cache_size]
+        sizes = [clamp_cache_size(s, meta, scope) for s in cache_size]
         if len(sizes) != meta.num_layers:
             raise UsageError(f"{len(sizes)} layer budgets given but the trace has {meta.num_layers} layers")
         bad = [s for s in sizes if s != 0 and s < meta.top_k]
@@ -349,7 +361,7 @@ def simulate(trace: Trace, policy: PolicySpec, cache_size: int | Sequence[int], 
     """Replay ``trace`` against ``policy`` (a registered name or a zero-argument factory)."""
     stream = build_stream(trace, cache_size, scope, semantics)
     req, hit, method = replay_stream(stream, policy, params, force_generic=force_generic, threads=threads)
-    size_out = int(cache_size) if isinstance(cache_size, int | np.integer) else [int(s) for s in cache_size]
+    size_out = int(stream.sizes[0]) if isinstance(cache_size, int | np.integer) else stream.sizes.tolist()
     return ReplayResult(policy_name(policy), size_out, int(req.sum()), int(hit.sum()), req, hit, method,
                         scope, semantics)
 
@@ -407,9 +419,10 @@ def mrc(trace: Trace, policy: PolicySpec, sizes: Sequence[int] | None = None, *,
     n_keys = meta.num_experts if scope == "layer" else meta.num_experts * meta.num_layers
     if sizes is None:
         sizes = list(range(meta.top_k, n_keys + 1))  # smaller caches are a usage error in every semantics
-    sizes = [int(s) for s in sizes]
     for s in sizes:
         resolve_sizes(trace, s, scope)
+    # sizes past the keys a cache can hold replay as that size: one curve point for all of them
+    sizes = list(dict.fromkeys(clamp_cache_size(s, meta, scope) for s in sizes))
     eviction_factory(policy, params)  # validates name and parameters
     stream = build_stream(trace, sizes[0], scope, semantics)
     requests = int(stream.keys.size)

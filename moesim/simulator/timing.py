@@ -40,7 +40,8 @@ from moesim.simulator import kernels, timing_kernel
 from moesim.simulator.cost_model import CostModel
 from moesim.simulator.replay import resolve_sizes
 from moesim.simulator.results import HitCounts
-from moesim.traces.format import PREFILL, Trace
+from moesim.traces.format import PREFILL, Trace, TraceMeta
+from moesim.traces.models import MIXTRAL_8X7B, MOE_FAMILIES, known_model
 from moesim.traces.predictions import missing_predictions
 from moesim.traces.steps import Step as Step  # re-exported: the shared step definition
 from moesim.traces.steps import build_steps, union_chunks
@@ -202,6 +203,30 @@ class TimingResult(HitCounts):
         return out
 
 
+def _another_model(meta: TraceMeta) -> str | None:
+    """The model a trace is known to be of when that is not Mixtral-8x7B (None: a Mixtral-family trace
+    -- real, synthetic, or a small stand-in priced at Mixtral's size on purpose -- or a test trace
+    that names no real family)."""
+    geo = known_model(meta.model)
+    if geo is not None and geo != MIXTRAL_8X7B:
+        return geo.model
+    if meta.family == "unknown" or (meta.family != "mixtral" and meta.family in MOE_FAMILIES):
+        return meta.model
+    return None
+
+
+def expert_bytes_of(cost: CostModel, trace: Trace) -> int:
+    """Bytes one expert copy moves: --expert-bytes > the trace's own > the cost model's table, which
+    prices Mixtral-8x7B experts and is refused for a trace of another model (never borrowed silently)."""
+    meta = trace.meta
+    if cost.expert_bytes_override is None and not meta.expert_bytes:
+        other = _another_model(meta)
+        if other is not None:
+            raise UsageError(f"{trace.path}: the expert size of {other} is not known (the hardware tables price "
+                             "Mixtral-8x7B experts); pass --expert-bytes N, or import with --expert-bytes N")
+    return cost.expert_bytes(meta.expert_bytes)
+
+
 def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], cache_size: int | Sequence[int],
                     cost: CostModel, *, prefetch: str = "none", prefetch_params: dict[str, Any] | None = None,
                     policy_params: dict[str, Any] | None = None, batch_size: int = 1, prefill_chunk: int = 512,
@@ -221,6 +246,8 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
     meta = trace.meta
     L, E, k = meta.num_layers, meta.num_experts, meta.top_k
     sizes = resolve_sizes(trace, cache_size, "layer").tolist()   # the replay's checks: one home
+    if isinstance(cache_size, int | np.integer):
+        cache_size = sizes[0]   # past the experts per layer: replayed (and reported) as that many
     make, policy_name = eviction_factory(policy, policy_params), resolved_name(policy)
     pparams = dict(prefetch_params or {})
     prefetcher = make_prefetcher(prefetch, num_layers=L, num_experts=E, top_k=k, params=pparams)
@@ -265,7 +292,7 @@ class _EventRun:
         future = any(c is not None and c.policy.needs_future for c in self.caches)
         self.nxt = _next_uses(self.steps, self.L, NEVER) if future else {}
         self.preds, self.probs = _predictions(trace, prefetcher)
-        self.xb = cost.expert_bytes(meta.expert_bytes)
+        self.xb = expert_bytes_of(cost, trace)
         self.copy_s = copy_s = cost.copy_seconds(self.xb)
         # every copy occupies its copy stream for the hop (the waits before it resolving) and the transfer;
         # a demand copy also pays the engine's per-miss issue cost
@@ -507,7 +534,7 @@ def _simulate_fast(trace: Trace, policy: str, sizes: list[int], cache_size, cost
     context = trace.token.astype(np.int64)
     uniq, inv = np.unique(context, return_inverse=True)
     layer_s = np.array([cost.layer_seconds(int(c), 1) for c in uniq])[inv.reshape(-1)]
-    xb = cost.expert_bytes(meta.expert_bytes)
+    xb = expert_bytes_of(cost, trace)
     copy_s = cost.copy_seconds(xb)
     total, stall, compute, stats, per_token = timing_kernel.des_kernel(
         kernels.POLICY_CODES[policy], timing_kernel.PREFETCH_CODES[prefetch], prefetcher.distance,

@@ -137,7 +137,9 @@ def trace_sha256(path: str | os.PathLike) -> str:
     """Content hash of a trace file (or of a directory of part files: names and bytes, in name order)."""
     p = Path(path)
     if not p.exists():
-        raise DataError(p, "no such file")
+        from moesim.traces.format import missing_trace
+
+        raise missing_trace(p)
     files = sorted(f for f in p.iterdir() if f.suffix == ".parquet") if p.is_dir() else [p]
     h = hashlib.sha256()
     for f in files:
@@ -208,6 +210,7 @@ def expand(spec: SweepSpec, hashes: dict[str, str] | None = None) -> list[Cell]:
     A hit-rate cell (no hardware) ignores prefetchers, budgets and batch size, so those axes collapse
     for it; a cell without a prefetcher ignores the budget (stored as 0).
     """
+    from moesim.simulator.replay import clamp_cache_size
     from moesim.traces.format import read_meta
 
     metas = {t: read_meta(t) for t in spec.traces}
@@ -225,8 +228,9 @@ def expand(spec: SweepSpec, hashes: dict[str, str] | None = None) -> list[Cell]:
         elif pf == NO_PREFETCH:
             budget = 0
         for params in _param_grid(spec.params.get(policy, {})):
-            for k in spec.cache_sizes:
-                cell = Cell(trace, hashes[trace], policy, int(k), params, scope, sem, pf, int(budget), hw, int(bs))
+            for k in spec.cache_sizes:  # sizes past everything resident are one cell (`moesim sweep` says so)
+                k = clamp_cache_size(k, metas[trace], scope)
+                cell = Cell(trace, hashes[trace], policy, k, params, scope, sem, pf, int(budget), hw, int(bs))
                 cells.setdefault(cell.key, cell)
     return list(cells.values())
 

@@ -24,6 +24,8 @@ def bytes_text(n: int) -> str:
 
 
 def value_text(value: Any, key: str = "") -> str:
+    if key == "logged_layers" and value is None:
+        return "all"
     if key.endswith("bytes") and isinstance(value, int) and not isinstance(value, bool):
         return bytes_text(value)
     if isinstance(value, list | tuple):

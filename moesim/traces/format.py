@@ -78,6 +78,9 @@ class TraceMeta:
     created: str = ""
     schema_version: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    # the MoE layers the source logged, when not every layer 0..num_layers-1 (a logger hooked into a
+    # few layers); None: all of them
+    logged_layers: list[int] | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -104,6 +107,10 @@ class TraceMeta:
                 raise DataError(path, f"trace metadata {key}={value!r} must be a positive integer")
         if meta.top_k > meta.num_experts:
             raise DataError(path, f"trace metadata top_k={meta.top_k} exceeds num_experts={meta.num_experts}")
+        held = meta.logged_layers
+        if held is not None and not (isinstance(held, list) and held and all(
+                isinstance(x, int) and 0 <= x < meta.num_layers for x in held)):
+            raise DataError(path, f"trace metadata logged_layers={held!r} must list layers in [0, {meta.num_layers})")
         return meta
 
 
@@ -419,6 +426,28 @@ class Trace:
         """(rows, num_experts) float32 logits; missing rows are NaN."""
         return _filled_matrix(self._column(name), self.meta.num_experts, np.nan, np.float32)
 
+    def routing_digest(self) -> str:
+        """sha256 of what a replay of this trace sees: the geometry and, in execution order, every row's
+        sequence, token, phase, layer and expert ids. Files written at other times (another creation
+        date, compression, row order) of the same routing share it; any other routing does not."""
+        t = self.execution_order()
+        h = hashlib.sha256(repr((t.meta.num_layers, t.meta.num_experts, t.meta.top_k, len(t))).encode())
+        for name, dtype in (("seq", np.int32), ("token", np.int32), ("phase", np.int8), ("layer", np.int16)):
+            h.update(np.ascontiguousarray(getattr(t, name), dtype=dtype).tobytes())
+        h.update(np.ascontiguousarray(t.experts, dtype=np.int16).tobytes())
+        return h.hexdigest()
+
+    def held_layers(self) -> list[int]:
+        """The MoE layers this trace has rows for, in order: ``meta.logged_layers`` when the importer
+        recorded them, else the layers its rows name."""
+        if self.meta.logged_layers is not None:
+            return [int(x) for x in self.meta.logged_layers]
+        memo = self.memo("held_layers")
+        if "layers" not in memo:
+            memo["layers"] = np.flatnonzero(np.bincount(self.layer.astype(np.int64),
+                                                        minlength=self.meta.num_layers)).tolist()
+        return list(memo["layers"])
+
     def is_execution_ordered(self) -> bool:
         if self._ordered is None:
             self._ordered = bool(_strictly_increasing(self.seq, self.token, self.layer))
@@ -473,6 +502,22 @@ def _strictly_increasing(seq: np.ndarray, token: np.ndarray, layer: np.ndarray) 
     return True
 
 
+def parts_dir_for(path: str | os.PathLike) -> Path:
+    """Where a recording of ``path`` keeps its part files until it finishes (``OUT.parquet.parts/``)."""
+    p = Path(path)
+    return p.with_name(p.name + ".parts")
+
+
+def missing_trace(path: str | os.PathLike) -> DataError:
+    """The error for a trace that does not exist; when a killed recording left its parts beside it,
+    it says how to merge them."""
+    parts = parts_dir_for(path)
+    if parts.is_dir():
+        return DataError(path, f"no such file, but a killed recording left its parts in {parts}/: merge them "
+                               f"with `moesim record --recover {path}`")
+    return DataError(path, "no such file")
+
+
 def _part_files(path: Path) -> list[Path]:
     parts = sorted(p for p in path.iterdir() if p.suffix == ".parquet" and not p.name.startswith("."))
     if not parts:
@@ -497,7 +542,7 @@ def read_meta(path: str | os.PathLike) -> TraceMeta:
     """Only the metadata (cheap: reads the footer)."""
     p = Path(path)
     if not p.exists():
-        raise DataError(p, "no such file")
+        raise missing_trace(p)
     first = _part_files(p)[0] if p.is_dir() else p
     return _meta_of(_open_parquet(first).schema_arrow, first)
 
@@ -527,7 +572,7 @@ def read_trace(path: str | os.PathLike, *, columns: Sequence[str] | None = None,
     """
     p = Path(path)
     if not p.exists():
-        raise DataError(p, "no such file")
+        raise missing_trace(p)
     files = _part_files(p) if p.is_dir() else [p]
     # the identity is taken before anything is read: a file replaced later never matches it
     source = file_identity(files) if replay_cache else None

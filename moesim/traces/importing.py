@@ -15,8 +15,12 @@ from typing import Any
 import numpy as np
 
 from moesim.errors import DataError
+from moesim.traces.describe import value_text
 from moesim.traces.format import DECODE, TraceMeta, TraceWriter
 from moesim.traces.models import ModelGeometry, known_model, quantization_in_name
+
+# the first line of a file that Git LFS left in place of the data
+LFS_POINTER = "version https://git-lfs.github.com/spec/"
 
 
 def bad_line(path: Path, lineno: int, what: str) -> DataError:
@@ -36,6 +40,9 @@ def json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
+                if lineno == 1 and line.startswith(LFS_POINTER):
+                    raise DataError(path, "this is a Git LFS pointer, not the data: fetch the file itself "
+                                          "(`git lfs pull`, or see docs/trace-format.md for the real trace)")
                 try:
                     obj = json.loads(line)
                 except ValueError as exc:
@@ -176,9 +183,14 @@ def write_imported(rows: RoutingRows, dst: str | os.PathLike, opts: ImportOption
                                               else f"{geo.model}, assumed for a top-{k} log" if geo
                                               else "the data")}
     prov.update(provenance or {})
+    held = sorted({key[2] for key in keys})
+    if len(held) < n_layers:  # a logger hooked into a few layers: say which, so nothing reads the others as idle
+        shown = value_text(held)
+        notes.append(f"the log holds {len(held)} of the model's {n_layers} MoE layers ({shown}); the trace records "
+                     "them (logged_layers) and plots and the simulator use only those")
     meta = TraceMeta(model=model, family=geo.family if geo else "unknown", num_layers=n_layers, num_experts=n_experts,
                      top_k=k, hidden_size=geo.hidden_size if geo else 0, expert_bytes=opts.expert_bytes,
-                     quantization=quant, provenance=prov)
+                     quantization=quant, provenance=prov, logged_layers=held if len(held) < n_layers else None)
     arr = np.array(keys, dtype=np.int64)
     experts = np.array([rows.rows[key][0] for key in keys], dtype=np.int16)
     weights = np.array([rows.rows[key][1] for key in keys], dtype=np.float32)

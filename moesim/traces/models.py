@@ -27,6 +27,8 @@ KNOWN_MODELS: dict[str, ModelGeometry] = {
     "olmoe-1b-7b": ModelGeometry("allenai/OLMoE-1B-7B-0924", "olmoe", 16, 64, 8, 2048),
 }
 MIXTRAL_8X7B = KNOWN_MODELS["mixtral-8x7b"]
+# the model families the recorder and importers write into trace metadata
+MOE_FAMILIES = frozenset({*(g.family for g in KNOWN_MODELS.values()), "deepseek_v3", "gpt_oss", "phimoe"})
 
 
 def known_model(name: str | None) -> ModelGeometry | None:

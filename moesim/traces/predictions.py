@@ -7,8 +7,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from moesim.errors import DataError
-from moesim.traces.format import _PRED_RE, _open_parquet, _part_files
+from moesim.traces.format import _PRED_RE, _open_parquet, _part_files, missing_trace
 
 EXAMPLE_TRACE = "traces/learned-mixtral-32l.parquet"
 
@@ -24,7 +23,7 @@ def pred_distances_of(path: str | os.PathLike) -> tuple[int, ...]:
     """Prediction distances stored in a trace file (or part directory), from its schema alone."""
     p = Path(path)
     if not p.exists():
-        raise DataError(p, "no such file")
+        raise missing_trace(p)
     f = _part_files(p)[0] if p.is_dir() else p
     names = _open_parquet(f).schema_arrow.names
     return tuple(sorted(int(m.group(1)) for n in names if (m := _PRED_RE.match(n)) and m.group(2) == "experts"))

@@ -12,9 +12,12 @@ How rows become a trace (docs/trace-format.md, "Batched logs"):
 - a *call* is a run of rows of one layer with ``token_idx`` 0, 1, 2, ...; a call at a layer not
   above the previous call's layer (or a new header) starts a new *forward pass*; every call of a
   pass must have the same number of rows;
-- forward pass p becomes sequence ``seq = p`` and its row i becomes ``token = i`` (decode phase):
-  the replay order (sequence, token, layer) is then the order the GPU ran the passes in, and each
-  layer's cache sees the passes' rows in batch order;
+- forward pass p becomes sequence ``seq = p`` and its row i becomes ``token = i``: the replay order
+  (sequence, token, layer) is then the order the GPU ran the passes in, and each layer's cache sees
+  the passes' rows in batch order;
+- a pass with more rows than the decode pass before it and the pass after it is a prompt pass
+  (phase prefill; :func:`prompt_passes`), every other pass is decode;
+- the layers the log holds (often one) are recorded in the trace's ``logged_layers``;
 - the warm-up: vLLM's start-up profiling runs dummy batches of thousands of identical rows before
   serving. Leading passes whose every call has at least two rows, all identical, are dropped, and
   the importer says so in one line.
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moesim.traces.format import DECODE, TraceMeta
+from moesim.traces.format import DECODE, PREFILL, TraceMeta
 from moesim.traces.importing import (
     ImportOptions,
     RoutingRows,
@@ -150,6 +153,27 @@ def parse_batched(path: Path) -> BatchedLog:
     return BatchedLog(header, [p for p in passes if p.calls], list(req_ids))
 
 
+def prompt_passes(passes: list[_Pass]) -> list[int]:
+    """The phase of each forward pass. A decode pass routes one row per running request, so between
+    admissions its row count only falls (requests finish); a prompt pass routes every prompt token of
+    the requests it admits: more rows than the decode pass before it and than the pass after it, which
+    decodes the requests just admitted (so it always counts as decode). The logs carry no phase field:
+    a pass mixing a prompt chunk with decode rows counts as prefill, and of back-to-back prompt passes
+    the second counts as decode."""
+    phases: list[int] = []
+    decode_width: int | None = None  # rows of the last decode pass
+    for i, fp in enumerate(passes):
+        width = fp.width()
+        after = passes[i + 1].width() if i + 1 < len(passes) else None
+        spike = (after is not None or decode_width is not None) and \
+            (after is None or width > after) and (decode_width is None or width > decode_width) and \
+            not (phases and phases[-1] == PREFILL)
+        phases.append(PREFILL if spike else DECODE)
+        if not spike:
+            decode_width = width
+    return phases
+
+
 def _span(lines: Iterable[tuple[int, int]]) -> str:
     return ", ".join(f"lines {a}-{b}" for a, b in lines)
 
@@ -171,11 +195,17 @@ def import_vllm_batched(src: str | os.PathLike, dst: str | os.PathLike, opts: Im
                      "start-up batch, not routing of real tokens")
     if not kept:
         raise bad_line(p, dropped[-1].lines()[1] if dropped else 1, "no forward pass besides the warm-up")
+    phases = prompt_passes(kept)
     rows = RoutingRows(p, describe_key=("forward pass", "token_idx", "layer"))
-    for seq, fp in enumerate(kept):
+    for seq, (fp, phase) in enumerate(zip(kept, phases, strict=True)):
         for layer, call in fp.calls:
             for lineno, tok, ids, ws in call:
-                rows.add(lineno, seq, tok, layer, ids, ws, DECODE)
+                rows.add(lineno, seq, tok, layer, ids, ws, phase)
+    n_prompt = phases.count(PREFILL)
+    if n_prompt:
+        notes.append(f"{n_prompt} prompt pass{'es' if n_prompt != 1 else ''} (more rows than the decode passes "
+                     f"around {'them' if n_prompt != 1 else 'it'}: {', '.join(str(fp.width()) for fp, ph in zip(kept, phases, strict=True) if ph == PREFILL)} "
+                     "rows) labelled prefill")
     widths = sorted(fp.width() for fp in kept)
     header = log.header
     prov = {"forward_passes": len(kept), "rows_per_pass": {"min": widths[0], "median": widths[len(widths) // 2],

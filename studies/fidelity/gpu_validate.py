@@ -189,9 +189,11 @@ def main() -> int:
         geometry = dataclasses.replace(geometry, num_layers=args.layers)
 
     decode_only: dict[str, bool] = {}
+    digests: dict[str, str] = {}   # each trace's routing digest: `moesim validate` refuses the cells for another
 
     def load(path: str, skip: int) -> Routing:
         full = read_trace(path)
+        digests[path] = full.routing_digest()
         # a trace with prompts: batch-1 decode cells replay its decode rows (prefill has cells of its own)
         decode_only[path] = bool((full.phase == PREFILL).any())
         if decode_only[path]:
@@ -240,7 +242,8 @@ def main() -> int:
     results = []
     for (path, skip, fname), r in zip(runs, routings, strict=True):
         results.append({"device": env["device"], "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                        "trace": Path(path).name, "skip_tokens": skip, "decode_rows_only": decode_only[path],
+                        "trace": Path(path).name, "trace_digest": digests[path], "skip_tokens": skip,
+                        "decode_rows_only": decode_only[path],
                         "layers": geometry.num_layers, "expert_bytes": weights.expert_bytes, "quantization": "hqq2",
                         "attention_quantization": weights.attn_quant.name, "cuda_graphs": program.graphs,
                         "tokens": r.num_tokens, "compile_dequant": compile_ok, "all_resident_ms_per_token": floor_ms,
