@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -61,10 +62,14 @@ def test_sweep_refuses_a_nan_axis_value(decode_only, tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "(NaN)" in err[0] and not out.exists(), err
 
 
-def test_a_negative_prefetch_budget_is_refused(decode_only, capsys):
-    code, _, err = _run(["simulate", decode_only, "--policy", "lru", "--cache-size", "2", "--hardware", "a6000",
-                         "--prefetch", "transition", "--prefetch-budget", "-1"], capsys)
-    assert code == 2 and len(err) == 1 and "prefetch budget must be >= 0" in err[0], err
+@pytest.mark.parametrize("threshold, needle", [(1.5, "threshold must be in [0, 1]"), (-0.1, "threshold must be in"),
+                                               ("nan", "threshold='nan' is not a number (NaN)")])
+def test_a_speculative_threshold_outside_a_probability_is_refused(threshold, needle):
+    from moesim.policies.prefetch import make_prefetcher
+
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        make_prefetcher("speculative", num_layers=4, num_experts=8, top_k=2, threshold=threshold)
+    assert make_prefetcher("speculative", num_layers=4, num_experts=8, top_k=2, threshold=0.2).threshold == 0.2
 
 
 @pytest.mark.parametrize("phase, other", [("prefill", "decode")])

@@ -132,7 +132,7 @@ def test_prefetchers_and_speculative_needs_predictions(real_trace):
         d = simulate_timing(real_trace, "lru", 4, cost, prefetch=name).to_dict()
         assert 0 <= d["prefetch_precision"] <= 1 and 0 <= d["prefetch_recall"] <= 1
         assert d["bytes_h2d"] == (d["misses"] + d["prefetches"]) * d["expert_bytes"]
-    with pytest.raises(UsageError, match="recorded predictions"):
+    with pytest.raises(UsageError, match="needs speculative predictions recorded at distance 1"):
         simulate_timing(real_trace, "lru", 4, cost, prefetch="speculative")
 
 

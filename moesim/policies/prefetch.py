@@ -42,8 +42,6 @@ class Prefetcher:
                  budget: int | None = None) -> None:
         if distance < 1:
             raise ValueError("prefetch distance must be >= 1")
-        if budget is not None and budget < 0:
-            raise ValueError("prefetch budget must be >= 0")
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
         self.distance = distance
         self.budget = top_k if budget is None else budget
