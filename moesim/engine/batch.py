@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from moesim.engine import kernels
 from moesim.engine.identity import TAG_BASE, ResidencyProof, slot_tags
 from moesim.engine.plan import CachePlan, Routing
 from moesim.engine.runtime import EngineResult, Weights, capture_graphs, compiled, expert_forward, issue_copy
@@ -187,7 +188,8 @@ class BatchProgram(ResidencyProof):
         self.device_copies = torch.zeros((), dtype=torch.int64, device=dev)
         self.embed = (weights.lm_head.float() * 50.0).to(torch.bfloat16) if distinct_inputs else None
         use = compile_kernels and d.cuda
-        self._expert = compiled(expert_forward) if use else expert_forward
+        # the fused expert kernels are not traced by torch.compile
+        self._expert = compiled(expert_forward) if use and not kernels.active(dev) else expert_forward
         self._dequant = compiled(attention_weights) if use else attention_weights
         self.token_buckets = token_buckets(rows)
         self.graphs = d.cuda if graphs is None else (graphs and d.cuda)
