@@ -60,7 +60,8 @@ def _dequant(pw, scale, zero, J: tl.constexpr, BITS: tl.constexpr, QUANT_META: t
     """Code position ``J`` of every word in the tile, dequantised and rounded to bf16 (kept in fp32)."""
     PB: tl.constexpr = 8 // BITS
     SHIFT: tl.constexpr = 8 * (J // PB) + (PB - 1 - J % PB) * BITS
-    c = ((pw >> SHIFT) & ((1 << BITS) - 1)).to(tl.float32)
+    # code -> float without a conversion instruction: the bits of 2^23 + code, minus 2^23 (exact)
+    c = (((pw >> SHIFT) & ((1 << BITS) - 1)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
     if QUANT_META:
         w = (c - zero) * scale
     else:   # hqq 0.2: (code - zero) rounded to bf16, times scale
@@ -80,9 +81,9 @@ def _lowbit_kernel(x_ptr, out_ptr, M, N, stride_xm, stride_om,
     rows = pid_n * BN + tl.arange(0, BN)
     row_ok = rows < N
     groups_per_row: tl.constexpr = WORDS // GROUP_WORDS
-    if BM == 1:
-        acc_a = tl.zeros([BN], dtype=tl.float32)
-        acc_b = tl.zeros([BN], dtype=tl.float32)
+    if BM == 1:   # products summed over the row at the end: one cross-thread reduction per program
+        acc_a = tl.zeros([BN, BW], dtype=tl.float32)
+        acc_b = tl.zeros([BN, BW], dtype=tl.float32)
     else:
         ms = pid_m * BM + tl.arange(0, BM)
         m_ok = ms < M
@@ -104,9 +105,9 @@ def _lowbit_kernel(x_ptr, out_ptr, M, N, stride_xm, stride_om,
                 wb = _dequant(pwb, scb, zeb, j, BITS, QUANT_META)
             if BM == 1:
                 xk = tl.load(x_ptr + k, mask=w_ok, other=0.0).to(tl.float32)
-                acc_a += tl.sum(wa * xk[None, :], axis=1)
+                acc_a += wa * xk[None, :]
                 if DUAL:
-                    acc_b += tl.sum(wb * xk[None, :], axis=1)
+                    acc_b += wb * xk[None, :]
             else:
                 xk = tl.load(x_ptr + ms[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & w_ok[None, :],
                              other=0.0)
@@ -118,6 +119,9 @@ def _lowbit_kernel(x_ptr, out_ptr, M, N, stride_xm, stride_om,
                     acc_a += tl.dot(xk, tl.trans(wa.to(xk.dtype)))
                     if DUAL:
                         acc_b += tl.dot(xk, tl.trans(wb.to(xk.dtype)))
+    if BM == 1:
+        acc_a = tl.sum(acc_a, axis=1)
+        acc_b = tl.sum(acc_b, axis=1)
     if DUAL:
         acc_a = acc_a * tl.sigmoid(acc_a) * acc_b
     if BM == 1:
@@ -152,7 +156,8 @@ def _operands(view, spec: QuantSpec, n: int) -> tuple:
 
 # (BN, BW, warps) per path: batch 1 walks long rows with few of them per program; batch > 1 tiles for
 # tensor cores. Chosen per (rows, words per row) by the autotuner on a GPU (a run's first call).
-GEMV_CONFIGS = [(8, 64, 4), (16, 64, 4), (16, 128, 4), (32, 64, 4), (8, 128, 4), (32, 32, 4), (64, 32, 4)]
+GEMV_CONFIGS = [(8, 64, 4), (16, 64, 4), (16, 128, 4), (32, 64, 4), (8, 128, 4), (32, 32, 4), (64, 32, 4),
+                (16, 32, 2), (8, 32, 2)]
 GEMM_CONFIGS = [(32, 32, 4), (64, 32, 4), (32, 64, 4), (64, 16, 4), (128, 16, 8)]
 _TUNED: dict[tuple, tuple[int, int, int]] = {}
 
