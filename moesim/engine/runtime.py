@@ -400,13 +400,14 @@ class Program(ResidencyProof):
         self.expect = torch.zeros(g.num_layers, k, self.cap, dtype=torch.int64, device=dev)
         self.violations = torch.zeros((), dtype=torch.int64, device=dev)
         self.device_copies = torch.zeros((), dtype=torch.int64, device=dev)
-        # the fused kernels replace torch.compile's dequantisation (Triton launches are not traced)
+        # with the fused kernels (opaque custom ops to torch.compile) an expert is two launches already;
+        # compiling still fuses the layer's elementwise work around its kernels
         self.fused = kernels.active(dev)
-        use = compile_kernels and d.cuda and not self.fused
+        use = compile_kernels and d.cuda
         self._first = compiled(first_layer_step) if use else first_layer_step
         self._layer = compiled(layer_step) if use else layer_step
         self._final = compiled(final_step) if use else final_step
-        self._expert = compiled(expert_forward) if use else expert_forward
+        self._expert = compiled(expert_forward) if use and not self.fused else expert_forward
         self.graphs = d.cuda if graphs is None else (graphs and d.cuda)
         self.first: Any = self._run_first
         self.layer: list[Any] = [None] + [lambda layer=layer: self._run_layer(layer) for layer in range(1, g.num_layers)]

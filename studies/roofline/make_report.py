@@ -35,8 +35,10 @@ def roofline_rows(r: dict) -> list[list[Any]]:
         for row in e["rows"]:
             b = e["weight_bytes"]
             gbs = b / row["fused_ms"] / 1e6
+            old = row["old_compiled_ms"]
             rows.append([f"expert {name}", row["batch"], b, row["fused_ms"], gbs, 100 * gbs / peak,
-                         row["old_compiled_ms"], row["old_compiled_ms"] / row["fused_ms"], row["fp16_dense_ms"]])
+                         old if old is not None else "-", old / row["fused_ms"] if old is not None else "-",
+                         row["fp16_dense_ms"]])
     lay = r["layer"]
     b = lay["attn_weight_bytes"] + lay["kv_cache_bytes_read"] + lay["gate_bytes"]
     gbs = b / lay["fused_ms"] / 1e6

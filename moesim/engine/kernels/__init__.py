@@ -9,22 +9,19 @@ path everywhere, e.g. to time the previous engine beside the new one.
 from __future__ import annotations
 
 import contextlib
-import functools
+import importlib.util
 import os
 from collections.abc import Iterator
 
 from moesim.engine.quant import QuantSpec, matrix
 
-_STATE = {"enabled": os.environ.get("MOESIM_KERNELS", "fused") != "reference"}
+# plain module state (no cached functions): torch.compile traces these reads as constants
+_STATE = {"enabled": os.environ.get("MOESIM_KERNELS", "fused") != "reference", "ops": False}
+_TRITON = importlib.util.find_spec("triton") is not None
 
 
-@functools.cache
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON
 
 
 @contextlib.contextmanager
@@ -42,7 +39,10 @@ def active(device) -> bool:
     """Will packed matmuls on ``device`` use the fused kernels?"""
     import torch
 
-    return _STATE["enabled"] and torch.device(device).type == "cuda" and triton_available()
+    on = _STATE["enabled"] and torch.device(device).type == "cuda" and _TRITON
+    if on and not _STATE["ops"]:
+        _register_ops()
+    return on
 
 
 def fused_for(t, spec: QuantSpec, rows: int, cols: int) -> bool:
@@ -53,12 +53,43 @@ def fused_for(t, spec: QuantSpec, rows: int, cols: int) -> bool:
     return supported(spec, rows, cols)
 
 
+def _register_ops() -> None:
+    """The fused kernels as torch custom ops: opaque to torch.compile, so a compiled piece (the layer:
+    norms, SDPA, gate) keeps its fused elementwise kernels around them instead of breaking its graph."""
+    import torch
+
+    from moesim.engine.kernels import lowbit
+    from moesim.engine.quant import quant_spec
+
+    # schemas spelled out: this module's annotations are strings (``from __future__ import annotations``)
+    @torch.library.custom_op("moesim::lowbit_linear", mutates_args=(),
+                             schema="(Tensor x, Tensor view, str fmt, int rows, int cols) -> Tensor")
+    def linear_op(x, view, fmt: str, rows: int, cols: int):
+        return lowbit.lowbit_linear(x, view, quant_spec(fmt), rows, cols)
+
+    @linear_op.register_fake
+    def _(x, view, fmt, rows, cols):
+        return x.new_empty(x.shape[0], rows)
+
+    @torch.library.custom_op("moesim::lowbit_expert", mutates_args=(),
+                             schema="(Tensor blob, Tensor x, str fmt, int hidden, int ffn) -> Tensor")
+    def expert_op(blob, x, fmt: str, hidden: int, ffn: int):
+        return lowbit.expert_ffn(blob, x, quant_spec(fmt), hidden, ffn)
+
+    @expert_op.register_fake
+    def _(blob, x, fmt, hidden, ffn):
+        return x.new_empty(x.shape[0], hidden)
+
+    _STATE["ops"] = True
+
+
 def packed_linear(x, view, spec: QuantSpec, rows: int, cols: int):
     """``x @ W.T`` for W (rows, cols) packed in ``view``, in ``x``'s dtype (fused where it can be)."""
     if fused_for(x, spec, rows, cols):
-        from moesim.engine.kernels.lowbit import lowbit_linear
+        import torch
 
-        return lowbit_linear(x.reshape(-1, cols).contiguous(), view, spec, rows, cols).view(*x.shape[:-1], rows)
+        y = torch.ops.moesim.lowbit_linear(x.reshape(-1, cols).contiguous(), view, spec.name, rows, cols)
+        return y.view(*x.shape[:-1], rows)
     return x @ matrix(view, spec, rows, cols).to(x.dtype).T
 
 
@@ -68,9 +99,7 @@ def packed_expert(blob, x, spec: QuantSpec, hidden: int, ffn: int):
     import torch
 
     if fused_for(x, spec, ffn, hidden) and fused_for(x, spec, hidden, ffn):
-        from moesim.engine.kernels.lowbit import expert_ffn
-
-        return expert_ffn(blob, x.contiguous(), spec, hidden, ffn)
+        return torch.ops.moesim.lowbit_expert(blob, x.contiguous(), spec.name, hidden, ffn)
     size = spec.matrix_bytes(hidden * ffn)
     h = torch.nn.functional.silu(packed_linear(x, blob[:size], spec, ffn, hidden)) \
         * packed_linear(x, blob[size:2 * size], spec, ffn, hidden)
