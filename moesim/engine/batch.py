@@ -70,14 +70,21 @@ def batch_attention(x, wq, wk, wv, wo, wg, k_cache, v_cache, lanes, pos, positio
     Decode rows are their lanes (row i = lane i); a prefill step is one lane."""
     import torch
 
-    dequant = dequant or attention_weights
     F = torch.nn.functional
     n = x.shape[0]
     group = g.n_heads // g.n_kv_heads
-    mq, mk, mv, mo = dequant(wq, wk, wv, wo, g, aq)
-    q = x @ mq.T
-    k = (x @ mk.T).view(n, g.n_kv_heads, g.head_dim)
-    v = (x @ mv.T).view(n, g.n_kv_heads, g.head_dim)
+    kv = g.n_kv_heads * g.head_dim
+    if kernels.fused_for(x, aq, g.hidden, g.hidden) and kernels.fused_for(x, aq, kv, g.hidden):
+        # straight from the packed blobs (each read once per step, whatever the step's rows)
+        q, k, v = (kernels.packed_linear(x, w, aq, rows, g.hidden) for w, rows in ((wq, g.hidden), (wk, kv), (wv, kv)))
+        out_proj = functools.partial(kernels.packed_linear, view=wo, spec=aq, rows=g.hidden, cols=g.hidden)
+    else:
+        mq, mk, mv, mo = (dequant or attention_weights)(wq, wk, wv, wo, g, aq)
+        q, k, v = x @ mq.T, x @ mk.T, x @ mv.T
+
+        def out_proj(a):
+            return a @ mo.T
+    k, v = k.view(n, g.n_kv_heads, g.head_dim), v.view(n, g.n_kv_heads, g.head_dim)
     k_cache[lanes, :, pos] = k
     v_cache[lanes, :, pos] = v
     visible = positions[:bucket].view(1, -1) <= pos.view(n, 1)   # (rows, bucket)
@@ -93,7 +100,7 @@ def batch_attention(x, wq, wk, wv, wo, wg, k_cache, v_cache, lanes, pos, positio
         qh = q.view(n, g.n_kv_heads, group, g.head_dim)
         a = F.scaled_dot_product_attention(qh, k_cache[:n, :, :bucket], v_cache[:n, :, :bucket],
                                            attn_mask=visible.view(n, 1, 1, bucket)).reshape(n, g.hidden)
-    x = x + a @ mo.T
+    x = x + out_proj(a)
     return x, torch.softmax((x @ wg.T).float(), dim=-1)
 
 
