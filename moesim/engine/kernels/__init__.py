@@ -61,25 +61,18 @@ def _register_ops() -> None:
     from moesim.engine.kernels import lowbit
     from moesim.engine.quant import quant_spec
 
-    # schemas spelled out: this module's annotations are strings (``from __future__ import annotations``)
-    @torch.library.custom_op("moesim::lowbit_linear", mutates_args=(),
-                             schema="(Tensor x, Tensor view, str fmt, int rows, int cols) -> Tensor")
-    def linear_op(x, view, fmt: str, rows: int, cols: int):
-        return lowbit.lowbit_linear(x, view, quant_spec(fmt), rows, cols)
-
-    @linear_op.register_fake
-    def _(x, view, fmt, rows, cols):
-        return x.new_empty(x.shape[0], rows)
-
-    @torch.library.custom_op("moesim::lowbit_expert", mutates_args=(),
-                             schema="(Tensor blob, Tensor x, str fmt, int hidden, int ffn) -> Tensor")
-    def expert_op(blob, x, fmt: str, hidden: int, ffn: int):
-        return lowbit.expert_ffn(blob, x, quant_spec(fmt), hidden, ffn)
-
-    @expert_op.register_fake
-    def _(blob, x, fmt, hidden, ffn):
-        return x.new_empty(x.shape[0], hidden)
-
+    # (name, schema, kernel, output rows from the arguments); schemas spelled out because this module's
+    # annotations are strings (``from __future__ import annotations``)
+    ops = [("lowbit_linear", "(Tensor x, Tensor view, str fmt, int rows, int cols) -> Tensor",
+            lambda x, view, fmt, rows, cols: lowbit.lowbit_linear(x, view, quant_spec(fmt), rows, cols),
+            lambda x, view, fmt, rows, cols: (x.shape[0], rows)),
+           ("lowbit_expert", "(Tensor blob, Tensor x, str fmt, int hidden, int ffn) -> Tensor",
+            lambda blob, x, fmt, hidden, ffn: lowbit.expert_ffn(blob, x, quant_spec(fmt), hidden, ffn),
+            lambda blob, x, fmt, hidden, ffn: (x.shape[0], hidden))]
+    for name, schema, kernel, out_shape in ops:
+        op = torch.library.custom_op(f"moesim::{name}", kernel, mutates_args=(), schema=schema)
+        x_arg = 0 if name == "lowbit_linear" else 1
+        op.register_fake(lambda *a, out_shape=out_shape, x_arg=x_arg: a[x_arg].new_empty(out_shape(*a)))
     _STATE["ops"] = True
 
 
