@@ -27,7 +27,7 @@ DEV = "cuda" if CUDA else "cpu"
 # GPU: summation order only (bf16 output rounding); interpreter: its bf16 casts truncate
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2} if CUDA else \
     dict.fromkeys((torch.float32, torch.float16, torch.bfloat16), 3e-2)
-FORMATS = ["hqq2", "hqq4", "hqq2-v02", "hqq4-v02"]
+FORMATS = ["hqq2", "hqq4", "hqq2-v02", "hqq4-v02", "hqq2-g64"]
 
 
 def _packed(spec, rows, cols, gen):
@@ -88,7 +88,7 @@ def test_hqq_quantizer_blobs_against_hqq_dequantize():
     from moesim.engine.pack import hqq_reference, pack_matrix
 
     torch.manual_seed(3)
-    for name in ("hqq2-v02", "hqq4-v02"):
+    for name in ("hqq2-v02", "hqq4-v02", "hqq2-g64"):
         spec = quant_spec(name)
         w = torch.randn(64, 256) * 0.05
         blob = pack_matrix(w, spec, "cpu").to(DEV)

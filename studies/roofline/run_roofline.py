@@ -192,7 +192,7 @@ def main() -> int:
     stage("hbm_peak", hbm_peak)
     stage("h2d_curve", h2d_curve)
     # the previous engine's compiled piece for the seed's format only (each compile takes seconds)
-    stage("expert", lambda: {n: expert_pieces(n, old=n == "hqq2") for n in ("hqq2", "hqq2-v02", "hqq4")})
+    stage("expert", lambda: {n: expert_pieces(n, old=n == "hqq2") for n in ("hqq2", "hqq2-g64", "hqq2-v02", "hqq4")})
     stage("layer", layer_piece)
     stage("engine_runs", lambda: engine_runs(args.trace, args.tokens, out, save,
                                              compile_layers=bool(out.get("layer", {}).get("compiled"))))
