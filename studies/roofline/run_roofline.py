@@ -164,6 +164,8 @@ def main() -> int:
     ap.add_argument("--commit", required=True)
     ap.add_argument("--trace", type=Path, default=Path("traces/synth-mixtral-8x7b.parquet"))
     ap.add_argument("--tokens", type=int, default=96)
+    ap.add_argument("--pieces-only", action="store_true",
+                    help="skip the 32-layer engine runs; writes pieces_<gpu>.json (no contract keys)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name(0)
@@ -171,7 +173,7 @@ def main() -> int:
     out: dict = {"device": name, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": args.commit,
                  "torch": torch.__version__, "triton": __import__("triton").__version__,
                  "fused_kernels": kernels.active("cuda")}
-    path = args.out / f"roofline_{short}.json"
+    path = args.out / f"{'pieces' if args.pieces_only else 'roofline'}_{short}.json"
 
     def save() -> None:
         tmp = path.with_suffix(".tmp")
@@ -194,6 +196,8 @@ def main() -> int:
     # the previous engine's compiled piece for the seed's format only (each compile takes seconds)
     stage("expert", lambda: {n: expert_pieces(n, old=n == "hqq2") for n in ("hqq2", "hqq2-g64", "hqq2-v02", "hqq4")})
     stage("layer", layer_piece)
+    if args.pieces_only:
+        return 1 if "errors" in out else 0
     stage("engine_runs", lambda: engine_runs(args.trace, args.tokens, out, save,
                                              compile_layers=bool(out.get("layer", {}).get("compiled"))))
     if "errors" in out:
