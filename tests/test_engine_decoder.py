@@ -59,11 +59,11 @@ def tiny(request, tmp_path_factory):
     return request.param, path, model
 
 
-def _engine(path, quant="none", max_slots=None, distance=2):
+def _engine(path, quant="none", max_slots=None, distance=2, device="cpu"):
     ckpt = load_checkpoint(path)
     packed = pack_checkpoint(ckpt, quant)
-    program = DecoderProgram(packed, "cpu", max_slots or ckpt.spec.num_experts, predict_distance=distance)
-    return ckpt, packed, program, ExpertStore.from_packed(packed, pin=False)
+    program = DecoderProgram(packed, device, max_slots or ckpt.spec.num_experts, predict_distance=distance)
+    return ckpt, packed, program, ExpertStore.from_packed(packed, pin=device != "cpu")
 
 
 def _reference_logits(model, ids: list[int]) -> np.ndarray:
@@ -210,14 +210,19 @@ def test_replay_mode_reproduces_the_gate_driven_run(tiny, tmp_path):
         np.testing.assert_allclose(np.stack(replay.logits), np.stack(live.logits), atol=1e-5, rtol=0)
 
 
-def test_hqq_logits_equal_transformers_with_hqq_weights(tiny):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_hqq_logits_equal_transformers_with_hqq_weights(tiny, device):
     """--quant hqq2: experts 2-bit g16 and attention 4-bit g64 from hqq's quantizer; transformers with
-    hqq's own dequantized weights swapped in gives the same logits."""
+    hqq's own dequantized weights swapped in gives the same logits. On CUDA the packed matrices go
+    through the fused kernels (moesim.engine.kernels), on CPU through dequantise-then-matmul."""
     pytest.importorskip("hqq")
+    from moesim.engine import kernels
     from moesim.engine.pack import hqq_reference
 
     family, path, model = tiny
-    ckpt, packed, program, store = _engine(path, quant="hqq2", max_slots=4)
+    ckpt, packed, program, store = _engine(path, quant="hqq2", max_slots=4, device=device)
+    assert kernels.active(device) == (device == "cuda" and kernels.triton_available())
     s = ckpt.spec
     ref = type(model)(model.config).eval()
     ref.load_state_dict(model.state_dict())

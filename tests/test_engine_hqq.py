@@ -33,7 +33,7 @@ def stored_bytes(q) -> int:
     return total
 
 
-@pytest.mark.parametrize("name,nbits,group", [("hqq2-v02", 2, 16), ("hqq4-v02", 4, 64)])
+@pytest.mark.parametrize("name,nbits,group", [("hqq2-v02", 2, 16), ("hqq4-v02", 4, 64), ("hqq2-g64", 2, 64)])
 def test_byte_count_equals_what_hqq_stores(name, nbits, group):
     rows, cols = 256, 1024
     for quant_meta in (False, True):   # hqq 0.2 ignores quant_scale / quant_zero: same bytes either way
@@ -41,9 +41,10 @@ def test_byte_count_equals_what_hqq_stores(name, nbits, group):
         assert stored_bytes(q) == quant_spec(name).matrix_bytes(rows * cols)
     assert quant_spec("hqq2-v02").expert_bytes(4096, 14336) == 88_080_384
     assert quant_spec("hqq2").expert_bytes(4096, 14336) == 66_748_416
+    assert quant_spec("hqq2-g64").expert_bytes(4096, 14336) == 55_050_240
 
 
-@pytest.mark.parametrize("name,nbits,group", [("hqq2-v02", 2, 16), ("hqq4-v02", 4, 64)])
+@pytest.mark.parametrize("name,nbits,group", [("hqq2-v02", 2, 16), ("hqq4-v02", 4, 64), ("hqq2-g64", 2, 64)])
 def test_dequantisation_equals_hqq(name, nbits, group):
     """hqq's codes (unpacked with hqq's BitPack), scales and zeros, repacked into our blob layout,
     dequantise to hqq's own weights."""
@@ -70,7 +71,7 @@ def test_dequantisation_equals_hqq(name, nbits, group):
     assert np.mean(np.abs(ours - theirs)) < 1e-3 * scale
 
 
-@pytest.mark.parametrize("name", ["hqq2-v02", "hqq4-v02"])
+@pytest.mark.parametrize("name", ["hqq2-v02", "hqq4-v02", "hqq2-g64"])
 def test_decoder_blobs_from_hqqs_quantizer_dequantise_bit_identically(name):
     """The decoder's packer (engine/pack.py) stores hqq's own quantizer output; our dequantisation of
     that blob equals hqq's ``Quantizer.dequantize`` bit for bit (bf16 arithmetic in the same order)."""

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from moesim.engine import kernels
 from moesim.engine.identity import TAG_BASE, ResidencyProof, slot_tags
 from moesim.engine.plan import CachePlan, Routing
 from moesim.engine.runtime import EngineResult, Weights, capture_graphs, compiled, expert_forward, issue_copy
@@ -70,14 +71,21 @@ def batch_attention(x, wq, wk, wv, wo, wg, k_cache, v_cache, lanes, pos, positio
     Decode rows are their lanes (row i = lane i); a prefill step is one lane."""
     import torch
 
-    dequant = dequant or attention_weights
     F = torch.nn.functional
     n = x.shape[0]
     group = g.n_heads // g.n_kv_heads
-    mq, mk, mv, mo = dequant(wq, wk, wv, wo, g, aq)
-    q = x @ mq.T
-    k = (x @ mk.T).view(n, g.n_kv_heads, g.head_dim)
-    v = (x @ mv.T).view(n, g.n_kv_heads, g.head_dim)
+    kv = g.n_kv_heads * g.head_dim
+    if kernels.fused_for(x, aq, g.hidden, g.hidden) and kernels.fused_for(x, aq, kv, g.hidden):
+        # straight from the packed blobs (each read once per step, whatever the step's rows)
+        q, k, v = (kernels.packed_linear(x, w, aq, rows, g.hidden) for w, rows in ((wq, g.hidden), (wk, kv), (wv, kv)))
+        out_proj = functools.partial(kernels.packed_linear, view=wo, spec=aq, rows=g.hidden, cols=g.hidden)
+    else:
+        mq, mk, mv, mo = (dequant or attention_weights)(wq, wk, wv, wo, g, aq)
+        q, k, v = x @ mq.T, x @ mk.T, x @ mv.T
+
+        def out_proj(a):
+            return a @ mo.T
+    k, v = k.view(n, g.n_kv_heads, g.head_dim), v.view(n, g.n_kv_heads, g.head_dim)
     k_cache[lanes, :, pos] = k
     v_cache[lanes, :, pos] = v
     visible = positions[:bucket].view(1, -1) <= pos.view(n, 1)   # (rows, bucket)
@@ -93,7 +101,7 @@ def batch_attention(x, wq, wk, wv, wo, wg, k_cache, v_cache, lanes, pos, positio
         qh = q.view(n, g.n_kv_heads, group, g.head_dim)
         a = F.scaled_dot_product_attention(qh, k_cache[:n, :, :bucket], v_cache[:n, :, :bucket],
                                            attn_mask=visible.view(n, 1, 1, bucket)).reshape(n, g.hidden)
-    x = x + a @ mo.T
+    x = x + out_proj(a)
     return x, torch.softmax((x @ wg.T).float(), dim=-1)
 
 
@@ -188,7 +196,8 @@ class BatchProgram(ResidencyProof):
         self.device_copies = torch.zeros((), dtype=torch.int64, device=dev)
         self.embed = (weights.lm_head.float() * 50.0).to(torch.bfloat16) if distinct_inputs else None
         use = compile_kernels and d.cuda
-        self._expert = compiled(expert_forward) if use else expert_forward
+        # the fused expert kernels are not traced by torch.compile
+        self._expert = compiled(expert_forward) if use and not kernels.active(dev) else expert_forward
         self._dequant = compiled(attention_weights) if use else attention_weights
         self.token_buckets = token_buckets(rows)
         self.graphs = d.cuda if graphs is None else (graphs and d.cuda)

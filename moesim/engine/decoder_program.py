@@ -24,8 +24,9 @@ from __future__ import annotations
 from typing import Any
 
 from moesim.engine.identity import TAG_BASE, ResidencyProof, blob_bytes, slot_tags
+from moesim.engine.kernels import active, packed_expert, packed_linear
 from moesim.engine.pack import PackedModel
-from moesim.engine.quant import QuantSpec, dequantize, matrix, split_blob
+from moesim.engine.quant import QuantSpec
 from moesim.engine.runtime import Device, capture_graphs, compiled
 
 
@@ -53,10 +54,9 @@ def decoder_attention(x, pos, positions, cos_t, sin_t, k_cache, v_cache, w: dict
     hd, nkv, nh = s.head_dim, s.n_kv_heads, s.n_heads
     group = nh // nkv
     h = rms_norm(x, w["in_norm"], s.rms_eps)
-    dt = x.dtype
 
     def proj(name: str, rows: int):
-        y = h @ matrix(w[name], afmt, rows, s.hidden).to(dt).T
+        y = packed_linear(h, w[name], afmt, rows, s.hidden)
         return y + w[f"{name}_bias"] if f"{name}_bias" in w else y
 
     q = proj("q", nh * hd).view(1, nh, hd)
@@ -76,7 +76,7 @@ def decoder_attention(x, pos, positions, cos_t, sin_t, k_cache, v_cache, w: dict
         mask = mask & (positions > pos - window)
     # a KV head's query group as the "length" axis: GQA without repeating the cache
     a = F.scaled_dot_product_attention(q.view(1, nkv, group, hd), k_cache, v_cache, attn_mask=mask.view(1, 1, 1, -1))
-    o = a.reshape(1, nh * hd) @ matrix(w["o"], afmt, s.hidden, nh * hd).to(dt).T
+    o = packed_linear(a.reshape(1, nh * hd), w["o"], afmt, s.hidden, nh * hd)
     return x + o
 
 
@@ -104,16 +104,8 @@ def shared_expert(xn, w: dict):
 
 
 def decoder_expert(blob, x, spec: QuantSpec, hidden: int, ffn: int):
-    """Dequantise an expert blob and run its SwiGLU FFN on ``x`` (1, hidden)."""
-    import torch
-
-    n = hidden * ffn
-    p1, p3, p2 = split_blob(blob, spec, n)
-    dt = x.dtype
-    w1 = dequantize(p1, spec, n).view(ffn, hidden).to(dt)
-    w3 = dequantize(p3, spec, n).view(ffn, hidden).to(dt)
-    h = torch.nn.functional.silu(x @ w1.T) * (x @ w3.T)
-    return h @ dequantize(p2, spec, n).view(hidden, ffn).to(dt).T
+    """An expert blob's SwiGLU FFN on ``x`` (1, hidden), in ``x``'s dtype (``kernels.packed_expert``)."""
+    return packed_expert(blob, x, spec, hidden, ffn)
 
 
 class DecoderProgram(ResidencyProof):
@@ -174,7 +166,7 @@ class DecoderProgram(ResidencyProof):
         self.host_pred = torch.full((L, D, k), -1.0, dtype=torch.float32, pin_memory=pin)
         self.logits = torch.zeros(1, s.vocab, dtype=torch.float32, device=dev)
         self.host_logits = torch.zeros(1, s.vocab, dtype=torch.float32, pin_memory=pin)
-        use = compile_kernels and self.d.cuda
+        use = compile_kernels and self.d.cuda and not active(self.d.dev)   # fused kernels: not traced
         self._attn = compiled(decoder_attention) if use else decoder_attention
         self._gate = compiled(decoder_gate) if use else decoder_gate
         self._expert = compiled(decoder_expert) if use else decoder_expert

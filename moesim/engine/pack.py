@@ -9,6 +9,7 @@ none      checkpoint dtype (plain)        checkpoint dtype (plain)        checkp
 bf16      bf16 (plain)                    bf16 (plain)                    bf16
 hqq2      hqq 2-bit, group 16 (hqq2-v02)  hqq 4-bit, group 64 (hqq4-v02)  checkpoint dtype
 hqq4      hqq 4-bit, group 64 (hqq4-v02)  hqq 4-bit, group 64 (hqq4-v02)  checkpoint dtype
+hqq2-g64  hqq 2-bit, group 64 (hqq2-g64)  hqq 4-bit, group 64 (hqq4-v02)  checkpoint dtype
 ========  ==============================  ==============================  ==========================
 
 The quantized blobs come from hqq's own quantizer (``hqq.core.quantize.Quantizer.quantize``, axis 1,
@@ -39,8 +40,8 @@ from moesim.engine.quant import QuantSpec, plain_spec, quant_spec, split_matrix
 from moesim.errors import SettingError
 
 CACHE_VERSION = 1
-QUANT_CHOICES = ("none", "bf16", "hqq2", "hqq4")
-HQQ_SETTINGS = {"hqq2-v02": (2, 16), "hqq4-v02": (4, 64)}
+QUANT_CHOICES = ("none", "bf16", "hqq2", "hqq4", "hqq2-g64")
+HQQ_SETTINGS = {"hqq2-v02": (2, 16), "hqq4-v02": (4, 64), "hqq2-g64": (2, 64)}
 
 
 def default_cache_root() -> Path:
@@ -60,6 +61,8 @@ def formats(quant: str, checkpoint_dtype) -> tuple[QuantSpec, QuantSpec, Any]:
         return quant_spec("hqq2-v02"), quant_spec("hqq4-v02"), checkpoint_dtype
     if quant == "hqq4":
         return quant_spec("hqq4-v02"), quant_spec("hqq4-v02"), checkpoint_dtype
+    if quant == "hqq2-g64":
+        return quant_spec("hqq2-g64"), quant_spec("hqq4-v02"), checkpoint_dtype
     raise SettingError("quant", f"unknown expert format {quant!r} (known: {', '.join(QUANT_CHOICES)})")
 
 

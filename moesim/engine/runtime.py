@@ -35,9 +35,10 @@ from typing import Any
 
 import numpy as np
 
+from moesim.engine import kernels
 from moesim.engine.identity import TAG_BASE, ResidencyProof, blob_bytes, slot_tags, tagged_blob
 from moesim.engine.plan import CachePlan, Routing
-from moesim.engine.quant import QuantSpec, dequantize, fill_random_blob, split_blob
+from moesim.engine.quant import QuantSpec, fill_random_blob
 from moesim.engine.sync import COMPUTE, COPY, DEFAULT_SYNC, Mark, SlotEvents, StreamOrder, SyncMode
 from moesim.simulator.results import HitCounts
 
@@ -231,19 +232,18 @@ def attention_forward(x, wq, wk, wv, wo, wg, k_cache, v_cache, pos, positions, g
     ``pos`` is a 1-element device tensor. Returns (x, gate probs)."""
     import torch
 
-    from moesim.engine.quant import matrix
-
+    packed_linear = kernels.packed_linear
     F = torch.nn.functional
     group = g.n_heads // g.n_kv_heads
     kv = g.n_kv_heads * g.head_dim
-    q = (x @ matrix(wq, aq, g.hidden, g.hidden).T).view(1, g.n_kv_heads, group, g.head_dim)  # a KV head's
-    k = (x @ matrix(wk, aq, kv, g.hidden).T).view(1, g.n_kv_heads, 1, g.head_dim)   # query group as "length"
-    v = (x @ matrix(wv, aq, kv, g.hidden).T).view(1, g.n_kv_heads, 1, g.head_dim)
+    q = packed_linear(x, wq, aq, g.hidden, g.hidden).view(1, g.n_kv_heads, group, g.head_dim)  # a KV head's
+    k = packed_linear(x, wk, aq, kv, g.hidden).view(1, g.n_kv_heads, 1, g.head_dim)   # query group as "length"
+    v = packed_linear(x, wv, aq, kv, g.hidden).view(1, g.n_kv_heads, 1, g.head_dim)
     k_cache.index_copy_(2, pos, k)
     v_cache.index_copy_(2, pos, v)
     mask = (positions <= pos).view(1, 1, 1, -1)
     a = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
-    x = x + a.reshape(1, g.hidden) @ matrix(wo, aq, g.hidden, g.hidden).T
+    x = x + packed_linear(a.reshape(1, g.hidden), wo, aq, g.hidden, g.hidden)
     return x, torch.softmax((x @ wg.T).float(), dim=-1)
 
 
@@ -278,15 +278,9 @@ def final_step(x, ybuf_last, wrank_last, tok, lm_head):
 
 
 def expert_forward(blob, x, spec: QuantSpec, hidden: int, ffn: int):
-    """Dequantise an expert blob and run its SwiGLU FFN on ``x`` (tokens, hidden)."""
-    import torch
-
-    n = hidden * ffn
-    p1, p3, p2 = split_blob(blob, spec, n)
-    w1 = dequantize(p1, spec, n).view(ffn, hidden)
-    w3 = dequantize(p3, spec, n).view(ffn, hidden)
-    h = torch.nn.functional.silu(x @ w1.T) * (x @ w3.T)
-    return h @ dequantize(p2, spec, n).view(hidden, ffn).T
+    """An expert blob's SwiGLU FFN on ``x`` (tokens, hidden): fused low-bit kernels on a GPU with
+    Triton, else dequantise then matmul (``moesim.engine.kernels``)."""
+    return kernels.packed_expert(blob, x, spec, hidden, ffn)
 
 
 _COMPILED: dict[str, Any] = {}
@@ -406,11 +400,14 @@ class Program(ResidencyProof):
         self.expect = torch.zeros(g.num_layers, k, self.cap, dtype=torch.int64, device=dev)
         self.violations = torch.zeros((), dtype=torch.int64, device=dev)
         self.device_copies = torch.zeros((), dtype=torch.int64, device=dev)
+        # with the fused kernels (opaque custom ops to torch.compile) an expert is two launches already;
+        # compiling still fuses the layer's elementwise work around its kernels
+        self.fused = kernels.active(dev)
         use = compile_kernels and d.cuda
         self._first = compiled(first_layer_step) if use else first_layer_step
         self._layer = compiled(layer_step) if use else layer_step
         self._final = compiled(final_step) if use else final_step
-        self._expert = compiled(expert_forward) if use else expert_forward
+        self._expert = compiled(expert_forward) if use and not self.fused else expert_forward
         self.graphs = d.cuda if graphs is None else (graphs and d.cuda)
         self.first: Any = self._run_first
         self.layer: list[Any] = [None] + [lambda layer=layer: self._run_layer(layer) for layer in range(1, g.num_layers)]

@@ -1,0 +1,99 @@
+"""Fused GPU kernels of the offloaded engine, and the one switch between them and the reference path.
+
+The reference path (``moesim.engine.quant.dequantize`` then a matmul) runs on CPU and wherever Triton
+is missing; on a CUDA device with Triton the packed matrices go through ``kernels.lowbit`` (one read of
+each packed byte). ``MOESIM_KERNELS=reference`` (or :func:`reference_kernels`) forces the reference
+path everywhere, e.g. to time the previous engine beside the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from collections.abc import Iterator
+
+from moesim.engine.quant import QuantSpec, matrix
+
+# plain module state (no cached functions): torch.compile traces these reads as constants
+_STATE = {"enabled": os.environ.get("MOESIM_KERNELS", "fused") != "reference", "ops": False}
+_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def triton_available() -> bool:
+    return _TRITON
+
+
+@contextlib.contextmanager
+def reference_kernels() -> Iterator[None]:
+    """Inside: every packed matmul takes the reference path (for programs built and captured here)."""
+    old = _STATE["enabled"]
+    _STATE["enabled"] = False
+    try:
+        yield
+    finally:
+        _STATE["enabled"] = old
+
+
+def active(device) -> bool:
+    """Will packed matmuls on ``device`` use the fused kernels?"""
+    import torch
+
+    on = _STATE["enabled"] and torch.device(device).type == "cuda" and _TRITON
+    if on and not _STATE["ops"]:
+        _register_ops()
+    return on
+
+
+def fused_for(t, spec: QuantSpec, rows: int, cols: int) -> bool:
+    if not active(t.device):
+        return False
+    from moesim.engine.kernels.lowbit import supported
+
+    return supported(spec, rows, cols)
+
+
+def _register_ops() -> None:
+    """The fused kernels as torch custom ops: opaque to torch.compile, so a compiled piece (the layer:
+    norms, SDPA, gate) keeps its fused elementwise kernels around them instead of breaking its graph."""
+    import torch
+
+    from moesim.engine.kernels import lowbit
+    from moesim.engine.quant import quant_spec
+
+    # (name, schema, kernel, output rows from the arguments); schemas spelled out because this module's
+    # annotations are strings (``from __future__ import annotations``)
+    ops = [("lowbit_linear", "(Tensor x, Tensor view, str fmt, int rows, int cols) -> Tensor",
+            lambda x, view, fmt, rows, cols: lowbit.lowbit_linear(x, view, quant_spec(fmt), rows, cols),
+            lambda x, view, fmt, rows, cols: (x.shape[0], rows)),
+           ("lowbit_expert", "(Tensor blob, Tensor x, str fmt, int hidden, int ffn) -> Tensor",
+            lambda blob, x, fmt, hidden, ffn: lowbit.expert_ffn(blob, x, quant_spec(fmt), hidden, ffn),
+            lambda blob, x, fmt, hidden, ffn: (x.shape[0], hidden))]
+    for name, schema, kernel, out_shape in ops:
+        op = torch.library.custom_op(f"moesim::{name}", kernel, mutates_args=(), schema=schema)
+        x_arg = 0 if name == "lowbit_linear" else 1
+        op.register_fake(lambda *a, out_shape=out_shape, x_arg=x_arg: a[x_arg].new_empty(out_shape(*a)))
+    _STATE["ops"] = True
+
+
+def packed_linear(x, view, spec: QuantSpec, rows: int, cols: int):
+    """``x @ W.T`` for W (rows, cols) packed in ``view``, in ``x``'s dtype (fused where it can be)."""
+    if fused_for(x, spec, rows, cols):
+        import torch
+
+        y = torch.ops.moesim.lowbit_linear(x.reshape(-1, cols).contiguous(), view, spec.name, rows, cols)
+        return y.view(*x.shape[:-1], rows)
+    return x @ matrix(view, spec, rows, cols).to(x.dtype).T
+
+
+def packed_expert(blob, x, spec: QuantSpec, hidden: int, ffn: int):
+    """An expert's SwiGLU FFN on ``x`` (tokens, hidden) from its packed blob (w1, w3: ffn x hidden;
+    w2: hidden x ffn), in ``x``'s dtype: two fused kernels, or dequantise then matmul."""
+    import torch
+
+    if fused_for(x, spec, ffn, hidden) and fused_for(x, spec, hidden, ffn):
+        return torch.ops.moesim.lowbit_expert(blob, x.contiguous(), spec.name, hidden, ffn)
+    size = spec.matrix_bytes(hidden * ffn)
+    h = torch.nn.functional.silu(packed_linear(x, blob[:size], spec, ffn, hidden)) \
+        * packed_linear(x, blob[size:2 * size], spec, ffn, hidden)
+    return packed_linear(h, blob[2 * size:3 * size], spec, hidden, ffn)

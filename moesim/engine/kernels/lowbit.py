@@ -1,0 +1,222 @@
+"""Fused dequantise-matmul for the engine's packed low-bit formats (``moesim.engine.quant``), in Triton.
+
+``y = x @ W.T`` with W (rows, cols) read straight from its packed blob: every byte of the blob is read
+once, weights are dequantised in registers and never written back. This replaces "dequantise the whole
+matrix to bf16 in HBM, then matmul", which moves the weights three times (read packed, write bf16, read
+bf16) and made the 2-bit expert slower than an fp16 one.
+
+Tiling (modelled on gemlite's GEMV, our own code). The packed codes of a row are read as int32 words
+of ``CPW = 32 / bits`` codes; code ``j`` of a word sits at bit ``8 * (j // PB) + (PB - 1 - j % PB) * bits``
+(little-endian words; inside a byte the first code is in the high bits, ``PB = 8 / bits`` codes per
+byte). A program owns ``BN`` output rows and walks the row's words ``BW`` at a time; for each of the
+``CPW`` code positions it shifts the word tile, dequantises it and multiplies it with the matching
+strided slice of ``x`` (``x[k]`` for ``k = word * CPW + j``). Every format has ``group % CPW == 0``,
+so a word's codes share one scale and zero: they are loaded once per word tile.
+
+- batch 1: a multiply-and-reduce over the tile (CUDA cores; the GEMV is bound by the weight bytes);
+- batch > 1: ``tl.dot`` on tensor cores, x padded to ``BM`` rows (masked), a grid axis over row blocks;
+- ``dual``: two matrices of the same shape (an expert's w1 and w3) in one pass, writing
+  ``silu(x @ W1.T) * (x @ W3.T)``: the SwiGLU's up projection in one kernel.
+
+Numerics equal :func:`moesim.engine.quant.dequantize` then a matmul: the weight is computed in fp32 (hqq
+0.2 formats: in bf16 steps, as hqq does) and rounded to bf16 exactly as the reference rounds it, then
+multiplied in fp32 (batch 1) or in ``x``'s dtype on tensor cores with fp32 accumulation (batch > 1).
+Only the summation order differs. ``supported`` says which shapes the kernel takes (a group may not
+straddle two rows); callers fall back to the reference elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import triton
+import triton.language as tl
+
+from moesim.engine.quant import META_GROUP, QuantSpec, split_matrix
+
+
+@triton.jit
+def _word_tile_weights(p_ptr, s_ptr, z_ptr, m_ptr, rows, words, mask, WORDS: tl.constexpr,
+                       groups_per_row: tl.constexpr, BITS: tl.constexpr, GROUP_WORDS: tl.constexpr, QUANT_META: tl.constexpr):
+    """(packed words, scale, zero) of a [BN, BW] tile of words; scale/zero in fp32."""
+    pw = tl.load(p_ptr + rows[:, None] * WORDS + words[None, :], mask=mask, other=0)
+    g = rows[:, None] * groups_per_row + words[None, :] // GROUP_WORDS
+    if QUANT_META:
+        mg = (g // 128) * 4
+        m0 = tl.load(m_ptr + mg, mask=mask, other=0.0).to(tl.float32)
+        m1 = tl.load(m_ptr + mg + 1, mask=mask, other=0.0).to(tl.float32)
+        m2 = tl.load(m_ptr + mg + 2, mask=mask, other=0.0).to(tl.float32)
+        m3 = tl.load(m_ptr + mg + 3, mask=mask, other=0.0).to(tl.float32)
+        scale = (tl.load(s_ptr + g, mask=mask, other=0).to(tl.float32) - m1) * m0
+        zero = (tl.load(z_ptr + g, mask=mask, other=0).to(tl.float32) - m3) * m2
+    else:
+        scale = tl.load(s_ptr + g, mask=mask, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + g, mask=mask, other=0.0).to(tl.float32)
+    return pw, scale, zero
+
+
+@triton.jit
+def _dequant(pw, scale, zero, J: tl.constexpr, BITS: tl.constexpr, QUANT_META: tl.constexpr):
+    """Code position ``J`` of every word in the tile, dequantised and rounded to bf16 (kept in fp32)."""
+    PB: tl.constexpr = 8 // BITS
+    SHIFT: tl.constexpr = 8 * (J // PB) + (PB - 1 - J % PB) * BITS
+    # code -> float without a conversion instruction: the bits of 2^23 + code, minus 2^23 (exact)
+    c = (((pw >> SHIFT) & ((1 << BITS) - 1)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    if QUANT_META:
+        w = (c - zero) * scale
+    else:   # hqq 0.2: (code - zero) rounded to bf16, times scale
+        w = (c - zero).to(tl.bfloat16).to(tl.float32) * scale
+    return w.to(tl.bfloat16).to(tl.float32)
+
+
+@triton.jit
+def _lowbit_kernel(x_ptr, out_ptr, M, N, stride_xm, stride_om,
+                   pa, sa, za, ma, pb, sb, zb, mb,
+                   WORDS: tl.constexpr, BITS: tl.constexpr, GROUP_WORDS: tl.constexpr, QUANT_META: tl.constexpr,
+                   DUAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr,
+                   DOT_IEEE: tl.constexpr):
+    CPW: tl.constexpr = 32 // BITS
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_n * BN + tl.arange(0, BN)
+    row_ok = rows < N
+    groups_per_row: tl.constexpr = WORDS // GROUP_WORDS
+    if BM == 1:   # products summed over the row at the end: one cross-thread reduction per program
+        acc_a = tl.zeros([BN, BW], dtype=tl.float32)
+        acc_b = tl.zeros([BN, BW], dtype=tl.float32)
+    else:
+        ms = pid_m * BM + tl.arange(0, BM)
+        m_ok = ms < M
+        acc_a = tl.zeros([BM, BN], dtype=tl.float32)
+        acc_b = tl.zeros([BM, BN], dtype=tl.float32)
+    for w0 in range(0, WORDS, BW):
+        words = w0 + tl.arange(0, BW)
+        w_ok = words < WORDS
+        mask = row_ok[:, None] & w_ok[None, :]
+        pwa, sca, zea = _word_tile_weights(pa, sa, za, ma, rows, words, mask, WORDS, groups_per_row,
+                                           BITS, GROUP_WORDS, QUANT_META)
+        if DUAL:
+            pwb, scb, zeb = _word_tile_weights(pb, sb, zb, mb, rows, words, mask, WORDS, groups_per_row,
+                                               BITS, GROUP_WORDS, QUANT_META)
+        for j in tl.static_range(CPW):
+            k = words * CPW + j
+            wa = _dequant(pwa, sca, zea, j, BITS, QUANT_META)
+            if DUAL:
+                wb = _dequant(pwb, scb, zeb, j, BITS, QUANT_META)
+            if BM == 1:
+                xk = tl.load(x_ptr + k, mask=w_ok, other=0.0).to(tl.float32)
+                acc_a += wa * xk[None, :]
+                if DUAL:
+                    acc_b += wb * xk[None, :]
+            else:
+                xk = tl.load(x_ptr + ms[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & w_ok[None, :],
+                             other=0.0)
+                if DOT_IEEE:
+                    acc_a += tl.dot(xk, tl.trans(wa.to(xk.dtype)), input_precision="ieee")
+                    if DUAL:
+                        acc_b += tl.dot(xk, tl.trans(wb.to(xk.dtype)), input_precision="ieee")
+                else:
+                    acc_a += tl.dot(xk, tl.trans(wa.to(xk.dtype)))
+                    if DUAL:
+                        acc_b += tl.dot(xk, tl.trans(wb.to(xk.dtype)))
+    if BM == 1:
+        acc_a = tl.sum(acc_a, axis=1)
+        acc_b = tl.sum(acc_b, axis=1)
+    if DUAL:
+        acc_a = acc_a * tl.sigmoid(acc_a) * acc_b
+    if BM == 1:
+        tl.store(out_ptr + rows, acc_a.to(out_ptr.dtype.element_ty), mask=row_ok)
+    else:
+        tl.store(out_ptr + ms[:, None] * stride_om + rows[None, :], acc_a.to(out_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & row_ok[None, :])
+
+
+def supported(spec: QuantSpec, rows: int, cols: int) -> bool:
+    """Can the fused kernel take this (rows, cols) matrix of ``spec``? (groups inside one row, whole
+    words per row, 4-byte aligned parts)."""
+    if spec.is_plain or spec.bits not in (2, 4):
+        return False
+    cpw = 32 // spec.bits
+    n = rows * cols
+    if spec.quant_meta and n % (spec.group_size * META_GROUP):
+        return False
+    return cols % spec.group_size == 0 and spec.group_size % cpw == 0 and (n * spec.bits // 8) % 4 == 0
+
+
+def _operands(view, spec: QuantSpec, n: int) -> tuple:
+    """(packed int32 words, scale, zero, meta) of one packed matrix; unused operands repeat the words."""
+    import torch
+
+    p = split_matrix(view, spec, n)
+    words = p["packed"].view(torch.int32)
+    if spec.quant_meta:
+        return words, p["scale_q"], p["zero_q"], p["meta"]
+    return words, p["scale"], p["zero"], words
+
+
+# (BN, BW, warps) per path: batch 1 walks long rows with few of them per program; batch > 1 tiles for
+# tensor cores. Chosen per (rows, words per row) by the autotuner on a GPU (a run's first call).
+GEMV_CONFIGS = [(8, 64, 4), (16, 64, 4), (16, 128, 4), (32, 64, 4), (8, 128, 4), (32, 32, 4), (64, 32, 4),
+                (16, 32, 2), (8, 32, 2)]
+GEMM_CONFIGS = [(32, 32, 4), (64, 32, 4), (32, 64, 4), (64, 16, 4), (128, 16, 8)]
+_TUNED: dict[tuple, tuple[int, int, int]] = {}
+
+
+def _launch(x, out, a: tuple, b: tuple, spec: QuantSpec, rows: int, cols: int, cfg: tuple[int, int, int]) -> None:
+    import torch
+
+    M = x.shape[0]
+    cpw = 32 // spec.bits
+    bn, bw, warps = cfg
+    bm = 1 if M == 1 else (16 if M <= 16 else 32)
+    grid = (triton.cdiv(rows, bn), triton.cdiv(M, bm))
+    _lowbit_kernel[grid](x, out, M, rows, x.stride(0), out.stride(0), *a, *b, WORDS=cols // cpw,
+                         BITS=spec.bits, GROUP_WORDS=spec.group_size // cpw, QUANT_META=spec.quant_meta,
+                         DUAL=b is not a, BM=bm, BN=bn, BW=bw, DOT_IEEE=x.dtype == torch.float32,
+                         num_warps=warps)
+
+
+def _tuned_config(x, out, a, b, spec: QuantSpec, rows: int, cols: int) -> tuple[int, int, int]:
+    """The fastest tile config for this shape and batch bucket, timed once per process on a GPU."""
+    M = x.shape[0]
+    key = (spec.name, rows, cols, 1 if M == 1 else (16 if M <= 16 else 32), b is not a, x.dtype)
+    if key not in _TUNED:
+        configs = GEMV_CONFIGS if M == 1 else GEMM_CONFIGS
+        if x.device.type != "cuda":
+            _TUNED[key] = configs[0]
+        else:
+            from triton.testing import do_bench
+
+            times = [do_bench(lambda c=c: _launch(x, out, a, b, spec, rows, cols, c), warmup=5, rep=20)
+                     for c in configs]
+            _TUNED[key] = configs[min(range(len(configs)), key=times.__getitem__)]
+    return _TUNED[key]
+
+
+def lowbit_linear(x, view, spec: QuantSpec, rows: int, cols: int, *, view_b: Any = None, out=None,
+                  config: tuple[int, int, int] | None = None):
+    """``x @ W.T`` for W (rows, cols) packed in ``view`` (uint8, one matrix of ``spec``); with ``view_b``
+    (a second matrix of the same shape), ``silu(x @ W.T) * (x @ W_b.T)``. ``x``: (M, cols), contiguous
+    rows. Output (M, rows) in ``x``'s dtype (into ``out`` when given)."""
+    import torch
+
+    if not supported(spec, rows, cols):
+        raise ValueError(f"{spec.name} matrix {rows}x{cols} is not supported by the fused kernel")
+    if x.dim() != 2 or x.shape[1] != cols or x.stride(1) != 1:
+        raise ValueError(f"x must be (M, {cols}) with contiguous rows, got {tuple(x.shape)}")
+    n = rows * cols
+    a = _operands(view, spec, n)
+    b = _operands(view_b, spec, n) if view_b is not None else a
+    if out is None:
+        out = torch.empty(x.shape[0], rows, dtype=x.dtype, device=x.device)
+    _launch(x, out, a, b, spec, rows, cols, config or _tuned_config(x, out, a, b, spec, rows, cols))
+    return out
+
+
+def expert_ffn(blob, x, spec: QuantSpec, hidden: int, ffn: int, config_up: tuple | None = None,
+               config_down: tuple | None = None):
+    """An expert's SwiGLU FFN from its packed blob (w1, w3: ffn x hidden; w2: hidden x ffn), in two
+    kernels: the fused w1/w3 up projection with the gating, then w2."""
+    size = spec.matrix_bytes(hidden * ffn)
+    h = lowbit_linear(x, blob[:size], spec, ffn, hidden, view_b=blob[size:2 * size], config=config_up)
+    return lowbit_linear(h, blob[2 * size:3 * size], spec, hidden, ffn, config=config_down)

@@ -1,0 +1,133 @@
+"""studies/roofline/report.md from the committed raw JSON of run_roofline.py (CPU only; no number here
+is typed by hand: every figure comes from the raw file).
+
+    python studies/roofline/make_report.py [studies/roofline/raw/roofline_h100.json] [-o studies/roofline/report.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+PCIE5_X16_GB_S = 63.0   # PCIe 5.0 x16, one direction, after 128b/130b encoding (the link's nominal rate)
+GOALS = {"expert_b1": 0.07, "expert_b16": 0.15, "layer_b1": 0.05, "all_resident_ms_per_token": 4.0,
+         "copy_bound_ratio": 1 / 1.1}
+
+
+def _md(headers: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def roofline_rows(r: dict) -> list[list[Any]]:
+    """Per piece: bytes it must read, fused time, achieved GB/s, % of the measured HBM peak, the old
+    engine's time and the fp16 dense FFN's, same call."""
+    peak = r["hbm_peak"]["gb_per_s"]
+    rows = []
+    for name, e in r["expert"].items():
+        for row in e["rows"]:
+            b = e["weight_bytes"]
+            gbs = b / row["fused_ms"] / 1e6
+            old = row["old_compiled_ms"]
+            rows.append([f"expert {name}", row["batch"], b, row["fused_ms"], gbs, 100 * gbs / peak,
+                         old if old is not None else "-", old / row["fused_ms"] if old is not None else "-",
+                         row["fp16_dense_ms"]])
+    lay = r["layer"]
+    b = lay["attn_weight_bytes"] + lay["kv_cache_bytes_read"] + lay["gate_bytes"]
+    gbs = b / lay["fused_ms"] / 1e6
+    rows.append(["layer (4-bit q/k/v/o, SDPA, gate)", 1, b, lay["fused_ms"], gbs, 100 * gbs / peak,
+                 lay["old_compiled_ms"], lay["old_compiled_ms"] / lay["fused_ms"], "-"])
+    return rows
+
+
+def copy_rows(r: dict) -> tuple[list[list[Any]], float]:
+    link = max(c["gb_per_s"] for c in r["h2d_curve"])
+    c = r["copy"]
+    gbs = c["bytes"] / c["median_ms"] / 1e6
+    return [["one expert (pinned H2D)", c["bytes"], c["median_ms"], gbs, 100 * gbs / link,
+             100 * gbs / PCIE5_X16_GB_S]], link
+
+
+def goal_rows(r: dict) -> list[list[Any]]:
+    p = r["pieces_ms"]
+    rows = [[f"{k} (ms)", f"<= {GOALS[k]}", p[k], "yes" if p[k] <= GOALS[k] else "no"]
+            for k in ("expert_b1", "expert_b16", "layer_b1")]
+    a = r["all_resident_ms_per_token"]
+    rows.append(["all-resident ms/token, batch 1", f"<= {GOALS['all_resident_ms_per_token']}", a,
+                 "yes" if a <= GOALS["all_resident_ms_per_token"] else "no"])
+    for cell, ratio in r["copy_bound_ratio"].items():
+        rows.append([f"copy_bound_ratio {cell}", ">= 0.909 (ms/token <= 1.1 x copies)", ratio,
+                     "yes" if ratio >= GOALS["copy_bound_ratio"] else "no"])
+    return rows
+
+
+def markdown(r: dict, raw_name: str) -> str:
+    peak = r["hbm_peak"]["gb_per_s"]
+    copies, link = copy_rows(r)
+    a = r["all_resident"]
+    e2 = r["expert"]["hqq2"]["weight_bytes"]
+    lay = r["layer"]
+    layer_b = lay["attn_weight_bytes"] + lay["kv_cache_bytes_read"] + lay["gate_bytes"]
+    L, k = a["layers"], a["requests"] // max(a["tokens"] * a["layers"], 1)
+    floor_ms = L * (k * e2 + layer_b) / peak / 1e6
+    cells = [[c, v["tokens"], v["misses"], v["ms_per_token"], v["copy_ms_total"] / v["tokens"], v["copy_bound_ratio"],
+              v["violations"], v["device_copies"]] for c, v in r["cells"].items()]
+    return "\n\n".join([
+        "# The offloaded engine at its roofline (issue 23)",
+        f"GPU: **{r['device']}**, measured {r['date']} at commit `{r['commit']}` (torch {r['torch']}, triton "
+        f"{r['triton']}); raw data: `raw/{raw_name}`, built by `make_report.py`. Every time is GPU time of a "
+        "CUDA-graph replay (the engine replays its pieces as graphs); old and new pieces were measured in the "
+        "same run.",
+        "## Goals", _md(["goal", "target", "measured", "met"], goal_rows(r)),
+        f"## Roofline of the pieces\n\nHBM peak measured in the same run: a {r['hbm_peak']['bytes_moved'] >> 30} "
+        f"GiB device-to-device copy moved {peak:.0f} GB/s (bytes read + written). `old` is the previous "
+        "engine's piece (torch.compile'd dequantise-then-matmul, the layer likewise); `fp16 dense` is cuBLAS "
+        "on an unquantised FFN of the same shape.",
+        _md(["piece", "batch", "bytes read", "fused ms", "GB/s", "% of HBM peak", "old ms", "speed-up",
+             "fp16 dense ms"], roofline_rows(r)),
+        f"Layer bytes: {lay['attn_weight_bytes']} B of 4-bit weights, {lay['kv_cache_bytes_read']} B of KV cache "
+        f"(SDPA reads the static {lay['context']}-position cache under a mask) and the gate.",
+        f"## Copies\n\nLargest pinned host-to-device copy of the curve: {link:.1f} GB/s (the link as measured); "
+        f"nominal PCIe 5.0 x16: {PCIE5_X16_GB_S} GB/s.",
+        _md(["copy", "bytes", "median ms", "GB/s", "% of measured link", "% of nominal PCIe"], copies),
+        f"## Decode\n\nAll experts resident, batch 1, {a['layers']} layers, {a['tokens']} tokens of "
+        f"`{r['engine']['trace']}`: **{a['median_ms_per_token']:.3f} ms/token** (median); its HBM floor "
+        f"({k} experts + one layer per layer at the measured peak) is {floor_ms:.3f} ms.",
+        "With copies (LRU, no prefetch, batch 1; cold start). `copy ms/token` = misses x the median expert "
+        "copy above / tokens; copy_bound_ratio = that / measured ms per token (1.0: the token is its copies).",
+        _md(["cell", "tokens", "misses", "ms/token", "copy ms/token", "copy_bound_ratio", "violations",
+             "device copies"], cells),
+    ]) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("raw", nargs="?", type=Path, help="raw JSON (default: the newest raw/roofline_*.json)")
+    ap.add_argument("-o", "--out", type=Path, default=HERE / "report.md")
+    args = ap.parse_args(argv)
+    raw = args.raw or max((HERE / "raw").glob("roofline_*.json"), key=lambda p: p.stat().st_mtime, default=None)
+    if raw is None or not raw.is_file():
+        print(f"error: {raw or HERE / 'raw'}: no roofline raw JSON", file=sys.stderr)
+        return 2
+    try:
+        r = json.loads(raw.read_text())
+        text = markdown(r, raw.name)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        print(f"error: {raw}: not a complete roofline run ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 1
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""ONE device run of the roofline study (issue 23): the engine's pieces old vs fused, the HBM and PCIe
+peaks they are measured against, all-resident decode, and copy-bound cells. Run on the GPU box:
+
+    PYTHONUNBUFFERED=1 python3 studies/roofline/run_roofline.py --commit <sha> --out $OUT
+
+Writes ``roofline_<gpu>.json`` under --out (rewritten after every stage, so a killed run keeps what it
+finished); ``make_report.py`` turns the committed copy into report.md. Device times are CUDA events
+around CUDA-graph replays queued behind a GPU sleep (the engine replays its pieces as graphs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from moesim.engine import kernels  # noqa: E402
+from moesim.engine.gpu_bench import all_resident, copy_repeats, cuda_ms, h2d_curve, log  # noqa: E402
+from moesim.engine.plan import Routing  # noqa: E402
+from moesim.engine.quant import quant_spec  # noqa: E402
+from moesim.engine.runtime import (  # noqa: E402
+    MIXTRAL_8X7B,
+    OffloadedEngine,
+    Program,
+    Weights,
+    attention_forward,
+    compiled,
+    expert_forward,
+)
+from moesim.engine.validation import head_tokens  # noqa: E402
+from moesim.traces.format import read_trace  # noqa: E402
+
+BATCHES = (1, 4, 16)
+
+
+def graph_ms(fn, reps: int = 50) -> float:
+    """GPU time of one replay of ``fn`` captured as a CUDA graph (warm-up, compilation and kernel
+    tuning happen on a side stream first)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return cuda_ms(graph.replay, reps=reps, warm=3)
+
+
+def hbm_peak() -> dict:
+    n = 2 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = cuda_ms(lambda: dst.copy_(src), reps=10)
+    return {"bytes_moved": 2 * n, "ms": ms, "gb_per_s": 2 * n / ms / 1e6}
+
+
+def expert_pieces(spec_name: str, old: bool) -> dict:
+    """Expert FFN at each batch: fused kernels, the previous engine's torch.compile'd dequantise+matmul,
+    and an fp16 dense FFN of the same shape (cuBLAS; the peer any low-bit kernel must beat)."""
+    g = MIXTRAL_8X7B
+    spec = quant_spec(spec_name)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    blob = torch.empty(spec.expert_bytes(g.hidden, g.ffn), dtype=torch.uint8, device="cuda")
+    from moesim.engine.quant import fill_random_blob
+    fill_random_blob(blob, spec, g.hidden * g.ffn, gen)
+    dense = [torch.randn(*s, device="cuda", dtype=torch.float16, generator=gen) * 0.02
+             for s in ((g.ffn, g.hidden), (g.ffn, g.hidden), (g.hidden, g.ffn))]
+    out: dict = {"format": spec_name, "weight_bytes": blob.numel(), "fp16_weight_bytes": 3 * 2 * g.hidden * g.ffn,
+                 "rows": []}
+    F = torch.nn.functional
+    for m in BATCHES:
+        x = torch.randn(m, g.hidden, device="cuda", dtype=torch.bfloat16, generator=gen)
+        xh = x.half()
+        with torch.inference_mode():
+            fused = expert_forward(blob, x, spec, g.hidden, g.ffn)
+            with kernels.reference_kernels():
+                ref = expert_forward(blob, x, spec, g.hidden, g.ffn)
+                old_ms = graph_ms(lambda x=x: compiled(expert_forward)(blob, x, spec, g.hidden, g.ffn)) if old \
+                    else None
+            new_ms = graph_ms(lambda x=x: expert_forward(blob, x, spec, g.hidden, g.ffn))
+            fp16_ms = graph_ms(lambda xh=xh: (F.silu(xh @ dense[0].T) * (xh @ dense[1].T)) @ dense[2].T)
+        err = float((fused.float() - ref.float()).abs().max() / ref.float().abs().max())
+        out["rows"].append({"batch": m, "fused_ms": new_ms, "old_compiled_ms": old_ms, "fp16_dense_ms": fp16_ms,
+                            "max_rel_err_vs_reference": err})
+        log(f"expert {spec_name} batch {m}: fused {new_ms:.4f} ms, old {old_ms}, fp16 {fp16_ms:.4f}, err {err:.2e}")
+    return out
+
+
+def layer_piece() -> dict:
+    """Attention (4-bit q/k/v/o, SDPA over the static KV cache) + gate, batch 1: fused vs old."""
+    g = replace(MIXTRAL_8X7B, num_layers=1)
+    w = Weights(g, quant_spec("hqq2"), "cuda", pin=False)
+    x = torch.randn(1, g.hidden, device="cuda", dtype=torch.bfloat16)
+    pos = torch.tensor([g.max_context // 2], device="cuda")
+
+    args = (x, w.wq[0], w.wk[0], w.wv[0], w.wo[0], w.wg[0], w.k_cache[0], w.v_cache[0], pos, w.positions, g,
+            w.attn_quant)
+    with torch.inference_mode():
+        new_x, _ = attention_forward(*args)
+        new_ms = graph_ms(lambda: attention_forward(*args))
+        # the fused kernels are opaque custom ops: torch.compile fuses the rest of the layer around them
+        new_compiled_ms = graph_ms(lambda: compiled(attention_forward)(*args))
+        with kernels.reference_kernels():
+            ref_x, _ = attention_forward(*args)
+            old_ms = graph_ms(lambda: compiled(attention_forward)(*args))
+    kv_bytes = 2 * w.k_cache[0].numel() * w.k_cache.element_size()
+    err = float((new_x.float() - ref_x.float()).abs().max() / ref_x.float().abs().max())
+    out = {"attn_weight_bytes": w.attn_bytes, "kv_cache_bytes_read": kv_bytes, "gate_bytes": w.wg[0].numel() * 2,
+           "context": g.max_context, "fused_eager_ms": new_ms, "fused_compiled_ms": new_compiled_ms,
+           "fused_ms": min(new_ms, new_compiled_ms), "compiled": new_compiled_ms < new_ms, "old_compiled_ms": old_ms,
+           "max_rel_err_vs_reference": err}
+    log(f"layer batch 1: fused {new_ms:.4f} ms (compiled {new_compiled_ms:.4f}), old {old_ms:.4f} ms, err {err:.2e}")
+    return out
+
+
+def engine_runs(trace: Path, tokens: int, out: dict, save, compile_layers: bool) -> None:
+    """All-resident decode and the copy-bound cells (LRU K=3, 4; no prefetch; batch 1) on one
+    32-layer full-geometry engine with random weights under the trace's routing."""
+    g = MIXTRAL_8X7B
+    routing = Routing.from_trace(head_tokens(read_trace(trace), tokens), tokens)
+    w = Weights(g, quant_spec("hqq2"), "cuda", pin=True, progress=True)
+    t0 = time.perf_counter()
+    program = Program(w, g.num_experts, routing.num_tokens, compile_kernels=compile_layers, progress=True)
+    program.load_routing(routing)
+    out["engine"] = {"fused": program.fused, "compiled_layers": compile_layers, "capture_s": time.perf_counter() - t0, "tokens": routing.num_tokens,
+                     "trace": trace.name, "expert_blob_bytes": w.blob_bytes}
+    out["all_resident"] = all_resident(w, program, routing)
+    save()
+    cop = copy_repeats("cuda", w.blob_bytes)
+    out["copy"] = cop
+    cells = {}
+    for k in (3, 4):
+        eng = OffloadedEngine(w, k, "lru", "none", program=program)
+        eng.run(routing.head(8))   # warm-up
+        res = eng.run(routing).to_dict()
+        copy_ms = res["misses"] * cop["median_ms"]
+        wall_ms = res["wall_s"] * 1e3
+        cells[f"lru_k{k}"] = {"misses": res["misses"], "requests": res["requests"], "tokens": res["tokens"],
+                              "ms_per_token": res["ms_per_token"], "wall_ms": wall_ms,
+                              "gpu_ms_total": float(sum(res["token_ms"])), "violations": res["violations"],
+                              "device_copies": res["device_copies"], "copy_ms_total": copy_ms,
+                              "copy_bound_ratio": copy_ms / wall_ms}
+        log(f"LRU K={k}: {res['ms_per_token']:.3f} ms/token, {res['misses']} misses x {cop['median_ms']:.4f} ms "
+            f"= {copy_ms:.1f} ms of {wall_ms:.1f} ms -> {copy_ms / wall_ms:.3f}")
+        save()
+    out["cells"] = cells
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--commit", required=True)
+    ap.add_argument("--trace", type=Path, default=Path("traces/synth-mixtral-8x7b.parquet"))
+    ap.add_argument("--tokens", type=int, default=96)
+    ap.add_argument("--pieces-only", action="store_true",
+                    help="skip the 32-layer engine runs; writes pieces_<gpu>.json (no contract keys)")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = torch.cuda.get_device_name(0)
+    short = "h200" if "H200" in name else "h100" if "H100" in name else "gpu"
+    out: dict = {"device": name, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": args.commit,
+                 "torch": torch.__version__, "triton": __import__("triton").__version__,
+                 "fused_kernels": kernels.active("cuda")}
+    path = args.out / f"{'pieces' if args.pieces_only else 'roofline'}_{short}.json"
+
+    def save() -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=1))
+        os.replace(tmp, path)
+
+    def stage(key: str, fn) -> None:
+        """One stage; a failure is recorded (and printed) and the next stage still runs."""
+        try:
+            res = fn()
+            if res is not None:
+                out[key] = res
+        except Exception:   # noqa: BLE001 - a device run must bring back what it could measure
+            out.setdefault("errors", {})[key] = traceback.format_exc()
+            log(f"{key} FAILED:\n{out['errors'][key]}")
+        save()
+
+    stage("hbm_peak", hbm_peak)
+    stage("h2d_curve", h2d_curve)
+    # the previous engine's compiled piece for the seed's format only (each compile takes seconds)
+    stage("expert", lambda: {n: expert_pieces(n, old=n == "hqq2") for n in ("hqq2", "hqq2-g64", "hqq2-v02", "hqq4")})
+    stage("layer", layer_piece)
+    if args.pieces_only:
+        return 1 if "errors" in out else 0
+    stage("engine_runs", lambda: engine_runs(args.trace, args.tokens, out, save,
+                                             compile_layers=bool(out.get("layer", {}).get("compiled"))))
+    if "errors" in out:
+        return 1
+    e = {r["batch"]: r["fused_ms"] for r in out["expert"]["hqq2"]["rows"]}
+    out.update({"all_resident_ms_per_token": out["all_resident"]["median_ms_per_token"],
+                "pieces_ms": {"expert_b1": e[1], "expert_b4": e[4], "expert_b16": e[16],
+                              "layer_b1": out["layer"]["fused_ms"]},
+                "copy_bound_ratio": {c: v["copy_bound_ratio"] for c, v in out["cells"].items()}})
+    save()
+    log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The fused low-bit kernels (moesim/engine/kernels/lowbit.py) against dequantise-then-matmul.
+
+Oracles: ``quant.dequantize`` (itself checked against hqq in test_engine_hqq.py) with a float64 matmul
+written here, and hqq's own dequantisation for blobs made by hqq's quantizer. Outputs are poisoned with
+NaN first, so an element the kernel never writes fails. Runs on a GPU; without one, through Triton's
+interpreter on CPU (bf16 tensor-core dots are skipped there: the interpreter truncates bf16 and
+mis-computes bf16 dots). Skipped where Triton is not installed (CI's CPU image).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+CUDA = torch.cuda.is_available()
+if not CUDA:   # read when Triton is imported: before it is
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from moesim.engine import kernels  # noqa: E402
+from moesim.engine.kernels.lowbit import expert_ffn, lowbit_linear, supported  # noqa: E402
+from moesim.engine.quant import fill_random_matrix, matrix, quant_spec  # noqa: E402
+
+DEV = "cuda" if CUDA else "cpu"
+# GPU: summation order only (bf16 output rounding); interpreter: its bf16 casts truncate
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2} if CUDA else \
+    dict.fromkeys((torch.float32, torch.float16, torch.bfloat16), 3e-2)
+FORMATS = ["hqq2", "hqq4", "hqq2-v02", "hqq4-v02", "hqq2-g64"]
+
+
+def _packed(spec, rows, cols, gen):
+    blob = torch.empty(spec.matrix_bytes(rows * cols), dtype=torch.uint8)
+    fill_random_matrix(blob, spec, rows * cols, gen)
+    return blob.to(DEV)
+
+
+def _check(got, want, dtype, what):
+    assert got.dtype == dtype and got.shape == want.shape, what
+    assert torch.isfinite(got).all(), f"{what}: unwritten (NaN-poisoned) elements"
+    err = (got.double().cpu() - want).abs().max().item() / want.abs().max().item()
+    assert err <= TOL[dtype], f"{what}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("m", [1, 3, 20])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_linear_equals_dequantise_then_matmul(name, m, dtype):
+    if not CUDA and m > 1 and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter mis-computes bf16 dots")
+    spec = quant_spec(name)
+    gen = torch.Generator().manual_seed(hash((name, m)) % 1000)
+    rows, cols = 80, 512            # rows not a multiple of the tile: masked edge rows
+    blob = _packed(spec, rows, cols, gen)
+    w = matrix(blob.cpu(), spec, rows, cols).double()
+    x = torch.randn(m, cols, generator=gen).to(dtype)
+    for cfg in ([(16, 8, 4), (32, 16, 4)] if m == 1 else [(16, 16, 4), (32, 32, 4)]):
+        out = torch.full((m, rows), float("nan"), dtype=dtype, device=DEV)
+        lowbit_linear(x.to(DEV), blob, spec, rows, cols, out=out, config=cfg)
+        _check(out, x.double() @ w.T, dtype, f"{name} m={m} {dtype} {cfg}")
+
+
+@pytest.mark.parametrize("name", ["hqq2", "hqq2-v02"])
+@pytest.mark.parametrize("m", [1, 5])
+def test_expert_ffn_equals_reference(name, m):
+    """Both kernels of the expert (w1/w3 fused with the gating, then w2) on an expert blob."""
+    spec = quant_spec(name)
+    gen = torch.Generator().manual_seed(7)
+    hidden, ffn = 256, 512
+    blob = torch.cat([_packed(spec, *shape, gen) for shape in ((ffn, hidden), (ffn, hidden), (hidden, ffn))])
+    size = spec.matrix_bytes(hidden * ffn)
+    w1, w3, w2 = (matrix(blob[i * size:(i + 1) * size].cpu(), spec, *shape).double()
+                  for i, shape in enumerate(((ffn, hidden), (ffn, hidden), (hidden, ffn))))
+    dtype = torch.float32 if not CUDA else torch.bfloat16
+    x = torch.randn(m, hidden, generator=gen).to(dtype)
+    xd = x.double()
+    a = xd @ w1.T
+    want = (a * torch.sigmoid(a) * (xd @ w3.T)) @ w2.T
+    got = expert_ffn(blob, x.to(DEV), spec, hidden, ffn, config_up=(16, 16, 4), config_down=(16, 16, 4))
+    _check(got, want, dtype, f"{name} m={m}")
+
+
+def test_hqq_quantizer_blobs_against_hqq_dequantize():
+    """A weight quantised by hqq itself (pack.pack_matrix), multiplied by the kernel, equals x @ hqq's
+    own dequantised weight."""
+    pytest.importorskip("hqq")
+    from moesim.engine.pack import hqq_reference, pack_matrix
+
+    torch.manual_seed(3)
+    for name in ("hqq2-v02", "hqq4-v02", "hqq2-g64"):
+        spec = quant_spec(name)
+        w = torch.randn(64, 256) * 0.05
+        blob = pack_matrix(w, spec, "cpu").to(DEV)
+        x = torch.randn(1, 256)
+        got = lowbit_linear(x.to(DEV), blob, spec, 64, 256, config=(16, 8, 4))
+        _check(got, x.double() @ hqq_reference(w, spec).double().T, torch.float32, name)
+
+
+def test_shapes_outside_the_kernel_are_refused_and_fall_back():
+    spec = quant_spec("hqq2-v02")
+    assert supported(spec, 64, 256) and not supported(spec, 64, 24)   # a group would straddle two rows
+    assert not supported(quant_spec("bf16"), 64, 256)
+    x = torch.randn(1, 24)
+    blob = _packed(spec, 32, 24, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="not supported"):
+        lowbit_linear(x.to(DEV), blob, spec, 32, 24)
+    # the dispatcher takes the reference path for it instead
+    y = kernels.packed_linear(x.to(DEV), blob, spec, 32, 24)
+    _check(y, x.double() @ matrix(blob.cpu(), spec, 32, 24).double().T, torch.float32, "fallback")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_dispatch_uses_the_fused_kernel_on_the_gpu_and_reference_when_asked(monkeypatch):
+    calls = []
+    import moesim.engine.kernels.lowbit as lowbit
+
+    real = lowbit.lowbit_linear
+    monkeypatch.setattr(lowbit, "lowbit_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    spec = quant_spec("hqq2")
+    blob = _packed(spec, 64, 512, torch.Generator().manual_seed(0))
+    x = torch.randn(1, 512, device=DEV, dtype=torch.bfloat16)
+    fused = kernels.packed_linear(x, blob, spec, 64, 512)
+    assert calls == [1]
+    with kernels.reference_kernels():
+        ref = kernels.packed_linear(x, blob, spec, 64, 512)
+    assert calls == [1]
+    _check(fused, ref.double().cpu(), torch.bfloat16, "dispatch")

@@ -1,0 +1,75 @@
+"""studies/roofline/make_report.py on a hand-made raw file: every figure of the report is derived from
+the raw numbers (hand-computed here), goals are judged from them, bad input is one line."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("make_roofline_report", ROOT / "studies" / "roofline" / "make_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _raw() -> dict:
+    rows = [{"batch": b, "fused_ms": f, "old_compiled_ms": 0.32, "fp16_dense_ms": 0.126}
+            for b, f in ((1, 0.05), (4, 0.09), (16, 0.2))]
+    return {
+        "device": "NVIDIA H100 80GB HBM3", "date": "2026-12-07T11:00:00Z", "commit": "abc1234", "torch": "2.11",
+        "triton": "3.6", "hbm_peak": {"bytes_moved": 4 << 30, "ms": 1.0, "gb_per_s": 3000.0},
+        "h2d_curve": [{"bytes": 1 << 20, "ms": 0.1, "gb_per_s": 10.0}, {"bytes": 1 << 29, "ms": 10.0, "gb_per_s": 50.0}],
+        "expert": {"hqq2": {"weight_bytes": 60_000_000, "rows": rows}},
+        "layer": {"attn_weight_bytes": 20_000_000, "kv_cache_bytes_read": 9_000_000, "gate_bytes": 1_000_000,
+                  "context": 4096, "fused_ms": 0.06, "old_compiled_ms": 0.2},
+        "copy": {"bytes": 66_000_000, "median_ms": 1.32},
+        "all_resident": {"layers": 32, "tokens": 8, "requests": 8 * 32 * 2, "median_ms_per_token": 3.5},
+        "engine": {"trace": "t.parquet"},
+        "cells": {"lru_k3": {"tokens": 10, "misses": 100, "ms_per_token": 14.0, "copy_ms_total": 132.0,
+                             "copy_bound_ratio": 132.0 / 140.0, "violations": 0, "device_copies": 100}},
+        "all_resident_ms_per_token": 3.5,
+        "pieces_ms": {"expert_b1": 0.05, "expert_b4": 0.09, "expert_b16": 0.2, "layer_b1": 0.06},
+        "copy_bound_ratio": {"lru_k3": 132.0 / 140.0},
+    }
+
+
+def test_report_numbers_come_from_the_raw_file(tmp_path):
+    mod = _script()
+    raw = tmp_path / "roofline_h100.json"
+    raw.write_text(json.dumps(_raw()))
+    out = tmp_path / "report.md"
+    assert mod.main([str(raw), "-o", str(out)]) == 0
+    text = out.read_text()
+    assert "NVIDIA H100 80GB HBM3" in text and "abc1234" in text and "2026-12-07" in text
+    # expert b1: 60 MB in 0.05 ms = 1200 GB/s = 40% of the 3000 GB/s peak; 0.32 / 0.05 = 6.4x
+    assert "| expert hqq2 | 1 | 60000000 | 0.05 | 1200 | 40 | 0.32 | 6.4 | 0.126 |" in text
+    # layer: 30 MB in 0.06 ms = 500 GB/s = 16.67%
+    assert "| 1 | 30000000 | 0.06 | 500 | 16.67 | 0.2 | 3.333 | - |" in text
+    # copy: 66 MB in 1.32 ms = 50 GB/s = 100% of the measured link (50), 79.37% of PCIe 5 x16 (63)
+    assert "| one expert (pinned H2D) | 66000000 | 1.32 | 50 | 100 | 79.37 |" in text
+    goals = {line.split("|")[1].strip(): line.split("|")[4].strip() for line in text.splitlines()
+             if line.startswith("| ") and line.count("|") == 5}
+    assert goals["expert_b1 (ms)"] == "yes" and goals["expert_b16 (ms)"] == "no"
+    assert goals["layer_b1 (ms)"] == "no" and goals["all-resident ms/token, batch 1"] == "yes"
+    assert goals["copy_bound_ratio lru_k3"] == "yes"   # 0.943 >= 1 / 1.1
+    # HBM floor: 32 layers x (2 x 60 MB + 30 MB) / 3000 GB/s = 1.6 ms
+    assert "is 1.600 ms" in text
+
+
+def test_incomplete_raw_is_one_line_and_writes_nothing(tmp_path, capsys):
+    mod = _script()
+    raw = _raw()
+    del raw["layer"]
+    path = tmp_path / "roofline_x.json"
+    path.write_text(json.dumps(raw))
+    out = tmp_path / "report.md"
+    assert mod.main([str(path), "-o", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err
+    assert not out.exists()
+    assert mod.main([str(tmp_path / "missing.json"), "-o", str(out)]) == 2
