@@ -49,6 +49,7 @@ class CellSpec:
     prefill_chunk: int = 512
     speculative_ready: str = "hidden"
     timeline: str | os.PathLike | None = None    # write the timing run's Chrome/Perfetto trace here
+    execution: str | None = None   # who serves each miss (policies.execution); None: copy, no "executed" key
     exact_replay: bool = True    # off where only the timing run's own counts matter (engine validation)
     interval: bool = True        # also price every copy at both ends of the calibration's copy interval
 
@@ -145,7 +146,8 @@ def run_cell(trace: Trace, spec: CellSpec) -> CellResult:
     cost = spec.cost
     kw: dict[str, Any] = dict(prefetch=spec.prefetch, prefetch_params=pparams or None,
                               policy_params=dict(spec.params) if spec.params else None, batch_size=spec.batch_size,
-                              prefill_chunk=spec.prefill_chunk, speculative_ready=spec.speculative_ready)
+                              prefill_chunk=spec.prefill_chunk, speculative_ready=spec.speculative_ready,
+                              execution=spec.execution)
     timing = simulate_timing(trace, spec.policy, spec.cache_size, cost, timeline=spec.timeline, **kw)
     fast, slow = cost.copy_interval_scales()
     if not spec.interval or (fast, slow) == (1.0, 1.0):
