@@ -94,7 +94,8 @@ SETTING_HINTS = {"scope": "--scope", "semantics": "--semantics", "phase": "--pha
                  "quant": "--quant", "predict_distance": "--predict-distance", "dtype": "--dtype",
                  "model": "--model", "tokens": "--tokens", "sequences": "--sequences",
                  "force": "pass --force to overwrite it", "execution": "--execution", "cpu_threads": "--cpu-threads",
-                 "cpu_speed": "--cpu-speed", "lowbit_format": "--lowbit-format"}
+                 "cpu_speed": "--cpu-speed", "lowbit_format": "--lowbit-format",
+                 "geometry": "--geometry"}
 
 
 def error_line(exc: Exception) -> str:

@@ -76,13 +76,17 @@ class NCpuMoe(ExecutionPolicy):
 
 class Pinned(ExecutionPolicy):
     """A pinned hot set (kTransformers' frequency profile): those experts live on the GPU for the whole
-    run; every other miss is copied into the layer's remaining slots."""
+    run; every other miss is copied into the layer's remaining slots, or with ``rest="cpu"`` computed on
+    the CPU (a static placement: nothing moves after loading, as with llama.cpp's ``-ot``)."""
 
-    def __init__(self, experts: Sequence[tuple[int, int]], source: str = "") -> None:
+    def __init__(self, experts: Sequence[tuple[int, int]], source: str = "", rest: str = "copy") -> None:
+        if rest not in ("copy", "cpu"):
+            raise SettingError("execution", f"a pinned set's other experts are copied or run on the CPU, not {rest!r}")
         self.by_layer: dict[int, frozenset[int]] = {}
         for layer, e in experts:
             self.by_layer[layer] = self.by_layer.get(layer, frozenset()) | {e}
-        self.name = f"pinned={source}" if source else "pinned"
+        self.rest = rest
+        self.name = (f"pinned={source}" if source else "pinned") + ("" if rest == "copy" else ", rest on the CPU")
 
     @classmethod
     def from_file(cls, path: str | Path) -> Pinned:
@@ -97,6 +101,9 @@ class Pinned(ExecutionPolicy):
 
     def pinned(self, layer: int) -> frozenset[int]:
         return self.by_layer.get(layer, frozenset())
+
+    def choose(self, layer: int, misses: Sequence[Miss], estimate: LayerEstimate) -> list[str]:
+        return [self.rest] * len(misses)
 
 
 class Fiddler(ExecutionPolicy):
