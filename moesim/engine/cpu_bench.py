@@ -33,32 +33,41 @@ def parse_geometry(text: str) -> tuple[int, int]:
     return hidden, ffn
 
 
-def _linear(fmt: str, n_out: int, n_in: int, gen) -> Callable:
-    """y = x @ W.T for a random (n_out, n_in) weight in ``fmt``, as torch's CPU kernel for it runs it."""
+def quantized_linear(fmt: str, w) -> Callable:
+    """y = x @ w.T with the float weight ``w`` (out, in) held in ``fmt``, as torch's CPU kernel for that
+    format runs it: int8 symmetric per output row; int4 asymmetric per group of 32 inputs (torch's
+    layout: q in 0..15, w = (q - 8) x scale + zero); bf16 as is."""
     import torch
 
+    w = w.float()
     if fmt == "bf16":
-        w = torch.randn(n_out, n_in, generator=gen, dtype=torch.bfloat16)
-        return lambda x: x @ w.T
+        wb = w.to(torch.bfloat16)
+        return lambda x: x @ wb.T
     if fmt == "int8":
-        w8 = torch.randint(-128, 128, (n_out, n_in), generator=gen, dtype=torch.int8)
-        scales = torch.rand(n_out, generator=gen, dtype=torch.bfloat16)
-        return lambda x: torch.ops.aten._weight_int8pack_mm(x, w8, scales)
+        scales = (w.abs().amax(1).clamp(min=1e-8) / 127)
+        w8 = (w / scales[:, None]).round().clamp(-128, 127).to(torch.int8)
+        sb = scales.to(torch.bfloat16)
+        return lambda x: torch.ops.aten._weight_int8pack_mm(x, w8, sb)
     if fmt == "int4":
-        w4 = torch.randint(0, 16, (n_out, n_in), generator=gen, dtype=torch.int32)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w4, 2)
-        del w4
-        sz = torch.rand(n_in // INT4_GROUP, n_out, 2, generator=gen, dtype=torch.bfloat16)
+        n_out, n_in = w.shape
+        g = w.reshape(n_out, n_in // INT4_GROUP, INT4_GROUP)
+        lo, hi = g.amin(2), g.amax(2)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        zero = lo + scale * 8
+        q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).reshape(n_out, n_in)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+        sz = torch.stack([scale, zero], 2).transpose(0, 1).contiguous().to(torch.bfloat16)   # (in/32, out, 2)
         return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, INT4_GROUP, sz)
     raise SettingError("formats", f"unknown CPU format {fmt!r} (known: {', '.join(FORMATS)})")
 
 
 def expert_ffn(fmt: str, hidden: int, ffn: int, seed: int = 0) -> Callable:
-    """One expert's SwiGLU FFN in ``fmt``: x (tokens, hidden) bf16 -> (tokens, hidden)."""
+    """One expert's SwiGLU FFN with random weights in ``fmt``: x (tokens, hidden) bf16 -> (tokens, hidden)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    w1, w3, w2 = _linear(fmt, ffn, hidden, gen), _linear(fmt, ffn, hidden, gen), _linear(fmt, hidden, ffn, gen)
+    w1, w3, w2 = (quantized_linear(fmt, torch.randn(o, i, generator=gen) * 0.02)
+                  for o, i in ((ffn, hidden), (ffn, hidden), (hidden, ffn)))
     return lambda x: w2(torch.nn.functional.silu(w1(x)) * w3(x))
 
 
