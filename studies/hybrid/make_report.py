@@ -66,7 +66,8 @@ def execution_section(doc: dict) -> list[str]:
 def placement_section(doc: dict) -> list[str]:
     out = ["## Static placement vs copy-only at the same VRAM", "",
            "`moesim placement` at the memory of K slots per layer (K x layers x expert bytes): every expert not "
-           "placed runs on the CPU, nothing is copied. Beside it, copy-only LRU with K slots per layer.", ""]
+           "placed runs on the CPU, nothing is copied. Beside it, copy-only LRU with K slots per layer. The frequency "
+           "set is profiled on the same trace (in sample: an upper bound for a profile taken on other text).", ""]
     rows = []
     for p in doc["placements"]:
         r = p["result"]
