@@ -178,9 +178,12 @@ def test_bad_execution_settings(tmp_path, toy):
     for bad in ("nope", "n-cpu-moe", "n-cpu-moe=x", "hobbit=2", "fiddler=1"):
         with pytest.raises(SettingError):
             parse_execution(bad)
-    (tmp_path / "pins.json").write_text('[[0, 1], [0]]')
-    with pytest.raises(DataError):
-        parse_execution(f"pinned={tmp_path / 'pins.json'}")
+    for text in ('[[0, 1], [0]]', '["12"]', '{"0": 1}', '[[0, -1]]', '[[0, 1.5]]', 'nope'):
+        (tmp_path / "pins.json").write_text(text)
+        with pytest.raises(DataError, match="pins.json"):
+            parse_execution(f"pinned={tmp_path / 'pins.json'}")
+    (tmp_path / "pins.json").write_text('[[0, 1], [1, 0]]')
+    assert parse_execution(f"pinned={tmp_path / 'pins.json'}").pinned(1) == {0}
     with pytest.raises(SettingError, match="pins 3 experts"):
         simulate_timing(toy, "lru", 2, toy_cost(), execution=Pinned([(0, 0), (0, 1), (0, 2)]))
     with pytest.raises(SettingError, match="layer 5"):
@@ -222,3 +225,19 @@ def test_simulate_cli_execution(toy, tmp_path, capsys):
     assert main(["simulate", str(toy.path), "--policy", "lru", "--cache-size", "2", "--execution", "bogus"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--execution" in err[0]
+
+
+def test_simulate_cli_pinned_file_and_cpu_what_ifs(toy, tmp_path, capsys):
+    base = ["simulate", str(toy.path), "--policy", "lru", "--cache-size", "2", "--hardware", "h200", "--json"]
+    (tmp_path / "pins.json").write_text("[[0, 0], [1, 0]]")
+    assert main([*base, "--execution", f"pinned={tmp_path / 'pins.json'}"]) == 0
+    assert json.loads(capsys.readouterr().out)["executed"]["pinned"] == 2
+    (tmp_path / "bad.json").write_text("[[0]]")
+    assert main([*base, "--execution", f"pinned={tmp_path / 'bad.json'}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.json" in err[0]
+    speeds = {}
+    for extra in ([], ["--cpu-speed", "2"], ["--cpu-threads", "1"]):
+        assert main([*base, "--execution", "n-cpu-moe=2", *extra]) == 0
+        speeds[" ".join(extra)] = json.loads(capsys.readouterr().out)["tokens_per_s"]
+    assert speeds["--cpu-speed 2"] > speeds[""] > speeds["--cpu-threads 1"]

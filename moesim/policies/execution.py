@@ -92,13 +92,11 @@ class Pinned(ExecutionPolicy):
     @classmethod
     def from_file(cls, path: str | Path) -> Pinned:
         raw = read_json(path, "a JSON list of [layer, expert] pairs")
-        try:
-            pairs = [(int(p[0]), int(p[1])) for p in raw]    # type: ignore[union-attr]
-            if any(len(p) != 2 for p in raw) or any(min(p) < 0 for p in pairs):   # type: ignore[union-attr, arg-type]
-                raise ValueError
-        except (TypeError, ValueError, IndexError, KeyError):
-            raise DataError(path, "not a JSON list of [layer, expert] pairs of non-negative integers") from None
-        return cls(pairs, str(path))
+        ok = isinstance(raw, list) and all(
+            isinstance(p, list) and len(p) == 2 and all(type(x) is int and x >= 0 for x in p) for p in raw)
+        if not ok:
+            raise DataError(path, "not a JSON list of [layer, expert] pairs of non-negative integers")
+        return cls([(p[0], p[1]) for p in raw], str(path))    # type: ignore[union-attr, index]
 
     def pinned(self, layer: int) -> frozenset[int]:
         return self.by_layer.get(layer, frozenset())

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moesim.errors import SettingError
+from moesim.policies.execution import parse_execution
 from moesim.policies.resolve import PolicySpec, needs_predictions
 from moesim.simulator import replay as exact
 from moesim.simulator.cost_model import CostModel
@@ -120,7 +121,10 @@ def require_predictions(path: object, have: Sequence[int], prefetchers: Iterable
 
 
 def check_spec(spec: CellSpec) -> None:
-    """What can be refused before reading a row: the timing model's scope and semantics, the phase."""
+    """What can be refused before reading a row: the timing model's scope and semantics, the phase, the
+    execution spec."""
+    if spec.execution is not None:
+        parse_execution(spec.execution)
     if spec.phase not in PHASES:
         raise SettingError("phase", f"unknown phase {spec.phase!r} (known: {', '.join(PHASES)})")
     if spec.cost is not None and (spec.scope, spec.semantics) != ("layer", "atomic"):
