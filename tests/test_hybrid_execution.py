@@ -144,6 +144,11 @@ def test_accounting_invariants(tmp_path_factory, seed, n_cpu, k, n_pin, spec):
     r = simulate_timing(t, "lru", k, cost, execution=spec)
     assert sum(r.executed.values()) == r.requests == len(sets) * 2
     assert r.executed["gpu_hit"] + r.executed["pinned"] == r.hits
+    # batch steps (several tokens per expert): the counts partition the step's union of experts
+    tb = write_trace(path.with_name("two.parquet"), sets, num_layers=3, num_experts=6,
+                     seq=((np.arange(len(sets)) // 3) % 2).tolist())
+    rb = simulate_timing(tb, "lru", max(k, 4), cost, execution=spec, batch_size=2)
+    assert len(rb.per_token_ms) == 6 and sum(rb.executed.values()) == rb.requests      # 6 steps of 2 tokens
     # n-cpu-moe=N: layers < N on the CPU, moving nothing; the others are exactly the replay's caches
     r = simulate_timing(t, "lru", k, cost, execution=f"n-cpu-moe={n_cpu}")
     on_cpu = 2 * sum(1 for layer in layers if layer < n_cpu)
