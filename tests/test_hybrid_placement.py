@@ -148,3 +148,14 @@ def test_calibrate_cpu_only_writes_a_calibration_simulate_accepts(tmp_path, caps
     assert main([*args[:3], "10x3", *args[4:-4], "-o", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "--geometry" in err[-1] and not (tmp_path / "x.json").exists()
+
+
+def test_calibrate_cpu_only_without_torch_is_one_clear_line(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None; from moesim.cli import main; "
+            f"sys.exit(main(['calibrate', '--cpu-only', '-o', r'{tmp_path}/c.json']))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "needs torch" in p.stderr
+    assert not (tmp_path / "c.json").exists()

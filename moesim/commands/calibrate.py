@@ -71,8 +71,10 @@ def run_cpu_only(args: argparse.Namespace) -> int:
     formats = [f for f in args.cpu_formats.split(",") if f]
     if not formats or any(f not in cpu_bench.FORMATS for f in formats):
         raise UsageError(f"--cpu-formats takes {', '.join(cpu_bench.FORMATS)}, got {args.cpu_formats!r}")
-    import torch
-
+    try:
+        import torch
+    except ImportError:
+        raise UsageError("moesim calibrate --cpu-only needs torch: pip install 'moesim[torch]'") from None
     threads = args.cpu_threads or sorted({1, torch.get_num_threads()})
     tokens = args.cpu_tokens
     if not tokens or min(threads) < 1 or min(tokens) < 1 or args.repeats < 1:
