@@ -109,7 +109,9 @@ SETTING_HINTS = {"scope": "--scope", "semantics": "--semantics", "phase": "--pha
                  "pcie_gbps": "--pcie-gbps", "pcie_latency_us": "--pcie-latency-us", "svg": "name it .svg, or drop --svg",
                  "quant": "--quant", "predict_distance": "--predict-distance", "dtype": "--dtype",
                  "model": "--model", "tokens": "--tokens", "sequences": "--sequences",
-                 "force": "pass --force to overwrite it"}
+                 "force": "pass --force to overwrite it", "execution": "--execution", "cpu_threads": "--cpu-threads",
+                 "cpu_speed": "--cpu-speed", "lowbit_format": "--lowbit-format",
+                 "geometry": "--geometry"}
 
 
 def error_line(exc: Exception) -> str:

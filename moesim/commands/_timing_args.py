@@ -10,7 +10,7 @@ from moesim.commands._common import parse_params, positive_int
 
 DEFAULT_HARDWARE = "h200"
 OVERRIDES = ("pcie_gbps", "pcie_latency_us", "expert_bytes", "expert_ms", "layer_ms", "token_ms", "miss_issue_us",
-             "routing_handoff_us", "host_copy_issue_us", "predict_us")
+             "routing_handoff_us", "host_copy_issue_us", "predict_us", "cpu_threads", "cpu_speed", "lowbit_format")
 
 
 def add_timing_args(p: argparse.ArgumentParser) -> None:
@@ -46,6 +46,15 @@ def add_timing_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host-copy-issue-us", type=float,
                    help="what-if: host time per issued copy (us; gate mode, where it sits on the critical path)")
     g.add_argument("--predict-us", type=float, help="what-if: the speculative predict piece (us; --speculative-ready hidden)")
+    g.add_argument("--execution", metavar="SPEC",
+                   help="who serves each miss (docs/timing.md, Hybrid execution): copy (default), n-cpu-moe=N "
+                        "(layers 0..N-1's experts on the CPU), fiddler, hybrid, hobbit[=THRESHOLD] (low-bit copy "
+                        "below that routing weight, default 0.2), pinned=FILE (JSON [[layer, expert], ...] on the "
+                        "GPU for good); adds the key executed")
+    g.add_argument("--cpu-threads", type=positive_int, metavar="N", help="what-if: threads of the CPU experts")
+    g.add_argument("--cpu-speed", type=float, metavar="X", help="what-if: CPU expert time divided by X")
+    g.add_argument("--lowbit-format", metavar="FMT",
+                   help="what-if: hobbit's substitute format (default one step down: bf16>hqq4>hqq2>hqq1)")
     g.add_argument("--speculative-ready", choices=("hidden", "gate"), default="hidden",
                    help="when a speculative prefetch for layer l+d may start: hidden (default, a live decoder) -- "
                         "after layer l's experts and the predict piece, since the prediction applies layer l+d's "
@@ -63,7 +72,7 @@ def default_hardware_note(args: argparse.Namespace) -> None:
 
 def timing_requested(args: argparse.Namespace) -> bool:
     return bool(args.hardware or args.calibration or args.prefetch or args.timeline or args.engine_mode
-                or args.engine_profile
+                or args.engine_profile or getattr(args, "execution", None)
                 or any(getattr(args, o) is not None for o in OVERRIDES))
 
 

@@ -6,6 +6,11 @@ gate vs context, the LM head, the engine's captured pieces (layer, expert, final
 all-resident engine run (the per-token overhead beyond the pieces), the engine terms (per-miss issue
 cost, per-layer routing hand-off) and one expert copy repeated from several buffers (the copy spread); ``--from-raw FILE`` converts a raw measurement file brought back
 from the GPU (``benchmarks/gpu_validate.py``) instead, on any machine.
+
+``--cpu-only`` measures the CPU half (hybrid execution, issue 24) on THIS machine, no GPU needed: one
+expert FFN with torch's CPU weight-only kernels per format, tokens and threads
+(:mod:`moesim.engine.cpu_bench`), written as the ``cpu`` block of a calibration that is otherwise
+``--base``'s (a preset or a calibration file).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from moesim.commands._common import add_force_arg
+from moesim.commands._common import add_force_arg, int_list
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,8 +41,67 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", type=int, default=32,
                    help="layers of the engine measured for its pieces and per-token overhead (8 slots each, "
                         "~0.53 GB of GPU memory per layer; default 32 = Mixtral-8x7B)")
+    cpu = p.add_argument_group("the CPU half (--cpu-only: no GPU needed)")
+    cpu.add_argument("--cpu-only", action="store_true",
+                     help="measure only this machine's CPU expert FFN curve and write it into --base's calibration")
+    cpu.add_argument("--base", default="h200", metavar="PRESET|FILE",
+                     help="the calibration the CPU block goes into (default the h200 preset)")
+    cpu.add_argument("--geometry", default="4096x14336", metavar="HIDDENxFFN",
+                     help="expert size measured (default Mixtral-8x7B's; a smaller one is scaled to it by "
+                          "parameter count)")
+    cpu.add_argument("--cpu-formats", default="int8,int4,bf16", help="CPU weight formats (int8, int4, bf16)")
+    cpu.add_argument("--cpu-threads", type=int_list, default=None, metavar="N,N,...",
+                     help="thread counts (default 1 and every core torch sees)")
+    cpu.add_argument("--cpu-tokens", type=int_list, default=[1, 4], metavar="N,N,...", help="tokens per expert (default 1,4)")
+    cpu.add_argument("--repeats", type=int, default=5, help="timed runs per point (default 5)")
     add_force_arg(p)
     p.set_defaults(func=run)
+
+
+def run_cpu_only(args: argparse.Namespace) -> int:
+    """``--cpu-only``: measure the CPU curve and write ``--base`` with it as its ``cpu`` block."""
+    import os
+
+    from tqdm import tqdm
+
+    from moesim.engine import cpu_bench
+    from moesim.errors import UsageError
+    from moesim.safe_write import atomic_open
+    from moesim.simulator.cost_model import CostModel
+
+    base = (CostModel.from_json(args.base) if os.path.exists(args.base) or args.base.endswith(".json")
+            else CostModel.preset(args.base))
+    geometry = cpu_bench.parse_geometry(args.geometry)
+    formats = [f for f in args.cpu_formats.split(",") if f]
+    if not formats or any(f not in cpu_bench.FORMATS for f in formats):
+        raise UsageError(f"--cpu-formats takes {', '.join(cpu_bench.FORMATS)}, got {args.cpu_formats!r}")
+    try:
+        import torch
+    except ImportError:
+        raise UsageError("moesim calibrate --cpu-only needs torch: pip install 'moesim[torch]'") from None
+    threads = args.cpu_threads or sorted({1, torch.get_num_threads()})
+    tokens = args.cpu_tokens
+    if not tokens or min(threads) < 1 or min(tokens) < 1 or args.repeats < 1:
+        raise UsageError("--cpu-threads, --cpu-tokens and --repeats must be >= 1")
+    with tqdm(total=len(formats) * len(threads) * len(tokens), desc="cpu expert", unit="point") as bar:
+        raw = cpu_bench.measure(formats, geometry, tokens, threads, args.repeats,
+                                progress=lambda msg: (bar.set_postfix_str(msg), bar.update()))
+    block = cpu_bench.cpu_block(raw)
+    cal = base.to_dict() | {"cpu": block}
+    if args.name != "h200" or base.name == "h200":
+        cal["name"] = args.name
+    CostModel.from_dict(cal, args.out)     # what --calibration will read back
+    if args.raw_out:
+        with atomic_open(args.raw_out) as fh:
+            json.dump(raw, fh, indent=1)
+            fh.write("\n")
+    with atomic_open(args.out) as fh:
+        json.dump(cal, fh, indent=1)
+        fh.write("\n")
+    fmt = block["format"]
+    print(f"wrote {args.out}: CPU expert ({fmt}, {block['threads']} threads) "
+          + ", ".join(f"{t:g} tok {s * 1e3:.2f} ms" for t, s in block["expert_s"][fmt]))
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,6 +112,10 @@ def run(args: argparse.Namespace) -> int:
     if args.with_pieces and not args.add_to:
         raise UsageError("--with-pieces needs --add-to")
     refuse_overwrite([args.out, args.raw_out], args.force)
+    if args.cpu_only:
+        if args.from_raw or args.add_to:
+            raise UsageError("--cpu-only measures; it takes neither --from-raw nor --add-to")
+        return run_cpu_only(args)
     if args.from_raw:
         from moesim.safe_write import read_json
 

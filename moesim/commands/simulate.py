@@ -49,7 +49,7 @@ def cell_spec(args: argparse.Namespace):
                     cost=cost_model(args) if timed else None, prefetch=args.prefetch or "none",
                     prefetch_params=prefetch_params(args) if timed else None, batch_size=args.batch_size,
                     prefill_chunk=args.prefill_chunk, speculative_ready=args.speculative_ready,
-                    timeline=args.timeline)
+                    timeline=args.timeline, execution=args.execution)
 
 
 def run(args: argparse.Namespace) -> int:

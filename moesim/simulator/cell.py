@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moesim.errors import SettingError
+from moesim.policies.execution import parse_execution
 from moesim.policies.resolve import PolicySpec, needs_predictions
 from moesim.simulator import replay as exact
 from moesim.simulator.cost_model import CostModel
@@ -49,6 +50,7 @@ class CellSpec:
     prefill_chunk: int = 512
     speculative_ready: str = "hidden"
     timeline: str | os.PathLike | None = None    # write the timing run's Chrome/Perfetto trace here
+    execution: str | None = None   # who serves each miss (policies.execution); None: copy, no "executed" key
     exact_replay: bool = True    # off where only the timing run's own counts matter (engine validation)
     interval: bool = True        # also price every copy at both ends of the calibration's copy interval
 
@@ -119,7 +121,10 @@ def require_predictions(path: object, have: Sequence[int], prefetchers: Iterable
 
 
 def check_spec(spec: CellSpec) -> None:
-    """What can be refused before reading a row: the timing model's scope and semantics, the phase."""
+    """What can be refused before reading a row: the timing model's scope and semantics, the phase, the
+    execution spec."""
+    if spec.execution is not None:
+        parse_execution(spec.execution)
     if spec.phase not in PHASES:
         raise SettingError("phase", f"unknown phase {spec.phase!r} (known: {', '.join(PHASES)})")
     if spec.cost is not None and (spec.scope, spec.semantics) != ("layer", "atomic"):
@@ -146,7 +151,8 @@ def run_cell(trace: Trace, spec: CellSpec) -> CellResult:
     cost = spec.cost
     kw: dict[str, Any] = dict(prefetch=spec.prefetch, prefetch_params=pparams or None,
                               policy_params=dict(spec.params) if spec.params else None, batch_size=spec.batch_size,
-                              prefill_chunk=spec.prefill_chunk, speculative_ready=spec.speculative_ready)
+                              prefill_chunk=spec.prefill_chunk, speculative_ready=spec.speculative_ready,
+                              execution=spec.execution)
     timing = simulate_timing(trace, spec.policy, spec.cache_size, cost, timeline=spec.timeline, **kw)
     fast, slow = cost.copy_interval_scales()
     if not spec.interval or (fast, slow) == (1.0, 1.0):

@@ -47,6 +47,24 @@ DEFAULT_EXPERT_BYTES = {
     # hqq 0.2 ignores quant_scale/quant_zero: bf16 scale + zero per group of 16 -> 4 bits per weight
     # (checked against hqq itself in tests/test_engine_hqq.py)
     "hqq2-v02": MIXTRAL_EXPERT_PARAMS // 2,
+    # hqq 1-bit, group 16, 8-bit scale + zero per group: the smallest substitute of the low-bit ladder
+    "hqq1": MIXTRAL_EXPERT_PARAMS // 4 + MIXTRAL_EXPERT_PARAMS // 16 // 128 * 8,
+}
+# HOBBIT's substitute: a miss may be copied one step down this ladder (docs/timing.md, "Hybrid execution")
+LOWBIT_OF = {"bf16": "hqq4", "hqq4": "hqq2", "hqq2": "hqq1", "hqq2-v02": "hqq1"}
+
+HOST_CPU_SOURCE = "measured on the H100 box's host (16 Xeon cores, AMX), issue 24"
+# One Mixtral-8x7B expert FFN (4096 -> 14336 -> 4096) with torch's CPU kernels: seconds vs tokens at the
+# reference thread count, and the int8 batch-1 time vs threads (the thread scaling of every format).
+DEFAULT_CPU: dict[str, Any] = {
+    "threads": 16, "format": "int8", "hidden_bytes": 4096 * 2,
+    "expert_s": {"int8": [[1, 1.56e-3], [4, 2.86e-3]], "int4": [[1, 1.49e-3], [4, 2.94e-3]],
+                 "bf16": [[1, 6.0e-3], [4, 5.3e-3]]},
+    "thread_curve": [[1, 17e-3], [8, 2.4e-3], [12, 1.6e-3], [16, 1.56e-3]],
+    "sources": {"expert_s": HOST_CPU_SOURCE + ": int8 weight-only (_weight_int8pack_mm), int4 "
+                "(_weight_int4pack_mm_for_cpu), bf16 matmul; 16 threads; batch 1 and 4",
+                "thread_curve": HOST_CPU_SOURCE + ": int8, batch 1, 1 / 8 / 12 / 16 threads",
+                "hop": "the hidden state (4096 bf16 per token) each way, priced by the PCIe copy curve"},
 }
 
 
@@ -97,6 +115,11 @@ class CostModel:
     # repeated expert-size copies: {"bytes", "median_s", "low_s", "high_s", "sessions": [...]}
     expert_copy: dict[str, Any] = field(default_factory=dict)
     copy_scale: float = 1.0            # what-if: every copy takes copy_scale x its calibrated time
+    # the host CPU as a third resource (docs/timing.md, "Hybrid execution"): the "cpu" block
+    cpu: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(DEFAULT_CPU))
+    cpu_threads: int | None = None     # what-if: threads the CPU experts run with (None: the block's)
+    cpu_speed: float = 1.0             # what-if: CPU expert time divided by this
+    lowbit_format: str | None = None   # HOBBIT's substitute (None: one step down LOWBIT_OF)
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
@@ -131,6 +154,8 @@ class CostModel:
             if eng.get("routing_handoff_eager_s") is not None:
                 model.routing_handoff_eager_s = float(eng["routing_handoff_eager_s"])
             model.engine_sources = {str(k): str(v) for k, v in eng.get("sources", {}).items()}
+            if raw.get("cpu") is not None:
+                model.cpu = _checked_cpu(raw["cpu"])
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(path, f"not a valid calibration file ({type(exc).__name__}: {exc})") from None
         if model.bandwidth_Bps <= 0 or model.latency_s < 0 or model.copy_engines < 1:
@@ -179,6 +204,7 @@ class CostModel:
                        **({"routing_handoff_eager_s": self.routing_handoff_eager_s}
                           if self.routing_handoff_eager_s is not None else {}),
                        "sources": self.engine_sources},
+            "cpu": self.cpu,
         }
 
     def to_json(self, path: str | os.PathLike) -> None:
@@ -194,7 +220,8 @@ class CostModel:
                        miss_issue_us: float | None = None, routing_handoff_us: float | None = None,
                        host_copy_issue_us: float | None = None, predict_us: float | None = None,
                        copy_scale: float | None = None, copy_hop_us: float | None = None,
-                       ready_hop_us: float | None = None) -> CostModel:
+                       ready_hop_us: float | None = None, cpu_threads: int | None = None,
+                       cpu_speed: float | None = None, lowbit_format: str | None = None) -> CostModel:
         """A copy with what-if values; an overridden bandwidth or latency drops the measured curve."""
         m = copy.deepcopy(self)
         if pcie_gbps is not None or pcie_latency_us is not None:
@@ -233,6 +260,7 @@ class CostModel:
                 if us < 0:
                     raise UsageError(f"{attr[:-2].replace('_', '-')} must be >= 0")
                 setattr(m, attr, us * 1e-6)
+        m._cpu_overrides(cpu_threads, cpu_speed, lowbit_format)
         if routing_handoff_us is not None:   # a what-if hand-off stands for both flavours
             m.routing_handoff_eager_s = None
         for attr, value in (("expert_bytes_override", expert_bytes), ("expert_s_override", expert_ms),
@@ -315,6 +343,70 @@ class CostModel:
         """Compute's hop after a copy it waited for lands (0 for the mixtral-offloading profile)."""
         return self.ready_hop_s if self.engine_profile == "moesim" else 0.0
 
+    def _cpu_overrides(self, threads: int | None, speed: float | None, lowbit: str | None) -> None:
+        if threads is not None:
+            if threads < 1:
+                raise SettingError("cpu_threads", f"the CPU thread count must be >= 1, got {threads}")
+            self.cpu_threads = int(threads)
+        if speed is not None:
+            if not speed > 0:
+                raise SettingError("cpu_speed", f"the CPU speed multiplier must be > 0, got {speed}")
+            self.cpu_speed = float(speed)
+        if lowbit is not None:
+            if lowbit not in self.expert_bytes_by_quant:
+                raise SettingError("lowbit_format", f"unknown low-bit format {lowbit!r} "
+                                   f"(known: {', '.join(self.expert_bytes_by_quant)})")
+            self.lowbit_format = lowbit
+
+    # ---- the host CPU and the low-bit substitute (hybrid execution) ----------------------------
+    def cpu_expert_seconds(self, tokens: int = 1, fmt: str | None = None) -> float:
+        """One expert FFN of ``tokens`` tokens on the host CPU: the block's table at its reference thread
+        count (linear in tokens, extrapolated past the last point), times the thread curve's ratio
+        (log-log, clamped to its ends) for ``--cpu-threads``, divided by ``--cpu-speed``."""
+        cpu = self.cpu
+        pts = cpu["expert_s"][fmt or cpu["format"]]
+        ts, ss = [p[0] for p in pts], [p[1] for p in pts]
+        if len(pts) >= 2 and tokens > ts[-1]:
+            slope = (ss[-1] - ss[-2]) / (ts[-1] - ts[-2])
+            base = ss[-1] + max(slope, 0.0) * (tokens - ts[-1])
+        else:
+            base = float(np.interp(tokens, ts, ss))
+        threads = self.cpu_threads or cpu["threads"]
+        return base * self._thread_factor(threads) / self._thread_factor(cpu["threads"]) / self.cpu_speed
+
+    def _thread_factor(self, threads: int) -> float:
+        curve = self.cpu.get("thread_curve") or []
+        if len(curve) < 2:
+            return 1.0
+        xs, ys = np.log([p[0] for p in curve]), np.log([p[1] for p in curve])
+        return float(math.exp(np.interp(math.log(threads), xs, ys)))
+
+    def hop_seconds(self, tokens: int) -> float:
+        """The hidden states of ``tokens`` tokens between GPU and host, one way: the block's fixed
+        ``hop_s`` when it has one, else the copy curve at that size."""
+        if self.cpu.get("hop_s") is not None:
+            return float(self.cpu["hop_s"])
+        return self.copy_seconds(int(self.cpu["hidden_bytes"]) * max(tokens, 1)) / self.copy_scale
+
+    def lowbit(self) -> str:
+        """HOBBIT's substitute format: the what-if one, else one step down :data:`LOWBIT_OF`."""
+        fmt = self.lowbit_format or LOWBIT_OF.get(self.quantization)
+        if fmt is None:
+            raise SettingError("lowbit_format", f"no low-bit substitute below {self.quantization!r}; name one")
+        return fmt
+
+    def lowbit_bytes(self, trace_expert_bytes: int = 0) -> int:
+        """Bytes of one expert's substitute: the full-size expert (:meth:`expert_bytes`) scaled by the
+        two formats' sizes in the table."""
+        table = self.expert_bytes_by_quant
+        return int(round(self.expert_bytes(trace_expert_bytes) * table[self.lowbit()] / table[self.quantization]))
+
+    def lowbit_expert_seconds(self, tokens: int = 1) -> float:
+        """GPU time of the substitute: its own table when the model has one, else the default format's."""
+        fmt = self.lowbit()
+        return self.expert_seconds(tokens, fmt if fmt in self.expert_compute and self.expert_s_override is None
+                                   else None)
+
     def summary(self) -> dict[str, Any]:
         b = self.expert_bytes()
         return {"name": self.name, "pcie_gbps": round(self.bandwidth_Bps / 1e9, 2),
@@ -328,4 +420,19 @@ class CostModel:
                 "host_copy_issue_us": round(self.host_copy_issue_s * 1e6, 3), "predict_us": round(self.predict_s * 1e6, 3),
                 "copy_hop_us": round(self.copy_hop_s * 1e6, 3), "ready_hop_us": round(self.ready_hop_s * 1e6, 3),
                 "engine_mode": self.engine_mode,
-                "engine_profile": self.engine_profile}
+                "engine_profile": self.engine_profile,
+                "cpu_expert_ms": round(self.cpu_expert_seconds(1) * 1e3, 3),
+                "cpu_threads": self.cpu_threads or self.cpu["threads"], "cpu_format": self.cpu["format"]}
+
+
+def _checked_cpu(raw: Any) -> dict[str, Any]:
+    """A calibration's ``cpu`` block, checked (KeyError / TypeError / ValueError name what is wrong)."""
+    cpu = {**copy.deepcopy(DEFAULT_CPU), **dict(raw)}
+    cpu["threads"], cpu["hidden_bytes"] = int(cpu["threads"]), int(cpu["hidden_bytes"])
+    cpu["expert_s"] = {str(f): sorted([float(t), float(s)] for t, s in pts) for f, pts in cpu["expert_s"].items()}
+    cpu["thread_curve"] = sorted([float(n), float(s)] for n, s in cpu.get("thread_curve") or [])
+    if cpu["format"] not in cpu["expert_s"]:
+        raise ValueError(f"cpu.format {cpu['format']!r} has no cpu.expert_s table")
+    if cpu["threads"] < 1 or any(s <= 0 for pts in cpu["expert_s"].values() for _, s in pts):
+        raise ValueError("cpu.threads must be >= 1 and every cpu.expert_s time > 0")
+    return cpu

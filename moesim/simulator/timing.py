@@ -31,6 +31,7 @@ import numpy as np
 
 from moesim.errors import SettingError, UsageError
 from moesim.policies.base import NEVER, EvictionPolicy, ExpertCache
+from moesim.policies.execution import EXECUTORS, ExecutionPolicy, Miss, parse_execution
 from moesim.policies.prefetch import PrefetchContext
 from moesim.policies.resolve import eviction_factory
 from moesim.policies.resolve import policy_name as resolved_name
@@ -55,7 +56,8 @@ class SimEnv:
     """Streams and the event log of one simulation run (no globals)."""
 
     def __init__(self, copy_engines: int, record: bool) -> None:
-        self.free = {"compute": 0.0, **{f"copy{i}": 0.0 for i in range(copy_engines)}}
+        # "cpu": the host's expert workers (hybrid execution), one expert at a time on all their threads
+        self.free = {"compute": 0.0, "cpu": 0.0, **{f"copy{i}": 0.0 for i in range(copy_engines)}}
         self.copy_streams = [f"copy{i}" for i in range(copy_engines)]
         self.record = record
         self.log: list[tuple[float, int, int, str, float, str, dict]] = []
@@ -76,6 +78,12 @@ class SimEnv:
     def copy(self, ready: float, duration: float, name: str, args: dict | None = None) -> tuple[float, float]:
         stream = min(self.copy_streams, key=lambda s: (self.free[s], s))
         return self.run(stream, ready, duration, name, args)
+
+    def scratch(self) -> SimEnv:
+        """A copy of the streams' clocks that records nothing (to price a plan without running it)."""
+        env = SimEnv(len(self.copy_streams), False)
+        env.free = dict(self.free)
+        return env
 
     def timeline(self) -> dict[str, Any]:
         events = []
@@ -114,6 +122,9 @@ class TimingResult(HitCounts):
     engine_profile: str = "moesim"
     step_tokens: np.ndarray | None = field(default=None, repr=False)   # None: one token per step
     step_prefill: np.ndarray | None = field(default=None, repr=False)  # None: every step decodes
+    executed: dict[str, int] | None = None   # requests by executor (EXECUTORS); None: not asked for
+    h2d_bytes: int | None = None             # bytes copied host to device; None: (misses + prefetches) x expert
+    cpu_busy_s: float = 0.0
 
     # Steps run one after another on the compute stream, so their spans partition ``total_s`` exactly:
     # the decode and prefill times below add up to it.
@@ -188,7 +199,8 @@ class TimingResult(HitCounts):
             "prefill_tokens_per_s": r(self.prefill_tokens_per_s, 4), "total_ms": r(self.total_s * 1e3, 3),
             "stall_ms": r(self.stall_s * 1e3, 3), "compute_ms": r(self.compute_s * 1e3, 3),
             "copy_busy_ms": r(self.copy_busy_s * 1e3, 3),
-            "bytes_h2d": (self.misses + self.prefetches) * self.expert_bytes, "expert_bytes": self.expert_bytes,
+            "bytes_h2d": ((self.misses + self.prefetches) * self.expert_bytes if self.h2d_bytes is None
+                          else self.h2d_bytes), "expert_bytes": self.expert_bytes,
             "prefetches": self.prefetches, "wasted_prefetch_bytes": (self.prefetches - self.prefetch_used) * self.expert_bytes,
             "prefetch_precision": r(self.prefetch_used / self.prefetches) if self.prefetches else 0.0,
             "prefetch_recall": r(self.prefetch_recall_hits / self.prefetch_recall_needed) if self.prefetch_recall_needed else 0.0,
@@ -200,6 +212,9 @@ class TimingResult(HitCounts):
             "p99_token_ms": r(float(np.percentile(decode_token_ms, 99)), 4) if len(decode_token_ms) else None,
             "engine_mode": self.engine_mode, "engine_profile": self.engine_profile,
         }
+        if self.executed is not None:
+            out["executed"] = dict(self.executed)
+            out["cpu_busy_ms"] = r(self.cpu_busy_s * 1e3, 3)
         return out
 
 
@@ -231,7 +246,8 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
                     cost: CostModel, *, prefetch: str = "none", prefetch_params: dict[str, Any] | None = None,
                     policy_params: dict[str, Any] | None = None, batch_size: int = 1, prefill_chunk: int = 512,
                     timeline: str | os.PathLike | None = None, engine: str = "auto",
-                    speculative_ready: str = "hidden") -> TimingResult:
+                    speculative_ready: str = "hidden",
+                    execution: str | ExecutionPolicy | None = None) -> TimingResult:
     """Simulate decoding ``trace``; ``engine`` "auto" takes the compiled path when it applies
     (batch-1 decode, lru/fifo/lfu/opt, built-in prefetcher, no timeline), "python" forces the
     general event path, "numba" insists on the compiled one.
@@ -240,7 +256,12 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
     do) -- the prediction for layer l+d is layer l+d's router applied to layer l's output, so its
     copies are issued only after layer l's experts and the predict piece (``cost.predict_s``, on
     compute); "gate" -- recorded predictions issued right after layer l's gate, as the replay engine
-    does with a trace's ``pred{d}_experts``."""
+    does with a trace's ``pred{d}_experts``.
+
+    ``execution`` (docs/timing.md, "Hybrid execution"): who serves each miss -- a spelling of
+    :func:`~moesim.policies.execution.parse_execution` or a policy object; None and "copy" copy every
+    miss, as before. Given at all, the result counts the requests by executor (``executed``); any
+    policy but copy runs the event path."""
     if speculative_ready not in SPECULATIVE_READY:
         raise UsageError(f"unknown speculative ready point {speculative_ready!r} (known: {', '.join(SPECULATIVE_READY)})")
     meta = trace.meta
@@ -256,23 +277,32 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
     if prefetcher.needs_predictions and d not in pred_cols:
         raise SettingError("prefetch", missing_predictions(trace.path, pred_cols, d, prefetch))
     trace = trace.execution_order()
-    fast_ok = (batch_size == 1 and timeline is None and isinstance(policy, str) and not policy_params
+    exe = parse_execution(execution)
+    fast_ok = (exe.name == "copy" and batch_size == 1 and timeline is None and isinstance(policy, str) and not policy_params
                and policy in kernels.POLICY_CODES and prefetch in timing_kernel.PREFETCH_CODES
                and all(s > 0 for s in sizes) and not (trace.phase == PREFILL).any()
                and pparams.get("threshold") is None and cost.engine_profile == "moesim")
     if engine == "numba" and not fast_ok:
-        raise UsageError("the compiled timing path needs batch 1 decode, lru/fifo/lfu/opt, a built-in prefetcher "
-                         "and no timeline")
+        raise UsageError("the compiled timing path needs batch 1 decode, lru/fifo/lfu/opt, a built-in prefetcher, "
+                         "copy execution and no timeline")
     swap = cost.engine_profile == "mixtral-offloading"
     if swap and prefetch != "none":
         raise UsageError("the mixtral-offloading engine profile has no prefetcher (its public engine has none)")
+    if swap and exe.name != "copy":
+        raise SettingError("execution", "the mixtral-offloading engine profile only copies (its public engine "
+                                        "has no CPU experts)", fix="copy")
     late = prefetch == "speculative" and speculative_ready == "hidden"
     if fast_ok and engine != "python":
         res = _simulate_fast(trace, policy, sizes, cache_size, cost, prefetch, prefetcher, late)
         res.engine_mode, res.engine_profile = cost.engine_mode, cost.engine_profile
+        if execution is not None:
+            res.executed = dict.fromkeys(EXECUTORS, 0) | {"gpu_hit": res.hits, "copy": res.misses}
         return res
-    return _EventRun(trace, sizes, make, cost, prefetch, prefetcher, late, swap, batch_size, prefill_chunk,
-                     timeline is not None).run(policy_name, cache_size, timeline)
+    res = _EventRun(trace, sizes, make, cost, prefetch, prefetcher, late, swap, batch_size, prefill_chunk,
+                    timeline is not None, exe).run(policy_name, cache_size, timeline)
+    if execution is None:
+        res.executed = None
+    return res
 
 
 class _EventRun:
@@ -281,14 +311,18 @@ class _EventRun:
 
     def __init__(self, trace: Trace, sizes: list[int], make: Callable[[], EvictionPolicy], cost: CostModel,
                  prefetch: str, prefetcher, late: bool, swap: bool, batch_size: int, prefill_chunk: int,
-                 record: bool) -> None:
+                 record: bool, exe: ExecutionPolicy | None = None) -> None:
         meta = trace.meta
         self.trace, self.cost, self.prefetch, self.prefetcher, self.late, self.swap = (
             trace, cost, prefetch, prefetcher, late, swap)
         self.batch_size, self.sizes = batch_size, sizes
         self.L, self.E, self.d = meta.num_layers, meta.num_experts, prefetcher.distance
         self.steps = build_steps(trace, batch_size, prefill_chunk)
-        self.caches = [ExpertCache(s, make()) if s > 0 else None for s in sizes]
+        self.exe = exe = exe or ExecutionPolicy()
+        self.pinned = _pinned_sets(exe, sizes, self.E)
+        # a CPU layer has no GPU slots; pinned experts take theirs out of the layer's cache
+        self.caches = [ExpertCache(s - len(p), make()) if s > len(p) and not exe.cpu_layer(layer) else None
+                       for layer, (s, p) in enumerate(zip(sizes, self.pinned, strict=True))]
         future = any(c is not None and c.policy.needs_future for c in self.caches)
         self.nxt = _next_uses(self.steps, self.L, NEVER) if future else {}
         self.preds, self.probs = _predictions(trace, prefetcher)
@@ -312,6 +346,10 @@ class _EventRun:
         self.rec_hits = self.rec_needed = self.copies = self.sets = self.slots = 0
         self.stall = self.compute = 0.0
         self.host_busy = 0.0     # gate mode: the host issues late speculative copies until then
+        self.executed = dict.fromkeys(EXECUTORS, 0)
+        self.h2d = 0             # bytes copied host to device (full-size and low-bit experts)
+        self.copy_busy = self.cpu_busy = 0.0
+        self.pricing = False     # inside estimate(): the streams are a scratch copy, the counters stay
 
     def issue(self, ready_at: float, host_at: float, layer: int, e: int, dur: float, what: str,
               i: int) -> tuple[float, float]:
@@ -346,9 +384,10 @@ class _EventRun:
         return TimingResult(policy_name, size_out, self.prefetch, cost.name, sum(s.tokens for s in steps),
                             self.requests, self.hits, env.free["compute"], self.stall, self.copies, self.prefetches,
                             self.used, self.rec_hits, self.rec_needed, self.landed, self.sets, self.slots, self.xb,
-                            per_token, self.compute, self.copies * self.copy_s, cost.engine_mode,
+                            per_token, self.compute, self.copy_busy, cost.engine_mode,
                             cost.engine_profile, np.array([s.tokens for s in steps], np.int64),
-                            np.array([s.phase == PREFILL for s in steps], bool))
+                            np.array([s.phase == PREFILL for s in steps], bool), dict(self.executed), self.h2d,
+                            self.cpu_busy)
 
     def layer(self, i: int, step: Step, layer: int, S: list[int]) -> None:
         """One layer of step ``i``: attention and gate, the demand copies, the prefetches for layer
@@ -362,24 +401,64 @@ class _EventRun:
             _, gate = env.run("compute", self.host_busy, self.handoff_s, f"routing handoff L{layer}", {"step": i})
         self.sets += 1
         self.requests += len(S)
-        ready = self.demand(i, step, layer, S, gate)
+        ready, plan = self.demand(i, step, layer, S, gate)
+        on_cpu = [e for e in S if plan.get(e) == "cpu"]
+        back = self.run_cpu(i, step, layer, on_cpu, gate) if on_cpu else None
         for part in (("experts", "prefetch") if self.late else ("prefetch", "experts")):
             if part == "prefetch":
                 self.prefetch_for(i, step, layer, S, gate)
             else:
-                self.experts(i, step, layer, S, ready)
+                stall, compute = self.experts(i, step, layer, [e for e in S if e not in on_cpu], ready, plan)
+                stall += self.merge(i, layer, back)
+                self.stall, self.compute = self.stall + stall, self.compute + compute
         self.prefetcher.observe(layer, S)
 
-    def demand(self, i: int, step: Step, layer: int, S: list[int], gate: float) -> dict[int, float]:
-        """The gate's set S through the layer's cache; each miss copied (or swapped) after the gate.
-        Returns each expert's ready time."""
-        cache = self.caches[layer]
-        ready: dict[int, float] = {}
+    def demand(self, i: int, step: Step, layer: int, S: list[int], gate: float) -> tuple[dict[int, float], dict[int, str]]:
+        """The gate's set S: pinned experts served as they are, the execution policy's choice for the rest
+        (all of them on the CPU in a CPU layer), the ones kept on the GPU through the layer's cache; each
+        miss copied (or swapped, or its low-bit substitute copied) after the gate. Returns each GPU
+        expert's ready time and the executor of each expert the policy did not leave to copy."""
+        if self.exe.cpu_layer(layer):
+            self.executed["cpu"] += len(S)
+            return {}, dict.fromkeys(S, "cpu")
+        cache, pinned = self.caches[layer], self.pinned[layer]
+        ready = {e: 0.0 for e in S if e in pinned}
+        wanted = [e for e in S if e not in pinned]
+        plan = self.plan(i, step, layer, wanted, gate) if self.exe.name != "copy" else {}
+        to_gpu = [e for e in wanted if plan.get(e) != "cpu"]
+        self.executed["pinned"] += len(ready)
+        self.executed["cpu"] += len(wanted) - len(to_gpu)
         if cache is None:
-            for e in S:
-                ready[e], _ = self.issue(gate, -1.0, layer, e, self.demand_s, "load", i)
-                self.copies += 1
-            return ready
+            missing, evictions = to_gpu, 0
+        else:
+            missing, evictions = self.request(i, step, layer, to_gpu, gate, ready)
+        self.hits += len(to_gpu) - len(missing) + len(S) - len(wanted)
+        self.executed["gpu_hit"] += len(to_gpu) - len(missing)
+        for n_miss, e in enumerate(missing):
+            self.pending.pop((layer, e), None)
+            kind = plan.get(e, "copy")
+            copy_s = self.copy_s if kind == "copy" else self.lowbit_copy_s()
+            if self.swap and cache is not None:
+                # mixtral-offloading swaps on the compute stream: the expert in (host->device), then the
+                # evicted one back to the host (device->host), nothing overlapping
+                dur = copy_s + (copy_s if n_miss >= len(missing) - evictions else 0.0)
+                _, ready[e] = self.env.run("compute", gate, dur, f"swap L{layer} E{e}", {"step": i})
+                self.stall += dur
+            else:
+                dur = self.demand_s - self.copy_s + copy_s
+                ready[e], _ = self.issue(gate, -1.0, layer, e, dur, "load" if kind == "copy" else "lowbit", i)
+            self.inflight[(layer, e)] = ready[e]
+            self.copies += 1
+            self.copy_busy += copy_s
+            self.h2d += self.xb if kind == "copy" else self.cost.lowbit_bytes(self.trace.meta.expert_bytes)
+            self.executed[kind] += 1
+        return ready, plan
+
+    def request(self, i: int, step: Step, layer: int, S: list[int], gate: float,
+                ready: dict[int, float]) -> tuple[list[int], int]:
+        """S through the layer's cache (its hits' ready times into ``ready``); returns the misses (router
+        order) and how many of them evicted an expert."""
+        cache = self.caches[layer]
         self.slots += cache.capacity
         nu = self.nxt.get((i, layer))
         w = step.weights[layer]
@@ -391,7 +470,6 @@ class _EventRun:
         for chunk in union_chunks(S, cache.capacity):
             resident_before += [e for e in chunk if e in cache]
             missing += cache.request(chunk, i, [w[e] for e in chunk], [nu[e] for e in chunk] if nu else None)
-        self.hits += len(S) - len(missing)
         for e in resident_before:
             end = self.inflight.get((layer, e), 0.0)
             ready[e] = end
@@ -403,20 +481,7 @@ class _EventRun:
                     self.rec_hits += 1
         if layer >= self.d:
             self.rec_needed += len(S)
-        # mixtral-offloading swaps on the compute stream: the expert in (host->device), then the evicted
-        # one back to the host (device->host), nothing overlapping
-        evictions = len(missing) - (len(cache.resident) - size_before)
-        for n_miss, e in enumerate(missing):
-            self.pending.pop((layer, e), None)
-            if self.swap:
-                dur = self.copy_s + (self.copy_s if n_miss >= len(missing) - evictions else 0.0)
-                _, ready[e] = self.env.run("compute", gate, dur, f"swap L{layer} E{e}", {"step": i})
-                self.stall += dur
-            else:
-                ready[e], _ = self.issue(gate, -1.0, layer, e, self.demand_s, "load", i)
-            self.inflight[(layer, e)] = ready[e]
-            self.copies += 1
-        return ready
+        return missing, len(missing) - (len(cache.resident) - size_before)
 
     def prefetch_for(self, i: int, step: Step, layer: int, S: list[int], gate: float) -> None:
         """Prefetch for layer + d: issued after this layer's gate, behind the demand copies; a speculative
@@ -451,7 +516,8 @@ class _EventRun:
             predicted_probs=(lambda t, r=row_t: probs[r] if (probs is not None and r is not None) else None),
             actual=(lambda t, st=step: st.layers.get(t, [])) if prefetcher.needs_future else None,
         )
-        picks = [e for e in prefetcher.predict(layer, target, ctx) if 0 <= e < self.E][: prefetcher.budget]
+        picks = [e for e in prefetcher.predict(layer, target, ctx)
+                 if 0 <= e < self.E and e not in self.pinned[target]][: prefetcher.budget]
         protect = {e for (lt, e), end in self.inflight.items() if lt == target and end > t_issue}
         protect |= {e for (lt, e) in self.pending if lt == target}
         for e in picks:
@@ -468,25 +534,99 @@ class _EventRun:
             self.pending[(target, e)] = True
             self.prefetches += 1
             self.copies += 1
+            self.copy_busy += self.copy_s
+            self.h2d += self.xb
         return host_at
 
-    def experts(self, i: int, step: Step, layer: int, S: list[int], ready: dict[int, float]) -> None:
-        """Expert compute, in order of readiness (router order breaks ties): a resident expert overlaps the
-        copies in flight, a missing one stalls compute until its copy lands."""
+    def experts(self, i: int, step: Step, layer: int, S: list[int], ready: dict[int, float],
+                plan: dict[int, str]) -> tuple[float, float]:
+        """Expert compute on the GPU, in order of readiness (router order breaks ties): a resident expert
+        overlaps the copies in flight, a missing one stalls compute until its copy lands. Returns the
+        stall and the compute time it added."""
         env, cost = self.env, self.cost
         counts = step.counts[layer]
+        stall = compute = 0.0
         for e in sorted(S, key=lambda x: (ready.get(x, 0.0), S.index(x))):
             before = env.free["compute"]
-            es = cost.expert_seconds(counts[e])
+            es = cost.lowbit_expert_seconds(counts[e]) if plan.get(e) == "lowbit" else cost.expert_seconds(counts[e])
             rd = ready.get(e, 0.0)
             if rd > before:   # compute waits for the copy: it resumes a hop after the landing
                 rd += self.ready_hop
             env.run("compute", rd, es, f"expert L{layer} E{e}", {"step": i, "tokens": counts[e]})
-            self.stall += max(0.0, rd - before)
-            self.compute += es
+            stall += max(0.0, rd - before)
+            compute += es
             if self.swap:   # it reads each expert's token indices back (two .tolist() calls): two syncs
                 for _ in range(2):
                     env.run("compute", 0.0, self.handoff_s, f"sync L{layer} E{e}", {"step": i})
+        return stall, compute
+
+    def run_cpu(self, i: int, step: Step, layer: int, experts: list[int], gate: float) -> float:
+        """The CPU's experts of this layer: the step's hidden states hop to the host after the gate, the
+        experts run one after another on the CPU workers (each on all their threads), their summed
+        output hops back. Returns when it is on the GPU."""
+        env, cost = self.env, self.cost
+        hop = cost.hop_seconds(step.tokens)
+        counts = step.counts[layer]
+        end = gate + hop
+        for e in experts:
+            dur = cost.cpu_expert_seconds(counts[e])
+            _, end = env.run("cpu", gate + hop, dur, f"cpu expert L{layer} E{e}", {"step": i, "tokens": counts[e]})
+            self.cpu_busy += 0.0 if self.pricing else dur
+        return end + hop
+
+    def merge(self, i: int, layer: int, back: float | None) -> float:
+        """The CPU's output added on the GPU before the layer's combine: compute waits for it. Returns
+        the stall."""
+        if back is None:
+            return 0.0
+        before = self.env.free["compute"]
+        self.env.run("compute", back, 0.0, f"merge cpu L{layer}", {"step": i})
+        return max(0.0, back - before)
+
+    def plan(self, i: int, step: Step, layer: int, wanted: list[int], gate: float) -> dict[int, str]:
+        """The execution policy's executor for each of ``wanted`` not in the layer's cache, priced on a
+        scratch copy of the streams (:meth:`estimate`)."""
+        cache = self.caches[layer]
+        counts, w = step.counts[layer], step.weights[layer]
+        cand = [e for e in wanted if cache is None or e not in cache]
+        if not cand:
+            return {}
+        hits = {e: self.inflight.get((layer, e), 0.0) for e in wanted if e not in cand}
+        hits |= dict.fromkeys(self.pinned[layer] & set(step.layers[layer]), 0.0)
+        misses = [Miss(e, counts[e], w[e] / max(counts[e], 1)) for e in cand]
+        kinds = self.exe.choose(layer, misses, lambda p: self.estimate(i, step, layer, gate, hits, cand, p))
+        if len(kinds) != len(cand) or not set(kinds) <= {"copy", "cpu", "lowbit"}:
+            raise SettingError("execution", f"{self.exe.name} chose {list(kinds)} for {len(cand)} misses "
+                                            "(one of copy, cpu, lowbit each)")
+        return {e: k for e, k in zip(cand, kinds, strict=True) if k != "copy"}
+
+    def estimate(self, i: int, step: Step, layer: int, gate: float, hits: dict[int, float], cand: list[int],
+                 kinds) -> tuple[list[float], float]:
+        """Price a plan for the layer's misses without running it: the same copies, CPU work, experts and
+        merge on a scratch copy of the streams. Returns each planned miss's ready time on the GPU and the
+        layer's finish on compute."""
+        main, self.env, self.pricing = self.env, self.env.scratch(), True
+        try:
+            ready, plan = dict(hits), {}
+            for e, kind in zip(cand, kinds, strict=True):
+                if kind in ("copy", "lowbit"):
+                    dur = self.demand_s - self.copy_s + (self.copy_s if kind == "copy" else self.lowbit_copy_s())
+                    ready[e], _ = self.issue(gate, -1.0, layer, e, dur, kind, i)
+                    plan[e] = kind
+                elif kind == "cpu":
+                    plan[e] = kind
+            on_cpu = [e for e in cand if plan.get(e) == "cpu"]
+            back = self.run_cpu(i, step, layer, on_cpu, gate) if on_cpu else None
+            self.experts(i, step, layer, [e for e in ready], ready, plan)
+            self.merge(i, layer, back)
+            at = [ready.get(e, back if plan.get(e) == "cpu" else None) for e, k in zip(cand, kinds, strict=True)]
+            return [float("nan") if t is None else float(t) for t in at], self.env.free["compute"]
+        finally:
+            self.env, self.pricing = main, False
+
+    def lowbit_copy_s(self) -> float:
+        """One low-bit substitute's transfer (HOBBIT)."""
+        return self.cost.copy_seconds(self.cost.lowbit_bytes(self.trace.meta.expert_bytes))
 
     def write_timeline(self, path: str | os.PathLike, policy_name: str, cache_size) -> None:
         doc = self.env.timeline()
@@ -498,6 +638,23 @@ class _EventRun:
                             "trace": os.path.basename(str(self.trace.path)) if self.trace.path else None}
         with atomic_open(path) as fh:
             json.dump(doc, fh)
+
+
+def _pinned_sets(exe: ExecutionPolicy, sizes: list[int], num_experts: int) -> list[frozenset[int]]:
+    """Each layer's pinned experts, checked: real experts, no more than the layer's GPU slots."""
+    out = []
+    beyond = [layer for layer in getattr(exe, "by_layer", {}) if layer >= len(sizes)]
+    if beyond:
+        raise SettingError("execution", f"{exe.name} pins experts of layer {beyond[0]}; the trace has {len(sizes)}")
+    for layer, size in enumerate(sizes):
+        pinned = exe.pinned(layer)
+        if any(not 0 <= e < num_experts for e in pinned):
+            raise SettingError("execution", f"{exe.name} pins an expert outside 0..{num_experts - 1} in layer {layer}")
+        if len(pinned) > size:
+            raise SettingError("execution", f"{exe.name} pins {len(pinned)} experts in layer {layer}, which has "
+                                            f"{size} GPU slots")
+        out.append(pinned)
+    return out
 
 
 def _predictions(trace: Trace, prefetcher) -> tuple[list | None, np.ndarray | None]:

@@ -1,0 +1,142 @@
+"""The CPU half of calibration (issue 24): one expert FFN (SwiGLU: w2(silu(w1 x) * w3 x)) on this
+machine's CPU with torch's own CPU kernels, per weight format, tokens and threads; no GPU needed.
+
+Formats: ``int8`` weight-only (``aten._weight_int8pack_mm``: int8 weights, one bf16 scale per output
+row), ``int4`` weight-only (``aten._weight_int4pack_mm_for_cpu``, groups of 32, bf16 scale and zero),
+``bf16`` (plain matmul). The weights are random: the kernels' time does not depend on the values.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from moesim.errors import SettingError
+
+FORMATS = ("int8", "int4", "bf16")
+MIXTRAL_GEOMETRY = (4096, 14336)
+INT4_GROUP = 32
+
+
+def parse_geometry(text: str) -> tuple[int, int]:
+    """``HIDDENxFFN`` (e.g. 4096x14336) as two ints, each a positive multiple of 64."""
+    try:
+        hidden, ffn = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise SettingError("geometry", f"geometry {text!r} is not HIDDENxFFN, e.g. 4096x14336") from None
+    if hidden < 64 or ffn < 64 or hidden % 64 or ffn % 64:
+        raise SettingError("geometry", f"geometry {text!r}: both sizes must be positive multiples of 64")
+    return hidden, ffn
+
+
+def quantized_linear(fmt: str, w) -> Callable:
+    """y = x @ w.T with the float weight ``w`` (out, in) held in ``fmt``, as torch's CPU kernel for that
+    format runs it: int8 symmetric per output row; int4 asymmetric per group of 32 inputs (torch's
+    layout: q in 0..15, w = (q - 8) x scale + zero); bf16 as is."""
+    import torch
+
+    w = w.float()
+    if fmt == "bf16":
+        wb = w.to(torch.bfloat16)
+        return lambda x: x @ wb.T
+    if fmt == "int8":
+        scales = (w.abs().amax(1).clamp(min=1e-8) / 127)
+        w8 = (w / scales[:, None]).round().clamp(-128, 127).to(torch.int8)
+        sb = scales.to(torch.bfloat16)
+        return lambda x: torch.ops.aten._weight_int8pack_mm(x, w8, sb)
+    if fmt == "int4":
+        n_out, n_in = w.shape
+        g = w.reshape(n_out, n_in // INT4_GROUP, INT4_GROUP)
+        lo, hi = g.amin(2), g.amax(2)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        zero = lo + scale * 8
+        q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).reshape(n_out, n_in)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+        sz = torch.stack([scale, zero], 2).transpose(0, 1).contiguous().to(torch.bfloat16)   # (in/32, out, 2)
+        return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, INT4_GROUP, sz)
+    raise SettingError("formats", f"unknown CPU format {fmt!r} (known: {', '.join(FORMATS)})")
+
+
+def expert_ffn(fmt: str, hidden: int, ffn: int, seed: int = 0) -> Callable:
+    """One expert's SwiGLU FFN with random weights in ``fmt``: x (tokens, hidden) bf16 -> (tokens, hidden)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    w1, w3, w2 = (quantized_linear(fmt, torch.randn(o, i, generator=gen) * 0.02)
+                  for o, i in ((ffn, hidden), (ffn, hidden), (hidden, ffn)))
+    return lambda x: w2(torch.nn.functional.silu(w1(x)) * w3(x))
+
+
+def time_call(fn: Callable, x, repeats: int) -> list[float]:
+    """Wall time of ``fn(x)``, ``repeats`` times after two warm-up calls."""
+    for _ in range(2):
+        fn(x)
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(x)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def measure(formats: Sequence[str] = FORMATS, geometry: tuple[int, int] = MIXTRAL_GEOMETRY,
+            batches: Sequence[int] = (1, 4), threads: Sequence[int] = (1,), repeats: int = 5,
+            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Every (format, tokens, threads) of one expert FFN: median and spread of ``repeats`` runs."""
+    import torch
+
+    hidden, ffn = geometry
+    before = torch.get_num_threads()
+    rows = []
+    try:
+        for fmt in formats:
+            fn = expert_ffn(fmt, hidden, ffn)
+            for n_threads in threads:
+                torch.set_num_threads(n_threads)
+                for tokens in batches:
+                    x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
+                    with torch.inference_mode():
+                        runs = time_call(fn, x, repeats)
+                    rows.append({"format": fmt, "tokens": tokens, "threads": n_threads,
+                                 "median_s": statistics.median(runs), "min_s": min(runs), "max_s": max(runs),
+                                 "n": len(runs)})
+                    if progress:
+                        progress(f"{fmt} {tokens} tok {n_threads} thr: {statistics.median(runs) * 1e3:.2f} ms")
+            del fn
+    finally:
+        torch.set_num_threads(before)
+    import os
+
+    return {"kind": "cpu_expert_ffn", "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "host": {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+                     "logical_cpus": os.cpu_count(), "torch": torch.__version__},
+            "geometry": {"hidden": hidden, "ffn": ffn}, "repeats": repeats, "rows": rows}
+
+
+def cpu_block(raw: dict[str, Any]) -> dict[str, Any]:
+    """A raw measurement as a calibration's ``cpu`` block (docs/timing.md, "Hybrid execution"): the
+    per-format tokens curve at the most threads measured, the thread curve of the first format at one
+    token. Times at a smaller geometry are scaled to a Mixtral-8x7B expert by parameter count (the batch-1
+    kernels stream the weights: time grows with their size); the raw file keeps them unscaled."""
+    hidden, ffn = raw["geometry"]["hidden"], raw["geometry"]["ffn"]
+    scale = (MIXTRAL_GEOMETRY[0] * MIXTRAL_GEOMETRY[1]) / (hidden * ffn)
+    rows = raw["rows"]
+    top = max(r["threads"] for r in rows)
+    formats = list(dict.fromkeys(r["format"] for r in rows))
+    expert_s = {f: sorted([r["tokens"], r["median_s"] * scale] for r in rows if r["format"] == f and r["threads"] == top)
+                for f in formats}
+    ref = formats[0]
+    curve = sorted([r["threads"], r["median_s"] * scale] for r in rows
+                   if r["format"] == ref and r["tokens"] == min(x["tokens"] for x in rows))
+    host = raw["host"]
+    where = (f"measured by `moesim calibrate --cpu-only` on {host['processor']} ({host['logical_cpus']} logical CPUs, "
+             f"torch {host['torch']}), {raw['date']}, median of {raw['repeats']}")
+    scaled = "" if scale == 1 else f"; geometry {hidden}x{ffn} scaled x{scale:g} by parameter count"
+    return {"threads": top, "format": "int8" if "int8" in expert_s else ref, "hidden_bytes": MIXTRAL_GEOMETRY[0] * 2,
+            "expert_s": expert_s, "thread_curve": curve if len(curve) >= 2 else [],
+            "sources": {"expert_s": where + scaled, "thread_curve": f"{ref}, one token: " + where + scaled,
+                        "hop": "the hidden state (4096 bf16 per token) each way, priced by the PCIe copy curve"}}
