@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from numba import njit
 
 from moesim import parallel
-from moesim.atomic import make_temp
+from moesim.atomic import make_temp, naming_final
 from moesim.errors import DataError
 
 SCHEMA_VERSION = 1
@@ -752,8 +752,9 @@ def write_table_atomic(table: pa.Table, path: str | os.PathLike, **kwargs: Any) 
         raise DataError(p, f"output directory {str(p.parent)!r} does not exist")
     tmp = make_temp(p)
     try:
-        pq.write_table(table, tmp, **kwargs)
-        os.replace(tmp, p)
+        with naming_final(p, tmp):
+            pq.write_table(table, tmp, **kwargs)
+            os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
