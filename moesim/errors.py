@@ -24,3 +24,12 @@ class UsageError(MoesimError):
     """Bad invocation: unknown policy, cache smaller than top-k, bad flag value (exit 2)."""
 
     exit_code = 2
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop asked for by a signal (Ctrl-C's SIGINT, or SIGTERM) once the work in flight finished;
+    ``moesim`` exits with 128 + the signal number, as a shell reports a process a signal ended."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signum)
