@@ -96,6 +96,8 @@ def timing_result(args: argparse.Namespace, trace) -> dict[str, Any]:
                               policy_params=policy_params(args), batch_size=args.batch_size,
                               prefill_chunk=args.prefill_chunk, speculative_ready=args.speculative_ready)
     result = simulate_timing(trace, args.policy, size, cost, timeline=args.timeline, **kw)
+    if args.timeline:
+        _say_timeline_written(args.timeline)
     out = result.to_dict()
     if kw["prefetch"] == "speculative":
         out["speculative_ready"] = args.speculative_ready
@@ -109,3 +111,16 @@ def timing_result(args: argparse.Namespace, trace) -> dict[str, Any]:
         out["ms_per_token_interval"] = [round(hi.ms_per_token, 4), round(lo.ms_per_token, 4)]
         out["copy_interval_scales"] = [round(fast, 5), round(slow, 5)]
     return out   # simulate merges it with the exact replay (moesim.simulator.combined)
+
+
+def _say_timeline_written(path: str) -> None:
+    """Where the timeline went and how big it is (on stderr: stdout may be --json's one object)."""
+    import os
+    import sys
+
+    from moesim.simulator.timeline_file import is_parquet
+    from moesim.traces.describe import human_bytes
+
+    size = os.path.getsize(path)
+    hint = "" if is_parquet(path) else " (a .parquet name writes the same events in a fraction of the size)"
+    print(f"wrote timeline {path}: {human_bytes(size)}{hint}", file=sys.stderr)

@@ -20,7 +20,6 @@ All state lives in one :class:`SimEnv`; operations are logged in a heap keyed by
 from __future__ import annotations
 
 import heapq
-import json
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -29,7 +28,6 @@ from typing import Any
 
 import numpy as np
 
-from moesim.atomic import atomic_open
 from moesim.errors import UsageError
 from moesim.policies.base import EvictionPolicy, ExpertCache, policy_class
 from moesim.policies.params import ParamError, check_params
@@ -37,6 +35,7 @@ from moesim.policies.prefetch import PrefetchContext, make_prefetcher
 from moesim.simulator import kernels, timing_kernel
 from moesim.simulator.cost_model import CostModel
 from moesim.simulator.replay import HitCounts
+from moesim.simulator.timeline_file import write_timeline
 from moesim.traces.format import PREFILL, Trace
 from moesim.traces.steps import Step as Step  # re-exported: the shared step definition
 from moesim.traces.steps import build_steps, union_chunks
@@ -444,8 +443,7 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
                             else None, "prefetch": prefetch, "hardware": cost.name, "expert_bytes": int(xb),
                             "batch_size": batch_size, "model": meta.model,
                             "trace": os.path.basename(str(trace.path)) if trace.path else None}
-        with atomic_open(timeline) as fh:
-            json.dump(doc, fh)
+        write_timeline(doc, timeline)
     tokens = sum(s.tokens for s in steps)
     size_out: int | list[int] = int(cache_size) if isinstance(cache_size, int | np.integer) else sizes
     return TimingResult(policy_name, size_out, prefetch, cost.name, tokens, requests, hits, total, stall, copies,
