@@ -112,7 +112,9 @@ def test_first_signal_finishes_running_cells_and_starts_no_more(big, tmp_path, s
     assert err[-1] == "moesim sweep: interrupted" and "Traceback" not in "\n".join(err)
     _assert_no_survivors(proc.pid)
     rows = _assert_resumable(big, out)
-    assert at_signal <= rows <= at_signal + running + 2  # the running cells finished; no new ones started
+    # the cells in flight when the signal came (at most 2 x 2 workers, some already done but not yet
+    # journaled) finished; none started after it
+    assert at_signal <= rows <= at_signal + 4
 
 
 def test_second_ctrl_c_abandons_running_cells(big, tmp_path):

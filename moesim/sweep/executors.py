@@ -160,8 +160,12 @@ class GracefulStop:
     def announce(self, running: int) -> None:
         self.announced = True
         if running:  # none: every cell had finished, the sweep ends as if never stopped
-            print(f"stopping: finishing {running} running cell{'s' if running != 1 else ''} "
-                  "(Ctrl-C again to abandon them)", file=sys.stderr, flush=True)
+            from tqdm import tqdm
+
+            # tqdm.write: the sweep's progress bar (on a terminal) moves down a line instead of being overwritten
+            tqdm.write(f"stopping: finishing {running} running cell{'s' if running != 1 else ''} "
+                       "(Ctrl-C again to abandon them)", file=sys.stderr)
+            sys.stderr.flush()
 
     def raise_if_requested(self) -> None:
         if self.signum is not None:
