@@ -131,3 +131,17 @@ def test_second_ctrl_c_abandons_running_cells(big, tmp_path):
     assert "Traceback" not in "\n".join(err)
     _assert_no_survivors(proc.pid)
     _assert_resumable(big, out)
+
+
+def test_workers_exit_when_the_sweep_is_killed(big, tmp_path):
+    """SIGKILL cannot be caught: the workers notice their sweep is gone and exit (no orphan computes on)."""
+    out = tmp_path / "r.parquet"
+    proc = _start(big, out)
+    assert len(_session_pids(proc.pid)) >= 3  # the sweep, the forkserver, the workers
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)  # not communicate(): the orphans, if any, still hold the stderr pipe open
+    proc.stderr.close()
+    deadline = time.monotonic() + 20  # a worker finishes the cell it is in, then sees the sweep gone
+    while _session_pids(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    _assert_no_survivors(proc.pid)
