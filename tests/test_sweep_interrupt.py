@@ -20,7 +20,8 @@ import pytest
 from moesim.sweep.store import read_journal, read_results
 from tests.helpers import random_trace
 
-STOPPING = re.compile(r"^stopping: finishing (\d+) running cells? \(Ctrl-C again to abandon them\)$")
+STOPPING = re.compile(r"^stopping: (?:finishing (\d+) running cells? \(Ctrl-C again to abandon them\)"
+                      r"|no cell was running)$")  # the latter: the signal came between two cells
 CELLS = 28  # arc x 2..15 x layer,global
 
 
@@ -107,8 +108,8 @@ def test_first_signal_finishes_running_cells_and_starts_no_more(big, tmp_path, s
     assert proc.returncode == 128 + signum, err
     stopping = [m for line in err if (m := STOPPING.match(line))]
     assert len(stopping) == 1, err
-    running = int(stopping[0].group(1))
-    assert 1 <= running <= 3  # two workers, and the one cell the pool had already queued for them
+    running = int(stopping[0].group(1) or 0)
+    assert running <= 3  # two workers, and the one cell the pool had already queued for them
     assert err[-1] == "moesim sweep: interrupted" and "Traceback" not in "\n".join(err)
     _assert_no_survivors(proc.pid)
     rows = _assert_resumable(big, out)
@@ -122,7 +123,7 @@ def test_second_ctrl_c_abandons_running_cells(big, tmp_path):
     proc = _start(big, out)
     os.killpg(proc.pid, signal.SIGINT)
     first = proc.stderr.readline().strip()
-    assert STOPPING.match(first), first
+    assert STOPPING.match(first), (first, proc.wait(), proc.stderr.read())
     t0 = time.monotonic()
     os.killpg(proc.pid, signal.SIGINT)
     err = _finish(proc, timeout=30)

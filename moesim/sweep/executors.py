@@ -78,6 +78,7 @@ class ProcessPoolExecutorBackend:
         self._stop = stop = GracefulStop().install()
         todo = iter(cells)
         submitted = 0
+        left = False  # cells a stop kept from running
         in_flight = self._in_flight
         try:
             while True:
@@ -86,11 +87,13 @@ class ProcessPoolExecutorBackend:
                     in_flight.add(self._pool.submit(runner.run_cell, cell))
                     submitted += 1
                 if stop.requested and not stop.announced:
-                    in_flight -= {fut for fut in in_flight if fut.cancel()}  # queued ones never start
-                    stop.announce(len(in_flight))
+                    cancelled = {fut for fut in in_flight if fut.cancel()}  # queued ones never start
+                    in_flight -= cancelled
+                    left = bool(cancelled) or submitted < len(cells)
+                    stop.announce(len(in_flight), left)
                 if not in_flight:
-                    if submitted < len(cells):  # a stop with cells left: say so (exit 128 + signal)
-                        stop.raise_if_requested()
+                    if stop.requested and left:  # a stop with cells left: exit 128 + signal
+                        raise Interrupted(stop.signum)
                     return
                 # a timeout, so that a first Ctrl-C is announced within a fraction of a second
                 done, _ = wait(in_flight, timeout=0.25, return_when=FIRST_COMPLETED)
@@ -157,19 +160,21 @@ class GracefulStop:
             raise Interrupted(signum)
         self.signum = signum
 
-    def announce(self, running: int) -> None:
+    def announce(self, running: int, left: bool = True) -> None:
+        """``running``: cells that will still finish; ``left``: whether any cell was never started."""
+        from tqdm import tqdm
+
         self.announced = True
-        if running:  # none: every cell had finished, the sweep ends as if never stopped
-            from tqdm import tqdm
-
-            # tqdm.write: the sweep's progress bar (on a terminal) moves down a line instead of being overwritten
-            tqdm.write(f"stopping: finishing {running} running cell{'s' if running != 1 else ''} "
-                       "(Ctrl-C again to abandon them)", file=sys.stderr)
-            sys.stderr.flush()
-
-    def raise_if_requested(self) -> None:
-        if self.signum is not None:
-            raise Interrupted(self.signum)
+        if running:
+            text = (f"stopping: finishing {running} running cell{'s' if running != 1 else ''} "
+                    "(Ctrl-C again to abandon them)")
+        elif left:
+            text = "stopping: no cell was running"
+        else:
+            return  # every cell had finished: the sweep ends as if never stopped
+        # tqdm.write: the sweep's progress bar (on a terminal) moves down a line instead of being overwritten
+        tqdm.write(text, file=sys.stderr)
+        sys.stderr.flush()
 
 
 def _pool_worker_init(trace_paths: dict[str, str], sweep_pid: int) -> None:
