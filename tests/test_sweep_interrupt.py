@@ -22,7 +22,7 @@ from tests.helpers import random_trace
 
 STOPPING = re.compile(r"^stopping: (?:finishing (\d+) running cells? \(Ctrl-C again to abandon them\)"
                       r"|no cell was running)$")  # the latter: the signal came between two cells
-CELLS = 28  # arc x 2..15 x layer,global
+CELLS = 56  # arc x 2..15 x layer,global x atomic,sequential: a sweep far longer than the tests wait
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def _session_pids(sid: int) -> set[int]:
 
 def _start(big: Path, out: Path) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "moesim", "sweep", "--trace", str(big), "--policy", "arc",
-                             "--cache-size", "2..15", "--scope", "layer,global", "--workers", "2", "-o", str(out),
+                             "--cache-size", "2..15", "--scope", "layer,global", "--semantics", "atomic,sequential", "--workers", "2", "-o", str(out),
                              "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     journal = Path(f"{out}.journal")
@@ -87,7 +87,7 @@ def _assert_resumable(big: Path, out: Path) -> int:
     rows = read_results(out).num_rows
     assert 1 <= rows < CELLS
     dry = subprocess.run([sys.executable, "-m", "moesim", "sweep", "--trace", str(big), "--policy", "arc",
-                          "--cache-size", "2..15", "--scope", "layer,global", "-o", str(out), "--dry-run", "--json"],
+                          "--cache-size", "2..15", "--scope", "layer,global", "--semantics", "atomic,sequential", "-o", str(out), "--dry-run", "--json"],
                          capture_output=True, text=True, timeout=120)
     assert dry.returncode == 0, dry.stderr
     assert json.loads(dry.stdout) == {"cells": CELLS, "finished": rows, "pending": CELLS - rows}
