@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"moesim {args.command}: error: {error_line(exc)}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(f"moesim {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(exc, "signum", 2)  # 130 for Ctrl-C, 143 for SIGTERM
     except Exception as exc:
         # Anything that slipped past validation still gets one line, never a traceback.
         if debug:

@@ -37,3 +37,12 @@ class SettingError(UsageError):
         self.problem = problem
         self.fix = fix
         super().__init__(problem)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop asked for by a signal (Ctrl-C's SIGINT, or SIGTERM) once the work in flight finished;
+    ``moesim`` exits with 128 + the signal number, as a shell reports a process a signal ended."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signum)

@@ -21,11 +21,34 @@ def _umask() -> int:
 
 
 def make_temp(final: Path) -> str:
-    """An empty temp file beside ``final`` with the permissions a plain open() would give."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    """An empty temp file beside ``final`` with the permissions a plain open() would give.
+
+    A directory that cannot be written (read-only, no permission, full) is a DataError naming
+    ``final``: the user typed that path, not the hidden temp name."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    except OSError as exc:
+        raise cannot_write(final, exc) from None
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())
     return tmp
+
+
+def cannot_write(final: str | os.PathLike, exc: OSError) -> DataError:
+    """The one-line error for an OSError met while writing ``final`` (or its temp file)."""
+    why = exc.strerror or str(exc).strip().splitlines()[0] or type(exc).__name__
+    return DataError(final, f"cannot write it ({why})")
+
+
+@contextlib.contextmanager
+def naming_final(final: str | os.PathLike, tmp: str | os.PathLike) -> Iterator[None]:
+    """Re-raise an OSError about ``tmp`` (disk full, read-only remount, ...) as one naming ``final``."""
+    try:
+        yield
+    except OSError as exc:
+        if os.fspath(tmp) in (exc.filename, exc.filename2) or os.fspath(tmp) in str(exc):
+            raise cannot_write(final, exc) from None
+        raise
 
 
 def refuse_overwrite(paths: Iterable[str | os.PathLike | None], force: bool) -> None:
@@ -48,8 +71,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise DataError(p, f"output directory {str(p.parent)!r} does not exist")
     tmp = make_temp(p)
     try:
-        yield Path(tmp)
-        os.replace(tmp, p)
+        with naming_final(p, tmp):
+            yield Path(tmp)
+            os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

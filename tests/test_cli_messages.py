@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from moesim.cli import main
 from moesim.policies import policy_class
 from moesim.policies.params import ParamError, check_params
 from moesim.policies.prefetch import _PREFETCHERS
@@ -95,3 +96,21 @@ def test_numeric_text_is_converted_to_the_defaults_type(good, capsys):
         assert code == 0
         runs.append(json.loads(out)["hits"])
     assert runs[0] == runs[1]
+
+
+def test_hardware_table_fits_100_columns_and_json_keeps_every_key(capsys):
+    from moesim.simulator.cost_model import CostModel
+
+    assert main(["hardware"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(line) for line in lines) <= 100, max(lines, key=len)
+    names = CostModel.presets()
+    assert [line.split()[0] for line in lines[2:2 + len(names)]] == list(names)
+    h200 = next(line.split() for line in lines if line.split()[:1] == ["h200"])
+    model = CostModel.preset("h200").summary()
+    assert float(h200[1]) == pytest.approx(model["pcie_gbps"], abs=0.05)  # PCIe GB/s, 1 decimal
+    assert "--json" in lines[-1]
+    assert main(["hardware", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == list(names)
+    assert next(r for r in rows if r["name"] == "h200") == model  # every key, full precision

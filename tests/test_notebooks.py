@@ -68,3 +68,41 @@ def test_notebook_executes(path, kernel_here):
         assert len(images) == 1
         assert "window-lfu with an unbounded window == lfu at every size" in text
         assert "compiled aged-lfu == plain-class aged-lfu at every size" in text
+
+
+def _imported_modules(path: Path) -> set[str]:
+    import re
+
+    nb = nbformat.read(path, as_version=4)
+    found = set()
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            found |= set(re.findall(r"^\s*(?:from|import)\s+([A-Za-z_]\w*)", cell.source, flags=re.M))
+    return found
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    import re
+
+    return {re.split(r"[\[<>=!~ ;]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+
+
+def test_notebooks_extra_covers_running_them():
+    """``pip install 'moesim[notebooks]'`` gives Jupyter and a headless runner, each with a version range,
+    and every third-party module a notebook imports comes from the base install or that extra; the README
+    says how to install it."""
+    import importlib.metadata
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    extra = project["optional-dependencies"]["notebooks"]
+    assert {"jupyter", "nbclient", "ipykernel"} <= _requirement_names(extra)
+    assert all("<" in r and ">=" in r for r in extra), extra
+    provided = _requirement_names(project["dependencies"] + extra)
+    dists = importlib.metadata.packages_distributions()
+    for path in NOTEBOOKS:
+        for module in _imported_modules(path) - set(sys.stdlib_module_names) - {"moesim"}:
+            names = {d.lower().replace("_", "-") for d in dists.get(module, [module])}
+            assert names & provided, f"{path.name} imports {module}, which no install extra provides"
+    assert "[notebooks]" in (root / "README.md").read_text()

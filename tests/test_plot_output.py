@@ -188,3 +188,49 @@ def test_report_embeds_svg_on_request_and_shows_bytes_in_mb(small):
     assert "<td class=l>66.7 MB (66,748,416 B)</td>" in html
     with pytest.raises(UsageError):
         build_report(trace, policies=["lru"], sizes=[2], timing=False, image_format="gif")
+
+
+def _sweep_rows(policies: dict[str, list[str]], sizes: list[int], panels: int = 1):
+    import polars as pl
+
+    rows = [{"trace": "t.parquet", "hardware": f"hw{h}", "policy": policy, "params": params, "cache_size": k,
+             "hit_rate": k / (max(sizes) + 1), "status": "ok"}
+            for h in range(panels) for policy, settings in policies.items() for params in settings for k in sizes]
+    return pl.DataFrame(rows)
+
+
+@pytest.mark.parametrize("panels", [1, 3])
+def test_sweep_legend_stays_inside_the_figure(panels):
+    """Long labels (parameter settings) wrap onto more legend rows rather than run off the right edge."""
+    from moesim.sweep.plots import sweep_figure
+
+    policies = {"lru": ["{}"], "lfu": ["{}"], "opt": ["{}"],
+                "lfu-decay": ['{"half_life": 100}', '{"half_life": 1000}', '{"half_life": 100000}']}
+    fig, _ = sweep_figure(_sweep_rows(policies, [2, 3, 4], panels), "hit_rate")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legend = fig.legends[0]
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert "lfu-decay half_life=100000" in labels and len(labels) == 6
+    for text in [*legend.get_texts(), legend.get_title()]:
+        box = text.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y0 >= 0, text.get_text()
+    for ax in fig.axes:  # and the legend sits below every panel's tick labels
+        if ax.get_visible():
+            assert ax.get_tightbbox(renderer).y0 >= legend.get_window_extent(renderer).y1 - 1
+    plots.plt.close(fig)
+
+
+@pytest.mark.parametrize("sizes", [[2, 4, 6], list(range(2, 40))])
+def test_sweep_slot_ticks_are_whole_numbers(sizes):
+    from moesim.sweep.plots import sweep_figure
+
+    fig, _ = sweep_figure(_sweep_rows({"lru": ["{}"], "opt": ["{}"]}, sizes), "hit_rate")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+    assert len(ticks) >= 3 and all(float(t).is_integer() for t in ticks), ticks
+    if len(sizes) <= 12:
+        assert ticks == sizes
+    plots.plt.close(fig)

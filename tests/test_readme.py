@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 SHIPPED_TRACE = REPO / "traces" / "synth-mixtral-8x7b.parquet"
 COMMAND_TIMEOUT_S = 300
+SCRATCH = "scratch"  # the examples' outputs go here; .gitignore covers it
 
 # (pattern searched in the command, why it is not run). Keep this list tiny.
 SKIPS: list[tuple[str, str]] = [
@@ -30,7 +31,7 @@ SKIPS: list[tuple[str, str]] = [
     (r"^python3? (benchmarks|studies|tools)/", "benchmark, study or tool script: run on demand (long, rewrites data)"),
     # files from outside the repository (the README says "if you have a vLLM routing log")
     (r"_vllm\.jsonl\b", "needs the user's vLLM routing log"),
-    (r"(^|\s)real\.parquet\b", "needs the trace imported from the user's vLLM routing log"),
+    (r"(^|\s|/)real\.parquet\b", "needs the trace imported from the user's vLLM routing log"),
 ]
 RUNNABLE_FIRST_WORDS = ("moesim", "python", "python3")
 
@@ -192,6 +193,7 @@ def test_every_readme_command_runs_in_order(tmp_path):
     work = tmp_path / "repo"
     work.mkdir()
     _copy_repository(work)
+    tracked = {p for p in work.rglob("*") if p.is_file() or p.is_symlink()}
     _shims(tmp_path / "bin")
     env = dict(os.environ)
     env["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{env.get('PATH', '')}"
@@ -213,6 +215,20 @@ def test_every_readme_command_runs_in_order(tmp_path):
                                    f"--- stderr ---\n{r.stderr[-3000:]}\n--- stdout ---\n{r.stdout[-1000:]}")
         ran.append(cmd)
     assert len(ran) >= 20, f"only {len(ran)} README commands ran (skipped: {[(c.text, w) for c, w in skipped]})"
+    left = sorted(str(p.relative_to(work)) for p in _untracked_outputs(work, tracked))
+    assert not left, f"README examples wrote outside {SCRATCH}/ (which .gitignore covers): {left[:20]}"
+
+
+def _untracked_outputs(work: Path, tracked: set[Path]) -> list[Path]:
+    """Files in the copy that the repository does not track, outside scratch/ and Python's caches."""
+    return [p for p in work.rglob("*") if (p.is_file() or p.is_symlink()) and p not in tracked
+            and p.relative_to(work).parts[0] != SCRATCH and "__pycache__" not in p.parts]
+
+
+def test_scratch_folder_is_git_ignored_and_named_in_the_readme():
+    ignored = (REPO / ".gitignore").read_text(encoding="utf-8").split()
+    assert f"/{SCRATCH}/" in ignored or f"{SCRATCH}/" in ignored
+    assert f"`{SCRATCH}/`" in README.read_text(encoding="utf-8")
 
 
 def test_shipped_trace_hit_rate_table_is_what_mrc_measures():

@@ -143,3 +143,17 @@ def test_checkpoint_directory_without_weights_is_a_data_error(tmp_path):
     (tmp_path / "ckpt" / "config.json").write_text("{}")
     r = moesim("record", "--model", str(tmp_path / "ckpt"), "-o", str(tmp_path / "x.parquet"))
     assert r.returncode == 1 and "ckpt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_prompt_past_the_models_positions_is_one_moesim_note(tmp_path):
+    """transformers' "friendly reminder" about exceeding the maximum length does not leak; moesim says it
+    once, naming the prompt and the lengths (the tiny presets have 512 positions)."""
+    prompts = tmp_path / "long.json"
+    prompts.write_text(json.dumps(["short", "x" * 520, "y" * 530]))
+    out = tmp_path / "t.parquet"
+    r = moesim("record", "--model", "tiny-mixtral", "--prompts", str(prompts), "--max-new-tokens", "3",
+               "--predict-distance", "0", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "friendly reminder" not in r.stderr and "maximum length" not in r.stderr
+    notes = [line for line in r.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "prompt 1 (" in notes[0] and "512 positions" in notes[0], r.stderr

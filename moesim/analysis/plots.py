@@ -38,7 +38,8 @@ from moesim.analysis.style import (  # noqa: E402
     prefetcher_style,
 )
 from moesim.errors import DataError  # noqa: E402
-from moesim.safe_write import atomic_path, read_json  # noqa: E402
+from moesim.safe_write import atomic_path  # noqa: E402
+from moesim.simulator.timeline_file import read_timeline  # noqa: E402
 from moesim.traces.format import Trace  # noqa: E402
 
 LANE_COLORS = CATEGORY_COLORS
@@ -294,9 +295,9 @@ def prefetch(trace: Trace, prefetchers: Sequence[str], budgets: Sequence[int], *
 
 def load_timeline(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Complete ('X') events of a Chrome/Perfetto trace-event file (object with ``traceEvents`` or a
-    bare list)."""
+    bare list), or of ``simulate --timeline X.parquet``'s table."""
     p = Path(path)
-    raw = read_json(p, "a JSON timeline")
+    raw = read_timeline(p)
     events = raw.get("traceEvents") if isinstance(raw, dict) else raw
     if not isinstance(events, list):
         raise DataError(p, "timeline has no 'traceEvents' list")
@@ -312,7 +313,7 @@ def timeline_title(path: str | os.PathLike) -> str:
     ``otherData``): "Simulated decode timeline: lru, 4 slots per layer, transition prefetch, a6000
     (66.7 MB per expert copy) - real.parquet"; other files: "Timeline of NAME"."""
     p = Path(path)
-    raw = read_json(p, "a JSON timeline")
+    raw = read_timeline(p)
     info = raw.get("otherData") if isinstance(raw, dict) else None
     if not isinstance(info, dict) or "policy" not in info:
         return f"Timeline of {p.name}"

@@ -80,6 +80,25 @@ def parse_params(pairs: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def require_torch_device(device: str) -> None:
+    """``--device``: a usage error (one line, exit 2) for a device this torch cannot use -- CUDA on a
+    CPU-only build or machine, a GPU index past the last one, a name torch does not know."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device}: not a torch device (cpu, cuda or cuda:N)") from None
+    if dev.type != "cuda":
+        return
+    from moesim.engine.cuda import cuda_missing
+
+    if why := cuda_missing():
+        raise UsageError(f"--device {device}: CUDA is not available here ({why}); use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: CUDA is available but has only {torch.cuda.device_count()} device(s)")
+
+
 def emit_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, separators=(", ", ": "))
     sys.stdout.write("\n")

@@ -95,3 +95,16 @@ def prefetch_params(args: argparse.Namespace) -> dict[str, Any]:
     if args.prefetch_budget is not None:
         out["budget"] = args.prefetch_budget
     return out
+
+
+def say_timeline_written(path: str) -> None:
+    """Where the timeline went and how big it is (on stderr: stdout may be --json's one object)."""
+    import os
+    import sys
+
+    from moesim.simulator.timeline_file import is_parquet
+    from moesim.traces.describe import human_bytes
+
+    size = os.path.getsize(path)
+    hint = "" if is_parquet(path) else " (a .parquet name writes the same events in a fraction of the size)"
+    print(f"wrote timeline {path}: {human_bytes(size)}{hint}", file=sys.stderr)

@@ -125,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         if not torch.cuda.is_available():
-            raise UsageError("calibrate measures a CUDA GPU and none is visible here; use --from-raw FILE")
+            raise UsageError("CUDA is not available here, and calibrate measures a CUDA GPU; "
+                             "convert measurements taken elsewhere with --from-raw FILE")
         from moesim.engine.gpu_bench import measure
 
         raw = measure(args.quants.split(","), layers=args.layers)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -54,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
     sizes = list(range(meta.top_k, meta.num_experts + 1))
     curves: dict[str, list[float]] = {}
     methods: dict[str, str] = {}
+    # Numba compiles the replay kernels on their first use in a process: the first policy takes ~30 s,
+    # the rest about a second each, so the bar's early ETA is far too long without this word.
+    print("note: the first policy compiles the replay kernels (about 30 s on 2 cores); the rest take seconds",
+          file=sys.stderr, flush=True)
     for name in tqdm(policy_names(), desc="policies", unit="policy"):
         result = mrc(trace, name, sizes)
         curves[name] = [c["hit_rate"] for c in result.curve]

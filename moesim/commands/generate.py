@@ -18,6 +18,7 @@ from moesim.commands._common import (
     non_negative_float,
     non_negative_int,
     positive_int,
+    require_torch_device,
 )
 
 
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from moesim.errors import DataError, UsageError
 
     try:
-        import torch
+        import torch  # noqa: F401 - present, or the one-line install hint
     except ImportError:
         raise UsageError("moesim generate needs torch: pip install 'moesim[torch]'") from None
     _check_choices(args)
@@ -88,8 +89,7 @@ def run(args: argparse.Namespace) -> int:
         refuse_overwrite([args.record, f"{args.record}.times.json"], args.force)
     if args.record and not Path(args.record).parent.is_dir():
         raise DataError(args.record, f"output directory {str(Path(args.record).parent)!r} does not exist")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: CUDA is not available here")
+    require_torch_device(args.device)
     from moesim.engine.decode import Decoder
     from moesim.engine.decoder_program import DecoderProgram
     from moesim.engine.expert_store import ExpertStore

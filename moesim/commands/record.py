@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moesim.commands._common import add_force_arg, non_negative_float, non_negative_int, positive_int
+from moesim.commands._common import (
+    add_force_arg,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    require_torch_device,
+)
 
 INTERRUPTED_EXIT = 130  # the shell convention for "stopped by SIGINT"; the trace is still complete
 # The tiny presets of moesim.recorder.presets, named here so that building the parser -- which every
@@ -52,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         import transformers  # noqa: F401
     except ImportError:
         raise UsageError("moesim record needs torch and transformers: pip install 'moesim[torch]'") from None
+    require_torch_device(args.device)
     from moesim.recorder.parts import merge_parts, parts_dir_for
     from moesim.traces.format import read_trace
 

@@ -18,6 +18,7 @@ from moesim.commands._timing_args import (
     cost_model,
     default_hardware_note,
     prefetch_params,
+    say_timeline_written,
     timing_requested,
 )
 from moesim.errors import UsageError
@@ -62,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
     if args.per_layer and trace.meta.logged_layers is not None:  # the layers a log holds, not the model's others
         out["per_layer"] = [d for d in out["per_layer"] if d["layer"] in trace.meta.logged_layers]
     default_hardware_note(args)
+    if args.timeline:
+        say_timeline_written(args.timeline)
     # notes once the run succeeded: an error stays the only line
     sizes = [args.cache_size] if args.cache_size is not None else args.layer_budgets
     note_clamped_sizes("simulate", trace.meta, sizes, args.scope)

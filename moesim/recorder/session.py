@@ -7,6 +7,7 @@ with ``interrupted=True``; a second Ctrl-C aborts at once (the flushed parts sta
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -100,6 +101,31 @@ class _StopFlag:
         return torch.full((input_ids.shape[0],), self.set, dtype=torch.bool, device=input_ids.device)
 
 
+_MAX_LENGTH_LOGGER = "transformers.generation.stopping_criteria"
+
+
+class _PastPositions(logging.Filter):
+    """Prompt + new tokens longer than the model's ``max_position_embeddings``: one moesim note per
+    recording, naming the prompt and the lengths, instead of transformers' "friendly reminder" (which
+    this filter drops) -- the routing recorded past that point is outside what the model was trained on."""
+
+    def __init__(self, positions: int | None) -> None:
+        super().__init__()
+        self.positions = positions
+        self.noted = False
+
+    def check(self, seq: int, prompt_tokens: int, max_new_tokens: int) -> None:
+        if self.noted or not self.positions or prompt_tokens + max_new_tokens <= self.positions:
+            return
+        self.noted = True
+        print(f"note: prompt {seq} ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} goes past the "
+              f"model's {self.positions} positions; tokens beyond them are outside what it was trained on",
+              file=sys.stderr)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "predefined maximum length" not in record.getMessage()
+
+
 def record(model_or_path: Any, prompts: list[str], out: str | os.PathLike, *, max_new_tokens: int = 32,
            temperature: float = 0.0, seed: int = 0, device: str = "cpu", dtype: str = "float32",
            predict_distance: int = 1, logits: bool = False, pred_logits: bool = False,
@@ -138,6 +164,9 @@ def record(model_or_path: Any, prompts: list[str], out: str | os.PathLike, *, ma
     previous = signal.signal(signal.SIGINT, on_sigint) if main else None
     generated: list[list[int]] = []
     start = time.perf_counter()
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    past_positions = _PastPositions(positions)
+    logging.getLogger(_MAX_LENGTH_LOGGER).addFilter(past_positions)
     try:
         prov = {"device": str(dev), "dtype": dtype, "decoding": decoding, "prompts": len(prompts)}
         with Recorder(model, adapter, out, predict_distance=predict_distance, logits=logits,
@@ -150,6 +179,7 @@ def record(model_or_path: Any, prompts: list[str], out: str | os.PathLike, *, ma
                 if stop.set:
                     break
                 ids = torch.tensor([_encode(tokenizer, prompt)], device=dev)
+                past_positions.check(seq, ids.shape[1], max_new_tokens)
                 rec.begin_sequence(seq)
                 torch.manual_seed(seed * 1_000_003 + seq)  # per-prompt stream: same output alone or in a set
                 with torch.no_grad():
@@ -160,6 +190,7 @@ def record(model_or_path: Any, prompts: list[str], out: str | os.PathLike, *, ma
                 bar.update(max_new_tokens - len(new))  # a prompt that hit EOS early
             bar.close()
     finally:
+        logging.getLogger(_MAX_LENGTH_LOGGER).removeFilter(past_positions)
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     return RecordResult(Path(out), len(generated), rec.tokens_recorded, generated,

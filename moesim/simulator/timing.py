@@ -20,7 +20,6 @@ All state lives in one :class:`SimEnv`; operations are logged in a heap keyed by
 from __future__ import annotations
 
 import heapq
-import json
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -36,11 +35,11 @@ from moesim.policies.prefetch import PrefetchContext
 from moesim.policies.resolve import eviction_factory
 from moesim.policies.resolve import policy_name as resolved_name
 from moesim.policies.resolve import prefetcher as make_prefetcher
-from moesim.safe_write import atomic_open
 from moesim.simulator import kernels, timing_kernel
 from moesim.simulator.cost_model import CostModel
 from moesim.simulator.replay import resolve_sizes
 from moesim.simulator.results import HitCounts
+from moesim.simulator.timeline_file import write_timeline as write_timeline_file
 from moesim.traces.format import PREFILL, Trace, TraceMeta
 from moesim.traces.models import MIXTRAL_8X7B, MOE_FAMILIES, known_model
 from moesim.traces.predictions import missing_predictions
@@ -636,8 +635,7 @@ class _EventRun:
                             else None, "prefetch": self.prefetch, "hardware": self.cost.name, "expert_bytes": int(self.xb),
                             "batch_size": self.batch_size, "model": meta.model,
                             "trace": os.path.basename(str(self.trace.path)) if self.trace.path else None}
-        with atomic_open(path) as fh:
-            json.dump(doc, fh)
+        write_timeline_file(doc, path)
 
 
 def _pinned_sets(exe: ExecutionPolicy, sizes: list[int], num_experts: int) -> list[frozenset[int]]:

@@ -102,6 +102,7 @@ def sweep_figure(results: pa.Table | pl.DataFrame, metric: str | None = None):
             handles.setdefault(label, h)
         ax.set_title(panel_title(part.row(0, named=True)), fontsize=9.5)
         ax.set_xlabel("expert slots per layer cache")
+        _slot_ticks(ax, part["cache_size"].unique().sort().to_list())
         ax.grid(alpha=0.3)
         ax.tick_params(labelleft=True)  # shared y keeps its numbers on every panel
     for ax in axes[:, 0]:
@@ -121,8 +122,31 @@ def sweep_figure(results: pa.Table | pl.DataFrame, metric: str | None = None):
                    bbox_to_anchor=(box.x0 + box.width / 2, box.y0 + box.height / 2), frameon=False,
                    ncol=1 + len(handles) // 8)
     else:  # below the panels, never over a curve
-        legend_rows = (len(handles) + 5) // 6
-        fig.legend(list(handles.values()), list(handles), title="policy", loc="lower center",
-                   ncol=min(len(handles), 6), frameon=False, bbox_to_anchor=(0.5, 0.0))
-        fig.tight_layout(rect=(0, min(0.4, (0.5 + 0.3 * legend_rows) / fig.get_figheight()), 1, 1))
+        legend = _legend_below(fig, handles)
+        height = legend.get_window_extent(fig.canvas.get_renderer()).height / fig.bbox.height
+        fig.tight_layout(rect=(0, min(0.6, height + 0.02), 1, 1))
     return fig, n
+
+
+def _slot_ticks(ax, sizes: list[int]) -> None:
+    """Slot counts are whole: tick the sizes swept (a few), else integer ticks (never 2.5 slots)."""
+    from matplotlib.ticker import MaxNLocator
+
+    if 0 < len(sizes) <= 12:
+        ax.set_xticks(sizes)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _legend_below(fig, handles: dict[str, Any]):
+    """A figure legend at the bottom with as many columns (at most 6) as fit the figure's width: long
+    labels (parameter settings) go onto more rows instead of past the right edge."""
+    renderer = fig.canvas.get_renderer()
+    ncol = min(len(handles), 6)
+    while True:
+        legend = fig.legend(list(handles.values()), list(handles), title="policy", loc="lower center",
+                            ncol=ncol, frameon=False, bbox_to_anchor=(0.5, 0.0))
+        if ncol == 1 or legend.get_window_extent(renderer).width <= 0.98 * fig.bbox.width:
+            return legend
+        legend.remove()
+        ncol -= 1

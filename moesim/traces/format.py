@@ -40,7 +40,7 @@ from numba import njit
 
 from moesim import parallel
 from moesim.errors import DataError
-from moesim.safe_write import make_temp
+from moesim.safe_write import make_temp, naming_final
 
 SCHEMA_VERSION = 1
 META_KEY = b"moesim"
@@ -797,8 +797,9 @@ def write_table_atomic(table: pa.Table, path: str | os.PathLike, **kwargs: Any) 
         raise DataError(p, f"output directory {str(p.parent)!r} does not exist")
     tmp = make_temp(p)
     try:
-        pq.write_table(table, tmp, **kwargs)
-        os.replace(tmp, p)
+        with naming_final(p, tmp):
+            pq.write_table(table, tmp, **kwargs)
+            os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -15,7 +15,7 @@ Writes under --out: decoder_raw.json (rewritten after every cell) and traces.tar
 and their times side files). ``studies/decoder/make_report.py`` turns them into studies/decoder/decoder_h200.*.
 
     python3 studies/decoder/gpu_decode.py --out $OUT                 # the H200 run
-    python3 studies/decoder/gpu_decode.py --tiny --device cpu --out /tmp/x --tokens 4   # CPU smoke test
+    python3 studies/decoder/gpu_decode.py --cpu-check --out /tmp/x --tokens 4   # CPU smoke test (= --tiny --device cpu)
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from moesim.engine.checkpoint import checkpoint_from_model  # noqa: E402
+from moesim.engine.cuda import require_device  # noqa: E402
 from moesim.engine.decode import Decoder  # noqa: E402
 from moesim.engine.decoder_program import DecoderProgram  # noqa: E402
 from moesim.engine.expert_store import ExpertStore  # noqa: E402
@@ -206,7 +207,11 @@ def main() -> int:
     ap.add_argument("--no-cache", action="store_true", help="skip writing and reloading the quantization cache")
     ap.add_argument("--diagnose", action="store_true",
                     help="only the host-time breakdown of gate vs replay cells (decoder_diag.json)")
+    ap.add_argument("--cpu-check", action="store_true", help="the same as --tiny --device cpu")
     args = ap.parse_args()
+    if args.cpu_check:
+        args.tiny, args.device = True, "cpu"
+    require_device(args.device, args.tiny, "gpu_decode.py")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(args.device)

@@ -83,10 +83,14 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=300.0, help="stop starting new runs after this many s")
     ap.add_argument("--cpu-check", action="store_true", help="tiny model on CPU (tests this script)")
     args = ap.parse_args()
+    if not args.cpu_check:
+        from moesim.engine.cuda import exit_unless_cuda
+
+        exit_unless_cuda("gpu_engine_sync.py")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     modes = [SyncMode.parse(m) for m in args.modes.split(",")]
-    cpu = args.cpu_check or not torch.cuda.is_available()
+    cpu = args.cpu_check
     dev = "cpu" if cpu else "cuda"
     g = Geometry.tiny(4) if cpu else MIXTRAL_8X7B
     res: dict[str, Any] = {"device": "cpu" if cpu else torch.cuda.get_device_name(0), "torch": torch.__version__,

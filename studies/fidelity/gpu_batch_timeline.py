@@ -72,6 +72,10 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--cpu-check", action="store_true")
     args = ap.parse_args()
+    if not args.cpu_check:
+        from moesim.engine.cuda import exit_unless_cuda
+
+        exit_unless_cuda("gpu_batch_timeline.py")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     geometry = Geometry.tiny(args.layers) if args.cpu_check else MIXTRAL_8X7B

@@ -12,11 +12,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
+from moesim.engine.cuda import exit_unless_cuda  # noqa: E402
 from moesim.engine.plan import Routing  # noqa: E402
 from moesim.engine.quant import quant_spec  # noqa: E402
 from moesim.engine.runtime import MIXTRAL_8X7B, OffloadedEngine, Program, Weights  # noqa: E402
 from moesim.traces.format import read_trace  # noqa: E402
 
+exit_unless_cuda("gpu_diagnose.py", cpu_run=None)
 out = Path(sys.argv[2])
 routing = Routing.from_trace(read_trace(sys.argv[1]), 128)
 t0 = time.perf_counter()

@@ -178,6 +178,10 @@ def main() -> int:
                     help="run the whole orchestration on CPU with a tiny model (tests this script; the GPU "
                          "micro-benchmarks that need CUDA are skipped, the numbers mean nothing)")
     args = ap.parse_args()
+    if not args.cpu_check:
+        from moesim.engine.cuda import exit_unless_cuda
+
+        exit_unless_cuda("gpu_validate.py")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = env_info()

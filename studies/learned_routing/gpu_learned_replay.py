@@ -65,8 +65,13 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=160, help="decode tokens per cell (first in execution order)")
     ap.add_argument("--cells", default=DEFAULT_CELLS)
     ap.add_argument("--budget", type=float, default=150.0, help="stop starting new cells after this many s")
-    ap.add_argument("--tiny", action="store_true", help="tiny geometry, eager (CPU test of the code path)")
+    ap.add_argument("--tiny", "--cpu-check", action="store_true",
+                    help="tiny geometry, eager, on CPU (tests the code path)")
     args = ap.parse_args()
+    if not args.tiny:
+        from moesim.engine.cuda import exit_unless_cuda
+
+        exit_unless_cuda("gpu_learned_replay.py")
     import torch
 
     from moesim.engine.plan import Routing

@@ -380,9 +380,13 @@ def main() -> int:
     ap.add_argument("--residency-check", action="store_true",
                     help="build the programs with the device-side residency proof (about 2%% slower)")
     args = ap.parse_args()
+    if not args.cpu_check:
+        from moesim.engine.cuda import exit_unless_cuda
+
+        exit_unless_cuda("gpu_miss_cost.py")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cpu = args.cpu_check or not torch.cuda.is_available()
+    cpu = args.cpu_check
     dev = "cpu" if cpu else "cuda"
     g = Geometry.tiny(args.layers) if cpu else dataclasses.replace(MIXTRAL_8X7B, num_layers=args.layers)
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if not cpu else "cpu", "torch": torch.__version__,

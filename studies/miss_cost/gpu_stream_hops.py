@@ -156,9 +156,13 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--cpu-check", action="store_true")
     args = ap.parse_args()
+    if not args.cpu_check:
+        from moesim.engine.cuda import exit_unless_cuda
+
+        exit_unless_cuda("gpu_stream_hops.py")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cuda = torch.cuda.is_available() and not args.cpu_check
+    cuda = not args.cpu_check
     device = "cuda" if cuda else "cpu"
     nbytes = 66748416 if cuda else 1 << 16
     layers = 32 if cuda else 3

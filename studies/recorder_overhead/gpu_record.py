@@ -1,7 +1,7 @@
 """Recorder overhead at full Mixtral-8x7B geometry (random bf16 weights) on one GPU, plus a short trace.
 
     python3 studies/recorder_overhead/gpu_record.py --out $OUT            (H200: ~3-4 min in all)
-    python studies/recorder_overhead/gpu_record.py --tiny --device cpu --out /tmp/r    (CPU smoke run, seconds)
+    python studies/recorder_overhead/gpu_record.py --cpu-check --out /tmp/r    (CPU smoke run, seconds; = --tiny --device cpu)
 
 Builds ``MixtralForCausalLM`` with the Mixtral-8x7B config (hidden 4096, intermediate 14336, 32 layers,
 8 experts top-2, 32 heads / 8 kv heads, vocab 32000: 46.7B params, 93 GB in bf16) directly on the
@@ -115,7 +115,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="decode tokens per prompt in the timed runs")
     ap.add_argument("--prompts", type=int, default=3, help="built-in prompts per timed run")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds (median reported)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda", help="cuda | cuda:N | cpu (cpu only with --tiny)")
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                     help="default: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--tiny", action="store_true", help="tiny geometry (CPU smoke test)")
@@ -123,7 +123,13 @@ def main() -> None:
     ap.add_argument("--trace-prompts", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=4, help="torch CPU threads")
+    ap.add_argument("--cpu-check", action="store_true", help="the same as --tiny --device cpu")
     args = ap.parse_args()
+    if args.cpu_check:
+        args.tiny, args.device = True, "cpu"
+    from moesim.engine.cuda import require_device
+
+    require_device(args.device, args.tiny, "gpu_record.py")  # never full Mixtral in fp32 on the CPU
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     cuda = args.device.startswith("cuda")

@@ -111,6 +111,10 @@ def main() -> int:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--cpu-check", action="store_true", help="tiny model on CPU: tests this script")
     args = ap.parse_args()
+    if not args.cpu_check:
+        from moesim.engine.cuda import exit_unless_cuda
+
+        exit_unless_cuda("gpu_residency_proof.py")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cuda = not args.cpu_check
