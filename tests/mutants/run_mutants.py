@@ -124,6 +124,8 @@ def try_mutant(root: Path, m: Mutant, timeout: float) -> Outcome:
         return Outcome(m, "SURVIVED", "every test passed", seconds)
     if code in (4, 5):   # usage error / no tests collected: the entry's test arguments are wrong
         return Outcome(m, "ERROR", f"pytest exit {code}: {first_failure(output)}", seconds)
+    if code < 0:   # the mutant crashed the interpreter (a compiled kernel reading out of bounds, say)
+        return Outcome(m, "killed", f"crashed (signal {-code})", seconds)
     return Outcome(m, "killed", first_failure(output) if code == 1 else f"pytest exit {code}", seconds)
 
 
