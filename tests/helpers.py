@@ -52,3 +52,15 @@ def skewed_sets(rng: np.random.Generator, num_experts: int, k: int, n: int, conc
     draw: skewed as routing is (lower concentration, more skew)."""
     p = rng.dirichlet(np.ones(num_experts) * concentration)
     return [list(rng.choice(num_experts, k, replace=False, p=p)) for _ in range(n)]
+
+
+def kernel_hits(stream, name: str, params: dict | None = None, *, layout: int) -> list[int]:
+    """Hits per layer of the compiled kernel of built-in ``name`` on ``layout`` (policy_kernels.state's
+    LIST, SCAN, HEAP, VECTOR), whatever the cache size."""
+    from moesim.simulator.replay import _compiled, _kernel_inputs
+
+    kernel, fparams, rng_state = _compiled(name, params)
+    nxt, weights = _kernel_inputs(stream, kernel)
+    _, hit = kernel.replay(layout, stream.cache, stream.keys, stream.clock, weights, stream.group, stream.sizes,
+                           stream.n_keys, stream.n_groups, nxt, fparams, rng_state)
+    return hit.tolist()
