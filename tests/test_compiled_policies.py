@@ -20,7 +20,7 @@ SCOPES = [("layer", "atomic"), ("layer", "sequential"), ("global", "atomic"), ("
 # non-default parameters, so the kernels' reading of them is checked too
 PARAMS = {"lrfu": {"lam": 0.7}, "lfu-decay": {"half_life": 3.0}, "gate-weighted": {"half_life": 5.0},
           "s3fifo": {"small_ratio": 0.3, "ghost_ratio": 0.5, "move_to_main": 1}, "random": {"seed": 5},
-          "hobbit": {"w_recency": 0.8}}
+          "hobbit": {"w_recency": 0.8}, "mrs": {"alpha": 0.3}}
 
 
 def _same(trace, name, size, scope, semantics, params=None):

@@ -21,7 +21,10 @@ from moesim.policies.seeded import MASK64
 from moesim.simulator.policy_kernels import (
     arc,
     hobbit,
+    least_stale,
+    lfru,
     lists,
+    mrs,
     randomized,
     s3fifo,
     scores,
@@ -77,6 +80,9 @@ KERNELS: dict[str, Kernel] = {
     "s3fifo": Kernel(s3fifo.S3FIFO, s3fifo.replay_s3fifo, s3fifo.layout_for, ("small_ratio", "ghost_ratio", "threshold")),
     "hobbit": Kernel(hobbit.HOBBIT, hobbit.replay_hobbit, hobbit.layout_for, ("w",)),
     "random": Kernel(randomized.RANDOM, randomized.replay_random, randomized.layout_for, seeded=True),
+    "least-stale": Kernel(least_stale.LEAST_STALE, least_stale.replay_least_stale, least_stale.layout_for),
+    "lfru": Kernel(lfru.LFRU, lfru.replay_lfru, lfru.layout_for),
+    "mrs": Kernel(mrs.MRS, mrs.replay_mrs, mrs.layout_for, ("alpha",), reads_weights=True),
 }
 assert len({k.code for k in KERNELS.values()}) == len(KERNELS), "two compiled policies share a number"
 
