@@ -63,25 +63,6 @@ def _victim(c, t0, u_in, size, p, nodes, caches):
     return _replace(c, t0, 0, p, nodes, caches)
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _access(c, u, size, target, nodes, caches):
-    """A resident moves to T2's tail; a ghost adapts the target and is marked (FLAG: 1 from B1, 2 from B2)."""
-    t = nodes[LIST_TAG, u] - 1
-    if t == T1 or t == T2:
-        list_unlink(u, c, nodes, caches)
-        list_append(u, c, T2, nodes, caches)
-    elif t == B1:
-        target[c] = min(target[c] + max(caches[c, LENGTH + B2] / caches[c, LENGTH + B1], 1.0), float(size))
-        list_unlink(u, c, nodes, caches)
-        nodes[FLAG, u] = 1
-    elif t == B2:
-        target[c] = max(target[c] - max(caches[c, LENGTH + B1] / caches[c, LENGTH + B2], 1.0), 0.0)
-        list_unlink(u, c, nodes, caches)
-        nodes[FLAG, u] = 2
-    else:
-        nodes[FLAG, u] = 0
-
-
 @njit(cache=True, nogil=True)
 def replay_arc(layout, cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use, fparams, rng_state):
     n, w = keys.shape
@@ -101,7 +82,23 @@ def replay_arc(layout, cache, keys, clock, weights, group, sizes, n_keys, n_grou
                 hit[g] += 1
             tick += 1
             nodes[LAST, u] = tick
-            _access(c, u, size, target, nodes, caches)
+            # a resident moves to T2's tail; a ghost adapts the target and is marked (FLAG: 1 from B1, 2
+            # from B2). Written out: as an inlined helper its branches kept numba from pruning the array
+            # reference counts (measured: 20% slower per layer)
+            t = nodes[LIST_TAG, u] - 1
+            if t == T1 or t == T2:
+                list_unlink(u, c, nodes, caches)
+                list_append(u, c, T2, nodes, caches)
+            elif t == B1:
+                target[c] = min(target[c] + max(caches[c, LENGTH + B2] / caches[c, LENGTH + B1], 1.0), float(size))
+                list_unlink(u, c, nodes, caches)
+                nodes[FLAG, u] = 1
+            elif t == B2:
+                target[c] = max(target[c] - max(caches[c, LENGTH + B1] / caches[c, LENGTH + B2], 1.0), 0.0)
+                list_unlink(u, c, nodes, caches)
+                nodes[FLAG, u] = 2
+            else:
+                nodes[FLAG, u] = 0
         for j in range(w):  # insert the missing keys, router order, evicting keys outside the row
             u = base + keys[r, j]
             if nodes[RESIDENT, u]:

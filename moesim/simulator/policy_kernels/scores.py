@@ -455,7 +455,19 @@ def _replay(policy, layout, cache, keys, clock, weights, group, sizes, n_keys, n
                 hit[g] += 1
             tick += 1
             nodes[LAST, u] = tick
-            access(policy, u, r, j, now, nodes, value, weights, next_use, fparams, table)
+            # access(), written out: an inlined helper's branches on the policy keep numba from pruning its
+            # reference counts (measured: lfu-decay per layer 16 -> 10.5M requests/s as a helper)
+            if policy == LFU or policy == LFU_CACHE:
+                nodes[COUNT, u] += 1
+            elif policy == OPT:
+                nodes[NEXT_USE, u] = next_use[r, j]
+            elif policy == LRFU:
+                value[u] = 1.0 + value[u] * _decay(policy, now - nodes[STAMP, u], fparams, table)
+                nodes[STAMP, u] = now
+            else:  # lfu-decay, gate-weighted
+                inc = 1.0 if policy == LFU_DECAY else float(weights[r, j])
+                value[u] = value[u] * _decay(policy, now - nodes[STAMP, u], fparams, table) + inc
+                nodes[STAMP, u] = now
             if layout == VECTOR and nodes[RESIDENT, u]:
                 slot_keys[c, nodes[SLOT, u]] = KEY_MAX  # in the row: never the minimum until its key is written
             if layout == HEAP and nodes[RESIDENT, u]:
