@@ -66,22 +66,6 @@ def _sieve_victim(c, t0, nodes, caches):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _victim(policy, layout, c, t0, nodes, caches, slots):
-    if layout == SCAN:
-        v = -1
-        for i in range(caches[c, OCCUPANCY]):
-            x = slots[c, i]
-            if nodes[LAST, x] > t0:
-                continue
-            if v < 0 or evicts_first(policy, nodes[LAST, x], nodes[STAMP, x], x, nodes[LAST, v], nodes[STAMP, v], v):
-                v = x
-        return v
-    if policy == SIEVE:
-        return _sieve_victim(c, t0, nodes, caches)
-    return first_allowed(caches[c, HEAD], t0, nodes)
-
-
-@njit(cache=True, nogil=True, inline="always")
 def _replay(policy, layout, cache, keys, group, sizes, n_keys, n_groups):
     n, w = keys.shape
     n_caches = sizes.shape[0]
@@ -107,7 +91,19 @@ def _replay(policy, layout, cache, keys, group, sizes, n_keys, n_groups):
             if nodes[RESIDENT, u]:
                 continue
             if caches[c, OCCUPANCY] >= size:
-                v = _victim(policy, layout, c, t0, nodes, caches, slots)
+                # the victim, written out: as an inlined helper its branches kept numba from pruning the
+                # array reference counts (measured: lru per layer 9% slower)
+                if layout == SCAN:
+                    v = -1
+                    for i in range(caches[c, OCCUPANCY]):
+                        x = slots[c, i]
+                        if nodes[LAST, x] <= t0 and (v < 0 or evicts_first(
+                                policy, nodes[LAST, x], nodes[STAMP, x], x, nodes[LAST, v], nodes[STAMP, v], v)):
+                            v = x
+                elif policy == SIEVE:
+                    v = _sieve_victim(c, t0, nodes, caches)
+                else:
+                    v = first_allowed(caches[c, HEAD], t0, nodes)
                 evict(v, c, nodes, caches)
                 if layout == SCAN:
                     slot_remove(v, c, nodes, caches, slots)
