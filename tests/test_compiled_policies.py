@@ -10,16 +10,17 @@ from hypothesis import strategies as st
 
 from moesim.errors import UsageError
 from moesim.policies import policy_names
-from moesim.simulator import policy_kernels
+from moesim.simulator.policy_kernels import state
+from moesim.simulator.policy_kernels.registry import KERNELS
 from moesim.simulator.replay import build_stream, mrc, replay_stream, simulate
-from tests.helpers import random_trace, skewed_sets, write_trace
+from tests.helpers import kernel_hits, random_trace, skewed_sets, write_trace
 
 ALL = policy_names()
 SCOPES = [("layer", "atomic"), ("layer", "sequential"), ("global", "atomic"), ("global", "sequential")]
 # non-default parameters, so the kernels' reading of them is checked too
 PARAMS = {"lrfu": {"lam": 0.7}, "lfu-decay": {"half_life": 3.0}, "gate-weighted": {"half_life": 5.0},
           "s3fifo": {"small_ratio": 0.3, "ghost_ratio": 0.5, "move_to_main": 1}, "random": {"seed": 5},
-          "hobbit": {"w_recency": 0.8}}
+          "hobbit": {"w_recency": 0.8}, "mrs": {"alpha": 0.3}}
 
 
 def _same(trace, name, size, scope, semantics, params=None):
@@ -31,7 +32,7 @@ def _same(trace, name, size, scope, semantics, params=None):
 
 
 def test_every_builtin_has_a_compiled_path():
-    assert set(policy_kernels.CODES) == set(ALL)
+    assert set(KERNELS) == set(ALL)
 
 
 @pytest.fixture(scope="module")
@@ -85,14 +86,10 @@ def test_lru_lists_and_stamp_scan_agree(skewed):
     # the two lru/fifo layouts (stamp scan <= 16 slots, linked lists above) must give the same hits
     s = build_stream(skewed, 18, "global", "sequential")
     for name in ("lru", "fifo"):
-        code = policy_kernels.CODES[name]
-        z = np.zeros((1, 1), np.int64)
-        fp, mt = np.zeros(4), np.zeros(625, np.int64)
-        args = (s.cache, s.keys, s.clock, s.weights, s.group, s.sizes, s.n_keys, s.n_groups, z, fp, mt)
-        lists = policy_kernels.replay_builtin((0,) * code, *args)[1]
-        scan = policy_kernels.replay_builtin(policy_kernels.kernel_spec(code, np.array([4])), *args)[1]
-        assert len(policy_kernels.kernel_spec(code, s.sizes)) == code  # 18 slots: the lists
-        assert list(lists) == list(scan) == list(replay_stream(s, name, force_generic=True)[1])
+        lists = kernel_hits(s, name, layout=state.LIST)
+        scan = kernel_hits(s, name, layout=state.SCAN)
+        assert KERNELS[name].layout(s.sizes, s.keys.size, np.zeros(4)) == state.LIST  # 18 slots: the lists
+        assert lists == scan == list(replay_stream(s, name, force_generic=True)[1])
 
 
 def test_random_draws_like_the_class(tmp_path):

@@ -14,7 +14,8 @@ import pytest
 from moesim import parallel
 from moesim.errors import DataError, UsageError
 from moesim.policies.compiled import ScorePolicy
-from moesim.simulator import kernels, policy_kernels, replay
+from moesim.simulator import kernels, replay
+from moesim.simulator.policy_kernels.registry import KERNELS
 from moesim.simulator.replay import build_stream, replay_stream, simulate
 from moesim.traces.format import DECODE, PREFILL, TraceMeta, TraceWriter, read_trace
 from moesim.traces.synth import load_preset, synthesize
@@ -180,7 +181,7 @@ def test_parallel_per_layer_replay_equals_serial(synth_path, tiny_rows, budgets)
 
     stream = build_stream(read_trace(synth_path, lazy=True), budgets)
     user = ScorePolicy("aged", njit(_aged_score), njit(_aged_access), n_fields=2)
-    for policy in [*policy_kernels.CODES, user]:  # every built-in (other tests may register Python ones)
+    for policy in [*KERNELS, user]:  # every built-in (other tests may register Python ones)
         req1, hit1, m1 = replay_stream(stream, policy, threads=1)
         assert m1 == "numba"
         for threads in (2, 5, 64):

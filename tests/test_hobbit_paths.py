@@ -1,4 +1,4 @@
-"""hobbit on larger caches -- the rank vectors (policy_kernels._ranks_*, mid-sized caches) and the
+"""hobbit on larger caches -- the rank vectors (policy_kernels.hobbit, mid-sized caches) and the
 staircase (the largest ones) -- against the slot scan of every candidate's two ranks and the reference
 class (itself a brute-force ranking): hand-traced ties, weights at and beyond the ends of [0, 1], and
 random streams with sets up to 6 wide (several resident row keys among the candidates' frequency ranks)
@@ -11,19 +11,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moesim.simulator import policy_kernels as pk
-from moesim.simulator.replay import _compiled, build_stream, replay_stream
-from tests.helpers import skewed_trace, write_trace
+from moesim.simulator.policy_kernels import hobbit, state
+from moesim.simulator.policy_kernels.registry import KERNELS
+from moesim.simulator.replay import build_stream, replay_stream
+from tests.helpers import kernel_hits, skewed_trace, write_trace
 
 A, B, C, D = range(4)
 
 
 def _kernel_hits(stream, params, *, path: str) -> list[int]:
-    code, fp, rng = _compiled("hobbit", params)
-    spec = (0,) * (code + {"scan": 0, "staircase": pk.HEAPED, "ranks": pk.VSCAN}[path])
-    _, hit = pk.replay_builtin(spec, stream.cache, stream.keys, stream.clock, stream.weights, stream.group,
-                               stream.sizes, stream.n_keys, stream.n_groups, np.zeros((1, 1), np.int64), fp, rng)
-    return hit.tolist()
+    layout = {"scan": state.SCAN, "staircase": state.HEAP, "ranks": state.VECTOR}[path]
+    return kernel_hits(stream, "hobbit", params, layout=layout)
 
 
 def _hits_every_path(trace, size, params=None, scope="layer", semantics="atomic") -> int:
@@ -35,14 +33,17 @@ def _hits_every_path(trace, size, params=None, scope="layer", semantics="atomic"
 
 
 def test_mid_sized_caches_take_the_rank_vectors_and_the_largest_the_staircase():
-    assert len(pk.kernel_spec(pk.HOBBIT, np.array([pk.HEAP_MIN_SLOTS - 1]))) == pk.HOBBIT
-    for k in (pk.HEAP_MIN_SLOTS, 128, pk.VSCAN_MAX_SLOTS):
-        assert len(pk.kernel_spec(pk.HOBBIT, np.array([k]))) == pk.HOBBIT + pk.VSCAN
-    assert len(pk.kernel_spec(pk.HOBBIT, np.array([pk.VSCAN_MAX_SLOTS + 1]))) == pk.HOBBIT + pk.HEAPED
+    kernel, half = KERNELS["hobbit"], np.array([0.5, 0, 0, 0])
+    assert kernel.layout(np.array([state.HEAP_MIN_SLOTS - 1]), 0, half) == state.SCAN
+    for k in (state.HEAP_MIN_SLOTS, 128, state.VECTOR_MAX_SLOTS):
+        assert kernel.layout(np.array([k]), 0, half) == state.VECTOR
+    assert kernel.layout(np.array([state.VECTOR_MAX_SLOTS + 1]), 0, half) == state.HEAP
+    # a weight outside [0, 1] breaks the staircase argument: the scan
+    assert kernel.layout(np.array([state.VECTOR_MAX_SLOTS + 1]), 0, np.array([1.5, 0, 0, 0])) == state.SCAN
     # the rank vectors count in int32: a stream of more requests than that takes the staircase
-    for requests, band in ((pk.RANKS_MAX_REQUESTS, pk.VSCAN), (pk.RANKS_MAX_REQUESTS + 1, pk.HEAPED)):
-        assert len(pk.kernel_spec(pk.HOBBIT, np.array([128]), requests)) == pk.HOBBIT + band
-    assert len(pk.kernel_spec(pk.OPT, np.array([128]), pk.RANKS_MAX_REQUESTS + 1)) == pk.OPT + pk.VSCAN
+    for requests, band in ((hobbit.RANKS_MAX_REQUESTS, state.VECTOR), (hobbit.RANKS_MAX_REQUESTS + 1, state.HEAP)):
+        assert kernel.layout(np.array([128]), requests, half) == band
+    assert KERNELS["opt"].layout(np.array([128]), hobbit.RANKS_MAX_REQUESTS + 1, half) == state.VECTOR
 
 
 def test_a_score_tie_goes_to_the_least_recent(tmp_path):

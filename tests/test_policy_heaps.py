@@ -11,24 +11,22 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moesim.simulator import policy_kernels as pk
-from moesim.simulator.replay import _compiled, build_stream, replay_stream, simulate
-from tests.helpers import skewed_trace, write_trace
+from moesim.simulator.policy_kernels import state
+from moesim.simulator.policy_kernels.registry import KERNELS
+from moesim.simulator.replay import build_stream, replay_stream, simulate
+from tests.helpers import kernel_hits, skewed_trace, write_trace
 
-HEAPED_NAMES = [name for name, code in pk.CODES.items() if code in pk.HEAP_CODES]
-VSCAN_NAMES = [name for name, code in pk.CODES.items() if code in pk.VSCAN_CODES]
+HEAPED_NAMES = ["lfu", "opt", "lfu-cache", "lfu-decay", "gate-weighted", "lrfu", "hobbit"]
+VSCAN_NAMES = ["opt", "lfu-decay", "gate-weighted", "lrfu", "hobbit"]
+NO_PARAMS = np.zeros(4)
 A, B, C, D, E, X, Y = range(7)
 
 
 def _kernel_hits(stream, name, params=None, *, path: str) -> list[int]:
     """Hits per layer of the compiled kernel on its slot scan, heap/staircase or vector-scan path, whatever the
     cache size."""
-    code, fp, mt = _compiled(name, params)
-    nxt = stream.next_use() if code == pk.OPT else np.zeros((1, 1), np.int64)
-    spec = (0,) * (code + {"scan": 0, "heap": pk.HEAPED, "vscan": pk.VSCAN}[path])
-    _, hit = pk.replay_builtin(spec, stream.cache, stream.keys, stream.clock, stream.weights, stream.group,
-                               stream.sizes, stream.n_keys, stream.n_groups, nxt, fp, mt)
-    return hit.tolist()
+    layout = {"scan": state.SCAN, "heap": state.HEAP, "vscan": state.VECTOR}[path]
+    return kernel_hits(stream, name, params, layout=layout)
 
 
 def _hits_every_path(trace, name, size, params=None, scope="layer", semantics="atomic") -> int:
@@ -43,18 +41,19 @@ def _hits_every_path(trace, name, size, params=None, scope="layer", semantics="a
     return sum(ref)
 
 
-def test_kernel_spec_picks_the_heap_above_the_scan_limit():
-    small, mid, top = np.array([pk.HEAP_MIN_SLOTS - 1]), np.array([pk.HEAP_MIN_SLOTS]), np.array([pk.VSCAN_MAX_SLOTS])
-    large = np.array([pk.VSCAN_MAX_SLOTS + 1])
-    assert pk.VSCAN_MAX_SLOTS <= 1 << pk.VBITS  # a slot index fits in a key's low bits
+def test_layout_for_picks_the_heap_above_the_scan_limit():
+    small, mid, top = state.HEAP_MIN_SLOTS - 1, state.HEAP_MIN_SLOTS, state.VECTOR_MAX_SLOTS
+    large = state.VECTOR_MAX_SLOTS + 1
+    assert state.VECTOR_MAX_SLOTS <= 1 << state.SLOT_BITS  # a slot index fits in a key's low bits
     for name in HEAPED_NAMES:
-        code = pk.CODES[name]
-        assert len(pk.kernel_spec(code, small)) == code
+        kernel = KERNELS[name]
+        assert kernel.layout(np.array([small]), 0, NO_PARAMS) == state.SCAN
         for k in (mid, top):
-            assert len(pk.kernel_spec(code, k)) == code + (pk.VSCAN if name in VSCAN_NAMES else pk.HEAPED)
-        assert len(pk.kernel_spec(code, large)) == code + pk.HEAPED
+            want = state.VECTOR if name in VSCAN_NAMES else state.HEAP
+            assert kernel.layout(np.array([k]), 0, NO_PARAMS) == want
+        assert kernel.layout(np.array([large]), 0, NO_PARAMS) == state.HEAP
     for name in ("arc", "s3fifo", "sieve"):
-        assert len(pk.kernel_spec(pk.CODES[name], large)) == pk.CODES[name]
+        assert KERNELS[name].layout(np.array([large]), 0, NO_PARAMS) == state.LIST
 
 
 def test_lfu_count_ties_go_to_the_least_recent(tmp_path):
@@ -124,8 +123,8 @@ def test_large_global_cache_takes_the_heap_and_equals_the_class(tmp_path, name):
     t = write_trace(tmp_path / "t.parquet", sets, num_layers=4, num_experts=16)
     for semantics in ("atomic", "sequential"):
         s = build_stream(t, 40, "global", semantics)
-        band = pk.VSCAN if name in VSCAN_NAMES else pk.HEAPED
-        assert len(pk.kernel_spec(pk.CODES[name], s.sizes)) == pk.CODES[name] + band
+        band = state.VECTOR if name in VSCAN_NAMES else state.HEAP
+        assert KERNELS[name].layout(s.sizes, s.keys.size, NO_PARAMS) == band
         fast = simulate(t, name, 40, scope="global", semantics=semantics)
         ref = simulate(t, name, 40, scope="global", semantics=semantics, force_generic=True)
         assert fast.method == "numba" and list(fast.layer_hits) == list(ref.layer_hits)
@@ -152,9 +151,9 @@ def test_cache_above_the_vector_scan_limit_takes_the_heap_and_equals_the_class(t
     p = rng.dirichlet(np.ones(200) * 0.2)
     sets = [list(rng.choice(200, 2, replace=False, p=p)) for _ in range(1500)]
     t = write_trace(tmp_path / "t.parquet", sets, num_layers=3, num_experts=200)
-    for size, band in ((pk.VSCAN_MAX_SLOTS + 40, pk.HEAPED), (300, pk.VSCAN)):
+    for size, band in ((state.VECTOR_MAX_SLOTS + 40, state.HEAP), (300, state.VECTOR)):
         s = build_stream(t, size, "global", "sequential")
-        assert len(pk.kernel_spec(pk.CODES[name], s.sizes)) == pk.CODES[name] + band
+        assert KERNELS[name].layout(s.sizes, s.keys.size, NO_PARAMS) == band
         fast = simulate(t, name, size, scope="global", semantics="sequential")
         ref = simulate(t, name, size, scope="global", semantics="sequential", force_generic=True)
         assert fast.method == "numba" and list(fast.layer_hits) == list(ref.layer_hits)
@@ -166,12 +165,12 @@ def test_orderable_float_keys_sort_like_the_floats_property(xs):
     # the vector scan compares float priorities as int64 keys: their order must be the floats' order
     # (negative ones included: a user's gate weights may be anything), and the mapping must invert
     a, b = xs
-    ka, kb = pk._orderable(a), pk._orderable(b)
+    ka, kb = state.orderable(a), state.orderable(b)
     if a < b:
         assert ka < kb
     elif a > b:
         assert ka > kb
-    assert pk._from_orderable(ka) == a and pk._from_orderable(kb) == b
+    assert state.from_orderable(ka) == a and state.from_orderable(kb) == b
 
 
 def test_vector_scan_ties_and_near_ties_go_to_the_least_recent(tmp_path):

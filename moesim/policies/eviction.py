@@ -449,3 +449,107 @@ class Hobbit(EvictionPolicy):
         by_recency = {k: i for i, k in enumerate(sorted(candidates, key=lambda k: (last.get(k, 0), k)))}
         by_count = {k: i for i, k in enumerate(sorted(candidates, key=lambda k: (count.get(k, 0), last.get(k, 0), k)))}
         return min(candidates, key=lambda k: (self.w * by_recency[k] + (1 - self.w) * by_count[k], last.get(k, 0), k))
+
+
+@register
+class LeastStale(EvictionPolicy):
+    """Least-Stale (SpecMD, Hoang et al., 2026, arXiv 2602.03921, as tinyserve's ``LeastStalePolicy``
+    implements it): experts not yet requested in the current token ("stale") are evicted before those
+    that were ("fresh"), each tier oldest first. Kept as one queue: a key moves to its end at its first
+    request in a token (a miss enters it there), so every stale key is ahead of every fresh one."""
+
+    name = "least-stale"
+    summary = "SpecMD's Least-Stale: evicts experts not requested in the current token first, oldest first."
+
+    def __init__(self) -> None:
+        self.queue: dict[int, int] = {}  # resident key -> the token it last entered the queue's end in
+
+    def on_access(self, key: int, now: int, weight: float = 1.0, next_use: int = NEVER) -> None:
+        token = self.queue.get(key)
+        if token is not None and token != now:  # a stale hit becomes fresh
+            del self.queue[key]
+            self.queue[key] = now
+
+    def on_insert(self, key: int, now: int) -> None:
+        self.queue[key] = now
+
+    def on_evict(self, key: int) -> None:
+        del self.queue[key]
+
+    def victim(self, candidates: Sequence[int]) -> int:
+        allowed = set(candidates)
+        return next(k for k in self.queue if k in allowed)
+
+
+@register
+class LFRU(EvictionPolicy):
+    """LFRU (the expert cache of vLLM PR 37190, ``--moe-expert-cache-size``; tinyserve's ``LFRUPolicy``):
+    evict the lowest ``hits since insertion / age``, age = clock - last use + 1 on a clock that ticks at
+    every hit and every insertion; ties to the earliest inserted. An insertion counts 1."""
+
+    name = "lfru"
+    summary = "vLLM's expert-cache LFRU: evicts the lowest uses-since-insertion / age."
+
+    def __init__(self) -> None:
+        self.clock = 0
+        self.uses: dict[int, int] = {}
+        self.last: dict[int, int] = {}
+        self.inserted: dict[int, int] = {}
+
+    def on_access(self, key: int, now: int, weight: float = 1.0, next_use: int = NEVER) -> None:
+        if key in self.uses:  # a hit (a miss ticks when it is inserted)
+            self.clock += 1
+            self.uses[key] += 1
+            self.last[key] = self.clock
+
+    def on_insert(self, key: int, now: int) -> None:
+        self.clock += 1
+        self.uses[key] = 1
+        self.last[key] = self.inserted[key] = self.clock
+
+    def on_evict(self, key: int) -> None:
+        del self.uses[key], self.last[key], self.inserted[key]
+
+    def victim(self, candidates: Sequence[int]) -> int:
+        # uses / age compared exactly: a / x < b / y iff a * y < b * x (ages >= 1)
+        best = candidates[0]
+        for k in candidates[1:]:
+            lhs = self.uses[k] * (self.clock - self.last[best] + 1)
+            rhs = self.uses[best] * (self.clock - self.last[k] + 1)
+            if lhs < rhs or (lhs == rhs and self.inserted[k] < self.inserted[best]):
+                best = k
+        return best
+
+
+@register
+class MRS(EvictionPolicy):
+    """MRS, "Minus Recent Score" (HybriMoE, Zhong et al., 2025, arXiv 2504.05897; ``KScoreAwareCache``):
+    each token, an expert's score becomes ``alpha * routing weight + (1 - alpha) * score`` if it is
+    routed, else ``(1 - alpha) * score``; lowest score is evicted, ties to the least recently used."""
+
+    name = "mrs"
+    summary = "HybriMoE's MRS: evicts the lowest exponentially averaged routing weight."
+
+    def __init__(self, alpha: float = 0.5) -> None:
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError("alpha must be in (0, 1]")
+        self.alpha = alpha
+        self.keep = 1.0 - alpha
+        self.score: dict[int, float] = {}
+        self.stamp: dict[int, int] = {}
+        self.last: dict[int, int] = {}
+        self.tick = 0
+        self.now = 0
+
+    def _decayed(self, key: int) -> float:
+        return self.score.get(key, 0.0) * self.keep ** float(self.now - self.stamp.get(key, self.now))
+
+    def on_access(self, key: int, now: int, weight: float = 1.0, next_use: int = NEVER) -> None:
+        self.now = now
+        self.score[key] = self._decayed(key) + self.alpha * weight
+        self.stamp[key] = now
+        self.tick += 1
+        self.last[key] = self.tick
+
+    def victim(self, candidates: Sequence[int]) -> int:
+        return min(candidates, key=lambda k: (self._decayed(k), self.last.get(k, 0), k))

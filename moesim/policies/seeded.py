@@ -1,6 +1,6 @@
 """The seeded generator of the ``random`` policy: SplitMix64 (Steele, Lea and Flood, "Fast splittable
 pseudorandom number generators", OOPSLA 2014), one 64-bit word of state, written out in plain Python
-here and in numba in ``moesim.simulator.policy_kernels`` so that the class and the compiled replay draw
+here and in numba in ``moesim.simulator.policy_kernels.randomized`` so that the class and the compiled replay draw
 the same numbers (tests/test_random_policy.py checks both against the reference outputs).
 
 A draw below ``n`` takes the top ``(n - 1).bit_length()`` bits of the next output and draws again while

@@ -1,6 +1,5 @@
 """Compiled (numba) helpers of the replay: next-use times (for opt) and LRU stack depths (one-pass mrc).
-The replay itself is ``moesim.simulator.policy_kernels``; the policy codes below are the timing
-kernel's (lru, fifo, lfu, opt).
+The replay itself is ``moesim.simulator.policy_kernels``.
 
 Request stream layout, shared by every kernel:
     cache[r]      which cache row r goes to (its MoE layer, or 0 for one global cache)
@@ -15,9 +14,6 @@ import numpy as np
 from numba import njit
 
 from moesim.policies.base import NEVER
-
-LRU, FIFO, LFU, OPT = 0, 1, 2, 3
-POLICY_CODES = {"lru": LRU, "fifo": FIFO, "lfu": LFU, "opt": OPT}
 
 
 @njit(cache=True, nogil=True)

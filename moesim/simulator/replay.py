@@ -31,7 +31,9 @@ from moesim.errors import SettingError, UsageError
 from moesim.policies.base import NEVER, EvictionPolicy, ExpertCache
 from moesim.policies.compiled import ScorePolicy
 from moesim.policies.resolve import PolicySpec, eviction_factory, policy_name
-from moesim.simulator import kernels, policy_kernels, stream_cache, user_kernels
+from moesim.simulator import kernels, stream_cache, user_kernels
+from moesim.simulator.policy_kernels import lists
+from moesim.simulator.policy_kernels.registry import Kernel, kernel_of
 from moesim.simulator.results import HitCounts
 from moesim.traces.format import Trace, TraceMeta
 
@@ -227,13 +229,20 @@ def _stream_rows(trace: Trace, global_scope: bool) -> tuple[np.ndarray, ...]:
     return cache, keys, clock, group
 
 
-def _compiled(policy: PolicySpec, params: dict[str, Any] | None) -> tuple[int, np.ndarray, np.ndarray] | None:
-    """(policy code, float parameters, rng state) of a built-in policy named by string, else None.
+def _compiled(policy: PolicySpec, params: dict[str, Any] | None) -> tuple[Kernel, np.ndarray, np.ndarray] | None:
+    """(kernel, float parameters, rng state) of a built-in policy named by string, else None.
     The parameters are read off a configured instance, so the class stays their one definition."""
-    if not isinstance(policy, str) or policy not in policy_kernels.CODES:
+    kernel = kernel_of(policy)
+    if kernel is None:
         return None
-    fp, mt = policy_kernels.params_of(policy, eviction_factory(policy, params)())
-    return policy_kernels.CODES[policy], fp, mt
+    fparams, rng_state = kernel.params(eviction_factory(policy, params)())
+    return kernel, fparams, rng_state
+
+
+def _kernel_inputs(stream: RequestStream, kernel: Kernel) -> tuple[np.ndarray, np.ndarray]:
+    """(next uses, routing weights) if the kernel reads them, else small placeholders."""
+    nxt = stream.next_use() if kernel.needs_future else np.zeros((1, 1), np.int64)
+    return nxt, stream.weights if kernel.reads_weights else _NO_WEIGHTS
 
 
 def run_generic(stream: RequestStream, make: Callable[[], EvictionPolicy]) -> tuple[np.ndarray, np.ndarray]:
@@ -342,14 +351,13 @@ def replay_stream(stream: RequestStream, policy: PolicySpec, params: dict[str, A
     if compiled is None:
         req, hit = run_generic(stream, make)
         return req, hit, "python"
-    code, fp, mt = compiled
-    nxt = stream.next_use() if code == policy_kernels.OPT else np.zeros((1, 1), np.int64)
-    weights = stream.weights if code == policy_kernels.GATE_WEIGHTED else _NO_WEIGHTS
-    spec = policy_kernels.kernel_spec(code, stream.sizes, stream.keys.size)
+    kernel, fparams, rng_state = compiled
+    nxt, weights = _kernel_inputs(stream, kernel)
+    layout = kernel.layout(stream.sizes, stream.keys.size, fparams)
 
     def builtin(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return policy_kernels.replay_builtin(spec, stream.cache, stream.keys, stream.clock, weights, stream.group,
-                                             sizes, stream.n_keys, stream.n_groups, nxt, fp, mt)
+        return kernel.replay(layout, stream.cache, stream.keys, stream.clock, weights, stream.group, sizes,
+                             stream.n_keys, stream.n_groups, nxt, fparams, rng_state)
 
     req, hit = _over_caches(builtin, stream, threads)
     return req, hit, "numba"
@@ -428,40 +436,37 @@ def mrc(trace: Trace, policy: PolicySpec, sizes: Sequence[int] | None = None, *,
     requests = int(stream.keys.size)
     compiled = _compiled(policy, params)
     width = stream.keys.shape[1]
-    if compiled is not None and compiled[0] == policy_kernels.LRU:
+    if compiled is not None and compiled[0].code == lists.LRU:
         hist = kernels.lru_stack_depths(stream.cache, stream.keys, stream.n_keys, stream.n_caches)
         cum = np.cumsum(hist)
         hits = [int(cum[s - 1]) if s >= 1 else 0 for s in sizes]
         method = "one-pass stack distance"
-    elif compiled is not None and compiled[0] in policy_kernels.STACK_CODES and min(sizes) >= width:
-        code, fp, _ = compiled
-        nxt = stream.next_use() if code == policy_kernels.OPT else np.zeros((1, 1), np.int64)
-        weights = stream.weights if code == policy_kernels.GATE_WEIGHTED else _NO_WEIGHTS
-        hist = policy_kernels.stack_depths((0,) * code, stream.cache, stream.keys, stream.clock, weights,
-                                           stream.n_caches, stream.n_keys, nxt, fp)
+    elif compiled is not None and compiled[0].stack_depths is not None and min(sizes) >= width:
+        kernel, fparams, _ = compiled
+        nxt, weights = _kernel_inputs(stream, kernel)
+        hist = kernel.stack_depths(stream.cache, stream.keys, stream.clock, weights, stream.n_caches, stream.n_keys,
+                                   nxt, fparams)
         cum = np.cumsum(hist)
         hits = [int(cum[s - 1]) for s in sizes]
         method = "one-pass stack (priority)"
     elif compiled is not None:
-        code, fp, mt = compiled
-        nxt = stream.next_use() if code == policy_kernels.OPT else np.zeros((1, 1), np.int64)
-        spec = policy_kernels.kernel_spec(code, np.asarray([max(sizes)]), stream.keys.size)
-        weights = stream.weights if code == policy_kernels.GATE_WEIGHTED else _NO_WEIGHTS
+        kernel, fparams, rng_state = compiled
+        nxt, weights = _kernel_inputs(stream, kernel)
+        layout = kernel.layout(np.asarray([max(sizes)]), stream.keys.size, fparams)
         args = (stream.cache, stream.keys, stream.clock, weights, stream.group)
+
+        def one(k: int) -> int:
+            sized = np.full(stream.n_caches, k, np.int64)
+            return int(kernel.replay(layout, *args, sized, stream.n_keys, stream.n_groups, nxt, fparams,
+                                     rng_state)[1].sum())
+
         n_workers = workers or min(len(sizes), os.cpu_count() or 1)
         if n_workers > 1:  # the kernels release the GIL: one thread per size, no pickling
-
-            def one(k: int) -> int:
-                sized = np.full(stream.n_caches, k, np.int64)
-                return int(policy_kernels.replay_builtin(spec, *args, sized, stream.n_keys, stream.n_groups, nxt,
-                                                         fp, mt)[1].sum())
-
             with ThreadPoolExecutor(n_workers) as pool:
                 hits = list(pool.map(one, sizes))
             method = f"per-size runs (compiled, {n_workers} threads)"
         else:
-            hits = policy_kernels.replay_builtin_sizes(spec, *args, np.asarray(sizes, np.int64), stream.n_caches,
-                                                       stream.n_keys, stream.n_groups, nxt, fp, mt).tolist()
+            hits = [one(k) for k in sizes]
             method = "per-size runs (compiled)"
     else:
         n_workers = workers or min(len(sizes), os.cpu_count() or 1)

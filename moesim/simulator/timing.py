@@ -278,7 +278,7 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
     trace = trace.execution_order()
     exe = parse_execution(execution)
     fast_ok = (exe.name == "copy" and batch_size == 1 and timeline is None and isinstance(policy, str) and not policy_params
-               and policy in kernels.POLICY_CODES and prefetch in timing_kernel.PREFETCH_CODES
+               and policy in timing_kernel.POLICY_CODES and prefetch in timing_kernel.PREFETCH_CODES
                and all(s > 0 for s in sizes) and not (trace.phase == PREFILL).any()
                and pparams.get("threshold") is None and cost.engine_profile == "moesim")
     if engine == "numba" and not fast_ok:
@@ -692,7 +692,7 @@ def _simulate_fast(trace: Trace, policy: str, sizes: list[int], cache_size, cost
     xb = expert_bytes_of(cost, trace)
     copy_s = cost.copy_seconds(xb)
     total, stall, compute, stats, per_token = timing_kernel.des_kernel(
-        kernels.POLICY_CODES[policy], timing_kernel.PREFETCH_CODES[prefetch], prefetcher.distance,
+        timing_kernel.POLICY_CODES[policy], timing_kernel.PREFETCH_CODES[prefetch], prefetcher.distance,
         prefetcher.budget, step, layer, keys, nxt, row_at, pred, np.asarray(sizes, np.int64), E,
         cost.token_seconds(1), layer_s, copy_s + cost.copy_hop_seconds(), cost.expert_seconds(1), cost.copy_engines,
         copy_s + cost.copy_hop_seconds() + cost.miss_issue_s, cost.handoff_seconds(), late,

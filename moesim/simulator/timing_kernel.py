@@ -12,38 +12,39 @@ import numpy as np
 from numba import njit
 
 from moesim.policies.base import NEVER
-from moesim.simulator.kernels import FIFO, LFU, LRU, OPT
+from moesim.simulator.policy_kernels import lists, scores
+from moesim.simulator.policy_kernels.lists import FIFO, LRU
+from moesim.simulator.policy_kernels.scores import LFU, OPT
 
 PF_NONE, PF_PREVIOUS, PF_TRANSITION, PF_ORACLE, PF_SPECULATIVE = 0, 1, 2, 3, 4
 PREFETCH_CODES = {"none": PF_NONE, "previous-token": PF_PREVIOUS, "transition": PF_TRANSITION,
                   "oracle": PF_ORACLE, "speculative": PF_SPECULATIVE}
+# the policies this kernel runs, by the replay's numbers (policy_kernels.registry)
+POLICY_CODES = {"lru": LRU, "fifo": FIFO, "lfu": LFU, "opt": OPT}
 
 
-# Not shared with policy_kernels.replay_builtin on purpose: the replay specialises per policy and uses
-# linked lists for large caches; routing an earlier replay through this function cost it ~20%.
 @njit(cache=True, nogil=True)
 def _victim(policy, layer, size, slots, protect_mask, last, count, inserted, next_use):
+    """The slot of the first resident outside ``protect_mask`` by the policy's victim rule, the replay's
+    (``lists.evicts_first``, ``scores.evicts_first``)."""
     best = -1
-    b0 = 0
-    b1 = 0
-    b2 = 0
     for t in range(size):
         v = slots[layer, t]
         if protect_mask[v]:
             continue
-        if policy == LRU:
-            p0, p1 = last[layer, v], v
-            p2 = 0
-        elif policy == FIFO:
-            p0, p1 = inserted[layer, v], v
-            p2 = 0
-        elif policy == LFU:
-            p0, p1, p2 = count[layer, v], last[layer, v], v
+        if best < 0:
+            best = t
+            continue
+        b = slots[layer, best]
+        if policy == LRU or policy == FIFO:
+            first = lists.evicts_first(policy, last[layer, v], inserted[layer, v], v, last[layer, b],
+                                       inserted[layer, b], b)
         else:
-            p0, p1 = -next_use[layer, v], v
-            p2 = 0
-        if best < 0 or p0 < b0 or (p0 == b0 and (p1 < b1 or (p1 == b1 and p2 < b2))):
-            best, b0, b1, b2 = t, p0, p1, p2
+            s_v = float(count[layer, v]) if policy == LFU else -float(next_use[layer, v])
+            s_b = float(count[layer, b]) if policy == LFU else -float(next_use[layer, b])
+            first = scores.evicts_first(policy, s_v, last[layer, v], v, s_b, last[layer, b], b)
+        if first:
+            best = t
     return best
 
 

@@ -1,6 +1,6 @@
 """The compiled replay of a user's :class:`~moesim.policies.compiled.ScorePolicy`.
 
-The same mechanism as ``policy_kernels.replay_builtin``'s scanned policies (look up, access in router
+The same mechanism as ``policy_kernels.scores``' scan layout (look up, access in router
 order, evict the lowest score outside the row until room, insert), with the user's njit hooks passed
 in as arguments: numba specialises this function for each set of hooks (compiled once per process;
 functions taking functions cannot be cached on disk).
