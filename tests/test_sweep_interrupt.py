@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from moesim.sweep.store import read_journal, read_results
+from moesim.sweep.result_store import read_journal, read_results
 
 from tests.helpers import random_trace
 

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from moesim.atomic import atomic_open, atomic_path, read_json
+from moesim.safe_write import atomic_open, atomic_path, read_json
 from moesim.errors import DataError
 
 _INFO_KEY = b"moesim_timeline"  # Parquet schema metadata: the run's otherData, as JSON
