@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from moesim.sweep.result_store import read_journal, read_results
 
+from moesim.sweep.result_store import read_journal, read_results
 from tests.helpers import random_trace
 
 STOPPING = re.compile(r"^stopping: (?:finishing (\d+) running cells? \(Ctrl-C again to abandon them\)"

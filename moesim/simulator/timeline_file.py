@@ -9,8 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from moesim.safe_write import atomic_open, atomic_path, read_json
 from moesim.errors import DataError
+from moesim.safe_write import atomic_open, atomic_path, read_json
 
 _INFO_KEY = b"moesim_timeline"  # Parquet schema metadata: the run's otherData, as JSON
 
