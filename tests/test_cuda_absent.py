@@ -72,17 +72,30 @@ def _cap_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
 
 
-def _script(name: str, args: list[str], tmp_path: Path) -> tuple[subprocess.CompletedProcess, Path]:
+# every study's GPU driver (studies/<study>/gpu_*.py); benchmarks/gpu_validate.py is the outside entry point
+SCRIPT_PATHS = {p.stem: p for p in sorted((ROOT / "studies").glob("*/gpu_*.py"))}
+
+
+def _script(name: str, args: list[str], tmp_path: Path, path: Path | None = None
+            ) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path / "out"
     argv = [str(out) if a == "OUT" else str(tmp_path / "t.parquet") if a == "T" else a for a in args]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}  # no GPU, even on a GPU box
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *argv], env=env,
+    proc = subprocess.run([sys.executable, str(path or SCRIPT_PATHS[name]), *argv], env=env,
                           capture_output=True, text=True, timeout=120, preexec_fn=_cap_memory)
     return proc, out
 
 
 def test_every_gpu_script_is_listed():
-    assert {p.stem for p in (ROOT / "benchmarks").glob("gpu_*.py")} == set(SCRIPTS)
+    assert set(SCRIPT_PATHS) == set(SCRIPTS)
+
+
+def test_the_outside_entry_point_refuses_too(tmp_path):
+    """``python3 benchmarks/gpu_validate.py`` (CONTRACTS.md) runs the study's driver, refusal included."""
+    proc, out = _script("gpu_validate", SCRIPTS["gpu_validate"], tmp_path, ROOT / "benchmarks" / "gpu_validate.py")
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and "needs a CUDA GPU" in err[0], proc.stderr[-2000:]
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
