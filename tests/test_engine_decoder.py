@@ -156,7 +156,7 @@ def test_recorded_routing_equals_transformers_router(tiny, tmp_path):
     ckpt, packed, program, store = _engine(path)
     s = ckpt.spec
     out = tmp_path / "engine.parquet"
-    rec = DecodeRecorder(out, s, model_name=family, quant="none", expert_bytes=packed.expert_bytes,
+    rec = DecodeRecorder(out, s, model_name=family, expert_format=packed.expert_format.name, expert_bytes=packed.expert_bytes,
                          pred_distances=program.distances, logits=True)
     res = Decoder(program, store, s.top_k + 1, "lru").generate([PROMPT], NEW, on_step=rec.on_step)
     rec.close(res.summary())
@@ -194,7 +194,7 @@ def test_replay_mode_reproduces_the_gate_driven_run(tiny, tmp_path):
     s = ckpt.spec
     for policy, prefetch in (("lru", "none"), ("lfu", "transition"), ("lru", "speculative")):
         out = tmp_path / f"{policy}-{prefetch}.parquet"
-        rec = DecodeRecorder(out, s, model_name=family, quant="none", expert_bytes=packed.expert_bytes,
+        rec = DecodeRecorder(out, s, model_name=family, expert_format=packed.expert_format.name, expert_bytes=packed.expert_bytes,
                              pred_distances=(1,) if prefetch == "speculative" else ())
         live = Decoder(program, store, s.top_k + 1, policy, prefetch).generate(
             [PROMPT, PROMPT[::-1]], NEW, keep_logits=True, on_step=rec.on_step)
@@ -210,15 +210,30 @@ def test_replay_mode_reproduces_the_gate_driven_run(tiny, tmp_path):
         np.testing.assert_allclose(np.stack(replay.logits), np.stack(live.logits), atol=1e-5, rtol=0)
 
 
-def test_hqq_logits_equal_transformers_with_hqq_weights(tiny):
-    """--quant hqq2: experts 2-bit g16 and attention 4-bit g64 from hqq's quantizer; transformers with
-    hqq's own dequantized weights swapped in gives the same logits."""
+@pytest.mark.parametrize("quant", ["hqq2-v02", "hqq2"])
+def test_hqq_logits_equal_transformers_with_hqq_weights(tiny, quant):
+    """--quant hqq2-v02: experts 2-bit g16 and attention 4-bit g64 from hqq's quantizer; transformers with
+    hqq's own dequantized weights swapped in gives the same logits. --quant hqq2 (mixtral-offloading's
+    layout, whose dequantisation tests/test_engine_hqq.py checks against a numpy oracle): transformers with
+    the packed experts' dequantised weights swapped in gives the decoder's logits."""
     pytest.importorskip("hqq")
     from moesim.engine.pack import hqq_reference
+    from moesim.engine.quant import matrix
 
     family, path, model = tiny
-    ckpt, packed, program, store = _engine(path, quant="hqq2", max_slots=4)
+    ckpt, packed, program, store = _engine(path, quant=quant, max_slots=4)
     s = ckpt.spec
+    assert packed.expert_format.name == quant
+    n = s.hidden * s.ffn
+    size = packed.expert_format.matrix_bytes(n)
+
+    def expert_weights(layer: int, e: int) -> list:
+        if quant.endswith("-v02"):
+            return [hqq_reference(w, packed.expert_format).float() for w in ckpt.expert(layer, e)]
+        blob = packed.experts[layer][e]
+        shapes = [(s.ffn, s.hidden), (s.ffn, s.hidden), (s.hidden, s.ffn)]
+        return [matrix(blob[i * size:(i + 1) * size], packed.expert_format, *shapes[i]).float() for i in range(3)]
+
     ref = type(model)(model.config).eval()
     ref.load_state_dict(model.state_dict())
     with torch.no_grad():
@@ -228,10 +243,10 @@ def test_hqq_logits_equal_transformers_with_hqq_weights(tiny):
                 lin.weight.copy_(hqq_reference(lin.weight, packed.attn_format).float())
             experts = dec.mlp.experts
             for e in range(s.num_experts):
-                w1, w3, w2 = ckpt.expert(layer, e)
-                experts.gate_up_proj[e, : s.ffn].copy_(hqq_reference(w1, packed.expert_format).float())
-                experts.gate_up_proj[e, s.ffn:].copy_(hqq_reference(w3, packed.expert_format).float())
-                experts.down_proj[e].copy_(hqq_reference(w2, packed.expert_format).float())
+                w1, w3, w2 = expert_weights(layer, e)
+                experts.gate_up_proj[e, : s.ffn].copy_(w1)
+                experts.gate_up_proj[e, s.ffn:].copy_(w3)
+                experts.down_proj[e].copy_(w2)
     res = Decoder(program, store, 4, "lru", "transition").generate([PROMPT], NEW, keep_logits=True)
     want = _reference_logits(ref, PROMPT + res.token_ids[0][:-1])
     np.testing.assert_allclose(np.stack(res.logits), want, atol=ATOL, rtol=0, err_msg=family)
@@ -266,7 +281,7 @@ def test_timing_simulator_replays_the_live_speculative_run(tiny, tmp_path):
     ckpt, packed, program, store = _engine(path, distance=1)
     s = ckpt.spec
     out = tmp_path / "spec.parquet"
-    rec = DecodeRecorder(out, s, model_name=family, quant="none", expert_bytes=packed.expert_bytes, pred_distances=(1,))
+    rec = DecodeRecorder(out, s, model_name=family, expert_format=packed.expert_format.name, expert_bytes=packed.expert_bytes, pred_distances=(1,))
     live = Decoder(program, store, s.top_k + 1, "lru", "speculative").generate([PROMPT], NEW, on_step=rec.on_step)
     rec.close()
     assert live.prefetches > 0

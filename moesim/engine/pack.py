@@ -7,16 +7,21 @@ quant     experts                          attention                       compu
 ========  ==============================  ==============================  ==========================
 none      checkpoint dtype (plain)        checkpoint dtype (plain)        checkpoint dtype
 bf16      bf16 (plain)                    bf16 (plain)                    bf16
-hqq2      hqq 2-bit, group 16 (hqq2-v02)  hqq 4-bit, group 64 (hqq4-v02)  checkpoint dtype
-hqq4      hqq 4-bit, group 64 (hqq4-v02)  hqq 4-bit, group 64 (hqq4-v02)  checkpoint dtype
+hqq2      2-bit g16, 8-bit scale/zero     hqq 4-bit, group 64 (hqq4-v02)  checkpoint dtype
+hqq4      4-bit g64, 8-bit scale/zero     hqq 4-bit, group 64 (hqq4-v02)  checkpoint dtype
+hqq2-v02  hqq 0.2's 2-bit g16 (bf16 meta) hqq 4-bit, group 64 (hqq4-v02)  checkpoint dtype
+hqq4-v02  hqq 0.2's 4-bit g64 (bf16 meta) hqq 4-bit, group 64 (hqq4-v02)  checkpoint dtype
 ========  ==============================  ==============================  ==========================
 
-The quantized blobs come from hqq's own quantizer (``hqq.core.quantize.Quantizer.quantize``, axis 1,
-``optimize=True``, hqq's defaults for the proximal solver): its packed codes are unpacked with hqq's
-``BitPack`` and laid out consecutively in our blob (one copy per miss), its scale and zero kept in bf16
-per group -- hqq 0.2's own layout (``hqq2-v02``: 88,080,384 B per Mixtral expert, not
-mixtral-offloading's 66,748,416 B with 8-bit re-quantised scale/zero, which hqq 0.2 no longer produces).
-The engine's dequantisation is bit-identical to hqq's ``Quantizer.dequantize`` (tests/test_engine_hqq.py).
+One name per expert format, the same name everywhere (generate, calibrate, presets, trace metadata):
+``hqq2`` / ``hqq4`` are mixtral-offloading's layout (the replay engine's, the calibration's and every
+preset's: 66,748,416 B per Mixtral 2-bit expert), ``hqq2-v02`` / ``hqq4-v02`` hqq 0.2's own layout
+(88,080,384 B). The codes, scale and zero come from hqq's own quantizer (``Quantizer.quantize``, axis 1,
+``optimize=True``): its packed codes are unpacked with hqq's ``BitPack`` and laid out consecutively in our
+blob (one copy per miss). ``*-v02`` keeps hqq's scale and zero in bf16 per group, so the engine's
+dequantisation is bit-identical to hqq's ``Quantizer.dequantize`` (tests/test_engine_hqq.py); ``hqq2`` /
+``hqq4`` re-quantise them to 8 bits per 128 groups (min-max, fp16 meta), as hqq < 0.2 did for
+mixtral-offloading with ``quant_scale`` / ``quant_zero`` (hqq 0.2 ignores those flags).
 
 Cache (hqq quants only; ``none`` / ``bf16`` are a cast): ``<cache root>/<key>/`` with one safetensors file per layer plus ``dense.safetensors`` and, last,
 ``meta.json`` (a cache without it is incomplete and rebuilt). The key hashes the checkpoint's files
@@ -35,12 +40,13 @@ from pathlib import Path
 from typing import Any
 
 from moesim.engine.checkpoint import Checkpoint
-from moesim.engine.quant import QuantSpec, plain_spec, quant_spec, split_matrix
+from moesim.engine.quant import META_GROUP, QuantSpec, plain_spec, quant_spec, split_matrix
 from moesim.errors import UsageError
 
-CACHE_VERSION = 1
-QUANT_CHOICES = ("none", "bf16", "hqq2", "hqq4")
-HQQ_SETTINGS = {"hqq2-v02": (2, 16), "hqq4-v02": (4, 64)}
+# 2: ``hqq2`` / ``hqq4`` caches hold mixtral-offloading's layout (version 1 held hqq 0.2's under that name)
+CACHE_VERSION = 2
+QUANT_CHOICES = ("none", "bf16", "hqq2", "hqq4", "hqq2-v02", "hqq4-v02")
+HQQ_SETTINGS = {"hqq2": (2, 16), "hqq4": (4, 64), "hqq2-v02": (2, 16), "hqq4-v02": (4, 64)}
 
 
 def default_cache_root() -> Path:
@@ -56,10 +62,8 @@ def formats(quant: str, checkpoint_dtype) -> tuple[QuantSpec, QuantSpec, Any]:
         return plain, plain, checkpoint_dtype
     if quant == "bf16":
         return quant_spec("bf16"), quant_spec("bf16"), torch.bfloat16
-    if quant == "hqq2":
-        return quant_spec("hqq2-v02"), quant_spec("hqq4-v02"), checkpoint_dtype
-    if quant == "hqq4":
-        return quant_spec("hqq4-v02"), quant_spec("hqq4-v02"), checkpoint_dtype
+    if quant in HQQ_SETTINGS:   # attention stays on the device (never copied): hqq 0.2's 4-bit for all
+        return quant_spec(quant), quant_spec("hqq4-v02"), checkpoint_dtype
     raise UsageError(f"--quant must be one of {', '.join(QUANT_CHOICES)}, got {quant!r}")
 
 
@@ -85,13 +89,35 @@ def pack_matrix(w, spec: QuantSpec, device=None, optimize: bool = True):
     blob = torch.empty(spec.matrix_bytes(n), dtype=torch.uint8, device=codes.device)
     parts = split_matrix(blob, spec, n)
     parts["packed"].copy_((codes.view(-1, per_byte) << shifts).sum(dim=1, dtype=torch.uint8))
-    parts["scale"].copy_(meta["scale"].reshape(-1).to(torch.bfloat16))
-    parts["zero"].copy_(meta["zero"].reshape(-1).to(torch.bfloat16))
+    if spec.quant_meta:
+        scale_q, scale_meta = requantize_8bit(meta["scale"].reshape(-1))
+        zero_q, zero_meta = requantize_8bit(meta["zero"].reshape(-1))
+        parts["scale_q"].copy_(scale_q)
+        parts["zero_q"].copy_(zero_q)
+        parts["meta"].copy_(torch.cat([scale_meta, zero_meta], dim=1))
+    else:
+        parts["scale"].copy_(meta["scale"].reshape(-1).to(torch.bfloat16))
+        parts["zero"].copy_(meta["zero"].reshape(-1).to(torch.bfloat16))
     return blob
 
 
+def requantize_8bit(values):
+    """Per-group scales (or zeros) as 8-bit codes per ``META_GROUP`` groups, min-max round-to-nearest, the
+    way hqq < 0.2 quantised them for mixtral-offloading: (codes uint8 (n,), meta fp16 (n / 128, 2) =
+    (step, offset)), dequantised as (code - offset) * step."""
+    import torch
+
+    v = values.float().view(-1, META_GROUP)
+    lo, hi = v.min(dim=1, keepdim=True).values, v.max(dim=1, keepdim=True).values
+    step = torch.where(hi > lo, (hi - lo) / 255, torch.ones_like(hi)).half().float()
+    offset = (-lo / step).half().float()      # rounded to the fp16 the blob stores before coding with it
+    codes = torch.round(v / step + offset).clamp_(0, 255).to(torch.uint8).view(-1)
+    return codes, torch.cat([step, offset], dim=1).half()
+
+
 def hqq_reference(w, spec: QuantSpec):
-    """hqq's own dequantized weights for ``w`` (same settings as :func:`pack_matrix`), for the tests."""
+    """hqq's own dequantized weights for ``w`` (same settings as :func:`pack_matrix`; scale and zero as hqq
+    0.2 keeps them, so only the ``*-v02`` formats equal it bit for bit), for the tests."""
     import torch
     from hqq.core.quantize import Quantizer
 

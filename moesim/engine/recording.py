@@ -24,6 +24,7 @@ import numpy as np
 from moesim.atomic import atomic_path
 from moesim.engine.decode import StepRecord
 from moesim.recorder.parts import PartsTraceWriter
+from moesim.simulator.cost_model import TRACE_EXPERT_FORMAT_KEY
 from moesim.traces.format import DECODE, Trace, TraceMeta
 
 
@@ -33,7 +34,7 @@ def times_path(out: str | os.PathLike) -> Path:
 
 
 class DecodeRecorder:
-    def __init__(self, out: str | os.PathLike, spec, *, model_name: str, quant: str, expert_bytes: int,
+    def __init__(self, out: str | os.PathLike, spec, *, model_name: str, expert_format: str, expert_bytes: int,
                  pred_distances: tuple[int, ...] = (), logits: bool = False, flush_steps: int = 64,
                  provenance: dict[str, Any] | None = None) -> None:
         self.out = Path(out)
@@ -43,8 +44,8 @@ class DecodeRecorder:
                 "times": times_path(self.out).name, **(provenance or {})}
         meta = TraceMeta(model=model_name, family=spec.family, num_layers=spec.num_layers,
                          num_experts=spec.num_experts, top_k=spec.top_k, expert_bytes=expert_bytes,
-                         quantization=quant, hidden_size=spec.hidden, provenance=prov,
-                         extra={"shared_experts": 1 if spec.shared_ffn else 0})
+                         quantization=expert_format, hidden_size=spec.hidden, provenance=prov,
+                         extra={"shared_experts": 1 if spec.shared_ffn else 0, TRACE_EXPERT_FORMAT_KEY: expert_format})
         self.writer = PartsTraceWriter(self.out, meta, pred_distances=self.distances, logits=logits)
         self.flush_steps = flush_steps
         self.times: list[dict[str, Any]] = []

@@ -215,6 +215,7 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
     if speculative_ready not in SPECULATIVE_READY:
         raise UsageError(f"unknown speculative ready point {speculative_ready!r} (known: {', '.join(SPECULATIVE_READY)})")
     meta = trace.meta
+    cost = cost.for_trace_format(meta.extra, trace.path)
     L, E, k = meta.num_layers, meta.num_experts, meta.top_k
     sizes = [int(cache_size)] * L if isinstance(cache_size, int | np.integer) else [int(s) for s in cache_size]
     if len(sizes) != L:
