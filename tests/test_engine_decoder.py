@@ -103,6 +103,55 @@ def test_logits_and_greedy_ids_equal_transformers(tiny):
             assert res.misses > s.num_experts  # evictions happened: slots were reused
 
 
+def test_prefill_chunks_equal_transformers_and_replay(tiny, tmp_path):
+    """Prompts run as prefill chunks (the whole prompt, or chunks of 2): every prompt token's logits and
+    the greedy ids equal transformers'; each chunk's request per layer is the union of its tokens'
+    routing (which equals the token-by-token run's, itself checked against transformers' router); the
+    device counted no residency violation; replaying the recorded run with routing forced gives the same
+    hits, prefetches and logits."""
+    from moesim.engine.recording import DecodeRecorder
+    from moesim.traces.format import PREFILL, read_trace
+
+    family, path, model = tiny
+    ckpt, packed, program, store = _engine(path, distance=1)
+    s = ckpt.spec
+    want_ids = _greedy(model, PROMPT, NEW)
+    want = _reference_logits(model, PROMPT + want_ids[:-1])
+    by_token: list = []
+    Decoder(program, store, s.top_k + 1, "lru").generate([PROMPT], NEW, prefill_chunk=1, on_step=by_token.append)
+    for chunk in (None, 2):
+        rows: list = []
+        out = tmp_path / f"chunk{chunk}.parquet"
+        rec = DecodeRecorder(out, s, model_name=family, expert_format=packed.expert_format.name,
+                             expert_bytes=packed.expert_bytes, prefill_chunk=chunk or len(PROMPT), pred_distances=(1,))
+
+        def on_step(r, rows=rows, rec=rec):
+            rows.append(r)
+            rec.on_step(r)
+        live = Decoder(program, store, s.top_k + 1, "lru", "speculative").generate(
+            [PROMPT], NEW, keep_logits=True, prefill_chunk=chunk, on_step=on_step)
+        rec.close()
+        assert live.token_ids == [want_ids], (family, chunk)
+        np.testing.assert_allclose(np.stack(live.logits), want, atol=ATOL, rtol=0, err_msg=f"{family} chunk {chunk}")
+        assert live.violations == 0 and live.device_copies == live.misses + live.prefetches > 0
+        for a, b in zip(rows, by_token, strict=True):
+            np.testing.assert_array_equal(a.experts, b.experts)
+        size = chunk or len(PROMPT)
+        trace = read_trace(out)
+        unions = 0
+        for c in range(0, len(PROMPT), size):
+            for layer in range(s.num_layers):
+                sel = (trace.phase == PREFILL) & (trace.layer == layer) & (trace.token >= c) & (trace.token < c + size)
+                unions += len(set(trace.experts[sel].ravel().tolist()))
+        assert live.requests == unions + (NEW - 1) * s.num_layers * s.top_k
+        assert int((trace.phase == PREFILL).sum()) == len(PROMPT) * s.num_layers
+        replay = Decoder(program, store, s.top_k + 1, "lru", "speculative").generate(
+            [PROMPT], NEW, keep_logits=True, prefill_chunk=chunk, forced=Routing.from_trace(trace),
+            forced_tokens=live.token_ids)
+        assert (replay.hits, replay.requests, replay.prefetches) == (live.hits, live.requests, live.prefetches)
+        np.testing.assert_allclose(np.stack(replay.logits), np.stack(live.logits), atol=1e-5, rtol=0)
+
+
 def test_swapped_expert_slots_fail_the_comparison(tiny, monkeypatch):
     """Mutation: the copy for expert e lands the blob of expert e ^ 1 -> logits diverge from transformers."""
     _, path, model = tiny
@@ -271,8 +320,9 @@ def test_sampling_is_seeded_and_eos_stops(tiny):
 def test_timing_simulator_replays_the_live_speculative_run(tiny, tmp_path):
     """The live speculative prefetcher (layer l+1's gate on layer l's output, computed on the device) and
     the simulator's replay of the recorded pred1 column make the same residency decisions: equal hits
-    and prefetches (prefill rows simulated as the single-token steps the engine ran)."""
-    from moesim.engine.recording import DecodeRecorder, as_single_token_steps
+    and prefetches, with the prompt run as one prefill chunk (the union of its tokens' experts) and read
+    back as one step from the trace's recorded chunk size."""
+    from moesim.engine.recording import DecodeRecorder
     from moesim.simulator.cost_model import CostModel
     from moesim.simulator.timing import simulate_timing
     from moesim.traces.format import read_trace
@@ -281,9 +331,14 @@ def test_timing_simulator_replays_the_live_speculative_run(tiny, tmp_path):
     ckpt, packed, program, store = _engine(path, distance=1)
     s = ckpt.spec
     out = tmp_path / "spec.parquet"
-    rec = DecodeRecorder(out, s, model_name=family, expert_format=packed.expert_format.name, expert_bytes=packed.expert_bytes, pred_distances=(1,))
-    live = Decoder(program, store, s.top_k + 1, "lru", "speculative").generate([PROMPT], NEW, on_step=rec.on_step)
+    rec = DecodeRecorder(out, s, model_name=family, expert_format=packed.expert_format.name,
+                         expert_bytes=packed.expert_bytes, prefill_chunk=len(PROMPT), pred_distances=(1,))
+    live = Decoder(program, store, s.top_k + 1, "lru", "speculative").generate([PROMPT], NEW, on_step=rec.on_step,
+                                                                              prefill_chunk=None)
     rec.close()
     assert live.prefetches > 0
-    sim = simulate_timing(as_single_token_steps(read_trace(out)), "lru", s.top_k + 1, CostModel.preset("h200"), prefetch="speculative")
+    trace = read_trace(out)
+    cost = CostModel.preset("h200").with_overrides(expert_ms=0.2)   # fp32 experts: no preset times them
+    sim = simulate_timing(trace, "lru", s.top_k + 1, cost, prefetch="speculative",
+                          prefill_chunk=trace.meta.extra["prefill_chunk"])
     assert (sim.requests, sim.hits, sim.prefetches) == (live.requests, live.hits, live.prefetches)

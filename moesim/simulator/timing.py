@@ -184,6 +184,7 @@ class TimingResult(HitCounts):
             "stall_ms": r(self.stall_s * 1e3, 3), "compute_ms": r(self.compute_s * 1e3, 3),
             "copy_busy_ms": r(self.copy_busy_s * 1e3, 3),
             "bytes_h2d": (self.misses + self.prefetches) * self.expert_bytes, "expert_bytes": self.expert_bytes,
+            "copies": self.copies,
             "prefetches": self.prefetches, "wasted_prefetch_bytes": (self.prefetches - self.prefetch_used) * self.expert_bytes,
             "prefetch_precision": r(self.prefetch_used / self.prefetches) if self.prefetches else 0.0,
             "prefetch_recall": r(self.prefetch_recall_hits / self.prefetch_recall_needed) if self.prefetch_recall_needed else 0.0,
