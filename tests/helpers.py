@@ -52,3 +52,22 @@ def skewed_sets(rng: np.random.Generator, num_experts: int, k: int, n: int, conc
     draw: skewed as routing is (lower concentration, more skew)."""
     p = rng.dirichlet(np.ones(num_experts) * concentration)
     return [list(rng.choice(num_experts, k, replace=False, p=p)) for _ in range(n)]
+
+
+def save_tiny_mixtral(path: Path, seed: int, **config):
+    """A tiny random Mixtral written with transformers' ``save_pretrained`` (weights N(0, 0.2), large
+    enough for varied routing); returns the model. ``config`` overrides MixtralConfig fields."""
+    import torch
+    import transformers
+
+    cfg = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32,
+               eos_token_id=None)
+    torch.manual_seed(seed)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**{**cfg, **config})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(path)
+    return model

@@ -18,24 +18,15 @@ from moesim.engine.decoder_program import DecoderProgram  # noqa: E402
 from moesim.engine.identity import TAG_BYTES, expert_tag, tagged_blob  # noqa: E402
 from moesim.engine.pack import pack_checkpoint, pack_matrix  # noqa: E402
 from moesim.engine.store import ExpertStore  # noqa: E402
+from tests.helpers import save_tiny_mixtral  # noqa: E402
 
 PROMPT = [5, 11, 2, 40]
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                                     num_experts_per_tok=2, max_position_embeddings=32, eos_token_id=None)
-    torch.manual_seed(7)
-    model = transformers.MixtralForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.2)
     path = tmp_path_factory.mktemp("mixtral-stream")
-    model.save_pretrained(path)
-    return path, model
+    return path, save_tiny_mixtral(path, 7, vocab_size=64)
 
 
 def _old_store(ckpt, packed) -> ExpertStore:

@@ -17,22 +17,13 @@ transformers = pytest.importorskip("transformers")
 
 from moesim.cli import main  # noqa: E402
 from moesim.traces.format import PREFILL, read_trace  # noqa: E402
+from tests.helpers import save_tiny_mixtral  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    cfg = transformers.MixtralConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
-                                     num_experts_per_tok=2, max_position_embeddings=64, eos_token_id=None)
-    torch.manual_seed(5)
-    model = transformers.MixtralForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.2)
     path = tmp_path_factory.mktemp("mixtral8")
-    model.save_pretrained(path)
-    return path, model
+    return path, save_tiny_mixtral(path, 5, num_hidden_layers=3, num_local_experts=8, max_position_embeddings=64)
 
 
 def _run(capsys, *argv) -> dict:
