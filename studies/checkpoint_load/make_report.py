@@ -1,4 +1,4 @@
-"""studies/checkpoint_load/report.md from the raw measurements (raw/before.json, raw/after.json).
+"""studies/checkpoint_load/report.md from the raw measurements (raw/before*.json, raw/after*.json).
 
     python studies/checkpoint_load/make_report.py [-o studies/checkpoint_load/report.md]
 
@@ -15,18 +15,23 @@ HERE = Path(__file__).resolve().parent
 GB = 1e9
 
 
-def _cells(path: Path) -> dict[tuple[int, str, str], dict]:
-    raw = json.loads(path.read_text())
-    return {(c["layers"], c["quant"], c["run"]): c for c in raw["cells"]}, raw
+def _cells(label: str) -> tuple[dict[tuple[int, str, str], dict], dict]:
+    """Every raw/<label>*.json merged: (layers, quant, run) -> cell, and the first file's header."""
+    cells, head = {}, None
+    for path in sorted((HERE / "raw").glob(f"{label}*.json")):
+        raw = json.loads(path.read_text())
+        head = head or raw
+        cells.update({(c["layers"], c["quant"], c["run"]): c for c in raw["cells"]})
+    return cells, head
 
 
 def _gb(x: float) -> str:
     return f"{x / GB:.2f}"
 
 
-def build(before_path: Path, after_path: Path) -> str:
-    before, rb = _cells(before_path)
-    after, ra = _cells(after_path)
+def build() -> str:
+    before, rb = _cells("before")
+    after, ra = _cells("after")
     g = ra["geometry"]
     lines = [
         "# Peak host memory while `moesim generate` loads a checkpoint (issue 27 item 1)",
@@ -90,11 +95,9 @@ def build(before_path: Path, after_path: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--before", default=str(HERE / "raw" / "before.json"))
-    ap.add_argument("--after", default=str(HERE / "raw" / "after.json"))
     ap.add_argument("-o", "--out", default=str(HERE / "report.md"))
     args = ap.parse_args()
-    Path(args.out).write_text(build(Path(args.before), Path(args.after)))
+    Path(args.out).write_text(build())
 
 
 if __name__ == "__main__":
