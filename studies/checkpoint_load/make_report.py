@@ -75,7 +75,7 @@ def build() -> str:
     same = all(before.get(k) and abs(after[k]["peak_rss_bytes"] / before[k]["peak_rss_bytes"] - 1) < 0.01 for k in after)
     lines += ["", f"On CPU the decoder's {slots} expert slots per layer live in host memory as well ({slots}/{g['experts']} "
               f"of the store); without them the peak is store + non-expert weights + "
-              f"{_gb(min(resid))}..{_gb(max(resid))} GB (Python, torch, the tokenizer-free runtime) at every size."
+              f"{_gb(min(resid))}..{_gb(max(resid))} GB (Python and torch; the hqq2 cold run also holds the quantizer's working buffers)."
               + (" Before and after agree within 1% in every cell: on CPU the old loader held no second copy of "
                  "the checkpoint either. The excess issue 27 measured on the device can only come from what CPU runs "
                  "skip, pinned host memory (a hypothesis, not measured here): torch's pinned allocator rounds each expert block up to a power of two "
