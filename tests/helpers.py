@@ -95,3 +95,22 @@ def kernel_hits(stream, name: str, params: dict | None = None, *, layout: int) -
     _, hit = kernel.replay(layout, stream.cache, stream.keys, stream.clock, weights, stream.group, stream.sizes,
                            stream.n_keys, stream.n_groups, nxt, fparams, rng_state)
     return hit.tolist()
+
+
+def save_tiny_mixtral(path: Path, seed: int, **config):
+    """A tiny random Mixtral written with transformers' ``save_pretrained`` (weights N(0, 0.2), large
+    enough for varied routing); returns the model. ``config`` overrides MixtralConfig fields."""
+    import torch
+    import transformers
+
+    cfg = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32,
+               eos_token_id=None)
+    torch.manual_seed(seed)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**{**cfg, **config})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(path)
+    return model

@@ -103,6 +103,55 @@ def test_logits_and_greedy_ids_equal_transformers(tiny):
             assert res.misses > s.num_experts  # evictions happened: slots were reused
 
 
+def test_prefill_chunks_equal_transformers_and_replay(tiny, tmp_path):
+    """Prompts run as prefill chunks (the whole prompt, or chunks of 2): every prompt token's logits and
+    the greedy ids equal transformers'; each chunk's request per layer is the union of its tokens'
+    routing (which equals the token-by-token run's, itself checked against transformers' router); the
+    device counted no residency violation; replaying the recorded run with routing forced gives the same
+    hits, prefetches and logits."""
+    from moesim.engine.recording import DecodeRecorder
+    from moesim.traces.format import PREFILL, read_trace
+
+    family, path, model = tiny
+    ckpt, packed, program, store = _engine(path, distance=1)
+    s = ckpt.spec
+    want_ids = _greedy(model, PROMPT, NEW)
+    want = _reference_logits(model, PROMPT + want_ids[:-1])
+    by_token: list = []
+    Decoder(program, store, s.top_k + 1, "lru").generate([PROMPT], NEW, prefill_chunk=1, on_step=by_token.append)
+    for chunk in (None, 2):
+        rows: list = []
+        out = tmp_path / f"chunk{chunk}.parquet"
+        rec = DecodeRecorder(out, s, model_name=family, expert_format=packed.expert_format.name,
+                             expert_bytes=packed.expert_bytes, prefill_chunk=chunk or len(PROMPT), pred_distances=(1,))
+
+        def on_step(r, rows=rows, rec=rec):
+            rows.append(r)
+            rec.on_step(r)
+        live = Decoder(program, store, s.top_k + 1, "lru", "speculative").generate(
+            [PROMPT], NEW, keep_logits=True, prefill_chunk=chunk, on_step=on_step)
+        rec.close()
+        assert live.token_ids == [want_ids], (family, chunk)
+        np.testing.assert_allclose(np.stack(live.logits), want, atol=ATOL, rtol=0, err_msg=f"{family} chunk {chunk}")
+        assert live.violations == 0 and live.device_copies == live.misses + live.prefetches > 0
+        for a, b in zip(rows, by_token, strict=True):
+            np.testing.assert_array_equal(a.experts, b.experts)
+        size = chunk or len(PROMPT)
+        trace = read_trace(out)
+        unions = 0
+        for c in range(0, len(PROMPT), size):
+            for layer in range(s.num_layers):
+                sel = (trace.phase == PREFILL) & (trace.layer == layer) & (trace.token >= c) & (trace.token < c + size)
+                unions += len(set(trace.experts[sel].ravel().tolist()))
+        assert live.requests == unions + (NEW - 1) * s.num_layers * s.top_k
+        assert int((trace.phase == PREFILL).sum()) == len(PROMPT) * s.num_layers
+        replay = Decoder(program, store, s.top_k + 1, "lru", "speculative").generate(
+            [PROMPT], NEW, keep_logits=True, prefill_chunk=chunk, forced=Routing.from_trace(trace),
+            forced_tokens=live.token_ids)
+        assert (replay.hits, replay.requests, replay.prefetches) == (live.hits, live.requests, live.prefetches)
+        np.testing.assert_allclose(np.stack(replay.logits), np.stack(live.logits), atol=1e-5, rtol=0)
+
+
 def test_swapped_expert_slots_fail_the_comparison(tiny, monkeypatch):
     """Mutation: the copy for expert e lands the blob of expert e ^ 1 -> logits diverge from transformers."""
     _, path, model = tiny
@@ -156,7 +205,7 @@ def test_recorded_routing_equals_transformers_router(tiny, tmp_path):
     ckpt, packed, program, store = _engine(path)
     s = ckpt.spec
     out = tmp_path / "engine.parquet"
-    rec = DecodeRecorder(out, s, model_name=family, quant="none", expert_bytes=packed.expert_bytes,
+    rec = DecodeRecorder(out, s, model_name=family, expert_format=packed.expert_format.name, expert_bytes=packed.expert_bytes,
                          pred_distances=program.distances, logits=True)
     res = Decoder(program, store, s.top_k + 1, "lru").generate([PROMPT], NEW, on_step=rec.on_step)
     rec.close(res.summary())
@@ -194,7 +243,7 @@ def test_replay_mode_reproduces_the_gate_driven_run(tiny, tmp_path):
     s = ckpt.spec
     for policy, prefetch in (("lru", "none"), ("lfu", "transition"), ("lru", "speculative")):
         out = tmp_path / f"{policy}-{prefetch}.parquet"
-        rec = DecodeRecorder(out, s, model_name=family, quant="none", expert_bytes=packed.expert_bytes,
+        rec = DecodeRecorder(out, s, model_name=family, expert_format=packed.expert_format.name, expert_bytes=packed.expert_bytes,
                              pred_distances=(1,) if prefetch == "speculative" else ())
         live = Decoder(program, store, s.top_k + 1, policy, prefetch).generate(
             [PROMPT, PROMPT[::-1]], NEW, keep_logits=True, on_step=rec.on_step)
@@ -210,20 +259,35 @@ def test_replay_mode_reproduces_the_gate_driven_run(tiny, tmp_path):
         np.testing.assert_allclose(np.stack(replay.logits), np.stack(live.logits), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("quant", ["hqq2-v02", "hqq2"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
-def test_hqq_logits_equal_transformers_with_hqq_weights(tiny, device):
-    """--quant hqq2: experts 2-bit g16 and attention 4-bit g64 from hqq's quantizer; transformers with
-    hqq's own dequantized weights swapped in gives the same logits. On CUDA the packed matrices go
-    through the fused kernels (moesim.engine.kernels), on CPU through dequantise-then-matmul."""
+def test_hqq_logits_equal_transformers_with_hqq_weights(tiny, quant, device):
+    """--quant hqq2-v02: experts 2-bit g16 and attention 4-bit g64 from hqq's quantizer; transformers with
+    hqq's own dequantized weights swapped in gives the same logits. --quant hqq2 (mixtral-offloading's
+    layout, whose dequantisation tests/test_engine_hqq.py checks against a numpy oracle): transformers with
+    the packed experts' dequantised weights swapped in gives the decoder's logits. On CUDA the packed
+    matrices go through the fused kernels (moesim.engine.kernels), on CPU through dequantise-then-matmul."""
     pytest.importorskip("hqq")
     from moesim.engine import kernels
     from moesim.engine.pack import hqq_reference
+    from moesim.engine.quant import matrix
 
     family, path, model = tiny
-    ckpt, packed, program, store = _engine(path, quant="hqq2", max_slots=4, device=device)
+    ckpt, packed, program, store = _engine(path, quant=quant, max_slots=4, device=device)
     assert kernels.active(device) == (device == "cuda" and kernels.triton_available())
     s = ckpt.spec
+    assert packed.expert_format.name == quant
+    n = s.hidden * s.ffn
+    size = packed.expert_format.matrix_bytes(n)
+
+    def expert_weights(layer: int, e: int) -> list:
+        if quant.endswith("-v02"):
+            return [hqq_reference(w, packed.expert_format).float() for w in ckpt.expert(layer, e)]
+        blob = packed.experts[layer][e]
+        shapes = [(s.ffn, s.hidden), (s.ffn, s.hidden), (s.hidden, s.ffn)]
+        return [matrix(blob[i * size:(i + 1) * size], packed.expert_format, *shapes[i]).float() for i in range(3)]
+
     ref = type(model)(model.config).eval()
     ref.load_state_dict(model.state_dict())
     with torch.no_grad():
@@ -233,10 +297,10 @@ def test_hqq_logits_equal_transformers_with_hqq_weights(tiny, device):
                 lin.weight.copy_(hqq_reference(lin.weight, packed.attn_format).float())
             experts = dec.mlp.experts
             for e in range(s.num_experts):
-                w1, w3, w2 = ckpt.expert(layer, e)
-                experts.gate_up_proj[e, : s.ffn].copy_(hqq_reference(w1, packed.expert_format).float())
-                experts.gate_up_proj[e, s.ffn:].copy_(hqq_reference(w3, packed.expert_format).float())
-                experts.down_proj[e].copy_(hqq_reference(w2, packed.expert_format).float())
+                w1, w3, w2 = expert_weights(layer, e)
+                experts.gate_up_proj[e, : s.ffn].copy_(w1)
+                experts.gate_up_proj[e, s.ffn:].copy_(w3)
+                experts.down_proj[e].copy_(w2)
     res = Decoder(program, store, 4, "lru", "transition").generate([PROMPT], NEW, keep_logits=True)
     want = _reference_logits(ref, PROMPT + res.token_ids[0][:-1])
     np.testing.assert_allclose(np.stack(res.logits), want, atol=ATOL, rtol=0, err_msg=family)
@@ -261,8 +325,9 @@ def test_sampling_is_seeded_and_eos_stops(tiny):
 def test_timing_simulator_replays_the_live_speculative_run(tiny, tmp_path):
     """The live speculative prefetcher (layer l+1's gate on layer l's output, computed on the device) and
     the simulator's replay of the recorded pred1 column make the same residency decisions: equal hits
-    and prefetches (prefill rows simulated as the single-token steps the engine ran)."""
-    from moesim.engine.recording import DecodeRecorder, as_single_token_steps
+    and prefetches, with the prompt run as one prefill chunk (the union of its tokens' experts) and read
+    back as one step from the trace's recorded chunk size."""
+    from moesim.engine.recording import DecodeRecorder
     from moesim.simulator.cost_model import CostModel
     from moesim.simulator.timing import simulate_timing
     from moesim.traces.format import read_trace
@@ -271,9 +336,14 @@ def test_timing_simulator_replays_the_live_speculative_run(tiny, tmp_path):
     ckpt, packed, program, store = _engine(path, distance=1)
     s = ckpt.spec
     out = tmp_path / "spec.parquet"
-    rec = DecodeRecorder(out, s, model_name=family, quant="none", expert_bytes=packed.expert_bytes, pred_distances=(1,))
-    live = Decoder(program, store, s.top_k + 1, "lru", "speculative").generate([PROMPT], NEW, on_step=rec.on_step)
+    rec = DecodeRecorder(out, s, model_name=family, expert_format=packed.expert_format.name,
+                         expert_bytes=packed.expert_bytes, prefill_chunk=len(PROMPT), pred_distances=(1,))
+    live = Decoder(program, store, s.top_k + 1, "lru", "speculative").generate([PROMPT], NEW, on_step=rec.on_step,
+                                                                              prefill_chunk=None)
     rec.close()
     assert live.prefetches > 0
-    sim = simulate_timing(as_single_token_steps(read_trace(out)), "lru", s.top_k + 1, CostModel.preset("h200"), prefetch="speculative")
+    trace = read_trace(out)
+    cost = CostModel.preset("h200").with_overrides(expert_ms=0.2)   # fp32 experts: no preset times them
+    sim = simulate_timing(trace, "lru", s.top_k + 1, cost, prefetch="speculative",
+                          prefill_chunk=trace.meta.extra["prefill_chunk"])
     assert (sim.requests, sim.hits, sim.prefetches) == (live.requests, live.hits, live.prefetches)

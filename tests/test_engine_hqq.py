@@ -84,3 +84,53 @@ def test_decoder_blobs_from_hqqs_quantizer_dequantise_bit_identically(name):
     ours = dequantize(split_matrix(blob, spec, w.numel()), spec, w.numel()).view(w.shape)
     assert torch.equal(ours, hqq_reference(w, spec))
     assert blob.numel() == spec.matrix_bytes(w.numel())
+
+
+@pytest.mark.parametrize("name,nbits,group", [("hqq2", 2, 16), ("hqq4", 4, 64)])
+def test_seed_layout_blobs_are_hqqs_codes_with_8bit_scale_and_zero(name, nbits, group):
+    """``--quant hqq2`` / ``hqq4`` (mixtral-offloading's layout): hqq's own codes, its per-group scale and
+    zero re-quantised min-max to 8 bits per 128 groups. Oracle: the same steps written here in numpy from
+    hqq's quantizer output; the blob has the seed's byte count (66,748,416 B per Mixtral 2-bit expert)."""
+    from hqq.core.bitpack import BitPack
+
+    from moesim.engine.pack import hqq_reference, pack_matrix
+
+    torch.manual_seed(4)
+    rows, cols = 128, 256
+    w = torch.randn(rows, cols) * 0.05
+    spec = quant_spec(name)
+    blob = pack_matrix(w, spec)
+    assert blob.numel() == spec.matrix_bytes(w.numel())
+    w_q, meta = hqq_quantize.Quantizer.quantize(w, nbits=nbits, group_size=group, optimize=True, axis=1,
+                                                compute_dtype=torch.bfloat16, device="cpu")
+    unpack = {2: BitPack.unpack_2bit_u8, 4: BitPack.unpack_4bit_u8}[nbits]
+    codes = unpack(w_q, dtype=torch.uint8).reshape(-1, group).numpy().astype(np.float64)
+
+    def requantised(v: np.ndarray) -> np.ndarray:
+        v = v.reshape(-1, 128).astype(np.float64)
+        out = np.empty_like(v)
+        for i, row in enumerate(v):
+            lo, hi = row.min(), row.max()
+            step = np.float64(np.float16((hi - lo) / 255)) if hi > lo else 1.0
+            off = np.float64(np.float16(-lo / step))
+            out[i] = (np.clip(np.round(row / step + off), 0, 255) - off) * step
+        return out.reshape(-1, 1)
+
+    scale = requantised(meta["scale"].float().numpy())
+    zero = requantised(meta["zero"].float().numpy())
+    want = ((codes - zero) * scale).reshape(rows, cols)
+    ours = dequantize(split_matrix(blob, spec, w.numel()), spec, w.numel()).view(rows, cols).float().numpy()
+    np.testing.assert_allclose(ours, want, rtol=1e-2, atol=1e-4)
+    hqq02 = hqq_reference(w, quant_spec(f"{name}-v02")).float().numpy()
+    assert 0 < np.abs(ours - hqq02).max() < 0.1 * np.abs(hqq02).max()   # a different, close rounding
+
+
+def test_expert_format_names_are_distinct_byte_counts():
+    """One name per format: the packer's ``--quant`` choice is the expert format's own name."""
+    from moesim.engine.pack import formats
+    from moesim.simulator.cost_model import DEFAULT_EXPERT_BYTES
+
+    sizes = {q: formats(q, torch.float32)[0].expert_bytes(4096, 14336) for q in ("hqq2", "hqq2-v02", "hqq4", "hqq4-v02")}
+    assert sizes == {"hqq2": 66_748_416, "hqq2-v02": 88_080_384, "hqq4": 93_757_440, "hqq4-v02": 99_090_432}
+    assert {q: formats(q, torch.float32)[0].name for q in sizes} == {q: q for q in sizes}
+    assert {q: DEFAULT_EXPERT_BYTES[q] for q in sizes} == sizes   # the timing model's table, the same names

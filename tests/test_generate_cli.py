@@ -54,10 +54,17 @@ def test_generate_json_record_and_simulate(ckpt, tmp_path, capsys):
     want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
                           pad_token_id=0)[0, len(PROMPT):].tolist()
     assert got["token_ids"] == want
-    assert got["requests"] == (len(PROMPT) + 4 - 1) * 2 * 2
+    # the prompt ran as one prefill step: per layer it requested the union of the prompt tokens' experts;
+    # each of the 3 decode steps its top-2 per layer
+    from moesim.traces.format import PREFILL, read_trace
+
+    trace = read_trace(rec)
+    prompt_rows = trace.phase == PREFILL
+    union = sum(len(set(trace.experts[prompt_rows & (trace.layer == layer)].ravel())) for layer in range(2))
+    assert got["requests"] == union + 3 * 2 * 2 < (len(PROMPT) + 3) * 2 * 2
     code, out, err = _run(capsys, "simulate", str(rec), "--policy", "lru", "--cache-size", "3", "--json")
     assert code == 0, err
-    assert json.loads(out)["requests"] == got["requests"]
+    assert json.loads(out)["requests"] == (len(PROMPT) + 3) * 2 * 2   # the exact replay: every (token, layer)
     assert (tmp_path / "run.parquet.times.json").is_file()
     assert not (tmp_path / "run.parquet.parts").exists()
 
@@ -74,6 +81,51 @@ def test_quantization_cache_is_reused(ckpt, tmp_path, capsys):
     assert all(torch.equal(a, b) for ra, rb in zip(first.experts, second.experts, strict=True)
                for a, b in zip(ra, rb, strict=True))
     assert torch.equal(first.attn[1]["q"], second.attn[1]["q"])
+
+
+def test_trace_records_its_expert_format_and_the_timing_model_prices_it(ckpt, tmp_path, capsys):
+    """One name per format: a recorded trace says which layout its experts were (and their bytes); a
+    preset prices that format's compute, or refuses in one line when it has no table for it."""
+    pytest.importorskip("hqq")
+    from moesim.engine.quant import quant_spec
+    from moesim.simulator.cost_model import CostModel
+    from moesim.traces.format import read_trace
+
+    path, _ = ckpt
+    want = {"hqq2": quant_spec("hqq2").expert_bytes(64, 128), "hqq2-v02": quant_spec("hqq2-v02").expert_bytes(64, 128)}
+    assert want["hqq2"] < want["hqq2-v02"]
+    for quant, nbytes in want.items():
+        rec = tmp_path / f"{quant}.parquet"
+        code, out, err = _run(capsys, *_args(path, "--quant", quant, "--record", str(rec), "--json"))
+        assert code == 0, err
+        live = json.loads(out)
+        meta = read_trace(rec).meta
+        assert (meta.quantization, meta.extra["expert_format"], meta.expert_bytes) == (quant, quant, nbytes)
+        assert live["bytes_h2d"] == live["misses"] * nbytes
+        sim = ["simulate", str(rec), "--policy", "lru", "--cache-size", "2", "--hardware", "h200", "--json"]
+        if quant == "hqq2":
+            code, out, err = _run(capsys, *sim)
+            assert code == 0, err
+            got = json.loads(out)
+            assert got["bytes_h2d"] == live["bytes_h2d"]
+            h200 = CostModel.preset("h200")
+            assert h200.quantization == "hqq2"
+        else:
+            _bad(capsys, 1, "the trace's experts are 'hqq2-v02'", *sim)
+            code, out, err = _run(capsys, *sim, "--expert-ms", "0.3")   # a what-if compute time prices it
+            assert code == 0, err
+            assert json.loads(out)["bytes_h2d"] == live["bytes_h2d"]
+
+
+def test_timing_prices_the_recorded_format_compute():
+    """A trace whose experts were bf16 is priced with the preset's bf16 expert time, not its default hqq2."""
+    from moesim.simulator.cost_model import CostModel
+
+    h200 = CostModel.preset("h200")
+    bf16 = h200.for_trace_format({"expert_format": "bf16"})
+    assert bf16.quantization == "bf16" and h200.quantization == "hqq2"
+    assert bf16.expert_seconds(1) == h200.expert_seconds(1, "bf16") != h200.expert_seconds(1)
+    assert h200.for_trace_format({}) is h200   # synth / imported traces: the preset's own format
 
 
 def _bad(capsys, code_want, needle, *argv):

@@ -9,6 +9,7 @@ from typing import Any
 from moesim.commands._common import parse_params, positive_int
 
 DEFAULT_HARDWARE = "h200"
+DEFAULT_PREFILL_CHUNK = 512
 OVERRIDES = ("pcie_gbps", "pcie_latency_us", "expert_bytes", "expert_ms", "layer_ms", "token_ms", "miss_issue_us",
              "routing_handoff_us", "host_copy_issue_us", "predict_us", "cpu_threads", "cpu_speed", "lowbit_format")
 
@@ -25,7 +26,9 @@ def add_timing_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefetch-distance", type=positive_int, default=1, metavar="D", help="layers ahead (default 1)")
     g.add_argument("--prefetch-param", action="append", metavar="KEY=VALUE", help="prefetcher parameter, e.g. threshold=0.2")
     g.add_argument("--batch-size", type=positive_int, default=1, help="decode batch (sequences per step)")
-    g.add_argument("--prefill-chunk", type=positive_int, default=512, help="prefill tokens per step")
+    g.add_argument("--prefill-chunk", type=positive_int, default=None,
+                   help="prefill tokens per step (default: the chunk the trace's engine ran, as `generate --record` "
+                        "writes it, else 512)")
     g.add_argument("--timeline", metavar="FILE", help="write a Chrome/Perfetto trace JSON of the streams")
     g.add_argument("--pcie-gbps", type=float, help="what-if: host-to-device bandwidth (GB/s)")
     g.add_argument("--pcie-latency-us", type=float, help="what-if: per-copy latency (us)")
@@ -108,3 +111,13 @@ def say_timeline_written(path: str) -> None:
     size = os.path.getsize(path)
     hint = "" if is_parquet(path) else " (a .parquet name writes the same events in a fraction of the size)"
     print(f"wrote timeline {path}: {human_bytes(size)}{hint}", file=sys.stderr)
+
+
+def prefill_chunk(args: argparse.Namespace, trace) -> int:
+    """``--prefill-chunk``, else the chunk a recorded engine ran its prompts in (trace metadata), else 512."""
+    from moesim.traces.format import TRACE_PREFILL_CHUNK_KEY
+
+    if args.prefill_chunk is not None:
+        return int(args.prefill_chunk)
+    recorded = trace.meta.extra.get(TRACE_PREFILL_CHUNK_KEY)
+    return int(recorded) if isinstance(recorded, int) and recorded > 0 else DEFAULT_PREFILL_CHUNK

@@ -38,8 +38,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", required=True, help="eviction policy (lru, lfu, fifo, ...; not opt: it needs the future)")
     p.add_argument("--prefetch", default="none",
                    help="none | transition | previous-token | speculative (live: layer l+d's gate on layer l's output)")
-    p.add_argument("--quant", default="none", help="none (checkpoint dtype) | bf16 | hqq2 (experts 2-bit g16, "
-                                                   "attention 4-bit) | hqq4")
+    p.add_argument("--quant", default="none",
+                   help="expert format: none (checkpoint dtype) | bf16 | hqq2 (2-bit g16, 8-bit scale/zero: "
+                        "mixtral-offloading's layout, what presets price) | hqq4 (4-bit g64, same scheme) | hqq2-v02 / "
+                        "hqq4-v02 (hqq 0.2's own layout: bf16 scale/zero, 32%% more bytes); attention 4-bit")
+    p.add_argument("--prefill-chunk", type=positive_int, default=None, metavar="N",
+                   help="prompt tokens per prefill step (default: the whole prompt in one step; each step requests "
+                        "the union of its tokens' experts per layer; 1 = token by token)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--record", metavar="OUT.parquet", help="write the run's trace (and OUT.parquet.times.json)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
@@ -126,15 +131,17 @@ def run(args: argparse.Namespace) -> int:
     if args.record:
         from moesim.engine.recording import DecodeRecorder
 
-        recorder = DecodeRecorder(args.record, s, model_name=ckpt.name, quant=args.quant,
+        recorder = DecodeRecorder(args.record, s, model_name=ckpt.name, expert_format=packed.expert_format.name,
+                                  prefill_chunk=args.prefill_chunk or max(len(p) for p in prompts),
                                   expert_bytes=packed.expert_bytes, pred_distances=program.distances,
                                   logits=args.logits,
                                   provenance={"device": args.device, "policy": args.policy, "cache_size": slots,
-                                              "prefetch": args.prefetch, "temperature": args.temperature,
+                                              "prefetch": args.prefetch, "quant": args.quant,
+                                              "temperature": args.temperature,
                                               "seed": args.seed})
     try:
         res = decoder.generate(prompts, args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                               stop_at_eos=not args.ignore_eos, progress=tty,
+                               stop_at_eos=not args.ignore_eos, progress=tty, prefill_chunk=args.prefill_chunk,
                                on_step=recorder.on_step if recorder else None)
     except BaseException:
         if recorder is not None:
@@ -149,9 +156,12 @@ def run(args: argparse.Namespace) -> int:
         emit_json({"token_ids": flat, "text": text, "tokens_per_s": res.tokens_per_s,
                    "ms_per_token": 1e3 / res.tokens_per_s if res.tokens_per_s else None,
                    "requests": res.requests, "hits": res.hits, "hit_rate": res.hit_rate, "prefetches": res.prefetches,
-                   "bytes_h2d": res.bytes_h2d, "misses": res.misses, "policy": args.policy, "cache_size": slots,
+                   "bytes_h2d": res.bytes_h2d, "misses": res.misses, "copies": res.misses + res.prefetches,
+                   "device_copies": res.device_copies, "violations": res.violations,
+                   "policy": args.policy, "cache_size": slots,
                    "prefetch": args.prefetch, "quant": args.quant, "device": args.device,
                    "token_ids_per_prompt": res.token_ids, "steps": len(res.steps),
+                   "prefill_chunk": args.prefill_chunk or max(len(p) for p in prompts),
                    "decode_tokens_per_s": res.decode_tokens_per_s, "record": args.record})
     else:
         print(text)

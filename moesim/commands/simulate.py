@@ -18,6 +18,7 @@ from moesim.commands._timing_args import (
     cost_model,
     default_hardware_note,
     prefetch_params,
+    prefill_chunk,
     say_timeline_written,
     timing_requested,
 )
@@ -38,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def cell_spec(args: argparse.Namespace):
+def cell_spec(args: argparse.Namespace, trace):
     """The command line as one :class:`~moesim.simulator.cell.CellSpec`."""
     from moesim.simulator.cell import CellSpec
 
@@ -49,7 +50,7 @@ def cell_spec(args: argparse.Namespace):
                     params=policy_params(args), scope=args.scope, semantics=args.semantics, phase=args.phase,
                     cost=cost_model(args) if timed else None, prefetch=args.prefetch or "none",
                     prefetch_params=prefetch_params(args) if timed else None, batch_size=args.batch_size,
-                    prefill_chunk=args.prefill_chunk, speculative_ready=args.speculative_ready,
+                    prefill_chunk=prefill_chunk(args, trace), speculative_ready=args.speculative_ready,
                     timeline=args.timeline, execution=args.execution)
 
 
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     refuse_overwrite([args.timeline], args.force)
     trace = load(args, phase=False)
-    out = run_cell(trace, cell_spec(args)).to_json(per_layer=args.per_layer)
+    out = run_cell(trace, cell_spec(args, trace)).to_json(per_layer=args.per_layer)
     if args.per_layer and trace.meta.logged_layers is not None:  # the layers a log holds, not the model's others
         out["per_layer"] = [d for d in out["per_layer"] if d["layer"] in trace.meta.logged_layers]
     default_hardware_note(args)

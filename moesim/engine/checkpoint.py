@@ -109,7 +109,7 @@ class TensorSource:
     def names(self) -> set[str]:
         raise NotImplementedError
 
-    def get(self, name: str):
+    def get(self, name: str, index: int | None = None):
         raise NotImplementedError
 
     def fingerprint(self) -> str | None:
@@ -126,30 +126,34 @@ class SafetensorsDir(TensorSource):
             raise DataError(path, "holds no *.safetensors weights (only safetensors checkpoints are supported)")
         self.files = files
         self._where: dict[str, Path] = {}
-        self._handles: dict[Path, Any] = {}
         for f in files:
-            for name in self._open(f).keys():
-                self._where[name] = f
+            with self._open(f) as h:
+                for name in h.keys():
+                    self._where[name] = f
 
     def _open(self, f: Path):
+        """A memory-mapped view of one shard, opened per read and closed after it: a mapping kept open
+        would leave every page read so far in this process's resident set (the whole checkpoint)."""
         from safetensors import safe_open
 
-        if f not in self._handles:
-            try:
-                self._handles[f] = safe_open(str(f), framework="pt")
-            except Exception as exc:   # noqa: BLE001 - safetensors raises its own error types
-                raise DataError(f, f"corrupt safetensors file ({str(exc).splitlines()[0][:160]})") from None
-        return self._handles[f]
+        try:
+            return safe_open(str(f), framework="pt")
+        except Exception as exc:   # noqa: BLE001 - safetensors raises its own error types
+            raise DataError(f, f"corrupt safetensors file ({str(exc).splitlines()[0][:160]})") from None
 
     def names(self) -> set[str]:
         return set(self._where)
 
-    def get(self, name: str):
+    def get(self, name: str, index: int | None = None):
+        """The tensor ``name`` (only its row ``index`` when given: one expert of a fused tensor)."""
         f = self._where.get(name)
         if f is None:
             raise DataError(self.path, f"checkpoint lacks tensor {name!r}")
         try:
-            return self._open(f).get_tensor(name)
+            with self._open(f) as h:
+                return h.get_tensor(name) if index is None else h.get_slice(name)[index]
+        except DataError:
+            raise
         except Exception as exc:   # noqa: BLE001
             raise DataError(f, f"cannot read tensor {name!r} ({str(exc).splitlines()[0][:160]})") from None
 
@@ -165,10 +169,10 @@ class StateDict(TensorSource):
     def names(self) -> set[str]:
         return set(self.tensors)
 
-    def get(self, name: str):
+    def get(self, name: str, index: int | None = None):
         if name not in self.tensors:
             raise DataError(self.where, f"model lacks tensor {name!r}")
-        return self.tensors[name]
+        return self.tensors[name] if index is None else self.tensors[name][index]
 
     def fingerprint(self) -> str | None:
         return self._fp
@@ -193,8 +197,8 @@ class Checkpoint:
         p = self._moe_prefix(layer) + "experts."
         names = self.source.names()
         if f"{p}gate_up_proj" in names:   # transformers 5.x in-memory layout: fused over experts
-            gu = self.source.get(f"{p}gate_up_proj")[e]
-            return gu[: self.spec.ffn], gu[self.spec.ffn:], self.source.get(f"{p}down_proj")[e]
+            gu = self.source.get(f"{p}gate_up_proj", e)   # one expert's rows, not the whole fused tensor
+            return gu[: self.spec.ffn], gu[self.spec.ffn:], self.source.get(f"{p}down_proj", e)
         if self.spec.family == "mixtral":
             return tuple(self.source.get(f"{p}{e}.{w}.weight") for w in ("w1", "w3", "w2"))
         return tuple(self.source.get(f"{p}{e}.{w}_proj.weight") for w in ("gate", "up", "down"))

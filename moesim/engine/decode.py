@@ -21,8 +21,10 @@ Replay: the host never waits inside a token (``plan.step`` from the trace; copie
 gate event), but waits for each token's logits as a decoder must. Feeding the recorded token ids makes
 the gates compute the recorded routing, so both modes run identical kernels and copies.
 
-Prompts are prefilled token by token through the same program (each a row of the trace, phase
-prefill). The expert caches persist across prompts; the KV cache is position-masked, so nothing stale
+Prompts run as prefill chunks (``prefill_chunk`` tokens per step, the whole prompt by default in
+``moesim generate``): eager pieces over the chunk, per layer the union of its tokens' experts through
+the plan (:meth:`Decoder._prefill_chunk`), each token a row of the trace, phase prefill; with
+``prefill_chunk=1`` a prompt runs token by token through the captured decode pieces. The expert caches persist across prompts; the KV cache is position-masked, so nothing stale
 is ever attended.
 """
 
@@ -149,12 +151,15 @@ class Decoder:
                  stop_at_eos: bool = True, keep_logits: bool = False, record_routing: bool = True,
                  record_predictions: bool = True, warm: bool = False, profile: dict[str, float] | None = None,
                  forced: Routing | None = None, forced_tokens: list[list[int]] | None = None,
-                 progress: bool = False, on_step=None) -> GenerateResult:
+                 progress: bool = False, on_step=None, prefill_chunk: int | None = 1) -> GenerateResult:
         """Decode ``prompts`` in turn (batch 1). ``forced``: replay mode -- the routing of each step comes
         from this trace (same step order) and the inputs from ``forced_tokens`` (the recorded run's
         generated ids), so the gates compute the recorded routing. ``on_step(StepRecord)`` is called
-        after every step (the trace recorder streams rows from it). ``warm``: experts 0..K-1 of every
-        layer are loaded before the clock starts (not counted as requests)."""
+        after every token (the trace recorder streams rows from it). ``warm``: experts 0..K-1 of every
+        layer are loaded before the clock starts (not counted as requests). ``prefill_chunk``: prompt
+        tokens per prefill step (None: the whole prompt in one step; 1: token by token through the
+        captured decode pieces); a chunk requests the union of its tokens' experts per layer, as
+        :func:`moesim.traces.steps.build_steps` defines and the simulator replays."""
         import torch
 
         prog, s, d = self.program, self.spec, self.program.d
@@ -209,6 +214,25 @@ class Decoder:
                 pos = 0
                 while pos < len(feed):
                     phase = PREFILL if pos < len(prompt) else DECODE
+                    if phase == PREFILL and prefill_chunk != 1:
+                        n = min(prefill_chunk or len(prompt), len(prompt) - pos)
+                        rows = self._prefill_chunk(plan, seq, feed[pos:pos + n], pos, step_index, forced,
+                                                   record_predictions, dist)
+                        for rec in rows:
+                            steps.append(rec)
+                            if on_step is not None:
+                                on_step(rec)
+                        all_logits = self.program.chunk_logits
+                        if keep_logits:
+                            logits_kept.extend(row.copy() for row in all_logits)
+                        step_index += n
+                        pos += n - 1
+                        if bar is not None:
+                            bar.update(n)
+                        self._next_token(all_logits[-1], pos, seq, feed, generated, max_new_tokens, temperature, gen,
+                                         forced_tokens, stop_at_eos)
+                        pos += 1
+                        continue
                     w0 = time.perf_counter()
                     start = d.event()
                     start.record()
@@ -299,20 +323,8 @@ class Decoder:
                     step_index += 1
                     if bar is not None:
                         bar.update(1)
-                    if pos == len(feed) - 1 and len(generated) < max_new_tokens:
-                        if forced_tokens is not None:
-                            nxt = forced_tokens[seq][len(generated)]
-                        elif temperature > 0:
-                            probs = torch.softmax(torch.from_numpy(logits).double() / temperature, dim=-1)
-                            nxt = int(torch.multinomial(probs, 1, generator=gen))
-                        else:
-                            nxt = int(np.argmax(logits))
-                        generated.append(nxt)
-                        stop = stop_at_eos and forced_tokens is None and nxt in s.eos_token_ids
-                        if forced_tokens is not None:
-                            stop = len(generated) >= len(forced_tokens[seq])
-                        if len(generated) < max_new_tokens and not stop:
-                            feed.append(nxt)
+                    self._next_token(logits, pos, seq, feed, generated, max_new_tokens, temperature, gen,
+                                     forced_tokens, stop_at_eos)
                     pos += 1
                 out_ids.append(generated)
         if bar is not None:
@@ -324,6 +336,96 @@ class Decoder:
         return GenerateResult(out_ids, steps, wall, plan.requests, plan.hits, plan.prefetches, self.store.expert_bytes,
                               "replay" if forced is not None else "gate", self.policy, self.cache_size, self.prefetch,
                               logits_kept, handoff_wait * 1e3, violations, device_copies)
+
+    def _next_token(self, logits: np.ndarray, pos: int, seq: int, feed: list[int], generated: list[int],
+                    max_new_tokens: int, temperature: float, gen, forced_tokens, stop_at_eos: bool) -> None:
+        """After the step that ends at ``pos``: when it was the last fed token, pick the next one (forced,
+        sampled or greedy) and feed it unless the run stops."""
+        import torch
+
+        if pos != len(feed) - 1 or len(generated) >= max_new_tokens:
+            return
+        if forced_tokens is not None:
+            nxt = forced_tokens[seq][len(generated)]
+        elif temperature > 0:
+            probs = torch.softmax(torch.from_numpy(logits).double() / temperature, dim=-1)
+            nxt = int(torch.multinomial(probs, 1, generator=gen))
+        else:
+            nxt = int(np.argmax(logits))
+        generated.append(nxt)
+        stop = stop_at_eos and forced_tokens is None and nxt in self.spec.eos_token_ids
+        if forced_tokens is not None:
+            stop = len(generated) >= len(forced_tokens[seq])
+        if len(generated) < max_new_tokens and not stop:
+            feed.append(nxt)
+
+    def _prefill_chunk(self, plan: CachePlan, seq: int, ids: list[int], start: int, row0: int,
+                       forced: Routing | None, record_predictions: bool, dist: int) -> list[StepRecord]:
+        """One prefill step of ``ids`` (positions ``start``..): per layer the chunk's attention and gate,
+        the union of its tokens' experts requested through the plan in chunks of K (each chunk computes
+        before the next may evict it), then the prefetcher with the union as the current set (a
+        speculative one with the chunk's first token's prediction, as the simulator reads the step's
+        first row). Returns one StepRecord per token; ``program.chunk_logits`` holds their logits."""
+        from moesim.traces.steps import add_to_union
+
+        prog, s, d = self.program, self.spec, self.program.d
+        L, k, T = s.num_layers, s.top_k, len(ids)
+        w0 = time.perf_counter()
+        start_ev = d.event()
+        start_ev.record()
+        prog.chunk_begin(ids, start)
+        rec_ids, rec_w = np.full((T, L, k), -1, np.int64), np.zeros((T, L, k), np.float32)
+        rec_logits = np.zeros((T, L, s.num_experts), np.float32)
+        preds = {dd: np.full((T, L, k), -1, np.int64) for dd in prog.distances} if record_predictions else {}
+        speculative = self.prefetch == "speculative"
+        for layer in range(L):
+            now = row0 * L + layer
+            rec_ids[:, layer], rec_w[:, layer], rec_logits[:, layer] = prog.chunk_attn(layer)
+            keys, weights = ((forced.experts[row0:row0 + T, layer], forced.weights[row0:row0 + T, layer])
+                             if forced is not None else (rec_ids[:, layer], rec_w[:, layer]))
+            union: list[int] = []
+            counts: dict[int, int] = {}
+            wsum: dict[int, float] = {}
+            for t in range(T):
+                add_to_union([int(e) for e in keys[t]], [float(w) for w in weights[t]], union, counts, wsum)
+            missed: set[int] = set()
+            for chunk, copies, slots in plan.request_union(layer, union, now, wsum):
+                for slot, e in copies:
+                    self._copy(layer, slot, e)
+                missed |= {e for _, e in copies}
+                for e, slot in sorted(zip(chunk, slots, strict=True), key=lambda p: p[0] in missed):
+                    self.order.wait(COMPUTE, self.marks.ready[layer][slot])
+                    prog.chunk_expert(layer, slot, e)
+                    self.marks.free[layer][slot] = self.order.record(COMPUTE)
+            if not speculative:
+                ctx = PrefetchContext(current=union, predicted=plan._predicted(row0, dist) if forced is not None
+                                      and plan.prefetcher is not None and plan.prefetcher.needs_predictions else None)
+                for tl, slot, e in plan.prefetch_after(layer, union, now, ctx):
+                    self._copy(tl, slot, e)
+            prog.chunk_combine(layer)
+            if prog.distances and (speculative or record_predictions):
+                p = prog.chunk_predict(layer)
+                for i, dd in enumerate(prog.distances):
+                    if dd in preds and layer + dd < L:
+                        preds[dd][:, layer + dd] = p[:, i]
+                if speculative:
+                    i = prog.distances.index(dist) if dist in prog.distances else None
+                    first = [int(e) for e in p[0, i]] if i is not None else []
+                    predicted = (plan._predicted(row0, dist) if forced is not None
+                                 else (lambda target, first=first, layer=layer: first if target == layer + dist else []))
+                    for tl, slot, e in plan.prefetch_after(layer, union, now,
+                                                           PrefetchContext(current=union, predicted=predicted)):
+                        self._copy(tl, slot, e)
+        prog.chunk_logits = prog.chunk_final()
+        done = d.event()
+        done.record()
+        done.synchronize()
+        self.order.new_step()
+        gpu_ms, wall_ms = start_ev.elapsed_time(done), (time.perf_counter() - w0) * 1e3
+        # the step's time sits on its first token's record (the others 0): one forward pass for all T
+        return [StepRecord(seq, start + t, PREFILL, rec_ids[t], rec_w[t], rec_logits[t],
+                           {dd: p[t] for dd, p in preds.items()}, gpu_ms if t == 0 else 0.0,
+                           wall_ms if t == 0 else 0.0) for t in range(T)]
 
     def _speculate(self, plan: CachePlan, layer: int, keys: list[int], now: int, ev, dist: int) -> float:
         """Wait for layer ``layer``'s speculative prediction, then prefetch (returns the wait in s)."""

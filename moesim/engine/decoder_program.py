@@ -80,6 +80,43 @@ def decoder_attention(x, pos, positions, cos_t, sin_t, k_cache, v_cache, w: dict
     return x + o
 
 
+def chunk_attention(x, pos, positions, cos_t, sin_t, k_cache, v_cache, w: dict, s, afmt: QuantSpec, window: int):
+    """A prefill chunk of T tokens (``x`` (T, hidden), positions ``pos`` (T,)) through a layer's attention:
+    causal within the chunk and over the cache before it, as :func:`decoder_attention` is for one token."""
+    import torch
+
+    F = torch.nn.functional
+    hd, nkv, nh = s.head_dim, s.n_kv_heads, s.n_heads
+    group, T = nh // nkv, x.shape[0]
+    h = rms_norm(x, w["in_norm"], s.rms_eps)
+    dt = x.dtype
+
+    def proj(name: str, rows: int):
+        y = packed_linear(h, w[name], afmt, rows, s.hidden).to(dt)
+        return y + w[f"{name}_bias"] if f"{name}_bias" in w else y
+
+    q = proj("q", nh * hd).view(T, nh, hd)
+    k = proj("k", nkv * hd).view(T, nkv, hd)
+    v = proj("v", nkv * hd).view(T, nkv, hd)
+    if "q_norm" in w:
+        q = rms_norm(q, w["q_norm"], s.rms_eps)
+        k = rms_norm(k, w["k_norm"], s.rms_eps)
+    cos = cos_t.index_select(0, pos).view(T, 1, hd)
+    sin = sin_t.index_select(0, pos).view(T, 1, hd)
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    k_cache.index_copy_(2, pos, k.transpose(0, 1).unsqueeze(0))
+    v_cache.index_copy_(2, pos, v.transpose(0, 1).unsqueeze(0))
+    mask = positions.view(1, -1) <= pos.view(-1, 1)                       # (T, ctx)
+    if window:
+        mask = mask & (positions.view(1, -1) > pos.view(-1, 1) - window)
+    # each KV head's query group x the chunk's tokens as the "length" axis (GQA without repeating the cache)
+    qg = q.view(T, nkv, group, hd).permute(1, 2, 0, 3).reshape(1, nkv, group * T, hd)
+    a = F.scaled_dot_product_attention(qg, k_cache, v_cache, attn_mask=mask.repeat(group, 1).view(1, 1, group * T, -1))
+    a = a.view(nkv, group, T, hd).permute(2, 0, 1, 3).reshape(T, nh * hd)
+    return x + packed_linear(a, w["o"], afmt, s.hidden, nh * hd).to(dt)
+
+
 def decoder_gate(x, w: dict, s):
     """Post-attention norm, router, top-k: (xn, ids (k,), weights (k,) float32, logits (E,) float32)."""
     import torch
@@ -240,6 +277,57 @@ class DecoderProgram(ResidencyProof):
         h = rms_norm(self.x, self.glob["final_norm"], self.spec.rms_eps)
         self.logits.copy_((h @ self.glob["lm_head"].T).float())
         self.host_logits.copy_(self.logits, non_blocking=True)
+
+    # -- prefill chunks: eager (one shape per chunk), the routing read back per layer --------------------
+    def chunk_begin(self, token_ids: list[int], start: int) -> None:
+        """A prefill chunk of ``token_ids`` at positions ``start``.. into the residual stream."""
+        torch, dev = self.torch, self.d.dev
+        self.cx = self.glob["embed"].index_select(0, torch.tensor(token_ids, dtype=torch.int64, device=dev))
+        self.cpos = torch.arange(start, start + len(token_ids), dtype=torch.int64, device=dev)
+
+    def chunk_attn(self, layer: int):
+        """Attention + gate of every chunk token: (ids (T, k), weights (T, k), router logits (T, E)) on the host."""
+        s, w, T = self.spec, self.layer_w[layer], self.cx.shape[0]
+        self.cx = chunk_attention(self.cx, self.cpos, self.positions, self.cos, self.sin, self.k_cache[layer],
+                                  self.v_cache[layer], w, s, self.packed.attn_format, s.sliding_window or 0)
+        self.cxn, ids, top, logits = decoder_gate(self.cx, w, s)
+        self.cids, self.cw = ids.view(T, s.top_k), top.view(T, s.top_k)
+        self.cshared = shared_expert(self.cxn, w) if s.shared_ffn else None
+        self.cy = self.torch.zeros(T, s.top_k, s.hidden, dtype=self.dtype, device=self.d.dev)
+        return self.cids.cpu().numpy(), self.cw.cpu().numpy(), logits.view(T, -1).cpu().numpy()
+
+    def chunk_expert(self, layer: int, slot: int, expert: int) -> None:
+        """Expert ``expert`` (in ``slot``) on the chunk tokens the gate routed to it."""
+        s = self.spec
+        if self.check_residency:
+            want = TAG_BASE + layer * s.num_experts + expert
+            self.violations.add_(self.slot_tags[layer][slot:slot + 1].ne(want).sum())
+        rows, ranks = (self.cids == expert).nonzero(as_tuple=True)
+        self.cy[rows, ranks] = decoder_expert(self.slots[layer][slot], self.cxn[rows], self.packed.expert_format,
+                                              s.hidden, s.ffn)
+
+    def chunk_combine(self, layer: int) -> None:
+        """As ``combine[l]`` per token: the rank-weighted expert outputs (+ the shared expert)."""
+        y = (self.cy.float() * self.cw.unsqueeze(-1)).to(self.dtype).sum(1)
+        if self.cshared is not None:
+            y = y + self.cshared
+        self.cx = self.cx + y
+
+    def chunk_predict(self, layer: int):
+        """``predict[l]`` for every chunk token: (T, D, k) predicted ids on the host (-1 past the last layer)."""
+        torch, s = self.torch, self.spec
+        out = torch.full((self.cx.shape[0], max(len(self.distances), 1), s.top_k), -1, dtype=torch.int64)
+        for i, d in enumerate(self.distances):
+            if layer + d < s.num_layers:
+                w = self.layer_w[layer + d]
+                logits = rms_norm(self.cx, w["post_norm"], s.rms_eps) @ w["router"].T
+                out[:, i] = torch.topk(torch.softmax(logits.float(), dim=-1), s.top_k, dim=-1)[1].cpu()
+        return out.numpy()
+
+    def chunk_final(self):
+        """Every chunk token's logits (T, vocab) float32 on the host (the last one picks the next token)."""
+        h = rms_norm(self.cx, self.glob["final_norm"], self.spec.rms_eps)
+        return (h @ self.glob["lm_head"].T).float().cpu().numpy()
 
     # -- the residency proof (as in moesim.engine.runtime.Program) ---------------------------------------
     # -- inputs -----------------------------------------------------------------------------------------

@@ -7,17 +7,22 @@ quant     experts                          attention                       compu
 ========  ==============================  ==============================  ==========================
 none      checkpoint dtype (plain)        checkpoint dtype (plain)        checkpoint dtype
 bf16      bf16 (plain)                    bf16 (plain)                    bf16
-hqq2      hqq 2-bit, group 16 (hqq2-v02)  hqq 4-bit, group 64 (hqq4-v02)  checkpoint dtype
-hqq4      hqq 4-bit, group 64 (hqq4-v02)  hqq 4-bit, group 64 (hqq4-v02)  checkpoint dtype
-hqq2-g64  hqq 2-bit, group 64 (hqq2-g64)  hqq 4-bit, group 64 (hqq4-v02)  checkpoint dtype
+hqq2      2-bit g16, 8-bit scale/zero     hqq 4-bit, group 64 (hqq4-v02)  checkpoint dtype
+hqq4      4-bit g64, 8-bit scale/zero     hqq 4-bit, group 64 (hqq4-v02)  checkpoint dtype
+hqq2-v02  hqq 0.2's 2-bit g16 (bf16 meta) hqq 4-bit, group 64 (hqq4-v02)  checkpoint dtype
+hqq4-v02  hqq 0.2's 4-bit g64 (bf16 meta) hqq 4-bit, group 64 (hqq4-v02)  checkpoint dtype
+hqq2-g64  hqq 0.2's 2-bit g64 (bf16 meta) hqq 4-bit, group 64 (hqq4-v02)  checkpoint dtype
 ========  ==============================  ==============================  ==========================
 
-The quantized blobs come from hqq's own quantizer (``hqq.core.quantize.Quantizer.quantize``, axis 1,
-``optimize=True``, hqq's defaults for the proximal solver): its packed codes are unpacked with hqq's
-``BitPack`` and laid out consecutively in our blob (one copy per miss), its scale and zero kept in bf16
-per group -- hqq 0.2's own layout (``hqq2-v02``: 88,080,384 B per Mixtral expert, not
-mixtral-offloading's 66,748,416 B with 8-bit re-quantised scale/zero, which hqq 0.2 no longer produces).
-The engine's dequantisation is bit-identical to hqq's ``Quantizer.dequantize`` (tests/test_engine_hqq.py).
+One name per expert format, the same name everywhere (generate, calibrate, presets, trace metadata):
+``hqq2`` / ``hqq4`` are mixtral-offloading's layout (the replay engine's, the calibration's and every
+preset's: 66,748,416 B per Mixtral 2-bit expert), ``hqq2-v02`` / ``hqq4-v02`` hqq 0.2's own layout
+(88,080,384 B). The codes, scale and zero come from hqq's own quantizer (``Quantizer.quantize``, axis 1,
+``optimize=True``): its packed codes are unpacked with hqq's ``BitPack`` and laid out consecutively in our
+blob (one copy per miss). ``*-v02`` keeps hqq's scale and zero in bf16 per group, so the engine's
+dequantisation is bit-identical to hqq's ``Quantizer.dequantize`` (tests/test_engine_hqq.py); ``hqq2`` /
+``hqq4`` re-quantise them to 8 bits per 128 groups (min-max, fp16 meta), as hqq < 0.2 did for
+mixtral-offloading with ``quant_scale`` / ``quant_zero`` (hqq 0.2 ignores those flags).
 
 Cache (hqq quants only; ``none`` / ``bf16`` are a cast): ``<cache root>/<key>/`` with one safetensors file per layer plus ``dense.safetensors`` and, last,
 ``meta.json`` (a cache without it is incomplete and rebuilt). The key hashes the checkpoint's files
@@ -36,12 +41,14 @@ from pathlib import Path
 from typing import Any
 
 from moesim.engine.checkpoint import Checkpoint
-from moesim.engine.quant import QuantSpec, plain_spec, quant_spec, split_matrix
+from moesim.engine.expert_store import expert_blob
+from moesim.engine.quant import META_GROUP, QuantSpec, plain_spec, quant_spec, split_matrix
 from moesim.errors import SettingError
 
-CACHE_VERSION = 1
-QUANT_CHOICES = ("none", "bf16", "hqq2", "hqq4", "hqq2-g64")
-HQQ_SETTINGS = {"hqq2-v02": (2, 16), "hqq4-v02": (4, 64), "hqq2-g64": (2, 64)}
+# 2: ``hqq2`` / ``hqq4`` caches hold mixtral-offloading's layout (version 1 held hqq 0.2's under that name)
+CACHE_VERSION = 2
+QUANT_CHOICES = ("none", "bf16", "hqq2", "hqq4", "hqq2-v02", "hqq4-v02", "hqq2-g64")
+HQQ_SETTINGS = {"hqq2": (2, 16), "hqq4": (4, 64), "hqq2-v02": (2, 16), "hqq4-v02": (4, 64), "hqq2-g64": (2, 64)}
 
 
 def default_cache_root() -> Path:
@@ -57,22 +64,20 @@ def formats(quant: str, checkpoint_dtype) -> tuple[QuantSpec, QuantSpec, Any]:
         return plain, plain, checkpoint_dtype
     if quant == "bf16":
         return quant_spec("bf16"), quant_spec("bf16"), torch.bfloat16
-    if quant == "hqq2":
-        return quant_spec("hqq2-v02"), quant_spec("hqq4-v02"), checkpoint_dtype
-    if quant == "hqq4":
-        return quant_spec("hqq4-v02"), quant_spec("hqq4-v02"), checkpoint_dtype
-    if quant == "hqq2-g64":
-        return quant_spec("hqq2-g64"), quant_spec("hqq4-v02"), checkpoint_dtype
+    if quant in HQQ_SETTINGS:   # attention stays on the device (never copied): hqq 0.2's 4-bit for all
+        return quant_spec(quant), quant_spec("hqq4-v02"), checkpoint_dtype
     raise SettingError("quant", f"unknown expert format {quant!r} (known: {', '.join(QUANT_CHOICES)})")
 
 
-def pack_matrix(w, spec: QuantSpec, device=None, optimize: bool = True):
-    """One weight matrix (out, in) as a flat uint8 blob of ``spec`` (on the device it was made on)."""
+def pack_matrix(w, spec: QuantSpec, device=None, optimize: bool = True, out=None):
+    """One weight matrix (out, in) as a flat uint8 blob of ``spec`` (on the device it was made on), or
+    written into ``out`` (a uint8 view of ``spec.matrix_bytes`` bytes, e.g. inside an expert's store blob)."""
     import torch
 
     if spec.is_plain:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec.plain]
-        return w.detach().to(dtype).contiguous().view(-1).view(torch.uint8)
+        flat = w.detach().to(dtype).contiguous().view(-1).view(torch.uint8)
+        return flat if out is None else out.copy_(flat)
     from hqq.core.bitpack import BitPack
     from hqq.core.quantize import Quantizer
 
@@ -85,16 +90,38 @@ def pack_matrix(w, spec: QuantSpec, device=None, optimize: bool = True):
     codes = unpack(w_q, dtype=torch.uint8).reshape(-1)      # group-major: hqq's own grouping order
     per_byte = 8 // nbits
     shifts = torch.arange(8 - nbits, -1, -nbits, dtype=torch.uint8, device=codes.device)
-    blob = torch.empty(spec.matrix_bytes(n), dtype=torch.uint8, device=codes.device)
+    blob = torch.empty(spec.matrix_bytes(n), dtype=torch.uint8, device=codes.device) if out is None else out
     parts = split_matrix(blob, spec, n)
     parts["packed"].copy_((codes.view(-1, per_byte) << shifts).sum(dim=1, dtype=torch.uint8))
-    parts["scale"].copy_(meta["scale"].reshape(-1).to(torch.bfloat16))
-    parts["zero"].copy_(meta["zero"].reshape(-1).to(torch.bfloat16))
+    if spec.quant_meta:
+        scale_q, scale_meta = requantize_8bit(meta["scale"].reshape(-1))
+        zero_q, zero_meta = requantize_8bit(meta["zero"].reshape(-1))
+        parts["scale_q"].copy_(scale_q)
+        parts["zero_q"].copy_(zero_q)
+        parts["meta"].copy_(torch.cat([scale_meta, zero_meta], dim=1))
+    else:
+        parts["scale"].copy_(meta["scale"].reshape(-1).to(torch.bfloat16))
+        parts["zero"].copy_(meta["zero"].reshape(-1).to(torch.bfloat16))
     return blob
 
 
+def requantize_8bit(values):
+    """Per-group scales (or zeros) as 8-bit codes per ``META_GROUP`` groups, min-max round-to-nearest, the
+    way hqq < 0.2 quantised them for mixtral-offloading: (codes uint8 (n,), meta fp16 (n / 128, 2) =
+    (step, offset)), dequantised as (code - offset) * step."""
+    import torch
+
+    v = values.float().view(-1, META_GROUP)
+    lo, hi = v.min(dim=1, keepdim=True).values, v.max(dim=1, keepdim=True).values
+    step = torch.where(hi > lo, (hi - lo) / 255, torch.ones_like(hi)).half().float()
+    offset = (-lo / step).half().float()      # rounded to the fp16 the blob stores before coding with it
+    codes = torch.round(v / step + offset).clamp_(0, 255).to(torch.uint8).view(-1)
+    return codes, torch.cat([step, offset], dim=1).half()
+
+
 def hqq_reference(w, spec: QuantSpec):
-    """hqq's own dequantized weights for ``w`` (same settings as :func:`pack_matrix`), for the tests."""
+    """hqq's own dequantized weights for ``w`` (same settings as :func:`pack_matrix`; scale and zero as hqq
+    0.2 keeps them, so only the ``*-v02`` formats equal it bit for bit), for the tests."""
     import torch
     from hqq.core.quantize import Quantizer
 
@@ -121,6 +148,10 @@ class PackedModel:
     dense: list[dict[str, Any]]                  # per layer: norms, router, shared expert
     globals: dict[str, Any]                      # embed, final_norm, lm_head
     timings: dict[str, float] = field(default_factory=dict)   # quantize_s / cache_write_s / cache_load_s
+    # the host store's blobs the experts were written into ([layer][expert]: weights, padding, identity;
+    # ``experts`` are views of them), and whether they are pinned: ExpertStore.from_packed takes them as is
+    tagged: list[list[Any]] | None = None
+    pinned: bool = False
 
     @property
     def spec(self):
@@ -139,15 +170,12 @@ def _cache_dir(ckpt: Checkpoint, quant: str, root: Path | None, optimize: bool =
     return root / f"{ckpt.name or 'model'}-{quant}-{key}"
 
 
-def _host(blob, pin: bool):
-    """``blob`` in (pinned, when asked) host memory: the store copies experts from there."""
-    import torch
-
-    if not pin:
-        return blob.cpu()
-    out = torch.empty(blob.numel(), dtype=torch.uint8, pin_memory=True)
-    out.copy_(blob)
-    return out
+def _bar(progress: bool, total: int, desc: str):
+    """A progress bar over experts (tqdm's rate and ETA), or None."""
+    if not progress:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="expert")
 
 
 def pack_checkpoint(ckpt: Checkpoint, quant: str, *, device: str = "cpu", cache_root: Path | None = None,
@@ -172,70 +200,109 @@ def pack_checkpoint(ckpt: Checkpoint, quant: str, *, device: str = "cpu", cache_
     cache = None if (efmt.is_plain and afmt.is_plain) else _cache_dir(ckpt, quant, cache_root, optimize)
     if cache is not None and (cache / "meta.json").is_file():
         return _load_cache(ckpt, quant, efmt, afmt, dtype, cache, progress, pin)
+    return _pack_streaming(ckpt, quant, efmt, afmt, dtype, device, cache, progress, pin, optimize)
+
+
+def _pack_streaming(ckpt: Checkpoint, quant: str, efmt: QuantSpec, afmt: QuantSpec, dtype, device: str,
+                    cache: Path | None, progress: bool, pin: bool, optimize: bool) -> PackedModel:
+    """Tensor by tensor from the checkpoint, one expert at a time straight into its blob of the host store
+    (allocated once, pinned when asked); each layer goes to the quantization cache as soon as it is packed.
+    Peak host memory: the store, the non-expert weights, and one layer's transient buffers."""
     s = ckpt.spec
     t0 = time.perf_counter()
-    experts, attn, dense = [], [], []
-    it = range(s.num_layers)
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(it, desc=f"quantizing ({quant})", unit="layer")
-    for layer in it:
+    eb = efmt.expert_bytes(s.hidden, s.ffn)
+    size = efmt.matrix_bytes(s.hidden * s.ffn)
+    tagged: list[list[Any]] = []
+    attn, dense = [], []
+    writer = _CacheWriter(cache) if cache is not None else None
+    bar = _bar(progress, s.num_layers * s.num_experts, f"loading experts ({quant})")
+    for layer in range(s.num_layers):
         row = []
         for e in range(s.num_experts):
-            mats = [pack_matrix(w, efmt, device, optimize) for w in ckpt.expert(layer, e)]
-            row.append(_host(torch.cat([m.to(mats[0].device) for m in mats]), pin))
-        experts.append(row)
+            blob = expert_blob(eb, layer, e, s.num_experts, pin)
+            for i, w in enumerate(ckpt.expert(layer, e)):
+                pack_matrix(w, efmt, device, optimize, out=blob[i * size:(i + 1) * size])
+            row.append(blob)
+            if bar is not None:
+                bar.update(1)
+        tagged.append(row)
         a = ckpt.attention(layer)
         attn.append({k: (pack_matrix(v, afmt, device, optimize).cpu() if k in "qkvo" else v.detach().to(dtype).cpu())
                      for k, v in a.items()})
         dense.append({k: v.detach().to(dtype).cpu() for k, v in ckpt.dense(layer).items()})
+        if writer is not None:
+            writer.layer(layer, [b[:eb] for b in row], attn[layer], dense[layer])
+    if bar is not None:
+        bar.close()
     glob = {k: v.detach().to(dtype).cpu() for k, v in ckpt.globals().items()}
-    packed = PackedModel(ckpt, quant, efmt, afmt, dtype, experts, attn, dense, glob,
-                         {"quantize_s": time.perf_counter() - t0})
-    if cache is not None:
-        t1 = time.perf_counter()
-        _write_cache(packed, cache, progress)
-        packed.timings["cache_write_s"] = time.perf_counter() - t1
+    packed = PackedModel(ckpt, quant, efmt, afmt, dtype, [[b[:eb] for b in row] for row in tagged], attn, dense,
+                         glob, {}, tagged, pin)
+    if writer is not None:
+        writer.finish(packed)
+        packed.timings["cache_write_s"] = writer.seconds
+    packed.timings["quantize_s"] = time.perf_counter() - t0 - packed.timings.get("cache_write_s", 0.0)
     return packed
 
 
-def _write_cache(p: PackedModel, cache: Path, progress: bool) -> None:
-    from safetensors.torch import save_file
+class _CacheWriter:
+    """The quantization cache, written layer by layer into ``<cache>.tmp`` while the model is packed;
+    ``meta.json`` last, then renamed into place (a cache without it is incomplete and rebuilt)."""
 
-    tmp = cache.with_name(cache.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    it = range(p.spec.num_layers)
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(it, desc="writing quantization cache", unit="layer")
-    for layer in it:
-        t = {f"expert.{e}": b for e, b in enumerate(p.experts[layer])}
-        t.update({f"attn.{k}": v for k, v in p.attn[layer].items()})
-        t.update({f"dense.{k}": v.contiguous() for k, v in p.dense[layer].items()})
-        save_file(t, str(tmp / f"layer-{layer:04d}.safetensors"))
-    save_file({k: v.contiguous() for k, v in p.globals.items()}, str(tmp / "globals.safetensors"))
-    (tmp / "meta.json").write_text(json.dumps({"version": CACHE_VERSION, "quant": p.quant,
-                                               "layers": p.spec.num_layers, "expert_format": p.expert_format.name}))
-    shutil.rmtree(cache, ignore_errors=True)
-    os.replace(tmp, cache)
+    def __init__(self, cache: Path) -> None:
+        self.cache, self.tmp = cache, cache.with_name(cache.name + ".tmp")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.seconds = 0.0
+
+    def layer(self, layer: int, experts: list[Any], attn: dict[str, Any], dense: dict[str, Any]) -> None:
+        from safetensors.torch import save_file
+
+        t0 = time.perf_counter()
+        t = {f"expert.{e}": b for e, b in enumerate(experts)}
+        t.update({f"attn.{k}": v for k, v in attn.items()})
+        t.update({f"dense.{k}": v.contiguous() for k, v in dense.items()})
+        save_file(t, str(self.tmp / f"layer-{layer:04d}.safetensors"))
+        self.seconds += time.perf_counter() - t0
+
+    def finish(self, p: PackedModel) -> None:
+        from safetensors.torch import save_file
+
+        t0 = time.perf_counter()
+        save_file({k: v.contiguous() for k, v in p.globals.items()}, str(self.tmp / "globals.safetensors"))
+        (self.tmp / "meta.json").write_text(json.dumps({"version": CACHE_VERSION, "quant": p.quant,
+                                                        "layers": p.spec.num_layers,
+                                                        "expert_format": p.expert_format.name}))
+        shutil.rmtree(self.cache, ignore_errors=True)
+        os.replace(self.tmp, self.cache)
+        self.seconds += time.perf_counter() - t0
 
 
 def _load_cache(ckpt, quant, efmt, afmt, dtype, cache: Path, progress: bool, pin: bool) -> PackedModel:
+    """The cache read back tensor by tensor (memory-mapped, one layer file open at a time), each expert
+    straight into its store blob."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     t0 = time.perf_counter()
-    experts, attn, dense = [], [], []
+    tagged, attn, dense = [], [], []
     s = ckpt.spec
-    it = range(s.num_layers)
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(it, desc="loading quantization cache", unit="layer")
-    for layer in it:
-        t = load_file(str(cache / f"layer-{layer:04d}.safetensors"))
-        experts.append([_host(t[f"expert.{e}"], pin) for e in range(s.num_experts)])
-        attn.append({k[5:]: v for k, v in t.items() if k.startswith("attn.")})
-        dense.append({k[6:]: v for k, v in t.items() if k.startswith("dense.")})
+    eb = efmt.expert_bytes(s.hidden, s.ffn)
+    bar = _bar(progress, s.num_layers * s.num_experts, "loading quantization cache")
+    for layer in range(s.num_layers):
+        row = []
+        with safe_open(str(cache / f"layer-{layer:04d}.safetensors"), framework="pt") as f:
+            for e in range(s.num_experts):
+                blob = expert_blob(eb, layer, e, s.num_experts, pin)
+                blob[:eb].copy_(f.get_tensor(f"expert.{e}"))
+                row.append(blob)
+                if bar is not None:
+                    bar.update(1)
+            names = list(f.keys())
+            attn.append({k[5:]: f.get_tensor(k) for k in names if k.startswith("attn.")})
+            dense.append({k[6:]: f.get_tensor(k) for k in names if k.startswith("dense.")})
+        tagged.append(row)
+    if bar is not None:
+        bar.close()
     glob = load_file(str(cache / "globals.safetensors"))
-    return PackedModel(ckpt, quant, efmt, afmt, dtype, experts, attn, dense, glob,
-                       {"cache_load_s": time.perf_counter() - t0})
+    return PackedModel(ckpt, quant, efmt, afmt, dtype, [[b[:eb] for b in row] for row in tagged], attn, dense, glob,
+                       {"cache_load_s": time.perf_counter() - t0}, tagged, pin)

@@ -280,6 +280,8 @@ class CachePlan:
             self.hits += hits
             self.layer_requests[layer] += len(chunk)
             self.layer_hits[layer] += hits
+            for key in chunk:   # a prefetched expert requested now is no longer pending (as in demand)
+                self.pending.discard((layer, key))
             yield chunk, copies, self.slots(layer, chunk)
 
     def slots(self, layer: int, keys: list[int]) -> list[int]:

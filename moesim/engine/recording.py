@@ -1,6 +1,6 @@
 """Recording the offloaded decoder's own run as a trace v1, through the recorder's crash-safe writer.
 
-Each forward step (one token, prefill or decode) becomes L rows: the routing the engine actually used
+Each token of a forward step (a prefill chunk's tokens, or one decode token) becomes L rows: the routing the engine actually used
 (top-k ids in router order = by weight, highest first, and their weights), optionally the router logits,
 and the speculative predictions ``pred{d}_experts`` (layer l+d's norm and router on layer l's output,
 stored on the row of layer l+d, as the recorder does). Rows stream into ``OUT.parquet.parts/`` and are
@@ -24,7 +24,8 @@ import numpy as np
 from moesim.engine.decode import StepRecord
 from moesim.recorder.parts import PartsTraceWriter
 from moesim.safe_write import atomic_path
-from moesim.traces.format import DECODE, Trace, TraceMeta
+from moesim.simulator.cost_model import TRACE_EXPERT_FORMAT_KEY
+from moesim.traces.format import DECODE, TRACE_PREFILL_CHUNK_KEY, Trace, TraceMeta
 
 
 def times_path(out: str | os.PathLike) -> Path:
@@ -33,8 +34,9 @@ def times_path(out: str | os.PathLike) -> Path:
 
 
 class DecodeRecorder:
-    def __init__(self, out: str | os.PathLike, spec, *, model_name: str, quant: str, expert_bytes: int,
-                 pred_distances: tuple[int, ...] = (), logits: bool = False, flush_steps: int = 64,
+    def __init__(self, out: str | os.PathLike, spec, *, model_name: str, expert_format: str, expert_bytes: int,
+                 prefill_chunk: int = 1, pred_distances: tuple[int, ...] = (), logits: bool = False,
+                 flush_steps: int = 64,
                  provenance: dict[str, Any] | None = None) -> None:
         self.out = Path(out)
         self.spec, self.distances, self.logits = spec, tuple(pred_distances), logits
@@ -43,8 +45,9 @@ class DecodeRecorder:
                 "times": times_path(self.out).name, **(provenance or {})}
         meta = TraceMeta(model=model_name, family=spec.family, num_layers=spec.num_layers,
                          num_experts=spec.num_experts, top_k=spec.top_k, expert_bytes=expert_bytes,
-                         quantization=quant, hidden_size=spec.hidden, provenance=prov,
-                         extra={"shared_experts": 1 if spec.shared_ffn else 0})
+                         quantization=expert_format, hidden_size=spec.hidden, provenance=prov,
+                         extra={"shared_experts": 1 if spec.shared_ffn else 0, TRACE_EXPERT_FORMAT_KEY: expert_format,
+                                TRACE_PREFILL_CHUNK_KEY: int(prefill_chunk)})
         self.writer = PartsTraceWriter(self.out, meta, pred_distances=self.distances, logits=logits)
         self.flush_steps = flush_steps
         self.times: list[dict[str, Any]] = []
@@ -73,9 +76,9 @@ class DecodeRecorder:
 
 
 def as_single_token_steps(trace: Trace) -> Trace:
-    """The trace with every prefill row relabelled decode: the decoder prefills token by token through
-    its decode program, so the simulator must replay those rows as single-token steps too (it would
-    otherwise batch a prompt into one chunk)."""
+    """The trace with every prefill row relabelled decode: for traces recorded before prompts ran as
+    prefill chunks (no ``prefill_chunk`` in their metadata), whose engine prefilled token by token, so
+    the simulator must replay those rows as single-token steps too."""
     import pyarrow as pa
 
     t = trace.table

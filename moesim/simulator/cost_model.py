@@ -39,14 +39,17 @@ from moesim.safe_write import atomic_open, read_json
 MIXTRAL_EXPERT_PARAMS = 3 * 4096 * 14336
 DEFAULT_EXPERT_BYTES = {
     "bf16": MIXTRAL_EXPERT_PARAMS * 2,
-    # hqq 4-bit, group 64, fp16 scale + zero per group: 4 + 32/64 bits per weight
-    "hqq4": MIXTRAL_EXPERT_PARAMS * 9 // 16,
+    # hqq 4-bit, group 64, 8-bit quantised scale + zero per group (+ fp16 meta per 128 groups), as the
+    # presets price it (moesim.engine.quant's "hqq4")
+    "hqq4": MIXTRAL_EXPERT_PARAMS // 2 + MIXTRAL_EXPERT_PARAMS // 32 + MIXTRAL_EXPERT_PARAMS // 64 // 128 * 8,
     # hqq 2-bit, group 16, 8-bit quantised scale + zero per group (+ fp16 meta-scales per 128 groups):
     # 2 + 16/16 bits per weight, as mixtral-offloading packs its experts
     "hqq2": MIXTRAL_EXPERT_PARAMS * 3 // 8 + MIXTRAL_EXPERT_PARAMS // 16 // 128 * 8,
     # hqq 0.2 ignores quant_scale/quant_zero: bf16 scale + zero per group of 16 -> 4 bits per weight
     # (checked against hqq itself in tests/test_engine_hqq.py)
     "hqq2-v02": MIXTRAL_EXPERT_PARAMS // 2,
+    # hqq 0.2's 4-bit g64: bf16 scale + zero per group of 64 -> 4.5 bits per weight
+    "hqq4-v02": MIXTRAL_EXPERT_PARAMS * 9 // 16,
     # hqq 1-bit, group 16, 8-bit scale + zero per group: the smallest substitute of the low-bit ladder
     "hqq1": MIXTRAL_EXPERT_PARAMS // 4 + MIXTRAL_EXPERT_PARAMS // 16 // 128 * 8,
 }
@@ -66,6 +69,10 @@ DEFAULT_CPU: dict[str, Any] = {
                 "thread_curve": HOST_CPU_SOURCE + ": int8, batch 1, 1 / 8 / 12 / 16 threads",
                 "hop": "the hidden state (4096 bf16 per token) each way, priced by the PCIe copy curve"},
 }
+
+# the trace metadata key (``TraceMeta.extra``) naming the packed expert format a recorded engine run copied
+# (one of moesim.engine.quant.QUANTS: hqq2, hqq2-v02, bf16, ...); the timing model prices that format
+TRACE_EXPERT_FORMAT_KEY = "expert_format"
 
 
 ENGINE_MODES = ("replay", "gate")
@@ -269,6 +276,22 @@ class CostModel:
                 if value < 0:
                     raise UsageError(f"{attr.split('_override')[0]} must be >= 0")
                 setattr(m, attr, value if attr == "expert_bytes_override" else value * 1e-3)
+        return m
+
+    def for_trace_format(self, extra: dict[str, Any], source: object = None) -> CostModel:
+        """This model pricing the expert format a trace recorded (``extra["expert_format"]``, written by
+        ``moesim generate --record``): its compute table, or a one-line refusal when there is none (a
+        preset calibrated for another format would misprice every expert). Traces without the key (synth,
+        imports, ``moesim record``) and a what-if ``--expert-ms`` keep this model as it is."""
+        fmt = extra.get(TRACE_EXPERT_FORMAT_KEY)
+        if not fmt or self.expert_s_override is not None or fmt == self.quantization:
+            return self
+        if fmt not in self.expert_compute:
+            raise DataError(source, f"the trace's experts are {fmt!r}; {self.name} has expert compute times only "
+                                    f"for {', '.join(self.expert_compute)} (calibrate that format, or give "
+                                    f"--expert-ms)")
+        m = copy.copy(self)
+        m.quantization = str(fmt)
         return m
 
     # ---- the operators -------------------------------------------------------------------------

@@ -200,6 +200,7 @@ class TimingResult(HitCounts):
             "copy_busy_ms": r(self.copy_busy_s * 1e3, 3),
             "bytes_h2d": ((self.misses + self.prefetches) * self.expert_bytes if self.h2d_bytes is None
                           else self.h2d_bytes), "expert_bytes": self.expert_bytes,
+            "copies": self.copies,
             "prefetches": self.prefetches, "wasted_prefetch_bytes": (self.prefetches - self.prefetch_used) * self.expert_bytes,
             "prefetch_precision": r(self.prefetch_used / self.prefetches) if self.prefetches else 0.0,
             "prefetch_recall": r(self.prefetch_recall_hits / self.prefetch_recall_needed) if self.prefetch_recall_needed else 0.0,
@@ -264,6 +265,7 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
     if speculative_ready not in SPECULATIVE_READY:
         raise UsageError(f"unknown speculative ready point {speculative_ready!r} (known: {', '.join(SPECULATIVE_READY)})")
     meta = trace.meta
+    cost = cost.for_trace_format(meta.extra, trace.path)
     L, E, k = meta.num_layers, meta.num_experts, meta.top_k
     sizes = resolve_sizes(trace, cache_size, "layer").tolist()   # the replay's checks: one home
     if isinstance(cache_size, int | np.integer):

@@ -45,6 +45,9 @@ from moesim.safe_write import make_temp, naming_final
 SCHEMA_VERSION = 1
 META_KEY = b"moesim"
 PREFILL, DECODE = 0, 1
+# TraceMeta.extra key: the prompt tokens per prefill step of the engine that recorded the trace (its rows
+# of phase prefill form steps of that many tokens, moesim.traces.steps); replays use it by default
+TRACE_PREFILL_CHUNK_KEY = "prefill_chunk"
 PHASE_NAMES = {PREFILL: "prefill", DECODE: "decode"}
 REQUIRED_COLUMNS = ("seq", "token", "phase", "layer", "experts", "weights")
 # what a replay reads (and validation checks); ``read_trace(lazy=True)`` reads these (and any

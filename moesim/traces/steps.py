@@ -56,17 +56,9 @@ def build_steps(trace: Trace, batch_size: int = 1, prefill_chunk: int = 512) -> 
         for _, lo, hi in parts:
             for r in range(lo, hi):
                 layer = int(lay[r])
-                lst = layers.setdefault(layer, [])
-                cnt = counts.setdefault(layer, {})
-                ws = wsum.setdefault(layer, {})
                 rows.setdefault(layer, r)
-                for e, w in zip(experts[r], weights[r], strict=True):
-                    if e not in cnt:
-                        lst.append(e)
-                        cnt[e] = 0
-                        ws[e] = 0.0
-                    cnt[e] += 1
-                    ws[e] += w
+                add_to_union(experts[r], weights[r], layers.setdefault(layer, []), counts.setdefault(layer, {}),
+                             wsum.setdefault(layer, {}))
         context = int(np.mean([t for t, _, _ in parts])) if parts else 0
         return Step(len(parts), context, ph, dict(sorted(layers.items())), counts, wsum, rows,
                     [(s, t) for (s, _), (t, _, _) in zip(owners, parts, strict=True)], [lane for _, lane in owners])
@@ -84,6 +76,18 @@ def build_steps(trace: Trace, batch_size: int = 1, prefill_chunk: int = 512) -> 
             owners = [(s, lane) for lane, s in enumerate(group) if j < len(decode[s])]
             steps.append(make([decode[s][j] for s, _ in owners], 1, owners))
     return steps
+
+
+def add_to_union(experts, weights, union: list[int], counts: dict[int, int], wsum: dict[int, float]) -> None:
+    """One token's routing (router order) added to a step's union at one layer: first-seen order, tokens
+    per expert, summed routing weight -- the one definition of a multi-token step's request."""
+    for e, w in zip(experts, weights, strict=True):
+        if e not in counts:
+            union.append(e)
+            counts[e] = 0
+            wsum[e] = 0.0
+        counts[e] += 1
+        wsum[e] += w
 
 
 def next_uses(steps: list[Step], num_layers: int, never: int) -> dict[tuple[int, int], dict[int, int]]:

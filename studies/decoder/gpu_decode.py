@@ -233,7 +233,7 @@ def main() -> int:
     ckpt = checkpoint_from_model(model, cache_key=f"random-mixtral-bf16-seed0-tiny{args.tiny}")
     s = ckpt.spec
     # hqq's quantizer on one expert: decides the solver for the whole model within the budget
-    efmt = "hqq2-v02"
+    efmt = "hqq2"
     from moesim.engine.quant import quant_spec
     t = time.perf_counter()
     for w in ckpt.expert(0, 0):
@@ -320,7 +320,7 @@ def main() -> int:
             break
         name = f"{policy}_K{k}_{pf}"
         path = traces / f"{name}.parquet"
-        rec = DecodeRecorder(path, s, model_name="mixtral-8x7b-geometry-random-bf16", quant="hqq2",
+        rec = DecodeRecorder(path, s, model_name="mixtral-8x7b-geometry-random-bf16", expert_format=store.fmt.name,
                              expert_bytes=store.expert_bytes, pred_distances=(1,) if pf == "speculative" else ())
         live = Decoder(prog, store, k, policy, pf).generate([prompt], args.tokens, stop_at_eos=False,
                                                            record_predictions=pf == "speculative", on_step=rec.on_step)
