@@ -85,7 +85,7 @@ def test_cli_json_contract_and_simulate_reproduces_hits(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--policy", "lru", "--total-slots", "7"], "--total-slots 7 is below layers x top-k = 4 x 2 = 8"),
+    (["--policy", "lru", "--total-slots", "7"], "a total of 7 slots is below layers x top-k = 4 x 2 = 8 (--total-slots)"),
     (["--policy", "nope", "--total-slots", "9"], "unknown policy 'nope'"),
     (["--policy", "lru", "--total-slots", "9", "--scope", "global"], "--scope global has no layers"),
 ])

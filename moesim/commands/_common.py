@@ -130,7 +130,8 @@ SETTING_HINTS = {"scope": "--scope", "semantics": "--semantics", "phase": "--pha
                  "model": "--model", "tokens": "--tokens", "sequences": "--sequences",
                  "force": "pass --force to overwrite it", "execution": "--execution", "cpu_threads": "--cpu-threads",
                  "cpu_speed": "--cpu-speed", "lowbit_format": "--lowbit-format",
-                 "geometry": "--geometry"}
+                 "geometry": "--geometry", "lookahead": "--lookahead", "prefetch_budget": "--prefetch-budget",
+                 "total_slots": "--total-slots", "expert_bytes": "--expert-bytes N"}
 
 
 def error_line(exc: Exception) -> str:

@@ -8,12 +8,8 @@ import sys
 
 from moesim.commands._common import emit_json, positive_int, print_table
 from moesim.commands._replay_args import add_policy_args, load, policy_params
+from moesim.commands._timing_args import add_timing_args, timing_requested
 from moesim.errors import UsageError
-
-try:
-    from moesim.commands._timing_args import add_timing_args, timing_requested, timing_result
-except ImportError:  # timing simulator not installed
-    add_timing_args = None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,19 +20,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_policy_args(p)
     p.add_argument("--total-slots", type=positive_int, required=True, metavar="N",
                    help="expert slots over all layers (at least layers x top-k)")
-    if add_timing_args is not None:  # tokens/s of both allocations under the cost model (and any --prefetch)
-        add_timing_args(p)
+    add_timing_args(p)  # tokens/s of both allocations under the cost model (and any --prefetch)
     p.set_defaults(func=run)
 
 
 def _with_timing(args: argparse.Namespace, trace, out: dict) -> None:
     """Add the timing simulator's tokens/s of the optimal and the even allocation (the same run as
-    `simulate --layer-budgets ... --hardware/--calibration`)."""
+    `simulate --layer-budgets ... --hardware/--calibration`, through the one cell runner)."""
+    from moesim.commands.simulate import cell_spec
+    from moesim.simulator.cell import run_cell
+
     if args.timeline:
         raise UsageError("budgets runs the timing simulator twice: --timeline is for simulate")
     for key, budgets in (("tokens_per_s", out["layer_budgets"]), ("uniform_tokens_per_s", out["uniform_budgets"])):
         args.cache_size, args.layer_budgets = None, budgets
-        out[key] = timing_result(args, trace)["tokens_per_s"]
+        out[key] = run_cell(trace, cell_spec(args, trace)).to_json()["tokens_per_s"]
     if out["tokens_per_s"] and out["uniform_tokens_per_s"]:
         out["tokens_per_s_gain"] = round(out["tokens_per_s"] / out["uniform_tokens_per_s"] - 1, 6)
 
@@ -50,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     notes: list[str] = []
     out = budgets_report(trace, args.policy, args.total_slots, semantics=args.semantics,
                          params=policy_params(args), notes=notes)
-    if add_timing_args is not None and timing_requested(args):
+    if timing_requested(args):
         _with_timing(args, trace, out)
     for note in notes:
         print(f"moesim budgets: note: {note}", file=sys.stderr)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moesim.errors import UsageError
+from moesim.errors import SettingError, UsageError
 from moesim.simulator.replay import build_stream
 from moesim.traces.format import Trace
 
@@ -173,10 +173,10 @@ def prefetch_bound(trace: Trace, cache_size: int, lookahead: int, budget: int | 
     if cache_size < meta.top_k:
         raise UsageError(f"cache size {cache_size} is smaller than top-k ({meta.top_k})")
     if lookahead < 0:
-        raise UsageError(f"--lookahead must be >= 0, got {lookahead}")
+        raise SettingError("lookahead", f"the lookahead must be >= 0, got {lookahead}")
     budget = meta.top_k if budget is None else budget
     if budget < 0:
-        raise UsageError(f"--prefetch-budget must be >= 0, got {budget}")
+        raise SettingError("prefetch_budget", f"the prefetch budget must be >= 0, got {budget}")
     req = requests_of(trace, cache_size, lookahead)
     n_req = req.next_req.size
     belady = kept_intervals(req, cache_size, np.ones(n_req, bool))

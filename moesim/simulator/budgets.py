@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from moesim.errors import UsageError
+from moesim.errors import SettingError, UsageError
 from moesim.simulator.replay import PolicySpec, build_stream, replay_stream
 from moesim.traces.format import Trace
 
@@ -99,12 +99,12 @@ def budgets_report(trace: Trace, policy: PolicySpec, total: int, *, semantics: s
     meta = trace.meta
     lo, hi = meta.num_layers * meta.top_k, meta.num_layers * meta.num_experts
     if total < lo:
-        raise UsageError(f"--total-slots {total} is below layers x top-k = {meta.num_layers} x {meta.top_k} = {lo}")
+        raise SettingError("total_slots", f"a total of {total} slots is below layers x top-k = {meta.num_layers} x {meta.top_k} = {lo}")
     asked = total
     if total > hi:
         total = hi
         if notes is not None:
-            notes.append(f"--total-slots {asked} is above layers x experts = {hi}: every layer holds all its "
+            notes.append(f"a total of {asked} slots is above layers x experts = {hi}: every layer holds all its "
                          f"experts ({hi} slots)")
     curves = layer_curves(trace, policy, semantics=semantics, params=params)
     budgets, hits = optimal_budgets(curves, total)

@@ -289,7 +289,7 @@ class CostModel:
         if fmt not in self.expert_compute:
             raise DataError(source, f"the trace's experts are {fmt!r}; {self.name} has expert compute times only "
                                     f"for {', '.join(self.expert_compute)} (calibrate that format, or give "
-                                    f"--expert-ms)")
+                                    f"the expert time by hand)")
         m = copy.copy(self)
         m.quantization = str(fmt)
         return m

@@ -237,8 +237,8 @@ def expert_bytes_of(cost: CostModel, trace: Trace) -> int:
     if cost.expert_bytes_override is None and not meta.expert_bytes:
         other = _another_model(meta)
         if other is not None:
-            raise UsageError(f"{trace.path}: the expert size of {other} is not known (the hardware tables price "
-                             "Mixtral-8x7B experts); pass --expert-bytes N, or import with --expert-bytes N")
+            raise SettingError("expert_bytes", f"{trace.path}: the expert size of {other} is not known (the "
+                               "hardware tables price Mixtral-8x7B experts): give it in bytes")
     return cost.expert_bytes(meta.expert_bytes)
 
 
