@@ -86,6 +86,8 @@ REPORTS: tuple[Report, ...] = (
            lambda o: [_maker("budgets"), "-o", str(o / "budgets.md")]),
     Report("bound", "bound", ("bound.md",),
            lambda o: [_maker("bound"), "-o", str(o / "bound.md")]),
+    Report("checkpoint_load", "checkpoint_load", ("report.md",),
+           lambda o: [_maker("checkpoint_load"), "-o", str(o / "report.md")]),
     Report("hybrid", "hybrid", ("report.md",),
            lambda o: [_maker("hybrid"), "-o", str(o / "report.md")]),
 )
