@@ -45,7 +45,7 @@ def test_plot_timeline_cli(tmp_path):
     (["plot", "mrc", "{trace}", "--policies", "lru,nope"], 2, "unknown policy 'nope'"),
     (["plot", "heatmap", "{missing}"], 1, "no such file"),
     (["plot", "heatmap", "{trace}", "-o", "{nodir}"], 1, "does not exist"),
-    (["plot", "timeline", "{trace}"], 1, "not a JSON timeline"),
+    (["plot", "timeline", "{trace}"], 1, "not a timeline table"),
     (["plot", "segment", "{trace}", "--segments", "0"], 2, "positive segment lengths"),
     (["plot", "speed", "{trace}", "--policies", "bogus"], 2, "unknown policy 'bogus'"),
     (["plot", "speed", "{trace}", "--hardware", "abacus"], 2, "abacus"),

@@ -53,6 +53,9 @@ POLICY_STYLES: dict[str, LineStyle] = {
     "gate-weighted": LineStyle("#882255", "D", FREQUENCY),
     "lrfu": LineStyle("#CC79A7", "v", FREQUENCY),
     "hobbit": LineStyle("#009E73", "P", FREQUENCY),
+    "least-stale": LineStyle("#88CCEE", "<", RECENCY),
+    "lfru": LineStyle("#117733", "<", FREQUENCY),
+    "mrs": LineStyle("#661100", ">", FREQUENCY),
     "random": LineStyle("#777777", "x", OTHER),
     "opt": LineStyle("#000000", "*", BOUND),
 }

@@ -131,7 +131,8 @@ SETTING_HINTS = {"scope": "--scope", "semantics": "--semantics", "phase": "--pha
                  "force": "pass --force to overwrite it", "execution": "--execution", "cpu_threads": "--cpu-threads",
                  "cpu_speed": "--cpu-speed", "lowbit_format": "--lowbit-format",
                  "geometry": "--geometry", "lookahead": "--lookahead", "prefetch_budget": "--prefetch-budget",
-                 "total_slots": "--total-slots", "expert_bytes": "--expert-bytes N"}
+                 "total_slots": "--total-slots", "expert_bytes": "--expert-bytes N",
+                 "expert_ms": "--expert-ms MS"}
 
 
 def error_line(exc: Exception) -> str:

@@ -287,9 +287,9 @@ class CostModel:
         if not fmt or self.expert_s_override is not None or fmt == self.quantization:
             return self
         if fmt not in self.expert_compute:
-            raise DataError(source, f"the trace's experts are {fmt!r}; {self.name} has expert compute times only "
-                                    f"for {', '.join(self.expert_compute)} (calibrate that format, or give "
-                                    f"the expert time by hand)")
+            raise SettingError("expert_ms", f"{source}: the trace's experts are {fmt!r}; {self.name} has expert "
+                                            f"compute times only for {', '.join(self.expert_compute)}: calibrate "
+                                            "that format, or give its expert time")
         m = copy.copy(self)
         m.quantization = str(fmt)
         return m
