@@ -44,7 +44,7 @@ def _check(got, want, dtype, what):
 
 
 @pytest.mark.skipif(not TRITON, reason="needs Triton (GPU, or its CPU interpreter)")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("t", "pos", "window"), [(200, 0, 0), (200, 37, 0), (200, 199, 0), (64, 50, 16),
                                                   (1100, 1099, 0), (1100, 900, 300)])
 def test_kernel_equals_softmax_over_the_visible_positions(dtype, t, pos, window):

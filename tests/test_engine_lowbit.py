@@ -65,7 +65,7 @@ def _check_linear(spec, rows, cols, m, dtype, variant, seed):
 @pytest.mark.parametrize("variant", [1, 2])
 @pytest.mark.parametrize("name", FORMATS)
 @pytest.mark.parametrize("m", [1, 3, 20])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 def test_linear_equals_dequantise_then_matmul(variant, name, m, dtype):
     # rows not a multiple of the tile: masked edge rows
     _check_linear(quant_spec(name), 80, 512, m, dtype, variant, hash((name, m)) % 1000)

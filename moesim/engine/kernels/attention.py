@@ -30,7 +30,7 @@ BT = 32        # cache positions per step
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window"])   # 0 and 1 are ordinary values, not constants
 def _decode_partial(q_ptr, k_ptr, v_ptr, pos_ptr, part_ptr, ml_ptr, window, sm_scale,
                     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, T: tl.constexpr,
                     SPLITS: tl.constexpr, BT: tl.constexpr, DOT_F32: tl.constexpr):
