@@ -91,7 +91,7 @@ REPORTS: tuple[Report, ...] = (
     Report("hybrid", "hybrid", ("report.md",),
            lambda o: [_maker("hybrid"), "-o", str(o / "report.md")]),
     Report("roofline", "roofline", ("report.md",),
-           lambda o: [_maker("roofline"), "studies/roofline/raw/roofline_h100.json", "-o", str(o / "report.md")]),
+           lambda o: [_maker("roofline"), "-o", str(o / "report.md")]),
 )
 
 

@@ -3,12 +3,13 @@
 Oracles: ``quant.dequantize`` (itself checked against hqq in test_engine_hqq.py) with a float64 matmul
 written here, and hqq's own dequantisation for blobs made by hqq's quantizer. Outputs are poisoned with
 NaN first, so an element the kernel never writes fails. Runs on a GPU; without one, through Triton's
-interpreter on CPU (bf16 tensor-core dots are skipped there: the interpreter truncates bf16 and
+interpreter on CPU (there dots run in fp32 on the bf16-exact weights: the interpreter truncates bf16 and
 mis-computes bf16 dots). Skipped where Triton is not installed (CI's CPU image).
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -20,6 +21,7 @@ if not CUDA:   # read when Triton is imported: before it is
 pytest.importorskip("triton")
 
 from moesim.engine import kernels  # noqa: E402
+from moesim.engine.kernels import lowbit  # noqa: E402
 from moesim.engine.kernels.lowbit import expert_ffn, lowbit_linear, supported  # noqa: E402
 from moesim.engine.quant import fill_random_matrix, matrix, quant_spec  # noqa: E402
 
@@ -43,27 +45,49 @@ def _check(got, want, dtype, what):
     assert err <= TOL[dtype], f"{what}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("name", FORMATS)
-@pytest.mark.parametrize("m", [1, 3, 20])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_linear_equals_dequantise_then_matmul(name, m, dtype):
-    if not CUDA and m > 1 and dtype == torch.bfloat16:
-        pytest.skip("Triton's interpreter mis-computes bf16 dots")
-    spec = quant_spec(name)
-    gen = torch.Generator().manual_seed(hash((name, m)) % 1000)
-    rows, cols = 80, 512            # rows not a multiple of the tile: masked edge rows
+# per kernel variant, (batch 1, batch > 1) tile candidates (variant, BN, BW, warps, stages); variant 2's
+# first GEMV tile keeps a 2-D accumulator, its second reduces per tile (lowbit._launch's ACC_2D)
+CONFIGS = {1: ([(1, 16, 8, 4, 3), (1, 32, 16, 4, 3)], [(1, 16, 16, 4, 3), (1, 32, 32, 4, 3)]),
+           2: ([(2, 16, 4, 4, 3), (2, 32, 16, 4, 3)], [(2, 16, 2, 4, 3), (2, 32, 4, 4, 3)])}
+
+
+def _check_linear(spec, rows, cols, m, dtype, variant, seed):
+    gen = torch.Generator().manual_seed(seed)
     blob = _packed(spec, rows, cols, gen)
     w = matrix(blob.cpu(), spec, rows, cols).double()
     x = torch.randn(m, cols, generator=gen).to(dtype)
-    for cfg in ([(16, 8, 4), (32, 16, 4)] if m == 1 else [(16, 16, 4), (32, 32, 4)]):
+    for cfg in CONFIGS[variant][0 if m == 1 else 1]:
         out = torch.full((m, rows), float("nan"), dtype=dtype, device=DEV)
         lowbit_linear(x.to(DEV), blob, spec, rows, cols, out=out, config=cfg)
-        _check(out, x.double() @ w.T, dtype, f"{name} m={m} {dtype} {cfg}")
+        _check(out, x.double() @ w.T, dtype, f"{spec.name} {rows}x{cols} m={m} {dtype} {cfg}")
 
 
+@pytest.mark.parametrize("variant", [1, 2])
+@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("m", [1, 3, 20])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_linear_equals_dequantise_then_matmul(variant, name, m, dtype):
+    # rows not a multiple of the tile: masked edge rows
+    _check_linear(quant_spec(name), 80, 512, m, dtype, variant, hash((name, m)) % 1000)
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+@pytest.mark.parametrize("m", [1, 20])
+def test_meta_spans_crossing_rows_and_rows_of_many_spans(variant, m):
+    """8-bit meta per 128 groups: hqq4 192 columns has 3 groups a row (spans straddle rows: meta per
+    word), hqq2 4096 columns has 256 groups a row (two spans a row, one per tile: meta per row), 6 words a
+    row for hqq4's 4-bit words (a partial word tile)."""
+    assert not lowbit.meta_per_row(quant_spec("hqq4"), 192, 8)
+    assert lowbit.meta_per_row(quant_spec("hqq2"), 4096, 16) and not lowbit.meta_per_row(quant_spec("hqq2"), 4096, 256)
+    assert lowbit.meta_per_row(quant_spec("hqq4"), 4096, 8) and not lowbit.meta_per_row(quant_spec("hqq2-v02"), 2048, 8)
+    _check_linear(quant_spec("hqq4"), 128, 192, m, torch.float32, variant, 11)
+    _check_linear(quant_spec("hqq2"), 24, 4096, m, torch.float32, variant, 12)
+
+
+@pytest.mark.parametrize("variant", [1, 2])
 @pytest.mark.parametrize("name", ["hqq2", "hqq2-v02"])
 @pytest.mark.parametrize("m", [1, 5])
-def test_expert_ffn_equals_reference(name, m):
+def test_expert_ffn_equals_reference(variant, name, m):
     """Both kernels of the expert (w1/w3 fused with the gating, then w2) on an expert blob."""
     spec = quant_spec(name)
     gen = torch.Generator().manual_seed(7)
@@ -77,7 +101,8 @@ def test_expert_ffn_equals_reference(name, m):
     xd = x.double()
     a = xd @ w1.T
     want = (a * torch.sigmoid(a) * (xd @ w3.T)) @ w2.T
-    got = expert_ffn(blob, x.to(DEV), spec, hidden, ffn, config_up=(16, 16, 4), config_down=(16, 16, 4))
+    cfg = CONFIGS[variant][0 if m == 1 else 1][0]
+    got = expert_ffn(blob, x.to(DEV), spec, hidden, ffn, config_up=cfg, config_down=cfg)
     _check(got, want, dtype, f"{name} m={m}")
 
 
@@ -93,7 +118,7 @@ def test_hqq_quantizer_blobs_against_hqq_dequantize():
         w = torch.randn(64, 256) * 0.05
         blob = pack_matrix(w, spec, "cpu").to(DEV)
         x = torch.randn(1, 256)
-        got = lowbit_linear(x.to(DEV), blob, spec, 64, 256, config=(16, 8, 4))
+        got = lowbit_linear(x.to(DEV), blob, spec, 64, 256, config=CONFIGS[1][0][0])
         _check(got, x.double() @ hqq_reference(w, spec).double().T, torch.float32, name)
 
 
@@ -108,6 +133,41 @@ def test_shapes_outside_the_kernel_are_refused_and_fall_back():
     # the dispatcher takes the reference path for it instead
     y = kernels.packed_linear(x.to(DEV), blob, spec, 32, 24)
     _check(y, x.double() @ matrix(blob.cpu(), spec, 32, 24).double().T, torch.float32, "fallback")
+
+
+def test_tuning_keeps_every_candidate_and_only_variant_restricts_the_choice(monkeypatch):
+    """The autotuner's table holds every candidate; the choice is the fastest one of the allowed kernel
+    variants (on CPU nothing is timed: the first allowed candidate)."""
+    launched = []
+    monkeypatch.setattr(lowbit, "_launch", lambda *a: launched.append(a[-1]))
+    monkeypatch.setattr(lowbit, "TUNING", {})
+    spec = quant_spec("hqq2")
+    blob = _packed(spec, 32, 512, torch.Generator().manual_seed(0))
+    x = torch.randn(1, 512).to(DEV)
+    lowbit_linear(x, blob, spec, 32, 512)
+    (key, cands), = lowbit.TUNING.items()
+    assert key[:5] == ("hqq2", 32, 512, 1, False) and [c for c, _ in cands] == lowbit.GEMV_CONFIGS
+    if not CUDA:
+        assert launched == [lowbit.GEMV_CONFIGS[0]]
+    # times as a GPU run records them: the second v1 candidate and the last v2 candidate are fastest
+    v1 = [c for c in lowbit.GEMV_CONFIGS if c[0] == 1]
+    v2 = [c for c in lowbit.GEMV_CONFIGS if c[0] == 2]
+    times = {v1[1]: 0.3, v2[-1]: 0.2}
+    lowbit.TUNING[key] = [(c, times.get(c, 1.0)) for c in lowbit.GEMV_CONFIGS]
+    lowbit_linear(x, blob, spec, 32, 512)
+    with lowbit.only_variant(1):
+        lowbit_linear(x, blob, spec, 32, 512)
+    with lowbit.only_variant(2):
+        lowbit_linear(x, blob, spec, 32, 512)
+    assert launched[-3:] == [v2[-1], v1[1], v2[-1]]
+    # a variant none of whose tiles ran (compiler error: infinite time) is never chosen, and alone it is an error
+    lowbit.TUNING[key] = [(c, math.inf if c[0] == 2 else times.get(c, 1.0)) for c in lowbit.GEMV_CONFIGS]
+    lowbit_linear(x, blob, spec, 32, 512)
+    assert launched[-1] == v1[1]
+    with pytest.raises(RuntimeError, match="no candidate tile"), lowbit.only_variant(2):
+        lowbit_linear(x, blob, spec, 32, 512)
+    with pytest.raises(ValueError, match="unknown kernel variant"), lowbit.only_variant(3):
+        pass
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

@@ -18,15 +18,21 @@ def _script():
 
 
 def _raw() -> dict:
-    rows = [{"batch": b, "fused_ms": f, "old_compiled_ms": 0.32, "fp16_dense_ms": 0.126}
+    rows = [{"batch": b, "fused_ms": f, "old_compiled_ms": 0.32, "fp16_dense_ms": 0.126,
+             "kernel_variant_ms": {"v1": 2 * f, "v2": f}}
             for b, f in ((1, 0.05), (4, 0.09), (16, 0.2))]
+    cand = [{"variant": v, "bn": bn, "bw": 8, "warps": 4, "stages": 3, "ms": ms}
+            for v, bn, ms in ((1, 16, 0.04), (1, 32, 0.03), (2, 16, 0.02), (2, 64, 0.025), (2, 128, None))]
     return {
         "device": "NVIDIA H100 80GB HBM3", "date": "2026-12-07T11:00:00Z", "commit": "abc1234", "torch": "2.11",
         "triton": "3.6", "hbm_peak": {"bytes_moved": 4 << 30, "ms": 1.0, "gb_per_s": 3000.0},
         "h2d_curve": [{"bytes": 1 << 20, "ms": 0.1, "gb_per_s": 10.0}, {"bytes": 1 << 29, "ms": 10.0, "gb_per_s": 50.0}],
         "expert": {"hqq2": {"weight_bytes": 60_000_000, "rows": rows}},
         "layer": {"attn_weight_bytes": 20_000_000, "kv_cache_bytes_read": 9_000_000, "gate_bytes": 1_000_000,
-                  "context": 4096, "fused_ms": 0.06, "old_compiled_ms": 0.2},
+                  "context": 4096, "fused_ms": 0.06, "old_compiled_ms": 0.2,
+                  "kernel_variant_eager_ms": {"v1": 0.09, "v2": 0.06}},
+        "tuning": [{"format": "hqq2", "rows": 14336, "cols": 4096, "batch_bucket": 1, "dual": True,
+                    "dtype": "torch.bfloat16", "candidates": cand}],
         "copy": {"bytes": 66_000_000, "median_ms": 1.32},
         "all_resident": {"layers": 32, "tokens": 8, "requests": 8 * 32 * 2, "median_ms_per_token": 3.5},
         "engine": {"trace": "t.parquet"},
@@ -59,6 +65,39 @@ def test_report_numbers_come_from_the_raw_file(tmp_path):
     assert goals["copy_bound_ratio lru_k3"] == "yes"   # 0.943 >= 1 / 1.1
     # HBM floor: 32 layers x (2 x 60 MB + 30 MB) / 3000 GB/s = 1.6 ms
     assert "is 1.600 ms" in text
+    # old kernel alone 0.1 ms vs new alone 0.05 ms at batch 1; the layer 0.09 / 0.06 = 1.5
+    assert "| expert hqq2 | 1 | 0.1 | 0.05 | 2 |" in text and "| layer (eager) | 1 | 0.09 | 0.06 | 1.5 |" in text
+    # tuning: best v1 is the 0.03 ms tile, best v2 the 0.02 ms one, which is kept
+    assert "| hqq2 14336x4096 w1+w3 | 1 | 0.03 | 0.02 | v2 BN 16 BW 8 w4 s3 | 4 of 5 |" in text
+
+
+def test_pieces_only_run_gets_the_pieces_sections(tmp_path):
+    """A --pieces-only raw file (no engine stage): goals of the pieces, no decode or copy sections; a raw
+    file with only part of the engine stage is refused."""
+    mod = _script()
+    raw = _raw()
+    for key in mod.ENGINE_KEYS:
+        del raw[key]
+    path = tmp_path / "pieces_h100.json"
+    path.write_text(json.dumps(raw))
+    out = tmp_path / "report.md"
+    assert mod.main([str(path), "-o", str(out)]) == 0
+    text = out.read_text()
+    assert "| expert_b1 (ms) | <= 0.07 | 0.05 | yes |" in text and "| layer_b1 (ms) | <= 0.05 | 0.06 | no |" in text
+    assert "## Decode" not in text and "## Copies" not in text and "pieces-only" in text
+    raw["copy"] = {"bytes": 1, "median_ms": 1.0}
+    path.write_text(json.dumps(raw))
+    assert mod.main([str(path), "-o", str(tmp_path / "r2.md")]) == 1
+    assert not (tmp_path / "r2.md").exists()
+
+
+def test_committed_pieces_run_builds():
+    """The committed H100 pieces run (before the kernel variants existed) still makes a report."""
+    mod = _script()
+    r = json.loads((ROOT / "studies" / "roofline" / "raw" / "pieces_h100.json").read_text())
+    text = mod.markdown(r, "pieces_h100.json")
+    assert "| expert hqq2 | 1 | 66748416 | 0.1078 | 619.3 | 20.47 | 0.3203 | 2.972 | 0.1353 |" in text
+    assert "## Fused kernel variants" not in text
 
 
 def test_incomplete_raw_is_one_line_and_writes_nothing(tmp_path, capsys):

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from moesim.engine.identity import TAG_BASE, ResidencyProof, blob_bytes, slot_tags
-from moesim.engine.kernels import active, packed_expert, packed_linear
+from moesim.engine.kernels import active, decode_attention, packed_expert, packed_linear
 from moesim.engine.pack import PackedModel
 from moesim.engine.quant import QuantSpec
 from moesim.engine.runtime import Device, capture_graphs, compiled
@@ -48,9 +48,6 @@ def rotate_half(x):
 
 def decoder_attention(x, pos, positions, cos_t, sin_t, k_cache, v_cache, w: dict, s, afmt: QuantSpec, window: int):
     """One token through a layer's attention; returns the new residual stream (1, hidden)."""
-    import torch
-
-    F = torch.nn.functional
     hd, nkv, nh = s.head_dim, s.n_kv_heads, s.n_heads
     group = nh // nkv
     h = rms_norm(x, w["in_norm"], s.rms_eps)
@@ -71,11 +68,8 @@ def decoder_attention(x, pos, positions, cos_t, sin_t, k_cache, v_cache, w: dict
     k = k * cos + rotate_half(k) * sin
     k_cache.index_copy_(2, pos, k.view(1, nkv, 1, hd))
     v_cache.index_copy_(2, pos, v.view(1, nkv, 1, hd))
-    mask = positions <= pos
-    if window:
-        mask = mask & (positions > pos - window)
     # a KV head's query group as the "length" axis: GQA without repeating the cache
-    a = F.scaled_dot_product_attention(q.view(1, nkv, group, hd), k_cache, v_cache, attn_mask=mask.view(1, 1, 1, -1))
+    a = decode_attention(q.view(1, nkv, group, hd), k_cache, v_cache, pos, positions, window)
     o = packed_linear(a.reshape(1, nh * hd), w["o"], afmt, s.hidden, nh * hd)
     return x + o
 

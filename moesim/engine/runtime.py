@@ -233,7 +233,6 @@ def attention_forward(x, wq, wk, wv, wo, wg, k_cache, v_cache, pos, positions, g
     import torch
 
     packed_linear = kernels.packed_linear
-    F = torch.nn.functional
     group = g.n_heads // g.n_kv_heads
     kv = g.n_kv_heads * g.head_dim
     q = packed_linear(x, wq, aq, g.hidden, g.hidden).view(1, g.n_kv_heads, group, g.head_dim)  # a KV head's
@@ -241,8 +240,7 @@ def attention_forward(x, wq, wk, wv, wo, wg, k_cache, v_cache, pos, positions, g
     v = packed_linear(x, wv, aq, kv, g.hidden).view(1, g.n_kv_heads, 1, g.head_dim)
     k_cache.index_copy_(2, pos, k)
     v_cache.index_copy_(2, pos, v)
-    mask = (positions <= pos).view(1, 1, 1, -1)
-    a = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
+    a = kernels.decode_attention(q, k_cache, v_cache, pos, positions)   # fused: only positions <= pos
     x = x + packed_linear(a.reshape(1, g.hidden), wo, aq, g.hidden, g.hidden)
     return x, torch.softmax((x @ wg.T).float(), dim=-1)
 

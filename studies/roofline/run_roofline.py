@@ -1,5 +1,6 @@
-"""ONE device run of the roofline study (issue 23): the engine's pieces old vs fused, the HBM and PCIe
-peaks they are measured against, all-resident decode, and copy-bound cells. Run on the GPU box:
+"""ONE device run of the roofline study (issue 23): the engine's pieces old vs fused (and the fused
+kernel's variants against each other, with every tuned tile's time), the HBM and PCIe peaks they are
+measured against, all-resident decode, and copy-bound cells. Run on the GPU box:
 
     PYTHONUNBUFFERED=1 python3 studies/roofline/run_roofline.py --commit <sha> --out $OUT
 
@@ -26,6 +27,7 @@ import torch  # noqa: E402
 
 from moesim.engine import kernels  # noqa: E402
 from moesim.engine.gpu_bench import all_resident, copy_repeats, cuda_ms, h2d_curve, log  # noqa: E402
+from moesim.engine.kernels import lowbit  # noqa: E402
 from moesim.engine.plan import Routing  # noqa: E402
 from moesim.engine.quant import quant_spec  # noqa: E402
 from moesim.engine.runtime import (  # noqa: E402
@@ -56,6 +58,32 @@ def graph_ms(fn, reps: int = 50) -> float:
     with torch.cuda.graph(graph):
         fn()
     return cuda_ms(graph.replay, reps=reps, warm=3)
+
+
+def variant_times(fn) -> dict[str, float]:
+    """``fn``'s graph time with each fused-kernel variant alone (its fastest tuned tile; the tiles were
+    timed when ``fn`` first ran, so nothing is re-tuned): the old kernel against the new, same process."""
+    times: dict = {}
+    for v in lowbit.VARIANTS:
+        try:
+            with lowbit.only_variant(v):
+                times[f"v{v}"] = graph_ms(fn)
+        except Exception as exc:   # noqa: BLE001 - a variant with no working tile: recorded, run goes on
+            times[f"v{v}"] = None
+            log(f"variant {v} failed: {type(exc).__name__}: {exc}")
+    return times
+
+
+def tuning_table() -> list[dict]:
+    """Every tuned shape's candidate tiles and their times (lowbit.TUNING), as JSON rows."""
+    rows = []
+    for (fmt, n, k, bucket, dual, dtype), cands in lowbit.TUNING.items():
+        rows.append({"format": fmt, "rows": n, "cols": k, "batch_bucket": bucket, "dual": dual, "dtype": dtype,
+                     "candidates": [{"variant": c[0], "bn": c[1], "bw": c[2], "warps": c[3], "stages": c[4],
+                                     "ms": t if t != float("inf") else None,
+                                     "error": lowbit.TUNING_ERRORS.get(((fmt, n, k, bucket, dual, dtype), c))}
+                                    for c, t in cands]})
+    return rows
 
 
 def hbm_peak() -> dict:
@@ -90,11 +118,13 @@ def expert_pieces(spec_name: str, old: bool) -> dict:
                 old_ms = graph_ms(lambda x=x: compiled(expert_forward)(blob, x, spec, g.hidden, g.ffn)) if old \
                     else None
             new_ms = graph_ms(lambda x=x: expert_forward(blob, x, spec, g.hidden, g.ffn))
+            variant_ms = variant_times(lambda x=x: expert_forward(blob, x, spec, g.hidden, g.ffn))
             fp16_ms = graph_ms(lambda xh=xh: (F.silu(xh @ dense[0].T) * (xh @ dense[1].T)) @ dense[2].T)
         err = float((fused.float() - ref.float()).abs().max() / ref.float().abs().max())
         out["rows"].append({"batch": m, "fused_ms": new_ms, "old_compiled_ms": old_ms, "fp16_dense_ms": fp16_ms,
-                            "max_rel_err_vs_reference": err})
-        log(f"expert {spec_name} batch {m}: fused {new_ms:.4f} ms, old {old_ms}, fp16 {fp16_ms:.4f}, err {err:.2e}")
+                            "kernel_variant_ms": variant_ms, "max_rel_err_vs_reference": err})
+        log(f"expert {spec_name} batch {m}: fused {new_ms:.4f} ms (per kernel variant {variant_ms}), old {old_ms}, "
+            f"fp16 {fp16_ms:.4f}, err {err:.2e}")
     return out
 
 
@@ -110,16 +140,20 @@ def layer_piece() -> dict:
     with torch.inference_mode():
         new_x, _ = attention_forward(*args)
         new_ms = graph_ms(lambda: attention_forward(*args))
+        variant_ms = variant_times(lambda: attention_forward(*args))
         # the fused kernels are opaque custom ops: torch.compile fuses the rest of the layer around them
         new_compiled_ms = graph_ms(lambda: compiled(attention_forward)(*args))
         with kernels.reference_kernels():
             ref_x, _ = attention_forward(*args)
             old_ms = graph_ms(lambda: compiled(attention_forward)(*args))
-    kv_bytes = 2 * w.k_cache[0].numel() * w.k_cache.element_size()
+    # the fused decode attention reads positions 0..pos only; SDPA (reference path) the whole static cache
+    read = int(pos.item()) + 1 if kernels.active("cuda") else g.max_context
+    kv_bytes = 2 * w.k_cache[0].numel() // g.max_context * read * w.k_cache.element_size()
     err = float((new_x.float() - ref_x.float()).abs().max() / ref_x.float().abs().max())
     out = {"attn_weight_bytes": w.attn_bytes, "kv_cache_bytes_read": kv_bytes, "gate_bytes": w.wg[0].numel() * 2,
-           "context": g.max_context, "fused_eager_ms": new_ms, "fused_compiled_ms": new_compiled_ms,
+           "context": g.max_context, "positions_read": read, "fused_eager_ms": new_ms, "fused_compiled_ms": new_compiled_ms,
            "fused_ms": min(new_ms, new_compiled_ms), "compiled": new_compiled_ms < new_ms, "old_compiled_ms": old_ms,
+           "kernel_variant_eager_ms": variant_ms,
            "max_rel_err_vs_reference": err}
     log(f"layer batch 1: fused {new_ms:.4f} ms (compiled {new_compiled_ms:.4f}), old {old_ms:.4f} ms, err {err:.2e}")
     return out
@@ -211,6 +245,7 @@ def main() -> int:
     # the previous engine's compiled piece for the seed's format only (each compile takes seconds)
     stage("expert", lambda: {n: expert_pieces(n, old=n == "hqq2") for n in ("hqq2", "hqq2-g64", "hqq2-v02", "hqq4")})
     stage("layer", layer_piece)
+    stage("tuning", tuning_table)
     if args.pieces_only:
         return 1 if "errors" in out else 0
     stage("engine_runs", lambda: engine_runs(args.trace, args.tokens, out, save,

@@ -58,7 +58,7 @@ def _register_ops() -> None:
     norms, SDPA, gate) keeps its fused elementwise kernels around them instead of breaking its graph."""
     import torch
 
-    from moesim.engine.kernels import lowbit
+    from moesim.engine.kernels import attention, lowbit
     from moesim.engine.quant import quant_spec
 
     # (name, schema, kernel, output rows from the arguments); schemas spelled out because this module's
@@ -68,10 +68,12 @@ def _register_ops() -> None:
             lambda x, view, fmt, rows, cols: (x.shape[0], rows)),
            ("lowbit_expert", "(Tensor blob, Tensor x, str fmt, int hidden, int ffn) -> Tensor",
             lambda blob, x, fmt, hidden, ffn: lowbit.expert_ffn(blob, x, quant_spec(fmt), hidden, ffn),
-            lambda blob, x, fmt, hidden, ffn: (x.shape[0], hidden))]
+            lambda blob, x, fmt, hidden, ffn: (x.shape[0], hidden)),
+           ("decode_attention", "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, int window) -> Tensor",
+            attention.decode_attention, lambda q, k_cache, v_cache, pos, window: tuple(q.shape))]
     for name, schema, kernel, out_shape in ops:
         op = torch.library.custom_op(f"moesim::{name}", kernel, mutates_args=(), schema=schema)
-        x_arg = 0 if name == "lowbit_linear" else 1
+        x_arg = 1 if name == "lowbit_expert" else 0
         op.register_fake(lambda *a, out_shape=out_shape, x_arg=x_arg: a[x_arg].new_empty(out_shape(*a)))
     _STATE["ops"] = True
 
@@ -84,6 +86,24 @@ def packed_linear(x, view, spec: QuantSpec, rows: int, cols: int):
         y = torch.ops.moesim.lowbit_linear(x.reshape(-1, cols).contiguous(), view, spec.name, rows, cols)
         return y.view(*x.shape[:-1], rows)
     return x @ matrix(view, spec, rows, cols).to(x.dtype).T
+
+
+def decode_attention(q, k_cache, v_cache, pos, positions, window: int = 0):
+    """One token's attention: ``q`` (1, H_kv, G, D), a KV head's query group as the "length" axis (GQA
+    without repeating the cache), over cache positions ``<= pos`` (and ``> pos - window`` with a window).
+    Fused on the GPU (reads only those positions, ``kernels.attention``), else SDPA under a mask over the
+    whole static cache (``positions``: its position indices)."""
+    import torch
+
+    if active(q.device):
+        from moesim.engine.kernels.attention import supported
+
+        if supported(q, k_cache):
+            return torch.ops.moesim.decode_attention(q, k_cache, v_cache, pos, window)
+    mask = positions <= pos
+    if window:
+        mask = mask & (positions > pos - window)
+    return torch.nn.functional.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask.view(1, 1, 1, -1))
 
 
 def packed_expert(blob, x, spec: QuantSpec, hidden: int, ffn: int):

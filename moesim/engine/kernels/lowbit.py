@@ -27,6 +27,10 @@ straddle two rows); callers fall back to the reference elsewhere.
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import triton
@@ -56,12 +60,11 @@ def _word_tile_weights(p_ptr, s_ptr, z_ptr, m_ptr, rows, words, mask, WORDS: tl.
 
 
 @triton.jit
-def _dequant(pw, scale, zero, J: tl.constexpr, BITS: tl.constexpr, QUANT_META: tl.constexpr):
-    """Code position ``J`` of every word in the tile, dequantised and rounded to bf16 (kept in fp32)."""
-    PB: tl.constexpr = 8 // BITS
-    SHIFT: tl.constexpr = 8 * (J // PB) + (PB - 1 - J % PB) * BITS
+def _codes_to_weights(codes, scale, zero, QUANT_META: tl.constexpr):
+    """Weights from integer codes, rounded to bf16 exactly as ``quant.dequantize`` rounds them (kept in
+    fp32). Shared by both kernel variants, so their numerics cannot drift apart."""
     # code -> float without a conversion instruction: the bits of 2^23 + code, minus 2^23 (exact)
-    c = (((pw >> SHIFT) & ((1 << BITS) - 1)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    c = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
     if QUANT_META:
         w = (c - zero) * scale
     else:   # hqq 0.2: (code - zero) rounded to bf16, times scale
@@ -70,11 +73,20 @@ def _dequant(pw, scale, zero, J: tl.constexpr, BITS: tl.constexpr, QUANT_META: t
 
 
 @triton.jit
+def _dequant(pw, scale, zero, J: tl.constexpr, BITS: tl.constexpr, QUANT_META: tl.constexpr):
+    """Code position ``J`` of every word in the tile, dequantised and rounded to bf16 (kept in fp32)."""
+    PB: tl.constexpr = 8 // BITS
+    SHIFT: tl.constexpr = 8 * (J // PB) + (PB - 1 - J % PB) * BITS
+    return _codes_to_weights((pw >> SHIFT) & ((1 << BITS) - 1), scale, zero, QUANT_META)
+
+
+@triton.jit
 def _lowbit_kernel(x_ptr, out_ptr, M, N, stride_xm, stride_om,
                    pa, sa, za, ma, pb, sb, zb, mb,
                    WORDS: tl.constexpr, BITS: tl.constexpr, GROUP_WORDS: tl.constexpr, QUANT_META: tl.constexpr,
                    DUAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr,
-                   DOT_IEEE: tl.constexpr):
+                   DOT_F32: tl.constexpr):
+    """Variant 1: one pass per code position over a [BN, BW] word tile (K = BW per tensor-core dot)."""
     CPW: tl.constexpr = 32 // BITS
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -111,10 +123,11 @@ def _lowbit_kernel(x_ptr, out_ptr, M, N, stride_xm, stride_om,
             else:
                 xk = tl.load(x_ptr + ms[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & w_ok[None, :],
                              other=0.0)
-                if DOT_IEEE:
-                    acc_a += tl.dot(xk, tl.trans(wa.to(xk.dtype)), input_precision="ieee")
+                if DOT_F32:   # fp32 x, or Triton's interpreter (it mis-computes bf16 dots): exact products
+                    xk = xk.to(tl.float32)
+                    acc_a += tl.dot(xk, tl.trans(wa), input_precision="ieee")
                     if DUAL:
-                        acc_b += tl.dot(xk, tl.trans(wb.to(xk.dtype)), input_precision="ieee")
+                        acc_b += tl.dot(xk, tl.trans(wb), input_precision="ieee")
                 else:
                     acc_a += tl.dot(xk, tl.trans(wa.to(xk.dtype)))
                     if DUAL:
@@ -129,6 +142,114 @@ def _lowbit_kernel(x_ptr, out_ptr, M, N, stride_xm, stride_om,
     else:
         tl.store(out_ptr + ms[:, None] * stride_om + rows[None, :], acc_a.to(out_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & row_ok[None, :])
+
+
+@triton.jit
+def _weight_tile(p_ptr, s_ptr, z_ptr, m_ptr, rows, row_ok, w0, WORDS: tl.constexpr, BITS: tl.constexpr,
+                 GROUP_WORDS: tl.constexpr, QUANT_META: tl.constexpr, META_ROW: tl.constexpr,
+                 BN: tl.constexpr, BW: tl.constexpr):
+    """Dequantised [BN, BW * CPW] tile (bf16 values in fp32) of words ``w0 ..`` of ``rows``, K-major:
+    column ``c`` is input ``w0 * CPW + c``. Each word is loaded once and unpacked into its CPW codes
+    along a third axis; with ``META_ROW`` the tile lies inside one 128-group meta span per row, so the
+    four meta values are loaded once per row instead of once per word."""
+    CPW: tl.constexpr = 32 // BITS
+    PB: tl.constexpr = 8 // BITS
+    groups_per_row: tl.constexpr = WORDS // GROUP_WORDS
+    words = w0 + tl.arange(0, BW)
+    mask = row_ok[:, None] & (words < WORDS)[None, :]
+    pw = tl.load(p_ptr + rows[:, None] * WORDS + words[None, :], mask=mask, other=0)
+    g = rows[:, None] * groups_per_row + words[None, :] // GROUP_WORDS
+    if QUANT_META:
+        if META_ROW:
+            mg = ((rows * groups_per_row + w0 // GROUP_WORDS) // 128 * 4)[:, None]
+            mmask = row_ok[:, None]
+        else:
+            mg = (g // 128) * 4
+            mmask = mask
+        m0 = tl.load(m_ptr + mg, mask=mmask, other=0.0).to(tl.float32)
+        m1 = tl.load(m_ptr + mg + 1, mask=mmask, other=0.0).to(tl.float32)
+        m2 = tl.load(m_ptr + mg + 2, mask=mmask, other=0.0).to(tl.float32)
+        m3 = tl.load(m_ptr + mg + 3, mask=mmask, other=0.0).to(tl.float32)
+        scale = (tl.load(s_ptr + g, mask=mask, other=0).to(tl.float32) - m1) * m0
+        zero = (tl.load(z_ptr + g, mask=mask, other=0).to(tl.float32) - m3) * m2
+    else:
+        scale = tl.load(s_ptr + g, mask=mask, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + g, mask=mask, other=0.0).to(tl.float32)
+    j = tl.arange(0, CPW)
+    shift = 8 * (j // PB) + (PB - 1 - j % PB) * BITS
+    codes = (pw[:, :, None] >> shift[None, None, :]) & ((1 << BITS) - 1)
+    w = _codes_to_weights(codes, scale[:, :, None], zero[:, :, None], QUANT_META)
+    return tl.reshape(w, [BN, BW * CPW])
+
+
+@triton.jit
+def _lowbit_kernel_v2(x_ptr, out_ptr, M, N, stride_xm, stride_om,
+                      pa, sa, za, ma, pb, sb, zb, mb,
+                      WORDS: tl.constexpr, BITS: tl.constexpr, GROUP_WORDS: tl.constexpr,
+                      QUANT_META: tl.constexpr, META_ROW: tl.constexpr, DUAL: tl.constexpr, BM: tl.constexpr,
+                      BN: tl.constexpr, BW: tl.constexpr, ACC_2D: tl.constexpr, DOT_F32: tl.constexpr):
+    """Variant 2: the whole [BN, BW * CPW] weight tile dequantised at once, K-major, so batch 1 reads a
+    contiguous x slice once per tile and batch > 1 issues ONE tensor-core dot with K = BW * CPW, weights
+    as the dot's first operand (rows on the MMA's wide side, the batch on its narrow side)."""
+    CPW: tl.constexpr = 32 // BITS
+    BK: tl.constexpr = BW * CPW
+    K: tl.constexpr = WORDS * CPW
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_n * BN + tl.arange(0, BN)
+    row_ok = rows < N
+    if BM == 1:
+        if ACC_2D:   # partial products kept per column; one cross-thread reduction at the end
+            acc_a = tl.zeros([BN, BK], dtype=tl.float32)
+            acc_b = tl.zeros([BN, BK], dtype=tl.float32)
+        else:        # tiles too large to keep: reduced per tile
+            acc_a = tl.zeros([BN], dtype=tl.float32)
+            acc_b = tl.zeros([BN], dtype=tl.float32)
+    else:
+        ms = pid_m * BM + tl.arange(0, BM)
+        m_ok = ms < M
+        acc_a = tl.zeros([BN, BM], dtype=tl.float32)
+        acc_b = tl.zeros([BN, BM], dtype=tl.float32)
+    for w0 in range(0, WORDS, BW):
+        ks = w0 * CPW + tl.arange(0, BK)
+        k_ok = ks < K
+        wa = _weight_tile(pa, sa, za, ma, rows, row_ok, w0, WORDS, BITS, GROUP_WORDS, QUANT_META, META_ROW, BN, BW)
+        if DUAL:
+            wb = _weight_tile(pb, sb, zb, mb, rows, row_ok, w0, WORDS, BITS, GROUP_WORDS, QUANT_META, META_ROW,
+                              BN, BW)
+        if BM == 1:
+            xk = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            if ACC_2D:
+                acc_a += wa * xk
+                if DUAL:
+                    acc_b += wb * xk
+            else:
+                acc_a += tl.sum(wa * xk, axis=1)
+                if DUAL:
+                    acc_b += tl.sum(wb * xk, axis=1)
+        else:
+            xk = tl.load(x_ptr + ms[None, :] * stride_xm + ks[:, None], mask=k_ok[:, None] & m_ok[None, :],
+                         other=0.0)   # [BK, BM]
+            if DOT_F32:
+                xk = xk.to(tl.float32)
+                acc_a += tl.dot(wa, xk, input_precision="ieee")
+                if DUAL:
+                    acc_b += tl.dot(wb, xk, input_precision="ieee")
+            else:
+                acc_a += tl.dot(wa.to(xk.dtype), xk)
+                if DUAL:
+                    acc_b += tl.dot(wb.to(xk.dtype), xk)
+    if BM == 1:
+        if ACC_2D:
+            acc_a = tl.sum(acc_a, axis=1)
+            acc_b = tl.sum(acc_b, axis=1)
+    if DUAL:
+        acc_a = acc_a * tl.sigmoid(acc_a) * acc_b
+    if BM == 1:
+        tl.store(out_ptr + rows, acc_a.to(out_ptr.dtype.element_ty), mask=row_ok)
+    else:
+        tl.store(out_ptr + ms[None, :] * stride_om + rows[:, None], acc_a.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & m_ok[None, :])
 
 
 def supported(spec: QuantSpec, rows: int, cols: int) -> bool:
@@ -154,47 +275,103 @@ def _operands(view, spec: QuantSpec, n: int) -> tuple:
     return words, p["scale"], p["zero"], words
 
 
-# (BN, BW, warps) per path: batch 1 walks long rows with few of them per program; batch > 1 tiles for
-# tensor cores. Chosen per (rows, words per row) by the autotuner on a GPU (a run's first call).
-GEMV_CONFIGS = [(8, 64, 4), (16, 64, 4), (16, 128, 4), (32, 64, 4), (8, 128, 4), (32, 32, 4), (64, 32, 4),
-                (16, 32, 2), (8, 32, 2)]
-GEMM_CONFIGS = [(32, 32, 4), (64, 32, 4), (32, 64, 4), (64, 16, 4), (128, 16, 8)]
-_TUNED: dict[tuple, tuple[int, int, int]] = {}
+# (variant, BN, BW, warps, stages): variant 1 is the previous kernel (_lowbit_kernel), kept as a
+# candidate so the autotuner can only gain and a device run times old and new side by side; variant 2
+# is _lowbit_kernel_v2. Batch 1 walks long rows with few of them per program; batch > 1 tiles for
+# tensor cores. Chosen per (shape, batch bucket) by timing every candidate on a GPU (a run's first call).
+Config = tuple[int, int, int, int, int]
+GEMV_CONFIGS: list[Config] = [
+    (1, 16, 64, 4, 3), (1, 8, 128, 4, 3), (1, 32, 64, 4, 3),
+    (2, 16, 8, 4, 3), (2, 32, 8, 4, 3), (2, 16, 16, 4, 3), (2, 8, 32, 4, 3), (2, 64, 4, 4, 3),
+    (2, 32, 16, 8, 3), (2, 128, 4, 8, 3)]
+GEMM_CONFIGS: list[Config] = [
+    (1, 64, 32, 4, 3), (1, 32, 32, 4, 3),
+    (2, 64, 4, 4, 3), (2, 128, 4, 8, 3), (2, 64, 8, 4, 3), (2, 32, 8, 4, 3)]
+VARIANTS = (1, 2)
+# per tuning key: every candidate's time in ms (on CPU: none timed, the first allowed candidate is used)
+TUNING: dict[tuple, list[tuple[Config, float]]] = {}
+TUNING_ERRORS: dict[tuple, str] = {}   # (tuning key, candidate) -> why it did not run
+_ALLOWED = {"variants": VARIANTS}
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _launch(x, out, a: tuple, b: tuple, spec: QuantSpec, rows: int, cols: int, cfg: tuple[int, int, int]) -> None:
+@contextlib.contextmanager
+def only_variant(variant: int) -> Iterator[None]:
+    """Inside: tuned calls use the fastest candidate of this kernel variant (the old-vs-new switch of
+    studies/roofline/run_roofline.py; candidates already timed are not re-timed)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown kernel variant {variant} (known: {VARIANTS})")
+    old = _ALLOWED["variants"]
+    _ALLOWED["variants"] = (variant,)
+    try:
+        yield
+    finally:
+        _ALLOWED["variants"] = old
+
+
+def meta_per_row(spec: QuantSpec, cols: int, bw: int) -> bool:
+    """Does every [rows, bw words] tile of a (?, cols) matrix lie inside one 128-group meta span per row?
+    (then the kernel loads the four meta values once per row)."""
+    cpw = 32 // spec.bits
+    gw = spec.group_size // cpw
+    gpr = cols // spec.group_size
+    return spec.quant_meta and ((gpr % META_GROUP == 0 and (META_GROUP * gw) % bw == 0)
+                                or META_GROUP % gpr == 0)
+
+
+def _launch(x, out, a: tuple, b: tuple, spec: QuantSpec, rows: int, cols: int, cfg: Config) -> None:
     import torch
 
     M = x.shape[0]
     cpw = 32 // spec.bits
-    bn, bw, warps = cfg
+    variant, bn, bw, warps, stages = cfg
     bm = 1 if M == 1 else (16 if M <= 16 else 32)
     grid = (triton.cdiv(rows, bn), triton.cdiv(M, bm))
-    _lowbit_kernel[grid](x, out, M, rows, x.stride(0), out.stride(0), *a, *b, WORDS=cols // cpw,
-                         BITS=spec.bits, GROUP_WORDS=spec.group_size // cpw, QUANT_META=spec.quant_meta,
-                         DUAL=b is not a, BM=bm, BN=bn, BW=bw, DOT_IEEE=x.dtype == torch.float32,
-                         num_warps=warps)
+    common = dict(WORDS=cols // cpw, BITS=spec.bits, GROUP_WORDS=spec.group_size // cpw,
+                  QUANT_META=spec.quant_meta, DUAL=b is not a, BM=bm, BN=bn, BW=bw,
+                  DOT_F32=x.dtype == torch.float32 or _INTERPRET, num_warps=warps, num_stages=stages)
+    if variant == 1:
+        _lowbit_kernel[grid](x, out, M, rows, x.stride(0), out.stride(0), *a, *b, **common)
+    else:
+        _lowbit_kernel_v2[grid](x, out, M, rows, x.stride(0), out.stride(0), *a, *b,
+                                META_ROW=meta_per_row(spec, cols, bw),
+                                ACC_2D=bn * bw * cpw <= 16 * 32 * warps, **common)
 
 
-def _tuned_config(x, out, a, b, spec: QuantSpec, rows: int, cols: int) -> tuple[int, int, int]:
-    """The fastest tile config for this shape and batch bucket, timed once per process on a GPU."""
+def _tuned_config(x, out, a, b, spec: QuantSpec, rows: int, cols: int) -> Config:
+    """The fastest candidate (of the allowed variants) for this shape and batch bucket; every candidate
+    is timed once per process on a GPU and the times are kept in ``TUNING``."""
     M = x.shape[0]
-    key = (spec.name, rows, cols, 1 if M == 1 else (16 if M <= 16 else 32), b is not a, x.dtype)
-    if key not in _TUNED:
-        configs = GEMV_CONFIGS if M == 1 else GEMM_CONFIGS
+    key = (spec.name, rows, cols, 1 if M == 1 else (16 if M <= 16 else 32), b is not a, str(x.dtype))
+    configs = GEMV_CONFIGS if M == 1 else GEMM_CONFIGS
+    if key not in TUNING:
         if x.device.type != "cuda":
-            _TUNED[key] = configs[0]
+            TUNING[key] = [(c, float("nan")) for c in configs]
         else:
-            from triton.testing import do_bench
+            TUNING[key] = [(c, _time_candidate(key, c, lambda c=c: _launch(x, out, a, b, spec, rows, cols, c)))
+                           for c in configs]
+    timed = [(c, t) for c, t in TUNING[key] if c[0] in _ALLOWED["variants"]]
+    best, t = min(timed, key=lambda ct: 0.0 if math.isnan(ct[1]) else ct[1])
+    if t == math.inf:
+        raise RuntimeError(f"no candidate tile of kernel variants {_ALLOWED['variants']} ran for {key}: "
+                           f"{[TUNING_ERRORS.get((key, c)) for c, _ in timed][:1]}")
+    return best
 
-            times = [do_bench(lambda c=c: _launch(x, out, a, b, spec, rows, cols, c), warmup=5, rep=20)
-                     for c in configs]
-            _TUNED[key] = configs[min(range(len(configs)), key=times.__getitem__)]
-    return _TUNED[key]
+
+def _time_candidate(key: tuple, cfg: Config, fn) -> float:
+    """One candidate's time in ms; a candidate that fails to compile or launch is kept out (infinite time,
+    its error in ``TUNING_ERRORS``) rather than failing the caller: the other candidates still serve."""
+    from triton.testing import do_bench
+
+    try:
+        return float(do_bench(fn, warmup=5, rep=20))
+    except Exception as exc:   # noqa: BLE001 - a compiler error in one tile must not stop the engine
+        TUNING_ERRORS[(key, cfg)] = f"{type(exc).__name__}: {str(exc)[:400]}"
+        return math.inf
 
 
 def lowbit_linear(x, view, spec: QuantSpec, rows: int, cols: int, *, view_b: Any = None, out=None,
-                  config: tuple[int, int, int] | None = None):
+                  config: Config | None = None):
     """``x @ W.T`` for W (rows, cols) packed in ``view`` (uint8, one matrix of ``spec``); with ``view_b``
     (a second matrix of the same shape), ``silu(x @ W.T) * (x @ W_b.T)``. ``x``: (M, cols), contiguous
     rows. Output (M, rows) in ``x``'s dtype (into ``out`` when given)."""
