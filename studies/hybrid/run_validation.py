@@ -167,7 +167,7 @@ def calibrate(weights, program, routing, cpu, lowbit, worker_threads: int, out: 
     cal["cpu"] = cpu_terms(weights, cpu, worker_threads, seconds)
     out["calibration"], out["calibration_raw"] = cal, raw
     cost = CostModel.from_dict(cal)
-    return cost.with_overrides(lowbit_format=lowbit.spec.name) if hasattr(cost, "with_overrides") else cost
+    return cost.with_overrides(lowbit_format=lowbit.spec.name)
 
 
 def run_cell(weights, program, cpu, routing, trace, cost, k: int, execution: str, threads: int) -> dict:
