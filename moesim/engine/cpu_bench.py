@@ -44,9 +44,7 @@ def quantized_linear(fmt: str, w) -> Callable:
         wb = w.to(torch.bfloat16)
         return lambda x: x @ wb.T
     if fmt == "int8":
-        scales = (w.abs().amax(1).clamp(min=1e-8) / 127)
-        w8 = (w / scales[:, None]).round().clamp(-128, 127).to(torch.int8)
-        sb = scales.to(torch.bfloat16)
+        w8, sb = int8_rows(w)
         return lambda x: torch.ops.aten._weight_int8pack_mm(x, w8, sb)
     if fmt == "int4":
         n_out, n_in = w.shape
@@ -59,6 +57,17 @@ def quantized_linear(fmt: str, w) -> Callable:
         sz = torch.stack([scale, zero], 2).transpose(0, 1).contiguous().to(torch.bfloat16)   # (in/32, out, 2)
         return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, INT4_GROUP, sz)
     raise SettingError("formats", f"unknown CPU format {fmt!r} (known: {', '.join(FORMATS)})")
+
+
+def int8_rows(w):
+    """``w`` (out, in) as torch's int8 weight-only layout: int8 weights symmetric per output row and one
+    bf16 scale per row (``aten._weight_int8pack_mm(x, w8, scales)`` computes x @ w.T)."""
+    import torch
+
+    w = w.float()
+    scales = w.abs().amax(1).clamp(min=1e-8) / 127
+    w8 = (w / scales[:, None]).round().clamp(-128, 127).to(torch.int8)
+    return w8, scales.to(torch.bfloat16)
 
 
 def expert_ffn(fmt: str, hidden: int, ffn: int, seed: int = 0) -> Callable:

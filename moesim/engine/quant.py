@@ -79,6 +79,9 @@ QUANTS: dict[str, QuantSpec] = {
     # hqq 0.2's (and gemlite's) usual 2-bit setting: group 64, bf16 scale/zero (55,050,240 B per expert:
     # each copy ~17% shorter than hqq2's)
     "hqq2-g64": QuantSpec("hqq2-g64", 2, 64, quant_meta=False),
+    # HOBBIT's low-bit substitute of an hqq2 expert (issue 24): 1-bit codes, bf16 scale/zero per 64
+    # (half of hqq2's bytes); made from the full expert by :func:`quantize_matrix`
+    "hqq1-g64": QuantSpec("hqq1-g64", 1, 64, quant_meta=False),
     "bf16": QuantSpec("bf16", 16, plain="bf16"),
     # unquantised in a checkpoint's own dtype (the decoder's ``--quant none``)
     "fp16": QuantSpec("fp16", 16, plain="fp16"),
@@ -191,3 +194,24 @@ def dequantize(parts: dict, spec: QuantSpec, n: int):
         return ((groups_codes - parts["zero"].view(-1, 1)) * parts["scale"].view(-1, 1)).view(-1)
     w = (codes.view(groups, spec.group_size // per_byte * per_byte).float() - zero.view(-1, 1)) * scale.view(-1, 1)
     return w.to(torch.bfloat16).view(-1)
+
+
+def quantize_matrix(w, spec: QuantSpec):
+    """One matrix's packed bytes (uint8, ``spec.matrix_bytes(w.numel())``) from float weights ``w``, for
+    a format with bf16 scale and zero per group (hqq 0.2's layout): per group, codes 0..2^bits-1
+    spread over [min, max], w ~ (code - zero) x scale; first code in the high bits. Used to make a
+    smaller copy of an existing expert (HOBBIT's substitute)."""
+    import torch
+
+    if spec.is_plain or spec.quant_meta:
+        raise ValueError(f"quantize_matrix makes bf16-scale formats only, not {spec.name!r}")
+    n = w.numel()
+    levels = (1 << spec.bits) - 1
+    g = w.float().reshape(n // spec.group_size, spec.group_size)
+    lo, hi = g.amin(1, keepdim=True), g.amax(1, keepdim=True)
+    scale = ((hi - lo) / levels).clamp(min=1e-8).to(torch.bfloat16)
+    zero = (-lo / scale.float()).to(torch.bfloat16)
+    codes = (g / scale.float() + zero.float()).round().clamp(0, levels).to(torch.uint8).reshape(-1, 8 // spec.bits)
+    shifts = torch.arange(8 - spec.bits, -1, -spec.bits, device=w.device, dtype=torch.uint8)
+    packed = (codes << shifts).sum(1, dtype=torch.uint8)
+    return torch.cat([packed, scale.reshape(-1).view(torch.uint8), zero.reshape(-1).view(torch.uint8)])

@@ -199,6 +199,9 @@ class EngineResult(HitCounts):
     batch: int = 1                     # sequences per decode step (moesim.engine.batch)
     phase: str = "decode"              # "decode" or "prefill" (chunks of one sequence's prompt)
     steps: int | None = None           # forward passes (None: one per token)
+    # hybrid execution (moesim.engine.hybrid): "executed" by executor (the simulator's keys) and the host
+    # half of the proof; None for the copy-only engine
+    hybrid: dict[str, Any] | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -221,6 +224,8 @@ class EngineResult(HitCounts):
             "device_copies": self.device_copies, "plan_copies": self.misses + self.prefetches,
             "batch": self.batch, "phase": self.phase, "steps": self.steps if self.steps is not None else self.tokens,
         }
+        if self.hybrid is not None:
+            out.update(self.hybrid)
         if events:
             out["events"] = self.events
         return out
@@ -331,12 +336,14 @@ def capture_graphs(torch, dev, pieces: list[tuple[Any, Any]], progress: bool = F
 
 
 def issue_copy(weights: Weights, program: Any, order: StreamOrder, slots: SlotEvents, layer: int, slot: int,
-               expert: int, after: Mark | None = None, log: list | None = None, tag: tuple = ()) -> None:
+               expert: int, after: Mark | None = None, log: list | None = None, tag: tuple = (),
+               parts: list[tuple[Any, Any]] | None = None) -> None:
     """Copy ``expert``'s pinned blob into GPU ``slot`` of ``layer`` on the copy stream, as every engine does:
     the copy waits for ``after`` (the gate that routed it) and the slot's ``free`` mark (the last compute
     that read its old contents), then the slot's ``ready`` mark is recorded for the compute that reads
     it (``order`` leaves out waits stream order implies). With ``log``, appends ``(*tag, expert, start,
-    end)`` (events around the copy alone)."""
+    end)`` (events around the copy alone). ``parts``: (slot view, host tensor) copies in that order
+    instead of the whole blob (a low-bit substitute, then its identity)."""
     d = weights.d
     with d.copy_context():
         order.wait(COPY, after)
@@ -344,7 +351,8 @@ def issue_copy(weights: Weights, program: Any, order: StreamOrder, slots: SlotEv
         if log is not None:
             start = d.event()
             start.record(d.copy_stream)
-        program.slots[layer][slot].copy_(weights.host[layer][expert], non_blocking=True)
+        for dst, src in parts or [(program.slots[layer][slot], weights.host[layer][expert])]:
+            dst.copy_(src, non_blocking=True)
         slots.ready[layer][slot] = order.record(COPY)
         if log is not None:
             end = d.event()
@@ -520,6 +528,49 @@ class OffloadedEngine:
               after=None) -> None:
         issue_copy(self.w, self.program, self.order, self.marks, layer, slot, expert, after, log, (token, layer, kind))
 
+    def _plan(self, routing: Routing) -> CachePlan:
+        """The residency plan of one run (a hook: the hybrid engine shapes its caches)."""
+        return CachePlan(routing, self.cache_size, self.policy_name, self.prefetch_name, self.policy_params,
+                         self.prefetch_params)
+
+    def _merge(self, layer: int) -> None:
+        """Before ``layer``'s combine (a hook: the hybrid engine adds its CPU experts' outputs here)."""
+
+    def _executed(self) -> dict[str, Any] | None:
+        """Counts by executor after a run (a hook: None for the copy-only engine)."""
+        return None
+
+    def _serve(self, plan: CachePlan, t: int, layer: int, log: list | None, gate_done) -> None:
+        """(token t, layer)'s experts after its gate: the plan's copies and prefetches, then the expert
+        pieces, resident ones first."""
+        step = plan.step(t, layer)
+        if step is None:
+            return   # no row in the trace: its routing weights are 0, nothing to add
+        # copies may start only once this layer's gate has run (a real engine learns the
+        # routing there), even though the trace lets the CPU know it earlier
+        for slot, expert in step.copies:
+            self._copy(layer, slot, expert, log, t, "miss", gate_done)
+        for tgt_layer, slot, expert in step.prefetches:
+            self._copy(tgt_layer, slot, expert, log, t, "prefetch", gate_done)
+        missed = {e for _, e in step.copies}
+        order = sorted(range(len(step.experts)), key=lambda j: step.experts[j] in missed)
+        for j in order:   # resident experts first, then misses (as they land), router order
+            expert, slot = step.experts[j], step.slots[j]
+            if log is not None:
+                s0 = self.w.d.event()
+                s0.record()
+            self.order.wait(COMPUTE, self.marks.ready[layer][slot])
+            if log is not None:
+                s1 = self.w.d.event()
+                s1.record()
+            self.program.expert[layer][slot][j]()
+            self.marks.free[layer][slot] = self.order.record(COMPUTE)
+            if log is not None:
+                e1 = self.w.d.event()
+                e1.record()
+                log.append((t, layer, "stall", expert, s0, s1))
+                log.append((t, layer, "expert", expert, s1, e1))
+
     def run(self, routing: Routing, instrument: bool = False, progress: bool = False,
             warm: bool = False, sync_tokens: bool = True) -> EngineResult:
         """Replay ``routing``; caches start cold unless ``warm`` (pre-load experts 0..K-1, untimed).
@@ -531,8 +582,7 @@ class OffloadedEngine:
         g = w.geometry
         if routing.num_layers != g.num_layers:
             raise ValueError(f"routing has {routing.num_layers} layers, the model {g.num_layers}")
-        plan = CachePlan(routing, self.cache_size, self.policy_name, self.prefetch_name, self.policy_params,
-                         self.prefetch_params)
+        plan = self._plan(routing)
         prog.load_routing(routing)
         log: list | None = [] if instrument else None
         token_events = []
@@ -569,39 +619,15 @@ class OffloadedEngine:
                     if layer == 0:
                         prog.first()
                     else:
+                        self._merge(layer - 1)
                         prog.layer[layer]()   # gate logits: routing is forced from the trace
                     gate_done = streams.gate()
                     if log is not None:
                         g1 = d.event()
                         g1.record()
                         log.append((t, layer, "attention+gate", -1, a0, g1))
-                    step = plan.step(t, layer)
-                    if step is None:
-                        continue   # no row in the trace: its routing weights are 0, nothing to add
-                    # copies may start only once this layer's gate has run (a real engine learns the
-                    # routing there), even though the trace lets the CPU know it earlier
-                    for slot, expert in step.copies:
-                        self._copy(layer, slot, expert, log, t, "miss", gate_done)
-                    for tgt_layer, slot, expert in step.prefetches:
-                        self._copy(tgt_layer, slot, expert, log, t, "prefetch", gate_done)
-                    missed = {e for _, e in step.copies}
-                    order = sorted(range(len(step.experts)), key=lambda j: step.experts[j] in missed)
-                    for j in order:   # resident experts first, then misses (as they land), router order
-                        expert, slot = step.experts[j], step.slots[j]
-                        if log is not None:
-                            s0 = d.event()
-                            s0.record()
-                        streams.wait(COMPUTE, self.marks.ready[layer][slot])
-                        if log is not None:
-                            s1 = d.event()
-                            s1.record()
-                        prog.expert[layer][slot][j]()
-                        self.marks.free[layer][slot] = streams.record(COMPUTE)
-                        if log is not None:
-                            e1 = d.event()
-                            e1.record()
-                            log.append((t, layer, "stall", expert, s0, s1))
-                            log.append((t, layer, "expert", expert, s1, e1))
+                    self._serve(plan, t, layer, log, gate_done)
+                self._merge(g.num_layers - 1)
                 prog.final()
                 done = d.event(timing=False)
                 done.record()
@@ -613,6 +639,7 @@ class OffloadedEngine:
             d.synchronize()
         wall = time.perf_counter() - t0
         violations, device_copies = prog.proof()
+        hybrid = self._executed()
         token_ms = [a.elapsed_time(b) for a, b in zip(token_events[:-1], token_events[1:], strict=True)]
         events = []
         if log is not None:
@@ -624,4 +651,4 @@ class OffloadedEngine:
                             routing.num_tokens, wall, plan.requests, plan.hits, plan.prefetches, w.expert_bytes,
                             token_ms, plan.layer_hits.tolist(), plan.layer_requests.tolist(), events,
                             [(b - a) * 1e3 for a, b in zip(cpu_marks[:-1], cpu_marks[1:], strict=True)], issue_ms,
-                            violations, device_copies)
+                            violations, device_copies, hybrid=hybrid)

@@ -45,6 +45,7 @@ class ExecutionPolicy:
     """``copy``: every miss is copied to a GPU slot (the engine before hybrid execution)."""
 
     name = "copy"
+    prices = False   # True: ``choose`` asks the simulator's estimate (the engine replays its schedule)
 
     def cpu_layer(self, layer: int) -> bool:
         """Whether every expert of ``layer`` runs on the CPU (it then has no GPU slots)."""
@@ -111,6 +112,7 @@ class Fiddler(ExecutionPolicy):
     (the queue on the copy engine, the transfer)."""
 
     name = "fiddler"
+    prices = True
 
     def choose(self, layer: int, misses: Sequence[Miss], estimate: LayerEstimate) -> list[str]:
         plan: list[str | None] = [None] * len(misses)
@@ -129,6 +131,7 @@ class Hybrid(ExecutionPolicy):
     simulated finish of the layer is earliest (ties: fewer on the CPU)."""
 
     name = "hybrid"
+    prices = True
 
     def choose(self, layer: int, misses: Sequence[Miss], estimate: LayerEstimate) -> list[str]:
         order = sorted(range(len(misses)), key=lambda i: (misses[i].tokens, i))

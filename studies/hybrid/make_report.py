@@ -1,5 +1,5 @@
-"""Builds studies/hybrid/report.md from raw/ (written by run.py): every number below comes from the raw
-files.
+"""Builds studies/hybrid/report.md from raw/ (written by run.py and, on the device, run_validation.py):
+every number below comes from the raw files.
 
     PYTHONPATH=. python studies/hybrid/make_report.py
 """
@@ -11,11 +11,13 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from moesim.simulator.cost_model import DEFAULT_CPU  # noqa: E402
 from studies._common import md_table as table  # noqa: E402
-from studies._common import write_text  # noqa: E402
+from studies._common import pct, write_text  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RAW = HERE / "raw"
@@ -84,17 +86,70 @@ def placement_section(doc: dict) -> list[str]:
                         "frequency set tok/s", "copy-only LRU tok/s", "best static / copy"], rows) + [""]
 
 
+def _winner(cells: list[dict], key: str) -> str:
+    """The execution with the lowest ``key`` ms/token, and its speed-up over copy-only."""
+    best = min(cells, key=lambda c: c[key])
+    copy = next((c for c in cells if c["execution"] == "copy"), None)
+    return f"{best['execution']} ({copy[key] / best[key]:.2f}x)" if copy else best["execution"]
+
+
+def validation_section(doc: dict, source: str) -> list[str]:
+    """The device validation (run_validation.py): real vs simulated ms/token per cell, the winner per K."""
+    cal, eng = doc["calibration"], doc["engine"]
+    cpu = cal["cpu"]
+    cells = doc["cells"]
+    errs = [abs(c["error"]) for c in cells]
+    out = [f"## Sim vs real on the device ({doc['device']}, commit {doc['commit'] or '?'}, {doc['date']})", "",
+           f"`{source}`, written by `studies/hybrid/run_validation.py`: one {eng['geometry']['num_layers']}-layer "
+           f"Mixtral-geometry engine with random weights ({eng['quantization']} experts, {eng['lowbit']} substitutes, "
+           f"{eng['cpu_format']} CPU copies), LRU, batch {doc['batch']}, {doc['tokens_per_cell']} decode tokens per "
+           f"cell, the CPU worker on {doc['cpu_threads']} threads ({doc['host_cpus']} logical CPUs). The simulator's "
+           "calibration comes from the same run's micro-benchmarks, not from the cells: one CPU expert "
+           f"{cpu['expert_s'][cpu['format']][0][1] * 1e3:.3f} ms, the hidden state's hop {cpu['hop_s'] * 1e6:.1f} us "
+           "each way.", "",
+           f"{len(cells)} cells: |error| median {pct(float(np.median(errs)))}, max {pct(max(errs))}; "
+           f"{sum(e <= 0.05 for e in errs)} within 5%; executor counts equal to the simulator's in "
+           f"{sum(c['executed_equal'] for c in cells)}; residency violations "
+           f"{sum((c['violations'] or 0) + c['once_violations'] + c['cpu_violations'] for c in cells)}.", ""]
+    if doc.get("skipped"):
+        out += [f"{len(doc['skipped'])} cells were not run (past the driver's time budget).", ""]
+    for trace in dict.fromkeys(c["trace"] for c in cells):
+        mine = [c for c in cells if c["trace"] == trace]
+        rows = [[c["cache_size"], c["execution"], f"{c['real_ms_per_token']:.2f}", f"{c['sim_ms_per_token']:.2f}",
+                 pct(c["error"], signed=True), "yes" if c["executed_equal"] else "NO",
+                 " ".join(f"{k}={v}" for k, v in c["executed_real"].items() if v)] for c in mine]
+        wins = [[k, _winner([c for c in mine if c["cache_size"] == k], "real_ms_per_token"),
+                 _winner([c for c in mine if c["cache_size"] == k], "sim_ms_per_token")]
+                for k in sorted({c["cache_size"] for c in mine})]
+        out += [f"### {trace}", "", *table(["K", "execution", "real ms/token", "sim ms/token", "error",
+                                            "executed equal", "executed (engine)"], rows), "",
+                "Fastest executor at each K (speed-up over copy-only at that K):", "",
+                *table(["K", "measured", "simulated"], wins), ""]
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
+    global RAW
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-o", "--output", type=Path, default=HERE / "report.md")
+    ap.add_argument("--raw", type=Path, default=RAW, help="the raw directory (default: raw/ beside this script)")
     args = ap.parse_args(argv)
+    RAW = args.raw
     raw = json.loads((RAW / "cpu_expert_raw.json").read_text())
     cal = json.loads((RAW / "calibration_cpu_host.json").read_text())
     doc = json.loads((RAW / "cells.json").read_text())
-    lines = ["# Hybrid execution: the CPU as a third resource (issue 24, simulator half)", "",
+    validations = sorted(RAW.glob("validation_*.json"))
+    if validations:
+        title, note = "", ("The simulated sections come from `studies/hybrid/run.py`; the last section compares the "
+                           "real engine's hybrid execution with the simulator on the device.")
+    else:
+        title, note = " (issue 24, simulator half)", ("Simulated only: the real engine's CPU path and the sim-vs-real "
+                                                      "validation are not part of this study.")
+    lines = [f"# Hybrid execution: the CPU as a third resource{title}", "",
              "Built by `studies/hybrid/make_report.py` from `studies/hybrid/raw/` (driver: `studies/hybrid/run.py`). "
-             "Simulated only: the real engine's CPU path and the sim-vs-real validation are not part of this study.", "",
-             *cpu_section(raw, cal), *execution_section(doc), *placement_section(doc)]
+             + note, "", *cpu_section(raw, cal), *execution_section(doc), *placement_section(doc)]
+    for path in validations:
+        lines += validation_section(json.loads(path.read_text()), f"raw/{path.name}")
     write_text(args.output, "\n".join(lines))
     print(f"wrote {args.output}")
 

@@ -1,0 +1,407 @@
+"""Hybrid execution in the real engine (issue 24; docs/engine.md, "Hybrid execution").
+
+The same execution policy objects the simulator runs (``moesim.policies.execution``) decide, per layer,
+which executor serves each routed expert that is not in the layer's GPU cache:
+
+- ``copy``: copied into a GPU slot (the engine before hybrid execution);
+- ``cpu``: computed on the host by :class:`CpuWorker`, from a CPU-format copy made at load
+  (:class:`CpuExperts`: torch's int8 weight-only kernel); the layer's hidden state goes to the host
+  through a pinned buffer, the worker thread computes while the GPU runs the layer's other experts and
+  the copies, and its outputs come back into the layer's expert buffer before the combine;
+- ``lowbit``: HOBBIT's substitute, a smaller format of the same expert (:class:`LowbitCopies`), copied
+  into the slot and computed in that format while it stays there;
+- ``pinned``: a GPU set loaded before the run into slots no eviction touches.
+
+Policies that price their choice (Fiddler's rule, the dynamic split: ``prices``) ask the simulator's
+estimate; the engine has no clock of its own to price with, so their choices come from the simulator's
+run of the same tokens with the measured calibration (:func:`priced_schedule`), replayed in order and
+checked against the engine's own misses (:class:`ScheduledChoices`).
+
+**Proof.** Besides the device counters (each GPU piece compares its slot's identity with the trace's
+expert), the engine counts, per routed (token, layer, rank), the executors that computed it: each must
+be computed exactly once (``once_violations``), and a CPU expert's copy carries its identity too, read
+from the host blob it was made from (``cpu_violations``). ``executed`` has the simulator's keys.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from moesim.engine.identity import TAG_BASE, TAG_BYTES
+from moesim.engine.plan import CachePlan, Routing
+from moesim.engine.quant import QuantSpec, matrix, quant_spec, quantize_matrix
+from moesim.engine.runtime import OffloadedEngine, Program, Weights, expert_forward, issue_copy
+from moesim.engine.sync import COMPUTE
+from moesim.errors import SettingError
+from moesim.policies.base import ExpertCache, make_policy
+from moesim.policies.execution import EXECUTORS, ExecutionPolicy, Miss, parse_execution
+
+# HOBBIT's substitute of each engine format: a smaller format :func:`quantize_matrix` can make (bf16
+# scale/zero); hqq4 -> hqq2-g64 keeps both on the fused kernels (1-bit has none: dequantise + matmul)
+LOWBIT_OF = {"hqq4": "hqq2-g64", "hqq2": "hqq1-g64", "hqq4-v02": "hqq2-g64", "hqq2-v02": "hqq1-g64"}
+
+
+def expert_matrices(weights: Weights, layer: int, expert: int):
+    """(w1, w3, w2) of one expert as float weights on the weights' device, dequantised from its host blob."""
+    g, spec = weights.geometry, weights.quant
+    blob = weights.host[layer][expert][:weights.expert_bytes].to(weights.d.dev)
+    size = spec.matrix_bytes(g.hidden * g.ffn)
+    shapes = ((g.ffn, g.hidden), (g.ffn, g.hidden), (g.hidden, g.ffn))
+    return [matrix(blob[i * size:(i + 1) * size], spec, r, c) for i, (r, c) in enumerate(shapes)]
+
+
+def host_tag(weights: Weights, layer: int, expert: int) -> int:
+    """The identity word stored at the end of (layer, expert)'s host blob."""
+    import torch
+
+    return int(weights.host[layer][expert][-TAG_BYTES:].view(torch.int64)[0])
+
+
+class CpuExperts:
+    """Host copies of experts in torch's int8 weight-only CPU layout, made at load from the engine's
+    own blobs (dequantised on the weights' device, re-quantised per output row), each with the identity
+    of the blob it came from."""
+
+    def __init__(self, weights: Weights, keys: Iterable[tuple[int, int]], progress: bool = False) -> None:
+        from moesim.engine.cpu_bench import int8_rows
+
+        self.copies: dict[tuple[int, int], list[tuple[Any, Any]]] = {}
+        self.tags: dict[tuple[int, int], int] = {}
+        keys = list(keys)
+        it: Iterable[tuple[int, int]] = keys
+        if progress:
+            from tqdm import tqdm
+            it = tqdm(keys, desc="CPU expert copies", unit="expert")
+        for layer, e in it:
+            mats = expert_matrices(weights, layer, e)
+            self.copies[(layer, e)] = [tuple(t.cpu() for t in int8_rows(m)) for m in mats]
+            self.tags[(layer, e)] = host_tag(weights, layer, e)
+
+    def forward(self, layer: int, expert: int, x):
+        """The expert's SwiGLU FFN on ``x`` (tokens, hidden) bf16 on the host."""
+        import torch
+
+        (w1, s1), (w3, s3), (w2, s2) = self.copies[(layer, expert)]
+        mm = torch.ops.aten._weight_int8pack_mm
+        return mm(torch.nn.functional.silu(mm(x, w1, s1)) * mm(x, w3, s3), w2, s2)
+
+
+class LowbitCopies:
+    """HOBBIT's substitutes: each expert re-quantised to ``fmt`` from its dequantised weights, in
+    pinned host memory, plus the expert's identity word (copied last, to the slot's identity place)."""
+
+    def __init__(self, weights: Weights, fmt: str | None = None, progress: bool = False) -> None:
+        import torch
+
+        fmt = fmt or LOWBIT_OF.get(weights.quant.name)
+        if fmt is None:
+            raise SettingError("lowbit_format", f"no low-bit substitute for {weights.quant.name!r}; name one")
+        self.spec: QuantSpec = quant_spec(fmt)
+        g = weights.geometry
+        self.nbytes = self.spec.expert_bytes(g.hidden, g.ffn)
+        if self.nbytes + TAG_BYTES > weights.blob_bytes:
+            raise SettingError("lowbit_format", f"{fmt} is not smaller than the engine's {weights.quant.name}")
+        pin = weights.d.cuda
+        self.host: list[list[tuple[Any, Any]]] = []
+        it: Iterable[int] = range(g.num_layers)
+        if progress:
+            from tqdm import tqdm
+            it = tqdm(it, desc=f"{fmt} substitutes", unit="layer")
+        for layer in it:
+            row = []
+            for e in range(g.num_experts):
+                packed = torch.cat([quantize_matrix(m.reshape(-1), self.spec)
+                                    for m in expert_matrices(weights, layer, e)]).cpu()
+                tag = torch.tensor([host_tag(weights, layer, e)], dtype=torch.int64).view(torch.uint8)
+                row.append((packed.pin_memory() if pin else packed, tag.pin_memory() if pin else tag))
+            self.host.append(row)
+
+
+class HybridProgram(Program):
+    """A :class:`Program` with the low-bit substitute's expert pieces too (``lowbit_expert[l][s][j]``:
+    the expert in slot s read in the substitute's format), captured like the others on a GPU."""
+
+    def __init__(self, weights: Weights, max_slots: int, max_tokens: int, lowbit: LowbitCopies | None = None,
+                 **kw: Any) -> None:
+        self.lowbit = lowbit
+        g = weights.geometry
+        self.lowbit_expert: list[list[list[Any]]] = [
+            [[lambda layer=layer, s=s, j=j: self._run_lowbit(layer, s, j) for j in range(g.top_k)]
+             for s in range(max_slots)] for layer in range(g.num_layers)]
+        super().__init__(weights, max_slots, max_tokens, **kw)
+
+    def _run_lowbit(self, layer: int, slot: int, rank: int) -> None:
+        g = self.w.geometry
+        if self.check_residency:
+            want = self.expect[layer, rank].index_select(0, self.tok.view(1))
+            self.violations.add_(self.slot_tags[layer][slot:slot + 1].ne(want).sum())
+        blob = self.slots[layer][slot][:self.lowbit.nbytes]
+        self.ybuf[layer, rank].copy_(expert_forward(blob, self.x, self.lowbit.spec, g.hidden, g.ffn))
+
+    def _capture(self, progress: bool) -> None:
+        from moesim.engine.runtime import capture_graphs
+
+        super()._capture(progress)
+        if self.lowbit is None:
+            return
+        g = self.w.geometry
+        pieces = [(self.lowbit_expert[layer][s][j],
+                   lambda gr, layer=layer, s=s, j=j: self.lowbit_expert[layer][s].__setitem__(j, gr))
+                  for layer in range(g.num_layers) for s in range(self.max_slots) for j in range(g.top_k)]
+        self._lowbit_graphs = capture_graphs(self.torch, self.w.d.dev, pieces, progress,
+                                             after_warmup=lambda: self.tok.fill_(-1))
+
+
+class CpuWorker:
+    """The host's expert worker: one dedicated thread running torch's CPU kernels on ``threads``
+    threads. Per layer, :meth:`submit` copies the layer's hidden state to a pinned host buffer (on the
+    compute stream, right after the gate) and queues the layer's CPU experts; :meth:`merge` waits for
+    them and copies their outputs into the layer's expert buffer on the compute stream, before the
+    combine reads it."""
+
+    def __init__(self, program: Program, cpu: CpuExperts, threads: int) -> None:
+        import torch
+
+        self.prog, self.cpu, self.torch = program, cpu, torch
+        g = program.w.geometry
+        pin = program.w.d.cuda
+        self.x_host = torch.zeros(g.num_layers, 1, g.hidden, dtype=torch.bfloat16, pin_memory=pin)
+        self.y_host = torch.zeros(g.num_layers, g.top_k, 1, g.hidden, dtype=torch.bfloat16, pin_memory=pin)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="moesim-cpu-experts",
+                                       initializer=torch.set_num_threads, initargs=(threads,))
+        self.pending: dict[int, tuple[Future, list[int]]] = {}
+        self.thread_ids: set[int] = set()
+        self.wrong_tags = 0
+
+    def submit(self, layer: int, jobs: Sequence[tuple[int, int, int]]) -> None:
+        """Queue (rank, expert, expected identity) jobs of ``layer`` on the worker."""
+        d = self.prog.w.d
+        self.x_host[layer].copy_(self.prog.x, non_blocking=True)
+        ready = d.event(timing=False)
+        ready.record()
+        self.pending[layer] = (self.pool.submit(self._run, layer, list(jobs), ready), [j[0] for j in jobs])
+
+    def _run(self, layer: int, jobs: list[tuple[int, int, int]], ready) -> None:
+        self.thread_ids.add(threading.get_ident())
+        ready.synchronize()   # the hidden state is on the host
+        x = self.x_host[layer]
+        with self.torch.inference_mode():
+            for rank, expert, want in jobs:
+                self.wrong_tags += self.cpu.tags[(layer, expert)] != want
+                self.y_host[layer, rank].copy_(self.cpu.forward(layer, expert, x))
+
+    def merge(self, layer: int) -> None:
+        if layer not in self.pending:
+            return
+        fut, ranks = self.pending.pop(layer)
+        fut.result()   # the host's outputs are ready (re-raises a worker failure)
+        for rank in ranks:
+            self.prog.ybuf[layer, rank].copy_(self.y_host[layer, rank], non_blocking=True)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+class ScheduledChoices(ExecutionPolicy):
+    """A pricing policy's choices as the simulator made them, replayed layer by layer in order; a miss
+    set that differs from the simulator's is an error (the engine and the simulator diverged)."""
+
+    def __init__(self, base: ExecutionPolicy, choices: dict[int, deque]) -> None:
+        self.base, self.choices, self.name = base, choices, base.name
+
+    def cpu_layer(self, layer: int) -> bool:
+        return self.base.cpu_layer(layer)
+
+    def pinned(self, layer: int) -> frozenset[int]:
+        return self.base.pinned(layer)
+
+    def choose(self, layer: int, misses: Sequence[Miss], estimate) -> list[str]:
+        queue = self.choices.get(layer)
+        if not queue:
+            raise RuntimeError(f"{self.name}: the engine has misses at layer {layer} the simulator never priced")
+        experts, kinds = queue.popleft()
+        if list(experts) != [m.expert for m in misses]:
+            raise RuntimeError(f"{self.name}: the engine's misses {[m.expert for m in misses]} at layer {layer} "
+                               f"differ from the simulator's {list(experts)}")
+        return list(kinds)
+
+
+class _Recorder(ExecutionPolicy):
+    """Delegates to ``base`` and records each ``choose`` (layer, the misses' experts, the choice)."""
+
+    def __init__(self, base: ExecutionPolicy) -> None:
+        self.base, self.name = base, base.name
+        self.choices: dict[int, deque] = {}
+        if hasattr(base, "by_layer"):
+            self.by_layer = base.by_layer
+
+    def cpu_layer(self, layer: int) -> bool:
+        return self.base.cpu_layer(layer)
+
+    def pinned(self, layer: int) -> frozenset[int]:
+        return self.base.pinned(layer)
+
+    def choose(self, layer: int, misses: Sequence[Miss], estimate) -> list[str]:
+        kinds = self.base.choose(layer, misses, estimate)
+        self.choices.setdefault(layer, deque()).append((tuple(m.expert for m in misses), tuple(kinds)))
+        return kinds
+
+
+def priced_schedule(trace, policy: str, cache_size: int, cost, execution: ExecutionPolicy):
+    """Run the simulator (the one cell runner) on ``trace`` with ``execution`` and return (its
+    choices as :class:`ScheduledChoices`, the cell's result)."""
+    from moesim.simulator.cell import CellSpec, run_cell
+
+    rec = _Recorder(execution)
+    res = run_cell(trace, CellSpec(policy, cache_size, cost=cost, execution=rec, interval=False))
+    return ScheduledChoices(execution, rec.choices), res
+
+
+class HybridEngine(OffloadedEngine):
+    """:class:`OffloadedEngine` whose misses are served by the executor an execution policy chooses
+    (batch 1, no prefetcher). ``cpu_experts`` is needed for policies that put experts on the CPU and
+    ``program.lowbit`` for HOBBIT; ``execution`` may be a spelling, a policy or
+    :class:`ScheduledChoices` (a pricing policy needs one: :func:`priced_schedule`)."""
+
+    def __init__(self, weights: Weights, cache_size: int, policy: str = "lru",
+                 execution: str | ExecutionPolicy | None = "copy", *, program: HybridProgram,
+                 cpu_experts: CpuExperts | None = None, cpu_threads: int = 1, **kw: Any) -> None:
+        super().__init__(weights, cache_size, policy, "none", program=program, **kw)
+        self.exe = parse_execution(execution)
+        if getattr(self.exe, "prices", False):
+            raise SettingError("execution", f"{self.exe.name} prices its choices with the simulator: give the engine "
+                                            "its schedule (moesim.engine.hybrid.priced_schedule)")
+        g = weights.geometry
+        self.pinned_sets = [self.exe.pinned(layer) for layer in range(g.num_layers)]
+        for layer, p in enumerate(self.pinned_sets):
+            if p and len(p) >= cache_size:
+                raise SettingError("execution", f"{self.exe.name} pins {len(p)} experts of layer {layer}, which "
+                                                f"leaves none of its {cache_size} GPU slots to the cache")
+            if any(not 0 <= e < g.num_experts for e in p):
+                raise SettingError("execution", f"{self.exe.name} pins an expert outside 0..{g.num_experts - 1}")
+        self.cpu_experts, self.cpu_threads = cpu_experts, cpu_threads
+        self.worker: CpuWorker | None = None
+
+    # -- the hooks of OffloadedEngine.run --------------------------------------------------------------
+    def _plan(self, routing: Routing) -> CachePlan:
+        g = self.w.geometry
+        plan = CachePlan(routing, self.cache_size, self.policy_name, "none", self.policy_params)
+        self.pinned_slot: list[dict[int, int]] = []
+        for layer, pinned in enumerate(self.pinned_sets):
+            cap = self.cache_size - len(pinned)
+            plan.caches[layer] = ExpertCache(cap, make_policy(self.policy_name, **(self.policy_params or {})))
+            plan.free_slots[layer] = list(range(cap))
+            self.pinned_slot.append({e: cap + i for i, e in enumerate(sorted(pinned))})
+            for e, slot in self.pinned_slot[-1].items():   # loaded before the run, untimed
+                self._copy(layer, slot, e, None, -1, "pinned")
+        self.slot_kind = [dict.fromkeys(range(self.cache_size), "copy") for _ in range(g.num_layers)]
+        self.executed = dict.fromkeys(EXECUTORS, 0)
+        self.computed = np.zeros((routing.num_tokens, g.num_layers, g.top_k), np.int64)
+        self.routing = routing
+        if self.worker is not None:
+            self.worker.close()
+        self.worker = CpuWorker(self.program, self.cpu_experts, self.cpu_threads) if self.cpu_experts else None
+        return plan
+
+    def _serve(self, plan: CachePlan, t: int, layer: int, log: list | None, gate_done) -> None:
+        r = self.routing
+        now = int(r.row[t, layer])
+        if now < 0:
+            return
+        keys = [int(e) for e in r.experts[t, layer]]
+        wts = [float(x) for x in r.weights[t, layer]]
+        if self.exe.cpu_layer(layer):
+            kinds = dict.fromkeys(keys, "cpu")
+        else:
+            kinds = self._choose(plan, layer, keys, wts)
+        on_cpu = [j for j, e in enumerate(keys) if kinds.get(e) == "cpu"]
+        self._to_cpu(t, layer, keys, on_cpu)
+        pinned = self.pinned_sets[layer]
+        to_gpu = [e for e in keys if e not in pinned and kinds.get(e) != "cpu"]
+        copies = plan.demand(layer, to_gpu, now, [wts[keys.index(e)] for e in to_gpu]) if to_gpu else []
+        for slot, e in copies:
+            kind = kinds.get(e, "copy")
+            self.slot_kind[layer][slot] = kind
+            self._issue(layer, slot, e, kind, log, t, gate_done)
+            self.executed[kind] += 1
+        self.executed["gpu_hit"] += len(to_gpu) - len(copies)
+        self.executed["pinned"] += sum(e in pinned for e in keys)
+        self.executed["cpu"] += len(on_cpu)
+        extra = len(keys) - len(to_gpu)   # pinned and CPU experts: requests the cache did not see
+        plan.requests += extra
+        plan.layer_requests[layer] += extra
+        plan.hits += sum(e in pinned for e in keys)
+        plan.layer_hits[layer] += sum(e in pinned for e in keys)
+        missed = {e for _, e in copies}
+        gpu_ranks = [j for j in range(len(keys)) if j not in on_cpu]
+        for j in sorted(gpu_ranks, key=lambda j: keys[j] in missed):   # resident first, then misses
+            e = keys[j]
+            slot = self.pinned_slot[layer][e] if e in pinned else plan.slot_of[layer][e]
+            self.order.wait(COMPUTE, self.marks.ready[layer][slot])
+            lowbit = e not in pinned and self.slot_kind[layer][slot] == "lowbit"
+            (self.program.lowbit_expert if lowbit else self.program.expert)[layer][slot][j]()
+            self.marks.free[layer][slot] = self.order.record(COMPUTE)
+            self.computed[t, layer, j] += 1
+
+    def _choose(self, plan: CachePlan, layer: int, keys: list[int], wts: list[float]) -> dict[int, str]:
+        """The execution policy's executor of each miss (router order) that is not pinned."""
+        cache = plan.caches[layer]
+        cand = [e for e in keys if e not in self.pinned_sets[layer] and e not in cache.resident]
+        if not cand or self.exe.name == "copy":
+            return {}
+        misses = [Miss(e, 1, wts[keys.index(e)]) for e in cand]
+
+        def no_estimate(_plan):
+            raise SettingError("execution", f"{self.exe.name} prices its choices: run it from a simulator schedule")
+        kinds = self.exe.choose(layer, misses, no_estimate)
+        if len(kinds) != len(cand) or not set(kinds) <= {"copy", "cpu", "lowbit"}:
+            raise SettingError("execution", f"{self.exe.name} chose {list(kinds)} for {len(cand)} misses")
+        if "lowbit" in kinds and getattr(self.program, "lowbit", None) is None:
+            raise SettingError("execution", f"{self.exe.name} needs the low-bit substitutes (HybridProgram(lowbit=...))")
+        return {e: k for e, k in zip(cand, kinds, strict=True) if k != "copy"}
+
+    def _to_cpu(self, t: int, layer: int, keys: list[int], ranks: list[int]) -> None:
+        if not ranks:
+            return
+        if self.worker is None:
+            raise SettingError("execution", f"{self.exe.name} runs experts on the CPU: build the engine with cpu_experts")
+        g = self.w.geometry
+        jobs = []
+        for j in ranks:
+            jobs.append((j, keys[j], TAG_BASE + layer * g.num_experts + keys[j]))
+            self.computed[t, layer, j] += 1
+        self.worker.submit(layer, jobs)
+
+    def _issue(self, layer: int, slot: int, e: int, kind: str, log, t: int, gate_done) -> None:
+        if kind == "copy":
+            self._copy(layer, slot, e, log, t, "miss", gate_done)
+            return
+        packed, tag = self.program.lowbit.host[layer][e]
+        dst = self.slots[layer][slot]
+        parts = [(dst[:packed.numel()], packed), (dst[-TAG_BYTES:], tag)]   # the identity lands last
+        issue_copy(self.w, self.program, self.order, self.marks, layer, slot, e, gate_done, log, (t, layer, "lowbit"),
+                   parts=parts)
+
+    def _merge(self, layer: int) -> None:
+        if self.worker is not None:
+            self.worker.merge(layer)
+
+    def _executed(self) -> dict[str, Any]:
+        """``executed`` (the simulator's keys) and the host half of the proof."""
+        r = self.routing
+        routed = r.experts >= 0
+        routed &= (r.row >= 0)[:, :, None]
+        once = int(((self.computed != 1) & routed).sum() + (self.computed[~routed] != 0).sum())
+        out = {"executed": dict(self.executed), "once_violations": once,
+               "cpu_violations": self.worker.wrong_tags if self.worker else 0,
+               "cpu_threads_used": len(self.worker.thread_ids) if self.worker else 0}
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
+        return out

@@ -1,0 +1,298 @@
+"""Device validation of hybrid execution (issue 24 item 5): the real engine's ms/token against the timing
+simulator's, cell by cell, for copy-only, n-cpu-moe at two N, Fiddler's rule, the dynamic split and
+HOBBIT's substitute, at K = 2, 4, 6, batch 1, on two shipped traces that calibrated nothing.
+
+One 32-layer full-geometry Mixtral engine with random weights (hqq2 experts, their hqq1-g64 substitutes,
+their int8 CPU copies) is built once. The simulator's calibration comes from micro-benchmarks in the same
+run (copy curve, the engine's captured pieces, an all-resident run, the engine terms, one CPU expert on
+the worker's threads, the hidden state's hop through pinned buffers) -- never from the cells. Each cell
+runs the engine once and the simulator (the one cell runner) on the same tokens; the engine's executor
+counts must equal the simulator's.
+
+    PYTHONPATH=. python studies/hybrid/run_validation.py --out /tmp/hv            # on the GPU box
+    PYTHONPATH=. python studies/hybrid/run_validation.py --out /tmp/hv --tiny     # CPU, tiny shapes
+
+Writes ``validation_<gpu>.json`` (``validation_cpu-tiny.json`` with --tiny) and ``validation.log``;
+``make_report.py`` turns a committed copy under raw/ into the report's validation section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+ROOT = Path(__file__).resolve().parents[2]
+TRACES = ("synth-mixtral-8x7b.parquet", "learned-mixtral-32l.parquet")
+CACHE_SIZES = (2, 4, 6)
+LOG: list[str] = []
+START = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    LOG.append(line)
+    print(line, flush=True)
+
+
+def executions(layers: int) -> list[str]:
+    """The cells' execution policies; n-cpu-moe at an eighth and a quarter of the layers."""
+    return ["copy", f"n-cpu-moe={max(layers // 8, 1)}", f"n-cpu-moe={max(layers // 4, 2)}", "fiddler", "hybrid",
+            "hobbit"]
+
+
+def decode_trace(path: Path, tokens: int, layers: int, expert_bytes: int, quant: str):
+    """The first ``tokens`` decode tokens of a shipped trace (its first ``layers`` layers), priced as
+    the engine's experts."""
+    from moesim.engine.validation import cell_trace
+    from moesim.traces.format import Trace, read_trace
+
+    trace = cell_trace(read_trace(path), tokens=tokens, expert_bytes=expert_bytes, quantization=quant)
+    if layers < trace.meta.num_layers:
+        keep = pa.array(np.asarray(trace.layer) < layers)
+        trace = Trace(dataclasses.replace(trace.meta, num_layers=layers), trace.table.filter(keep), trace.path)
+    return trace
+
+
+def timer(device: str):
+    from moesim.engine.gpu_bench import device_seconds
+
+    return lambda fn, reps=20: device_seconds(fn, device, reps=reps)
+
+
+def h2d_curve(device: str, sizes: list[int]) -> list[dict]:
+    """Pinned host -> device copies of each size (ms)."""
+    import torch
+
+    seconds = timer(device)
+    out = []
+    for n in sizes:
+        src = torch.empty(n, dtype=torch.uint8, pin_memory=device != "cpu")
+        dst = torch.empty(n, dtype=torch.uint8, device=device)
+        ms = seconds(lambda src=src, dst=dst: dst.copy_(src, non_blocking=True)) * 1e3
+        out.append({"bytes": n, "ms": ms})
+        log(f"h2d {n:>10d} B {ms:.4f} ms")
+    return out
+
+
+def pieces(program, seconds) -> dict:
+    """GPU time of the engine's captured pieces (a full expert, a substitute expert, a layer, first, final)."""
+    import torch
+
+    with torch.inference_mode():
+        out = {"first_ms": seconds(program.first) * 1e3, "layer_ms": seconds(program.layer[1]) * 1e3,
+               "expert_ms": seconds(program.expert[1][0][0]) * 1e3,
+               "lowbit_expert_ms": seconds(program.lowbit_expert[1][0][0]) * 1e3,
+               "final_ms": seconds(program.final) * 1e3, "graphs": program.graphs}
+    program.reset_proof()
+    log(f"pieces {out}")
+    return out
+
+
+def cpu_terms(weights, cpu, worker_threads: int, seconds) -> dict:
+    """One int8 CPU expert on the worker's thread count, cycling through distinct experts (each read
+    cold, as in a run), and the hidden state's hop each way through a pinned buffer (round trip / 2)."""
+    import threading
+
+    import torch
+
+    g, d = weights.geometry, weights.d
+    keys = list(cpu.copies)
+    x = torch.randn(1, g.hidden, dtype=torch.bfloat16)
+    times: list[float] = []
+
+    def bench() -> None:
+        torch.set_num_threads(worker_threads)
+        with torch.inference_mode():
+            for i in range(max(2 * len(keys), 24) if len(keys) < 64 else len(keys)):
+                t0 = time.perf_counter()
+                cpu.forward(*keys[i % len(keys)], x)
+                times.append(time.perf_counter() - t0)
+    th = threading.Thread(target=bench)   # the worker's own kind of thread, with its thread count
+    th.start()
+    th.join()
+    expert_s = statistics.median(times[2:])
+    xd = torch.randn(1, g.hidden, dtype=torch.bfloat16, device=d.dev)
+    host = torch.empty(1, g.hidden, dtype=torch.bfloat16, pin_memory=d.cuda)
+
+    def round_trip() -> None:
+        host.copy_(xd, non_blocking=True)
+        ev = d.event(timing=False)
+        ev.record()
+        ev.synchronize()
+        xd.copy_(host, non_blocking=True)
+        d.synchronize()
+    hop_s = timer(str(d.dev))(round_trip, reps=200) / 2
+    log(f"CPU expert (int8, {worker_threads} threads) {expert_s * 1e3:.3f} ms; hop {hop_s * 1e6:.1f} us")
+    return {"threads": worker_threads, "format": "int8", "hidden_bytes": g.hidden * 2, "hop_s": hop_s,
+            "expert_s": {"int8": [[1, expert_s]]}, "thread_curve": [],
+            "sources": {"expert_s": f"the engine's int8 CPU experts, {len(times) - 2} calls cycling over "
+                                    f"{len(keys)} experts on a {worker_threads}-thread worker, median",
+                        "hop": "the hidden state through a pinned buffer, device->host->device, / 2"}}
+
+
+def calibrate(weights, program, routing, cpu, lowbit, worker_threads: int, out: dict) -> object:
+    """The simulator's cost model from this run's micro-benchmarks (none of the cells)."""
+    from moesim.engine.calibration import to_cost_model
+    from moesim.engine.gpu_bench import all_resident, engine_terms
+    from moesim.simulator.cost_model import CostModel
+
+    dev = str(weights.d.dev)
+    seconds = timer(dev)
+    big = weights.blob_bytes
+    sizes = sorted({weights.geometry.hidden * 2, 1 << 16, 1 << 20, 4 << 20, 16 << 20, lowbit.nbytes, big} - {0})
+    raw: dict = {"h2d": h2d_curve(dev, [s for s in sizes if s <= max(big, 16 << 20)])}
+    graph = pieces(program, seconds)
+    raw["graph"] = graph
+    main = weights.quant.name
+    raw["expert"] = {main: {"expert_bytes": weights.expert_bytes, "curve": [{"tokens": 1, "ms": graph["expert_ms"]}]},
+                     lowbit.spec.name: {"expert_bytes": lowbit.nbytes,
+                                        "curve": [{"tokens": 1, "ms": graph["lowbit_expert_ms"]}]}}
+    raw["attention"] = [{"context": weights.geometry.max_context, "ms": graph["layer_ms"]}]
+    raw["lm_head_ms"] = graph["final_ms"]
+    raw["engine_quantization"] = main
+    raw["all_resident"] = all_resident(weights, program, routing, tokens=min(16, routing.num_tokens))
+    raw.update(engine_terms(dev, big, layers=weights.geometry.num_layers,
+                            copies=40 if weights.d.cuda else 4))
+    cal = to_cost_model(raw, name="hybrid-validation", description="issue 24 validation: this run's micro-benchmarks")
+    cal["cpu"] = cpu_terms(weights, cpu, worker_threads, seconds)
+    out["calibration"], out["calibration_raw"] = cal, raw
+    cost = CostModel.from_dict(cal)
+    return cost.with_overrides(lowbit_format=lowbit.spec.name)
+
+
+def run_cell(weights, program, cpu, routing, trace, cost, k: int, execution: str, threads: int) -> dict:
+    """One cell: the simulator (its choices recorded for a pricing policy), then the engine."""
+    from moesim.engine.hybrid import HybridEngine, priced_schedule
+    from moesim.policies.execution import parse_execution
+
+    exe = parse_execution(execution)
+    schedule, sim = priced_schedule(trace, "lru", k, cost, exe)
+    eng = HybridEngine(weights, k, "lru", schedule if exe.prices else exe, program=program, cpu_experts=cpu,
+                       cpu_threads=threads)
+    res = eng.run(routing).to_dict()
+    simd = sim.to_json()
+    real_ms, sim_ms = res["ms_per_token"], simd["ms_per_token"]
+    row = {"cache_size": k, "execution": execution, "real_ms_per_token": real_ms, "sim_ms_per_token": sim_ms,
+           "error": (sim_ms - real_ms) / real_ms, "executed_real": res["executed"], "executed_sim": simd["executed"],
+           "executed_equal": res["executed"] == simd["executed"], "violations": res["violations"],
+           "device_copies": res["device_copies"], "once_violations": res["once_violations"],
+           "cpu_violations": res["cpu_violations"], "token_ms": res["token_ms"], "tokens": res["tokens"]}
+    log(f"K={k} {execution:>12}: real {real_ms:8.3f} sim {sim_ms:8.3f} ms/token ({row['error'] * 100:+.1f}%) "
+        f"executed {'==' if row['executed_equal'] else '!='} {res['executed']} proof {res['violations']}/"
+        f"{res['once_violations']}/{res['cpu_violations']}")
+    return row
+
+
+def build(args, out: dict):
+    """Weights, substitutes, CPU copies and the program, once for every cell."""
+    from moesim.engine.hybrid import CpuExperts, HybridProgram, LowbitCopies
+    from moesim.engine.quant import quant_spec
+    from moesim.engine.runtime import MIXTRAL_8X7B, Geometry, Weights
+
+    g = Geometry.tiny(4) if args.tiny else MIXTRAL_8X7B
+    t0 = time.perf_counter()
+    w = Weights(g, quant_spec(args.quant), args.device, pin=True, progress=not args.tiny)
+    lowbit = LowbitCopies(w, progress=not args.tiny)
+    cpu = CpuExperts(w, [(layer, e) for layer in range(g.num_layers) for e in range(g.num_experts)],
+                     progress=not args.tiny)
+    log(f"weights, substitutes and CPU copies in {time.perf_counter() - t0:.1f} s")
+    t0 = time.perf_counter()
+    program = HybridProgram(w, g.num_experts, args.tokens, lowbit=lowbit, progress=not args.tiny)
+    out["engine"] = {"geometry": dataclasses.asdict(g), "quantization": args.quant, "lowbit": lowbit.spec.name,
+                     "cpu_format": "int8", "graphs": program.graphs, "fused": program.fused,
+                     "build_s": time.perf_counter() - t0, "expert_blob_bytes": w.blob_bytes,
+                     "lowbit_bytes": lowbit.nbytes}
+    log(f"program captured in {out['engine']['build_s']:.1f} s")
+    return w, program, cpu, lowbit
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True, help="directory for the JSON and the log")
+    ap.add_argument("--tiny", action="store_true", help="4-layer tiny geometry on the CPU (tests the code paths)")
+    ap.add_argument("--tokens", type=int, default=None, help="tokens per cell (default 20; 6 with --tiny)")
+    ap.add_argument("--cpu-threads", type=int, default=None, help="the CPU worker's threads (default: cores - 2)")
+    ap.add_argument("--quant", default="hqq4", help="the experts' format (default hqq4: its substitute hqq2-g64 "
+                    "runs on the fused kernels too)")
+    ap.add_argument("--budget-s", type=float, default=320.0,
+                    help="start no cell after this many seconds of the run (default 320)")
+    ap.add_argument("--commit", default="", help="the commit measured (recorded)")
+    args = ap.parse_args(argv)
+    import torch
+
+    args.device = "cpu" if args.tiny else "cuda"
+    if not args.tiny and not torch.cuda.is_available():
+        print("run_validation.py: no CUDA device here (use --tiny for the CPU code path)", file=sys.stderr)
+        return 2
+    args.tokens = args.tokens or (6 if args.tiny else 20)
+    # two cores left to the main thread (it issues the GPU work and spins on its events); at most 16,
+    # the physical cores of the H100 box (more would be hyper-threads)
+    threads = args.cpu_threads or max(1, min(16, (os.cpu_count() or 2) - 2))
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "cpu-tiny" if args.tiny else ("h200" if "H200" in torch.cuda.get_device_name(0) else
+                                         "h100" if "H100" in torch.cuda.get_device_name(0) else "gpu")
+    path = args.out / f"validation_{name}.json"
+    out: dict = {"device": "cpu (tiny)" if args.tiny else torch.cuda.get_device_name(0), "commit": args.commit,
+                 "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__,
+                 "tokens_per_cell": args.tokens, "cpu_threads": threads, "host_cpus": os.cpu_count(),
+                 "policy": "lru", "batch": 1, "cells": []}
+
+    def save() -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=1))
+        os.replace(tmp, path)
+        (args.out / "validation.log").write_text("\n".join(LOG) + "\n")
+    try:
+        run_all(args, out, threads, save)
+    except Exception:   # noqa: BLE001 - a device run must bring back what it measured
+        out["error"] = traceback.format_exc()
+        log(f"FAILED:\n{out['error']}")
+    save()
+    log(f"wrote {path}")
+    return 1 if "error" in out else 0
+
+
+def run_all(args, out: dict, threads: int, save) -> None:
+    from moesim.engine.plan import Routing
+
+    w, program, cpu, lowbit = build(args, out)
+    g = w.geometry
+    traces = {name: decode_trace(ROOT / "traces" / name, args.tokens, g.num_layers, w.expert_bytes, args.quant)
+              for name in TRACES}
+    first = Routing.from_trace(next(iter(traces.values())), args.tokens)
+    program.load_routing(first)
+    cost = calibrate(w, program, first, cpu, lowbit, threads, out)
+    save()
+    t0 = time.perf_counter()
+    routings = {name: Routing.from_trace(trace, args.tokens) for name, trace in traces.items()}
+    for execution in ("n-cpu-moe=2", "hobbit"):   # warm-up: every executor's first calls, pools, allocator
+        run_cell(w, program, cpu, first, traces[TRACES[0]], cost, 2, execution, threads)
+    for k in CACHE_SIZES:   # K outermost: a run cut by the budget still has both traces
+        for name, trace in traces.items():
+            for execution in executions(g.num_layers):
+                if time.perf_counter() - START > args.budget_s:
+                    out.setdefault("skipped", []).append([name, k, execution])
+                    log(f"skipped {name} K={k} {execution}: past the {args.budget_s:.0f} s budget")
+                    continue
+                row = run_cell(w, program, cpu, routings[name], trace, cost, k, execution, threads)
+                out["cells"].append({"trace": name, **row})
+                save()
+    out["cells_s"] = time.perf_counter() - t0
+    errs = [abs(c["error"]) for c in out["cells"]] or [float("nan")]
+    log(f"{len(errs)} cells in {out['cells_s']:.1f} s: |error| median {statistics.median(errs) * 100:.1f}% "
+        f"max {max(errs) * 100:.1f}%; executed equal in {sum(c['executed_equal'] for c in out['cells'])}")
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    sys.exit(main())

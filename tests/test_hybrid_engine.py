@@ -1,0 +1,169 @@
+"""Hybrid execution in the real engine (moesim/engine/hybrid.py), on the engine's CPU device path with a tiny
+checkpoint: every execution policy's logits equal the all-GPU (copy) engine's within the formats' tolerance,
+the executor counts equal the simulator's on the same tokens (the closure: what the simulator priced is
+what the engine ran), and the host half of the residency proof catches a CPU copy made from the wrong
+expert and an expert computed twice. Also the substitute quantiser against a brute-force bound, the
+device driver's cell path and the report's validation section on a synthetic JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moesim.engine.hybrid import CpuExperts, HybridEngine, HybridProgram, LowbitCopies, priced_schedule
+from moesim.engine.plan import Routing
+from moesim.engine.quant import dequantize, quant_spec, quantize_matrix, split_matrix
+from moesim.engine.runtime import Geometry, Weights
+from moesim.errors import SettingError
+from moesim.policies.execution import Pinned, parse_execution
+from moesim.simulator.cost_model import CostModel
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from studies.hybrid import make_report, run_validation  # noqa: E402
+
+LAYERS, TOKENS, K = 3, 8, 4
+
+
+@pytest.fixture(scope="module")
+def setup():
+    g = Geometry.tiny(LAYERS)
+    w = Weights(g, quant_spec("hqq4"), "cpu", seed=3)
+    lowbit = LowbitCopies(w)
+    cpu = CpuExperts(w, [(layer, e) for layer in range(LAYERS) for e in range(g.num_experts)])
+    program = HybridProgram(w, K, TOKENS, lowbit=lowbit)
+    # priced as full-size Mixtral hqq2 experts (a copy ~1.2 ms): the tiny ones would cost nothing to copy
+    trace = run_validation.decode_trace(ROOT / "traces" / "synth-mixtral-8x7b.parquet", TOKENS, LAYERS,
+                                        66_748_416, "hqq2")
+    routing = Routing.from_trace(trace, TOKENS)
+    # the preset's CPU made 4x faster: at these prices Fiddler and the split put some misses on the CPU
+    cost = CostModel.preset("h200").with_overrides(cpu_speed=4.0)
+    return w, program, cpu, trace, routing, cost
+
+
+def run(setup, execution, routing=None, engine_cls=HybridEngine):
+    """(per-token logits, the run's dict, the simulator's executed counts)."""
+    w, program, cpu, trace, default_routing, cost = setup
+    exe = parse_execution(execution)
+    schedule, sim = priced_schedule(trace, "lru", K, cost, exe)
+    eng = engine_cls(w, K, "lru", schedule if exe.prices else exe, program=program, cpu_experts=cpu, cpu_threads=2)
+    kept = []
+    final = program._run_final
+    program.final = lambda: (final(), kept.append(program.logits.float().clone()))
+    try:
+        res = eng.run(routing or default_routing).to_dict()
+    finally:
+        program.final = program._run_final
+    return np.stack([k.numpy()[0] for k in kept]), res, sim.timing.executed
+
+
+PINS = Pinned([(0, 1), (1, 3), (2, 0), (2, 5)])
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """The all-GPU (copy) engine's logits, and the same run's with every routing weight 0 (no experts)."""
+    ref, base, base_sim = run(setup, "copy")
+    assert base["executed"] == base_sim and base["executed"]["copy"] > 0
+    routing = setup[4]
+    silent = Routing(routing.experts, np.zeros_like(routing.weights), routing.row, routing.seq, routing.position,
+                     routing.num_experts)
+    return ref, run(setup, "copy", silent)[0]
+
+
+@pytest.mark.parametrize("execution", ["n-cpu-moe=1", "n-cpu-moe=3", "fiddler", "hybrid", "hobbit", PINS])
+def test_logits_equal_the_copy_engine_and_executors_equal_the_simulator(setup, reference, execution):
+    ref, none = reference
+    logits, res, sim = run(setup, execution)
+    assert res["executed"] == sim, execution
+    assert sum(res["executed"].values()) == res["requests"] == TOKENS * LAYERS * 2
+    assert res["violations"] == res["once_violations"] == res["cpu_violations"] == 0
+    assert res["device_copies"] == res["executed"]["copy"] + res["executed"]["lowbit"]
+    name = parse_execution(execution).name
+    kind = {"hobbit": "lowbit", "pinned": "pinned"}.get(name.split("=")[0], "cpu")
+    assert res["executed"][kind] > 0, (name, res["executed"])
+    share = np.abs(ref - none).max()
+    err = np.abs(logits - ref).max()
+    # int8 CPU copies of 4-bit experts: a few percent of the experts' share; HOBBIT's 2-bit substitute more
+    assert err <= (0.35 if kind == "lowbit" else 0.05) * share, (name, err, share)
+    if kind == "cpu":
+        assert res["cpu_threads_used"] == 1   # one dedicated worker thread, not the caller's
+
+
+def test_a_cpu_copy_of_the_wrong_expert_is_caught(setup):
+    cpu = setup[2]
+    a, b = (0, 2), (0, 6)
+    saved = dict(cpu.copies), dict(cpu.tags)
+    cpu.copies[a], cpu.copies[b] = cpu.copies[b], cpu.copies[a]
+    cpu.tags[a], cpu.tags[b] = cpu.tags[b], cpu.tags[a]
+    try:
+        _, res, _ = run(setup, "n-cpu-moe=1")
+    finally:
+        cpu.copies, cpu.tags = saved
+    assert res["cpu_violations"] > 0
+
+
+def test_an_expert_computed_twice_is_caught(setup):
+    class Twice(HybridEngine):
+        def _to_cpu(self, t, layer, keys, ranks):   # every CPU expert also counted by a second executor
+            super()._to_cpu(t, layer, keys, ranks)
+            for j in ranks:
+                self.computed[t, layer, j] += 1
+    _, res, _ = run(setup, "n-cpu-moe=1", engine_cls=Twice)
+    assert res["once_violations"] == TOKENS * 2
+
+
+def test_engine_refuses_what_it_cannot_run(setup):
+    w, program, cpu, *_ = setup
+    with pytest.raises(SettingError, match="prices its choices"):
+        HybridEngine(w, K, "lru", "fiddler", program=program, cpu_experts=cpu)
+    with pytest.raises(SettingError, match="leaves none"):
+        HybridEngine(w, 2, "lru", Pinned([(0, 1), (0, 2)]), program=program, cpu_experts=cpu)
+    eng = HybridEngine(w, K, "lru", "n-cpu-moe=1", program=program)
+    with pytest.raises(SettingError, match="cpu_experts"):
+        eng.run(setup[4])
+
+
+@pytest.mark.parametrize("name", ["hqq2-g64", "hqq1-g64"])
+def test_substitute_quantiser_is_within_half_a_step(name):
+    import torch
+
+    spec = quant_spec(name)
+    w = torch.randn(256, 128, generator=torch.Generator().manual_seed(1)) * 0.02
+    blob = quantize_matrix(w.reshape(-1), spec)
+    assert blob.numel() == spec.matrix_bytes(w.numel())
+    back = dequantize(split_matrix(blob, spec, w.numel()), spec, w.numel()).float()
+    groups = w.reshape(-1, spec.group_size)
+    step = (groups.amax(1) - groups.amin(1)) / ((1 << spec.bits) - 1)
+    err = (back.reshape(-1, spec.group_size) - groups).abs().amax(1)
+    # half a step, plus bf16 rounding of scale and zero (relative 2^-8 of the group's range)
+    assert bool((err <= step / 2 + groups.abs().amax(1) * 2 ** -6 + 1e-6).all())
+
+
+def test_driver_cell_and_report_section(setup, tmp_path):
+    w, program, cpu, trace, routing, cost = setup
+    row = run_validation.run_cell(w, program, cpu, routing, trace, cost, K, "hobbit", 1)
+    assert row["executed_equal"] and row["tokens"] == TOKENS and row["violations"] == 0
+    assert run_validation.executions(32) == ["copy", "n-cpu-moe=4", "n-cpu-moe=8", "fiddler", "hybrid", "hobbit"]
+    cells = []
+    for k, times in ((2, {"copy": (10.0, 10.5), "fiddler": (8.0, 7.0), "hobbit": (9.0, 9.9)}),
+                     (4, {"copy": (6.0, 6.0), "fiddler": (6.6, 6.3), "hobbit": (5.0, 5.2)})):
+        for ex, (real, sim) in times.items():
+            cells.append({"trace": "t.parquet", "cache_size": k, "execution": ex, "real_ms_per_token": real,
+                          "sim_ms_per_token": sim, "error": (sim - real) / real, "executed_real": {"copy": 1},
+                          "executed_equal": True, "violations": 0, "once_violations": 0, "cpu_violations": 0})
+    doc = {"device": "H100", "commit": "abc", "date": "d", "batch": 1, "tokens_per_cell": 20, "cpu_threads": 14,
+           "host_cpus": 16, "cells": cells,
+           "engine": {"geometry": {"num_layers": 32}, "quantization": "hqq4", "lowbit": "hqq2-g64", "cpu_format": "int8"},
+           "calibration": {"cpu": {"format": "int8", "expert_s": {"int8": [[1, 0.0015]]}, "hop_s": 2e-5}}}
+    text = "\n".join(make_report.validation_section(json.loads(json.dumps(doc)), "raw/v.json"))
+    assert "| 2 | fiddler (1.25x) | fiddler (1.50x) |" in text
+    assert "| 4 | hobbit (1.20x) | hobbit (1.15x) |" in text
+    assert "| 2 | hobbit | 9.00 | 9.90 | +10.0% | yes |" in text
+    assert "|error| median 4.8%, max 12.5%; 4 within 5%" in text
+    assert "CPU expert 1.500 ms, the hidden state's hop 20.0 us" in text
