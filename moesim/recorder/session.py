@@ -38,6 +38,7 @@ class RecordResult:
     generated: list[list[int]]
     seconds: float
     interrupted: bool = False
+    placement: Placement | None = None  # where the weights were (None: a model object recorded where it was)
 
 
 def load_prompts(path: str | os.PathLike | None = None) -> list[str]:
@@ -232,4 +233,4 @@ def _record_placed(model: Any, tokenizer: Any, name: str | None, prompts: list[s
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     return RecordResult(Path(out), len(generated), rec.tokens_recorded, generated,
-                        time.perf_counter() - start, stop.set)
+                        time.perf_counter() - start, stop.set, placement)
