@@ -20,6 +20,7 @@ import torch
 from moesim.errors import SettingError
 from moesim.recorder import ByteTokenizer, adapter_for, build_preset, record
 from moesim.recorder.offload import Footprint, choose_mode, place_model
+from moesim.recorder.presets import save_preset_checkpoint
 from moesim.traces.format import read_trace
 
 PROMPTS = ["def add(a, b):", "Hello there"]
@@ -34,11 +35,15 @@ def _columns(path) -> dict[str, np.ndarray]:
     return cols
 
 
-@pytest.mark.parametrize("preset", ["tiny-mixtral", "tiny-qwen2-moe"])
-def test_offloaded_recording_equals_the_resident_one(preset, tmp_path):
+@pytest.mark.parametrize(("preset", "from_directory"), [("tiny-mixtral", False), ("tiny-qwen2-moe", True)])
+def test_offloaded_recording_equals_the_resident_one(preset, from_directory, tmp_path):
     plain = record(preset, PROMPTS, tmp_path / "plain.parquet", max_new_tokens=3, predict_distance=2,
                    offload="none", progress=False)
-    off = record(preset, PROMPTS, tmp_path / "off.parquet", max_new_tokens=3, predict_distance=2,
+    source = preset
+    if from_directory:  # the checkpoint-directory path (from_pretrained on the host, then placed)
+        source = str(tmp_path / "ckpt")
+        save_preset_checkpoint(preset, source)
+    off = record(source, PROMPTS, tmp_path / "off.parquet", max_new_tokens=3, predict_distance=2,
                  offload="experts", progress=False)
     assert plain.placement.mode == "resident" and off.placement.mode == "experts"
     assert off.placement.offload.bytes_copied > 0

@@ -17,7 +17,8 @@ then keeps it in host memory. Then, on the same weights:
 4. compare the two traces, read back with the recorder's own reader: experts, weights and prediction
    columns, and the generated tokens, must be equal.
 
-Each run reports seconds per token, peak GPU memory (``max_memory_allocated``) and host->device bytes.
+Each run reports seconds per generated token (prefill included), peak GPU memory
+(``max_memory_allocated``) and host->device bytes; the process's peak host RSS is reported once.
 Writes ``OUT/record_offload.json`` (everything), ``OUT/record_offload.log`` (the progress lines),
 ``OUT/plain.parquet`` and ``OUT/offloaded.parquet``. Imports only torch, transformers, pyarrow, numpy
 and moesim (no polars, no hqq). ``--cpu-check`` runs the same steps on a tiny model on the CPU, with the
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import sys
 import time
 from datetime import UTC, datetime
@@ -173,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         measure(args, device, geometry, out, log, result)
     finally:
+        result["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
         with atomic_open(out / "record_offload.json") as fh:
             json.dump(result, fh, indent=1)
     log(f"wrote {out / 'record_offload.json'}")
