@@ -59,6 +59,13 @@ def non_negative_float(text: str) -> float:
     return v
 
 
+def positive_float(text: str) -> float:
+    v = non_negative_float(text)
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0")
+    return v
+
+
 def int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -132,7 +139,8 @@ SETTING_HINTS = {"scope": "--scope", "semantics": "--semantics", "phase": "--pha
                  "cpu_speed": "--cpu-speed", "lowbit_format": "--lowbit-format",
                  "geometry": "--geometry", "lookahead": "--lookahead", "prefetch_budget": "--prefetch-budget",
                  "total_slots": "--total-slots", "expert_bytes": "--expert-bytes N",
-                 "expert_ms": "--expert-ms MS"}
+                 "expert_ms": "--expert-ms MS",
+                 "offload": "--offload", "max_gpu_gb": "--max-gpu-gb"}
 
 
 def error_line(exc: Exception) -> str:

@@ -9,6 +9,7 @@ from moesim.commands._common import (
     add_force_arg,
     non_negative_float,
     non_negative_int,
+    positive_float,
     positive_int,
     require_torch_device,
 )
@@ -36,6 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (and preset weight seed)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--offload", choices=("auto", "none", "experts"), default="auto",
+                   help="where the routed experts live: auto (default) keeps the model on the device when it "
+                        "fits and otherwise keeps the experts in host memory, copying each forward pass's "
+                        "routed experts to the device; none = all on the device; experts = always offload. "
+                        "The trace is the same either way")
+    p.add_argument("--max-gpu-gb", type=positive_float, metavar="GB",
+                   help="device memory the weights may take (default: what is free, less 10%% for activations)")
     p.add_argument("--predict-distance", type=non_negative_int, default=1,
                    help="record speculative predictions for d = 1..D layers ahead (0 = none)")
     p.add_argument("--logits", action="store_true", help="also store full router logits (float16)")
@@ -81,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     result = record(args.model, prompts, args.output, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, seed=args.seed, device=args.device, dtype=args.dtype,
                     predict_distance=args.predict_distance, logits=args.logits, pred_logits=args.pred_logits,
-                    flush_tokens=args.flush_tokens)
+                    flush_tokens=args.flush_tokens, offload=args.offload, max_gpu_gb=args.max_gpu_gb)
     t = read_trace(result.path)
     rate = result.tokens / result.seconds if result.seconds > 0 else 0.0
     print(f"wrote {result.path}: {len(t)} rows, {result.sequences} sequences, {result.tokens} tokens "

@@ -21,6 +21,7 @@ import torch
 
 from moesim.errors import DataError, SettingError, UsageError
 from moesim.recorder.adapters import adapter_for
+from moesim.recorder.offload import Placement, place_model
 from moesim.recorder.presets import PRESETS, ByteTokenizer, build_preset
 from moesim.recorder.record import Recorder
 
@@ -37,6 +38,7 @@ class RecordResult:
     generated: list[list[int]]
     seconds: float
     interrupted: bool = False
+    placement: Placement | None = None  # where the weights were (None: a model object recorded where it was)
 
 
 def load_prompts(path: str | os.PathLike | None = None) -> list[str]:
@@ -59,13 +61,24 @@ def load_prompts(path: str | os.PathLike | None = None) -> list[str]:
     return prompts
 
 
-def load_model(model: str, *, device: str = "cpu", dtype: str = "float32", seed: int = 0):
-    """(model, tokenizer, name) for a preset name or a local Hugging Face checkpoint directory."""
+def load_model(model: str, *, device: str = "cpu", dtype: str = "float32", seed: int = 0, offload: str = "auto",
+               max_gpu_gb: float | None = None, progress: bool | None = None):
+    """(model, tokenizer, name, placement) for a preset name or a local Hugging Face checkpoint directory.
+
+    The weights are read into host memory, then placed on ``device`` whole or with the routed experts
+    kept on the host (``offload``, ``max_gpu_gb``: see :mod:`moesim.recorder.offload`)."""
     if dtype not in DTYPES:
         raise SettingError("dtype", f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
     torch_dtype = DTYPES[dtype]
     if model in PRESETS:
-        return build_preset(model, seed=seed, dtype=torch_dtype).to(device), ByteTokenizer(), model
+        net, tok, name = build_preset(model, seed=seed, dtype=torch_dtype), ByteTokenizer(), model
+    else:
+        net, tok, name = _load_checkpoint(model, torch_dtype)
+    placement = place_model(net, adapter_for(net), device, offload=offload, max_gpu_gb=max_gpu_gb, progress=progress)
+    return net, tok, name, placement
+
+
+def _load_checkpoint(model: str, torch_dtype: torch.dtype):
     path = Path(model)
     if not path.is_dir():
         raise SettingError("model", f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint "
@@ -79,7 +92,7 @@ def load_model(model: str, *, device: str = "cpu", dtype: str = "float32", seed:
         net = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise DataError(path, f"cannot load checkpoint ({str(exc).splitlines()[0][:200]})") from None
-    return net.to(device).eval(), tok, path.name
+    return net.eval(), tok, path.name
 
 
 def _encode(tok: Any, text: str) -> list[int]:
@@ -129,22 +142,46 @@ class _PastPositions(logging.Filter):
 def record(model_or_path: Any, prompts: list[str], out: str | os.PathLike, *, max_new_tokens: int = 32,
            temperature: float = 0.0, seed: int = 0, device: str = "cpu", dtype: str = "float32",
            predict_distance: int = 1, logits: bool = False, pred_logits: bool = False,
-           flush_tokens: int = 64, tokenizer: Any = None, progress: bool | None = None) -> RecordResult:
-    """Record one trace for ``prompts`` (each in turn, batch size 1) into ``out``."""
-    from tqdm import tqdm
-    from transformers import StoppingCriteriaList
+           flush_tokens: int = 64, tokenizer: Any = None, progress: bool | None = None,
+           offload: str | None = None, max_gpu_gb: float | None = None) -> RecordResult:
+    """Record one trace for ``prompts`` (each in turn, batch size 1) into ``out``.
 
+    ``offload`` (auto | none | experts) and ``max_gpu_gb`` place the weights (see
+    :mod:`moesim.recorder.offload`); a model object given with neither is recorded where it is."""
     out_path = Path(out)
     if not out_path.parent.is_dir():  # fail before loading a large model
         raise DataError(out_path, f"output directory {str(out_path.parent)!r} does not exist")
+    placement: Placement | None = None
     if isinstance(model_or_path, str | os.PathLike):
-        model, tokenizer, name = load_model(str(model_or_path), device=device, dtype=dtype, seed=seed)
+        model, tokenizer, name, placement = load_model(str(model_or_path), device=device, dtype=dtype, seed=seed,
+                                                       offload=offload or "auto", max_gpu_gb=max_gpu_gb,
+                                                       progress=progress)
     else:
         model, name = model_or_path, None
         if tokenizer is None:
             raise UsageError("record(model, ...) needs tokenizer= when given a model object")
+        if offload is not None or max_gpu_gb is not None:
+            placement = place_model(model, adapter_for(model), device, offload=offload or "auto",
+                                    max_gpu_gb=max_gpu_gb, progress=progress)
+    try:
+        return _record_placed(model, tokenizer, name, prompts, out_path, placement, max_new_tokens=max_new_tokens,
+                              temperature=temperature, seed=seed, dtype=dtype, predict_distance=predict_distance,
+                              logits=logits, pred_logits=pred_logits, flush_tokens=flush_tokens, progress=progress)
+    finally:
+        if placement is not None and placement.offload is not None:
+            placement.offload.remove()
+
+
+def _record_placed(model: Any, tokenizer: Any, name: str | None, prompts: list[str], out: Path,
+                   placement: Placement | None, *, max_new_tokens: int, temperature: float, seed: int, dtype: str,
+                   predict_distance: int, logits: bool, pred_logits: bool, flush_tokens: int,
+                   progress: bool | None) -> RecordResult:
+    from tqdm import tqdm
+    from transformers import StoppingCriteriaList
+
     adapter = adapter_for(model)
-    dev = next(model.parameters()).device
+    offloaded = placement is not None and placement.offload is not None
+    dev = placement.offload.device if offloaded else next(model.parameters()).device
     decoding = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
                 "strategy": "sampled" if temperature > 0 else "greedy"}
     gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0)
@@ -169,6 +206,8 @@ def record(model_or_path: Any, prompts: list[str], out: str | os.PathLike, *, ma
     logging.getLogger(_MAX_LENGTH_LOGGER).addFilter(past_positions)
     try:
         prov = {"device": str(dev), "dtype": dtype, "decoding": decoding, "prompts": len(prompts)}
+        if placement is not None:
+            prov["placement"] = placement.describe()
         with Recorder(model, adapter, out, predict_distance=predict_distance, logits=logits,
                       pred_logits=pred_logits, flush_tokens=flush_tokens, model_name=name,
                       provenance=prov) as rec:
@@ -194,4 +233,4 @@ def record(model_or_path: Any, prompts: list[str], out: str | os.PathLike, *, ma
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     return RecordResult(Path(out), len(generated), rec.tokens_recorded, generated,
-                        time.perf_counter() - start, stop.set)
+                        time.perf_counter() - start, stop.set, placement)
