@@ -100,12 +100,13 @@ def figure(data: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=False)
-    for ax, which in zip(axes, ("old", "new")):
+    for ax, which in zip(axes, ("old", "new"), strict=True):
         tps = {(r["cache_size"], r["policy"], r["prefetch"]): r["tokens_per_s"] for r in data["cells"][which]}
         for pol in POLICIES:
             ax.plot(SIZES, [tps[(k, pol, "none")] for k in SIZES], marker="o", label=f"{pol}")
         ax.plot(SIZES, [tps[(k, "lru", "transition")] for k in SIZES], "k--", marker="x", label="lru + transition")
         ax.set_title(f"{which}: {data[which]['name']}")
+        ax.set_xticks(SIZES)
         ax.set_xlabel("expert slots per layer (K)")
         ax.set_ylabel("simulated tokens/s")
         ax.grid(alpha=0.3)
