@@ -212,6 +212,8 @@ def main() -> int:
     ap.add_argument("--commit", required=True)
     ap.add_argument("--trace", type=Path, default=Path("traces/synth-mixtral-8x7b.parquet"))
     ap.add_argument("--tokens", type=int, default=96)
+    ap.add_argument("--formats", default="hqq2,hqq2-g64,hqq2-v02,hqq4",
+                    help="expert formats whose pieces are timed (hqq2, the seed's, is the contract's)")
     ap.add_argument("--pieces-only", action="store_true",
                     help="skip the 32-layer engine runs; writes pieces_<gpu>.json (no contract keys)")
     args = ap.parse_args()
@@ -243,7 +245,7 @@ def main() -> int:
     stage("hbm_peak", hbm_peak)
     stage("h2d_curve", h2d_curve)
     # the previous engine's compiled piece for the seed's format only (each compile takes seconds)
-    stage("expert", lambda: {n: expert_pieces(n, old=n == "hqq2") for n in ("hqq2", "hqq2-g64", "hqq2-v02", "hqq4")})
+    stage("expert", lambda: {n: expert_pieces(n, old=n == "hqq2") for n in args.formats.split(",")})
     stage("layer", layer_piece)
     stage("tuning", tuning_table)
     if args.pieces_only:
