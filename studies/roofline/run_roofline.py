@@ -147,7 +147,7 @@ def layer_piece() -> dict:
             ref_x, _ = attention_forward(*args)
             old_ms = graph_ms(lambda: compiled(attention_forward)(*args))
     # the fused decode attention reads positions 0..pos only; SDPA (reference path) the whole static cache
-    read = int(pos.item()) + 1 if kernels.active("cuda") else g.max_context
+    read = int(pos.item()) + 1 if kernels.fused_attention_status() == "ok" else g.max_context
     kv_bytes = 2 * w.k_cache[0].numel() // g.max_context * read * w.k_cache.element_size()
     err = float((new_x.float() - ref_x.float()).abs().max() / ref_x.float().abs().max())
     out = {"attn_weight_bytes": w.attn_bytes, "kv_cache_bytes_read": kv_bytes, "gate_bytes": w.wg[0].numel() * 2,
@@ -245,6 +245,7 @@ def main() -> int:
     # the previous engine's compiled piece for the seed's format only (each compile takes seconds)
     stage("expert", lambda: {n: expert_pieces(n, old=n == "hqq2") for n in ("hqq2", "hqq2-g64", "hqq2-v02", "hqq4")})
     stage("layer", layer_piece)
+    out["fused_attention"] = kernels.fused_attention_status()
     stage("tuning", tuning_table)
     if args.pieces_only:
         return 1 if "errors" in out else 0
