@@ -73,3 +73,13 @@ def test_dispatcher_equals_softmax_over_the_visible_positions(window):
     (q, k, v, p), want = _case(2, 3, 16, 40, 20, window, torch.float32, 5)
     got = kernels.decode_attention(q, k.nan_to_num(), v.nan_to_num(), p, torch.arange(40, device=DEV), window)
     _check(got, want, torch.float32, f"dispatcher window={window}")
+
+
+def test_fused_attention_status_says_whether_the_kernel_serves():
+    """On a GPU the one-time probe (fused kernel against SDPA) must pass; elsewhere the status says the
+    fused path is off, and the dispatcher's SDPA path serves."""
+    status = kernels.fused_attention_status()
+    if CUDA and TRITON:
+        assert status == "ok", status
+    else:
+        assert status.startswith("not active"), status

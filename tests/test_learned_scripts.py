@@ -102,3 +102,6 @@ def test_corpus_split_and_schedule(tmp_path):
     lrs = [mod.lr_at(s, 100, 1e-3, 0.05) for s in range(100)]
     assert lrs[4] == pytest.approx(1e-3) and lrs[0] == pytest.approx(2e-4)
     assert lrs[-1] == pytest.approx(1e-4, rel=0.01) and all(x >= y for x, y in zip(lrs[4:], lrs[5:], strict=False))
+    # the tokenizer's sample: texts in order up to and including the one that reaches the size
+    assert mod.tokenizer_sample(["a" * 400_000, "b" * 700_000, "c"], 1.0) == (["a" * 400_000, "b" * 700_000], 1_100_000)
+    assert mod.tokenizer_sample(["ab", "c"], 1.0) == (["ab", "c"], 3)

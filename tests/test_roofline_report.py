@@ -19,7 +19,7 @@ def _script():
 
 def _raw() -> dict:
     rows = [{"batch": b, "fused_ms": f, "old_compiled_ms": 0.32, "fp16_dense_ms": 0.126,
-             "kernel_variant_ms": {"v1": 2 * f, "v2": f}}
+             "kernel_variant_ms": {"v1": 2 * f, "v2": f, "v1_max_rel_err": 0.004, "v2_max_rel_err": 0.0051}}
             for b, f in ((1, 0.05), (4, 0.09), (16, 0.2))]
     cand = [{"variant": v, "bn": bn, "bw": 8, "warps": 4, "stages": 3, "ms": ms}
             for v, bn, ms in ((1, 16, 0.04), (1, 32, 0.03), (2, 16, 0.02), (2, 64, 0.025), (2, 128, None))]
@@ -66,7 +66,8 @@ def test_report_numbers_come_from_the_raw_file(tmp_path):
     # HBM floor: 32 layers x (2 x 60 MB + 30 MB) / 3000 GB/s = 1.6 ms
     assert "is 1.600 ms" in text
     # old kernel alone 0.1 ms vs new alone 0.05 ms at batch 1; the layer 0.09 / 0.06 = 1.5
-    assert "| expert hqq2 | 1 | 0.1 | 0.05 | 2 |" in text and "| layer (eager) | 1 | 0.09 | 0.06 | 1.5 |" in text
+    assert "| expert hqq2 | 1 | 0.1 | 0.05 | 2 | 4.00e-03 | 5.10e-03 |" in text
+    assert "| layer (eager) | 1 | 0.09 | 0.06 | 1.5 | - | - |" in text
     # tuning: best v1 is the 0.03 ms tile, best v2 the 0.02 ms one, which is kept
     assert "| hqq2 14336x4096 w1+w3 | 1 | 0.03 | 0.02 | v2 BN 16 BW 8 w4 s3 | 4 of 5 |" in text
 

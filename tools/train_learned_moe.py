@@ -123,6 +123,17 @@ def read_texts(paths: list[str], max_bytes: int) -> tuple[list[str], list[str]]:
 
 # -- tokenizer ---------------------------------------------------------------------------------------
 
+def tokenizer_sample(texts: list[str], megabytes: float) -> tuple[list[str], int]:
+    """The tokenizer's training sample: the first texts, in order, until ``megabytes`` million characters."""
+    sample, acc = [], 0
+    for t in texts:
+        sample.append(t)
+        acc += len(t)
+        if acc >= megabytes * 1e6:
+            break
+    return sample, acc
+
+
 def train_tokenizer(texts: list[str], vocab: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -389,12 +400,7 @@ def train_and_save(args, c: dict, roots: list[str], files: list[str], train_file
     held_texts, _ = read_texts(hash_order(held, args.seed), int(max(2e6, args.corpus_mb * 1e6 / 40)))
     n_bytes = sum(len(t.encode()) for t in texts)
     log(f"read {len(texts)} training files ({n_bytes / 1e6:.1f} MB), {len(held_texts)} held-out files")
-    sample, acc = [], 0
-    for t in texts:
-        sample.append(t)
-        acc += len(t)
-        if acc >= c["tokenizer_mb"] * 1e6:
-            break
+    sample, acc = tokenizer_sample(texts, c["tokenizer_mb"])
     tok = train_tokenizer(sample, c["vocab"])
     eos_id = tok.token_to_id(EOS)
     log(f"tokenizer: vocab {tok.get_vocab_size()} trained on {acc / 1e6:.1f} MB")

@@ -95,10 +95,12 @@ def variant_rows(r: dict) -> list[list[Any]]:
 
 
 def _variant_cells(v: dict) -> list[Any]:
-    """v1 ms, v2 ms, v1 / v2 (a variant with no working tile: "failed")."""
+    """v1 ms, v2 ms, v1 / v2 (a variant with no working tile: "failed"), each variant's max relative error
+    against the reference path (recorded since the variant runs; "-" before)."""
     a, b = v.get("v1"), v.get("v2")
     return [a if a is not None else "failed", b if b is not None else "failed",
-            a / b if a is not None and b is not None else "-"]
+            a / b if a is not None and b is not None else "-",
+            *(f"{v[k]:.2e}" if v.get(k) is not None else "-" for k in ("v1_max_rel_err", "v2_max_rel_err"))]
 
 
 def tuning_rows(r: dict) -> list[list[Any]]:
@@ -138,7 +140,8 @@ def pieces_sections(r: dict) -> list[str]:
         out += ["## Fused kernel variants\n\nThe same pieces with only one variant of the fused kernel "
                 "(`moesim/engine/kernels/lowbit.py`: v1 walks the code positions of a word tile one by one, v2 "
                 "dequantises a whole K-major tile at once), each at its fastest tile; ms per piece.",
-                _md(["piece", "batch", "v1 ms", "v2 ms", "v1 / v2"], variants)]
+                _md(["piece", "batch", "v1 ms", "v2 ms", "v1 / v2", "v1 max rel. error", "v2 max rel. error"],
+                    variants)]
     if r.get("tuning"):
         out += ["Every tuned kernel shape (batch bucket 1: GEMV; 16/32: tensor-core tiles): the fastest tile "
                 "of each variant (kernel ms, `triton.testing.do_bench`) and the one kept.",

@@ -60,13 +60,20 @@ def graph_ms(fn, reps: int = 50) -> float:
     return cuda_ms(graph.replay, reps=reps, warm=3)
 
 
-def variant_times(fn) -> dict[str, float]:
+def rel_err(got, want) -> float:
+    return float((got.float() - want.float()).abs().max() / want.float().abs().max())
+
+
+def variant_times(fn, ref) -> dict:
     """``fn``'s graph time with each fused-kernel variant alone (its fastest tuned tile; the tiles were
-    timed when ``fn`` first ran, so nothing is re-tuned): the old kernel against the new, same process."""
+    timed when ``fn`` first ran, so nothing is re-tuned): the old kernel against the new, same process;
+    and each variant's max relative error against ``ref`` (the reference path's output)."""
     times: dict = {}
     for v in lowbit.VARIANTS:
         try:
             with lowbit.only_variant(v):
+                got = fn()
+                times[f"v{v}_max_rel_err"] = rel_err(got[0] if isinstance(got, tuple) else got, ref)
                 times[f"v{v}"] = graph_ms(fn)
         except Exception as exc:   # noqa: BLE001 - a variant with no working tile: recorded, run goes on
             times[f"v{v}"] = None
@@ -118,9 +125,9 @@ def expert_pieces(spec_name: str, old: bool) -> dict:
                 old_ms = graph_ms(lambda x=x: compiled(expert_forward)(blob, x, spec, g.hidden, g.ffn)) if old \
                     else None
             new_ms = graph_ms(lambda x=x: expert_forward(blob, x, spec, g.hidden, g.ffn))
-            variant_ms = variant_times(lambda x=x: expert_forward(blob, x, spec, g.hidden, g.ffn))
+            variant_ms = variant_times(lambda x=x: expert_forward(blob, x, spec, g.hidden, g.ffn), ref)
             fp16_ms = graph_ms(lambda xh=xh: (F.silu(xh @ dense[0].T) * (xh @ dense[1].T)) @ dense[2].T)
-        err = float((fused.float() - ref.float()).abs().max() / ref.float().abs().max())
+        err = rel_err(fused, ref)
         out["rows"].append({"batch": m, "fused_ms": new_ms, "old_compiled_ms": old_ms, "fp16_dense_ms": fp16_ms,
                             "kernel_variant_ms": variant_ms, "max_rel_err_vs_reference": err})
         log(f"expert {spec_name} batch {m}: fused {new_ms:.4f} ms (per kernel variant {variant_ms}), old {old_ms}, "
@@ -138,18 +145,19 @@ def layer_piece() -> dict:
     args = (x, w.wq[0], w.wk[0], w.wv[0], w.wo[0], w.wg[0], w.k_cache[0], w.v_cache[0], pos, w.positions, g,
             w.attn_quant)
     with torch.inference_mode():
+        with kernels.reference_kernels():
+            ref_x, _ = attention_forward(*args)
         new_x, _ = attention_forward(*args)
         new_ms = graph_ms(lambda: attention_forward(*args))
-        variant_ms = variant_times(lambda: attention_forward(*args))
+        variant_ms = variant_times(lambda: attention_forward(*args), ref_x)
         # the fused kernels are opaque custom ops: torch.compile fuses the rest of the layer around them
         new_compiled_ms = graph_ms(lambda: compiled(attention_forward)(*args))
         with kernels.reference_kernels():
-            ref_x, _ = attention_forward(*args)
             old_ms = graph_ms(lambda: compiled(attention_forward)(*args))
     # the fused decode attention reads positions 0..pos only; SDPA (reference path) the whole static cache
-    read = int(pos.item()) + 1 if kernels.active("cuda") else g.max_context
+    read = int(pos.item()) + 1 if kernels.fused_attention_status() == "ok" else g.max_context
     kv_bytes = 2 * w.k_cache[0].numel() // g.max_context * read * w.k_cache.element_size()
-    err = float((new_x.float() - ref_x.float()).abs().max() / ref_x.float().abs().max())
+    err = rel_err(new_x, ref_x)
     out = {"attn_weight_bytes": w.attn_bytes, "kv_cache_bytes_read": kv_bytes, "gate_bytes": w.wg[0].numel() * 2,
            "context": g.max_context, "positions_read": read, "fused_eager_ms": new_ms, "fused_compiled_ms": new_compiled_ms,
            "fused_ms": min(new_ms, new_compiled_ms), "compiled": new_compiled_ms < new_ms, "old_compiled_ms": old_ms,
@@ -247,6 +255,7 @@ def main() -> int:
     # the previous engine's compiled piece for the seed's format only (each compile takes seconds)
     stage("expert", lambda: {n: expert_pieces(n, old=n == "hqq2") for n in args.formats.split(",")})
     stage("layer", layer_piece)
+    out["fused_attention"] = kernels.fused_attention_status()
     stage("tuning", tuning_table)
     if args.pieces_only:
         return 1 if "errors" in out else 0

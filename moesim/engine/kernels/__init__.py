@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from moesim.engine.quant import QuantSpec, matrix
 
 # plain module state (no cached functions): torch.compile traces these reads as constants
-_STATE = {"enabled": os.environ.get("MOESIM_KERNELS", "fused") != "reference", "ops": False}
+_STATE = {"enabled": os.environ.get("MOESIM_KERNELS", "fused") != "reference", "ops": False, "attention": "unprobed"}
 _TRITON = importlib.util.find_spec("triton") is not None
 
 
@@ -76,6 +76,35 @@ def _register_ops() -> None:
         x_arg = 1 if name == "lowbit_expert" else 0
         op.register_fake(lambda *a, out_shape=out_shape, x_arg=x_arg: a[x_arg].new_empty(out_shape(*a)))
     _STATE["ops"] = True
+    _STATE["attention"] = _probe_attention(attention.decode_attention)
+
+
+def _probe_attention(fused) -> str:
+    """Run the fused decode attention once on a small cache against SDPA (eagerly, when the ops are
+    registered): "ok", or why the engine keeps SDPA instead (a kernel that does not compile or disagrees
+    on this device must not take the engine down with it)."""
+    import torch
+
+    try:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=gen)
+                   for s in ((1, 2, 4, 128), (1, 2, 96, 128), (1, 2, 96, 128)))
+        pos = torch.tensor([70], device="cuda")
+        got = fused(q, k, v, pos).float()
+        mask = (torch.arange(96, device="cuda") <= pos).view(1, 1, 1, -1)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).float()
+        err = float((got - want).abs().max() / want.abs().max())
+        return "ok" if err <= 2e-2 else f"disagrees with SDPA (max relative error {err:.2e})"
+    except Exception as exc:   # noqa: BLE001 - any failure means: keep SDPA, and say why
+        return f"{type(exc).__name__}: {str(exc)[:400]}"
+
+
+def fused_attention_status() -> str:
+    """"ok" when decode attention runs fused on the GPU; else why not (reference path, no Triton, or the
+    probe's failure)."""
+    if not active("cuda"):
+        return "not active (reference kernels, no CUDA or no Triton)"
+    return _STATE["attention"]
 
 
 def packed_linear(x, view, spec: QuantSpec, rows: int, cols: int):
@@ -95,7 +124,7 @@ def decode_attention(q, k_cache, v_cache, pos, positions, window: int = 0):
     whole static cache (``positions``: its position indices)."""
     import torch
 
-    if active(q.device):
+    if active(q.device) and _STATE["attention"] == "ok":
         from moesim.engine.kernels.attention import supported
 
         if supported(q, k_cache):

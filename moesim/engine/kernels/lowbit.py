@@ -40,17 +40,25 @@ from moesim.engine.quant import META_GROUP, QuantSpec, split_matrix
 
 
 @triton.jit
-def _word_tile_weights(p_ptr, s_ptr, z_ptr, m_ptr, rows, words, mask, WORDS: tl.constexpr,
-                       groups_per_row: tl.constexpr, BITS: tl.constexpr, GROUP_WORDS: tl.constexpr, QUANT_META: tl.constexpr):
-    """(packed words, scale, zero) of a [BN, BW] tile of words; scale/zero in fp32."""
+def _word_tile_weights(p_ptr, s_ptr, z_ptr, m_ptr, rows, row_ok, w0, words, mask, WORDS: tl.constexpr,
+                       groups_per_row: tl.constexpr, GROUP_WORDS: tl.constexpr, QUANT_META: tl.constexpr,
+                       META_ROW: tl.constexpr):
+    """(packed words, scale, zero) of a [BN, BW] tile of words from word ``w0``; scale/zero in fp32. With
+    ``META_ROW`` the tile lies inside one 128-group meta span per row: the four meta values are loaded
+    once per row instead of once per word."""
     pw = tl.load(p_ptr + rows[:, None] * WORDS + words[None, :], mask=mask, other=0)
     g = rows[:, None] * groups_per_row + words[None, :] // GROUP_WORDS
     if QUANT_META:
-        mg = (g // 128) * 4
-        m0 = tl.load(m_ptr + mg, mask=mask, other=0.0).to(tl.float32)
-        m1 = tl.load(m_ptr + mg + 1, mask=mask, other=0.0).to(tl.float32)
-        m2 = tl.load(m_ptr + mg + 2, mask=mask, other=0.0).to(tl.float32)
-        m3 = tl.load(m_ptr + mg + 3, mask=mask, other=0.0).to(tl.float32)
+        if META_ROW:
+            mg = ((rows * groups_per_row + w0 // GROUP_WORDS) // 128 * 4)[:, None]
+            mmask = row_ok[:, None]
+        else:
+            mg = (g // 128) * 4
+            mmask = mask
+        m0 = tl.load(m_ptr + mg, mask=mmask, other=0.0).to(tl.float32)
+        m1 = tl.load(m_ptr + mg + 1, mask=mmask, other=0.0).to(tl.float32)
+        m2 = tl.load(m_ptr + mg + 2, mask=mmask, other=0.0).to(tl.float32)
+        m3 = tl.load(m_ptr + mg + 3, mask=mmask, other=0.0).to(tl.float32)
         scale = (tl.load(s_ptr + g, mask=mask, other=0).to(tl.float32) - m1) * m0
         zero = (tl.load(z_ptr + g, mask=mask, other=0).to(tl.float32) - m3) * m2
     else:
@@ -81,6 +89,26 @@ def _dequant(pw, scale, zero, J: tl.constexpr, BITS: tl.constexpr, QUANT_META: t
 
 
 @triton.jit
+def _epilogue(out_ptr, acc_a, acc_b, rows, row_ok, pid_m, M, stride_om, DUAL: tl.constexpr, BM: tl.constexpr,
+              ROWS_FIRST: tl.constexpr):
+    """The gating of the dual pass (silu(a) * b), then the store: one output row at batch 1, else a
+    [BM, BN] tile (``ROWS_FIRST``: [BN, BM], rows on the dot's wide side) of batch rows ``pid_m * BM ..``."""
+    if DUAL:
+        acc_a = acc_a * tl.sigmoid(acc_a) * acc_b
+    if BM == 1:
+        tl.store(out_ptr + rows, acc_a.to(out_ptr.dtype.element_ty), mask=row_ok)
+    else:
+        ms = pid_m * BM + tl.arange(0, BM)
+        m_ok = ms < M
+        if ROWS_FIRST:
+            tl.store(out_ptr + ms[None, :] * stride_om + rows[:, None], acc_a.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & m_ok[None, :])
+        else:
+            tl.store(out_ptr + ms[:, None] * stride_om + rows[None, :], acc_a.to(out_ptr.dtype.element_ty),
+                     mask=m_ok[:, None] & row_ok[None, :])
+
+
+@triton.jit
 def _lowbit_kernel(x_ptr, out_ptr, M, N, stride_xm, stride_om,
                    pa, sa, za, ma, pb, sb, zb, mb,
                    WORDS: tl.constexpr, BITS: tl.constexpr, GROUP_WORDS: tl.constexpr, QUANT_META: tl.constexpr,
@@ -105,11 +133,11 @@ def _lowbit_kernel(x_ptr, out_ptr, M, N, stride_xm, stride_om,
         words = w0 + tl.arange(0, BW)
         w_ok = words < WORDS
         mask = row_ok[:, None] & w_ok[None, :]
-        pwa, sca, zea = _word_tile_weights(pa, sa, za, ma, rows, words, mask, WORDS, groups_per_row,
-                                           BITS, GROUP_WORDS, QUANT_META)
+        pwa, sca, zea = _word_tile_weights(pa, sa, za, ma, rows, row_ok, w0, words, mask, WORDS, groups_per_row,
+                                           GROUP_WORDS, QUANT_META, False)
         if DUAL:
-            pwb, scb, zeb = _word_tile_weights(pb, sb, zb, mb, rows, words, mask, WORDS, groups_per_row,
-                                               BITS, GROUP_WORDS, QUANT_META)
+            pwb, scb, zeb = _word_tile_weights(pb, sb, zb, mb, rows, row_ok, w0, words, mask, WORDS, groups_per_row,
+                                               GROUP_WORDS, QUANT_META, False)
         for j in tl.static_range(CPW):
             k = words * CPW + j
             wa = _dequant(pwa, sca, zea, j, BITS, QUANT_META)
@@ -135,13 +163,7 @@ def _lowbit_kernel(x_ptr, out_ptr, M, N, stride_xm, stride_om,
     if BM == 1:
         acc_a = tl.sum(acc_a, axis=1)
         acc_b = tl.sum(acc_b, axis=1)
-    if DUAL:
-        acc_a = acc_a * tl.sigmoid(acc_a) * acc_b
-    if BM == 1:
-        tl.store(out_ptr + rows, acc_a.to(out_ptr.dtype.element_ty), mask=row_ok)
-    else:
-        tl.store(out_ptr + ms[:, None] * stride_om + rows[None, :], acc_a.to(out_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & row_ok[None, :])
+    _epilogue(out_ptr, acc_a, acc_b, rows, row_ok, pid_m, M, stride_om, DUAL, BM, False)
 
 
 @triton.jit
@@ -150,31 +172,13 @@ def _weight_tile(p_ptr, s_ptr, z_ptr, m_ptr, rows, row_ok, w0, WORDS: tl.constex
                  BN: tl.constexpr, BW: tl.constexpr):
     """Dequantised [BN, BW * CPW] tile (bf16 values in fp32) of words ``w0 ..`` of ``rows``, K-major:
     column ``c`` is input ``w0 * CPW + c``. Each word is loaded once and unpacked into its CPW codes
-    along a third axis; with ``META_ROW`` the tile lies inside one 128-group meta span per row, so the
-    four meta values are loaded once per row instead of once per word."""
+    along a third axis."""
     CPW: tl.constexpr = 32 // BITS
     PB: tl.constexpr = 8 // BITS
-    groups_per_row: tl.constexpr = WORDS // GROUP_WORDS
     words = w0 + tl.arange(0, BW)
     mask = row_ok[:, None] & (words < WORDS)[None, :]
-    pw = tl.load(p_ptr + rows[:, None] * WORDS + words[None, :], mask=mask, other=0)
-    g = rows[:, None] * groups_per_row + words[None, :] // GROUP_WORDS
-    if QUANT_META:
-        if META_ROW:
-            mg = ((rows * groups_per_row + w0 // GROUP_WORDS) // 128 * 4)[:, None]
-            mmask = row_ok[:, None]
-        else:
-            mg = (g // 128) * 4
-            mmask = mask
-        m0 = tl.load(m_ptr + mg, mask=mmask, other=0.0).to(tl.float32)
-        m1 = tl.load(m_ptr + mg + 1, mask=mmask, other=0.0).to(tl.float32)
-        m2 = tl.load(m_ptr + mg + 2, mask=mmask, other=0.0).to(tl.float32)
-        m3 = tl.load(m_ptr + mg + 3, mask=mmask, other=0.0).to(tl.float32)
-        scale = (tl.load(s_ptr + g, mask=mask, other=0).to(tl.float32) - m1) * m0
-        zero = (tl.load(z_ptr + g, mask=mask, other=0).to(tl.float32) - m3) * m2
-    else:
-        scale = tl.load(s_ptr + g, mask=mask, other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + g, mask=mask, other=0.0).to(tl.float32)
+    pw, scale, zero = _word_tile_weights(p_ptr, s_ptr, z_ptr, m_ptr, rows, row_ok, w0, words, mask, WORDS,
+                                         WORDS // GROUP_WORDS, GROUP_WORDS, QUANT_META, META_ROW)
     j = tl.arange(0, CPW)
     shift = 8 * (j // PB) + (PB - 1 - j % PB) * BITS
     codes = (pw[:, :, None] >> shift[None, None, :]) & ((1 << BITS) - 1)
@@ -243,13 +247,7 @@ def _lowbit_kernel_v2(x_ptr, out_ptr, M, N, stride_xm, stride_om,
         if ACC_2D:
             acc_a = tl.sum(acc_a, axis=1)
             acc_b = tl.sum(acc_b, axis=1)
-    if DUAL:
-        acc_a = acc_a * tl.sigmoid(acc_a) * acc_b
-    if BM == 1:
-        tl.store(out_ptr + rows, acc_a.to(out_ptr.dtype.element_ty), mask=row_ok)
-    else:
-        tl.store(out_ptr + ms[None, :] * stride_om + rows[:, None], acc_a.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & m_ok[None, :])
+    _epilogue(out_ptr, acc_a, acc_b, rows, row_ok, pid_m, M, stride_om, DUAL, BM, True)
 
 
 def supported(spec: QuantSpec, rows: int, cols: int) -> bool:
@@ -283,7 +281,7 @@ Config = tuple[int, int, int, int, int]
 GEMV_CONFIGS: list[Config] = [
     (1, 16, 64, 4, 3), (1, 8, 128, 4, 3), (1, 32, 64, 4, 3),
     (2, 16, 8, 4, 3), (2, 32, 8, 4, 3), (2, 16, 16, 4, 3), (2, 8, 32, 4, 3), (2, 64, 4, 4, 3),
-    (2, 32, 16, 8, 3), (2, 128, 4, 8, 3)]
+    (2, 32, 16, 8, 3), (2, 128, 4, 8, 3), (2, 8, 16, 4, 3), (2, 16, 8, 2, 4)]
 GEMM_CONFIGS: list[Config] = [
     (1, 64, 32, 4, 3), (1, 32, 32, 4, 3),
     (2, 64, 4, 4, 3), (2, 128, 4, 8, 3), (2, 64, 8, 4, 3), (2, 32, 8, 4, 3)]
