@@ -203,7 +203,7 @@ def build(args, out: dict):
     t0 = time.perf_counter()
     w = Weights(g, quant_spec(args.quant), args.device, pin=True, progress=not args.tiny)
     lowbit = LowbitCopies(w, progress=not args.tiny)
-    cpu = CpuExperts(w, [(layer, e) for layer in range(g.num_layers) for e in range(g.num_experts)],
+    cpu = CpuExperts.of(w, [(layer, e) for layer in range(g.num_layers) for e in range(g.num_experts)],
                      progress=not args.tiny)
     log(f"weights, substitutes and CPU copies in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
