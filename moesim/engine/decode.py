@@ -40,6 +40,7 @@ from moesim.engine.decoder_program import DecoderProgram
 from moesim.engine.expert_store import ExpertStore
 from moesim.engine.plan import CachePlan, Routing
 from moesim.engine.sync import COMPUTE, COPY, DEFAULT_SYNC, SlotEvents, StreamOrder, SyncMode
+from moesim.errors import SettingError
 from moesim.policies.prefetch import PrefetchContext
 from moesim.simulator.results import HitCounts
 from moesim.traces.format import DECODE, PREFILL
@@ -78,6 +79,7 @@ class GenerateResult(HitCounts):
     # the residency proof, counted on the device (None: the program was built without the check)
     violations: int | None = None      # expert pieces whose slot did not hold the expert the gate routed
     device_copies: int | None = None   # copies whose identity landed in the slot they were issued to
+    executed: dict[str, int] | None = None   # requests by executor (``execution`` given), simulate's keys
 
     @property
     def generated(self) -> int:
@@ -99,6 +101,8 @@ class GenerateResult(HitCounts):
 
     @property
     def bytes_h2d(self) -> int:
+        if self.executed is not None:   # CPU experts are misses of the cache that move no bytes
+            return (self.executed["copy"] + self.prefetches) * self.expert_bytes
         return (self.misses + self.prefetches) * self.expert_bytes
 
     def summary(self) -> dict[str, Any]:
@@ -109,7 +113,8 @@ class GenerateResult(HitCounts):
                 "hits": self.hits, "misses": self.misses, "hit_rate": self.hit_rate, "prefetches": self.prefetches,
                 "bytes_h2d": self.bytes_h2d, "expert_bytes": self.expert_bytes,
                 "handoff_wait_ms": self.handoff_wait_ms, "violations": self.violations,
-                "device_copies": self.device_copies, "plan_copies": self.misses + self.prefetches}
+                "device_copies": self.device_copies, "plan_copies": self.misses + self.prefetches,
+                **({"executed": self.executed} if self.executed is not None else {})}
 
 
 @dataclass
@@ -131,6 +136,9 @@ class _Run:
     step_index: int = 0         # row of the forced routing / the live plan's clock base
     bar: Any = None
     gc_started: float = 0.0
+    pinned_slot: list[dict[int, int]] | None = None   # hybrid execution: each layer's {pinned expert: slot}
+    executed: dict[str, int] | None = None
+    worker: Any = None                                # the CPU expert worker (CpuWorker), if any
 
     def on_gc(self, phase: str, info: dict) -> None:
         """gc callback: time spent collecting goes to the profile's "gc"."""
@@ -144,7 +152,8 @@ class Decoder:
     """One configuration (policy, K slots per layer, prefetcher) over a shared program and store."""
 
     def __init__(self, program: DecoderProgram, store: ExpertStore, cache_size: int, policy: str = "lru",
-                 prefetch: str = "none", params: dict[str, Any] | None = None, sync: SyncMode = DEFAULT_SYNC) -> None:
+                 prefetch: str = "none", params: dict[str, Any] | None = None, sync: SyncMode = DEFAULT_SYNC,
+                 execution: str | None = None, cpu_threads: int | None = None) -> None:
         s = program.spec
         if cache_size > program.max_slots:
             raise ValueError(f"cache size {cache_size} exceeds the program's {program.max_slots} slots")
@@ -155,6 +164,36 @@ class Decoder:
         CachePlan.live(s.num_layers, s.num_experts, s.top_k, cache_size, policy, prefetch, params)
         if prefetch == "speculative" and not program.distances:
             raise ValueError("the speculative prefetcher needs a program built with predict_distance >= 1")
+        self._hybrid_setup(execution, cpu_threads)
+
+    def _hybrid_setup(self, execution: str | None, cpu_threads: int | None) -> None:
+        """The execution policy (``moesim.policies.execution``; docs/engine.md, "Hybrid execution"): static
+        ones only (the decoder has no simulator to price Fiddler's rule or the split with, and no low-bit
+        substitutes), without a prefetcher; CPU copies of every expert the policy may put on the CPU."""
+        import torch
+
+        from moesim.engine.hybrid import CpuExperts, check_pinned
+        from moesim.policies.execution import Hobbit, Pinned, parse_execution
+
+        s = self.spec
+        self.exe = exe = parse_execution(execution)
+        self.cpu_experts, self.cpu_threads = None, cpu_threads or torch.get_num_threads()
+        if exe.name == "copy":
+            return
+        if exe.prices or isinstance(exe, Hobbit):
+            raise SettingError("execution", f"generate runs copy, n-cpu-moe=N and pinned=FILE, not {exe.name} (it "
+                                            "needs the simulator's prices or low-bit substitutes: `moesim simulate "
+                                            "--execution` prices it)")
+        if self.prefetch != "none":
+            raise SettingError("execution", f"--execution {exe.name} runs without a prefetcher (--prefetch none)")
+        self.pinned_sets = check_pinned(exe, s.num_layers, s.num_experts, self.cache_size)
+        all_cpu = isinstance(exe, Pinned) and exe.rest == "cpu"
+        keys = [(layer, e) for layer in range(s.num_layers) if all_cpu or exe.cpu_layer(layer)
+                for e in range(s.num_experts)]
+        if keys:
+            st = self.store
+            self.cpu_experts = CpuExperts(st.blobs, st.fmt, st.hidden, st.ffn, self.program.d.dev, keys,
+                                          dtype=self.program.dtype)
 
     # -- copies -----------------------------------------------------------------------------------------
     def _copy(self, layer: int, slot: int, expert: int, after=None) -> None:
@@ -170,6 +209,8 @@ class Decoder:
         prog = self.program
         for j in sorted(range(len(keys)), key=lambda j: keys[j] in missed):   # resident first, then misses as they land
             slot = slots[j]
+            if slot is None:
+                continue   # computed on the CPU (hybrid execution)
             self.order.wait(COMPUTE, self.marks.ready[layer][slot])
             prog.expert[layer][slot][j]()
             self.marks.free[layer][slot] = self.order.record(COMPUTE)
@@ -194,6 +235,8 @@ class Decoder:
 
         prog, d = self.program, self.program.d
         run = self._start(forced, warm, keep_logits, record_routing, record_predictions, on_step, profile)
+        if run.executed is not None:
+            prefill_chunk = 1   # CPU experts and pinned slots run through the decode pieces, token by token
         if progress:
             from tqdm import tqdm
             total = sum(len(p) + max_new_tokens - 1 for p in prompts)
@@ -232,9 +275,11 @@ class Decoder:
         wall = time.perf_counter() - t0
         violations, device_copies = prog.proof()
         plan = run.plan
+        if run.worker is not None:
+            run.worker.close()
         return GenerateResult(out_ids, run.steps, wall, plan.requests, plan.hits, plan.prefetches, self.store.expert_bytes,
                               "replay" if forced is not None else "gate", self.policy, self.cache_size, self.prefetch,
-                              run.logits_kept, run.handoff_wait * 1e3, violations, device_copies)
+                              run.logits_kept, run.handoff_wait * 1e3, violations, device_copies, run.executed)
 
     def _start(self, forced: Routing | None, warm: bool, keep_logits: bool, record_routing: bool,
                record_predictions: bool, on_step, profile: dict[str, float] | None) -> _Run:
@@ -255,8 +300,21 @@ class Decoder:
         prof = profile if profile is not None else {}
         for key in ("wait", "plan", "issue", "launch", "spec", "gc"):
             prof.setdefault(key, 0.0)
-        return _Run(plan, forced, self.prefetch == "speculative", plan.target_distance or 1, keep_logits,
-                    record_routing, record_predictions, on_step, prof)
+        run = _Run(plan, forced, self.prefetch == "speculative", plan.target_distance or 1, keep_logits,
+                   record_routing, record_predictions, on_step, prof)
+        if self.exe.name != "copy":
+            from moesim.engine.hybrid import CpuWorker, shape_plan
+            from moesim.policies.execution import EXECUTORS
+
+            run.pinned_slot = shape_plan(plan, self.pinned_sets, self.cache_size, self.policy, self.params)
+            for layer, slots in enumerate(run.pinned_slot):
+                for e, slot in slots.items():   # loaded before the clock starts
+                    self._copy(layer, slot, e)
+            run.executed = dict.fromkeys(EXECUTORS, 0)
+            prog = self.program
+            if self.cpu_experts is not None:
+                run.worker = CpuWorker(prog.xn, prog.ybuf, prog.d, self.cpu_experts, self.cpu_threads)
+        return run
 
     def _emit(self, run: _Run, records: list[StepRecord], logits: list[np.ndarray]) -> None:
         """Steps recorded (and streamed to ``on_step``), logits kept, the progress bar moved."""
@@ -282,6 +340,8 @@ class Decoder:
         """Layer ``layer``'s routing (the gate's hand-off, or the trace's) through the plan, and the
         copies of its misses and prefetches issued: (keys, weights, slots, demand copies)."""
         plan, prof, clock = run.plan, run.prof, time.perf_counter
+        if run.executed is not None:
+            return self._route_hybrid(run, layer, now)
         if run.forced is None:
             h0 = clock()
             self.order.host_wait(self.order.gate())   # the routing hand-off
@@ -321,6 +381,41 @@ class Decoder:
         prof["issue"] += (c2 - c1) + (c4 - c3)
         return keys, weights, slots, copies
 
+    def _route_hybrid(self, run: _Run, layer: int, now: int) -> tuple[list[int], list[float], list, list]:
+        """:meth:`_route` under an execution policy: the routing (gate hand-off or trace), each expert's
+        executor (``moesim.engine.hybrid.choose_executors``), the CPU experts queued on the worker, the
+        rest through the cache; slots None for CPU experts."""
+        from moesim.engine.hybrid import account, choose_executors
+        from moesim.engine.identity import expert_tag
+
+        plan, k = run.plan, self.spec.top_k
+        gate = self.order.gate()
+        if run.forced is None:
+            h0 = time.perf_counter()
+            self.order.host_wait(gate)   # the routing hand-off
+            run.handoff_wait += time.perf_counter() - h0
+            hand = self.program.host_hand[layer].numpy()
+            keys, weights, after = [int(e) for e in hand[:k]], [float(w) for w in hand[k:2 * k]], None
+        else:
+            if run.forced.row[run.step_index, layer] < 0:
+                raise ValueError(f"the forced routing has no row for step {run.step_index}, layer {layer}")
+            keys = [int(e) for e in run.forced.experts[run.step_index, layer]]
+            weights, after = [float(w) for w in run.forced.weights[run.step_index, layer]], gate
+        pinned = self.pinned_sets[layer]
+        kinds = choose_executors(self.exe, plan.caches[layer], pinned, layer, keys, weights, False)
+        on_cpu = [j for j, e in enumerate(keys) if kinds.get(e) == "cpu"]
+        if on_cpu:
+            E = self.spec.num_experts   # the identity the gate's routing names (checked against the CPU copy's)
+            run.worker.submit(layer, [(j, keys[j], expert_tag(layer, keys[j], E)) for j in on_cpu])
+        to_gpu = [e for e in keys if e not in pinned and kinds.get(e) != "cpu"]
+        copies = plan.demand(layer, to_gpu, now, [weights[keys.index(e)] for e in to_gpu]) if to_gpu else []
+        for slot, e in copies:
+            self._copy(layer, slot, e, after)
+        account(plan, run.executed, layer, keys, to_gpu, ["copy"] * len(copies), pinned)
+        slots = [None if j in on_cpu else run.pinned_slot[layer][e] if e in pinned else plan.slot_of[layer][e]
+                 for j, e in enumerate(keys)]
+        return keys, weights, slots, copies
+
     def _decode_step(self, run: _Run, seq: int, token_id: int, pos: int, phase: int) -> np.ndarray:
         """One token through the captured pieces, layer by layer; returns its logits."""
         prog, s, d = self.program, self.spec, self.program.d
@@ -346,6 +441,8 @@ class Decoder:
             c4 = time.perf_counter()
             rec_ids[layer], rec_w[layer] = keys, weights
             self._experts(layer, keys, slots, {e for _, e in copies})
+            if run.worker is not None:
+                run.worker.merge(layer)   # the CPU experts' outputs, before the combine reads them
             prog.combine[layer]()
             if prog.distances and (run.speculative or run.record_predictions):
                 prog.predict[layer]()
