@@ -21,23 +21,14 @@ from moesim.engine.expert_store import ExpertStore  # noqa: E402
 from moesim.engine.pack import pack_checkpoint  # noqa: E402
 from moesim.errors import SettingError  # noqa: E402
 from moesim.policies.execution import Pinned  # noqa: E402
+from tests.test_generate_cli import ckpt  # noqa: E402, F401 - the tiny Mixtral checkpoint fixture
 
 PROMPT, NEW, K = [3, 17, 42, 9, 28], 5, 3
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    cfg = transformers.MixtralConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=6,
-                                     num_experts_per_tok=2, max_position_embeddings=64, eos_token_id=None)
-    torch.manual_seed(1)
-    model = transformers.MixtralForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.2)
-    path = tmp_path_factory.mktemp("mixtral")
-    model.save_pretrained(path)
+def tiny(ckpt):  # noqa: F811 - the imported fixture
+    path, model = ckpt
     ids = torch.tensor([PROMPT])
     greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
                             pad_token_id=0)[0, len(PROMPT):].tolist()
@@ -59,13 +50,13 @@ def test_pinned_set_is_exact_and_counted(tiny):
     base = run(tiny, None)
     # pin each layer's most requested expert of the copy run
     pins = []
-    for layer in range(3):
+    for layer in range(2):
         ids, counts = np.unique(np.stack([s.experts[layer] for s in base.steps]), return_counts=True)
         pins.append((layer, int(ids[np.argmax(counts)])))
     res = run(tiny, Pinned(pins))
     np.testing.assert_allclose(np.stack(res.logits), want, atol=2e-4, rtol=0)
     ex = res.executed
-    assert ex["pinned"] > 0 and ex["cpu"] == 0 and sum(ex.values()) == res.requests == len(res.steps) * 3 * 2
+    assert ex["pinned"] > 0 and ex["cpu"] == 0 and sum(ex.values()) == res.requests == len(res.steps) * 2 * 2
     assert res.hits == ex["gpu_hit"] + ex["pinned"] and res.violations == 0 and res.device_copies == ex["copy"]
     assert res.bytes_h2d == ex["copy"] * res.expert_bytes
 
