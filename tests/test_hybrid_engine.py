@@ -35,7 +35,7 @@ def setup():
     g = Geometry.tiny(LAYERS)
     w = Weights(g, quant_spec("hqq4"), "cpu", seed=3)
     lowbit = LowbitCopies(w)
-    cpu = CpuExperts(w, [(layer, e) for layer in range(LAYERS) for e in range(g.num_experts)])
+    cpu = CpuExperts.of(w, [(layer, e) for layer in range(LAYERS) for e in range(g.num_experts)])
     program = HybridProgram(w, K, TOKENS, lowbit=lowbit)
     # priced as full-size Mixtral hqq2 experts (a copy ~1.2 ms): the tiny ones would cost nothing to copy
     trace = run_validation.decode_trace(ROOT / "traces" / "synth-mixtral-8x7b.parquet", TOKENS, LAYERS,

@@ -45,6 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-chunk", type=positive_int, default=None, metavar="N",
                    help="prompt tokens per prefill step (default: the whole prompt in one step; each step requests "
                         "the union of its tokens' experts per layer; 1 = token by token)")
+    p.add_argument("--execution", metavar="SPEC", default="copy",
+                   help="who serves each miss (docs/engine.md, Hybrid execution): copy (default) | n-cpu-moe=N (the "
+                        "experts of layers 0..N-1 on the CPU, int8) | pinned=FILE (JSON [[layer, expert], ...] held "
+                        "in GPU slots); prompts then run token by token, without a prefetcher")
+    p.add_argument("--cpu-threads", type=positive_int, default=None,
+                   help="threads of the CPU expert worker (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--record", metavar="OUT.parquet", help="write the run's trace (and OUT.parquet.times.json)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
@@ -78,6 +84,11 @@ def _check_choices(args) -> None:
         CachePlan.live(1, args.cache_size, 1, args.cache_size, args.policy, args.prefetch)
     except LiveRefusal as exc:
         raise UsageError(str(exc)) from None
+    from moesim.policies.execution import parse_execution
+
+    exe = parse_execution(args.execution)   # a bad spelling or pinned file: one line before the model loads
+    if exe.name != "copy" and args.prefetch != "none":
+        raise UsageError(f"--execution {exe.name} runs without a prefetcher (--prefetch none)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     if args.record and not Path(args.record).parent.is_dir():
         raise DataError(args.record, f"output directory {str(Path(args.record).parent)!r} does not exist")
     require_torch_device(args.device)
+    if args.execution != "copy":
+        args.prefill_chunk = 1   # the decoder runs hybrid execution through its decode pieces, token by token
     from moesim.engine.decode import Decoder
     from moesim.engine.decoder_program import DecoderProgram
     from moesim.engine.expert_store import ExpertStore
@@ -126,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
     slots = min(args.cache_size, s.num_experts)
     program = DecoderProgram(packed, args.device, slots, predict_distance=dist, compile_kernels=cuda,
                              max_context=longest, progress=tty)
-    decoder = Decoder(program, store, slots, args.policy, args.prefetch)
+    decoder = Decoder(program, store, slots, args.policy, args.prefetch, execution=args.execution,
+                      cpu_threads=args.cpu_threads)
     recorder = None
     if args.record:
         from moesim.engine.recording import DecodeRecorder
@@ -156,13 +170,15 @@ def run(args: argparse.Namespace) -> int:
         emit_json({"token_ids": flat, "text": text, "tokens_per_s": res.tokens_per_s,
                    "ms_per_token": 1e3 / res.tokens_per_s if res.tokens_per_s else None,
                    "requests": res.requests, "hits": res.hits, "hit_rate": res.hit_rate, "prefetches": res.prefetches,
-                   "bytes_h2d": res.bytes_h2d, "misses": res.misses, "copies": res.misses + res.prefetches,
+                   "bytes_h2d": res.bytes_h2d, "misses": res.misses,
+                   "copies": (res.executed["copy"] if res.executed else res.misses) + res.prefetches,
                    "device_copies": res.device_copies, "violations": res.violations,
                    "policy": args.policy, "cache_size": slots,
                    "prefetch": args.prefetch, "quant": args.quant, "device": args.device,
                    "token_ids_per_prompt": res.token_ids, "steps": len(res.steps),
                    "prefill_chunk": args.prefill_chunk or max(len(p) for p in prompts),
-                   "decode_tokens_per_s": res.decode_tokens_per_s, "record": args.record})
+                   "decode_tokens_per_s": res.decode_tokens_per_s, "record": args.record,
+                   **({"execution": args.execution, "executed": res.executed} if res.executed is not None else {})})
     else:
         print(text)
     return 0

@@ -47,30 +47,33 @@ from moesim.policies.execution import EXECUTORS, ExecutionPolicy, Miss, parse_ex
 LOWBIT_OF = {"hqq4": "hqq2-g64", "hqq2": "hqq1-g64", "hqq4-v02": "hqq2-g64", "hqq2-v02": "hqq1-g64"}
 
 
-def expert_matrices(weights: Weights, layer: int, expert: int):
-    """(w1, w3, w2) of one expert as float weights on the weights' device, dequantised from its host blob."""
-    g, spec = weights.geometry, weights.quant
-    blob = weights.host[layer][expert][:weights.expert_bytes].to(weights.d.dev)
-    size = spec.matrix_bytes(g.hidden * g.ffn)
-    shapes = ((g.ffn, g.hidden), (g.ffn, g.hidden), (g.hidden, g.ffn))
+def expert_matrices(blob, spec: QuantSpec, hidden: int, ffn: int, device):
+    """(w1, w3, w2) of one expert as float weights on ``device``, dequantised from its host blob."""
+    size = spec.matrix_bytes(hidden * ffn)
+    blob = blob[:3 * size].to(device)
+    shapes = ((ffn, hidden), (ffn, hidden), (hidden, ffn))
     return [matrix(blob[i * size:(i + 1) * size], spec, r, c) for i, (r, c) in enumerate(shapes)]
 
 
-def host_tag(weights: Weights, layer: int, expert: int) -> int:
-    """The identity word stored at the end of (layer, expert)'s host blob."""
+def host_tag(blob) -> int:
+    """The identity word stored at the end of an expert's host blob."""
     import torch
 
-    return int(weights.host[layer][expert][-TAG_BYTES:].view(torch.int64)[0])
+    return int(blob[-TAG_BYTES:].view(torch.int64)[0])
 
 
 class CpuExperts:
-    """Host copies of experts in torch's int8 weight-only CPU layout, made at load from the engine's
-    own blobs (dequantised on the weights' device, re-quantised per output row), each with the identity
-    of the blob it came from."""
+    """Host copies of experts in torch's int8 weight-only CPU layout, made at load from an engine's own
+    blobs (``host[layer][expert]`` in ``spec``; dequantised on ``device``, re-quantised per output row,
+    scales in ``dtype``: the activations' type), each with the identity of the blob it came from."""
 
-    def __init__(self, weights: Weights, keys: Iterable[tuple[int, int]], progress: bool = False) -> None:
+    def __init__(self, host: Sequence[Sequence[Any]], spec: QuantSpec, hidden: int, ffn: int, device,
+                 keys: Iterable[tuple[int, int]], dtype: Any = None, progress: bool = False) -> None:
+        import torch
+
         from moesim.engine.cpu_bench import int8_rows
 
+        dtype = dtype or torch.bfloat16
         self.copies: dict[tuple[int, int], list[tuple[Any, Any]]] = {}
         self.tags: dict[tuple[int, int], int] = {}
         keys = list(keys)
@@ -79,9 +82,15 @@ class CpuExperts:
             from tqdm import tqdm
             it = tqdm(keys, desc="CPU expert copies", unit="expert")
         for layer, e in it:
-            mats = expert_matrices(weights, layer, e)
-            self.copies[(layer, e)] = [tuple(t.cpu() for t in int8_rows(m)) for m in mats]
-            self.tags[(layer, e)] = host_tag(weights, layer, e)
+            mats = expert_matrices(host[layer][e], spec, hidden, ffn, device)
+            self.copies[(layer, e)] = [(w8.cpu(), sc.to(dtype).cpu()) for w8, sc in map(int8_rows, mats)]
+            self.tags[(layer, e)] = host_tag(host[layer][e])
+
+    @classmethod
+    def of(cls, weights: Weights, keys: Iterable[tuple[int, int]], progress: bool = False) -> CpuExperts:
+        """CPU copies of the synthetic engine's experts ``keys`` ((layer, expert) pairs)."""
+        g = weights.geometry
+        return cls(weights.host, weights.quant, g.hidden, g.ffn, weights.d.dev, keys, progress=progress)
 
     def forward(self, layer: int, expert: int, x):
         """The expert's SwiGLU FFN on ``x`` (tokens, hidden) bf16 on the host."""
@@ -89,7 +98,8 @@ class CpuExperts:
 
         (w1, s1), (w3, s3), (w2, s2) = self.copies[(layer, expert)]
         mm = torch.ops.aten._weight_int8pack_mm
-        return mm(torch.nn.functional.silu(mm(x, w1, s1)) * mm(x, w3, s3), w2, s2)
+        xs = x.to(s1.dtype)
+        return mm(torch.nn.functional.silu(mm(xs, w1, s1)) * mm(xs, w3, s3), w2, s2).to(x.dtype)
 
 
 class LowbitCopies:
@@ -116,9 +126,10 @@ class LowbitCopies:
         for layer in it:
             row = []
             for e in range(g.num_experts):
+                blob = weights.host[layer][e]
                 packed = torch.cat([quantize_matrix(m.reshape(-1), self.spec)
-                                    for m in expert_matrices(weights, layer, e)]).cpu()
-                tag = torch.tensor([host_tag(weights, layer, e)], dtype=torch.int64).view(torch.uint8)
+                                    for m in expert_matrices(blob, weights.quant, g.hidden, g.ffn, weights.d.dev)]).cpu()
+                tag = torch.tensor([host_tag(blob)], dtype=torch.int64).view(torch.uint8)
                 row.append((packed.pin_memory() if pin else packed, tag.pin_memory() if pin else tag))
             self.host.append(row)
 
@@ -160,19 +171,18 @@ class HybridProgram(Program):
 
 class CpuWorker:
     """The host's expert worker: one dedicated thread running torch's CPU kernels on ``threads``
-    threads. Per layer, :meth:`submit` copies the layer's hidden state to a pinned host buffer (on the
-    compute stream, right after the gate) and queues the layer's CPU experts; :meth:`merge` waits for
-    them and copies their outputs into the layer's expert buffer on the compute stream, before the
-    combine reads it."""
+    threads. Per layer, :meth:`submit` copies the layer's expert input ``x`` (1, hidden) to a pinned host
+    buffer (on the compute stream, right after the gate) and queues the layer's CPU experts;
+    :meth:`merge` waits for them and copies their outputs into ``ybuf[layer, rank]`` (L, k, 1, hidden)
+    on the compute stream, before the combine reads it. ``d``: the engine's Device."""
 
-    def __init__(self, program: Program, cpu: CpuExperts, threads: int) -> None:
+    def __init__(self, x, ybuf, d, cpu: CpuExperts, threads: int) -> None:
         import torch
 
-        self.prog, self.cpu, self.torch = program, cpu, torch
-        g = program.w.geometry
-        pin = program.w.d.cuda
-        self.x_host = torch.zeros(g.num_layers, 1, g.hidden, dtype=torch.bfloat16, pin_memory=pin)
-        self.y_host = torch.zeros(g.num_layers, g.top_k, 1, g.hidden, dtype=torch.bfloat16, pin_memory=pin)
+        self.x, self.ybuf, self.d, self.cpu, self.torch = x, ybuf, d, cpu, torch
+        L, k, _, hidden = ybuf.shape
+        self.x_host = torch.zeros(L, 1, hidden, dtype=x.dtype, pin_memory=d.cuda)
+        self.y_host = torch.zeros(L, k, 1, hidden, dtype=ybuf.dtype, pin_memory=d.cuda)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="moesim-cpu-experts",
                                        initializer=torch.set_num_threads, initargs=(threads,))
         self.pending: dict[int, tuple[Future, list[int]]] = {}
@@ -181,9 +191,8 @@ class CpuWorker:
 
     def submit(self, layer: int, jobs: Sequence[tuple[int, int, int]]) -> None:
         """Queue (rank, expert, expected identity) jobs of ``layer`` on the worker."""
-        d = self.prog.w.d
-        self.x_host[layer].copy_(self.prog.x, non_blocking=True)
-        ready = d.event(timing=False)
+        self.x_host[layer].copy_(self.x, non_blocking=True)
+        ready = self.d.event(timing=False)
         ready.record()
         self.pending[layer] = (self.pool.submit(self._run, layer, list(jobs), ready), [j[0] for j in jobs])
 
@@ -202,7 +211,7 @@ class CpuWorker:
         fut, ranks = self.pending.pop(layer)
         fut.result()   # the host's outputs are ready (re-raises a worker failure)
         for rank in ranks:
-            self.prog.ybuf[layer, rank].copy_(self.y_host[layer, rank], non_blocking=True)
+            self.ybuf[layer, rank].copy_(self.y_host[layer, rank], non_blocking=True)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -263,6 +272,72 @@ def priced_schedule(trace, policy: str, cache_size: int, cost, execution: Execut
     return ScheduledChoices(execution, rec.choices), res
 
 
+def check_pinned(exe: ExecutionPolicy, num_layers: int, num_experts: int, cache_size: int) -> list[frozenset[int]]:
+    """Each layer's pinned experts, refused when they are not experts or leave the cache no slot."""
+    beyond = [layer for layer in getattr(exe, "by_layer", {}) if layer >= num_layers]
+    if beyond:
+        raise SettingError("execution", f"{exe.name} pins experts of layer {beyond[0]}; the model has {num_layers}")
+    sets = [exe.pinned(layer) for layer in range(num_layers)]
+    for layer, p in enumerate(sets):
+        if any(not 0 <= e < num_experts for e in p):
+            raise SettingError("execution", f"{exe.name} pins an expert outside 0..{num_experts - 1}")
+        if p and len(p) >= cache_size:
+            raise SettingError("execution", f"{exe.name} pins {len(p)} experts of layer {layer}, which leaves none "
+                                            f"of its {cache_size} GPU slots to the cache")
+    return sets
+
+
+def shape_plan(plan: CachePlan, pinned_sets: list[frozenset[int]], cache_size: int, policy: str,
+               params: dict[str, Any] | None) -> list[dict[int, int]]:
+    """Give each layer's cache the slots its pinned experts leave (the pinned ones take the last
+    slots); returns each layer's {pinned expert: slot}."""
+    out = []
+    for layer, pinned in enumerate(pinned_sets):
+        cap = cache_size - len(pinned)
+        plan.caches[layer] = ExpertCache(cap, make_policy(policy, **(params or {})))
+        plan.free_slots[layer] = list(range(cap))
+        out.append({e: cap + i for i, e in enumerate(sorted(pinned))})
+    return out
+
+
+def choose_executors(exe: ExecutionPolicy, cache: ExpertCache, pinned: frozenset[int], layer: int, keys: list[int],
+                     wts: list[float], lowbit_ok: bool) -> dict[int, str]:
+    """The executor of each expert of ``keys`` (router order, batch 1) the policy does not leave to the
+    cache: all "cpu" in a CPU layer, else the policy's choice for each non-pinned miss ("copy" ones left out)."""
+    if exe.cpu_layer(layer):
+        return dict.fromkeys(keys, "cpu")
+    cand = [e for e in keys if e not in pinned and e not in cache.resident]
+    if not cand or exe.name == "copy":
+        return {}
+    misses = [Miss(e, 1, wts[keys.index(e)]) for e in cand]
+
+    def no_estimate(_plan):
+        raise SettingError("execution", f"{exe.name} prices its choices: run it from a simulator schedule")
+    kinds = exe.choose(layer, misses, no_estimate)
+    if len(kinds) != len(cand) or not set(kinds) <= {"copy", "cpu", "lowbit"}:
+        raise SettingError("execution", f"{exe.name} chose {list(kinds)} for {len(cand)} misses")
+    if "lowbit" in kinds and not lowbit_ok:
+        raise SettingError("execution", f"{exe.name} needs low-bit substitutes, which this engine does not hold")
+    return {e: k for e, k in zip(cand, kinds, strict=True) if k != "copy"}
+
+
+def account(plan: CachePlan, executed: dict[str, int], layer: int, keys: list[int], to_gpu: list[int],
+            copied: list[str], pinned: frozenset[int]) -> None:
+    """Count one layer's requests by executor (``copied``: the kind of each copy issued) and add the
+    requests the cache did not see (pinned: hits; CPU: neither) to the plan's counts."""
+    n_pinned = sum(e in pinned for e in keys)
+    for kind in copied:
+        executed[kind] += 1
+    executed["gpu_hit"] += len(to_gpu) - len(copied)
+    executed["pinned"] += n_pinned
+    executed["cpu"] += len(keys) - len(to_gpu) - n_pinned
+    extra = len(keys) - len(to_gpu)
+    plan.requests += extra
+    plan.layer_requests[layer] += extra
+    plan.hits += n_pinned
+    plan.layer_hits[layer] += n_pinned
+
+
 class HybridEngine(OffloadedEngine):
     """:class:`OffloadedEngine` whose misses are served by the executor an execution policy chooses
     (batch 1, no prefetcher). ``cpu_experts`` is needed for policies that put experts on the CPU and
@@ -278,13 +353,7 @@ class HybridEngine(OffloadedEngine):
             raise SettingError("execution", f"{self.exe.name} prices its choices with the simulator: give the engine "
                                             "its schedule (moesim.engine.hybrid.priced_schedule)")
         g = weights.geometry
-        self.pinned_sets = [self.exe.pinned(layer) for layer in range(g.num_layers)]
-        for layer, p in enumerate(self.pinned_sets):
-            if p and len(p) >= cache_size:
-                raise SettingError("execution", f"{self.exe.name} pins {len(p)} experts of layer {layer}, which "
-                                                f"leaves none of its {cache_size} GPU slots to the cache")
-            if any(not 0 <= e < g.num_experts for e in p):
-                raise SettingError("execution", f"{self.exe.name} pins an expert outside 0..{g.num_experts - 1}")
+        self.pinned_sets = check_pinned(self.exe, g.num_layers, g.num_experts, cache_size)
         self.cpu_experts, self.cpu_threads = cpu_experts, cpu_threads
         self.worker: CpuWorker | None = None
 
@@ -292,13 +361,9 @@ class HybridEngine(OffloadedEngine):
     def _plan(self, routing: Routing) -> CachePlan:
         g = self.w.geometry
         plan = CachePlan(routing, self.cache_size, self.policy_name, "none", self.policy_params)
-        self.pinned_slot: list[dict[int, int]] = []
-        for layer, pinned in enumerate(self.pinned_sets):
-            cap = self.cache_size - len(pinned)
-            plan.caches[layer] = ExpertCache(cap, make_policy(self.policy_name, **(self.policy_params or {})))
-            plan.free_slots[layer] = list(range(cap))
-            self.pinned_slot.append({e: cap + i for i, e in enumerate(sorted(pinned))})
-            for e, slot in self.pinned_slot[-1].items():   # loaded before the run, untimed
+        self.pinned_slot = shape_plan(plan, self.pinned_sets, self.cache_size, self.policy_name, self.policy_params)
+        for layer, slots in enumerate(self.pinned_slot):
+            for e, slot in slots.items():   # loaded before the run, untimed
                 self._copy(layer, slot, e, None, -1, "pinned")
         self.slot_kind = [dict.fromkeys(range(self.cache_size), "copy") for _ in range(g.num_layers)]
         self.executed = dict.fromkeys(EXECUTORS, 0)
@@ -306,7 +371,9 @@ class HybridEngine(OffloadedEngine):
         self.routing = routing
         if self.worker is not None:
             self.worker.close()
-        self.worker = CpuWorker(self.program, self.cpu_experts, self.cpu_threads) if self.cpu_experts else None
+        prog = self.program
+        self.worker = (CpuWorker(prog.x, prog.ybuf, self.w.d, self.cpu_experts, self.cpu_threads)
+                       if self.cpu_experts else None)
         return plan
 
     def _serve(self, plan: CachePlan, t: int, layer: int, log: list | None, gate_done) -> None:
@@ -316,28 +383,17 @@ class HybridEngine(OffloadedEngine):
             return
         keys = [int(e) for e in r.experts[t, layer]]
         wts = [float(x) for x in r.weights[t, layer]]
-        if self.exe.cpu_layer(layer):
-            kinds = dict.fromkeys(keys, "cpu")
-        else:
-            kinds = self._choose(plan, layer, keys, wts)
+        pinned = self.pinned_sets[layer]
+        kinds = choose_executors(self.exe, plan.caches[layer], pinned, layer, keys, wts,
+                                 getattr(self.program, "lowbit", None) is not None)
         on_cpu = [j for j, e in enumerate(keys) if kinds.get(e) == "cpu"]
         self._to_cpu(t, layer, keys, on_cpu)
-        pinned = self.pinned_sets[layer]
         to_gpu = [e for e in keys if e not in pinned and kinds.get(e) != "cpu"]
         copies = plan.demand(layer, to_gpu, now, [wts[keys.index(e)] for e in to_gpu]) if to_gpu else []
         for slot, e in copies:
-            kind = kinds.get(e, "copy")
-            self.slot_kind[layer][slot] = kind
-            self._issue(layer, slot, e, kind, log, t, gate_done)
-            self.executed[kind] += 1
-        self.executed["gpu_hit"] += len(to_gpu) - len(copies)
-        self.executed["pinned"] += sum(e in pinned for e in keys)
-        self.executed["cpu"] += len(on_cpu)
-        extra = len(keys) - len(to_gpu)   # pinned and CPU experts: requests the cache did not see
-        plan.requests += extra
-        plan.layer_requests[layer] += extra
-        plan.hits += sum(e in pinned for e in keys)
-        plan.layer_hits[layer] += sum(e in pinned for e in keys)
+            self.slot_kind[layer][slot] = kinds.get(e, "copy")
+            self._issue(layer, slot, e, kinds.get(e, "copy"), log, t, gate_done)
+        account(plan, self.executed, layer, keys, to_gpu, [kinds.get(e, "copy") for _, e in copies], pinned)
         missed = {e for _, e in copies}
         gpu_ranks = [j for j in range(len(keys)) if j not in on_cpu]
         for j in sorted(gpu_ranks, key=lambda j: keys[j] in missed):   # resident first, then misses
@@ -348,23 +404,6 @@ class HybridEngine(OffloadedEngine):
             (self.program.lowbit_expert if lowbit else self.program.expert)[layer][slot][j]()
             self.marks.free[layer][slot] = self.order.record(COMPUTE)
             self.computed[t, layer, j] += 1
-
-    def _choose(self, plan: CachePlan, layer: int, keys: list[int], wts: list[float]) -> dict[int, str]:
-        """The execution policy's executor of each miss (router order) that is not pinned."""
-        cache = plan.caches[layer]
-        cand = [e for e in keys if e not in self.pinned_sets[layer] and e not in cache.resident]
-        if not cand or self.exe.name == "copy":
-            return {}
-        misses = [Miss(e, 1, wts[keys.index(e)]) for e in cand]
-
-        def no_estimate(_plan):
-            raise SettingError("execution", f"{self.exe.name} prices its choices: run it from a simulator schedule")
-        kinds = self.exe.choose(layer, misses, no_estimate)
-        if len(kinds) != len(cand) or not set(kinds) <= {"copy", "cpu", "lowbit"}:
-            raise SettingError("execution", f"{self.exe.name} chose {list(kinds)} for {len(cand)} misses")
-        if "lowbit" in kinds and getattr(self.program, "lowbit", None) is None:
-            raise SettingError("execution", f"{self.exe.name} needs the low-bit substitutes (HybridProgram(lowbit=...))")
-        return {e: k for e, k in zip(cand, kinds, strict=True) if k != "copy"}
 
     def _to_cpu(self, t: int, layer: int, keys: list[int], ranks: list[int]) -> None:
         if not ranks:
@@ -398,7 +437,10 @@ class HybridEngine(OffloadedEngine):
         routed = r.experts >= 0
         routed &= (r.row >= 0)[:, :, None]
         once = int(((self.computed != 1) & routed).sum() + (self.computed[~routed] != 0).sum())
-        out = {"executed": dict(self.executed), "once_violations": once,
+        ex = self.executed
+        lowbit = getattr(self.program, "lowbit", None)
+        out = {"executed": dict(ex), "once_violations": once,
+               "bytes_h2d": ex["copy"] * self.w.expert_bytes + (ex["lowbit"] * lowbit.nbytes if lowbit else 0),
                "cpu_violations": self.worker.wrong_tags if self.worker else 0,
                "cpu_threads_used": len(self.worker.thread_ids) if self.worker else 0}
         if self.worker is not None:
