@@ -90,6 +90,8 @@ REPORTS: tuple[Report, ...] = (
            lambda o: [_maker("checkpoint_load"), "-o", str(o / "report.md")]),
     Report("hybrid", "hybrid", ("report.md",),
            lambda o: [_maker("hybrid"), "-o", str(o / "report.md")]),
+    Report("record_offload", "record_offload", ("report.md",),
+           lambda o: [_maker("record_offload"), "-o", str(o / "report.md")]),
 )
 
 

@@ -1,7 +1,7 @@
 """``moesim record`` on a model bigger than the GPU's memory (issue 27 item 5), measured on one GPU.
 
-    python3 studies/checkpoint_load/run_record_offload.py --out $OUT                (H100: ~2 min)
-    python studies/checkpoint_load/run_record_offload.py --cpu-check --out /tmp/r    (tiny, CPU, seconds)
+    python3 studies/record_offload/run_record_offload.py --out $OUT                (H100: ~2 min)
+    python studies/record_offload/run_record_offload.py --cpu-check --out /tmp/r    (tiny, CPU, seconds)
 
 Builds a Mixtral model with random bf16 weights at full width (hidden 4096, FFN 14336, 8 experts, top-2,
 32/8 heads, vocab 32000) and ``--layers`` layers (8: about 24 GB) on the GPU (transformers' own init),
