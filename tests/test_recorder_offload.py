@@ -151,6 +151,7 @@ def test_cli_offloads_when_the_model_is_over_the_budget(tmp_path):
     r = moesim("record", "--model", "tiny-mixtral", "--num-prompts", "1", "--max-new-tokens", "2",
                "--max-gpu-gb", "0.001", "-o", str(out))
     assert r.returncode == 0, r.stderr
+    assert "routed experts kept in host memory" in r.stdout
     placed = read_trace(out).meta.provenance["placement"]
     assert placed["weights"] == "experts" and placed["device_budget_bytes"] == 10**6
     assert placed["weight_bytes"] > 10**6 > placed["weight_bytes"] - placed["expert_bytes_on_host"]
