@@ -189,3 +189,22 @@ def test_device_driver_on_cpu(tmp_path):
     assert not cmp["identical"]
     assert cmp["columns"]["weights"] == {"equal": False, "rows_differing": 1}
     assert cmp["columns"]["experts"] == {"equal": True, "rows_differing": 0}
+
+
+def test_experts_called_without_positional_ids_get_every_expert():
+    """The routed-only copy reads the expert ids from the call; without them it must copy the whole layer."""
+    model = build_preset("tiny-mixtral", seed=5)
+    adapter = adapter_for(model)
+    layer = adapter.layers[0]
+    with torch.no_grad():
+        x = torch.randn(3, adapter.hidden_size)
+        _, weights, ids = layer.gate(x)
+        want = layer.experts(x, ids, weights)
+        off = place_model(model, adapter, "cpu", offload="experts", progress=False).offload
+        by_position = layer.experts(x, ids, weights)
+        routed = off.bytes_copied
+        by_keyword = layer.experts(x, top_k_index=ids, top_k_weights=weights)
+    torch.testing.assert_close(by_position, want, rtol=0, atol=0)
+    torch.testing.assert_close(by_keyword, want, rtol=0, atol=0)
+    assert routed == len(set(ids.reshape(-1).tolist())) * adapter.expert_bytes()
+    assert off.bytes_copied - routed == adapter.num_experts * adapter.expert_bytes()

@@ -170,7 +170,9 @@ class ExpertOffload:
 
     def _bring(self, store: _LayerStore):
         def hook(module, args) -> None:
-            ids = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else None
+            # every supported family calls experts(hidden, expert_ids, weights); anything else: copy all
+            ids = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) and not args[1].is_floating_point() \
+                else None
             routed = None if ids is None else torch.unique(ids.detach().reshape(-1)).tolist()
             for name, host in store.host.items():
                 if routed is not None and store.by_expert[name]:
