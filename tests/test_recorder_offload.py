@@ -173,7 +173,7 @@ def _with_one_weight_changed(src, dst) -> None:
 
 def test_device_driver_on_cpu(tmp_path):
     sys.path.insert(0, str(ROOT))
-    from studies.record_offload.run_record_offload import compare_traces, main
+    from studies.record_offload.gpu_record_offload import compare_traces, main
 
     out = tmp_path / "out"
     assert main(["--cpu-check", "--out", str(out), "--layers", "3", "--prompts", "1", "--new-tokens", "3"]) == 0

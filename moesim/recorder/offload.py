@@ -14,7 +14,7 @@
   device at a time.
 
 The arithmetic is the resident model's: the same weights in the same kernels, so the recorded trace is
-the same (tests/test_recorder_offload.py; on the device, ``studies/record_offload/run_record_offload.py``).
+the same (tests/test_recorder_offload.py; on the device, ``studies/record_offload/gpu_record_offload.py``).
 The price is time: every forward pass copies its routed experts over the host link.
 
 ``auto`` (the default) keeps the model resident when its weights fit the device budget (``max_gpu_gb``,

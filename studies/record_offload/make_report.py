@@ -63,7 +63,7 @@ def _result_rows(data: list[tuple[str, dict]]) -> list[list[str]]:
 def build() -> str:
     data = runs()
     lines = ["# `moesim record` on a model bigger than the GPU (issue 27 item 5)", "",
-             "Each run is one `run_record_offload.py` (`--out DIR`, its `record_offload.json` copied to `raw/`): a "
+             "Each run is one `gpu_record_offload.py` (`--out DIR`, its `record_offload.json` copied to `raw/`): a "
              "random bf16 Mixtral is recorded twice on the same weights: plain (whole model on the device, no cap), "
              "then with the device memory capped below the model's weight bytes (on a GPU, "
              "`torch.cuda.set_per_process_memory_fraction`; on the CPU check, `--max-gpu-gb`) and `--offload auto`, "
