@@ -58,6 +58,7 @@ SCRIPTS = {  # each script's required arguments; OUT is where it would write
     "gpu_learned_replay": ["--trace", "T", "--out", "OUT"],
     "gpu_miss_cost": ["--out", "OUT"],
     "gpu_record": ["--out", "OUT"],
+    "gpu_record_offload": ["--out", "OUT"],
     "gpu_residency_proof": ["--trace", "T", "--out", "OUT"],
     "gpu_stream_hops": ["--out", "OUT"],
     "gpu_validate": ["--trace", "T", "--out", "OUT"],

@@ -151,6 +151,7 @@ def test_cli_offloads_when_the_model_is_over_the_budget(tmp_path):
     r = moesim("record", "--model", "tiny-mixtral", "--num-prompts", "1", "--max-new-tokens", "2",
                "--max-gpu-gb", "0.001", "-o", str(out))
     assert r.returncode == 0, r.stderr
+    assert "routed experts kept in host memory" in r.stdout
     placed = read_trace(out).meta.provenance["placement"]
     assert placed["weights"] == "experts" and placed["device_budget_bytes"] == 10**6
     assert placed["weight_bytes"] > 10**6 > placed["weight_bytes"] - placed["expert_bytes_on_host"]
@@ -172,7 +173,7 @@ def _with_one_weight_changed(src, dst) -> None:
 
 def test_device_driver_on_cpu(tmp_path):
     sys.path.insert(0, str(ROOT))
-    from studies.checkpoint_load.run_record_offload import compare_traces, main
+    from studies.record_offload.gpu_record_offload import compare_traces, main
 
     out = tmp_path / "out"
     assert main(["--cpu-check", "--out", str(out), "--layers", "3", "--prompts", "1", "--new-tokens", "3"]) == 0
@@ -188,3 +189,22 @@ def test_device_driver_on_cpu(tmp_path):
     assert not cmp["identical"]
     assert cmp["columns"]["weights"] == {"equal": False, "rows_differing": 1}
     assert cmp["columns"]["experts"] == {"equal": True, "rows_differing": 0}
+
+
+def test_experts_called_without_positional_ids_get_every_expert():
+    """The routed-only copy reads the expert ids from the call; without them it must copy the whole layer."""
+    model = build_preset("tiny-mixtral", seed=5)
+    adapter = adapter_for(model)
+    layer = adapter.layers[0]
+    with torch.no_grad():
+        x = torch.randn(3, adapter.hidden_size)
+        _, weights, ids = layer.gate(x)
+        want = layer.experts(x, ids, weights)
+        off = place_model(model, adapter, "cpu", offload="experts", progress=False).offload
+        by_position = layer.experts(x, ids, weights)
+        routed = off.bytes_copied
+        by_keyword = layer.experts(x, top_k_index=ids, top_k_weights=weights)
+    torch.testing.assert_close(by_position, want, rtol=0, atol=0)
+    torch.testing.assert_close(by_keyword, want, rtol=0, atol=0)
+    assert routed == len(set(ids.reshape(-1).tolist())) * adapter.expert_bytes()
+    assert off.bytes_copied - routed == adapter.num_experts * adapter.expert_bytes()

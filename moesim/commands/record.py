@@ -94,6 +94,10 @@ def run(args: argparse.Namespace) -> int:
     rate = result.tokens / result.seconds if result.seconds > 0 else 0.0
     print(f"wrote {result.path}: {len(t)} rows, {result.sequences} sequences, {result.tokens} tokens "
           f"x {t.meta.num_layers} MoE layers ({t.meta.family}), {rate:.1f} tokens/s")
+    placed = result.placement
+    if placed is not None and placed.offload is not None:
+        print(f"routed experts kept in host memory ({placed.footprint.experts / 1e9:.3g} GB); "
+              f"{placed.offload.bytes_copied / 1e9:.3g} GB of them copied to {args.device} during the run")
     if result.interrupted:
         print("recording was interrupted; the trace holds every token recorded before Ctrl-C", file=sys.stderr)
         return INTERRUPTED_EXIT

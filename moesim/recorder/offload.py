@@ -14,7 +14,7 @@
   device at a time.
 
 The arithmetic is the resident model's: the same weights in the same kernels, so the recorded trace is
-the same (tests/test_recorder_offload.py; on the device, ``studies/checkpoint_load/run_record_offload.py``).
+the same (tests/test_recorder_offload.py; on the device, ``studies/record_offload/gpu_record_offload.py``).
 The price is time: every forward pass copies its routed experts over the host link.
 
 ``auto`` (the default) keeps the model resident when its weights fit the device budget (``max_gpu_gb``,
@@ -170,7 +170,9 @@ class ExpertOffload:
 
     def _bring(self, store: _LayerStore):
         def hook(module, args) -> None:
-            ids = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else None
+            # every supported family calls experts(hidden, expert_ids, weights); anything else: copy all
+            ids = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) and not args[1].is_floating_point() \
+                else None
             routed = None if ids is None else torch.unique(ids.detach().reshape(-1)).tolist()
             for name, host in store.host.items():
                 if routed is not None and store.by_expert[name]:

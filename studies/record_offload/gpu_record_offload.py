@@ -1,7 +1,7 @@
 """``moesim record`` on a model bigger than the GPU's memory (issue 27 item 5), measured on one GPU.
 
-    python3 studies/checkpoint_load/run_record_offload.py --out $OUT                (H100: ~2 min)
-    python studies/checkpoint_load/run_record_offload.py --cpu-check --out /tmp/r    (tiny, CPU, seconds)
+    python3 studies/record_offload/gpu_record_offload.py --out $OUT                (H100: ~2 min)
+    python studies/record_offload/gpu_record_offload.py --cpu-check --out /tmp/r    (tiny, CPU, seconds)
 
 Builds a Mixtral model with random bf16 weights at full width (hidden 4096, FFN 14336, 8 experts, top-2,
 32/8 heads, vocab 32000) and ``--layers`` layers (8: about 24 GB) on the GPU (transformers' own init),
@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from moesim.engine.cuda import exit_unless_cuda  # noqa: E402
 from moesim.recorder import ByteTokenizer, adapter_for, load_prompts, record  # noqa: E402
 from moesim.recorder.offload import choose_mode, device_budget, footprint  # noqa: E402
 from moesim.recorder.presets import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
@@ -156,10 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cap", type=float, default=0.45, help="GPU memory cap as a share of the model's weight bytes")
     ap.add_argument("--prompts", type=int, default=2, help="built-in prompts recorded")
     ap.add_argument("--new-tokens", type=int, default=16, help="tokens generated per prompt")
-    ap.add_argument("--device", default="cuda")
     ap.add_argument("--cpu-check", action="store_true", help="tiny model on the CPU (smoke run of every step)")
     args = ap.parse_args(argv)
-    device = "cpu" if args.cpu_check else args.device
+    if not args.cpu_check:
+        exit_unless_cuda(Path(__file__).name)
+    device = "cpu" if args.cpu_check else "cuda"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = Log(out / "record_offload.log")
