@@ -90,6 +90,10 @@ REPORTS: tuple[Report, ...] = (
            lambda o: [_maker("checkpoint_load"), "-o", str(o / "report.md")]),
     Report("hybrid", "hybrid", ("report.md",),
            lambda o: [_maker("hybrid"), "-o", str(o / "report.md")]),
+    Report("hybrid_published", "hybrid_published", ("hybrid_published.json", "hybrid_published.md"),
+           lambda o: [_maker("hybrid_published"), "-o", str(o / "hybrid_published")],
+           lambda o: [_maker("hybrid_published"), "--from-json", "studies/hybrid_published/hybrid_published.json",
+                      "-o", str(o / "hybrid_published")]),
 )
 
 
