@@ -24,7 +24,7 @@ LAYERS, EXPERTS, TOP_K = 3, 8, 2
 # a sweep row's own columns beside simulate --json's keys: its bookkeeping and the inputs simulate echoes
 # under other names (or not at all)
 SWEEP_ONLY = {"cell_id", "run_id", "trace", "trace_sha256", "params", "hardware", "prefetch", "prefetch_budget",
-              "batch_size", "execution", "status", "error", "elapsed_s",
+              "batch_size", "execution", "vs_bound", "status", "error", "elapsed_s",
               "worker"}
 
 
@@ -116,7 +116,9 @@ def _sweep_row(capsys, tmp_path: Path, trace_path: Path, *extra: str) -> dict:
 @pytest.mark.parametrize("extra", [(), ("--hardware", "h200"),
                                    ("--hardware", "h200", "--prefetch", "transition", "--prefetch-budget", "1"),
                                    ("--hardware", "h200", "--execution", "copy"),
-                                   ("--hardware", "h200", "--execution", "fiddler")])
+                                   ("--hardware", "h200", "--execution", "fiddler"), ("--vs-bound",),
+                                   ("--hardware", "h200", "--prefetch", "transition", "--prefetch-budget", "1",
+                                    "--vs-bound")])
 def test_sweep_columns_are_simulate_json_keys(capsys, tmp_path, trace_path, extra):
     sim = _simulate_json(capsys, trace_path, *extra)
     row = _sweep_row(capsys, tmp_path, trace_path, *extra)
@@ -125,7 +127,7 @@ def test_sweep_columns_are_simulate_json_keys(capsys, tmp_path, trace_path, extr
     for key, value in sim.items():
         want = json.dumps(value, sort_keys=True) if isinstance(value, list | dict) else value
         assert row[key] == want, key
-    if extra:
+    if "--hardware" in extra:
         assert "sim_interval" in sim and "timing_hit_rate" in sim
 
 
@@ -271,3 +273,6 @@ def test_vs_bound_measures_a_cell_against_the_offline_bound(capsys, trace_path):
         assert pf["bound_misses"] < opt["misses"]
     assert main(["simulate", str(trace_path), "--policy", "lru", "--layer-budgets", "3,4,3", "--vs-bound"]) == 2
     assert "--vs-bound" in capsys.readouterr().err
+    assert main(["sweep", "-o", str(trace_path.parent / "x.parquet"), "--trace", str(trace_path), "--policy", "lru",
+                 "--cache-size", "3", "--scope", "layer,global", "--vs-bound", "--executor", "inprocess"]) == 2
+    assert "--vs-bound" in capsys.readouterr().err and not (trace_path.parent / "x.parquet").exists()

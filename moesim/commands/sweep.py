@@ -80,6 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--execution", type=_str_axis, metavar="none,SPEC",
                    help="who serves each miss, as simulate --execution: copy, n-cpu-moe=N, fiddler, hybrid, "
                         "hobbit[=T], pinned=FILE (need --hardware); none (default): copies, rows without 'executed'")
+    p.add_argument("--vs-bound", action="store_true",
+                   help="every cell also measured against the offline bound, as simulate --vs-bound")
     p.add_argument("--executor", choices=("process", "inprocess", "ray"), default="process",
                    help="where cells run: a local process pool (default), this process (debugging), or Ray")
     p.add_argument("--workers", type=positive_int, metavar="N", help="worker processes / Ray CPUs (default: all cores)")
@@ -118,7 +120,9 @@ def _spec(args: argparse.Namespace):
              "scopes": args.scope, "semantics": args.semantics, "hardware": args.hardware,
              "prefetch": args.prefetch, "prefetch_budgets": args.prefetch_budget, "batch_sizes": args.batch_size,
              "executions": args.execution}
-    return spec_from_lists(base, lists, _param_axes(args.param))
+    spec = spec_from_lists(base, lists, _param_axes(args.param))
+    spec.vs_bound = spec.vs_bound or args.vs_bound
+    return spec
 
 
 def _require_predictions(spec) -> None:

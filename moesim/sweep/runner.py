@@ -47,7 +47,8 @@ def compute(cell: Cell, trace) -> dict[str, Any]:
                     semantics=cell.semantics, cost=CostModel.preset(cell.hardware) if timed else None,
                     prefetch=cell.prefetch,
                     prefetch_params=None if cell.prefetch == NO_PREFETCH else {"budget": cell.prefetch_budget},
-                    batch_size=cell.batch_size, execution=None if cell.execution == NO_EXECUTION else cell.execution)
+                    batch_size=cell.batch_size, execution=None if cell.execution == NO_EXECUTION else cell.execution,
+                    vs_bound=cell.vs_bound)
     return run_cell(trace, spec).to_json()
 
 

@@ -42,14 +42,16 @@ class Cell:
     hardware: str = NO_HARDWARE
     batch_size: int = 1
     execution: str = NO_EXECUTION   # who serves each miss (``simulate --execution``'s spelling)
+    vs_bound: bool = False          # also the offline bound's keys (``simulate --vs-bound``)
 
     @property
     def key(self) -> str:
-        """Stable id: hash of every input but the trace path (the content hash stands for it). No execution
-        named is left out, so cells of tables written before the execution axis keep their ids."""
+        """Stable id: hash of every input but the trace path (the content hash stands for it). Inputs at
+        their defaults that older sweeps did not have are left out, so those tables' cells keep their ids."""
         ident = {k: v for k, v in asdict(self).items() if k != "trace"}
-        if ident["execution"] == NO_EXECUTION:
-            del ident["execution"]
+        for name, default in (("execution", NO_EXECUTION), ("vs_bound", False)):
+            if ident[name] == default:
+                del ident[name]
         ident["sweep_version"] = SWEEP_VERSION
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -85,9 +87,10 @@ class SweepSpec:
     hardware: list[str] = field(default_factory=lambda: [NO_HARDWARE])
     batch_sizes: list[int] = field(default_factory=lambda: [1])
     executions: list[str] = field(default_factory=lambda: [NO_EXECUTION])
+    vs_bound: bool = False   # every cell also measured against the offline bound (docs/bound.md)
 
 
-_LIST_KEYS = {f.name for f in fields(SweepSpec)} - {"params"}
+_LIST_KEYS = {f.name for f in fields(SweepSpec)} - {"params", "vs_bound"}
 _INT_KEYS = {"cache_sizes", "prefetch_budgets", "batch_sizes"}
 
 
@@ -121,9 +124,12 @@ def load_config(path: str | os.PathLike) -> SweepSpec:
         raise DataError(p, "no such file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise DataError(p, f"not a valid TOML file ({exc})") from None
-    unknown = set(raw) - _LIST_KEYS - {"params"}
+    unknown = set(raw) - _LIST_KEYS - {"params", "vs_bound"}
     if unknown:
-        raise DataError(p, f"unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(_LIST_KEYS | {'params'}))})")
+        known = ", ".join(sorted(_LIST_KEYS | {"params", "vs_bound"}))
+        raise DataError(p, f"unknown key {sorted(unknown)[0]!r} (known: {known})")
+    if not isinstance(raw.get("vs_bound", False), bool):
+        raise DataError(p, f"vs_bound must be true or false, got {raw['vs_bound']!r}")
     values: dict[str, Any] = {}
     for key in _LIST_KEYS & set(raw):
         try:
@@ -134,6 +140,7 @@ def load_config(path: str | os.PathLike) -> SweepSpec:
         if key not in values:
             raise DataError(p, f"missing required key {key!r}")
     values["traces"] = [str(t) if Path(t).is_absolute() else str(p.parent / t) for t in values["traces"]]
+    values["vs_bound"] = raw.get("vs_bound", False)
     if "executions" in values:   # a pinned set's file, like a trace, is relative to the config's folder
         values["executions"] = [_relative_pinned(x, p.parent) for x in values["executions"]]
     params = raw.get("params", {})
@@ -206,6 +213,9 @@ def _validate(spec: SweepSpec, metas: dict[str, Any]) -> None:
     if any(x != NO_EXECUTION for x in spec.executions) and not timed:
         raise SettingError("hardware", "execution policies need a timing model: name a hardware preset (who "
                            "serves a miss does not change the hit-rate replay)", fix="NAME")
+    if spec.vs_bound and (set(spec.scopes) - {"layer"} or set(spec.semantics) - {"atomic"} or set(spec.batch_sizes) - {1}):
+        raise SettingError("vs_bound", "the bound is for per-layer caches, atomic sets and batch 1: sweep other "
+                                       "scopes, semantics or batch sizes without it")
     for execution in set(spec.executions) - {NO_EXECUTION}:
         parse_execution(execution)   # the timing model's own check of the spelling (and a pinned set's file)
     if timed:
@@ -253,7 +263,8 @@ def expand(spec: SweepSpec, hashes: dict[str, str] | None = None) -> list[Cell]:
         for params in _param_grid(spec.params.get(policy, {})):
             for k in spec.cache_sizes:  # sizes past everything resident are one cell (`moesim sweep` says so)
                 k = clamp_cache_size(k, metas[trace], scope)
-                cell = Cell(trace, hashes[trace], policy, k, params, scope, sem, pf, int(budget), hw, int(bs), ex)
+                cell = Cell(trace, hashes[trace], policy, k, params, scope, sem, pf, int(budget), hw, int(bs), ex,
+                            spec.vs_bound)
                 cells.setdefault(cell.key, cell)
     return list(cells.values())
 
