@@ -94,6 +94,10 @@ REPORTS: tuple[Report, ...] = (
            lambda o: [_maker("roofline"), "-o", str(o / "report.md")]),
     Report("record_offload", "record_offload", ("report.md",),
            lambda o: [_maker("record_offload"), "-o", str(o / "report.md")]),
+    Report("hybrid_published", "hybrid_published", ("hybrid_published.json", "hybrid_published.md"),
+           lambda o: [_maker("hybrid_published"), "-o", str(o / "hybrid_published")],
+           lambda o: [_maker("hybrid_published"), "--from-json", "studies/hybrid_published/hybrid_published.json",
+                      "-o", str(o / "hybrid_published")]),
 )
 
 

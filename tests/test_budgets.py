@@ -119,3 +119,47 @@ def test_cli_with_a_cost_model_reports_tokens_per_s_of_both_allocations(tmp_path
         code, out, _ = _run(["simulate", str(path), "--policy", "lru", "--hardware", "h200", "--json",
                              "--layer-budgets", ",".join(map(str, budgets))], capsys)
         assert code == 0 and json.loads(out)["tokens_per_s"] == res[key]
+
+
+# seed 0 at skew 0.5: the allocation with the most hits is priced slower than the fastest one
+@pytest.mark.parametrize("seed,skew", [(0, 0.5), (11, 1.0)])
+def test_tokens_per_s_objective_equals_brute_force_through_the_cell_runner(tmp_path, capsys, seed, skew):
+    """``--objective tokens-per-s``: the allocation it returns is priced (through the one cell runner, as
+    ``simulate --layer-budgets``) no slower than every other allocation of the same total, each priced
+    here on its own; and without a prefetcher an allocation's time is the all-resident time plus each
+    layer's own term, the separability the programme relies on."""
+    from moesim.simulator.budgets import time_curves
+    from moesim.simulator.cell import CellSpec, run_cell
+    from moesim.simulator.cost_model import CostModel
+
+    layers, experts, top_k = 3, 4, 2
+    path = tmp_path / "t.parquet"
+    trace = random_trace(path, np.random.default_rng(seed), tokens=24, num_layers=layers, num_experts=experts,
+                         top_k=top_k, skew=skew)
+    total = 8
+    cost = CostModel.preset("h200")
+
+    def ms(alloc) -> float:
+        return run_cell(trace, CellSpec("lru", list(alloc), cost=cost, interval=False)).timing.ms_per_token
+
+    allocs = [a for a in itertools.product(range(top_k, experts + 1), repeat=layers) if sum(a) == total]
+    times = {a: ms(a) for a in allocs}
+    code, out, _ = _run(["budgets", str(path), "--policy", "lru", "--total-slots", str(total), "--objective",
+                         "tokens-per-s", "--hardware", "h200", "--json"], capsys)
+    assert code == 0
+    got = json.loads(out)
+    assert got["objective"] == "tokens-per-s" and "exact" in got["method"]
+    assert times[tuple(got["layer_budgets"])] == pytest.approx(min(times.values()), rel=1e-12)
+    assert got["hits"] == simulate(trace, "lru", got["layer_budgets"]).hits
+    sizes, extra = time_curves(trace, CellSpec("lru", experts, cost=cost))
+    base = ms([experts] * layers)
+    for alloc, t in times.items():
+        assert t == pytest.approx(base + sum(extra[layer, k - top_k] for layer, k in enumerate(alloc)), rel=1e-9)
+
+
+def test_tokens_per_s_objective_needs_a_cost_model(tmp_path, capsys):
+    path = tmp_path / "t.parquet"
+    random_trace(path, np.random.default_rng(0), tokens=10, num_layers=2, num_experts=4, top_k=2)
+    code, _, err = _run(["budgets", str(path), "--policy", "lru", "--total-slots", "6", "--objective",
+                         "tokens-per-s"], capsys)
+    assert code == 2 and "cost model" in err and "--hardware" in err and len(err.strip().splitlines()) == 1

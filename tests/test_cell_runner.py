@@ -24,7 +24,7 @@ LAYERS, EXPERTS, TOP_K = 3, 8, 2
 # a sweep row's own columns beside simulate --json's keys: its bookkeeping and the inputs simulate echoes
 # under other names (or not at all)
 SWEEP_ONLY = {"cell_id", "run_id", "trace", "trace_sha256", "params", "hardware", "prefetch", "prefetch_budget",
-              "batch_size", "status", "error", "elapsed_s",
+              "batch_size", "execution", "vs_bound", "status", "error", "elapsed_s",
               "worker"}
 
 
@@ -114,7 +114,11 @@ def _sweep_row(capsys, tmp_path: Path, trace_path: Path, *extra: str) -> dict:
 
 
 @pytest.mark.parametrize("extra", [(), ("--hardware", "h200"),
-                                   ("--hardware", "h200", "--prefetch", "transition", "--prefetch-budget", "1")])
+                                   ("--hardware", "h200", "--prefetch", "transition", "--prefetch-budget", "1"),
+                                   ("--hardware", "h200", "--execution", "copy"),
+                                   ("--hardware", "h200", "--execution", "fiddler"), ("--vs-bound",),
+                                   ("--hardware", "h200", "--prefetch", "transition", "--prefetch-budget", "1",
+                                    "--vs-bound")])
 def test_sweep_columns_are_simulate_json_keys(capsys, tmp_path, trace_path, extra):
     sim = _simulate_json(capsys, trace_path, *extra)
     row = _sweep_row(capsys, tmp_path, trace_path, *extra)
@@ -123,7 +127,7 @@ def test_sweep_columns_are_simulate_json_keys(capsys, tmp_path, trace_path, extr
     for key, value in sim.items():
         want = json.dumps(value, sort_keys=True) if isinstance(value, list | dict) else value
         assert row[key] == want, key
-    if extra:
+    if "--hardware" in extra:
         assert "sim_interval" in sim and "timing_hit_rate" in sim
 
 
@@ -194,3 +198,81 @@ def test_replay_timing_and_sweep_refuse_a_policy_with_the_same_words(trace_path,
         assert err.value.setting == setting
         messages.append(str(err.value))
     assert len(set(messages)) == 1, messages
+
+
+def test_one_decision_routes_a_timing_run_to_the_compiled_or_the_event_path(trace_path, monkeypatch):
+    """``timing_kernel.why_not_compiled`` is the one place that decides: a copy-only cell runs the
+    compiled kernel, an execution policy it cannot price (the CPU and low-bit executors) runs the event
+    path, with the same copy results where both apply; forcing the compiled path names the reason."""
+    from moesim.errors import UsageError
+    from moesim.simulator import timing_kernel
+    from moesim.simulator.timing import simulate_timing
+
+    trace = read_trace(trace_path)
+    assert timing_kernel.why_not_compiled("lru", None, "none", {}, "copy", 1, False, [3] * LAYERS, False,
+                                          "moesim") is None
+    assert "execution fiddler" in timing_kernel.why_not_compiled("lru", None, "none", {}, "fiddler", 1, False,
+                                                                  [3] * LAYERS, False, "moesim")
+    calls = []
+    real = timing_kernel.des_kernel
+    monkeypatch.setattr(timing_kernel, "des_kernel", lambda *a: calls.append(1) or real(*a))
+    cost = CostModel.preset("h200")
+    copy = run_cell(trace, CellSpec("lru", 3, cost=cost, execution="copy", interval=False))
+    assert calls == [1]
+    fiddler = run_cell(trace, CellSpec("lru", 3, cost=cost, execution="fiddler", interval=False))
+    assert calls == [1]     # not called again: the event path priced it
+    assert fiddler.timing.executed["cpu"] > 0 and sum(fiddler.timing.executed.values()) == fiddler.timing.requests
+    event = simulate_timing(trace, "lru", 3, cost, engine="python", execution="copy")
+    assert copy.timing.to_dict() == event.to_dict()
+    with pytest.raises(UsageError, match="execution fiddler"):
+        simulate_timing(trace, "lru", 3, cost, engine="numba", execution="fiddler")
+
+
+def test_sweep_execution_axis(capsys, tmp_path, trace_path):
+    """The execution axis multiplies the timed cells only (a hit-rate cell collapses to "none"), each row
+    counts its requests by executor, and n-cpu-moe puts every request of its layers on the CPU."""
+    out = tmp_path / "r.parquet"
+    assert main(["sweep", "-o", str(out), "--trace", str(trace_path), "--policy", "lru", "--cache-size", "3",
+                 "--hardware", "none,h200", "--execution", "none,copy,n-cpu-moe=1,fiddler", "--executor",
+                 "inprocess", "--no-progress"]) == 0
+    rows = {(r["hardware"], r["execution"]): r for r in read_results(out).to_pylist()}
+    assert sorted(rows) == [("h200", "copy"), ("h200", "fiddler"), ("h200", "n-cpu-moe=1"), ("h200", "none"),
+                            ("none", "none")]
+    assert rows[("h200", "none")]["executed"] is None and rows[("none", "none")]["executed"] is None
+    per_layer = read_trace(trace_path).execution_order()
+    layer0 = int((per_layer.layer == 0).sum()) * TOP_K
+    for ex in ("copy", "fiddler", "n-cpu-moe=1"):
+        counts = json.loads(rows[("h200", ex)]["executed"])
+        assert sum(counts.values()) == rows[("h200", ex)]["timing_requests"]
+    assert json.loads(rows[("h200", "n-cpu-moe=1")]["executed"])["cpu"] == layer0
+    assert json.loads(rows[("h200", "copy")]["executed"])["cpu"] == 0
+    assert rows[("h200", "copy")]["tokens_per_s"] == rows[("h200", "none")]["tokens_per_s"]
+    rc = main(["sweep", "-o", str(tmp_path / "x.parquet"), "--trace", str(trace_path), "--policy", "lru",
+               "--cache-size", "3", "--execution", "fiddler", "--executor", "inprocess"])
+    assert rc == 2 and "timing model" in capsys.readouterr().err
+    rc = main(["sweep", "-o", str(tmp_path / "x.parquet"), "--trace", str(trace_path), "--policy", "lru",
+               "--cache-size", "3", "--hardware", "h200", "--execution", "cpu-only", "--executor", "inprocess"])
+    assert rc == 2 and "unknown execution" in capsys.readouterr().err
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_vs_bound_measures_a_cell_against_the_offline_bound(capsys, trace_path):
+    """``simulate --vs-bound``: without a prefetcher the bound is Belady's misses (OPT meets it, LRU reaches
+    a fraction); with one it is the bound at the prefetcher's distance and budget, which no run beats
+    (a bound taken at lookahead 0 would sit above a prefetching run's misses)."""
+    opt = _simulate_json(capsys, trace_path, "--policy", "opt", "--vs-bound")
+    assert opt["bound_misses"] == opt["misses"] and opt["bound_fraction"] == 1.0 and opt["bound_lookahead"] == 0
+    lfu = _simulate_json(capsys, trace_path, "--vs-bound")
+    assert lfu["bound_misses"] == opt["misses"]
+    assert lfu["bound_fraction"] == round(opt["misses"] / lfu["misses"], 6) < 1.0
+    for distance in ("1", "2"):
+        pf = _simulate_json(capsys, trace_path, "--hardware", "h200", "--prefetch", "transition", "--prefetch-budget",
+                            "1", "--prefetch-distance", distance, "--vs-bound")
+        assert pf["bound_lookahead"] == int(distance) and pf["bound_prefetch_budget"] == 1
+        assert pf["bound_misses"] <= pf["timing_misses"] and pf["bound_fraction"] <= 1.0
+        assert pf["bound_misses"] < opt["misses"]
+    assert main(["simulate", str(trace_path), "--policy", "lru", "--layer-budgets", "3,4,3", "--vs-bound"]) == 2
+    assert "--vs-bound" in capsys.readouterr().err
+    assert main(["sweep", "-o", str(trace_path.parent / "x.parquet"), "--trace", str(trace_path), "--policy", "lru",
+                 "--cache-size", "3", "--scope", "layer,global", "--vs-bound", "--executor", "inprocess"]) == 2
+    assert "--vs-bound" in capsys.readouterr().err and not (trace_path.parent / "x.parquet").exists()

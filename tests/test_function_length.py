@@ -7,8 +7,6 @@ from pathlib import Path
 
 MAX_LINES = 120
 PACKAGE = Path(__file__).resolve().parents[1] / "moesim"
-# being split on other branches (issue 22); each leaves this list when it is
-KNOWN_LONG = {"moesim/simulator/timing_kernel.py des_kernel"}
 
 
 def long_functions(root: Path, limit: int = MAX_LINES) -> list[str]:
@@ -25,10 +23,7 @@ def long_functions(root: Path, limit: int = MAX_LINES) -> list[str]:
 
 
 def test_no_function_in_moesim_is_over_120_lines():
-    found = long_functions(PACKAGE)
-    named = {f"{entry.split(':')[0]} {entry.split()[1]}" for entry in found}
-    assert [entry for entry in found if f"{entry.split(':')[0]} {entry.split()[1]}" not in KNOWN_LONG] == []
-    assert KNOWN_LONG <= named, f"no longer over {MAX_LINES} lines: take them off KNOWN_LONG: {KNOWN_LONG - named}"
+    assert long_functions(PACKAGE) == []
 
 
 def test_the_check_sees_a_long_function(tmp_path):

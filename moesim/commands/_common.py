@@ -139,7 +139,7 @@ SETTING_HINTS = {"scope": "--scope", "semantics": "--semantics", "phase": "--pha
                  "cpu_speed": "--cpu-speed", "lowbit_format": "--lowbit-format",
                  "geometry": "--geometry", "lookahead": "--lookahead", "prefetch_budget": "--prefetch-budget",
                  "total_slots": "--total-slots", "expert_bytes": "--expert-bytes N",
-                 "expert_ms": "--expert-ms MS",
+                 "expert_ms": "--expert-ms MS", "vs_bound": "--vs-bound", "objective": "--objective",
                  "offload": "--offload", "max_gpu_gb": "--max-gpu-gb"}
 
 

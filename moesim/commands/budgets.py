@@ -9,7 +9,7 @@ import sys
 from moesim.commands._common import emit_json, positive_int, print_table
 from moesim.commands._replay_args import add_policy_args, load, policy_params
 from moesim.commands._timing_args import add_timing_args, timing_requested
-from moesim.errors import UsageError
+from moesim.errors import SettingError, UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_policy_args(p)
     p.add_argument("--total-slots", type=positive_int, required=True, metavar="N",
                    help="expert slots over all layers (at least layers x top-k)")
+    p.add_argument("--objective", choices=("hits", "tokens-per-s"), default="hits",
+                   help="maximise hits (default; exact over the hit curves) or the timing simulator's tokens/s "
+                        "(needs --hardware or --calibration; docs/budgets.md)")
     add_timing_args(p)  # tokens/s of both allocations under the cost model (and any --prefetch)
     p.set_defaults(func=run)
 
@@ -39,6 +42,16 @@ def _with_timing(args: argparse.Namespace, trace, out: dict) -> None:
         out["tokens_per_s_gain"] = round(out["tokens_per_s"] / out["uniform_tokens_per_s"] - 1, 6)
 
 
+def _priced_cell(args: argparse.Namespace, trace):
+    """The timed cell whose layer budgets are searched: simulate's own spec for these flags."""
+    from moesim.commands.simulate import cell_spec
+
+    if args.timeline:
+        raise UsageError("budgets runs the timing simulator many times: --timeline is for simulate")
+    args.cache_size, args.vs_bound = trace.meta.num_experts, False
+    return cell_spec(args, trace)
+
+
 def run(args: argparse.Namespace) -> int:
     from moesim.simulator.budgets import budgets_report
 
@@ -46,8 +59,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("budgets allocates per-layer caches: --scope global has no layers to budget")
     trace = load(args)
     notes: list[str] = []
+    priced = None
+    if args.objective == "tokens-per-s":
+        if not timing_requested(args):
+            raise SettingError("hardware", "optimising tokens/s needs a cost model", fix="NAME or --calibration FILE")
+        priced = _priced_cell(args, trace)
     out = budgets_report(trace, args.policy, args.total_slots, semantics=args.semantics,
-                         params=policy_params(args), notes=notes)
+                         params=policy_params(args), notes=notes, priced=priced)
     if timing_requested(args):
         _with_timing(args, trace, out)
     for note in notes:
@@ -55,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(out)
         return 0
-    print(f"policy {out['policy']}, {out['total_slots']} slots; {out['method']}")
+    print(f"policy {out['policy']}, {out['total_slots']} slots, objective {out['objective']}; {out['method']}")
     print_table(["allocation", "hits", "hit_rate", "layer budgets"],
                 [["optimal", out["hits"], out["hit_rate"], ",".join(map(str, out["layer_budgets"]))],
                  ["uniform", out["uniform_hits"], out["uniform_hit_rate"], ",".join(map(str, out["uniform_budgets"]))]])

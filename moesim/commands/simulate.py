@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     size.add_argument("--layer-budgets", type=int_list, metavar="K0,K1,...",
                       help="per-layer slot budgets (non-uniform allocation; 0 disables a layer's cache)")
     p.add_argument("--per-layer", action="store_true", help="also report each layer's hit rate")
+    p.add_argument("--vs-bound", action="store_true",
+                   help="also the offline bound on demand misses at the prefetcher's lookahead (moesim bound; "
+                        "docs/bound.md) and bound_fraction = bound / this run's demand misses")
     add_timing_args(p)
     add_force_arg(p)  # the only file simulate writes is --timeline's
     p.set_defaults(func=run)
@@ -51,7 +54,7 @@ def cell_spec(args: argparse.Namespace, trace):
                     cost=cost_model(args) if timed else None, prefetch=args.prefetch or "none",
                     prefetch_params=prefetch_params(args) if timed else None, batch_size=args.batch_size,
                     prefill_chunk=prefill_chunk(args, trace), speculative_ready=args.speculative_ready,
-                    timeline=args.timeline, execution=args.execution)
+                    timeline=args.timeline, execution=args.execution, vs_bound=getattr(args, "vs_bound", False))
 
 
 def run(args: argparse.Namespace) -> int:

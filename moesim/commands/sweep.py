@@ -77,6 +77,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefetch", type=_str_axis, metavar="none,P", help="prefetchers (need --hardware)")
     p.add_argument("--prefetch-budget", type=_int_axis, metavar="B1,B2", help="prefetch budgets (default 1)")
     p.add_argument("--batch-size", type=_int_axis, metavar="N1,N2", help="decode batch sizes for the timing model")
+    p.add_argument("--execution", type=_str_axis, metavar="none,SPEC",
+                   help="who serves each miss, as simulate --execution: copy, n-cpu-moe=N, fiddler, hybrid, "
+                        "hobbit[=T], pinned=FILE (need --hardware); none (default): copies, rows without 'executed'")
+    p.add_argument("--vs-bound", action="store_true",
+                   help="every cell also measured against the offline bound, as simulate --vs-bound")
     p.add_argument("--executor", choices=("process", "inprocess", "ray"), default="process",
                    help="where cells run: a local process pool (default), this process (debugging), or Ray")
     p.add_argument("--workers", type=positive_int, metavar="N", help="worker processes / Ray CPUs (default: all cores)")
@@ -113,8 +118,11 @@ def _spec(args: argparse.Namespace):
     base = load_config(args.config) if args.config else None
     lists = {"traces": args.trace, "policies": args.policy, "cache_sizes": args.cache_size,
              "scopes": args.scope, "semantics": args.semantics, "hardware": args.hardware,
-             "prefetch": args.prefetch, "prefetch_budgets": args.prefetch_budget, "batch_sizes": args.batch_size}
-    return spec_from_lists(base, lists, _param_axes(args.param))
+             "prefetch": args.prefetch, "prefetch_budgets": args.prefetch_budget, "batch_sizes": args.batch_size,
+             "executions": args.execution}
+    spec = spec_from_lists(base, lists, _param_axes(args.param))
+    spec.vs_bound = spec.vs_bound or args.vs_bound
+    return spec
 
 
 def _require_predictions(spec) -> None:
@@ -200,7 +208,7 @@ def run_summary(args: argparse.Namespace) -> int:
         emit_json({"metric": metric, "baseline": args.baseline if have_base else None,
                    "best": best.to_dicts(), "versus_baseline": versus.to_dicts() if versus is not None else []})
         return 0
-    shown = [c for c in best.columns if c != "trace_sha256" and (c not in ("hardware", "prefetch", "prefetch_budget", "batch_size", "scope", "semantics") or best[c].n_unique() > 1)]
+    shown = [c for c in best.columns if c != "trace_sha256" and (c not in ("hardware", "prefetch", "prefetch_budget", "batch_size", "execution", "scope", "semantics") or best[c].n_unique() > 1)]
     print(f"best policy by {metric}:")
     print_table(shown, [[_short(c, v) for c, v in zip(shown, r, strict=True)] for r in best.select(shown).rows()])
     if versus is not None:

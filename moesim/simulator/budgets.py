@@ -19,8 +19,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from moesim.errors import SettingError, UsageError
+from moesim.simulator.cell import CellSpec, run_cell
 from moesim.simulator.replay import PolicySpec, build_stream, replay_stream
 from moesim.traces.format import Trace
 
@@ -60,21 +62,29 @@ def layer_curves(trace: Trace, policy: PolicySpec, *, semantics: str = "atomic",
 def optimal_budgets(curves: LayerCurves, total: int) -> tuple[list[int], int]:
     """The per-layer sizes (each within the curves' sizes, summing to ``total``) with the most hits,
     by dynamic programming over layers; ties go to the smaller size at the later layer."""
-    n_layers, _ = curves.hits.shape
-    lo, hi = int(curves.sizes[0]), int(curves.sizes[-1])
+    budgets, best = best_allocation(curves.hits, curves.sizes, total)
+    return budgets, int(best)
+
+
+def best_allocation(values: np.ndarray, sizes: np.ndarray, total: int) -> tuple[list[int], float]:
+    """The knapsack over layers: per-layer sizes (each one of ``sizes``, summing to ``total``) that
+    maximise the sum of ``values[layer, size index]``; ties go to the smaller size at the later layer."""
+    n_layers, _ = values.shape
+    lo, hi = int(sizes[0]), int(sizes[-1])
     if not n_layers * lo <= total <= n_layers * hi:
         raise UsageError(f"total slots {total} outside [{n_layers * lo}, {n_layers * hi}]")
-    neg = np.iinfo(np.int64).min // 4
-    best = np.full(total + 1, neg, np.int64)  # best[n]: most hits of the layers so far with n slots
+    floating = values.dtype.kind == "f"
+    neg = -np.inf if floating else np.iinfo(np.int64).min // 4
+    best = np.full(total + 1, neg, values.dtype)  # best[n]: the layers so far with n slots
     best[0] = 0
     choice = np.zeros((n_layers, total + 1), np.int64)
     for layer in range(n_layers):
-        new = np.full(total + 1, neg, np.int64)
-        for i, k in enumerate(curves.sizes):
+        new = np.full(total + 1, neg, values.dtype)
+        for i, k in enumerate(sizes):
             if k > total:
                 break
-            cand = np.full(total + 1, neg, np.int64)
-            cand[k:] = best[:total + 1 - k] + curves.hits[layer, i]
+            cand = np.full(total + 1, neg, values.dtype)
+            cand[k:] = best[:total + 1 - k] + values[layer, i]
             better = cand > new
             new[better] = cand[better]
             choice[layer, better] = k
@@ -84,7 +94,34 @@ def optimal_budgets(curves: LayerCurves, total: int) -> tuple[list[int], int]:
     for layer in range(n_layers - 1, -1, -1):
         budgets[layer] = int(choice[layer, n])
         n -= budgets[layer]
-    return budgets, int(best[total])
+    return budgets, best[total].item()
+
+
+def time_curves(trace: Trace, spec: CellSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Each layer's priced time as a function of its own cache size, through the cell runner: the run
+    with every layer holding all its experts, and per (layer, size) the run with only that layer at that
+    size. Returns (sizes, extra[l, i]) = the ms per token that layer l at ``sizes[i]`` adds to the
+    all-resident run. Without a prefetcher a layer's copies are issued at its gate and waited for before
+    its combine, so each layer's stall depends on its own hits alone and the time of any allocation is
+    the all-resident time plus the sum of these terms (exact); a prefetcher's copies for later layers
+    overlap other layers, where the sum is an estimate."""
+    meta = trace.meta
+    L, E = meta.num_layers, meta.num_experts
+    sizes = np.arange(meta.top_k, E + 1, dtype=np.int64)
+
+    def ms(budgets: list[int]) -> float:
+        one = replace(spec, cache_size=budgets, exact_replay=False, interval=False, vs_bound=False)
+        return run_cell(trace, one).timing.ms_per_token
+
+    base = ms([E] * L)
+    extra = np.zeros((L, sizes.size))
+    # tqdm hides itself when stderr is not a terminal
+    with tqdm(total=L * (sizes.size - 1), unit="run", desc="price layer budgets", disable=None) as bar:
+        for layer in range(L):
+            for i, k in enumerate(sizes[:-1]):
+                extra[layer, i] = ms([E] * layer + [int(k)] + [E] * (L - layer - 1)) - base
+                bar.update(1)
+    return sizes, extra
 
 
 def uniform_budgets(n_layers: int, total: int) -> list[int]:
@@ -94,8 +131,11 @@ def uniform_budgets(n_layers: int, total: int) -> list[int]:
 
 
 def budgets_report(trace: Trace, policy: PolicySpec, total: int, *, semantics: str = "atomic",
-                   params: dict[str, Any] | None = None, notes: list[str] | None = None) -> dict[str, Any]:
-    """The JSON of ``moesim budgets`` (contract: layer_budgets, hits, hit_rate, uniform_hit_rate)."""
+                   params: dict[str, Any] | None = None, notes: list[str] | None = None,
+                   priced: CellSpec | None = None) -> dict[str, Any]:
+    """The JSON of ``moesim budgets`` (contract: layer_budgets, hits, hit_rate, uniform_hit_rate). With
+    ``priced`` (a timed cell; its cache size is replaced) the budgets minimise its priced time per token
+    instead of maximising hits (:func:`time_curves`); ``hits`` are then those budgets' exact hits."""
     meta = trace.meta
     lo, hi = meta.num_layers * meta.top_k, meta.num_layers * meta.num_experts
     if total < lo:
@@ -108,6 +148,15 @@ def budgets_report(trace: Trace, policy: PolicySpec, total: int, *, semantics: s
                          f"experts ({hi} slots)")
     curves = layer_curves(trace, policy, semantics=semantics, params=params)
     budgets, hits = optimal_budgets(curves, total)
+    method = f"dynamic programming over exact per-layer curves ({curves.method} replays)"
+    if priced is not None:   # the objective is tokens/s: the fewest priced ms per token
+        sizes, extra = time_curves(trace, priced)
+        budgets, _ = best_allocation(-extra, sizes, total)
+        hits = curves.hits_of(budgets)
+        exact = priced.prefetch == "none"
+        method = ("dynamic programming over per-layer priced time (the timing simulator, one layer's size at a "
+                  "time); " + ("exact: without a prefetcher each layer's stalls are its own" if exact else
+                               "an estimate: a prefetcher's copies overlap other layers"))
     uniform = uniform_budgets(meta.num_layers, total)
     uniform_hits = curves.hits_of(uniform)
     requests = int(curves.requests.sum())
@@ -120,4 +169,4 @@ def budgets_report(trace: Trace, policy: PolicySpec, total: int, *, semantics: s
             "hits": hits, "hit_rate": rate(hits), "uniform_budgets": uniform, "uniform_hits": uniform_hits,
             "uniform_hit_rate": rate(uniform_hits), "gain_hits": hits - uniform_hits,
             "gain_hit_rate": round(rate(hits) - rate(uniform_hits), 6), "semantics": semantics,
-            "method": f"dynamic programming over exact per-layer curves ({curves.method} replays)"}
+            "objective": "hits" if priced is None else "tokens-per-s", "method": method}

@@ -53,6 +53,7 @@ class CellSpec:
     execution: str | None = None   # who serves each miss (policies.execution); None: copy, no "executed" key
     exact_replay: bool = True    # off where only the timing run's own counts matter (engine validation)
     interval: bool = True        # also price every copy at both ends of the calibration's copy interval
+    vs_bound: bool = False       # also the prefetch-aware offline bound on demand misses (simulator.bound)
 
 
 @dataclass
@@ -63,6 +64,7 @@ class CellResult:
     timing_slow: TimingResult | None = None   # every copy at the slow end of the copy interval
     timing_fast: TimingResult | None = None   # ... and at the fast end
     copy_scales: tuple[float, float] | None = None   # (fast, slow) factors of those two runs
+    bound: dict[str, Any] | None = None   # spec.vs_bound: the bound's keys (:func:`bound_keys`)
 
     def interval(self, metric: Callable[[TimingResult], float] = lambda t: t.tokens_per_s) -> list[float] | None:
         """``metric`` of the slow-copy and of the fast-copy run, rounded as ``sim_interval``; None when
@@ -94,12 +96,12 @@ class CellResult:
         dropped when no prefetcher ran (they would read 0.0, not "not applicable"). Without the exact
         replay, the timing run's keys as they are."""
         if self.replay is None:
-            return self.timing_dict()
+            return self.timing_dict() | (self.bound or {})
         out = self.replay.to_dict(per_layer=per_layer)
         if self.spec.params:
             out["params"] = dict(self.spec.params)
         if self.timing is None:
-            return out
+            return out | (self.bound or {})
         timing = self.timing_dict()
         for key in ("policy", "cache_size"):
             timing.pop(key, None)
@@ -109,7 +111,7 @@ class CellResult:
         for key in CACHE_KEYS:
             timing[TIMING_PREFIX + key] = timing.pop(key)
         out.update(timing)
-        return out
+        return out | (self.bound or {})
 
 
 def require_predictions(path: object, have: Sequence[int], prefetchers: Iterable[str], distance: int = 1) -> None:
@@ -122,9 +124,12 @@ def require_predictions(path: object, have: Sequence[int], prefetchers: Iterable
 
 def check_spec(spec: CellSpec) -> None:
     """What can be refused before reading a row: the timing model's scope and semantics, the phase, the
-    execution spec."""
+    execution spec, a setting the bound does not model."""
     if spec.execution is not None:
         parse_execution(spec.execution)
+    if spec.vs_bound and (not isinstance(spec.cache_size, int) or (spec.scope, spec.semantics) != ("layer", "atomic")
+                          or spec.batch_size != 1):
+        raise SettingError("vs_bound", "the bound is for one uniform cache size per layer, atomic sets and batch 1")
     if spec.phase not in PHASES:
         raise SettingError("phase", f"unknown phase {spec.phase!r} (known: {', '.join(PHASES)})")
     if spec.cost is not None and (spec.scope, spec.semantics) != ("layer", "atomic"):
@@ -133,9 +138,45 @@ def check_spec(spec: CellSpec) -> None:
                            fix="layer" if wrong == "scope" else "atomic")
 
 
+def bound_keys(trace: Trace, spec: CellSpec, demand_misses: int) -> dict[str, Any]:
+    """The offline bound this cell is measured against (docs/bound.md): the fewest demand misses any
+    policy plus prefetcher could have with the cell's cache, its prefetcher's lookahead (its distance;
+    0 without one) and per-layer prefetch budget, and ``bound_fraction`` = that bound / the cell's own
+    demand misses (1.0: the cell meets the bound)."""
+    from moesim.simulator.bound import prefetch_bound
+
+    pparams = dict(spec.prefetch_params or {})
+    lookahead = 0 if spec.prefetch == "none" else int(pparams.get("distance", 1))
+    budget = int(pparams.get("budget", trace.meta.top_k))
+    b = prefetch_bound(trace, spec.cache_size, lookahead, budget)
+    return {"bound_lookahead": lookahead, "bound_prefetch_budget": budget, "bound_misses": b.misses,
+            "bound_exact": b.exact, "bound_fraction": round(b.misses / demand_misses, 6) if demand_misses else 1.0}
+
+
+def _demand_misses(spec: CellSpec, replay: ReplayResult | None, timing: TimingResult | None) -> int:
+    """The cell's own demand misses on the bound's request stream: the replay's, or with a cost model the
+    timing run's (prefetched experts are hits there), which must request what the replay does."""
+    if timing is None:
+        return replay.misses if replay is not None else 0
+    if replay is not None and timing.requests != replay.requests:
+        raise SettingError("vs_bound", "the bound counts one request per token and layer: the timing run here "
+                                       "requests batch or prefill unions (use batch size 1 on decode rows)")
+    return timing.misses
+
+
 def run_cell(trace: Trace, spec: CellSpec) -> CellResult:
     """The exact replay of ``spec`` on ``trace`` and, with a cost model, its timing run (three runs
-    when the model has a measured copy interval: the point and both ends, for ``sim_interval``)."""
+    when the model has a measured copy interval: the point and both ends, for ``sim_interval``); with
+    ``spec.vs_bound`` also the offline bound's keys."""
+    result = _run(trace, spec)
+    if spec.vs_bound:
+        if spec.phase != "all":
+            trace = trace.filter_phase(PREFILL if spec.phase == "prefill" else DECODE)
+        result.bound = bound_keys(trace, spec, _demand_misses(spec, result.replay, result.timing))
+    return result
+
+
+def _run(trace: Trace, spec: CellSpec) -> CellResult:
     check_spec(spec)
     if spec.phase != "all":
         trace = trace.filter_phase(PREFILL if spec.phase == "prefill" else DECODE)

@@ -279,13 +279,12 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
         raise SettingError("prefetch", missing_predictions(trace.path, pred_cols, d, prefetch))
     trace = trace.execution_order()
     exe = parse_execution(execution)
-    fast_ok = (exe.name == "copy" and batch_size == 1 and timeline is None and isinstance(policy, str) and not policy_params
-               and policy in timing_kernel.POLICY_CODES and prefetch in timing_kernel.PREFETCH_CODES
-               and all(s > 0 for s in sizes) and not (trace.phase == PREFILL).any()
-               and pparams.get("threshold") is None and cost.engine_profile == "moesim")
-    if engine == "numba" and not fast_ok:
-        raise UsageError("the compiled timing path needs batch 1 decode, lru/fifo/lfu/opt, a built-in prefetcher, "
-                         "copy execution and no timeline")
+    not_compiled = timing_kernel.why_not_compiled(
+        policy, policy_params, prefetch, pparams, exe.name, batch_size, timeline is not None, sizes,
+        bool((trace.phase == PREFILL).any()), cost.engine_profile)
+    fast_ok = not_compiled is None
+    if engine == "numba" and not_compiled is not None:
+        raise UsageError(f"the compiled timing path cannot run this: {not_compiled}")
     swap = cost.engine_profile == "mixtral-offloading"
     if swap and prefetch != "none":
         raise UsageError("the mixtral-offloading engine profile has no prefetcher (its public engine has none)")

@@ -10,7 +10,7 @@ from moesim.errors import UsageError
 
 # Everything that makes two rows comparable, except the policy (and its parameters) being compared.
 CONDITION_COLUMNS = ("trace", "trace_sha256", "hardware", "prefetch", "prefetch_budget", "batch_size",
-                     "scope", "semantics", "cache_size")
+                     "execution", "scope", "semantics", "cache_size")
 LOWER_IS_BETTER = {"misses", "timing_misses", "ms_per_token", "bytes_h2d", "miss_rate", "stall_ms",
                    "p50_token_ms", "p99_token_ms", "wasted_prefetch_bytes"}
 

@@ -12,9 +12,10 @@ import polars as pl
 import pyarrow as pa
 
 from moesim.sweep.analysis import as_frame, default_metric
-from moesim.sweep.spec import NO_HARDWARE, NO_PREFETCH
+from moesim.sweep.spec import NO_EXECUTION, NO_HARDWARE, NO_PREFETCH
 
-PANEL_COLUMNS = ("trace", "hardware", "prefetch", "prefetch_budget", "scope", "semantics", "batch_size")
+PANEL_COLUMNS = ("trace", "hardware", "prefetch", "prefetch_budget", "scope", "semantics", "batch_size",
+                 "execution")
 _PARAM_LINESTYLES = ["-", "--", ":", "-."]
 
 
@@ -38,6 +39,8 @@ def panel_title(row: dict[str, Any]) -> str:
     pf = row.get("prefetch")
     if hw and hw != NO_HARDWARE and pf and pf != NO_PREFETCH:
         parts.append(f"{pf} prefetch (budget {row.get('prefetch_budget')})")
+    if row.get("execution") not in (None, NO_EXECUTION):
+        parts.append(f"{row['execution']} execution")
     if (row.get("batch_size") or 1) > 1:
         parts.append(f"batch {row['batch_size']}")
     if row.get("scope") not in (None, "layer"):

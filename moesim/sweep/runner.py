@@ -10,7 +10,7 @@ import socket
 import time
 from typing import Any
 
-from moesim.sweep.spec import INPUT_COLUMNS, NO_HARDWARE, NO_PREFETCH, Cell
+from moesim.sweep.spec import INPUT_COLUMNS, NO_EXECUTION, NO_HARDWARE, NO_PREFETCH, Cell
 
 _TRACE_PATHS: dict[str, str] = {}  # content hash -> path, set by the executor's worker initializer
 _TRACES: dict[str, Any] = {}  # content hash -> loaded Trace (this process)
@@ -47,7 +47,8 @@ def compute(cell: Cell, trace) -> dict[str, Any]:
                     semantics=cell.semantics, cost=CostModel.preset(cell.hardware) if timed else None,
                     prefetch=cell.prefetch,
                     prefetch_params=None if cell.prefetch == NO_PREFETCH else {"budget": cell.prefetch_budget},
-                    batch_size=cell.batch_size)
+                    batch_size=cell.batch_size, execution=None if cell.execution == NO_EXECUTION else cell.execution,
+                    vs_bound=cell.vs_bound)
     return run_cell(trace, spec).to_json()
 
 

@@ -21,6 +21,8 @@ from moesim.errors import DataError, SettingError, UsageError
 SWEEP_VERSION = 2
 NO_PREFETCH = "none"
 NO_HARDWARE = "none"
+# no execution policy named: every miss copied, as ``simulate`` without ``--execution`` (no ``executed`` key)
+NO_EXECUTION = "none"
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,17 @@ class Cell:
     prefetch_budget: int = 0
     hardware: str = NO_HARDWARE
     batch_size: int = 1
+    execution: str = NO_EXECUTION   # who serves each miss (``simulate --execution``'s spelling)
+    vs_bound: bool = False          # also the offline bound's keys (``simulate --vs-bound``)
 
     @property
     def key(self) -> str:
-        """Stable id: hash of every input but the trace path (the content hash stands for it)."""
+        """Stable id: hash of every input but the trace path (the content hash stands for it). Inputs at
+        their defaults that older sweeps did not have are left out, so those tables' cells keep their ids."""
         ident = {k: v for k, v in asdict(self).items() if k != "trace"}
+        for name, default in (("execution", NO_EXECUTION), ("vs_bound", False)):
+            if ident[name] == default:
+                del ident[name]
         ident["sweep_version"] = SWEEP_VERSION
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -56,7 +64,8 @@ class Cell:
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Cell:
-        return cls(**{f.name: row[f.name] for f in fields(cls)})
+        """The cell of a results row; a column a table written by an older sweep lacks takes its default."""
+        return cls(**{f.name: row[f.name] for f in fields(cls) if f.name in row})
 
 
 INPUT_COLUMNS = ("cell_id", *(f.name for f in fields(Cell)))
@@ -77,9 +86,11 @@ class SweepSpec:
     prefetch_budgets: list[int] = field(default_factory=lambda: [1])
     hardware: list[str] = field(default_factory=lambda: [NO_HARDWARE])
     batch_sizes: list[int] = field(default_factory=lambda: [1])
+    executions: list[str] = field(default_factory=lambda: [NO_EXECUTION])
+    vs_bound: bool = False   # every cell also measured against the offline bound (docs/bound.md)
 
 
-_LIST_KEYS = {f.name for f in fields(SweepSpec)} - {"params"}
+_LIST_KEYS = {f.name for f in fields(SweepSpec)} - {"params", "vs_bound"}
 _INT_KEYS = {"cache_sizes", "prefetch_budgets", "batch_sizes"}
 
 
@@ -113,9 +124,12 @@ def load_config(path: str | os.PathLike) -> SweepSpec:
         raise DataError(p, "no such file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise DataError(p, f"not a valid TOML file ({exc})") from None
-    unknown = set(raw) - _LIST_KEYS - {"params"}
+    unknown = set(raw) - _LIST_KEYS - {"params", "vs_bound"}
     if unknown:
-        raise DataError(p, f"unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(_LIST_KEYS | {'params'}))})")
+        known = ", ".join(sorted(_LIST_KEYS | {"params", "vs_bound"}))
+        raise DataError(p, f"unknown key {sorted(unknown)[0]!r} (known: {known})")
+    if not isinstance(raw.get("vs_bound", False), bool):
+        raise DataError(p, f"vs_bound must be true or false, got {raw['vs_bound']!r}")
     values: dict[str, Any] = {}
     for key in _LIST_KEYS & set(raw):
         try:
@@ -126,11 +140,21 @@ def load_config(path: str | os.PathLike) -> SweepSpec:
         if key not in values:
             raise DataError(p, f"missing required key {key!r}")
     values["traces"] = [str(t) if Path(t).is_absolute() else str(p.parent / t) for t in values["traces"]]
+    values["vs_bound"] = raw.get("vs_bound", False)
+    if "executions" in values:   # a pinned set's file, like a trace, is relative to the config's folder
+        values["executions"] = [_relative_pinned(x, p.parent) for x in values["executions"]]
     params = raw.get("params", {})
     if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
         raise DataError(p, "[params] must hold one table per policy, e.g. [params.lfu-decay] half_life = [100, 1000]")
     values["params"] = {pol: {k: v if isinstance(v, list) else [v] for k, v in axes.items()} for pol, axes in params.items()}
     return SweepSpec(**values)
+
+
+def _relative_pinned(execution: str, folder: Path) -> str:
+    name, sep, value = execution.partition("=")
+    if name != "pinned" or not sep or Path(value).is_absolute():
+        return execution
+    return f"pinned={folder / value}"
 
 
 def trace_sha256(path: str | os.PathLike) -> str:
@@ -160,6 +184,7 @@ def _param_grid(axes: dict[str, list[Any]]) -> list[str]:
 
 
 def _validate(spec: SweepSpec, metas: dict[str, Any]) -> None:
+    from moesim.policies.execution import parse_execution
     from moesim.policies.resolve import eviction_factory
     from moesim.simulator.replay import SCOPES, SEMANTICS
 
@@ -185,6 +210,14 @@ def _validate(spec: SweepSpec, metas: dict[str, Any]) -> None:
     if any(p != NO_PREFETCH for p in spec.prefetch) and not timed:
         raise SettingError("hardware", "prefetchers need a timing model: name a hardware preset (prefetch has no "
                            "effect on hit-rate replay)", fix="NAME")
+    if any(x != NO_EXECUTION for x in spec.executions) and not timed:
+        raise SettingError("hardware", "execution policies need a timing model: name a hardware preset (who "
+                           "serves a miss does not change the hit-rate replay)", fix="NAME")
+    if spec.vs_bound and (set(spec.scopes) - {"layer"} or set(spec.semantics) - {"atomic"} or set(spec.batch_sizes) - {1}):
+        raise SettingError("vs_bound", "the bound is for per-layer caches, atomic sets and batch 1: sweep other "
+                                       "scopes, semantics or batch sizes without it")
+    for execution in set(spec.executions) - {NO_EXECUTION}:
+        parse_execution(execution)   # the timing model's own check of the spelling (and a pinned set's file)
     if timed:
         _validate_hardware(timed, spec.prefetch)
         if set(spec.scopes) - {"layer"} or set(spec.semantics) - {"atomic"}:
@@ -207,8 +240,8 @@ def _validate_hardware(names: Iterable[str], prefetchers: Iterable[str]) -> None
 def expand(spec: SweepSpec, hashes: dict[str, str] | None = None) -> list[Cell]:
     """Every cell of the grid, validated, in a stable order, without duplicates.
 
-    A hit-rate cell (no hardware) ignores prefetchers, budgets and batch size, so those axes collapse
-    for it; a cell without a prefetcher ignores the budget (stored as 0).
+    A hit-rate cell (no hardware) ignores prefetchers, budgets, batch size and execution, so those axes
+    collapse for it; a cell without a prefetcher ignores the budget (stored as 0).
     """
     from moesim.simulator.replay import clamp_cache_size
     from moesim.traces.format import read_meta
@@ -220,17 +253,18 @@ def expand(spec: SweepSpec, hashes: dict[str, str] | None = None) -> list[Cell]:
         if t not in hashes:
             hashes[t] = trace_sha256(t)
     cells: dict[str, Cell] = {}
-    for trace, hw, pf, budget, bs, scope, sem, policy in itertools.product(
-            spec.traces, spec.hardware, spec.prefetch, spec.prefetch_budgets, spec.batch_sizes,
+    for trace, hw, pf, budget, bs, ex, scope, sem, policy in itertools.product(
+            spec.traces, spec.hardware, spec.prefetch, spec.prefetch_budgets, spec.batch_sizes, spec.executions,
             spec.scopes, spec.semantics, spec.policies):
         if hw == NO_HARDWARE:
-            pf, budget, bs = NO_PREFETCH, 0, 1
+            pf, budget, bs, ex = NO_PREFETCH, 0, 1, NO_EXECUTION
         elif pf == NO_PREFETCH:
             budget = 0
         for params in _param_grid(spec.params.get(policy, {})):
             for k in spec.cache_sizes:  # sizes past everything resident are one cell (`moesim sweep` says so)
                 k = clamp_cache_size(k, metas[trace], scope)
-                cell = Cell(trace, hashes[trace], policy, k, params, scope, sem, pf, int(budget), hw, int(bs))
+                cell = Cell(trace, hashes[trace], policy, k, params, scope, sem, pf, int(budget), hw, int(bs), ex,
+                            spec.vs_bound)
                 cells.setdefault(cell.key, cell)
     return list(cells.values())
 
