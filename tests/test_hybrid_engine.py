@@ -127,6 +127,8 @@ def test_engine_refuses_what_it_cannot_run(setup):
     eng = HybridEngine(w, K, "lru", "n-cpu-moe=1", program=program)
     with pytest.raises(SettingError, match="cpu_experts"):
         eng.run(setup[4])
+    with pytest.raises(SettingError, match="starts cold"):
+        eng.run(setup[4], warm=True)
 
 
 @pytest.mark.parametrize("name", ["hqq2-g64", "hqq1-g64"])
