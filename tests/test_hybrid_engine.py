@@ -127,6 +127,8 @@ def test_engine_refuses_what_it_cannot_run(setup):
     eng = HybridEngine(w, K, "lru", "n-cpu-moe=1", program=program)
     with pytest.raises(SettingError, match="cpu_experts"):
         eng.run(setup[4])
+    with pytest.raises(SettingError, match="starts cold"):
+        eng.run(setup[4], warm=True)
 
 
 @pytest.mark.parametrize("name", ["hqq2-g64", "hqq1-g64"])
@@ -167,3 +169,19 @@ def test_driver_cell_and_report_section(setup, tmp_path):
     assert "| 2 | hobbit | 9.00 | 9.90 | +10.0% | yes |" in text
     assert "|error| median 4.8%, max 12.5%; 4 within 5%" in text
     assert "CPU expert 1.500 ms, the hidden state's hop 20.0 us" in text
+
+
+def test_driver_calibrates_from_its_own_micro_benchmarks(setup):
+    w, small, cpu, trace, routing, _ = setup
+    program = HybridProgram(w, w.geometry.num_experts, TOKENS, lowbit=small.lowbit)   # the all-resident run's slots
+    out: dict = {}
+    program.load_routing(routing)
+    cost = run_validation.calibrate(w, program, routing, cpu, program.lowbit, 1, out)
+    block = out["calibration"]["cpu"]
+    assert cost.cpu["hop_s"] == block["hop_s"] > 0 and cost.cpu_expert_seconds(1) == block["expert_s"]["int8"][0][1] > 0
+    assert cost.lowbit() == "hqq2-g64" and cost.quantization == "hqq4"
+    assert cost.expert_bytes_by_quant["hqq4"] == w.expert_bytes
+    assert cost.expert_bytes_by_quant["hqq2-g64"] == program.lowbit.nbytes
+    graph = out["calibration_raw"]["graph"]
+    assert cost.expert_seconds(1) == pytest.approx(graph["expert_ms"] * 1e-3)
+    assert cost.lowbit_expert_seconds(1) == pytest.approx(graph["lowbit_expert_ms"] * 1e-3)

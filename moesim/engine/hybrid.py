@@ -357,6 +357,13 @@ class HybridEngine(OffloadedEngine):
         self.cpu_experts, self.cpu_threads = cpu_experts, cpu_threads
         self.worker: CpuWorker | None = None
 
+    def run(self, routing: Routing, instrument: bool = False, progress: bool = False, warm: bool = False,
+            sync_tokens: bool = True):
+        """:meth:`OffloadedEngine.run` from cold caches (the simulator's start; pinned sets load untimed)."""
+        if warm:
+            raise SettingError("execution", "the hybrid engine starts cold, as the simulator does (warm=False)")
+        return super().run(routing, instrument, progress, False, sync_tokens)
+
     # -- the hooks of OffloadedEngine.run --------------------------------------------------------------
     def _plan(self, routing: Routing) -> CachePlan:
         g = self.w.geometry
