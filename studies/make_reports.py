@@ -92,6 +92,8 @@ REPORTS: tuple[Report, ...] = (
            lambda o: [_maker("hybrid"), "-o", str(o / "report.md")]),
     Report("roofline", "roofline", ("report.md",),
            lambda o: [_maker("roofline"), "-o", str(o / "report.md")]),
+    Report("formats", "formats", ("report.md",),
+           lambda o: [_maker("formats"), "-o", str(o / "report.md")]),
 )
 
 
