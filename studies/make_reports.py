@@ -98,6 +98,8 @@ REPORTS: tuple[Report, ...] = (
            lambda o: [_maker("hybrid_published"), "-o", str(o / "hybrid_published")],
            lambda o: [_maker("hybrid_published"), "--from-json", "studies/hybrid_published/hybrid_published.json",
                       "-o", str(o / "hybrid_published")]),
+    Report("formats", "formats", ("report.md",),
+           lambda o: [_maker("formats"), "-o", str(o / "report.md")]),
 )
 
 

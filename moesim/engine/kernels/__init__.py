@@ -102,7 +102,9 @@ def _probe_attention(fused) -> str:
 def fused_attention_status() -> str:
     """"ok" when decode attention runs fused on the GPU; else why not (reference path, no Triton, or the
     probe's failure)."""
-    if not active("cuda"):
+    import torch
+
+    if not (torch.cuda.is_available() and active("cuda")):
         return "not active (reference kernels, no CUDA or no Triton)"
     return _STATE["attention"]
 
