@@ -132,7 +132,9 @@ SETTING_HINTS = {"scope": "--scope", "semantics": "--semantics", "phase": "--pha
                  "cpu_speed": "--cpu-speed", "lowbit_format": "--lowbit-format",
                  "geometry": "--geometry", "lookahead": "--lookahead", "prefetch_budget": "--prefetch-budget",
                  "total_slots": "--total-slots", "expert_bytes": "--expert-bytes N",
-                 "expert_ms": "--expert-ms MS"}
+                 "expert_ms": "--expert-ms MS", "host_ram": "--host-ram-gb", "host_policy": "--host-policy",
+                 "disk_mode": "--disk-mode", "disk_block": "--disk-block", "disk_queue_depth": "--disk-queue-depth",
+                 "disk_sizes": "--disk-sizes-kb", "disk_file": "--disk-file-mb"}
 
 
 def error_line(exc: Exception) -> str:

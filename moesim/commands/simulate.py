@@ -14,9 +14,11 @@ from moesim.commands._replay_args import (
     policy_params,
 )
 from moesim.commands._timing_args import (
+    add_host_tier_args,
     add_timing_args,
     cost_model,
     default_hardware_note,
+    host_tier_spec,
     prefetch_params,
     prefill_chunk,
     say_timeline_written,
@@ -35,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="per-layer slot budgets (non-uniform allocation; 0 disables a layer's cache)")
     p.add_argument("--per-layer", action="store_true", help="also report each layer's hit rate")
     add_timing_args(p)
+    add_host_tier_args(p)
     add_force_arg(p)  # the only file simulate writes is --timeline's
     p.set_defaults(func=run)
 
@@ -51,7 +54,7 @@ def cell_spec(args: argparse.Namespace, trace):
                     cost=cost_model(args) if timed else None, prefetch=args.prefetch or "none",
                     prefetch_params=prefetch_params(args) if timed else None, batch_size=args.batch_size,
                     prefill_chunk=prefill_chunk(args, trace), speculative_ready=args.speculative_ready,
-                    timeline=args.timeline, execution=args.execution)
+                    timeline=args.timeline, execution=args.execution, host_tier=host_tier_spec(args))
 
 
 def run(args: argparse.Namespace) -> int:
