@@ -90,6 +90,8 @@ REPORTS: tuple[Report, ...] = (
            lambda o: [_maker("checkpoint_load"), "-o", str(o / "report.md")]),
     Report("hybrid", "hybrid", ("report.md",),
            lambda o: [_maker("hybrid"), "-o", str(o / "report.md")]),
+    Report("nvme", "nvme", ("nvme.md",),
+           lambda o: [_maker("nvme"), "-o", str(o / "nvme.md")]),
 )
 
 

@@ -219,3 +219,21 @@ def test_calibrate_disk_on_a_path_it_cannot_write(tmp_path, capsys):
         ro.mkdir(mode=0o500)
         code, _, err = run_main(["calibrate", "--disk", ro, "-o", tmp_path / "o.json"], capsys)
         assert code == 1 and len(err) == 1 and "cannot write a scratch file there" in err[0]
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_reader_replays_the_brute_force_miss_stream(tmp_path, direct):
+    from moesim.engine import disk_reader
+
+    rng = np.random.default_rng(7)
+    L, E, k, host = 2, 5, 3, 4
+    sets = [rng.permutation(E)[:2].tolist() for _ in range(40 * L)]
+    t = write_trace(tmp_path / "t.parquet", sets, num_layers=L, num_experts=E)
+    disk_reader.write_expert_file(tmp_path / "experts.bin", L * E, 8192)
+    misses = disk_reader.gpu_misses(t, "lru", k)
+    got = disk_reader.replay_reads(tmp_path / "experts.bin", misses, E, 8192, host, "fifo", 4096, 2, direct)
+    g, h, dsk = brute_tiers(sets, [i % L for i in range(len(sets))], E, k, host, "lru", "fifo")
+    assert (got["host_hits"], got["reads"]) == (h, dsk)
+    assert sum(len(m) for _, m in misses) == len(sets) * 2 - g
+    _, d = tiers(t, k, host, "lru", "fifo")
+    assert d["host_tier"]["disk_reads"] == got["reads"]

@@ -8,7 +8,7 @@ threads (``os.preadv`` releases the GIL, so the requests are in flight together)
 ``mmap`` buffers where the file system takes it; elsewhere the file's cached pages are dropped with
 ``posix_fadvise(DONTNEED)`` before every read (the file is written and fsynced first, so none are dirty).
 
-Per point the median time of reads of a few sizes is fitted as ``latency + bytes / bandwidth`` (least
+Per point the mean time of reads of a few sizes is fitted as ``latency + bytes / bandwidth`` (least
 squares), the curve the timing simulator prices a disk read with (:mod:`moesim.simulator.disk_tier`).
 """
 
@@ -80,15 +80,18 @@ class Reader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _lane(self, lane: int, offsets: Sequence[int], sizes: Sequence[int]) -> int:
-        buf, got = self.bufs[lane], 0
+    def _lane(self, lane: int, offsets: Sequence[int], sizes: Sequence[int], dest: memoryview | None,
+              base: int) -> int:
+        got = 0
         for off, n in zip(offsets, sizes, strict=True):
-            got += os.preadv(self.fd, [memoryview(buf)[:n]], off)
+            view = memoryview(self.bufs[lane])[:n] if dest is None else dest[off - base: off - base + n]
+            got += os.preadv(self.fd, [view], off)
         return got
 
-    def read_region(self, offset: int, nbytes: int) -> float:
-        """Read ``nbytes`` at ``offset`` (both multiples of 4096) in blocks over the queue; returns
-        the seconds it took (the page-cache drop, when that is the method, is not timed)."""
+    def read_region(self, offset: int, nbytes: int, into: memoryview | None = None) -> float:
+        """Read ``nbytes`` at ``offset`` (both multiples of 4096) in blocks over the queue, into ``into``
+        (a page-aligned buffer of at least ``nbytes``, e.g. an ``mmap``; else each lane's own buffer);
+        returns the seconds it took (the page-cache drop, when that is the method, is not timed)."""
         if self.method == "fadvise_dontneed":
             os.posix_fadvise(self.fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
         starts = list(range(offset, offset + nbytes, self.block))
@@ -96,14 +99,23 @@ class Reader:
         q = self.queue_depth
         t0 = time.perf_counter()
         if self.pool is None:
-            got = self._lane(0, starts, lens)
+            got = self._lane(0, starts, lens, into, offset)
         else:
             got = sum(self.pool.map(self._lane, range(q), [starts[j::q] for j in range(q)],
-                                    [lens[j::q] for j in range(q)]))
+                                    [lens[j::q] for j in range(q)], [into] * q, [offset] * q))
         dt = time.perf_counter() - t0
         if got != nbytes:
             raise OSError(f"short read: {got} of {nbytes} bytes at offset {offset}")
         return dt
+
+
+def allocate(nbytes: int) -> mmap.mmap:
+    """A page-aligned host buffer with every page already touched: host RAM set aside up front, so that
+    no read pays the kernel's first-touch page faults."""
+    buf = mmap.mmap(-1, nbytes)
+    buf.write(bytes(nbytes))
+    buf.seek(0)
+    return buf
 
 
 def write_scratch(path: str | os.PathLike, nbytes: int, progress: Callable[[int], None] | None = None) -> None:
@@ -141,13 +153,18 @@ def fit_line(sizes: Sequence[int], seconds: Sequence[float]) -> tuple[float, flo
 def measure_point(reader: Reader, file_bytes: int, sizes: Sequence[int], repeats: int,
                   rng: random.Random) -> dict[str, Any]:
     """One (mode, block, queue depth): ``repeats`` reads of each size at random aligned offsets."""
-    medians = []
+    means, medians = [], []
+    dest = allocate(max(sizes))   # an expert's buffer in host RAM, as the reader reads into
     for n in sizes:
-        times = [reader.read_region(rng.randrange(0, (file_bytes - n) // ALIGN + 1) * ALIGN, n) for _ in range(repeats)]
+        times = [reader.read_region(rng.randrange(0, (file_bytes - n) // ALIGN + 1) * ALIGN, n, memoryview(dest))
+                 for _ in range(repeats)]
+        means.append([int(n), statistics.fmean(times)])
         medians.append([int(n), statistics.median(times)])
-    latency, bw = fit_line([n for n, _ in medians], [t for _, t in medians])
+    # the mean, not the median: the simulator adds reads up, and a sum of reads is n x their mean
+    dest.close()
+    latency, bw = fit_line([n for n, _ in means], [t for _, t in means])
     return {"block_bytes": reader.block, "queue_depth": reader.queue_depth, "latency_s": latency,
-            "bytes_per_s": bw, "median_s": medians}
+            "bytes_per_s": bw, "mean_s": means, "median_s": medians}
 
 
 def measure(directory: str | os.PathLike, file_bytes: int, blocks: Sequence[int], depths: Sequence[int],
