@@ -54,7 +54,7 @@ class DiskCurve:
             d = block["default"]
             default = (str(d["mode"]), int(d["block_bytes"]), int(d["queue_depth"]))
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise DataError(path, f"not a disk calibration (moesim calibrate --disk writes one): {exc}") from None
+            raise DataError(path, f"not a disk calibration (the disk benchmark writes one): {exc}") from None
         if default not in points:
             raise DataError(path, f"its disk default {default} is not one of its measured points")
         name = str(raw.get("name") or "") if isinstance(raw, dict) else ""
