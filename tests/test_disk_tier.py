@@ -183,6 +183,10 @@ def test_calibrate_disk_writes_a_curve_the_simulator_reads(tmp_path, capsys):
                                   "--json"], capsys)
     assert code == 0, err
     assert json.loads(stdout)["tier_requests"] == {"gpu": 0, "host_ram": 0, "disk": 3}
+    code, stdout, err = run_main(["simulate", trace, "--policy", "lru", "--cache-size", 1, "--hardware", "a6000",
+                                  "--expert-bytes", 65536, "--host-ram-experts", 1, "--disk-calibration", out], capsys)
+    table = {line.split()[0]: line.split()[1] for line in stdout.splitlines() if line.strip()}
+    assert code == 0 and table["tier_requests.disk"] == "3" and table["host_tier.disk_reads"] == "3"
 
 
 @pytest.mark.parametrize(("argv", "code", "says"), [

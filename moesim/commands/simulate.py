@@ -26,6 +26,8 @@ from moesim.commands._timing_args import (
 )
 from moesim.errors import UsageError
 
+TIER_KEYS = ("tier_requests", "tier_bytes", "host_tier")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="replay a trace against an eviction policy",
@@ -76,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(out)
         return 0
-    rows = [[k, v] for k, v in out.items() if k != "per_layer"]
+    # the tier blocks one row per entry: a dict in one cell would widen the whole column
+    rows = [[f"{k}.{kk}", vv] if k in TIER_KEYS else [k, v] for k, v in out.items() if k != "per_layer"
+            for kk, vv in (v.items() if k in TIER_KEYS else [(None, None)])]
     print_table(["metric", "value"], rows)
     if args.per_layer:
         print()
