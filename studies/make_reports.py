@@ -100,6 +100,8 @@ REPORTS: tuple[Report, ...] = (
                       "-o", str(o / "hybrid_published")]),
     Report("formats", "formats", ("report.md",),
            lambda o: [_maker("formats"), "-o", str(o / "report.md")]),
+    Report("nvme", "nvme", ("nvme.md",),
+           lambda o: [_maker("nvme"), "-o", str(o / "nvme.md")]),
 )
 
 

@@ -140,7 +140,10 @@ SETTING_HINTS = {"scope": "--scope", "semantics": "--semantics", "phase": "--pha
                  "geometry": "--geometry", "lookahead": "--lookahead", "prefetch_budget": "--prefetch-budget",
                  "total_slots": "--total-slots", "expert_bytes": "--expert-bytes N",
                  "expert_ms": "--expert-ms MS", "vs_bound": "--vs-bound", "objective": "--objective",
-                 "offload": "--offload", "max_gpu_gb": "--max-gpu-gb"}
+                 "offload": "--offload", "max_gpu_gb": "--max-gpu-gb",
+                 "host_ram": "--host-ram-gb", "host_policy": "--host-policy",
+                 "disk_mode": "--disk-mode", "disk_block": "--disk-block", "disk_queue_depth": "--disk-queue-depth",
+                 "disk_sizes": "--disk-sizes-kb", "disk_file": "--disk-file-mb"}
 
 
 def error_line(exc: Exception) -> str:

@@ -65,6 +65,43 @@ def add_timing_args(p: argparse.ArgumentParser) -> None:
                         "a trace's recorded predictions")
 
 
+def add_host_tier_args(p: argparse.ArgumentParser) -> None:
+    """The host-RAM budget and the disk below it (docs/timing.md, "Host RAM and disk")."""
+    g = p.add_argument_group("host RAM and disk (a third tier; any budget turns it and the timing on)")
+    budget = g.add_mutually_exclusive_group()
+    budget.add_argument("--host-ram-gb", type=float, metavar="X",
+                        help="host RAM for experts (GB = 1e9 bytes); the others are read from disk")
+    budget.add_argument("--host-ram-experts", type=int, metavar="N", help="host RAM for N experts")
+    g.add_argument("--host-policy", default="lru", metavar="NAME", help="which experts stay in host RAM (default lru)")
+    g.add_argument("--disk-calibration", metavar="FILE",
+                   help="the disk read curve: a JSON with a disk block (moesim calibrate --disk writes one)")
+    g.add_argument("--disk-mode", choices=("direct", "page_cache"),
+                   help="read from the disk (page cache bypassed) or from the page cache (default the calibration's)")
+    g.add_argument("--disk-block", type=int, metavar="BYTES", help="read block size (default the calibration's)")
+    g.add_argument("--disk-queue-depth", type=int, metavar="N", help="reads in flight (default the calibration's)")
+
+
+def host_tier_spec(args: argparse.Namespace):
+    """The host-RAM and disk flags as a :class:`~moesim.simulator.disk_tier.HostTierSpec`; None without
+    a budget (the other flags alone are refused: they would be silently ignored)."""
+    from moesim.errors import UsageError
+    from moesim.simulator.disk_tier import DiskCurve, HostTierSpec
+
+    gb, n = getattr(args, "host_ram_gb", None), getattr(args, "host_ram_experts", None)
+    if gb is None and n is None:
+        if args.disk_calibration or args.disk_mode or args.disk_block or args.disk_queue_depth:
+            raise UsageError("the disk flags need a host RAM budget: --host-ram-gb X or --host-ram-experts N")
+        return None
+    if (gb is not None and not gb > 0) or (gb is not None and gb == float("inf")) or (n is not None and n < 1):
+        raise UsageError(f"the host RAM budget must be positive and finite, got {gb if n is None else n}")
+    if not args.disk_calibration:
+        raise UsageError("a host RAM budget needs the disk's read curve: --disk-calibration FILE "
+                         "(moesim calibrate --disk PATH writes one)")
+    return HostTierSpec(DiskCurve.from_json(args.disk_calibration), host_ram_bytes=None if gb is None else gb * 1e9,
+                        host_ram_experts=n, policy=args.host_policy, mode=args.disk_mode, block=args.disk_block,
+                        queue_depth=args.disk_queue_depth)
+
+
 def default_hardware_note(args: argparse.Namespace) -> None:
     """A timing option alone (--prefetch, --timeline, a what-if) still needs a machine: say which (on
     stderr, after the run, so that an error stays the one line on stderr)."""
@@ -76,6 +113,7 @@ def default_hardware_note(args: argparse.Namespace) -> None:
 def timing_requested(args: argparse.Namespace) -> bool:
     return bool(args.hardware or args.calibration or args.prefetch or args.timeline or args.engine_mode
                 or args.engine_profile or getattr(args, "execution", None)
+                or getattr(args, "host_ram_gb", None) is not None or getattr(args, "host_ram_experts", None) is not None
                 or any(getattr(args, o) is not None for o in OVERRIDES))
 
 

@@ -54,6 +54,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="thread counts (default 1 and every core torch sees)")
     cpu.add_argument("--cpu-tokens", type=int_list, default=[1, 4], metavar="N,N,...", help="tokens per expert (default 1,4)")
     cpu.add_argument("--repeats", type=int, default=5, help="timed runs per point (default 5)")
+    disk = p.add_argument_group("the disk below host RAM (--disk: no GPU needed)")
+    disk.add_argument("--disk", metavar="DIR", help="measure file reads in DIR (a scratch file, removed afterwards) "
+                                                    "and write the disk read curve")
+    disk.add_argument("--disk-file-mb", type=int, default=256, metavar="MB",
+                      help="scratch file size (default 256; larger than the drive's cache reads truer)")
+    disk.add_argument("--disk-blocks-kb", type=int_list, default=[128, 1024], metavar="KB,KB,...",
+                      help="read block sizes (default 128,1024; multiples of 4)")
+    disk.add_argument("--disk-depths", type=int_list, default=[1, 4], metavar="N,N,...",
+                      help="queue depths: block reads in flight (default 1,4)")
+    disk.add_argument("--disk-sizes-kb", type=int_list, default=[1024, 4096, 16384], metavar="KB,KB,...",
+                      help="read sizes the line latency + bytes/bandwidth is fitted to (default 1024,4096,16384)")
     add_force_arg(p)
     p.set_defaults(func=run)
 
@@ -104,6 +115,52 @@ def run_cpu_only(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_disk(args: argparse.Namespace) -> int:
+    """``--disk DIR``: the disk read curve of DIR's file system, written as a calibration's ``disk`` block."""
+    import os
+    import shutil
+    import tempfile
+
+    from tqdm import tqdm
+
+    from moesim.engine import disk_bench
+    from moesim.errors import DataError, UsageError
+    from moesim.safe_write import atomic_open
+    from moesim.simulator.disk_tier import DiskCurve
+
+    file_bytes = args.disk_file_mb * 2**20
+    blocks = [kb * 1024 for kb in args.disk_blocks_kb]
+    sizes = [kb * 1024 for kb in args.disk_sizes_kb]
+    if (args.disk_file_mb < 1 or not blocks or not args.disk_depths or not sizes or args.repeats < 1
+            or min(args.disk_depths) < 1 or min(blocks) < 4096 or any(b % 4096 for b in blocks + sizes)):
+        raise UsageError("--disk-file-mb, --disk-depths and --repeats must be >= 1, --disk-blocks-kb and "
+                         "--disk-sizes-kb multiples of 4")
+    if max(sizes) > file_bytes:
+        raise UsageError(f"--disk-sizes-kb {max(sizes) // 1024} is larger than the scratch file (--disk-file-mb "
+                         f"{args.disk_file_mb})")
+    try:
+        tempfile.TemporaryFile(dir=args.disk).close()
+    except OSError as exc:
+        raise DataError(args.disk, f"cannot write a scratch file there ({exc.strerror or exc})") from None
+    if shutil.disk_usage(args.disk).free < file_bytes * 1.1:
+        raise DataError(args.disk, f"less than {args.disk_file_mb * 1.1:.0f} MB free for the scratch file "
+                                   "(lower --disk-file-mb)")
+    points = 2 * len(blocks) * len(args.disk_depths)
+    with tqdm(total=file_bytes + points, desc="disk", unit="B", unit_scale=True) as bar:
+        block = disk_bench.measure(args.disk, file_bytes, blocks, args.disk_depths, sizes, args.repeats,
+                                   progress=lambda msg, n: (bar.set_postfix_str(msg), bar.update(n or 1)))
+    cal = {"name": args.name if args.name != "h200" else f"disk-{os.path.basename(os.path.abspath(args.disk))}",
+           "disk": block}
+    curve = DiskCurve.from_dict(cal, args.out)     # what --disk-calibration will read back
+    with atomic_open(args.out) as fh:
+        json.dump(cal, fh, indent=1)
+        fh.write("\n")
+    lat, bw = curve.points[curve.default]
+    print(f"wrote {args.out}: {block['direct_method']} reads at {curve.default[1] // 1024} KiB x{curve.default[2]}: "
+          f"{lat * 1e3:.3f} ms + {bw / 1e9:.2f} GB/s")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from moesim.engine.calibration import to_cost_model
     from moesim.errors import UsageError
@@ -112,6 +169,10 @@ def run(args: argparse.Namespace) -> int:
     if args.with_pieces and not args.add_to:
         raise UsageError("--with-pieces needs --add-to")
     refuse_overwrite([args.out, args.raw_out], args.force)
+    if args.disk:
+        if args.from_raw or args.add_to or args.cpu_only:
+            raise UsageError("--disk measures the disk alone; it takes none of --from-raw, --add-to, --cpu-only")
+        return run_disk(args)
     if args.cpu_only:
         if args.from_raw or args.add_to:
             raise UsageError("--cpu-only measures; it takes neither --from-raw nor --add-to")

@@ -14,15 +14,19 @@ from moesim.commands._replay_args import (
     policy_params,
 )
 from moesim.commands._timing_args import (
+    add_host_tier_args,
     add_timing_args,
     cost_model,
     default_hardware_note,
+    host_tier_spec,
     prefetch_params,
     prefill_chunk,
     say_timeline_written,
     timing_requested,
 )
 from moesim.errors import UsageError
+
+TIER_KEYS = ("tier_requests", "tier_bytes", "host_tier")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also the offline bound on demand misses at the prefetcher's lookahead (moesim bound; "
                         "docs/bound.md) and bound_fraction = bound / this run's demand misses")
     add_timing_args(p)
+    add_host_tier_args(p)
     add_force_arg(p)  # the only file simulate writes is --timeline's
     p.set_defaults(func=run)
 
@@ -54,7 +59,8 @@ def cell_spec(args: argparse.Namespace, trace):
                     cost=cost_model(args) if timed else None, prefetch=args.prefetch or "none",
                     prefetch_params=prefetch_params(args) if timed else None, batch_size=args.batch_size,
                     prefill_chunk=prefill_chunk(args, trace), speculative_ready=args.speculative_ready,
-                    timeline=args.timeline, execution=args.execution, vs_bound=getattr(args, "vs_bound", False))
+                    timeline=args.timeline, execution=args.execution, vs_bound=getattr(args, "vs_bound", False),
+                    host_tier=host_tier_spec(args))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(out)
         return 0
-    rows = [[k, v] for k, v in out.items() if k != "per_layer"]
+    # the tier blocks one row per entry: a dict in one cell would widen the whole column
+    rows = [[f"{k}.{kk}", vv] if k in TIER_KEYS else [k, v] for k, v in out.items() if k != "per_layer"
+            for kk, vv in (v.items() if k in TIER_KEYS else [(None, None)])]
     print_table(["metric", "value"], rows)
     if args.per_layer:
         print()

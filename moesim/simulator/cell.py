@@ -22,6 +22,7 @@ from moesim.policies.execution import parse_execution
 from moesim.policies.resolve import PolicySpec, needs_predictions
 from moesim.simulator import replay as exact
 from moesim.simulator.cost_model import CostModel
+from moesim.simulator.disk_tier import HostTierSpec
 from moesim.simulator.replay import ReplayResult
 from moesim.simulator.timing import TimingResult, simulate_timing
 from moesim.traces.format import DECODE, PREFILL, Trace
@@ -54,6 +55,7 @@ class CellSpec:
     exact_replay: bool = True    # off where only the timing run's own counts matter (engine validation)
     interval: bool = True        # also price every copy at both ends of the calibration's copy interval
     vs_bound: bool = False       # also the prefetch-aware offline bound on demand misses (simulator.bound)
+    host_tier: HostTierSpec | None = None   # a host-RAM budget with a disk below it; None: all in host RAM
 
 
 @dataclass
@@ -193,7 +195,7 @@ def _run(trace: Trace, spec: CellSpec) -> CellResult:
     kw: dict[str, Any] = dict(prefetch=spec.prefetch, prefetch_params=pparams or None,
                               policy_params=dict(spec.params) if spec.params else None, batch_size=spec.batch_size,
                               prefill_chunk=spec.prefill_chunk, speculative_ready=spec.speculative_ready,
-                              execution=spec.execution)
+                              execution=spec.execution, host_tier=spec.host_tier)
     timing = simulate_timing(trace, spec.policy, spec.cache_size, cost, timeline=spec.timeline, **kw)
     fast, slow = cost.copy_interval_scales()
     if not spec.interval or (fast, slow) == (1.0, 1.0):

@@ -37,6 +37,7 @@ from moesim.policies.resolve import policy_name as resolved_name
 from moesim.policies.resolve import prefetcher as make_prefetcher
 from moesim.simulator import kernels, timing_kernel
 from moesim.simulator.cost_model import CostModel
+from moesim.simulator.disk_tier import HostTier, HostTierSpec
 from moesim.simulator.replay import resolve_sizes
 from moesim.simulator.results import HitCounts
 from moesim.simulator.timeline_file import write_timeline as write_timeline_file
@@ -124,6 +125,7 @@ class TimingResult(HitCounts):
     executed: dict[str, int] | None = None   # requests by executor (EXECUTORS); None: not asked for
     h2d_bytes: int | None = None             # bytes copied host to device; None: (misses + prefetches) x expert
     cpu_busy_s: float = 0.0
+    tiers: dict[str, Any] | None = None      # host RAM and disk accounting (disk_tier); None: two tiers
 
     # Steps run one after another on the compute stream, so their spans partition ``total_s`` exactly:
     # the decode and prefill times below add up to it.
@@ -215,6 +217,8 @@ class TimingResult(HitCounts):
         if self.executed is not None:
             out["executed"] = dict(self.executed)
             out["cpu_busy_ms"] = r(self.cpu_busy_s * 1e3, 3)
+        if self.tiers is not None:
+            out.update(self.tiers)
         return out
 
 
@@ -247,7 +251,8 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
                     policy_params: dict[str, Any] | None = None, batch_size: int = 1, prefill_chunk: int = 512,
                     timeline: str | os.PathLike | None = None, engine: str = "auto",
                     speculative_ready: str = "hidden",
-                    execution: str | ExecutionPolicy | None = None) -> TimingResult:
+                    execution: str | ExecutionPolicy | None = None,
+                    host_tier: HostTierSpec | None = None) -> TimingResult:
     """Simulate decoding ``trace``; ``engine`` "auto" takes the compiled path when it applies
     (batch-1 decode, lru/fifo/lfu/opt, built-in prefetcher, no timeline), "python" forces the
     general event path, "numba" insists on the compiled one.
@@ -261,7 +266,10 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
     ``execution`` (docs/timing.md, "Hybrid execution"): who serves each miss -- a spelling of
     :func:`~moesim.policies.execution.parse_execution` or a policy object; None and "copy" copy every
     miss, as before. Given at all, the result counts the requests by executor (``executed``); any
-    policy but copy runs the event path."""
+    policy but copy runs the event path.
+
+    ``host_tier`` (docs/timing.md, "Host RAM and disk"): a host-RAM budget and the disk below it; None:
+    every expert is in host RAM, as before. Given, the event path runs and the result has the tier keys."""
     if speculative_ready not in SPECULATIVE_READY:
         raise UsageError(f"unknown speculative ready point {speculative_ready!r} (known: {', '.join(SPECULATIVE_READY)})")
     meta = trace.meta
@@ -279,9 +287,10 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
         raise SettingError("prefetch", missing_predictions(trace.path, pred_cols, d, prefetch))
     trace = trace.execution_order()
     exe = parse_execution(execution)
-    not_compiled = timing_kernel.why_not_compiled(
-        policy, policy_params, prefetch, pparams, exe.name, batch_size, timeline is not None, sizes,
-        bool((trace.phase == PREFILL).any()), cost.engine_profile)
+    not_compiled = "a host-RAM budget (the disk tier runs in the event path)" if host_tier is not None else \
+        timing_kernel.why_not_compiled(policy, policy_params, prefetch, pparams, exe.name, batch_size,
+                                       timeline is not None, sizes, bool((trace.phase == PREFILL).any()),
+                                       cost.engine_profile)
     fast_ok = not_compiled is None
     if engine == "numba" and not_compiled is not None:
         raise UsageError(f"the compiled timing path cannot run this: {not_compiled}")
@@ -291,6 +300,9 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
     if swap and exe.name != "copy":
         raise SettingError("execution", "the mixtral-offloading engine profile only copies (its public engine "
                                         "has no CPU experts)", fix="copy")
+    if host_tier is not None and (swap or exe.name != "copy"):
+        raise SettingError("execution" if exe.name != "copy" else "host_ram", "the disk tier is simulated for "
+                           "copy execution with the moesim engine profile", fix="copy" if exe.name != "copy" else None)
     late = prefetch == "speculative" and speculative_ready == "hidden"
     if fast_ok and engine != "python":
         res = _simulate_fast(trace, policy, sizes, cache_size, cost, prefetch, prefetcher, late)
@@ -299,7 +311,7 @@ def simulate_timing(trace: Trace, policy: str | Callable[[], EvictionPolicy], ca
             res.executed = dict.fromkeys(EXECUTORS, 0) | {"gpu_hit": res.hits, "copy": res.misses}
         return res
     res = _EventRun(trace, sizes, make, cost, prefetch, prefetcher, late, swap, batch_size, prefill_chunk,
-                    timeline is not None, exe).run(policy_name, cache_size, timeline)
+                    timeline is not None, exe, host_tier).run(policy_name, cache_size, timeline)
     if execution is None:
         res.executed = None
     return res
@@ -311,7 +323,7 @@ class _EventRun:
 
     def __init__(self, trace: Trace, sizes: list[int], make: Callable[[], EvictionPolicy], cost: CostModel,
                  prefetch: str, prefetcher, late: bool, swap: bool, batch_size: int, prefill_chunk: int,
-                 record: bool, exe: ExecutionPolicy | None = None) -> None:
+                 record: bool, exe: ExecutionPolicy | None = None, host_tier: HostTierSpec | None = None) -> None:
         meta = trace.meta
         self.trace, self.cost, self.prefetch, self.prefetcher, self.late, self.swap = (
             trace, cost, prefetch, prefetcher, late, swap)
@@ -340,6 +352,9 @@ class _EventRun:
         if swap:   # mixtral-offloading: reads every layer's routing back; swaps on compute (its own timing)
             self.demand_s, self.prefetch_s, self.handoff_s, self.ready_hop = copy_s, copy_s, cost.sync_seconds(), 0.0
         self.env = SimEnv(cost.copy_engines, record)
+        self.host = None if host_tier is None else HostTier(host_tier, self.L, self.E, meta.top_k, self.xb)
+        if self.host is not None:
+            self.env.free["disk"] = 0.0
         self.inflight: dict[tuple[int, int], float] = {}      # (layer, expert) -> copy end
         self.pending: dict[tuple[int, int], bool] = {}        # prefetched for that layer, not used yet
         self.hits = self.requests = self.landed = self.prefetches = self.used = 0
@@ -387,7 +402,7 @@ class _EventRun:
                             per_token, self.compute, self.copy_busy, cost.engine_mode,
                             cost.engine_profile, np.array([s.tokens for s in steps], np.int64),
                             np.array([s.phase == PREFILL for s in steps], bool), dict(self.executed), self.h2d,
-                            self.cpu_busy)
+                            self.cpu_busy, None if self.host is None else self.host.summary(self.hits, self.h2d))
 
     def layer(self, i: int, step: Step, layer: int, S: list[int]) -> None:
         """One layer of step ``i``: attention and gate, the demand copies, the prefetches for layer
@@ -434,6 +449,9 @@ class _EventRun:
             missing, evictions = self.request(i, step, layer, to_gpu, gate, ready)
         self.hits += len(to_gpu) - len(missing) + len(S) - len(wanted)
         self.executed["gpu_hit"] += len(to_gpu) - len(missing)
+        staged = {} if self.host is None else self.host.stage(self.env, i, layer, missing, gate, True)
+        if staged:   # copies of experts already in host RAM go first, the others as their reads land
+            missing = sorted(missing, key=lambda x: staged[x])
         for n_miss, e in enumerate(missing):
             self.pending.pop((layer, e), None)
             kind = plan.get(e, "copy")
@@ -446,7 +464,7 @@ class _EventRun:
                 self.stall += dur
             else:
                 dur = self.demand_s - self.copy_s + copy_s
-                ready[e], _ = self.issue(gate, -1.0, layer, e, dur, "load" if kind == "copy" else "lowbit", i)
+                ready[e], _ = self.issue(staged.get(e, gate), -1.0, layer, e, dur, "load" if kind == "copy" else "lowbit", i)
             self.inflight[(layer, e)] = ready[e]
             self.copies += 1
             self.copy_busy += copy_s
@@ -529,7 +547,8 @@ class _EventRun:
             if evicted is not None:
                 self.pending.pop((target, evicted), False)   # an unused prefetch evicted: wasted
                 self.inflight.pop((target, evicted), None)
-            end, host_at = self.issue(t_issue, host_at, target, e, self.prefetch_s, "prefetch", i)
+            at = t_issue if self.host is None else self.host.stage(self.env, i, target, [e], t_issue, False)[e]
+            end, host_at = self.issue(at, host_at, target, e, self.prefetch_s, "prefetch", i)
             self.inflight[(target, e)] = end
             self.pending[(target, e)] = True
             self.prefetches += 1

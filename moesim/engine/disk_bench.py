@@ -1,0 +1,204 @@
+"""The disk half of calibration (issue 25 item 5): how long reading an expert-sized region of a file
+takes, from the disk (page cache bypassed) and from the page cache, per block size and queue depth.
+
+A region of R bytes is read as R / block requests of ``block`` bytes spread over ``queue_depth``
+threads (``os.preadv`` releases the GIL, so the requests are in flight together); the same routine
+(:func:`read_region`) serves the benchmark and the stand-alone reader that validates the simulated tier
+(:mod:`moesim.engine.disk_reader`). Reads bypass the page cache with ``O_DIRECT`` into page-aligned
+``mmap`` buffers where the file system takes it; elsewhere the file's cached pages are dropped with
+``posix_fadvise(DONTNEED)`` before every read (the file is written and fsynced first, so none are dirty).
+
+Per point the mean time of reads of a few sizes is fitted as ``latency + bytes / bandwidth`` (least
+squares), the curve the timing simulator prices a disk read with (:mod:`moesim.simulator.disk_tier`).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from moesim.errors import SettingError
+
+ALIGN = 4096
+SCRATCH_NAME = "moesim-disk-bench.bin"
+MODES = ("direct", "page_cache")
+
+
+class Reader:
+    """An open file and ``queue_depth`` threads with one aligned buffer each, reading regions in blocks.
+
+    ``direct``: the page cache is bypassed (``O_DIRECT`` when the file system takes it, else the file's
+    pages dropped before each read, ``method`` says which); otherwise plain buffered reads."""
+
+    def __init__(self, path: str | os.PathLike, block: int, queue_depth: int, direct: bool) -> None:
+        if block < ALIGN or block % ALIGN:
+            raise SettingError("disk_block", f"block size {block} is not a positive multiple of {ALIGN} bytes")
+        if queue_depth < 1:
+            raise SettingError("disk_queue_depth", f"queue depth {queue_depth} is below 1")
+        self.block, self.queue_depth, self.direct = block, queue_depth, direct
+        self.method = "buffered"
+        self.fd = -1
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self.fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+                self.method = "o_direct"
+            except OSError:
+                self.fd = -1
+        if self.fd < 0:
+            self.fd = os.open(path, os.O_RDONLY)
+            if direct:
+                self.method = "fadvise_dontneed"
+        self.bufs = [mmap.mmap(-1, block) for _ in range(queue_depth)]   # page-aligned, as O_DIRECT needs
+        self.pool = ThreadPoolExecutor(queue_depth) if queue_depth > 1 else None
+        if self.method == "o_direct":   # some file systems accept the flag and refuse the read
+            try:
+                os.preadv(self.fd, [self.bufs[0]], 0)
+            except OSError:
+                os.close(self.fd)
+                self.fd, self.method = os.open(path, os.O_RDONLY), "fadvise_dontneed"
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+        os.close(self.fd)
+        for b in self.bufs:
+            b.close()
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _lane(self, lane: int, offsets: Sequence[int], sizes: Sequence[int], dest: memoryview | None,
+              base: int) -> int:
+        got = 0
+        for off, n in zip(offsets, sizes, strict=True):
+            view = memoryview(self.bufs[lane])[:n] if dest is None else dest[off - base: off - base + n]
+            got += os.preadv(self.fd, [view], off)
+        return got
+
+    def read_region(self, offset: int, nbytes: int, into: memoryview | None = None) -> float:
+        """Read ``nbytes`` at ``offset`` (both multiples of 4096) in blocks over the queue, into ``into``
+        (a page-aligned buffer of at least ``nbytes``, e.g. an ``mmap``; else each lane's own buffer);
+        returns the seconds it took (the page-cache drop, when that is the method, is not timed)."""
+        if self.method == "fadvise_dontneed":
+            os.posix_fadvise(self.fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+        starts = list(range(offset, offset + nbytes, self.block))
+        lens = [min(self.block, offset + nbytes - s) for s in starts]
+        q = self.queue_depth
+        t0 = time.perf_counter()
+        if self.pool is None:
+            got = self._lane(0, starts, lens, into, offset)
+        else:
+            got = sum(self.pool.map(self._lane, range(q), [starts[j::q] for j in range(q)],
+                                    [lens[j::q] for j in range(q)], [into] * q, [offset] * q))
+        dt = time.perf_counter() - t0
+        if got != nbytes:
+            raise OSError(f"short read: {got} of {nbytes} bytes at offset {offset}")
+        return dt
+
+
+def allocate(nbytes: int) -> mmap.mmap:
+    """A page-aligned host buffer with every page already touched: host RAM set aside up front, so that
+    no read pays the kernel's first-touch page faults."""
+    buf = mmap.mmap(-1, nbytes)
+    buf.write(bytes(nbytes))
+    buf.seek(0)
+    return buf
+
+
+def write_scratch(path: str | os.PathLike, nbytes: int, progress: Callable[[int], None] | None = None) -> None:
+    """A file of ``nbytes`` random bytes (incompressible, so a compressing file system cannot shortcut
+    the reads), fsynced so that none of its pages are dirty."""
+    rng = np.random.default_rng(0)
+    chunk = rng.integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+    with open(path, "wb") as fh:
+        for done in range(0, nbytes, len(chunk)):
+            fh.write(chunk[: min(len(chunk), nbytes - done)])
+            if progress:
+                progress(min(len(chunk), nbytes - done))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def warm(path: str | os.PathLike) -> None:
+    """Read the whole file through the page cache (so that buffered reads of it hit)."""
+    with open(path, "rb", buffering=0) as fh:
+        while fh.read(1 << 24):
+            pass
+
+
+def fit_line(sizes: Sequence[int], seconds: Sequence[float]) -> tuple[float, float]:
+    """``seconds ~ latency + bytes / bandwidth`` by least squares; a negative intercept is refitted
+    through the origin. Returns (latency_s, bytes_per_s)."""
+    x, y = np.asarray(sizes, float), np.asarray(seconds, float)
+    if len(set(x.tolist())) > 1:
+        slope, icpt = np.polyfit(x, y, 1)
+        if icpt >= 0 and slope > 0:
+            return float(icpt), float(1.0 / slope)
+    return 0.0, float((x * x).sum() / (x * y).sum())
+
+
+def measure_point(reader: Reader, file_bytes: int, sizes: Sequence[int], repeats: int,
+                  rng: random.Random) -> dict[str, Any]:
+    """One (mode, block, queue depth): ``repeats`` reads of each size at random aligned offsets."""
+    means, medians = [], []
+    dest = allocate(max(sizes))   # an expert's buffer in host RAM, as the reader reads into
+    for n in sizes:
+        times = [reader.read_region(rng.randrange(0, (file_bytes - n) // ALIGN + 1) * ALIGN, n, memoryview(dest))
+                 for _ in range(repeats)]
+        means.append([int(n), statistics.fmean(times)])
+        medians.append([int(n), statistics.median(times)])
+    # the mean, not the median: the simulator adds reads up, and a sum of reads is n x their mean
+    dest.close()
+    latency, bw = fit_line([n for n, _ in means], [t for _, t in means])
+    return {"block_bytes": reader.block, "queue_depth": reader.queue_depth, "latency_s": latency,
+            "bytes_per_s": bw, "mean_s": means, "median_s": medians}
+
+
+def measure(directory: str | os.PathLike, file_bytes: int, blocks: Sequence[int], depths: Sequence[int],
+            sizes: Sequence[int], repeats: int, progress: Callable[[str, int], None] | None = None,
+            seed: int = 0) -> dict[str, Any]:
+    """The ``disk`` calibration block: every (block, depth) point from the disk and from the page cache,
+    on a scratch file of ``file_bytes`` under ``directory`` (removed afterwards, whatever happens)."""
+    sizes = sorted({int(n) for n in sizes})
+    if not sizes or sizes[0] < ALIGN or any(n % ALIGN for n in sizes) or sizes[-1] > file_bytes:
+        raise SettingError("disk_sizes", f"read sizes must be multiples of {ALIGN} bytes no larger than the "
+                                         f"scratch file ({file_bytes} bytes)")
+    path = os.path.join(directory, f"{SCRATCH_NAME}.{os.getpid()}")
+    rng = random.Random(seed)
+    out: dict[str, Any] = {"direct": [], "page_cache": []}
+    try:
+        write_scratch(path, file_bytes, (lambda n: progress("write", n)) if progress else None)
+        methods = set()
+        for mode in MODES:
+            if mode == "page_cache":
+                warm(path)
+            for block in blocks:
+                for q in depths:
+                    with Reader(path, block, q, direct=mode == "direct") as reader:
+                        if mode == "direct":
+                            methods.add(reader.method)
+                        out[mode].append(measure_point(reader, file_bytes, sizes, repeats, rng))
+                    if progress:
+                        progress(f"{mode} {block // 1024} KiB x{q}", 0)
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+    out |= {"direct_method": ",".join(sorted(methods)), "file_bytes": int(file_bytes), "read_sizes": sizes,
+            "repeats": repeats, "default": {"mode": "direct", "block_bytes": int(blocks[-1]),
+                                            "queue_depth": int(max(depths))},
+            "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
+    return out

@@ -1,0 +1,90 @@
+"""A stand-alone reader that replays a trace's misses against a real file (issue 25 item 5): the check
+of the simulated disk tier (:mod:`moesim.simulator.disk_tier`) on this machine's own disk.
+
+The file holds every (layer, expert) of the model, ``expert_bytes`` each, at offset
+``(layer x experts + expert) x expert_bytes``. Per (token, layer) in execution order, the GPU tier's
+misses (one cache per layer under the GPU policy, as the replay keeps it) go to host RAM: a pool of
+``host_experts`` page-aligned buffers, which experts stay decided by the host policy (through the one
+resolver); an expert not in the pool is read from the file into the buffer of the one it evicts, in
+blocks over ``queue_depth`` threads, with the page cache bypassed (O_DIRECT, else dropped per read) or
+through it. Every read is timed; nothing else is (there is no GPU here).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from moesim.engine.disk_bench import ALIGN, Reader, allocate
+from moesim.errors import SettingError
+from moesim.policies.base import ExpertCache
+from moesim.policies.resolve import eviction_factory
+from moesim.traces.format import Trace
+from moesim.traces.steps import union_chunks
+
+
+def write_expert_file(path: str | os.PathLike, num_slots: int, expert_bytes: int,
+                      progress: Callable[[int], None] | None = None) -> None:
+    """The model's experts as one file of random bytes (see :func:`disk_bench.write_scratch`)."""
+    from moesim.engine.disk_bench import write_scratch
+
+    write_scratch(path, num_slots * expert_bytes, progress)
+
+
+def gpu_misses(trace: Trace, policy: str, cache_size: int) -> list[tuple[int, list[int]]]:
+    """Each (token, layer)'s GPU misses in router order (empty ones dropped), in execution order: one
+    cache per layer, atomic sets, as the replay and the timing simulator keep them."""
+    trace = trace.execution_order()
+    make = eviction_factory(policy, None)
+    caches: dict[int, ExpertCache] = {}
+    out = []
+    for i, (layer, S) in enumerate(zip(trace.layer.tolist(), trace.experts.tolist(), strict=True)):
+        cache = caches.get(layer) or caches.setdefault(layer, ExpertCache(cache_size, make()))
+        missing = cache.request(S, i)
+        if missing:
+            out.append((layer, missing))
+    return out
+
+
+def replay_reads(path: str | os.PathLike, misses: list[tuple[int, list[int]]], num_experts: int, expert_bytes: int,
+                 host_experts: int, host_policy: str, block: int, queue_depth: int, direct: bool,
+                 progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Replay ``misses`` (from :func:`gpu_misses`) through a host RAM of ``host_experts`` buffers;
+    returns the reads, the host hits and the seconds each read took."""
+    if expert_bytes % ALIGN:
+        raise SettingError("expert_bytes", f"expert size {expert_bytes} is not a multiple of {ALIGN} bytes")
+    policy = eviction_factory(host_policy, None)()
+    if policy.needs_future:
+        raise SettingError("host_policy", f"host RAM policy {host_policy!r} needs the future", fix="lru")
+    cache = ExpertCache(host_experts, policy)
+    pool = [allocate(expert_bytes) for _ in range(host_experts)]
+    slot_of: dict[int, int] = {}
+    free = list(range(host_experts))
+    times: list[float] = []
+    host_hits = 0
+    try:
+        with Reader(path, block, queue_depth, direct) as reader:
+            for clock, (layer, experts) in enumerate(misses):
+                keys = [layer * num_experts + e for e in experts]
+                for chunk in union_chunks(keys, host_experts):
+                    before = set(cache.resident)
+                    read = cache.request(chunk, clock)
+                    host_hits += len(chunk) - len(read)
+                    for gone in before - cache.resident:     # evicted: its buffer takes a read
+                        free.append(slot_of.pop(gone))
+                    for key in read:
+                        slot_of[key] = slot = free.pop()
+                        times.append(reader.read_region(key * expert_bytes, expert_bytes, memoryview(pool[slot])))
+                if progress:
+                    progress(1)
+            method = reader.method
+    finally:
+        for buf in pool:
+            buf.close()
+    t = np.asarray(times)
+    return {"reads": len(times), "host_hits": host_hits, "read_s": float(t.sum()), "method": method,
+            "read_ms_p50": float(np.median(t) * 1e3) if len(t) else None,
+            "read_ms_p90": float(np.percentile(t, 90) * 1e3) if len(t) else None}
