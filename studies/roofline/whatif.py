@@ -16,11 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from studies._common import ROOT, md_table, write_text  # noqa: E402
+from studies._common import ROOT, md_table, save_figure, write_text  # noqa: E402
 
-POLICIES = ("lru", "lfu", "s3fifo", "hobbit", "opt")
-PREFETCH = ("none", "previous-token", "transition")
-SIZES = (2, 3, 4, 5, 6)
+POLICIES = ("lru", "lfu", "s3fifo", "opt")
+PREFETCH = ("none", "transition")
+SIZES = (2, 3, 4, 6)
 TRACE = ROOT / "traces" / "synth-mixtral-8x7b.parquet"
 
 
@@ -112,14 +112,14 @@ def figure(data: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[1].legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--old", default="h200", help="preset name or calibration JSON of the old engine")
-    ap.add_argument("--new", default="h100", help="preset name or calibration JSON of the fast engine")
+    ap.add_argument("--new", default="studies/roofline/h100_fused.json",
+                    help="preset name or calibration JSON of the fast engine (default: fast_engine_check.py's)")
     ap.add_argument("-o", "--out", type=Path, default=Path(__file__).resolve().parent / "whatif")
     args = ap.parse_args()
     from moesim.simulator.cost_model import CostModel
