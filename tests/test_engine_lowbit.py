@@ -186,3 +186,24 @@ def test_dispatch_uses_the_fused_kernel_on_the_gpu_and_reference_when_asked(monk
         ref = kernels.packed_linear(x, blob, spec, 64, 512)
     assert calls == [1]
     _check(fused, ref.double().cpu(), torch.bfloat16, "dispatch")
+
+
+def test_a_tile_whose_output_disagrees_with_v1_is_never_chosen(monkeypatch):
+    """The tuner picks the fastest tile; a tile whose output differs from the first v1 tile's by more than
+    the tolerance is taken out (infinite time, its error recorded), however fast it timed."""
+    monkeypatch.setattr(lowbit, "TUNING_ERRORS", {})
+    key = ("hqq2", 32, 512, 1, False, "torch.float32")
+    v1 = [c for c in lowbit.GEMV_CONFIGS if c[0] == 1]
+    v2 = [c for c in lowbit.GEMV_CONFIGS if c[0] == 2]
+    monkeypatch.setattr(lowbit, "TUNING", {key: [(v1[0], 0.5), (v1[1], 0.4), (v2[0], 0.1), (v2[1], 0.2), (v2[2], math.inf)]})
+    ref = torch.linspace(-1.0, 1.0, 64)
+    outputs = {v1[0]: ref, v1[1]: ref + 1e-3, v2[0]: ref * 1.1, v2[1]: ref - 1.5e-2}
+    lowbit._drop_disagreeing(key, lambda c: outputs[c])
+    times = dict(lowbit.TUNING[key])
+    assert times[v2[0]] == math.inf and "disagrees with v1" in lowbit.TUNING_ERRORS[(key, v2[0])]
+    assert times[v1[1]] == 0.4 and times[v2[1]] == 0.2       # within 2e-2 of v1's output: kept
+    assert (key, v2[2]) not in lowbit.TUNING_ERRORS           # it never ran: nothing to compare
+    # a NaN output is a disagreement too
+    monkeypatch.setattr(lowbit, "TUNING", {key: [(v1[0], 0.5), (v2[0], 0.1)]})
+    lowbit._drop_disagreeing(key, lambda c: ref if c == v1[0] else torch.full((64,), float("nan")))
+    assert dict(lowbit.TUNING[key])[v2[0]] == math.inf

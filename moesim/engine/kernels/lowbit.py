@@ -348,12 +348,34 @@ def _tuned_config(x, out, a, b, spec: QuantSpec, rows: int, cols: int) -> Config
         else:
             TUNING[key] = [(c, _time_candidate(key, c, lambda c=c: _launch(x, out, a, b, spec, rows, cols, c)))
                            for c in configs]
+            _drop_disagreeing(key, lambda c: _launch(x, out, a, b, spec, rows, cols, c) or out.float().clone())
     timed = [(c, t) for c, t in TUNING[key] if c[0] in _ALLOWED["variants"]]
     best, t = min(timed, key=lambda ct: 0.0 if math.isnan(ct[1]) else ct[1])
     if t == math.inf:
         raise RuntimeError(f"no candidate tile of kernel variants {_ALLOWED['variants']} ran for {key}: "
                            f"{[TUNING_ERRORS.get((key, c)) for c, _ in timed][:1]}")
     return best
+
+
+AGREEMENT_TOL = 2e-2   # max |y - y_v1| / max |y_v1|; the fused paths sit within 7e-3 of the reference
+
+
+def _drop_disagreeing(key: tuple, output) -> None:
+    """Keep out of ``TUNING[key]`` every candidate whose output differs from the first v1 candidate's
+    (v1: the variant checked against the reference on the device) by more than ``AGREEMENT_TOL``: the
+    tuner picks the fastest tile, so a tile a compiler gets wrong must not be able to win."""
+    ran = [c for c, t in TUNING[key] if math.isfinite(t)]
+    ref_cfg = next((c for c in ran if c[0] == 1), None)
+    if ref_cfg is None:
+        return
+    ref = output(ref_cfg)
+    scale = float(ref.abs().max()) or 1.0
+    for i, (c, _t) in enumerate(TUNING[key]):
+        if c in ran and c != ref_cfg:
+            err = float((output(c) - ref).abs().max()) / scale
+            if not err <= AGREEMENT_TOL:
+                TUNING[key][i] = (c, math.inf)
+                TUNING_ERRORS[(key, c)] = f"disagrees with v1 {ref_cfg}: max relative difference {err:.3g}"
 
 
 def _time_candidate(key: tuple, cfg: Config, fn) -> float:
