@@ -132,14 +132,17 @@ SETTING_HINTS = {"scope": "--scope", "semantics": "--semantics", "phase": "--pha
                  "cpu_speed": "--cpu-speed", "lowbit_format": "--lowbit-format",
                  "geometry": "--geometry", "lookahead": "--lookahead", "prefetch_budget": "--prefetch-budget",
                  "total_slots": "--total-slots", "expert_bytes": "--expert-bytes N",
-                 "expert_ms": "--expert-ms MS"}
+                 "expert_ms": "--expert-ms MS", "map": "--map", "where": "--where", "num_experts": "--num-experts",
+                 "num_layers": "--num-layers"}
 
 
 def error_line(exc: Exception) -> str:
-    """The message of a library error as the command line says it: a :class:`SettingError` gains what
-    to change on the command line, with the value that works when there is one ("... (--scope layer)")."""
-    from moesim.errors import SettingError
+    """The message of a library error as the command line says it: a :class:`SettingError` (or a
+    :class:`DataError` that names a setting) gains what to change on the command line, with the value
+    that works when there is one ("... (--scope layer)")."""
+    from moesim.errors import DataError, SettingError
 
-    if isinstance(exc, SettingError) and exc.setting in SETTING_HINTS:
-        return f"{exc.problem} ({' '.join(x for x in (SETTING_HINTS[exc.setting], exc.fix) if x)})"
+    if isinstance(exc, SettingError | DataError) and exc.setting in SETTING_HINTS:
+        flag = " ".join(x for x in (SETTING_HINTS[exc.setting], exc.fix) if x)
+        return f"{exc.problem if isinstance(exc, SettingError) else exc} ({flag})"
     return str(exc)
