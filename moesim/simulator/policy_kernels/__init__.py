@@ -3,7 +3,8 @@
 Every kernel runs the mechanism of :class:`moesim.policies.base.ExpertCache` (docs/semantics.md) over
 array state (``state``): per row, count hits, *access* every key in router order, then for each missing key
 *evict until room* (the policy's victim, never a key of the row) and *insert*: that loop is written once,
-``loop.request_loop`` (``arc`` still writes it out: on the shared loop it ran at about 0.6x). Each family
+``loop.request_loop`` (``arc``, ``s3fifo``, ``hobbit`` and ``randomized`` still write it out: on the shared
+loop they ran at 0.3-0.9x, docs/policies.md). Each family
 holds only its own rules and ordering state, handed to the loop, and
 implements the classes in ``moesim.policies.eviction`` step for step
 (tests/test_compiled_policies.py checks every policy, scope and semantics against the classes, hits per

@@ -14,12 +14,10 @@ recent (``moesim.policies.eviction`` has the class).
 from __future__ import annotations
 
 import math
-from collections import namedtuple
 
 import numpy as np
 from numba import njit
 
-from moesim.simulator.policy_kernels.loop import no_row_step, request_loop
 from moesim.simulator.policy_kernels.state import (
     COUNT,
     DEST,
@@ -36,9 +34,12 @@ from moesim.simulator.policy_kernels.state import (
     SLOT_MASK,
     VECTOR,
     VECTOR_MAX_SLOTS,
+    evict,
     list_append,
     list_unlink,
     move_to_tail,
+    new_replay,
+    open_row,
     orderable,
     slot_append,
     slot_remove,
@@ -270,8 +271,6 @@ def _stairs_row_end(c, r, base, keys, nodes, caches, stairs):
 # as the class's float: as an integer where the weight allows (_weight_bits), else as the float itself
 # (``orderable`` keeps the order of negative floats too: any weight works). Ranks are int16 (a cache of at
 # most VECTOR_MAX_SLOTS slots) and counts int32 (see RANKS_MAX_REQUESTS): narrow vector lanes.
-RankVectors = namedtuple("RankVectors", "recency freq counts scores w_num")
-# scores: the victim's scratch (the scores as orderable int64); w_num: the weight as an exact integer or -1
 NO_RANK = (1 << 15) - 1  # above every rank
 WEIGHT_BITS = 20
 KEY_MAX = (1 << 63) - 1
@@ -383,91 +382,87 @@ def _ranks_insert(c, u, hole, r, base, keys, nodes, caches, slots, recency, freq
 # ---- the replay ------------------------------------------------------------------------------------
 
 @njit(cache=True, nogil=True, inline="always")
-def _setup(policy, layout, n, w, sizes, n_keys, fparams, rng_state, caches):
-    """(the resident row keys' counts; the staircase; the rank vectors; the rank vectors' scratch for the
-    victim's scores; the weight as an exact integer or -1 (``_weight_bits``); the victim's staircase index)."""
+def _replay(layout, cache, keys, group, sizes, n_keys, n_groups, fparams):
+    n, w = keys.shape
     if layout == VECTOR and n * w > RANKS_MAX_REQUESTS:
         raise ValueError("hobbit's rank vectors count in int32: a longer stream takes the staircase (layout_for)")
     n_caches = sizes.shape[0]
+    req, hit, nodes, caches = new_replay(n_caches, n_keys, n_groups)
     kmax = max(1, sizes.max())
-    row_counts = np.empty(w + 1, np.int64)
+    slots = np.full((n_caches, kmax), -1, np.int64)
+    row_counts = np.empty(w + 1, np.int64)  # the resident row keys' counts
+    wr = fparams[W_RECENCY]
     stairs = np.zeros((TMP_RECENCY + 1, n_caches, kmax + 1) if layout == HEAP else (1, 1, 1), np.int64)
     shape = (n_caches, kmax) if layout == VECTOR else (1, 1)
-    ranks = RankVectors(np.zeros(shape, np.int16), np.zeros(shape, np.int16), np.zeros(shape, np.int32),
-                        np.zeros(shape[1], np.int64), _weight_bits(fparams[W_RECENCY]) if layout == VECTOR else -1)
-    return row_counts, stairs, ranks, np.zeros(1, np.int64)
-
-
-@njit(cache=True, nogil=True, _nrt=False)
-def _on_request(policy, layout, u, resident, last_before, r, j, c, t0, now, size, weights, next_use, fparams, nodes,
-                caches, slots, extra):
-    row_counts, stairs, ranks, victim_step = extra
-    nodes[COUNT, u] += 1
-    if resident:
+    recency = np.zeros(shape, np.int16)
+    freq = np.zeros(shape, np.int16)
+    counts = np.zeros(shape, np.int32)
+    scores = np.zeros(shape[1], np.int64)  # the victim's scratch: the scores (as orderable int64)
+    w_num = _weight_bits(wr) if layout == VECTOR else -1
+    tick = 0
+    for r in range(n):
+        c, g, size = open_row(r, cache, group, sizes, req, w)
+        if size == 0:
+            continue
+        base = c * n_keys
+        t0 = tick  # the row's keys are exactly the nodes with LAST > t0 from here on
+        for j in range(w):  # look up + access, router order
+            u = base + keys[r, j]
+            last_before = nodes[LAST, u]
+            tick += 1
+            nodes[LAST, u] = tick
+            nodes[COUNT, u] += 1
+            if nodes[RESIDENT, u]:
+                hit[g] += 1
+                if layout == HEAP:
+                    _stairs_access(c, u, t0, last_before, nodes, caches, stairs)
+                elif layout == VECTOR:
+                    _ranks_access(c, u, nodes, caches, recency, freq, counts)
+        for j in range(w):  # insert the missing keys, router order, evicting keys outside the row
+            u = base + keys[r, j]
+            if nodes[RESIDENT, u]:
+                continue
+            hole = -1  # rank vectors: the victim's slot, which the newcomer takes
+            if caches[c, OCCUPANCY] >= size:
+                n_row = 0
+                if layout != SCAN:
+                    for j2 in range(w):
+                        x = base + keys[r, j2]
+                        if nodes[RESIDENT, x]:
+                            row_counts[n_row] = nodes[COUNT, x]
+                            n_row += 1
+                k_v = -1
+                if layout == HEAP:
+                    k_v = _stairs_victim(c, wr, row_counts, n_row, caches, stairs)
+                    v = stairs[ST_NODE, c, k_v]
+                elif layout == VECTOR:
+                    v = _ranks_victim(c, wr, w_num, row_counts, n_row, caches, slots, recency, freq, counts, scores)
+                else:
+                    v = _scan_victim(c, t0, wr, nodes, caches, slots)
+                evict(v, c, nodes, caches)
+                if layout == VECTOR:
+                    hole = nodes[SLOT, v]
+                else:
+                    i, last = slot_remove(v, c, nodes, caches, slots)
+                    if layout == HEAP:
+                        _stairs_evict(c, v, k_v, i, last, t0, nodes, caches, stairs)
+            nodes[RESIDENT, u] = 1
+            if layout == VECTOR:
+                _ranks_insert(c, u, hole, r, base, keys, nodes, caches, slots, recency, freq, counts)
+            else:
+                i = slot_append(u, c, nodes, caches, slots)
+                if layout == HEAP:
+                    _stairs_insert(c, u, i, nodes, caches, stairs)
+            caches[c, OCCUPANCY] += 1
         if layout == HEAP:
-            _stairs_access(c, u, t0, last_before, nodes, caches, stairs)
-        elif layout == VECTOR:
-            _ranks_access(c, u, nodes, caches, ranks.recency, ranks.freq, ranks.counts)
-
-
-@njit(cache=True, nogil=True, _nrt=False)
-def _victim(policy, layout, u, r, c, t0, now, size, base, keys, fparams, nodes, caches, slots, extra):
-    row_counts, stairs, ranks, victim_step = extra
-    wr = fparams[W_RECENCY]
-    if layout == SCAN:
-        return _scan_victim(c, t0, wr, nodes, caches, slots)
-    n_row = 0
-    for j2 in range(keys.shape[1]):
-        x = base + keys[r, j2]
-        if nodes[RESIDENT, x]:
-            row_counts[n_row] = nodes[COUNT, x]
-            n_row += 1
-    if layout == HEAP:
-        victim_step[0] = _stairs_victim(c, wr, row_counts, n_row, caches, stairs)
-        return stairs[ST_NODE, c, victim_step[0]]
-    return _ranks_victim(c, wr, ranks.w_num, row_counts, n_row, caches, slots, ranks.recency, ranks.freq,
-                         ranks.counts, ranks.scores)
-
-
-@njit(cache=True, nogil=True, _nrt=False)
-def _on_evict(policy, layout, v, c, t0, nodes, caches, slots, extra):
-    """Rank vectors: the victim's slot, which the newcomer takes."""
-    row_counts, stairs, ranks, victim_step = extra
-    if layout == VECTOR:
-        return nodes[SLOT, v]
-    i, last = slot_remove(v, c, nodes, caches, slots)
-    if layout == HEAP:
-        _stairs_evict(c, v, victim_step[0], i, last, t0, nodes, caches, stairs)
-    return -1
-
-
-@njit(cache=True, nogil=True, _nrt=False)
-def _on_insert(policy, layout, u, hole, r, c, now, base, keys, nodes, caches, slots, extra):
-    row_counts, stairs, ranks, victim_step = extra
-    if layout == VECTOR:
-        _ranks_insert(c, u, hole, r, base, keys, nodes, caches, slots, ranks.recency, ranks.freq, ranks.counts)
-    else:
-        i = slot_append(u, c, nodes, caches, slots)
-        if layout == HEAP:
-            _stairs_insert(c, u, i, nodes, caches, stairs)
-
-
-@njit(cache=True, nogil=True, _nrt=False)
-def _end_row(policy, layout, r, c, now, base, keys, n_caches, nodes, caches, slots, extra):
-    if layout == HEAP:
-        _stairs_row_end(c, r, base, keys, nodes, caches, extra[1])
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _replay(layout, cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use, fparams, rng_state):
-    return request_loop(_setup, no_row_step, _on_request, _victim, _on_evict, _on_insert, _end_row, HOBBIT, layout,
-                        cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use, fparams, rng_state)
+            _stairs_row_end(c, r, base, keys, nodes, caches, stairs)
+    return req, hit
 
 
 @njit(cache=True, nogil=True)
 def replay_hobbit(layout, cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use, fparams, rng_state):
     if layout == VECTOR:
-        return _replay(VECTOR, cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use, fparams, rng_state)
+        return _replay(VECTOR, cache, keys, group, sizes, n_keys, n_groups, fparams)
     if layout == HEAP and 0.0 <= fparams[W_RECENCY] <= 1.0:  # else the staircase argument fails: the scan
-        return _replay(HEAP, cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use, fparams, rng_state)
-    return _replay(SCAN, cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use, fparams, rng_state)
+        return _replay(HEAP, cache, keys, group, sizes, n_keys, n_groups, fparams)
+    return _replay(SCAN, cache, keys, group, sizes, n_keys, n_groups, fparams)

@@ -7,18 +7,17 @@ import numpy as np
 from numba import njit
 
 from moesim.policies.seeded import GOLDEN, MIX1, MIX2
-from moesim.simulator.policy_kernels.loop import (
-    leave_slot,
-    no_request_step,
-    no_row_step,
-    request_loop,
-    take_slot,
-)
 from moesim.simulator.policy_kernels.state import (
+    LAST,
     OCCUPANCY,
     RESIDENT,
     SCAN,
     SLOT,
+    evict,
+    new_replay,
+    open_row,
+    slot_append,
+    slot_remove,
 )
 
 RANDOM = 12
@@ -55,18 +54,8 @@ def _draw_below(state, c, n):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _setup(policy, layout, n, w, sizes, n_keys, fparams, rng_state, caches):
-    """(per cache the SplitMix64 state, every cache starting from the seed's ``rng_state[0]`` (the int64 of
-    the same bits); scratch for the row's slots)."""
-    state = np.zeros(sizes.shape[0], np.uint64)
-    state[:] = np.uint64(rng_state[0])
-    return state, np.empty(w + 1, np.int64)
-
-
-@njit(cache=True, nogil=True, _nrt=False)
-def _victim(policy, layout, u, r, c, t0, now, size, base, keys, fparams, nodes, caches, slots, extra):
+def _victim(c, r, base, keys, nodes, caches, slots, row_slots, state):
     """The draw-th candidate in slot order: the row's resident slots (sorted) before it are skipped."""
-    state, row_slots = extra
     n_row = 0
     for j2 in range(keys.shape[1]):
         x = base + keys[r, j2]
@@ -88,5 +77,35 @@ def _victim(policy, layout, u, r, c, t0, now, size, base, keys, fparams, nodes, 
 
 @njit(cache=True, nogil=True)
 def replay_random(layout, cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use, fparams, rng_state):
-    return request_loop(_setup, no_row_step, no_request_step, _victim, leave_slot, take_slot, no_row_step, RANDOM, SCAN,
-                        cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use, fparams, rng_state)
+    """``rng_state[0]``: the seed's SplitMix64 state (the int64 of the same bits); every cache starts from it."""
+    n, w = keys.shape
+    n_caches = sizes.shape[0]
+    req, hit, nodes, caches = new_replay(n_caches, n_keys, n_groups)
+    slots = np.full((n_caches, max(1, sizes.max())), -1, np.int64)
+    state = np.zeros(n_caches, np.uint64)
+    state[:] = np.uint64(rng_state[0])
+    row_slots = np.empty(w + 1, np.int64)
+    tick = 0
+    for r in range(n):
+        c, g, size = open_row(r, cache, group, sizes, req, w)
+        if size == 0:
+            continue
+        base = c * n_keys
+        for j in range(w):  # look up + access, router order
+            u = base + keys[r, j]
+            if nodes[RESIDENT, u]:
+                hit[g] += 1
+            tick += 1
+            nodes[LAST, u] = tick
+        for j in range(w):  # insert the missing keys, router order, evicting keys outside the row
+            u = base + keys[r, j]
+            if nodes[RESIDENT, u]:
+                continue
+            if caches[c, OCCUPANCY] >= size:
+                v = _victim(c, r, base, keys, nodes, caches, slots, row_slots, state)
+                evict(v, c, nodes, caches)
+                slot_remove(v, c, nodes, caches, slots)
+            nodes[RESIDENT, u] = 1
+            slot_append(u, c, nodes, caches, slots)
+            caches[c, OCCUPANCY] += 1
+    return req, hit

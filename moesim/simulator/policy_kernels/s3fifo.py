@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from moesim.simulator.policy_kernels.loop import no_row_step, request_loop
 from moesim.simulator.policy_kernels.state import (
     COUNT,
     DEST,
@@ -19,12 +18,17 @@ from moesim.simulator.policy_kernels.state import (
     LIST_TAG,
     MAIN_SIZE,
     NEXT,
+    OCCUPANCY,
     ON_GHOST,
+    RESIDENT,
     SMALL_SIZE,
     TAIL,
+    evict,
     first_allowed,
     list_append,
     list_unlink,
+    new_replay,
+    open_row,
 )
 
 S3FIFO = 10
@@ -37,7 +41,7 @@ def layout_for(policy: int, largest: int, requests: int, fparams: np.ndarray) ->
 
 
 @njit(cache=True, nogil=True, _nrt=False)
-def _choose(c, t0, threshold, nodes, caches):
+def _victim(c, t0, threshold, nodes, caches):
     while True:
         small = first_allowed(caches[c, HEAD + SMALL], t0, nodes)
         if caches[c, LENGTH + MAIN] > caches[c, MAIN_SIZE] or small < 0:
@@ -73,52 +77,52 @@ def _choose(c, t0, threshold, nodes, caches):
             u = q
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _setup(policy, layout, n, w, sizes, n_keys, fparams, rng_state, caches):
-    """The queues' sizes per cache; the frequency a small-queue key needs to move to the main queue."""
-    for c in range(sizes.shape[0]):
+@njit(cache=True, nogil=True)
+def replay_s3fifo(layout, cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use, fparams, rng_state):
+    n, w = keys.shape
+    n_caches = sizes.shape[0]
+    req, hit, nodes, caches = new_replay(n_caches, n_keys, n_groups)
+    for c in range(n_caches):
         caches[c, SMALL_SIZE] = max(1, int(sizes[c] * fparams[SMALL_RATIO]))
         caches[c, MAIN_SIZE] = sizes[c] - caches[c, SMALL_SIZE]
         caches[c, GHOST_SIZE] = int(sizes[c] * fparams[GHOST_RATIO])
-    return int(fparams[MOVE_THRESHOLD])
-
-
-@njit(cache=True, nogil=True, _nrt=False)
-def _on_request(policy, layout, u, resident, last_before, r, j, c, t0, now, size, weights, next_use, fparams, nodes,
-                caches, slots, threshold):
-    t = nodes[LIST_TAG, u] - 1
-    if t == SMALL or t == MAIN:
-        nodes[COUNT, u] += 1
-    elif t == GHOST:
-        list_unlink(u, c, nodes, caches)
-        caches[c, ON_GHOST] = 1
-
-
-@njit(cache=True, nogil=True, _nrt=False)
-def _victim(policy, layout, u, r, c, t0, now, size, base, keys, fparams, nodes, caches, slots, threshold):
-    caches[c, EVICTED] = 1
-    return _choose(c, t0, threshold, nodes, caches)
-
-
-@njit(cache=True, nogil=True, _nrt=False)
-def _on_evict(policy, layout, v, c, t0, nodes, caches, slots, threshold):
-    list_unlink(v, c, nodes, caches)
-    if caches[c, DEST] > 0:
-        if caches[c, LENGTH + GHOST] >= caches[c, GHOST_SIZE]:
-            list_unlink(caches[c, HEAD + GHOST], c, nodes, caches)
-        list_append(v, c, caches[c, DEST] - 1, nodes, caches)
-    return -1
-
-
-@njit(cache=True, nogil=True, _nrt=False)
-def _on_insert(policy, layout, u, hole, r, c, now, base, keys, nodes, caches, slots, threshold):
-    to_main = caches[c, ON_GHOST] or (not caches[c, EVICTED] and caches[c, LENGTH + SMALL] >= caches[c, SMALL_SIZE])
-    list_append(u, c, MAIN if to_main else SMALL, nodes, caches)
-    nodes[COUNT, u] = 0
-    caches[c, ON_GHOST] = 0
-
-
-@njit(cache=True, nogil=True)
-def replay_s3fifo(layout, cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use, fparams, rng_state):
-    return request_loop(_setup, no_row_step, _on_request, _victim, _on_evict, _on_insert, no_row_step, S3FIFO, LIST,
-                        cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use, fparams, rng_state)
+    threshold = int(fparams[MOVE_THRESHOLD])
+    tick = 0
+    for r in range(n):
+        c, g, size = open_row(r, cache, group, sizes, req, w)
+        if size == 0:
+            continue
+        base = c * n_keys
+        t0 = tick  # the row's keys are exactly the nodes with LAST > t0 from here on
+        for j in range(w):  # look up + access, router order
+            u = base + keys[r, j]
+            if nodes[RESIDENT, u]:
+                hit[g] += 1
+            tick += 1
+            nodes[LAST, u] = tick
+            t = nodes[LIST_TAG, u] - 1
+            if t == SMALL or t == MAIN:
+                nodes[COUNT, u] += 1
+            elif t == GHOST:
+                list_unlink(u, c, nodes, caches)
+                caches[c, ON_GHOST] = 1
+        for j in range(w):  # insert the missing keys, router order, evicting keys outside the row
+            u = base + keys[r, j]
+            if nodes[RESIDENT, u]:
+                continue
+            if caches[c, OCCUPANCY] >= size:
+                caches[c, EVICTED] = 1
+                v = _victim(c, t0, threshold, nodes, caches)
+                evict(v, c, nodes, caches)
+                list_unlink(v, c, nodes, caches)
+                if caches[c, DEST] > 0:
+                    if caches[c, LENGTH + GHOST] >= caches[c, GHOST_SIZE]:
+                        list_unlink(caches[c, HEAD + GHOST], c, nodes, caches)
+                    list_append(v, c, caches[c, DEST] - 1, nodes, caches)
+            nodes[RESIDENT, u] = 1
+            to_main = caches[c, ON_GHOST] or (not caches[c, EVICTED] and caches[c, LENGTH + SMALL] >= caches[c, SMALL_SIZE])
+            list_append(u, c, MAIN if to_main else SMALL, nodes, caches)
+            nodes[COUNT, u] = 0
+            caches[c, ON_GHOST] = 0
+            caches[c, OCCUPANCY] += 1
+    return req, hit
