@@ -14,9 +14,13 @@ class DataError(MoesimError):
 
     exit_code = 1
 
-    def __init__(self, path: object, problem: str) -> None:
+    def __init__(self, path: object, problem: str, setting: str | None = None, fix: str | None = None) -> None:
+        """``setting`` and ``fix``, when given, say which setting would read the data right and how, as
+        :class:`SettingError`'s do (the command line adds its flag)."""
         self.path = str(path) if path is not None else None
         self.problem = problem
+        self.setting = setting
+        self.fix = fix
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
 
 

@@ -176,7 +176,7 @@ def test_mapped_jsonl_defaults_and_nested_fields(tmp_path, capsys):
 
 @pytest.mark.parametrize("records, argv, needle", [
     ([{"pos": 0, "l": 0, "ids": [1, 2]}], ["--map", "layer=l,experts=ids"],
-     "line 1: missing field 'token' (say which field holds it: --map token=FIELD)"),
+     "line 1: missing field 'token'; say which field holds the token (--map token=FIELD)"),
     ([{"t": 0, "l": 0, "ids": [1, 2]}, {"t": -1, "l": 0, "ids": [1, 2]}], ["--map", "token=t,layer=l,experts=ids"],
      "line 2: t must be a non-negative integer, got -1"),
     ([{"t": 0, "l": 0, "ids": [1, 2], "ph": "warm"}], ["--map", "token=t,layer=l,experts=ids,phase=ph"],
@@ -195,8 +195,10 @@ def test_bad_mapped_lines_name_the_line(tmp_path, capsys, records, argv, needle)
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["jsonl", "{src}", "{out}", "--map", "expert=ids"], "--map: unknown target 'expert'"),
-    (["jsonl", "{src}", "{out}", "--map", "token"], "--map expects TARGET=FIELD pairs"),
+    (["jsonl", "{src}", "{out}", "--map", "expert=ids"],
+     "unknown mapping target 'expert' (known: seq, token, layer, experts, weights, phase) (--map)"),
+    (["jsonl", "{src}", "{out}", "--map", "token"], "a field mapping is TARGET=FIELD pairs, got 'token' (--map)"),
+    (["jsonl", "{src}", "{out}", "--where", "kind"], "a line filter is FIELD=VALUE, got 'kind' (--where)"),
     (["vllm-jsonl", "{src}", "{out}", "--map", "token=t"], "--map and --where apply to --from jsonl"),
     (["vllm-batched", "{src}", "{out}", "--num-experts", "0"], "--num-experts must be >= 1"),
     (["parquet", "{src}", "{out}"], "invalid choice: 'parquet'"),

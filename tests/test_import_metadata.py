@@ -70,7 +70,8 @@ def test_expert_id_beyond_the_model_is_an_error_naming_the_line(tmp_path, capsys
     code, _, err = _import(["vllm-jsonl", src, out, "--num-experts", "10"], capsys)
     assert code == 0 and read_trace(out).meta.num_experts == 10
     code, _, err = _import(["vllm-jsonl", src, tmp_path / "p.parquet", "--num-experts", "9"], capsys)
-    assert code == 1 and "line 4: expert id 9 out of range [0, 9) (--num-experts is 9)" in err[0]
+    assert code == 1 and "line 4: expert id 9 out of range [0, 9) (the expert count given is 9)" in err[0]
+    assert err[0].endswith("give its expert count (and its name) (--num-experts N)"), err
 
 
 def test_a_log_naming_no_known_model_infers_with_a_note(tmp_path, capsys):

@@ -143,14 +143,17 @@ SETTING_HINTS = {"scope": "--scope", "semantics": "--semantics", "phase": "--pha
                  "offload": "--offload", "max_gpu_gb": "--max-gpu-gb",
                  "host_ram": "--host-ram-gb", "host_policy": "--host-policy",
                  "disk_mode": "--disk-mode", "disk_block": "--disk-block", "disk_queue_depth": "--disk-queue-depth",
-                 "disk_sizes": "--disk-sizes-kb", "disk_file": "--disk-file-mb"}
+                 "disk_sizes": "--disk-sizes-kb", "disk_file": "--disk-file-mb",
+                 "map": "--map", "where": "--where", "num_experts": "--num-experts", "num_layers": "--num-layers"}
 
 
 def error_line(exc: Exception) -> str:
-    """The message of a library error as the command line says it: a :class:`SettingError` gains what
-    to change on the command line, with the value that works when there is one ("... (--scope layer)")."""
-    from moesim.errors import SettingError
+    """The message of a library error as the command line says it: a :class:`SettingError` (or a
+    :class:`DataError` that names a setting) gains what to change on the command line, with the value
+    that works when there is one ("... (--scope layer)")."""
+    from moesim.errors import DataError, SettingError
 
-    if isinstance(exc, SettingError) and exc.setting in SETTING_HINTS:
-        return f"{exc.problem} ({' '.join(x for x in (SETTING_HINTS[exc.setting], exc.fix) if x)})"
+    if isinstance(exc, SettingError | DataError) and exc.setting in SETTING_HINTS:
+        flag = " ".join(x for x in (SETTING_HINTS[exc.setting], exc.fix) if x)
+        return f"{exc.problem if isinstance(exc, SettingError) else exc} ({flag})"
     return str(exc)

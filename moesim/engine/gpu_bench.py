@@ -7,6 +7,7 @@ the first one runs: launch overhead is not counted (the engine's own dispatch co
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -277,6 +278,38 @@ def copy_repeats(device: str = "cuda", nbytes: int = 66748416, repeats: int = 40
     return out
 
 
+def demand_miss_chain(d, gate_fn: Callable[[], object], expert_fn: Callable[[], object], host: list, slots: list,
+                      layers: int, misses: int, timing: bool = False, spacer: bool = False) -> None:
+    """Issue the engine's demand-miss pattern once on Device ``d``: per layer ``gate_fn`` on compute,
+    then ``misses`` copies from ``host`` (round robin) into ``slots`` on the copy stream, each waiting on
+    the gate-done event and on its slot's free event, then per copy ``expert_fn`` on compute waiting on
+    its ready event. ``timing``: the events record times (the engine's instrumented replay); ``spacer``:
+    a one-cycle kernel between each wait on a copy and the expert piece."""
+    free: list = [None] * misses
+    for layer in range(layers):
+        gate_fn()
+        gate_done = d.event(timing=timing)
+        gate_done.record()
+        ready = []
+        for m in range(misses):
+            with d.copy_context():
+                d.wait(gate_done, d.copy_stream)
+                if free[m] is not None:
+                    d.wait(free[m], d.copy_stream)
+                slots[m].copy_(host[(layer * misses + m) % len(host)], non_blocking=True)
+                ev = d.event(timing=timing)
+                ev.record(d.copy_stream)
+            ready.append(ev)
+        for m in range(misses):
+            d.wait(ready[m])
+            if spacer and d.cuda:
+                torch.cuda._sleep(1)
+            expert_fn()
+            fr = d.event(timing=timing)
+            fr.record()
+            free[m] = fr
+
+
 def miss_issue(device: str = "cuda", nbytes: int = 66748416, layers: int = 32, misses: int = 2,
                gate_s: float = 0.2e-3, expert_s: float = 0.26e-3, buffers: int = 8, reps: int = 3) -> dict:
     """The engine's demand-miss pattern without the engine: per layer a gate kernel, then ``misses``
@@ -313,27 +346,7 @@ def miss_issue(device: str = "cuda", nbytes: int = 66748416, layers: int = 32, m
         c_s = a.elapsed_time(b) * 1e-3 / n_copy
 
     def chain():
-        free: list = [None] * misses
-        for layer in range(layers):
-            gate_fn()
-            gate_done = d.event(timing=False)
-            gate_done.record()
-            ready = []
-            for m in range(misses):
-                with d.copy_context():
-                    d.wait(gate_done, d.copy_stream)
-                    if free[m] is not None:
-                        d.wait(free[m], d.copy_stream)
-                    slots[m].copy_(host[(layer * misses + m) % buffers], non_blocking=True)
-                    ev = d.event(timing=False)
-                    ev.record(d.copy_stream)
-                ready.append(ev)
-            for m in range(misses):
-                d.wait(ready[m])
-                expert_fn()
-                fr = d.event(timing=False)
-                fr.record()
-                free[m] = fr
+        demand_miss_chain(d, gate_fn, expert_fn, host, slots, layers, misses)
 
     def timed(hide_host: bool) -> float:
         d.synchronize()

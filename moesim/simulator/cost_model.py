@@ -418,11 +418,11 @@ class CostModel:
             raise SettingError("lowbit_format", f"no low-bit substitute below {self.quantization!r}; name one")
         return fmt
 
-    def lowbit_bytes(self, trace_expert_bytes: int = 0) -> int:
-        """Bytes of one expert's substitute: the full-size expert (:meth:`expert_bytes`) scaled by the
-        two formats' sizes in the table."""
+    def lowbit_bytes(self, full_bytes: int) -> int:
+        """Bytes of one expert's substitute: ``full_bytes``, the full-size expert's (for a trace,
+        ``timing.expert_bytes_of``), scaled by the two formats' sizes in the table."""
         table = self.expert_bytes_by_quant
-        return int(round(self.expert_bytes(trace_expert_bytes) * table[self.lowbit()] / table[self.quantization]))
+        return int(round(full_bytes * table[self.lowbit()] / table[self.quantization]))
 
     def lowbit_expert_seconds(self, tokens: int = 1) -> float:
         """GPU time of the substitute: its own table when the model has one, else the default format's."""

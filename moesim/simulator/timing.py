@@ -468,7 +468,7 @@ class _EventRun:
             self.inflight[(layer, e)] = ready[e]
             self.copies += 1
             self.copy_busy += copy_s
-            self.h2d += self.xb if kind == "copy" else self.cost.lowbit_bytes(self.trace.meta.expert_bytes)
+            self.h2d += self.xb if kind == "copy" else self.cost.lowbit_bytes(self.xb)
             self.executed[kind] += 1
         return ready, plan
 
@@ -645,7 +645,7 @@ class _EventRun:
 
     def lowbit_copy_s(self) -> float:
         """One low-bit substitute's transfer (HOBBIT)."""
-        return self.cost.copy_seconds(self.cost.lowbit_bytes(self.trace.meta.expert_bytes))
+        return self.cost.copy_seconds(self.cost.lowbit_bytes(self.xb))
 
     def write_timeline(self, path: str | os.PathLike, policy_name: str, cache_size) -> None:
         doc = self.env.timeline()

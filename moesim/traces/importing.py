@@ -228,13 +228,14 @@ def write_imported(rows: RoutingRows, dst: str | os.PathLike, opts: ImportOption
                                                + (f" for {geo.model}" if geo and not opts.num_layers else ""))
     if (bad := _first_in_file(row_max >= n_experts, r.lines)) is not None:
         if opts.num_experts:
-            whose = f"--num-experts is {n_experts}"
+            whose = f"the expert count given is {n_experts}"
         elif how == "assumed":
             whose = f"a top-{k} log with at most {geo.num_layers} layers is taken for {geo.model}, which has {n_experts}"
         else:
             whose = f"{geo.model} has {n_experts}"
-        raise bad_line(src, int(r.lines[bad]), f"expert id {int(row_max[bad])} out of range [0, {n_experts}) ({whose}); "
-                                           "pass --num-experts N (and --model NAME) if the log is from another model")
+        raise DataError(src, f"line {int(r.lines[bad])}: expert id {int(row_max[bad])} out of range [0, {n_experts}) "
+                             f"({whose}); if the log is from another model, give its expert count (and its name)",
+                        "num_experts", "N")
     quant, quant_from = opts.quantization, "--quantization"
     if not quant:
         for value, where in ((quantization_in_log, "the log header"), (quantization_in_name(named), "the model name"),

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from moesim.errors import UsageError
+from moesim.errors import DataError, SettingError
 from moesim.traces.format import DECODE, PREFILL, TraceMeta
 from moesim.traces.importing import (
     ImportOptions,
@@ -41,9 +41,9 @@ def parse_mapping(text: str | None) -> dict[str, str]:
             continue
         target, sep, name = (x.strip() for x in item.partition("="))
         if not sep or not target or not name:
-            raise UsageError(f"--map expects TARGET=FIELD pairs, got {item.strip()!r}")
+            raise SettingError("map", f"a field mapping is TARGET=FIELD pairs, got {item.strip()!r}")
         if target not in TARGETS:
-            raise UsageError(f"--map: unknown target {target!r} (known: {', '.join(TARGETS)})")
+            raise SettingError("map", f"unknown mapping target {target!r} (known: {', '.join(TARGETS)})")
         out[target] = name
     return out
 
@@ -53,7 +53,7 @@ def parse_where(text: str | None) -> tuple[str, str] | None:
         return None
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise UsageError(f"--where expects FIELD=VALUE, got {text!r}")
+        raise SettingError("where", f"a line filter is FIELD=VALUE, got {text!r}")
     return key, value
 
 
@@ -90,8 +90,10 @@ def import_jsonl_mapped(src: str | os.PathLike, dst: str | os.PathLike, mapping:
         values = {t: _get(obj, mapping[t]) for t in TARGETS}
         for t in REQUIRED:
             if values[t] is _MISSING:
-                hint = "" if mapping[t] != t else f" (say which field holds it: --map {t}=FIELD)"
-                raise bad_line(p, lineno, f"missing field {mapping[t]!r}{hint}")
+                if mapping[t] != t:
+                    raise bad_line(p, lineno, f"missing field {mapping[t]!r}")
+                raise DataError(p, f"line {lineno}: missing field {t!r}; say which field holds the {t}", "map",
+                                f"{t}=FIELD")
         tok = non_negative_int(p, lineno, mapping["token"], values["token"])
         layer = non_negative_int(p, lineno, mapping["layer"], values["layer"])
         ids = expert_ids(p, lineno, mapping["experts"], values["experts"])

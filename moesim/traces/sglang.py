@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moesim.errors import DataError
 from moesim.traces.format import TraceMeta
 from moesim.traces.importing import ImportOptions, RoutingRows, bad_line, json_lines, write_imported
 from moesim.traces.models import known_model
@@ -49,8 +50,8 @@ def _shape(path: Path, lineno: int, n: int, tokens: int | None, layers: int | No
            top_k: int | None) -> tuple[int, int, int]:
     """(tokens, layers, top-k) of a flat array of n ids from what is known of each."""
     if layers is None and top_k is None:
-        raise bad_line(path, lineno, "the response does not say the layer count or top-k: pass --num-layers N "
-                                     "(or --model NAME of a known model)")
+        raise DataError(path, f"line {lineno}: the response does not say the layer count or top-k: give the layer "
+                              "count (or the name of a known model)", "num_layers", "N")
     if tokens is None:
         if layers is None or top_k is None or n % (layers * top_k):
             raise bad_line(path, lineno, f"{FIELD} holds {n} ids and meta_info has no prompt_tokens/completion_tokens"

@@ -34,7 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from moesim.engine.gpu_bench import busy_kernel, demand_chain_seconds, device_seconds, host_copy_buffers, log  # noqa: E402
+from moesim.engine.gpu_bench import (  # noqa: E402
+    busy_kernel,
+    demand_chain_seconds,
+    demand_miss_chain,
+    device_seconds,
+    host_copy_buffers,
+    log,
+)
 from moesim.engine.runtime import Device  # noqa: E402
 
 
@@ -78,29 +85,7 @@ def chain_excess(device: str, pieces_kind: str, timing: bool, hidden: bool, spac
     c_s = a.elapsed_time(b) * 1e-3 / (2 * buffers)
 
     def chain():
-        free: list = [None] * misses
-        for layer in range(layers):
-            gate_fn()
-            gate_done = d.event(timing=timing)
-            gate_done.record()
-            ready = []
-            for m in range(misses):
-                with d.copy_context():
-                    d.wait(gate_done, d.copy_stream)
-                    if free[m] is not None:
-                        d.wait(free[m], d.copy_stream)
-                    slots[m].copy_(host[(layer * misses + m) % buffers], non_blocking=True)
-                    ev = d.event(timing=timing)
-                    ev.record(d.copy_stream)
-                ready.append(ev)
-            for m in range(misses):
-                d.wait(ready[m])
-                if spacer and d.cuda:
-                    torch.cuda._sleep(1)
-                expert_fn()
-                fr = d.event(timing=timing)
-                fr.record()
-                free[m] = fr
+        demand_miss_chain(d, gate_fn, expert_fn, host[:buffers], slots, layers, misses, timing, spacer)
 
     def timed() -> float:
         d.synchronize()

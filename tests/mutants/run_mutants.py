@@ -87,10 +87,11 @@ def site_count(root: Path, m: Mutant) -> int:
     return path.read_text().count(m.old) if path.is_file() else 0
 
 
-def run_tests(root: Path, args: tuple[str, ...] | list[str], timeout: float) -> tuple[int | None, str]:
+def run_tests(root: Path, args: tuple[str, ...] | list[str], timeout: float,
+              numba_cache: str = "numba-cache") -> tuple[int | None, str]:
     """pytest in the copy (stop at the first failure); (exit status or None on timeout, its output)."""
     env = {**os.environ, "PYTHONPATH": str(root), "MOESIM_CACHE_DIR": str(root.parent / "stream-cache"),
-           "NUMBA_CACHE_DIR": str(root.parent / "numba-cache")}
+           "NUMBA_CACHE_DIR": str(root.parent / numba_cache)}
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:randomly", "-p", "no:cacheprovider", *args]
     try:
         done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
@@ -113,10 +114,15 @@ def try_mutant(root: Path, m: Mutant, timeout: float) -> Outcome:
     path = root / m.file
     original = path.read_text()
     path.write_text(original.replace(m.old, m.new, 1))
+    # a numba cache of its own: numba checks a cached function against its own file only, so a kernel that
+    # inlines the mutated helper from another module (every policy inlines loop.request_loop) would
+    # otherwise load its unmutated machine code from the baseline's cache
+    cache = f"numba-cache-{m.name}"
     try:
-        code, output = run_tests(root, m.tests, timeout)
+        code, output = run_tests(root, m.tests, timeout, cache)
     finally:
         path.write_text(original)
+        shutil.rmtree(root.parent / cache, ignore_errors=True)
     seconds = time.perf_counter() - t0
     if code is None:
         return Outcome(m, "killed", f"timeout after {timeout:.0f} s", seconds)

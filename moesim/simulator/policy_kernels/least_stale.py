@@ -7,20 +7,15 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from moesim.simulator.policy_kernels.loop import no_row_step, no_state, request_loop
 from moesim.simulator.policy_kernels.state import (
     HEAD,
-    LAST,
     LIST,
-    OCCUPANCY,
-    RESIDENT,
     STAMP,
-    evict,
     first_allowed,
     list_append,
     list_unlink,
     move_to_tail,
-    new_replay,
-    open_row,
 )
 
 LEAST_STALE = 13
@@ -30,39 +25,35 @@ def layout_for(policy: int, largest: int, requests: int, fparams: np.ndarray) ->
     return LIST
 
 
+@njit(cache=True, nogil=True, _nrt=False)
+def _on_request(policy, layout, u, resident, last_before, r, j, c, t0, now, size, weights, next_use, fparams, nodes,
+                caches, slots, extra):
+    """A stale hit becomes fresh."""
+    if resident and nodes[STAMP, u] != now:
+        move_to_tail(u, c, 0, nodes, caches)
+        nodes[STAMP, u] = now
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def _victim(policy, layout, u, r, c, t0, now, size, base, keys, fparams, nodes, caches, slots, extra):
+    return first_allowed(caches[c, HEAD], t0, nodes)
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def _on_evict(policy, layout, v, c, t0, nodes, caches, slots, extra):
+    list_unlink(v, c, nodes, caches)
+    return -1
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def _on_insert(policy, layout, u, hole, r, c, now, base, keys, nodes, caches, slots, extra):
+    list_append(u, c, 0, nodes, caches)
+    nodes[STAMP, u] = now
+
+
 @njit(cache=True, nogil=True)
 def replay_least_stale(layout, cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use, fparams,
                        rng_state):
-    n, w = keys.shape
-    n_caches = sizes.shape[0]
-    req, hit, nodes, caches = new_replay(n_caches, n_keys, n_groups)
-    tick = 0
-    for r in range(n):
-        c, g, size = open_row(r, cache, group, sizes, req, w)
-        if size == 0:
-            continue
-        base = c * n_keys
-        now = clock[r]
-        t0 = tick  # the row's keys are exactly the nodes with LAST > t0 from here on
-        for j in range(w):  # look up + access, router order: a stale hit becomes fresh
-            u = base + keys[r, j]
-            if nodes[RESIDENT, u]:
-                hit[g] += 1
-                if nodes[STAMP, u] != now:
-                    move_to_tail(u, c, 0, nodes, caches)
-                    nodes[STAMP, u] = now
-            tick += 1
-            nodes[LAST, u] = tick
-        for j in range(w):  # insert the missing keys, router order, evicting keys outside the row
-            u = base + keys[r, j]
-            if nodes[RESIDENT, u]:
-                continue
-            if caches[c, OCCUPANCY] >= size:
-                v = first_allowed(caches[c, HEAD], t0, nodes)
-                evict(v, c, nodes, caches)
-                list_unlink(v, c, nodes, caches)
-            nodes[RESIDENT, u] = 1
-            list_append(u, c, 0, nodes, caches)
-            nodes[STAMP, u] = now
-            caches[c, OCCUPANCY] += 1
-    return req, hit
+    return request_loop(no_state, no_row_step, _on_request, _victim, _on_evict, _on_insert, no_row_step, LEAST_STALE,
+                        LIST, cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use, fparams,
+                        rng_state)

@@ -8,20 +8,16 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from moesim.simulator.policy_kernels.loop import leave_slot, no_row_step, no_state, request_loop
 from moesim.simulator.policy_kernels.state import (
     CLOCK,
     COUNT,
     FLAG,
     LAST,
     OCCUPANCY,
-    RESIDENT,
     SCAN,
     STAMP,
-    evict,
-    new_replay,
-    open_row,
     slot_append,
-    slot_remove,
 )
 
 LFRU = 14
@@ -32,8 +28,8 @@ def layout_for(policy: int, largest: int, requests: int, fparams: np.ndarray) ->
     return SCAN
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _victim(c, t0, nodes, caches, slots):
+@njit(cache=True, nogil=True, _nrt=False)
+def _victim(policy, layout, u, r, c, t0, now, size, base, keys, fparams, nodes, caches, slots, extra):
     """The lowest uses / (clock - last use + 1) outside the row, ties to the earliest inserted."""
     now = caches[c, CLOCK] + 1
     v = -1
@@ -51,41 +47,26 @@ def _victim(c, t0, nodes, caches, slots):
     return v
 
 
+@njit(cache=True, nogil=True, _nrt=False)
+def _on_request(policy, layout, u, resident, last_before, r, j, c, t0, now, size, weights, next_use, fparams, nodes,
+                caches, slots, extra):
+    """A hit uses the key once more."""
+    if resident:
+        caches[c, CLOCK] += 1
+        nodes[COUNT, u] += 1
+        nodes[STAMP, u] = caches[c, CLOCK]
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def _on_insert(policy, layout, u, hole, r, c, now, base, keys, nodes, caches, slots, extra):
+    slot_append(u, c, nodes, caches, slots)
+    caches[c, CLOCK] += 1
+    nodes[COUNT, u] = 1
+    nodes[STAMP, u] = caches[c, CLOCK]
+    nodes[INSERTED, u] = caches[c, CLOCK]
+
+
 @njit(cache=True, nogil=True)
 def replay_lfru(layout, cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use, fparams, rng_state):
-    n, w = keys.shape
-    n_caches = sizes.shape[0]
-    req, hit, nodes, caches = new_replay(n_caches, n_keys, n_groups)
-    slots = np.full((n_caches, max(1, sizes.max())), -1, np.int64)
-    tick = 0
-    for r in range(n):
-        c, g, size = open_row(r, cache, group, sizes, req, w)
-        if size == 0:
-            continue
-        base = c * n_keys
-        t0 = tick  # the row's keys are exactly the nodes with LAST > t0 from here on
-        for j in range(w):  # look up + access, router order: a hit uses the key once more
-            u = base + keys[r, j]
-            if nodes[RESIDENT, u]:
-                hit[g] += 1
-                caches[c, CLOCK] += 1
-                nodes[COUNT, u] += 1
-                nodes[STAMP, u] = caches[c, CLOCK]
-            tick += 1
-            nodes[LAST, u] = tick
-        for j in range(w):  # insert the missing keys, router order, evicting keys outside the row
-            u = base + keys[r, j]
-            if nodes[RESIDENT, u]:
-                continue
-            if caches[c, OCCUPANCY] >= size:
-                v = _victim(c, t0, nodes, caches, slots)
-                evict(v, c, nodes, caches)
-                slot_remove(v, c, nodes, caches, slots)
-            nodes[RESIDENT, u] = 1
-            slot_append(u, c, nodes, caches, slots)
-            caches[c, CLOCK] += 1
-            nodes[COUNT, u] = 1
-            nodes[STAMP, u] = caches[c, CLOCK]
-            nodes[INSERTED, u] = caches[c, CLOCK]
-            caches[c, OCCUPANCY] += 1
-    return req, hit
+    return request_loop(no_state, no_row_step, _on_request, _victim, leave_slot, _on_insert, no_row_step, LFRU, SCAN,
+                        cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use, fparams, rng_state)

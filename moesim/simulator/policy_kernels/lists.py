@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from moesim.simulator.policy_kernels.loop import no_row_step, no_state, request_loop
 from moesim.simulator.policy_kernels.state import (
+    CLOCK,
     COUNT,
     HAND,
     HEAD,
@@ -19,17 +21,13 @@ from moesim.simulator.policy_kernels.state import (
     LIST,
     NEXT,
     OCCUPANCY,
-    RESIDENT,
     SCAN,
     SCAN_MAX_SLOTS,
     STAMP,
-    evict,
     first_allowed,
     list_append,
     list_unlink,
     move_to_tail,
-    new_replay,
-    open_row,
     slot_append,
     slot_remove,
 )
@@ -65,66 +63,64 @@ def _sieve_victim(c, t0, nodes, caches):
         v = nodes[NEXT, v] if nodes[NEXT, v] >= 0 else caches[c, HEAD]
 
 
+# ---- the rules (``loop.request_loop``) --------------------------------------------------------------
+
+@njit(cache=True, nogil=True, _nrt=False)
+def _on_request(policy, layout, u, resident, last_before, r, j, c, t0, now, size, weights, next_use, fparams, nodes,
+                caches, slots, extra):
+    if policy == SIEVE and resident:
+        nodes[COUNT, u] = 1
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def _victim(policy, layout, u, r, c, t0, now, size, base, keys, fparams, nodes, caches, slots, extra):
+    if layout == SCAN:
+        v = -1
+        for i in range(caches[c, OCCUPANCY]):
+            x = slots[c, i]
+            if nodes[LAST, x] <= t0 and (v < 0 or evicts_first(
+                    policy, nodes[LAST, x], nodes[STAMP, x], x, nodes[LAST, v], nodes[STAMP, v], v)):
+                v = x
+        return v
+    if policy == SIEVE:
+        return _sieve_victim(c, t0, nodes, caches)
+    return first_allowed(caches[c, HEAD], t0, nodes)
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def _on_evict(policy, layout, v, c, t0, nodes, caches, slots, extra):
+    if layout == SCAN:
+        slot_remove(v, c, nodes, caches, slots)
+    else:
+        if policy == SIEVE:
+            caches[c, HAND] = nodes[NEXT, v]
+        list_unlink(v, c, nodes, caches)
+    return -1
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def _on_insert(policy, layout, u, hole, r, c, now, base, keys, nodes, caches, slots, extra):
+    if layout == SCAN:
+        slot_append(u, c, nodes, caches, slots)
+        if policy == FIFO:  # the insertion order, on the cache's own clock
+            caches[c, CLOCK] += 1
+            nodes[STAMP, u] = caches[c, CLOCK]
+    else:  # the tail
+        list_append(u, c, 0, nodes, caches)
+        nodes[COUNT, u] = 0
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def _end_row(policy, layout, r, c, now, base, keys, n_caches, nodes, caches, slots, extra):
+    if policy == LRU and layout == LIST:  # the row's keys become the most recent, router order
+        for j in range(keys.shape[1]):
+            move_to_tail(base + keys[r, j], c, 0, nodes, caches)
+
+
 @njit(cache=True, nogil=True, inline="always")
-def _replay(policy, layout, cache, keys, group, sizes, n_keys, n_groups):
-    n, w = keys.shape
-    n_caches = sizes.shape[0]
-    req, hit, nodes, caches = new_replay(n_caches, n_keys, n_groups)
-    slots = np.full((n_caches, max(1, sizes.max()) if layout == SCAN else 1), -1, np.int64)
-    tick = 0
-    for r in range(n):
-        c, g, size = open_row(r, cache, group, sizes, req, w)
-        if size == 0:
-            continue
-        base = c * n_keys
-        t0 = tick  # the row's keys are exactly the nodes with LAST > t0 from here on
-        for j in range(w):  # look up + access, router order
-            u = base + keys[r, j]
-            if nodes[RESIDENT, u]:
-                hit[g] += 1
-                if policy == SIEVE:
-                    nodes[COUNT, u] = 1
-            tick += 1
-            nodes[LAST, u] = tick
-        for j in range(w):  # insert the missing keys, router order, evicting keys outside the row
-            u = base + keys[r, j]
-            if nodes[RESIDENT, u]:
-                continue
-            if caches[c, OCCUPANCY] >= size:
-                # the victim, written out: as an inlined helper its branches kept numba from pruning the
-                # array reference counts (measured: lru per layer 9% slower)
-                if layout == SCAN:
-                    v = -1
-                    for i in range(caches[c, OCCUPANCY]):
-                        x = slots[c, i]
-                        if nodes[LAST, x] <= t0 and (v < 0 or evicts_first(
-                                policy, nodes[LAST, x], nodes[STAMP, x], x, nodes[LAST, v], nodes[STAMP, v], v)):
-                            v = x
-                elif policy == SIEVE:
-                    v = _sieve_victim(c, t0, nodes, caches)
-                else:
-                    v = first_allowed(caches[c, HEAD], t0, nodes)
-                evict(v, c, nodes, caches)
-                if layout == SCAN:
-                    slot_remove(v, c, nodes, caches, slots)
-                else:
-                    if policy == SIEVE:
-                        caches[c, HAND] = nodes[NEXT, v]
-                    list_unlink(v, c, nodes, caches)
-            nodes[RESIDENT, u] = 1
-            if layout == SCAN:
-                slot_append(u, c, nodes, caches, slots)
-                if policy == FIFO:
-                    tick += 1
-                    nodes[STAMP, u] = tick
-            else:  # the tail
-                list_append(u, c, 0, nodes, caches)
-                nodes[COUNT, u] = 0
-            caches[c, OCCUPANCY] += 1
-        if policy == LRU and layout == LIST:  # the row's keys become the most recent, router order
-            for j in range(w):
-                move_to_tail(base + keys[r, j], c, 0, nodes, caches)
-    return req, hit
+def _replay(policy, layout, cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use, fparams, rng_state):
+    return request_loop(no_state, no_row_step, _on_request, _victim, _on_evict, _on_insert, _end_row, policy, layout,
+                        cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use, fparams, rng_state)
 
 
 # One entry per policy, the policy and the layout constants in each branch: numba compiles each layout
@@ -133,17 +129,22 @@ def _replay(policy, layout, cache, keys, group, sizes, n_keys, n_groups):
 @njit(cache=True, nogil=True)
 def replay_lru(layout, cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use, fparams, rng_state):
     if layout == SCAN:
-        return _replay(LRU, SCAN, cache, keys, group, sizes, n_keys, n_groups)
-    return _replay(LRU, LIST, cache, keys, group, sizes, n_keys, n_groups)
+        return _replay(LRU, SCAN, cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use,
+                       fparams, rng_state)
+    return _replay(LRU, LIST, cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use,
+                       fparams, rng_state)
 
 
 @njit(cache=True, nogil=True)
 def replay_fifo(layout, cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use, fparams, rng_state):
     if layout == SCAN:
-        return _replay(FIFO, SCAN, cache, keys, group, sizes, n_keys, n_groups)
-    return _replay(FIFO, LIST, cache, keys, group, sizes, n_keys, n_groups)
+        return _replay(FIFO, SCAN, cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use,
+                       fparams, rng_state)
+    return _replay(FIFO, LIST, cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use,
+                       fparams, rng_state)
 
 
 @njit(cache=True, nogil=True)
 def replay_sieve(layout, cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use, fparams, rng_state):
-    return _replay(SIEVE, LIST, cache, keys, group, sizes, n_keys, n_groups)
+    return _replay(SIEVE, LIST, cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use,
+                       fparams, rng_state)

@@ -9,17 +9,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from moesim.simulator.policy_kernels.loop import leave_slot, no_row_step, request_loop, take_slot
 from moesim.simulator.policy_kernels.state import (
     LAST,
     OCCUPANCY,
-    RESIDENT,
     SCAN,
     STAMP,
-    evict,
-    new_replay,
-    open_row,
-    slot_append,
-    slot_remove,
 )
 
 MRS = 15
@@ -40,7 +35,30 @@ def _keep(d, keep, table):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _victim(c, t0, now, keep, nodes, score, slots, caches, table):
+def _setup(policy, layout, n, w, sizes, n_keys, fparams, rng_state, caches):
+    """(per key its score, the decay factors of the first DECAY_TABLE ages)."""
+    keep = 1.0 - fparams[ALPHA]
+    table = np.empty(DECAY_TABLE, np.float64)
+    for d in range(DECAY_TABLE):
+        table[d] = keep ** float(d)
+    return np.zeros(sizes.shape[0] * n_keys, np.float64), table
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def _on_request(policy, layout, u, resident, last_before, r, j, c, t0, now, size, weights, next_use, fparams, nodes,
+                caches, slots, extra):
+    """The routing weight enters the average."""
+    score, table = extra
+    alpha = fparams[ALPHA]
+    score[u] = score[u] * _keep(now - nodes[STAMP, u], 1.0 - alpha, table) + alpha * float(weights[r, j])
+    nodes[STAMP, u] = now
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def _victim(policy, layout, u, r, c, t0, now, size, base, keys, fparams, nodes, caches, slots, extra):
+    """The lowest decayed score outside the row, ties to the least recently requested."""
+    score, table = extra
+    keep = 1.0 - fparams[ALPHA]
     v = -1
     best = 0.0
     for i in range(caches[c, OCCUPANCY]):
@@ -56,41 +74,5 @@ def _victim(c, t0, now, keep, nodes, score, slots, caches, table):
 
 @njit(cache=True, nogil=True)
 def replay_mrs(layout, cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use, fparams, rng_state):
-    n, w = keys.shape
-    n_caches = sizes.shape[0]
-    req, hit, nodes, caches = new_replay(n_caches, n_keys, n_groups)
-    score = np.zeros(n_caches * n_keys, np.float64)
-    slots = np.full((n_caches, max(1, sizes.max())), -1, np.int64)
-    alpha = fparams[ALPHA]
-    keep = 1.0 - alpha
-    table = np.empty(DECAY_TABLE, np.float64)
-    for d in range(DECAY_TABLE):
-        table[d] = keep ** float(d)
-    tick = 0
-    for r in range(n):
-        c, g, size = open_row(r, cache, group, sizes, req, w)
-        if size == 0:
-            continue
-        base = c * n_keys
-        now = clock[r]
-        t0 = tick  # the row's keys are exactly the nodes with LAST > t0 from here on
-        for j in range(w):  # look up + access, router order: the routing weight enters the average
-            u = base + keys[r, j]
-            if nodes[RESIDENT, u]:
-                hit[g] += 1
-            score[u] = score[u] * _keep(now - nodes[STAMP, u], keep, table) + alpha * float(weights[r, j])
-            nodes[STAMP, u] = now
-            tick += 1
-            nodes[LAST, u] = tick
-        for j in range(w):  # insert the missing keys, router order, evicting keys outside the row
-            u = base + keys[r, j]
-            if nodes[RESIDENT, u]:
-                continue
-            if caches[c, OCCUPANCY] >= size:
-                v = _victim(c, t0, now, keep, nodes, score, slots, caches, table)
-                evict(v, c, nodes, caches)
-                slot_remove(v, c, nodes, caches, slots)
-            nodes[RESIDENT, u] = 1
-            slot_append(u, c, nodes, caches, slots)
-            caches[c, OCCUPANCY] += 1
-    return req, hit
+    return request_loop(_setup, no_row_step, _on_request, _victim, leave_slot, take_slot, no_row_step, MRS, SCAN,
+                        cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use, fparams, rng_state)

@@ -22,6 +22,7 @@ import math
 import numpy as np
 from numba import njit
 
+from moesim.simulator.policy_kernels.loop import request_loop
 from moesim.simulator.policy_kernels.state import (
     COUNT,
     HEAP,
@@ -30,7 +31,6 @@ from moesim.simulator.policy_kernels.state import (
     LAST,
     NEXT_USE,
     OCCUPANCY,
-    RESIDENT,
     SCAN,
     SLOT,
     SLOT_BITS,
@@ -38,10 +38,8 @@ from moesim.simulator.policy_kernels.state import (
     STAMP,
     VECTOR,
     VECTOR_MAX_SLOTS,
-    evict,
     from_orderable,
     new_replay,
-    open_row,
     orderable,
     slot_append,
     slot_remove,
@@ -400,9 +398,62 @@ def _vector_rebase(n_caches, caches, nodes, value, slots, slot_keys, qrate, ref)
 
 # ---- the replay ------------------------------------------------------------------------------------
 
+E_NOW, QRATE = 0, 1  # rates[...]
+REF, E_AT = 0, 1     # clocks[...]: heap and vector priorities are value * e^(qrate * (stamp - ref))
+
+
 @njit(cache=True, nogil=True, inline="always")
-def _victim(policy, layout, c, t0, now, fparams, nodes, caches, value, slots, heap_prio, heap_last, stack,
-            slot_keys, table):
+def _setup(policy, layout, n, w, sizes, n_keys, fparams, rng_state, caches):
+    """(value: lfu-decay's and gate-weighted's score, lrfu's CRF, per key; the heap walk's stack; the decay
+    table; the vector layout's slot keys; the heap's priorities and LAST (its ties) by index; e_now =
+    e^(qrate * (now - ref)) and qrate (score = value * e^(-qrate * age)); ref and the clock e_now is for)."""
+    n_caches = sizes.shape[0]
+    kmax = max(1, sizes.max())
+    value = np.zeros(n_caches * n_keys, np.float64)
+    stack = np.empty(kmax + 2, np.int64)
+    table = decay_table(policy, fparams)
+    slot_keys = np.zeros((n_caches, kmax) if layout == VECTOR else (1, 1), np.int64)
+    heap_prio = np.zeros((n_caches, kmax) if layout == HEAP else (1, 1), np.float64)
+    heap_last = np.zeros((n_caches, kmax) if layout == HEAP else (1, 1), np.int64)
+    rates = np.empty(2, np.float64)
+    rates[E_NOW] = 1.0
+    rates[QRATE] = fparams[RATE] * math.log(2.0) if policy == LRFU else fparams[RATE]
+    clocks = np.zeros(2, np.int64)  # REF, E_AT
+    return value, stack, table, slot_keys, heap_prio, heap_last, rates, clocks
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def _start_row(policy, layout, r, c, now, base, keys, n_caches, nodes, caches, slots, extra):
+    """The decaying scores' e_now for this row's clock, every priority re-based first if it would near
+    overflow."""
+    value, stack, table, slot_keys, heap_prio, heap_last, rates, clocks = extra
+    if layout != SCAN and _decays(policy) and now != clocks[E_AT]:
+        qrate = rates[QRATE]
+        if qrate * float(now - clocks[REF]) > 500.0:
+            clocks[REF] = now
+            if layout == VECTOR:
+                _vector_rebase(n_caches, caches, nodes, value, slots, slot_keys, qrate, now)
+            else:
+                _rebase(n_caches, caches, nodes, value, slots, heap_prio, heap_last, qrate, now)
+        rates[E_NOW] = math.exp(qrate * float(now - clocks[REF]))
+        clocks[E_AT] = now
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def _on_request(policy, layout, u, resident, last_before, r, j, c, t0, now, size, weights, next_use, fparams, nodes,
+                caches, slots, extra):
+    value, stack, table, slot_keys, heap_prio, heap_last, rates, clocks = extra
+    access(policy, u, r, j, now, nodes, value, weights, next_use, fparams, table)
+    if layout == VECTOR and resident:
+        slot_keys[c, nodes[SLOT, u]] = KEY_MAX  # in the row: never the minimum until its key is written
+    if layout == HEAP and resident:
+        _heap_set(policy, c, nodes[SLOT, u], caches[c, OCCUPANCY], u, rates[E_NOW], nodes, value, slots, heap_prio,
+                  heap_last)
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def _victim(policy, layout, u, r, c, t0, now, size, base, keys, fparams, nodes, caches, slots, extra):
+    value, stack, table, slot_keys, heap_prio, heap_last, rates, clocks = extra
     if layout == VECTOR:
         if _decays(policy):
             return _vector_decay_victim(policy, c, t0, now, fparams, nodes, caches, value, slots, slot_keys, table)
@@ -415,95 +466,47 @@ def _victim(policy, layout, c, t0, now, fparams, nodes, caches, value, slots, he
     return _scan_victim(policy, c, t0, now, fparams, nodes, caches, value, slots, table)
 
 
+@njit(cache=True, nogil=True, _nrt=False)
+def _on_evict(policy, layout, v, c, t0, nodes, caches, slots, extra):
+    """Heap: the victim's index, which the newcomer takes (one sift instead of two)."""
+    slot_keys = extra[3]
+    if policy == LFU_CACHE:
+        nodes[COUNT, v] = 0
+    if layout == HEAP:
+        return nodes[SLOT, v]
+    i, last = slot_remove(v, c, nodes, caches, slots)
+    if layout == VECTOR:  # the moved key names its new slot (a masked one stays above every key)
+        slot_keys[c, i] = (slot_keys[c, last] & ~SLOT_MASK) | i
+    return -1
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def _on_insert(policy, layout, u, hole, r, c, now, base, keys, nodes, caches, slots, extra):
+    value, stack, table, slot_keys, heap_prio, heap_last, rates, clocks = extra
+    occ = caches[c, OCCUPANCY]
+    if layout == HEAP:
+        _heap_set(policy, c, occ if hole < 0 else hole, occ + 1, u, rates[E_NOW], nodes, value, slots, heap_prio,
+                  heap_last)
+    else:
+        i = slot_append(u, c, nodes, caches, slots)
+        if layout == VECTOR:
+            slot_keys[c, i] = KEY_MAX
+
+
+@njit(cache=True, nogil=True, _nrt=False)
+def _end_row(policy, layout, r, c, now, base, keys, n_caches, nodes, caches, slots, extra):
+    """Vector: the row's keys, now that no victim is chosen among the others until the next row."""
+    value, stack, table, slot_keys, heap_prio, heap_last, rates, clocks = extra
+    if layout == VECTOR:
+        for j in range(keys.shape[1]):
+            u = base + keys[r, j]
+            slot_keys[c, nodes[SLOT, u]] = _slot_key(policy, u, nodes[SLOT, u], rates[E_NOW], nodes, value)
+
+
 @njit(cache=True, nogil=True, inline="always")
 def _replay(policy, layout, cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use, fparams):
-    n, w = keys.shape
-    n_caches = sizes.shape[0]
-    req, hit, nodes, caches = new_replay(n_caches, n_keys, n_groups)
-    value = np.zeros(n_caches * n_keys, np.float64)  # lfu-decay, gate-weighted: score; lrfu: CRF
-    kmax = max(1, sizes.max())
-    slots = np.full((n_caches, kmax), -1, np.int64)
-    stack = np.empty(kmax + 2, np.int64)
-    table = decay_table(policy, fparams)
-    slot_keys = np.zeros((n_caches, kmax) if layout == VECTOR else (1, 1), np.int64)
-    heap_prio = np.zeros((n_caches, kmax) if layout == HEAP else (1, 1), np.float64)  # heap priority by index
-    heap_last = np.zeros((n_caches, kmax) if layout == HEAP else (1, 1), np.int64)    # and LAST: the ties
-    qrate = fparams[RATE] * math.log(2.0) if policy == LRFU else fparams[RATE]  # score = value e^(-qrate age)
-    ref = 0      # heap and vector priorities of the decaying scores: value * e^(qrate * (stamp - ref))
-    e_now = 1.0  # e^(qrate * (now - ref))
-    e_at = 0
-    tick = 0
-    for r in range(n):
-        c, g, size = open_row(r, cache, group, sizes, req, w)
-        if size == 0:
-            continue
-        base = c * n_keys
-        now = clock[r]
-        if layout != SCAN and _decays(policy) and now != e_at:
-            if qrate * float(now - ref) > 500.0:  # e_now would near overflow: re-base every priority
-                ref = now
-                if layout == VECTOR:
-                    _vector_rebase(n_caches, caches, nodes, value, slots, slot_keys, qrate, ref)
-                else:
-                    _rebase(n_caches, caches, nodes, value, slots, heap_prio, heap_last, qrate, ref)
-            e_now = math.exp(qrate * float(now - ref))
-            e_at = now
-        t0 = tick  # the row's keys are exactly the nodes with LAST > t0 from here on
-        for j in range(w):  # look up + access, router order
-            u = base + keys[r, j]
-            if nodes[RESIDENT, u]:
-                hit[g] += 1
-            tick += 1
-            nodes[LAST, u] = tick
-            # access(), written out: an inlined helper's branches on the policy keep numba from pruning its
-            # reference counts (measured: lfu-decay per layer 16 -> 10.5M requests/s as a helper)
-            if policy == LFU or policy == LFU_CACHE:
-                nodes[COUNT, u] += 1
-            elif policy == OPT:
-                nodes[NEXT_USE, u] = next_use[r, j]
-            elif policy == LRFU:
-                value[u] = 1.0 + value[u] * _decay(policy, now - nodes[STAMP, u], fparams, table)
-                nodes[STAMP, u] = now
-            else:  # lfu-decay, gate-weighted
-                inc = 1.0 if policy == LFU_DECAY else float(weights[r, j])
-                value[u] = value[u] * _decay(policy, now - nodes[STAMP, u], fparams, table) + inc
-                nodes[STAMP, u] = now
-            if layout == VECTOR and nodes[RESIDENT, u]:
-                slot_keys[c, nodes[SLOT, u]] = KEY_MAX  # in the row: never the minimum until its key is written
-            if layout == HEAP and nodes[RESIDENT, u]:
-                _heap_set(policy, c, nodes[SLOT, u], caches[c, OCCUPANCY], u, e_now, nodes, value, slots, heap_prio,
-                          heap_last)
-        for j in range(w):  # insert the missing keys, router order, evicting keys outside the row
-            u = base + keys[r, j]
-            if nodes[RESIDENT, u]:
-                continue
-            hole = -1  # heap: the victim's index, which the newcomer takes (one sift instead of two)
-            if caches[c, OCCUPANCY] >= size:
-                v = _victim(policy, layout, c, t0, now, fparams, nodes, caches, value, slots, heap_prio, heap_last,
-                            stack, slot_keys, table)
-                evict(v, c, nodes, caches)
-                if policy == LFU_CACHE:
-                    nodes[COUNT, v] = 0
-                if layout == HEAP:
-                    hole = nodes[SLOT, v]
-                else:
-                    i, last = slot_remove(v, c, nodes, caches, slots)
-                    if layout == VECTOR:  # the moved key names its new slot (a masked one stays above every key)
-                        slot_keys[c, i] = (slot_keys[c, last] & ~SLOT_MASK) | i
-            nodes[RESIDENT, u] = 1
-            if layout == HEAP:
-                _heap_set(policy, c, caches[c, OCCUPANCY] if hole < 0 else hole, caches[c, OCCUPANCY] + 1, u, e_now,
-                          nodes, value, slots, heap_prio, heap_last)
-            else:
-                i = slot_append(u, c, nodes, caches, slots)
-                if layout == VECTOR:
-                    slot_keys[c, i] = KEY_MAX
-            caches[c, OCCUPANCY] += 1
-        if layout == VECTOR:  # the row's keys, now that no victim is chosen among the others until the next row
-            for j in range(w):
-                u = base + keys[r, j]
-                slot_keys[c, nodes[SLOT, u]] = _slot_key(policy, u, nodes[SLOT, u], e_now, nodes, value)
-    return req, hit
+    return request_loop(_setup, _start_row, _on_request, _victim, _on_evict, _on_insert, _end_row, policy, layout,
+                        cache, keys, clock, weights, group, sizes, n_keys, n_groups, next_use, fparams, None)
 
 
 # One entry per policy, the policy and the layout constants in each branch: numba compiles each layout
