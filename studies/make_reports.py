@@ -92,6 +92,8 @@ REPORTS: tuple[Report, ...] = (
            lambda o: [_maker("hybrid"), "-o", str(o / "report.md")]),
     Report("roofline", "roofline", ("report.md",),
            lambda o: [_maker("roofline"), "-o", str(o / "report.md")]),
+    Report("roofline_pieces_v2", "roofline", ("pieces_v2.md",),
+           lambda o: [_maker("roofline"), "studies/roofline/raw/pieces_v2_h100.json", "-o", str(o / "pieces_v2.md")]),
     Report("roofline_check", "roofline", ("h100_fused.json", "fast_engine_check.json", "fast_engine_check.md"),
            lambda o: [_maker("roofline", "fast_engine_check.py"), "-o", str(o / "fast_engine_check")]),
     Report("roofline_whatif", "roofline", ("whatif.json", "whatif.md", "whatif.png"),
