@@ -87,6 +87,8 @@ def host_tier_spec(args: argparse.Namespace):
     from moesim.errors import UsageError
     from moesim.simulator.disk_tier import DiskCurve, HostTierSpec
 
+    if not hasattr(args, "disk_calibration"):   # a command without the host-tier flags (budgets prices cells too)
+        return None
     gb, n = getattr(args, "host_ram_gb", None), getattr(args, "host_ram_experts", None)
     if gb is None and n is None:
         if args.disk_calibration or args.disk_mode or args.disk_block or args.disk_queue_depth:
