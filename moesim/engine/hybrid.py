@@ -162,6 +162,9 @@ class HybridProgram(Program):
         if self.lowbit is None:
             return
         g = self.w.geometry
+        # the base capture left tok at -1 (the step counter's start); the warm-up below runs the pieces
+        # eagerly, and their residency check indexes by tok, so it needs a valid token first
+        self.tok.zero_()
         pieces = [(self.lowbit_expert[layer][s][j],
                    lambda gr, layer=layer, s=s, j=j: self.lowbit_expert[layer][s].__setitem__(j, gr))
                   for layer in range(g.num_layers) for s in range(self.max_slots) for j in range(g.top_k)]

@@ -146,6 +146,8 @@ def try_resident_under_cap(model, device: str) -> str:
     except torch.OutOfMemoryError:
         outcome = "out of memory"
     model.to("cpu")
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
     _peak_reset(device)
     return outcome
 
@@ -200,6 +202,9 @@ def measure(args, device: str, geometry: dict[str, int], out: Path, log: Log, re
     result["plain"] = run_recording(model, prompts, out / "plain.parquet", device, args.new_tokens, log,
                                     offload="none")
     model.to("cpu")
+    if device.startswith("cuda"):
+        # the cap binds only new cudaMallocs: blocks the plain run left cached would let the model back in
+        torch.cuda.empty_cache()
     cap = int(args.cap * fp.total)
     placing: dict[str, Any] = {"offload": "auto"}
     if device.startswith("cuda"):
