@@ -85,6 +85,23 @@ def test_hand_traced_two_layer_timelines(toy, spec):
     assert r.to_dict()["bytes_h2d"] == copies * 20_000_000 + lowbits * 5_000_000
 
 
+# hand-traced with the CPU twice as slow beside copies (ms). "copy,cpu": attn 0-0.5; E0 copy 0.5-2.5; E1 on
+# the host at 0.75, while the copy runs: CPU 0.75-6.75 (6, not 3), back 7.0; expert E0 2.5-3.5, merge 7.0 |
+# attn 7-7.5; copy 7.5-9.5; CPU 7.75-13.75, back 14.0 (8.0 without the factor). "cpu" and "n-cpu-moe=1":
+# no copy runs while their CPU experts start (layer 1's copies start after layer 0's merge): as in HAND.
+BESIDE = {"copy,cpu": (14.0, 8.0), "cpu": (14.0, 14.0), "n-cpu-moe=1": (12.5, 12.5)}
+
+
+@pytest.mark.parametrize("spec", list(BESIDE))
+def test_cpu_experts_beside_copies_are_priced_at_the_measured_factor(toy, spec):
+    execution = Plan(spec.split(",")) if "," in spec else Plan(spec) if spec == "cpu" else spec
+    for factor, want in zip((2.0, 1.0), BESIDE[spec], strict=True):
+        cost = toy_cost()
+        cost.cpu = {**cost.cpu, "beside_copies": factor}
+        r = simulate_timing(toy, "lru", 2, cost, execution=execution, engine="python")
+        assert r.total_s * 1e3 == pytest.approx(want, abs=1e-9), factor
+
+
 def test_fiddler_and_hybrid_put_different_experts_on_the_cpu(toy, tmp_path):
     """The two rules tie on time above but not on which expert goes to the CPU: the timeline says which."""
     names = {}
@@ -213,6 +230,14 @@ def test_cpu_cost_terms_and_what_ifs(tmp_path):
     raw = c.to_dict() | {"cpu": {**DEFAULT_CPU, "threads": 4, "expert_s": {"int8": [[1, 0.01]]}}}
     (tmp_path / "cal.json").write_text(json.dumps(raw))
     assert CostModel.from_json(tmp_path / "cal.json").cpu_expert_seconds(1) == pytest.approx(0.01)
+    assert CostModel.from_json(tmp_path / "cal.json").cpu_expert_seconds(1, beside_copies=True) == pytest.approx(0.01)
+    (tmp_path / "beside.json").write_text(json.dumps(raw | {"cpu": {**raw["cpu"], "beside_copies": 1.25}}))
+    beside = CostModel.from_json(tmp_path / "beside.json")
+    assert beside.cpu_expert_seconds(1, beside_copies=True) == pytest.approx(0.0125)
+    assert beside.cpu_expert_seconds(1) == pytest.approx(0.01)
+    (tmp_path / "zero.json").write_text(json.dumps(raw | {"cpu": {**raw["cpu"], "beside_copies": 0}}))
+    with pytest.raises(DataError, match="beside_copies"):
+        CostModel.from_json(tmp_path / "zero.json")
     (tmp_path / "bad.json").write_text(json.dumps(raw | {"cpu": {"format": "int3"}}))
     with pytest.raises(DataError, match="bad.json"):
         CostModel.from_json(tmp_path / "bad.json")

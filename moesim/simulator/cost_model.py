@@ -382,10 +382,12 @@ class CostModel:
             self.lowbit_format = lowbit
 
     # ---- the host CPU and the low-bit substitute (hybrid execution) ----------------------------
-    def cpu_expert_seconds(self, tokens: int = 1, fmt: str | None = None) -> float:
+    def cpu_expert_seconds(self, tokens: int = 1, fmt: str | None = None, beside_copies: bool = False) -> float:
         """One expert FFN of ``tokens`` tokens on the host CPU: the block's table at its reference thread
         count (linear in tokens, extrapolated past the last point), times the thread curve's ratio
-        (log-log, clamped to its ends) for ``--cpu-threads``, divided by ``--cpu-speed``."""
+        (log-log, clamped to its ends) for the thread count, divided by the CPU speed multiplier. With
+        ``beside_copies`` (host-to-device copies are running as it starts: they read the same host memory),
+        times the block's measured ``beside_copies`` factor (1 when it has none)."""
         cpu = self.cpu
         pts = cpu["expert_s"][fmt or cpu["format"]]
         ts, ss = [p[0] for p in pts], [p[1] for p in pts]
@@ -395,7 +397,8 @@ class CostModel:
         else:
             base = float(np.interp(tokens, ts, ss))
         threads = self.cpu_threads or cpu["threads"]
-        return base * self._thread_factor(threads) / self._thread_factor(cpu["threads"]) / self.cpu_speed
+        contention = float(cpu.get("beside_copies", 1.0)) if beside_copies else 1.0
+        return base * self._thread_factor(threads) / self._thread_factor(cpu["threads"]) / self.cpu_speed * contention
 
     def _thread_factor(self, threads: int) -> float:
         curve = self.cpu.get("thread_curve") or []
@@ -458,4 +461,7 @@ def _checked_cpu(raw: Any) -> dict[str, Any]:
         raise ValueError(f"cpu.format {cpu['format']!r} has no cpu.expert_s table")
     if cpu["threads"] < 1 or any(s <= 0 for pts in cpu["expert_s"].values() for _, s in pts):
         raise ValueError("cpu.threads must be >= 1 and every cpu.expert_s time > 0")
+    cpu["beside_copies"] = float(cpu.get("beside_copies", 1.0))
+    if not cpu["beside_copies"] > 0:
+        raise ValueError(f"cpu.beside_copies must be > 0, got {cpu['beside_copies']}")
     return cpu

@@ -582,13 +582,16 @@ class _EventRun:
     def run_cpu(self, i: int, step: Step, layer: int, experts: list[int], gate: float) -> float:
         """The CPU's experts of this layer: the step's hidden states hop to the host after the gate, the
         experts run one after another on the CPU workers (each on all their threads), their summed
-        output hops back. Returns when it is on the GPU."""
+        output hops back. An expert that starts while a host-to-device copy is still running is priced
+        beside copies (both read host memory). Returns when it is on the GPU."""
         env, cost = self.env, self.cost
         hop = cost.hop_seconds(step.tokens)
         counts = step.counts[layer]
         end = gate + hop
         for e in experts:
-            dur = cost.cpu_expert_seconds(counts[e])
+            start = max(env.free["cpu"], gate + hop)
+            copying = any(env.free[s] > start for s in env.copy_streams)
+            dur = cost.cpu_expert_seconds(counts[e], beside_copies=copying)
             _, end = env.run("cpu", gate + hop, dur, f"cpu expert L{layer} E{e}", {"step": i, "tokens": counts[e]})
             self.cpu_busy += 0.0 if self.pricing else dur
         return end + hop
