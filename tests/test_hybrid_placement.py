@@ -159,3 +159,56 @@ def test_calibrate_cpu_only_without_torch_is_one_clear_line(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "needs torch" in p.stderr
     assert not (tmp_path / "c.json").exists()
+
+
+def test_cpu_calls_beside_copies_run_at_once_and_alternate_with_alone_rounds():
+    """Copies keep running on this thread for as long as the worker's CPU calls run, and no longer; the
+    rounds alternate alone / beside; a failing worker is an error, not a hang."""
+    import threading
+    import time
+
+    from moesim.engine.cpu_bench import alone_and_beside, beside_copies
+
+    log: list[str] = []
+    worker_busy = threading.Event()
+
+    def cpu_calls() -> list[float]:
+        worker_busy.set()
+        time.sleep(0.05)
+        log.append("cpu")
+        worker_busy.clear()
+        return [0.01, 0.02]
+
+    def copy_once() -> None:
+        log.append("copy" if worker_busy.is_set() else "copy-after")
+        time.sleep(0.002)
+    cpu, copies = beside_copies(cpu_calls, copy_once)
+    assert cpu == [0.01, 0.02] and len(copies) == log.count("copy") + log.count("copy-after") >= 5
+    assert log.count("copy-after") <= 1     # at most the copy that was running when the worker finished
+    log.clear()
+    m = alone_and_beside(cpu_calls, copy_once, rounds=3)
+    assert len(m["alone_s"]) == len(m["beside_copies_s"]) == 6 and len(m["copies_beside_cpu_s"]) >= 3
+    assert log[0] == "cpu"   # alone first, no copy before it
+
+    def broken() -> list[float]:
+        raise ValueError("boom")
+    with pytest.raises(RuntimeError, match="CPU benchmark thread failed"):
+        beside_copies(broken, lambda: time.sleep(0.001))
+
+
+def test_cpu_block_takes_the_beside_copies_factor_as_median_over_median(tmp_path):
+    from moesim.engine.cpu_bench import cpu_block
+
+    raw = {"geometry": {"hidden": 4096, "ffn": 14336}, "repeats": 3, "date": "2026-12-07T00:00:00+00:00",
+           "host": {"processor": "x", "logical_cpus": 16, "torch": "2"},
+           "rows": [{"format": "int8", "tokens": 1, "threads": 8, "median_s": 0.002}],
+           "beside_copies": {"format": "int8", "threads": 8, "copy_bytes": 66748416, "alone_s": [1.0, 2.0, 9.0],
+                             "beside_copies_s": [3.0, 3.0, 0.5, 4.0, 3.5], "copies_beside_cpu_s": [1.0]}}
+    block = cpu_block(raw)
+    assert block["beside_copies"] == pytest.approx(3.0 / 2.0)
+    assert "66748416 B" in block["sources"]["beside_copies"]
+    assert "beside_copies" not in cpu_block({k: v for k, v in raw.items() if k != "beside_copies"})
+    cal = CostModel.preset("h200").to_dict() | {"cpu": block}
+    cost = CostModel.from_dict(cal)
+    assert cost.cpu_expert_seconds(1, beside_copies=True) == pytest.approx(0.003)
+    assert cost.cpu_expert_seconds(1) == pytest.approx(0.002)

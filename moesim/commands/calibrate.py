@@ -97,6 +97,13 @@ def run_cpu_only(args: argparse.Namespace) -> int:
     with tqdm(total=len(formats) * len(threads) * len(tokens), desc="cpu expert", unit="point") as bar:
         raw = cpu_bench.measure(formats, geometry, tokens, threads, args.repeats,
                                 progress=lambda msg: (bar.set_postfix_str(msg), bar.update()))
+    copy_bytes = base.expert_bytes_by_quant.get(base.quantization, 0)
+    copy_once = cpu_bench.pinned_copy(copy_bytes) if copy_bytes else None
+    if copy_once is not None:   # a GPU here: the CPU expert beside running copies (hybrid execution's regime)
+        top = max(threads)
+        print(f"CPU experts ({formats[0]}, {top} threads) alone and beside {copy_bytes} B copies ...", flush=True)
+        raw["beside_copies"] = cpu_bench.measure_beside_copies(formats[0], geometry, top, max(args.repeats, 24),
+                                                               copy_once, copy_bytes)
     block = cpu_bench.cpu_block(raw)
     cal = base.to_dict() | {"cpu": block}
     if args.name != "h200" or base.name == "h200":
@@ -111,7 +118,8 @@ def run_cpu_only(args: argparse.Namespace) -> int:
         fh.write("\n")
     fmt = block["format"]
     print(f"wrote {args.out}: CPU expert ({fmt}, {block['threads']} threads) "
-          + ", ".join(f"{t:g} tok {s * 1e3:.2f} ms" for t, s in block["expert_s"][fmt]))
+          + ", ".join(f"{t:g} tok {s * 1e3:.2f} ms" for t, s in block["expert_s"][fmt])
+          + (f"; x{block['beside_copies']:.2f} beside copies" if "beside_copies" in block else ""))
     return 0
 
 

@@ -92,6 +92,89 @@ def time_call(fn: Callable, x, repeats: int) -> list[float]:
     return out
 
 
+def on_a_worker_thread(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on a fresh thread (as hybrid execution's CPU worker runs its experts), its result back."""
+    import threading
+
+    out: list[Any] = []
+    th = threading.Thread(target=lambda: out.append(fn()))
+    th.start()
+    th.join()
+    if not out:
+        raise RuntimeError("the CPU benchmark thread failed")
+    return out[0]
+
+
+def beside_copies(cpu_calls: Callable[[], list[float]], copy_once: Callable[[], None]) -> tuple[list[float], list[float]]:
+    """``cpu_calls()`` (CPU experts timed one by one) on a worker thread while this thread runs
+    ``copy_once()`` (one host-to-device copy, issue to completion) back to back until it is done, as a
+    copy-bound hybrid run does: both read host memory. Returns the CPU calls' seconds and each copy's."""
+    import threading
+
+    done, result, copies = threading.Event(), [], []
+
+    def worker() -> None:
+        try:
+            result.append(cpu_calls())
+        finally:
+            done.set()
+    th = threading.Thread(target=worker)
+    th.start()
+    while not done.is_set():
+        t0 = time.perf_counter()
+        copy_once()
+        copies.append(time.perf_counter() - t0)
+    th.join()
+    if not result:
+        raise RuntimeError("the CPU benchmark thread failed")
+    return result[0], copies
+
+
+def alone_and_beside(cpu_calls: Callable[[], list[float]], copy_once: Callable[[], None],
+                     rounds: int = 2) -> dict[str, list[float]]:
+    """Alternating rounds of ``cpu_calls`` alone (on a worker thread) and beside running copies, so a drift
+    of the host shows in both; every call's and copy's seconds."""
+    out: dict[str, list[float]] = {"alone_s": [], "beside_copies_s": [], "copies_beside_cpu_s": []}
+    for _ in range(rounds):
+        out["alone_s"] += on_a_worker_thread(cpu_calls)
+        beside, copies = beside_copies(cpu_calls, copy_once)
+        out["beside_copies_s"] += beside
+        out["copies_beside_cpu_s"] += copies
+    return out
+
+
+def pinned_copy(nbytes: int) -> Callable[[], None] | None:
+    """One host-to-device copy of a pinned ``nbytes`` blob on a side stream, waited for; None without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.Stream()
+
+    def copy_once() -> None:
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+        stream.synchronize()
+    return copy_once
+
+
+def measure_beside_copies(fmt: str, geometry: tuple[int, int], threads: int, calls: int,
+                          copy_once: Callable[[], None], copy_bytes: int) -> dict[str, Any]:
+    """One-token ``fmt`` experts on ``threads`` threads, alone and beside copies of ``copy_bytes``."""
+    import torch
+
+    fn = expert_ffn(fmt, *geometry)
+    x = torch.randn(1, geometry[0], dtype=torch.bfloat16)
+
+    def cpu_calls() -> list[float]:
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            return time_call(fn, x, calls)
+    return {"format": fmt, "threads": threads, "copy_bytes": copy_bytes, **alone_and_beside(cpu_calls, copy_once)}
+
+
 def measure(formats: Sequence[str] = FORMATS, geometry: tuple[int, int] = MIXTRAL_GEOMETRY,
             batches: Sequence[int] = (1, 4), threads: Sequence[int] = (1,), repeats: int = 5,
             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -145,7 +228,20 @@ def cpu_block(raw: dict[str, Any]) -> dict[str, Any]:
     where = (f"measured by `moesim calibrate --cpu-only` on {host['processor']} ({host['logical_cpus']} logical CPUs, "
              f"torch {host['torch']}), {raw['date']}, median of {raw['repeats']}")
     scaled = "" if scale == 1 else f"; geometry {hidden}x{ffn} scaled x{scale:g} by parameter count"
-    return {"threads": top, "format": "int8" if "int8" in expert_s else ref, "hidden_bytes": MIXTRAL_GEOMETRY[0] * 2,
-            "expert_s": expert_s, "thread_curve": curve if len(curve) >= 2 else [],
-            "sources": {"expert_s": where + scaled, "thread_curve": f"{ref}, one token: " + where + scaled,
-                        "hop": "the hidden state (4096 bf16 per token) each way, priced by the PCIe copy curve"}}
+    block = {"threads": top, "format": "int8" if "int8" in expert_s else ref, "hidden_bytes": MIXTRAL_GEOMETRY[0] * 2,
+             "expert_s": expert_s, "thread_curve": curve if len(curve) >= 2 else [],
+             "sources": {"expert_s": where + scaled, "thread_curve": f"{ref}, one token: " + where + scaled,
+                         "hop": "the hidden state (4096 bf16 per token) each way, priced by the PCIe copy curve"}}
+    if raw.get("beside_copies"):
+        b = raw["beside_copies"]
+        block["beside_copies"] = beside_factor(b)
+        block["sources"]["beside_copies"] = (
+            f"{b['format']} one-token experts on {b['threads']} threads: median of {len(b['beside_copies_s'])} calls "
+            f"while pinned host-to-device copies of {b['copy_bytes']} B ran back to back, over the median of "
+            f"{len(b['alone_s'])} alone (alternating rounds), " + where.split(", median")[0])
+    return block
+
+
+def beside_factor(b: dict[str, Any]) -> float:
+    """How much longer a CPU expert takes beside running copies: median beside over median alone."""
+    return statistics.median(b["beside_copies_s"]) / statistics.median(b["alone_s"])

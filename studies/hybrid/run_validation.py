@@ -99,75 +99,58 @@ def pieces(program, seconds) -> dict:
     return out
 
 
-def cpu_expert_times(cpu, worker_threads: int, calls: int, x) -> list[float]:
-    """``calls`` int8 CPU experts on a thread like the worker's (its thread count), cycling through
-    distinct experts so each is read cold from host memory, as in a run. Seconds per call."""
-    import threading
-
+def cpu_expert_calls(cpu, worker_threads: int, calls: int, x):
+    """A function timing ``calls`` int8 CPU experts one by one on the worker's thread count, cycling
+    through distinct experts so each is read cold from host memory, as in a run (seconds per call)."""
     import torch
 
-    keys, times = list(cpu.copies), []
+    keys = list(cpu.copies)
 
-    def bench() -> None:
+    def run() -> list[float]:
         torch.set_num_threads(worker_threads)
+        times = []
         with torch.inference_mode():
             for i in range(calls):
                 t0 = time.perf_counter()
                 cpu.forward(*keys[i % len(keys)], x)
                 times.append(time.perf_counter() - t0)
-    th = threading.Thread(target=bench)
-    th.start()
-    th.join()
-    return times
+        return times
+    return run
 
 
-def beside_copies(weights, cpu, worker_threads: int, calls: int, x) -> tuple[list[float], list[float]]:
-    """The CPU experts again while this (main) thread keeps pinned host->device copies of whole expert
-    blobs running back to back on a side stream, as a copy-bound run does: both read host memory. Returns
-    the CPU experts' seconds and each copy's seconds (wall, issue to completion)."""
-    import threading
-
+def blob_copy(weights):
+    """One whole expert blob host -> device (pinned on a GPU) on a side stream, waited for."""
     import torch
 
     d = weights.d
     src = weights.host[0][0]
     dst = torch.empty_like(src, device=d.dev)
     stream = torch.cuda.Stream(d.dev) if d.cuda else None
-    done, copies = threading.Event(), []
-    result: list[list[float]] = []
-    th = threading.Thread(target=lambda: (result.append(cpu_expert_times(cpu, worker_threads, calls, x)),
-                                          done.set()))
-    th.start()
-    while not done.is_set():
-        t0 = time.perf_counter()
-        if stream is not None:
-            with torch.cuda.stream(stream):
-                dst.copy_(src, non_blocking=True)
-            stream.synchronize()
-        else:
+
+    def copy_once() -> None:
+        if stream is None:
             dst.copy_(src)
-        copies.append(time.perf_counter() - t0)
-    th.join()
-    return result[0], copies
+            return
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+        stream.synchronize()
+    return copy_once
 
 
 def cpu_terms(weights, cpu, worker_threads: int, seconds) -> dict:
-    """One int8 CPU expert on the worker's thread count (:func:`cpu_expert_times`), alone and beside
-    running copies (:func:`beside_copies`), in alternating rounds; and the hidden state's hop each way
-    through a pinned buffer (round trip / 2)."""
+    """One int8 CPU expert on the worker's thread count, alone and beside running copies of whole expert
+    blobs, in alternating rounds (:func:`moesim.engine.cpu_bench.alone_and_beside`); and the hidden
+    state's hop each way through a pinned buffer (round trip / 2)."""
     import torch
+
+    from moesim.engine.cpu_bench import alone_and_beside, beside_factor, on_a_worker_thread
 
     g, d = weights.geometry, weights.d
     x = torch.randn(1, g.hidden, dtype=torch.bfloat16)
     calls = max(2 * len(cpu.copies), 24) if len(cpu.copies) < 64 else len(cpu.copies)
-    cpu_expert_times(cpu, worker_threads, 4, x)   # the thread pool and first pages
-    alone: list[float] = []
-    beside: list[float] = []
-    copy_beside: list[float] = []
-    for _ in range(2):   # alternating rounds: a drift of the host shows in both
-        alone += cpu_expert_times(cpu, worker_threads, calls, x)
-        b, c = beside_copies(weights, cpu, worker_threads, calls, x)
-        beside, copy_beside = beside + b, copy_beside + c
+    on_a_worker_thread(cpu_expert_calls(cpu, worker_threads, 4, x))   # the thread pool and first pages
+    m = alone_and_beside(cpu_expert_calls(cpu, worker_threads, calls, x), blob_copy(weights))
+    alone, beside, copy_beside = m["alone_s"], m["beside_copies_s"], m["copies_beside_cpu_s"]
     expert_s, beside_s = statistics.median(alone), statistics.median(beside)
     xd = torch.randn(1, g.hidden, dtype=torch.bfloat16, device=d.dev)
     host = torch.empty(1, g.hidden, dtype=torch.bfloat16, pin_memory=d.cuda)
@@ -184,7 +167,7 @@ def cpu_terms(weights, cpu, worker_threads: int, seconds) -> dict:
         f"copies (x{beside_s / expert_s:.2f}; copies meanwhile {statistics.median(copy_beside) * 1e3:.3f} ms per "
         f"{weights.blob_bytes} B); hop {hop_s * 1e6:.1f} us")
     return {"threads": worker_threads, "format": "int8", "hidden_bytes": g.hidden * 2, "hop_s": hop_s,
-            "expert_s": {"int8": [[1, expert_s]]}, "thread_curve": [], "beside_copies": beside_s / expert_s,
+            "expert_s": {"int8": [[1, expert_s]]}, "thread_curve": [], "beside_copies": beside_factor(m),
             "measured": {"alone_s": alone, "beside_copies_s": beside, "copies_beside_cpu_s": copy_beside},
             "sources": {"expert_s": f"the engine's int8 CPU experts, {len(alone)} calls in 2 rounds cycling over "
                                     f"{len(cpu.copies)} experts on a {worker_threads}-thread worker, median",
