@@ -271,3 +271,17 @@ def test_simulate_cli_pinned_file_and_cpu_what_ifs(toy, tmp_path, capsys):
         assert main([*base, "--execution", "n-cpu-moe=2", *extra]) == 0
         speeds[" ".join(extra)] = json.loads(capsys.readouterr().out)["tokens_per_s"]
     assert speeds["--cpu-speed 2"] > speeds[""] > speeds["--cpu-threads 1"]
+
+
+def test_a_hobbit_substitute_hit_computes_in_the_low_bit_format(tmp_path):
+    """The engine computes an expert whose slot holds the substitute in the substitute's format, hits
+    included. Hand-traced (ms), one layer, two tokens routing E0 (0.9) and E1 (0.1), full expert 1 ms, the
+    substitute 0.25 ms: token 1 attn 0-0.5, E0 copied 0.5-2.5, E1's substitute 2.5-3.0, E0 2.5-3.5, E1
+    3.5-3.75 | token 2 (both hit) attn 3.75-4.25, E0 4.25-5.25, E1 5.25-5.5 (6.25 if priced full)."""
+    trace = write_trace(tmp_path / "two.parquet", [[0, 1], [0, 1]], num_layers=1, weights=[[0.9, 0.1]] * 2)
+    cost = toy_cost()
+    cost.expert_s_override = None
+    cost.expert_compute = {**cost.expert_compute, "hqq2": [[1, 1 * MS]], "hqq1": [[1, 0.25 * MS]]}
+    r = simulate_timing(trace, "lru", 2, cost, execution="hobbit", engine="python")
+    assert r.executed == dict.fromkeys(EXECUTORS, 0) | {"copy": 1, "lowbit": 1, "gpu_hit": 2}
+    assert r.total_s * 1e3 == pytest.approx(5.5, abs=1e-9)

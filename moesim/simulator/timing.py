@@ -356,6 +356,9 @@ class _EventRun:
         if self.host is not None:
             self.env.free["disk"] = 0.0
         self.inflight: dict[tuple[int, int], float] = {}      # (layer, expert) -> copy end
+        # experts whose slot holds HOBBIT's low-bit substitute: later hits compute in that format too, as the
+        # engine's slot does, until a full copy replaces it
+        self.substitutes: set[tuple[int, int]] = set()
         self.pending: dict[tuple[int, int], bool] = {}        # prefetched for that layer, not used yet
         self.hits = self.requests = self.landed = self.prefetches = self.used = 0
         self.rec_hits = self.rec_needed = self.copies = self.sets = self.slots = 0
@@ -466,6 +469,7 @@ class _EventRun:
                 dur = self.demand_s - self.copy_s + copy_s
                 ready[e], _ = self.issue(staged.get(e, gate), -1.0, layer, e, dur, "load" if kind == "copy" else "lowbit", i)
             self.inflight[(layer, e)] = ready[e]
+            (self.substitutes.add if kind == "lowbit" else self.substitutes.discard)((layer, e))
             self.copies += 1
             self.copy_busy += copy_s
             self.h2d += self.xb if kind == "copy" else self.cost.lowbit_bytes(self.xb)
@@ -550,6 +554,7 @@ class _EventRun:
             at = t_issue if self.host is None else self.host.stage(self.env, i, target, [e], t_issue, False)[e]
             end, host_at = self.issue(at, host_at, target, e, self.prefetch_s, "prefetch", i)
             self.inflight[(target, e)] = end
+            self.substitutes.discard((target, e))   # a prefetch copies the full expert
             self.pending[(target, e)] = True
             self.prefetches += 1
             self.copies += 1
@@ -567,7 +572,8 @@ class _EventRun:
         stall = compute = 0.0
         for e in sorted(S, key=lambda x: (ready.get(x, 0.0), S.index(x))):
             before = env.free["compute"]
-            es = cost.lowbit_expert_seconds(counts[e]) if plan.get(e) == "lowbit" else cost.expert_seconds(counts[e])
+            low = plan.get(e) == "lowbit" or (layer, e) in self.substitutes
+            es = cost.lowbit_expert_seconds(counts[e]) if low else cost.expert_seconds(counts[e])
             rd = ready.get(e, 0.0)
             if rd > before:   # compute waits for the copy: it resumes a hop after the landing
                 rd += self.ready_hop
