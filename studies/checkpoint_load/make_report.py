@@ -102,7 +102,7 @@ def build() -> str:
     device, rd = _cells("device")
     if device:
         lines += _device_section(device, rd)
-    return "\n".join(lines)
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def _machine(raw: dict) -> str:
@@ -175,6 +175,9 @@ def _device_section(cells: dict, raw: dict) -> list[str]:
     lines += md_table(["layers", "quant", "run", "checkpoint GB", "store GB", "budget GB", "peak RSS GB",
                        "RSS / checkpoint", "within budget"], rows)
     lines += ["", "Start times of the same runs:", ""] + md_table(START_HEADERS, _start_rows(cells))
+    if raw.get("skipped"):
+        lines += ["", "Not measured (the run's time ran out first): "
+                  + ", ".join(f"{quant} at {n} layers" for n, quant in raw["skipped"]) + "."]
     return lines
 
 

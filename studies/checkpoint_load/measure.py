@@ -95,8 +95,8 @@ def first_layers(full: Path, view: Path, layers: int) -> Path:
     byte of weights written: a config with fewer ``num_hidden_layers`` and links to the first shards and
     the globals' shard (the loader reads every ``*.safetensors`` in the directory, so only those are linked)."""
     cfg = json.loads((full / "config.json").read_text())
-    if layers == cfg["num_hidden_layers"]:
-        return full
+    if layers == cfg["num_hidden_layers"] or (view / "config.json").is_file():   # the whole one, or made already
+        return full if layers == cfg["num_hidden_layers"] else view
     view.mkdir(parents=True, exist_ok=True)
     (view / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": layers}))
     for name in [f"model-{layer:05d}.safetensors" for layer in range(layers)] + ["model-globals.safetensors"]:
@@ -191,6 +191,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="generate's --device (cuda: hqq quantizes on the GPU, the "
                                                     "store is pinned); the checkpoint is drawn there too")
     ap.add_argument("--work", help="where the checkpoint and caches go (default: a temporary directory)")
+    ap.add_argument("--stop-after-s", type=float, help="start no cell after this many seconds of measuring "
+                                                       "(the skipped cells are listed in the output)")
     args = ap.parse_args()
     from tqdm import tqdm
 
@@ -206,26 +208,29 @@ def main() -> None:
     try:
         layer_list = [int(x) for x in args.layers.split(",")]
         hqq_layers = {int(x) for x in args.hqq_layers.split(",")}
-        todo = [(n, q) for n in layer_list for q in args.quants.split(",") if q == "bf16" or n in hqq_layers]
+        # quant by quant (the whole bf16 curve first), each over every layer count
+        todo = [(q, n) for q in args.quants.split(",") for n in layer_list if q == "bf16" or n in hqq_layers]
         # one checkpoint of the most layers; every smaller count reads its first shards (nothing more written)
         full = work / f"L{max(layer_list)}"
         sizes = write_checkpoint(full, args.hidden, args.ffn, max(layer_list), args.experts, args.vocab,
                                  "cuda" if args.device.startswith("cuda") else "cpu")
-        for n in tqdm(layer_list, desc="layer counts", unit="ckpt"):
-            ckpt = first_layers(full, work / f"L{n}", n)
-            size = sizes_of(sizes, n)
-            for _, quant in [c for c in todo if c[0] == n]:
-                cache = work / f"cache-{quant}-{n}"
-                b = budget(args.hidden, args.ffn, n, args.experts, quant, size["other_bytes"])
-                runs = ["cold", "cached"] if quant.startswith("hqq") else ["cold"]
-                for run in runs:
-                    m = measure_child(Path(args.code), ckpt, quant, cache, args.device)
-                    cells.append({"layers": n, "quant": quant, "run": run, **size, **b, **m})
-                    save()
-                    tqdm.write(f"L={n} {quant} {run}: peak {m['peak_rss_bytes'] / GB:.2f} GB "
-                               f"(budget {b['budget_bytes'] / GB:.2f} GB), load {m['load_s']} s, first token "
-                               f"{m['first_token_s']} s (cache {m['quant_cache']}), wall {m['wall_s']:.1f} s")
-                shutil.rmtree(cache, ignore_errors=True)
+        started = time.perf_counter()
+        for quant, n in tqdm(todo, desc="cells", unit="cell"):
+            if args.stop_after_s and time.perf_counter() - started > args.stop_after_s:
+                raw["skipped"] = raw.get("skipped", []) + [[n, quant]]   # out of time: said, not silently dropped
+                save()
+                continue
+            ckpt, size = first_layers(full, work / f"L{n}", n), sizes_of(sizes, n)
+            cache = work / f"cache-{quant}-{n}"
+            b = budget(args.hidden, args.ffn, n, args.experts, quant, size["other_bytes"])
+            for run in ["cold", "cached"] if quant.startswith("hqq") else ["cold"]:
+                m = measure_child(Path(args.code), ckpt, quant, cache, args.device)
+                cells.append({"layers": n, "quant": quant, "run": run, **size, **b, **m})
+                save()
+                tqdm.write(f"L={n} {quant} {run}: peak {m['peak_rss_bytes'] / GB:.2f} GB "
+                           f"(budget {b['budget_bytes'] / GB:.2f} GB), load {m['load_s']} s, first token "
+                           f"{m['first_token_s']} s (cache {m['quant_cache']}), wall {m['wall_s']:.1f} s")
+            shutil.rmtree(cache, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     save()
