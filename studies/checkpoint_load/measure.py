@@ -210,6 +210,10 @@ def main() -> None:
         hqq_layers = {int(x) for x in args.hqq_layers.split(",")}
         # quant by quant (the whole bf16 curve first), each over every layer count
         todo = [(q, n) for q in args.quants.split(",") for n in layer_list if q == "bf16" or n in hqq_layers]
+        need = max(layer_list) * args.experts * 3 * args.ffn * args.hidden * 2 * 1.2   # bf16 shards, caches, slack
+        if shutil.disk_usage(work).free < need:
+            raise SystemExit(f"measure.py: {work} has {shutil.disk_usage(work).free / GB:.1f} GB free; the checkpoint "
+                             f"and the largest quantization cache need about {need / GB:.1f} GB (pick --work)")
         # one checkpoint of the most layers; every smaller count reads its first shards (nothing more written)
         full = work / f"L{max(layer_list)}"
         sizes = write_checkpoint(full, args.hidden, args.ffn, max(layer_list), args.experts, args.vocab,
