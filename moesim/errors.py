@@ -43,6 +43,20 @@ class SettingError(UsageError):
         super().__init__(problem)
 
 
+class SettingNote(str):
+    """A one-line remark for the user (what was inferred rather than read) that, as a
+    :class:`SettingError` does, may name the ``setting`` that would change it and its ``fix``: the command
+    line adds its flag, so the library never names one."""
+
+    setting: str | None
+    fix: str | None
+
+    def __new__(cls, text: str, setting: str | None = None, fix: str | None = None) -> SettingNote:
+        note = super().__new__(cls, text)
+        note.setting, note.fix = setting, fix
+        return note
+
+
 class Interrupted(KeyboardInterrupt):
     """A stop asked for by a signal (Ctrl-C's SIGINT, or SIGTERM) once the work in flight finished;
     ``moesim`` exits with 128 + the signal number, as a shell reports a process a signal ended."""

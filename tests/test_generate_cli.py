@@ -83,6 +83,29 @@ def test_quantization_cache_is_reused(ckpt, tmp_path, capsys):
     assert torch.equal(first.attn[1]["q"], second.attn[1]["q"])
 
 
+def test_json_says_the_load_and_first_token_time_cold_and_from_the_cache(ckpt, tmp_path, capsys):
+    """``load_s``, ``first_token_s``, ``quant_cache``: a cold hqq2 start quantizes and writes the cache, the
+    next start reads it back (same tokens); the first token comes after the load and before the run ends."""
+    pytest.importorskip("hqq")
+    path, _ = ckpt
+    argv = ["generate", "--model", str(path), "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "4",
+            "--cache-size", "3", "--policy", "lru", "--json"]
+    runs = {}
+    for name, extra in (("cold", ["--quant", "hqq2", "--quant-cache", str(tmp_path)]),
+                        ("hit", ["--quant", "hqq2", "--quant-cache", str(tmp_path)]),
+                        ("none", ["--quant", "hqq2", "--no-quant-cache"]), ("cast", ["--quant", "bf16"])):
+        code, out, err = _run(capsys, *argv, *extra)
+        assert code == 0, err
+        runs[name] = json.loads(out)
+    assert [r["quant_cache"] for r in runs.values()] == ["cold", "hit", "none", "none"]
+    assert set(runs["cold"]["load_parts_s"]) == {"quantize_s", "cache_write_s"}
+    assert set(runs["hit"]["load_parts_s"]) == {"cache_load_s"} and set(runs["none"]["load_parts_s"]) == {"quantize_s"}
+    assert runs["hit"]["token_ids"] == runs["cold"]["token_ids"] == runs["none"]["token_ids"]
+    for r in runs.values():
+        decode_wall_s = len(r["token_ids"]) / r["tokens_per_s"]
+        assert 0 < r["load_s"] < r["first_token_s"] < r["load_s"] + decode_wall_s
+
+
 def test_trace_records_its_expert_format_and_the_timing_model_prices_it(ckpt, tmp_path, capsys):
     """One name per format: a recorded trace says which layout its experts were (and their bytes); a
     preset prices that format's compute, or refuses in one line when it has no table for it."""

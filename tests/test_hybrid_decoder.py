@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from moesim.cli import main  # noqa: E402
+from moesim.commands._common import error_line  # noqa: E402
 from moesim.engine.checkpoint import load_checkpoint  # noqa: E402
 from moesim.engine.decode import Decoder  # noqa: E402
 from moesim.engine.decoder_program import DecoderProgram  # noqa: E402
@@ -75,10 +76,11 @@ def test_static_specs_only(tiny, tmp_path, capsys):
     path, *_ = tiny
     _, _, _, program, store = tiny
     for bad in ("fiddler", "hybrid", "hobbit"):
-        with pytest.raises(SettingError, match="generate runs copy, n-cpu-moe=N and pinned=FILE"):
+        with pytest.raises(SettingError, match="the engine runs copy, n-cpu-moe=N and pinned=FILE"):
             Decoder(program, store, K, "lru", "none", execution=bad)
-    with pytest.raises(SettingError, match="without a prefetcher"):
+    with pytest.raises(SettingError, match="without a prefetcher") as caught:
         Decoder(program, store, K, "lru", "transition", execution="n-cpu-moe=1")
+    assert error_line(caught.value).endswith("runs without a prefetcher (--prefetch none)")
     base = ["generate", "--model", str(path), "--prompt-ids", "3,17", "--max-new-tokens", "2", "--cache-size", "3",
             "--policy", "lru", "--no-quant-cache", "--json"]
     for spec, code in (("nope", 2), ("fiddler", 2), (f"pinned={tmp_path / 'none.json'}", 1)):

@@ -47,7 +47,7 @@ def test_quantization_from_the_file_name_else_unknown(tmp_path, capsys):
     assert "assumed for a top-2 log" in meta.provenance["geometry_from"]
     assert _import(["vllm-jsonl", fp8, tmp_path / "c.parquet", "--quantization", "bf16"], capsys)[0] == 0
     meta = read_trace(tmp_path / "c.parquet").meta
-    assert meta.quantization == "bf16" and meta.provenance["quantization_from"] == "--quantization"
+    assert meta.quantization == "bf16" and meta.provenance["quantization_from"] == "the import options"
 
 
 def test_names_say_model_and_format():
@@ -81,6 +81,7 @@ def test_a_log_naming_no_known_model_infers_with_a_note(tmp_path, capsys):
     meta = read_trace(tmp_path / "o.parquet").meta
     assert code == 0 and meta.num_experts == 14 and meta.model == "unknown"
     assert len(err) == 1 and "14 experts per layer inferred" in err[0]
+    assert err[0].endswith("if the model has more (--num-experts N)"), err   # the library's note, the CLI's flag
 
 
 def test_provenance_reads_as_lines_in_info_and_report(tmp_path, capsys):

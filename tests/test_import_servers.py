@@ -89,7 +89,11 @@ def test_sglang_geometry_from_the_model_name(tmp_path, capsys):
      "line 2: meta_info.routed_experts holds 12 ids, not a multiple of the 5 routed tokens"),
     ([_sglang(IDS)], [], "line 1: the response does not say the layer count or top-k: give the layer count (or the "
                          "name of a known model) (--num-layers N)"),
-    ([_sglang(IDS)], ["--num-layers", "5"], "line 1: meta_info.routed_experts holds 4 ids per token, not layers x top-k"),
+    ([{"meta_info": {"routed_experts": _sglang(IDS)["meta_info"]["routed_experts"]}}], ["--num-layers", "2"],
+     "to tell tokens from layers: name a known model (its layer count and top-k do) (--model NAME)"),
+    ([_sglang(IDS)], ["--num-layers", "5"], "line 1: meta_info.routed_experts holds 4 ids per token, not layers x top-k"
+                                            " = 5 x ?: check the layer count and the model named (check --num-layers / "
+                                            "--model)"),
     ([_sglang([[[1, 1], [0, 2]], [[2, 1], [3, 0]], [[0, 1], [2, 3]]])], ["--num-layers", "2"],
      "line 1: meta_info.routed_experts lists an expert twice at token 0 layer 0"),
     ([_sglang(IDS, prompt=-1)], ["--num-layers", "2"], "line 1: prompt_tokens must be a non-negative integer"),

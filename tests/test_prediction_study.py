@@ -102,10 +102,14 @@ def test_threshold_curve_hand_traced(tmp_path):
 
 
 def test_missing_distance_is_a_usage_error(tmp_path):
-    from moesim.errors import UsageError
+    from moesim.commands._common import error_line
+    from moesim.errors import SettingError
 
-    with pytest.raises(UsageError, match="pred2_experts.*--predict-distance 2"):
+    with pytest.raises(SettingError, match="pred2_experts") as caught:
         prediction_accuracy(hand_trace(tmp_path / "t.parquet"), "speculative", 2)
+    # the library says what is missing; the command line adds how to record it
+    assert "--" not in caught.value.problem and (caught.value.setting, caught.value.fix) == ("recorded_predictions", "2")
+    assert error_line(caught.value).endswith("--predict-distance 2)")
 
 
 # ---- the shipped learned trace ------------------------------------------------------------------
@@ -149,11 +153,13 @@ def test_engine_plan_replays_recorded_predictions_like_the_simulator(learned, po
 def test_plan_refuses_speculative_without_predictions(learned):
     from moesim.engine.plan import CachePlan, Routing
     from moesim.engine.validation import head_tokens
+    from moesim.errors import SettingError
 
     routing = Routing.from_trace(head_tokens(learned.filter_phase(DECODE), 4))
     routing.predicted = {}
-    with pytest.raises(ValueError, match="needs recorded predictions at distance 1"):
+    with pytest.raises(SettingError, match="needs recorded predictions at distance 1") as caught:
         CachePlan(routing, 2, "lru", "speculative")
+    assert (caught.value.setting, caught.value.fix) == ("recorded_predictions", "1")
 
 
 # ---- the command line -----------------------------------------------------------------------------

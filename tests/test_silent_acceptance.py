@@ -140,7 +140,7 @@ def test_record_predict_distance_past_the_model_is_refused(tmp_path, capsys):
     code, _, err = _run(["record", "--model", "tiny-mixtral", "--num-prompts", "1", "--max-new-tokens", "2",
                          "--predict-distance", "99", "-o", out], capsys)
     assert code == 2 and len(err) == 1, err
-    assert "--predict-distance 99 reaches past the model's 4 MoE layers (at most 3)" in err[0]
+    assert "the prediction distance 99 reaches past the model's 4 MoE layers (at most 3) (--predict-distance 3)" in err[0]
     assert not out.exists() and not (tmp_path / "rec.parquet.parts").exists()
 
 

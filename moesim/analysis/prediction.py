@@ -118,7 +118,7 @@ def _score(pred: np.ndarray, actual: np.ndarray, valid: np.ndarray, k: int):
 def prediction_accuracy(trace: Trace, predictor: str = "speculative", distance: int = 1,
                         phase: int | None = DECODE) -> PredictionAccuracy:
     """Accuracy of ``predictor`` on ``trace``'s rows of ``phase`` (None = all), per layer."""
-    from moesim.errors import UsageError
+    from moesim.errors import SettingError, UsageError
 
     if predictor not in PREDICTORS:
         raise UsageError(f"unknown predictor {predictor!r} (known: {', '.join(PREDICTORS)})")
@@ -131,7 +131,8 @@ def prediction_accuracy(trace: Trace, predictor: str = "speculative", distance: 
         if distance not in t.pred_distances:
             from moesim.traces.predictions import missing_predictions
 
-            raise UsageError(missing_predictions(trace.path, t.pred_distances, distance))
+            raise SettingError("recorded_predictions", missing_predictions(trace.path, t.pred_distances, distance),
+                               str(distance))
         recorded = t.pred_experts(distance).astype(np.int64)
         pred = np.full((T, L, k), -1, np.int64)
         pred[present] = recorded[rows[present]]
@@ -188,12 +189,12 @@ def threshold_curve(trace: Trace, distance: int = 1, thresholds=(0.05, 0.1, 0.2,
                     phase: int | None = DECODE) -> list[dict]:
     """Prefetch every expert with predicted probability >= tau (softmax of ``pred{d}_logits``):
     precision (fetched that were used), recall (used that were fetched), experts fetched per row."""
-    from moesim.errors import UsageError
+    from moesim.errors import SettingError
 
     col = f"pred{distance}_logits"
     if col not in trace.table.column_names:
-        raise UsageError(f"{trace.path}: no {col} column; record with `moesim record --pred-logits "
-                         f"--predict-distance {distance}`")
+        raise SettingError("recorded_pred_logits", f"{trace.path}: no {col} column; record the trace with the "
+                           "predictions' logits at that distance", str(distance))
     t = trace.execution_order()
     if phase is not None:
         t = t.filter_phase(phase)

@@ -144,7 +144,11 @@ SETTING_HINTS = {"scope": "--scope", "semantics": "--semantics", "phase": "--pha
                  "host_ram": "--host-ram-gb", "host_policy": "--host-policy",
                  "disk_mode": "--disk-mode", "disk_block": "--disk-block", "disk_queue_depth": "--disk-queue-depth",
                  "disk_sizes": "--disk-sizes-kb", "disk_file": "--disk-file-mb",
-                 "map": "--map", "where": "--where", "num_experts": "--num-experts", "num_layers": "--num-layers"}
+                 "map": "--map", "where": "--where", "num_experts": "--num-experts", "num_layers": "--num-layers",
+                 "layers_and_model": "check --num-layers / --model", "prefetch": "--prefetch",
+                 "recover": "moesim record --recover",
+                 "recorded_predictions": "moesim record --model MODEL -o OUT.parquet --predict-distance",
+                 "recorded_pred_logits": "moesim record --model MODEL -o OUT.parquet --pred-logits --predict-distance"}
 
 
 def error_line(exc: Exception) -> str:
@@ -153,7 +157,18 @@ def error_line(exc: Exception) -> str:
     that works when there is one ("... (--scope layer)")."""
     from moesim.errors import DataError, SettingError
 
-    if isinstance(exc, SettingError | DataError) and exc.setting in SETTING_HINTS:
-        flag = " ".join(x for x in (SETTING_HINTS[exc.setting], exc.fix) if x)
-        return f"{exc.problem if isinstance(exc, SettingError) else exc} ({flag})"
+    if isinstance(exc, SettingError | DataError):
+        return _with_flag(exc.problem if isinstance(exc, SettingError) else str(exc), exc.setting, exc.fix)
     return str(exc)
+
+
+def note_line(note: str) -> str:
+    """A library's remark (a :class:`~moesim.errors.SettingNote` names its setting) as the command line
+    says it: with the flag that changes it, as :func:`error_line` does for errors."""
+    return _with_flag(str(note), getattr(note, "setting", None), getattr(note, "fix", None))
+
+
+def _with_flag(text: str, setting: str | None, fix: str | None) -> str:
+    if setting not in SETTING_HINTS:
+        return text
+    return f"{text} ({' '.join(x for x in (SETTING_HINTS[setting], fix) if x)})"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from moesim.commands._common import (
@@ -113,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
     from moesim.engine.expert_store import ExpertStore
     from moesim.engine.pack import default_cache_root, pack_checkpoint
 
+    load_started = time.perf_counter()   # the load and the first token as a user waits for them
     ckpt = _checkpoint(args)
     s = ckpt.spec
     if args.cache_size < s.top_k:
@@ -141,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
                              max_context=longest, progress=tty)
     decoder = Decoder(program, store, slots, args.policy, args.prefetch, execution=args.execution,
                       cpu_threads=args.cpu_threads)
+    load_s = time.perf_counter() - load_started
     recorder = None
     if args.record:
         from moesim.engine.recording import DecodeRecorder
@@ -178,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
                    "token_ids_per_prompt": res.token_ids, "steps": len(res.steps),
                    "prefill_chunk": args.prefill_chunk or max(len(p) for p in prompts),
                    "decode_tokens_per_s": res.decode_tokens_per_s, "record": args.record,
+                   "load_s": load_s, "quant_cache": packed.cache_state, "load_parts_s": packed.timings,
+                   "first_token_s": load_s + res.first_token_s if res.first_token_s is not None else None,
                    **({"execution": args.execution, "executed": res.executed} if res.executed is not None else {})})
     else:
         print(text)

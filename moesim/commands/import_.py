@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moesim.commands._common import add_force_arg, add_output_arg, output_path
+from moesim.commands._common import add_force_arg, add_output_arg, note_line, output_path
 
 FORMATS = ("vllm-jsonl", "vllm-batched", "jsonl", "sglang", "vllm-routed", "megatron")
 # formats whose importer is called as f(src, dst, opts, notes)
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         meta = import_jsonl_mapped(args.input, args.output, parse_mapping(args.map), parse_where(args.where),
                                    opts, notes)
     for note in notes:
-        print(f"moesim import: note: {note}", file=sys.stderr)
+        print(f"moesim import: note: {note_line(note)}", file=sys.stderr)
     n = pq.ParquetFile(args.output).metadata.num_rows  # the footer's count: no second copy of the rows in memory
     print(f"wrote {args.output}: {n} rows, {meta.model}, {meta.num_layers} layers, {meta.num_experts} experts, "
           f"top-{meta.top_k}, quantization {meta.quantization}")

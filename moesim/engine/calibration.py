@@ -122,7 +122,7 @@ def _engine_block(raw: dict[str, Any], path: object) -> dict[str, Any]:
                          "per miss" if "miss_issue" in terms else "not measured: 0"),
         "routing_handoff_s": (f"gpu_bench.routing_handoff ({when}): gate (1x4096 @ 4096x8) + softmax + top-2 as a "
                               "CUDA graph, read back to pinned host memory and synchronised, per layer, minus the "
-                              "gate's GPU time; charged only with --engine-mode gate"
+                              "gate's GPU time; charged only in the gate-driven engine mode"
                               if "routing_handoff" in terms else "not measured: 0"),
     }
     out: dict[str, Any] = {"miss_issue_s": miss, "routing_handoff_s": handoff}

@@ -225,7 +225,7 @@ def cpu_block(raw: dict[str, Any]) -> dict[str, Any]:
     curve = sorted([r["threads"], r["median_s"] * scale] for r in rows
                    if r["format"] == ref and r["tokens"] == min(x["tokens"] for x in rows))
     host = raw["host"]
-    where = (f"measured by `moesim calibrate --cpu-only` on {host['processor']} ({host['logical_cpus']} logical CPUs, "
+    where = (f"measured by the CPU expert benchmark (moesim.engine.cpu_bench) on {host['processor']} ({host['logical_cpus']} logical CPUs, "
              f"torch {host['torch']}), {raw['date']}, median of {raw['repeats']}")
     scaled = "" if scale == 1 else f"; geometry {hidden}x{ffn} scaled x{scale:g} by parameter count"
     block = {"threads": top, "format": "int8" if "int8" in expert_s else ref, "hidden_bytes": MIXTRAL_GEOMETRY[0] * 2,

@@ -80,6 +80,7 @@ class GenerateResult(HitCounts):
     violations: int | None = None      # expert pieces whose slot did not hold the expert the gate routed
     device_copies: int | None = None   # copies whose identity landed in the slot they were issued to
     executed: dict[str, int] | None = None   # requests by executor (``execution`` given), simulate's keys
+    first_token_s: float | None = None   # from the first step's start to the first generated token (prefill included)
 
     @property
     def generated(self) -> int:
@@ -114,6 +115,7 @@ class GenerateResult(HitCounts):
                 "bytes_h2d": self.bytes_h2d, "expert_bytes": self.expert_bytes,
                 "handoff_wait_ms": self.handoff_wait_ms, "violations": self.violations,
                 "device_copies": self.device_copies, "plan_copies": self.misses + self.prefetches,
+                "first_token_s": self.first_token_s,
                 **({"executed": self.executed} if self.executed is not None else {})}
 
 
@@ -181,11 +183,11 @@ class Decoder:
         if exe.name == "copy":
             return
         if exe.prices or isinstance(exe, Hobbit):
-            raise SettingError("execution", f"generate runs copy, n-cpu-moe=N and pinned=FILE, not {exe.name} (it "
-                                            "needs the simulator's prices or low-bit substitutes: `moesim simulate "
-                                            "--execution` prices it)")
+            raise SettingError("execution", f"the engine runs copy, n-cpu-moe=N and pinned=FILE, not {exe.name} (it "
+                                            "needs the simulator's prices or low-bit substitutes: the simulator "
+                                            "prices it)")
         if self.prefetch != "none":
-            raise SettingError("execution", f"--execution {exe.name} runs without a prefetcher (--prefetch none)")
+            raise SettingError("prefetch", f"execution {exe.name} runs without a prefetcher", fix="none")
         self.pinned_sets = check_pinned(exe, s.num_layers, s.num_experts, self.cache_size)
         all_cpu = isinstance(exe, Pinned) and exe.rest == "cpu"
         keys = [(layer, e) for layer in range(s.num_layers) if all_cpu or exe.cpu_layer(layer)
@@ -249,6 +251,7 @@ class Decoder:
         d.synchronize()
         prog.reset_proof()
         t0 = time.perf_counter()
+        first_token_s: float | None = None
         with torch.inference_mode():
             for seq, prompt in enumerate(prompts):
                 if len(prompt) + max_new_tokens > prog.ctx:
@@ -266,6 +269,8 @@ class Decoder:
                         logits = self._decode_step(run, seq, feed[pos], pos, PREFILL if pos < len(prompt) else DECODE)
                     self._next_token(logits, pos, seq, feed, generated, max_new_tokens, temperature, gen,
                                      forced_tokens, stop_at_eos)
+                    if first_token_s is None and generated:
+                        first_token_s = time.perf_counter() - t0
                     pos += 1
                 out_ids.append(generated)
         if run.bar is not None:
@@ -279,7 +284,8 @@ class Decoder:
             run.worker.close()
         return GenerateResult(out_ids, run.steps, wall, plan.requests, plan.hits, plan.prefetches, self.store.expert_bytes,
                               "replay" if forced is not None else "gate", self.policy, self.cache_size, self.prefetch,
-                              run.logits_kept, run.handoff_wait * 1e3, violations, device_copies, run.executed)
+                              run.logits_kept, run.handoff_wait * 1e3, violations, device_copies, run.executed,
+                              first_token_s)
 
     def _start(self, forced: Routing | None, warm: bool, keep_logits: bool, record_routing: bool,
                record_predictions: bool, on_step, profile: dict[str, float] | None) -> _Run:

@@ -161,6 +161,14 @@ class PackedModel:
     def expert_bytes(self) -> int:
         return self.expert_format.expert_bytes(self.spec.hidden, self.spec.ffn)
 
+    @property
+    def cache_state(self) -> str:
+        """How the quantization cache served this load: ``"hit"`` (read back, nothing quantized),
+        ``"cold"`` (quantized and written), ``"none"`` (no cache: a plain format is a cast, or no cache root)."""
+        if "cache_load_s" in self.timings:
+            return "hit"
+        return "cold" if "cache_write_s" in self.timings else "none"
+
 
 def _cache_dir(ckpt: Checkpoint, quant: str, root: Path | None, optimize: bool = True) -> Path | None:
     fp = ckpt.source.fingerprint()

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from moesim.errors import SettingError
 from moesim.policies.base import NEVER, ExpertCache, make_policy
 from moesim.policies.prefetch import PrefetchContext
 
@@ -133,9 +134,9 @@ def make_prefetcher(name: str, routing: Routing, params: dict[str, Any] | None =
     ``params`` e.g. ``{"distance": 2, "budget": 1}``."""
     pf = _prefetcher(name, routing.num_layers, routing.num_experts, routing.top_k, params)
     if pf is not None and pf.needs_predictions and pf.distance not in routing.predicted:
-        raise ValueError(f"prefetcher {name!r} needs recorded predictions at distance {pf.distance}; the routing "
-                         f"has {sorted(routing.predicted) or 'none'} (record them with `moesim record --predict-distance "
-                         f"{pf.distance}`)")
+        raise SettingError("recorded_predictions", f"prefetcher {name!r} needs recorded predictions at distance "
+                           f"{pf.distance}; the routing has {sorted(routing.predicted) or 'none'} (record the trace "
+                           "with predictions at that distance)", fix=str(pf.distance))
     return pf
 
 

@@ -32,8 +32,8 @@ class PartsTraceWriter:
             raise DataError(self.path, f"output directory {str(self.path.parent)!r} does not exist")
         self.parts_dir = parts_dir_for(self.path)
         if self.parts_dir.exists():
-            raise DataError(self.parts_dir, "holds parts of an unfinished recording; merge them with "
-                            f"`moesim record --recover {self.path}` or remove the directory")
+            raise DataError(self.parts_dir, "holds parts of an unfinished recording; recover them into one trace "
+                            "or remove the directory", "recover", str(self.path))
         self.parts_dir.mkdir()
         if not meta.created:
             meta.created = now_iso()  # fixed once so every part carries identical metadata

@@ -99,8 +99,9 @@ class Recorder:
         self.adapter = adapter or adapter_for(model)
         self.num_layers = len(self.adapter.layers)
         if predict_distance >= self.num_layers:  # layer l + d must exist for some l
-            raise UsageError(f"--predict-distance {predict_distance} reaches past the model's {self.num_layers} MoE "
-                             f"layers (at most {self.num_layers - 1})")
+            raise SettingError("predict_distance", f"the prediction distance {predict_distance} reaches past the "
+                               f"model's {self.num_layers} MoE layers (at most {self.num_layers - 1})",
+                               fix=str(self.num_layers - 1))
         self.distances = tuple(range(1, predict_distance + 1))
         self.logits = logits
         self.pred_logits = pred_logits and bool(self.distances)

@@ -131,7 +131,7 @@ class _PastPositions(logging.Filter):
         if self.noted or not self.positions or prompt_tokens + max_new_tokens <= self.positions:
             return
         self.noted = True
-        print(f"note: prompt {seq} ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} goes past the "
+        print(f"note: prompt {seq} ({prompt_tokens} tokens) + {max_new_tokens} new tokens goes past the "
               f"model's {self.positions} positions; tokens beyond them are outside what it was trained on",
               file=sys.stderr)
 

@@ -121,7 +121,7 @@ def require_predictions(path: object, have: Sequence[int], prefetchers: Iterable
     :class:`SettingError` naming the file and how to record them, before any work starts."""
     for name in prefetchers:
         if needs_predictions(name) and distance not in have:
-            raise SettingError("prefetch", missing_predictions(path, have, distance, name))
+            raise SettingError("recorded_predictions", missing_predictions(path, have, distance, name), str(distance))
 
 
 def check_spec(spec: CellSpec) -> None:

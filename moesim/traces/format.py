@@ -516,8 +516,8 @@ def missing_trace(path: str | os.PathLike) -> DataError:
     it says how to merge them."""
     parts = parts_dir_for(path)
     if parts.is_dir():
-        return DataError(path, f"no such file, but a killed recording left its parts in {parts}/: merge them "
-                               f"with `moesim record --recover {path}`")
+        return DataError(path, f"no such file, but a killed recording left its parts in {parts}/: recover them "
+                               "into one trace", "recover", str(path))
     return DataError(path, "no such file")
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from moesim.errors import DataError
+from moesim.errors import DataError, SettingNote
 from moesim.traces.describe import value_text
 from moesim.traces.format import DECODE, TraceMeta, TraceWriter
 from moesim.traces.models import ModelGeometry, known_model, quantization_in_name
@@ -26,8 +26,9 @@ LFS_POINTER = "version https://git-lfs.github.com/spec/"
 PROGRESS_MIN_BYTES = 16 << 20  # smaller logs import in about a second: no bar
 
 
-def bad_line(path: Path, lineno: int, what: str) -> DataError:
-    return DataError(path, f"line {lineno}: {what}")
+def bad_line(path: Path, lineno: int, what: str, setting: str | None = None, fix: str | None = None) -> DataError:
+    """``setting`` and ``fix``: the import option that would read the line right (DataError's)."""
+    return DataError(path, f"line {lineno}: {what}", setting, fix)
 
 
 def json_lines(path: Path, progress: bool | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -205,13 +206,14 @@ def write_imported(rows: RoutingRows, dst: str | os.PathLike, opts: ImportOption
     k = rows.width or 0
     max_layer = int(r.layer.max())
     named = opts.model or model_in_log
-    how = "--model" if opts.model else "the log header" if model_in_log else "the file name"
+    how = "the import options" if opts.model else "the log header" if model_in_log else "the file name"
     geo = known_model(named) if named else known_model(src.name)
     if geo is None and not named and assumed is not None and k == assumed.top_k and max_layer < assumed.num_layers:
         geo, how = assumed, "assumed"
     if geo is not None and k != geo.top_k and opts.num_experts is None:
-        raise bad_line(src, int(r.lines.min()), f"{k} experts per row, but {geo.model} routes top-{geo.top_k} "
-                                   "(pass --model NAME --num-experts N for another model)")
+        raise bad_line(src, int(r.lines.min()), f"{k} experts per row, but {geo.model} routes top-{geo.top_k}; if "
+                                                "the log is from another model, give its expert count (and its name)",
+                       "num_experts", "N")
     n_layers = opts.num_layers or (geo.num_layers if geo else max_layer + 1)
     row_max = r.experts.max(axis=1)
     max_expert = int(row_max.max())
@@ -221,8 +223,9 @@ def write_imported(rows: RoutingRows, dst: str | os.PathLike, opts: ImportOption
         n_experts = geo.num_experts
     else:
         n_experts = max_expert + 1
-        notes.append(f"the log does not name a known model: {n_experts} experts per layer inferred from the largest "
-                     "expert id (pass --num-experts N if the model has more)")
+        notes.append(SettingNote(f"the log does not name a known model: {n_experts} experts per layer inferred from "
+                                 "the largest expert id; give the expert count if the model has more", "num_experts",
+                                 "N"))
     if (bad := _first_in_file(r.layer >= n_layers, r.lines)) is not None:
         raise bad_line(src, int(r.lines[bad]), f"layer {int(r.layer[bad])} out of range [0, {n_layers})"
                                                + (f" for {geo.model}" if geo and not opts.num_layers else ""))
@@ -236,7 +239,7 @@ def write_imported(rows: RoutingRows, dst: str | os.PathLike, opts: ImportOption
         raise DataError(src, f"line {int(r.lines[bad])}: expert id {int(row_max[bad])} out of range [0, {n_experts}) "
                              f"({whose}); if the log is from another model, give its expert count (and its name)",
                         "num_experts", "N")
-    quant, quant_from = opts.quantization, "--quantization"
+    quant, quant_from = opts.quantization, "the import options"
     if not quant:
         for value, where in ((quantization_in_log, "the log header"), (quantization_in_name(named), "the model name"),
                              (quantization_in_name(src.name), "the file name")):

@@ -15,8 +15,8 @@ EXAMPLE_TRACE = "traces/learned-mixtral-32l.parquet"
 def missing_predictions(path: object, have: Sequence[int], distance: int, prefetcher: str = "speculative") -> str:
     has = "none" if not have else "d = " + ",".join(str(d) for d in sorted(have))
     return (f"{path}: prefetcher {prefetcher!r} needs speculative predictions recorded at distance {distance} "
-            f"(column pred{distance}_experts; this trace has {has}); record them with `moesim record --model MODEL "
-            f"--predict-distance {distance} -o OUT.parquet`" + ("" if have else f", or try {EXAMPLE_TRACE} (d = 1..3)"))
+            f"(column pred{distance}_experts; this trace has {has}); record the trace with predictions at that "
+            "distance" + ("" if have else f", or try {EXAMPLE_TRACE} (d = 1..3)"))
 
 
 def pred_distances_of(path: str | os.PathLike) -> tuple[int, ...]:

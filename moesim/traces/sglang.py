@@ -55,8 +55,8 @@ def _shape(path: Path, lineno: int, n: int, tokens: int | None, layers: int | No
     if tokens is None:
         if layers is None or top_k is None or n % (layers * top_k):
             raise bad_line(path, lineno, f"{FIELD} holds {n} ids and meta_info has no prompt_tokens/completion_tokens"
-                                         " to tell tokens from layers (pass --model NAME or both --num-layers"
-                                         " and a known model)")
+                                         " to tell tokens from layers: name a known model (its layer count and "
+                                         "top-k do)", "model", "NAME")
         return n // (layers * top_k), layers, top_k
     if tokens == 0 or n % tokens:
         raise bad_line(path, lineno, f"{FIELD} holds {n} ids, not a multiple of the {tokens} routed tokens "
@@ -68,7 +68,8 @@ def _shape(path: Path, lineno: int, n: int, tokens: int | None, layers: int | No
         top_k = per_token // layers if per_token % layers == 0 else 0
     if not layers or not top_k or layers * top_k != per_token:
         raise bad_line(path, lineno, f"{FIELD} holds {per_token} ids per token, not layers x top-k = "
-                                     f"{layers or '?'} x {top_k or '?'} (check --num-layers / --model)")
+                                     f"{layers or '?'} x {top_k or '?'}: check the layer count and the model named",
+                       "layers_and_model")
     return tokens, layers, top_k
 
 

@@ -1,4 +1,6 @@
-"""studies/checkpoint_load/report.md from the raw measurements (raw/before*.json, raw/after*.json).
+"""studies/checkpoint_load/report.md from the raw measurements (raw/before*.json, raw/after*.json; raw/ttft.json:
+load time and time to the first token, cold and from the cache; raw/device*.json, when present: the full-width
+curve measured on the GPU box).
 
     python studies/checkpoint_load/make_report.py [-o studies/checkpoint_load/report.md]
 
@@ -9,10 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))
 GB = 1e9
+
+from studies._common import md_table  # noqa: E402
 
 
 def _cells(label: str) -> tuple[dict[tuple[int, str, str], dict], dict]:
@@ -90,7 +96,89 @@ def build() -> str:
     lines += ["", "Not measured here: CUDA (pinned host memory registered in place instead of torch's pinned "
               "allocator, which rounds each block up to a power of two) and full Mixtral width; both need the "
               "device box (the issue's 4/8/16-layer full-width run).", ""]
-    return "\n".join(lines)
+    ttft, rt = _cells("ttft")
+    if ttft:
+        lines += _ttft_section(ttft, rt)
+    device, rd = _cells("device")
+    if device:
+        lines += _device_section(device, rd)
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _machine(raw: dict) -> str:
+    gpu = f", GPU {raw['gpu']}" if raw.get("gpu") else ""
+    return (f"host {raw['host']} ({raw['cpu_count']} CPUs, {_gb(raw['host_ram_bytes'])} GB RAM{gpu}), "
+            f"`generate --device {raw['device']}`, measured {raw['date']}")
+
+
+def _parts(c: dict) -> str:
+    names = {"quantize_s": "pack", "cache_write_s": "write cache", "cache_load_s": "read cache"}
+    return ", ".join(f"{names[k]} {v:.2f}" for k, v in sorted(c["load_parts_s"].items()))
+
+
+def _start_rows(cells: dict) -> list[list[str]]:
+    """One row per cell: how the cache served it, the load (and its parts), the first token, the whole
+    command, and whether a run from the cache produced the cold run's tokens."""
+    rows = []
+    for key in sorted(cells):
+        c = cells[key]
+        cold = cells.get((key[0], key[1], "cold"))
+        same = "-" if key[2] == "cold" or cold is None else ("yes" if c["token_ids"] == cold["token_ids"] else "NO")
+        rows.append([str(key[0]), key[1], key[2], c["quant_cache"], f"{c['load_s']:.2f}", _parts(c),
+                     f"{c['first_token_s']:.2f}", f"{c['first_token_s'] - c['load_s']:.2f}", f"{c['wall_s']:.1f}", same])
+    return rows
+
+
+START_HEADERS = ["layers", "quant", "run", "quant_cache", "load s", "of which s", "first token s",
+                 "first token after load s", "whole command s", "same tokens as cold"]
+
+
+def _ttft_section(cells: dict, raw: dict) -> list[str]:
+    g = raw["geometry"]
+    lines = ["", "## Load time and time to the first token, cold and from the cache", "",
+             f"`generate --json`'s `load_s` (checkpoint opened, packed or read back from the quantization cache, "
+             f"host store and device program built), `first_token_s` (`load_s` plus the first prompt's prefill up "
+             f"to its first generated token) and `quant_cache`, with `load_parts_s` as the parts (pack: hqq's "
+             f"quantization, or the cast for bf16); same geometry as above (hidden {g['hidden']}, FFN "
+             f"{g['ffn']}, {g['experts']} experts), {_machine(raw)}. The whole command also counts Python's "
+             "start and imports, which neither key does.", ""]
+    lines += md_table(START_HEADERS, _start_rows(cells))
+    pairs = [(k[0], k[1], cells[k], cells[(k[0], k[1], "cold")]) for k in sorted(cells)
+             if k[2] == "cached" and (k[0], k[1], "cold") in cells]
+    for layers, quant, hit, cold in pairs:
+        lines += ["", f"{quant} at {layers} layers: from the cache the load takes {hit['load_s']:.2f} s against "
+                  f"{cold['load_s']:.2f} s cold ({cold['load_s'] / hit['load_s']:.0f}x less), and the first token "
+                  f"comes after {hit['first_token_s']:.2f} s against {cold['first_token_s']:.2f} s "
+                  f"({cold['first_token_s'] / hit['first_token_s']:.1f}x sooner)."]
+        after_hit, after_cold = hit["first_token_s"] - hit["load_s"], cold["first_token_s"] - cold["load_s"]
+        if after_hit > after_cold:
+            lines[-1] += (f" After its load the cached run took longer to its first token than the cold one "
+                          f"({after_hit:.2f} s against {after_cold:.2f} s), one run each; the cause is not known.")
+    return lines
+
+
+def _device_section(cells: dict, raw: dict) -> list[str]:
+    """The full-width run (measure.py --device cuda): peak RSS against layers with the budget, and the
+    start times."""
+    g = raw["geometry"]
+    lines = ["", f"## Full width on the device: peak host RSS against layers (hidden {g['hidden']}, FFN {g['ffn']}, "
+             f"{g['experts']} experts)", "", f"{_machine(raw)}. Smaller layer counts read the first shards of the "
+             "largest checkpoint (links and a config with fewer layers), so the page cache may hold shards an earlier "
+             "cell read; the peak RSS is the process's own.", ""]
+    rows = []
+    for key in sorted(cells):
+        c = cells[key]
+        rows.append([str(key[0]), key[1], key[2], _gb(c["expert_bytes"] + c["other_bytes"]), _gb(c["store_bytes"]),
+                     _gb(c["budget_bytes"]), _gb(c["peak_rss_bytes"]),
+                     f"{c['peak_rss_bytes'] / (c['expert_bytes'] + c['other_bytes']):.2f}",
+                     "yes" if c["peak_rss_bytes"] <= c["budget_bytes"] else "NO"])
+    lines += md_table(["layers", "quant", "run", "checkpoint GB", "store GB", "budget GB", "peak RSS GB",
+                       "RSS / checkpoint", "within budget"], rows)
+    lines += ["", "Start times of the same runs:", ""] + md_table(START_HEADERS, _start_rows(cells))
+    if raw.get("skipped"):
+        lines += ["", "Not measured (the run's time ran out first): "
+                  + ", ".join(f"{quant} at {n} layers" for n, quant in raw["skipped"]) + "."]
+    return lines
 
 
 def main() -> None:
