@@ -99,13 +99,19 @@ def choose(key: tuple, candidates: dict[str, Callable[[], Any]], reference: Call
     return chosen(key)
 
 
+def decision(key: tuple) -> dict[str, Any] | None:
+    """``key``'s decision as a JSON row (its shape, each candidate's ms -- None: out --, why a candidate
+    is out, the choice), or None while undecided."""
+    if key not in EXPERT_PATHS:
+        return None
+    times = EXPERT_PATHS[key]
+    fmt, hidden, ffn, rows, dtype, device = key
+    return {"format": fmt, "hidden": hidden, "ffn": ffn, "batch": rows, "dtype": dtype, "device": device,
+            "ms": {p: (t if math.isfinite(t) else None) for p, t in times.items()},
+            "errors": {p: PATH_ERRORS[(key, p)] for p in times if (key, p) in PATH_ERRORS},
+            "chosen": chosen(key)}
+
+
 def decisions() -> list[dict[str, Any]]:
-    """Every decided key as a JSON row: its shape, each candidate's ms (None: out), errors, the choice."""
-    rows = []
-    for key, times in EXPERT_PATHS.items():
-        fmt, hidden, ffn, rows_, dtype, device = key
-        rows.append({"format": fmt, "hidden": hidden, "ffn": ffn, "batch": rows_, "dtype": dtype, "device": device,
-                     "ms": {p: (t if math.isfinite(t) else None) for p, t in times.items()},
-                     "errors": {p: PATH_ERRORS[(key, p)] for p in times if (key, p) in PATH_ERRORS},
-                     "chosen": chosen(key)})
-    return rows
+    """Every decided key as a JSON row (:func:`decision`)."""
+    return [decision(key) for key in EXPERT_PATHS]
