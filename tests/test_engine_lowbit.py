@@ -84,26 +84,30 @@ def test_meta_spans_crossing_rows_and_rows_of_many_spans(variant, m):
     _check_linear(quant_spec("hqq2"), 24, 4096, m, torch.float32, variant, 12)
 
 
-@pytest.mark.parametrize("variant", [1, 2])
-@pytest.mark.parametrize("name", ["hqq2", "hqq2-v02"])
-@pytest.mark.parametrize("m", [1, 5])
-def test_expert_ffn_equals_reference(variant, name, m):
-    """Both kernels of the expert (w1/w3 fused with the gating, then w2) on an expert blob."""
+def _expert_case(name, m, seed=7, hidden=128, ffn=256):
+    """A packed expert blob of ``name``, x (m, hidden) and the float64 oracle of its SwiGLU FFN from the
+    dequantised weights, written here."""
     spec = quant_spec(name)
-    gen = torch.Generator().manual_seed(7)
-    hidden, ffn = 256, 512
+    gen = torch.Generator().manual_seed(seed)
     blob = torch.cat([_packed(spec, *shape, gen) for shape in ((ffn, hidden), (ffn, hidden), (hidden, ffn))])
     size = spec.matrix_bytes(hidden * ffn)
     w1, w3, w2 = (matrix(blob[i * size:(i + 1) * size].cpu(), spec, *shape).double()
                   for i, shape in enumerate(((ffn, hidden), (ffn, hidden), (hidden, ffn))))
     dtype = torch.float32 if not CUDA else torch.bfloat16
     x = torch.randn(m, hidden, generator=gen).to(dtype)
-    xd = x.double()
-    a = xd @ w1.T
-    want = (a * torch.sigmoid(a) * (xd @ w3.T)) @ w2.T
+    a = x.double() @ w1.T
+    return spec, blob, x.to(DEV), (a * torch.sigmoid(a) * (x.double() @ w3.T)) @ w2.T, hidden, ffn
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+@pytest.mark.parametrize("name", ["hqq2", "hqq2-v02"])
+@pytest.mark.parametrize("m", [1, 5])
+def test_expert_ffn_equals_reference(variant, name, m):
+    """Both kernels of the expert (w1/w3 fused with the gating, then w2) on an expert blob."""
+    spec, blob, x, want, hidden, ffn = _expert_case(name, m, hidden=256, ffn=512)
     cfg = CONFIGS[variant][0 if m == 1 else 1][0]
-    got = expert_ffn(blob, x.to(DEV), spec, hidden, ffn, config_up=cfg, config_down=cfg)
-    _check(got, want, dtype, f"{name} m={m}")
+    got = expert_ffn(blob, x, spec, hidden, ffn, config_up=cfg, config_down=cfg)
+    _check(got, want, x.dtype, f"{name} m={m}")
 
 
 def test_hqq_quantizer_blobs_against_hqq_dequantize():
@@ -207,21 +211,6 @@ def test_a_tile_whose_output_disagrees_with_v1_is_never_chosen(monkeypatch):
     monkeypatch.setattr(lowbit, "TUNING", {key: [(v1[0], 0.5), (v2[0], 0.1)]})
     lowbit._drop_disagreeing(key, lambda c: ref if c == v1[0] else torch.full((64,), float("nan")))
     assert dict(lowbit.TUNING[key])[v2[0]] == math.inf
-
-
-def _expert_case(name, m, seed=7, hidden=128, ffn=256):
-    """A packed expert blob of ``name``, x (m, hidden) and the float64 oracle of its SwiGLU FFN from the
-    dequantised weights, written here."""
-    spec = quant_spec(name)
-    gen = torch.Generator().manual_seed(seed)
-    blob = torch.cat([_packed(spec, *shape, gen) for shape in ((ffn, hidden), (ffn, hidden), (hidden, ffn))])
-    size = spec.matrix_bytes(hidden * ffn)
-    w1, w3, w2 = (matrix(blob[i * size:(i + 1) * size].cpu(), spec, *shape).double()
-                  for i, shape in enumerate(((ffn, hidden), (ffn, hidden), (hidden, ffn))))
-    dtype = torch.float32 if not CUDA else torch.bfloat16
-    x = torch.randn(m, hidden, generator=gen).to(dtype)
-    a = x.double() @ w1.T
-    return spec, blob, x.to(DEV), (a * torch.sigmoid(a) * (x.double() @ w3.T)) @ w2.T, hidden, ffn
 
 
 @pytest.fixture
