@@ -140,3 +140,12 @@ def test_add_session_keeps_the_measured_calibration_and_widens_the_interval():
     assert lo == pytest.approx(min(1.0, 1.194e-3 / old)) and hi == pytest.approx(1.268e-3 / old)
     again = add_session(out, json.loads(json.dumps(RAW)))   # a third session appends
     assert len(again["pcie"]["expert_copy"]["sessions"]) == 3
+
+
+def test_h2d_curve_on_cpu_times_every_size():
+    """The copy curve's CPU mode (the roofline driver's smoke run): one row per size, GB/s from its time."""
+    sizes = (4096, 1 << 16)
+    rows = gpu_bench.h2d_curve("cpu", sizes)
+    assert [r["bytes"] for r in rows] == list(sizes)
+    for r in rows:
+        assert r["ms"] > 0 and r["gb_per_s"] == r["bytes"] / r["ms"] / 1e6

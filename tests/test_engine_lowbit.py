@@ -84,26 +84,30 @@ def test_meta_spans_crossing_rows_and_rows_of_many_spans(variant, m):
     _check_linear(quant_spec("hqq2"), 24, 4096, m, torch.float32, variant, 12)
 
 
-@pytest.mark.parametrize("variant", [1, 2])
-@pytest.mark.parametrize("name", ["hqq2", "hqq2-v02"])
-@pytest.mark.parametrize("m", [1, 5])
-def test_expert_ffn_equals_reference(variant, name, m):
-    """Both kernels of the expert (w1/w3 fused with the gating, then w2) on an expert blob."""
+def _expert_case(name, m, seed=7, hidden=128, ffn=256):
+    """A packed expert blob of ``name``, x (m, hidden) and the float64 oracle of its SwiGLU FFN from the
+    dequantised weights, written here."""
     spec = quant_spec(name)
-    gen = torch.Generator().manual_seed(7)
-    hidden, ffn = 256, 512
+    gen = torch.Generator().manual_seed(seed)
     blob = torch.cat([_packed(spec, *shape, gen) for shape in ((ffn, hidden), (ffn, hidden), (hidden, ffn))])
     size = spec.matrix_bytes(hidden * ffn)
     w1, w3, w2 = (matrix(blob[i * size:(i + 1) * size].cpu(), spec, *shape).double()
                   for i, shape in enumerate(((ffn, hidden), (ffn, hidden), (hidden, ffn))))
     dtype = torch.float32 if not CUDA else torch.bfloat16
     x = torch.randn(m, hidden, generator=gen).to(dtype)
-    xd = x.double()
-    a = xd @ w1.T
-    want = (a * torch.sigmoid(a) * (xd @ w3.T)) @ w2.T
+    a = x.double() @ w1.T
+    return spec, blob, x.to(DEV), (a * torch.sigmoid(a) * (x.double() @ w3.T)) @ w2.T, hidden, ffn
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+@pytest.mark.parametrize("name", ["hqq2", "hqq2-v02"])
+@pytest.mark.parametrize("m", [1, 5])
+def test_expert_ffn_equals_reference(variant, name, m):
+    """Both kernels of the expert (w1/w3 fused with the gating, then w2) on an expert blob."""
+    spec, blob, x, want, hidden, ffn = _expert_case(name, m, hidden=256, ffn=512)
     cfg = CONFIGS[variant][0 if m == 1 else 1][0]
-    got = expert_ffn(blob, x.to(DEV), spec, hidden, ffn, config_up=cfg, config_down=cfg)
-    _check(got, want, dtype, f"{name} m={m}")
+    got = expert_ffn(blob, x, spec, hidden, ffn, config_up=cfg, config_down=cfg)
+    _check(got, want, x.dtype, f"{name} m={m}")
 
 
 def test_hqq_quantizer_blobs_against_hqq_dequantize():
@@ -207,3 +211,98 @@ def test_a_tile_whose_output_disagrees_with_v1_is_never_chosen(monkeypatch):
     monkeypatch.setattr(lowbit, "TUNING", {key: [(v1[0], 0.5), (v2[0], 0.1)]})
     lowbit._drop_disagreeing(key, lambda c: ref if c == v1[0] else torch.full((64,), float("nan")))
     assert dict(lowbit.TUNING[key])[v2[0]] == math.inf
+
+
+@pytest.fixture
+def fused_on_this_device(monkeypatch):
+    """The fused dispatch as on a GPU (on CPU: through Triton's interpreter), with empty decision tables
+    and a spy on which path computed each expert call."""
+    from moesim.engine.kernels import expert_path
+
+    if not CUDA:
+        monkeypatch.setattr(kernels, "fused_for", lambda t, spec, rows, cols: supported(spec, rows, cols))
+        if not kernels._STATE["ops"]:
+            kernels._register_ops()
+    monkeypatch.setattr(expert_path, "EXPERT_PATHS", {})
+    monkeypatch.setattr(expert_path, "PATH_ERRORS", {})
+    ran = []
+    real_ffn, real_dequant = lowbit.expert_ffn, kernels.dequant_expert
+    monkeypatch.setattr(lowbit, "expert_ffn", lambda *a, **k: ran.append("fused") or real_ffn(*a, **k))
+    monkeypatch.setattr(kernels, "dequant_expert",
+                        lambda *a, **k: ran.append("dequant" if k.get("compile") else "reference") or real_dequant(*a, **k))
+    return ran
+
+
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("fused_slower", [False, True])
+def test_engine_expert_output_is_the_same_whichever_path_wins(fused_on_this_device, monkeypatch, m, fused_slower):
+    """The engine's expert (runtime.expert_forward) decides between the fused kernels and dequantise-then-
+    matmul by injected timings, then serves that path: its output equals the oracle either way."""
+    from moesim.engine.kernels import expert_path
+    from moesim.engine.runtime import expert_forward
+
+    ran = fused_on_this_device
+    spec, blob, x, want, hidden, ffn = _expert_case("hqq2", m)
+
+    def fake_timer(fn):   # times a candidate by which path it ran: the fused one 0.35 or 0.10 ms
+        n = len(ran)
+        fn()
+        return (0.35 if fused_slower else 0.10) if "fused" in ran[n:] else 0.32
+    monkeypatch.setattr(expert_path, "time_ms", fake_timer)
+    got = expert_forward(blob, x, spec, hidden, ffn)   # warm-up: decides
+    assert ran[0] == "reference" and {"fused", "dequant"} <= set(ran)
+    ran.clear()
+    again = expert_forward(blob, x, spec, hidden, ffn)
+    winner = "dequant" if fused_slower else "fused"
+    assert ran == [winner]
+    (row,) = expert_path.decisions()
+    assert row["chosen"] == winner and row["batch"] == m
+    _check(got, want, x.dtype, f"decision call m={m}")
+    _check(again, want, x.dtype, f"{winner} m={m}")
+
+
+def test_engine_expert_never_takes_a_fused_path_that_disagrees(fused_on_this_device, monkeypatch):
+    """A fused kernel that computes 10% off (a miscompiled tile) but times fastest: the dequantise path
+    serves, and the engine's output still equals the oracle."""
+    from moesim.engine.kernels import expert_path
+    from moesim.engine.runtime import expert_forward
+
+    ran = fused_on_this_device
+    real = lowbit.expert_ffn
+    monkeypatch.setattr(lowbit, "expert_ffn", lambda *a, **k: ran.append("fused") or real(*a, **k) * 1.1)
+
+    def fake_timer(fn):   # the fused path times fastest
+        n = len(ran)
+        fn()
+        return 0.01 if "fused" in ran[n:] else 1.0
+    monkeypatch.setattr(expert_path, "time_ms", fake_timer)
+    spec, blob, x, want, hidden, ffn = _expert_case("hqq2-v02", 1)
+    expert_forward(blob, x, spec, hidden, ffn)
+    ran.clear()
+    got = expert_forward(blob, x, spec, hidden, ffn)
+    assert ran == ["dequant"]
+    assert "disagrees" in next(iter(expert_path.PATH_ERRORS.values()))
+    _check(got, want, x.dtype, "fused path out")
+
+
+def test_hqq_blob_through_either_path_equals_hqq_dequantize(fused_on_this_device):
+    """An expert quantised by hqq itself: each forced path's FFN equals the FFN on hqq's own dequantised
+    weights."""
+    pytest.importorskip("hqq")
+    from moesim.engine.kernels import expert_path
+    from moesim.engine.pack import hqq_reference, pack_matrix
+    from moesim.engine.runtime import expert_forward
+
+    torch.manual_seed(5)
+    spec, hidden, ffn = quant_spec("hqq2-v02"), 128, 256
+    ws = [torch.randn(*s) * 0.05 for s in ((ffn, hidden), (ffn, hidden), (hidden, ffn))]
+    blob = torch.cat([pack_matrix(w, spec, "cpu") for w in ws]).to(DEV)
+    w1, w3, w2 = (hqq_reference(w, spec).double() for w in ws)
+    x = torch.randn(3, hidden)
+    a = x.double() @ w1.T
+    want = (a * torch.sigmoid(a) * (x.double() @ w3.T)) @ w2.T
+    for path in expert_path.PATHS:
+        with expert_path.only_path(path):
+            got = expert_forward(blob, x.to(DEV), spec, hidden, ffn)
+        assert fused_on_this_device[-1] == path
+        _check(got, want, torch.float32, f"hqq blob, {path}")

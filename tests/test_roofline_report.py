@@ -113,3 +113,56 @@ def test_incomplete_raw_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and str(path) in err
     assert not out.exists()
     assert mod.main([str(tmp_path / "missing.json"), "-o", str(out)]) == 2
+
+
+def test_path_choice_per_batch_is_shown_and_the_engine_piece_judged(tmp_path):
+    """A run with the expert path choice: the roofline table and the goals use the engine's piece (its
+    chosen path), and a path table shows the choice, both candidates' graph and tuner times per batch."""
+    mod = _script()
+    raw = _raw()
+    paths = {1: ("fused", 0.05, 0.05, 0.31, {"fused": 0.06, "dequant": 0.33}, True),
+             4: ("fused", 0.09, 0.09, 0.3, {"fused": 0.1, "dequant": 0.31}, True),
+             16: ("dequant", 0.12, 0.2, 0.12, {"fused": 0.35, "dequant": 0.3}, True)}
+    for row in raw["expert"]["hqq2"]["rows"]:
+        chosen, engine, fused, dequant, tuner, fastest = paths[row["batch"]]
+        row.update(path=chosen, engine_ms=engine, path_graph_ms={"fused": fused, "dequant": dequant},
+                   path_tuner_ms=tuner, path_errors={}, path_is_fastest_graph=fastest)
+    raw["expert"]["hqq2"]["rows"][0]["path_tuner_ms"]["dequant"] = None   # a candidate that was out
+    path = tmp_path / "roofline_h100.json"
+    path.write_text(json.dumps(raw))
+    out = tmp_path / "report.md"
+    assert mod.main([str(path), "-o", str(out)]) == 0
+    text = out.read_text()
+    assert "| piece | batch | bytes read | engine ms |" in text
+    # batch 16 served by dequant: 60 MB in 0.12 ms = 500 GB/s = 16.67% of peak; old 0.32 / 0.12 = 2.667
+    assert "| expert hqq2 | 16 | 60000000 | 0.12 | 500 | 16.67 | 0.32 | 2.667 | 0.126 |" in text
+    assert "| expert_b16 (ms) | <= 0.15 | 0.12 | yes |" in text
+    assert "## Expert path per batch" in text
+    # fused / dequant graph: 0.2 / 0.12 = 1.667 at batch 16; 0.05 / 0.31 = 0.1613 at batch 1
+    assert "| expert hqq2 | 16 | dequant | 0.12 | 0.2 | 0.12 | 1.667 | 0.35 | 0.3 | yes |" in text
+    assert "| expert hqq2 | 1 | fused | 0.05 | 0.05 | 0.31 | 0.1613 | 0.06 | - | yes |" in text
+
+
+def test_runs_before_the_path_choice_keep_their_report():
+    """Raw files without path rows: the fused column and no path section (their reports are committed)."""
+    mod = _script()
+    text = mod.markdown(_raw(), "roofline_h100.json")
+    assert "| piece | batch | bytes read | fused ms |" in text and "## Expert path per batch" not in text
+
+
+def test_driver_contract_keys_take_the_engine_piece():
+    """run_roofline.contract_keys: pieces_ms are the engine's pieces (its chosen path; fused for runs
+    before the choice), copy_bound_ratio per cell; a stage that did not finish leaves its keys out."""
+    import pytest
+
+    pytest.importorskip("torch")
+    spec = importlib.util.spec_from_file_location("run_roofline", ROOT / "studies" / "roofline" / "run_roofline.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = {"expert": {"hqq2": {"rows": [{"batch": 1, "fused_ms": 0.1, "engine_ms": 0.1},
+                                        {"batch": 16, "fused_ms": 0.35, "engine_ms": 0.31},
+                                        {"batch": 4, "fused_ms": 0.25}]}},
+           "layer": {"fused_ms": 0.07}, "cells": {"lru_k3": {"copy_bound_ratio": 0.8}}}
+    mod.contract_keys(out)
+    assert out["pieces_ms"] == {"expert_b1": 0.1, "expert_b16": 0.31, "expert_b4": 0.25, "layer_b1": 0.07}
+    assert out["copy_bound_ratio"] == {"lru_k3": 0.8} and "all_resident_ms_per_token" not in out

@@ -37,28 +37,40 @@ def cuda_ms(fn, reps: int = 10, warm: int = 2) -> float:
     return a.elapsed_time(b) / reps
 
 
-def h2d_curve() -> list[dict]:
-    sizes = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 66748416, 128 << 20, 256 << 20, 512 << 20]
-    src = torch.empty(512 << 20, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(512 << 20, dtype=torch.uint8, device="cuda")
-    stream = torch.cuda.Stream()
+H2D_SIZES = (64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20, 66748416, 128 << 20, 256 << 20, 512 << 20)
+
+
+def h2d_curve(device: str = "cuda", sizes: tuple[int, ...] = H2D_SIZES) -> list[dict]:
+    """Pinned host-to-device copy time per size, back to back on a copy stream (CUDA events); on CPU
+    (a driver's smoke run) plain memory copies timed by the clock."""
+    cuda = torch.device(device).type == "cuda"
+    top = max(sizes)
+    src = torch.empty(top, dtype=torch.uint8, pin_memory=cuda)
+    dst = torch.empty(top, dtype=torch.uint8, device=device)
+    stream = torch.cuda.Stream() if cuda else None
     out = []
     for n in sizes:
         reps = 20 if n <= (64 << 20) else 6
 
         def copy(n=n):
+            if stream is None:
+                dst[:n].copy_(src[:n])
+                return
             with torch.cuda.stream(stream):
                 dst[:n].copy_(src[:n], non_blocking=True)
-        for _ in range(2):
-            copy()
-        stream.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(stream)
-        for _ in range(reps):
-            copy()
-        b.record(stream)
-        stream.synchronize()
-        ms = a.elapsed_time(b) / reps
+        if stream is None:
+            ms = device_seconds(copy, device, reps=reps) * 1e3
+        else:
+            for _ in range(2):
+                copy()
+            stream.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record(stream)
+            for _ in range(reps):
+                copy()
+            b.record(stream)
+            stream.synchronize()
+            ms = a.elapsed_time(b) / reps
         out.append({"bytes": n, "ms": ms, "gb_per_s": n / ms / 1e6})
         log(f"h2d {n:>10d} B  {ms:8.4f} ms  {n / ms / 1e6:7.2f} GB/s")
     return out

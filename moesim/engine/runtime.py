@@ -37,6 +37,7 @@ import numpy as np
 
 from moesim.engine import kernels
 from moesim.engine.identity import TAG_BASE, ResidencyProof, blob_bytes, slot_tags, tagged_blob
+from moesim.engine.kernels import compiled
 from moesim.engine.plan import CachePlan, Routing
 from moesim.engine.quant import QuantSpec, fill_random_blob
 from moesim.engine.sync import COMPUTE, COPY, DEFAULT_SYNC, Mark, SlotEvents, StreamOrder, SyncMode
@@ -281,25 +282,10 @@ def final_step(x, ybuf_last, wrank_last, tok, lm_head):
 
 
 def expert_forward(blob, x, spec: QuantSpec, hidden: int, ffn: int):
-    """An expert blob's SwiGLU FFN on ``x`` (tokens, hidden): fused low-bit kernels on a GPU with
-    Triton, else dequantise then matmul (``moesim.engine.kernels``)."""
+    """An expert blob's SwiGLU FFN on ``x`` (tokens, hidden): on a GPU with Triton the fused low-bit
+    kernels or dequantise-then-cuBLAS, whichever measured faster for this shape and batch
+    (``kernels.expert_path``); else dequantise then matmul (``moesim.engine.kernels``)."""
     return kernels.packed_expert(blob, x, spec, hidden, ffn)
-
-
-_COMPILED: dict[str, Any] = {}
-
-
-def compiled(fn):
-    """torch.compile'd ``fn`` (fused dequant kernels, few launches); one compiled object per function."""
-    if fn.__name__ not in _COMPILED:
-        import torch
-        import torch._dynamo.config as dcfg
-
-        for knob in ("cache_size_limit", "recompile_limit"):   # one graph per (quantization, batch)
-            if hasattr(dcfg, knob):
-                setattr(dcfg, knob, 64)
-        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=False)
-    return _COMPILED[fn.__name__]
 
 
 def capture_graphs(torch, dev, pieces: list[tuple[Any, Any]], progress: bool = False,

@@ -4,7 +4,8 @@ run's engine measurements (issue 23 items 5-6, as far as one device run goes).
     python studies/roofline/fast_engine_check.py [-o studies/roofline/fast_engine_check]
 
 1. ``h100_fused.json`` (beside the report): a calibration whose GPU terms are the H100 roofline run's micro-benchmarks
-   (pinned copy curve, the fused hqq2/hqq4 expert pieces at batch 1/4/16, the fused layer piece) and
+   (pinned copy curve, the engine's hqq2/hqq4 expert pieces at batch 1/4/16 -- its chosen path where the
+   run recorded one, else the fused one --, the fused layer piece) and
    whose other terms (final piece, per-token engine overhead, engine terms, bf16 curve) stay the
    measured H200 preset's, which this run did not re-measure. Nothing is taken from the cells below.
 2. The all-resident decode and the LRU K=3/4 copy cells that run measured, priced by the one cell
@@ -39,17 +40,19 @@ def fused_calibration(run: dict, base: dict) -> dict:
     slope, intercept = np.polyfit(big[:, 0], big[:, 1], 1)   # t = latency + bytes / bandwidth
     cal["pcie"].update({"latency_us": max(float(intercept), 0.0) * 1e6, "bandwidth_gbps": 1 / float(slope) / 1e9,
                         "curve": curve})
+    # the engine's piece: its chosen path per batch (runs before the path choice had the fused one only)
+    piece = "engine_ms" if any("engine_ms" in r for e in run["expert"].values() for r in e["rows"]) else "fused_ms"
     for fmt in ("hqq2", "hqq4"):
         rows = run["expert"].get(fmt, {}).get("rows", [])
         if rows:
-            cal["expert_compute"][fmt] = [[float(r["batch"]), r["fused_ms"] * 1e-3] for r in rows]
+            cal["expert_compute"][fmt] = [[float(r["batch"]), r[piece] * 1e-3] for r in rows]
     cal["layer"]["base_s"] = run["layer"]["fused_ms"] * 1e-3
     cal.pop("batch_programs", None)   # the batch engine's pieces were not re-measured
     cal["name"] = "h100-fused"
     cal["description"] = (f"{run['device']}: copies and fused expert/layer pieces from the roofline run "
                           f"({run['date']}, commit {run['commit'][:7]}); other terms from the measured h200 preset")
     cal["sources"] = dict(cal.get("sources", {}), pcie=f"{relative(RUN)} h2d_curve (fit over copies >= 4 MB)",
-                          expert_compute=f"{relative(RUN)} expert.*.rows fused_ms (CUDA-graph replays)",
+                          expert_compute=f"{relative(RUN)} expert.*.rows {piece} (CUDA-graph replays)",
                           layer=f"{relative(RUN)} layer.fused_ms")
     return cal
 

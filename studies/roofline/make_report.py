@@ -34,6 +34,15 @@ def _md(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(md_table(headers, [[f"{v:.4g}" if isinstance(v, float) else v for v in r] for r in rows]))
 
 
+def piece_ms(row: dict) -> float:
+    """An expert row's piece as the engine runs it: its chosen path (runs before the path choice: fused)."""
+    return row.get("engine_ms", row["fused_ms"])
+
+
+def has_paths(r: dict) -> bool:
+    return any("path" in row for e in r["expert"].values() for row in e["rows"])
+
+
 def roofline_rows(r: dict) -> list[list[Any]]:
     """Per piece: bytes it must read, fused time, achieved GB/s, % of the measured HBM peak, the old
     engine's time and the fp16 dense FFN's, same call."""
@@ -42,10 +51,11 @@ def roofline_rows(r: dict) -> list[list[Any]]:
     for name, e in r["expert"].items():
         for row in e["rows"]:
             b = e["weight_bytes"]
-            gbs = b / row["fused_ms"] / 1e6
+            ms = piece_ms(row)
+            gbs = b / ms / 1e6
             old = row["old_compiled_ms"]
-            rows.append([f"expert {name}", row["batch"], b, row["fused_ms"], gbs, 100 * gbs / peak,
-                         old if old is not None else "-", old / row["fused_ms"] if old is not None else "-",
+            rows.append([f"expert {name}", row["batch"], b, ms, gbs, 100 * gbs / peak,
+                         old if old is not None else "-", old / ms if old is not None else "-",
                          row["fp16_dense_ms"]])
     lay = r["layer"]
     b = lay["attn_weight_bytes"] + lay["kv_cache_bytes_read"] + lay["gate_bytes"]
@@ -64,7 +74,7 @@ def copy_rows(r: dict) -> tuple[list[list[Any]], float]:
 
 
 def goal_rows(r: dict) -> list[list[Any]]:
-    p = {f"expert_b{row['batch']}": row["fused_ms"] for row in r["expert"]["hqq2"]["rows"]}
+    p = {f"expert_b{row['batch']}": piece_ms(row) for row in r["expert"]["hqq2"]["rows"]}
     p["layer_b1"] = r["layer"]["fused_ms"]
     rows = [[f"{k} (ms)", f"<= {GOALS[k]}", p[k], "yes" if p[k] <= GOALS[k] else "no"]
             for k in ("expert_b1", "expert_b16", "layer_b1")]
@@ -103,6 +113,23 @@ def _variant_cells(v: dict) -> list[Any]:
             *(f"{v[k]:.2e}" if v.get(k) is not None else "-" for k in ("v1_max_rel_err", "v2_max_rel_err"))]
 
 
+def path_rows(r: dict) -> list[list[Any]]:
+    """Per expert format and batch: the path the engine chose, each candidate's graph time (forced, same
+    run) and its time at the decision (``do_bench``), and whether the choice is the faster graph."""
+    rows = []
+    for name, e in r["expert"].items():
+        for row in e["rows"]:
+            if "path" not in row:
+                continue
+            graph, tuner = row["path_graph_ms"], row["path_tuner_ms"]
+            f, d = graph.get("fused"), graph.get("dequant")
+            rows.append([f"expert {name}", row["batch"], row["path"], row["engine_ms"],
+                         *(v if v is not None else "-" for v in (f, d)), f / d if f and d else "-",
+                         *(tuner.get(p) if tuner.get(p) is not None else "-" for p in ("fused", "dequant")),
+                         {True: "yes", False: "no", None: "-"}[row["path_is_fastest_graph"]]])
+    return rows
+
+
 def tuning_rows(r: dict) -> list[list[Any]]:
     """Per tuned kernel shape: the fastest tile of each variant and the tile the autotuner kept."""
     rows = []
@@ -129,12 +156,21 @@ def pieces_sections(r: dict) -> list[str]:
         f"GiB device-to-device copy moved {peak:.0f} GB/s (bytes read + written). `old` is the previous "
         "engine's piece (torch.compile'd dequantise-then-matmul, the layer likewise); `fp16 dense` is cuBLAS "
         "on an unquantised FFN of the same shape.",
-        _md(["piece", "batch", "bytes read", "fused ms", "GB/s", "% of HBM peak", "old ms", "speed-up",
-             "fp16 dense ms"], roofline_rows(r)),
+        _md(["piece", "batch", "bytes read", "engine ms" if has_paths(r) else "fused ms", "GB/s", "% of HBM peak",
+             "old ms", "speed-up", "fp16 dense ms"], roofline_rows(r)),
         f"Layer bytes: {lay['attn_weight_bytes']} B of 4-bit weights, {lay['kv_cache_bytes_read']} B of KV cache "
         + (f"(the fused decode attention reads the {lay['positions_read']} positions written of the "
            f"{lay['context']}-position cache)" if "positions_read" in lay else
            f"(SDPA reads the static {lay['context']}-position cache under a mask)") + " and the gate."]
+    if has_paths(r):
+        out += ["## Expert path per batch\n\nThe engine times the fused kernels and dequantise-then-cuBLAS "
+                "(the dequantisation torch.compile'd) once per format, shape and batch at warm-up (`tuner` "
+                "columns: `do_bench` ms, cold L2) and serves the faster of those that agree with the reference "
+                "(`moesim/engine/kernels/expert_path.py`); `graph` columns: each path forced and replayed as a "
+                "CUDA graph in the same run. `engine ms` is the piece as the engine runs it (the roofline table "
+                "above uses it).",
+                _md(["piece", "batch", "chosen", "engine ms", "fused graph ms", "dequant graph ms", "fused / dequant",
+                     "fused tuner ms", "dequant tuner ms", "chosen is the faster graph"], path_rows(r))]
     variants = variant_rows(r)
     if variants:
         out += ["## Fused kernel variants\n\nThe same pieces with only one variant of the fused kernel "

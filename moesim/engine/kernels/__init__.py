@@ -2,8 +2,10 @@
 
 The reference path (``moesim.engine.quant.dequantize`` then a matmul) runs on CPU and wherever Triton
 is missing; on a CUDA device with Triton the packed matrices go through ``kernels.lowbit`` (one read of
-each packed byte). ``MOESIM_KERNELS=reference`` (or :func:`reference_kernels`) forces the reference
-path everywhere, e.g. to time the previous engine beside the new one.
+each packed byte). An expert's FFN there takes the fused kernels or dequantise-then-cuBLAS, whichever
+measured faster for its format and batch (``kernels.expert_path``). ``MOESIM_KERNELS=reference`` (or
+:func:`reference_kernels`) forces the reference path everywhere, e.g. to time the previous engine beside
+the new one.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import contextlib
 import importlib.util
 import os
 from collections.abc import Iterator
+from typing import Any
 
+from moesim.engine.kernels import expert_path
 from moesim.engine.quant import QuantSpec, matrix
 
 # plain module state (no cached functions): torch.compile traces these reads as constants
@@ -22,6 +26,22 @@ _TRITON = importlib.util.find_spec("triton") is not None
 
 def triton_available() -> bool:
     return _TRITON
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def compiled(fn):
+    """torch.compile'd ``fn`` (fused dequant kernels, few launches); one compiled object per function."""
+    if fn.__name__ not in _COMPILED:
+        import torch
+        import torch._dynamo.config as dcfg
+
+        for knob in ("cache_size_limit", "recompile_limit"):   # one graph per (quantization, batch)
+            if hasattr(dcfg, knob):
+                setattr(dcfg, knob, 64)
+        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn.__name__]
 
 
 @contextlib.contextmanager
@@ -139,12 +159,44 @@ def decode_attention(q, k_cache, v_cache, pos, positions, window: int = 0):
 
 def packed_expert(blob, x, spec: QuantSpec, hidden: int, ffn: int):
     """An expert's SwiGLU FFN on ``x`` (tokens, hidden) from its packed blob (w1, w3: ffn x hidden;
-    w2: hidden x ffn), in ``x``'s dtype: two fused kernels, or dequantise then matmul."""
+    w2: hidden x ffn), in ``x``'s dtype. Where the fused kernels take both shapes: the fused kernels or
+    dequantise-then-cuBLAS, whichever measured faster for this key (decided at the first call, outside
+    capture; ``expert_path``); elsewhere dequantise then matmul, per matrix."""
     import torch
 
     if fused_for(x, spec, ffn, hidden) and fused_for(x, spec, hidden, ffn):
-        return torch.ops.moesim.lowbit_expert(blob, x.contiguous(), spec.name, hidden, ffn)
+        x = x.contiguous()
+        if torch.compiler.is_compiling():   # traced code cannot time; the decision is an eager-engine matter
+            path = expert_path.FUSED
+        else:
+            path = expert_path.choose(
+                expert_path.path_key(spec.name, hidden, ffn, x),
+                {expert_path.FUSED: lambda: torch.ops.moesim.lowbit_expert(blob, x, spec.name, hidden, ffn),
+                 expert_path.DEQUANT: lambda: dequant_expert(blob, x, spec, hidden, ffn, compile=True)},
+                reference=lambda: dequant_expert(blob, x, spec, hidden, ffn),
+                can_time=not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+        if path == expert_path.FUSED:
+            return torch.ops.moesim.lowbit_expert(blob, x, spec.name, hidden, ffn)
+        return dequant_expert(blob, x, spec, hidden, ffn, compile=path == expert_path.DEQUANT)
     size = spec.matrix_bytes(hidden * ffn)
     h = torch.nn.functional.silu(packed_linear(x, blob[:size], spec, ffn, hidden)) \
         * packed_linear(x, blob[size:2 * size], spec, ffn, hidden)
     return packed_linear(h, blob[2 * size:3 * size], spec, hidden, ffn)
+
+
+def expert_weights(blob, spec: QuantSpec, hidden: int, ffn: int, dtype) -> tuple:
+    """An expert blob's (w1, w3, w2) dequantised to ``dtype``."""
+    size = spec.matrix_bytes(hidden * ffn)
+    shapes = ((ffn, hidden), (ffn, hidden), (hidden, ffn))
+    return tuple(matrix(blob[i * size:(i + 1) * size], spec, *shape).to(dtype) for i, shape in enumerate(shapes))
+
+
+def dequant_expert(blob, x, spec: QuantSpec, hidden: int, ffn: int, compile: bool = False):
+    """An expert's SwiGLU FFN by dequantising its three matrices, then three matmuls (cuBLAS on a GPU):
+    the previous engine's expert. ``compile``: the dequantisation torch.compile'd on a GPU (one compiled
+    graph per format and shape, whatever the batch; eager elsewhere), as the previous engine ran it."""
+    import torch
+
+    weights = compiled(expert_weights) if compile and x.device.type == "cuda" else expert_weights
+    w1, w3, w2 = weights(blob, spec, hidden, ffn, x.dtype)
+    return (torch.nn.functional.silu(x @ w1.T) * (x @ w3.T)) @ w2.T

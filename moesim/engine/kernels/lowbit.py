@@ -36,6 +36,7 @@ from typing import Any
 import triton
 import triton.language as tl
 
+from moesim.engine.kernels.expert_path import AGREEMENT_TOL, max_rel_diff, time_ms
 from moesim.engine.quant import META_GROUP, QuantSpec, split_matrix
 
 
@@ -357,9 +358,6 @@ def _tuned_config(x, out, a, b, spec: QuantSpec, rows: int, cols: int) -> Config
     return best
 
 
-AGREEMENT_TOL = 2e-2   # max |y - y_v1| / max |y_v1|; the fused paths sit within 7e-3 of the reference
-
-
 def _drop_disagreeing(key: tuple, output) -> None:
     """Keep out of ``TUNING[key]`` every candidate whose output differs from the first v1 candidate's
     (v1: the variant checked against the reference on the device) by more than ``AGREEMENT_TOL``: the
@@ -369,10 +367,9 @@ def _drop_disagreeing(key: tuple, output) -> None:
     if ref_cfg is None:
         return
     ref = output(ref_cfg)
-    scale = float(ref.abs().max()) or 1.0
     for i, (c, _t) in enumerate(TUNING[key]):
         if c in ran and c != ref_cfg:
-            err = float((output(c) - ref).abs().max()) / scale
+            err = max_rel_diff(output(c), ref)
             if not err <= AGREEMENT_TOL:
                 TUNING[key][i] = (c, math.inf)
                 TUNING_ERRORS[(key, c)] = f"disagrees with v1 {ref_cfg}: max relative difference {err:.3g}"
@@ -381,10 +378,8 @@ def _drop_disagreeing(key: tuple, output) -> None:
 def _time_candidate(key: tuple, cfg: Config, fn) -> float:
     """One candidate's time in ms; a candidate that fails to compile or launch is kept out (infinite time,
     its error in ``TUNING_ERRORS``) rather than failing the caller: the other candidates still serve."""
-    from triton.testing import do_bench
-
     try:
-        return float(do_bench(fn, warmup=5, rep=20))
+        return time_ms(fn)
     except Exception as exc:   # noqa: BLE001 - a compiler error in one tile must not stop the engine
         TUNING_ERRORS[(key, cfg)] = f"{type(exc).__name__}: {str(exc)[:400]}"
         return math.inf
