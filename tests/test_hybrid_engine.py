@@ -185,3 +185,20 @@ def test_driver_calibrates_from_its_own_micro_benchmarks(setup):
     graph = out["calibration_raw"]["graph"]
     assert cost.expert_seconds(1) == pytest.approx(graph["expert_ms"] * 1e-3)
     assert cost.lowbit_expert_seconds(1) == pytest.approx(graph["lowbit_expert_ms"] * 1e-3)
+
+
+def test_driver_cpu_terms_measure_alone_and_beside_copies(setup):
+    """The driver's CPU block: the factor is median beside / median alone of what it measured, and the
+    block is one the cost model accepts."""
+    import statistics
+
+    w, program, cpu, *_ = setup
+    block = run_validation.cpu_terms(w, cpu, 1, run_validation.timer("cpu"))
+    m = block["measured"]
+    assert len(m["alone_s"]) == len(m["beside_copies_s"]) >= 24 and m["copies_beside_cpu_s"]
+    assert block["beside_copies"] == pytest.approx(statistics.median(m["beside_copies_s"])
+                                                   / statistics.median(m["alone_s"]))
+    assert block["expert_s"]["int8"][0][1] == pytest.approx(statistics.median(m["alone_s"]))
+    cost = CostModel.from_dict(CostModel.preset("h200").to_dict() | {"cpu": block})
+    assert cost.cpu_expert_seconds(1, beside_copies=True) == pytest.approx(
+        statistics.median(m["beside_copies_s"]), rel=1e-9)
