@@ -124,6 +124,26 @@ def test_hand_traced_mru(tmp_path):
     assert (r.hits, r.method) == (1, "numba")
 
 
+@njit
+def _no_access(state, key, now, weight):
+    pass
+
+
+@njit
+def _equal_score(state, key, now):
+    return 0.0
+
+
+@pytest.mark.parametrize("scope,semantics,size", [("layer", "atomic", 3), ("global", "sequential", 12)])
+def test_equal_scores_go_to_the_least_recently_requested(trace, scope, semantics, size):
+    # every score ties, so the tie rule alone picks the victims: the compiled loop must be LRU (the class)
+    tied = simulate(trace, ScorePolicy("tied", _equal_score, _no_access, n_fields=1), size, scope=scope,
+                    semantics=semantics)
+    lru = simulate(trace, "lru", size, scope=scope, semantics=semantics, force_generic=True)
+    assert (tied.method, lru.method) == ("numba", "python")
+    assert list(tied.layer_hits) == list(lru.layer_hits)
+
+
 def test_mrc_takes_a_score_policy(trace):
     curve = mrc(trace, AGED, [2, 4])
     assert [c["hits"] for c in curve.curve] == [simulate(trace, AgedGate, s).hits for s in (2, 4)]

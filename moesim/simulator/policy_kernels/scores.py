@@ -75,7 +75,7 @@ def _decay_exact(policy, d, fparams):
     return math.exp((-fparams[RATE]) * float(d))
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")  # an allocation the loop reads: inlined (state.new_state)
 def decay_table(policy, fparams):
     """The decay factors of the ages 0 .. DECAY_TABLE - 1, each the very float :func:`_decay_exact` computes."""
     table = np.empty(DECAY_TABLE if _decays(policy) else 1, np.float64)
