@@ -171,8 +171,12 @@ def test_driver_cell_and_report_section(setup, tmp_path):
     assert "CPU expert 1.500 ms, the hidden state's hop 20.0 us" in text
 
 
-def test_driver_calibrates_from_its_own_micro_benchmarks(setup):
+def test_driver_calibrates_from_its_own_micro_benchmarks(setup, monkeypatch):
     w, small, cpu, trace, routing, _ = setup
+    # the copy curve, timed on a loaded CI box, can come out flat or falling at these sizes (one CI run fit a
+    # non-positive bandwidth); this test is about the wiring, so the curve is a straight line
+    monkeypatch.setattr(run_validation, "h2d_curve",
+                        lambda device, sizes: [{"bytes": n, "ms": 0.01 + n / 1e7} for n in sizes])
     program = HybridProgram(w, w.geometry.num_experts, TOKENS, lowbit=small.lowbit)   # the all-resident run's slots
     out: dict = {}
     program.load_routing(routing)

