@@ -143,21 +143,31 @@ def alone_and_beside(cpu_calls: Callable[[], list[float]], copy_once: Callable[[
     return out
 
 
-def pinned_copy(nbytes: int) -> Callable[[], None] | None:
-    """One host-to-device copy of a pinned ``nbytes`` blob on a side stream, waited for; None without a GPU."""
+def copy_once_fn(src, dst) -> Callable[[], None]:
+    """One copy of ``src`` into ``dst``, waited for: on a side stream when ``dst`` is on a GPU (the
+    engine's copies run beside its compute), else a plain memory copy (a CPU smoke run)."""
     import torch
 
-    if not torch.cuda.is_available():
-        return None
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    stream = torch.cuda.Stream()
+    stream = torch.cuda.Stream(dst.device) if dst.device.type == "cuda" else None
 
     def copy_once() -> None:
+        if stream is None:
+            dst.copy_(src)
+            return
         with torch.cuda.stream(stream):
             dst.copy_(src, non_blocking=True)
         stream.synchronize()
     return copy_once
+
+
+def pinned_copy(nbytes: int) -> Callable[[], None] | None:
+    """One host-to-device copy of a pinned ``nbytes`` blob (:func:`copy_once_fn`); None without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return copy_once_fn(torch.empty(nbytes, dtype=torch.uint8, pin_memory=True),
+                        torch.empty(nbytes, dtype=torch.uint8, device="cuda"))
 
 
 def measure_beside_copies(fmt: str, geometry: tuple[int, int], threads: int, calls: int,

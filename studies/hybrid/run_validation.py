@@ -119,22 +119,13 @@ def cpu_expert_calls(cpu, worker_threads: int, calls: int, x):
 
 
 def blob_copy(weights):
-    """One whole expert blob host -> device (pinned on a GPU) on a side stream, waited for."""
+    """One whole expert blob host -> device (pinned on a GPU), waited for."""
     import torch
 
-    d = weights.d
-    src = weights.host[0][0]
-    dst = torch.empty_like(src, device=d.dev)
-    stream = torch.cuda.Stream(d.dev) if d.cuda else None
+    from moesim.engine.cpu_bench import copy_once_fn
 
-    def copy_once() -> None:
-        if stream is None:
-            dst.copy_(src)
-            return
-        with torch.cuda.stream(stream):
-            dst.copy_(src, non_blocking=True)
-        stream.synchronize()
-    return copy_once
+    src = weights.host[0][0]
+    return copy_once_fn(src, torch.empty_like(src, device=weights.d.dev))
 
 
 def cpu_terms(weights, cpu, worker_threads: int, seconds) -> dict:
