@@ -178,6 +178,30 @@ def _device_section(cells: dict, raw: dict) -> list[str]:
     if raw.get("skipped"):
         lines += ["", "Not measured (the run's time ran out first): "
                   + ", ".join(f"{quant} at {n} layers" for n, quant in raw["skipped"]) + "."]
+    for path in sorted((HERE / "raw").glob("device*.json")):
+        closure = json.loads(path.read_text()).get("closure")
+        if closure:
+            lines += _closure_section(closure, f"raw/{path.name}")
+    return lines
+
+
+def _closure_section(c: dict, source: str) -> list[str]:
+    """measure.py --closure: ``generate --record`` on the largest checkpoint, then ``simulate`` on the
+    recorded trace with the same settings; the live run's counts against the replay's, per prefetcher."""
+    keys = list(c["cells"][0]["live"]) if c["cells"] else []
+    lines = ["", f"## Record -> replay closure on the same run ({source})", "",
+             f"`generate --record` on the {c['layers']}-layer checkpoint ({c['quant']}, from the quantization cache "
+             f"just written, `--device {c['device']}`, a {c['prompt_len']}-token prompt then {c['tokens']} new "
+             f"tokens, {c['policy']}, {c['cache_size']} slots per layer), then `simulate` on the recorded trace "
+             "with the same policy, cache size and prefetcher. Each cell shows live / replay.", ""]
+    rows = [[cell["prefetch"], *(f"{cell['live'][k]} / {cell['replay'][k]}" for k in keys),
+             str(cell["device_copies"]), str(cell["violations"]), "yes" if cell["equal"] else "NO"]
+            for cell in c["cells"]]
+    lines += md_table(["prefetch", *keys, "copies seen on the device", "residency violations", "equal"], rows)
+    equal = sum(cell["equal"] for cell in c["cells"])
+    lines += ["", f"The replay reproduced the live run exactly for {equal} of {len(c['cells'])} prefetchers."]
+    if c.get("skipped"):
+        lines[-1] += " Not run (time ran out): " + ", ".join(c["skipped"]) + "."
     return lines
 
 

@@ -128,7 +128,8 @@ GENERATE_KEYS = ("load_s", "first_token_s", "quant_cache", "load_parts_s", "toke
 
 def run_generate(code: Path, ckpt: Path, quant: str, cache: Path, device: str) -> dict:
     """One ``moesim generate`` in a child; its wall time and :data:`GENERATE_KEYS` of its JSON."""
-    env = {**os.environ, "PYTHONPATH": str(code)}
+    # the tree measured first; whatever else the caller's path holds (a wheel folder on the device) after it
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(code), os.environ.get("PYTHONPATH")) if p)}
     if device == "cpu":
         env["OMP_NUM_THREADS"] = "2"
     cmd = [sys.executable, "-m", "moesim", "generate", "--model", str(ckpt), "--prompt-ids", "1,2,3,4",
@@ -191,9 +192,15 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="generate's --device (cuda: hqq quantizes on the GPU, the "
                                                     "store is pinned); the checkpoint is drawn there too")
     ap.add_argument("--work", help="where the checkpoint and caches go (default: a temporary directory)")
+    ap.add_argument("--cache-work", help="where the quantization caches go (default: --work; /dev/shm when the "
+                                         "disk holds only the checkpoint)")
     ap.add_argument("--stop-after-s", type=float, help="start no cell after this many seconds of measuring "
                                                        "(the skipped cells are listed in the output)")
+    ap.add_argument("--closure", action="store_true", help="after the largest checkpoint's --closure-quant cells, "
+                    "run closure.py's record -> replay check on it (every prefetcher)")
+    ap.add_argument("--closure-quant", default="hqq2")
     args = ap.parse_args()
+    from closure import run_closure
     from tqdm import tqdm
 
     cells: list[dict] = []
@@ -205,15 +212,18 @@ def main() -> None:
         raw["date"] = datetime.now(UTC).isoformat(timespec="seconds")
         Path(args.out).write_text(json.dumps(raw, indent=1) + "\n")
     work = Path(tempfile.mkdtemp(prefix="ckload-", dir=args.work))
+    caches = Path(tempfile.mkdtemp(prefix="ckcache-", dir=args.cache_work)) if args.cache_work else work
     try:
         layer_list = [int(x) for x in args.layers.split(",")]
         hqq_layers = {int(x) for x in args.hqq_layers.split(",")}
         # quant by quant (the whole bf16 curve first), each over every layer count
         todo = [(q, n) for q in args.quants.split(",") for n in layer_list if q == "bf16" or n in hqq_layers]
-        need = max(layer_list) * args.experts * 3 * args.ffn * args.hidden * 2 * 1.2   # bf16 shards, caches, slack
-        if shutil.disk_usage(work).free < need:
-            raise SystemExit(f"measure.py: {work} has {shutil.disk_usage(work).free / GB:.1f} GB free; the checkpoint "
-                             f"and the largest quantization cache need about {need / GB:.1f} GB (pick --work)")
+        ckpt_bytes = max(layer_list) * args.experts * 3 * args.ffn * args.hidden * 2 * 1.05   # bf16 shards + slack
+        cache_bytes = max(layer_list) * args.experts * 3 * args.ffn * args.hidden * 0.4   # hqq2: ~2.3 bits a weight
+        for where, need in ((work, ckpt_bytes + (cache_bytes if caches == work else 0)), (caches, cache_bytes)):
+            if shutil.disk_usage(where).free < need:
+                raise SystemExit(f"measure.py: {where} has {shutil.disk_usage(where).free / GB:.1f} GB free; it needs "
+                                 f"about {need / GB:.1f} GB (pick --work / --cache-work)")
         # one checkpoint of the most layers; every smaller count reads its first shards (nothing more written)
         full = work / f"L{max(layer_list)}"
         sizes = write_checkpoint(full, args.hidden, args.ffn, max(layer_list), args.experts, args.vocab,
@@ -225,7 +235,7 @@ def main() -> None:
                 save()
                 continue
             ckpt, size = first_layers(full, work / f"L{n}", n), sizes_of(sizes, n)
-            cache = work / f"cache-{quant}-{n}"
+            cache = caches / f"cache-{quant}-{n}"
             b = budget(args.hidden, args.ffn, n, args.experts, quant, size["other_bytes"])
             for run in ["cold", "cached"] if quant.startswith("hqq") else ["cold"]:
                 m = measure_child(Path(args.code), ckpt, quant, cache, args.device)
@@ -234,9 +244,17 @@ def main() -> None:
                 tqdm.write(f"L={n} {quant} {run}: peak {m['peak_rss_bytes'] / GB:.2f} GB "
                            f"(budget {b['budget_bytes'] / GB:.2f} GB), load {m['load_s']} s, first token "
                            f"{m['first_token_s']} s (cache {m['quant_cache']}), wall {m['wall_s']:.1f} s")
+            if args.closure and quant == args.closure_quant and n == max(layer_list):
+                # issue 27 item 3 quoted on the same run: the largest checkpoint, from the cache just written
+                deadline = started + args.stop_after_s if args.stop_after_s else None
+                raw["closure"] = {"layers": n, **run_closure(Path(args.code), ckpt, quant=quant, cache=cache,
+                                                              device=args.device, deadline=deadline)}
+                save()
             shutil.rmtree(cache, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if args.cache_work:
+            shutil.rmtree(caches, ignore_errors=True)
     save()
 
 
