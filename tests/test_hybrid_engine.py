@@ -206,3 +206,11 @@ def test_driver_cpu_terms_measure_alone_and_beside_copies(setup):
     cost = CostModel.from_dict(CostModel.preset("h200").to_dict() | {"cpu": block})
     assert cost.cpu_expert_seconds(1, beside_copies=True) == pytest.approx(
         statistics.median(m["beside_copies_s"]), rel=1e-9)
+    assert len(m["copies_alone_s"]) >= len(m["copies_beside_cpu_s"])
+    assert cost.copy_beside_cpu_factor() == pytest.approx(statistics.median(m["copies_beside_cpu_s"])
+                                                          / statistics.median(m["copies_alone_s"]))
+    idle = m["after_idle"]
+    assert [len(x) for x in idle["after_gap_s"]] == [8] * len(idle["gaps_s"]) and len(idle["back_to_back_s"]) == 8
+    for (gap, extra), slept, after in zip(block["after_idle"], idle["slept_s"], idle["after_gap_s"], strict=True):
+        assert gap == statistics.median(slept) and extra == pytest.approx(
+            max(0.0, statistics.median(after) - statistics.median(idle["back_to_back_s"])))

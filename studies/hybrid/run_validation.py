@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import statistics
@@ -128,13 +129,21 @@ def blob_copy(weights):
     return copy_once_fn(src, torch.empty_like(src, device=weights.d.dev))
 
 
+def one_cpu_expert(cpu, x):
+    """One int8 CPU expert per call, cycling through distinct experts (each read cold, as in a run)."""
+    keys = itertools.cycle(list(cpu.copies))
+    return lambda: cpu.forward(*next(keys), x)
+
+
 def cpu_terms(weights, cpu, worker_threads: int, seconds) -> dict:
     """One int8 CPU expert on the worker's thread count, alone and beside running copies of whole expert
-    blobs, in alternating rounds (:func:`moesim.engine.cpu_bench.alone_and_beside`); and the hidden
+    blobs, and those copies alone, in alternating rounds (:func:`moesim.engine.cpu_bench.alone_and_beside`);
+    the expert back to back and after idle gaps (:func:`moesim.engine.cpu_bench.after_idle`); and the hidden
     state's hop each way through a pinned buffer (round trip / 2)."""
     import torch
 
-    from moesim.engine.cpu_bench import alone_and_beside, beside_factor, on_a_worker_thread
+    from moesim.engine.cpu_bench import (after_idle, after_idle_curve, alone_and_beside, beside_factor,
+                                         copies_factor, on_a_worker_thread)
 
     g, d = weights.geometry, weights.d
     x = torch.randn(1, g.hidden, dtype=torch.bfloat16)
@@ -143,6 +152,8 @@ def cpu_terms(weights, cpu, worker_threads: int, seconds) -> dict:
     m = alone_and_beside(cpu_expert_calls(cpu, worker_threads, calls, x), blob_copy(weights))
     alone, beside, copy_beside = m["alone_s"], m["beside_copies_s"], m["copies_beside_cpu_s"]
     expert_s, beside_s = statistics.median(alone), statistics.median(beside)
+    idle = after_idle(one_cpu_expert(cpu, x), worker_threads, calls=16 if d.cuda else 4)
+    curve = after_idle_curve(idle)
     xd = torch.randn(1, g.hidden, dtype=torch.bfloat16, device=d.dev)
     host = torch.empty(1, g.hidden, dtype=torch.bfloat16, pin_memory=d.cuda)
 
@@ -155,16 +166,24 @@ def cpu_terms(weights, cpu, worker_threads: int, seconds) -> dict:
         d.synchronize()
     hop_s = timer(str(d.dev))(round_trip, reps=200) / 2
     log(f"CPU expert (int8, {worker_threads} threads) {expert_s * 1e3:.3f} ms alone, {beside_s * 1e3:.3f} ms beside "
-        f"copies (x{beside_s / expert_s:.2f}; copies meanwhile {statistics.median(copy_beside) * 1e3:.3f} ms per "
-        f"{weights.blob_bytes} B); hop {hop_s * 1e6:.1f} us")
+        f"copies (x{beside_s / expert_s:.2f}); copies {statistics.median(m['copies_alone_s']) * 1e3:.3f} ms alone, "
+        f"{statistics.median(copy_beside) * 1e3:.3f} beside CPU experts (x{copies_factor(m):.2f}) per "
+        f"{weights.blob_bytes} B; after idle " + ", ".join(f"{a * 1e3:.2f} ms +{b * 1e3:.3f}" for a, b in curve)
+        + f" ms; hop {hop_s * 1e6:.1f} us")
     return {"threads": worker_threads, "format": "int8", "hidden_bytes": g.hidden * 2, "hop_s": hop_s,
             "expert_s": {"int8": [[1, expert_s]]}, "thread_curve": [], "beside_copies": beside_factor(m),
-            "measured": {"alone_s": alone, "beside_copies_s": beside, "copies_beside_cpu_s": copy_beside},
+            "copies_beside_cpu": copies_factor(m), "after_idle": curve,
+            "measured": {**m, "after_idle": idle},
             "sources": {"expert_s": f"the engine's int8 CPU experts, {len(alone)} calls in 2 rounds cycling over "
                                     f"{len(cpu.copies)} experts on a {worker_threads}-thread worker, median",
                         "beside_copies": "the same calls while the main thread ran pinned host-to-device copies of "
                                          "whole expert blobs back to back (alternating rounds with the alone "
                                          "calls): median beside / median alone",
+                        "copies_beside_cpu": "those copies: median while the CPU experts ran / median of as many "
+                                             "alone, in the same alternating rounds",
+                        "after_idle": "the same experts on a fresh worker thread of as many threads, one by one, "
+                                      "back to back and after each idle gap (time.sleep; alternating rounds): "
+                                      "median after the gap - median back to back",
                         "hop": "the hidden state through a pinned buffer, device->host->device, / 2"}}
 
 
