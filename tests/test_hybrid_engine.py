@@ -93,6 +93,10 @@ def test_logits_equal_the_copy_engine_and_executors_equal_the_simulator(setup, r
     assert err <= (0.35 if kind == "lowbit" else 0.05) * share, (name, err, share)
     if kind == "cpu":
         assert res["cpu_threads_used"] == 1   # one dedicated worker thread, not the caller's
+        timing = res["cpu_timing"]   # every CPU expert timed; a layer's job of two has a first and a later one
+        assert timing["n"] == res["executed"]["cpu"] and timing["expert_ms"] > 0 and timing["first_ms"] > 0
+        if name.startswith("n-cpu-moe"):
+            assert timing["later_ms"] > 0 and timing["idle_before_first_ms"] > 0
 
 
 def test_a_cpu_copy_of_the_wrong_expert_is_caught(setup):
@@ -169,6 +173,22 @@ def test_driver_cell_and_report_section(setup, tmp_path):
     assert "| 2 | hobbit | 9.00 | 9.90 | +10.0% | yes |" in text
     assert "|error| median 4.8%, max 12.5%; 4 within 5%" in text
     assert "CPU expert 1.500 ms, the hidden state's hop 20.0 us" in text
+    assert "did not measure CPU experts after idle gaps" in text and "CPU experts in the engine's run" not in text
+    # a run with the copies' own factor, the after-idle curve and the CPU experts timed in the cells
+    measured = {"alone_s": [0.0015] * 2, "beside_copies_s": [0.0018] * 2, "copies_beside_cpu_s": [0.002] * 2,
+                "copies_alone_s": [0.0016] * 2,
+                "after_idle": {"back_to_back_s": [0.002] * 3, "after_gap_s": [[0.0025] * 3], "slept_s": [[0.001] * 3]}}
+    doc["calibration"]["cpu"] |= {"beside_copies": 1.2, "copies_beside_cpu": 1.25, "after_idle": [[0.001, 0.0005]],
+                                  "measured": measured, "sources": {"after_idle": "fake"}}
+    cells[1] |= {"cpu_timing": {"n": 4, "expert_ms": 3.0, "first_ms": 3.5, "later_ms": 2.5, "idle_before_first_ms": 1.0},
+                 "sim_cpu_busy_ms": 12.0, "executed_sim": {"cpu": 4}}
+    text = "\n".join(make_report.validation_section(json.loads(json.dumps(doc)), "raw/v.json"))
+    assert "2.000 ms each (median of 2) against 1.600 ms alone (median of 2 in the same rounds): x1.25" in text
+    assert "CPU expert after the worker sat idle (fake): back to back 2.000 ms" in text
+    assert "| 1.00 | 2.500 | +0.500 | 0.500 |" in text
+    assert "| 2 | fiddler | 4 | 3.000 | 3.500 | 2.500 | 1.000 | 3.000 |" in text
+    runs = "\n".join(make_report.error_by_execution([("v.json", doc)]))
+    assert "beside-copies factor 1.20, copies-beside-CPU factor 1.25, after-idle term up to 0.500 ms" in runs
 
 
 def test_driver_calibrates_from_its_own_micro_benchmarks(setup, monkeypatch):

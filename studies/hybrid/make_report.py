@@ -188,8 +188,27 @@ def validation_section(doc: dict, source: str) -> list[str]:
         out += [f"### {trace}", "", *table(["K", "execution", "real ms/token", "sim ms/token", "error",
                                             "executed equal", "executed (engine)"], rows), "",
                 "Fastest executor at each K (speed-up over copy-only at that K):", "",
-                *table(["K", "measured", "simulated"], wins), ""]
+                *table(["K", "measured", "simulated"], wins), "", *_cpu_in_run(mine)]
     return out
+
+
+def _cpu_in_run(cells: list[dict]) -> list[str]:
+    """The CPU experts as the engine timed them in each cell against the simulator's mean (runs that kept it)."""
+    timed = [c for c in cells if (c.get("cpu_timing") or {}).get("n") and c["executed_sim"]["cpu"]]
+    if not timed:
+        return []
+
+    def ms(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}"
+    rows = [[c["cache_size"], c["execution"], c["cpu_timing"]["n"], ms(c["cpu_timing"]["expert_ms"]),
+             ms(c["cpu_timing"]["first_ms"]), ms(c["cpu_timing"]["later_ms"]),
+             ms(c["cpu_timing"]["idle_before_first_ms"]), ms(c["sim_cpu_busy_ms"] / c["executed_sim"]["cpu"])]
+            for c in timed]
+    return ["CPU experts in the engine's run (medians; first: the first expert of a layer's job, after the worker "
+            "waited; later: back to back after it) against the simulator's mean CPU expert (its CPU stream's busy "
+            "time / CPU experts, contention and wake-up terms included):", "",
+            *table(["K", "execution", "CPU experts", "run ms", "first ms", "later ms", "idle before first ms",
+                    "sim mean ms"], rows), ""]
 
 
 def main(argv: list[str] | None = None) -> None:

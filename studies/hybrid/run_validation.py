@@ -233,7 +233,9 @@ def run_cell(weights, program, cpu, routing, trace, cost, k: int, execution: str
            "error": (sim_ms - real_ms) / real_ms, "executed_real": res["executed"], "executed_sim": simd["executed"],
            "executed_equal": res["executed"] == simd["executed"], "violations": res["violations"],
            "device_copies": res["device_copies"], "once_violations": res["once_violations"],
-           "cpu_violations": res["cpu_violations"], "token_ms": res["token_ms"], "tokens": res["tokens"]}
+           "cpu_violations": res["cpu_violations"], "token_ms": res["token_ms"], "tokens": res["tokens"],
+           # the CPU experts as the run timed them, beside the simulator's CPU stream (why a cell is off)
+           "cpu_timing": res.get("cpu_timing"), "sim_cpu_busy_ms": simd.get("cpu_busy_ms")}
     log(f"K={k} {execution:>12}: real {real_ms:8.3f} sim {sim_ms:8.3f} ms/token ({row['error'] * 100:+.1f}%) "
         f"executed {'==' if row['executed_equal'] else '!='} {res['executed']} proof {res['violations']}/"
         f"{res['once_violations']}/{res['cpu_violations']}")
