@@ -223,7 +223,8 @@ class CpuWorker:
         return {"n": len(spans), "expert_ms": med([b - a for a, b, _ in spans]),
                 "first_ms": med([b - a for a, b, first in spans if first]),
                 "later_ms": med([b - a for a, b, first in spans if not first]),
-                "idle_before_first_ms": med([a - prev[1] for prev, (a, _, first) in zip(spans, spans[1:]) if first])}
+                "idle_before_first_ms": med([a - prev[1] for prev, (a, _, first) in zip(spans, spans[1:], strict=False)
+                                             if first])}
 
     def merge(self, layer: int) -> None:
         if layer not in self.pending:

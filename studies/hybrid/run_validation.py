@@ -142,18 +142,17 @@ def cpu_terms(weights, cpu, worker_threads: int, seconds) -> dict:
     state's hop each way through a pinned buffer (round trip / 2)."""
     import torch
 
-    from moesim.engine.cpu_bench import (after_idle, after_idle_curve, alone_and_beside, beside_factor,
-                                         copies_factor, on_a_worker_thread)
+    from moesim.engine import cpu_bench
 
     g, d = weights.geometry, weights.d
     x = torch.randn(1, g.hidden, dtype=torch.bfloat16)
     calls = max(2 * len(cpu.copies), 24) if len(cpu.copies) < 64 else len(cpu.copies)
-    on_a_worker_thread(cpu_expert_calls(cpu, worker_threads, 4, x))   # the thread pool and first pages
-    m = alone_and_beside(cpu_expert_calls(cpu, worker_threads, calls, x), blob_copy(weights))
+    cpu_bench.on_a_worker_thread(cpu_expert_calls(cpu, worker_threads, 4, x))   # the thread pool and first pages
+    m = cpu_bench.alone_and_beside(cpu_expert_calls(cpu, worker_threads, calls, x), blob_copy(weights))
     alone, beside, copy_beside = m["alone_s"], m["beside_copies_s"], m["copies_beside_cpu_s"]
     expert_s, beside_s = statistics.median(alone), statistics.median(beside)
-    idle = after_idle(one_cpu_expert(cpu, x), worker_threads, calls=16 if d.cuda else 4)
-    curve = after_idle_curve(idle)
+    idle = cpu_bench.after_idle(one_cpu_expert(cpu, x), worker_threads, calls=16 if d.cuda else 4)
+    curve = cpu_bench.after_idle_curve(idle)
     xd = torch.randn(1, g.hidden, dtype=torch.bfloat16, device=d.dev)
     host = torch.empty(1, g.hidden, dtype=torch.bfloat16, pin_memory=d.cuda)
 
@@ -167,12 +166,12 @@ def cpu_terms(weights, cpu, worker_threads: int, seconds) -> dict:
     hop_s = timer(str(d.dev))(round_trip, reps=200) / 2
     log(f"CPU expert (int8, {worker_threads} threads) {expert_s * 1e3:.3f} ms alone, {beside_s * 1e3:.3f} ms beside "
         f"copies (x{beside_s / expert_s:.2f}); copies {statistics.median(m['copies_alone_s']) * 1e3:.3f} ms alone, "
-        f"{statistics.median(copy_beside) * 1e3:.3f} beside CPU experts (x{copies_factor(m):.2f}) per "
+        f"{statistics.median(copy_beside) * 1e3:.3f} beside CPU experts (x{cpu_bench.copies_factor(m):.2f}) per "
         f"{weights.blob_bytes} B; after idle " + ", ".join(f"{a * 1e3:.2f} ms +{b * 1e3:.3f}" for a, b in curve)
         + f" ms; hop {hop_s * 1e6:.1f} us")
     return {"threads": worker_threads, "format": "int8", "hidden_bytes": g.hidden * 2, "hop_s": hop_s,
-            "expert_s": {"int8": [[1, expert_s]]}, "thread_curve": [], "beside_copies": beside_factor(m),
-            "copies_beside_cpu": copies_factor(m), "after_idle": curve,
+            "expert_s": {"int8": [[1, expert_s]]}, "thread_curve": [], "beside_copies": cpu_bench.beside_factor(m),
+            "copies_beside_cpu": cpu_bench.copies_factor(m), "after_idle": curve,
             "measured": {**m, "after_idle": idle},
             "sources": {"expert_s": f"the engine's int8 CPU experts, {len(alone)} calls in 2 rounds cycling over "
                                     f"{len(cpu.copies)} experts on a {worker_threads}-thread worker, median",
