@@ -293,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     out: dict = {"device": "cpu (tiny)" if args.tiny else torch.cuda.get_device_name(0), "commit": args.commit,
                  "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__,
                  "tokens_per_cell": args.tokens, "cpu_threads": threads, "host_cpus": os.cpu_count(),
-                 "policy": "lru", "batch": 1, "cells": []}
+                 "policy": "lru", "batch": 1, "cells": [],
+                 # the thread pools' wait policy (set before the run to try a pool that never sleeps)
+                 "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}}
 
     def save() -> None:
         tmp = path.with_suffix(".tmp")
