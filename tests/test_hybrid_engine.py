@@ -97,6 +97,7 @@ def test_logits_equal_the_copy_engine_and_executors_equal_the_simulator(setup, r
         assert timing["n"] == res["executed"]["cpu"] and timing["expert_ms"] > 0 and timing["first_ms"] > 0
         if name.startswith("n-cpu-moe"):
             assert timing["later_ms"] > 0 and timing["idle_before_first_ms"] > 0
+        assert timing["ready_wait_ms"] >= 0 and timing["merge_lag_ms"] >= 0
 
 
 def test_a_cpu_copy_of_the_wrong_expert_is_caught(setup):
@@ -180,13 +181,15 @@ def test_driver_cell_and_report_section(setup, tmp_path):
                 "after_idle": {"back_to_back_s": [0.002] * 3, "after_gap_s": [[0.0025] * 3], "slept_s": [[0.001] * 3]}}
     doc["calibration"]["cpu"] |= {"beside_copies": 1.2, "copies_beside_cpu": 1.25, "after_idle": [[0.001, 0.0005]],
                                   "measured": measured, "sources": {"after_idle": "fake"}}
-    cells[1] |= {"cpu_timing": {"n": 4, "expert_ms": 3.0, "first_ms": 3.5, "later_ms": 2.5, "idle_before_first_ms": 1.0},
+    cells[1] |= {"cpu_timing": {"n": 4, "expert_ms": 3.0, "first_ms": 3.5, "later_ms": 2.5, "idle_before_first_ms": 1.0,
+                                "ready_wait_ms": 0.2, "merge_lag_ms": 0.05},
                  "sim_cpu_busy_ms": 12.0, "executed_sim": {"cpu": 4}}
     text = "\n".join(make_report.validation_section(json.loads(json.dumps(doc)), "raw/v.json"))
     assert "2.000 ms each (median of 2) against 1.600 ms alone (median of 2 in the same rounds): x1.25" in text
     assert "CPU expert after the worker sat idle (fake): back to back 2.000 ms" in text
     assert "| 1.00 | 2.500 | +0.500 | 0.500 |" in text
-    assert "| 2 | fiddler | 4 | 3.000 | 3.500 | 2.500 | 1.000 | 3.000 |" in text
+    assert "| 2 | fiddler | 4 | 3.000 | 3.500 | 2.500 | 1.000 | 3.000 | 0.200 | 0.050 |" in text
+    assert "a hop of 0.020 ms each way" in text
     runs = "\n".join(make_report.error_by_execution([("v.json", doc)]))
     assert "beside-copies factor 1.20, copies-beside-CPU factor 1.25, after-idle term up to 0.500 ms" in runs
 

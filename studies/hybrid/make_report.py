@@ -188,11 +188,11 @@ def validation_section(doc: dict, source: str) -> list[str]:
         out += [f"### {trace}", "", *table(["K", "execution", "real ms/token", "sim ms/token", "error",
                                             "executed equal", "executed (engine)"], rows), "",
                 "Fastest executor at each K (speed-up over copy-only at that K):", "",
-                *table(["K", "measured", "simulated"], wins), "", *_cpu_in_run(mine)]
+                *table(["K", "measured", "simulated"], wins), "", *_cpu_in_run(mine, cpu["hop_s"])]
     return out
 
 
-def _cpu_in_run(cells: list[dict]) -> list[str]:
+def _cpu_in_run(cells: list[dict], hop_s: float) -> list[str]:
     """The CPU experts as the engine timed them in each cell against the simulator's mean (runs that kept it)."""
     timed = [c for c in cells if (c.get("cpu_timing") or {}).get("n") and c["executed_sim"]["cpu"]]
     if not timed:
@@ -202,13 +202,16 @@ def _cpu_in_run(cells: list[dict]) -> list[str]:
         return "-" if x is None else f"{x:.3f}"
     rows = [[c["cache_size"], c["execution"], c["cpu_timing"]["n"], ms(c["cpu_timing"]["expert_ms"]),
              ms(c["cpu_timing"]["first_ms"]), ms(c["cpu_timing"]["later_ms"]),
-             ms(c["cpu_timing"]["idle_before_first_ms"]), ms(c["sim_cpu_busy_ms"] / c["executed_sim"]["cpu"])]
+             ms(c["cpu_timing"]["idle_before_first_ms"]), ms(c["sim_cpu_busy_ms"] / c["executed_sim"]["cpu"]),
+             ms(c["cpu_timing"].get("ready_wait_ms")), ms(c["cpu_timing"].get("merge_lag_ms"))]
             for c in timed]
     return ["CPU experts in the engine's run (medians; first: the first expert of a layer's job, after the worker "
             "waited; later: back to back after it) against the simulator's mean CPU expert (its CPU stream's busy "
-            "time / CPU experts, contention and wake-up terms included):", "",
+            "time / CPU experts, contention and wake-up terms included); and the hand-offs: the worker's wait "
+            "for the hidden state (from the job's start on the worker) and the main thread's lag from the job's "
+            f"last expert to having its result (the simulator prices a hop of {hop_s * 1e3:.3f} ms each way):", "",
             *table(["K", "execution", "CPU experts", "run ms", "first ms", "later ms", "idle before first ms",
-                    "sim mean ms"], rows), ""]
+                    "sim mean ms", "ready wait ms", "merge lag ms"], rows), ""]
 
 
 def main(argv: list[str] | None = None) -> None:

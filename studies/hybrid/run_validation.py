@@ -7,7 +7,8 @@ their int8 CPU copies) is built once. The simulator's calibration comes from mic
 run (copy curve, the engine's captured pieces, an all-resident run, the engine terms, one CPU expert on
 the worker's threads, the hidden state's hop through pinned buffers) -- never from the cells. Each cell
 runs the engine once and the simulator (the one cell runner) on the same tokens; the engine's executor
-counts must equal the simulator's.
+counts must equal the simulator's. Batch 1 only: the hybrid engine serves one token per step (batch > 1
+decode is ``moesim.engine.batch.BatchEngine``, which has no CPU worker, substitutes or executor hooks).
 
     PYTHONPATH=. python studies/hybrid/run_validation.py --out /tmp/hv            # on the GPU box
     PYTHONPATH=. python studies/hybrid/run_validation.py --out /tmp/hv --tiny     # CPU, tiny shapes
