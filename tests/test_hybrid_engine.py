@@ -189,9 +189,29 @@ def test_driver_cell_and_report_section(setup, tmp_path):
     assert "CPU expert after the worker sat idle (fake): back to back 2.000 ms" in text
     assert "| 1.00 | 2.500 | +0.500 | 0.500 |" in text
     assert "| 2 | fiddler | 4 | 3.000 | 3.500 | 2.500 | 1.000 | 3.000 | 0.200 | 0.050 |" in text
-    assert "a hop of 0.020 ms each way" in text
+    assert "a hop of 0.020 ms each way" in text and "never sleeps" not in text
+    doc["wait_policy"] = {"default": {"back_to_back_ms": 2.0, "after_idle": [[0.001, 0.0004], [0.02, 0.001]]},
+                          "active": {"back_to_back_ms": 2.1, "after_idle": [[0.001, 0.0], [0.02, 0.0002]]}}
+    text = "\n".join(make_report.validation_section(json.loads(json.dumps(doc)), "raw/v.json"))
+    assert "| 1.00 | 0.400 | 0.000 |" in text and "| 20.00 | 1.000 | 0.200 |" in text
     runs = "\n".join(make_report.error_by_execution([("v.json", doc)]))
     assert "beside-copies factor 1.20, copies-beside-CPU factor 1.25, after-idle term up to 0.500 ms" in runs
+
+
+def test_driver_probes_the_wait_policies_in_fresh_processes(monkeypatch):
+    """The real probe at a tiny geometry (the curve's five gaps, each process's own numbers); then the
+    environment each process got, and a failing probe is an error that says which."""
+    out = run_validation.wait_policies(1, (64, 128), calls=1)
+    assert [len(out[k]["after_idle"]) for k in ("default", "active")] == [5, 5]
+    assert out["default"]["back_to_back_ms"] > 0 and out["default"] != out["active"]
+    monkeypatch.setenv("GOMP_SPINCOUNT", "7")
+    monkeypatch.setattr(run_validation, "POLICY_PROBE", "import json, os; print(json.dumps({'after_idle': [], "
+                        "'back_to_back_ms': 1, 'env': [os.environ.get(k) for k in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')]}))")
+    got = run_validation.wait_policies(1, (64, 128))
+    assert got["default"]["env"] == [None, None] and got["active"]["env"] == ["ACTIVE", None]
+    monkeypatch.setattr(run_validation, "POLICY_PROBE", "import sys; sys.exit('no torch here')")
+    with pytest.raises(RuntimeError, match="default wait-policy probe failed.*no torch here"):
+        run_validation.wait_policies(1, (64, 128))
 
 
 def test_driver_calibrates_from_its_own_micro_benchmarks(setup, monkeypatch):

@@ -175,6 +175,7 @@ def validation_section(doc: dict, source: str) -> list[str]:
            f"{sum(e <= 0.05 for e in errs)} within 5%; executor counts equal to the simulator's in "
            f"{sum(c['executed_equal'] for c in cells)}; residency violations "
            f"{sum((c['violations'] or 0) + c['once_violations'] + c['cpu_violations'] for c in cells)}.", ""]
+    out += _wait_policy(doc.get("wait_policy"))
     if doc.get("skipped"):
         out += [f"{len(doc['skipped'])} cells were not run (past the driver's time budget).", ""]
     for trace in dict.fromkeys(c["trace"] for c in cells):
@@ -190,6 +191,19 @@ def validation_section(doc: dict, source: str) -> list[str]:
                 "Fastest executor at each K (speed-up over copy-only at that K):", "",
                 *table(["K", "measured", "simulated"], wins), "", *_cpu_in_run(mine, cpu["hop_s"])]
     return out
+
+
+def _wait_policy(probe: dict | None) -> list[str]:
+    """The after-idle curve with OpenMP's default wait policy and with spinning threads (runs that probed it)."""
+    if not probe:
+        return []
+    rows = [[f"{g * 1e3:.2f}", *(f"{probe[name]['after_idle'][i][1] * 1e3:.3f}" for name in ("default", "active"))]
+            for i, (g, _) in enumerate(probe["default"]["after_idle"])]
+    return ["Would a CPU pool that never sleeps remove the wake-up? One int8 expert in two fresh processes after the "
+            f"cells: back to back {probe['default']['back_to_back_ms']:.3f} ms with OpenMP's default wait policy, "
+            f"{probe['active']['back_to_back_ms']:.3f} ms with `OMP_WAIT_POLICY=ACTIVE` (threads spin); the extra "
+            "after each idle gap (the idle column as measured in the default run):",
+            "", *table(["idle ms", "default: extra ms", "active: extra ms"], rows), ""]
 
 
 def _cpu_in_run(cells: list[dict], hop_s: float) -> list[str]:

@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -187,6 +188,32 @@ def cpu_terms(weights, cpu, worker_threads: int, seconds) -> dict:
                         "hop": "the hidden state through a pinned buffer, device->host->device, / 2"}}
 
 
+POLICY_PROBE = ("import json, sys; from moesim.engine import cpu_bench as b; "
+                "m = b.measure_after_idle('int8', (int(sys.argv[1]), int(sys.argv[2])), int(sys.argv[3]), "
+                "calls=int(sys.argv[4])); print(json.dumps({'after_idle': b.after_idle_curve(m), "
+                "'back_to_back_ms': 1e3 * __import__('statistics').median(m['back_to_back_s'])}))")
+
+
+def wait_policies(threads: int, geometry: tuple[int, int], calls: int = 16) -> dict:
+    """Would a CPU pool that never sleeps remove the wake-up? One int8 expert's after-idle curve in two
+    fresh processes: OpenMP's default wait policy, and ``OMP_WAIT_POLICY=ACTIVE`` (its threads spin
+    between parallel regions; it is read when the runtime starts, so only a new process can try it)."""
+    out = {}
+    for name, policy in (("default", None), ("active", "ACTIVE")):
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        if policy:
+            env["OMP_WAIT_POLICY"] = policy
+        p = subprocess.run([sys.executable, "-c", POLICY_PROBE, *map(str, (*geometry, threads, calls))], env=env,
+                           capture_output=True, text=True, timeout=300, cwd=ROOT)
+        if p.returncode:
+            raise RuntimeError(f"the {name} wait-policy probe failed: {p.stderr.strip().splitlines()[-1:]}")
+        out[name] = json.loads(p.stdout.strip().splitlines()[-1])
+        log(f"wait policy {name}: back to back {out[name]['back_to_back_ms']:.3f} ms; after idle "
+            + ", ".join(f"{g * 1e3:.2f} ms +{x * 1e3:.3f}" for g, x in out[name]["after_idle"]))
+    return out
+
+
 def calibrate(weights, program, routing, cpu, lowbit, worker_threads: int, out: dict) -> object:
     """The simulator's cost model from this run's micro-benchmarks (none of the cells)."""
     from moesim.engine.calibration import to_cost_model
@@ -342,6 +369,12 @@ def run_all(args, out: dict, threads: int, save) -> None:
     errs = [abs(c["error"]) for c in out["cells"]] or [float("nan")]
     log(f"{len(errs)} cells in {out['cells_s']:.1f} s: |error| median {statistics.median(errs) * 100:.1f}% "
         f"max {max(errs) * 100:.1f}%; executed equal in {sum(c['executed_equal'] for c in out['cells'])}")
+    save()
+    if time.perf_counter() - START > args.budget_s:   # an experiment, after the cells: only with time left
+        log("skipped the wait-policy probe: past the budget")
+        return
+    g = w.geometry
+    out["wait_policy"] = wait_policies(threads, (g.hidden, g.ffn), calls=4 if args.tiny else 16)
 
 
 if __name__ == "__main__":
