@@ -205,7 +205,7 @@ def wait_policies(threads: int, geometry: tuple[int, int], calls: int = 16) -> d
         if policy:
             env["OMP_WAIT_POLICY"] = policy
         p = subprocess.run([sys.executable, "-c", POLICY_PROBE, *map(str, (*geometry, threads, calls))], env=env,
-                           capture_output=True, text=True, timeout=90, cwd=ROOT)
+                           capture_output=True, text=True, timeout=45, cwd=ROOT)
         if p.returncode:
             raise RuntimeError(f"the {name} wait-policy probe failed: {p.stderr.strip().splitlines()[-1:]}")
         out[name] = json.loads(p.stdout.strip().splitlines()[-1])
