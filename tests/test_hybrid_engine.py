@@ -93,6 +93,11 @@ def test_logits_equal_the_copy_engine_and_executors_equal_the_simulator(setup, r
     assert err <= (0.35 if kind == "lowbit" else 0.05) * share, (name, err, share)
     if kind == "cpu":
         assert res["cpu_threads_used"] == 1   # one dedicated worker thread, not the caller's
+        timing = res["cpu_timing"]   # every CPU expert timed; a layer's job of two has a first and a later one
+        assert timing["n"] == res["executed"]["cpu"] and timing["expert_ms"] > 0 and timing["first_ms"] > 0
+        if name.startswith("n-cpu-moe"):
+            assert timing["later_ms"] > 0 and timing["idle_before_first_ms"] > 0
+        assert timing["ready_wait_ms"] >= 0 and timing["merge_lag_ms"] >= 0
 
 
 def test_a_cpu_copy_of_the_wrong_expert_is_caught(setup):
@@ -169,6 +174,44 @@ def test_driver_cell_and_report_section(setup, tmp_path):
     assert "| 2 | hobbit | 9.00 | 9.90 | +10.0% | yes |" in text
     assert "|error| median 4.8%, max 12.5%; 4 within 5%" in text
     assert "CPU expert 1.500 ms, the hidden state's hop 20.0 us" in text
+    assert "did not measure CPU experts after idle gaps" in text and "CPU experts in the engine's run" not in text
+    # a run with the copies' own factor, the after-idle curve and the CPU experts timed in the cells
+    measured = {"alone_s": [0.0015] * 2, "beside_copies_s": [0.0018] * 2, "copies_beside_cpu_s": [0.002] * 2,
+                "copies_alone_s": [0.0016] * 2,
+                "after_idle": {"back_to_back_s": [0.002] * 3, "after_gap_s": [[0.0025] * 3], "slept_s": [[0.001] * 3]}}
+    doc["calibration"]["cpu"] |= {"beside_copies": 1.2, "copies_beside_cpu": 1.25, "after_idle": [[0.001, 0.0005]],
+                                  "measured": measured, "sources": {"after_idle": "fake"}}
+    cells[1] |= {"cpu_timing": {"n": 4, "expert_ms": 3.0, "first_ms": 3.5, "later_ms": 2.5, "idle_before_first_ms": 1.0,
+                                "ready_wait_ms": 0.2, "merge_lag_ms": 0.05},
+                 "sim_cpu_busy_ms": 12.0, "executed_sim": {"cpu": 4}}
+    text = "\n".join(make_report.validation_section(json.loads(json.dumps(doc)), "raw/v.json"))
+    assert "2.000 ms each (median of 2) against 1.600 ms alone (median of 2 in the same rounds): x1.25" in text
+    assert "CPU expert after the worker sat idle (fake): back to back 2.000 ms" in text
+    assert "| 1.00 | 2.500 | +0.500 | 0.500 |" in text
+    assert "| 2 | fiddler | 4 | 3.000 | 3.500 | 2.500 | 1.000 | 3.000 | 0.200 | 0.050 |" in text
+    assert "a hop of 0.020 ms each way" in text and "never sleeps" not in text
+    doc["wait_policy"] = {"default": {"back_to_back_ms": 2.0, "after_idle": [[0.001, 0.0004], [0.02, 0.001]]},
+                          "active": {"back_to_back_ms": 2.1, "after_idle": [[0.001, 0.0], [0.02, 0.0002]]}}
+    text = "\n".join(make_report.validation_section(json.loads(json.dumps(doc)), "raw/v.json"))
+    assert "| 1.00 | 0.400 | 0.000 |" in text and "| 20.00 | 1.000 | 0.200 |" in text
+    runs = "\n".join(make_report.error_by_execution([("v.json", doc)]))
+    assert "beside-copies factor 1.20, copies-beside-CPU factor 1.25, after-idle term up to 0.500 ms" in runs
+
+
+def test_driver_probes_the_wait_policies_in_fresh_processes(monkeypatch):
+    """The real probe at a tiny geometry (the curve's five gaps, each process's own numbers); then the
+    environment each process got, and a failing probe is an error that says which."""
+    out = run_validation.wait_policies(1, (64, 128), calls=1)
+    assert [len(out[k]["after_idle"]) for k in ("default", "active")] == [5, 5]
+    assert out["default"]["back_to_back_ms"] > 0 and out["default"] != out["active"]
+    monkeypatch.setenv("GOMP_SPINCOUNT", "7")
+    monkeypatch.setattr(run_validation, "POLICY_PROBE", "import json, os; print(json.dumps({'after_idle': [], "
+                        "'back_to_back_ms': 1, 'env': [os.environ.get(k) for k in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')]}))")
+    got = run_validation.wait_policies(1, (64, 128))
+    assert got["default"]["env"] == [None, None] and got["active"]["env"] == ["ACTIVE", None]
+    monkeypatch.setattr(run_validation, "POLICY_PROBE", "import sys; sys.exit('no torch here')")
+    with pytest.raises(RuntimeError, match="default wait-policy probe failed.*no torch here"):
+        run_validation.wait_policies(1, (64, 128))
 
 
 def test_driver_calibrates_from_its_own_micro_benchmarks(setup, monkeypatch):
@@ -206,3 +249,11 @@ def test_driver_cpu_terms_measure_alone_and_beside_copies(setup):
     cost = CostModel.from_dict(CostModel.preset("h200").to_dict() | {"cpu": block})
     assert cost.cpu_expert_seconds(1, beside_copies=True) == pytest.approx(
         statistics.median(m["beside_copies_s"]), rel=1e-9)
+    assert len(m["copies_alone_s"]) >= len(m["copies_beside_cpu_s"])
+    assert cost.copy_beside_cpu_factor() == pytest.approx(statistics.median(m["copies_beside_cpu_s"])
+                                                          / statistics.median(m["copies_alone_s"]))
+    idle = m["after_idle"]
+    assert [len(x) for x in idle["after_gap_s"]] == [8] * len(idle["gaps_s"]) and len(idle["back_to_back_s"]) == 8
+    for (gap, extra), slept, after in zip(block["after_idle"], idle["slept_s"], idle["after_gap_s"], strict=True):
+        assert gap == statistics.median(slept) and extra == pytest.approx(
+            max(0.0, statistics.median(after) - statistics.median(idle["back_to_back_s"])))

@@ -102,6 +102,75 @@ def test_cpu_experts_beside_copies_are_priced_at_the_measured_factor(toy, spec):
         assert r.total_s * 1e3 == pytest.approx(want, abs=1e-9), factor
 
 
+# hand-traced with an after-idle curve of (0.5 ms idle: +0.4 ms), (2 ms: +1.0 ms) (ms). "cpu": the hidden state
+# on the host 0.75, the CPU idle since 0: E0 0.75-4.25 (+0.5 for 0.75 idle), E1 4.25-7.25 (back to back: +0),
+# back 7.5 | attn 7.5-8; E0 8.25-11.85 (+0.6 for 1.0 idle since 7.25), E1 11.85-14.85, back 15.1.
+# "n-cpu-moe=1": layer 0 as above, back 7.5 | attn 7.5-8; copies 8-10, 10-12; experts 10-11, 12-13.
+# "copy": no CPU work, as in HAND.
+AFTER_IDLE = {"cpu": 15.1, "n-cpu-moe=1": 13.0, "copy": 11.0}
+
+
+@pytest.mark.parametrize("spec", list(AFTER_IDLE))
+def test_cpu_experts_after_an_idle_gap_pay_the_measured_wake_up(toy, spec):
+    cost = toy_cost()
+    cost.cpu = {**cost.cpu, "after_idle": [[0.5 * MS, 0.4 * MS], [2 * MS, 1.0 * MS]]}
+    r = simulate_timing(toy, "lru", 2, cost, execution=Plan(spec) if spec in ("cpu", "copy") else spec,
+                        engine="python")
+    assert r.total_s * 1e3 == pytest.approx(AFTER_IDLE[spec], abs=1e-9)
+
+
+def test_after_idle_curve_is_linear_from_zero_and_flat_past_its_last_point():
+    cost = toy_cost()
+    assert cost.cpu_after_idle_seconds(1.0) == 0.0   # no curve: no term
+    cost.cpu = {**cost.cpu, "after_idle": [[0.5 * MS, 0.4 * MS], [2 * MS, 1.0 * MS]]}
+    for idle_ms, extra_ms in ((0, 0), (0.25, 0.2), (0.5, 0.4), (1.25, 0.7), (2, 1.0), (50, 1.0), (-1, 0)):
+        assert cost.cpu_after_idle_seconds(idle_ms * MS) == pytest.approx(extra_ms * MS, abs=1e-15), idle_ms
+
+
+# hand-traced with copies 1.5 times as long beside CPU experts (transfer 2 -> 3 ms). "copy,cpu": attn 0-0.5;
+# E1's CPU work will run 0.75-3.75, so E0's copy from 0.5 (2.5 unslowed) overlaps it: 0.5-3.5; CPU back 4.0;
+# expert E0 3.5-4.5 | attn 4.5-5; CPU 5.25-8.25 (back 8.5); copy 5-8; expert 8-9: 9.0 (8.0 unslowed, BESIDE).
+# "n-cpu-moe=1": layer 1's copies start at 7.5, after layer 0's CPU work ended (6.75): as in HAND.
+# "copy": no CPU work: as in HAND.
+COPIES_BESIDE = {"copy,cpu": 9.0, "n-cpu-moe=1": 12.5, "copy": 11.0}
+
+
+@pytest.mark.parametrize("spec", list(COPIES_BESIDE))
+def test_copies_that_overlap_cpu_experts_are_priced_at_the_measured_factor(toy, spec):
+    execution = Plan(spec.split(",")) if "," in spec else Plan(spec) if spec == "copy" else spec
+    cost = toy_cost()
+    cost.cpu = {**cost.cpu, "copies_beside_cpu": 1.5}
+    r = simulate_timing(toy, "lru", 2, cost, execution=execution, engine="python")
+    assert r.total_s * 1e3 == pytest.approx(COPIES_BESIDE[spec], abs=1e-9)
+
+
+def _copy_spans_ms(path) -> list[tuple[float, float]]:
+    events = json.loads(path.read_text())["traceEvents"]
+    return [(e["ts"] / 1e3, e["dur"] / 1e3) for e in events if e["tid"].startswith("copy")]
+
+
+def test_only_the_transfer_of_a_copy_that_overlaps_cpu_work_is_slowed(tmp_path):
+    """One layer, three cold misses: E0 and E1 copied (0.5 ms issue + 2 ms transfer each), E2 on a 1 ms CPU
+    expert (0.75-1.75). E0's copy from 0.5 overlaps it: 0.5 + 2 x 1.5 = 3.5 ms, 0.5-4.0; E1's waits for
+    the copy stream until 4.0, after the CPU work: 2.5 ms unslowed, 4.0-6.5."""
+    t = write_trace(tmp_path / "three.parquet", [[0, 1, 2]], num_layers=1)
+    for factor, want in ((1.5, [(0.5, 3.5), (4.0, 2.5)]), (1.0, [(0.5, 2.5), (3.0, 2.5)])):
+        cost = toy_cost().with_overrides(miss_issue_us=500)
+        cost.cpu = {**cost.cpu, "expert_s": {"int8": [[1, 1 * MS]]}, "copies_beside_cpu": factor}
+        path = tmp_path / f"t{factor}.json"
+        simulate_timing(t, "lru", 3, cost, execution=Plan(["copy", "copy", "cpu"]), timeline=path)
+        assert _copy_spans_ms(path) == [pytest.approx(x, abs=1e-6) for x in want], factor
+
+
+def test_a_copy_that_ends_before_the_cpu_work_starts_is_not_slowed(tmp_path):
+    """A 3 ms hop: E1's CPU work starts at 3.5, after E0's copy (0.5-2.5) has landed."""
+    t = write_trace(tmp_path / "two.parquet", [[0, 1]], num_layers=1)
+    cost = toy_cost()
+    cost.cpu = {**cost.cpu, "hop_s": 3 * MS, "copies_beside_cpu": 1.5}
+    simulate_timing(t, "lru", 2, cost, execution=Plan(["copy", "cpu"]), timeline=tmp_path / "t.json")
+    assert _copy_spans_ms(tmp_path / "t.json") == [pytest.approx((0.5, 2.0), abs=1e-6)]
+
+
 def test_fiddler_and_hybrid_put_different_experts_on_the_cpu(toy, tmp_path):
     """The two rules tie on time above but not on which expert goes to the CPU: the timeline says which."""
     names = {}
@@ -238,6 +307,14 @@ def test_cpu_cost_terms_and_what_ifs(tmp_path):
     (tmp_path / "zero.json").write_text(json.dumps(raw | {"cpu": {**raw["cpu"], "beside_copies": 0}}))
     with pytest.raises(DataError, match="beside_copies"):
         CostModel.from_json(tmp_path / "zero.json")
+    for key, value in (("copies_beside_cpu", float("nan")), ("after_idle", [[0.001, -0.5]]), ("after_idle", [[0, 1]])):
+        (tmp_path / "bad_term.json").write_text(json.dumps(raw | {"cpu": {**raw["cpu"], key: value}}))
+        with pytest.raises(DataError, match=key):
+            CostModel.from_json(tmp_path / "bad_term.json")
+    terms = raw | {"cpu": {**raw["cpu"], "copies_beside_cpu": 1.2, "after_idle": [[0.002, 0.001], [0.0005, 0.0]]}}
+    (tmp_path / "terms.json").write_text(json.dumps(terms))
+    read = CostModel.from_json(tmp_path / "terms.json")
+    assert read.copy_beside_cpu_factor() == 1.2 and read.cpu["after_idle"] == [[0.0005, 0.0], [0.002, 0.001]]
     (tmp_path / "bad.json").write_text(json.dumps(raw | {"cpu": {"format": "int3"}}))
     with pytest.raises(DataError, match="bad.json"):
         CostModel.from_json(tmp_path / "bad.json")

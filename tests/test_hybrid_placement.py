@@ -138,6 +138,9 @@ def test_calibrate_cpu_only_writes_a_calibration_simulate_accepts(tmp_path, caps
         assert [r["tokens"], pytest.approx(r["median_s"] * scale)] in block["expert_s"][r["format"]]
     model = CostModel.from_json(cal)
     assert model.cpu_expert_seconds(1) == pytest.approx(block["expert_s"]["int8"][0][1])
+    idle = json.loads(raw.read_text())["after_idle"]   # measured without a GPU, on the most threads asked for
+    assert idle["threads"] == 1 and len(block["after_idle"]) == len(idle["gaps_s"]) == 5
+    assert model.cpu["after_idle"] == block["after_idle"] and "after idle" in capsys.readouterr().out
     t = random_trace(tmp_path / "t.parquet", np.random.default_rng(1), tokens=5, num_layers=2, num_experts=8,
                      top_k=2, skew=1.0)
     capsys.readouterr()
@@ -190,11 +193,53 @@ def test_cpu_calls_beside_copies_run_at_once_and_alternate_with_alone_rounds():
     m = alone_and_beside(cpu_calls, copy_once, rounds=3)
     assert len(m["alone_s"]) == len(m["beside_copies_s"]) == 6 and len(m["copies_beside_cpu_s"]) >= 3
     assert log[0] == "cpu"   # alone first, no copy before it
+    # each round ends with as many copies alone (at least 8) as ran beside the CPU calls
+    assert len(m["copies_alone_s"]) >= max(len(m["copies_beside_cpu_s"]), 24)
+    assert log.count("copy-after") >= len(m["copies_alone_s"]) and log[-1] == "copy-after"
 
     def broken() -> list[float]:
         raise ValueError("boom")
     with pytest.raises(RuntimeError, match="CPU benchmark thread failed"):
         beside_copies(broken, lambda: time.sleep(0.001))
+
+
+def test_after_idle_times_calls_back_to_back_and_after_each_gap_in_alternating_rounds():
+    """A fake expert that takes 1 ms more when the previous call ended over 3 ms ago (a pool gone to sleep):
+    the curve shows the extra at the long gaps only, measured on a worker thread, gaps in alternating order."""
+    import threading
+    import time
+
+    from moesim.engine.cpu_bench import after_idle, after_idle_curve
+
+    state = {"last": 0.0, "threads": set()}
+    order: list[float] = []
+
+    def call() -> None:
+        t0 = time.perf_counter()
+        order.append(t0 - state["last"])
+        state["threads"].add(threading.get_ident())
+        end = t0 + (0.0015 if t0 - state["last"] > 0.003 else 0.0005)
+        while time.perf_counter() < end:
+            pass
+        state["last"] = time.perf_counter()
+    m = after_idle(call, gaps_s=(0.0002, 0.001, 0.008, 0.02), calls=5, rounds=2)
+    assert len(m["back_to_back_s"]) == 10 and [len(x) for x in m["after_gap_s"]] == [10] * 4
+    assert state["threads"] and threading.get_ident() not in state["threads"]
+    assert all(min(s) >= g for s, g in zip(m["slept_s"], m["gaps_s"], strict=True))
+    # round 1 runs the gaps shortest first, round 2 longest first: the gaps measured before each call say so
+    # (after the pool's first call: per round 5 back to back, then 5 after each gap)
+    gap_before = order[1:]
+    assert len(gap_before) == 2 * (5 + 4 * 5)
+    assert gap_before[5] < gap_before[15] and gap_before[20] >= 0.02      # round 1: 0.2 ms ... 20 ms
+    assert gap_before[30] >= 0.02 and gap_before[45] < gap_before[40]     # round 2: 20 ms ... 0.2 ms
+    curve = after_idle_curve(m)
+    assert [g for g, _ in curve] == [pytest.approx(s, rel=0.5) for s in (0.0002, 0.001, 0.008, 0.02)]
+    assert curve[0][1] < 0.0004 and curve[1][1] < 0.0004
+    assert curve[2][1] == pytest.approx(0.001, abs=0.0004) and curve[3][1] == pytest.approx(0.001, abs=0.0004)
+    fixed = {"back_to_back_s": [1.0, 2.0, 9.0], "slept_s": [[0.1, 0.3, 0.2]], "after_gap_s": [[1.0, 1.5, 0.5]]}
+    assert after_idle_curve(fixed) == [[0.2, 0.0]]   # median 1.0 - median 2.0: clamped at 0
+    fixed["after_gap_s"] = [[3.0, 4.5, 0.5]]
+    assert after_idle_curve(fixed) == [[0.2, 1.0]]
 
 
 def test_cpu_block_takes_the_beside_copies_factor_as_median_over_median(tmp_path):
@@ -208,7 +253,18 @@ def test_cpu_block_takes_the_beside_copies_factor_as_median_over_median(tmp_path
     block = cpu_block(raw)
     assert block["beside_copies"] == pytest.approx(3.0 / 2.0)
     assert "66748416 B" in block["sources"]["beside_copies"]
+    assert "copies_beside_cpu" not in block and "after_idle" not in block   # an older raw file: no such terms
     assert "beside_copies" not in cpu_block({k: v for k, v in raw.items() if k != "beside_copies"})
+    raw["beside_copies"] |= {"copies_beside_cpu_s": [2.0, 2.4, 1.0], "copies_alone_s": [1.0, 5.0, 1.6, 1.5]}
+    raw["after_idle"] = {"format": "int8", "threads": 8, "gaps_s": [0.001, 0.01], "back_to_back_s": [0.002] * 3,
+                         "slept_s": [[0.0011] * 3, [0.0102] * 3], "after_gap_s": [[0.002] * 3, [0.0025] * 3]}
+    block = cpu_block(raw)
+    assert block["copies_beside_cpu"] == pytest.approx(2.0 / 1.55)
+    assert block["after_idle"] == [[0.0011, 0.0], [0.0102, pytest.approx(0.0005)]]
+    assert "1, 10 ms" in block["sources"]["after_idle"] and "4 alone" in block["sources"]["copies_beside_cpu"]
+    read = CostModel.from_dict(CostModel.preset("h200").to_dict() | {"cpu": block})
+    assert read.copy_beside_cpu_factor() == pytest.approx(2.0 / 1.55)
+    assert read.cpu_after_idle_seconds(0.05) == pytest.approx(0.0005)
     cal = CostModel.preset("h200").to_dict() | {"cpu": block}
     cost = CostModel.from_dict(cal)
     assert cost.cpu_expert_seconds(1, beside_copies=True) == pytest.approx(0.003)

@@ -97,10 +97,12 @@ def run_cpu_only(args: argparse.Namespace) -> int:
     with tqdm(total=len(formats) * len(threads) * len(tokens), desc="cpu expert", unit="point") as bar:
         raw = cpu_bench.measure(formats, geometry, tokens, threads, args.repeats,
                                 progress=lambda msg: (bar.set_postfix_str(msg), bar.update()))
+    top = max(threads)
+    print(f"CPU experts ({formats[0]}, {top} threads) back to back and after idle gaps ...", flush=True)
+    raw["after_idle"] = cpu_bench.measure_after_idle(formats[0], geometry, top)
     copy_bytes = base.expert_bytes_by_quant.get(base.quantization, 0)
     copy_once = cpu_bench.pinned_copy(copy_bytes) if copy_bytes else None
     if copy_once is not None:   # a GPU here: the CPU expert beside running copies (hybrid execution's regime)
-        top = max(threads)
         print(f"CPU experts ({formats[0]}, {top} threads) alone and beside {copy_bytes} B copies ...", flush=True)
         raw["beside_copies"] = cpu_bench.measure_beside_copies(formats[0], geometry, top, max(args.repeats, 24),
                                                                copy_once, copy_bytes)
@@ -119,7 +121,8 @@ def run_cpu_only(args: argparse.Namespace) -> int:
     fmt = block["format"]
     print(f"wrote {args.out}: CPU expert ({fmt}, {block['threads']} threads) "
           + ", ".join(f"{t:g} tok {s * 1e3:.2f} ms" for t, s in block["expert_s"][fmt])
-          + (f"; x{block['beside_copies']:.2f} beside copies" if "beside_copies" in block else ""))
+          + (f"; x{block['beside_copies']:.2f} beside copies" if "beside_copies" in block else "")
+          + "; after idle " + ", ".join(f"{g * 1e3:g} ms +{x * 1e3:.3f} ms" for g, x in block["after_idle"]))
     return 0
 
 

@@ -20,6 +20,9 @@ from moesim.errors import SettingError
 FORMATS = ("int8", "int4", "bf16")
 MIXTRAL_GEOMETRY = (4096, 14336)
 INT4_GROUP = 32
+# idle gaps before a CPU expert (seconds): between a layer's CPU experts and the next layer's the workers
+# wait for the GPU's attention (~0.1 ms); between tokens of n-cpu-moe, for every GPU layer (tens of ms)
+IDLE_GAPS_S = (0.0002, 0.001, 0.005, 0.02, 0.05)
 
 
 def parse_geometry(text: str) -> tuple[int, int]:
@@ -132,15 +135,65 @@ def beside_copies(cpu_calls: Callable[[], list[float]], copy_once: Callable[[], 
 
 def alone_and_beside(cpu_calls: Callable[[], list[float]], copy_once: Callable[[], None],
                      rounds: int = 2) -> dict[str, list[float]]:
-    """Alternating rounds of ``cpu_calls`` alone (on a worker thread) and beside running copies, so a drift
-    of the host shows in both; every call's and copy's seconds."""
-    out: dict[str, list[float]] = {"alone_s": [], "beside_copies_s": [], "copies_beside_cpu_s": []}
+    """Alternating rounds of ``cpu_calls`` alone (on a worker thread), beside running copies, and as many
+    copies alone (at least 8), so a drift of the host shows in all three; every call's and copy's seconds."""
+    out: dict[str, list[float]] = {"alone_s": [], "beside_copies_s": [], "copies_beside_cpu_s": [],
+                                   "copies_alone_s": []}
     for _ in range(rounds):
         out["alone_s"] += on_a_worker_thread(cpu_calls)
         beside, copies = beside_copies(cpu_calls, copy_once)
         out["beside_copies_s"] += beside
         out["copies_beside_cpu_s"] += copies
+        for _ in range(max(len(copies), 8)):
+            t0 = time.perf_counter()
+            copy_once()
+            out["copies_alone_s"].append(time.perf_counter() - t0)
     return out
+
+
+def after_idle(call: Callable[[], Any], threads: int | None = None, gaps_s: Sequence[float] = IDLE_GAPS_S,
+               calls: int = 16, rounds: int = 2) -> dict[str, Any]:
+    """``call()`` (one CPU expert) on a worker thread, as the engine's CPU worker runs it: ``calls`` times
+    back to back, then ``calls`` times after sleeping each gap (a CPU worker waiting for the GPU), the
+    gaps in turn and reversed every other round, so a drift of the host shows in all. ``threads``: the
+    torch threads the worker sets first (None: leave them). Returns every call's seconds and every
+    sleep's measured length."""
+    def rounds_on_worker() -> dict[str, Any]:
+        import contextlib
+
+        ctx: Any = contextlib.nullcontext()
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+            ctx = torch.inference_mode()
+        out: dict[str, Any] = {"gaps_s": list(gaps_s), "back_to_back_s": [],
+                               "after_gap_s": [[] for _ in gaps_s], "slept_s": [[] for _ in gaps_s]}
+        with ctx:
+            call()   # the worker's thread pool starts
+            for r in range(rounds):
+                for _ in range(calls):
+                    t0 = time.perf_counter()
+                    call()
+                    out["back_to_back_s"].append(time.perf_counter() - t0)
+                for j in (reversed if r % 2 else list)(range(len(gaps_s))):
+                    for _ in range(calls):
+                        t0 = time.perf_counter()
+                        time.sleep(gaps_s[j])
+                        t1 = time.perf_counter()
+                        call()
+                        out["after_gap_s"][j].append(time.perf_counter() - t1)
+                        out["slept_s"][j].append(t1 - t0)
+        return out
+    return on_a_worker_thread(rounds_on_worker)
+
+
+def after_idle_curve(m: dict[str, Any]) -> list[list[float]]:
+    """The cost model's ``after_idle`` curve from :func:`after_idle`: per gap, [median measured sleep,
+    median call after it - median back-to-back call, at least 0]."""
+    base = statistics.median(m["back_to_back_s"])
+    return [[statistics.median(slept), max(0.0, statistics.median(calls) - base)]
+            for slept, calls in zip(m["slept_s"], m["after_gap_s"], strict=True)]
 
 
 def copy_once_fn(src, dst) -> Callable[[], None]:
@@ -168,6 +221,15 @@ def pinned_copy(nbytes: int) -> Callable[[], None] | None:
         return None
     return copy_once_fn(torch.empty(nbytes, dtype=torch.uint8, pin_memory=True),
                         torch.empty(nbytes, dtype=torch.uint8, device="cuda"))
+
+
+def measure_after_idle(fmt: str, geometry: tuple[int, int], threads: int, calls: int = 16) -> dict[str, Any]:
+    """One-token ``fmt`` experts on ``threads`` threads back to back and after idle gaps (:func:`after_idle`)."""
+    import torch
+
+    fn = expert_ffn(fmt, *geometry)
+    x = torch.randn(1, geometry[0], dtype=torch.bfloat16)
+    return {"format": fmt, "threads": threads, **after_idle(lambda: fn(x), threads, calls=calls)}
 
 
 def measure_beside_copies(fmt: str, geometry: tuple[int, int], threads: int, calls: int,
@@ -242,16 +304,38 @@ def cpu_block(raw: dict[str, Any]) -> dict[str, Any]:
              "expert_s": expert_s, "thread_curve": curve if len(curve) >= 2 else [],
              "sources": {"expert_s": where + scaled, "thread_curve": f"{ref}, one token: " + where + scaled,
                          "hop": "the hidden state (4096 bf16 per token) each way, priced by the PCIe copy curve"}}
+    machine = where.split(", median")[0]
     if raw.get("beside_copies"):
         b = raw["beside_copies"]
         block["beside_copies"] = beside_factor(b)
         block["sources"]["beside_copies"] = (
             f"{b['format']} one-token experts on {b['threads']} threads: median of {len(b['beside_copies_s'])} calls "
             f"while pinned host-to-device copies of {b['copy_bytes']} B ran back to back, over the median of "
-            f"{len(b['alone_s'])} alone (alternating rounds), " + where.split(", median")[0])
+            f"{len(b['alone_s'])} alone (alternating rounds), " + machine)
+        if b.get("copies_alone_s"):
+            block["copies_beside_cpu"] = copies_factor(b)
+            block["sources"]["copies_beside_cpu"] = (
+                f"pinned host-to-device copies of {b['copy_bytes']} B: median of {len(b['copies_beside_cpu_s'])} "
+                f"while those CPU experts ran, over the median of {len(b['copies_alone_s'])} alone, " + machine)
+    if raw.get("after_idle"):
+        a = raw["after_idle"]
+        block["after_idle"] = after_idle_curve(a)
+        block["sources"]["after_idle"] = idle_source(a) + ", " + machine
     return block
+
+
+def idle_source(a: dict[str, Any]) -> str:
+    """Where an ``after_idle`` curve comes from, in words."""
+    return (f"{a['format']} one-token experts on {a['threads']} threads on a worker thread, "
+            f"{len(a['after_gap_s'][0])} calls after each idle gap ({', '.join(f'{g * 1e3:g}' for g in a['gaps_s'])} "
+            f"ms) less the median of {len(a['back_to_back_s'])} back to back (alternating rounds)")
 
 
 def beside_factor(b: dict[str, Any]) -> float:
     """How much longer a CPU expert takes beside running copies: median beside over median alone."""
     return statistics.median(b["beside_copies_s"]) / statistics.median(b["alone_s"])
+
+
+def copies_factor(b: dict[str, Any]) -> float:
+    """How much longer a copy takes while CPU experts run: median beside over median alone."""
+    return statistics.median(b["copies_beside_cpu_s"]) / statistics.median(b["copies_alone_s"])

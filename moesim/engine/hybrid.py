@@ -25,7 +25,9 @@ from the host blob it was made from (``cpu_violations``). ``executed`` has the s
 
 from __future__ import annotations
 
+import statistics
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -191,6 +193,13 @@ class CpuWorker:
         self.pending: dict[int, tuple[Future, list[int]]] = {}
         self.thread_ids: set[int] = set()
         self.wrong_tags = 0
+        # each CPU expert's wall clock (start, end, first of its layer's job?): what the timing model prices;
+        # per job, how long the worker waited for the hidden state and when its last expert ended; per merge,
+        # how long after that the main thread had the result
+        self.spans: list[tuple[float, float, bool]] = []
+        self.ready_waits: list[float] = []
+        self.job_ends: dict[int, float] = {}
+        self.merge_lags: list[float] = []
 
     def submit(self, layer: int, jobs: Sequence[tuple[int, int, int]]) -> None:
         """Queue (rank, expert, expected identity) jobs of ``layer`` on the worker."""
@@ -201,18 +210,38 @@ class CpuWorker:
 
     def _run(self, layer: int, jobs: list[tuple[int, int, int]], ready) -> None:
         self.thread_ids.add(threading.get_ident())
+        t0 = time.perf_counter()
         ready.synchronize()   # the hidden state is on the host
+        self.ready_waits.append(time.perf_counter() - t0)
         x = self.x_host[layer]
         with self.torch.inference_mode():
-            for rank, expert, want in jobs:
+            for n, (rank, expert, want) in enumerate(jobs):
+                t0 = time.perf_counter()
                 self.wrong_tags += self.cpu.tags[(layer, expert)] != want
                 self.y_host[layer, rank].copy_(self.cpu.forward(layer, expert, x))
+                self.spans.append((t0, time.perf_counter(), n == 0))
+        self.job_ends[layer] = self.spans[-1][1]
+
+    def timing(self) -> dict[str, Any]:
+        """The run's CPU experts in ms (medians): all, the first of each layer's job (after the workers
+        waited) and the others (back to back), the idle time before each first one but the run's first; the
+        worker's wait for the hidden state; the main thread's lag from a job's end to having its result."""
+        def med(xs: list[float]) -> float | None:
+            return statistics.median(xs) * 1e3 if xs else None
+        spans = self.spans
+        return {"n": len(spans), "expert_ms": med([b - a for a, b, _ in spans]),
+                "first_ms": med([b - a for a, b, first in spans if first]),
+                "later_ms": med([b - a for a, b, first in spans if not first]),
+                "idle_before_first_ms": med([a - prev[1] for prev, (a, _, first) in zip(spans, spans[1:], strict=False)
+                                             if first]),
+                "ready_wait_ms": med(self.ready_waits), "merge_lag_ms": med(self.merge_lags)}
 
     def merge(self, layer: int) -> None:
         if layer not in self.pending:
             return
         fut, ranks = self.pending.pop(layer)
         fut.result()   # the host's outputs are ready (re-raises a worker failure)
+        self.merge_lags.append(time.perf_counter() - self.job_ends.pop(layer))
         for rank in ranks:
             self.ybuf[layer, rank].copy_(self.y_host[layer, rank], non_blocking=True)
 
@@ -452,7 +481,8 @@ class HybridEngine(OffloadedEngine):
         out = {"executed": dict(ex), "once_violations": once,
                "bytes_h2d": ex["copy"] * self.w.expert_bytes + (ex["lowbit"] * lowbit.nbytes if lowbit else 0),
                "cpu_violations": self.worker.wrong_tags if self.worker else 0,
-               "cpu_threads_used": len(self.worker.thread_ids) if self.worker else 0}
+               "cpu_threads_used": len(self.worker.thread_ids) if self.worker else 0,
+               "cpu_timing": self.worker.timing() if self.worker else None}
         if self.worker is not None:
             self.worker.close()
             self.worker = None

@@ -400,6 +400,21 @@ class CostModel:
         contention = float(cpu.get("beside_copies", 1.0)) if beside_copies else 1.0
         return base * self._thread_factor(threads) / self._thread_factor(cpu["threads"]) / self.cpu_speed * contention
 
+    def cpu_after_idle_seconds(self, idle_s: float) -> float:
+        """What the first CPU expert after the workers sat idle for ``idle_s`` seconds costs on top of a
+        back-to-back one (their threads went to sleep: waking them and their cores takes time): the
+        block's ``after_idle`` curve of [idle seconds, extra seconds], linear between its points from
+        (0, 0) and flat past its last; 0 when the block has none."""
+        curve = self.cpu.get("after_idle") or []
+        if not curve or idle_s <= 0:
+            return 0.0
+        return float(np.interp(idle_s, [0.0] + [p[0] for p in curve], [0.0] + [p[1] for p in curve]))
+
+    def copy_beside_cpu_factor(self) -> float:
+        """How many times longer a host-to-device transfer takes while CPU experts run (both read host
+        memory): the block's measured ``copies_beside_cpu``, 1 when it has none."""
+        return float(self.cpu.get("copies_beside_cpu", 1.0))
+
     def _thread_factor(self, threads: int) -> float:
         curve = self.cpu.get("thread_curve") or []
         if len(curve) < 2:
@@ -461,7 +476,11 @@ def _checked_cpu(raw: Any) -> dict[str, Any]:
         raise ValueError(f"cpu.format {cpu['format']!r} has no cpu.expert_s table")
     if cpu["threads"] < 1 or any(s <= 0 for pts in cpu["expert_s"].values() for _, s in pts):
         raise ValueError("cpu.threads must be >= 1 and every cpu.expert_s time > 0")
-    cpu["beside_copies"] = float(cpu.get("beside_copies", 1.0))
-    if not cpu["beside_copies"] > 0:
-        raise ValueError(f"cpu.beside_copies must be > 0, got {cpu['beside_copies']}")
+    for key in ("beside_copies", "copies_beside_cpu"):
+        cpu[key] = float(cpu.get(key, 1.0))
+        if not cpu[key] > 0:
+            raise ValueError(f"cpu.{key} must be > 0, got {cpu[key]}")
+    cpu["after_idle"] = sorted([float(g), float(s)] for g, s in cpu.get("after_idle") or [])
+    if any(not (g > 0 and s >= 0) for g, s in cpu["after_idle"]):
+        raise ValueError("cpu.after_idle must be [idle seconds > 0, extra seconds >= 0] points")
     return cpu

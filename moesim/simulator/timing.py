@@ -76,8 +76,15 @@ class SimEnv:
         return start, end
 
     def copy(self, ready: float, duration: float, name: str, args: dict | None = None) -> tuple[float, float]:
-        stream = min(self.copy_streams, key=lambda s: (self.free[s], s))
-        return self.run(stream, ready, duration, name, args)
+        return self.run(self.next_copy_stream(), ready, duration, name, args)
+
+    def next_copy_stream(self) -> str:
+        """The copy stream the next copy goes to: the one free first (the lowest-numbered on a tie)."""
+        return min(self.copy_streams, key=lambda s: (self.free[s], s))
+
+    def copy_start(self, ready: float) -> float:
+        """When a copy ready at ``ready`` would start (:meth:`copy` would put it there)."""
+        return max(self.free[self.next_copy_stream()], ready)
 
     def scratch(self) -> SimEnv:
         """A copy of the streams' clocks that records nothing (to price a plan without running it)."""
@@ -368,13 +375,20 @@ class _EventRun:
         self.h2d = 0             # bytes copied host to device (full-size and low-bit experts)
         self.copy_busy = self.cpu_busy = 0.0
         self.pricing = False     # inside estimate(): the streams are a scratch copy, the counters stay
+        # CPU work a copy may overlap (docs/timing.md, "Hybrid execution"): the CPU experts placed so far that
+        # end after the current gate, and the current layer's CPU experts as they will run alone, known before
+        # its copies are placed (their start does not depend on the copies)
+        self.cpu_spans: list[tuple[float, float]] = []
+        self.cpu_window: tuple[float, float] | None = None
+        self.copy_cpu_factor = cost.copy_beside_cpu_factor()
 
     def issue(self, ready_at: float, host_at: float, layer: int, e: int, dur: float, what: str,
-              i: int) -> tuple[float, float]:
+              i: int, transfer: float = 0.0) -> tuple[float, float]:
         """One copy. With a host issue cost (gate mode) the host spends ``issue_h`` first: on compute when
         it sits between the hand-off and the experts (``host_at`` < 0: the GPU idles meanwhile), else on
         the host's own clock ``host_at`` (late speculative copies, issued while compute runs on).
-        Returns (copy end, host clock after the issue)."""
+        ``transfer`` (part of ``dur``) runs ``copies_beside_cpu`` times longer when the copy would overlap
+        CPU work (:meth:`beside_cpu`). Returns (copy end, host clock after the issue)."""
         env = self.env
         if self.issue_h > 0:
             if host_at < 0:
@@ -382,8 +396,27 @@ class _EventRun:
             else:
                 host_at = max(host_at, ready_at) + self.issue_h
                 ready_at = host_at
+        if transfer and self.copy_cpu_factor != 1.0 and self.beside_cpu(env.copy_start(ready_at), dur):
+            dur += transfer * (self.copy_cpu_factor - 1.0)
         _, end = env.copy(ready_at, dur, f"{what} L{layer} E{e}", {"step": i, "demand": what == "load"})
         return end, host_at
+
+    def beside_cpu(self, start: float, dur: float) -> bool:
+        """Whether a copy from ``start`` for ``dur`` (unslowed) overlaps CPU work: an expert placed on the CPU,
+        or the current layer's CPU experts as they will run alone (they start a hop after the gate)."""
+        spans = self.cpu_spans if self.cpu_window is None else [*self.cpu_spans, self.cpu_window]
+        return any(s < start + dur and start < e for s, e in spans)
+
+    def cpu_alone_window(self, step: Step, layer: int, experts: list[int], gate: float) -> tuple[float, float] | None:
+        """The layer's CPU experts' span as :meth:`run_cpu` will place them with no copy beside them (None
+        without any): their start depends only on the CPU stream and the gate, never on the copies."""
+        if not experts:
+            return None
+        free, cost = self.env.free["cpu"], self.cost
+        start = max(free, gate + cost.hop_seconds(step.tokens))
+        counts = step.counts[layer]
+        return start, start + cost.cpu_after_idle_seconds(start - free) + sum(
+            cost.cpu_expert_seconds(counts[e]) for e in experts)
 
     def run(self, policy_name: str, cache_size, timeline: str | os.PathLike | None) -> TimingResult:
         env, cost = self.env, self.cost
@@ -419,9 +452,11 @@ class _EventRun:
             _, gate = env.run("compute", self.host_busy, self.handoff_s, f"routing handoff L{layer}", {"step": i})
         self.sets += 1
         self.requests += len(S)
+        self.cpu_spans = [(s, e) for s, e in self.cpu_spans if e > gate]   # every copy from here starts later
         ready, plan = self.demand(i, step, layer, S, gate)
         on_cpu = [e for e in S if plan.get(e) == "cpu"]
         back = self.run_cpu(i, step, layer, on_cpu, gate) if on_cpu else None
+        self.cpu_window = None   # placed now: in cpu_spans
         for part in (("experts", "prefetch") if self.late else ("prefetch", "experts")):
             if part == "prefetch":
                 self.prefetch_for(i, step, layer, S, gate)
@@ -444,6 +479,7 @@ class _EventRun:
         wanted = [e for e in S if e not in pinned]
         plan = self.plan(i, step, layer, wanted, gate) if self.exe.name != "copy" else {}
         to_gpu = [e for e in wanted if plan.get(e) != "cpu"]
+        self.cpu_window = self.cpu_alone_window(step, layer, [e for e in wanted if e not in to_gpu], gate)
         self.executed["pinned"] += len(ready)
         self.executed["cpu"] += len(wanted) - len(to_gpu)
         if cache is None:
@@ -467,7 +503,8 @@ class _EventRun:
                 self.stall += dur
             else:
                 dur = self.demand_s - self.copy_s + copy_s
-                ready[e], _ = self.issue(staged.get(e, gate), -1.0, layer, e, dur, "load" if kind == "copy" else "lowbit", i)
+                ready[e], _ = self.issue(staged.get(e, gate), -1.0, layer, e, dur, "load" if kind == "copy" else "lowbit",
+                                         i, copy_s)
             self.inflight[(layer, e)] = ready[e]
             (self.substitutes.add if kind == "lowbit" else self.substitutes.discard)((layer, e))
             self.copies += 1
@@ -552,7 +589,7 @@ class _EventRun:
                 self.pending.pop((target, evicted), False)   # an unused prefetch evicted: wasted
                 self.inflight.pop((target, evicted), None)
             at = t_issue if self.host is None else self.host.stage(self.env, i, target, [e], t_issue, False)[e]
-            end, host_at = self.issue(at, host_at, target, e, self.prefetch_s, "prefetch", i)
+            end, host_at = self.issue(at, host_at, target, e, self.prefetch_s, "prefetch", i, self.copy_s)
             self.inflight[(target, e)] = end
             self.substitutes.discard((target, e))   # a prefetch copies the full expert
             self.pending[(target, e)] = True
@@ -589,16 +626,19 @@ class _EventRun:
         """The CPU's experts of this layer: the step's hidden states hop to the host after the gate, the
         experts run one after another on the CPU workers (each on all their threads), their summed
         output hops back. An expert that starts while a host-to-device copy is still running is priced
-        beside copies (both read host memory). Returns when it is on the GPU."""
+        beside copies (both read host memory); one that starts after the workers sat idle pays the
+        wake-up (``cpu_after_idle_seconds`` of the idle time). Returns when it is on the GPU."""
         env, cost = self.env, self.cost
         hop = cost.hop_seconds(step.tokens)
         counts = step.counts[layer]
         end = gate + hop
         for e in experts:
-            start = max(env.free["cpu"], gate + hop)
+            free = env.free["cpu"]
+            start = max(free, gate + hop)
             copying = any(env.free[s] > start for s in env.copy_streams)
-            dur = cost.cpu_expert_seconds(counts[e], beside_copies=copying)
+            dur = cost.cpu_expert_seconds(counts[e], beside_copies=copying) + cost.cpu_after_idle_seconds(start - free)
             _, end = env.run("cpu", gate + hop, dur, f"cpu expert L{layer} E{e}", {"step": i, "tokens": counts[e]})
+            self.cpu_spans.append((start, end))
             self.cpu_busy += 0.0 if self.pricing else dur
         return end + hop
 
@@ -634,23 +674,24 @@ class _EventRun:
         merge on a scratch copy of the streams. Returns each planned miss's ready time on the GPU and the
         layer's finish on compute."""
         main, self.env, self.pricing = self.env, self.env.scratch(), True
+        spans, window = self.cpu_spans, self.cpu_window
         try:
             ready, plan = dict(hits), {}
+            on_cpu = [e for e, kind in zip(cand, kinds, strict=True) if kind == "cpu"]
+            self.cpu_spans, self.cpu_window = list(spans), self.cpu_alone_window(step, layer, on_cpu, gate)
             for e, kind in zip(cand, kinds, strict=True):
                 if kind in ("copy", "lowbit"):
-                    dur = self.demand_s - self.copy_s + (self.copy_s if kind == "copy" else self.lowbit_copy_s())
-                    ready[e], _ = self.issue(gate, -1.0, layer, e, dur, kind, i)
-                    plan[e] = kind
-                elif kind == "cpu":
-                    plan[e] = kind
-            on_cpu = [e for e in cand if plan.get(e) == "cpu"]
+                    transfer = self.copy_s if kind == "copy" else self.lowbit_copy_s()
+                    ready[e], _ = self.issue(gate, -1.0, layer, e, self.demand_s - self.copy_s + transfer, kind, i,
+                                             transfer)
+                plan[e] = kind
             back = self.run_cpu(i, step, layer, on_cpu, gate) if on_cpu else None
             self.experts(i, step, layer, [e for e in ready], ready, plan)
             self.merge(i, layer, back)
             at = [ready.get(e, back if plan.get(e) == "cpu" else None) for e, k in zip(cand, kinds, strict=True)]
             return [float("nan") if t is None else float(t) for t in at], self.env.free["compute"]
         finally:
-            self.env, self.pricing = main, False
+            self.env, self.pricing, self.cpu_spans, self.cpu_window = main, False, spans, window
 
     def lowbit_copy_s(self) -> float:
         """One low-bit substitute's transfer (HOBBIT)."""

@@ -99,19 +99,41 @@ def _beside_sentence(cpu: dict, doc: dict) -> str:
         return ("This run's driver did not measure CPU experts beside copies: the simulator priced every CPU "
                 "expert at its time alone.")
     m = cpu["measured"]
-    alone_copy = [p["ms"] for p in doc["calibration_raw"]["h2d"]][-1]
     beside_copy = float(np.median(m["copies_beside_cpu_s"])) * 1e3
-    return (f"Beside running host-to-device copies the CPU expert took {pct(cpu['beside_copies'] - 1)} longer "
+    said = (f"Beside running host-to-device copies the CPU expert took {pct(cpu['beside_copies'] - 1)} longer "
             f"(median of {len(m['beside_copies_s'])} calls against {len(m['alone_s'])} alone, alternating rounds); "
-            "the simulator prices a CPU expert that starts while a copy runs at that factor. The copies meanwhile "
-            f"took {beside_copy:.3f} ms each against {alone_copy:.3f} ms alone ({pct(beside_copy / alone_copy - 1)} "
-            "longer, wall time from issue): the simulator does not model that slow-down.")
+            "the simulator prices a CPU expert that starts while a copy runs at that factor. ")
+    if "copies_beside_cpu" not in cpu:   # runs before the copies' own term: the copy curve's point alone
+        alone_copy = [p["ms"] for p in doc["calibration_raw"]["h2d"]][-1]
+        return said + (f"The copies meanwhile took {beside_copy:.3f} ms each against {alone_copy:.3f} ms alone "
+                       f"({pct(beside_copy / alone_copy - 1)} longer, wall time from issue): the simulator of this "
+                       "run did not model that slow-down.")
+    alone_copy = float(np.median(m["copies_alone_s"])) * 1e3
+    return said + (f"The copies meanwhile took {beside_copy:.3f} ms each (median of {len(m['copies_beside_cpu_s'])}) "
+                   f"against {alone_copy:.3f} ms alone (median of {len(m['copies_alone_s'])} in the same rounds): "
+                   f"x{cpu['copies_beside_cpu']:.2f}, which the simulator applies to the transfer of a copy that "
+                   "overlaps CPU work.")
+
+
+def _idle_section(cpu: dict) -> list[str]:
+    """The CPU expert after idle gaps, as the run measured it (older runs did not)."""
+    if not cpu.get("after_idle"):
+        return ["This run's driver did not measure CPU experts after idle gaps: the simulator priced every CPU "
+                "expert as if its workers were awake.", ""]
+    idle = cpu["measured"]["after_idle"]
+    base = float(np.median(idle["back_to_back_s"])) * 1e3
+    rows = [[f"{g * 1e3:.2f}", f"{float(np.median(a)) * 1e3:.3f}", f"{float(np.median(a)) * 1e3 - base:+.3f}",
+             f"{x * 1e3:.3f}"] for (g, x), a in zip(cpu["after_idle"], idle["after_gap_s"], strict=True)]
+    return [f"CPU expert after the worker sat idle ({cpu['sources']['after_idle']}): back to back {base:.3f} ms "
+            f"(median of {len(idle['back_to_back_s'])}); the simulator adds the last column to a CPU expert that "
+            "starts that long after the previous one ended (linear between the points, flat past the last).", "",
+            *table(["idle ms (measured sleep)", "expert ms after it", "vs back to back", "term ms"], rows), ""]
 
 
 def error_by_execution(runs: list[tuple[str, dict]]) -> list[str]:
     """Median and max |error| per execution policy, one column pair per device run."""
     kinds = list(dict.fromkeys(c["execution"].split("=")[0] for _, d in runs for c in d["cells"]))
-    head = ["execution"] + [f"{name}: median / max |error|" for name, _ in runs]
+    head = ["execution"] + [f"{name} (batch {d['batch']}): median / max |error|" for name, d in runs]
     rows = []
     for kind in kinds:
         row = [kind]
@@ -121,10 +143,18 @@ def error_by_execution(runs: list[tuple[str, dict]]) -> list[str]:
         rows.append(row)
     return ["## Sim vs real: error by execution policy, every device run", "",
             *table(head, rows), "",
-            "Runs: " + "; ".join(f"`{name}`: {d['cpu_threads']} worker threads, "
-                                  + ("beside-copies factor " + f"{d['calibration']['cpu']['beside_copies']:.2f}"
-                                     if "beside_copies" in d["calibration"]["cpu"] else "no beside-copies term")
+            "Runs: " + "; ".join(f"`{name}`: {d['cpu_threads']} worker threads, " + _terms(d["calibration"]["cpu"])
                                   for name, d in runs) + ".", ""]
+
+
+def _terms(cpu: dict) -> str:
+    """The contention and wake-up terms a run's simulator used, in words."""
+    out = [f"beside-copies factor {cpu['beside_copies']:.2f}" if "beside_copies" in cpu else "no beside-copies term"]
+    if "copies_beside_cpu" in cpu:
+        out.append(f"copies-beside-CPU factor {cpu['copies_beside_cpu']:.2f}")
+    if cpu.get("after_idle"):
+        out.append(f"after-idle term up to {max(x for _, x in cpu['after_idle']) * 1e3:.3f} ms")
+    return ", ".join(out)
 
 
 def validation_section(doc: dict, source: str) -> list[str]:
@@ -140,11 +170,12 @@ def validation_section(doc: dict, source: str) -> list[str]:
            f"cell, the CPU worker on {doc['cpu_threads']} threads ({doc['host_cpus']} logical CPUs). The simulator's "
            "calibration comes from the same run's micro-benchmarks, not from the cells: one CPU expert "
            f"{cpu['expert_s'][cpu['format']][0][1] * 1e3:.3f} ms, the hidden state's hop {cpu['hop_s'] * 1e6:.1f} us "
-           "each way. " + _beside_sentence(cpu, doc), "",
+           "each way. " + _beside_sentence(cpu, doc), "", *_idle_section(cpu),
            f"{len(cells)} cells: |error| median {pct(float(np.median(errs)))}, max {pct(max(errs))}; "
            f"{sum(e <= 0.05 for e in errs)} within 5%; executor counts equal to the simulator's in "
            f"{sum(c['executed_equal'] for c in cells)}; residency violations "
            f"{sum((c['violations'] or 0) + c['once_violations'] + c['cpu_violations'] for c in cells)}.", ""]
+    out += _wait_policy(doc.get("wait_policy"))
     if doc.get("skipped"):
         out += [f"{len(doc['skipped'])} cells were not run (past the driver's time budget).", ""]
     for trace in dict.fromkeys(c["trace"] for c in cells):
@@ -158,8 +189,43 @@ def validation_section(doc: dict, source: str) -> list[str]:
         out += [f"### {trace}", "", *table(["K", "execution", "real ms/token", "sim ms/token", "error",
                                             "executed equal", "executed (engine)"], rows), "",
                 "Fastest executor at each K (speed-up over copy-only at that K):", "",
-                *table(["K", "measured", "simulated"], wins), ""]
+                *table(["K", "measured", "simulated"], wins), "", *_cpu_in_run(mine, cpu["hop_s"])]
     return out
+
+
+def _wait_policy(probe: dict | None) -> list[str]:
+    """The after-idle curve with OpenMP's default wait policy and with spinning threads (runs that probed it)."""
+    if not probe:
+        return []
+    rows = [[f"{g * 1e3:.2f}", *(f"{probe[name]['after_idle'][i][1] * 1e3:.3f}" for name in ("default", "active"))]
+            for i, (g, _) in enumerate(probe["default"]["after_idle"])]
+    return ["Would a CPU pool that never sleeps remove the wake-up? One int8 expert in two fresh processes after the "
+            f"cells: back to back {probe['default']['back_to_back_ms']:.3f} ms with OpenMP's default wait policy, "
+            f"{probe['active']['back_to_back_ms']:.3f} ms with `OMP_WAIT_POLICY=ACTIVE` (threads spin); the extra "
+            "after each idle gap (the idle column as measured in the default run):",
+            "", *table(["idle ms", "default: extra ms", "active: extra ms"], rows), ""]
+
+
+def _cpu_in_run(cells: list[dict], hop_s: float) -> list[str]:
+    """The CPU experts as the engine timed them in each cell against the simulator's mean (runs that kept it)."""
+    timed = [c for c in cells if (c.get("cpu_timing") or {}).get("n") and c["executed_sim"]["cpu"]]
+    if not timed:
+        return []
+
+    def ms(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}"
+    rows = [[c["cache_size"], c["execution"], c["cpu_timing"]["n"], ms(c["cpu_timing"]["expert_ms"]),
+             ms(c["cpu_timing"]["first_ms"]), ms(c["cpu_timing"]["later_ms"]),
+             ms(c["cpu_timing"]["idle_before_first_ms"]), ms(c["sim_cpu_busy_ms"] / c["executed_sim"]["cpu"]),
+             ms(c["cpu_timing"].get("ready_wait_ms")), ms(c["cpu_timing"].get("merge_lag_ms"))]
+            for c in timed]
+    return ["CPU experts in the engine's run (medians; first: the first expert of a layer's job, after the worker "
+            "waited; later: back to back after it) against the simulator's mean CPU expert (its CPU stream's busy "
+            "time / CPU experts, contention and wake-up terms included); and the hand-offs: the worker's wait "
+            "for the hidden state (from the job's start on the worker) and the main thread's lag from the job's "
+            f"last expert to having its result (the simulator prices a hop of {hop_s * 1e3:.3f} ms each way):", "",
+            *table(["K", "execution", "CPU experts", "run ms", "first ms", "later ms", "idle before first ms",
+                    "sim mean ms", "ready wait ms", "merge lag ms"], rows), ""]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,8 @@ their int8 CPU copies) is built once. The simulator's calibration comes from mic
 run (copy curve, the engine's captured pieces, an all-resident run, the engine terms, one CPU expert on
 the worker's threads, the hidden state's hop through pinned buffers) -- never from the cells. Each cell
 runs the engine once and the simulator (the one cell runner) on the same tokens; the engine's executor
-counts must equal the simulator's.
+counts must equal the simulator's. Batch 1 only: the hybrid engine serves one token per step (batch > 1
+decode is ``moesim.engine.batch.BatchEngine``, which has no CPU worker, substitutes or executor hooks).
 
     PYTHONPATH=. python studies/hybrid/run_validation.py --out /tmp/hv            # on the GPU box
     PYTHONPATH=. python studies/hybrid/run_validation.py --out /tmp/hv --tiny     # CPU, tiny shapes
@@ -20,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -128,21 +131,30 @@ def blob_copy(weights):
     return copy_once_fn(src, torch.empty_like(src, device=weights.d.dev))
 
 
+def one_cpu_expert(cpu, x):
+    """One int8 CPU expert per call, cycling through distinct experts (each read cold, as in a run)."""
+    keys = itertools.cycle(list(cpu.copies))
+    return lambda: cpu.forward(*next(keys), x)
+
+
 def cpu_terms(weights, cpu, worker_threads: int, seconds) -> dict:
     """One int8 CPU expert on the worker's thread count, alone and beside running copies of whole expert
-    blobs, in alternating rounds (:func:`moesim.engine.cpu_bench.alone_and_beside`); and the hidden
+    blobs, and those copies alone, in alternating rounds (:func:`moesim.engine.cpu_bench.alone_and_beside`);
+    the expert back to back and after idle gaps (:func:`moesim.engine.cpu_bench.after_idle`); and the hidden
     state's hop each way through a pinned buffer (round trip / 2)."""
     import torch
 
-    from moesim.engine.cpu_bench import alone_and_beside, beside_factor, on_a_worker_thread
+    from moesim.engine import cpu_bench
 
     g, d = weights.geometry, weights.d
     x = torch.randn(1, g.hidden, dtype=torch.bfloat16)
     calls = max(2 * len(cpu.copies), 24) if len(cpu.copies) < 64 else len(cpu.copies)
-    on_a_worker_thread(cpu_expert_calls(cpu, worker_threads, 4, x))   # the thread pool and first pages
-    m = alone_and_beside(cpu_expert_calls(cpu, worker_threads, calls, x), blob_copy(weights))
+    cpu_bench.on_a_worker_thread(cpu_expert_calls(cpu, worker_threads, 4, x))   # the thread pool and first pages
+    m = cpu_bench.alone_and_beside(cpu_expert_calls(cpu, worker_threads, calls, x), blob_copy(weights))
     alone, beside, copy_beside = m["alone_s"], m["beside_copies_s"], m["copies_beside_cpu_s"]
     expert_s, beside_s = statistics.median(alone), statistics.median(beside)
+    idle = cpu_bench.after_idle(one_cpu_expert(cpu, x), worker_threads, calls=16 if d.cuda else 4)
+    curve = cpu_bench.after_idle_curve(idle)
     xd = torch.randn(1, g.hidden, dtype=torch.bfloat16, device=d.dev)
     host = torch.empty(1, g.hidden, dtype=torch.bfloat16, pin_memory=d.cuda)
 
@@ -155,17 +167,51 @@ def cpu_terms(weights, cpu, worker_threads: int, seconds) -> dict:
         d.synchronize()
     hop_s = timer(str(d.dev))(round_trip, reps=200) / 2
     log(f"CPU expert (int8, {worker_threads} threads) {expert_s * 1e3:.3f} ms alone, {beside_s * 1e3:.3f} ms beside "
-        f"copies (x{beside_s / expert_s:.2f}; copies meanwhile {statistics.median(copy_beside) * 1e3:.3f} ms per "
-        f"{weights.blob_bytes} B); hop {hop_s * 1e6:.1f} us")
+        f"copies (x{beside_s / expert_s:.2f}); copies {statistics.median(m['copies_alone_s']) * 1e3:.3f} ms alone, "
+        f"{statistics.median(copy_beside) * 1e3:.3f} beside CPU experts (x{cpu_bench.copies_factor(m):.2f}) per "
+        f"{weights.blob_bytes} B; after idle " + ", ".join(f"{a * 1e3:.2f} ms +{b * 1e3:.3f}" for a, b in curve)
+        + f" ms; hop {hop_s * 1e6:.1f} us")
     return {"threads": worker_threads, "format": "int8", "hidden_bytes": g.hidden * 2, "hop_s": hop_s,
-            "expert_s": {"int8": [[1, expert_s]]}, "thread_curve": [], "beside_copies": beside_factor(m),
-            "measured": {"alone_s": alone, "beside_copies_s": beside, "copies_beside_cpu_s": copy_beside},
+            "expert_s": {"int8": [[1, expert_s]]}, "thread_curve": [], "beside_copies": cpu_bench.beside_factor(m),
+            "copies_beside_cpu": cpu_bench.copies_factor(m), "after_idle": curve,
+            "measured": {**m, "after_idle": idle},
             "sources": {"expert_s": f"the engine's int8 CPU experts, {len(alone)} calls in 2 rounds cycling over "
                                     f"{len(cpu.copies)} experts on a {worker_threads}-thread worker, median",
                         "beside_copies": "the same calls while the main thread ran pinned host-to-device copies of "
                                          "whole expert blobs back to back (alternating rounds with the alone "
                                          "calls): median beside / median alone",
+                        "copies_beside_cpu": "those copies: median while the CPU experts ran / median of as many "
+                                             "alone, in the same alternating rounds",
+                        "after_idle": "the same experts on a fresh worker thread of as many threads, one by one, "
+                                      "back to back and after each idle gap (time.sleep; alternating rounds): "
+                                      "median after the gap - median back to back",
                         "hop": "the hidden state through a pinned buffer, device->host->device, / 2"}}
+
+
+POLICY_PROBE = ("import json, sys; from moesim.engine import cpu_bench as b; "
+                "m = b.measure_after_idle('int8', (int(sys.argv[1]), int(sys.argv[2])), int(sys.argv[3]), "
+                "calls=int(sys.argv[4])); print(json.dumps({'after_idle': b.after_idle_curve(m), "
+                "'back_to_back_ms': 1e3 * __import__('statistics').median(m['back_to_back_s'])}))")
+
+
+def wait_policies(threads: int, geometry: tuple[int, int], calls: int = 16) -> dict:
+    """Would a CPU pool that never sleeps remove the wake-up? One int8 expert's after-idle curve in two
+    fresh processes: OpenMP's default wait policy, and ``OMP_WAIT_POLICY=ACTIVE`` (its threads spin
+    between parallel regions; it is read when the runtime starts, so only a new process can try it)."""
+    out = {}
+    for name, policy in (("default", None), ("active", "ACTIVE")):
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        if policy:
+            env["OMP_WAIT_POLICY"] = policy
+        p = subprocess.run([sys.executable, "-c", POLICY_PROBE, *map(str, (*geometry, threads, calls))], env=env,
+                           capture_output=True, text=True, timeout=45, cwd=ROOT)
+        if p.returncode:
+            raise RuntimeError(f"the {name} wait-policy probe failed: {p.stderr.strip().splitlines()[-1:]}")
+        out[name] = json.loads(p.stdout.strip().splitlines()[-1])
+        log(f"wait policy {name}: back to back {out[name]['back_to_back_ms']:.3f} ms; after idle "
+            + ", ".join(f"{g * 1e3:.2f} ms +{x * 1e3:.3f}" for g, x in out[name]["after_idle"]))
+    return out
 
 
 def calibrate(weights, program, routing, cpu, lowbit, worker_threads: int, out: dict) -> object:
@@ -214,7 +260,9 @@ def run_cell(weights, program, cpu, routing, trace, cost, k: int, execution: str
            "error": (sim_ms - real_ms) / real_ms, "executed_real": res["executed"], "executed_sim": simd["executed"],
            "executed_equal": res["executed"] == simd["executed"], "violations": res["violations"],
            "device_copies": res["device_copies"], "once_violations": res["once_violations"],
-           "cpu_violations": res["cpu_violations"], "token_ms": res["token_ms"], "tokens": res["tokens"]}
+           "cpu_violations": res["cpu_violations"], "token_ms": res["token_ms"], "tokens": res["tokens"],
+           # the CPU experts as the run timed them, beside the simulator's CPU stream (why a cell is off)
+           "cpu_timing": res.get("cpu_timing"), "sim_cpu_busy_ms": simd.get("cpu_busy_ms")}
     log(f"K={k} {execution:>12}: real {real_ms:8.3f} sim {sim_ms:8.3f} ms/token ({row['error'] * 100:+.1f}%) "
         f"executed {'==' if row['executed_equal'] else '!='} {res['executed']} proof {res['violations']}/"
         f"{res['once_violations']}/{res['cpu_violations']}")
@@ -273,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     out: dict = {"device": "cpu (tiny)" if args.tiny else torch.cuda.get_device_name(0), "commit": args.commit,
                  "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__,
                  "tokens_per_cell": args.tokens, "cpu_threads": threads, "host_cpus": os.cpu_count(),
-                 "policy": "lru", "batch": 1, "cells": []}
+                 "policy": "lru", "batch": 1, "cells": [],
+                 # the thread pools' wait policy (set before the run to try a pool that never sleeps)
+                 "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}}
 
     def save() -> None:
         tmp = path.with_suffix(".tmp")
@@ -319,6 +369,16 @@ def run_all(args, out: dict, threads: int, save) -> None:
     errs = [abs(c["error"]) for c in out["cells"]] or [float("nan")]
     log(f"{len(errs)} cells in {out['cells_s']:.1f} s: |error| median {statistics.median(errs) * 100:.1f}% "
         f"max {max(errs) * 100:.1f}%; executed equal in {sum(c['executed_equal'] for c in out['cells'])}")
+    save()
+    if time.perf_counter() - START > args.budget_s:   # an experiment, after the cells: only with time left
+        log("skipped the wait-policy probe: past the budget")
+        return
+    g = w.geometry
+    try:   # an experiment: its failure must not fail the run's cells
+        out["wait_policy"] = wait_policies(threads, (g.hidden, g.ffn), calls=4 if args.tiny else 16)
+    except (RuntimeError, subprocess.TimeoutExpired, ValueError) as exc:
+        out["wait_policy_error"] = str(exc)
+        log(f"the wait-policy probe failed: {exc}")
 
 
 if __name__ == "__main__":
