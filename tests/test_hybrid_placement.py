@@ -230,8 +230,9 @@ def test_after_idle_times_calls_back_to_back_and_after_each_gap_in_alternating_r
     # (after the pool's first call: per round 5 back to back, then 5 after each gap)
     gap_before = order[1:]
     assert len(gap_before) == 2 * (5 + 4 * 5)
-    assert gap_before[5] < gap_before[15] and gap_before[20] >= 0.02      # round 1: 0.2 ms ... 20 ms
-    assert gap_before[30] >= 0.02 and gap_before[45] < gap_before[40]     # round 2: 20 ms ... 0.2 ms
+    # a sleep lasts at least its gap (a loaded box only stretches the short ones): lower bounds say the order
+    assert gap_before[15] >= 0.008 and gap_before[20] >= 0.02      # round 1: 0.2, 1, 8, 20 ms
+    assert gap_before[30] >= 0.02 and gap_before[35] >= 0.008      # round 2: 20, 8, 1, 0.2 ms
     curve = after_idle_curve(m)
     assert [g for g, _ in curve] == [pytest.approx(s, rel=0.5) for s in (0.0002, 0.001, 0.008, 0.02)]
     assert curve[0][1] < 0.0004 and curve[1][1] < 0.0004
