@@ -122,17 +122,19 @@ def allocate(nbytes: int) -> mmap.mmap:
     return buf
 
 
-def read_pool(reader: Reader, count: int, nbytes: int) -> list[mmap.mmap]:
+def read_pool(reader: Reader, count: int, nbytes: int) -> tuple[list[mmap.mmap], list[int]]:
     """``count`` host buffers of ``nbytes`` (a multiple of 4096) for ``reader`` to read into, each
-    already filled once by an untimed read of the file: an engine allocates its host RAM once, at load,
-    and on a virtual machine the first read into a fresh buffer is slower than later ones (studies/nvme),
-    a cost a reader reading into the same buffers for hours never pays again."""
-    size = os.fstat(reader.fd).st_size // nbytes * nbytes
+    already filled once by an untimed read of the file, as an engine fills its host RAM once, at load: the
+    timed reads land in memory that has been read into before, as a long-running reader's do (the study's
+    host-buffer probe measures a first read into a fresh buffer against later ones: studies/nvme).
+    Returns the buffers and the region (of ``nbytes``) of the file each holds."""
+    regions = os.fstat(reader.fd).st_size // nbytes
     pool = [allocate(nbytes) for _ in range(count)]
-    for i, buf in enumerate(pool):
-        if size:
-            reader.read_region(i * nbytes % size, nbytes, memoryview(buf))
-    return pool
+    held = [i % regions if regions else -1 for i in range(count)]
+    for buf, region in zip(pool, held, strict=True):
+        if region >= 0:
+            reader.read_region(region * nbytes, nbytes, memoryview(buf))
+    return pool, held
 
 
 def write_scratch(path: str | os.PathLike, nbytes: int, progress: Callable[[int], None] | None = None) -> None:
@@ -201,7 +203,7 @@ def measure_mode(path: str | os.PathLike, file_bytes: int, blocks: Sequence[int]
     rather than the ones measured last. Returns the points and the readers' methods."""
     with ExitStack() as stack:
         readers = [stack.enter_context(Reader(path, block, q, direct)) for block in blocks for q in depths]
-        pool = read_pool(readers[0], max(4, POOL_BYTES // max(sizes)), max(sizes))
+        pool, _ = read_pool(readers[0], max(4, POOL_BYTES // max(sizes)), max(sizes))
         stack.callback(lambda: [buf.close() for buf in pool])
         times: list[dict[int, list[float]]] = [{n: [] for n in sizes} for _ in readers]
         rounds = min(repeats, ROUNDS)

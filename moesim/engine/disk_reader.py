@@ -58,17 +58,18 @@ def replay_reads(reader: Reader, misses: list[tuple[int, list[int]]], num_expert
     mode); returns the reads, the host hits and the seconds the reads took.
 
     ``sample_every`` N > 0: after every N reads, one micro-benchmark read, timed apart (``sample_s``): a
-    resident expert drawn at random (``seed``) read again from the file into its own buffer, which leaves
-    every buffer as it was. It samples the disk as it is during this run, into this run's buffers: on a
-    virtual machine the read time depends on which host buffer receives it (studies/nvme), so a sample
-    read into a buffer of its own would price another memory's reads."""
+    buffer of the host RAM drawn at random (``seed``), resident or free, read again from the file with
+    the expert it holds, which leaves every buffer as it was. It samples the disk as it is during this
+    run, into the memory this run reads into: on a virtual machine the read time can depend on which
+    host buffer receives it (studies/nvme), so a sample read into a buffer of its own would price another
+    memory's reads."""
     if expert_bytes % ALIGN:
         raise SettingError("expert_bytes", f"expert size {expert_bytes} is not a multiple of {ALIGN} bytes")
     policy = eviction_factory(host_policy, None)()
     if policy.needs_future:
         raise SettingError("host_policy", f"host RAM policy {host_policy!r} needs the future", fix="lru")
     cache = ExpertCache(host_experts, policy)
-    pool = read_pool(reader, host_experts, expert_bytes)
+    pool, held = read_pool(reader, host_experts, expert_bytes)   # held: the expert each buffer holds
     slot_of: dict[int, int] = {}
     free = list(range(host_experts))
     times: list[float] = []
@@ -86,11 +87,11 @@ def replay_reads(reader: Reader, misses: list[tuple[int, list[int]]], num_expert
                     free.append(slot_of.pop(gone))
                 for key in read:
                     slot_of[key] = slot = free.pop()
+                    held[slot] = key
                     times.append(reader.read_region(key * expert_bytes, expert_bytes, memoryview(pool[slot])))
                     if sample_every and len(times) % sample_every == 0:
-                        again = rng.choice(sorted(slot_of))
-                        samples.append(reader.read_region(again * expert_bytes, expert_bytes,
-                                                          memoryview(pool[slot_of[again]])))
+                        b = rng.randrange(host_experts)
+                        samples.append(reader.read_region(held[b] * expert_bytes, expert_bytes, memoryview(pool[b])))
             if progress:
                 progress(1)
     finally:

@@ -22,6 +22,8 @@ from studies._common import md_table, pct, write_text  # noqa: E402
 HERE = Path(__file__).parent
 RAW = HERE / "raw"
 TOLERANCE = 0.10
+SAMPLING = {"resident": "a resident expert, drawn at random, read again into its own buffer",
+            "pool": "a buffer of host RAM drawn at random, resident or free, read again with the expert it holds"}
 
 
 def curve_section(cal: dict, pooled: bool) -> list[str]:
@@ -109,8 +111,7 @@ def sampled_section(val: dict, cal: dict) -> list[str]:
                      f"{min(segs):.2f} to {max(segs):.2f}", pct(spread, 0),
                      " / ".join(pct(e, 1, signed=True) for e in c["run_errors"]), pct(c["error_median"], 1, signed=True),
                      pct(one / statistics.median(real) - 1, 1, signed=True)])
-    within = sum(abs(e) <= TOLERANCE for e in errors)
-    worst = max(abs(e) for e in errors)
+    within, worst = sum(abs(e) <= TOLERANCE for e in errors), max(abs(e) for e in errors)
     c0 = cells[0]
     direct = [r for c in cells if c["mode"] == "direct" for r in c["runs"]]
     tail = statistics.median(r["sample_read_ms_mean"] / r["sample_read_ms_p50"] for r in direct) if direct else None
@@ -120,8 +121,8 @@ def sampled_section(val: dict, cal: dict) -> list[str]:
             f"to {val['expert_bytes'] // 1024} KiB (one file of every layer's experts, every MiB different), read in "
             f"{c0['block_bytes'] // 1024} KiB blocks at queue depth {c0['queue_depth']}. Every cell ran "
             f"{val['repeats']} times, round robin. After every {val['sample_every']} of the reader's reads, one "
-            "micro-benchmark read (a resident expert, drawn at random, read again into its own buffer, through the "
-            "same reader routine) sampled the disk as it was then; each run is priced by the simulator with its "
+            f"micro-benchmark read ({SAMPLING[val.get('sampling', 'resident')]}, through the same reader routine) "
+            "sampled the disk as it was then; each run is priced by the simulator with its "
             "samples' mean read alone, never with its own reads. The mean, not the median: the simulator adds reads "
             "up, and the slow tail is time the reader pays too"
             + (f" (in direct runs the samples' mean is {tail:.2f}x their median)" if tail else "") + ". "
@@ -136,7 +137,25 @@ def sampled_section(val: dict, cal: dict) -> list[str]:
             f"Disk time, priced by the samples: {within} of {len(cells)} cells within {pct(TOLERANCE, 0)} (median run), "
             f"the worst {pct(worst, 1)} off. Repeated identical runs of one cell differ by "
             f"{min(spreads):.0f}% to {max(spreads):.0f}% of their median (max minus min): the bound any calibration not "
-            "taken during the run itself can reach on this machine.", ""]
+            "taken during the run itself can reach on this machine.", "", *earlier_lines(val)]
+
+
+def earlier_lines(val: dict) -> list[str]:
+    """The earlier runs of this machine's validation with another sampling, summed up (raw/earlier/)."""
+    lines = []
+    for path in sorted((RAW / "earlier").glob(f"validate_{val['machine_key']}_*.json")) if "machine_key" in val else []:
+        old = json.loads(path.read_text())
+        errs = [c["error_median"] for c in old["cells"]]
+        worst = max(old["cells"], key=lambda c: abs(c["error_median"]))
+        lines += [f"An earlier run ({old['date']}, `studies/nvme/raw/earlier/{path.name}`) sampled "
+                  f"{SAMPLING[old.get('sampling', 'resident')]}: {sum(abs(e) <= TOLERANCE for e in errs)} of "
+                  f"{len(errs)} cells within {pct(TOLERANCE, 0)}, the worst {pct(abs(worst['error_median']), 1)} off "
+                  f"({worst['trace']}, {worst['mode'].replace('_', ' ')}, {worst['host_ram_experts']} experts in host "
+                  f"RAM, {sum(e < 0 for e in worst['run_errors'])} of {len(worst['run_errors'])} runs slower than "
+                  "their samples). There the samples landed in buffers the reader had just "
+                  "filled, while its own reads, with host RAM still filling, landed in buffers untouched since the "
+                  "pool was set up; sampling every buffer of host RAM alike was the change.", ""]
+    return lines
 
 
 def render() -> str:
@@ -146,8 +165,9 @@ def render() -> str:
              "checked against a stand-alone reader (`moesim/engine/disk_reader.py`) that replays the same GPU misses "
              "through a real host-RAM pool of page-aligned buffers and reads each missing expert from a file. The "
              "simulator's side is `disk_busy_ms` of `simulate --json`; the reader's is the sum of its timed reads. "
-             "The calibration comes from the micro-benchmark alone, run just before the cells, never from them. "
-             "Driver: `studies/nvme/run_nvme.py`.", ""]
+             "The price of a read comes from micro-benchmark reads alone, never from the cells' own reads: the "
+             "calibration, and (in the later runs) reads sampled during each run. Driver: "
+             "`studies/nvme/run_nvme.py`.", ""]
     for cal_path in sorted(RAW.glob("disk_cal_*.json")):
         machine = cal_path.stem.removeprefix("disk_cal_")
         lines += [f"## {machine.replace('_', ' ')}", ""]
@@ -157,7 +177,7 @@ def render() -> str:
         sampled = val is not None and val.get("format") == 2
         lines += curve_section(cal, "pool_bytes" in cal["disk"] or sampled)
         if sampled:
-            lines += sampled_section(val, cal)
+            lines += sampled_section(val | {"machine_key": machine}, cal)
         elif val is not None:
             lines += validation_section(val)[0]
         else:

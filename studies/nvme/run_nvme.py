@@ -7,10 +7,10 @@ replays the same GPU misses through a real host-RAM pool and reads each missing 
 
 - "one calibration": ``moesim calibrate --disk`` run once beforehand (with ``--measure``);
 - "sampled during the run": the disk of a shared box drifts by more than 10% within seconds, so during
-  each run, after every ``--sample-every`` of the reader's reads, one micro-benchmark read (a resident
-  expert read again from the same file into its own buffer, through the same reader) samples the disk
-  and the host memory as they are then; that run is priced by the samples' mean alone, never by its own
-  reads.
+  each run, after every ``--sample-every`` of the reader's reads, one micro-benchmark read (a host-RAM
+  buffer drawn at random, resident or free, read again from the same file with the expert it holds,
+  through the same reader) samples the disk and the host memory as they are then; that run is priced by
+  the samples' mean alone, never by its own reads.
 
     python studies/nvme/run_nvme.py --measure --calibration studies/nvme/raw/disk_cal_cpu_box.json \\
         --scratch /tmp -o studies/nvme/raw/validate_cpu_box.json
@@ -70,7 +70,7 @@ def simulated(trace: Trace, curve: DiskCurve, point: tuple[str, int, int], k: in
 def read_once(cell: dict, trace: Trace, misses: list, policy: str, xb: int, path: str, sample_every: int,
               seed: int, bar) -> dict:
     """One run of the reader on ``cell``'s setting. After every ``sample_every`` of its reads, one
-    micro-benchmark read (a resident expert read again into its own buffer: ``disk_reader.replay_reads``)
+    micro-benchmark read (a host-RAM buffer read again with its expert: ``disk_reader.replay_reads``)
     samples the disk and the host memory as they are during this run; the run is priced by those samples'
     mean alone, never by its own reads."""
     if cell["mode"] == "page_cache":
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             os.unlink(path)
     cells = [finish(c) for c in cells]
     write_json(args.output, {
-        "format": 2, "calibration": relative(args.calibration), "calibration_machine": cal["disk"].get("machine"),
+        "format": 2, "sampling": "pool", "calibration": relative(args.calibration), "calibration_machine": cal["disk"].get("machine"),
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "expert_bytes": xb, "tokens": args.tokens,
         "policy": args.policy, "budgets": args.budgets, "repeats": args.repeats, "sample_every": args.sample_every,
