@@ -35,6 +35,7 @@ ALIGN = 4096
 SCRATCH_NAME = "moesim-disk-bench.bin"
 MODES = ("direct", "page_cache")
 POOL_BYTES = 256 << 20   # the host buffers a calibration point reads into, in turn
+POOL_MAX = 256   # ... at most this many (small reads: a mapping each)
 ROUNDS = 6   # the points of a mode take turns this many times
 
 
@@ -192,6 +193,11 @@ def point_summary(block: int, queue_depth: int, times_by_size: dict[int, Sequenc
             "mean_s": means, "median_s": medians}
 
 
+def pool_count(nbytes: int) -> int:
+    """How many host buffers of ``nbytes`` a calibration point reads into, in turn."""
+    return min(POOL_MAX, max(4, POOL_BYTES // nbytes))
+
+
 def measure_mode(path: str | os.PathLike, file_bytes: int, blocks: Sequence[int], depths: Sequence[int],
                  sizes: Sequence[int], repeats: int, rng: random.Random, direct: bool,
                  progress: Callable[[str, int], None] | None = None) -> tuple[list[dict[str, Any]], set[str]]:
@@ -203,7 +209,7 @@ def measure_mode(path: str | os.PathLike, file_bytes: int, blocks: Sequence[int]
     rather than the ones measured last. Returns the points and the readers' methods."""
     with ExitStack() as stack:
         readers = [stack.enter_context(Reader(path, block, q, direct)) for block in blocks for q in depths]
-        pool, _ = read_pool(readers[0], max(4, POOL_BYTES // max(sizes)), max(sizes))
+        pool, _ = read_pool(readers[0], pool_count(max(sizes)), max(sizes))
         stack.callback(lambda: [buf.close() for buf in pool])
         times: list[dict[int, list[float]]] = [{n: [] for n in sizes} for _ in readers]
         rounds = min(repeats, ROUNDS)
@@ -244,7 +250,7 @@ def measure(directory: str | os.PathLike, file_bytes: int, blocks: Sequence[int]
         if os.path.exists(path):
             os.unlink(path)
     out |= {"direct_method": ",".join(sorted(methods)), "file_bytes": int(file_bytes), "read_sizes": sizes,
-            "pool_bytes": POOL_BYTES, "rounds": min(repeats, ROUNDS),
+            "pool_bytes": pool_count(sizes[-1]) * sizes[-1], "rounds": min(repeats, ROUNDS),
             "repeats": repeats, "default": {"mode": "direct", "block_bytes": int(blocks[-1]),
                                             "queue_depth": int(max(depths))},
             "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
