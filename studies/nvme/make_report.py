@@ -136,8 +136,8 @@ def sampled_section(val: dict, cal: dict) -> list[str]:
             f"Disk reads: {'equal in every run of every cell' if all(c['reads_equal_every_run'] for c in cells) else 'DIFFERENT in some runs'}. "
             f"Disk time, priced by the samples: {within} of {len(cells)} cells within {pct(TOLERANCE, 0)} (median run), "
             f"the worst {pct(worst, 1)} off. Repeated identical runs of one cell differ by "
-            f"{min(spreads):.0f}% to {max(spreads):.0f}% of their median (max minus min): the bound any calibration not "
-            "taken during the run itself can reach on this machine.", "", *earlier_lines(val)]
+            f"{min(spreads):.0f}% to {max(spreads):.0f}% of their median (max minus min): a calibration taken at another "
+            "moment can be that far off on this machine (the \"one calibration\" column).", "", *earlier_lines(val)]
 
 
 def earlier_lines(val: dict) -> list[str]:
