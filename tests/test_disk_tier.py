@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import tempfile
 from pathlib import Path
 
@@ -235,9 +236,72 @@ def test_reader_replays_the_brute_force_miss_stream(tmp_path, direct):
     t = write_trace(tmp_path / "t.parquet", sets, num_layers=L, num_experts=E)
     disk_reader.write_expert_file(tmp_path / "experts.bin", L * E, 8192)
     misses = disk_reader.gpu_misses(t, "lru", k)
-    got = disk_reader.replay_reads(tmp_path / "experts.bin", misses, E, 8192, host, "fifo", 4096, 2, direct)
     g, h, dsk = brute_tiers(sets, [i % L for i in range(len(sets))], E, k, host, "lru", "fifo")
-    assert (got["host_hits"], got["reads"]) == (h, dsk)
+    for every in (0, 3):   # the micro-benchmark samples taken during a run change nothing it counts
+        with disk_bench.Reader(tmp_path / "experts.bin", 4096, 2, direct) as reader:
+            got = disk_reader.replay_reads(reader, misses, E, 8192, host, "fifo", sample_every=every)
+        assert (got["host_hits"], got["reads"]) == (h, dsk)
+        assert len(got["sample_s"]) == (dsk // every if every else 0)
     assert sum(len(m) for _, m in misses) == len(sets) * 2 - g
     _, d = tiers(t, k, host, "lru", "fifo")
     assert d["host_tier"]["disk_reads"] == got["reads"]
+
+
+def test_scratch_file_has_no_repeated_mib(tmp_path):
+    path = tmp_path / "f.bin"
+    disk_bench.write_scratch(path, 3 << 20)
+    data = path.read_bytes()
+    assert len(data) == 3 << 20 and len({data[i:i + (1 << 20)] for i in range(0, 3 << 20, 1 << 20)}) == 3
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_read_experts_and_the_pool_read_whole_experts(tmp_path, direct):
+    path, xb, slots = tmp_path / "f.bin", 8192, 6
+    disk_bench.write_scratch(path, slots * xb)
+    data = path.read_bytes()
+    experts = [data[i * xb:(i + 1) * xb] for i in range(slots)]
+    assert len(set(experts)) == slots
+    with disk_bench.Reader(path, 4096, 2, direct) as rd:
+        pool, held = disk_bench.read_pool(rd, 8, xb)
+        # each buffer filled once, from expert i of the file (round the file)
+        assert held == [0, 1, 2, 3, 4, 5, 0, 1] and [bytes(b) for b in pool] == [experts[i] for i in held]
+        times = disk_bench.read_experts(rd, xb, slots, 7, random.Random(1), pool)
+        assert len(times) == 7 and min(times) > 0
+        # every read a whole expert at an expert-aligned offset, into the buffers in turn
+        assert all(bytes(b) in experts for b in pool)
+        for b in pool:
+            b.close()
+
+
+def test_point_summary_means_medians_and_line():
+    p = disk_bench.point_summary(8192, 2, {8192: [3.0, 3.0, 3.0], 4096: [1.0, 1.0, 4.0]})
+    assert p["mean_s"] == [[4096, 2.0], [8192, 3.0]] and p["median_s"] == [[4096, 1.0], [8192, 3.0]]
+    assert p["block_bytes"] == 8192 and p["queue_depth"] == 2
+    # the line through the means (not the medians): 1 s + 4096 bytes/s
+    assert p["latency_s"] == pytest.approx(1.0) and p["bytes_per_s"] == pytest.approx(4096)
+    one = disk_bench.point_summary(8192, 1, {8192: [0.002, 0.004]})   # one size: through the origin
+    assert one["latency_s"] == 0 and one["bytes_per_s"] == pytest.approx(8192 / 0.003)
+
+
+def test_calibration_points_take_turns(tmp_path, monkeypatch):
+    path = tmp_path / "f.bin"
+    disk_bench.write_scratch(path, 1 << 20)
+    calls = []
+    real = disk_bench.read_experts
+
+    def logged(reader, n, slots, count, rng, dests):
+        calls.append((reader.block, reader.queue_depth, n, count))
+        return real(reader, n, slots, count, rng, dests)
+
+    monkeypatch.setattr(disk_bench, "read_experts", logged)
+    points, methods = disk_bench.measure_mode(path, 1 << 20, [4096, 8192], [1, 2], [8192, 16384], 7, random.Random(0),
+                                              True)
+    assert [(p["block_bytes"], p["queue_depth"]) for p in points] == [(4096, 1), (4096, 2), (8192, 1), (8192, 2)]
+    assert methods <= {"o_direct", "fadvise_dontneed"}
+    # 6 rounds (7 reads: 2 + 1 x 5), each round every point once, each size once per point
+    order = [(b, q) for b, q, _, _ in calls[::2]]
+    assert order == [(4096, 1), (4096, 2), (8192, 1), (8192, 2)] * 6
+    assert [c for _, _, _, c in calls[::8]] == [2, 1, 1, 1, 1, 1]
+    for b, q in order[:4]:
+        for n in (8192, 16384):
+            assert sum(c for bb, qq, nn, c in calls if (bb, qq, nn) == (b, q, n)) == 7

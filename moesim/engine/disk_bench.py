@@ -8,7 +8,8 @@ threads (``os.preadv`` releases the GIL, so the requests are in flight together)
 ``mmap`` buffers where the file system takes it; elsewhere the file's cached pages are dropped with
 ``posix_fadvise(DONTNEED)`` before every read (the file is written and fsynced first, so none are dirty).
 
-Per point the mean time of reads of a few sizes is fitted as ``latency + bytes / bandwidth`` (least
+The points of a mode take turns in rounds (the disk of a shared machine drifts while it is measured); per
+point the mean time of reads of a few sizes is fitted as ``latency + bytes / bandwidth`` (least
 squares), the curve the timing simulator prices a disk read with (:mod:`moesim.simulator.disk_tier`).
 """
 
@@ -22,6 +23,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,6 +34,9 @@ from moesim.errors import SettingError
 ALIGN = 4096
 SCRATCH_NAME = "moesim-disk-bench.bin"
 MODES = ("direct", "page_cache")
+POOL_BYTES = 256 << 20   # the host buffers a calibration point reads into, in turn
+POOL_MAX = 256   # ... at most this many (small reads: a mapping each)
+ROUNDS = 6   # the points of a mode take turns this many times
 
 
 class Reader:
@@ -118,16 +123,32 @@ def allocate(nbytes: int) -> mmap.mmap:
     return buf
 
 
+def read_pool(reader: Reader, count: int, nbytes: int) -> tuple[list[mmap.mmap], list[int]]:
+    """``count`` host buffers of ``nbytes`` (a multiple of 4096) for ``reader`` to read into, each
+    already filled once by an untimed read of the file, as an engine fills its host RAM once, at load: the
+    timed reads land in memory that has been read into before, as a long-running reader's do (the study's
+    host-buffer probe measures a first read into a fresh buffer against later ones: studies/nvme).
+    Returns the buffers and the region (of ``nbytes``) of the file each holds."""
+    regions = os.fstat(reader.fd).st_size // nbytes
+    pool = [allocate(nbytes) for _ in range(count)]
+    held = [i % regions if regions else -1 for i in range(count)]
+    for buf, region in zip(pool, held, strict=True):
+        if region >= 0:
+            reader.read_region(region * nbytes, nbytes, memoryview(buf))
+    return pool, held
+
+
 def write_scratch(path: str | os.PathLike, nbytes: int, progress: Callable[[int], None] | None = None) -> None:
-    """A file of ``nbytes`` random bytes (incompressible, so a compressing file system cannot shortcut
-    the reads), fsynced so that none of its pages are dirty."""
+    """A file of ``nbytes`` random bytes, every MiB different (incompressible and with nothing to
+    deduplicate, so no layer below can shortcut the reads, as none can for real weights), fsynced so that
+    none of its pages are dirty."""
     rng = np.random.default_rng(0)
-    chunk = rng.integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
     with open(path, "wb") as fh:
-        for done in range(0, nbytes, len(chunk)):
-            fh.write(chunk[: min(len(chunk), nbytes - done)])
+        for done in range(0, nbytes, 1 << 20):
+            n = min(1 << 20, nbytes - done)
+            fh.write(rng.bytes(n))
             if progress:
-                progress(min(len(chunk), nbytes - done))
+                progress(n)
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -150,21 +171,57 @@ def fit_line(sizes: Sequence[int], seconds: Sequence[float]) -> tuple[float, flo
     return 0.0, float((x * x).sum() / (x * y).sum())
 
 
-def measure_point(reader: Reader, file_bytes: int, sizes: Sequence[int], repeats: int,
-                  rng: random.Random) -> dict[str, Any]:
-    """One (mode, block, queue depth): ``repeats`` reads of each size at random aligned offsets."""
-    means, medians = [], []
-    dest = allocate(max(sizes))   # an expert's buffer in host RAM, as the reader reads into
-    for n in sizes:
-        times = [reader.read_region(rng.randrange(0, (file_bytes - n) // ALIGN + 1) * ALIGN, n, memoryview(dest))
-                 for _ in range(repeats)]
-        means.append([int(n), statistics.fmean(times)])
-        medians.append([int(n), statistics.median(times)])
-    # the mean, not the median: the simulator adds reads up, and a sum of reads is n x their mean
-    dest.close()
-    latency, bw = fit_line([n for n, _ in means], [t for _, t in means])
-    return {"block_bytes": reader.block, "queue_depth": reader.queue_depth, "latency_s": latency,
-            "bytes_per_s": bw, "mean_s": means, "median_s": medians}
+def read_experts(reader: Reader, expert_bytes: int, slots: int, count: int, rng: random.Random,
+                 dests: Sequence[mmap.mmap]) -> list[float]:
+    """``count`` reads of a whole expert of ``expert_bytes`` from a file laid out as ``slots`` experts
+    (expert ``i`` at ``i x expert_bytes``, as :mod:`moesim.engine.disk_reader` reads it), at uniformly
+    random slots, into ``dests`` in turn; the seconds of each read. The one micro-benchmark read: the
+    calibration's points and the validation's samples taken during a reader's run both come from here."""
+    return [reader.read_region(rng.randrange(slots) * expert_bytes, expert_bytes,
+                               memoryview(dests[i % len(dests)])[:expert_bytes]) for i in range(count)]
+
+
+def point_summary(block: int, queue_depth: int, times_by_size: dict[int, Sequence[float]]) -> dict[str, Any]:
+    """A curve point from read times per size: the mean and median read per size and the line fitted to
+    the means. The mean, not the median: the simulator adds reads up, a sum of n reads is n x their mean,
+    and the slow tail (a read several times the median) is disk time a reader pays too."""
+    sizes = sorted(times_by_size)
+    means = [[int(n), statistics.fmean(times_by_size[n])] for n in sizes]
+    medians = [[int(n), statistics.median(times_by_size[n])] for n in sizes]
+    latency, bw = fit_line(sizes, [t for _, t in means])
+    return {"block_bytes": block, "queue_depth": queue_depth, "latency_s": latency, "bytes_per_s": bw,
+            "mean_s": means, "median_s": medians}
+
+
+def pool_count(nbytes: int) -> int:
+    """How many host buffers of ``nbytes`` a calibration point reads into, in turn."""
+    return min(POOL_MAX, max(4, POOL_BYTES // nbytes))
+
+
+def measure_mode(path: str | os.PathLike, file_bytes: int, blocks: Sequence[int], depths: Sequence[int],
+                 sizes: Sequence[int], repeats: int, rng: random.Random, direct: bool,
+                 progress: Callable[[str, int], None] | None = None) -> tuple[list[dict[str, Any]], set[str]]:
+    """Every (block, depth) point of one mode: ``repeats`` reads of each size per point, each a whole
+    region of the file taken as experts of that size (region-aligned offsets, as an expert file is read),
+    into a pool of host buffers in turn (``POOL_BYTES``, each filled once first: a read's time can depend
+    on the buffer it lands in, and a reader reads into many; studies/nvme). The points take turns in
+    ``ROUNDS`` rounds, so that a disk whose speed drifts while it is measured slows every point alike
+    rather than the ones measured last. Returns the points and the readers' methods."""
+    with ExitStack() as stack:
+        readers = [stack.enter_context(Reader(path, block, q, direct)) for block in blocks for q in depths]
+        pool, _ = read_pool(readers[0], pool_count(max(sizes)), max(sizes))
+        stack.callback(lambda: [buf.close() for buf in pool])
+        times: list[dict[int, list[float]]] = [{n: [] for n in sizes} for _ in readers]
+        rounds = min(repeats, ROUNDS)
+        for r in range(rounds):
+            share = repeats // rounds + (r < repeats % rounds)
+            for reader, got in zip(readers, times, strict=True):
+                for n in sizes:
+                    got[n] += read_experts(reader, n, file_bytes // n, share, rng, pool)
+                if progress and r == rounds - 1:
+                    progress(f"{'direct' if direct else 'page cache'} {reader.block // 1024} KiB x{reader.queue_depth}", 0)
+        return ([point_summary(rd.block, rd.queue_depth, got) for rd, got in zip(readers, times, strict=True)],
+                {rd.method for rd in readers})
 
 
 def measure(directory: str | os.PathLike, file_bytes: int, blocks: Sequence[int], depths: Sequence[int],
@@ -181,22 +238,19 @@ def measure(directory: str | os.PathLike, file_bytes: int, blocks: Sequence[int]
     out: dict[str, Any] = {"direct": [], "page_cache": []}
     try:
         write_scratch(path, file_bytes, (lambda n: progress("write", n)) if progress else None)
-        methods = set()
+        methods: set[str] = set()
         for mode in MODES:
             if mode == "page_cache":
                 warm(path)
-            for block in blocks:
-                for q in depths:
-                    with Reader(path, block, q, direct=mode == "direct") as reader:
-                        if mode == "direct":
-                            methods.add(reader.method)
-                        out[mode].append(measure_point(reader, file_bytes, sizes, repeats, rng))
-                    if progress:
-                        progress(f"{mode} {block // 1024} KiB x{q}", 0)
+            out[mode], used = measure_mode(path, file_bytes, blocks, depths, sizes, repeats, rng, mode == "direct",
+                                           progress)
+            if mode == "direct":
+                methods = used
     finally:
         if os.path.exists(path):
             os.unlink(path)
     out |= {"direct_method": ",".join(sorted(methods)), "file_bytes": int(file_bytes), "read_sizes": sizes,
+            "pool_bytes": pool_count(sizes[-1]) * sizes[-1], "rounds": min(repeats, ROUNDS),
             "repeats": repeats, "default": {"mode": "direct", "block_bytes": int(blocks[-1]),
                                             "queue_depth": int(max(depths))},
             "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
