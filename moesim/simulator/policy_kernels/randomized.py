@@ -82,7 +82,7 @@ def replay_random(layout, cache, keys, clock, weights, group, sizes, n_keys, n_g
             if caches[c, OCCUPANCY] >= size:
                 # the draw-th candidate in slot order: the row's resident slots (sorted) before it are
                 # skipped. Written out: as an inlined helper its loops kept numba from pruning the
-                # reference counts of its array arguments (five atomic instructions per eviction)
+                # reference counts of its array arguments (4-5 atomic instructions per eviction)
                 n_row = 0
                 for j2 in range(w):
                     x = base + keys[r, j2]
