@@ -309,39 +309,6 @@ def _ranks_access(c, u, nodes, caches, recency, freq, counts):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _ranks_victim(c, w, w_num, row_counts, n_row, caches, slots, recency, freq, counts, scores):
-    """The lowest score among the candidates, ties to the lowest recency rank."""
-    occ = caches[c, OCCUPANCY]
-    for j2 in range(n_row):  # each resident row key lowers freq where it counts less
-        cx = np.int32(row_counts[j2])
-        for i in range(occ):
-            freq[c, i] -= cx < counts[c, i]
-    n_cand = occ - n_row
-    pick = KEY_MAX
-    if w_num >= 0:  # exact scores: the key (m r + (2^WEIGHT_BITS - m) f, r, slot)
-        per_r = (w_num << 2 * SLOT_BITS) + (1 << SLOT_BITS)
-        per_f = ((1 << WEIGHT_BITS) - w_num) << 2 * SLOT_BITS
-        for i in range(occ):
-            x = np.int64(recency[c, i])
-            k = x * per_r + np.int64(freq[c, i]) * per_f + i
-            pick = min(pick, k if x < n_cand else KEY_MAX)
-    else:
-        best = KEY_MAX
-        for i in range(occ):
-            k = orderable(w * float(recency[c, i]) + (1 - w) * float(freq[c, i]))
-            k = k if recency[c, i] < n_cand else KEY_MAX
-            scores[i] = k
-            best = min(best, k)
-        for i in range(occ):
-            pick = min(pick, (np.int64(recency[c, i]) << SLOT_BITS) | i if scores[i] == best else KEY_MAX)
-    for j2 in range(n_row):
-        cx = np.int32(row_counts[j2])
-        for i in range(occ):
-            freq[c, i] += cx < counts[c, i]
-    return slots[c, pick & SLOT_MASK]
-
-
-@njit(cache=True, nogil=True, inline="always")
 def _ranks_insert(c, u, hole, r, base, keys, nodes, caches, slots, recency, freq, counts):
     """``u`` goes into the victim's slot (its gap closes) or a free one; every resident after u in (count,
     LAST) order moves up one (u taken as requested after every resident: the row keys requested after it
@@ -399,6 +366,8 @@ def _replay(layout, cache, keys, group, sizes, n_keys, n_groups, fparams):
     counts = np.zeros(shape, np.int32)
     scores = np.zeros(shape[1], np.int64)  # the victim's scratch: the scores (as orderable int64)
     w_num = _weight_bits(wr) if layout == VECTOR else -1
+    per_r = (w_num << 2 * SLOT_BITS) + (1 << SLOT_BITS)  # exact scores' key: per recency rank, per frequency rank
+    per_f = ((1 << WEIGHT_BITS) - w_num) << 2 * SLOT_BITS
     tick = 0
     for r in range(n):
         c, g, size = open_row(r, cache, group, sizes, req, w)
@@ -435,8 +404,34 @@ def _replay(layout, cache, keys, group, sizes, n_keys, n_groups, fparams):
                 if layout == HEAP:
                     k_v = _stairs_victim(c, wr, row_counts, n_row, caches, stairs)
                     v = stairs[ST_NODE, c, k_v]
-                elif layout == VECTOR:
-                    v = _ranks_victim(c, wr, w_num, row_counts, n_row, caches, slots, recency, freq, counts, scores)
+                elif layout == VECTOR:  # the lowest score among the candidates, ties to the lowest recency rank.
+                    # Written out: as an inlined helper its loops kept numba from pruning six reference count
+                    # pairs of its arrays per eviction
+                    occ = caches[c, OCCUPANCY]
+                    for j2 in range(n_row):  # each resident row key lowers freq where it counts less
+                        cx = np.int32(row_counts[j2])
+                        for i in range(occ):
+                            freq[c, i] -= cx < counts[c, i]
+                    n_cand = occ - n_row
+                    pick = KEY_MAX
+                    if w_num >= 0:  # exact scores: the key (m r + (2^WEIGHT_BITS - m) f, r, slot)
+                        for i in range(occ):
+                            x = np.int64(recency[c, i])
+                            pick = min(pick, x * per_r + np.int64(freq[c, i]) * per_f + i if x < n_cand else KEY_MAX)
+                    else:
+                        best = KEY_MAX
+                        for i in range(occ):
+                            k = orderable(wr * float(recency[c, i]) + (1 - wr) * float(freq[c, i]))
+                            k = k if recency[c, i] < n_cand else KEY_MAX
+                            scores[i] = k
+                            best = min(best, k)
+                        for i in range(occ):
+                            pick = min(pick, (np.int64(recency[c, i]) << SLOT_BITS) | i if scores[i] == best else KEY_MAX)
+                    for j2 in range(n_row):
+                        cx = np.int32(row_counts[j2])
+                        for i in range(occ):
+                            freq[c, i] += cx < counts[c, i]
+                    v = slots[c, pick & SLOT_MASK]
                 else:
                     v = _scan_victim(c, t0, wr, nodes, caches, slots)
                 evict(v, c, nodes, caches)

@@ -74,13 +74,19 @@ def _on_request(policy, layout, u, resident, last_before, r, j, c, t0, now, size
 
 @njit(cache=True, nogil=True, _nrt=False)
 def _victim(policy, layout, u, r, c, t0, now, size, base, keys, fparams, nodes, caches, slots, extra):
-    if layout == SCAN:
+    if layout == SCAN:  # the best so far kept in registers (reloaded from nodes, each step waited on a load)
         v = -1
+        v_last = 0
+        v_stamp = 0
         for i in range(caches[c, OCCUPANCY]):
             x = slots[c, i]
-            if nodes[LAST, x] <= t0 and (v < 0 or evicts_first(
-                    policy, nodes[LAST, x], nodes[STAMP, x], x, nodes[LAST, v], nodes[STAMP, v], v)):
-                v = x
+            x_last = nodes[LAST, x]
+            if x_last <= t0:
+                x_stamp = nodes[STAMP, x]
+                if v < 0 or evicts_first(policy, x_last, x_stamp, x, v_last, v_stamp, v):
+                    v = x
+                    v_last = x_last
+                    v_stamp = x_stamp
         return v
     if policy == SIEVE:
         return _sieve_victim(c, t0, nodes, caches)

@@ -8,7 +8,11 @@ take these two arrays rather than one array per field.
 Helpers that take the kernel's arrays and allocate nothing are compiled without numba's reference
 counting (``_nrt=False``): with it, every call of a helper with loops increfs and decrefs each array
 argument, an atomic instruction apiece, which was 40-65% of a global cache's replay time on a 2-core AMD
-EPYC. Small helpers called per request are inlined instead (``inline="always"``).
+EPYC. Small helpers called per request are inlined instead (``inline="always"``), but only straight-line
+ones: an inlined helper with loops over its array arguments keeps their increfs and decrefs too (numba's
+pruning gave up on random's victim, 4-5 atomic instructions per eviction, and on hobbit's, 6 pairs), and
+a call with many array arguments costs more than a small cache's work (hobbit's rank vectors as calls:
+0.65x), so such code is written out in its kernel's loop.
 """
 
 from __future__ import annotations
