@@ -88,10 +88,10 @@ def grid_routing(sets: list[list[list[int]]], num_experts: int = 8):
 def kernel_hits(stream, name: str, params: dict | None = None, *, layout: int) -> list[int]:
     """Hits per layer of the compiled kernel of built-in ``name`` on ``layout`` (policy_kernels.state's
     LIST, SCAN, HEAP, VECTOR), whatever the cache size."""
-    from moesim.simulator.replay import _compiled, _kernel_inputs
+    from moesim.simulator.replay import compiled_kernel, kernel_inputs
 
-    kernel, fparams, rng_state = _compiled(name, params)
-    nxt, weights = _kernel_inputs(stream, kernel)
+    kernel, fparams, rng_state = compiled_kernel(name, params)
+    nxt, weights = kernel_inputs(stream, kernel)
     _, hit = kernel.replay(layout, stream.cache, stream.keys, stream.clock, weights, stream.group, stream.sizes,
                            stream.n_keys, stream.n_groups, nxt, fparams, rng_state)
     return hit.tolist()

@@ -229,7 +229,7 @@ def _stream_rows(trace: Trace, global_scope: bool) -> tuple[np.ndarray, ...]:
     return cache, keys, clock, group
 
 
-def _compiled(policy: PolicySpec, params: dict[str, Any] | None) -> tuple[Kernel, np.ndarray, np.ndarray] | None:
+def compiled_kernel(policy: PolicySpec, params: dict[str, Any] | None) -> tuple[Kernel, np.ndarray, np.ndarray] | None:
     """(kernel, float parameters, rng state) of a built-in policy named by string, else None.
     The parameters are read off a configured instance, so the class stays their one definition."""
     kernel = kernel_of(policy)
@@ -239,7 +239,7 @@ def _compiled(policy: PolicySpec, params: dict[str, Any] | None) -> tuple[Kernel
     return kernel, fparams, rng_state
 
 
-def _kernel_inputs(stream: RequestStream, kernel: Kernel) -> tuple[np.ndarray, np.ndarray]:
+def kernel_inputs(stream: RequestStream, kernel: Kernel) -> tuple[np.ndarray, np.ndarray]:
     """(next uses, routing weights) if the kernel reads them, else small placeholders."""
     nxt = stream.next_use() if kernel.needs_future else np.zeros((1, 1), np.int64)
     return nxt, stream.weights if kernel.reads_weights else _NO_WEIGHTS
@@ -347,12 +347,12 @@ def replay_stream(stream: RequestStream, policy: PolicySpec, params: dict[str, A
         req, hit = _over_caches(scored, stream, threads)
         return req, hit, "numba"
     make = eviction_factory(policy, params)
-    compiled = None if force_generic else _compiled(policy, params)
+    compiled = None if force_generic else compiled_kernel(policy, params)
     if compiled is None:
         req, hit = run_generic(stream, make)
         return req, hit, "python"
     kernel, fparams, rng_state = compiled
-    nxt, weights = _kernel_inputs(stream, kernel)
+    nxt, weights = kernel_inputs(stream, kernel)
     layout = kernel.layout(stream.sizes, stream.keys.size, fparams)
 
     def builtin(sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -434,7 +434,7 @@ def mrc(trace: Trace, policy: PolicySpec, sizes: Sequence[int] | None = None, *,
     eviction_factory(policy, params)  # validates name and parameters
     stream = build_stream(trace, sizes[0], scope, semantics)
     requests = int(stream.keys.size)
-    compiled = _compiled(policy, params)
+    compiled = compiled_kernel(policy, params)
     width = stream.keys.shape[1]
     if compiled is not None and compiled[0].code == lists.LRU:
         hist = kernels.lru_stack_depths(stream.cache, stream.keys, stream.n_keys, stream.n_caches)
@@ -443,7 +443,7 @@ def mrc(trace: Trace, policy: PolicySpec, sizes: Sequence[int] | None = None, *,
         method = "one-pass stack distance"
     elif compiled is not None and compiled[0].stack_depths is not None and min(sizes) >= width:
         kernel, fparams, _ = compiled
-        nxt, weights = _kernel_inputs(stream, kernel)
+        nxt, weights = kernel_inputs(stream, kernel)
         hist = kernel.stack_depths(stream.cache, stream.keys, stream.clock, weights, stream.n_caches, stream.n_keys,
                                    nxt, fparams)
         cum = np.cumsum(hist)
@@ -451,7 +451,7 @@ def mrc(trace: Trace, policy: PolicySpec, sizes: Sequence[int] | None = None, *,
         method = "one-pass stack (priority)"
     elif compiled is not None:
         kernel, fparams, rng_state = compiled
-        nxt, weights = _kernel_inputs(stream, kernel)
+        nxt, weights = kernel_inputs(stream, kernel)
         layout = kernel.layout(np.asarray([max(sizes)]), stream.keys.size, fparams)
         args = (stream.cache, stream.keys, stream.clock, weights, stream.group)
 

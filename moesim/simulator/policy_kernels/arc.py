@@ -76,10 +76,13 @@ def replay_arc(layout, cache, keys, clock, weights, group, sizes, n_keys, n_grou
             continue
         base = c * n_keys
         t0 = tick  # the row's keys are exactly the nodes with LAST > t0 from here on
+        missing = 0
         for j in range(w):  # look up + access, router order
             u = base + keys[r, j]
             if nodes[RESIDENT, u]:
                 hit[g] += 1
+            else:
+                missing += 1
             tick += 1
             nodes[LAST, u] = tick
             # a resident moves to T2's tail; a ghost adapts the target and is marked (FLAG: 1 from B1, 2
@@ -99,7 +102,7 @@ def replay_arc(layout, cache, keys, clock, weights, group, sizes, n_keys, n_grou
                 nodes[FLAG, u] = 2
             else:
                 nodes[FLAG, u] = 0
-        for j in range(w):  # insert the missing keys, router order, evicting keys outside the row
+        for j in range(w if missing else 0):  # insert the missing keys, router order, evicting keys outside the row
             u = base + keys[r, j]
             if nodes[RESIDENT, u]:
                 continue

@@ -91,17 +91,20 @@ def request_loop(setup, start_row, on_request, victim, on_evict, on_insert, end_
         now = clock[r]
         start_row(policy, layout, r, c, now, base, keys, n_caches, nodes, caches, slots, extra)
         t0 = tick  # the row's keys are exactly the nodes with LAST > t0 from here on
+        missing = 0
         for j in range(w):  # look up + access, router order
             u = base + keys[r, j]
             resident = nodes[RESIDENT, u]
             if resident:
                 hit[g] += 1
+            else:
+                missing += 1
             last_before = nodes[LAST, u]
             tick += 1
             nodes[LAST, u] = tick
             on_request(policy, layout, u, resident, last_before, r, j, c, t0, now, size, weights, next_use, fparams,
                        nodes, caches, slots, extra)
-        for j in range(w):  # insert the missing keys, router order, evicting keys outside the row
+        for j in range(w if missing else 0):  # insert the missing keys, router order, evicting keys outside the row
             u = base + keys[r, j]
             if nodes[RESIDENT, u]:
                 continue
