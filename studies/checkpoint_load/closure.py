@@ -28,10 +28,15 @@ SIM_KEYS = {"requests": "timing_requests", "hits": "timing_hits", "misses": "tim
             "prefetches": "prefetches", "copies": "copies", "bytes_h2d": "bytes_h2d"}
 
 
+def child_env(code: Path) -> dict[str, str]:
+    """The environment of a ``python -m moesim`` child: the tree measured first on the path, whatever else
+    the caller's path holds (a wheel folder on the device) after it."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(code), os.environ.get("PYTHONPATH")) if p)}
+
+
 def _moesim(code: Path, *argv: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")])}
-    res = subprocess.run([sys.executable, "-m", "moesim", *argv], env=env, capture_output=True, text=True,
-                         check=False)
+    res = subprocess.run([sys.executable, "-m", "moesim", *argv], env=child_env(code), capture_output=True,
+                         text=True, check=False)
     if res.returncode != 0:
         raise SystemExit(f"closure: moesim {argv[0]} failed: {res.stderr.strip()[-600:]}")
     return json.loads(res.stdout)

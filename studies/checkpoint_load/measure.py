@@ -128,8 +128,9 @@ GENERATE_KEYS = ("load_s", "first_token_s", "quant_cache", "load_parts_s", "toke
 
 def run_generate(code: Path, ckpt: Path, quant: str, cache: Path, device: str) -> dict:
     """One ``moesim generate`` in a child; its wall time and :data:`GENERATE_KEYS` of its JSON."""
-    # the tree measured first; whatever else the caller's path holds (a wheel folder on the device) after it
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(code), os.environ.get("PYTHONPATH")) if p)}
+    from closure import child_env  # run as a script (the child of measure_child): its folder is on the path
+
+    env = child_env(code)
     if device == "cpu":
         env["OMP_NUM_THREADS"] = "2"
     cmd = [sys.executable, "-m", "moesim", "generate", "--model", str(ckpt), "--prompt-ids", "1,2,3,4",

@@ -104,7 +104,9 @@ def request_loop(setup, start_row, on_request, victim, on_evict, on_insert, end_
             nodes[LAST, u] = tick
             on_request(policy, layout, u, resident, last_before, r, j, c, t0, now, size, weights, next_use, fparams,
                        nodes, caches, slots, extra)
-        for j in range(w if missing else 0):  # insert the missing keys, router order, evicting keys outside the row
+        # insert the missing keys, router order, evicting keys outside the row (a row that all hit skips
+        # the pass: with a cache that holds every key, most rows do; benchmarks/bench_replay_paired.py)
+        for j in range(w if missing else 0):
             u = base + keys[r, j]
             if nodes[RESIDENT, u]:
                 continue
