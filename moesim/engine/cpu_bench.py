@@ -114,19 +114,23 @@ def beside_copies(cpu_calls: Callable[[], list[float]], copy_once: Callable[[], 
     copy-bound hybrid run does: both read host memory. Returns the CPU calls' seconds and each copy's."""
     import threading
 
-    done, result, copies = threading.Event(), [], []
+    started, done, result, copies = threading.Event(), threading.Event(), [], []
 
     def worker() -> None:
         try:
+            started.wait()   # the copies have begun: on a loaded host the CPU calls could else end first
             result.append(cpu_calls())
         finally:
             done.set()
     th = threading.Thread(target=worker)
     th.start()
-    while not done.is_set():
+    started.set()
+    while True:   # at least one copy, each one begun while the CPU calls run
         t0 = time.perf_counter()
         copy_once()
         copies.append(time.perf_counter() - t0)
+        if done.is_set():
+            break
     th.join()
     if not result:
         raise RuntimeError("the CPU benchmark thread failed")
