@@ -65,7 +65,10 @@ def _sieve_victim(c, t0, nodes, caches):
 
 # ---- the rules (``loop.request_loop``) --------------------------------------------------------------
 
-@njit(cache=True, nogil=True, _nrt=False)
+# inlined, not called (loop.py's rule for rules): one straight-line store, cheaper than a call of 18
+# arguments per request (paired with bd85472, sieve one global atomic cache of 128 slots: 0.92-0.95x
+# called, 0.97x inlined; lru and fifo no slower)
+@njit(cache=True, nogil=True, inline="always")
 def _on_request(policy, layout, u, resident, last_before, r, j, c, t0, now, size, weights, next_use, fparams, nodes,
                 caches, slots, extra):
     if policy == SIEVE and resident:
