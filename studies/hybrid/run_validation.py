@@ -53,13 +53,14 @@ def executions(layers: int) -> list[str]:
             "hobbit"]
 
 
-def decode_trace(path: Path, tokens: int, layers: int, expert_bytes: int, quant: str):
+def decode_trace(path: Path, tokens: int, layers: int, expert_bytes: int, quant: str, batch: int = 1):
     """The first ``tokens`` decode tokens of a shipped trace (its first ``layers`` layers), priced as
-    the engine's experts."""
+    the engine's experts; at ``batch`` > 1 cut into ``batch`` sequences of ``tokens // batch`` tokens
+    (:func:`moesim.engine.validation.cell_trace`)."""
     from moesim.engine.validation import cell_trace
     from moesim.traces.format import Trace, read_trace
 
-    trace = cell_trace(read_trace(path), tokens=tokens, expert_bytes=expert_bytes, quantization=quant)
+    trace = cell_trace(read_trace(path), batch=batch, tokens=tokens, expert_bytes=expert_bytes, quantization=quant)
     if layers < trace.meta.num_layers:
         keep = pa.array(np.asarray(trace.layer) < layers)
         trace = Trace(dataclasses.replace(trace.meta, num_layers=layers), trace.table.filter(keep), trace.path)

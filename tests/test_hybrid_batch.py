@@ -1,0 +1,181 @@
+"""Hybrid execution at batch B > 1 (moesim/engine/hybrid_batch.py), on the engine's CPU device path with a
+tiny checkpoint and 4 sequences per decode step: every execution policy's logits equal the copy-only batch
+engine's within the formats' tolerance; the executor counts equal the timing simulator's at the same batch
+size (and, for n-cpu-moe, a brute-force count from the raw rows' per-step unions, tests/oracle.py); and
+the proof catches an expert computed twice, one the plan named that never ran, one computed by another
+executor than the plan named, and a CPU copy of the wrong expert."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moesim.engine.batch import BatchEngine, Lanes
+from moesim.engine.hybrid import CpuExperts, LowbitCopies, priced_schedule
+from moesim.engine.hybrid_batch import HybridBatchEngine, HybridBatchProgram
+from moesim.engine.plan import Routing
+from moesim.engine.quant import quant_spec
+from moesim.engine.runtime import Geometry, Weights
+from moesim.errors import SettingError
+from moesim.policies.execution import Pinned, parse_execution
+from moesim.simulator.cost_model import CostModel
+from moesim.traces.steps import build_steps
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from studies.hybrid import run_validation  # noqa: E402
+from tests.oracle import replay_sets, union_requests  # noqa: E402
+
+LAYERS, B, STEPS, K = 3, 4, 4, 4
+PINS = Pinned([(0, 1), (1, 3), (2, 0), (2, 5)])
+
+
+@pytest.fixture(scope="module")
+def setup():
+    g = Geometry.tiny(LAYERS)
+    w = Weights(g, quant_spec("hqq4"), "cpu", seed=3)
+    cpu = CpuExperts.of(w, [(layer, e) for layer in range(LAYERS) for e in range(g.num_experts)])
+    # 4 segments of the shipped trace as 4 sequences, priced as full-size Mixtral hqq2 experts
+    trace = run_validation.decode_trace(ROOT / "traces" / "synth-mixtral-8x7b.parquet", B * STEPS, LAYERS,
+                                        66_748_416, "hqq2", batch=B)
+    steps = build_steps(trace, B)
+    assert len(steps) == STEPS and all(s.tokens == B for s in steps)
+    program = HybridBatchProgram(w, B, False, STEPS, Lanes(w, B), lowbit=LowbitCopies(w))
+    # the preset's CPU made 4x faster: at these prices Fiddler and the split put some misses on the CPU
+    cost = CostModel.preset("h200").with_overrides(cpu_speed=4.0)
+    return w, program, cpu, trace, steps, Routing.from_trace(trace), cost
+
+
+def run(setup, execution, engine_cls=HybridBatchEngine, routing=None):
+    """(per-step logits, the run's dict, the simulator's executed counts at batch B)."""
+    w, program, cpu, trace, steps, default_routing, cost = setup
+    exe = parse_execution(execution)
+    schedule, sim = priced_schedule(trace, "lru", K, cost, exe, batch_size=B)
+    eng = engine_cls(program, K, "lru", schedule if exe.prices else exe, cpu_experts=cpu, cpu_threads=2)
+    res = eng.run(steps, routing or default_routing, keep_logits=True)
+    return np.stack(res.logits), res.to_dict(), sim.timing.executed
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """The copy-only batch engine's logits, and its run with every routing weight 0 (no experts' share)."""
+    w, program, cpu, trace, steps, routing, cost = setup
+
+    def plain(r):
+        res = BatchEngine(program, K, "lru").run(steps, r, keep_logits=True)
+        assert res.violations == 0 and res.hybrid is None
+        return np.stack(res.logits)
+    silent = Routing(routing.experts, np.zeros_like(routing.weights), routing.row, routing.seq, routing.position,
+                     routing.num_experts)
+    return plain(routing), plain(silent)
+
+
+@pytest.mark.parametrize("execution", ["copy", "n-cpu-moe=1", "n-cpu-moe=3", "fiddler", "hybrid", "hobbit", PINS,
+                                       Pinned([(0, 2), (1, 4)], rest="cpu")])
+def test_logits_equal_the_copy_engine_and_executors_equal_the_simulator(setup, reference, execution):
+    ref, none = reference
+    steps = setup[4]
+    logits, res, sim = run(setup, execution)
+    assert res["executed"] == sim, execution
+    unions = sum(len(S) for st in steps for S in st.layers.values())
+    assert sum(res["executed"].values()) == res["requests"] == unions > STEPS * LAYERS * 2   # unions, not tokens
+    assert res["violations"] == res["once_violations"] == res["executor_violations"] == res["cpu_violations"] == 0
+    assert res["device_copies"] == res["executed"]["copy"] + res["executed"]["lowbit"]
+    assert res["batch"] == B and res["steps"] == STEPS
+    name = parse_execution(execution).name
+    kind = {"hobbit": "lowbit", "pinned": "pinned", "copy": "copy"}.get(name.split("=")[0], "cpu")
+    assert res["executed"][kind] > 0, (name, res["executed"])
+    if name.endswith("on the CPU"):
+        assert res["executed"]["cpu"] > 0
+    share = np.abs(ref - none).max()
+    err = np.abs(logits - ref).max()
+    # int8 CPU copies of 4-bit experts: a few percent of the experts' share; HOBBIT's 2-bit substitute more
+    assert err <= (0.35 if kind == "lowbit" else 0.05) * share, (name, err, share)
+    if kind == "cpu":
+        assert res["cpu_threads_used"] == 1 and res["cpu_timing"]["n"] == res["executed"]["cpu"]
+
+
+def test_n_cpu_moe_counts_equal_a_brute_force_union_count(setup):
+    """n-cpu-moe=1: layer 0's experts all on the CPU, the rest through an LRU cache of K; each step's union
+    per layer rebuilt from the raw rows (tests/oracle.py, no moesim.traces.steps), the cache a plain set."""
+    trace = setup[3]
+    sets = union_requests(trace.seq, trace.token, trace.layer, trace.experts, K, batch=B)
+    cpu = sum(len(keys) for _, keys in sets[0])
+    hits = requests = 0
+    for layer in range(1, LAYERS):
+        h, r = replay_sets([keys for _, keys in sets[layer]], K, "lru", [step for step, _ in sets[layer]])
+        hits, requests = hits + h, requests + r
+    _, res, _ = run(setup, "n-cpu-moe=1")
+    assert res["executed"] == {"gpu_hit": hits, "copy": requests - hits, "cpu": cpu, "lowbit": 0, "pinned": 0}
+    assert cpu > STEPS * 2   # the unions of 4 tokens' top-2, not one token's
+
+
+class CpuAlsoComputes(HybridBatchEngine):
+    """Mutant: the CPU worker is also handed the layer's first expert the plan put on the GPU."""
+
+    def _serve(self, plan, i, st, layer, gate_done, log, nxt):
+        self._union = st.layers.get(layer) or []
+        super()._serve(plan, i, st, layer, gate_done, log, nxt)
+
+    def _to_cpu(self, i, layer, experts):
+        extra = [e for e in self._union if e not in experts][:1]
+        super()._to_cpu(i, layer, experts + extra)
+
+
+class CpuDropsOne(HybridBatchEngine):
+    """Mutant: the CPU worker never gets the last expert the plan put on it."""
+
+    def _to_cpu(self, i, layer, experts):
+        super()._to_cpu(i, layer, experts[:-1])
+
+
+class FullFormatOnly(HybridBatchEngine):
+    """Mutant: a slot holding a substitute is computed with the full format's piece."""
+
+    def _piece(self, layer, slot, expert):
+        self.slot_kind[layer] = dict.fromkeys(self.slot_kind[layer], "copy")
+        return super()._piece(layer, slot, expert)
+
+
+@pytest.mark.parametrize("engine_cls,execution", [(CpuAlsoComputes, "n-cpu-moe=1"), (CpuDropsOne, "n-cpu-moe=1"),
+                                                  (CpuAlsoComputes, "fiddler")])
+def test_an_expert_computed_twice_or_never_is_caught(setup, engine_cls, execution):
+    _, res, _ = run(setup, execution, engine_cls)
+    assert res["violations"] > 0 and res["once_violations"] > 0 and res["executor_violations"] > 0
+
+
+def test_an_expert_computed_by_another_executor_is_caught(setup):
+    _, res, sim = run(setup, "hobbit", FullFormatOnly)
+    assert res["executed"] == sim and res["executed"]["lowbit"] > 0   # the counts cannot see it
+    assert res["violations"] == res["once_violations"] == 0           # nor the identities
+    assert res["executor_violations"] >= res["executed"]["lowbit"]
+
+
+def test_a_cpu_copy_of_the_wrong_expert_is_caught(setup):
+    cpu = setup[2]
+    a, b = (0, 2), (0, 6)
+    saved = dict(cpu.copies), dict(cpu.tags)
+    cpu.copies[a], cpu.copies[b] = cpu.copies[b], cpu.copies[a]
+    cpu.tags[a], cpu.tags[b] = cpu.tags[b], cpu.tags[a]
+    try:
+        _, res, _ = run(setup, "n-cpu-moe=1")
+    finally:
+        cpu.copies, cpu.tags = saved
+    assert res["cpu_violations"] > 0 and res["violations"] > 0 and res["executor_violations"] > 0
+
+
+def test_batch_engine_refuses_what_it_cannot_run(setup):
+    w, program, cpu, trace, steps, routing, _ = setup
+    with pytest.raises(SettingError, match="prices its choices"):
+        HybridBatchEngine(program, K, "lru", "fiddler", cpu_experts=cpu)
+    with pytest.raises(SettingError, match="leaves none"):
+        HybridBatchEngine(program, 2, "lru", Pinned([(0, 1), (0, 2)]), cpu_experts=cpu)
+    eng = HybridBatchEngine(program, K, "lru", "n-cpu-moe=1")
+    with pytest.raises(SettingError, match="cpu_experts"):
+        eng.run(steps, routing)
+    with pytest.raises(SettingError, match="starts cold"):
+        eng.run(steps, routing, warm=True)
