@@ -74,7 +74,7 @@ def reference(setup):
     return plain(routing), plain(silent)
 
 
-@pytest.mark.parametrize("execution", ["copy", "n-cpu-moe=1", "n-cpu-moe=3", "fiddler", "hybrid", "hobbit", PINS,
+@pytest.mark.parametrize("execution", ["copy", "n-cpu-moe=1", "n-cpu-moe=3", "fiddler", "hybrid", "hobbit", "hobbit=0.4", PINS,
                                        Pinned([(0, 2), (1, 4)], rest="cpu")])
 def test_logits_equal_the_copy_engine_and_executors_equal_the_simulator(setup, reference, execution):
     ref, none = reference
@@ -179,3 +179,63 @@ def test_batch_engine_refuses_what_it_cannot_run(setup):
         eng.run(steps, routing)
     with pytest.raises(SettingError, match="starts cold"):
         eng.run(steps, routing, warm=True)
+
+
+def test_driver_batch_cell(setup):
+    w, program, cpu, trace, steps, routing, cost = setup
+    row = run_validation.run_cell(w, program, cpu, routing, trace, cost, K, "n-cpu-moe=1", 1, steps)
+    assert row["batch"] == B and row["tokens"] == B * STEPS and row["executed_equal"]
+    assert row["violations"] == row["once_violations"] == row["executor_violations"] == 0
+    assert row["executed_real"]["cpu"] > 0 and row["cpu_timing"]["n"] == row["executed_real"]["cpu"]
+
+
+def test_driver_batch_calibration_scales_the_cpu_curve(setup):
+    """On the CPU the batch program has no GPU times: the batch-1 terms stand, and the CPU expert's curve
+    over 1..B tokens is the one-token time times each count's measured ratio; the batch-1 cost is untouched."""
+    w, program, cpu, trace, steps, routing, cost = setup
+    before = cost.to_dict()
+    out: dict = {}
+    bcost = run_validation.batch_calibration(w, program, steps, routing, cpu, 1, cost, out)
+    cal = out["batch_calibration"][str(B)]
+    curve = cal["cpu_token_curve"]
+    assert [n for n, _ in curve] == list(range(1, B + 1)) and all(t > 0 for _, t in curve)
+    assert cal["terms"] is None and bcost.expert_seconds(2) == cost.expert_seconds(2)
+    for n, t in curve:
+        assert bcost.cpu_expert_seconds(n) == pytest.approx(cost.cpu_expert_seconds(1) * t / curve[0][1])
+    assert cost.to_dict() == before
+
+
+def test_driver_refuses_bad_batch_sizes(tmp_path, capsys):
+    for bad in ("x", "0,4"):
+        with pytest.raises(SystemExit) as exc:
+            run_validation.main(["--out", str(tmp_path), "--tiny", "--batch", bad])
+        assert exc.value.code == 2 and "--batch" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_report_shows_batch_cells_apart():
+    from studies.hybrid import make_report
+
+    cells = []
+    for batch, times in ((1, {"copy": (10.0, 10.5), "n-cpu-moe=4": (9.0, 9.9)}),
+                         (4, {"copy": (4.0, 4.2), "n-cpu-moe=4": (5.0, 4.5)})):
+        for ex, (real, sim) in times.items():
+            cells.append({"trace": "t.parquet", "batch": batch, "cache_size": 2, "execution": ex,
+                          "real_ms_per_token": real, "sim_ms_per_token": sim, "error": (sim - real) / real,
+                          "executed_real": {"copy": 1}, "executed_sim": {"cpu": 0}, "executed_equal": True,
+                          "violations": 0, "once_violations": 0, "cpu_violations": 0,
+                          **({"executor_violations": 0} if batch > 1 else {})})
+    doc = {"device": "H100", "commit": "abc", "date": "d", "batch": [1, 4], "batch_steps": 8, "tokens_per_cell": 20,
+           "cpu_threads": 14, "host_cpus": 16, "cells": cells,
+           "engine": {"geometry": {"num_layers": 32}, "quantization": "hqq4", "lowbit": "hqq2-g64", "cpu_format": "int8"},
+           "calibration": {"cpu": {"format": "int8", "expert_s": {"int8": [[1, 0.0015]]}, "hop_s": 2e-5}},
+           "batch_calibration": {"4": {"terms": None, "cpu_expert_s": [[1, 0.0015], [2, 0.002]]}}}
+    text = "\n".join(make_report.validation_section(doc, "raw/v.json"))
+    assert "LRU, batch 1 and 4, 20 decode tokens per batch-1 cell; 4 sequences x 8 decode steps per batch-4 cell" in text
+    assert "### t.parquet, batch 1" in text and "### t.parquet, batch 4" in text
+    assert "| 2 | copy (1.00x) | copy (1.00x) |" in text and "| 2 | n-cpu-moe=4 (1.11x) | n-cpu-moe=4 (1.06x) |" in text
+    assert "| 2 | n-cpu-moe=4 | 5.00 | 4.50 | -10.0% | yes |" in text
+    assert "executor violations 0." in text and "(tokens: time) 1: 1.500 ms, 2: 2.000 ms" in text
+    runs = "\n".join(make_report.error_by_execution([("v.json", doc)]))
+    assert "v.json (batch 1 and 4): median / max |error|" in runs
+    assert "| copy, batch 4 | 5.0% / 5.0% |" in runs and "| n-cpu-moe, batch 1 | 10.0% / 10.0% |" in runs
