@@ -360,6 +360,13 @@ def host_proof(executed: dict[str, int], once: int, worker: CpuWorker | None, ex
     return out
 
 
+def fresh_worker(old: CpuWorker | None, x, ybuf, d, cpu: CpuExperts | None, threads: int) -> CpuWorker | None:
+    """A run's CPU worker (the previous run's closed), or None for an engine without CPU copies."""
+    if old is not None:
+        old.close()
+    return CpuWorker(x, ybuf, d, cpu, threads) if cpu else None
+
+
 def check_pinned(exe: ExecutionPolicy, num_layers: int, num_experts: int, cache_size: int) -> list[frozenset[int]]:
     """Each layer's pinned experts, refused when they are not experts or leave the cache no slot."""
     beyond = [layer for layer in getattr(exe, "by_layer", {}) if layer >= num_layers]
@@ -464,11 +471,8 @@ class HybridEngine(OffloadedEngine):
         self.executed = dict.fromkeys(EXECUTORS, 0)
         self.computed = np.zeros((routing.num_tokens, g.num_layers, g.top_k), np.int64)
         self.routing = routing
-        if self.worker is not None:
-            self.worker.close()
-        prog = self.program
-        self.worker = (CpuWorker(prog.x, prog.ybuf, self.w.d, self.cpu_experts, self.cpu_threads)
-                       if self.cpu_experts else None)
+        self.worker = fresh_worker(self.worker, self.program.x, self.program.ybuf, self.w.d, self.cpu_experts,
+                                   self.cpu_threads)
         return plan
 
     def _serve(self, plan: CachePlan, t: int, layer: int, log: list | None, gate_done) -> None:

@@ -40,6 +40,7 @@ from moesim.engine.hybrid import (
     check_pinned,
     choose_executors,
     engine_execution,
+    fresh_worker,
     host_proof,
     issue_lowbit,
     shape_plan,
@@ -122,11 +123,8 @@ class HybridBatchEngine(BatchEngine):
         self.named: dict[tuple[int, int, int], str] = {}   # (step, layer, expert) -> the executor the plan names
         self.ran: list[tuple[int, int, int, str]] = []     # (step, layer, expert, executor) as each one reports
         self.routed = {(i, layer, e) for i, st in enumerate(steps) for layer, S in st.layers.items() for e in S}
-        if self.worker is not None:
-            self.worker.close()
-        prog = self.program
-        self.worker = (CpuWorker(prog.x, prog.cpu_y, self.w.d, self.cpu_experts, self.cpu_threads)
-                       if self.cpu_experts else None)
+        self.worker = fresh_worker(self.worker, self.program.x, self.program.cpu_y, self.w.d, self.cpu_experts,
+                                   self.cpu_threads)
         return plan
 
     def _serve(self, plan: CachePlan, i: int, st: Step, layer: int, gate_done, log: list | None,
