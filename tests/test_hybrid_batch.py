@@ -230,6 +230,37 @@ def test_report_shows_batch_cells_apart():
     assert "| 2 | copy (1.00x) | copy (1.00x) |" in text and "| 2 | n-cpu-moe=4 (1.11x) | n-cpu-moe=4 (1.06x) |" in text
     assert "| 2 | n-cpu-moe=4 | 5.00 | 4.50 | -10.0% | yes |" in text
     assert "executor violations 0." in text and "(tokens: time) 1: 1.500 ms, 2: 2.000 ms" in text
+    doc["batch_errors"] = {"4": "Traceback (most recent call last):\n  ...\nRuntimeError: boom\n"}
+    text = "\n".join(make_report.validation_section(doc, "raw/v.json"))
+    assert "The batch-4 cells stopped on an error: `RuntimeError: boom` (the whole traceback is in `raw/v.json`)" in text
     runs = "\n".join(make_report.error_by_execution([("v.json", doc)]))
     assert "v.json (batch 1 and 4): median / max |error|" in runs
     assert "| copy, batch 4 | 5.0% / 5.0% |" in runs and "| n-cpu-moe, batch 1 | 10.0% / 10.0% |" in runs
+
+
+def test_driver_runs_batch_cells_and_survives_a_batch_failure(tmp_path, monkeypatch):
+    """The driver end to end on the tiny CPU engine (2 executions at one K, so it takes seconds): batch-1 and
+    batch-4 cells, each with counts equal to the simulator's; then a batch-4 failure drops only its cells."""
+    import json
+
+    monkeypatch.setattr(run_validation, "CACHE_SIZES", (2,))
+    monkeypatch.setattr(run_validation, "executions", lambda layers: ["copy", "n-cpu-moe=1"])
+    monkeypatch.setattr(run_validation, "wait_policies", lambda *a, **k: {})
+
+    def cells(out):
+        assert run_validation.main(["--out", str(out), "--tiny", "--batch", "1,4", "--tokens", "4"]) == 0
+        return json.loads((out / "validation_cpu-tiny.json").read_text())
+    doc = cells(tmp_path / "ok")
+    assert doc["batch"] == [1, 4] and doc["batch_steps"] == 2 and "4" in doc["batch_calibration"]
+    assert sorted((c["batch"], c["execution"]) for c in doc["cells"]) == sorted(
+        [(b, ex) for b in (1, 4) for ex in ("copy", "n-cpu-moe=1")] * 2)
+    assert all(c["executed_equal"] and c["violations"] == 0 for c in doc["cells"])
+    assert {c["tokens"] for c in doc["cells"] if c["batch"] == 4} == {8}
+    assert all(c["executor_violations"] == 0 for c in doc["cells"] if c["batch"] == 4)
+
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(run_validation, "batch_calibration", boom)
+    doc = cells(tmp_path / "failed")
+    assert "RuntimeError: boom" in doc["batch_errors"]["4"] and "error" not in doc
+    assert {c["batch"] for c in doc["cells"]} == {1} and len(doc["cells"]) == 4

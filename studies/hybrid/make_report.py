@@ -198,6 +198,9 @@ def validation_section(doc: dict, source: str) -> list[str]:
     out += _wait_policy(doc.get("wait_policy"))
     if doc.get("skipped"):
         out += [f"{len(doc['skipped'])} cells were not run (past the driver's time budget).", ""]
+    for b, error in (doc.get("batch_errors") or {}).items():
+        out += [f"The batch-{b} cells stopped on an error: `{error.strip().splitlines()[-1]}` (the whole traceback "
+                f"is in `{source}`).", ""]
     groups = dict.fromkeys((c["trace"], cell_batch(doc, c)) for c in cells)
     for trace, batch in groups:
         mine = [c for c in cells if c["trace"] == trace and cell_batch(doc, c) == batch]

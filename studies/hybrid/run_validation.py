@@ -396,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-steps", type=int, default=None, help="decode steps per batch-B cell (B x this "
                     "tokens; default 8, 2 with --tiny)")
     args = ap.parse_args(argv)
+    LOG.clear()   # one run's log (tests call main more than once)
     try:
         args.batches = sorted({int(b) for b in args.batch.split(",")})
     except ValueError:
@@ -442,6 +443,13 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if "error" in out else 0
 
 
+def dropped(out: dict, batch: int, where: str) -> None:
+    """A batch-B failure (the exception being handled): its traceback kept and logged; that batch's remaining
+    cells are not run."""
+    out.setdefault("batch_errors", {})[str(batch)] = traceback.format_exc()
+    log(f"batch {batch} dropped {where}:\n{out['batch_errors'][str(batch)]}")
+
+
 def run_all(args, out: dict, threads: int, save) -> None:
     from moesim.engine.plan import Routing
     from moesim.traces.steps import build_steps
@@ -461,13 +469,23 @@ def run_all(args, out: dict, threads: int, save) -> None:
                                       args.quant, batch=b) for name in TRACES}
         inputs = {name: (tr, Routing.from_trace(tr), build_steps(tr, b)) for name, tr in btraces.items()}
         _, r0, s0 = inputs[TRACES[0]]
-        cells[b] = (bprog, batch_calibration(w, bprog, s0, r0, cpu, threads, cost, out), inputs)
+        try:   # the batch engine's first device run: its failure must not cost the batch-1 cells
+            cells[b] = (bprog, batch_calibration(w, bprog, s0, r0, cpu, threads, cost, out), inputs)
+        except Exception:   # noqa: BLE001
+            dropped(out, b, "in its calibration")
         save()
     t0 = time.perf_counter()
-    for prog, bcost, inputs in cells.values():   # warm-up: every executor's first calls, pools, allocator
+    for b, (prog, bcost, inputs) in list(cells.items()):   # warm-up: every executor's first calls, pools, allocator
         tr, r, st = inputs[TRACES[0]]
         for execution in ("n-cpu-moe=2", "hobbit"):
-            run_cell(w, prog, cpu, r, tr, bcost, 2, execution, threads, st)
+            try:
+                run_cell(w, prog, cpu, r, tr, bcost, 2, execution, threads, st)
+            except Exception:   # noqa: BLE001 - as below
+                if b == 1:
+                    raise
+                dropped(out, b, "in its warm-up")
+                del cells[b]
+                break
     for k in CACHE_SIZES:   # K outermost: a run cut by the budget still has both traces and every batch
         for b, (prog, bcost, inputs) in cells.items():
             for name, (trace, routing, steps) in inputs.items():
@@ -476,12 +494,20 @@ def run_all(args, out: dict, threads: int, save) -> None:
                         out.setdefault("skipped", []).append([name, k, execution, b])
                         log(f"skipped {name} B={b} K={k} {execution}: past the {args.budget_s:.0f} s budget")
                         continue
-                    row = run_cell(w, prog, cpu, routing, trace, bcost, k, execution, threads, steps)
+                    if str(b) in out.get("batch_errors", {}):
+                        continue
+                    try:
+                        row = run_cell(w, prog, cpu, routing, trace, bcost, k, execution, threads, steps)
+                    except Exception:   # noqa: BLE001 - a batch-B failure drops that batch, not the run
+                        if b == 1:
+                            raise
+                        dropped(out, b, f"at {name} K={k} {execution}")
+                        continue
                     out["cells"].append({"trace": name, **row})
                     save()
     out["cells_s"] = time.perf_counter() - t0
     errs = [abs(c["error"]) for c in out["cells"]] or [float("nan")]
-    log(f"{len(errs)} cells in {out['cells_s']:.1f} s: |error| median {statistics.median(errs) * 100:.1f}% "
+    log(f"{len(out['cells'])} cells in {out['cells_s']:.1f} s: |error| median {statistics.median(errs) * 100:.1f}% "
         f"max {max(errs) * 100:.1f}%; executed equal in {sum(c['executed_equal'] for c in out['cells'])}")
     save()
     if time.perf_counter() - START > args.budget_s:   # an experiment, after the cells: only with time left
