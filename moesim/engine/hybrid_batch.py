@@ -88,8 +88,8 @@ class HybridBatchProgram(BatchProgram):
 
 
 class HybridBatchEngine(BatchEngine):
-    """:class:`BatchEngine` whose misses are served by the executor an execution policy chooses (decode
-    or prefill steps, no prefetcher, cold start). ``cpu_experts`` is needed for policies that put experts
+    """:class:`BatchEngine` whose misses are served by the executor an execution policy chooses (no
+    prefetcher, cold start; tested on decode steps -- prefill chunks take the same path, untested). ``cpu_experts`` is needed for policies that put experts
     on the CPU and ``program.lowbit`` for HOBBIT; ``execution`` may be a spelling, a policy or a
     :class:`~moesim.engine.hybrid.ScheduledChoices` of the simulator's run at the same batch size."""
 
