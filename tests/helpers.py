@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -114,3 +115,16 @@ def save_tiny_mixtral(path: Path, seed: int, **config):
                 p.normal_(0.0, 0.2)
     model.save_pretrained(path)
     return model
+
+
+@contextlib.contextmanager
+def swapped_cpu_copies(cpu, a: tuple[int, int], b: tuple[int, int]):
+    """Hybrid execution's CPU copies (moesim.engine.hybrid.CpuExperts) of experts ``a`` and ``b`` swapped,
+    identities included (a copy made from the wrong expert's blob), for the block."""
+    saved = dict(cpu.copies), dict(cpu.tags)
+    cpu.copies[a], cpu.copies[b] = cpu.copies[b], cpu.copies[a]
+    cpu.tags[a], cpu.tags[b] = cpu.tags[b], cpu.tags[a]
+    try:
+        yield
+    finally:
+        cpu.copies, cpu.tags = saved

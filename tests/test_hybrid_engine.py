@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from studies.hybrid import make_report, run_validation  # noqa: E402
+from tests.helpers import swapped_cpu_copies  # noqa: E402
 
 LAYERS, TOKENS, K = 3, 8, 4
 
@@ -101,15 +102,8 @@ def test_logits_equal_the_copy_engine_and_executors_equal_the_simulator(setup, r
 
 
 def test_a_cpu_copy_of_the_wrong_expert_is_caught(setup):
-    cpu = setup[2]
-    a, b = (0, 2), (0, 6)
-    saved = dict(cpu.copies), dict(cpu.tags)
-    cpu.copies[a], cpu.copies[b] = cpu.copies[b], cpu.copies[a]
-    cpu.tags[a], cpu.tags[b] = cpu.tags[b], cpu.tags[a]
-    try:
+    with swapped_cpu_copies(setup[2], (0, 2), (0, 6)):
         _, res, _ = run(setup, "n-cpu-moe=1")
-    finally:
-        cpu.copies, cpu.tags = saved
     assert res["cpu_violations"] > 0
 
 

@@ -230,9 +230,11 @@ class BatchProgram(ResidencyProof):
                                w.positions, bucket, self.prefill, g, w.attn_quant, self._dequant)
         self.x.copy_(x)
 
-    def _run_expert(self, layer: int, slot: int, nb: int) -> None:
+    def _run_expert(self, layer: int, slot: int, nb: int, spec=None, nbytes: int | None = None) -> None:
         """The expert in ``slot`` on the (at most ``nb``) rows routed to it: gathered, computed, and
-        added back with their routing weights (padding rows carry weight 0)."""
+        added back with their routing weights (padding rows carry weight 0). ``spec``/``nbytes``: read
+        the slot's first ``nbytes`` in that format instead (a low-bit substitute; its identity is still
+        the slot's last word)."""
         g = self.w.geometry
         E = g.num_experts
         rel = self.slot_tags[layer][slot:slot + 1] - (TAG_BASE + layer * E)   # which expert the slot holds
@@ -243,7 +245,8 @@ class BatchProgram(ResidencyProof):
         if self.check_residency:
             self.seen[layer].index_add_(0, e, valid.long())
             self.violations.add_((~valid).sum())
-        y = self._expert(self.slots[layer][slot], self.x.index_select(0, idx), self.w.quant, g.hidden, g.ffn)
+        blob = self.slots[layer][slot] if nbytes is None else self.slots[layer][slot][:nbytes]
+        y = self._expert(blob, self.x.index_select(0, idx), spec or self.w.quant, g.hidden, g.ffn)
         self.yacc[layer].index_add_(0, idx, y.float() * wts.view(-1, 1))
 
     def _run_final(self) -> None:
@@ -254,6 +257,10 @@ class BatchProgram(ResidencyProof):
         if self.check_residency:   # the trace's routed experts, each computed exactly once
             self.violations.add_(self.seen.ne(self.cur_routed).sum())
             self.seen.zero_()
+
+    def _expert_tables(self) -> list[list[list[dict[int, Any]]]]:
+        """The expert piece tables to capture (``expert[l][s][n]``; a hybrid program adds its substitutes')."""
+        return [self.expert]
 
     # -- tables and capture -------------------------------------------------------------------------------
     def load(self, steps: list[Step], routing: Routing) -> list[int]:
@@ -299,6 +306,8 @@ class BatchProgram(ResidencyProof):
             if self.prefill:
                 lane[i, :] = st.lanes[0]
             buckets.append(context_bucket(int(max(p for _, p in st.parts) % g.max_context), g.max_context))
+        # the host's copy of the gather tables: a CPU expert (moesim.engine.hybrid_batch) takes its rows here
+        self.gather_host = (gidx, gw, fill)
         for dst, src in ((self.pos, pos), (self.lane, lane), (self.ids, ids), (self.gidx, gidx), (self.gw, gw),
                          (self.routed, routed)):
             dst.copy_(torch.from_numpy(src))
@@ -318,11 +327,12 @@ class BatchProgram(ResidencyProof):
         if not self.graphs:
             return
         if not self._expert_captured:
-            for layer in range(g.num_layers):
-                for s in range(self.max_slots):
-                    for nb in self.token_buckets:
-                        pieces.append((self.expert[layer][s][nb],
-                                       lambda gr, layer=layer, s=s, nb=nb: self.expert[layer][s].__setitem__(nb, gr)))
+            for table in self._expert_tables():
+                for layer in range(g.num_layers):
+                    for s in range(self.max_slots):
+                        for nb in self.token_buckets:
+                            pieces.append((table[layer][s][nb],
+                                           lambda gr, t=table[layer][s], nb=nb: t.__setitem__(nb, gr)))
             pieces.append((self.final, lambda gr: setattr(self, "final", gr)))
             self._expert_captured = True
         if pieces:
@@ -354,6 +364,59 @@ class BatchEngine:
     def _copy(self, layer: int, slot: int, expert: int, after, log: list | None = None, step: int = -1) -> None:
         issue_copy(self.w, self.program, self.order, self.marks, layer, slot, expert, after, log, (step, layer, "miss"))
 
+    # -- hooks (the hybrid batch engine, moesim.engine.hybrid_batch, serves misses by other executors) ------
+    def _plan(self, routing: Routing, steps: list[Step]) -> CachePlan:
+        """The residency plan of one run."""
+        return CachePlan(routing, self.cache_size, self.policy_name, "none", self.policy_params)
+
+    def _merge(self, layer: int) -> None:
+        """Before ``layer``'s combine (the next layer piece or ``final``): nothing to add here."""
+
+    def _executed(self) -> dict[str, Any] | None:
+        """Counts by executor after a run (None for the copy-only engine)."""
+        return None
+
+    def _serve(self, plan: CachePlan, i: int, st: Step, layer: int, gate_done, log: list | None,
+               nxt: dict[int, int] | None) -> None:
+        """Step ``i``'s union at ``layer`` after its gate: through the cache in chunks, each chunk's copies,
+        then its experts (resident ones first, then the misses as they land; router order within each)."""
+        S = st.layers.get(layer)
+        if S:
+            self._gpu_experts(plan, i, st, layer, S, gate_done, log, nxt)
+
+    def _gpu_experts(self, plan: CachePlan, i: int, st: Step, layer: int, S: list[int], gate_done,
+                     log: list | None, nxt: dict[int, int] | None, on_copy=None) -> None:
+        """``S`` through the layer's cache and onto the GPU pieces. ``on_copy(slot, expert)`` issues a
+        miss's copy (default: the full blob) and ``self._piece(layer, slot, expert)`` picks the piece table."""
+        d, prog, order = self.w.d, self.program, self.order
+        for chunk, copies, slots in plan.request_union(layer, S, i, st.weights[layer], nxt):
+            for slot, e in copies:
+                if on_copy is None:
+                    self._copy(layer, slot, e, gate_done, log, i)
+                else:
+                    on_copy(slot, e)
+            missed = {e for _, e in copies}
+            for j in sorted(range(len(chunk)), key=lambda j: chunk[j] in missed):
+                slot = slots[j]
+                if log is not None:
+                    s0 = d.event()
+                    s0.record()
+                order.wait(COMPUTE, self.marks.ready[layer][slot])
+                if log is not None:
+                    s1 = d.event()
+                    s1.record()
+                self._piece(layer, slot, chunk[j])[token_bucket(st.counts[layer][chunk[j]], prog.rows)]()
+                self.marks.free[layer][slot] = order.record(COMPUTE)
+                if log is not None:
+                    e1 = d.event()
+                    e1.record()
+                    log.append((i, layer, "stall", chunk[j], s0, s1))
+                    log.append((i, layer, "expert", chunk[j], s1, e1))
+
+    def _piece(self, layer: int, slot: int, expert: int) -> dict[int, Any]:
+        """The expert pieces (by token bucket) that compute ``slot``'s expert."""
+        return self.program.expert[layer][slot]
+
     def run(self, steps: list[Step], routing: Routing, warm: bool = False, progress: bool = False,
             keep_logits: bool = False, instrument: bool = False) -> EngineResult:
         """Replay ``steps`` (all of one phase, at most ``rows`` tokens each); caches start cold unless
@@ -361,7 +424,7 @@ class BatchEngine:
         ``instrument``: CUDA events around every layer piece, copy and expert (``EngineResult.events``)."""
         torch, w, d, prog = self.program.torch, self.w, self.w.d, self.program
         g = w.geometry
-        plan = CachePlan(routing, self.cache_size, self.policy_name, "none", self.policy_params)
+        plan = self._plan(routing, steps)
         future = plan.caches[0].policy.needs_future
         nxt = next_uses(steps, g.num_layers, NEVER) if future else {}
         buckets = prog.load(steps, routing)
@@ -397,36 +460,16 @@ class BatchEngine:
                     if log is not None:
                         a0 = d.event()
                         a0.record()
+                    if layer > 0:
+                        self._merge(layer - 1)
                     prog.layer[layer][buckets[i]]()
                     gate_done = order.gate()
                     if log is not None:
                         g1 = d.event()
                         g1.record()
                         log.append((i, layer, "attention+gate", -1, a0, g1))
-                    S = st.layers.get(layer)
-                    if not S:
-                        continue
-                    for chunk, copies, slots in plan.request_union(layer, S, i, st.weights[layer], nxt.get((i, layer))):
-                        for slot, e in copies:
-                            self._copy(layer, slot, e, gate_done, log, i)
-                        missed = {e for _, e in copies}
-                        # resident experts first, then the misses as they land (router order within each)
-                        for j in sorted(range(len(chunk)), key=lambda j: chunk[j] in missed):
-                            slot = slots[j]
-                            if log is not None:
-                                s0 = d.event()
-                                s0.record()
-                            order.wait(COMPUTE, self.marks.ready[layer][slot])
-                            if log is not None:
-                                s1 = d.event()
-                                s1.record()
-                            prog.expert[layer][slot][token_bucket(st.counts[layer][chunk[j]], prog.rows)]()
-                            self.marks.free[layer][slot] = order.record(COMPUTE)
-                            if log is not None:
-                                e1 = d.event()
-                                e1.record()
-                                log.append((i, layer, "stall", chunk[j], s0, s1))
-                                log.append((i, layer, "expert", chunk[j], s1, e1))
+                    self._serve(plan, i, st, layer, gate_done, log, nxt.get((i, layer)))
+                self._merge(g.num_layers - 1)
                 prog.final()
                 if keep_logits:
                     logits.append(prog.logits.float().cpu().numpy().copy())
@@ -449,4 +492,5 @@ class BatchEngine:
                            "prefill" if prog.prefill else "decode", len(steps))
         res.logits = logits
         res.buckets = buckets
+        res.hybrid = self._executed()
         return res

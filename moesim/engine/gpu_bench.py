@@ -451,3 +451,37 @@ def engine_terms(device: str = "cuda", nbytes: int = 66748416, layers: int = 32,
             "engine_terms": {"miss_issue": miss_issue(device, nbytes, layers, buffers=buffers),
                              "routing_handoff": routing_handoff(device, layers=layers),
                              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+
+
+def batch_pieces(prog, steps, routing, cpu: bool) -> dict:
+    """A batch program's captured pieces (GPU time, replayed back to back) at each context bucket and
+    token bucket its steps use, and an all-resident run of its steps (K = E, warm): the excess of that
+    run over its pieces is the per-step engine overhead (moesim.engine.calibration.batch_cost). ``prog``: a
+    :class:`~moesim.engine.batch.BatchProgram` of ``num_experts`` slots; ``cpu``: counts only, no GPU times."""
+    from moesim.engine.batch import BatchEngine, token_bucket
+
+    g = prog.w.geometry
+    eng = BatchEngine(prog, g.num_experts, "lru")
+    eng.run(steps, routing, warm=True)   # warm-up (captures the pieces)
+    res = eng.run(steps, routing, warm=True)
+    buckets = sorted(set(res.buckets))
+    out = {"rows": prog.rows, "phase": "prefill" if prog.prefill else "decode", "steps": len(steps),
+           "tokens": res.tokens, "requests": res.requests, "step_buckets": res.buckets,
+           "token_buckets": prog.token_buckets, "all_resident_step_ms": res.token_ms,
+           "all_resident_gpu_ms_total": float(sum(res.token_ms)),
+           "expert_calls": {str(nb): 0 for nb in prog.token_buckets}}
+    for st in steps:
+        for cnt in st.counts.values():
+            for c in cnt.values():
+                out["expert_calls"][str(token_bucket(c, prog.rows))] += 1
+    if cpu:
+        return out
+    with torch.inference_mode():
+        out["layer0_ms"] = {str(b): cuda_ms(prog.layer[0][b], reps=32) for b in buckets}
+        out["layer_ms"] = {str(b): cuda_ms(prog.layer[1][b], reps=32) for b in buckets}
+        out["expert_ms"] = {str(nb): cuda_ms(prog.expert[1][0][nb], reps=32) for nb in prog.token_buckets}
+        out["final_ms"] = cuda_ms(prog.final, reps=32)
+    prog.reset_proof()
+    log(f"batch pieces {out['phase']}{prog.rows}: layer {out['layer_ms']} expert {out['expert_ms']} final "
+        f"{out['final_ms']:.4f}; all-resident {out['all_resident_gpu_ms_total'] / len(steps):.2f} ms/step")
+    return out

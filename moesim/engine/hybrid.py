@@ -176,21 +176,27 @@ class HybridProgram(Program):
 
 class CpuWorker:
     """The host's expert worker: one dedicated thread running torch's CPU kernels on ``threads``
-    threads. Per layer, :meth:`submit` copies the layer's expert input ``x`` (1, hidden) to a pinned host
-    buffer (on the compute stream, right after the gate) and queues the layer's CPU experts;
-    :meth:`merge` waits for them and copies their outputs into ``ybuf[layer, rank]`` (L, k, 1, hidden)
-    on the compute stream, before the combine reads it. ``d``: the engine's Device."""
+    threads. Per layer, :meth:`submit` copies the layer's expert input ``x`` (rows, hidden: 1 at batch 1,
+    the step's rows at batch B) to a pinned host buffer (on the compute stream, right after the gate) and
+    queues the layer's CPU experts; :meth:`merge` waits for them and copies their outputs from pinned
+    host buffers into ``ybuf[layer, place]`` on the compute stream, before the combine reads it. A job's
+    output place is the router rank at batch 1 (``ybuf`` (L, k, 1, hidden): the expert's output); at batch
+    B it names the rows routed to the expert and their weights, and the layer's jobs add their weighted
+    outputs into place 0 (``ybuf`` (L, 1, rows, hidden) float32). ``d``: the engine's Device."""
 
     def __init__(self, x, ybuf, d, cpu: CpuExperts, threads: int) -> None:
         import torch
 
         self.x, self.ybuf, self.d, self.cpu, self.torch = x, ybuf, d, cpu, torch
-        L, k, _, hidden = ybuf.shape
-        self.x_host = torch.zeros(L, 1, hidden, dtype=x.dtype, pin_memory=d.cuda)
-        self.y_host = torch.zeros(L, k, 1, hidden, dtype=ybuf.dtype, pin_memory=d.cuda)
+        L = ybuf.shape[0]
+        self.x_host = torch.zeros(L, *x.shape, dtype=x.dtype, pin_memory=d.cuda)
+        self.y_host = torch.zeros(ybuf.shape, dtype=ybuf.dtype, pin_memory=d.cuda)
+        # the identity of each copy a layer's job computed, in job order, read from the copy itself
+        width = 1 + max((e for _, e in cpu.tags), default=0)
+        self.tag_host = torch.zeros(L, width, dtype=torch.int64, pin_memory=d.cuda)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="moesim-cpu-experts",
                                        initializer=torch.set_num_threads, initargs=(threads,))
-        self.pending: dict[int, tuple[Future, list[int]]] = {}
+        self.pending: dict[int, tuple[Future, list[int], int]] = {}
         self.thread_ids: set[int] = set()
         self.wrong_tags = 0
         # each CPU expert's wall clock (start, end, first of its layer's job?): what the timing model prices;
@@ -201,24 +207,38 @@ class CpuWorker:
         self.job_ends: dict[int, float] = {}
         self.merge_lags: list[float] = []
 
-    def submit(self, layer: int, jobs: Sequence[tuple[int, int, int]]) -> None:
-        """Queue (rank, expert, expected identity) jobs of ``layer`` on the worker."""
+    def submit(self, layer: int, jobs: Sequence[tuple]) -> None:
+        """Queue ``layer``'s jobs on the worker: (place, expert, expected identity) at batch 1, or
+        (place, expert, expected identity, rows, weights) with the routed rows (int64) and their weights."""
         self.x_host[layer].copy_(self.x, non_blocking=True)
         ready = self.d.event(timing=False)
         ready.record()
-        self.pending[layer] = (self.pool.submit(self._run, layer, list(jobs), ready), [j[0] for j in jobs])
+        jobs = [(*j, None, None)[:5] for j in jobs]
+        self.pending[layer] = (self.pool.submit(self._run, layer, jobs, ready), sorted({j[0] for j in jobs}),
+                               len(jobs))
 
-    def _run(self, layer: int, jobs: list[tuple[int, int, int]], ready) -> None:
+    def _run(self, layer: int, jobs: list[tuple], ready) -> None:
         self.thread_ids.add(threading.get_ident())
         t0 = time.perf_counter()
         ready.synchronize()   # the hidden state is on the host
         self.ready_waits.append(time.perf_counter() - t0)
         x = self.x_host[layer]
+        started: set[int] = set()
         with self.torch.inference_mode():
-            for n, (rank, expert, want) in enumerate(jobs):
+            for n, (place, expert, want, rows, wts) in enumerate(jobs):
                 t0 = time.perf_counter()
-                self.wrong_tags += self.cpu.tags[(layer, expert)] != want
-                self.y_host[layer, rank].copy_(self.cpu.forward(layer, expert, x))
+                tag = self.cpu.tags[(layer, expert)]
+                self.wrong_tags += tag != want
+                self.tag_host[layer, n] = tag
+                out = self.y_host[layer, place]
+                if rows is None:
+                    out.copy_(self.cpu.forward(layer, expert, x))
+                else:
+                    if place not in started:
+                        out.zero_()
+                        started.add(place)
+                    y = self.cpu.forward(layer, expert, x.index_select(0, rows))
+                    out.index_add_(0, rows, y.to(out.dtype) * wts.view(-1, 1).to(out.dtype))
                 self.spans.append((t0, time.perf_counter(), n == 0))
         self.job_ends[layer] = self.spans[-1][1]
 
@@ -236,14 +256,17 @@ class CpuWorker:
                                              if first]),
                 "ready_wait_ms": med(self.ready_waits), "merge_lag_ms": med(self.merge_lags)}
 
-    def merge(self, layer: int) -> None:
+    def merge(self, layer: int) -> int:
+        """Wait for ``layer``'s job and copy its outputs to the device; returns how many experts it ran
+        (their identities are ``tag_host[layer, :n]``), 0 without a job."""
         if layer not in self.pending:
-            return
-        fut, ranks = self.pending.pop(layer)
+            return 0
+        fut, places, n = self.pending.pop(layer)
         fut.result()   # the host's outputs are ready (re-raises a worker failure)
         self.merge_lags.append(time.perf_counter() - self.job_ends.pop(layer))
-        for rank in ranks:
-            self.ybuf[layer, rank].copy_(self.y_host[layer, rank], non_blocking=True)
+        for place in places:
+            self.ybuf[layer, place].copy_(self.y_host[layer, place], non_blocking=True)
+        return n
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -294,14 +317,54 @@ class _Recorder(ExecutionPolicy):
         return kinds
 
 
-def priced_schedule(trace, policy: str, cache_size: int, cost, execution: ExecutionPolicy):
-    """Run the simulator (the one cell runner) on ``trace`` with ``execution`` and return (its
-    choices as :class:`ScheduledChoices`, the cell's result)."""
+def priced_schedule(trace, policy: str, cache_size: int, cost, execution: ExecutionPolicy, batch_size: int = 1):
+    """Run the simulator (the one cell runner) on ``trace`` with ``execution`` at ``batch_size`` and return
+    (its choices as :class:`ScheduledChoices`, the cell's result)."""
     from moesim.simulator.cell import CellSpec, run_cell
 
     rec = _Recorder(execution)
-    res = run_cell(trace, CellSpec(policy, cache_size, cost=cost, execution=rec, interval=False))
+    res = run_cell(trace, CellSpec(policy, cache_size, cost=cost, execution=rec, interval=False,
+                                   batch_size=batch_size))
     return ScheduledChoices(execution, rec.choices), res
+
+
+def engine_execution(execution: str | ExecutionPolicy | None) -> ExecutionPolicy:
+    """An engine's execution policy: a pricing one only as the simulator's schedule."""
+    exe = parse_execution(execution)
+    if getattr(exe, "prices", False):
+        raise SettingError("execution", f"{exe.name} prices its choices with the simulator: give the engine "
+                                        "its schedule (moesim.engine.hybrid.priced_schedule)")
+    return exe
+
+
+def issue_lowbit(weights: Weights, program: Any, order, marks, layer: int, slot: int, e: int, after, log,
+                 tag: tuple) -> None:
+    """Copy ``e``'s low-bit substitute (``program.lowbit``) into ``slot``, its identity landing last."""
+    packed, ident = program.lowbit.host[layer][e]
+    dst = program.slots[layer][slot]
+    issue_copy(weights, program, order, marks, layer, slot, e, after, log, tag,
+               parts=[(dst[:packed.numel()], packed), (dst[-TAG_BYTES:], ident)])
+
+
+def host_proof(executed: dict[str, int], once: int, worker: CpuWorker | None, expert_bytes: int,
+               lowbit: LowbitCopies | None) -> dict[str, Any]:
+    """A hybrid run's ``executed`` counts (the simulator's keys) and the host half of its proof; closes the
+    CPU worker."""
+    out = {"executed": dict(executed), "once_violations": once,
+           "bytes_h2d": executed["copy"] * expert_bytes + (executed["lowbit"] * lowbit.nbytes if lowbit else 0),
+           "cpu_violations": worker.wrong_tags if worker else 0,
+           "cpu_threads_used": len(worker.thread_ids) if worker else 0,
+           "cpu_timing": worker.timing() if worker else None}
+    if worker is not None:
+        worker.close()
+    return out
+
+
+def fresh_worker(old: CpuWorker | None, x, ybuf, d, cpu: CpuExperts | None, threads: int) -> CpuWorker | None:
+    """A run's CPU worker (the previous run's closed), or None for an engine without CPU copies."""
+    if old is not None:
+        old.close()
+    return CpuWorker(x, ybuf, d, cpu, threads) if cpu else None
 
 
 def check_pinned(exe: ExecutionPolicy, num_layers: int, num_experts: int, cache_size: int) -> list[frozenset[int]]:
@@ -333,15 +396,18 @@ def shape_plan(plan: CachePlan, pinned_sets: list[frozenset[int]], cache_size: i
 
 
 def choose_executors(exe: ExecutionPolicy, cache: ExpertCache, pinned: frozenset[int], layer: int, keys: list[int],
-                     wts: list[float], lowbit_ok: bool) -> dict[int, str]:
-    """The executor of each expert of ``keys`` (router order, batch 1) the policy does not leave to the
-    cache: all "cpu" in a CPU layer, else the policy's choice for each non-pinned miss ("copy" ones left out)."""
+                     wts: list[float], lowbit_ok: bool, counts: list[int] | None = None) -> dict[int, str]:
+    """The executor of each expert of ``keys`` (router order; a batch step's union) the policy does not
+    leave to the cache: all "cpu" in a CPU layer, else the policy's choice for each non-pinned miss ("copy"
+    ones left out). ``wts``: each key's summed routing weight over the ``counts`` tokens routed to it (1
+    each at batch 1); a miss carries their mean, as the simulator's does."""
     if exe.cpu_layer(layer):
         return dict.fromkeys(keys, "cpu")
     cand = [e for e in keys if e not in pinned and e not in cache.resident]
     if not cand or exe.name == "copy":
         return {}
-    misses = [Miss(e, 1, wts[keys.index(e)]) for e in cand]
+    counts = counts or [1] * len(keys)
+    misses = [Miss(e, counts[keys.index(e)], wts[keys.index(e)] / max(counts[keys.index(e)], 1)) for e in cand]
 
     def no_estimate(_plan):
         raise SettingError("execution", f"{exe.name} prices its choices: run it from a simulator schedule")
@@ -380,10 +446,7 @@ class HybridEngine(OffloadedEngine):
                  execution: str | ExecutionPolicy | None = "copy", *, program: HybridProgram,
                  cpu_experts: CpuExperts | None = None, cpu_threads: int = 1, **kw: Any) -> None:
         super().__init__(weights, cache_size, policy, "none", program=program, **kw)
-        self.exe = parse_execution(execution)
-        if getattr(self.exe, "prices", False):
-            raise SettingError("execution", f"{self.exe.name} prices its choices with the simulator: give the engine "
-                                            "its schedule (moesim.engine.hybrid.priced_schedule)")
+        self.exe = engine_execution(execution)
         g = weights.geometry
         self.pinned_sets = check_pinned(self.exe, g.num_layers, g.num_experts, cache_size)
         self.cpu_experts, self.cpu_threads = cpu_experts, cpu_threads
@@ -408,11 +471,8 @@ class HybridEngine(OffloadedEngine):
         self.executed = dict.fromkeys(EXECUTORS, 0)
         self.computed = np.zeros((routing.num_tokens, g.num_layers, g.top_k), np.int64)
         self.routing = routing
-        if self.worker is not None:
-            self.worker.close()
-        prog = self.program
-        self.worker = (CpuWorker(prog.x, prog.ybuf, self.w.d, self.cpu_experts, self.cpu_threads)
-                       if self.cpu_experts else None)
+        self.worker = fresh_worker(self.worker, self.program.x, self.program.ybuf, self.w.d, self.cpu_experts,
+                                   self.cpu_threads)
         return plan
 
     def _serve(self, plan: CachePlan, t: int, layer: int, log: list | None, gate_done) -> None:
@@ -460,11 +520,7 @@ class HybridEngine(OffloadedEngine):
         if kind == "copy":
             self._copy(layer, slot, e, log, t, "miss", gate_done)
             return
-        packed, tag = self.program.lowbit.host[layer][e]
-        dst = self.slots[layer][slot]
-        parts = [(dst[:packed.numel()], packed), (dst[-TAG_BYTES:], tag)]   # the identity lands last
-        issue_copy(self.w, self.program, self.order, self.marks, layer, slot, e, gate_done, log, (t, layer, "lowbit"),
-                   parts=parts)
+        issue_lowbit(self.w, self.program, self.order, self.marks, layer, slot, e, gate_done, log, (t, layer, "lowbit"))
 
     def _merge(self, layer: int) -> None:
         if self.worker is not None:
@@ -476,14 +532,6 @@ class HybridEngine(OffloadedEngine):
         routed = r.experts >= 0
         routed &= (r.row >= 0)[:, :, None]
         once = int(((self.computed != 1) & routed).sum() + (self.computed[~routed] != 0).sum())
-        ex = self.executed
-        lowbit = getattr(self.program, "lowbit", None)
-        out = {"executed": dict(ex), "once_violations": once,
-               "bytes_h2d": ex["copy"] * self.w.expert_bytes + (ex["lowbit"] * lowbit.nbytes if lowbit else 0),
-               "cpu_violations": self.worker.wrong_tags if self.worker else 0,
-               "cpu_threads_used": len(self.worker.thread_ids) if self.worker else 0,
-               "cpu_timing": self.worker.timing() if self.worker else None}
-        if self.worker is not None:
-            self.worker.close()
-            self.worker = None
+        out = host_proof(self.executed, once, self.worker, self.w.expert_bytes, getattr(self.program, "lowbit", None))
+        self.worker = None
         return out

@@ -266,14 +266,15 @@ class CachePlan:
     def request_union(self, layer: int, experts: list[int], now: int, weights: dict[int, float],
                       next_uses: dict[int, int] | None = None):
         """A batch or prefill step's request at ``layer``: the union of its tokens' experts (first-seen
-        router order), streamed through the cache in chunks of ``cache_size`` exactly as the timing
+        router order), streamed through the cache in chunks of the layer cache's capacity exactly as the timing
         simulator does (:func:`moesim.traces.steps.union_chunks`). Yields, per chunk, (experts,
         (slot, expert) copies, slots) -- a generator: a chunk's experts must compute before the next
         chunk's request may evict them. ``now`` is the step ordinal and ``next_uses`` the clocks of
         :func:`moesim.traces.steps.next_uses` (the simulator's clock)."""
         from moesim.traces.steps import union_chunks
 
-        for chunk in union_chunks(experts, self.cache_size):
+        # the layer's own capacity: a hybrid run's pinned experts take slots out of it
+        for chunk in union_chunks(experts, self.caches[layer].capacity):
             copies = self._request(layer, chunk, now, [weights[e] for e in chunk],
                                    [next_uses[e] for e in chunk] if next_uses else None)
             hits = len(chunk) - len(copies)

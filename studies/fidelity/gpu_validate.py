@@ -37,7 +37,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from moesim.engine.batch import BatchEngine, BatchProgram, Lanes  # noqa: E402
-from moesim.engine.gpu_bench import T0, all_resident, calibrate, compile_works, engine_terms, log  # noqa: E402
+from moesim.engine.gpu_bench import (  # noqa: E402
+    T0,
+    all_resident,
+    batch_pieces,
+    calibrate,
+    compile_works,
+    engine_terms,
+    log,
+)
 from moesim.engine.plan import Routing  # noqa: E402
 from moesim.engine.quant import quant_spec  # noqa: E402
 from moesim.engine.runtime import MIXTRAL_8X7B, Geometry, OffloadedEngine, Program, Weights  # noqa: E402
@@ -104,41 +112,6 @@ def copy_stats(events: list[dict], expert_bytes: int) -> dict:
     return {"n": int(len(ms)), "bytes": int(expert_bytes), "median_ms": float(np.median(ms)),
             "p10_ms": float(np.percentile(ms, 10)), "p90_ms": float(np.percentile(ms, 90)),
             "min_ms": float(ms.min()), "max_ms": float(ms.max())}
-
-
-def batch_pieces(prog: BatchProgram, steps, routing: Routing, cpu: bool) -> dict:
-    """A batch program's captured pieces (GPU time, replayed back to back) at each context bucket and
-    token bucket its steps use, and an all-resident run of its steps (K = E, warm): the excess of that
-    run over its pieces is the per-step engine overhead (moesim.engine.calibration.batch_cost)."""
-    g = prog.w.geometry
-    eng = BatchEngine(prog, g.num_experts, "lru")
-    eng.run(steps, routing, warm=True)   # warm-up (captures the pieces)
-    res = eng.run(steps, routing, warm=True)
-    buckets = sorted(set(res.buckets))
-    out = {"rows": prog.rows, "phase": "prefill" if prog.prefill else "decode", "steps": len(steps),
-           "tokens": res.tokens, "requests": res.requests, "step_buckets": res.buckets,
-           "token_buckets": prog.token_buckets, "all_resident_step_ms": res.token_ms,
-           "all_resident_gpu_ms_total": float(sum(res.token_ms)),
-           "expert_calls": {str(nb): 0 for nb in prog.token_buckets}}
-    from moesim.engine.batch import token_bucket
-
-    for st in steps:
-        for cnt in st.counts.values():
-            for c in cnt.values():
-                out["expert_calls"][str(token_bucket(c, prog.rows))] += 1
-    if cpu:
-        return out
-    from moesim.engine.gpu_bench import cuda_ms
-
-    with torch.inference_mode():
-        out["layer0_ms"] = {str(b): cuda_ms(prog.layer[0][b], reps=32) for b in buckets}
-        out["layer_ms"] = {str(b): cuda_ms(prog.layer[1][b], reps=32) for b in buckets}
-        out["expert_ms"] = {str(nb): cuda_ms(prog.expert[1][0][nb], reps=32) for nb in prog.token_buckets}
-        out["final_ms"] = cuda_ms(prog.final, reps=32)
-    prog.reset_proof()
-    log(f"batch pieces {out['phase']}{prog.rows}: layer {out['layer_ms']} expert {out['expert_ms']} final "
-        f"{out['final_ms']:.4f}; all-resident {out['all_resident_gpu_ms_total'] / len(steps):.2f} ms/step")
-    return out
 
 
 def main() -> int:

@@ -130,15 +130,32 @@ def _idle_section(cpu: dict) -> list[str]:
             *table(["idle ms (measured sleep)", "expert ms after it", "vs back to back", "term ms"], rows), ""]
 
 
+def batches(doc: dict) -> list[int]:
+    """The decode batch sizes of a validation run's cells (runs before batch-B cells: the one ``batch``)."""
+    return doc["batch"] if isinstance(doc["batch"], list) else [doc["batch"]]
+
+
+def cell_batch(doc: dict, cell: dict) -> int:
+    return cell.get("batch", batches(doc)[0])
+
+
+def _kind(doc: dict, cell: dict) -> str:
+    """A cell's execution family, with its batch size when some run has cells of several."""
+    kind = cell["execution"].split("=")[0]
+    return kind if len(batches(doc)) == 1 else f"{kind}, batch {cell_batch(doc, cell)}"
+
+
 def error_by_execution(runs: list[tuple[str, dict]]) -> list[str]:
-    """Median and max |error| per execution policy, one column pair per device run."""
-    kinds = list(dict.fromkeys(c["execution"].split("=")[0] for _, d in runs for c in d["cells"]))
-    head = ["execution"] + [f"{name} (batch {d['batch']}): median / max |error|" for name, d in runs]
+    """Median and max |error| per execution policy (and batch size, for runs of several), one column pair
+    per device run."""
+    kinds = list(dict.fromkeys(_kind(d, c) for _, d in runs for c in d["cells"]))
+    head = ["execution"] + [f"{name} (batch {' and '.join(map(str, batches(d)))}): median / max |error|"
+                            for name, d in runs]
     rows = []
     for kind in kinds:
         row = [kind]
         for _, d in runs:
-            errs = [abs(c["error"]) for c in d["cells"] if c["execution"].split("=")[0] == kind]
+            errs = [abs(c["error"]) for c in d["cells"] if _kind(d, c) == kind]
             row.append(f"{pct(float(np.median(errs)))} / {pct(max(errs))}" if errs else "-")
         rows.append(row)
     return ["## Sim vs real: error by execution policy, every device run", "",
@@ -166,30 +183,59 @@ def validation_section(doc: dict, source: str) -> list[str]:
     out = [f"## Sim vs real on the device ({doc['device']}, commit {doc['commit'] or '?'}, {doc['date']})", "",
            f"`{source}`, written by `studies/hybrid/run_validation.py`: one {eng['geometry']['num_layers']}-layer "
            f"Mixtral-geometry engine with random weights ({eng['quantization']} experts, {eng['lowbit']} substitutes, "
-           f"{eng['cpu_format']} CPU copies), LRU, batch {doc['batch']}, {doc['tokens_per_cell']} decode tokens per "
-           f"cell, the CPU worker on {doc['cpu_threads']} threads ({doc['host_cpus']} logical CPUs). The simulator's "
+           f"{eng['cpu_format']} CPU copies), LRU, batch {' and '.join(map(str, batches(doc)))}, "
+           f"{doc['tokens_per_cell']} decode tokens per {'batch-1 ' if max(batches(doc)) > 1 else ''}"
+           f"cell{_batch_cells(doc)}, the CPU worker on {doc['cpu_threads']} threads ({doc['host_cpus']} logical CPUs). The simulator's "
            "calibration comes from the same run's micro-benchmarks, not from the cells: one CPU expert "
            f"{cpu['expert_s'][cpu['format']][0][1] * 1e3:.3f} ms, the hidden state's hop {cpu['hop_s'] * 1e6:.1f} us "
            "each way. " + _beside_sentence(cpu, doc), "", *_idle_section(cpu),
            f"{len(cells)} cells: |error| median {pct(float(np.median(errs)))}, max {pct(max(errs))}; "
            f"{sum(e <= 0.05 for e in errs)} within 5%; executor counts equal to the simulator's in "
            f"{sum(c['executed_equal'] for c in cells)}; residency violations "
-           f"{sum((c['violations'] or 0) + c['once_violations'] + c['cpu_violations'] for c in cells)}.", ""]
+           f"{sum((c['violations'] or 0) + c['once_violations'] + c['cpu_violations'] for c in cells)}"
+           + (f", executor violations {sum(c['executor_violations'] for c in cells if 'executor_violations' in c)}"
+              if any("executor_violations" in c for c in cells) else "") + ".", "", *_batch_terms(doc)]
     out += _wait_policy(doc.get("wait_policy"))
     if doc.get("skipped"):
         out += [f"{len(doc['skipped'])} cells were not run (past the driver's time budget).", ""]
-    for trace in dict.fromkeys(c["trace"] for c in cells):
-        mine = [c for c in cells if c["trace"] == trace]
+    for b, error in (doc.get("batch_errors") or {}).items():
+        out += [f"The batch-{b} cells stopped on an error: `{error.strip().splitlines()[-1]}` (the whole traceback "
+                f"is in `{source}`).", ""]
+    groups = dict.fromkeys((c["trace"], cell_batch(doc, c)) for c in cells)
+    for trace, batch in groups:
+        mine = [c for c in cells if c["trace"] == trace and cell_batch(doc, c) == batch]
         rows = [[c["cache_size"], c["execution"], f"{c['real_ms_per_token']:.2f}", f"{c['sim_ms_per_token']:.2f}",
                  pct(c["error"], signed=True), "yes" if c["executed_equal"] else "NO",
                  " ".join(f"{k}={v}" for k, v in c["executed_real"].items() if v)] for c in mine]
         wins = [[k, _winner([c for c in mine if c["cache_size"] == k], "real_ms_per_token"),
                  _winner([c for c in mine if c["cache_size"] == k], "sim_ms_per_token")]
                 for k in sorted({c["cache_size"] for c in mine})]
-        out += [f"### {trace}", "", *table(["K", "execution", "real ms/token", "sim ms/token", "error",
+        out += [f"### {trace}" + (f", batch {batch}" if len(batches(doc)) > 1 else ""), "", *table(["K", "execution", "real ms/token", "sim ms/token", "error",
                                             "executed equal", "executed (engine)"], rows), "",
                 "Fastest executor at each K (speed-up over copy-only at that K):", "",
                 *table(["K", "measured", "simulated"], wins), "", *_cpu_in_run(mine, cpu["hop_s"])]
+    return out
+
+
+def _batch_cells(doc: dict) -> str:
+    """What a batch-B cell replays (runs with batch-B cells)."""
+    big = [b for b in batches(doc) if b > 1]
+    if not big:
+        return ""
+    return "; " + ", ".join(f"{b} sequences x {doc['batch_steps']} decode steps per batch-{b} cell" for b in big)
+
+
+def _batch_terms(doc: dict) -> list[str]:
+    """How the run priced its batch-B cells: the batch program's own pieces and the CPU expert by tokens."""
+    out = []
+    for b, cal in (doc.get("batch_calibration") or {}).items():
+        curve = ", ".join(f"{int(n)}: {t * 1e3:.3f} ms" for n, t in cal["cpu_expert_s"])
+        terms = cal["terms"]
+        gpu = (f"the batch program's pieces ({terms['source']})" if terms else
+               "the batch-1 terms (the run had no GPU times for the batch program)")
+        out += [f"Batch-{b} cells are priced with {gpu}; the CPU expert by tokens routed to it (tokens: time) "
+                f"{curve} (the one-token time above, times each count's median over the one-token median of the "
+                "same rounds).", ""]
     return out
 
 

@@ -1,17 +1,21 @@
 """Device validation of hybrid execution (issue 24 item 5): the real engine's ms/token against the timing
 simulator's, cell by cell, for copy-only, n-cpu-moe at two N, Fiddler's rule, the dynamic split and
-HOBBIT's substitute, at K = 2, 4, 6, batch 1, on two shipped traces that calibrated nothing.
+HOBBIT's substitute, at K = 2, 4, 6, batch 1 (and B > 1 with ``--batch 1,4``), on two shipped traces that
+calibrated nothing.
 
 One 32-layer full-geometry Mixtral engine with random weights (hqq2 experts, their hqq1-g64 substitutes,
 their int8 CPU copies) is built once. The simulator's calibration comes from micro-benchmarks in the same
 run (copy curve, the engine's captured pieces, an all-resident run, the engine terms, one CPU expert on
 the worker's threads, the hidden state's hop through pinned buffers) -- never from the cells. Each cell
 runs the engine once and the simulator (the one cell runner) on the same tokens; the engine's executor
-counts must equal the simulator's. Batch 1 only: the hybrid engine serves one token per step (batch > 1
-decode is ``moesim.engine.batch.BatchEngine``, which has no CPU worker, substitutes or executor hooks).
+counts must equal the simulator's. Batch 1 runs ``moesim.engine.hybrid.HybridEngine``; a batch-B cell runs
+``moesim.engine.hybrid_batch.HybridBatchEngine`` on B sequences (segments of the trace) for ``--batch-steps``
+decode steps, priced by the simulator at batch B (the step's union per layer) with the batch program's own
+pieces (layer, expert and substitute at each token bucket, an all-resident run's overhead per expert call)
+and the CPU expert measured at 1..B tokens -- again micro-benchmarks, never a cell.
 
-    PYTHONPATH=. python studies/hybrid/run_validation.py --out /tmp/hv            # on the GPU box
-    PYTHONPATH=. python studies/hybrid/run_validation.py --out /tmp/hv --tiny     # CPU, tiny shapes
+    PYTHONPATH=. python studies/hybrid/run_validation.py --out /tmp/hv --batch 1,4   # on the GPU box
+    PYTHONPATH=. python studies/hybrid/run_validation.py --out /tmp/hv --tiny        # CPU, tiny shapes
 
 Writes ``validation_<gpu>.json`` (``validation_cpu-tiny.json`` with --tiny) and ``validation.log``;
 ``make_report.py`` turns a committed copy under raw/ into the report's validation section.
@@ -20,6 +24,7 @@ Writes ``validation_<gpu>.json`` (``validation_cpu-tiny.json`` with --tiny) and 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import itertools
 import json
@@ -53,13 +58,14 @@ def executions(layers: int) -> list[str]:
             "hobbit"]
 
 
-def decode_trace(path: Path, tokens: int, layers: int, expert_bytes: int, quant: str):
+def decode_trace(path: Path, tokens: int, layers: int, expert_bytes: int, quant: str, batch: int = 1):
     """The first ``tokens`` decode tokens of a shipped trace (its first ``layers`` layers), priced as
-    the engine's experts."""
+    the engine's experts; at ``batch`` > 1 cut into ``batch`` sequences of ``tokens // batch`` tokens
+    (:func:`moesim.engine.validation.cell_trace`)."""
     from moesim.engine.validation import cell_trace
     from moesim.traces.format import Trace, read_trace
 
-    trace = cell_trace(read_trace(path), tokens=tokens, expert_bytes=expert_bytes, quantization=quant)
+    trace = cell_trace(read_trace(path), batch=batch, tokens=tokens, expert_bytes=expert_bytes, quantization=quant)
     if layers < trace.meta.num_layers:
         keep = pa.array(np.asarray(trace.layer) < layers)
         trace = Trace(dataclasses.replace(trace.meta, num_layers=layers), trace.table.filter(keep), trace.path)
@@ -244,26 +250,99 @@ def calibrate(weights, program, routing, cpu, lowbit, worker_threads: int, out: 
     return cost.with_overrides(lowbit_format=lowbit.spec.name)
 
 
-def run_cell(weights, program, cpu, routing, trace, cost, k: int, execution: str, threads: int) -> dict:
-    """One cell: the simulator (its choices recorded for a pricing policy), then the engine."""
+def cpu_token_curve(cpu, worker_threads: int, rows: int, calls: int) -> list[list[float]]:
+    """One int8 CPU expert at 1..``rows`` tokens on a fresh worker thread of the worker's thread count, the
+    token counts taking turns call by call (cycling through distinct experts): [tokens, median seconds]."""
+    import torch
+
+    from moesim.engine import cpu_bench
+
+    keys = list(cpu.copies)
+    hidden = int(cpu.copies[keys[0]][0][0].shape[1])
+    xs = {n: torch.randn(n, hidden, dtype=torch.bfloat16) for n in range(1, rows + 1)}
+
+    def run() -> dict[int, list[float]]:
+        torch.set_num_threads(worker_threads)
+        times: dict[int, list[float]] = {n: [] for n in xs}
+        with torch.inference_mode():
+            for i in range(calls + 1):   # the first round warms the thread pool and the pages up, untimed
+                for n, x in xs.items():
+                    key = keys[(i * rows + n) % len(keys)]
+                    t0 = time.perf_counter()
+                    cpu.forward(*key, x)
+                    if i:
+                        times[n].append(time.perf_counter() - t0)
+        return times
+    return [[n, statistics.median(t)] for n, t in cpu_bench.on_a_worker_thread(run).items()]
+
+
+def batch_calibration(weights, bprog, steps, routing, cpu, threads: int, cost, out: dict):
+    """The simulator's cost model for batch-B cells: this run's batch-1 calibration with the batch program's
+    layer, token and expert terms (:func:`moesim.engine.calibration.batch_programs` of its pieces and an
+    all-resident run), its substitute's pieces at each token bucket plus the same overhead per expert call,
+    and the CPU expert at 1..B tokens (``expert_s``: the batch-1 block's one-token time times each count's
+    median over the one-token median of the same rounds)."""
+    import torch
+
+    from moesim.engine.calibration import batch_cost, batch_programs
+    from moesim.engine.gpu_bench import batch_pieces, cuda_ms
+
+    B, key = bprog.rows, f"decode{bprog.rows}"
+    pieces = batch_pieces(bprog, steps, routing, not weights.d.cuda)
+    if weights.d.cuda:
+        with torch.inference_mode():
+            pieces["lowbit_expert_ms"] = {str(nb): cuda_ms(bprog.lowbit_expert[1][0][nb], reps=32)
+                                          for nb in bprog.token_buckets}
+        bprog.reset_proof()
+    terms = batch_programs({"batch_pieces": {key: pieces}, "all_resident": {"layers": weights.geometry.num_layers}})
+    terms = terms.get(key)   # None on the CPU (no GPU times): the batch-1 terms stand
+    bcost = copy.deepcopy(batch_cost(cost, terms))   # the batch-1 cells keep theirs
+    if terms and "lowbit_expert_ms" in pieces:
+        over = terms["engine_overhead_per_expert_s"]
+        bcost.expert_compute = {**bcost.expert_compute, bcost.lowbit(): [
+            [int(n), ms * 1e-3 + over] for n, ms in sorted(pieces["lowbit_expert_ms"].items(), key=lambda p: int(p[0]))]}
+    curve = cpu_token_curve(cpu, threads, B, calls=16 if weights.d.cuda else 2)
+    fmt = cost.cpu["format"]
+    one = cost.cpu["expert_s"][fmt][0][1]
+    bcost.cpu = {**cost.cpu, "expert_s": {**cost.cpu["expert_s"], fmt: [[n, one * t / curve[0][1]] for n, t in curve]}}
+    out.setdefault("batch_calibration", {})[str(B)] = {"pieces": pieces, "terms": terms, "cpu_token_curve": curve,
+                                                        "cpu_expert_s": bcost.cpu["expert_s"][fmt]}
+    log(f"batch {B} calibration: CPU expert by tokens " + ", ".join(f"{n}: {t * 1e3:.3f} ms" for n, t in curve)
+        + (f"; batch terms {terms['source']}" if terms else "; no GPU times (CPU run)"))
+    return bcost
+
+
+def run_cell(weights, program, cpu, routing, trace, cost, k: int, execution: str, threads: int,
+             steps: list | None = None) -> dict:
+    """One cell: the simulator (its choices recorded for a pricing policy), then the engine; with ``steps``
+    (a batch-B program's decode steps) the batch engine, the simulator at that batch size."""
     from moesim.engine.hybrid import HybridEngine, priced_schedule
+    from moesim.engine.hybrid_batch import HybridBatchEngine
     from moesim.policies.execution import parse_execution
 
     exe = parse_execution(execution)
-    schedule, sim = priced_schedule(trace, "lru", k, cost, exe)
-    eng = HybridEngine(weights, k, "lru", schedule if exe.prices else exe, program=program, cpu_experts=cpu,
-                       cpu_threads=threads)
-    res = eng.run(routing).to_dict()
+    batch = program.rows if steps is not None else 1
+    schedule, sim = priced_schedule(trace, "lru", k, cost, exe, batch_size=batch)
+    choice = schedule if exe.prices else exe
+    if steps is None:
+        res = HybridEngine(weights, k, "lru", choice, program=program, cpu_experts=cpu, cpu_threads=threads).run(
+            routing).to_dict()
+    else:
+        res = HybridBatchEngine(program, k, "lru", choice, cpu_experts=cpu, cpu_threads=threads).run(
+            steps, routing).to_dict()
     simd = sim.to_json()
     real_ms, sim_ms = res["ms_per_token"], simd["ms_per_token"]
-    row = {"cache_size": k, "execution": execution, "real_ms_per_token": real_ms, "sim_ms_per_token": sim_ms,
+    row = {"batch": batch, "cache_size": k, "execution": execution, "real_ms_per_token": real_ms,
+           "sim_ms_per_token": sim_ms,
            "error": (sim_ms - real_ms) / real_ms, "executed_real": res["executed"], "executed_sim": simd["executed"],
            "executed_equal": res["executed"] == simd["executed"], "violations": res["violations"],
            "device_copies": res["device_copies"], "once_violations": res["once_violations"],
            "cpu_violations": res["cpu_violations"], "token_ms": res["token_ms"], "tokens": res["tokens"],
            # the CPU experts as the run timed them, beside the simulator's CPU stream (why a cell is off)
            "cpu_timing": res.get("cpu_timing"), "sim_cpu_busy_ms": simd.get("cpu_busy_ms")}
-    log(f"K={k} {execution:>12}: real {real_ms:8.3f} sim {sim_ms:8.3f} ms/token ({row['error'] * 100:+.1f}%) "
+    if "executor_violations" in res:   # the batch engine's executor check
+        row["executor_violations"] = res["executor_violations"]
+    log(f"B={batch} K={k} {execution:>12}: real {real_ms:8.3f} sim {sim_ms:8.3f} ms/token ({row['error'] * 100:+.1f}%) "
         f"executed {'==' if row['executed_equal'] else '!='} {res['executed']} proof {res['violations']}/"
         f"{res['once_violations']}/{res['cpu_violations']}")
     return row
@@ -292,6 +371,15 @@ def build(args, out: dict):
     return w, program, cpu, lowbit
 
 
+def batch_programs_for(args, w, program, lowbit) -> dict:
+    """A batch-B program per ``--batch`` size above 1, sharing the batch-1 program's expert slots."""
+    from moesim.engine.batch import Lanes
+    from moesim.engine.hybrid_batch import HybridBatchProgram
+
+    return {b: HybridBatchProgram(w, b, False, args.batch_steps, Lanes(w, b), slots=program.slots, lowbit=lowbit)
+            for b in args.batches if b > 1}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="directory for the JSON and the log")
@@ -303,7 +391,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=320.0,
                     help="start no cell after this many seconds of the run (default 320)")
     ap.add_argument("--commit", default="", help="the commit measured (recorded)")
+    ap.add_argument("--batch", default="1", help="decode batch sizes of the cells, e.g. 1,4 (default 1; B > 1: "
+                    "B sequences per step, moesim.engine.hybrid_batch)")
+    ap.add_argument("--batch-steps", type=int, default=None, help="decode steps per batch-B cell (B x this "
+                    "tokens; default 8, 2 with --tiny)")
     args = ap.parse_args(argv)
+    LOG.clear()   # one run's log (tests call main more than once)
+    try:
+        args.batches = sorted({int(b) for b in args.batch.split(",")})
+    except ValueError:
+        ap.error(f"--batch takes batch sizes like 1,4, got {args.batch!r}")
+    if not args.batches or args.batches[0] < 1:
+        ap.error(f"--batch sizes must be >= 1, got {args.batch!r}")
+    args.batch_steps = args.batch_steps or (2 if args.tiny else 8)
+    if args.batch_steps < 1:
+        ap.error("--batch-steps must be >= 1")
     import torch
 
     args.device = "cpu" if args.tiny else "cuda"
@@ -321,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     out: dict = {"device": "cpu (tiny)" if args.tiny else torch.cuda.get_device_name(0), "commit": args.commit,
                  "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__,
                  "tokens_per_cell": args.tokens, "cpu_threads": threads, "host_cpus": os.cpu_count(),
-                 "policy": "lru", "batch": 1, "cells": [],
+                 "policy": "lru", "batch": args.batches[0] if len(args.batches) == 1 else args.batches,
+                 "batch_steps": args.batch_steps, "cells": [],
                  # the thread pools' wait policy (set before the run to try a pool that never sleeps)
                  "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}}
 
@@ -340,8 +443,16 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if "error" in out else 0
 
 
+def dropped(out: dict, batch: int, where: str) -> None:
+    """A batch-B failure (the exception being handled): its traceback kept and logged; that batch's remaining
+    cells are not run."""
+    out.setdefault("batch_errors", {})[str(batch)] = traceback.format_exc()
+    log(f"batch {batch} dropped {where}:\n{out['batch_errors'][str(batch)]}")
+
+
 def run_all(args, out: dict, threads: int, save) -> None:
     from moesim.engine.plan import Routing
+    from moesim.traces.steps import build_steps
 
     w, program, cpu, lowbit = build(args, out)
     g = w.geometry
@@ -351,23 +462,52 @@ def run_all(args, out: dict, threads: int, save) -> None:
     program.load_routing(first)
     cost = calibrate(w, program, first, cpu, lowbit, threads, out)
     save()
+    cells = {1: (program, cost, {name: (trace, Routing.from_trace(trace, args.tokens), None)
+                                 for name, trace in traces.items()})} if 1 in args.batches else {}
+    for b, bprog in batch_programs_for(args, w, program, lowbit).items():
+        btraces = {name: decode_trace(ROOT / "traces" / name, b * args.batch_steps, g.num_layers, w.expert_bytes,
+                                      args.quant, batch=b) for name in TRACES}
+        inputs = {name: (tr, Routing.from_trace(tr), build_steps(tr, b)) for name, tr in btraces.items()}
+        _, r0, s0 = inputs[TRACES[0]]
+        try:   # the batch engine's first device run: its failure must not cost the batch-1 cells
+            cells[b] = (bprog, batch_calibration(w, bprog, s0, r0, cpu, threads, cost, out), inputs)
+        except Exception:   # noqa: BLE001
+            dropped(out, b, "in its calibration")
+        save()
     t0 = time.perf_counter()
-    routings = {name: Routing.from_trace(trace, args.tokens) for name, trace in traces.items()}
-    for execution in ("n-cpu-moe=2", "hobbit"):   # warm-up: every executor's first calls, pools, allocator
-        run_cell(w, program, cpu, first, traces[TRACES[0]], cost, 2, execution, threads)
-    for k in CACHE_SIZES:   # K outermost: a run cut by the budget still has both traces
-        for name, trace in traces.items():
-            for execution in executions(g.num_layers):
-                if time.perf_counter() - START > args.budget_s:
-                    out.setdefault("skipped", []).append([name, k, execution])
-                    log(f"skipped {name} K={k} {execution}: past the {args.budget_s:.0f} s budget")
-                    continue
-                row = run_cell(w, program, cpu, routings[name], trace, cost, k, execution, threads)
-                out["cells"].append({"trace": name, **row})
-                save()
+    for b, (prog, bcost, inputs) in list(cells.items()):   # warm-up: every executor's first calls, pools, allocator
+        tr, r, st = inputs[TRACES[0]]
+        for execution in ("n-cpu-moe=2", "hobbit"):
+            try:
+                run_cell(w, prog, cpu, r, tr, bcost, 2, execution, threads, st)
+            except Exception:   # noqa: BLE001 - as below
+                if b == 1:
+                    raise
+                dropped(out, b, "in its warm-up")
+                del cells[b]
+                break
+    for k in CACHE_SIZES:   # K outermost: a run cut by the budget still has both traces and every batch
+        for b, (prog, bcost, inputs) in cells.items():
+            for name, (trace, routing, steps) in inputs.items():
+                for execution in executions(g.num_layers):
+                    if time.perf_counter() - START > args.budget_s:
+                        out.setdefault("skipped", []).append([name, k, execution, b])
+                        log(f"skipped {name} B={b} K={k} {execution}: past the {args.budget_s:.0f} s budget")
+                        continue
+                    if str(b) in out.get("batch_errors", {}):
+                        continue
+                    try:
+                        row = run_cell(w, prog, cpu, routing, trace, bcost, k, execution, threads, steps)
+                    except Exception:   # noqa: BLE001 - a batch-B failure drops that batch, not the run
+                        if b == 1:
+                            raise
+                        dropped(out, b, f"at {name} K={k} {execution}")
+                        continue
+                    out["cells"].append({"trace": name, **row})
+                    save()
     out["cells_s"] = time.perf_counter() - t0
     errs = [abs(c["error"]) for c in out["cells"]] or [float("nan")]
-    log(f"{len(errs)} cells in {out['cells_s']:.1f} s: |error| median {statistics.median(errs) * 100:.1f}% "
+    log(f"{len(out['cells'])} cells in {out['cells_s']:.1f} s: |error| median {statistics.median(errs) * 100:.1f}% "
         f"max {max(errs) * 100:.1f}%; executed equal in {sum(c['executed_equal'] for c in out['cells'])}")
     save()
     if time.perf_counter() - START > args.budget_s:   # an experiment, after the cells: only with time left
