@@ -6,6 +6,8 @@ blob) gives byte-identical blobs and identical logits; transformers' own forward
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -70,6 +72,10 @@ def test_streamed_store_equals_the_old_path(ckpt, tmp_path, quant):
         assert (cache / "meta.json").is_file() and not list(tmp_path.glob("*.tmp"))
         again = pack_checkpoint(ck, quant, cache_root=tmp_path)
         assert "cache_load_s" in again.timings
+        maps = Path("/proc/self/maps")
+        if maps.is_file():   # no layer file stays mapped: a kept view would hold its expert pages resident
+            # (globals.safetensors may: its pages are the globals themselves)
+            assert not [ln for ln in maps.read_text().splitlines() if str(cache / "layer-") in ln]
         for layer in range(s.num_layers):
             for e in range(s.num_experts):
                 assert torch.equal(again.tagged[layer][e], store.blobs[layer][e])

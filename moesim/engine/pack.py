@@ -305,9 +305,12 @@ def _load_cache(ckpt, quant, efmt, afmt, dtype, cache: Path, progress: bool, pin
                 row.append(blob)
                 if bar is not None:
                     bar.update(1)
+            # copies: a tensor read from a safe_open handle is a view of the file's mapping, and one kept
+            # keeps the whole file mapped with every expert page read through it resident (measured on the
+            # H100 box, 16 full-width layers from a cache in /dev/shm: peak RSS 19.8 GB, the store twice over)
             names = list(f.keys())
-            attn.append({k[5:]: f.get_tensor(k) for k in names if k.startswith("attn.")})
-            dense.append({k[6:]: f.get_tensor(k) for k in names if k.startswith("dense.")})
+            attn.append({k[5:]: f.get_tensor(k).clone() for k in names if k.startswith("attn.")})
+            dense.append({k[6:]: f.get_tensor(k).clone() for k in names if k.startswith("dense.")})
         tagged.append(row)
     if bar is not None:
         bar.close()

@@ -200,6 +200,7 @@ def main() -> None:
     ap.add_argument("--closure", action="store_true", help="after the largest checkpoint's --closure-quant cells, "
                     "run closure.py's record -> replay check on it (every prefetcher)")
     ap.add_argument("--closure-quant", default="hqq2")
+    ap.add_argument("--commit", help="the commit of --code, recorded in the output (the device box has no git)")
     args = ap.parse_args()
     from closure import run_closure
     from tqdm import tqdm
@@ -208,6 +209,8 @@ def main() -> None:
     raw = {"label": args.label, **_host(args.device),
            "geometry": {"hidden": args.hidden, "ffn": args.ffn, "experts": args.experts, "vocab": args.vocab},
            "cells": cells}
+    if args.commit:
+        raw["commit"] = args.commit
 
     def save() -> None:   # after every cell: a cut-short run keeps what it measured
         raw["date"] = datetime.now(UTC).isoformat(timespec="seconds")
