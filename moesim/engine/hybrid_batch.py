@@ -89,9 +89,10 @@ class HybridBatchProgram(BatchProgram):
 
 class HybridBatchEngine(BatchEngine):
     """:class:`BatchEngine` whose misses are served by the executor an execution policy chooses (no
-    prefetcher, cold start; tested on decode steps -- prefill chunks take the same path, untested). ``cpu_experts`` is needed for policies that put experts
-    on the CPU and ``program.lowbit`` for HOBBIT; ``execution`` may be a spelling, a policy or a
-    :class:`~moesim.engine.hybrid.ScheduledChoices` of the simulator's run at the same batch size."""
+    prefetcher, cold start; tested on decode steps -- prefill chunks take the same path, untested).
+    ``cpu_experts`` is needed for policies that put experts on the CPU and ``program.lowbit`` for HOBBIT;
+    ``execution`` may be a spelling, a policy or a :class:`~moesim.engine.hybrid.ScheduledChoices` of the
+    simulator's run at the same batch size."""
 
     def __init__(self, program: HybridBatchProgram, cache_size: int, policy: str = "lru",
                  execution: str | ExecutionPolicy | None = "copy", *, cpu_experts: CpuExperts | None = None,
@@ -135,7 +136,7 @@ class HybridBatchEngine(BatchEngine):
         self._step = i
         pinned = self.pinned_sets[layer]
         kinds = choose_executors(self.exe, plan.caches[layer], pinned, layer, S, [st.weights[layer][e] for e in S],
-                                 getattr(self.program, "lowbit", None) is not None, [st.counts[layer][e] for e in S])
+                                 self.program.lowbit is not None, [st.counts[layer][e] for e in S])
         for e in S:
             low = kinds.get(e) == "lowbit" or (layer, e) in self.substitutes
             self.named[(i, layer, e)] = kinds.get(e) or ("pinned" if e in pinned else "lowbit" if low else "gpu")
@@ -211,7 +212,7 @@ class HybridBatchEngine(BatchEngine):
             by_key.setdefault((i, layer, e), []).append(kind)
         wrong = sum(by_key.get(key, []) != [kind] for key, kind in self.named.items())
         wrong += sum(1 for key in by_key if key not in self.named)
-        out = host_proof(self.executed, once, self.worker, self.w.expert_bytes, getattr(self.program, "lowbit", None))
+        out = host_proof(self.executed, once, self.worker, self.w.expert_bytes, self.program.lowbit)
         out["executor_violations"] = wrong
         self.worker = None
         return out
